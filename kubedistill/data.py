@@ -1,0 +1,580 @@
+"""Search-log data: the row schema, a synthetic local-services log with an oracle, and ingestion.
+
+Row schema (one query-service pair a row; what a search log holds):
+
+    pair_id, query, service_id, service_title, service_category, service_district,
+    service_price_level (1-4), service_tags (list of str), service_description
+
+Labeled sets add `label` (one of `spec.labels`, least relevant first) and `reasoning` (a short chain
+citing the decisive evidence). The annotation stage writes the same columns, so the student trains
+on either.
+
+The synthetic generator models a local-services platform (restaurants, bars, hotels, spas, fitness,
+car care, hair salons). A hidden structured intent behind each query (target item, optional district
+and budget) lets an oracle grade every pair and explain why. Hard cases are generated on purpose:
+word overlap that misleads (a "sushi" query vs a sushi-themed bar serving no sushi), the right dish
+in the wrong district, the right place over budget.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import random
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from kubedistill.storage import Storage
+
+LOG_COLUMNS = (
+    "pair_id",
+    "query",
+    "service_id",
+    "service_title",
+    "service_category",
+    "service_district",
+    "service_price_level",
+    "service_tags",
+    "service_description",
+)
+LABELED_COLUMNS = LOG_COLUMNS + ("label", "reasoning")
+
+DISTRICTS = ("Downtown", "Riverside", "Old Town", "Harbor", "Northgate", "West End", "University", "Airport")
+PRICE_SIGNS = {1: "$", 2: "$$", 3: "$$$", 4: "$$$$"}
+
+# category -> (kind of place, items it may offer)
+CATALOG: dict[str, tuple[str, tuple[str, ...]]] = {
+    "japanese restaurant": ("restaurant", ("sushi", "sashimi", "ramen", "tempura", "udon", "bento")),
+    "hotpot restaurant": ("restaurant", ("hotpot", "spicy broth", "beef tripe", "lamb slices", "mushroom broth")),
+    "pizzeria": ("restaurant", ("pizza", "margherita", "calzone", "pasta", "tiramisu")),
+    "korean bbq": ("restaurant", ("korean bbq", "pork belly", "bibimbap", "kimchi stew")),
+    "noodle house": ("restaurant", ("beef noodles", "dumplings", "ramen", "wonton soup")),
+    "cafe": ("restaurant", ("coffee", "latte", "cheesecake", "croissant", "matcha")),
+    "bar": ("bar", ("cocktails", "craft beer", "sake", "whisky", "live music")),
+    "hotel": ("hotel", ("swimming pool", "gym", "free parking", "breakfast", "pet friendly", "airport shuttle")),
+    "spa": ("spa", ("massage", "facial", "sauna", "foot massage", "hot stone")),
+    "fitness": ("fitness", ("gym", "yoga", "pilates", "boxing", "swimming pool", "personal trainer")),
+    "car care": ("car care", ("car wash", "oil change", "tire repair", "detailing", "brake service")),
+    "hair salon": ("salon", ("haircut", "hair coloring", "perm", "beard trim", "blow dry")),
+}
+
+NAME_WORDS = (
+    "Golden", "Blue", "Lucky", "Silver", "Red Lantern", "Sakura", "Harbor", "Maple", "Jade", "Urban",
+    "Sunny", "Royal", "Green Leaf", "Iron", "Velvet", "Lotus", "North Star", "Bamboo", "Copper", "Pearl",
+)
+NAME_SUFFIX = {
+    "japanese restaurant": ("Sushi", "Izakaya", "Kitchen"), "hotpot restaurant": ("Hotpot", "Pot House"),
+    "pizzeria": ("Pizzeria", "Slice"), "korean bbq": ("BBQ", "Grill House"), "noodle house": ("Noodles", "Noodle Bar"),
+    "cafe": ("Cafe", "Coffee"), "bar": ("Lounge", "Tavern", "Bar"), "hotel": ("Hotel", "Inn", "Suites"),
+    "spa": ("Spa", "Wellness"), "fitness": ("Fitness", "Gym", "Studio"), "car care": ("Auto Care", "Car Wash"),
+    "hair salon": ("Salon", "Hair Studio"),
+}
+
+# How searchers phrase an item; most share no word with the service's own text (the lexical trap).
+SYNONYMS: dict[str, tuple[str, ...]] = {
+    "hotpot": ("hot pot", "huoguo", "steamboat"),
+    "sashimi": ("raw fish", "sliced raw fish"),
+    "ramen": ("japanese noodle soup",),
+    "pizza": ("pie", "flatbread"),
+    "beef noodles": ("niu rou mian", "beef noodle soup"),
+    "dumplings": ("jiaozi", "potstickers"),
+    "korean bbq": ("k-bbq", "korean barbecue", "gogi"),
+    "coffee": ("espresso", "flat white", "americano"),
+    "cocktails": ("mixed drinks", "martini"),
+    "craft beer": ("ipa", "microbrew"),
+    "live music": ("live band", "jazz night"),
+    "swimming pool": ("pool", "place to swim"),
+    "free parking": ("parking included", "park for free"),
+    "pet friendly": ("dogs allowed", "bring my dog"),
+    "airport shuttle": ("airport transfer", "airport pickup"),
+    "breakfast": ("morning buffet", "brunch included"),
+    "massage": ("body massage", "rubdown", "back rub"),
+    "foot massage": ("reflexology",),
+    "facial": ("skin care treatment",),
+    "sauna": ("steam room",),
+    "gym": ("fitness center", "workout place", "weights room"),
+    "personal trainer": ("pt coach", "fitness coach"),
+    "car wash": ("auto wash", "car cleaning"),
+    "oil change": ("engine oil service", "lube job"),
+    "tire repair": ("flat tire fix", "puncture repair"),
+    "haircut": ("hair cut", "trim"),
+    "hair coloring": ("hair dye", "highlights"),
+    "perm": ("curls",),
+}
+CHEAP_WORDS = ("cheap", "budget", "affordable")
+
+
+@dataclass(frozen=True)
+class Service:
+    id: str
+    title: str
+    category: str
+    district: str
+    price_level: int
+    tags: tuple[str, ...]
+    description: str
+    theme: str | None = None  # a word in the title that the menu does not back (hard negatives)
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "service_id": self.id,
+            "service_title": self.title,
+            "service_category": self.category,
+            "service_district": self.district,
+            "service_price_level": self.price_level,
+            "service_tags": list(self.tags),
+            "service_description": self.description,
+        }
+
+
+@dataclass(frozen=True)
+class Intent:
+    """What the user wanted; hidden from the log, known to the oracle."""
+
+    item: str
+    district: str | None = None
+    max_price: int | None = None
+    text: str = ""
+
+
+@dataclass(frozen=True)
+class Judgement:
+    grade: float  # 0 irrelevant .. 1 relevant
+    reasoning: str
+
+
+def grade_to_label(grade: float, labels: list[str]) -> str:
+    """Map an oracle grade in [0, 1] onto `labels` (least relevant first) by equal-width bins."""
+    n = len(labels)
+    return labels[min(n - 1, int(grade * n))] if grade < 1 else labels[-1]
+
+
+def judge(intent: Intent, s: Service) -> Judgement:
+    """The oracle: grade a pair from the hidden intent and cite the decisive evidence."""
+    ask = f"Query asks for {intent.item}"
+    if intent.district:
+        ask += f" in {intent.district}"
+    if intent.max_price:
+        ask += f" at {PRICE_SIGNS[intent.max_price]} or less"
+    about = f"{s.title} is a {s.category} in {s.district} ({PRICE_SIGNS[s.price_level]})"
+    offers = intent.item in s.tags
+    same_kind = any(intent.item in CATALOG[c][1] for c in CATALOG if CATALOG[c][0] == CATALOG[s.category][0])
+    if not offers:
+        if s.theme and s.theme.lower() in intent.item.lower():
+            why = f"the name mentions '{s.theme}' but it offers {', '.join(s.tags[:3])}, not {intent.item}; the overlap is misleading"
+            return Judgement(0.0, f"{ask}. {about}. Although {why}.")
+        if same_kind and intent.item not in s.tags:
+            hits = _constraint_misses(intent, s)
+            grade = 0.5 if not hits else 0.0
+            why = f"it is the right kind of place but does not offer {intent.item}"
+            if hits:
+                why += f", and {' and '.join(hits)}"
+            return Judgement(grade, f"{ask}. {about}. {why[0].upper() + why[1:]}.")
+        return Judgement(0.0, f"{ask}. {about}. It does not offer {intent.item}; unrelated to the query.")
+    misses = _constraint_misses(intent, s)
+    if not misses:
+        return Judgement(1.0, f"{ask}. {about}. It offers {intent.item} and meets every constraint.")
+    grade = 0.5 if len(misses) == 1 else 0.0
+    return Judgement(grade, f"{ask}. {about}. It offers {intent.item}, but {' and '.join(misses)}.")
+
+
+def _constraint_misses(intent: Intent, s: Service) -> list[str]:
+    misses = []
+    if intent.district and s.district != intent.district:
+        misses.append(f"it is in {s.district}, not {intent.district}")
+    if intent.max_price and s.price_level > intent.max_price:
+        misses.append(f"its price level {PRICE_SIGNS[s.price_level]} is over the budget {PRICE_SIGNS[intent.max_price]}")
+    return misses
+
+
+def _typo(word: str, rng: random.Random) -> str:
+    if len(word) < 5:
+        return word
+    i = rng.randrange(1, len(word) - 2)
+    op = rng.choice(("swap", "drop", "double"))
+    if op == "swap":
+        return word[:i] + word[i + 1] + word[i] + word[i + 2 :]
+    if op == "drop":
+        return word[:i] + word[i + 1 :]
+    return word[:i] + word[i] + word[i:]
+
+
+def make_services(n: int, rng: random.Random) -> list[Service]:
+    services = []
+    for i in range(n):
+        category = rng.choice(list(CATALOG))
+        kind, items = CATALOG[category]
+        tags = tuple(rng.sample(items, k=rng.randint(2, min(4, len(items)))))
+        theme = None
+        title = f"{rng.choice(NAME_WORDS)} {rng.choice(NAME_SUFFIX[category])}"
+        if category == "bar" and rng.random() < 0.35:  # themed bars: the classic misleading overlap
+            theme = rng.choice(("Sushi", "Ramen", "Pizza", "Hotpot"))
+            title = f"{rng.choice(NAME_WORDS)} {theme} Bar"
+        district = rng.choice(DISTRICTS)
+        price = rng.choices((1, 2, 3, 4), weights=(3, 4, 3, 1))[0]
+        desc = f"{title} is a {PRICE_SIGNS[price]} {category} in {district} offering {', '.join(tags)}."
+        if theme:
+            desc += f" A {theme.lower()}-themed {kind} with {tags[0]}."
+        services.append(Service(f"svc-{i:06d}", title, category, district, price, tags, desc, theme))
+    return services
+
+
+def make_intent(rng: random.Random, services: list[Service]) -> Intent:
+    anchor = rng.choice(services)  # queries follow what exists on the platform
+    item = rng.choice(anchor.tags)
+    district = rng.choice((anchor.district, rng.choice(DISTRICTS))) if rng.random() < 0.5 else None
+    max_price = rng.choice((1, 2, 3)) if rng.random() < 0.35 else None
+    alts = SYNONYMS.get(item, ())
+    words = rng.choice(alts) if alts and rng.random() < 0.6 else item
+    parts = [words]
+    if max_price:
+        parts.insert(0, rng.choice(CHEAP_WORDS) if max_price == 1 else f"under {PRICE_SIGNS[max_price]}")
+    if district:
+        parts.append(rng.choice(("in", "near")) + " " + district)
+    text = " ".join(parts)
+    if rng.random() < 0.12:
+        toks = text.split()
+        j = rng.randrange(len(toks))
+        toks[j] = _typo(toks[j], rng)
+        text = " ".join(toks)
+    return Intent(item=item, district=district, max_price=max_price, text=text.lower())
+
+
+def candidates(intent: Intent, services: list[Service], k: int, rng: random.Random) -> list[Service]:
+    """Services shown for a query: a mix of matches, near misses, misleading overlaps and noise."""
+    offers = [s for s in services if intent.item in s.tags]
+    themed = [s for s in services if s.theme and s.theme.lower() in intent.item.lower()]
+    kind = CATALOG[next(c for c in CATALOG if intent.item in CATALOG[c][1])][0]
+    same_kind = [s for s in services if CATALOG[s.category][0] == kind and intent.item not in s.tags]
+    pools = [offers, offers, themed, same_kind, services]
+    chosen: dict[str, Service] = {}
+    for _ in range(k * 4):
+        if len(chosen) >= k:
+            break
+        pool = rng.choice([p for p in pools if p])
+        s = rng.choice(pool)
+        chosen.setdefault(s.id, s)
+    return list(chosen.values())
+
+
+def pair_id(query: str, service_id: str) -> str:
+    return hashlib.sha1(f"{query}\x00{service_id}".encode()).hexdigest()[:16]
+
+
+@dataclass
+class SyntheticData:
+    log: list[dict[str, Any]] = field(default_factory=list)  # unlabeled
+    labeled: list[dict[str, Any]] = field(default_factory=list)  # the same pairs, oracle-labeled
+    sft: list[dict[str, Any]] = field(default_factory=list)
+    eval: list[dict[str, Any]] = field(default_factory=list)
+    corpus: list[dict[str, Any]] = field(default_factory=list)
+
+
+def generate(
+    labels: list[str],
+    services: int,
+    queries: int,
+    pairs_per_query: int,
+    sft_size: int,
+    eval_size: int,
+    seed: int,
+) -> SyntheticData:
+    """A synthetic search log. Log, SFT and eval sets use disjoint queries."""
+    rng = random.Random(seed)
+    catalog = make_services(services, rng)
+    out = SyntheticData()
+
+    def pairs(n_pairs: int) -> Iterator[dict[str, Any]]:
+        made = 0
+        while made < n_pairs:
+            intent = make_intent(rng, catalog)
+            for s in candidates(intent, catalog, pairs_per_query, rng):
+                j = judge(intent, s)
+                yield {
+                    "pair_id": pair_id(intent.text, s.id),
+                    "query": intent.text,
+                    **s.row(),
+                    "label": grade_to_label(j.grade, labels),
+                    "reasoning": j.reasoning,
+                }
+                made += 1
+                if made >= n_pairs:
+                    return
+
+    seen: set[str] = set()
+    for name, n in (("eval", eval_size), ("sft", sft_size), ("labeled", queries * pairs_per_query)):
+        rows = []
+        for row in pairs(n * 2):
+            if row["pair_id"] in seen:
+                continue
+            seen.add(row["pair_id"])
+            rows.append(row)
+            if len(rows) >= n:
+                break
+        setattr(out, name, rows)
+    out.log = [{k: r[k] for k in LOG_COLUMNS} for r in out.labeled]
+    out.corpus = [{"text": s.description} for s in catalog]
+    for category, (kind, items) in CATALOG.items():
+        out.corpus.append({"text": f"A {category} is a kind of {kind}. It may offer {', '.join(items)}."})
+    for item, alts in SYNONYMS.items():
+        out.corpus.append({"text": f"Searchers say {', '.join(alts)} when they mean {item}."})
+    out.corpus += [{"text": f"search: {r['query']}"} for r in out.labeled[:: max(1, pairs_per_query)]]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation of user rows (bring-your-own logs).
+
+
+class RowError(ValueError):
+    pass
+
+
+def validate_row(row: dict[str, Any], labels: list[str] | None, need_reasoning: bool) -> dict[str, Any]:
+    """Return the row normalised to the schema, or raise RowError naming the field."""
+
+    def text(name: str, required: bool) -> str | None:
+        v = row.get(name)
+        if v is None or (isinstance(v, str) and not v.strip()):
+            if required:
+                raise RowError(f"field '{name}': required, expected a non-empty string")
+            return None
+        if not isinstance(v, str):
+            raise RowError(f"field '{name}': expected a string, got {type(v).__name__}")
+        return v
+
+    query = text("query", True)
+    service_id = text("service_id", True)
+    out: dict[str, Any] = {
+        "pair_id": text("pair_id", False) or pair_id(query, service_id),  # type: ignore[arg-type]
+        "query": query,
+        "service_id": service_id,
+        "service_title": text("service_title", True),
+        "service_category": text("service_category", False),
+        "service_district": text("service_district", False),
+        "service_description": text("service_description", False),
+    }
+    price = row.get("service_price_level")
+    if price is not None and (isinstance(price, bool) or not isinstance(price, int) or not 1 <= price <= 4):
+        raise RowError(f"field 'service_price_level': expected an integer 1-4 or null, got {price!r}")
+    out["service_price_level"] = price
+    tags = row.get("service_tags")
+    if tags is None:
+        tags = []
+    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+        raise RowError(f"field 'service_tags': expected a list of strings, got {tags!r}")
+    out["service_tags"] = tags
+    if labels is not None:
+        label = row.get("label")
+        if label not in labels:
+            raise RowError(f"field 'label': expected one of {labels}, got {label!r}")
+        out["label"] = label
+        reasoning = text("reasoning", need_reasoning)
+        out["reasoning"] = reasoning or ""
+    return out
+
+
+def _read_rows(storage: Storage, rel: str) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
+    """(row number, row or None, error) for each row of a jsonl or parquet file; 1-based numbers."""
+    if (rel or storage.root_uri).endswith(".parquet"):
+        with storage.fs.open_input_file(storage.path(rel)) as f:
+            pf = pq.ParquetFile(f)
+            n = 0
+            for batch in pf.iter_batches(batch_size=4096):
+                for row in batch.to_pylist():
+                    n += 1
+                    yield n, row, None
+        return
+    data = storage.read_bytes(rel)
+    for n, line in enumerate(io.BytesIO(data), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            yield n, None, f"not valid JSON ({e.msg})"
+            continue
+        if not isinstance(row, dict):
+            yield n, None, f"expected a JSON object, got {type(row).__name__}"
+            continue
+        yield n, row, None
+
+
+def ingest_file(
+    src: Storage, rel: str, labels: list[str] | None, need_reasoning: bool
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
+    """Validate one file: (good rows, quarantined rows with reasons, rows read)."""
+    good, bad, total = [], [], 0
+    for n, row, err in _read_rows(src, rel):
+        total += 1
+        if err is None:
+            try:
+                good.append(validate_row(row, labels, need_reasoning))  # type: ignore[arg-type]
+                continue
+            except RowError as e:
+                err = str(e)
+        bad.append({"source": src.uri(rel), "row": n, "reason": err, "raw": json.dumps(row, default=str)[:2000]})
+    return good, bad, total
+
+
+def data_files(storage: Storage) -> list[str]:
+    """The jsonl/parquet files at a URI that is a file or a prefix ('' means the URI itself)."""
+    if storage.is_file():
+        return [""]  # the URI is a single file
+    files = [f for f in storage.list() if f.endswith((".jsonl", ".json", ".parquet")) and not f.rsplit("/", 1)[-1].startswith((".", "_"))]
+    return files
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing.
+
+
+def _schema(labeled: bool) -> pa.Schema:
+    fields = [
+        ("pair_id", pa.string()), ("query", pa.string()), ("service_id", pa.string()),
+        ("service_title", pa.string()), ("service_category", pa.string()), ("service_district", pa.string()),
+        ("service_price_level", pa.int64()), ("service_tags", pa.list_(pa.string())),
+        ("service_description", pa.string()),
+    ]
+    if labeled:
+        fields += [("label", pa.string()), ("reasoning", pa.string())]
+    return pa.schema(fields)
+
+
+def write_rows(out: Storage, rel: str, rows: list[dict[str, Any]], fmt: str, schema: pa.Schema | None = None) -> str:
+    """Write rows as one parquet or jsonl file (atomically); returns its URI."""
+    if fmt == "jsonl":
+        body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        return out.write_bytes(f"{rel}.jsonl", body.encode())
+    table = pa.Table.from_pylist(rows, schema=schema)
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return out.write_bytes(f"{rel}.parquet", buf.getvalue())
+
+
+def write_dataset(out: Storage, name: str, rows: list[dict[str, Any]], fmt: str, shards: int = 1) -> list[str]:
+    """Write a dataset as `name/part-NNNNN.<fmt>` shards."""
+    labeled = bool(rows) and "label" in rows[0]
+    schema = _schema(labeled) if rows and "pair_id" in rows[0] else None
+    shards = max(1, min(shards, len(rows)))
+    per = -(-len(rows) // shards) if rows else 0
+    return [
+        write_rows(out, f"{name}/part-{i:05d}", rows[i * per : (i + 1) * per], fmt, schema) for i in range(shards)
+    ]
+
+
+def read_dataset(storage: Storage) -> list[dict[str, Any]]:
+    """Read every shard of a dataset written by `write_dataset` (small sets: eval, sft)."""
+    rows: list[dict[str, Any]] = []
+    for rel in data_files(storage):
+        for _, row, err in _read_rows(storage, rel):
+            if err:
+                raise ValueError(f"{storage.uri(rel)}: {err}")
+            rows.append(row)  # type: ignore[arg-type]
+    return rows
+
+
+def label_counts(rows: list[dict[str, Any]]) -> dict[str, int]:
+    return dict(sorted(Counter(r["label"] for r in rows).items()))
+
+
+# ---------------------------------------------------------------------------------------------
+# The `data` stage.
+
+#: (dataset name, spec.data key, labeled?, reasoning required?)
+_DATASETS = (
+    ("logs", "logs", False, False),
+    ("eval", "evalSet", True, False),
+    ("sft", "sftSeed", True, True),
+)
+
+
+def _ingest(ctx: Any, options: Any) -> dict[str, Any]:
+    """Validate and copy the user's datasets; bad rows are quarantined with their reasons."""
+    import ray
+
+    d, labels, fmt = ctx.spec["data"], ctx.spec["labels"], ctx.spec["data"]["format"]
+    remote = ray.remote(num_cpus=1)(_ingest_one)
+    metrics: dict[str, Any] = {"source": "user"}
+    outputs: dict[str, Any] = {}
+    for name, key, labeled, need_reasoning in _DATASETS:
+        if not d.get(key):
+            continue
+        src = Storage(d[key], options)
+        files = data_files(src)
+        if not files:
+            raise ValueError(f"spec.data.{key}: no .jsonl or .parquet files at {d[key]}")
+        refs = [
+            remote.remote(d[key], options, rel, labels if labeled else None, need_reasoning, ctx.out.uri(), name, i, fmt)
+            for i, rel in enumerate(files)
+        ]
+        results = ray.get(refs)
+        rows_in = sum(r["rows_in"] for r in results)
+        written = sum(r["rows_written"] for r in results)
+        bad = [b for r in results for b in r["quarantined"]]
+        if bad:
+            write_rows(ctx.out, f"quarantine/{name}", bad, "jsonl")
+            ctx.log(f"{name}: {len(bad)} row(s) quarantined, e.g. {bad[0]['source']} row {bad[0]['row']}: {bad[0]['reason']}")
+        if written == 0:
+            raise ValueError(f"spec.data.{key}: no valid rows in {d[key]} ({len(bad)} quarantined)")
+        metrics[name] = {"rows_in": rows_in, "rows_written": written, "rows_quarantined": len(bad)}
+        outputs[name] = ctx.out.uri(name)
+        ctx.log(f"{name}: {rows_in} rows in, {written} written, {len(bad)} quarantined")
+    if d.get("corpus"):
+        src = Storage(d["corpus"], options)
+        texts = []
+        for rel in data_files(src):
+            for n, row, err in _read_rows(src, rel):
+                if err is None and isinstance(row, dict) and isinstance(row.get("text"), str) and row["text"].strip():
+                    texts.append({"text": row["text"]})
+        write_dataset(ctx.out, "corpus", texts, fmt)
+        metrics["corpus"] = {"documents": len(texts)}
+        outputs["corpus"] = ctx.out.uri("corpus")
+    return {"metrics": metrics, "outputs": outputs}
+
+
+def _ingest_one(
+    src_uri: str, options: Any, rel: str, labels: list[str] | None, need_reasoning: bool,
+    out_uri: str, name: str, index: int, fmt: str,
+) -> dict[str, Any]:
+    src, out = Storage(src_uri, options), Storage(out_uri, options)
+    good, bad, total = ingest_file(src, rel, labels, need_reasoning)
+    if good:
+        write_rows(out, f"{name}/part-{index:05d}", good, fmt, _schema(labels is not None))
+    return {"rows_in": total, "rows_written": len(good), "quarantined": bad}
+
+
+def run_stage(ctx: Any) -> dict[str, Any]:
+    """Generate the synthetic log, or validate and ingest the user's (`spec.data.logs`)."""
+    d, labels, fmt = ctx.spec["data"], ctx.spec["labels"], ctx.spec["data"]["format"]
+    if d.get("logs"):
+        return _ingest(ctx, ctx.storage.options)
+    syn = d["synthetic"]
+    ctx.log(f"generating a synthetic log: {syn['services']} services, {syn['queries']} queries x {syn['pairsPerQuery']}")
+    gen = generate(labels, syn["services"], syn["queries"], syn["pairsPerQuery"], syn["sftSize"], syn["evalSize"], syn["seed"])
+    shards = max(1, len(gen.log) // 1000)
+    outputs = {}
+    for name, rows, n in (("logs", gen.log, shards), ("labeled", gen.labeled, shards), ("sft", gen.sft, 1),
+                          ("eval", gen.eval, 1), ("corpus", gen.corpus, 1)):
+        write_dataset(ctx.out, name, rows, fmt, n)
+        outputs[name] = ctx.out.uri(name)
+    rows_in = len(gen.labeled) + len(gen.sft) + len(gen.eval)
+    metrics = {
+        "source": "synthetic",
+        "logs": {"rows_in": len(gen.log), "rows_written": len(gen.log), "rows_quarantined": 0, "shards": shards},
+        "labeled": {"rows": len(gen.labeled), "labels": label_counts(gen.labeled)},
+        "sft": {"rows_in": len(gen.sft), "rows_written": len(gen.sft), "rows_quarantined": 0, "labels": label_counts(gen.sft)},
+        "eval": {"rows_in": len(gen.eval), "rows_written": len(gen.eval), "rows_quarantined": 0, "labels": label_counts(gen.eval)},
+        "corpus": {"documents": len(gen.corpus)},
+        "rows_in": rows_in,
+        "rows_written": rows_in,
+        "rows_quarantined": 0,
+    }
+    ctx.log(f"wrote {len(gen.log)} log pairs, {len(gen.sft)} SFT, {len(gen.eval)} eval; labels {metrics['eval']['labels']}")
+    return {"metrics": metrics, "outputs": outputs}

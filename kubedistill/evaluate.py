@@ -1,0 +1,223 @@
+"""Scoring relevance predictions, the lexical baseline every report keeps, and the evaluation gate.
+
+- `classification_metrics`: accuracy, macro-F1, per-class precision/recall/F1, one-vs-rest AUC and the
+  confusion matrix, from true labels and per-class probabilities.
+- `LexicalBaseline`: BM25-style query/service features and a multinomial logistic regression. It is
+  the floor a distilled student must beat, and it stays in every report.
+- `gate`: the run's promotion rule (`spec.evaluation.minMacroF1`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support, roc_auc_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+_TOKEN = re.compile(r"[a-z0-9$]+")
+_CHEAP = {"cheap", "budget", "affordable"}
+
+
+def tokens(text: str | None) -> list[str]:
+    return _TOKEN.findall((text or "").lower())
+
+
+def classification_metrics(y_true: list[str], proba: np.ndarray, labels: list[str]) -> dict[str, Any]:
+    """Metrics from true labels and an (n, len(labels)) probability matrix (columns in `labels` order)."""
+    if len(y_true) == 0:
+        raise ValueError("no examples to score")
+    idx = {l: i for i, l in enumerate(labels)}
+    unknown = sorted({y for y in y_true if y not in idx})
+    if unknown:
+        raise ValueError(f"labels {unknown} are not in spec.labels {labels}")
+    y = np.array([idx[t] for t in y_true])
+    pred = proba.argmax(axis=1)
+    k = list(range(len(labels)))
+    p, r, f, support = precision_recall_fscore_support(y, pred, labels=k, zero_division=0)
+    present = sorted(set(y.tolist()))
+    auc: float | None
+    if len(present) < 2:
+        auc = None  # undefined with one class
+    else:
+        probs = proba / np.clip(proba.sum(axis=1, keepdims=True), 1e-12, None)
+        aucs = [roc_auc_score((y == c).astype(int), probs[:, c]) for c in present]
+        auc = float(np.mean(aucs))
+    return {
+        "n": int(len(y)),
+        "accuracy": float(accuracy_score(y, pred)),
+        "macro_f1": float(f1_score(y, pred, labels=k, average="macro", zero_division=0)),
+        "auc_ovr": auc,
+        "per_class": {
+            l: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(support[i])}
+            for i, l in enumerate(labels)
+        },
+        "confusion": {"labels": labels, "matrix": confusion_matrix(y, pred, labels=k).tolist()},
+    }
+
+
+@dataclass
+class Bm25:
+    """Okapi BM25 over a document collection (k1=1.2, b=0.75)."""
+
+    k1: float = 1.2
+    b: float = 0.75
+    idf: dict[str, float] = field(default_factory=dict)
+    avgdl: float = 1.0
+
+    def fit(self, docs: list[list[str]]) -> "Bm25":
+        n = len(docs)
+        df = Counter(t for d in docs for t in set(d))
+        self.idf = {t: math.log(1 + (n - c + 0.5) / (c + 0.5)) for t, c in df.items()}
+        self.avgdl = max(1.0, sum(len(d) for d in docs) / max(1, n))
+        self._default = math.log(1 + (n + 0.5) / 0.5)
+        return self
+
+    def score(self, query: list[str], doc: list[str]) -> float:
+        tf = Counter(doc)
+        norm = self.k1 * (1 - self.b + self.b * len(doc) / self.avgdl)
+        return sum(
+            self.idf.get(t, self._default) * tf[t] * (self.k1 + 1) / (tf[t] + norm) for t in set(query) if t in tf
+        )
+
+
+def _doc(row: dict[str, Any]) -> list[str]:
+    parts = [row.get("service_title"), row.get("service_category"), " ".join(row.get("service_tags") or []),
+             row.get("service_description")]
+    return tokens(" ".join(p for p in parts if p))
+
+
+class LexicalBaseline:
+    """BM25-style features + multinomial logistic regression: what word overlap alone achieves."""
+
+    FEATURES = ("bm25_doc", "bm25_title", "bm25_tags", "cover_doc", "cover_title", "cover_tags",
+                "district_match", "district_asked", "price_level", "cheap_asked", "query_len")
+
+    def __init__(self, labels: list[str], seed: int = 0):
+        self.labels = labels
+        self.seed = seed
+        self.bm25 = Bm25()
+        self.model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
+
+    def features(self, rows: list[dict[str, Any]]) -> np.ndarray:
+        out = []
+        for r in rows:
+            q = tokens(r["query"])
+            doc, title, tags = _doc(r), tokens(r.get("service_title")), tokens(" ".join(r.get("service_tags") or []))
+            qs = set(q) or {""}
+            district = tokens(r.get("service_district"))
+            out.append([
+                self.bm25.score(q, doc), self.bm25.score(q, title), self.bm25.score(q, tags),
+                len(qs & set(doc)) / len(qs), len(qs & set(title)) / len(qs), len(qs & set(tags)) / len(qs),
+                float(bool(district) and all(t in q for t in district)),
+                float(any(w in ("in", "near") for w in q)),
+                float(r.get("service_price_level") or 0),
+                float(bool(_CHEAP & set(q)) or "under" in q),
+                float(len(q)),
+            ])
+        return np.asarray(out, dtype=np.float64)
+
+    def fit(self, rows: list[dict[str, Any]]) -> "LexicalBaseline":
+        if not rows:
+            raise ValueError("the baseline needs labeled training rows")
+        self.bm25.fit([_doc(r) for r in rows])
+        y = [self.labels.index(r["label"]) for r in rows]
+        if len(set(y)) < 2:
+            raise ValueError("the baseline needs at least two distinct labels in its training rows")
+        self.model.fit(self.features(rows), y)
+        return self
+
+    def predict_proba(self, rows: list[dict[str, Any]]) -> np.ndarray:
+        proba = np.zeros((len(rows), len(self.labels)))
+        got = self.model.predict_proba(self.features(rows))
+        proba[:, self.model.classes_] = got  # classes absent from training keep probability 0
+        return proba
+
+
+def gate(candidate: str, metrics: dict[str, Any], min_macro_f1: float) -> dict[str, Any]:
+    value = metrics["macro_f1"]
+    passed = value >= min_macro_f1
+    verdict = "passed" if passed else "failed"
+    return {
+        "candidate": candidate,
+        "metric": "macro_f1",
+        "value": round(value, 4),
+        "threshold": min_macro_f1,
+        "passed": passed,
+        "reason": f"{candidate} macro-F1 {value:.4f} {'>=' if passed else '<'} minMacroF1 {min_macro_f1} ({verdict})",
+    }
+
+
+def plot(results: dict[str, dict[str, Any]]) -> bytes:
+    """Confusion matrices and per-class F1 of every scored model, as PNG bytes."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    fig, axes = plt.subplots(1, len(names) + 1, figsize=(4.2 * (len(names) + 1), 3.8))
+    for ax, name in zip(axes, names):
+        m = results[name]
+        mat = np.array(m["confusion"]["matrix"])
+        labels = m["confusion"]["labels"]
+        ax.imshow(mat, cmap="Blues")
+        for (i, j), v in np.ndenumerate(mat):
+            ax.text(j, i, str(v), ha="center", va="center", color="black", fontsize=9)
+        ax.set_xticks(range(len(labels)), labels, rotation=30, fontsize=8)
+        ax.set_yticks(range(len(labels)), labels, fontsize=8)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(f"{name}: macro-F1 {m['macro_f1']:.3f}", fontsize=10)
+    ax = axes[-1]
+    labels = results[names[0]]["confusion"]["labels"]
+    width = 0.8 / len(names)
+    for k, name in enumerate(names):
+        ax.bar(np.arange(len(labels)) + k * width, [results[name]["per_class"][l]["f1"] for l in labels], width, label=name)
+    ax.set_xticks(np.arange(len(labels)) + width * (len(names) - 1) / 2, labels, rotation=30, fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_title("per-class F1", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def run_stage(ctx: Any) -> dict[str, Any]:
+    """Score every available model on the eval set; write metrics.json and confusion.png; apply the gate."""
+    from kubedistill.data import read_dataset
+
+    labels = ctx.spec["labels"]
+    data = ctx.input("data")
+    eval_rows = read_dataset(data.child("eval"))
+    if not eval_rows:
+        raise ValueError("the data stage's eval set is empty")
+    train_name = "labeled" if data.list("labeled") else "sft"
+    train_rows = read_dataset(data.child(train_name))
+    ctx.log(f"baseline: BM25 features + logistic regression on {len(train_rows)} '{train_name}' rows")
+    baseline = LexicalBaseline(labels).fit(train_rows)
+    results = {"baseline": classification_metrics([r["label"] for r in eval_rows], baseline.predict_proba(eval_rows), labels)}
+    for name, m in results.items():
+        auc = "n/a" if m["auc_ovr"] is None else f"{m['auc_ovr']:.4f}"
+        ctx.log(f"{name}: accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  AUC {auc}  (n={m['n']})")
+    candidate = "student" if "student" in results else "baseline"
+    verdict = gate(candidate, results[candidate], ctx.spec["evaluation"]["minMacroF1"])
+    ctx.log(f"gate: {verdict['reason']}")
+    report = {"eval_rows": len(eval_rows), "models": results, "gate": verdict}
+    ctx.out.write_json("metrics.json", report)
+    ctx.out.write_bytes("confusion.png", plot(results))
+    summary = {f"{n}_{k}": round(m[k], 4) for n, m in results.items() for k in ("accuracy", "macro_f1") if m[k] is not None}
+    return {
+        "metrics": {**summary, "gate": verdict},
+        "outputs": {"metrics": ctx.out.uri("metrics.json"), "plot": ctx.out.uri("confusion.png")},
+    }

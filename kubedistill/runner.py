@@ -1,0 +1,201 @@
+"""The local executor: run a DistillationRun's stages as Ray jobs on a local (or given) Ray cluster.
+
+The operator runs the same `jobs/<stage>.py` entrypoints inside KubeRay RayJobs; only the executor
+differs. Stage config travels as JSON in an environment variable, never through a shell.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TextIO
+
+from kubedistill import pipeline
+from kubedistill.spec import DistillationRun, RunStatus, StageStatus, to_wire
+from kubedistill.stage import CONFIG_ENV, FAILURE, MANIFEST, is_done, now, run_storage
+from kubedistill.storage import Storage
+
+STATUS_FILE = "_status.json"
+#: Environment passed through to stage jobs (credentials and endpoints; never user spec strings).
+_PASS_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
+             "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "HF_HOME", "HF_HUB_OFFLINE")
+
+
+class RunFailed(RuntimeError):
+    def __init__(self, stage: str, message: str):
+        self.stage = stage
+        super().__init__(f"stage {stage} failed: {message}")
+
+
+def jobs_dir() -> Path:
+    """Where the stage entrypoints live: $KUBEDISTILL_JOBS_DIR, else the source tree's jobs/."""
+    env = os.environ.get("KUBEDISTILL_JOBS_DIR")
+    d = Path(env) if env else Path(__file__).resolve().parent.parent / "jobs"
+    if not (d / "data.py").is_file():
+        raise FileNotFoundError(f"stage entrypoints not found in {d}; set KUBEDISTILL_JOBS_DIR to the repo's jobs/")
+    return d
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def local_ray(address: str | None = None, num_cpus: int | None = None) -> Iterator[str]:
+    """Start a local Ray cluster for the run (or connect to `address`); yield its dashboard URL."""
+    import ray
+
+    kwargs: dict[str, Any] = {"include_dashboard": True, "log_to_driver": False, "logging_level": "WARNING"}
+    if address:
+        kwargs["address"] = address
+    else:
+        kwargs.update(num_cpus=num_cpus, dashboard_host="127.0.0.1", dashboard_port=_free_port(),
+                      _node_ip_address="127.0.0.1")
+    try:
+        ctx = ray.init(**kwargs)
+    except ConnectionError as e:
+        raise RuntimeError(f"cannot connect to Ray at {address}: {e}. Start one with `ray start --head` or omit --address.") from e
+    try:
+        url = ctx.dashboard_url
+        if not url:
+            raise RuntimeError("the Ray cluster has no dashboard; stage jobs need the job API (ray[default])")
+        yield url if url.startswith("http") else f"http://{url}"
+    finally:
+        ray.shutdown()
+
+
+class StatusWriter:
+    """Keeps the run's status (the CRD status shape) in storage at <run>/_status.json."""
+
+    def __init__(self, storage: Storage, stages: list[pipeline.Stage]):
+        self.storage = storage
+        self.status = RunStatus(phase="Pending", stages=[StageStatus(name=s.name) for s in stages])
+
+    def stage(self, name: str) -> StageStatus:
+        return next(s for s in self.status.stages if s.name == name)
+
+    def save(self) -> None:
+        self.storage.write_json(STATUS_FILE, to_wire(self.status))
+
+
+def _job_entrypoint(stage: pipeline.Stage) -> str:
+    script = jobs_dir() / Path(stage.entrypoint.split()[-1]).name
+    return f"{shlex.quote(sys.executable)} {shlex.quote(str(script))}"
+
+
+def run_local(
+    run: DistillationRun,
+    *,
+    address: str | None = None,
+    out: TextIO = sys.stdout,
+    poll_s: float = 0.5,
+) -> RunStatus:
+    """Run every stage in order; skip those already done; stop at the first failure."""
+    stages = pipeline.build(run)
+    pipeline.check_available(stages)
+    storage = run_storage(stages[0].config)
+    storage.check_writable()
+    status = StatusWriter(storage, stages)
+
+    def say(msg: str) -> None:
+        print(msg, file=out, flush=True)
+
+    say(f"kubedistill: run {run.name} -> {storage.uri()}  ({len(stages)} stages)")
+    status.status.phase = "Running"
+    status.save()
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    with local_ray(address) as dashboard:
+        client = JobSubmissionClient(dashboard)
+        say(f"kubedistill: Ray dashboard {dashboard}")
+        for i, stage in enumerate(stages, 1):
+            st = status.stage(stage.name)
+            tag = f"[{i}/{len(stages)}] {stage.name}"
+            status.status.current_stage = stage.name
+            if is_done(storage, stage.config):
+                manifest = storage.read_json(f"{stage.name}/{MANIFEST}")
+                st.phase, st.message = "Succeeded", "already done for this config; skipped"
+                st.artifact, st.metrics, st.finished_at = manifest["artifact"], manifest["metrics"], manifest["finishedAt"]
+                say(f"{tag}: done earlier, skipped")
+                status.save()
+                continue
+            env = {k: os.environ[k] for k in _PASS_ENV if k in os.environ}
+            env.update({CONFIG_ENV: stage.config_json, "PYTHONUNBUFFERED": "1"})
+            st.phase, st.started_at, st.attempts = "Running", now(), st.attempts + 1
+            job_id = client.submit_job(
+                entrypoint=_job_entrypoint(stage),
+                submission_id=f"{run.name}-{stage.name}-{int(time.time() * 1000)}",
+                runtime_env={"env_vars": env},
+                metadata={"kubedistill.io/run": run.name, "kubedistill.io/stage": stage.name},
+            )
+            st.job = job_id
+            status.save()
+            say(f"{tag}: running (Ray job {job_id})")
+            t0, shown = time.monotonic(), 0
+            try:
+                while True:
+                    state = client.get_job_status(job_id)
+                    logs = client.get_job_logs(job_id)
+                    for line in logs[shown:].splitlines():
+                        if line.strip():
+                            say(f"    {stage.name} | {line}")
+                    shown = len(logs)
+                    if state in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+                        break
+                    time.sleep(poll_s)
+            except BaseException:
+                client.stop_job(job_id)
+                st.phase, st.message, st.finished_at = "Failed", "interrupted", now()
+                status.status.phase = "Failed"
+                status.save()
+                raise
+            st.finished_at = now()
+            if state == JobStatus.SUCCEEDED and storage.exists(f"{stage.name}/{MANIFEST}"):
+                manifest = storage.read_json(f"{stage.name}/{MANIFEST}")
+                st.phase, st.artifact, st.metrics = "Succeeded", manifest["artifact"], manifest["metrics"]
+                st.message = None
+                say(f"{tag}: succeeded in {time.monotonic() - t0:.1f}s")
+                status.save()
+                continue
+            reason = _failure_reason(storage, stage.name, client.get_job_info(job_id).message)
+            st.phase, st.message = "Failed", reason
+            status.status.phase = "Failed"
+            status.save()
+            say(f"{tag}: FAILED: {reason}")
+            raise RunFailed(stage.name, reason)
+    status.status.phase, status.status.current_stage = "Succeeded", None
+    status.save()
+    say(f"kubedistill: run {run.name} succeeded; status at {storage.uri(STATUS_FILE)}")
+    return status.status
+
+
+def _failure_reason(storage: Storage, stage: str, job_message: str | None) -> str:
+    try:
+        return storage.read_json(f"{stage}/{FAILURE}")["error"]
+    except FileNotFoundError:
+        return job_message or "the job ended without a manifest"
+
+
+def read_status(storage: Storage) -> RunStatus | None:
+    try:
+        return RunStatus.model_validate(storage.read_json(STATUS_FILE))
+    except FileNotFoundError:
+        return None
+
+
+def install_signal_handlers() -> None:
+    """Turn SIGTERM into KeyboardInterrupt so an interrupted run stops its job and records why."""
+
+    def _raise(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, _raise)

@@ -1,0 +1,422 @@
+"""The DistillationRun resource: the single source of truth for its shape.
+
+The CRD schema (`kubedistill crd`), `kubedistill validate`, the local runner and the operator all read
+these models. Field names are camelCase on the wire (as in Kubernetes) and snake_case in Python.
+Unknown fields are errors everywhere.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic.alias_generators import to_camel
+
+API_GROUP = "kubedistill.io"
+API_VERSION = "v1alpha1"
+KIND = "DistillationRun"
+
+#: Reward dimensions the reward-model stage knows how to score.
+REWARD_DIMENSIONS = ("label", "consistency", "faithfulness", "format")
+
+_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_LABEL_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        validate_default=True,
+    )
+
+
+def _cel(*rules: tuple[str, str]) -> dict[str, Any]:
+    """CEL rules for the generated CRD (`x-kubernetes-validations`); pydantic checks the same."""
+    return {"x-kubernetes-validations": [{"rule": r, "message": m} for r, m in rules]}
+
+
+class SecretRef(_Model):
+    name: str = Field(min_length=1, description="Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.")
+
+
+class StorageSpec(_Model):
+    uri: str = Field(
+        min_length=1,
+        description="Where artifacts go: a local directory or an s3://bucket/prefix. "
+        "Each run writes under <uri>/<run name>/<stage>/.",
+    )
+    endpoint: str | None = Field(
+        default=None,
+        description="S3 endpoint override for non-AWS stores (MinIO, SeaweedFS), e.g. http://minio:9000. "
+        "Defaults to $AWS_ENDPOINT_URL, then AWS.",
+    )
+    region: str | None = Field(default=None, description="S3 region; defaults to $AWS_REGION, then us-east-1.")
+    secret_ref: SecretRef | None = Field(
+        default=None, description="In a cluster: the Secret whose keys become the stage pods' environment."
+    )
+
+
+class SyntheticDataSpec(_Model):
+    services: int = Field(default=300, ge=10, le=10_000_000, description="Number of synthetic services.")
+    queries: int = Field(default=400, ge=10, le=10_000_000, description="Number of synthetic log queries.")
+    pairs_per_query: int = Field(default=6, ge=1, le=100, description="Services shown per query.")
+    sft_size: int = Field(default=300, ge=1, description="Labeled pairs with reasoning for teacher SFT.")
+    eval_size: int = Field(default=400, ge=10, description="Labeled held-out pairs for evaluation.")
+    seed: int = Field(default=0, ge=0, description="Random seed; the same seed gives the same data.")
+
+
+class DataSpec(_Model):
+    logs: str | None = Field(
+        default=None,
+        description="Unlabeled query-service pairs (jsonl or parquet; file, directory or s3:// prefix). "
+        "Unset: the data stage generates a synthetic local-services log.",
+    )
+    eval_set: str | None = Field(default=None, description="Labeled held-out pairs. Required with `logs`.")
+    sft_seed: str | None = Field(default=None, description="Labeled pairs with reasoning for teacher SFT.")
+    corpus: str | None = Field(default=None, description="Domain text for pre-training (jsonl with `text`).")
+    format: Literal["parquet", "jsonl"] = Field(default="parquet", description="Format the data stage writes.")
+    synthetic: SyntheticDataSpec = Field(default_factory=SyntheticDataSpec)
+
+
+class Resources(_Model):
+    workers: int = Field(default=2, ge=1, le=4096, description="Ray Train workers.")
+    cpus_per_worker: float = Field(default=1, gt=0, description="CPUs per worker.")
+    gpus_per_worker: float = Field(default=0, ge=0, description="GPUs per worker (0: CPU training).")
+    memory: str | None = Field(default=None, description="Memory per worker pod, as a Kubernetes quantity.")
+
+
+class Replicas(_Model):
+    model_config = ConfigDict(json_schema_extra=_cel(("self.min <= self.max", "min must be <= max")))
+    min: int = Field(default=1, ge=0, le=1024)
+    max: int = Field(default=1, ge=1, le=1024)
+
+
+class LoraSpec(_Model):
+    r: int = Field(default=16, ge=1, le=1024)
+    alpha: int = Field(default=32, ge=1)
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+
+
+class TrainSpec(_Model):
+    epochs: float = Field(default=1, gt=0, description="Passes over the data.")
+    learning_rate: float = Field(default=5e-4, gt=0, lt=1)
+    batch_size: int = Field(default=16, ge=1, description="Global batch size.")
+    max_steps: int | None = Field(default=None, ge=1, description="Stop after this many steps.")
+
+
+class SftSpec(TrainSpec):
+    epochs: float = Field(default=2, gt=0)
+    lora: LoraSpec | None = Field(default=None, description="Train LoRA adapters (peft) instead of all weights.")
+
+
+class RewardModelSpec(TrainSpec):
+    dimensions: dict[str, float] = Field(
+        default_factory=lambda: {"label": 1.0, "consistency": 0.5, "faithfulness": 0.5, "format": 0.2},
+        description=f"Weight of each reward dimension; known: {', '.join(REWARD_DIMENSIONS)}.",
+    )
+
+    @field_validator("dimensions")
+    @classmethod
+    def _known_dimensions(cls, v: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(v) - set(REWARD_DIMENSIONS))
+        if unknown:
+            raise ValueError(f"unknown reward dimension(s) {unknown}; expected some of {list(REWARD_DIMENSIONS)}")
+        if not v:
+            raise ValueError("at least one reward dimension is required")
+        if any(w < 0 for w in v.values()):
+            raise ValueError("weights must be >= 0")
+        return v
+
+
+class DpoSpec(TrainSpec):
+    beta: float = Field(default=0.1, gt=0)
+    samples_per_prompt: int = Field(default=4, ge=2, le=64)
+    margin: float = Field(default=0.1, ge=0, description="Minimum reward gap between chosen and rejected.")
+
+
+class TeacherSpec(_Model):
+    enabled: bool = True
+    base_model: str = Field(
+        default="Qwen/Qwen2.5-7B-Instruct", min_length=1, description="Hub id, local directory or s3:// prefix."
+    )
+    dapt: TrainSpec = Field(default_factory=TrainSpec)
+    sft: SftSpec = Field(default_factory=SftSpec)
+    reward_model: RewardModelSpec = Field(default_factory=RewardModelSpec)
+    dpo: DpoSpec = Field(default_factory=DpoSpec)
+    resources: Resources = Field(default_factory=Resources)
+
+
+class AnnotationSpec(_Model):
+    enabled: bool = True
+    engine: Literal["auto", "vllm", "transformers"] = "auto"
+    model: str | None = Field(
+        default=None, description="Annotating LLM; default: the teacher-dpo stage's model. Required without a teacher."
+    )
+    replicas: Replicas = Field(default_factory=Replicas)
+    batch_size: int = Field(default=64, ge=1, le=4096)
+    max_tokens: int = Field(default=256, ge=8, le=8192)
+    temperature: float = Field(default=0.0, ge=0, le=2)
+    parse_retries: int = Field(default=1, ge=0, le=10, description="Retries of an unparseable response.")
+    gpus_per_replica: float = Field(default=0, ge=0)
+
+
+class CrsdSpec(_Model):
+    align_weight: float = Field(default=1.0, ge=0)
+    contrast_weight: float = Field(default=1.0, ge=0)
+    temperature: float = Field(default=0.05, gt=0)
+    stop_gradient: bool = Field(default=True, description="Treat the reasoning view as a fixed teacher.")
+
+
+class StudentSpec(_Model):
+    enabled: bool = True
+    base_model: str = Field(default="sentence-transformers/all-MiniLM-L6-v2", min_length=1)
+    objective: Literal["ce", "kd", "crsd"] = "crsd"
+    crsd: CrsdSpec = Field(default_factory=CrsdSpec)
+    train: TrainSpec = Field(default_factory=lambda: TrainSpec(epochs=3, learning_rate=5e-5, batch_size=32))
+    max_length: int = Field(default=128, ge=16, le=4096)
+    resources: Resources = Field(default_factory=Resources)
+
+
+class EvaluationSpec(_Model):
+    min_macro_f1: float = Field(default=0.70, ge=0, le=1, description="Gate: serve only at or above this macro-F1.")
+
+
+class PruningSpec(_Model):
+    enabled: bool = True
+    target_ratio: float = Field(default=0.25, ge=0, lt=1, description="Fraction of parameters to remove.")
+    sampled_architectures: int = Field(default=64, ge=4, le=100_000)
+    top_k: int = Field(default=4, ge=1, le=1000, description="Predictor picks evaluated for real.")
+    predictor: Literal["gbdt", "lightgbm"] = "gbdt"
+
+
+class ServingSpec(_Model):
+    enabled: bool = True
+    replicas: Replicas = Field(default_factory=lambda: Replicas(min=1, max=4))
+    max_services: int = Field(default=100, ge=1, le=10_000, description="Services per /score request.")
+
+
+class RaySpec(_Model):
+    image: str = Field(default="rayproject/ray:2.60.0-py311", min_length=1)
+    ray_version: str = Field(default="2.60.0", min_length=1)
+
+
+class DistillationRunSpec(_Model):
+    model_config = ConfigDict(
+        json_schema_extra=_cel(
+            (
+                "!has(self.serving) || !has(self.serving.enabled) || !self.serving.enabled"
+                " || !has(self.student) || !has(self.student.enabled) || self.student.enabled",
+                "serving.enabled requires student.enabled",
+            ),
+        )
+    )
+    storage: StorageSpec
+    data: DataSpec = Field(default_factory=DataSpec)
+    labels: list[str] = Field(
+        default_factory=lambda: ["irrelevant", "partial", "relevant"],
+        min_length=2,
+        max_length=5,
+        description="Relevance grades, least relevant first.",
+    )
+    teacher: TeacherSpec = Field(default_factory=TeacherSpec)
+    annotation: AnnotationSpec = Field(default_factory=AnnotationSpec)
+    student: StudentSpec = Field(default_factory=StudentSpec)
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    pruning: PruningSpec = Field(default_factory=PruningSpec)
+    serving: ServingSpec = Field(default_factory=ServingSpec)
+    ray: RaySpec = Field(default_factory=RaySpec)
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, v: list[str]) -> list[str]:
+        for label in v:
+            if not _LABEL_RE.match(label):
+                raise ValueError(f"label {label!r} must match {_LABEL_RE.pattern}")
+        if len(set(v)) != len(v):
+            raise ValueError("labels must be unique")
+        return v
+
+
+class Metadata(_Model):
+    model_config = ConfigDict(extra="allow")  # namespace, labels, uid... belong to Kubernetes
+    name: str = Field(min_length=1, max_length=63)
+
+    @field_validator("name")
+    @classmethod
+    def _dns_label(cls, v: str) -> str:
+        if not _NAME_RE.match(v):
+            raise ValueError("must be a DNS-1123 label: lowercase letters, digits and '-'")
+        return v
+
+
+class DistillationRun(_Model):
+    api_version: Literal["kubedistill.io/v1alpha1"] = Field(alias="apiVersion")
+    kind: Literal["DistillationRun"]
+    metadata: Metadata
+    spec: DistillationRunSpec
+    status: dict[str, Any] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+
+# ---------------------------------------------------------------------------------------------
+# Status: written by the local runner to storage and by the operator to the resource.
+
+
+class StageStatus(_Model):
+    name: str
+    phase: Literal["Pending", "Running", "Succeeded", "Failed", "Skipped"] = "Pending"
+    attempts: int = 0
+    started_at: str | None = None
+    finished_at: str | None = None
+    artifact: str | None = None
+    job: str | None = Field(default=None, description="Ray job submission id or RayJob name.")
+    message: str | None = None
+    metrics: dict[str, Any] = Field(default_factory=dict)
+
+
+class Condition(_Model):
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str
+    message: str = ""
+    last_transition_time: str | None = None
+
+
+class RunStatus(_Model):
+    phase: Literal["Pending", "Running", "Succeeded", "Failed"] = "Pending"
+    current_stage: str | None = None
+    observed_generation: int | None = None
+    stages: list[StageStatus] = Field(default_factory=list)
+    conditions: list[Condition] = Field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and validation with field paths.
+
+
+@dataclass(frozen=True)
+class Problem:
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}"
+
+
+class SpecError(ValueError):
+    """A resource that does not validate; `problems` lists every one, each with its field path."""
+
+    def __init__(self, source: str, problems: list[Problem]):
+        self.source = source
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{source}: {len(problems)} problem(s)\n{lines}")
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "<root>"
+
+
+def _semantic_problems(run: DistillationRun) -> list[Problem]:
+    """Cross-field rules the field types cannot express (mirrored as CEL rules where possible)."""
+    s = run.spec
+    out: list[Problem] = []
+    if s.serving.enabled and not s.student.enabled:
+        out.append(Problem("spec.serving.enabled", "serving needs a student: set spec.student.enabled or disable serving"))
+    if s.pruning.enabled and not s.teacher.enabled:
+        out.append(Problem("spec.pruning.enabled", "pruning prunes the teacher: enable spec.teacher or disable pruning"))
+    if s.annotation.enabled and not s.teacher.enabled and not s.annotation.model:
+        out.append(Problem("spec.annotation.model", "required when spec.teacher.enabled is false"))
+    if s.data.logs and not s.data.eval_set:
+        out.append(Problem("spec.data.evalSet", "required when spec.data.logs is set (a labeled held-out set)"))
+    if s.data.logs and s.teacher.enabled and not s.data.sft_seed:
+        out.append(Problem("spec.data.sftSeed", "required when spec.data.logs is set and the teacher is trained"))
+    for path, rep in (("spec.annotation.replicas", s.annotation.replicas), ("spec.serving.replicas", s.serving.replicas)):
+        if rep.min > rep.max:
+            out.append(Problem(f"{path}.min", f"min ({rep.min}) must be <= max ({rep.max})"))
+    return out
+
+
+def parse_run(doc: Any, source: str = "<input>") -> DistillationRun:
+    """Validate one decoded document; raise SpecError listing every problem with its field path."""
+    if not isinstance(doc, dict):
+        raise SpecError(source, [Problem("<root>", f"expected a mapping (a DistillationRun), got {type(doc).__name__}")])
+    try:
+        run = DistillationRun.model_validate(doc)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors(include_url=False):
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                msg = "unknown field"
+            elif "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], (dict, list)):
+                msg = f"{msg} (got {err['input']!r})"
+            problems.append(Problem(_loc(err["loc"]), msg))
+        raise SpecError(source, problems) from None
+    problems = _semantic_problems(run)
+    if problems:
+        raise SpecError(source, problems)
+    return run
+
+
+def load_runs(path: str | Path) -> list[DistillationRun]:
+    """Load every DistillationRun in a YAML file (one or more documents)."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise SpecError(str(p), [Problem("<file>", f"cannot read: {e.strerror}")]) from None
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as e:
+        raise SpecError(str(p), [Problem("<yaml>", str(e).replace("\n", " "))]) from None
+    if not docs:
+        raise SpecError(str(p), [Problem("<file>", "no document found")])
+    runs, problems = [], []
+    for i, doc in enumerate(docs):
+        try:
+            runs.append(parse_run(doc, str(p)))
+        except SpecError as e:
+            prefix = f"[document {i}] " if len(docs) > 1 else ""
+            problems += [Problem(prefix + q.path, q.message) for q in e.problems]
+    if problems:
+        raise SpecError(str(p), problems)
+    return runs
+
+
+def load_run(path: str | Path) -> DistillationRun:
+    runs = load_runs(path)
+    if len(runs) != 1:
+        raise SpecError(str(path), [Problem("<file>", f"expected one DistillationRun, found {len(runs)}")])
+    return runs[0]
+
+
+def to_wire(model: BaseModel) -> dict[str, Any]:
+    """The camelCase JSON form, as stored in Kubernetes and passed to stages."""
+    return model.model_dump(mode="json", by_alias=True)
+
+
+def with_absolute_paths(run: DistillationRun, base: str | Path) -> DistillationRun:
+    """Resolve relative local paths (storage.uri, data.*) against `base`: stage jobs run elsewhere."""
+
+    def fix(uri: str | None) -> str | None:
+        if uri is None or "://" in uri or Path(uri).is_absolute():
+            return uri
+        return str((Path(base) / uri).resolve())
+
+    s = run.spec
+    data = s.data.model_copy(update={k: fix(getattr(s.data, k)) for k in ("logs", "eval_set", "sft_seed", "corpus")})
+    storage = s.storage.model_copy(update={"uri": fix(s.storage.uri)})
+    return run.model_copy(update={"spec": s.model_copy(update={"storage": storage, "data": data})})

@@ -1,0 +1,154 @@
+"""What every stage job shares: its config, its storage prefix, and the `_SUCCESS.json` manifest.
+
+A stage writes its outputs under `<storage.uri>/<run>/<stage>/` and the manifest *last*. The manifest
+records the stage's config hash and the digests of the manifests of its inputs; a stage whose
+manifest matches both is done and is skipped, which is how a restarted run resumes. A stage that
+fails writes `_FAILED.json` (never a manifest), so nothing downstream mistakes it for a result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from kubedistill.storage import S3Options, Storage
+
+CONFIG_ENV = "KUBEDISTILL_STAGE_CONFIG"
+MANIFEST = "_SUCCESS.json"
+FAILURE = "_FAILED.json"
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    keyed = {k: v for k, v in config.items() if k != "storage"}
+    return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_storage(config: dict[str, Any]) -> Storage:
+    st = config["storage"]
+    return Storage(f"{st['uri'].rstrip('/')}/{config['run']}", S3Options.from_env(st.get("endpoint"), st.get("region")))
+
+
+def read_manifest(storage: Storage, stage: str) -> dict[str, Any] | None:
+    try:
+        return storage.read_json(f"{stage}/{MANIFEST}")
+    except FileNotFoundError:
+        return None
+
+
+def input_digests(storage: Storage, inputs: list[str]) -> dict[str, str] | None:
+    """Digest of each input's manifest; None if any input has not finished."""
+    out = {}
+    for name in inputs:
+        m = read_manifest(storage, name)
+        if m is None:
+            return None
+        out[name] = m["digest"]
+    return out
+
+
+def is_done(storage: Storage, config: dict[str, Any]) -> bool:
+    """The skip-if-done rule: a manifest exists for this exact config and these exact inputs."""
+    m = read_manifest(storage, config["stage"])
+    if m is None or m.get("configHash") != config_hash(config):
+        return False
+    return m.get("inputs") == input_digests(storage, config["inputs"])
+
+
+@dataclass
+class StageContext:
+    config: dict[str, Any]
+    storage: Storage  # the run's root: <storage.uri>/<run>/
+
+    @classmethod
+    def from_env(cls) -> "StageContext":
+        raw = os.environ.get(CONFIG_ENV)
+        if not raw:
+            raise SystemExit(f"{CONFIG_ENV} is not set: stage jobs are started by `kubedistill run` or the operator")
+        config = json.loads(raw)
+        return cls(config, run_storage(config))
+
+    @property
+    def name(self) -> str:
+        return self.config["stage"]
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        return self.config["spec"]
+
+    @property
+    def out(self) -> Storage:
+        """This stage's own prefix."""
+        return self.storage.child(self.name)
+
+    def input(self, stage: str) -> Storage:
+        if stage not in self.config["inputs"]:
+            raise KeyError(f"stage {self.name} does not declare {stage} as an input")
+        return self.storage.child(stage)
+
+    def log(self, msg: str) -> None:
+        print(f"[{self.name}] {msg}", flush=True)
+
+
+StageFn = Callable[[StageContext], dict[str, Any]]
+
+
+def execute(ctx: StageContext, fn: StageFn) -> dict[str, Any]:
+    """Run `fn` unless already done; write the manifest last. Returns the manifest."""
+    storage, name = ctx.storage, ctx.name
+    if is_done(storage, ctx.config):
+        ctx.log("already done for this config and these inputs; skipping")
+        return read_manifest(storage, name)  # type: ignore[return-value]
+    inputs = input_digests(storage, ctx.config["inputs"])
+    if inputs is None:
+        missing = [i for i in ctx.config["inputs"] if read_manifest(storage, i) is None]
+        raise RuntimeError(f"stage {name}: input stage(s) {missing} have not succeeded")
+    storage.delete(f"{name}/{MANIFEST}")  # a stale manifest must not survive a rerun that fails
+    storage.delete(f"{name}/{FAILURE}")
+    started, t0 = now(), time.monotonic()
+    try:
+        result = fn(ctx)
+    except BaseException as e:
+        storage.write_json(
+            f"{name}/{FAILURE}",
+            {"stage": name, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(), "at": now()},
+        )
+        raise
+    manifest = {
+        "stage": name,
+        "run": ctx.config["run"],
+        "configHash": config_hash(ctx.config),
+        "inputs": inputs,
+        "startedAt": started,
+        "finishedAt": now(),
+        "seconds": round(time.monotonic() - t0, 3),
+        "artifact": ctx.out.uri(),
+        "metrics": result.get("metrics", {}),
+        "outputs": result.get("outputs", {}),
+    }
+    manifest["digest"] = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
+    storage.write_json(f"{name}/{MANIFEST}", manifest)
+    ctx.log(f"done in {manifest['seconds']:.1f}s")
+    return manifest
+
+
+def main(fn: StageFn) -> None:
+    """Entrypoint body of every `jobs/<stage>.py`."""
+    ctx = StageContext.from_env()
+    try:
+        execute(ctx, fn)
+    except Exception as e:  # the traceback is in _FAILED.json and the job log
+        traceback.print_exc()
+        print(f"[{ctx.name}] FAILED: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None

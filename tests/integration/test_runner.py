@@ -1,0 +1,156 @@
+"""The local runner on a real Ray cluster: stages as Ray jobs, S3 artifacts, resume, failure."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kubedistill import runner, spec
+from kubedistill.stage import MANIFEST
+from kubedistill.storage import Storage
+from tests.conftest import ROOT, minimal_doc
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+SMALL = {"services": 60, "queries": 60, "pairsPerQuery": 5, "sftSize": 40, "evalSize": 80, "seed": 1}
+ONLY_DATA_EVAL = {"teacher": {"enabled": False}, "annotation": {"enabled": False}, "student": {"enabled": False},
+                  "pruning": {"enabled": False}, "serving": {"enabled": False}}
+
+
+def _doc(uri: str, name: str = "it-run", **extra) -> dict:
+    doc = minimal_doc(storage={"uri": uri}, data={"synthetic": SMALL}, **ONLY_DATA_EVAL, **extra)
+    doc["metadata"]["name"] = name
+    return doc
+
+
+def test_run_on_s3_then_rerun_skips_everything(bucket):
+    run = spec.parse_run(_doc(f"s3://{bucket}/runs"))
+    out = io.StringIO()
+    status = runner.run_local(run, out=out)
+    assert status.phase == "Succeeded"
+    assert [(s.name, s.phase) for s in status.stages] == [("data", "Succeeded"), ("evaluate", "Succeeded")]
+    st = Storage(f"s3://{bucket}/runs/it-run")
+    files = st.list()
+    for f in ("data/_SUCCESS.json", "data/eval/part-00000.parquet", "evaluate/metrics.json",
+              "evaluate/confusion.png", "evaluate/_SUCCESS.json", "_status.json"):
+        assert f in files, files
+    m = st.read_json("data/_SUCCESS.json")["metrics"]
+    assert m["rows_in"] == m["rows_written"] + m["rows_quarantined"]
+    report = st.read_json("evaluate/metrics.json")
+    assert report["gate"]["candidate"] == "baseline" and 0 < report["models"]["baseline"]["macro_f1"] <= 1
+    assert json.loads(st.read_text("_status.json"))["phase"] == "Succeeded"
+    text = out.getvalue()
+    assert "[1/2] data: running" in text and "[2/2] evaluate: succeeded" in text
+
+    first = st.read_json("evaluate/_SUCCESS.json")
+    out2 = io.StringIO()
+    runner.run_local(run, out=out2)
+    assert out2.getvalue().count("done earlier, skipped") == 2
+    assert st.read_json("evaluate/_SUCCESS.json") == first
+
+
+def _write(tmp_path: Path, doc: dict) -> Path:
+    f = tmp_path / "run.yaml"
+    f.write_text(yaml.safe_dump(doc))
+    return f
+
+
+def _cli(*args: str, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "kubedistill.cli", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True, **kw)
+
+
+def test_killed_run_resumes_with_only_unfinished_stages(tmp_path):
+    f = _write(tmp_path, _doc(str(tmp_path / "store"), name="killme"))
+    manifest = tmp_path / "store" / "killme" / "data" / MANIFEST
+    proc = _cli("run", str(f))
+    deadline = time.monotonic() + 240
+    while not manifest.exists():
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() < deadline, "data stage did not finish"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # no cleanup of any kind: the whole process group dies
+    proc.wait()
+    assert not (tmp_path / "store" / "killme" / "evaluate" / MANIFEST).exists()
+    data_manifest = manifest.read_text()
+
+    again = _cli("run", str(f))
+    text, _ = again.communicate(timeout=300)
+    assert again.returncode == 0, text
+    assert "[1/2] data: done earlier, skipped" in text
+    assert "[2/2] evaluate: succeeded" in text
+    assert manifest.read_text() == data_manifest  # finished work was not redone
+    status = _cli("status", str(f))
+    out, _ = status.communicate(timeout=60)
+    assert status.returncode == 0 and "run killme: Succeeded" in out
+
+
+def test_failing_stage_stops_the_run_and_keeps_finished_stages(tmp_path):
+    """User data whose only labeled training set has one label: the baseline cannot be fit."""
+    src = tmp_path / "src"
+    src.mkdir()
+    row = {"query": "sushi", "service_id": "s1", "service_title": "Sakura Sushi", "service_tags": ["sushi"]}
+    (src / "logs.jsonl").write_text("\n".join(json.dumps({**row, "service_id": f"s{i}"}) for i in range(5)))
+    (src / "eval.jsonl").write_text("\n".join(json.dumps({**row, "label": l, "reasoning": "r"})
+                                              for l in ("relevant", "irrelevant", "partial")))
+    (src / "sft.jsonl").write_text(json.dumps({**row, "label": "relevant", "reasoning": "offers sushi"}))
+    doc = _doc(str(tmp_path / "store"), name="fails")
+    doc["spec"]["data"] = {"logs": str(src / "logs.jsonl"), "evalSet": str(src / "eval.jsonl"),
+                           "sftSeed": str(src / "sft.jsonl")}
+    run = spec.parse_run(doc)
+    out = io.StringIO()
+    with pytest.raises(runner.RunFailed, match="two distinct labels"):
+        runner.run_local(run, out=out)
+    st = Storage(str(tmp_path / "store" / "fails"))
+    assert st.exists(f"data/{MANIFEST}") and not st.exists(f"evaluate/{MANIFEST}")
+    status = st.read_json("_status.json")
+    assert status["phase"] == "Failed"
+    ev = next(s for s in status["stages"] if s["name"] == "evaluate")
+    assert ev["phase"] == "Failed" and "two distinct labels" in ev["message"]
+
+
+def test_ingest_user_logs_from_s3_quarantines_bad_rows(bucket, tmp_path):
+    c = Storage(f"s3://{bucket}/input")
+    good = {"query": "hot pot near harbor", "service_id": "s1", "service_title": "Golden Hotpot",
+            "service_category": "hotpot restaurant", "service_district": "Harbor", "service_price_level": 2,
+            "service_tags": ["hotpot"], "service_description": "A hotpot place."}
+    logs = [json.dumps({**good, "service_id": f"s{i}"}) for i in range(20)]
+    logs[3] = "{broken json"
+    logs[7] = json.dumps({**good, "service_price_level": "cheap"})
+    c.write_text("logs/day1.jsonl", "\n".join(logs[:10]))
+    c.write_text("logs/day2.jsonl", "\n".join(logs[10:]))
+    labeled = [json.dumps({**good, "service_id": f"e{i}", "label": ["irrelevant", "partial", "relevant"][i % 3],
+                           "reasoning": "because"}) for i in range(30)]
+    labeled.append(json.dumps({**good, "label": "meh", "reasoning": "x"}))
+    c.write_text("eval.jsonl", "\n".join(labeled))
+    c.write_text("sft.jsonl", "\n".join(labeled[:12]))
+    doc = _doc(f"s3://{bucket}/runs", name="byo")
+    doc["spec"]["data"] = {"logs": c.uri("logs/"), "evalSet": c.uri("eval.jsonl"), "sftSeed": c.uri("sft.jsonl"),
+                           "format": "jsonl"}
+    runner.run_local(spec.parse_run(doc), out=io.StringIO())
+    st = Storage(f"s3://{bucket}/runs/byo")
+    m = st.read_json(f"data/{MANIFEST}")["metrics"]
+    assert m["logs"] == {"rows_in": 20, "rows_written": 18, "rows_quarantined": 2}
+    assert m["eval"] == {"rows_in": 31, "rows_written": 30, "rows_quarantined": 1}
+    q = [json.loads(l) for l in st.read_text("data/quarantine/logs.jsonl").splitlines()]
+    assert sorted((Path(x["source"]).name, x["row"]) for x in q) == [("day1.jsonl", 4), ("day1.jsonl", 8)]
+    assert any("service_price_level" in x["reason"] for x in q)
+    assert st.list("data/logs") == ["data/logs/part-00000.jsonl", "data/logs/part-00001.jsonl"]
+
+
+def test_cli_refuses_unavailable_stages_before_doing_anything(tmp_path):
+    f = _write(tmp_path, minimal_doc(storage={"uri": str(tmp_path / "store")}))
+    proc = _cli("run", str(f))
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert "not available in this version" in out and "teacher-dapt" in out
+    assert not (tmp_path / "store").exists()

@@ -1,0 +1,44 @@
+"""Storage against a real S3 server (SeaweedFS), as the stages use it in a cluster."""
+
+import pytest
+
+from kubedistill.storage import Storage, StorageError
+
+pytestmark = pytest.mark.s3
+
+
+def test_s3_roundtrip_list_delete(bucket):
+    st = Storage(f"s3://{bucket}/runs/r1")
+    st.write_json("data/_SUCCESS.json", {"ok": True})
+    st.write_bytes("data/logs/part-00000.parquet", b"PAR1")
+    assert st.read_json("data/_SUCCESS.json") == {"ok": True}
+    assert st.list("data") == ["data/_SUCCESS.json", "data/logs/part-00000.parquet"]
+    assert st.exists("data/logs/part-00000.parquet")
+    assert not st.exists("data/missing")
+    st.delete("data/logs")
+    assert st.list("data") == ["data/_SUCCESS.json"]
+    with pytest.raises(FileNotFoundError):
+        st.read_bytes("data/logs/part-00000.parquet")
+
+
+def test_endpoint_from_spec_overrides_environment(bucket, s3_env, monkeypatch):
+    from kubedistill.storage import S3Options
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    st = Storage(f"s3://{bucket}/x", S3Options.from_env(endpoint=s3_env.endpoint))
+    st.check_writable()
+
+
+def test_wrong_credentials_are_rejected_with_a_hint(bucket, monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
+    with pytest.raises(StorageError, match="AWS_ACCESS_KEY_ID"):
+        Storage(f"s3://{bucket}/x").check_writable()
+
+
+def test_unreachable_endpoint_says_so(monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with pytest.raises(StorageError, match="endpoint"):
+        Storage("s3://bucket/x").check_writable()

@@ -1,0 +1,53 @@
+import textwrap
+
+import pytest
+
+from kubedistill import cli, crd
+from tests.conftest import SAMPLES
+
+
+def test_validate_ok(capsys):
+    assert cli.main(["validate", str(SAMPLES / "quickstart.yaml")]) == 0
+    assert "DistillationRun quickstart is valid" in capsys.readouterr().out
+
+
+def test_validate_reports_every_problem_and_exits_nonzero(tmp_path, capsys):
+    f = tmp_path / "bad.yaml"
+    f.write_text(textwrap.dedent("""
+        apiVersion: kubedistill.io/v1alpha1
+        kind: DistillationRun
+        metadata: {name: bad}
+        spec:
+          storage: {uri: ./runs}
+          labels: [only-one]
+          evaluation: {minMacroF1: 1.5}
+          serving: {replicas: {min: 1, max: 0}}
+        """))
+    assert cli.main(["validate", str(f)]) == 2
+    err = capsys.readouterr().err
+    assert "3 problem(s)" in err
+    for path in ("spec.labels:", "spec.evaluation.minMacroF1:", "spec.serving.replicas.max:"):
+        assert path in err
+
+
+def test_plan_and_crd(capsys):
+    assert cli.main(["plan", str(SAMPLES / "quickstart.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "1. data" in out and "2. evaluate" in out and "disabled: teacher-dapt" in out
+    assert cli.main(["crd"]) == 0
+    assert capsys.readouterr().out == crd.render_yaml()
+
+
+@pytest.mark.parametrize("command", list(cli.EXAMPLES))
+def test_every_command_has_help_with_an_example(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main([command, "--help"])
+    assert e.value.code == 0
+    assert f"kubedistill {command}" in capsys.readouterr().out
+
+
+def test_status_before_any_run(tmp_path, capsys):
+    f = tmp_path / "r.yaml"
+    f.write_text((SAMPLES / "quickstart.yaml").read_text().replace("uri: ./runs", f"uri: {tmp_path}/store"))
+    assert cli.main(["status", str(f)]) == 1
+    assert "no status in storage yet" in capsys.readouterr().out

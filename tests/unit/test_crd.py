@@ -1,0 +1,143 @@
+"""The CRD is generated from the spec models; the committed copy must match, be structural, and agree
+with pydantic on what is valid (schema and CEL rules)."""
+
+import copy
+
+import celpy
+import jsonschema
+import pytest
+import yaml
+
+from kubedistill import crd, spec
+from tests.conftest import ROOT, SAMPLES, minimal_doc
+
+COMMITTED = ROOT / "manifests" / "crds" / "kubedistill.io_distillationruns.yaml"
+
+
+def test_committed_crd_matches_generated():
+    assert COMMITTED.read_text() == crd.render_yaml(), "regenerate with: kubedistill crd > " + str(COMMITTED.relative_to(ROOT))
+
+
+def _walk(node, path="$"):
+    if isinstance(node, dict):
+        yield path, node
+        for k, v in node.items():
+            yield from _walk(v, f"{path}.{k}")
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _walk(v, f"{path}[{i}]")
+
+
+def _version():
+    return crd.generate()["spec"]["versions"][0]
+
+
+def test_schema_is_structural():
+    schema = _version()["schema"]["openAPIV3Schema"]
+    for path, node in _walk(schema):
+        for banned in ("$ref", "$defs", "anyOf", "oneOf", "allOf", "title", "const"):
+            assert banned not in node, f"{banned} at {path}"
+        if node.get("additionalProperties") is False:
+            pytest.fail(f"additionalProperties: false at {path}")
+        if "properties" in node and not path.endswith(".properties"):
+            assert node.get("type") == "object", path
+        for key in ("exclusiveMinimum", "exclusiveMaximum"):
+            if key in node:
+                assert node[key] is True, f"{key} must be a boolean (OpenAPI 3.0) at {path}"
+
+
+def test_names_printer_columns_and_status_subresource():
+    doc = crd.generate()
+    names = doc["spec"]["names"]
+    assert (doc["spec"]["group"], names["kind"], names["shortNames"]) == ("kubedistill.io", "DistillationRun", ["dr"])
+    v = _version()
+    assert v["name"] == "v1alpha1" and v["subresources"] == {"status": {}}
+    assert [c["name"] for c in v["additionalPrinterColumns"]] == ["Phase", "Stage", "Age"]
+    status = v["schema"]["openAPIV3Schema"]["properties"]["status"]
+    metrics = status["properties"]["stages"]["items"]["properties"]["metrics"]
+    assert metrics["x-kubernetes-preserve-unknown-fields"] is True
+
+
+def _to_draft4(node):
+    """OpenAPI 3.0 `nullable` -> JSON Schema; x-kubernetes-* extensions dropped."""
+    if isinstance(node, list):
+        return [_to_draft4(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _to_draft4(v) for k, v in node.items() if not k.startswith("x-kubernetes")}
+    if out.pop("nullable", False) and "type" in out:
+        out["type"] = [out["type"], "null"]
+        if "enum" in out:
+            out["enum"] = out["enum"] + [None]
+    return out
+
+
+def _validator():
+    return jsonschema.Draft4Validator(_to_draft4(_version()["schema"]["openAPIV3Schema"]))
+
+
+def test_samples_pass_the_crd_schema():
+    for f in sorted(SAMPLES.glob("*.yaml")):
+        for doc in yaml.safe_load_all(f.read_text()):
+            errors = list(_validator().iter_errors(doc))
+            assert not errors, (f.name, [e.message for e in errors])
+
+
+@pytest.mark.parametrize(
+    "patch",
+    [
+        {"labels": ["one"]},
+        {"annotation": {"engine": "tensorrt"}},
+        {"pruning": {"targetRatio": 1.0}},
+        {"teacher": {"dpo": {"beta": 0}}},
+        {"student": {"objective": "mse"}},
+    ],
+)
+def test_crd_schema_and_pydantic_agree_on_invalid_values(patch):
+    doc = minimal_doc(**patch)
+    assert list(_validator().iter_errors(doc)), "CRD schema accepted it"
+    with pytest.raises(spec.SpecError):
+        spec.parse_run(doc)
+
+
+def _cel_rules(schema, path=()):
+    for rule in schema.get("x-kubernetes-validations", []):
+        yield path, rule
+    for name, sub in schema.get("properties", {}).items():
+        yield from _cel_rules(sub, path + (name,))
+
+
+def _eval_rules(doc):
+    """Evaluate every CEL rule of the CRD against `doc`, as the API server would; return failures."""
+    env = celpy.Environment()
+    failures = []
+    for path, rule in _cel_rules(_version()["schema"]["openAPIV3Schema"]):
+        node = doc
+        for p in path:
+            if not isinstance(node, dict) or p not in node:
+                node = None
+                break
+            node = node[p]
+        if node is None:
+            continue
+        ok = env.program(env.compile(rule["rule"])).evaluate({"self": celpy.json_to_cel(node)})
+        if not ok:
+            failures.append(rule["message"])
+    return failures
+
+
+def test_cel_rules_compile_and_match_pydantic():
+    rules = list(_cel_rules(_version()["schema"]["openAPIV3Schema"]))
+    assert len(rules) >= 3
+    good = minimal_doc(serving={"replicas": {"min": 1, "max": 2}})
+    assert _eval_rules(good) == []
+    spec.parse_run(good)
+    cases = [
+        (minimal_doc(serving={"replicas": {"min": 3, "max": 2}}), "min must be <= max"),
+        (minimal_doc(annotation={"replicas": {"min": 5, "max": 1}}), "min must be <= max"),
+        (minimal_doc(serving={"enabled": True}, student={"enabled": False}), "serving.enabled requires student.enabled"),
+    ]
+    for doc, message in cases:
+        assert message in _eval_rules(copy.deepcopy(doc))
+        with pytest.raises(spec.SpecError):
+            spec.parse_run(doc)

@@ -1,0 +1,115 @@
+import json
+
+import pytest
+
+from kubedistill import data
+from kubedistill.data import Intent, Service, judge
+from kubedistill.storage import Storage
+
+LABELS = ["irrelevant", "partial", "relevant"]
+
+
+def _svc(**kw):
+    base = dict(id="s1", title="Sakura Sushi", category="japanese restaurant", district="Riverside", price_level=2,
+                tags=("sushi", "ramen"), description="", theme=None)
+    return Service(**{**base, **kw})
+
+
+def test_oracle_relevant_when_item_and_constraints_match():
+    j = judge(Intent("sushi", district="Riverside", max_price=2), _svc())
+    assert j.grade == 1.0 and "offers sushi and meets every constraint" in j.reasoning
+
+
+def test_oracle_sushi_themed_bar_is_irrelevant_despite_overlap():
+    bar = _svc(title="Jade Sushi Bar", category="bar", tags=("cocktails", "sake"), theme="Sushi")
+    j = judge(Intent("sushi"), bar)
+    assert j.grade == 0.0 and "misleading" in j.reasoning and "Sushi" in j.reasoning
+
+
+def test_oracle_right_dish_wrong_district_is_partial():
+    j = judge(Intent("sushi", district="Harbor"), _svc())
+    assert j.grade == 0.5 and "in Riverside, not Harbor" in j.reasoning
+
+
+def test_oracle_over_budget_is_partial_and_both_misses_irrelevant():
+    assert judge(Intent("sushi", max_price=1), _svc()).grade == 0.5
+    j = judge(Intent("sushi", district="Harbor", max_price=1), _svc())
+    assert j.grade == 0.0 and "over the budget" in j.reasoning
+
+
+def test_oracle_same_kind_without_the_item_is_partial():
+    j = judge(Intent("pizza"), _svc())  # a restaurant, but no pizza
+    assert j.grade == 0.5 and "does not offer pizza" in j.reasoning
+    assert judge(Intent("car wash"), _svc()).grade == 0.0
+
+
+@pytest.mark.parametrize("grade, labels, want", [
+    (0.0, LABELS, "irrelevant"), (0.5, LABELS, "partial"), (1.0, LABELS, "relevant"),
+    (0.0, ["no", "yes"], "no"), (0.5, ["no", "yes"], "yes"), (1.0, ["a", "b", "c", "d", "e"], "e"),
+])
+def test_grade_to_label(grade, labels, want):
+    assert data.grade_to_label(grade, labels) == want
+
+
+def test_generator_is_deterministic_disjoint_and_has_hard_cases():
+    a = data.generate(LABELS, 200, 150, 5, 100, 150, seed=3)
+    b = data.generate(LABELS, 200, 150, 5, 100, 150, seed=3)
+    assert a.eval == b.eval and a.log == b.log
+    assert (len(a.log), len(a.sft), len(a.eval)) == (750, 100, 150)
+    ids = [set(r["pair_id"] for r in rows) for rows in (a.labeled, a.sft, a.eval)]
+    assert not (ids[0] & ids[1]) and not (ids[0] & ids[2]) and not (ids[1] & ids[2])
+    assert set(data.LOG_COLUMNS) == set(a.log[0]) and "label" not in a.log[0]
+    assert set(data.LABELED_COLUMNS) == set(a.eval[0])
+    assert set(data.label_counts(a.labeled)) == set(LABELS)
+    reasons = " ".join(r["reasoning"] for r in a.labeled)
+    assert "misleading" in reasons and ", not " in reasons and "over the budget" in reasons
+    assert any(q in {r["query"] for r in a.labeled} for q in ("raw fish", "hot pot", "pool")) or any(
+        any(alt in r["query"] for alts in data.SYNONYMS.values() for alt in alts) for r in a.labeled)
+    assert len(a.corpus) > 200 and all(isinstance(c["text"], str) for c in a.corpus)
+
+
+def test_validate_row_names_the_field():
+    good = {"query": "sushi", "service_id": "s1", "service_title": "Sakura"}
+    out = data.validate_row(good, None, False)
+    assert out["pair_id"] == data.pair_id("sushi", "s1") and out["service_tags"] == []
+    cases = [
+        ({**good, "query": ""}, "field 'query': required"),
+        ({**good, "service_price_level": 7}, "field 'service_price_level'"),
+        ({**good, "service_tags": "sushi"}, "field 'service_tags': expected a list"),
+        ({**good, "service_title": 3}, "field 'service_title': expected a string"),
+    ]
+    for row, msg in cases:
+        with pytest.raises(data.RowError, match=msg):
+            data.validate_row(row, None, False)
+    with pytest.raises(data.RowError, match=r"field 'label': expected one of"):
+        data.validate_row({**good, "label": "great"}, LABELS, False)
+    with pytest.raises(data.RowError, match=r"field 'reasoning': required"):
+        data.validate_row({**good, "label": "partial"}, LABELS, True)
+
+
+def test_ingest_file_quarantines_bad_rows_and_counts_add_up(tmp_path):
+    rows = [
+        {"query": "sushi", "service_id": "s1", "service_title": "A", "label": "relevant", "reasoning": "r"},
+        "not json at all",
+        {"query": "ramen", "service_id": "s2", "service_title": "B", "label": "wonderful", "reasoning": "r"},
+        [1, 2],
+        {"query": "pizza", "service_id": "s3", "service_title": "C", "label": "partial", "reasoning": "r"},
+    ]
+    text = "\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n\n"
+    (tmp_path / "eval.jsonl").write_text(text)
+    good, bad, total = data.ingest_file(Storage(str(tmp_path)), "eval.jsonl", LABELS, True)
+    assert total == 5 and len(good) == 2 and len(bad) == 3
+    assert [(b["row"], b["reason"].split(":")[0]) for b in bad] == [(2, "not valid JSON (Expecting value)"),
+                                                                   (3, "field 'label'"), (4, "expected a JSON object, got list")]
+
+
+def test_write_and_read_dataset_roundtrip_both_formats(tmp_path):
+    gen = data.generate(LABELS, 50, 30, 4, 10, 20, seed=1)
+    for fmt in ("parquet", "jsonl"):
+        st = Storage(str(tmp_path / fmt))
+        files = data.write_dataset(st, "logs", gen.log, fmt, shards=3)
+        assert len(files) == 3 and all(f.endswith(fmt) for f in files)
+        back = data.read_dataset(st.child("logs"))
+        assert back == gen.log
+        per = -(-len(gen.log) // 3)
+        assert data.read_dataset(st.child(f"logs/part-00000.{fmt}")) == gen.log[:per]  # a single file works too

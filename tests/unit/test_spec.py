@@ -1,0 +1,122 @@
+import textwrap
+
+import pytest
+
+from kubedistill import spec
+from tests.conftest import SAMPLES, minimal_doc
+
+
+def test_minimal_resource_is_valid_and_enables_everything():
+    run = spec.parse_run(minimal_doc())
+    s = run.spec
+    assert s.labels == ["irrelevant", "partial", "relevant"]
+    assert s.teacher.enabled and s.annotation.enabled and s.student.enabled
+    assert s.pruning.enabled and s.serving.enabled
+    assert s.student.objective == "crsd"
+    assert s.serving.replicas.min == 1 and s.serving.replicas.max == 4
+
+
+def test_storage_is_required():
+    doc = minimal_doc()
+    del doc["spec"]["storage"]
+    with pytest.raises(spec.SpecError) as e:
+        spec.parse_run(doc)
+    assert [str(p) for p in e.value.problems] == ["spec.storage: Field required"]
+
+
+def test_three_mistakes_are_all_reported_with_field_paths(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text(textwrap.dedent("""
+        apiVersion: kubedistill.io/v1alpha1
+        kind: DistillationRun
+        metadata: {name: bad}
+        spec:
+          storage: {uri: ./runs}
+          teacher:
+            dpo: {beta: -1}
+          annotation:
+            replicas: {min: 1, max: 2}
+            engine: tensorrt
+          student:
+            crsd: {temprature: 0.1}
+        """))
+    with pytest.raises(spec.SpecError) as e:
+        spec.load_runs(f)
+    paths = [p.path for p in e.value.problems]
+    assert paths == ["spec.teacher.dpo.beta", "spec.annotation.engine", "spec.student.crsd.temprature"]
+    text = str(e.value)
+    assert "greater than 0" in text and "tensorrt" in text and "unknown field" in text
+
+
+def test_unknown_top_level_and_nested_fields_are_errors():
+    with pytest.raises(spec.SpecError) as e:
+        spec.parse_run(minimal_doc(extra=1, serving={"enabled": True, "replcas": {}}))
+    assert {p.path for p in e.value.problems} == {"spec.extra", "spec.serving.replcas"}
+
+
+@pytest.mark.parametrize(
+    "patch, path",
+    [
+        ({"labels": ["only"]}, "spec.labels"),
+        ({"labels": ["a", "a"]}, "spec.labels"),
+        ({"labels": ["Bad Label", "ok"]}, "spec.labels"),
+        ({"teacher": {"rewardModel": {"dimensions": {"label": 1, "fluency": 1}}}}, "spec.teacher.rewardModel.dimensions"),
+        ({"pruning": {"targetRatio": 1.0}}, "spec.pruning.targetRatio"),
+        ({"serving": {"replicas": {"min": 3, "max": 2}}}, "spec.serving.replicas.min"),
+        ({"serving": {"enabled": True}, "student": {"enabled": False}}, "spec.serving.enabled"),
+        ({"teacher": {"enabled": False}, "pruning": {"enabled": False}}, "spec.annotation.model"),
+        ({"data": {"logs": "s3://b/logs/"}}, "spec.data.evalSet"),
+    ],
+)
+def test_invalid_values_name_their_field(patch, path):
+    with pytest.raises(spec.SpecError) as e:
+        spec.parse_run(minimal_doc(**patch))
+    assert path in [p.path for p in e.value.problems], e.value.problems
+
+
+def test_bad_name_and_kind():
+    doc = minimal_doc()
+    doc["metadata"]["name"] = "Not_A_Name"
+    doc["kind"] = "RayJob"
+    with pytest.raises(spec.SpecError) as e:
+        spec.parse_run(doc)
+    assert {p.path for p in e.value.problems} == {"kind", "metadata.name"}
+
+
+def test_yaml_errors_and_non_mappings(tmp_path):
+    f = tmp_path / "x.yaml"
+    f.write_text("spec: [unclosed")
+    with pytest.raises(spec.SpecError, match="<yaml>"):
+        spec.load_runs(f)
+    f.write_text("- a\n- b\n")
+    with pytest.raises(spec.SpecError, match="expected a mapping"):
+        spec.load_runs(f)
+    with pytest.raises(spec.SpecError, match="cannot read"):
+        spec.load_runs(tmp_path / "missing.yaml")
+
+
+def test_multi_document_file_prefixes_problems(tmp_path):
+    import yaml
+
+    bad = minimal_doc(labels=["x"])
+    f = tmp_path / "two.yaml"
+    f.write_text(yaml.safe_dump_all([minimal_doc(), bad]))
+    with pytest.raises(spec.SpecError) as e:
+        spec.load_runs(f)
+    assert [p.path for p in e.value.problems] == ["[document 1] spec.labels"]
+
+
+def test_every_sample_validates():
+    samples = sorted(SAMPLES.glob("*.yaml"))
+    assert samples
+    for f in samples:
+        assert spec.load_runs(f)
+
+
+def test_relative_local_paths_are_resolved(tmp_path):
+    run = spec.parse_run(minimal_doc(storage={"uri": "runs"}, data={"logs": "logs/", "evalSet": "s3://b/e.jsonl",
+                                                                      "sftSeed": "sft.jsonl"}))
+    fixed = spec.with_absolute_paths(run, tmp_path)
+    assert fixed.spec.storage.uri == str(tmp_path / "runs")
+    assert fixed.spec.data.logs == str(tmp_path / "logs")
+    assert fixed.spec.data.eval_set == "s3://b/e.jsonl"
