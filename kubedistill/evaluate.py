@@ -206,7 +206,16 @@ def run_stage(ctx: Any) -> dict[str, Any]:
     train_rows = read_dataset(data.child(train_name))
     ctx.log(f"baseline: BM25 features + logistic regression on {len(train_rows)} '{train_name}' rows")
     baseline = LexicalBaseline(labels).fit(train_rows)
-    results = {"baseline": classification_metrics([r["label"] for r in eval_rows], baseline.predict_proba(eval_rows), labels)}
+    truth = [r["label"] for r in eval_rows]
+    results = {"baseline": classification_metrics(truth, baseline.predict_proba(eval_rows), labels)}
+    if "student-crsd" in ctx.config["inputs"]:
+        from kubedistill.student import load_student
+
+        student = load_student(ctx.input("student-crsd").uri("model"), ctx.storage.options)
+        if student.labels != labels:
+            raise ValueError(f"the student was trained on labels {student.labels}, spec.labels is {labels}")
+        results["student"] = classification_metrics(truth, student.predict_proba(eval_rows), labels)
+        results["student"]["objective"] = student.meta["objective"]
     for name, m in results.items():
         auc = "n/a" if m["auc_ovr"] is None else f"{m['auc_ovr']:.4f}"
         ctx.log(f"{name}: accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  AUC {auc}  (n={m['n']})")

@@ -28,7 +28,7 @@ STAGE_ORDER: tuple[str, ...] = (
 )
 
 #: Stages this version can execute. The others are planned and listed but refuse to run.
-IMPLEMENTED: frozenset[str] = frozenset({"data", "evaluate"})
+IMPLEMENTED: frozenset[str] = frozenset({"data", "student-crsd", "evaluate"})
 
 #: Dotted spec paths (camelCase, as on the wire) each stage's config carries.
 _READS: dict[str, tuple[str, ...]] = {

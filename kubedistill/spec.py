@@ -170,7 +170,14 @@ class CrsdSpec(_Model):
     align_weight: float = Field(default=1.0, ge=0)
     contrast_weight: float = Field(default=1.0, ge=0)
     temperature: float = Field(default=0.05, gt=0)
-    stop_gradient: bool = Field(default=True, description="Treat the reasoning view as a fixed teacher.")
+    stop_gradient: bool = Field(
+        default=True, description="No gradient through the reasoning view in the alignment terms."
+    )
+    teacher_grad: bool = Field(
+        default=True,
+        description="Backpropagate the reasoning view's cross-entropy into the encoder. false: that view is "
+        "encoded forward-only (its CE trains the classifier alone), which makes a CRSD step much cheaper.",
+    )
 
 
 class StudentSpec(_Model):
@@ -179,7 +186,15 @@ class StudentSpec(_Model):
     objective: Literal["ce", "kd", "crsd"] = "crsd"
     crsd: CrsdSpec = Field(default_factory=CrsdSpec)
     train: TrainSpec = Field(default_factory=lambda: TrainSpec(epochs=3, learning_rate=5e-5, batch_size=32))
-    max_length: int = Field(default=128, ge=16, le=4096)
+    max_length: int = Field(default=128, ge=16, le=4096, description="Tokens of the standard (query, service) input.")
+    max_reasoning_tokens: int = Field(default=64, ge=1, le=4096, description="Reasoning tokens kept in the CRSD view.")
+    kd_temperature: float = Field(default=2.0, gt=0, description="Softmax temperature of the kd objective.")
+    validation_fraction: float = Field(
+        default=0.1, gt=0, lt=1, description="Queries held out of training for early stopping."
+    )
+    patience: int = Field(default=2, ge=1, description="Evaluations without improvement before stopping early.")
+    seed: int = Field(default=0, ge=0)
+    max_failures: int = Field(default=2, ge=0, description="Worker failures Ray Train recovers from by checkpoint.")
     resources: Resources = Field(default_factory=Resources)
 
 

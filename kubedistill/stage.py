@@ -84,6 +84,10 @@ class StageContext:
         return self.config["stage"]
 
     @property
+    def config_hash(self) -> str:
+        return config_hash(self.config)
+
+    @property
     def spec(self) -> dict[str, Any]:
         return self.config["spec"]
 

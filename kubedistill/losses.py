@@ -1,0 +1,75 @@
+"""Student losses, one small function each.
+
+CRSD, Contrastive Reasoning Self-Distillation (arXiv 2510.11056, "From Reasoning LLMs to BERT",
+Figure 3): one shared encoder and classifier see each pair twice, as the standard input (query,
+service) -> [CLS] vector `h`, logits `p_s`, and as the reasoning-augmented input (query, service,
+reasoning) -> `r`, `p_t`. The augmented view plays the teacher.
+
+    L = CE(p_s, y) + CE(p_t, y) + align_weight * L_align(h, r) + contrast_weight * L_batch(h, r)
+
+Details the paper leaves open, chosen here and configurable through `spec.student.crsd`:
+- L_align is the cosine distance 1 - cos(h_i, r_i) (scale-free, so it does not fight the classifier);
+- L_batch is one-directional InfoNCE over cosine similarities {h} x {r} / temperature;
+- the reasoning view is stop-gradient inside both alignment terms by default (a fixed teacher for
+  them; it still learns through its own cross-entropy).
+
+`kd_loss` is the classic soft-target baseline (Hinton et al. 2015), not CRSD.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def ce_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of logits (n, k) against integer labels (n,): L_sce / L_tce in the paper."""
+    return F.cross_entropy(logits, labels)
+
+
+def align_loss(h: torch.Tensor, r: torch.Tensor, stop_gradient: bool = True) -> torch.Tensor:
+    """L_align: mean cosine distance pulling each standard [CLS] vector toward its reasoning view."""
+    target = r.detach() if stop_gradient else r
+    return (1.0 - F.cosine_similarity(h, target, dim=-1)).mean()
+
+
+def batch_contrastive_loss(
+    h: torch.Tensor, r: torch.Tensor, temperature: float, stop_gradient: bool = True
+) -> torch.Tensor:
+    """L_batch-align: InfoNCE over the n x n cosine-similarity matrix of {h_i} against {r_j}.
+
+    Row i's positive is r_i (the diagonal); the other pairs' reasoning views are in-batch negatives.
+    """
+    if temperature <= 0:
+        raise ValueError("temperature must be > 0")
+    target = r.detach() if stop_gradient else r
+    sim = F.normalize(h, dim=-1) @ F.normalize(target, dim=-1).T / temperature
+    return F.cross_entropy(sim, torch.arange(h.shape[0], device=h.device))
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Soft-target distillation: T^2 * KL(teacher || softmax(student / T)), batch mean."""
+    log_p = F.log_softmax(student_logits / temperature, dim=-1)
+    return F.kl_div(log_p, teacher_probs, reduction="batchmean") * temperature**2
+
+
+def crsd_loss(
+    logits_s: torch.Tensor,
+    logits_t: torch.Tensor,
+    h: torch.Tensor,
+    r: torch.Tensor,
+    labels: torch.Tensor,
+    align_weight: float,
+    contrast_weight: float,
+    temperature: float,
+    stop_gradient: bool = True,
+) -> dict[str, torch.Tensor]:
+    """The CRSD objective and its terms (for logging)."""
+    terms = {
+        "sce": ce_loss(logits_s, labels),
+        "tce": ce_loss(logits_t, labels),
+        "align": align_loss(h, r, stop_gradient),
+        "contrast": batch_contrastive_loss(h, r, temperature, stop_gradient),
+    }
+    terms["loss"] = terms["sce"] + terms["tce"] + align_weight * terms["align"] + contrast_weight * terms["contrast"]
+    return terms

@@ -1,0 +1,472 @@
+"""The student: a small encoder + classifier trained with CRSD (or the `ce` / `kd` baselines).
+
+Read top to bottom: the inputs the student sees, the model, one training step per objective, the
+Ray Train loop (DDP workers, checkpoints, resume, early stopping), export and loading of the serving
+artifact, and the `student-crsd` stage. Losses live in `kubedistill.losses`.
+
+At inference only the standard input (query, service) exists: the exported model never needs
+reasoning text.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from kubedistill import losses
+from kubedistill.data import PRICE_SIGNS, read_dataset, write_rows
+from kubedistill.evaluate import classification_metrics
+from kubedistill.models import resolve
+from kubedistill.storage import S3Options, Storage
+
+ARTIFACT_VERSION = 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+
+
+def service_text(row: dict[str, Any]) -> str:
+    """The service side of the standard input, from the log's service fields."""
+    parts = [row.get("service_title") or ""]
+    for key in ("service_category", "service_district"):
+        if row.get(key):
+            parts.append(row[key])
+    if row.get("service_price_level"):
+        parts.append(PRICE_SIGNS.get(int(row["service_price_level"]), ""))
+    if row.get("service_tags"):
+        parts.append("offers " + ", ".join(row["service_tags"]))
+    if row.get("service_description"):
+        parts.append(row["service_description"])
+    return " | ".join(p for p in parts if p)
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    labels: list[str]
+    base_model: str
+    objective: str = "crsd"
+    align_weight: float = 1.0
+    contrast_weight: float = 1.0
+    temperature: float = 0.05
+    stop_gradient: bool = True
+    teacher_grad: bool = True
+    kd_temperature: float = 2.0
+    epochs: float = 3
+    learning_rate: float = 5e-5
+    batch_size: int = 32
+    max_steps: int | None = None
+    max_length: int = 128
+    max_reasoning_tokens: int = 64
+    patience: int = 2
+    seed: int = 0
+
+    @classmethod
+    def from_spec(cls, student: dict[str, Any], labels: list[str]) -> "StudentConfig":
+        c, t = student["crsd"], student["train"]
+        return cls(
+            labels=labels, base_model=student["baseModel"], objective=student["objective"],
+            align_weight=c["alignWeight"], contrast_weight=c["contrastWeight"], temperature=c["temperature"],
+            stop_gradient=c["stopGradient"], teacher_grad=c["teacherGrad"], kd_temperature=student["kdTemperature"], epochs=t["epochs"],
+            learning_rate=t["learningRate"], batch_size=t["batchSize"], max_steps=t["maxSteps"],
+            max_length=student["maxLength"], max_reasoning_tokens=student["maxReasoningTokens"],
+            patience=student["patience"], seed=student["seed"],
+        )
+
+
+def check_rows(rows: list[dict[str, Any]], cfg: StudentConfig, what: str) -> None:
+    """Refuse data the objective cannot train on, naming what is missing."""
+    if not rows:
+        raise ValueError(f"{what}: the training set is empty")
+    unknown = sorted({str(r.get("label")) for r in rows} - set(cfg.labels))
+    if unknown:
+        raise ValueError(f"{what}: label(s) {unknown} are not in spec.labels {cfg.labels}")
+    if cfg.objective == "crsd":
+        missing = sum(1 for r in rows if not (r.get("reasoning") or "").strip())
+        if missing:
+            raise ValueError(f"{what}: {missing} row(s) have no 'reasoning'; objective crsd needs a reasoning chain per pair")
+    if cfg.objective == "kd":
+        bad = sum(1 for r in rows if not isinstance(r.get("label_probs"), (list, tuple)) or len(r["label_probs"]) != len(cfg.labels))
+        if bad:
+            raise ValueError(
+                f"{what}: {bad} row(s) lack 'label_probs' (the teacher's distribution over {len(cfg.labels)} labels); "
+                "objective kd needs it: use annotations that provide it, or objective ce/crsd"
+            )
+
+
+class Encoded:
+    """Tokenized standard (and, for CRSD, reasoning-augmented) inputs for a list of rows."""
+
+    def __init__(self, tokenizer: Any, rows: list[dict[str, Any]], cfg: StudentConfig, with_reasoning: bool):
+        queries = [r["query"] for r in rows]
+        services = [service_text(r) for r in rows]
+        self.standard = tokenizer(queries, services, truncation="only_second", max_length=cfg.max_length,
+                                  padding=True, return_tensors="pt")
+        self.reasoning = None
+        if with_reasoning:
+            # the reasoning chain, capped at max_reasoning_tokens, goes after the service text
+            capped = [tokenizer.convert_tokens_to_string(tokenizer.tokenize(r.get("reasoning") or "")[: cfg.max_reasoning_tokens])
+                      for r in rows]
+            second = [f"{s} {tokenizer.sep_token} {c}" for s, c in zip(services, capped)]
+            self.reasoning = tokenizer(queries, second, truncation="only_second",
+                                       max_length=cfg.max_length + cfg.max_reasoning_tokens, padding=True,
+                                       return_tensors="pt")
+        self.labels = torch.tensor([cfg.labels.index(r["label"]) for r in rows]) if "label" in rows[0] else None
+        self.soft = (torch.tensor([r["label_probs"] for r in rows], dtype=torch.float32)
+                     if cfg.objective == "kd" and "label_probs" in rows[0] else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+
+
+class RelevanceStudent(nn.Module):
+    """Encoder -> [CLS] vector -> dropout -> linear classifier over the relevance labels.
+
+    `forward(standard, reasoning=None)` runs both views in one call, so DDP sees one forward per
+    backward even though CRSD encodes each pair twice.
+    """
+
+    def __init__(self, encoder: nn.Module, n_labels: int, dropout: float = 0.1):
+        super().__init__()
+        if getattr(encoder, "pooler", None) is not None:
+            encoder.pooler = None  # [CLS] pooling reads the last hidden state; an unused pooler breaks DDP
+        self.encoder = encoder
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(encoder.config.hidden_size, n_labels)
+
+    def encode(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        cls = self.encoder(**batch).last_hidden_state[:, 0]
+        return cls, self.classifier(self.dropout(cls))
+
+    def forward(self, standard: dict[str, torch.Tensor], reasoning: dict[str, torch.Tensor] | None = None,
+                reasoning_grad: bool = True):  # type: ignore[no-untyped-def]
+        h, logits_s = self.encode(standard)
+        if reasoning is None:
+            return h, logits_s, None, None
+        if reasoning_grad:
+            r, logits_t = self.encode(reasoning)
+        else:  # the reasoning view as a frozen-encoder teacher: forward only; its CE trains the head
+            with torch.no_grad():
+                r = self.encoder(**reasoning).last_hidden_state[:, 0]
+            logits_t = self.classifier(self.dropout(r))
+        return h, logits_s, r, logits_t
+
+
+def build_model(cfg: StudentConfig, options: S3Options | None = None) -> tuple[RelevanceStudent, Any]:
+    from transformers import AutoModel, AutoTokenizer
+
+    path = resolve(cfg.base_model, "spec.student.baseModel", options)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        encoder = AutoModel.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"spec.student.baseModel: cannot load {cfg.base_model!r}: {e}") from e
+    return RelevanceStudent(encoder, len(cfg.labels)), tokenizer
+
+
+def _slice(batch: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Rows `idx` of a padded batch, trimmed to their longest real sequence."""
+    out = {k: v[idx] for k, v in batch.items()}
+    width = int(out["attention_mask"].sum(dim=1).max())
+    return {k: v[:, :width] for k, v in out.items()}
+
+
+def loss_terms(model: nn.Module, enc: Encoded, idx: torch.Tensor, cfg: StudentConfig) -> dict[str, torch.Tensor]:
+    """One step's loss (and its terms) for the configured objective."""
+    assert enc.labels is not None
+    y = enc.labels[idx]
+    if cfg.objective == "crsd":
+        assert enc.reasoning is not None
+        h, logits_s, r, logits_t = model(_slice(enc.standard, idx), _slice(enc.reasoning, idx),
+                                         reasoning_grad=cfg.teacher_grad)
+        return losses.crsd_loss(logits_s, logits_t, h, r, y, cfg.align_weight, cfg.contrast_weight,
+                                cfg.temperature, cfg.stop_gradient)
+    _, logits_s, _, _ = model(_slice(enc.standard, idx))
+    terms = {"sce": losses.ce_loss(logits_s, y)}
+    if cfg.objective == "kd":
+        assert enc.soft is not None
+        terms["kd"] = losses.kd_loss(logits_s, enc.soft[idx], cfg.kd_temperature)
+        terms["loss"] = 0.5 * terms["sce"] + 0.5 * terms["kd"]
+    else:
+        terms["loss"] = terms["sce"]
+    return terms
+
+
+@torch.no_grad()
+def predict_proba(model: RelevanceStudent, tokenizer: Any, rows: list[dict[str, Any]], max_length: int,
+                  batch_size: int = 64) -> np.ndarray:
+    """Class probabilities from the standard input only (what serving sees)."""
+    model.eval()
+    out = []
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i : i + batch_size]
+        batch = tokenizer([r["query"] for r in chunk], [service_text(r) for r in chunk], truncation="only_second",
+                          max_length=max_length, padding=True, return_tensors="pt")
+        _, logits, _, _ = model(dict(batch))
+        out.append(torch.softmax(logits.float(), dim=-1).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, model.classifier.out_features))
+
+
+# ---------------------------------------------------------------------------------------------
+# Training loop: plain PyTorch, run by every Ray Train worker (and directly by the benchmarks)
+
+
+@dataclass
+class Round:
+    """What `fit` reports after each evaluation round; `checkpoint()` is the resumable state."""
+
+    metrics: dict[str, Any]
+    checkpoint: Callable[[], dict[str, Any]]
+
+
+def fit(
+    cfg: StudentConfig,
+    model: RelevanceStudent,
+    tokenizer: Any,
+    train_rows: list[dict[str, Any]],
+    val_rows: list[dict[str, Any]],
+    *,
+    rank: int = 0,
+    world: int = 1,
+    wrap: Callable[[nn.Module], nn.Module] = lambda m: m,
+    resume: dict[str, Any] | None = None,
+    on_round: Callable[[Round], None] = lambda r: None,
+) -> dict[str, Any]:
+    """Train `model` on this worker's share of `train_rows`; evaluate on `val_rows` once per epoch.
+
+    Early stopping after `cfg.patience` rounds without a better validation macro-F1. Returns the
+    final state (including `best_state`, the weights of the best round). `resume` is a state that
+    `Round.checkpoint()` returned earlier: training continues from its step, mid-epoch included.
+    """
+    torch.manual_seed(cfg.seed)
+    enc = Encoded(tokenizer, train_rows, cfg, with_reasoning=cfg.objective == "crsd")
+    per_worker = max(2, cfg.batch_size // world)
+    steps_per_epoch = max(1, math.ceil(len(train_rows) / (per_worker * world)))
+    total_steps = cfg.max_steps or max(1, int(round(cfg.epochs * steps_per_epoch)))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=0.01)
+    warmup = max(1, total_steps // 10)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total_steps - s) / max(1, total_steps - warmup))))
+    st = {"step": 0, "best_f1": -1.0, "best_step": 0, "bad_rounds": 0, "best_state": None}
+    if resume:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        st = {k: resume[k] for k in st}
+        torch.set_rng_state(resume["rng"])  # the same dropout masks as an uninterrupted run
+    trained = wrap(model)
+
+    def checkpoint() -> dict[str, Any]:
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), **st}
+
+    stopped, metrics = False, {}
+    while st["step"] < total_steps and not stopped:
+        epoch, offset = divmod(st["step"], steps_per_epoch)
+        order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+        trained.train()
+        t0, sums, n = time.monotonic(), {}, 0
+        for b in range(offset, steps_per_epoch):
+            lo = b * per_worker * world + rank * per_worker
+            idx = order[torch.arange(lo, lo + per_worker) % len(order)]  # the last batch wraps around
+            terms = loss_terms(trained, enc, idx, cfg)
+            optimizer.zero_grad()
+            terms["loss"].backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            st["step"] += 1
+            n += 1
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            if st["step"] >= total_steps:
+                break
+        elapsed = time.monotonic() - t0
+        val = classification_metrics([r["label"] for r in val_rows],
+                                     predict_proba(model, tokenizer, val_rows, cfg.max_length), cfg.labels)
+        if val["macro_f1"] > st["best_f1"]:
+            st.update(best_f1=val["macro_f1"], best_step=st["step"], bad_rounds=0,
+                      best_state={k: v.detach().clone() for k, v in model.state_dict().items()})
+        else:
+            st["bad_rounds"] += 1
+        stopped = st["bad_rounds"] >= cfg.patience
+        metrics = {"step": st["step"], "total_steps": total_steps, "epoch": round(st["step"] / steps_per_epoch, 3),
+                   "val_macro_f1": val["macro_f1"], "val_accuracy": val["accuracy"], "val_auc": val["auc_ovr"],
+                   "best_val_macro_f1": st["best_f1"], "best_step": st["best_step"],
+                   "seconds_per_step": elapsed / max(1, n), "stopped_early": stopped,
+                   **{f"train_{k}": v / max(1, n) for k, v in sums.items()}}
+        on_round(Round(metrics, checkpoint))
+    return {**checkpoint(), "metrics": metrics}
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker: DDP-wrapped `fit`, a checkpoint per round, resume from the latest."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = StudentConfig(**config["student"])
+    options = S3Options(**config["s3"])
+    splits = Storage(config["splits_uri"], options)
+    train_rows, val_rows = read_dataset(splits.child("train")), read_dataset(splits.child("val"))
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    model, tokenizer = build_model(cfg, options)
+    resume = None
+    if (ckpt := ray.train.get_checkpoint()) is not None:
+        with ckpt.as_directory() as d:
+            resume = torch.load(Path(d) / "state.pt", weights_only=False)
+        if rank == 0:
+            print(f"[student-crsd] resuming from checkpoint at step {resume['step']}", flush=True)
+
+    def report(r: Round) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            checkpoint = None
+            if rank == 0:
+                torch.save(r.checkpoint(), Path(d) / "state.pt")
+                checkpoint = ray.train.Checkpoint.from_directory(d)
+                m = r.metrics
+                print(f"[student-crsd] step {m['step']}/{m['total_steps']} val macro-F1 {m['val_macro_f1']:.4f} "
+                      f"(best {m['best_val_macro_f1']:.4f} @ {m['best_step']}) loss {m['train_loss']:.4f} "
+                      f"{m['seconds_per_step']:.2f}s/step" + (" - early stop" if m["stopped_early"] else ""), flush=True)
+            ray.train.report(r.metrics, checkpoint=checkpoint)
+
+    fit(cfg, model, tokenizer, train_rows, val_rows, rank=rank, world=ctx.get_world_size(),
+        wrap=ray.train.torch.prepare_model, resume=resume, on_round=report)
+
+
+# ---------------------------------------------------------------------------------------------
+# The serving artifact
+
+
+def export(model: RelevanceStudent, tokenizer: Any, cfg: StudentConfig, out: Storage, extra: dict[str, Any]) -> str:
+    """Write encoder + tokenizer + head + student.json under `out` (the meta file last)."""
+    from safetensors.torch import save as st_save
+
+    with tempfile.TemporaryDirectory() as d:
+        model.encoder.save_pretrained(d)
+        tokenizer.save_pretrained(d)
+        for f in sorted(Path(d).iterdir()):
+            out.write_bytes(f"encoder/{f.name}", f.read_bytes())
+    head = {k: v.contiguous() for k, v in model.classifier.state_dict().items()}
+    out.write_bytes("head.safetensors", st_save(head))
+    meta = {"artifactVersion": ARTIFACT_VERSION, "labels": cfg.labels, "maxLength": cfg.max_length,
+            "pooling": "cls", "objective": cfg.objective, "baseModel": cfg.base_model, **extra}
+    out.write_json("student.json", meta)
+    return out.uri()
+
+
+@dataclass
+class LoadedStudent:
+    model: RelevanceStudent
+    tokenizer: Any
+    meta: dict[str, Any]
+
+    @property
+    def labels(self) -> list[str]:
+        return self.meta["labels"]
+
+    def predict_proba(self, rows: list[dict[str, Any]], batch_size: int = 64) -> np.ndarray:
+        return predict_proba(self.model, self.tokenizer, rows, self.meta["maxLength"], batch_size)
+
+
+def load_student(uri: str, options: S3Options | None = None) -> LoadedStudent:
+    """Load an exported student from a local directory or an s3:// prefix."""
+    from safetensors.torch import load as st_load
+    from transformers import AutoModel, AutoTokenizer
+
+    st = Storage(uri, options)
+    try:
+        meta = st.read_json("student.json")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{uri}: no student.json here; is this a student-crsd model artifact?") from None
+    if meta.get("artifactVersion") != ARTIFACT_VERSION:
+        raise ValueError(f"{uri}: artifact version {meta.get('artifactVersion')} is not supported (want {ARTIFACT_VERSION})")
+    local = Path(tempfile.mkdtemp(prefix="kd-student-"))
+    for rel in st.list("encoder"):
+        (local / Path(rel).name).write_bytes(st.read_bytes(rel))
+    encoder = AutoModel.from_pretrained(local)
+    model = RelevanceStudent(encoder, len(meta["labels"]))
+    model.classifier.load_state_dict(st_load(st.read_bytes("head.safetensors")))
+    model.eval()
+    return LoadedStudent(model, AutoTokenizer.from_pretrained(local), meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+
+def training_rows(ctx: Any) -> tuple[list[dict[str, Any]], str]:
+    """The annotate stage's output when the run has one; else the data stage's oracle-labeled pairs."""
+    if "annotate" in ctx.config["inputs"]:
+        src = ctx.input("annotate").child("labeled")
+        return read_dataset(src), src.uri()
+    data = ctx.input("data")
+    for name in ("labeled", "sft"):
+        if data.list(name):
+            return read_dataset(data.child(name)), data.uri(name)
+    raise ValueError("no labeled training data: enable spec.annotation or provide spec.data.sftSeed")
+
+
+def split(rows: list[dict[str, Any]], fraction: float, seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Hold out whole queries (not pairs) for validation, so early stopping sees unseen queries."""
+    queries = sorted({r["query"] for r in rows})
+    random.Random(seed).shuffle(queries)
+    held = set(queries[: max(1, int(len(queries) * fraction))])
+    return [r for r in rows if r["query"] not in held], [r for r in rows if r["query"] in held]
+
+
+def run_stage(ctx: Any) -> dict[str, Any]:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    spec = ctx.spec
+    cfg = StudentConfig.from_spec(spec["student"], spec["labels"])
+    rows, source = training_rows(ctx)
+    check_rows(rows, cfg, source)
+    resolve(cfg.base_model, "spec.student.baseModel", ctx.storage.options)  # fail before starting workers
+    train_rows, val_rows = split(rows, spec["student"]["validationFraction"], cfg.seed)
+    ctx.log(f"objective {cfg.objective}: {len(train_rows)} train / {len(val_rows)} validation pairs from {source}")
+    write_rows(ctx.out, "splits/train/part-00000", train_rows, "jsonl")
+    write_rows(ctx.out, "splits/val/part-00000", val_rows, "jsonl")
+
+    res = spec["student"]["resources"]
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"student": asdict(cfg), "splits_uri": ctx.out.uri("splits"),
+                           "s3": {"endpoint": ctx.storage.options.endpoint, "region": ctx.storage.options.region}},
+        scaling_config=ScalingConfig(num_workers=res["workers"], use_gpu=res["gpusPerWorker"] > 0,
+                                     resources_per_worker={"CPU": res["cpusPerWorker"],
+                                                           **({"GPU": res["gpusPerWorker"]} if res["gpusPerWorker"] else {})}),
+        run_config=RunConfig(
+            # the same name and storage path on a retried job resumes from the latest checkpoint
+            name=f"train-{ctx.config_hash}", storage_path=ctx.out.path("ray"), storage_filesystem=ctx.out.fs,
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
+            failure_config=FailureConfig(max_failures=spec["student"]["maxFailures"]),
+        ),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / "state.pt", weights_only=False)
+    model, tokenizer = build_model(cfg, ctx.storage.options)
+    model.load_state_dict(state["best_state"])
+    metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float, bool))}
+    metrics.update(train_rows=len(train_rows), val_rows=len(val_rows), objective=cfg.objective,
+                   parameters=sum(p.numel() for p in model.parameters()))
+    uri = export(model, tokenizer, cfg, ctx.out.child("model"),
+                 {"bestValMacroF1": state["best_f1"], "bestStep": state["best_step"], "trainedOn": source,
+                  "configHash": ctx.config_hash})
+    ctx.log(f"exported the standard-input model to {uri} (best val macro-F1 {state['best_f1']:.4f} at step {state['best_step']})")
+    return {"metrics": metrics, "outputs": {"model": uri}}

@@ -1,0 +1,139 @@
+"""Student components on a tiny encoder: inputs, model, objectives, fit/resume, export/load, bad input."""
+
+import copy
+from dataclasses import replace
+
+import pytest
+import torch
+
+from kubedistill import data
+from kubedistill.models import ModelNotFound, resolve
+from kubedistill.storage import Storage
+from kubedistill.student import (Encoded, StudentConfig, build_model, check_rows, export, fit, load_student,
+                                 loss_terms, service_text, split)
+
+LABELS = ["irrelevant", "partial", "relevant"]
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return data.generate(LABELS, 60, 40, 4, 1, 40, seed=0).labeled
+
+
+def _cfg(tiny_encoder, **kw):
+    base = dict(labels=LABELS, base_model=tiny_encoder, batch_size=8, max_length=48, max_reasoning_tokens=16,
+                epochs=1, learning_rate=1e-3)
+    return StudentConfig(**{**base, **kw})
+
+
+def test_service_text_uses_the_log_fields():
+    row = {"service_title": "Golden Hotpot", "service_category": "hotpot restaurant", "service_district": "Harbor",
+           "service_price_level": 2, "service_tags": ["hotpot", "lamb slices"], "service_description": "Cosy."}
+    assert service_text(row) == "Golden Hotpot | hotpot restaurant | Harbor | $$ | offers hotpot, lamb slices | Cosy."
+    assert service_text({"service_title": "X"}) == "X"
+
+
+def test_check_rows_names_what_is_missing(tiny_encoder, rows):
+    cfg = _cfg(tiny_encoder)
+    check_rows(rows, cfg, "train")
+    with pytest.raises(ValueError, match="training set is empty"):
+        check_rows([], cfg, "train")
+    with pytest.raises(ValueError, match=r"label\(s\) \['great'\] are not in spec.labels"):
+        check_rows([{**rows[0], "label": "great"}], cfg, "train")
+    with pytest.raises(ValueError, match="1 row\\(s\\) have no 'reasoning'; objective crsd"):
+        check_rows([rows[0], {**rows[1], "reasoning": ""}], cfg, "train")
+    check_rows([{**rows[1], "reasoning": ""}], replace(cfg, objective="ce"), "train")
+    with pytest.raises(ValueError, match="lack 'label_probs'"):
+        check_rows(rows[:3], replace(cfg, objective="kd"), "train")
+
+
+def test_split_holds_out_whole_queries(rows):
+    train, val = split(rows, 0.25, seed=0)
+    assert len(train) + len(val) == len(rows) and val
+    assert not ({r["query"] for r in train} & {r["query"] for r in val})
+
+
+def test_reasoning_view_is_capped_and_comes_after_the_service(tiny_encoder, rows):
+    cfg = _cfg(tiny_encoder)
+    _, tok = build_model(cfg)
+    enc = Encoded(tok, rows[:4], cfg, with_reasoning=True)
+    std_len = enc.standard["attention_mask"].sum(1)
+    rsn_len = enc.reasoning["attention_mask"].sum(1)
+    assert torch.all(rsn_len > std_len) and torch.all(rsn_len <= std_len + cfg.max_reasoning_tokens + 1)
+    assert Encoded(tok, rows[:4], cfg, with_reasoning=False).reasoning is None
+
+
+@pytest.mark.parametrize("objective", ["ce", "kd", "crsd"])
+def test_each_objective_trains_every_parameter(tiny_encoder, rows, objective):
+    cfg = _cfg(tiny_encoder, objective=objective)
+    use = [{**r, "label_probs": [0.2, 0.3, 0.5]} for r in rows[:8]] if objective == "kd" else rows[:8]
+    model, tok = build_model(cfg)
+    enc = Encoded(tok, use, cfg, with_reasoning=objective == "crsd")
+    terms = loss_terms(model, enc, torch.arange(8), cfg)
+    terms["loss"].backward()
+    assert all(p.grad is not None for p in model.parameters()), "unused parameters break DDP"
+    assert {"crsd": {"sce", "tce", "align", "contrast", "loss"}, "ce": {"sce", "loss"},
+            "kd": {"sce", "kd", "loss"}}[objective] == set(terms)
+
+
+def test_forward_only_teacher_view_gives_the_encoder_no_gradient_from_it(tiny_encoder, rows):
+    cfg = _cfg(tiny_encoder, teacher_grad=False)
+    model, tok = build_model(cfg)
+    enc = Encoded(tok, rows[:8], cfg, with_reasoning=True)
+    std = {k: v[:8] for k, v in enc.standard.items()}
+    rsn = {k: v[:8] for k, v in enc.reasoning.items()}
+    h, ls, r, lt = model(std, rsn, reasoning_grad=False)
+    assert not r.requires_grad and lt.requires_grad
+    torch.nn.functional.cross_entropy(lt, enc.labels[:8]).backward()
+    assert model.classifier.weight.grad is not None
+    assert all(p.grad is None for p in model.encoder.parameters())
+
+
+def test_fit_resumes_mid_run_to_the_same_result(tiny_encoder, rows):
+    cfg = _cfg(tiny_encoder, epochs=2, patience=5)
+    train, val = split(rows, 0.2, seed=0)
+    torch.manual_seed(0)
+    model, tok = build_model(cfg)
+    rounds = []
+    # a checkpoint is serialised when taken (as the Ray Train worker does with torch.save)
+    full = fit(cfg, model, tok, train, val, on_round=lambda r: rounds.append((r.metrics, copy.deepcopy(r.checkpoint()))))
+    assert [m["epoch"] for m, _ in rounds] == [1.0, 2.0]
+    # a fresh process resumes from the first round's checkpoint and ends where the full run ended
+    torch.manual_seed(0)
+    model2, _ = build_model(cfg)
+    resumed = fit(cfg, model2, tok, train, val, resume=rounds[0][1])
+    assert resumed["step"] == full["step"]
+    for k, v in full["model"].items():
+        assert torch.allclose(v, resumed["model"][k], atol=1e-5), k
+
+
+def test_early_stopping(tiny_encoder, rows):
+    cfg = _cfg(tiny_encoder, epochs=20, patience=1, learning_rate=1e-9)  # nothing improves after round 1
+    model, tok = build_model(cfg)
+    train, val = split(rows, 0.2, seed=0)
+    out = fit(cfg, model, tok, train, val)
+    assert out["metrics"]["stopped_early"] and out["step"] < 20 * 4
+
+
+def test_export_and_load_give_the_same_predictions(tiny_encoder, rows, tmp_path):
+    cfg = _cfg(tiny_encoder)
+    model, tok = build_model(cfg)
+    model.eval()
+    uri = export(model, tok, cfg, Storage(str(tmp_path / "model")), {"bestValMacroF1": 0.5})
+    loaded = load_student(uri)
+    assert loaded.labels == LABELS and loaded.meta["bestValMacroF1"] == 0.5
+    from kubedistill.student import predict_proba
+
+    assert torch.allclose(torch.tensor(predict_proba(model, tok, rows[:5], cfg.max_length)),
+                          torch.tensor(loaded.predict_proba(rows[:5])), atol=1e-5)
+    with pytest.raises(FileNotFoundError, match="no student.json"):
+        load_student(str(tmp_path))
+
+
+def test_model_loader_errors_name_the_field(tmp_path, monkeypatch):
+    with pytest.raises(ModelNotFound, match="spec.student.baseModel: .* without config.json"):
+        resolve(str(tmp_path), "spec.student.baseModel")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelNotFound, match="spec.teacher.baseModel: cannot load model 'Qwen/Qwen2.5-7B'"):
+        resolve("Qwen/Qwen2.5-7B", "spec.teacher.baseModel")
+    assert resolve("sentence-transformers/all-MiniLM-L6-v2", "x").endswith("model")
