@@ -6,7 +6,7 @@ standard input only. Prints macro-F1 and AUC per seed, their means and the CRSD 
 
     .venv/bin/python benchmarks/crsd_quality.py [--seeds 0 1 2] [--epochs 1] [--variants ce crsd]
 
-Variants: ce, kd-free baselines only (kd needs a teacher distribution), crsd (paper reading: the
+Variants (kd needs the teacher's label distribution, which the synthetic oracle does not give): ce; crsd (the
 reasoning view's CE trains the encoder), crsd-head (teacherGrad false: forward-only reasoning view),
 crsd-nosg (no stop-gradient in the alignment terms).
 """
@@ -38,9 +38,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--variants", nargs="+", default=["ce", "crsd"], choices=list(VARIANTS))
-    ap.add_argument("--epochs", type=float, default=1.0)
+    ap.add_argument("--epochs", type=float, default=2.0)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--max-length", type=int, default=64)
+    ap.add_argument("--max-reasoning-tokens", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=0.05)
+    ap.add_argument("--align-weight", type=float, default=1.0)
+    ap.add_argument("--contrast-weight", type=float, default=1.0)
     ap.add_argument("--queries", type=int, default=400)
     ap.add_argument("--json", help="write the results here too")
     args = ap.parse_args()
@@ -57,7 +62,10 @@ def main() -> None:
         for variant in args.variants:
             cfg = replace(StudentConfig(labels=LABELS, base_model="sentence-transformers/all-MiniLM-L6-v2",
                                         epochs=args.epochs, batch_size=args.batch, learning_rate=args.lr,
-                                        seed=seed, patience=2), **VARIANTS[variant])
+                                        seed=seed, patience=2, max_length=args.max_length,
+                                        max_reasoning_tokens=args.max_reasoning_tokens, temperature=args.temperature,
+                                        align_weight=args.align_weight, contrast_weight=args.contrast_weight),
+                          **VARIANTS[variant])
             torch.manual_seed(seed)
             model, tok = build_model(cfg)
             t0 = time.monotonic()

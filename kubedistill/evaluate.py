@@ -154,6 +154,19 @@ def gate(candidate: str, metrics: dict[str, Any], min_macro_f1: float) -> dict[s
     }
 
 
+def promotion_blocked(run_storage: Any) -> str | None:
+    """Why the run's model must not be promoted to serving, or None when the gate passed."""
+    from kubedistill.stage import read_manifest
+
+    manifest = read_manifest(run_storage, "evaluate")
+    if manifest is None:
+        return "the evaluate stage has not succeeded"
+    verdict = manifest["metrics"]["gate"]
+    if verdict["candidate"] != "student":
+        return "no student was evaluated"
+    return None if verdict["passed"] else verdict["reason"]
+
+
 def plot(results: dict[str, dict[str, Any]]) -> bytes:
     """Confusion matrices and per-class F1 of every scored model, as PNG bytes."""
     import io

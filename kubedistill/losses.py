@@ -11,7 +11,10 @@ Details the paper leaves open, chosen here and configurable through `spec.studen
 - L_align is the cosine distance 1 - cos(h_i, r_i) (scale-free, so it does not fight the classifier);
 - L_batch is one-directional InfoNCE over cosine similarities {h} x {r} / temperature;
 - the reasoning view is stop-gradient inside both alignment terms by default (a fixed teacher for
-  them; it still learns through its own cross-entropy).
+  them);
+- by default the reasoning view is encoded forward-only and its CE trains the shared classifier
+  alone (`teacherGrad: false`, see `kubedistill.student`): a CRSD step then costs ~1.9x a CE step
+  instead of ~2.9x, at equal measured quality.
 
 `kd_loss` is the classic soft-target baseline (Hinton et al. 2015), not CRSD.
 """

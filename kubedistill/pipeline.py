@@ -30,6 +30,9 @@ STAGE_ORDER: tuple[str, ...] = (
 #: Stages this version can execute. The others are planned and listed but refuse to run.
 IMPLEMENTED: frozenset[str] = frozenset({"data", "student-crsd", "evaluate"})
 
+#: Stages that run only when the evaluation gate passed (promotion of the student).
+GATED: frozenset[str] = frozenset({"serve"})
+
 #: Dotted spec paths (camelCase, as on the wire) each stage's config carries.
 _READS: dict[str, tuple[str, ...]] = {
     "data": ("data", "labels"),

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from kubedistill import pipeline
-from kubedistill.spec import DistillationRun, RunStatus, StageStatus, to_wire
+from kubedistill.evaluate import promotion_blocked
+from kubedistill.spec import Condition, DistillationRun, RunStatus, StageStatus, to_wire
 from kubedistill.stage import CONFIG_ENV, FAILURE, MANIFEST, is_done, now, run_storage
 from kubedistill.storage import Storage
 
@@ -126,6 +127,13 @@ def run_local(
                 st.phase, st.message = "Succeeded", "already done for this config; skipped"
                 st.artifact, st.metrics, st.finished_at = manifest["artifact"], manifest["metrics"], manifest["finishedAt"]
                 say(f"{tag}: done earlier, skipped")
+                status.save()
+                continue
+            if stage.name in pipeline.GATED and (why := promotion_blocked(storage)):
+                st.phase, st.message = "Skipped", f"not promoted: {why}"
+                status.status.conditions.append(Condition(type="Promoted", status="False", reason="GateFailed",
+                                                          message=why, last_transition_time=now()))
+                say(f"{tag}: skipped, not promoted: {why}")
                 status.save()
                 continue
             env = {k: os.environ[k] for k in _PASS_ENV if k in os.environ}

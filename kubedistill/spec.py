@@ -174,9 +174,10 @@ class CrsdSpec(_Model):
         default=True, description="No gradient through the reasoning view in the alignment terms."
     )
     teacher_grad: bool = Field(
-        default=True,
-        description="Backpropagate the reasoning view's cross-entropy into the encoder. false: that view is "
-        "encoded forward-only (its CE trains the classifier alone), which makes a CRSD step much cheaper.",
+        default=False,
+        description="Backpropagate the reasoning view's cross-entropy into the encoder (the literal reading of "
+        "the paper's figure; about 2.9x a CE step on CPU). false: that view is encoded forward-only and its CE "
+        "trains the classifier alone (about 1.9x); equal quality measured, see benchmarks/RESULTS.md.",
     )
 
 

@@ -60,7 +60,7 @@ class StudentConfig:
     contrast_weight: float = 1.0
     temperature: float = 0.05
     stop_gradient: bool = True
-    teacher_grad: bool = True
+    teacher_grad: bool = False
     kd_temperature: float = 2.0
     epochs: float = 3
     learning_rate: float = 5e-5
@@ -104,22 +104,30 @@ def check_rows(rows: list[dict[str, Any]], cfg: StudentConfig, what: str) -> Non
             )
 
 
+def _cap(tokenizer: Any, text: str, n: int) -> str:
+    return tokenizer.convert_tokens_to_string(tokenizer.tokenize(text)[: max(0, n)])
+
+
 class Encoded:
-    """Tokenized standard (and, for CRSD, reasoning-augmented) inputs for a list of rows."""
+    """Tokenized standard (and, for CRSD, reasoning-augmented) inputs for a list of rows.
+
+    Standard: [CLS] query [SEP] service [SEP], at most `max_length` tokens (the service text is cut).
+    Reasoning view: the same query and the same (cut) service text, then [SEP] and the reasoning chain
+    capped at `max_reasoning_tokens`, so the reasoning is never the part truncated away.
+    """
 
     def __init__(self, tokenizer: Any, rows: list[dict[str, Any]], cfg: StudentConfig, with_reasoning: bool):
         queries = [r["query"] for r in rows]
-        services = [service_text(r) for r in rows]
-        self.standard = tokenizer(queries, services, truncation="only_second", max_length=cfg.max_length,
+        services = [_cap(tokenizer, service_text(r), cfg.max_length - len(tokenizer.tokenize(q)) - 3)
+                    for r, q in zip(rows, queries)]
+        self.standard = tokenizer(queries, services, truncation="longest_first", max_length=cfg.max_length,
                                   padding=True, return_tensors="pt")
         self.reasoning = None
         if with_reasoning:
-            # the reasoning chain, capped at max_reasoning_tokens, goes after the service text
-            capped = [tokenizer.convert_tokens_to_string(tokenizer.tokenize(r.get("reasoning") or "")[: cfg.max_reasoning_tokens])
-                      for r in rows]
-            second = [f"{s} {tokenizer.sep_token} {c}" for s, c in zip(services, capped)]
-            self.reasoning = tokenizer(queries, second, truncation="only_second",
-                                       max_length=cfg.max_length + cfg.max_reasoning_tokens, padding=True,
+            second = [f"{s} {tokenizer.sep_token} {_cap(tokenizer, r.get('reasoning') or '', cfg.max_reasoning_tokens)}"
+                      for s, r in zip(services, rows)]
+            self.reasoning = tokenizer(queries, second, truncation="longest_first",
+                                       max_length=cfg.max_length + cfg.max_reasoning_tokens + 1, padding=True,
                                        return_tensors="pt")
         self.labels = torch.tensor([cfg.labels.index(r["label"]) for r in rows]) if "label" in rows[0] else None
         self.soft = (torch.tensor([r["label_probs"] for r in rows], dtype=torch.float32)
@@ -208,11 +216,11 @@ def predict_proba(model: RelevanceStudent, tokenizer: Any, rows: list[dict[str, 
                   batch_size: int = 64) -> np.ndarray:
     """Class probabilities from the standard input only (what serving sees)."""
     model.eval()
+    cfg = StudentConfig(labels=[], base_model="", max_length=max_length)
     out = []
     for i in range(0, len(rows), batch_size):
-        chunk = rows[i : i + batch_size]
-        batch = tokenizer([r["query"] for r in chunk], [service_text(r) for r in chunk], truncation="only_second",
-                          max_length=max_length, padding=True, return_tensors="pt")
+        chunk = [{k: v for k, v in r.items() if k != "label"} for r in rows[i : i + batch_size]]
+        batch = Encoded(tokenizer, chunk, cfg, with_reasoning=False).standard
         _, logits, _, _ = model(dict(batch))
         out.append(torch.softmax(logits.float(), dim=-1).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, model.classifier.out_features))

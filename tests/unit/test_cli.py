@@ -33,7 +33,7 @@ def test_validate_reports_every_problem_and_exits_nonzero(tmp_path, capsys):
 def test_plan_and_crd(capsys):
     assert cli.main(["plan", str(SAMPLES / "quickstart.yaml")]) == 0
     out = capsys.readouterr().out
-    assert "1. data" in out and "2. evaluate" in out and "disabled: teacher-dapt" in out
+    assert "1. data" in out and "2. student-crsd" in out and "3. evaluate" in out and "disabled: teacher-dapt" in out
     assert cli.main(["crd"]) == 0
     assert capsys.readouterr().out == crd.render_yaml()
 

@@ -57,3 +57,15 @@ def test_plot_is_a_png():
     m = evaluate.classification_metrics(["a", "b"], np.array([[0.9, 0.1], [0.2, 0.8]]), ["a", "b"])
     png = evaluate.plot({"baseline": m, "student": m})
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_promotion_is_blocked_by_a_failed_gate(tmp_path):
+    from kubedistill.storage import Storage
+
+    st = Storage(str(tmp_path))
+    assert evaluate.promotion_blocked(st) == "the evaluate stage has not succeeded"
+    for candidate, value, want in (("baseline", 0.9, "no student was evaluated"),
+                                   ("student", 0.5, "student macro-F1 0.5000 < minMacroF1 0.7 (failed)"),
+                                   ("student", 0.8, None)):
+        st.write_json("evaluate/_SUCCESS.json", {"metrics": {"gate": evaluate.gate(candidate, {"macro_f1": value}, 0.7)}})
+        assert evaluate.promotion_blocked(st) == want

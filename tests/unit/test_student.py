@@ -63,9 +63,9 @@ def test_reasoning_view_is_capped_and_comes_after_the_service(tiny_encoder, rows
     assert Encoded(tok, rows[:4], cfg, with_reasoning=False).reasoning is None
 
 
-@pytest.mark.parametrize("objective", ["ce", "kd", "crsd"])
-def test_each_objective_trains_every_parameter(tiny_encoder, rows, objective):
-    cfg = _cfg(tiny_encoder, objective=objective)
+@pytest.mark.parametrize("objective, teacher_grad", [("ce", False), ("kd", False), ("crsd", False), ("crsd", True)])
+def test_each_objective_trains_every_parameter(tiny_encoder, rows, objective, teacher_grad):
+    cfg = _cfg(tiny_encoder, objective=objective, teacher_grad=teacher_grad)
     use = [{**r, "label_probs": [0.2, 0.3, 0.5]} for r in rows[:8]] if objective == "kd" else rows[:8]
     model, tok = build_model(cfg)
     enc = Encoded(tok, use, cfg, with_reasoning=objective == "crsd")
@@ -77,7 +77,8 @@ def test_each_objective_trains_every_parameter(tiny_encoder, rows, objective):
 
 
 def test_forward_only_teacher_view_gives_the_encoder_no_gradient_from_it(tiny_encoder, rows):
-    cfg = _cfg(tiny_encoder, teacher_grad=False)
+    cfg = _cfg(tiny_encoder)
+    assert cfg.teacher_grad is False  # the default
     model, tok = build_model(cfg)
     enc = Encoded(tok, rows[:8], cfg, with_reasoning=True)
     std = {k: v[:8] for k, v in enc.standard.items()}

@@ -1,0 +1,72 @@
+"""The student-crsd stage on a real local Ray cluster: Ray Train DDP with 2 CPU workers, export,
+evaluate scoring the student, and resume after the run is killed mid-training."""
+
+from __future__ import annotations
+
+import glob
+import io
+import os
+import signal
+import time
+
+import pytest
+
+from kubedistill import runner, spec
+from kubedistill.stage import MANIFEST
+from kubedistill.storage import Storage
+from tests.conftest import minimal_doc
+from tests.integration.test_runner import _cli, _write
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+OFF = {"teacher": {"enabled": False}, "annotation": {"enabled": False}, "pruning": {"enabled": False},
+       "serving": {"enabled": False}}
+
+
+def _doc(uri: str, name: str, encoder: str, synthetic: dict, train: dict) -> dict:
+    doc = minimal_doc(storage={"uri": uri}, data={"synthetic": synthetic}, **OFF,
+                      student={"baseModel": encoder, "maxLength": 48, "maxReasoningTokens": 24,
+                               "train": {"batchSize": 16, "learningRate": 1e-3, **train},
+                               "patience": 20, "resources": {"workers": 2}})
+    doc["metadata"]["name"] = name
+    return doc
+
+
+def test_student_trains_with_ddp_exports_and_is_evaluated(bucket, tiny_encoder):
+    syn = {"services": 60, "queries": 40, "pairsPerQuery": 5, "sftSize": 20, "evalSize": 60, "seed": 1}
+    run = spec.parse_run(_doc(f"s3://{bucket}/runs", "stu", tiny_encoder, syn, {"epochs": 2}))
+    out = io.StringIO()
+    status = runner.run_local(run, out=out)
+    assert [(s.name, s.phase) for s in status.stages] == [("data", "Succeeded"), ("student-crsd", "Succeeded"),
+                                                           ("evaluate", "Succeeded")]
+    st = Storage(f"s3://{bucket}/runs/stu")
+    m = st.read_json(f"student-crsd/{MANIFEST}")["metrics"]
+    assert m["objective"] == "crsd" and m["step"] > 0 and 0 <= m["best_val_macro_f1"] <= 1
+    assert {"student-crsd/model/student.json", "student-crsd/model/head.safetensors"} <= set(st.list("student-crsd/model"))
+    report = st.read_json("evaluate/metrics.json")
+    assert set(report["models"]) == {"baseline", "student"}
+    assert report["gate"]["candidate"] == "student"
+    assert "val macro-F1" in out.getvalue()
+
+
+def test_killed_training_resumes_from_its_checkpoint(tmp_path, tiny_encoder):
+    syn = {"services": 100, "queries": 300, "pairsPerQuery": 6, "sftSize": 20, "evalSize": 60, "seed": 2}
+    f = _write(tmp_path, _doc(str(tmp_path / "store"), "resume", tiny_encoder, syn, {"epochs": 6}))
+    pattern = str(tmp_path / "store" / "resume" / "student-crsd" / "ray" / "*" / "checkpoint_*")
+    proc = _cli("run", str(f))
+    deadline = time.monotonic() + 400
+    while not glob.glob(pattern):
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() < deadline, "no checkpoint was written"
+        time.sleep(0.2)
+    time.sleep(1)  # let the checkpoint's files land
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "store" / "resume" / "student-crsd" / MANIFEST).exists()
+
+    again = _cli("run", str(f))
+    text, _ = again.communicate(timeout=600)
+    assert again.returncode == 0, text
+    assert "data: done earlier, skipped" in text
+    assert "resuming from checkpoint at step" in text, text[-3000:]
+    assert (tmp_path / "store" / "resume" / "student-crsd" / "model" / "student.json").exists()
