@@ -2,8 +2,9 @@
 
 CRSD encodes each pair twice (standard + reasoning-augmented input), so a step costs more; the
 target is <= 2.3x for the default configuration. Measured for both CRSD settings of
-`spec.student.crsd.teacherGrad` (true: the reasoning view backpropagates into the encoder; false:
-it is encoded forward-only). Steps are interleaved (ce, crsd, crsd-head, ce, ...); medians.
+`spec.student.crsd.teacherGrad`: crsd (false, the default: the reasoning view is encoded
+forward-only) and crsd-full (true: it backpropagates into the encoder). Steps are interleaved
+(ce, crsd, crsd-full, ce, ...); medians.
 
     .venv/bin/python benchmarks/crsd_step.py [--batch 32] [--reps 8] [--max-length 64]
 """
@@ -22,8 +23,8 @@ from kubedistill.spec import CrsdSpec
 from kubedistill.student import Encoded, StudentConfig, build_model, loss_terms
 
 LABELS = ["irrelevant", "partial", "relevant"]
-VARIANTS = {"ce": {"objective": "ce"}, "crsd": {"objective": "crsd", "teacher_grad": True},
-            "crsd-head": {"objective": "crsd", "teacher_grad": False}}
+VARIANTS = {"ce": {"objective": "ce"}, "crsd": {"objective": "crsd", "teacher_grad": False},
+            "crsd-full": {"objective": "crsd", "teacher_grad": True}}
 
 
 def main() -> None:
@@ -56,7 +57,7 @@ def main() -> None:
     med = {v: statistics.median(t) for v, t in times.items()}
     n_std = int(enc["ce"].standard["attention_mask"].sum()) / len(rows)
     n_rsn = int(enc["crsd"].reasoning["attention_mask"].sum()) / len(rows)
-    default = "crsd" if CrsdSpec().teacher_grad else "crsd-head"
+    default = "crsd-full" if CrsdSpec().teacher_grad else "crsd"
     print(f"torch threads {torch.get_num_threads()}, batch {args.batch}, max length {args.max_length} "
           f"(+{args.max_reasoning_tokens} reasoning), {args.reps} interleaved steps each")
     print(f"tokens per pair: standard {n_std:.1f}, reasoning view {n_rsn:.1f}")
