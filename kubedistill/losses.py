@@ -13,8 +13,8 @@ Details the paper leaves open, chosen here and configurable through `spec.studen
 - the reasoning view is stop-gradient inside both alignment terms by default (a fixed teacher for
   them);
 - by default the reasoning view is encoded forward-only and its CE trains the shared classifier
-  alone (`teacherGrad: false`, see `kubedistill.student`): a CRSD step then costs ~1.9x a CE step
-  instead of ~2.9x, at equal measured quality.
+  alone (`teacherGrad: false`, see `kubedistill.student`): a CRSD step then costs ~2.0x a CE step
+  instead of ~2.9x, at similar measured quality (benchmarks/RESULTS.md).
 
 `kd_loss` is the classic soft-target baseline (Hinton et al. 2015), not CRSD.
 """

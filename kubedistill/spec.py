@@ -177,7 +177,7 @@ class CrsdSpec(_Model):
         default=False,
         description="Backpropagate the reasoning view's cross-entropy into the encoder (the literal reading of "
         "the paper's figure; about 2.9x a CE step on CPU). false: that view is encoded forward-only and its CE "
-        "trains the classifier alone (about 1.9x); equal quality measured, see benchmarks/RESULTS.md.",
+        "trains the classifier alone (about 2.0x); similar quality on the one seed measured, see benchmarks/RESULTS.md.",
     )
 
 
