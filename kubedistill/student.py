@@ -108,6 +108,17 @@ def _cap(tokenizer: Any, text: str, n: int) -> str:
     return tokenizer.convert_tokens_to_string(tokenizer.tokenize(text)[: max(0, n)])
 
 
+def _services(tokenizer: Any, rows: list[dict[str, Any]], max_length: int) -> list[str]:
+    """Service texts cut to what fits beside each query in `max_length` tokens."""
+    return [_cap(tokenizer, service_text(r), max_length - len(tokenizer.tokenize(r["query"])) - 3) for r in rows]
+
+
+def encode_standard(tokenizer: Any, queries: list[str], services: list[str], max_length: int) -> Any:
+    """[CLS] query [SEP] service [SEP]: the only input the student sees at inference."""
+    return tokenizer(queries, services, truncation="longest_first", max_length=max_length, padding=True,
+                     return_tensors="pt")
+
+
 class Encoded:
     """Tokenized standard (and, for CRSD, reasoning-augmented) inputs for a list of rows.
 
@@ -118,10 +129,8 @@ class Encoded:
 
     def __init__(self, tokenizer: Any, rows: list[dict[str, Any]], cfg: StudentConfig, with_reasoning: bool):
         queries = [r["query"] for r in rows]
-        services = [_cap(tokenizer, service_text(r), cfg.max_length - len(tokenizer.tokenize(q)) - 3)
-                    for r, q in zip(rows, queries)]
-        self.standard = tokenizer(queries, services, truncation="longest_first", max_length=cfg.max_length,
-                                  padding=True, return_tensors="pt")
+        services = _services(tokenizer, rows, cfg.max_length)
+        self.standard = encode_standard(tokenizer, queries, services, cfg.max_length)
         self.reasoning = None
         if with_reasoning:
             second = [f"{s} {tokenizer.sep_token} {_cap(tokenizer, r.get('reasoning') or '', cfg.max_reasoning_tokens)}"
@@ -216,11 +225,10 @@ def predict_proba(model: RelevanceStudent, tokenizer: Any, rows: list[dict[str, 
                   batch_size: int = 64) -> np.ndarray:
     """Class probabilities from the standard input only (what serving sees)."""
     model.eval()
-    cfg = StudentConfig(labels=[], base_model="", max_length=max_length)
     out = []
     for i in range(0, len(rows), batch_size):
-        chunk = [{k: v for k, v in r.items() if k != "label"} for r in rows[i : i + batch_size]]
-        batch = Encoded(tokenizer, chunk, cfg, with_reasoning=False).standard
+        chunk = rows[i : i + batch_size]
+        batch = encode_standard(tokenizer, [r["query"] for r in chunk], _services(tokenizer, chunk, max_length), max_length)
         _, logits, _, _ = model(dict(batch))
         out.append(torch.softmax(logits.float(), dim=-1).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, model.classifier.out_features))
@@ -400,9 +408,7 @@ def load_student(uri: str, options: S3Options | None = None) -> LoadedStudent:
         raise FileNotFoundError(f"{uri}: no student.json here; is this a student-crsd model artifact?") from None
     if meta.get("artifactVersion") != ARTIFACT_VERSION:
         raise ValueError(f"{uri}: artifact version {meta.get('artifactVersion')} is not supported (want {ARTIFACT_VERSION})")
-    local = Path(tempfile.mkdtemp(prefix="kd-student-"))
-    for rel in st.list("encoder"):
-        (local / Path(rel).name).write_bytes(st.read_bytes(rel))
+    local = resolve(st.uri("encoder"), f"{uri}/encoder", options)  # a local dir, or the s3:// prefix cached
     encoder = AutoModel.from_pretrained(local)
     model = RelevanceStudent(encoder, len(meta["labels"]))
     model.classifier.load_state_dict(st_load(st.read_bytes("head.safetensors")))
