@@ -10,12 +10,20 @@ Variants (kd needs the teacher's label distribution, which the synthetic oracle 
 crsd (the spec's defaults: forward-only reasoning view, teacherGrad false); crsd-full (teacherGrad
 true: the reasoning view's CE trains the encoder too); crsd-nosg (crsd-full without stop-gradient
 in the alignment terms).
+
+`--reasoning` rewrites the training reasoning to test how much its content matters (the eval set is
+scored from the standard input, so only training changes): full (the oracle's chain); noverdict (the
+concluding phrases removed: "meets every constraint", "unrelated to the query", ...); evidence (only
+the restated query intent and service facts, no inference at all); shuffled (another pair's chain:
+a control in which the reasoning carries no information about this pair).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
+import re
 import statistics
 import time
 from dataclasses import replace
@@ -35,6 +43,24 @@ VARIANTS = {
 }
 
 
+_VERDICTS = re.compile(r"( and meets every constraint|; unrelated to the query|; the overlap is misleading)")
+
+
+def rewrite_reasoning(rows: list[dict], mode: str, seed: int = 0) -> list[dict]:
+    """The training rows with their reasoning rewritten by `mode` (see the module docstring)."""
+    if mode == "full":
+        return rows
+    if mode == "shuffled":
+        chains = [r["reasoning"] for r in rows]
+        random.Random(seed).shuffle(chains)
+        return [{**r, "reasoning": c} for r, c in zip(rows, chains)]
+    if mode == "noverdict":
+        return [{**r, "reasoning": _VERDICTS.sub("", r["reasoning"])} for r in rows]
+    if mode == "evidence":
+        return [{**r, "reasoning": ". ".join(r["reasoning"].split(". ")[:2]) + "."} for r in rows]
+    raise ValueError(f"--reasoning: expected full, noverdict, evidence or shuffled, got {mode!r}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -48,11 +74,14 @@ def main() -> None:
     ap.add_argument("--align-weight", type=float, default=1.0)
     ap.add_argument("--contrast-weight", type=float, default=1.0)
     ap.add_argument("--queries", type=int, default=400)
+    ap.add_argument("--reasoning", default="full", choices=["full", "noverdict", "evidence", "shuffled"])
     ap.add_argument("--json", help="write the results here too")
     args = ap.parse_args()
 
     gen = data.generate(LABELS, 300, args.queries, 6, 1, 400, seed=0)
     train, val = split(gen.labeled, 0.1, seed=0)
+    train, val = rewrite_reasoning(train, args.reasoning), rewrite_reasoning(val, args.reasoning, seed=1)
+    print(f"reasoning: {args.reasoning}, e.g. {train[0]['reasoning']!r}")
     truth = [r["label"] for r in gen.eval]
     base = LexicalBaseline(LABELS).fit(train)
     floor = classification_metrics(truth, base.predict_proba(gen.eval), LABELS)

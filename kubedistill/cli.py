@@ -12,7 +12,8 @@ EXAMPLES = {
     "validate": "kubedistill validate manifests/samples/quickstart.yaml",
     "crd": "kubedistill crd > manifests/crds/kubedistill.io_distillationruns.yaml",
     "plan": "kubedistill plan manifests/samples/quickstart.yaml",
-    "run": "kubedistill run manifests/samples/quickstart.yaml\n  RAY_ADDRESS=127.0.0.1:6379 kubedistill run run.yaml --address auto",
+    "run": "kubedistill run manifests/samples/quickstart.yaml\n  kubedistill run run.yaml --serve-port 8080 --no-wait"
+           "\n  RAY_ADDRESS=127.0.0.1:6379 kubedistill run run.yaml --address auto",
     "status": "kubedistill status manifests/samples/quickstart.yaml",
 }
 
@@ -39,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     r = cmd("run", "Run a DistillationRun's stages on a local Ray cluster; finished stages are skipped.")
     r.add_argument("file")
     r.add_argument("--address", help="connect to this Ray cluster instead of starting one (e.g. 'auto')")
+    r.add_argument("--serve-port", type=int, default=8000, help="HTTP port of the served student (default 8000)")
+    r.add_argument("--no-wait", action="store_true",
+                   help="exit when the stages are done, even if the local cluster is serving the student")
     s = cmd("status", "Show a run's stages from its storage.")
     s.add_argument("file")
     return p
@@ -73,7 +77,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "status":
         return _status(run)
     if args.command == "run":
-        return _run(run, args.address)
+        return _run(run, args.address, args.serve_port, not args.no_wait)
     raise AssertionError(args.command)
 
 
@@ -100,14 +104,14 @@ def _status(run) -> int:  # type: ignore[no-untyped-def]
     return 0 if status.phase != "Failed" else 1
 
 
-def _run(run, address: str | None) -> int:  # type: ignore[no-untyped-def]
+def _run(run, address: str | None, serve_port: int, keep_serving: bool) -> int:  # type: ignore[no-untyped-def]
     from kubedistill import runner
     from kubedistill.pipeline import StageNotAvailable
     from kubedistill.storage import StorageError
 
     runner.install_signal_handlers()
     try:
-        runner.run_local(run, address=address)
+        runner.run_local(run, address=address, serve_port=serve_port, keep_serving=keep_serving)
     except StageNotAvailable as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

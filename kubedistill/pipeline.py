@@ -28,10 +28,14 @@ STAGE_ORDER: tuple[str, ...] = (
 )
 
 #: Stages this version can execute. The others are planned and listed but refuse to run.
-IMPLEMENTED: frozenset[str] = frozenset({"data", "student-crsd", "evaluate"})
+IMPLEMENTED: frozenset[str] = frozenset({"data", "student-crsd", "evaluate", "serve"})
 
 #: Stages that run only when the evaluation gate passed (promotion of the student).
 GATED: frozenset[str] = frozenset({"serve"})
+
+#: Stages that deploy a long-running service: they act on every run (a local Ray cluster, and the
+#: service with it, does not outlive `kubedistill run`), so a manifest never makes them skip.
+SERVICES: frozenset[str] = frozenset({"serve"})
 
 #: Dotted spec paths (camelCase, as on the wire) each stage's config carries.
 _READS: dict[str, tuple[str, ...]] = {

@@ -19,6 +19,7 @@ from typing import Any, TextIO
 
 from kubedistill import pipeline
 from kubedistill.evaluate import promotion_blocked
+from kubedistill.serving import curl_example
 from kubedistill.spec import Condition, DistillationRun, RunStatus, StageStatus, to_wire
 from kubedistill.stage import CONFIG_ENV, FAILURE, MANIFEST, is_done, now, run_storage
 from kubedistill.storage import Storage
@@ -99,8 +100,14 @@ def run_local(
     address: str | None = None,
     out: TextIO = sys.stdout,
     poll_s: float = 0.5,
+    serve_port: int = 8000,
+    keep_serving: bool = False,
 ) -> RunStatus:
-    """Run every stage in order; skip those already done; stop at the first failure."""
+    """Run every stage in order; skip those already done; stop at the first failure.
+
+    With a `serve` stage the student is deployed on Ray Serve at 127.0.0.1:`serve_port`; with
+    `keep_serving` (and a local cluster, which ends with this call) it stays up until interrupted.
+    """
     stages = pipeline.build(run)
     pipeline.check_available(stages)
     storage = run_storage(stages[0].config)
@@ -122,7 +129,7 @@ def run_local(
             st = status.stage(stage.name)
             tag = f"[{i}/{len(stages)}] {stage.name}"
             status.status.current_stage = stage.name
-            if is_done(storage, stage.config):
+            if stage.name not in pipeline.SERVICES and is_done(storage, stage.config):
                 manifest = storage.read_json(f"{stage.name}/{MANIFEST}")
                 st.phase, st.message = "Succeeded", "already done for this config; skipped"
                 st.artifact, st.metrics, st.finished_at = manifest["artifact"], manifest["metrics"], manifest["finishedAt"]
@@ -137,7 +144,7 @@ def run_local(
                 status.save()
                 continue
             env = {k: os.environ[k] for k in _PASS_ENV if k in os.environ}
-            env.update({CONFIG_ENV: stage.config_json, "PYTHONUNBUFFERED": "1"})
+            env.update({CONFIG_ENV: stage.config_json, "PYTHONUNBUFFERED": "1", "KUBEDISTILL_SERVE_PORT": str(serve_port)})
             st.phase, st.started_at, st.attempts = "Running", now(), st.attempts + 1
             job_id = client.submit_job(
                 entrypoint=_job_entrypoint(stage),
@@ -180,9 +187,20 @@ def run_local(
             status.save()
             say(f"{tag}: FAILED: {reason}")
             raise RunFailed(stage.name, reason)
-    status.status.phase, status.status.current_stage = "Succeeded", None
-    status.save()
-    say(f"kubedistill: run {run.name} succeeded; status at {storage.uri(STATUS_FILE)}")
+        status.status.phase, status.status.current_stage = "Succeeded", None
+        status.save()
+        say(f"kubedistill: run {run.name} succeeded; status at {storage.uri(STATUS_FILE)}")
+        served = next((s for s in status.status.stages if s.name == "serve" and s.phase == "Succeeded"), None)
+        if served:
+            url = storage.read_json(f"serve/{MANIFEST}")["outputs"]["url"]
+            say(f"kubedistill: serving the student at {url}\n  try: {curl_example(url)}")
+            if keep_serving and not address:
+                say("kubedistill: serving until interrupted (Ctrl-C stops it and the local Ray cluster)")
+                try:
+                    while True:
+                        time.sleep(3600)
+                except KeyboardInterrupt:
+                    say("kubedistill: stopped serving")
     return status.status
 
 

@@ -211,10 +211,39 @@ class PruningSpec(_Model):
     predictor: Literal["gbdt", "lightgbm"] = "gbdt"
 
 
+_MAX_SERVICES, _MAX_BATCH_PAIRS = 100, 512
+
+
 class ServingSpec(_Model):
+    model_config = ConfigDict(
+        json_schema_extra=_cel((
+            f"(has(self.maxBatchPairs) ? self.maxBatchPairs : {_MAX_BATCH_PAIRS})"
+            f" >= (has(self.maxServices) ? self.maxServices : {_MAX_SERVICES})",
+            "maxBatchPairs must be >= maxServices",
+        ))
+    )
     enabled: bool = True
     replicas: Replicas = Field(default_factory=lambda: Replicas(min=1, max=4))
-    max_services: int = Field(default=100, ge=1, le=10_000, description="Services per /score request.")
+    max_services: int = Field(default=_MAX_SERVICES, ge=1, le=10_000, description="Services per /score request.")
+    max_text_chars: int = Field(
+        default=2000, ge=1, le=100_000, description="Longest query or service text accepted, in characters."
+    )
+    max_batch_pairs: int = Field(
+        default=_MAX_BATCH_PAIRS, ge=1, le=100_000,
+        description="Most (query, service) pairs one model call scores; concurrent requests are batched up to it.",
+    )
+    batch_wait_ms: float = Field(
+        default=0, ge=0, le=1000,
+        description="How long a batch waits for more requests. 0: take what queued while the model was busy.",
+    )
+    max_ongoing_requests: int = Field(
+        default=64, ge=1, le=10_000, description="Requests one replica holds at once; the rest wait (back-pressure)."
+    )
+    target_ongoing_requests: float = Field(
+        default=16, gt=0, le=10_000, description="Autoscaling adds replicas when requests per replica exceed this."
+    )
+    cpus_per_replica: float = Field(default=1, gt=0, description="CPUs per replica (also its torch threads).")
+    gpus_per_replica: float = Field(default=0, ge=0, description="GPUs per replica (0: CPU inference).")
 
 
 class RaySpec(_Model):
@@ -359,6 +388,9 @@ def _semantic_problems(run: DistillationRun) -> list[Problem]:
         out.append(Problem("spec.data.evalSet", "required when spec.data.logs is set (a labeled held-out set)"))
     if s.data.logs and s.teacher.enabled and not s.data.sft_seed:
         out.append(Problem("spec.data.sftSeed", "required when spec.data.logs is set and the teacher is trained"))
+    if s.serving.max_batch_pairs < s.serving.max_services:
+        out.append(Problem("spec.serving.maxBatchPairs", f"must be >= maxServices ({s.serving.max_services}): "
+                           f"one request's pairs are never split across batches (got {s.serving.max_batch_pairs})"))
     for path, rep in (("spec.annotation.replicas", s.annotation.replicas), ("spec.serving.replicas", s.serving.replicas)):
         if rep.min > rep.max:
             out.append(Problem(f"{path}.min", f"min ({rep.min}) must be <= max ({rep.max})"))

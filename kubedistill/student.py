@@ -10,6 +10,8 @@ reasoning text.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import random
 import tempfile
@@ -108,9 +110,13 @@ def _cap(tokenizer: Any, text: str, n: int) -> str:
     return tokenizer.convert_tokens_to_string(tokenizer.tokenize(text)[: max(0, n)])
 
 
-def _services(tokenizer: Any, rows: list[dict[str, Any]], max_length: int) -> list[str]:
+def fit_services(tokenizer: Any, queries: list[str], texts: list[str], max_length: int) -> list[str]:
     """Service texts cut to what fits beside each query in `max_length` tokens."""
-    return [_cap(tokenizer, service_text(r), max_length - len(tokenizer.tokenize(r["query"])) - 3) for r in rows]
+    return [_cap(tokenizer, t, max_length - len(tokenizer.tokenize(q)) - 3) for q, t in zip(queries, texts)]
+
+
+def _services(tokenizer: Any, rows: list[dict[str, Any]], max_length: int) -> list[str]:
+    return fit_services(tokenizer, [r["query"] for r in rows], [service_text(r) for r in rows], max_length)
 
 
 def encode_standard(tokenizer: Any, queries: list[str], services: list[str], max_length: int) -> Any:
@@ -224,12 +230,22 @@ def loss_terms(model: nn.Module, enc: Encoded, idx: torch.Tensor, cfg: StudentCo
 def predict_proba(model: RelevanceStudent, tokenizer: Any, rows: list[dict[str, Any]], max_length: int,
                   batch_size: int = 64) -> np.ndarray:
     """Class probabilities from the standard input only (what serving sees)."""
+    return predict_texts(model, tokenizer, [r["query"] for r in rows], [service_text(r) for r in rows],
+                         max_length, batch_size)
+
+
+@torch.inference_mode()
+def predict_texts(model: RelevanceStudent, tokenizer: Any, queries: list[str], services: list[str], max_length: int,
+                  batch_size: int = 64) -> np.ndarray:
+    """Class probabilities of (query, service text) pairs from the standard input: what serving calls."""
     model.eval()
     out = []
-    for i in range(0, len(rows), batch_size):
-        chunk = rows[i : i + batch_size]
-        batch = encode_standard(tokenizer, [r["query"] for r in chunk], _services(tokenizer, chunk, max_length), max_length)
-        _, logits, _, _ = model(dict(batch))
+    for i in range(0, len(queries), batch_size):
+        q = queries[i : i + batch_size]
+        batch = encode_standard(tokenizer, q, fit_services(tokenizer, q, services[i : i + batch_size], max_length),
+                                max_length)
+        batch = {k: v.to(model.classifier.weight.device) for k, v in batch.items()}
+        _, logits, _, _ = model(batch)
         out.append(torch.softmax(logits.float(), dim=-1).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, model.classifier.out_features))
 
@@ -392,8 +408,16 @@ class LoadedStudent:
     def labels(self) -> list[str]:
         return self.meta["labels"]
 
+    @property
+    def version(self) -> str:
+        """What served responses call this model: `<objective>-<config hash>` (the digest of student.json if none)."""
+        return self.meta["version"]
+
     def predict_proba(self, rows: list[dict[str, Any]], batch_size: int = 64) -> np.ndarray:
         return predict_proba(self.model, self.tokenizer, rows, self.meta["maxLength"], batch_size)
+
+    def predict_texts(self, queries: list[str], services: list[str], batch_size: int = 64) -> np.ndarray:
+        return predict_texts(self.model, self.tokenizer, queries, services, self.meta["maxLength"], batch_size)
 
 
 def load_student(uri: str, options: S3Options | None = None) -> LoadedStudent:
@@ -403,9 +427,12 @@ def load_student(uri: str, options: S3Options | None = None) -> LoadedStudent:
 
     st = Storage(uri, options)
     try:
-        meta = st.read_json("student.json")
+        raw = st.read_bytes("student.json")
     except FileNotFoundError:
         raise FileNotFoundError(f"{uri}: no student.json here; is this a student-crsd model artifact?") from None
+    meta = json.loads(raw)
+    tag = meta.get("configHash") or hashlib.sha256(raw).hexdigest()
+    meta["version"] = f"{meta.get('objective', 'student')}-{tag[:12]}"
     if meta.get("artifactVersion") != ARTIFACT_VERSION:
         raise ValueError(f"{uri}: artifact version {meta.get('artifactVersion')} is not supported (want {ARTIFACT_VERSION})")
     local = resolve(st.uri("encoder"), f"{uri}/encoder", options)  # a local dir, or the s3:// prefix cached

@@ -136,6 +136,8 @@ def test_cel_rules_compile_and_match_pydantic():
         (minimal_doc(serving={"replicas": {"min": 3, "max": 2}}), "min must be <= max"),
         (minimal_doc(annotation={"replicas": {"min": 5, "max": 1}}), "min must be <= max"),
         (minimal_doc(serving={"enabled": True}, student={"enabled": False}), "serving.enabled requires student.enabled"),
+        (minimal_doc(serving={"maxBatchPairs": 50}), "maxBatchPairs must be >= maxServices"),
+        (minimal_doc(serving={"maxServices": 600}), "maxBatchPairs must be >= maxServices"),
     ]
     for doc, message in cases:
         assert message in _eval_rules(copy.deepcopy(doc))

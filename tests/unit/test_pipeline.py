@@ -60,7 +60,7 @@ def test_resources_come_from_the_spec():
 
 def test_unavailable_stages_refuse_to_run():
     stages = _build()
-    assert {s.name for s in stages if s.available} == {"data", "student-crsd", "evaluate"}
+    assert {s.name for s in stages if s.available} == {"data", "student-crsd", "evaluate", "serve"}
     with pytest.raises(pipeline.StageNotAvailable, match="not available in this version"):
         pipeline.check_available(stages)
     plan = pipeline.render_plan(spec.parse_run(minimal_doc()), stages)

@@ -1,0 +1,343 @@
+"""Serving the student: request validation, scoring, the Ray Serve application and the `serve` stage.
+
+The application (`ray_apps/student.py` → `build_app`) loads an exported student (local directory or
+s3:// prefix) and answers
+
+    POST /score   {"query": str, "services": [{"id": str, "text": str, ...}, ...]}
+      200 → {"modelVersion": str, "labels": [...], "results": [{"id", "label", "probabilities", "score"}]}
+      4xx → {"error": "<field>: <what was expected>", "field": "<field>", "errors": [...]}
+    GET  /healthz  200 while the replica runs
+    GET  /readyz   200 once a model is loaded, 503 before
+
+`score` is the expected relevance grade in [0, 1] (least relevant label = 0, most relevant = 1), the
+number a search ranker sorts by. A service's `text` is the same service text the student trained on
+(`kubedistill.student.service_text`: title | category | district | price | offers tags | description).
+
+Concurrent requests are batched (`@serve.batch`, counted in pairs up to `maxBatchPairs`); with
+`batchWaitMs: 0` a batch is whatever queued while the model was busy, so a lone request waits for
+nothing. The model path is the deployment's `user_config`, so switching versions reloads the model
+inside the running replicas (`reconfigure`) without dropping requests.
+"""
+
+
+import asyncio
+import json
+import socket
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+from fastapi import Request  # module level: FastAPI resolves the route signatures' annotations here
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from kubedistill.spec import ServingSpec
+from kubedistill.stage import read_manifest
+from kubedistill.storage import S3Options, Storage
+
+APP_NAME = "student"
+DEPLOYMENT = "StudentScorer"
+
+
+class AppArgs(ServingSpec):
+    """The application's arguments: `serveConfigV2.applications[].args` in a RayService, or `build_app(args)`."""
+
+    model: str = Field(min_length=1, description="The exported student: a local directory or an s3:// prefix.")
+    storage_endpoint: str | None = Field(default=None, description="S3 endpoint override (as spec.storage.endpoint).")
+    storage_region: str | None = None
+
+    def s3(self) -> S3Options:
+        return S3Options.from_env(self.storage_endpoint, self.storage_region)
+
+
+def app_args(serving: dict[str, Any], storage: dict[str, Any], model_uri: str) -> AppArgs:
+    """The app's args from `spec.serving` and `spec.storage` (wire form) and the student-crsd model URI."""
+    return AppArgs.model_validate({**serving, "model": model_uri,
+                                   "storageEndpoint": storage.get("endpoint"), "storageRegion": storage.get("region")})
+
+
+# ---------------------------------------------------------------------------------------------
+# Requests and responses (pure)
+
+
+class RequestError(Exception):
+    """A request the app refuses: HTTP `status`, the offending `field`, and what was expected."""
+
+    def __init__(self, status: int, field: str, message: str, errors: list[dict[str, str]] | None = None):
+        super().__init__(f"{field}: {message}")
+        self.status, self.field, self.message = status, field, message
+        self.errors = errors or [{"field": field, "message": message}]
+
+    def body(self) -> dict[str, Any]:
+        return {"error": str(self), "field": self.field, "errors": self.errors}
+
+
+class ScoreService(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: str = Field(min_length=1)
+    text: str = Field(min_length=1)
+
+
+class ScoreRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    query: str = Field(min_length=1)
+    services: list[ScoreService] = Field(min_length=1)
+
+
+def _field(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "body"
+
+
+def parse_request(body: bytes, max_services: int, max_text_chars: int) -> ScoreRequest:
+    """Decode and check a /score body; raise RequestError naming the first bad field (all of them in `errors`)."""
+    try:
+        doc = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RequestError(400, "body", f"not valid JSON ({e})") from None
+    if not isinstance(doc, dict):
+        raise RequestError(422, "body", f"expected a JSON object with 'query' and 'services', got {type(doc).__name__}")
+    if isinstance(doc.get("services"), list) and len(doc["services"]) > max_services:
+        raise RequestError(413, "services", f"at most {max_services} per request, got {len(doc['services'])}")
+    try:
+        req = ScoreRequest.model_validate(doc)
+    except ValidationError as e:
+        errors = []
+        for err in e.errors(include_url=False):
+            msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+            errors.append({"field": _field(err["loc"]), "message": msg})
+        raise RequestError(422, errors[0]["field"], errors[0]["message"], errors) from None
+    too_long = [("query", len(req.query))] if len(req.query) > max_text_chars else []
+    too_long += [(f"services[{i}].text", len(s.text)) for i, s in enumerate(req.services) if len(s.text) > max_text_chars]
+    if too_long:
+        errors = [{"field": f, "message": f"longer than {max_text_chars} characters (got {n})"} for f, n in too_long]
+        raise RequestError(422, errors[0]["field"], errors[0]["message"], errors)
+    return req
+
+
+def score_results(probs: np.ndarray, labels: list[str], ids: list[str]) -> list[dict[str, Any]]:
+    """Per service: the argmax label, every class probability and the expected grade in [0, 1]."""
+    grades = np.linspace(0.0, 1.0, len(labels))
+    return [
+        {"id": i, "label": labels[int(p.argmax())], "probabilities": {lab: round(float(x), 6) for lab, x in zip(labels, p)},
+         "score": round(float(p @ grades), 6)}
+        for i, p in zip(ids, probs)
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# The Ray Serve application
+
+
+def check_artifact(args: AppArgs) -> None:
+    """Fail before any replica starts when the model is not there (a clear error, not a restart loop)."""
+    from kubedistill.student import ARTIFACT_VERSION
+
+    st = Storage(args.model, args.s3())
+    try:
+        present = {f: st.is_file(f) for f in ("student.json", "head.safetensors", "encoder/config.json")}
+        meta = st.read_json("student.json") if present["student.json"] else {}
+    except Exception as e:  # unreachable S3, bad credentials, a corrupt student.json: say which field and why
+        raise FileNotFoundError(f"model: cannot read the student artifact at {args.model}: {e}") from None
+    if not present["student.json"]:
+        raise FileNotFoundError(
+            f"model: no student artifact at {args.model} (student.json missing); point it at the student-crsd "
+            "stage's outputs.model"
+        )
+    missing = [f for f, ok in present.items() if not ok]
+    if missing:
+        raise FileNotFoundError(f"model: the student artifact at {args.model} is incomplete: {', '.join(missing)} missing")
+    if meta.get("artifactVersion") != ARTIFACT_VERSION:
+        raise ValueError(f"model: artifact version {meta.get('artifactVersion')} at {args.model} is not supported "
+                         f"(want {ARTIFACT_VERSION})")
+
+
+def build_app(args: dict[str, Any]) -> Any:
+    """Ray Serve application builder (`import_path: ray_apps.student:app`, `args:` the AppArgs)."""
+    from ray import serve
+    from ray.serve.config import AutoscalingConfig
+
+    try:
+        a = AppArgs.model_validate(args)
+    except ValidationError as e:
+        first = e.errors(include_url=False)[0]
+        raise ValueError(f"serving args: {_field(first['loc'])}: {first['msg']}") from None
+    check_artifact(a)
+    deployment = _deployment()
+    static = a.model_dump(by_alias=True, exclude={"model"})  # the model is user_config: switching it reloads in place
+    return deployment.options(
+        max_ongoing_requests=a.max_ongoing_requests,
+        autoscaling_config=AutoscalingConfig(min_replicas=a.replicas.min, max_replicas=a.replicas.max,
+                                             target_ongoing_requests=a.target_ongoing_requests),
+        ray_actor_options={"num_cpus": a.cpus_per_replica, "num_gpus": a.gpus_per_replica},
+        user_config={"model": a.model},
+        health_check_period_s=10,
+    ).bind(static)
+
+
+_DEPLOYMENT: Any = None
+
+
+def _deployment() -> Any:
+    """The deployment class, defined on first use so importing this module needs no Ray Serve."""
+    global _DEPLOYMENT
+    if _DEPLOYMENT is not None:
+        return _DEPLOYMENT
+    import torch
+    from fastapi import FastAPI
+    from ray import serve
+    from ray.serve.metrics import Counter, Histogram
+
+    from kubedistill.student import LoadedStudent, load_student
+
+    api = FastAPI(title="kubedistill student", description=__doc__)
+
+    @serve.deployment(name=DEPLOYMENT)
+    @serve.ingress(api)
+    class StudentScorer:
+        def __init__(self, static: dict[str, Any]):
+            self.args = AppArgs.model_validate({**static, "model": "-"})
+            torch.set_num_threads(max(1, int(self.args.cpus_per_replica)))
+            self.device = "cuda" if self.args.gpus_per_replica > 0 and torch.cuda.is_available() else "cpu"
+            self.student: LoadedStudent | None = None
+            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+            self._score_batch.set_max_batch_size(self.args.max_batch_pairs)
+            self._score_batch.set_batch_wait_timeout_s(self.args.batch_wait_ms / 1000)
+            self.requests = Counter("kubedistill_score_requests", "POST /score requests by HTTP status",
+                                    tag_keys=("status",))
+            self.pairs = Counter("kubedistill_scored_pairs", "(query, service) pairs scored")
+            self.batch_pairs = Histogram("kubedistill_batch_pairs", "pairs per model call",
+                                         boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000])
+            self.model_ms = Histogram("kubedistill_model_latency_ms", "model call time per batch (ms)",
+                                      boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000])
+
+        async def reconfigure(self, user_config: dict[str, Any]) -> None:
+            uri = user_config["model"]
+            # not self.pool: the current model keeps scoring while the next one loads
+            student = await asyncio.get_running_loop().run_in_executor(None, self._load, uri)
+            self.student = student  # requests already batched finish on the old model; new ones get this
+
+        def _load(self, uri: str) -> LoadedStudent:
+            s = load_student(uri, self.args.s3())
+            s.model.to(self.device)
+            s.predict_texts(["warm up"], ["warm up"])  # first call allocates; keep it out of a user's latency
+            return s
+
+        def check_health(self) -> None:
+            if self.student is None:
+                raise RuntimeError("no model loaded")
+
+        @api.get("/healthz")
+        def healthz(self) -> dict[str, str]:
+            return {"status": "ok"}
+
+        @api.get("/readyz")
+        def readyz(self) -> JSONResponse:
+            if self.student is None:
+                return JSONResponse({"ready": False, "reason": "model not loaded"}, status_code=503)
+            return JSONResponse({"ready": True, "modelVersion": self.student.version})
+
+        @api.post("/score")
+        async def score(self, request: Request) -> JSONResponse:
+            try:
+                req = parse_request(await request.body(), self.args.max_services, self.args.max_text_chars)
+                probs, student = await self._score_batch((req.query, [s.text for s in req.services]))
+            except RequestError as e:
+                self.requests.inc(tags={"status": str(e.status)})
+                return JSONResponse(e.body(), status_code=e.status)
+            self.requests.inc(tags={"status": "200"})
+            body = {"modelVersion": student.version, "labels": student.labels,
+                    "results": score_results(probs, student.labels, [s.id for s in req.services])}
+            return JSONResponse(body, headers={"X-Model-Version": student.version})
+
+        @serve.batch(max_batch_size=512, batch_wait_timeout_s=0.0, batch_size_fn=lambda items: sum(len(i[1]) for i in items))
+        async def _score_batch(self, items: list[tuple[str, list[str]]]) -> list[tuple[np.ndarray, LoadedStudent]]:
+            student = self.student
+            if student is None:
+                raise RequestError(503, "model", "not loaded yet")
+            queries = [q for q, texts in items for _ in texts]
+            texts = [t for _, ts in items for t in ts]
+            t0 = time.perf_counter()
+            probs = await asyncio.get_running_loop().run_in_executor(
+                self.pool, lambda: student.predict_texts(queries, texts, batch_size=len(texts)))
+            self.model_ms.observe((time.perf_counter() - t0) * 1000)
+            self.batch_pairs.observe(len(texts))
+            self.pairs.inc(len(texts))
+            out, i = [], 0
+            for _, ts in items:
+                out.append((probs[i : i + len(ts)], student))
+                i += len(ts)
+            return out
+
+    _DEPLOYMENT = StudentScorer
+    return StudentScorer
+
+
+# ---------------------------------------------------------------------------------------------
+# Local deployment and the `serve` stage
+
+
+def port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def deploy(args: AppArgs, host: str = "127.0.0.1", port: int = 8000, name: str = APP_NAME) -> str:
+    """Deploy (or update in place) the app on the connected Ray cluster; return its /score URL."""
+    from ray import serve
+
+    if not serve.status().proxies and not port_free(host, port):
+        raise RuntimeError(f"port {port} on {host} is busy: stop what uses it, or pick another port "
+                           "(`kubedistill run --serve-port N`, or KUBEDISTILL_SERVE_PORT)")
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_app(args.model_dump(by_alias=True)), name=name, route_prefix="/", blocking=False)
+    return f"http://{host}:{port}/score"
+
+
+def post_json(url: str, doc: Any, timeout: float = 30) -> tuple[int, dict[str, Any]]:
+    """POST JSON, return (status, decoded body) for 2xx and 4xx/5xx alike."""
+    req = urllib.request.Request(url, json.dumps(doc).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def curl_example(url: str) -> str:
+    body = json.dumps({"query": "vegan brunch in Old Town", "services": [
+        {"id": "s1", "text": "Green Fork | restaurant | Old Town | $$ | offers vegan brunch, coffee"},
+        {"id": "s2", "text": "Iron Gym | fitness | Harbor | $ | offers weights, sauna"}]})
+    return f"curl -s -X POST {url} -H 'Content-Type: application/json' -d '{body}'"
+
+
+def run_stage(ctx: Any) -> dict[str, Any]:
+    """Deploy the student on this Ray cluster, check one request end to end, record the URL and version."""
+    import os
+
+    import ray
+
+    ctx.input("student-crsd")  # declared input: the model comes from its manifest
+    model_uri = read_manifest(ctx.storage, "student-crsd")["outputs"]["model"]
+    args = app_args(ctx.spec.get("serving", {}), ctx.config["storage"], model_uri)
+    ray.init(address="auto", log_to_driver=False, logging_level="WARNING")
+    host = os.environ.get("KUBEDISTILL_SERVE_HOST", "127.0.0.1")
+    port = int(os.environ.get("KUBEDISTILL_SERVE_PORT", "8000"))
+    url = deploy(args, host, port)
+    t0 = time.perf_counter()
+    status, body = post_json(url, {"query": "health check", "services": [{"id": "probe", "text": "probe"}]})
+    if status != 200:
+        raise RuntimeError(f"the deployed app answered {status} to a probe request: {body}")
+    ctx.log(f"serving {body['modelVersion']} at {url}")
+    return {"metrics": {"probeLatencyMs": round((time.perf_counter() - t0) * 1000, 1)},
+            "outputs": {"url": url, "modelVersion": body["modelVersion"], "model": model_uri}}

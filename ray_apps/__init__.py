@@ -1,0 +1,1 @@
+"""Ray Serve applications (`import_path: ray_apps.<module>:app`)."""

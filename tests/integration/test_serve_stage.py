@@ -1,0 +1,90 @@
+"""`kubedistill run` through the serve stage: data → student → evaluate → serve from S3, the printed
+curl example answering, Ctrl-C stopping it; a failed gate skips serving; a busy port says what to do."""
+
+import io
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+
+from kubedistill import runner, spec
+from kubedistill.stage import MANIFEST
+from kubedistill.storage import Storage
+from tests.conftest import free_port, minimal_doc
+from tests.integration.test_runner import _cli, _write
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+SMALL = {"services": 60, "queries": 40, "pairsPerQuery": 5, "sftSize": 20, "evalSize": 60, "seed": 1}
+
+
+def _doc(uri: str, name: str, encoder: str, min_f1: float) -> dict:
+    doc = minimal_doc(storage={"uri": uri}, data={"synthetic": SMALL},
+                      teacher={"enabled": False}, annotation={"enabled": False}, pruning={"enabled": False},
+                      student={"baseModel": encoder, "maxLength": 48, "maxReasoningTokens": 24, "objective": "ce",
+                               "train": {"batchSize": 16, "learningRate": 1e-3, "epochs": 1},
+                               "resources": {"workers": 1}},
+                      evaluation={"minMacroF1": min_f1}, serving={"maxServices": 10})
+    doc["metadata"]["name"] = name
+    return doc
+
+
+def _read_until(proc: subprocess.Popen, marker: str, timeout: float) -> str:
+    seen, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            assert proc.poll() is None, "".join(seen)
+            continue
+        seen.append(line)
+        if marker in line:
+            return "".join(seen)
+    raise AssertionError(f"{marker!r} not printed in {timeout}s:\n" + "".join(seen[-40:]))
+
+
+def test_run_serves_the_student_from_s3_and_the_printed_curl_works(bucket, tiny_encoder, tmp_path):
+    port = free_port()
+    f = _write(tmp_path, _doc(f"s3://{bucket}/runs", "served", tiny_encoder, min_f1=0.0))
+    proc = _cli("run", str(f), "--serve-port", str(port), env=dict(os.environ))
+    try:
+        text = _read_until(proc, "serving until interrupted", timeout=600)
+        assert "[4/4] serve: succeeded" in text
+        curl = next(line.split("try: ", 1)[1].strip() for line in text.splitlines() if "try: curl" in line)
+        assert f"http://127.0.0.1:{port}/score" in curl
+        answer = json.loads(subprocess.run(shlex.split(curl), capture_output=True, text=True, timeout=30, check=True).stdout)
+        assert [r["id"] for r in answer["results"]] == ["s1", "s2"]
+        st = Storage(f"s3://{bucket}/runs/served")
+        manifest = st.read_json(f"serve/{MANIFEST}")
+        assert answer["modelVersion"] == manifest["outputs"]["modelVersion"] == f"ce-{st.read_json('student-crsd/' + MANIFEST)['configHash'][:12]}"
+        assert manifest["outputs"]["model"] == f"s3://{bucket}/runs/served/student-crsd/model"
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(60) == 0
+        assert "stopped serving" in proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    with socket.socket() as s:  # the app went with the local cluster
+        assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_failed_gate_skips_serving_and_a_busy_port_says_what_to_do(tmp_path, tiny_encoder):
+    run = spec.parse_run(_doc(str(tmp_path / "store"), "gated", tiny_encoder, min_f1=0.99))
+    out = io.StringIO()
+    status = runner.run_local(run, out=out, serve_port=free_port())
+    serve = next(s for s in status.stages if s.name == "serve")
+    assert serve.phase == "Skipped" and "not promoted" in serve.message
+    assert any(c.type == "Promoted" and c.status == "False" for c in status.conditions)
+
+    passing = spec.parse_run(_doc(str(tmp_path / "store"), "gated", tiny_encoder, min_f1=0.0))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        out = io.StringIO()
+        with pytest.raises(runner.RunFailed, match=r"port \d+ on 127.0.0.1 is busy: .*--serve-port"):
+            runner.run_local(passing, out=out, serve_port=busy.getsockname()[1])
+    assert "student-crsd: done earlier, skipped" in out.getvalue()  # only the gate's config changed

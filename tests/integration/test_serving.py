@@ -1,0 +1,173 @@
+"""The student on a real Ray Serve: scoring, bad input, readiness, a version switch under load, metrics."""
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from kubedistill import serving
+from kubedistill.loadtest import run_load
+from kubedistill.storage import Storage
+from tests.conftest import free_port
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+LABELS = ["irrelevant", "partial", "relevant"]
+GOOD = {"query": "vegan brunch in Old Town", "services": [
+    {"id": "a", "text": "Green Fork | restaurant | Old Town | $$ | offers vegan brunch"},
+    {"id": "b", "text": "Iron Gym | fitness | Harbor | $ | offers weights"}]}
+
+
+def _artifact(encoder: str, out: str, config_hash: str, seed: int) -> str:
+    import torch
+
+    from kubedistill.student import StudentConfig, build_model, export
+
+    cfg = StudentConfig(labels=LABELS, base_model=encoder, max_length=64)
+    torch.manual_seed(seed)
+    model, tok = build_model(cfg)
+    return export(model, tok, cfg, Storage(out), {"configHash": config_hash})
+
+
+@pytest.fixture(scope="module")
+def served(tiny_encoder, tmp_path_factory):
+    """Ray with a metrics port, Serve on a free port, the v1 student deployed."""
+    import ray
+    from ray import serve
+
+    root = tmp_path_factory.mktemp("serving")
+    v1 = _artifact(tiny_encoder, str(root / "v1"), "1111111111111111", seed=1)
+    v2 = _artifact(tiny_encoder, str(root / "v2"), "2222222222222222", seed=2)
+    port, metrics_port = free_port(), free_port()
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
+             _metrics_export_port=metrics_port)
+    try:
+        url = serving.deploy(serving.AppArgs(model=v1, maxServices=8, maxTextChars=200), port=port)
+        yield {"url": url, "base": url.rsplit("/", 1)[0], "v1": v1, "v2": v2, "port": port, "metrics": metrics_port}
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _get(url: str) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def _raw_post(url: str, body: bytes) -> tuple[int, dict]:
+    req = urllib.request.Request(url, body, {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_scores_every_service_with_the_model_version(served):
+    status, body = serving.post_json(served["url"], GOOD)
+    assert status == 200
+    assert body["modelVersion"] == "crsd-111111111111" and body["labels"] == LABELS
+    assert [r["id"] for r in body["results"]] == ["a", "b"]
+    for r in body["results"]:
+        assert sum(r["probabilities"].values()) == pytest.approx(1, abs=1e-4)
+        assert r["label"] == max(r["probabilities"], key=r["probabilities"].get)
+        assert 0 <= r["score"] <= 1
+    # the served probabilities are the exported model's, from the standard input only
+    from kubedistill.student import load_student
+
+    local = load_student(served["v1"]).predict_texts([GOOD["query"]] * 2, [s["text"] for s in GOOD["services"]])
+    assert [r["probabilities"]["relevant"] for r in body["results"]] == pytest.approx(local[:, 2].tolist(), abs=1e-4)
+
+
+def test_health_and_readiness(served):
+    assert _get(served["base"] + "/healthz") == (200, {"status": "ok"})
+    status, body = _get(served["base"] + "/readyz")
+    assert status == 200 and body["ready"] and body["modelVersion"].startswith("crsd-")
+
+
+def test_bad_input_is_a_4xx_naming_the_field_and_the_replica_keeps_serving(served):
+    url = served["url"]
+    cases = [
+        (b"{oops", 400, "body"),
+        (json.dumps({"services": GOOD["services"]}).encode(), 422, "query"),
+        (json.dumps({"query": "q", "services": [{"id": "a"}]}).encode(), 422, "services[0].text"),
+        (json.dumps({"query": "q", "services": [{"id": str(i), "text": "t"} for i in range(9)]}).encode(), 413, "services"),
+        (json.dumps({"query": "q" * 201, "services": GOOD["services"]}).encode(), 422, "query"),
+        (json.dumps({"query": "q", "services": [{"id": "a", "text": "t" * 300}]}).encode(), 422, "services[0].text"),
+    ]
+    for body, status, field in cases:
+        got, answer = _raw_post(url, body)
+        assert (got, answer["field"]) == (status, field), answer
+        assert answer["error"].startswith(field + ":")
+    assert serving.post_json(url, GOOD)[0] == 200
+
+
+def test_concurrent_requests_are_batched_and_none_fails(served):
+    report = run_load(served["url"], GOOD, concurrency=16, requests=160)
+    assert report.statuses == {200: 160}, report.summary()
+
+
+def test_a_missing_artifact_is_refused_and_the_current_version_keeps_serving(served, tmp_path):
+    with pytest.raises(FileNotFoundError, match="model: no student artifact"):
+        serving.deploy(serving.AppArgs(model=str(tmp_path / "gone")), port=served["port"])
+    broken = tmp_path / "broken"
+    Storage(str(broken)).write_json("student.json", {"artifactVersion": 1, "labels": LABELS})
+    with pytest.raises(FileNotFoundError, match="incomplete: head.safetensors, encoder/config.json missing"):
+        serving.deploy(serving.AppArgs(model=str(broken)), port=served["port"])
+    status, body = serving.post_json(served["url"], GOOD)
+    assert status == 200 and body["modelVersion"] == "crsd-111111111111"
+
+
+def test_version_switch_under_load_drops_nothing(served):
+    reports = []
+    load = threading.Thread(target=lambda: reports.append(run_load(served["url"], GOOD, concurrency=4, duration_s=20)))
+    load.start()
+    time.sleep(2)
+    serving.deploy(serving.AppArgs(model=served["v2"], maxServices=8, maxTextChars=200), port=served["port"])
+    deadline = time.monotonic() + 60
+    while serving.post_json(served["url"], GOOD)[1].get("modelVersion") != "crsd-222222222222":
+        assert time.monotonic() < deadline, "the new version never answered"
+        time.sleep(0.5)
+    load.join()
+    (report,) = reports
+    assert report.server_errors == 0 and set(report.statuses) == {200}, report.summary()
+    status, body = serving.post_json(served["url"], GOOD)
+    assert status == 200 and body["modelVersion"] == "crsd-222222222222"
+    # and back: the switch reloads inside the running replica
+    serving.deploy(serving.AppArgs(model=served["v1"], maxServices=8, maxTextChars=200), port=served["port"])
+    deadline = time.monotonic() + 60
+    while serving.post_json(served["url"], GOOD)[1].get("modelVersion") != "crsd-111111111111":
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+
+
+def test_prometheus_metrics_include_the_apps_and_serves_own(served):
+    for _ in range(3):
+        serving.post_json(served["url"], GOOD)
+    want = ("ray_kubedistill_score_requests", "ray_kubedistill_batch_pairs", "ray_kubedistill_model_latency_ms",
+            "ray_serve_num_http_requests")
+    deadline, text = time.monotonic() + 90, ""
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(f"http://127.0.0.1:{served['metrics']}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        if all(w in text for w in want):
+            break
+        time.sleep(3)
+    missing = [w for w in want if w not in text]
+    assert not missing, f"not exported: {missing}"
+    assert 'status="200"' in text
+
+
+@pytest.mark.timeout(300)
+def test_load_60s_at_concurrency_32_has_no_5xx(served):
+    report = run_load(served["url"], GOOD, concurrency=32, duration_s=60)
+    summary = report.summary(len(GOOD["services"]))
+    print("load test:", summary)
+    assert report.server_errors == 0, summary
+    assert report.requests > 0 and set(report.statuses) == {200}, summary

@@ -1,0 +1,116 @@
+"""Serving's pure parts: request checks, the response, the app's args."""
+
+import json
+
+import numpy as np
+import pytest
+
+from kubedistill import serving, spec
+from kubedistill.serving import RequestError, parse_request, score_results
+from tests.conftest import minimal_doc
+
+LABELS = ["irrelevant", "partial", "relevant"]
+
+
+def _parse(doc, max_services=3, max_chars=20):
+    body = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
+    return parse_request(body, max_services, max_chars)
+
+
+def _refused(doc, **kw) -> RequestError:
+    with pytest.raises(RequestError) as e:
+        _parse(doc, **kw)
+    return e.value
+
+
+def test_a_good_request_parses_and_keeps_extra_service_fields():
+    req = _parse({"query": "vegan brunch", "services": [{"id": "a", "text": "Green Fork", "rank": 3}]})
+    assert req.query == "vegan brunch" and req.services[0].id == "a" and req.services[0].text == "Green Fork"
+
+
+@pytest.mark.parametrize(
+    ("doc", "status", "field", "says"),
+    [
+        (b"{not json", 400, "body", "not valid JSON"),
+        (b"\xff\xfe", 400, "body", "not valid JSON"),
+        ([1, 2], 422, "body", "got list"),
+        ({"services": [{"id": "a", "text": "x"}]}, 422, "query", "Field required"),
+        ({"query": "", "services": [{"id": "a", "text": "x"}]}, 422, "query", "at least 1 character"),
+        ({"query": "q"}, 422, "services", "Field required"),
+        ({"query": "q", "services": []}, 422, "services", "at least 1 item"),
+        ({"query": "q", "services": "abc"}, 422, "services", "valid list"),
+        ({"query": "q", "services": [{"id": "a", "text": "x"}, {"id": "b"}]}, 422, "services[1].text", "Field required"),
+        ({"query": "q", "services": [{"id": 7, "text": "x"}]}, 422, "services[0].id", "valid string"),
+        ({"query": "q", "service": [], "services": [{"id": "a", "text": "x"}]}, 422, "service", "unknown field"),
+        ({"query": "q", "services": [{"id": str(i), "text": "x"} for i in range(4)]}, 413, "services", "at most 3 per request, got 4"),
+        ({"query": "q" * 21, "services": [{"id": "a", "text": "x"}]}, 422, "query", "longer than 20 characters (got 21)"),
+        ({"query": "q", "services": [{"id": "a", "text": "x"}, {"id": "b", "text": "y" * 30}]}, 422, "services[1].text",
+         "longer than 20 characters (got 30)"),
+    ],
+)
+def test_bad_requests_name_the_field(doc, status, field, says):
+    e = _refused(doc)
+    assert (e.status, e.field) == (status, field)
+    assert says in e.message
+    assert e.body()["error"].startswith(f"{field}: ")
+
+
+def test_every_problem_is_listed_not_just_the_first():
+    e = _refused({"query": "", "services": [{"id": "a"}, {"text": "t"}]})
+    assert [x["field"] for x in e.errors] == ["query", "services[0].text", "services[1].id"]
+
+
+def test_results_hand_computed():
+    probs = np.array([[0.2, 0.3, 0.5], [0.7, 0.2, 0.1]])
+    out = score_results(probs, LABELS, ["a", "b"])
+    assert out[0] == {"id": "a", "label": "relevant",
+                      "probabilities": {"irrelevant": 0.2, "partial": 0.3, "relevant": 0.5},
+                      "score": pytest.approx(0.3 * 0.5 + 0.5 * 1.0)}
+    assert out[1]["label"] == "irrelevant" and out[1]["score"] == pytest.approx(0.2 * 0.5 + 0.1)
+    two = score_results(np.array([[0.25, 0.75]]), ["no", "yes"], ["x"])
+    assert two[0]["score"] == pytest.approx(0.75)
+
+
+def test_app_args_come_from_the_run_spec():
+    run = spec.parse_run(minimal_doc(storage={"uri": "s3://b/runs", "endpoint": "http://s3:9000"},
+                                     serving={"maxServices": 10, "replicas": {"min": 2, "max": 3}, "batchWaitMs": 2}))
+    wire = spec.to_wire(run.spec)
+    a = serving.app_args(wire["serving"], wire["storage"], "s3://b/runs/r/student-crsd/model")
+    assert (a.model, a.max_services, a.replicas.min, a.replicas.max, a.batch_wait_ms) == (
+        "s3://b/runs/r/student-crsd/model", 10, 2, 3, 2)
+    assert a.storage_endpoint == "http://s3:9000"
+    again = serving.AppArgs.model_validate(a.model_dump(by_alias=True))  # round trip as serveConfigV2 args
+    assert again == a
+
+
+def test_bad_app_args_name_the_field(tmp_path):
+    with pytest.raises(ValueError, match="serving args: maxServices"):
+        serving.build_app({"model": str(tmp_path), "maxServices": 0})
+    with pytest.raises(ValueError, match="serving args: model"):
+        serving.build_app({})
+
+
+def test_a_missing_artifact_fails_before_any_replica_starts(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"model: no student artifact at .*student.json missing"):
+        serving.build_app({"model": str(tmp_path / "nope")})
+
+
+def test_the_batch_must_hold_a_whole_request():
+    with pytest.raises(spec.SpecError, match=r"spec.serving.maxBatchPairs: must be >= maxServices \(100\)"):
+        spec.parse_run(minimal_doc(serving={"maxBatchPairs": 50}))
+
+
+def test_port_free(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        assert not serving.port_free("127.0.0.1", s.getsockname()[1])
+    assert serving.port_free("127.0.0.1", 0)
+
+
+def test_curl_example_is_a_valid_request():
+    cmd = serving.curl_example("http://127.0.0.1:8000/score")
+    body = cmd.split("-d '", 1)[1].rstrip("'")
+    assert _parse(json.loads(body), max_services=10, max_chars=2000).services[0].id == "s1"
