@@ -289,8 +289,9 @@ class DistillationRunSpec(_Model):
 
 
 class Metadata(_Model):
-    model_config = ConfigDict(extra="allow")  # namespace, labels, uid... belong to Kubernetes
+    model_config = ConfigDict(extra="allow")  # labels, uid... belong to Kubernetes
     name: str = Field(min_length=1, max_length=63)
+    namespace: str | None = None
 
     @field_validator("name")
     @classmethod

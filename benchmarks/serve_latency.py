@@ -1,0 +1,114 @@
+"""Latency and throughput of the served student vs the bare in-process model call, in one run.
+
+Exports a MiniLM student (the quickstart's architecture; weights do not change the timing), then
+  1. bare: `LoadedStudent.predict_texts` on one query with 10 services, in this process;
+  2. Serve: the same input as POST /score on a local Ray Serve (one replica, same torch threads),
+     at concurrency 1 (p50/p99, pairs/s) and at concurrency 16 (pairs/s);
+  3. optionally the 60 s load test at concurrency 32 (`--load-seconds 60`).
+Targets (issue 7): Serve p50 <= bare p50 + 5 ms; pairs/s at concurrency 16 >= 2.5x concurrency 1;
+zero 5xx in the load test.
+
+    .venv/bin/python benchmarks/serve_latency.py [--requests 300] [--seconds 20] [--load-seconds 60] [--json out.json]
+"""
+
+import argparse
+import json
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from kubedistill import data, serving
+from kubedistill.loadtest import run_load
+from kubedistill.storage import Storage
+from kubedistill.student import StudentConfig, build_model, export, load_student, service_text
+
+LABELS = ["irrelevant", "partial", "relevant"]
+
+
+def request_body(n_services: int) -> dict:
+    """One real query of the synthetic log with `n_services` of its candidate services."""
+    gen = data.generate(LABELS, 300, 40, n_services, 1, 10, seed=0)
+    query = gen.labeled[0]["query"]
+    rows = [r for r in gen.labeled if r["query"] == query][:n_services]
+    while len(rows) < n_services:  # pad with other services if this query had fewer candidates
+        rows.append({**gen.labeled[len(rows)], "query": query})
+    return {"query": query, "services": [{"id": r["service_id"], "text": service_text(r)} for r in rows]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--services", type=int, default=10)
+    ap.add_argument("--requests", type=int, default=300, help="requests at concurrency 1 (and bare calls)")
+    ap.add_argument("--seconds", type=float, default=20, help="duration at concurrency 16")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads, bare and per replica")
+    ap.add_argument("--load-seconds", type=float, default=0, help="also run the load test at concurrency 32")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+
+    body = request_body(args.services)
+    queries, texts = [body["query"]] * args.services, [s["text"] for s in body["services"]]
+    with tempfile.TemporaryDirectory() as d:
+        cfg = StudentConfig(labels=LABELS, base_model="sentence-transformers/all-MiniLM-L6-v2", max_length=64)
+        torch.manual_seed(0)
+        model, tok = build_model(cfg)
+        uri = export(model, tok, cfg, Storage(f"{d}/model"), {"configHash": "benchmark0000000"})
+
+        torch.set_num_threads(args.threads)
+        student = load_student(uri)
+        for _ in range(10):
+            student.predict_texts(queries, texts)
+        bare = []
+        for _ in range(args.requests):
+            t0 = time.perf_counter()
+            student.predict_texts(queries, texts)
+            bare.append((time.perf_counter() - t0) * 1000)
+        bare_p50, bare_p99 = float(np.percentile(bare, 50)), float(np.percentile(bare, 99))
+        print(f"bare model call ({args.services} pairs, {args.threads} threads): p50 {bare_p50:.2f} ms  p99 {bare_p99:.2f} ms")
+        del student
+
+        import ray
+        from ray import serve
+
+        ray.init(num_cpus=max(2, args.threads), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        try:
+            url = serving.deploy(serving.AppArgs(model=uri, replicas={"min": 1, "max": 1},
+                                                 cpusPerReplica=args.threads), port=_free_port())
+            run_load(url, body, 4, requests=50)  # warm up connections and the replica
+            c1 = run_load(url, body, 1, requests=args.requests)
+            c16 = run_load(url, body, 16, duration_s=args.seconds)
+            s1, s16 = c1.summary(args.services), c16.summary(args.services)
+            print(f"serve c=1 : p50 {s1['p50_ms']:.2f} ms  p99 {s1['p99_ms']:.2f} ms  {s1['pairs_per_s']:.0f} pairs/s  {s1['statuses']}")
+            print(f"serve c=16: p50 {s16['p50_ms']:.2f} ms  p99 {s16['p99_ms']:.2f} ms  {s16['pairs_per_s']:.0f} pairs/s  {s16['statuses']}")
+            overhead = s1["p50_ms"] - bare_p50
+            ratio = s16["pairs_per_s"] / s1["pairs_per_s"]
+            print(f"\nServe p50 - bare p50: {overhead:+.2f} ms (target <= +5 ms)")
+            print(f"throughput c=16 / c=1: {ratio:.2f}x (target >= 2.5x)")
+            result = {"bare": {"p50_ms": bare_p50, "p99_ms": bare_p99}, "c1": s1, "c16": s16,
+                      "overhead_ms": overhead, "throughput_ratio": ratio}
+            if args.load_seconds:
+                load = run_load(url, body, 32, duration_s=args.load_seconds)
+                sl = load.summary(args.services)
+                print(f"load test c=32 for {args.load_seconds:.0f}s: {sl['requests']} requests, statuses {sl['statuses']}, "
+                      f"5xx/no answer {load.server_errors}, p50 {sl['p50_ms']:.1f} ms, p99 {sl['p99_ms']:.1f} ms, "
+                      f"{sl['pairs_per_s']:.0f} pairs/s")
+                result["load"] = {**sl, "server_errors": load.server_errors}
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""Pure builders of the KubeRay objects a DistillationRun becomes, and their status → stage phase.
+
+Nothing here talks to a cluster: the operator (and `kubedistill render`) call these functions and
+apply what they return. Every object validates against KubeRay v1.7.0's CRD schemas (tests check it).
+
+Names are deterministic and at most 47 characters (KubeRay derives pod and service names from
+them): `<run>-<stage>`, cut and suffixed with a hash of the full name when too long.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Any
+
+import yaml
+
+from kubedistill.spec import DistillationRun, to_wire
+
+GROUP = "kubedistill.io"
+API_VERSION = f"{GROUP}/v1alpha1"
+KIND = "DistillationRun"
+MAX_NAME = 47
+SERVE_PORT = 8000
+
+
+def child_name(run_name: str, stage: str) -> str:
+    """`<run>-<stage>`, or its first characters plus a hash when longer than 47 (DNS-1035 safe)."""
+    full = f"{run_name}-{stage}".lower()
+    if len(full) <= MAX_NAME:
+        return full
+    digest = hashlib.sha256(full.encode()).hexdigest()[:8]
+    return f"{full[: MAX_NAME - 9].rstrip('-')}-{digest}"
+
+
+def labels(run_name: str, stage: str) -> dict[str, str]:
+    return {"app.kubernetes.io/managed-by": "kubedistill", f"{GROUP}/run": run_name, f"{GROUP}/stage": stage}
+
+
+def metadata(run: DistillationRun, stage: str, uid: str | None) -> dict[str, Any]:
+    """Name, namespace, labels and, when the run's uid is known, the owner reference (children go with the run)."""
+    meta: dict[str, Any] = {"name": child_name(run.name, stage), "labels": labels(run.name, stage)}
+    if run.metadata.namespace:
+        meta["namespace"] = run.metadata.namespace
+    if uid:
+        meta["ownerReferences"] = [{"apiVersion": API_VERSION, "kind": KIND, "name": run.name, "uid": uid,
+                                    "controller": True, "blockOwnerDeletion": True}]
+    return meta
+
+
+def _container(run: DistillationRun, name: str, cpus: float, gpus: float, memory: str | None,
+               ports: list[tuple[str, int]]) -> dict[str, Any]:
+    requests: dict[str, Any] = {"cpu": _quantity(cpus)}
+    if memory:
+        requests["memory"] = memory
+    limits = dict(requests)
+    if gpus:
+        limits["nvidia.com/gpu"] = max(1, math.ceil(gpus))
+    c: dict[str, Any] = {
+        "name": name,
+        "image": run.spec.ray.image,
+        "resources": {"requests": requests, "limits": limits},
+        "securityContext": {"allowPrivilegeEscalation": False, "runAsNonRoot": True},
+    }
+    if ports:
+        c["ports"] = [{"name": n, "containerPort": p} for n, p in ports]
+    if run.spec.storage.secret_ref:
+        c["envFrom"] = [{"secretRef": {"name": run.spec.storage.secret_ref.name}}]
+    return c
+
+
+def _quantity(cpus: float) -> str:
+    return str(int(cpus)) if float(cpus).is_integer() else f"{int(cpus * 1000)}m"
+
+
+def ray_cluster_spec(run: DistillationRun, group: str, workers: int, min_workers: int, max_workers: int,
+                     cpus: float, gpus: float, memory: str | None, head_ports: list[tuple[str, int]]) -> dict[str, Any]:
+    """A RayCluster spec: a head that runs no tasks (num-cpus 0) and one worker group sized for the stage."""
+    head = _container(run, "ray-head", 1, 0, "4Gi",
+                      [("gcs", 6379), ("dashboard", 8265), ("client", 10001), *head_ports])
+    worker = _container(run, "ray-worker", cpus, gpus, memory, [])
+    start = {"num-cpus": str(max(1, math.ceil(cpus)))}  # Ray's resource view of the pod
+    if gpus:
+        start["num-gpus"] = str(max(1, math.ceil(gpus)))
+    return {
+        "rayVersion": run.spec.ray.ray_version,
+        "enableInTreeAutoscaling": max_workers > min_workers,
+        "headGroupSpec": {"rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
+                          "template": {"spec": {"containers": [head]}}},
+        "workerGroupSpecs": [{"groupName": group, "replicas": workers, "minReplicas": min_workers,
+                              "maxReplicas": max_workers, "rayStartParams": start,
+                              "template": {"spec": {"containers": [worker]}}}],
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Serving: the student as a RayService
+
+
+def serve_config(run: DistillationRun, model_uri: str) -> dict[str, Any]:
+    """The Ray Serve config (serveConfigV2) for the student: the same app and args a local run deploys."""
+    from kubedistill.serving import APP_NAME, app_args
+
+    wire = to_wire(run.spec)
+    args = app_args(wire["serving"], wire["storage"], model_uri)
+    return {"applications": [{"name": APP_NAME, "import_path": "ray_apps.student:app", "route_prefix": "/",
+                              "args": args.model_dump(by_alias=True, exclude_none=True)}]}
+
+
+def rayservice(run: DistillationRun, model_uri: str, uid: str | None = None) -> dict[str, Any]:
+    """The RayService hosting the student: one worker per Serve replica, autoscaled within spec.serving.replicas."""
+    s = run.spec.serving
+    return {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayService",
+        "metadata": metadata(run, "serve", uid),
+        "spec": {
+            "serveConfigV2": yaml.safe_dump(serve_config(run, model_uri), sort_keys=False),
+            "rayClusterConfig": ray_cluster_spec(
+                run, "serve", workers=max(1, s.replicas.min), min_workers=max(1, s.replicas.min),
+                max_workers=s.replicas.max, cpus=s.cpus_per_replica, gpus=s.gpus_per_replica, memory=None,
+                head_ports=[("serve", SERVE_PORT)],
+            ),
+        },
+    }
+
+
+def rayservice_phase(obj: dict[str, Any]) -> tuple[str, str | None]:
+    """(stage phase, message) of a RayService: Succeeded once Ready, Failed if the app failed to deploy."""
+    from kubedistill.serving import APP_NAME
+
+    status = obj.get("status") or {}
+    app = ((status.get("activeServiceStatus") or {}).get("applicationStatuses") or {}).get(APP_NAME) or {}
+    pending = ((status.get("pendingServiceStatus") or {}).get("applicationStatuses") or {}).get(APP_NAME) or {}
+    for a in (pending, app):
+        if a.get("status") in ("DEPLOY_FAILED", "UNHEALTHY"):
+            return "Failed", f"application {APP_NAME} {a['status']}: {a.get('message') or 'no message'}"
+    ready = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), None)
+    if ready and ready.get("status") == "True":
+        return "Succeeded", None
+    return "Running", (ready or {}).get("message") or app.get("status") or "waiting for the RayService"

@@ -1,1 +1,0 @@
-"""Ray Serve applications (`import_path: ray_apps.<module>:app`)."""

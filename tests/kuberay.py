@@ -1,0 +1,39 @@
+"""Validate objects against KubeRay v1.7.0's own CRD schemas (../shared/kuberay-v1.7.0/crds/).
+
+The API server prunes unknown fields silently, so a typo would vanish instead of failing: the
+schemas here forbid properties they do not declare (unless marked preserve-unknown-fields).
+"""
+
+from functools import cache
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+CRDS = Path(__file__).resolve().parent.parent / "third_party" / "kuberay-v1.7.0" / "crds"
+
+
+def _strict(node):
+    if isinstance(node, list):
+        return [_strict(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _strict(v) for k, v in node.items() if not k.startswith("x-kubernetes")}
+    if out.pop("nullable", False) and "type" in out:
+        out["type"] = [out["type"], "null"]
+    if "properties" in out and "additionalProperties" not in out and not node.get("x-kubernetes-preserve-unknown-fields"):
+        out["additionalProperties"] = False
+    return out
+
+
+@cache
+def validator(kind: str) -> jsonschema.Draft4Validator:
+    crd = yaml.safe_load((CRDS / f"ray.io_{kind.lower()}s.yaml").read_text())
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+    return jsonschema.Draft4Validator(_strict(version["schema"]["openAPIV3Schema"]))
+
+
+def errors(obj: dict) -> list[str]:
+    """Every schema violation of `obj` (a RayJob, RayService or RayCluster), as 'path: message'."""
+    v = validator(obj["kind"])
+    return [f"{'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}" for e in v.iter_errors(obj)]

@@ -1,0 +1,99 @@
+"""Pure KubeRay builders: names, labels, owner references, the student's RayService, status mapping."""
+
+import importlib
+
+import pytest
+import yaml
+
+from kubedistill import k8s, serving, spec
+from tests.conftest import minimal_doc
+from tests.kuberay import errors
+
+MODEL = "s3://artifacts/runs/r1/student-crsd/model"
+
+
+def _run(**spec_fields) -> spec.DistillationRun:
+    doc = minimal_doc(storage={"uri": "s3://artifacts/runs", "endpoint": "http://minio:9000",
+                               "secretRef": {"name": "s3-credentials"}}, **spec_fields)
+    doc["metadata"] = {"name": "r1", "namespace": "ml"}
+    return spec.parse_run(doc)
+
+
+def test_child_names_are_deterministic_and_fit_47_characters():
+    assert k8s.child_name("r1", "serve") == "r1-serve"
+    long_a, long_b = "a" * 60, "a" * 59 + "b"
+    a, b = k8s.child_name(long_a, "student-crsd"), k8s.child_name(long_b, "student-crsd")
+    assert len(a) == len(b) == 47 and a != b and a == k8s.child_name(long_a, "student-crsd")
+    assert a[-9] == "-" and not a.startswith("-")
+
+
+def test_rayservice_validates_against_kuberay_and_carries_the_serving_spec():
+    run = _run(serving={"replicas": {"min": 2, "max": 6}, "maxServices": 50, "cpusPerReplica": 2})
+    obj = k8s.rayservice(run, MODEL, uid="uid-123")
+    assert errors(obj) == []
+    assert obj["metadata"]["name"] == "r1-serve" and obj["metadata"]["namespace"] == "ml"
+    assert obj["metadata"]["labels"]["kubedistill.io/run"] == "r1"
+    (owner,) = obj["metadata"]["ownerReferences"]
+    assert (owner["kind"], owner["name"], owner["uid"], owner["controller"]) == ("DistillationRun", "r1", "uid-123", True)
+    cluster = obj["spec"]["rayClusterConfig"]
+    (group,) = cluster["workerGroupSpecs"]
+    assert (group["replicas"], group["minReplicas"], group["maxReplicas"]) == (2, 2, 6)
+    assert cluster["enableInTreeAutoscaling"] is True
+    worker = group["template"]["spec"]["containers"][0]
+    assert worker["resources"]["requests"]["cpu"] == "2" and group["rayStartParams"]["num-cpus"] == "2"
+    assert worker["envFrom"] == [{"secretRef": {"name": "s3-credentials"}}]
+    assert worker["image"] == run.spec.ray.image and cluster["rayVersion"] == run.spec.ray.ray_version
+    head_ports = {p["name"]: p["containerPort"] for p in cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]}
+    assert head_ports["serve"] == 8000
+
+
+def test_serve_config_is_valid_for_ray_serve_and_is_the_local_apps_args():
+    from ray.serve.schema import ServeDeploySchema
+
+    run = _run(serving={"maxServices": 50, "batchWaitMs": 1})
+    text = k8s.rayservice(run, MODEL)["spec"]["serveConfigV2"]
+    config = ServeDeploySchema.model_validate(yaml.safe_load(text))
+    (app,) = config.applications
+    assert app.import_path == "ray_apps.student:app" and app.route_prefix == "/"
+    args = serving.AppArgs.model_validate(app.args)
+    wire = spec.to_wire(run.spec)
+    assert args == serving.app_args(wire["serving"], wire["storage"], MODEL)
+    assert args.model == MODEL and args.max_services == 50 and args.storage_endpoint == "http://minio:9000"
+    module, attr = app.import_path.split(":")
+    assert getattr(importlib.import_module(module), attr) is serving.build_app
+
+
+def test_no_owner_reference_without_a_uid_and_gpus_become_limits():
+    obj = k8s.rayservice(_run(serving={"gpusPerReplica": 1, "cpusPerReplica": 0.5}), MODEL)
+    assert "ownerReferences" not in obj["metadata"]
+    assert errors(obj) == []
+    group = obj["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
+    c = group["template"]["spec"]["containers"][0]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1 and c["resources"]["requests"]["cpu"] == "500m"
+    assert group["rayStartParams"] == {"num-cpus": "1", "num-gpus": "1"}
+
+
+def test_the_schema_check_catches_a_typo():
+    obj = k8s.rayservice(_run(), MODEL)
+    obj["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["maxReplica"] = 3
+    assert any("maxReplica" in e for e in errors(obj))
+
+
+@pytest.mark.parametrize(
+    ("status", "phase", "says"),
+    [
+        ({}, "Running", "waiting"),
+        ({"conditions": [{"type": "Ready", "status": "True", "reason": "RayServiceReady", "message": ""}]}, "Succeeded", None),
+        ({"conditions": [{"type": "Ready", "status": "False", "reason": "Initializing", "message": "cluster starting"}]},
+         "Running", "cluster starting"),
+        ({"activeServiceStatus": {"applicationStatuses": {"student": {"status": "DEPLOY_FAILED",
+                                                                      "message": "model: no student artifact"}}}},
+         "Failed", "DEPLOY_FAILED: model: no student artifact"),
+        ({"pendingServiceStatus": {"applicationStatuses": {"student": {"status": "UNHEALTHY"}}},
+          "conditions": [{"type": "Ready", "status": "True"}]}, "Failed", "UNHEALTHY"),
+    ],
+)
+def test_rayservice_status_to_stage_phase(status, phase, says):
+    got, message = k8s.rayservice_phase({"status": status})
+    assert got == phase
+    assert (says is None and message is None) or says in message
