@@ -15,6 +15,7 @@ EXAMPLES = {
     "run": "kubedistill run manifests/samples/quickstart.yaml\n  kubedistill run run.yaml --serve-port 8080 --no-wait"
            "\n  RAY_ADDRESS=127.0.0.1:6379 kubedistill run run.yaml --address auto",
     "status": "kubedistill status manifests/samples/quickstart.yaml",
+    "render": "kubedistill render manifests/samples/quickstart.yaml > rayjobs.yaml",
 }
 
 
@@ -45,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="exit when the stages are done, even if the local cluster is serving the student")
     s = cmd("status", "Show a run's stages from its storage.")
     s.add_argument("file")
+    rn = cmd("render", "Print, as a YAML stream, every RayJob and the RayService the operator creates for a run.")
+    rn.add_argument("file")
     return p
 
 
@@ -76,6 +79,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "status":
         return _status(run)
+    if args.command == "render":
+        import yaml
+
+        from kubedistill import k8s
+
+        sys.stdout.write(yaml.safe_dump_all(k8s.render(run), sort_keys=False))
+        return 0
     if args.command == "run":
         return _run(run, args.address, args.serve_port, not args.no_wait)
     raise AssertionError(args.command)

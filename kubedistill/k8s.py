@@ -15,7 +15,9 @@ from typing import Any
 
 import yaml
 
+from kubedistill.pipeline import Stage
 from kubedistill.spec import DistillationRun, to_wire
+from kubedistill.stage import CONFIG_ENV
 
 GROUP = "kubedistill.io"
 API_VERSION = f"{GROUP}/v1alpha1"
@@ -94,6 +96,50 @@ def ray_cluster_spec(run: DistillationRun, group: str, workers: int, min_workers
 
 
 # ---------------------------------------------------------------------------------------------
+# Batch stages: one RayJob each
+
+
+def rayjob(run: DistillationRun, stage: Stage, uid: str | None = None) -> dict[str, Any]:
+    """The RayJob of one batch stage: its entrypoint, its config as JSON in an env var, a cluster sized for it."""
+    r = stage.resources
+    if stage.name == "annotate":  # the autoscaled actor pool: workers come and go within annotation.replicas
+        rep = run.spec.annotation.replicas
+        workers, lo, hi = max(1, rep.min), rep.min, rep.max
+    else:
+        workers = lo = hi = r.workers
+    meta = metadata(run, stage.name, uid)
+    meta["annotations"] = {f"{GROUP}/config-hash": stage.config_hash}
+    return {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayJob",
+        "metadata": meta,
+        "spec": {
+            "entrypoint": stage.entrypoint,  # fixed text: user strings travel only in the env var below
+            "runtimeEnvYAML": yaml.safe_dump({"env_vars": {CONFIG_ENV: stage.config_json}}),
+            "submissionMode": "K8sJobMode",
+            "backoffLimit": run.spec.ray.stage_retries,
+            "activeDeadlineSeconds": run.spec.ray.stage_timeout_seconds,
+            "shutdownAfterJobFinishes": True,
+            "ttlSecondsAfterFinished": 300,
+            "rayClusterSpec": ray_cluster_spec(run, "workers", workers, lo, hi, r.cpus_per_worker, r.gpus_per_worker,
+                                               r.memory, head_ports=[]),
+        },
+    }
+
+
+def rayjob_phase(obj: dict[str, Any]) -> tuple[str, str | None]:
+    """(stage phase, message) of a RayJob: Succeeded only when Complete and SUCCEEDED."""
+    status = obj.get("status") or {}
+    deployment, job = status.get("jobDeploymentStatus"), status.get("jobStatus")
+    if deployment == "Complete" and job == "SUCCEEDED":
+        return "Succeeded", None
+    if deployment == "Failed" or job in ("FAILED", "STOPPED"):
+        reason = status.get("reason")
+        return "Failed", status.get("message") or (f"{reason}" if reason else f"job {job or deployment}")
+    return "Running", job or deployment or "waiting for KubeRay"
+
+
+# ---------------------------------------------------------------------------------------------
 # Serving: the student as a RayService
 
 
@@ -123,6 +169,22 @@ def rayservice(run: DistillationRun, model_uri: str, uid: str | None = None) -> 
             ),
         },
     }
+
+
+def student_model_uri(run: DistillationRun) -> str:
+    """Where the student-crsd stage exports the serving artifact (deterministic, so render needs no cluster)."""
+    return f"{run.spec.storage.uri.rstrip('/')}/{run.name}/student-crsd/model"
+
+
+def render(run: DistillationRun, uid: str | None = None) -> list[dict[str, Any]]:
+    """Every RayJob and the RayService the operator creates for `run`, in stage order."""
+    from kubedistill import pipeline
+
+    out = []
+    for stage in pipeline.build(run):
+        out.append(rayservice(run, student_model_uri(run), uid) if stage.name in pipeline.SERVICES
+                   else rayjob(run, stage, uid))
+    return out
 
 
 def rayservice_phase(obj: dict[str, Any]) -> tuple[str, str | None]:

@@ -247,8 +247,17 @@ class ServingSpec(_Model):
 
 
 class RaySpec(_Model):
-    image: str = Field(default="rayproject/ray:2.60.0-py311", min_length=1)
+    image: str = Field(
+        default="rayproject/ray:2.60.0-py311", min_length=1,
+        description="Image of every Ray pod in a cluster; it must contain kubedistill with its jobs/ and ray_apps/.",
+    )
     ray_version: str = Field(default="2.60.0", min_length=1)
+    stage_retries: int = Field(
+        default=2, ge=0, le=20, description="Times a failed stage's RayJob is retried (it resumes from its checkpoint)."
+    )
+    stage_timeout_seconds: int = Field(
+        default=86_400, ge=60, description="A stage's RayJob is stopped and failed after this long."
+    )
 
 
 class DistillationRunSpec(_Model):

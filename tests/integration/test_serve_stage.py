@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from kubedistill import runner, spec
+from kubedistill import k8s, runner, spec
 from kubedistill.stage import MANIFEST
 from kubedistill.storage import Storage
 from tests.conftest import free_port, minimal_doc
@@ -62,6 +62,7 @@ def test_run_serves_the_student_from_s3_and_the_printed_curl_works(bucket, tiny_
         manifest = st.read_json(f"serve/{MANIFEST}")
         assert answer["modelVersion"] == manifest["outputs"]["modelVersion"] == f"ce-{st.read_json('student-crsd/' + MANIFEST)['configHash'][:12]}"
         assert manifest["outputs"]["model"] == f"s3://{bucket}/runs/served/student-crsd/model"
+        assert manifest["outputs"]["model"] == k8s.student_model_uri(spec.load_run(f))  # what a RayService serves
         os.killpg(proc.pid, signal.SIGINT)
         assert proc.wait(60) == 0
         assert "stopped serving" in proc.stdout.read()

@@ -51,3 +51,15 @@ def test_status_before_any_run(tmp_path, capsys):
     f.write_text((SAMPLES / "quickstart.yaml").read_text().replace("uri: ./runs", f"uri: {tmp_path}/store"))
     assert cli.main(["status", str(f)]) == 1
     assert "no status in storage yet" in capsys.readouterr().out
+
+
+def test_render_prints_every_object_as_a_yaml_stream(capsys):
+    import yaml
+
+    from kubedistill import k8s, spec
+
+    assert cli.main(["render", str(SAMPLES / "quickstart.yaml")]) == 0
+    docs = list(yaml.safe_load_all(capsys.readouterr().out))
+    run = spec.with_absolute_paths(spec.load_run(SAMPLES / "quickstart.yaml"), ".")
+    assert docs == k8s.render(run)
+    assert [d["metadata"]["name"] for d in docs][:2] == ["quickstart-data", "quickstart-student-crsd"]

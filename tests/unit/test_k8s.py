@@ -97,3 +97,72 @@ def test_rayservice_status_to_stage_phase(status, phase, says):
     got, message = k8s.rayservice_phase({"status": status})
     assert got == phase
     assert (says is None and message is None) or says in message
+
+
+def _full_run(**spec_fields) -> spec.DistillationRun:
+    return _run(annotation={"replicas": {"min": 1, "max": 8}, "gpusPerReplica": 1},
+                student={"resources": {"workers": 4, "cpusPerWorker": 2, "gpusPerWorker": 1, "memory": "16Gi"}},
+                **spec_fields)
+
+
+def test_every_rendered_object_validates_and_follows_the_stage_graph():
+    from kubedistill import pipeline
+
+    run = _full_run()
+    objs = k8s.render(run, uid="u1")
+    stages = pipeline.build(run)
+    assert [o["metadata"]["labels"]["kubedistill.io/stage"] for o in objs] == [s.name for s in stages]
+    assert [o["kind"] for o in objs] == ["RayJob"] * (len(stages) - 1) + ["RayService"]
+    for o in objs:
+        assert errors(o) == [], o["metadata"]["name"]
+        assert len(o["metadata"]["name"]) <= 47 and o["metadata"]["ownerReferences"][0]["uid"] == "u1"
+    assert k8s.render(run, uid="u1") == objs  # deterministic
+
+
+def test_rayjob_carries_the_config_as_json_in_an_env_var_never_in_the_entrypoint():
+    import json
+
+    from kubedistill import pipeline
+    from kubedistill.stage import CONFIG_ENV
+
+    hostile = "s3://bucket/$(rm -rf /); echo `id`"
+    run = spec.parse_run(minimal_doc(storage={"uri": hostile}))
+    stage = next(s for s in pipeline.build(run) if s.name == "student-crsd")
+    job = k8s.rayjob(run, stage)
+    assert job["spec"]["entrypoint"] == "python jobs/student_crsd.py"
+    env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"]
+    assert json.loads(env[CONFIG_ENV]) == stage.config and json.loads(env[CONFIG_ENV])["storage"]["uri"] == hostile
+    assert job["metadata"]["annotations"]["kubedistill.io/config-hash"] == stage.config_hash
+    assert (job["spec"]["backoffLimit"], job["spec"]["activeDeadlineSeconds"]) == (2, 86400)
+    assert errors(job) == []
+
+
+def test_rayjob_workers_follow_the_stage_resources_and_annotate_autoscales():
+    from kubedistill import pipeline
+
+    run = _full_run()
+    stages = {s.name: s for s in pipeline.build(run)}
+    student = k8s.rayjob(run, stages["student-crsd"])["spec"]["rayClusterSpec"]
+    (g,) = student["workerGroupSpecs"]
+    assert (g["replicas"], g["minReplicas"], g["maxReplicas"]) == (4, 4, 4) and not student["enableInTreeAutoscaling"]
+    c = g["template"]["spec"]["containers"][0]
+    assert c["resources"]["limits"] == {"cpu": "2", "memory": "16Gi", "nvidia.com/gpu": 1}
+    annotate = k8s.rayjob(run, stages["annotate"])["spec"]["rayClusterSpec"]
+    (g,) = annotate["workerGroupSpecs"]
+    assert (g["minReplicas"], g["maxReplicas"]) == (1, 8) and annotate["enableInTreeAutoscaling"]
+
+
+@pytest.mark.parametrize(
+    ("status", "phase", "says"),
+    [
+        ({}, "Running", "waiting"),
+        ({"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}, "Running", "RUNNING"),
+        ({"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}, "Succeeded", None),
+        ({"jobDeploymentStatus": "Complete", "jobStatus": "FAILED", "message": "stage failed: bad"}, "Failed", "bad"),
+        ({"jobDeploymentStatus": "Failed", "reason": "DeadlineExceeded"}, "Failed", "DeadlineExceeded"),
+    ],
+)
+def test_rayjob_status_to_stage_phase(status, phase, says):
+    got, message = k8s.rayjob_phase({"status": status})
+    assert got == phase
+    assert (says is None and message is None) or says in message
