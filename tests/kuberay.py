@@ -13,15 +13,20 @@ import yaml
 CRDS = Path(__file__).resolve().parent.parent / "third_party" / "kuberay-v1.7.0" / "crds"
 
 
-def _strict(node):
+def draft4(node, strict: bool = False):
+    """A CRD's OpenAPI v3 schema as JSON Schema draft 4: `nullable` → a null type, x-kubernetes-*
+    dropped; `strict` also forbids undeclared properties (except under preserve-unknown-fields)."""
     if isinstance(node, list):
-        return [_strict(n) for n in node]
+        return [draft4(n, strict) for n in node]
     if not isinstance(node, dict):
         return node
-    out = {k: _strict(v) for k, v in node.items() if not k.startswith("x-kubernetes")}
+    out = {k: draft4(v, strict) for k, v in node.items() if not k.startswith("x-kubernetes")}
     if out.pop("nullable", False) and "type" in out:
         out["type"] = [out["type"], "null"]
-    if "properties" in out and "additionalProperties" not in out and not node.get("x-kubernetes-preserve-unknown-fields"):
+        if "enum" in out:
+            out["enum"] = out["enum"] + [None]
+    if strict and "properties" in out and "additionalProperties" not in out \
+            and not node.get("x-kubernetes-preserve-unknown-fields"):
         out["additionalProperties"] = False
     return out
 
@@ -30,7 +35,7 @@ def _strict(node):
 def validator(kind: str) -> jsonschema.Draft4Validator:
     crd = yaml.safe_load((CRDS / f"ray.io_{kind.lower()}s.yaml").read_text())
     version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
-    return jsonschema.Draft4Validator(_strict(version["schema"]["openAPIV3Schema"]))
+    return jsonschema.Draft4Validator(draft4(version["schema"]["openAPIV3Schema"], strict=True))
 
 
 def errors(obj: dict) -> list[str]:

@@ -10,6 +10,7 @@ import yaml
 
 from kubedistill import crd, spec
 from tests.conftest import ROOT, SAMPLES, minimal_doc
+from tests.kuberay import draft4
 
 COMMITTED = ROOT / "manifests" / "crds" / "kubedistill.io_distillationruns.yaml"
 
@@ -58,22 +59,8 @@ def test_names_printer_columns_and_status_subresource():
     assert metrics["x-kubernetes-preserve-unknown-fields"] is True
 
 
-def _to_draft4(node):
-    """OpenAPI 3.0 `nullable` -> JSON Schema; x-kubernetes-* extensions dropped."""
-    if isinstance(node, list):
-        return [_to_draft4(n) for n in node]
-    if not isinstance(node, dict):
-        return node
-    out = {k: _to_draft4(v) for k, v in node.items() if not k.startswith("x-kubernetes")}
-    if out.pop("nullable", False) and "type" in out:
-        out["type"] = [out["type"], "null"]
-        if "enum" in out:
-            out["enum"] = out["enum"] + [None]
-    return out
-
-
 def _validator():
-    return jsonschema.Draft4Validator(_to_draft4(_version()["schema"]["openAPIV3Schema"]))
+    return jsonschema.Draft4Validator(draft4(_version()["schema"]["openAPIV3Schema"]))
 
 
 def test_samples_pass_the_crd_schema():
