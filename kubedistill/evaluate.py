@@ -158,10 +158,14 @@ def promotion_blocked(run_storage: Any) -> str | None:
     """Why the run's model must not be promoted to serving, or None when the gate passed."""
     from kubedistill.stage import read_manifest
 
-    manifest = read_manifest(run_storage, "evaluate")
-    if manifest is None:
+    return gate_blocks(read_manifest(run_storage, "evaluate"))
+
+
+def gate_blocks(evaluate_manifest: dict[str, Any] | None) -> str | None:
+    """The gate's verdict from the evaluate stage's manifest: why promotion is blocked, or None."""
+    if evaluate_manifest is None:
         return "the evaluate stage has not succeeded"
-    verdict = manifest["metrics"]["gate"]
+    verdict = evaluate_manifest["metrics"]["gate"]
     if verdict["candidate"] != "student":
         return "no student was evaluated"
     return None if verdict["passed"] else verdict["reason"]

@@ -156,12 +156,16 @@ def serve_config(run: DistillationRun, model_uri: str) -> dict[str, Any]:
 def rayservice(run: DistillationRun, model_uri: str, uid: str | None = None) -> dict[str, Any]:
     """The RayService hosting the student: one worker per Serve replica, autoscaled within spec.serving.replicas."""
     s = run.spec.serving
+    meta = metadata(run, "serve", uid)
+    config = serve_config(run, model_uri)
+    meta["annotations"] = {f"{GROUP}/config-hash": hashlib.sha256(
+        yaml.safe_dump([config, to_wire(run.spec.ray)]).encode()).hexdigest()[:16]}
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayService",
-        "metadata": metadata(run, "serve", uid),
+        "metadata": meta,
         "spec": {
-            "serveConfigV2": yaml.safe_dump(serve_config(run, model_uri), sort_keys=False),
+            "serveConfigV2": yaml.safe_dump(config, sort_keys=False),
             "rayClusterConfig": ray_cluster_spec(
                 run, "serve", workers=max(1, s.replicas.min), min_workers=max(1, s.replicas.min),
                 max_workers=s.replicas.max, cpus=s.cpus_per_replica, gpus=s.gpus_per_replica, memory=None,

@@ -1,0 +1,170 @@
+"""The operator's decisions as one pure function: a DistillationRun and what exists in the cluster
+→ what to create, replace and delete, the run's new status, and the events to record.
+
+The kopf handlers list the run's children (by label), read stage manifests from storage, call
+`reconcile`, and apply the plan. Nothing here talks to Kubernetes, so every rule is unit-tested:
+
+- a stage starts when every stage it depends on has Succeeded; its object has a deterministic name,
+  so creating it twice (an operator restarted mid-run) is "already exists", not a duplicate;
+- a RayJob has finished well only when Complete + SUCCEEDED *and* its manifest is in storage;
+- KubeRay retries a failed RayJob up to `spec.ray.stageRetries` (`backoffLimit`, each retry resumes
+  from the stage's checkpoint); when it gives up, the run fails with the stage's reason;
+- a child whose config-hash annotation differs from the spec's is deleted and rerun (batch
+  stages) or replaced in place (the RayService): a spec change reruns only the stages it touches;
+- `serve` starts only when the evaluation gate passed; otherwise it is Skipped with a
+  `Promoted=False` condition;
+- a resource the schema could not refuse (a cross-field rule, an unavailable stage) gets phase
+  Failed and a `Valid=False` condition whose message names the field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from kubedistill import k8s, pipeline
+from kubedistill.evaluate import gate_blocks
+from kubedistill.spec import Condition, DistillationRun, RunStatus, SpecError, StageStatus, parse_run
+
+HASH = f"{k8s.GROUP}/config-hash"
+
+
+@dataclass
+class Plan:
+    status: RunStatus
+    create: list[dict[str, Any]] = field(default_factory=list)
+    replace: list[dict[str, Any]] = field(default_factory=list)
+    delete: list[tuple[str, str]] = field(default_factory=list)  # (kind, name)
+    events: list[tuple[str, str, str]] = field(default_factory=list)  # (Normal | Warning, reason, message)
+
+    @property
+    def finished(self) -> bool:
+        return self.status.phase in ("Succeeded", "Failed")
+
+
+def _condition(conditions: list[Condition], type_: str, status: str, reason: str, message: str, now: str) -> None:
+    old = next((c for c in conditions if c.type == type_), None)
+    if old and (old.status, old.reason, old.message) == (status, reason, message):
+        return
+    when = old.last_transition_time if old and old.status == status else now
+    conditions[:] = [c for c in conditions if c.type != type_]
+    conditions.append(Condition(type=type_, status=status, reason=reason, message=message, last_transition_time=when))
+
+
+def invalid(body: dict[str, Any], error: Exception, previous: RunStatus | None, now: str) -> Plan:
+    """The plan for a resource that cannot run: nothing created, status Failed, the field named."""
+    status = RunStatus(phase="Failed", observed_generation=(body.get("metadata") or {}).get("generation"),
+                       stages=previous.stages if previous else [], conditions=list(previous.conditions) if previous else [])
+    message = "; ".join(str(p) for p in error.problems) if isinstance(error, SpecError) else str(error)
+    _condition(status.conditions, "Valid", "False", "InvalidSpec", message, now)
+    _condition(status.conditions, "Ready", "False", "InvalidSpec", message, now)
+    return Plan(status, events=[("Warning", "InvalidSpec", message)])
+
+
+def reconcile_body(
+    body: dict[str, Any],
+    children: dict[str, dict[str, Any]],
+    manifests: Callable[[str], dict[str, Any] | None],
+    now: str,
+) -> Plan:
+    """`reconcile` for a resource as the API server holds it (spec unvalidated, previous status inside)."""
+    previous = RunStatus.model_validate(body["status"]) if body.get("status") and body["status"].get("phase") else None
+    try:
+        run = parse_run({k: v for k, v in body.items() if k in ("apiVersion", "kind", "metadata", "spec")},
+                        (body.get("metadata") or {}).get("name", "<resource>"))
+        pipeline.check_available(pipeline.build(run))
+    except (SpecError, pipeline.StageNotAvailable) as e:
+        return invalid(body, e, previous, now)
+    meta = body.get("metadata") or {}
+    return reconcile(run, children, manifests, now, uid=meta.get("uid"), generation=meta.get("generation"),
+                     previous=previous)
+
+
+def reconcile(
+    run: DistillationRun,
+    children: dict[str, dict[str, Any]],
+    manifests: Callable[[str], dict[str, Any] | None],
+    now: str,
+    *,
+    uid: str | None = None,
+    generation: int | None = None,
+    previous: RunStatus | None = None,
+) -> Plan:
+    """Decide the next step for `run` given its children (by name) and the stages' manifests in storage."""
+    stages = pipeline.build(run)
+    before = {s.name: s for s in (previous.stages if previous else [])}
+    status = RunStatus(phase="Running", observed_generation=generation,
+                       conditions=list(previous.conditions) if previous else [])
+    plan = Plan(status)
+    phases: dict[str, str] = {}
+    for stage in stages:
+        old = before.get(stage.name) or StageStatus(name=stage.name)
+        st = StageStatus(name=stage.name, attempts=old.attempts, started_at=old.started_at,
+                         finished_at=old.finished_at, artifact=old.artifact, metrics=old.metrics)
+        is_service = stage.name in pipeline.SERVICES
+        name = k8s.child_name(run.name, stage.name)
+        child = children.get(name)
+        desired = (k8s.rayservice(run, k8s.student_model_uri(run), uid) if is_service else k8s.rayjob(run, stage, uid))
+        stale = child is not None and (child.get("metadata", {}).get("annotations") or {}).get(HASH) != \
+            desired["metadata"]["annotations"][HASH]
+        if stale and not is_service:  # delete now, create once it is gone (a later reconcile)
+            plan.delete.append((child["kind"], name))
+            plan.events.append(("Normal", "StageConfigChanged", f"{stage.name}: config changed, rerunning"))
+            st.phase, st.message, st.finished_at, st.metrics, st.artifact = (
+                "Pending", "config changed: rerunning once the old RayJob is deleted", None, {}, None)
+            phases[stage.name] = st.phase
+            status.stages.append(st)
+            continue
+        if stale:
+            desired["metadata"]["resourceVersion"] = child["metadata"].get("resourceVersion")
+            plan.replace.append(desired)
+            plan.events.append(("Normal", "ServingUpdated", f"{stage.name}: serving config changed, updating in place"))
+        deps_ok = all(phases.get(d) == "Succeeded" for d in stage.depends_on)
+        if child is None:
+            if not deps_ok:
+                st.phase = "Pending"
+            elif stage.name in pipeline.GATED and (why := gate_blocks(manifests("evaluate"))):
+                st.phase, st.message = "Skipped", f"not promoted: {why}"
+                _condition(status.conditions, "Promoted", "False", "GateFailed", why, now)
+            else:
+                plan.create.append(desired)
+                st.phase, st.started_at, st.finished_at, st.attempts = "Running", now, None, st.attempts + 1
+                st.message, st.job = "created", name
+        else:
+            st.job = name
+            st.phase, st.message = (k8s.rayservice_phase(child) if is_service else k8s.rayjob_phase(child))
+            if not is_service:
+                st.attempts = max(st.attempts, 1 + int((child.get("status") or {}).get("failed") or 0))
+            if st.phase == "Succeeded" and not is_service:
+                manifest = manifests(stage.name)
+                if manifest is None or manifest.get("configHash") != stage.config_hash:
+                    st.phase, st.message = "Failed", "the RayJob succeeded but wrote no manifest for this config"
+                else:
+                    st.artifact, st.metrics = manifest["artifact"], manifest["metrics"]
+            if st.phase == "Succeeded" and is_service:
+                _condition(status.conditions, "Promoted", "True", "Serving", f"RayService {name} is ready", now)
+            if st.phase in ("Succeeded", "Failed") and not st.finished_at:
+                st.finished_at = now
+        if st.phase != old.phase and st.phase in ("Succeeded", "Failed"):
+            kind = "Warning" if st.phase == "Failed" else "Normal"
+            plan.events.append((kind, f"Stage{st.phase}", f"{stage.name}: {st.message or st.phase.lower()}"))
+        elif st.phase == "Running" and old.phase != "Running" and child is None:
+            plan.events.append(("Normal", "StageStarted", f"{stage.name}: created {desired['kind']} {name}"))
+        phases[stage.name] = st.phase
+        status.stages.append(st)
+
+    failed = next((s for s in status.stages if s.phase == "Failed"), None)
+    running = next((s for s in status.stages if s.phase in ("Running", "Pending")), None)
+    if failed:
+        status.phase, status.current_stage = "Failed", failed.name
+        plan.create = []  # nothing new starts after a failure
+        _condition(status.conditions, "Ready", "False", "StageFailed", f"{failed.name}: {failed.message}", now)
+    elif running:
+        status.phase, status.current_stage = "Running", running.name
+        _condition(status.conditions, "Ready", "False", "StageRunning", f"{running.name}: {running.message or 'pending'}", now)
+    else:
+        status.phase, status.current_stage = "Succeeded", None
+        _condition(status.conditions, "Ready", "True", "Succeeded", "every stage finished", now)
+    _condition(status.conditions, "Valid", "True", "Valid", "", now)
+    return plan

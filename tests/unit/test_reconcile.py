@@ -1,0 +1,183 @@
+"""The operator's decisions, step by step, without a cluster."""
+
+import copy
+
+import pytest
+
+from kubedistill import k8s, pipeline, spec
+from kubedistill.reconcile import HASH, reconcile, reconcile_body
+from tests.conftest import minimal_doc
+
+NOW = "2026-11-28T00:00:00Z"
+OFF = {"teacher": {"enabled": False}, "annotation": {"enabled": False}, "pruning": {"enabled": False}}
+
+
+def _body(**spec_fields) -> dict:
+    doc = minimal_doc(storage={"uri": "s3://b/runs"}, **{**OFF, **spec_fields})
+    doc["metadata"].update(name="r1", namespace="ml", uid="uid-1", generation=1)
+    return doc
+
+
+def _run(body: dict) -> spec.DistillationRun:
+    return spec.parse_run({k: v for k, v in body.items() if k != "status"})
+
+
+def _manifest(run, stage, gate_passed=True):
+    st = next(s for s in pipeline.build(run) if s.name == stage)
+    m = {"configHash": st.config_hash, "artifact": f"s3://b/runs/r1/{stage}/", "metrics": {"rows": 1}}
+    if stage == "evaluate":
+        m["metrics"] = {"gate": {"candidate": "student", "passed": gate_passed, "reason": "macro-F1 0.60 < 0.70"}}
+    return m
+
+
+def _done(obj):
+    obj = copy.deepcopy(obj)
+    obj["status"] = {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}
+    return obj
+
+
+class Cluster:
+    """Applies plans the way the handlers do, so a test can walk a run through its stages."""
+
+    def __init__(self, body, gate_passed=True):
+        self.body, self.children, self.manifests, self.gate_passed = body, {}, {}, gate_passed
+
+    def step(self):
+        plan = reconcile_body(self.body, self.children, self.manifests.get, NOW)
+        for kind, name in plan.delete:
+            self.children.pop(name)
+        for obj in plan.create + plan.replace:
+            self.children[obj["metadata"]["name"]] = copy.deepcopy(obj)
+        self.body["status"] = spec.to_wire(plan.status)
+        return plan
+
+    def finish(self, stage):
+        run = _run(self.body)
+        name = k8s.child_name("r1", stage)
+        self.children[name] = _done(self.children[name])
+        self.manifests[stage] = _manifest(run, stage, self.gate_passed)
+
+
+def _phases(plan):
+    return {s.name: s.phase for s in plan.status.stages}
+
+
+def test_stages_start_in_dependency_order_and_the_run_succeeds_with_serving():
+    c = Cluster(_body())
+    plan = c.step()
+    assert [o["metadata"]["name"] for o in plan.create] == ["r1-data"]
+    assert _phases(plan) == {"data": "Running", "student-crsd": "Pending", "evaluate": "Pending", "serve": "Pending"}
+    assert plan.status.phase == "Running" and plan.events == [("Normal", "StageStarted", "data: created RayJob r1-data")]
+    c.finish("data")
+    plan = c.step()
+    assert [o["metadata"]["name"] for o in plan.create] == ["r1-student-crsd"]
+    data = plan.status.stages[0]
+    assert data.phase == "Succeeded" and data.artifact == "s3://b/runs/r1/data/" and data.metrics == {"rows": 1}
+    c.finish("student-crsd")
+    assert [o["metadata"]["name"] for o in c.step().create] == ["r1-evaluate"]
+    c.finish("evaluate")
+    plan = c.step()
+    (svc,) = plan.create
+    assert svc["kind"] == "RayService" and plan.status.phase == "Running"
+    c.children["r1-serve"]["status"] = {"conditions": [{"type": "Ready", "status": "True"}]}
+    plan = c.step()
+    assert plan.status.phase == "Succeeded" and not plan.create
+    cond = {x.type: x.status for x in plan.status.conditions}
+    assert cond == {"Ready": "True", "Promoted": "True", "Valid": "True"}
+    assert plan.status.observed_generation == 1
+
+
+def test_reconcile_is_idempotent_so_a_restarted_operator_creates_nothing_twice():
+    c = Cluster(_body())
+    c.step()
+    again = reconcile_body(c.body, c.children, c.manifests.get, NOW)
+    assert again.create == [] and again.delete == [] and _phases(again)["data"] == "Running"
+    assert again.status.stages[0].attempts == 1
+
+
+def test_a_failed_gate_skips_serving_with_the_reason():
+    c = Cluster(_body(), gate_passed=False)
+    c.step()
+    for stage in ("data", "student-crsd", "evaluate"):
+        c.finish(stage)
+        c.step()
+    plan = c.step()
+    assert _phases(plan)["serve"] == "Skipped" and "macro-F1 0.60 < 0.70" in plan.status.stages[-1].message
+    assert plan.status.phase == "Succeeded" and "r1-serve" not in c.children
+    promoted = next(x for x in plan.status.conditions if x.type == "Promoted")
+    assert (promoted.status, promoted.reason) == ("False", "GateFailed")
+
+
+def test_a_failed_rayjob_fails_the_run_with_its_reason_and_starts_nothing_else():
+    c = Cluster(_body())
+    c.step()
+    c.children["r1-data"]["status"] = {"jobDeploymentStatus": "Failed", "jobStatus": "FAILED", "failed": 2,
+                                       "message": "stage data failed: ValueError: spec.data.logs: no files"}
+    plan = c.step()
+    assert plan.status.phase == "Failed" and plan.create == []
+    data = plan.status.stages[0]
+    assert data.phase == "Failed" and data.attempts == 3 and "no files" in data.message
+    ready = next(x for x in plan.status.conditions if x.type == "Ready")
+    assert ready.status == "False" and ready.message.startswith("data: stage data failed")
+    assert ("Warning", "StageFailed", "data: stage data failed: ValueError: spec.data.logs: no files") in plan.events
+
+
+def test_success_without_a_manifest_for_this_config_is_a_failure():
+    c = Cluster(_body())
+    c.step()
+    c.children["r1-data"] = _done(c.children["r1-data"])
+    plan = c.step()
+    assert _phases(plan)["data"] == "Failed" and "no manifest" in plan.status.stages[0].message
+    c.manifests["data"] = {**_manifest(_run(c.body), "data"), "configHash": "stale"}
+    assert _phases(c.step())["data"] == "Failed"
+
+
+def test_a_spec_change_reruns_only_the_stages_it_touches():
+    c = Cluster(_body())
+    c.step()
+    for stage in ("data", "student-crsd", "evaluate"):
+        c.finish(stage)
+        c.step()
+    c.body["spec"]["evaluation"] = {"minMacroF1": 0.5}
+    c.body["metadata"]["generation"] = 2
+    plan = c.step()
+    assert plan.delete == [("RayJob", "r1-evaluate")] and plan.create == []
+    assert _phases(plan)["data"] == "Succeeded" and _phases(plan)["student-crsd"] == "Succeeded"
+    assert _phases(plan)["evaluate"] == "Pending" and plan.status.observed_generation == 2
+    plan = c.step()
+    assert [o["metadata"]["name"] for o in plan.create] == ["r1-evaluate"]
+
+
+def test_a_serving_change_replaces_the_rayservice_in_place():
+    c = Cluster(_body())
+    c.step()
+    for stage in ("data", "student-crsd", "evaluate"):
+        c.finish(stage)
+        c.step()
+    c.step()
+    c.children["r1-serve"]["metadata"]["resourceVersion"] = "42"
+    old_hash = c.children["r1-serve"]["metadata"]["annotations"][HASH]
+    assert reconcile_body(c.body, c.children, c.manifests.get, NOW).replace == []  # unchanged: left alone
+    c.body["spec"]["serving"] = {"maxServices": 20}
+    plan = c.step()
+    (new,) = plan.replace
+    assert plan.delete == [] and new["metadata"]["resourceVersion"] == "42"
+    assert new["metadata"]["annotations"][HASH] != old_hash
+    assert "maxServices: 20" in new["spec"]["serveConfigV2"]
+
+
+@pytest.mark.parametrize(
+    ("spec_fields", "says"),
+    [
+        ({"student": {"enabled": False}}, "spec.serving.enabled: serving needs a student"),
+        ({"teacher": {"enabled": True}}, "not available in this version"),
+        ({"serving": {"maxBatchPairs": 5}}, "spec.serving.maxBatchPairs"),
+    ],
+)
+def test_an_invalid_resource_fails_with_a_condition_naming_the_field(spec_fields, says):
+    body = _body(**spec_fields)
+    plan = reconcile_body(body, {}, {}.get, NOW)
+    assert plan.status.phase == "Failed" and plan.create == []
+    valid = next(x for x in plan.status.conditions if x.type == "Valid")
+    assert valid.status == "False" and says in valid.message
+    assert plan.events[0][:2] == ("Warning", "InvalidSpec")
