@@ -1,5 +1,5 @@
 # kubedistill: everything a fresh machine needs, from a clean clone.
-#   make demo   create the environment and run the quickstart DistillationRun on a local Ray
+#   make demo   create the environment, run the quickstart DistillationRun on a local Ray, serve the student
 #   make test   create the environment and run every test (starts its own SeaweedFS S3 server)
 
 PYTHON ?= python3
@@ -20,7 +20,6 @@ dev: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/kubedistill run manifests/samples/quickstart.yaml
-	$(BIN)/kubedistill status manifests/samples/quickstart.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -7,4 +7,4 @@ creates a RayService from the same application args instead.
 from kubedistill import serving, stage
 
 if __name__ == "__main__":
-    stage.main(serving.run_stage, always=True)
+    stage.main(serving.run_stage)

@@ -19,7 +19,6 @@ from typing import Any, TextIO
 
 from kubedistill import pipeline
 from kubedistill.evaluate import promotion_blocked
-from kubedistill.serving import curl_example
 from kubedistill.spec import Condition, DistillationRun, RunStatus, StageStatus, to_wire
 from kubedistill.stage import CONFIG_ENV, FAILURE, MANIFEST, is_done, now, run_storage
 from kubedistill.storage import Storage
@@ -192,6 +191,8 @@ def run_local(
         say(f"kubedistill: run {run.name} succeeded; status at {storage.uri(STATUS_FILE)}")
         served = next((s for s in status.status.stages if s.name == "serve" and s.phase == "Succeeded"), None)
         if served:
+            from kubedistill.serving import curl_example
+
             url = storage.read_json(f"serve/{MANIFEST}")["outputs"]["url"]
             say(f"kubedistill: serving the student at {url}\n  try: {curl_example(url)}")
             if keep_serving and not address:

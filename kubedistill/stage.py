@@ -108,10 +108,12 @@ class StageContext:
 StageFn = Callable[[StageContext], dict[str, Any]]
 
 
-def execute(ctx: StageContext, fn: StageFn, always: bool = False) -> dict[str, Any]:
-    """Run `fn` unless already done (`always`: a service stage that acts every time); write the manifest last."""
+def execute(ctx: StageContext, fn: StageFn) -> dict[str, Any]:
+    """Run `fn` unless already done (a service stage acts every time); write the manifest last."""
+    from kubedistill.pipeline import SERVICES
+
     storage, name = ctx.storage, ctx.name
-    if not always and is_done(storage, ctx.config):
+    if name not in SERVICES and is_done(storage, ctx.config):
         ctx.log("already done for this config and these inputs; skipping")
         return read_manifest(storage, name)  # type: ignore[return-value]
     inputs = input_digests(storage, ctx.config["inputs"])
@@ -147,11 +149,11 @@ def execute(ctx: StageContext, fn: StageFn, always: bool = False) -> dict[str, A
     return manifest
 
 
-def main(fn: StageFn, always: bool = False) -> None:
+def main(fn: StageFn) -> None:
     """Entrypoint body of every `jobs/<stage>.py`."""
     ctx = StageContext.from_env()
     try:
-        execute(ctx, fn, always)
+        execute(ctx, fn)
     except Exception as e:  # the traceback is in _FAILED.json and the job log
         traceback.print_exc()
         print(f"[{ctx.name}] FAILED: {type(e).__name__}: {e}", file=sys.stderr, flush=True)

@@ -92,3 +92,16 @@ def test_context_from_env(monkeypatch, tmp_path):
     assert ctx.input("data").uri() == f"{tmp_path}/r/data"
     with pytest.raises(KeyError):
         ctx.input("teacher-sft")
+
+
+def test_a_service_stage_acts_on_every_run(tmp_path):
+    calls = []
+
+    def fn(ctx):
+        calls.append(ctx.name)
+        return {"outputs": {"url": f"http://127.0.0.1:8000/score#{len(calls)}"}}
+
+    execute(_ctx(tmp_path), lambda ctx: {})
+    first = execute(_ctx(tmp_path, "serve", ["data"]), fn)
+    second = execute(_ctx(tmp_path, "serve", ["data"]), fn)  # a local cluster's app died with the last run
+    assert calls == ["serve", "serve"] and first["outputs"] != second["outputs"]
