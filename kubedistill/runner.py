@@ -11,6 +11,7 @@ import shlex
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -122,6 +123,8 @@ def run_local(
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     with local_ray(address) as dashboard:
+        if threading.current_thread() is threading.main_thread():
+            install_signal_handlers()  # ray.init replaced ours
         client = JobSubmissionClient(dashboard)
         say(f"kubedistill: Ray dashboard {dashboard}")
         for i, stage in enumerate(stages, 1):
@@ -220,9 +223,13 @@ def read_status(storage: Storage) -> RunStatus | None:
 
 
 def install_signal_handlers() -> None:
-    """Turn SIGTERM into KeyboardInterrupt so an interrupted run stops its job and records why."""
+    """Turn SIGTERM (and SIGINT, unless the shell ignores it) into KeyboardInterrupt, so an
+    interrupted run stops its job, records why and stops serving cleanly. Called again after
+    `ray.init`, which installs its own fatal-signal handlers."""
 
     def _raise(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, _raise)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, _raise)

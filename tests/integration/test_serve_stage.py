@@ -63,7 +63,7 @@ def test_run_serves_the_student_from_s3_and_the_printed_curl_works(bucket, tiny_
         assert answer["modelVersion"] == manifest["outputs"]["modelVersion"] == f"ce-{st.read_json('student-crsd/' + MANIFEST)['configHash'][:12]}"
         assert manifest["outputs"]["model"] == f"s3://{bucket}/runs/served/student-crsd/model"
         assert manifest["outputs"]["model"] == k8s.student_model_uri(spec.load_run(f))  # what a RayService serves
-        os.killpg(proc.pid, signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)  # what `kill`, `timeout` or a supervisor sends
         assert proc.wait(60) == 0
         assert "stopped serving" in proc.stdout.read()
     finally:

@@ -63,3 +63,21 @@ def test_render_prints_every_object_as_a_yaml_stream(capsys):
     run = spec.with_absolute_paths(spec.load_run(SAMPLES / "quickstart.yaml"), ".")
     assert docs == k8s.render(run)
     assert [d["metadata"]["name"] for d in docs][:2] == ["quickstart-data", "quickstart-student-crsd"]
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_signals_become_keyboard_interrupt(sig):
+    import os
+    import signal
+
+    from kubedistill import runner
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        runner.install_signal_handlers()
+        with pytest.raises(KeyboardInterrupt, match="signal"):
+            os.kill(os.getpid(), getattr(signal, sig))
+            signal.sigtimedwait([], 1)  # let the handler run
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
