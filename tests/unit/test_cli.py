@@ -74,10 +74,28 @@ def test_signals_become_keyboard_interrupt(sig):
 
     saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
         runner.install_signal_handlers()
         with pytest.raises(KeyboardInterrupt, match="signal"):
             os.kill(os.getpid(), getattr(signal, sig))
             signal.sigtimedwait([], 1)  # let the handler run
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
+
+
+def test_an_ignored_sigint_stays_ignored():
+    """A run started in the background by a shell ignores SIGINT; SIGTERM still stops it."""
+    import signal
+
+    from kubedistill import runner
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        runner.install_signal_handlers()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN)
     finally:
         for s, h in saved.items():
             signal.signal(s, h)
