@@ -51,6 +51,14 @@ class Cluster:
         self.body["status"] = spec.to_wire(plan.status)
         return plan
 
+    def through_evaluate(self):
+        """Start the run and let data, student-crsd and evaluate succeed in turn."""
+        self.step()
+        for stage in ("data", "student-crsd", "evaluate"):
+            self.finish(stage)
+            self.step()
+        return self
+
     def finish(self, stage):
         run = _run(self.body)
         name = k8s.child_name("r1", stage)
@@ -96,11 +104,7 @@ def test_reconcile_is_idempotent_so_a_restarted_operator_creates_nothing_twice()
 
 
 def test_a_failed_gate_skips_serving_with_the_reason():
-    c = Cluster(_body(), gate_passed=False)
-    c.step()
-    for stage in ("data", "student-crsd", "evaluate"):
-        c.finish(stage)
-        c.step()
+    c = Cluster(_body(), gate_passed=False).through_evaluate()
     plan = c.step()
     assert _phases(plan)["serve"] == "Skipped" and "macro-F1 0.60 < 0.70" in plan.status.stages[-1].message
     assert plan.status.phase == "Succeeded" and "r1-serve" not in c.children
@@ -133,11 +137,7 @@ def test_success_without_a_manifest_for_this_config_is_a_failure():
 
 
 def test_a_spec_change_reruns_only_the_stages_it_touches():
-    c = Cluster(_body())
-    c.step()
-    for stage in ("data", "student-crsd", "evaluate"):
-        c.finish(stage)
-        c.step()
+    c = Cluster(_body()).through_evaluate()
     c.body["spec"]["evaluation"] = {"minMacroF1": 0.5}
     c.body["metadata"]["generation"] = 2
     plan = c.step()
@@ -149,11 +149,7 @@ def test_a_spec_change_reruns_only_the_stages_it_touches():
 
 
 def test_a_serving_change_replaces_the_rayservice_in_place():
-    c = Cluster(_body())
-    c.step()
-    for stage in ("data", "student-crsd", "evaluate"):
-        c.finish(stage)
-        c.step()
+    c = Cluster(_body()).through_evaluate()
     c.step()
     c.children["r1-serve"]["metadata"]["resourceVersion"] = "42"
     old_hash = c.children["r1-serve"]["metadata"]["annotations"][HASH]
