@@ -34,8 +34,8 @@ from fastapi import Request  # module level: FastAPI resolves the route signatur
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from kubedistill.spec import ServingSpec
-from kubedistill.stage import read_manifest
+from kubedistill.spec import ServingSpec, field_path
+from kubedistill.stage import MANIFEST
 from kubedistill.storage import S3Options, Storage
 
 APP_NAME = "student"
@@ -87,13 +87,6 @@ class ScoreRequest(BaseModel):
     services: list[ScoreService] = Field(min_length=1)
 
 
-def _field(loc: tuple[Any, ...]) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "body"
-
-
 def parse_request(body: bytes, max_services: int, max_text_chars: int) -> ScoreRequest:
     """Decode and check a /score body; raise RequestError naming the first bad field (all of them in `errors`)."""
     try:
@@ -110,7 +103,7 @@ def parse_request(body: bytes, max_services: int, max_text_chars: int) -> ScoreR
         errors = []
         for err in e.errors(include_url=False):
             msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
-            errors.append({"field": _field(err["loc"]), "message": msg})
+            errors.append({"field": field_path(err["loc"], "body"), "message": msg})
         raise RequestError(422, errors[0]["field"], errors[0]["message"], errors) from None
     too_long = [("query", len(req.query))] if len(req.query) > max_text_chars else []
     too_long += [(f"services[{i}].text", len(s.text)) for i, s in enumerate(req.services) if len(s.text) > max_text_chars]
@@ -159,14 +152,13 @@ def check_artifact(args: AppArgs) -> None:
 
 def build_app(args: dict[str, Any]) -> Any:
     """Ray Serve application builder (`import_path: ray_apps.student:app`, `args:` the AppArgs)."""
-    from ray import serve
     from ray.serve.config import AutoscalingConfig
 
     try:
         a = AppArgs.model_validate(args)
     except ValidationError as e:
         first = e.errors(include_url=False)[0]
-        raise ValueError(f"serving args: {_field(first['loc'])}: {first['msg']}") from None
+        raise ValueError(f"serving args: {field_path(first['loc'])}: {first['msg']}") from None
     check_artifact(a)
     deployment = _deployment()
     static = a.model_dump(by_alias=True, exclude={"model"})  # the model is user_config: switching it reloads in place
@@ -327,8 +319,7 @@ def run_stage(ctx: Any) -> dict[str, Any]:
 
     import ray
 
-    ctx.input("student-crsd")  # declared input: the model comes from its manifest
-    model_uri = read_manifest(ctx.storage, "student-crsd")["outputs"]["model"]
+    model_uri = ctx.input("student-crsd").read_json(MANIFEST)["outputs"]["model"]
     args = app_args(ctx.spec.get("serving", {}), ctx.config["storage"], model_uri)
     ray.init(address="auto", log_to_driver=False, logging_level="WARNING")
     host = os.environ.get("KUBEDISTILL_SERVE_HOST", "127.0.0.1")

@@ -377,11 +377,12 @@ class SpecError(ValueError):
         super().__init__(f"{source}: {len(problems)} problem(s)\n{lines}")
 
 
-def _loc(loc: tuple[Any, ...]) -> str:
+def field_path(loc: tuple[Any, ...], root: str = "<root>") -> str:
+    """A pydantic error location as a field path: `spec.serving.replicas`, `services[1].text`."""
     out = ""
     for part in loc:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "<root>"
+    return out or root
 
 
 def _semantic_problems(run: DistillationRun) -> list[Problem]:
@@ -421,7 +422,7 @@ def parse_run(doc: Any, source: str = "<input>") -> DistillationRun:
                 msg = "unknown field"
             elif "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], (dict, list)):
                 msg = f"{msg} (got {err['input']!r})"
-            problems.append(Problem(_loc(err["loc"]), msg))
+            problems.append(Problem(field_path(err["loc"]), msg))
         raise SpecError(source, problems) from None
     problems = _semantic_problems(run)
     if problems:
