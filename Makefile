@@ -7,13 +7,14 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test dev crd lint clean
+.PHONY: demo test dev crd manifests clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "kubedistill needs Python >= 3.11")'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python scripts/install_k8s_tools.py $(BIN)
 	touch $(STAMP)
 
 dev: $(STAMP)
@@ -24,8 +25,14 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+# the spec models are the source of the CRD; the chart carries copies (a test checks them)
 crd: $(STAMP)
 	$(BIN)/kubedistill crd > manifests/crds/kubedistill.io_distillationruns.yaml
+	cp manifests/crds/*.yaml charts/kubedistill/crds/
+
+# manifests/rbac and manifests/operator: the chart rendered with its defaults (for kubectl apply -k)
+manifests: $(STAMP)
+	$(BIN)/python scripts/render_manifests.py $(BIN)/helm
 
 clean:
 	rm -rf runs .pytest_cache

@@ -23,6 +23,7 @@ GROUP = "kubedistill.io"
 API_VERSION = f"{GROUP}/v1alpha1"
 KIND = "DistillationRun"
 MAX_NAME = 47
+ATTEMPT = f"{GROUP}/attempt"
 SERVE_PORT = 8000
 
 
@@ -99,8 +100,12 @@ def ray_cluster_spec(run: DistillationRun, group: str, workers: int, min_workers
 # Batch stages: one RayJob each
 
 
-def rayjob(run: DistillationRun, stage: Stage, uid: str | None = None) -> dict[str, Any]:
-    """The RayJob of one batch stage: its entrypoint, its config as JSON in an env var, a cluster sized for it."""
+def rayjob(run: DistillationRun, stage: Stage, uid: str | None = None, attempt: int = 1) -> dict[str, Any]:
+    """The RayJob of one batch stage: its entrypoint, its config as JSON in an env var, a cluster sized for it.
+
+    `backoffLimit` is 0: the operator owns retries (with backoff, events and the attempt in the stage's
+    status), so KubeRay must not retry as well. Each attempt is a new RayJob annotated with its number.
+    """
     r = stage.resources
     if stage.name == "annotate":  # the autoscaled actor pool: workers come and go within annotation.replicas
         rep = run.spec.annotation.replicas
@@ -108,7 +113,7 @@ def rayjob(run: DistillationRun, stage: Stage, uid: str | None = None) -> dict[s
     else:
         workers = lo = hi = r.workers
     meta = metadata(run, stage.name, uid)
-    meta["annotations"] = {f"{GROUP}/config-hash": stage.config_hash}
+    meta["annotations"] = {f"{GROUP}/config-hash": stage.config_hash, ATTEMPT: str(attempt)}
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayJob",
@@ -117,7 +122,7 @@ def rayjob(run: DistillationRun, stage: Stage, uid: str | None = None) -> dict[s
             "entrypoint": stage.entrypoint,  # fixed text: user strings travel only in the env var below
             "runtimeEnvYAML": yaml.safe_dump({"env_vars": {CONFIG_ENV: stage.config_json}}),
             "submissionMode": "K8sJobMode",
-            "backoffLimit": run.spec.ray.stage_retries,
+            "backoffLimit": 0,
             "activeDeadlineSeconds": run.spec.ray.stage_timeout_seconds,
             "shutdownAfterJobFinishes": True,
             "ttlSecondsAfterFinished": 300,

@@ -7,8 +7,11 @@ The kopf handlers list the run's children (by label), read stage manifests from 
 - a stage starts when every stage it depends on has Succeeded; its object has a deterministic name,
   so creating it twice (an operator restarted mid-run) is "already exists", not a duplicate;
 - a RayJob has finished well only when Complete + SUCCEEDED *and* its manifest is in storage;
-- KubeRay retries a failed RayJob up to `spec.ray.stageRetries` (`backoffLimit`, each retry resumes
-  from the stage's checkpoint); when it gives up, the run fails with the stage's reason;
+- a failed stage is retried up to `spec.ray.stageRetries` times: its RayJob is deleted and, after a
+  backoff (`retryBackoffSeconds`, doubled per retry, at most 10 minutes), created again as the next
+  attempt (annotated, so a restarted operator that lost its status neither double-counts nor
+  deletes the new attempt); the new job resumes from the stage's checkpoint. When the retries are
+  spent, the run fails with the stage's reason;
 - a child whose config-hash annotation differs from the spec's is deleted and rerun (batch
   stages) or replaced in place (the RayService): a spec change reruns only the stages it touches;
 - `serve` starts only when the evaluation gate passed; otherwise it is Skipped with a
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from kubedistill import k8s, pipeline
@@ -28,6 +32,8 @@ from kubedistill.evaluate import gate_blocks
 from kubedistill.spec import Condition, DistillationRun, RunStatus, SpecError, StageStatus, parse_run
 
 HASH = f"{k8s.GROUP}/config-hash"
+ATTEMPT = k8s.ATTEMPT
+MAX_BACKOFF_S = 600
 
 
 @dataclass
@@ -41,6 +47,23 @@ class Plan:
     @property
     def finished(self) -> bool:
         return self.status.phase in ("Succeeded", "Failed")
+
+
+def backoff_seconds(base: int, failed_attempts: int) -> int:
+    """Wait before retry number `failed_attempts` (1 = the first retry): base, 2·base, 4·base... ≤ 10 minutes."""
+    return min(MAX_BACKOFF_S, base * 2 ** max(0, failed_attempts - 1))
+
+
+def _later(now: str, seconds: int) -> str:
+    t = datetime.strptime(now, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc) + timedelta(seconds=seconds)
+    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _attempt(child: dict[str, Any]) -> int:
+    try:
+        return int(((child.get("metadata") or {}).get("annotations") or {}).get(ATTEMPT) or 1)
+    except ValueError:
+        return 1
 
 
 def _condition(conditions: list[Condition], type_: str, status: str, reason: str, message: str, now: str) -> None:
@@ -101,11 +124,13 @@ def reconcile(
     for stage in stages:
         old = before.get(stage.name) or StageStatus(name=stage.name)
         st = StageStatus(name=stage.name, attempts=old.attempts, started_at=old.started_at,
-                         finished_at=old.finished_at, artifact=old.artifact, metrics=old.metrics)
+                         finished_at=old.finished_at, artifact=old.artifact, metrics=old.metrics,
+                         retry_at=old.retry_at, message=old.message if old.retry_at else None)
         is_service = stage.name in pipeline.SERVICES
         name = k8s.child_name(run.name, stage.name)
         child = children.get(name)
-        desired = (k8s.rayservice(run, k8s.student_model_uri(run), uid) if is_service else k8s.rayjob(run, stage, uid))
+        desired = (k8s.rayservice(run, k8s.student_model_uri(run), uid) if is_service
+                   else k8s.rayjob(run, stage, uid, attempt=st.attempts + 1))
         stale = child is not None and (child.get("metadata", {}).get("annotations") or {}).get(HASH) != \
             desired["metadata"]["annotations"][HASH]
         if stale and not is_service:  # delete now, create once it is gone (a later reconcile)
@@ -121,21 +146,34 @@ def reconcile(
             plan.replace.append(desired)
             plan.events.append(("Normal", "ServingUpdated", f"{stage.name}: serving config changed, updating in place"))
         deps_ok = all(phases.get(d) == "Succeeded" for d in stage.depends_on)
+        if child is not None and not is_service and _attempt(child) > st.attempts:
+            st.attempts, st.retry_at = _attempt(child), None  # created, but the status saying so was lost
         if child is None:
             if not deps_ok:
                 st.phase = "Pending"
             elif stage.name in pipeline.GATED and (why := gate_blocks(manifests("evaluate"))):
                 st.phase, st.message = "Skipped", f"not promoted: {why}"
                 _condition(status.conditions, "Promoted", "False", "GateFailed", why, now)
+            elif st.retry_at and now < st.retry_at:
+                st.phase = "Pending"  # backing off; the message says when the retry starts
             else:
                 plan.create.append(desired)
                 st.phase, st.started_at, st.finished_at, st.attempts = "Running", now, None, st.attempts + 1
-                st.message, st.job = "created", name
+                st.message, st.job, st.retry_at = "created", name, None
+        elif st.retry_at and not is_service:  # the failed attempt is still being deleted
+            plan.delete.append((child["kind"], name))
+            st.phase = "Pending"
         else:
             st.job = name
             st.phase, st.message = (k8s.rayservice_phase(child) if is_service else k8s.rayjob_phase(child))
-            if not is_service:
-                st.attempts = max(st.attempts, 1 + int((child.get("status") or {}).get("failed") or 0))
+            if st.phase == "Failed" and not is_service and st.attempts <= run.spec.ray.stage_retries:
+                wait = backoff_seconds(run.spec.ray.retry_backoff_seconds, st.attempts)
+                st.retry_at = _later(now, wait)
+                st.message = (f"attempt {st.attempts} failed: {st.message}; retry {st.attempts}/"
+                              f"{run.spec.ray.stage_retries} at {st.retry_at}")
+                plan.delete.append((child["kind"], name))
+                plan.events.append(("Warning", "StageRetrying", f"{stage.name}: {st.message}"))
+                st.phase = "Pending"
             if st.phase == "Succeeded" and not is_service:
                 manifest = manifests(stage.name)
                 if manifest is None or manifest.get("configHash") != stage.config_hash:

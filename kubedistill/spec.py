@@ -253,7 +253,12 @@ class RaySpec(_Model):
     )
     ray_version: str = Field(default="2.60.0", min_length=1)
     stage_retries: int = Field(
-        default=2, ge=0, le=20, description="Times a failed stage's RayJob is retried (it resumes from its checkpoint)."
+        default=2, ge=0, le=20, description="Times a failed stage is retried (a fresh RayJob that resumes from the "
+        "stage's checkpoint) before the run fails with the stage's reason."
+    )
+    retry_backoff_seconds: int = Field(
+        default=30, ge=0, le=3600, description="Wait before the first retry of a failed stage; doubled for each "
+        "further retry, at most 10 minutes."
     )
     stage_timeout_seconds: int = Field(
         default=86_400, ge=60, description="A stage's RayJob is stopped and failed after this long."
@@ -335,6 +340,7 @@ class StageStatus(_Model):
     artifact: str | None = None
     job: str | None = Field(default=None, description="Ray job submission id or RayJob name.")
     message: str | None = None
+    retry_at: str | None = Field(default=None, description="When a failed stage will be retried (operator only).")
     metrics: dict[str, Any] = Field(default_factory=dict)
 
 

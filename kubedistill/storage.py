@@ -16,7 +16,7 @@ import json
 import os
 import posixpath
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -32,6 +32,9 @@ class StorageError(RuntimeError):
 class S3Options:
     endpoint: str | None = None
     region: str | None = None
+    # Explicit credentials (the operator reads them from a run's secretRef); None → the environment's.
+    access_key: str | None = None
+    secret_key: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_env(cls, endpoint: str | None = None, region: str | None = None) -> "S3Options":
@@ -58,7 +61,9 @@ def filesystem_for(uri: str, options: S3Options | None = None) -> tuple[pafs.Fil
             kwargs["endpoint_override"] = ep.netloc or ep.path
             kwargs["scheme"] = ep.scheme or "https"
         key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
-        if key and secret:
+        if opts.access_key and opts.secret_key:
+            kwargs.update(access_key=opts.access_key, secret_key=opts.secret_key)
+        elif key and secret:
             kwargs.update(access_key=key, secret_key=secret, session_token=os.environ.get("AWS_SESSION_TOKEN"))
         fs = pafs.S3FileSystem(**kwargs)
         return fs, (parsed.netloc + parsed.path).rstrip("/")

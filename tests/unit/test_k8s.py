@@ -133,7 +133,9 @@ def test_rayjob_carries_the_config_as_json_in_an_env_var_never_in_the_entrypoint
     env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"]
     assert json.loads(env[CONFIG_ENV]) == stage.config and json.loads(env[CONFIG_ENV])["storage"]["uri"] == hostile
     assert job["metadata"]["annotations"]["kubedistill.io/config-hash"] == stage.config_hash
-    assert (job["spec"]["backoffLimit"], job["spec"]["activeDeadlineSeconds"]) == (2, 86400)
+    assert job["metadata"]["annotations"]["kubedistill.io/attempt"] == "1"
+    # the operator retries (with backoff); KubeRay must not retry underneath it
+    assert (job["spec"]["backoffLimit"], job["spec"]["activeDeadlineSeconds"]) == (0, 86400)
     assert errors(job) == []
 
 

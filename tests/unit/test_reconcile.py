@@ -112,18 +112,85 @@ def test_a_failed_gate_skips_serving_with_the_reason():
     assert (promoted.status, promoted.reason) == ("False", "GateFailed")
 
 
-def test_a_failed_rayjob_fails_the_run_with_its_reason_and_starts_nothing_else():
-    c = Cluster(_body())
+def _fail(c, stage="data", message="stage data failed: ValueError: spec.data.logs: no files"):
+    c.children[k8s.child_name("r1", stage)]["status"] = {
+        "jobDeploymentStatus": "Failed", "jobStatus": "FAILED", "message": message}
+
+
+def test_backoff_doubles_per_retry_up_to_ten_minutes():
+    from kubedistill.reconcile import backoff_seconds
+
+    assert [backoff_seconds(30, n) for n in (1, 2, 3, 4, 5, 6)] == [30, 60, 120, 240, 480, 600]
+    assert backoff_seconds(0, 3) == 0
+
+
+def test_a_failed_stage_is_retried_after_its_backoff_as_a_new_attempt():
+    c = Cluster(_body(ray={"stageRetries": 2, "retryBackoffSeconds": 30}))
     c.step()
-    c.children["r1-data"]["status"] = {"jobDeploymentStatus": "Failed", "jobStatus": "FAILED", "failed": 2,
-                                       "message": "stage data failed: ValueError: spec.data.logs: no files"}
-    plan = c.step()
-    assert plan.status.phase == "Failed" and plan.create == []
+    _fail(c)
+    plan = c.step()  # attempt 1 failed: delete it, retry at NOW + 30 s
     data = plan.status.stages[0]
-    assert data.phase == "Failed" and data.attempts == 3 and "no files" in data.message
+    assert plan.delete == [("RayJob", "r1-data")] and plan.create == [] and "r1-data" not in c.children
+    assert (data.phase, data.attempts, data.retry_at) == ("Pending", 1, "2026-11-28T00:00:30Z")
+    assert data.message == ("attempt 1 failed: stage data failed: ValueError: spec.data.logs: no files; "
+                            "retry 1/2 at 2026-11-28T00:00:30Z")
+    assert plan.status.phase == "Running" and plan.events[0][:2] == ("Warning", "StageRetrying")
+    plan = c.step()  # still backing off: nothing created, the message kept
+    assert plan.create == [] and plan.status.stages[0].message == data.message
+    plan = reconcile_body(c.body, c.children, c.manifests.get, "2026-11-28T00:00:30Z")
+    created = plan.create[0]
+    assert created["metadata"]["annotations"]["kubedistill.io/attempt"] == "2"
+    assert (plan.status.stages[0].phase, plan.status.stages[0].attempts, plan.status.stages[0].retry_at) == (
+        "Running", 2, None)
+
+
+def test_a_stage_that_fails_past_its_retries_fails_the_run_with_its_reason():
+    c = Cluster(_body(ray={"stageRetries": 1, "retryBackoffSeconds": 0}))
+    c.step()
+    _fail(c)
+    c.step()  # retry scheduled (backoff 0)
+    assert "r1-data" in c.step().status.stages[0].job and c.children["r1-data"]["metadata"]["annotations"][
+        "kubedistill.io/attempt"] == "2"
+    _fail(c)
+    plan = c.step()
+    assert plan.status.phase == "Failed" and plan.create == [] and plan.delete == []
+    data = plan.status.stages[0]
+    assert data.phase == "Failed" and data.attempts == 2 and "no files" in data.message
     ready = next(x for x in plan.status.conditions if x.type == "Ready")
     assert ready.status == "False" and ready.message.startswith("data: stage data failed")
     assert ("Warning", "StageFailed", "data: stage data failed: ValueError: spec.data.logs: no files") in plan.events
+
+
+def test_no_retries_fails_at_once():
+    c = Cluster(_body(ray={"stageRetries": 0}))
+    c.step()
+    _fail(c)
+    assert c.step().status.phase == "Failed"
+
+
+def test_a_failed_attempt_still_being_deleted_is_deleted_again_not_counted_twice():
+    c = Cluster(_body(ray={"stageRetries": 2, "retryBackoffSeconds": 60}))
+    c.step()
+    _fail(c)
+    failed = copy.deepcopy(c.children["r1-data"])
+    c.step()
+    c.children["r1-data"] = failed  # a finalizer kept it around
+    plan = c.step()
+    assert plan.delete == [("RayJob", "r1-data")] and plan.status.stages[0].attempts == 1
+    assert plan.status.stages[0].phase == "Pending"
+
+
+def test_a_retry_whose_status_was_lost_is_adopted_not_deleted():
+    c = Cluster(_body(ray={"stageRetries": 2, "retryBackoffSeconds": 0}))
+    c.step()
+    _fail(c)
+    c.step()
+    stale = copy.deepcopy(c.body["status"])  # says: attempt 1 failed, retry pending
+    c.step()  # creates attempt 2 ...
+    c.body["status"] = stale  # ... but the status patch was lost (operator killed)
+    plan = c.step()
+    assert plan.delete == [] and plan.create == []
+    assert (plan.status.stages[0].phase, plan.status.stages[0].attempts) == ("Running", 2)
 
 
 def test_success_without_a_manifest_for_this_config_is_a_failure():

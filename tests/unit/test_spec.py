@@ -106,11 +106,31 @@ def test_multi_document_file_prefixes_problems(tmp_path):
     assert [p.path for p in e.value.problems] == ["[document 1] spec.labels"]
 
 
-def test_every_sample_validates():
+def test_every_sample_validates_runs_in_this_version_and_renders_valid_kuberay_objects():
+    from kubedistill import k8s, pipeline
+    from tests.kuberay import errors
+
     samples = sorted(SAMPLES.glob("*.yaml"))
-    assert samples
+    assert {f.name for f in samples} >= {"quickstart.yaml", "production-gpu.yaml", "train-only.yaml"}
     for f in samples:
-        assert spec.load_runs(f)
+        for run in spec.load_runs(f):
+            pipeline.check_available(pipeline.build(run))  # the operator would not refuse it
+            objs = k8s.render(run, uid="00000000-0000-0000-0000-000000000001")
+            assert all(errors(o) == [] for o in objs), f.name
+            if f.name != "quickstart.yaml":  # cluster samples: artifacts on S3, the kubedistill image
+                assert run.spec.storage.uri.startswith("s3://") and "kubedistill" in run.spec.ray.image
+
+
+def test_the_gpu_sample_asks_for_gpus_where_it_trains_and_serves():
+    from kubedistill import k8s
+
+    (run,) = spec.load_runs(SAMPLES / "production-gpu.yaml")
+    objs = {o["metadata"]["name"]: o for o in k8s.render(run)}
+    worker = objs["relevance-2026w48-student-crsd"]["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    assert worker["replicas"] == 4
+    assert worker["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    serve = objs["relevance-2026w48-serve"]["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
+    assert (serve["minReplicas"], serve["maxReplicas"]) == (2, 8)
 
 
 def test_relative_local_paths_are_resolved(tmp_path):

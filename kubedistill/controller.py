@@ -1,0 +1,225 @@
+"""The operator's I/O around `reconcile`: read a run's manifests, apply the plan.
+
+`operator/handlers.py` is kopf wiring only; it calls `reconcile_run` on a timer per DistillationRun
+with the run's children (RayJobs, RayService) from kopf's in-memory indexes, which its watches keep
+current: a reconcile lists nothing, so 200 runs cost the API server two watches, not 400 lists
+every interval. kopf fills the indexes before the first handler runs, so a restarted operator sees
+every child it created before.
+What can go wrong with the cluster or storage is turned into the run's status here, never into a
+crash loop:
+
+- KubeRay's CRDs are not installed (the API has no `ray.io/v1` RayJob): condition
+  `KubeRayAvailable=False` with what to install; the run stays Pending and is retried.
+- The run's storage cannot be read (bad credentials, endpoint down): condition `StorageReachable=False`
+  naming the URI and what to check; retried.
+- A child already exists when created (an operator restarted between creating it and recording it):
+  success. A child already gone when deleted: success.
+
+Metrics (Prometheus, served by the operator process): reconciles by result, reconcile seconds,
+stage events by reason, runs by phase.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from kubernetes import client as kclient
+from kubernetes.client.exceptions import ApiException
+from prometheus_client import Counter, Gauge, Histogram
+
+from kubedistill import k8s, reconcile, spec
+from kubedistill.stage import MANIFEST
+from kubedistill.storage import S3Options, Storage, StorageError
+
+RAY_GROUP, RAY_VERSION = "ray.io", "v1"
+PLURALS = {"RayJob": "rayjobs", "RayService": "rayservices"}
+KUBERAY_HINT = ("KubeRay's CRDs (ray.io/v1 RayJob, RayService) are not installed in this cluster: install the "
+                "KubeRay operator (helm install kuberay-operator kuberay/kuberay-operator --version 1.7.0)")
+
+RECONCILES = Counter("kubedistill_operator_reconciles", "Reconciles of a DistillationRun, by result.", ["result"])
+RECONCILE_SECONDS = Histogram("kubedistill_operator_reconcile_seconds", "Time of one reconcile.")
+STAGE_EVENTS = Counter("kubedistill_operator_stage_events", "Events the operator recorded, by reason.", ["reason"])
+RUNS = Gauge("kubedistill_operator_runs", "DistillationRuns this operator tracks, by phase.", ["phase"])
+
+
+class KubeRayMissing(RuntimeError):
+    pass
+
+
+class SecretMissing(RuntimeError):
+    pass
+
+
+def _absent(e: ApiException) -> bool:
+    return e.status == 404
+
+
+def child_key(obj: dict[str, Any]) -> tuple[str, str] | None:
+    """(namespace, run) of a RayJob or RayService the operator created; None for any other."""
+    meta = obj.get("metadata") or {}
+    run = (meta.get("labels") or {}).get(f"{k8s.GROUP}/run")
+    return (meta.get("namespace") or "default", run) if run else None
+
+
+def children_by_name(objs: Mapping[str, Iterable[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """The run's children as `reconcile` takes them: name → object, each with its `kind`."""
+    out: dict[str, dict[str, Any]] = {}
+    for kind, items in objs.items():
+        for obj in items:
+            out[obj["metadata"]["name"]] = {**obj, "kind": obj.get("kind") or kind}
+    return out
+
+
+@dataclass
+class Cluster:
+    """The few API calls the operator makes, through the official Kubernetes client."""
+
+    custom: kclient.CustomObjectsApi
+    core: kclient.CoreV1Api
+
+    @classmethod
+    def connect(cls) -> "Cluster":
+        from kubernetes import config
+
+        try:
+            config.load_incluster_config()
+        except config.ConfigException:
+            config.load_kube_config()
+        api = kclient.ApiClient()
+        return cls(kclient.CustomObjectsApi(api), kclient.CoreV1Api(api))
+
+    def apply(self, plan: reconcile.Plan, namespace: str) -> None:
+        for kind, name in plan.delete:
+            try:
+                self.custom.delete_namespaced_custom_object(
+                    RAY_GROUP, RAY_VERSION, namespace, PLURALS[kind], name, propagation_policy="Background")
+            except ApiException as e:
+                if not _absent(e):
+                    raise
+        for obj in plan.create:
+            try:
+                self.custom.create_namespaced_custom_object(RAY_GROUP, RAY_VERSION, namespace, PLURALS[obj["kind"]], obj)
+            except ApiException as e:
+                if e.status == 409:
+                    continue  # created by an earlier reconcile whose status write was lost
+                if _absent(e):
+                    raise KubeRayMissing(KUBERAY_HINT) from e
+                raise
+        for obj in plan.replace:
+            body = {"metadata": {"annotations": obj["metadata"]["annotations"]}, "spec": obj["spec"]}
+            self.custom.patch_namespaced_custom_object(
+                RAY_GROUP, RAY_VERSION, namespace, PLURALS[obj["kind"]], obj["metadata"]["name"], body)
+
+    def s3_options(self, namespace: str, storage: dict[str, Any]) -> S3Options:
+        """The run's S3 settings, with the credentials of its `secretRef` (the stage pods get the same)."""
+        key = secret = None
+        ref = (storage.get("secretRef") or {}).get("name")
+        if ref:
+            try:
+                data = self.core.read_namespaced_secret(ref, namespace).data or {}
+            except ApiException as e:
+                if _absent(e):
+                    raise SecretMissing(f"spec.storage.secretRef: secret {ref!r} not found in namespace "
+                                        f"{namespace}; create it with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY") from e
+                raise
+            decode = lambda k: base64.b64decode(data[k]).decode() if data.get(k) else None  # noqa: E731
+            key, secret = decode("AWS_ACCESS_KEY_ID"), decode("AWS_SECRET_ACCESS_KEY")
+        return dataclasses.replace(S3Options.from_env(storage.get("endpoint"), storage.get("region")),
+                                   access_key=key, secret_key=secret)
+
+
+def manifest_reader(storage: Storage) -> Callable[[str], dict[str, Any] | None]:
+    """stage → its `_SUCCESS.json` under the run's prefix (None if absent); each read at most once per reconcile."""
+    cache: dict[str, dict[str, Any] | None] = {}
+
+    def read(stage: str) -> dict[str, Any] | None:
+        if stage not in cache:
+            try:
+                cache[stage] = storage.read_json(f"{stage}/{MANIFEST}")
+            except FileNotFoundError:
+                cache[stage] = None
+        return cache[stage]
+
+    return read
+
+
+def _previous(body: dict[str, Any]) -> spec.RunStatus:
+    status = {k: v for k, v in (body.get("status") or {}).items() if k in ("phase", "currentStage",
+              "observedGeneration", "stages", "conditions")}
+    return spec.RunStatus.model_validate(status) if status.get("phase") else spec.RunStatus()
+
+
+def blocked(body: dict[str, Any], type_: str, reason: str, message: str, now: str) -> reconcile.Plan:
+    """The plan when the cluster or storage cannot be used yet: nothing changes but the conditions."""
+    status = _previous(body)
+    status.observed_generation = (body.get("metadata") or {}).get("generation")
+    reconcile._condition(status.conditions, type_, "False", reason, message, now)
+    reconcile._condition(status.conditions, "Ready", "False", reason, message, now)
+    return reconcile.Plan(status, events=[("Warning", reason, message)])
+
+
+@dataclass
+class Controller:
+    """One per operator process: serialises reconciles of the same run and keeps the phase gauge."""
+
+    cluster: Cluster
+    _locks: dict[str, threading.Lock] = field(default_factory=dict)
+    _phases: dict[str, str] = field(default_factory=dict)
+    _guard: threading.Lock = field(default_factory=threading.Lock)
+
+    def reconcile_run(self, body: dict[str, Any], children: dict[str, dict[str, Any]], now: str) -> reconcile.Plan:
+        meta = body.get("metadata") or {}
+        key = meta.get("uid") or f"{meta.get('namespace')}/{meta.get('name')}"
+        with self._guard:
+            lock = self._locks.setdefault(key, threading.Lock())
+        with lock, RECONCILE_SECONDS.time():
+            plan, result = self._reconcile(body, children, now)
+        RECONCILES.labels(result).inc()
+        for _, reason, _ in plan.events:
+            STAGE_EVENTS.labels(reason).inc()
+        self._track(key, plan.status.phase)
+        return plan
+
+    def forget(self, body: dict[str, Any]) -> None:
+        meta = body.get("metadata") or {}
+        self._track(meta.get("uid") or f"{meta.get('namespace')}/{meta.get('name')}", None)
+
+    def _reconcile(self, body: dict[str, Any], children: dict[str, dict[str, Any]],
+                   now: str) -> tuple[reconcile.Plan, str]:
+        meta = body.get("metadata") or {}
+        namespace, name = meta.get("namespace") or "default", meta["name"]
+        storage_spec = (body.get("spec") or {}).get("storage") or {}
+        try:
+            manifests: Callable[[str], dict[str, Any] | None] = lambda _stage: None  # noqa: E731
+            if storage_spec.get("uri"):
+                options = self.cluster.s3_options(namespace, storage_spec)
+                manifests = manifest_reader(Storage(f"{storage_spec['uri'].rstrip('/')}/{name}", options))
+            plan = reconcile.reconcile_body({**body, "status": _previous(body).model_dump(by_alias=True)},
+                                            children, manifests, now)
+            self.cluster.apply(plan, namespace)
+        except KubeRayMissing as e:
+            return blocked(body, "KubeRayAvailable", "KubeRayMissing", str(e), now), "kuberay-missing"
+        except StorageError as e:
+            return blocked(body, "StorageReachable", "StorageUnreachable", str(e), now), "storage-error"
+        except SecretMissing as e:
+            return blocked(body, "StorageReachable", "SecretMissing", str(e), now), "secret-missing"
+        for type_ in ("KubeRayAvailable", "StorageReachable"):  # recovered: drop the stale blocking condition
+            plan.status.conditions = [c for c in plan.status.conditions if c.type != type_]
+        return plan, "ok"
+
+    def _track(self, key: str, phase: str | None) -> None:
+        with self._guard:
+            if phase is None:
+                self._phases.pop(key, None)
+            else:
+                self._phases[key] = phase
+            counts: dict[str, int] = {}
+            for p in self._phases.values():
+                counts[p] = counts.get(p, 0) + 1
+        for p in ("Pending", "Running", "Succeeded", "Failed"):
+            RUNS.labels(p).set(counts.get(p, 0))

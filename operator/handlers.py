@@ -1,0 +1,60 @@
+"""kopf wiring for DistillationRun: every decision is in kubedistill.reconcile, every API call in
+kubedistill.controller. Run: kopf run operator/handlers.py --all-namespaces [--standalone | --peering kubedistill]
+
+Environment: KUBEDISTILL_RECONCILE_INTERVAL (seconds between reconciles of a run, default 10),
+KUBEDISTILL_METRICS_PORT (Prometheus metrics, default 9090; 0 turns them off).
+"""
+
+import logging
+import os
+
+import kopf
+import prometheus_client
+
+from kubedistill import controller, k8s, spec, stage
+
+INTERVAL = float(os.environ.get("KUBEDISTILL_RECONCILE_INTERVAL", "10"))
+RUNS = (k8s.GROUP, "v1alpha1", "distillationruns")
+STATUS_KEYS = ("phase", "currentStage", "observedGeneration", "stages", "conditions")
+ctl: controller.Controller | None = None
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_) -> None:
+    global ctl
+    # progress and the last-handled spec go to annotations: .status stays the documented shape
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=k8s.GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=k8s.GROUP, key="last-spec")
+    settings.persistence.finalizer = f"{k8s.GROUP}/operator"
+    settings.posting.level = logging.WARNING  # our own events say what happened; kopf posts only its errors
+    ctl = controller.Controller(controller.Cluster.connect())
+    if port := int(os.environ.get("KUBEDISTILL_METRICS_PORT", "9090")):
+        prometheus_client.start_http_server(port)
+
+
+# every RayJob/RayService the operator created, by (namespace, run): kept current by watches
+def _index(body: kopf.Body, **_) -> dict:
+    key = controller.child_key(dict(body))
+    return {key: dict(body)} if key else {}
+
+
+rayjobs = kopf.index(controller.RAY_GROUP, controller.RAY_VERSION, "rayjobs", id="rayjobs")(_index)
+rayservices = kopf.index(controller.RAY_GROUP, controller.RAY_VERSION, "rayservices", id="rayservices")(_index)
+
+
+@kopf.timer(*RUNS, interval=INTERVAL, id="reconcile")
+def reconcile(body: kopf.Body, patch: kopf.Patch, rayjobs: kopf.Index, rayservices: kopf.Index, **_) -> None:
+    key = (body.metadata.namespace or "default", body.metadata.name)
+    children = controller.children_by_name({"RayJob": rayjobs.get(key, []), "RayService": rayservices.get(key, [])})
+    plan = ctl.reconcile_run(dict(body), children, stage.now())
+    wire = spec.to_wire(plan.status)
+    new = {k: wire.get(k) for k in STATUS_KEYS}
+    if new != {k: (body.get("status") or {}).get(k) for k in STATUS_KEYS}:  # no write when nothing changed
+        patch.status.update(new)
+    for type_, reason, message in plan.events:
+        kopf.event(body, type=type_, reason=reason, message=message)
+
+
+@kopf.on.delete(*RUNS, optional=True)
+def forget(body: kopf.Body, **_) -> None:
+    ctl.forget(dict(body))  # its RayJobs and RayService go with it: they carry its owner reference

@@ -1,0 +1,176 @@
+"""The end-to-end harness: an emulated Kubernetes API (kmock), the real operator process
+(`kopf run operator/handlers.py`), a local Ray cluster and the KubeRay stand-in."""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import ACCESS_KEY, ROOT, SECRET_KEY, free_port
+from tests.e2e.kuberay import Api
+
+RUNS = "/apis/kubedistill.io/v1alpha1/namespaces/{ns}/distillationruns"
+
+
+class Process:
+    def __init__(self, argv: list[str], env: dict[str, str], log: Path):
+        self.log = log
+        self._fh = open(log, "ab")
+        self.proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=self._fh, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> None:
+        if self.alive():
+            os.killpg(self.proc.pid, sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self._fh.close()
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def wait_for(what: str, fn: Callable[[], Any], timeout: float, every: float = 0.5, logs: Callable[[], str] | None = None) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = fn()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}" + (f"\n{logs()[-6000:]}" if logs else ""))
+
+
+class Cluster:
+    """The emulated API server plus helpers to apply and read resources."""
+
+    def __init__(self, tmp: Path, kuberay: bool):
+        self.port = free_port()
+        self.tmp = tmp
+        argv = [sys.executable, "-m", "tests.e2e.apiserver", "--port", str(self.port)] + ([] if kuberay else ["--no-kuberay"])
+        self.server = Process(argv, dict(os.environ), tmp / "apiserver.log")
+        self.api = Api(f"http://127.0.0.1:{self.port}")
+        wait_for("the API server", self._up, 30, logs=self.server.text)
+        self.kubeconfig = tmp / "kubeconfig"
+        self.kubeconfig.write_text(
+            "apiVersion: v1\nkind: Config\ncurrent-context: e2e\n"
+            f"clusters: [{{name: e2e, cluster: {{server: 'http://127.0.0.1:{self.port}'}}}}]\n"
+            "users: [{name: e2e, user: {token: e2e}}]\n"
+            "contexts: [{name: e2e, context: {cluster: e2e, user: e2e, namespace: default}}]\n")
+        self.operators: list[Process] = []
+
+    def _up(self) -> bool:
+        try:
+            self.api.call("GET", "/version")
+            return True
+        except (urllib.error.URLError, ConnectionError):
+            return False
+
+    def start_operator(self, interval: float = 1.0) -> Process:
+        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "KUBEDISTILL_RECONCILE_INTERVAL": str(interval),
+               "KUBEDISTILL_METRICS_PORT": str(free_port())}
+        env = {k: v for k, v in env.items() if not k.startswith("AWS_")}  # credentials come from the run's Secret
+        self.liveness = f"http://127.0.0.1:{free_port()}/healthz"
+        self.metrics = f"http://127.0.0.1:{env['KUBEDISTILL_METRICS_PORT']}/"
+        op = Process([sys.executable, "-m", "kopf", "run", "operator/handlers.py", "--all-namespaces",
+                      "--standalone", f"--liveness={self.liveness}"], env,
+                     self.tmp / f"operator-{len(self.operators)}.log")
+        self.operators.append(op)
+        return op
+
+    def operator_logs(self) -> str:
+        """The operator's warnings and errors, then the cluster's state: what a failed wait shows."""
+        import json
+
+        lines = [x for p in self.operators for x in p.text().splitlines() if "Timer 'reconcile' succeeded" not in x]
+        state = {"runs": [r.get("status") for r in self.api.items("/apis/kubedistill.io/v1alpha1/distillationruns")]}
+        try:
+            state["rayjobs"] = {j["metadata"]["name"]: j.get("status") for j in self.api.items("/apis/ray.io/v1/rayjobs")}
+            state["rayservices"] = {j["metadata"]["name"]: j.get("status") for j in self.api.items("/apis/ray.io/v1/rayservices")}
+        except Exception as e:  # noqa: BLE001 - KubeRay may be absent on purpose
+            state["kuberay"] = repr(e)
+        return "\n".join(lines[-60:]) + "\n" + json.dumps(state, indent=1)
+
+    def secret(self, ns: str, name: str, data: dict[str, str]) -> None:
+        self.api.call("POST", f"/api/v1/namespaces/{ns}/secrets", {
+            "apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": ns},
+            "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}})
+
+    def apply(self, doc: dict[str, Any], ns: str = "default") -> dict[str, Any]:
+        doc = {**doc, "metadata": {**doc["metadata"], "namespace": ns}}
+        return self.api.call("POST", RUNS.format(ns=ns), doc)
+
+    def run(self, name: str, ns: str = "default") -> dict[str, Any] | None:
+        return self.api.get(f"{RUNS.format(ns=ns)}/{name}")
+
+    def children(self, plural: str, ns: str = "default") -> list[dict[str, Any]]:
+        return self.api.items(f"/apis/ray.io/v1/namespaces/{ns}/{plural}")
+
+    def events(self, ns: str = "default") -> list[dict[str, Any]]:
+        return self.api.items(f"/api/v1/namespaces/{ns}/events")
+
+    def phase(self, name: str, *phases: str, ns: str = "default") -> Callable[[], dict[str, Any] | None]:
+        def check() -> dict[str, Any] | None:
+            run = self.run(name, ns)
+            return run if run and (run.get("status") or {}).get("phase") in phases else None
+        return check
+
+    def close(self) -> None:
+        for op in self.operators:
+            op.stop()
+        self.server.stop()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    c = Cluster(tmp_path, kuberay=True)
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+@pytest.fixture
+def cluster_without_kuberay(tmp_path: Path) -> Iterator[Cluster]:
+    c = Cluster(tmp_path, kuberay=False)
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+@pytest.fixture(scope="module")
+def ray_dashboard() -> Iterator[str]:
+    """A local Ray cluster whose workers import the repository (ray_apps.student), like the image would."""
+    from kubedistill.runner import local_ray
+
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([old] if old else []))
+    try:
+        with local_ray() as url:
+            yield url
+    finally:
+        if old is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = old
+
+
+def s3_secret() -> dict[str, str]:
+    return {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}

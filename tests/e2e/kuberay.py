@@ -1,0 +1,177 @@
+"""A test-side stand-in for the KubeRay operator, against the emulated API and a local Ray cluster.
+
+It does for each object what KubeRay does, minus pods:
+- RayJob: submits `spec.entrypoint` through Ray's job submission API with the env vars of
+  `spec.runtimeEnvYAML` plus the Secret the pods would get (`envFrom`), then writes
+  `status.jobDeploymentStatus` / `jobStatus` / `message` as KubeRay does (Complete + SUCCEEDED, or
+  Failed + FAILED with the job's message). `python jobs/x.py` runs from the repository root, as it
+  would from the image's working directory.
+- RayService: deploys `spec.serveConfigV2` through the Ray dashboard's Serve REST API (what KubeRay does)
+  and writes the Ready condition and application statuses from what Serve reports.
+It can also evict a stage's first attempt (stop its Ray job mid-run, like a lost node) to exercise
+the operator's retries. It records every submission so tests can check nothing ran twice.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import shlex
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class Api:
+    """Minimal JSON client of the emulated API server."""
+
+    def __init__(self, url: str):
+        self.url = url.rstrip("/")
+
+    def call(self, method: str, path: str, body: Any = None) -> Any:
+        headers = {"Content-Type": "application/merge-patch+json" if method == "PATCH" else "application/json"}
+        req = urllib.request.Request(self.url + path, json.dumps(body).encode() if body is not None else None,
+                                     headers, method=method)
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read() or b"null")
+
+    def items(self, path: str) -> list[dict[str, Any]]:
+        return self.call("GET", path)["items"]
+
+    def get(self, path: str) -> dict[str, Any] | None:
+        try:
+            return self.call("GET", path)
+        except urllib.error.HTTPError as e:
+            if e.code == 404:
+                return None
+            raise
+
+
+def _ray(ns: str, plural: str, name: str = "") -> str:
+    return f"/apis/ray.io/v1/namespaces/{ns}/{plural}" + (f"/{name}" if name else "")
+
+
+class KubeRay:
+    def __init__(self, api: Api, dashboard: str, serve_port: int, evict_first: dict[str, float] | None = None):
+        from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+        from ray.job_submission import JobSubmissionClient
+
+        self.api, self.dashboard, self.serve_port = api, dashboard.rstrip("/"), serve_port
+        self.jobs = JobSubmissionClient(self.dashboard)
+        self.serve = ServeSubmissionClient(self.dashboard)  # what `serve deploy` and KubeRay use
+        self.evict_first = dict(evict_first or {})  # stage → seconds after start to evict attempt 1
+        self.submitted: list[tuple[str, str]] = []  # (RayJob name, attempt)
+        self._running: dict[str, tuple[str, float, str]] = {}  # uid → (ray job id, start, ns/name)
+        self._served: set[str] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self.errors: list[str] = []
+
+    def __enter__(self) -> "KubeRay":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+    # ------------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stop.wait(0.5):
+            try:
+                for job in self.api.items("/apis/ray.io/v1/rayjobs"):
+                    self._rayjob(job)
+                for svc in self.api.items("/apis/ray.io/v1/rayservices"):
+                    self._rayservice(svc)
+            except Exception as e:  # noqa: BLE001 - keep emulating; the test sees the errors
+                self.errors.append(repr(e))
+
+    def _env(self, ns: str, containers: list[dict[str, Any]]) -> dict[str, str]:
+        env: dict[str, str] = {"PYTHONUNBUFFERED": "1"}
+        for c in containers:
+            for src in c.get("envFrom") or []:
+                secret = self.api.get(f"/api/v1/namespaces/{ns}/secrets/{src['secretRef']['name']}")
+                if secret is None:
+                    raise RuntimeError(f"secret {src['secretRef']['name']} missing: the pod would not start")
+                env.update({k: base64.b64decode(v).decode() for k, v in (secret.get("data") or {}).items()})
+        return env
+
+    def _rayjob(self, job: dict[str, Any]) -> None:
+        meta, status = job["metadata"], job.get("status") or {}
+        ns, name, uid = meta["namespace"], meta["name"], meta["uid"]
+        if status.get("jobDeploymentStatus") in ("Complete", "Failed"):
+            return
+        if uid not in self._running:
+            head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"]
+            env = self._env(ns, head)
+            env.update(yaml.safe_load(job["spec"]["runtimeEnvYAML"] or "{}").get("env_vars") or {})
+            argv = shlex.split(job["spec"]["entrypoint"])
+            assert argv[0] == "python", argv
+            entry = shlex.join([sys.executable, *[str(REPO / a) if a.endswith(".py") else a for a in argv[1:]]])
+            job_id = self.jobs.submit_job(entrypoint=entry, runtime_env={"env_vars": env})
+            self._running[uid] = (job_id, time.monotonic(), f"{ns}/{name}")
+            self.submitted.append((name, meta.get("annotations", {}).get("kubedistill.io/attempt", "?")))
+            self._status(ns, "rayjobs", name, {"jobDeploymentStatus": "Running", "jobStatus": "PENDING",
+                                                "jobId": job_id, "startTime": _now()})
+            return
+        job_id, started, _ = self._running[uid]
+        stage = meta["labels"]["kubedistill.io/stage"]
+        attempt = meta.get("annotations", {}).get("kubedistill.io/attempt")
+        if stage in self.evict_first and attempt == "1" and time.monotonic() - started > self.evict_first[stage]:
+            self.jobs.stop_job(job_id)
+            self._wait_terminal(job_id)
+            self._status(ns, "rayjobs", name, {"jobDeploymentStatus": "Failed", "jobStatus": "FAILED",
+                                                "reason": "AppFailed", "endTime": _now(),
+                                                "message": "the head pod was evicted (node lost)"})
+            return
+        info = self.jobs.get_job_info(job_id)
+        state = str(info.status)
+        if state in ("SUCCEEDED", "FAILED", "STOPPED"):
+            ok = state == "SUCCEEDED"
+            self._status(ns, "rayjobs", name, {
+                "jobDeploymentStatus": "Complete" if ok else "Failed", "jobStatus": state, "endTime": _now(),
+                **({} if ok else {"reason": "AppFailed", "message": info.message or f"job {state}"})})
+        elif status.get("jobStatus") != state:
+            self._status(ns, "rayjobs", name, {"jobDeploymentStatus": "Running", "jobStatus": state, "jobId": job_id})
+
+    def _wait_terminal(self, job_id: str) -> None:
+        for _ in range(120):
+            if str(self.jobs.get_job_status(job_id)) in ("SUCCEEDED", "FAILED", "STOPPED"):
+                return
+            time.sleep(0.5)
+
+    def _rayservice(self, svc: dict[str, Any]) -> None:
+        meta = svc["metadata"]
+        ns, name = meta["namespace"], meta["name"]
+        key = f"{meta['uid']}:{svc['spec']['serveConfigV2']}"  # deploy again when the config changes
+        if key not in self._served:
+            config = yaml.safe_load(svc["spec"]["serveConfigV2"])
+            workers = svc["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["containers"]
+            env = self._env(ns, workers)
+            for app in config["applications"]:
+                app.setdefault("runtime_env", {})["env_vars"] = env
+            self.serve.deploy_applications({"http_options": {"host": "127.0.0.1", "port": self.serve_port}, **config})
+            self._served.add(key)
+        apps = self.serve.get_serve_details().get("applications") or {}
+        statuses = {a: {"status": v["status"], "message": v.get("message", "")} for a, v in apps.items()}
+        running = bool(statuses) and all(v["status"] == "RUNNING" for v in statuses.values())
+        ready = {"type": "Ready", "status": "True" if running else "False",
+                 "reason": "Running" if running else "Deploying", "message": ""}
+        new = {"conditions": [ready], "activeServiceStatus": {"applicationStatuses": statuses}}
+        if (svc.get("status") or {}) != new:
+            self._status(ns, "rayservices", name, new)
+
+    def _status(self, ns: str, plural: str, name: str, status: dict[str, Any]) -> None:
+        self.api.call("PATCH", _ray(ns, plural, name) + "/status", {"status": status})
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -1,0 +1,159 @@
+"""The operator end to end: `kopf run operator/handlers.py` against an emulated Kubernetes API, stages
+executed by a KubeRay stand-in on a local Ray cluster, artifacts on SeaweedFS S3.
+
+What the emulator does not do is checked on the objects themselves: owner references (what the
+garbage collector follows) and KubeRay schema validity (tests/unit/test_k8s.py)."""
+
+from __future__ import annotations
+
+import collections
+import json
+import signal
+import urllib.request
+
+import pytest
+
+from kubedistill.serving import post_json
+from kubedistill.stage import MANIFEST
+from kubedistill.storage import S3Options, Storage
+from tests.conftest import ACCESS_KEY, SECRET_KEY, free_port, minimal_doc
+from tests.e2e.conftest import s3_secret, wait_for
+from tests.e2e.kuberay import KubeRay
+
+pytestmark = [pytest.mark.e2e, pytest.mark.ray, pytest.mark.slow]
+
+SMALL = {"services": 60, "queries": 40, "pairsPerQuery": 5, "sftSize": 20, "evalSize": 60, "seed": 1}
+
+
+def _doc(name: str, bucket: str, endpoint: str, encoder: str, **spec_fields) -> dict:
+    spec_fields = {
+        "storage": {"uri": f"s3://{bucket}/runs", "endpoint": endpoint, "secretRef": {"name": "s3-credentials"}},
+        "data": {"synthetic": SMALL},
+        "teacher": {"enabled": False}, "annotation": {"enabled": False}, "pruning": {"enabled": False},
+        "student": {"baseModel": encoder, "maxLength": 48, "maxReasoningTokens": 24, "objective": "ce",
+                    "train": {"batchSize": 16, "learningRate": 1e-3, "epochs": 1}, "resources": {"workers": 1}},
+        "evaluation": {"minMacroF1": 0.0},
+        "serving": {"maxServices": 10, "replicas": {"min": 1, "max": 1}},
+        "ray": {"stageRetries": 2, "retryBackoffSeconds": 1},
+        **spec_fields,
+    }
+    doc = minimal_doc(**spec_fields)
+    doc["metadata"]["name"] = name
+    return doc
+
+
+def _stage(run: dict, name: str) -> dict:
+    return next(s for s in run["status"]["stages"] if s["name"] == name)
+
+
+def _condition(run: dict, type_: str) -> dict | None:
+    return next((c for c in run["status"].get("conditions") or [] if c["type"] == type_), None)
+
+
+def test_a_run_succeeds_through_kuberay_despite_an_evicted_stage_and_an_operator_restart(
+        cluster, ray_dashboard, seaweed, tiny_encoder):
+    seaweed.create_bucket("kd-e2e-run")
+    cluster.secret("default", "s3-credentials", s3_secret())
+    serve_port = free_port()
+    with KubeRay(cluster.api, ray_dashboard, serve_port, evict_first={"student-crsd": 2.0}) as kuberay:
+        op = cluster.start_operator()
+        uid = cluster.apply(_doc("sample", "kd-e2e-run", seaweed.endpoint, tiny_encoder))["metadata"]["uid"]
+        # the first student attempt is evicted; the operator retries it after its backoff
+        wait_for("student-crsd attempt 2", lambda: (r := cluster.run("sample")) and r.get("status") and
+                 _stage(r, "student-crsd")["attempts"] == 2, 300, logs=cluster.operator_logs)
+        op.stop(signal.SIGKILL)  # the operator dies mid-run ...
+        cluster.start_operator()  # ... and a new one carries on from the cluster's state
+        run = wait_for("the run to finish", cluster.phase("sample", "Succeeded", "Failed"), 600,
+                       logs=lambda: cluster.operator_logs() + f"\nKubeRay stand-in errors: {kuberay.errors[-5:]}")
+        assert run["status"]["phase"] == "Succeeded", json.dumps(run["status"], indent=1)
+        assert not kuberay.errors, kuberay.errors
+
+        # nothing ran twice: one Ray job per RayJob attempt, the evicted stage twice, the rest once
+        assert collections.Counter(kuberay.submitted) == {
+            ("sample-data", "1"): 1, ("sample-student-crsd", "1"): 1, ("sample-student-crsd", "2"): 1,
+            ("sample-evaluate", "1"): 1}
+        st = run["status"]
+        assert [(s["name"], s["phase"], s["attempts"]) for s in st["stages"]] == [
+            ("data", "Succeeded", 1), ("student-crsd", "Succeeded", 2), ("evaluate", "Succeeded", 1),
+            ("serve", "Succeeded", 1)]
+        assert st["observedGeneration"] == 1 and st.get("currentStage") is None  # null in a merge patch: removed
+        assert _condition(run, "Ready")["status"] == "True" and _condition(run, "Promoted")["status"] == "True"
+        store = Storage("s3://kd-e2e-run/runs/sample", S3Options(seaweed.endpoint, "us-east-1", ACCESS_KEY, SECRET_KEY))
+        for name in ("data", "student-crsd", "evaluate"):
+            manifest = store.read_json(f"{name}/{MANIFEST}")
+            assert _stage(run, name)["artifact"] == manifest["artifact"] and manifest["artifact"].startswith("s3://kd-e2e-run/")
+        assert _stage(run, "evaluate")["metrics"]["gate"]["passed"] is True
+
+        jobs, services = cluster.children("rayjobs"), cluster.children("rayservices")
+        assert sorted(j["metadata"]["name"] for j in jobs) == ["sample-data", "sample-evaluate", "sample-student-crsd"]
+        assert [s["metadata"]["name"] for s in services] == ["sample-serve"]
+        for child in jobs + services:  # what the garbage collector follows when the run is deleted
+            (ref,) = child["metadata"]["ownerReferences"]
+            assert (ref["kind"], ref["name"], ref["uid"], ref["controller"]) == ("DistillationRun", "sample", uid, True)
+        reasons = collections.Counter(e["reason"] for e in cluster.events())
+        assert reasons["StageRetrying"] == 1 and reasons["StageSucceeded"] >= 3, reasons
+
+        # the RayService serves the student that was trained
+        code, answer = post_json(f"http://127.0.0.1:{serve_port}/score", {
+            "query": "vegan brunch", "services": [{"id": "s1", "text": "Green Fork | restaurant | offers vegan brunch"}]})
+        assert code == 200 and answer["results"][0]["id"] == "s1"
+        assert answer["modelVersion"].startswith("ce-")
+
+        # deletion: the operator releases the run (its finalizer) and its children point at it
+        cluster.api.call("DELETE", "/apis/kubedistill.io/v1alpha1/namespaces/default/distillationruns/sample")
+        wait_for("the run to be released", lambda: cluster.run("sample") is None, 60, logs=cluster.operator_logs)
+        assert cluster.operators[-1].alive()
+
+
+def test_failures_end_in_status_with_the_field_while_other_runs_proceed(cluster, ray_dashboard, seaweed, tiny_encoder):
+    seaweed.create_bucket("kd-e2e-fail")
+    cluster.secret("default", "s3-credentials", s3_secret())
+    with KubeRay(cluster.api, ray_dashboard, free_port()) as kuberay:
+        cluster.start_operator()
+        # invalid beyond what a schema checks: a stage this version does not ship, a cross-field rule
+        cluster.apply(_doc("unavailable", "kd-e2e-fail", seaweed.endpoint, tiny_encoder, teacher={"enabled": True}))
+        cluster.apply(_doc("crossfield", "kd-e2e-fail", seaweed.endpoint, tiny_encoder,
+                           serving={"maxServices": 100, "maxBatchPairs": 10}))
+        # valid, but its logs do not exist: fails for real, is retried once, then fails the run
+        cluster.apply(_doc("nologs", "kd-e2e-fail", seaweed.endpoint, tiny_encoder,
+                           data={"logs": "s3://kd-e2e-fail/missing/", "evalSet": "s3://kd-e2e-fail/missing/eval.jsonl",
+                                 "sftSeed": "s3://kd-e2e-fail/missing/sft.jsonl"},
+                           ray={"stageRetries": 1, "retryBackoffSeconds": 1}))
+        # its storage secret does not exist: a condition naming the field, retried, nothing created
+        cluster.apply(_doc("nosecret", "kd-e2e-fail", seaweed.endpoint, tiny_encoder,
+                           storage={"uri": "s3://kd-e2e-fail/runs", "endpoint": seaweed.endpoint,
+                                    "secretRef": {"name": "no-such-secret"}}))
+        for name, says in (("unavailable", "spec.teacher.enabled"), ("crossfield", "maxBatchPairs")):
+            run = wait_for(f"{name} to fail", cluster.phase(name, "Failed"), 60, logs=cluster.operator_logs)
+            valid = _condition(run, "Valid")
+            assert valid["status"] == "False" and says in valid["message"], valid
+        run = wait_for("nologs to fail", cluster.phase("nologs", "Failed"), 300, logs=cluster.operator_logs)
+        data = _stage(run, "data")
+        assert data["attempts"] == 2 and "spec.data" in data["message"], data
+        assert _condition(run, "Ready")["message"].startswith("data: ")
+        assert [n for n, _ in kuberay.submitted] == ["nologs-data", "nologs-data"]
+        assert {j["metadata"]["name"] for j in cluster.children("rayjobs")} == {"nologs-data"}  # nothing after it
+        storage = _condition(cluster.run("nosecret"), "StorageReachable")
+        assert storage["status"] == "False" and storage["reason"] == "SecretMissing"
+        assert "spec.storage.secretRef" in storage["message"] and "no-such-secret" in storage["message"]
+        assert cluster.operators[-1].alive()
+
+
+def test_without_kuberay_the_run_says_what_to_install_and_the_operator_stays_up(cluster_without_kuberay, tmp_path):
+    c = cluster_without_kuberay
+    c.start_operator()
+    c.apply(_doc("waiting", "unused", "http://127.0.0.1:1", "unused", storage={"uri": str(tmp_path / "store")}))
+    run = wait_for("the KubeRay condition", lambda: (r := c.run("waiting")) and r.get("status") and
+                   _condition(r, "KubeRayAvailable") and r, 60, logs=c.operator_logs)
+    cond = _condition(run, "KubeRayAvailable")
+    assert cond["status"] == "False" and cond["reason"] == "KubeRayMissing" and "install the KubeRay operator" in cond["message"]
+    assert run["status"]["phase"] == "Pending"
+
+    def reconciles() -> float:
+        text = urllib.request.urlopen(c.metrics, timeout=10).read().decode()
+        line = next((x for x in text.splitlines()
+                     if x.startswith('kubedistill_operator_reconciles_total{result="kuberay-missing"}')), None)
+        return float(line.split()[-1]) if line else 0.0
+
+    wait_for("repeated reconciles", lambda: reconciles() >= 3, 30)  # still trying, not crash-looping
+    assert urllib.request.urlopen(c.liveness, timeout=10).status == 200 and c.operators[0].alive()

@@ -1,0 +1,208 @@
+"""The Helm chart, with the real helm binary (installed by `make`, see scripts/install_helm.py):
+lint, render, validate what it renders against Kubernetes' own schemas, values documented and typed,
+CRDs and the plain manifests kept identical to their sources."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+
+CHART = ROOT / "charts" / "kubedistill"
+K8S_VERSION = "1.30.0"  # the oldest minor the chart supports that kubernetes-validate ships
+
+
+def _helm() -> str:
+    exe = shutil.which("helm") or str(Path(sys.executable).parent / "helm")
+    if not Path(exe).exists():
+        pytest.fail("the helm binary is not installed: run `make dev` (scripts/install_helm.py)")
+    return exe
+
+
+def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run([_helm(), *args], capture_output=True, text=True, check=check, timeout=120)
+
+
+def render(*sets: str, crds: bool = False) -> list[dict]:
+    args = ["template", "kubedistill", str(CHART), "--namespace", "kubedistill-system"]
+    args += ["--include-crds"] if crds else []
+    for s in sets:
+        args += ["--set", s]
+    return [d for d in yaml.safe_load_all(helm(*args).stdout) if d]
+
+
+def _by_kind(objs: list[dict], kind: str) -> list[dict]:
+    return [o for o in objs if o["kind"] == kind]
+
+
+def test_helm_lint_strict():
+    out = helm("lint", "--strict", str(CHART))
+    assert "0 chart(s) failed" in out.stdout
+
+
+@pytest.mark.parametrize("sets", [(), ("watchNamespaces={ml,search}", "replicaCount=2"), ("peering.enabled=false", "metrics.enabled=false")])
+def test_rendered_objects_validate_against_kubernetes_schemas(sets):
+    objs = render(*sets, crds=True)
+    crds = {(c["spec"]["group"], c["spec"]["names"]["kind"]) for c in _by_kind(objs, "CustomResourceDefinition")}
+    for obj in objs:
+        group = obj["apiVersion"].rpartition("/")[0]
+        if group in ("zalando.org", "kubedistill.io"):
+            assert (group, obj["kind"]) in crds  # a custom object the chart's own CRDs serve
+            continue
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+
+
+def test_the_operator_pod_is_hardened_and_sized():
+    (dep,) = _by_kind(render(), "Deployment")
+    pod = dep["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert c["securityContext"]["allowPrivilegeEscalation"] is False and c["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert set(c["resources"]["requests"]) == {"cpu", "memory"} and "memory" in c["resources"]["limits"]
+    assert c["args"][:3] == ["kopf", "run", "operator/handlers.py"]
+    assert "--all-namespaces" in c["args"] and "--peering=kubedistill" in c["args"]
+    assert "--liveness=http://0.0.0.0:8080/healthz" in c["args"] and c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    env = {e["name"]: e["value"] for e in c["env"]}
+    assert env["KUBEDISTILL_RECONCILE_INTERVAL"] == "10" and env["KUBEDISTILL_METRICS_PORT"] == "9090"
+    assert Path(ROOT / c["args"][2]).is_file()  # the handlers file the image runs
+
+
+def test_cluster_wide_rbac_is_least_privilege():
+    objs = render()
+    (role,) = _by_kind(objs, "ClusterRole")
+    rules = role["rules"]
+    grants = {(g, r): set(rule["verbs"]) for rule in rules for g in rule["apiGroups"] for r in rule["resources"]}
+    assert all("*" not in v for v in grants.values()) and all("*" not in k for k in grants)
+    assert grants[("ray.io", "rayjobs")] == {"get", "list", "watch", "create", "delete", "patch"}
+    assert grants[("kubedistill.io", "distillationruns/status")] == {"get", "patch"}
+    assert "create" not in grants[("kubedistill.io", "distillationruns")]  # the operator never creates runs
+    assert grants[("", "secrets")] == {"get"}  # read a run's named secret, never list them
+    assert ("zalando.org", "clusterkopfpeerings") in grants
+    (binding,) = _by_kind(objs, "ClusterRoleBinding")
+    (sa,) = _by_kind(objs, "ServiceAccount")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"],
+                                    "namespace": "kubedistill-system"}]
+    # every rule in the template carries a comment saying why
+    text = (CHART / "templates" / "_helpers.tpl").read_text() + (CHART / "templates" / "rbac.yaml").read_text()
+    for m in re.finditer(r"^(\s*)- apiGroups:", text, re.M):
+        before = text[: m.start()].rstrip().splitlines()[-1].strip()
+        assert before.startswith("#") or before.startswith("- apiGroups") or before.startswith("verbs"), before
+
+
+def test_watch_namespaces_gets_roles_and_peering_per_namespace():
+    objs = render("watchNamespaces={ml,search}")
+    roles = _by_kind(objs, "Role")
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["ml", "search"]
+    assert sorted(p["metadata"]["namespace"] for p in _by_kind(objs, "KopfPeering")) == ["ml", "search"]
+    assert not _by_kind(objs, "ClusterKopfPeering")
+    (cluster_role,) = _by_kind(objs, "ClusterRole")  # only the cluster-level reads kopf needs
+    assert {r for rule in cluster_role["rules"] for r in rule["resources"]} == {"customresourcedefinitions", "namespaces"}
+    (dep,) = _by_kind(objs, "Deployment")
+    args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--namespace=ml" in args and "--namespace=search" in args and "--all-namespaces" not in args
+
+
+@pytest.mark.parametrize("bad, says", [
+    ("replicaCount=0", "replicaCount"),
+    ("reconcileInterval=0", "reconcileInterval"),
+    ("image.pullPolicy=Sometimes", "pullPolicy"),
+    ("nosuchkey=1", "nosuchkey"),
+    ("watchNamespaces={Bad_NS}", "watchNamespaces"),
+])
+def test_values_schema_refuses_bad_values_naming_them(bad, says):
+    out = helm("template", "kd", str(CHART), "--set", bad, check=False)
+    assert out.returncode != 0 and says in out.stderr, out.stderr
+
+
+def test_replicas_without_peering_are_refused():
+    out = helm("template", "kd", str(CHART), "--set", "replicaCount=2", "--set", "peering.enabled=false", check=False)
+    assert out.returncode != 0 and "needs peering.enabled" in out.stderr
+
+
+def _value_tree(text: str) -> list[dict]:
+    """values.yaml as a tree of {key, documented, children}; documented = a '# --' comment right above."""
+    root: dict = {"key": "", "documented": False, "children": [], "indent": -1}
+    stack, comment = [root], False
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("# --"):
+            comment = True
+        elif stripped.startswith("#"):
+            continue  # the comment above, continued
+        elif m := re.match(r"^(\s*)([A-Za-z][\w.-]*):", line):
+            node = {"key": m.group(2), "documented": comment, "children": [], "indent": len(m.group(1))}
+            while stack[-1]["indent"] >= node["indent"]:
+                stack.pop()
+            stack[-1]["children"].append(node)
+            stack.append(node)
+            comment = False
+        elif stripped:
+            comment = False
+    return root["children"]
+
+
+def _undocumented(nodes: list[dict], prefix: str = "") -> list[str]:
+    """Keys with no comment of their own, of a parent, or (for a group) of every child."""
+    out = []
+    for n in nodes:
+        if n["documented"]:
+            continue
+        if not n["children"]:
+            out.append(prefix + n["key"])
+        else:
+            out += _undocumented(n["children"], f"{prefix}{n['key']}.")
+    return out
+
+
+def test_every_values_key_is_documented_and_typed():
+    tree = _value_tree((CHART / "values.yaml").read_text())
+    assert _undocumented(tree) == []
+    schema = yaml.safe_load((CHART / "values.schema.json").read_text())
+    assert set(schema["properties"]) - {"global"} == {n["key"] for n in tree}
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    for key, sub in schema["properties"].items():  # nested groups: the schema knows each key
+        if isinstance(values.get(key), dict) and sub.get("additionalProperties") is False:
+            assert set(values[key]) <= set(sub["properties"]), key
+
+
+def test_the_documentation_check_catches_an_undocumented_key():
+    tree = _value_tree("# -- documented\na: 1\nb:\n  # -- ok\n  c: 2\n  d: 3\n")
+    assert _undocumented(tree) == ["b.d"]
+
+
+def test_chart_crds_are_copies_of_the_manifests():
+    chart = {p.name: p.read_text() for p in (CHART / "crds").glob("*.yaml")}
+    manifests = {p.name: p.read_text() for p in (ROOT / "manifests" / "crds").glob("*.yaml")}
+    assert chart == manifests, "run `make crd` (it copies manifests/crds/ into the chart)"
+
+
+def test_plain_manifests_are_the_chart_rendered_with_defaults():
+    """manifests/rbac/ and manifests/operator/ are generated (`make manifests`): `kubectl apply -k manifests/`
+    installs what `helm install` would with the default values."""
+    expected = render()
+    committed = [d for sub in ("rbac", "operator") for f in sorted((ROOT / "manifests" / sub).glob("*.yaml"))
+                 for d in yaml.safe_load_all(f.read_text()) if d]
+    key = lambda o: (o["kind"], o["metadata"]["name"])  # noqa: E731
+    assert sorted(committed, key=key) == sorted(expected, key=key), "run `make manifests`"
+
+
+def test_kustomization_builds_and_every_object_validates():
+    kubectl = shutil.which("kubectl") or str(Path(sys.executable).parent / "kubectl")
+    out = subprocess.run([kubectl, "kustomize", str(ROOT / "manifests")], capture_output=True, text=True,
+                         check=True, timeout=60).stdout
+    objs = [d for d in yaml.safe_load_all(out) if d]
+    kinds = {o["kind"] for o in objs}
+    assert {"Namespace", "CustomResourceDefinition", "ServiceAccount", "ClusterRole", "Deployment"} <= kinds
+    for obj in objs:
+        if obj["apiVersion"].startswith("zalando.org/"):
+            continue  # served by the peering CRD in the same build
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)

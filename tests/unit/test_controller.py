@@ -1,0 +1,45 @@
+"""The operator's I/O helpers that need no API server: blocking conditions and the manifest reader."""
+
+from kubedistill import controller
+from kubedistill.storage import Storage
+
+NOW = "2026-11-28T00:00:00Z"
+
+
+def test_a_blocked_run_keeps_its_stages_and_says_what_to_do():
+    body = {"metadata": {"name": "r1", "generation": 3},
+            "status": {"phase": "Running", "stages": [{"name": "data", "phase": "Running", "attempts": 1}],
+                       "kopf": {"progress": {}}}}  # foreign keys in .status are ignored
+    plan = controller.blocked(body, "KubeRayAvailable", "KubeRayMissing", controller.KUBERAY_HINT, NOW)
+    assert plan.status.phase == "Running" and plan.status.stages[0].attempts == 1
+    assert plan.status.observed_generation == 3 and plan.create == [] and plan.delete == []
+    cond = {c.type: c for c in plan.status.conditions}
+    assert (cond["KubeRayAvailable"].status, cond["KubeRayAvailable"].reason) == ("False", "KubeRayMissing")
+    assert "helm install kuberay-operator" in cond["Ready"].message
+    assert plan.events == [("Warning", "KubeRayMissing", controller.KUBERAY_HINT)]
+
+
+def test_a_new_blocked_run_is_pending():
+    plan = controller.blocked({"metadata": {"name": "r1"}}, "StorageReachable", "SecretMissing", "x", NOW)
+    assert plan.status.phase == "Pending"
+
+
+def test_the_manifest_reader_reads_each_stage_once(tmp_path):
+    st = Storage(str(tmp_path))
+    st.write_json("data/_SUCCESS.json", {"configHash": "abc"})
+    read = controller.manifest_reader(st)
+    assert read("data") == {"configHash": "abc"} and read("evaluate") is None
+    st.write_json("evaluate/_SUCCESS.json", {"configHash": "def"})
+    st.delete("data/_SUCCESS.json")
+    assert read("data") == {"configHash": "abc"} and read("evaluate") is None  # one reconcile, one view
+    assert controller.manifest_reader(st)("evaluate") == {"configHash": "def"}
+
+
+def test_children_are_keyed_by_the_run_label_and_keep_their_kind():
+    job = {"metadata": {"name": "r1-data", "namespace": "ml", "labels": {"kubedistill.io/run": "r1"}}}
+    svc = {"kind": "RayService", "metadata": {"name": "r1-serve", "labels": {"kubedistill.io/run": "r1"}}}
+    assert controller.child_key(job) == ("ml", "r1")
+    assert controller.child_key(svc) == ("default", "r1")
+    assert controller.child_key({"metadata": {"name": "someone-elses", "labels": {"app": "x"}}}) is None
+    got = controller.children_by_name({"RayJob": [job], "RayService": [svc]})
+    assert {n: o["kind"] for n, o in got.items()} == {"r1-data": "RayJob", "r1-serve": "RayService"}
