@@ -149,6 +149,21 @@ class Judgement:
     reasoning: str
 
 
+def service_text(row: dict[str, Any]) -> str:
+    """The service side of the standard input, from the log's service fields."""
+    parts = [row.get("service_title") or ""]
+    for key in ("service_category", "service_district"):
+        if row.get(key):
+            parts.append(row[key])
+    if row.get("service_price_level"):
+        parts.append(PRICE_SIGNS.get(int(row["service_price_level"]), ""))
+    if row.get("service_tags"):
+        parts.append("offers " + ", ".join(row["service_tags"]))
+    if row.get("service_description"):
+        parts.append(row["service_description"])
+    return " | ".join(p for p in parts if p)
+
+
 def grade_to_label(grade: float, labels: list[str]) -> str:
     """Map an oracle grade in [0, 1] onto `labels` (least relevant first) by equal-width bins."""
     n = len(labels)

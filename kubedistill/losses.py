@@ -1,4 +1,4 @@
-"""Student losses, one small function each.
+"""Student and teacher losses, one small function each.
 
 CRSD, Contrastive Reasoning Self-Distillation (arXiv 2510.11056, "From Reasoning LLMs to BERT",
 Figure 3): one shared encoder and classifier see each pair twice, as the standard input (query,
@@ -17,6 +17,13 @@ Details the paper leaves open, chosen here and configurable through `spec.studen
   instead of ~2.9x, at similar measured quality (benchmarks/RESULTS.md).
 
 `kd_loss` is the classic soft-target baseline (Hinton et al. 2015), not CRSD.
+
+Teacher (kubedistill.teacher): `causal_lm_loss` (DAPT and SFT, next-token cross-entropy over the
+positions whose label is not IGNORE), `pairwise_reward_loss` (the reward model's Bradley-Terry
+ranking loss, Ouyang et al. 2022, InstructGPT eq. 1) and `dpo_loss` (Rafailov et al. 2023, DPO eq. 7)
+plus, optionally, the chosen response's per-token negative log-likelihood (the NLL term of
+Pang et al. 2024, "Iterative Reasoning Preference Optimization"), which keeps DPO from lowering
+the likelihood of good reasoning along with the bad.
 """
 
 from __future__ import annotations
@@ -76,3 +83,47 @@ def crsd_loss(
     }
     terms["loss"] = terms["sce"] + terms["tce"] + align_weight * terms["align"] + contrast_weight * terms["contrast"]
     return terms
+
+
+IGNORE = -100  # label of a position that is not trained (prompt tokens in SFT, padding)
+
+
+def _shifted(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Position t predicts token t+1: drop the last logit and the first label."""
+    return logits[:, :-1, :], labels[:, 1:]
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy; logits (b, t, v), labels (b, t) with IGNORE where untrained."""
+    lg, lb = _shifted(logits, labels)
+    return F.cross_entropy(lg.reshape(-1, lg.size(-1)), lb.reshape(-1), ignore_index=IGNORE)
+
+
+def sequence_logprob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of log p(token) over each sequence's trained positions: log pi(y | x) per row, shape (b,)."""
+    lg, lb = _shifted(logits, labels)
+    mask = lb != IGNORE
+    picked = torch.gather(lg.log_softmax(-1), 2, lb.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked * mask).sum(-1)
+
+
+def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-row mean negative log-likelihood of the trained positions, shape (b,)."""
+    n = (_shifted(logits, labels)[1] != IGNORE).sum(-1).clamp(min=1)
+    return -sequence_logprob(logits, labels) / n
+
+
+def pairwise_reward_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """-log sigmoid(r(chosen) - r(rejected)), averaged: the better response must score higher."""
+    return -F.logsigmoid(chosen - rejected).mean()
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float) -> torch.Tensor:
+    """-log sigmoid(beta * [(log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))]), averaged.
+
+    Inputs are sequence log-probabilities (`sequence_logprob`) of the chosen (y_w) and rejected
+    (y_l) responses under the policy being trained and the frozen reference (the SFT teacher).
+    """
+    margin = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+    return -F.logsigmoid(beta * margin).mean()

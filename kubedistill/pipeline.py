@@ -28,7 +28,8 @@ STAGE_ORDER: tuple[str, ...] = (
 )
 
 #: Stages this version can execute. The others are planned and listed but refuse to run.
-IMPLEMENTED: frozenset[str] = frozenset({"data", "student-crsd", "evaluate", "serve"})
+IMPLEMENTED: frozenset[str] = frozenset(
+    {"data", "teacher-dapt", "teacher-sft", "reward-model", "teacher-dpo", "student-crsd", "evaluate", "serve"})
 
 #: Stages that run only when the evaluation gate passed (promotion of the student).
 GATED: frozenset[str] = frozenset({"serve"})
@@ -147,12 +148,21 @@ def build(run: DistillationRun) -> list[Stage]:
     return stages
 
 
+#: the spec switch that turns each optional stage off
+SWITCH: dict[str, str] = {
+    "teacher-dapt": "spec.teacher.enabled", "teacher-sft": "spec.teacher.enabled", "reward-model": "spec.teacher.enabled",
+    "teacher-dpo": "spec.teacher.enabled", "annotate": "spec.annotation.enabled", "student-crsd": "spec.student.enabled",
+    "prune-search": "spec.pruning.enabled", "serve": "spec.serving.enabled",
+}
+
+
 def check_available(stages: list[Stage]) -> None:
     missing = [s.name for s in stages if not s.available]
     if missing:
+        switches = sorted({SWITCH[m] for m in missing if m in SWITCH})
         raise StageNotAvailable(
             f"stage(s) {', '.join(missing)} not available in this version of kubedistill; "
-            "disable them in the spec (e.g. spec.teacher.enabled: false, spec.pruning.enabled: false) "
+            f"disable them ({', '.join(f'{x}: false' for x in switches)}) "
             "or upgrade. Run `kubedistill plan FILE` to see the graph."
         )
 

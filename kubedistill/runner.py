@@ -94,6 +94,18 @@ def _job_entrypoint(stage: pipeline.Stage) -> str:
     return f"{shlex.quote(sys.executable)} {shlex.quote(str(script))}"
 
 
+def submit(client: Any, wait_s: float = 120.0, **job: Any) -> str:
+    """`submit_job`, waiting while a just-started Ray's job agent is not up yet ("No available agent")."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return client.submit_job(**job)
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
+
+
 def run_local(
     run: DistillationRun,
     *,
@@ -148,12 +160,10 @@ def run_local(
             env = {k: os.environ[k] for k in _PASS_ENV if k in os.environ}
             env.update({CONFIG_ENV: stage.config_json, "PYTHONUNBUFFERED": "1", "KUBEDISTILL_SERVE_PORT": str(serve_port)})
             st.phase, st.started_at, st.attempts = "Running", now(), st.attempts + 1
-            job_id = client.submit_job(
-                entrypoint=_job_entrypoint(stage),
-                submission_id=f"{run.name}-{stage.name}-{int(time.time() * 1000)}",
-                runtime_env={"env_vars": env},
-                metadata={"kubedistill.io/run": run.name, "kubedistill.io/stage": stage.name},
-            )
+            job_id = submit(client, entrypoint=_job_entrypoint(stage),
+                            submission_id=f"{run.name}-{stage.name}-{int(time.time() * 1000)}",
+                            runtime_env={"env_vars": env},
+                            metadata={"kubedistill.io/run": run.name, "kubedistill.io/stage": stage.name})
             st.job = job_id
             status.save()
             say(f"{tag}: running (Ray job {job_id})")

@@ -11,7 +11,7 @@ s3:// prefix) and answers
 
 `score` is the expected relevance grade in [0, 1] (least relevant label = 0, most relevant = 1), the
 number a search ranker sorts by. A service's `text` is the same service text the student trained on
-(`kubedistill.student.service_text`: title | category | district | price | offers tags | description).
+(`kubedistill.data.service_text`: title | category | district | price | offers tags | description).
 
 Concurrent requests are batched (`@serve.batch`, counted in pairs up to `maxBatchPairs`); with
 `batchWaitMs: 0` a batch is whatever queued while the model was busy, so a lone request waits for

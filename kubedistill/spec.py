@@ -138,6 +138,9 @@ class DpoSpec(TrainSpec):
     beta: float = Field(default=0.1, gt=0)
     samples_per_prompt: int = Field(default=4, ge=2, le=64)
     margin: float = Field(default=0.1, ge=0, description="Minimum reward gap between chosen and rejected.")
+    nll_weight: float = Field(
+        default=1.0, ge=0, description="Weight of the chosen response's per-token NLL added to the DPO loss "
+        "(Pang et al. 2024); 0 is plain DPO.")
 
 
 class TeacherSpec(_Model):
@@ -474,14 +477,20 @@ def to_wire(model: BaseModel) -> dict[str, Any]:
 
 
 def with_absolute_paths(run: DistillationRun, base: str | Path) -> DistillationRun:
-    """Resolve relative local paths (storage.uri, data.*) against `base`: stage jobs run elsewhere."""
+    """Resolve relative local paths (storage.uri, data.*, local base models) against `base`: stage jobs run elsewhere."""
 
     def fix(uri: str | None) -> str | None:
         if uri is None or "://" in uri or Path(uri).is_absolute():
             return uri
         return str((Path(base) / uri).resolve())
 
+    def fix_model(uri: str) -> str:  # a hub id or a `scratch:` preset stays as it is
+        return fix(uri) if (Path(base) / uri).exists() else uri  # type: ignore[return-value]
+
     s = run.spec
     data = s.data.model_copy(update={k: fix(getattr(s.data, k)) for k in ("logs", "eval_set", "sft_seed", "corpus")})
     storage = s.storage.model_copy(update={"uri": fix(s.storage.uri)})
-    return run.model_copy(update={"spec": s.model_copy(update={"storage": storage, "data": data})})
+    teacher = s.teacher.model_copy(update={"base_model": fix_model(s.teacher.base_model)})
+    student = s.student.model_copy(update={"base_model": fix_model(s.student.base_model)})
+    return run.model_copy(update={"spec": s.model_copy(update={"storage": storage, "data": data, "teacher": teacher,
+                                                               "student": student})})

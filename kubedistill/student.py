@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from kubedistill import losses
-from kubedistill.data import PRICE_SIGNS, read_dataset, write_rows
+from kubedistill.data import read_dataset, service_text, write_rows
 from kubedistill.evaluate import classification_metrics
 from kubedistill.models import resolve
 from kubedistill.storage import S3Options, Storage
@@ -36,21 +36,6 @@ ARTIFACT_VERSION = 1
 
 # ---------------------------------------------------------------------------------------------
 # Inputs
-
-
-def service_text(row: dict[str, Any]) -> str:
-    """The service side of the standard input, from the log's service fields."""
-    parts = [row.get("service_title") or ""]
-    for key in ("service_category", "service_district"):
-        if row.get(key):
-            parts.append(row[key])
-    if row.get("service_price_level"):
-        parts.append(PRICE_SIGNS.get(int(row["service_price_level"]), ""))
-    if row.get("service_tags"):
-        parts.append("offers " + ", ".join(row["service_tags"]))
-    if row.get("service_description"):
-        parts.append(row["service_description"])
-    return " | ".join(p for p in parts if p)
 
 
 @dataclass(frozen=True)

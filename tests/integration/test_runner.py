@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import io
 import json
 import os
@@ -67,6 +68,19 @@ def _write(tmp_path: Path, doc: dict) -> Path:
 def _cli(*args: str, **kw) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "kubedistill.cli", *args], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True, **kw)
+
+
+def kill_when_checkpointed(f: Path, pattern: str, timeout: float = 400) -> None:
+    """Run `kubedistill run f`, SIGKILL it and its Ray once a file matching `pattern` exists."""
+    proc = _cli("run", str(f))
+    deadline = time.monotonic() + timeout
+    while not glob.glob(pattern):
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() < deadline, "no checkpoint was written"
+        time.sleep(0.2)
+    time.sleep(1)  # let the checkpoint's files land
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def test_killed_run_resumes_with_only_unfinished_stages(tmp_path):
@@ -152,5 +166,6 @@ def test_cli_refuses_unavailable_stages_before_doing_anything(tmp_path):
     proc = _cli("run", str(f))
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 2
-    assert "not available in this version" in out and "teacher-dapt" in out
+    assert "annotate, prune-search not available in this version" in out
+    assert "spec.annotation.enabled: false, spec.pruning.enabled: false" in out
     assert not (tmp_path / "store").exists()

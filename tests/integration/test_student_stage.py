@@ -3,11 +3,7 @@ evaluate scoring the student, and resume after the run is killed mid-training.""
 
 from __future__ import annotations
 
-import glob
 import io
-import os
-import signal
-import time
 
 import pytest
 
@@ -15,7 +11,7 @@ from kubedistill import runner, spec
 from kubedistill.stage import MANIFEST
 from kubedistill.storage import Storage
 from tests.conftest import minimal_doc
-from tests.integration.test_runner import _cli, _write
+from tests.integration.test_runner import _cli, _write, kill_when_checkpointed
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -53,15 +49,7 @@ def test_killed_training_resumes_from_its_checkpoint(tmp_path, tiny_encoder):
     syn = {"services": 100, "queries": 300, "pairsPerQuery": 6, "sftSize": 20, "evalSize": 60, "seed": 2}
     f = _write(tmp_path, _doc(str(tmp_path / "store"), "resume", tiny_encoder, syn, {"epochs": 6}))
     pattern = str(tmp_path / "store" / "resume" / "student-crsd" / "ray" / "*" / "checkpoint_*")
-    proc = _cli("run", str(f))
-    deadline = time.monotonic() + 400
-    while not glob.glob(pattern):
-        assert proc.poll() is None, proc.stdout.read()
-        assert time.monotonic() < deadline, "no checkpoint was written"
-        time.sleep(0.2)
-    time.sleep(1)  # let the checkpoint's files land
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_when_checkpointed(f, pattern)
     assert not (tmp_path / "store" / "resume" / "student-crsd" / MANIFEST).exists()
 
     again = _cli("run", str(f))

@@ -33,7 +33,7 @@ def test_validate_reports_every_problem_and_exits_nonzero(tmp_path, capsys):
 def test_plan_and_crd(capsys):
     assert cli.main(["plan", str(SAMPLES / "quickstart.yaml")]) == 0
     out = capsys.readouterr().out
-    assert "1. data" in out and "2. student-crsd" in out and "3. evaluate" in out and "disabled: teacher-dapt" in out
+    assert "1. data" in out and "2. teacher-dapt" in out and "6. student-crsd" in out and "disabled: annotate, prune-search" in out
     assert cli.main(["crd"]) == 0
     assert capsys.readouterr().out == crd.render_yaml()
 
@@ -62,7 +62,7 @@ def test_render_prints_every_object_as_a_yaml_stream(capsys):
     docs = list(yaml.safe_load_all(capsys.readouterr().out))
     run = spec.with_absolute_paths(spec.load_run(SAMPLES / "quickstart.yaml"), ".")
     assert docs == k8s.render(run)
-    assert [d["metadata"]["name"] for d in docs][:2] == ["quickstart-data", "quickstart-student-crsd"]
+    assert [d["metadata"]["name"] for d in docs][:2] == ["quickstart-data", "quickstart-teacher-dapt"]
 
 
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])

@@ -1,0 +1,10 @@
+"""Stage `reward-model`: train the multi-dimensional reward model on constructed preference pairs, with Ray Train.
+
+Run by `kubedistill run` (local Ray) or a RayJob (cluster) with KUBEDISTILL_STAGE_CONFIG set.
+"""
+
+from kubedistill import stage
+from kubedistill.teacher import stages
+
+if __name__ == "__main__":
+    stage.main(stages.run_reward)

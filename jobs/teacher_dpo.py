@@ -1,0 +1,10 @@
+"""Stage `teacher-dpo`: preference-optimise the SFT teacher with DPO against the reward model, with Ray Train.
+
+Run by `kubedistill run` (local Ray) or a RayJob (cluster) with KUBEDISTILL_STAGE_CONFIG set.
+"""
+
+from kubedistill import stage
+from kubedistill.teacher import stages
+
+if __name__ == "__main__":
+    stage.main(stages.run_dpo)

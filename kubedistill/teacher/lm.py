@@ -1,0 +1,121 @@
+"""Causal LMs for the teacher: load (hub id, local directory, `s3://` prefix, or a `scratch:` preset)
+and save (to a local directory or an `s3://` prefix, through `Storage`).
+
+`scratch:<preset>` builds a randomly initialised Llama from a documented config with a byte-level
+BPE tokenizer trained on the run's domain corpus. It exists for CPU quickstarts and tests, where
+no causal LM ships offline; everything after loading (DAPT, SFT, ...) is the same code path that
+takes `Qwen/Qwen2.5-7B-Instruct` from a hub or a checkpoint from S3.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from kubedistill.models import ModelNotFound, resolve
+from kubedistill.storage import S3Options, Storage
+
+#: scratch presets: Llama shapes small enough to train on a laptop CPU in minutes
+SCRATCH: dict[str, dict[str, int]] = {
+    "llama-tiny": {"vocab_size": 1024, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+                   "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 512},
+    "llama-small": {"vocab_size": 4096, "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4,
+                    "num_attention_heads": 8, "num_key_value_heads": 4, "max_position_embeddings": 1024},
+}
+SPECIALS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
+
+
+def is_scratch(uri: str) -> bool:
+    return uri.startswith("scratch:")
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Any:
+    """A byte-level BPE tokenizer learned from `texts` (a PreTrainedTokenizerFast)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=SPECIALS["unk_token"]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS.values()),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIALS)
+
+
+def scratch(uri: str, texts: Iterable[str], seed: int = 0) -> tuple[Any, Any]:
+    """(model, tokenizer) for `scratch:<preset>`; ModelNotFound names the presets otherwise."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    preset = uri.removeprefix("scratch:")
+    if preset not in SCRATCH:
+        raise ModelNotFound(f"spec.teacher.baseModel: unknown preset {uri!r}; expected one of "
+                            f"{['scratch:' + p for p in SCRATCH]}, a hub id, a local directory or an s3:// prefix")
+    shape = SCRATCH[preset]
+    tokenizer = train_tokenizer(texts, shape["vocab_size"])
+    torch.manual_seed(seed)
+    config = LlamaConfig(**{**shape, "vocab_size": len(tokenizer)}, tie_word_embeddings=True,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    return LlamaForCausalLM(config), tokenizer
+
+
+def load(uri: str, field: str, options: S3Options | None = None, *, dtype: Any = None) -> tuple[Any, Any]:
+    """(AutoModelForCausalLM, tokenizer) from a hub id, a local directory or an s3:// prefix."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve(uri, field, options)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelNotFound(f"{field}: cannot load a causal LM from {uri}: {e}") from e
+    ensure_specials(tokenizer, model)
+    return model, tokenizer
+
+
+def ensure_specials(tokenizer: Any, model: Any) -> None:
+    """Generation and padding need eos and pad: reuse eos as pad when a tokenizer has none."""
+    if tokenizer.eos_token is None:
+        raise ModelNotFound("the tokenizer has no end-of-sequence token; the teacher cannot learn where a response ends")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model is not None and model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+
+
+def save(model: Any, tokenizer: Any, out: Storage) -> str:
+    """Write `save_pretrained` files under `out` (local or S3); returns its URI."""
+    with tempfile.TemporaryDirectory() as d:
+        model.save_pretrained(d)
+        tokenizer.save_pretrained(d)
+        for f in sorted(Path(d).rglob("*")):
+            if f.is_file():
+                out.write_bytes(f.relative_to(d).as_posix(), f.read_bytes())
+    return out.uri()
+
+
+def generate(model: Any, tokenizer: Any, prompts: list[str], *, max_new_tokens: int, temperature: float = 0.0,
+             batch_size: int = 64, seed: int = 0) -> list[str]:
+    """Batched `generate` with left padding: the response text of each prompt (greedy at temperature 0)."""
+    import torch
+
+    torch.manual_seed(seed)
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    model.eval()
+    out: list[str] = []
+    try:
+        for i in range(0, len(prompts), batch_size):
+            enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = {k: v.to(model.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+            sampling = {"do_sample": True, "temperature": temperature, "top_k": 0} if temperature > 0 else {"do_sample": False}
+            with torch.no_grad():
+                ids = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                     eos_token_id=tokenizer.eos_token_id, **sampling)
+            out.extend(tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = side
+    return out

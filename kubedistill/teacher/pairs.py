@@ -1,0 +1,96 @@
+"""Preference pairs: for the reward model (a correct response vs one perturbed on one dimension)
+and for DPO (the best vs the worst sampled response, when the reward model separates them).
+
+Each reward dimension gets pairs that differ on that dimension only, so its head learns it:
+
+    label          the label flipped to another one; reasoning unchanged
+    consistency    the label kept; reasoning taken from a pair of the same query with another label
+                   (so it argues for a different verdict)
+    faithfulness   a sentence claiming an attribute the query and service never mention
+    format         the response broken: no label line, label outside spec.labels, or lines swapped
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from kubedistill.data import CATALOG
+from kubedistill.teacher import fmt
+
+#: attributes a faithful response can only cite if the query or service mentions them
+_ATTRIBUTES = sorted({item for _, items in CATALOG.values() for item in items})
+
+
+@dataclass(frozen=True)
+class Pair:
+    prompt: str
+    chosen: str
+    rejected: str
+    dimension: str
+
+
+def flip_label(reasoning: str, label: str, labels: list[str], rng: random.Random) -> str:
+    return fmt.response(reasoning, rng.choice([x for x in labels if x != label]))
+
+
+def contradict(label: str, other_reasoning: str) -> str:
+    return fmt.response(other_reasoning, label)
+
+
+def invent_attribute(row: dict[str, Any], reasoning: str, label: str, rng: random.Random) -> str | None:
+    seen = " ".join(str(row.get(k) or "") for k in ("query", "service_title", "service_description")).lower()
+    seen += " " + " ".join(row.get("service_tags") or []).lower()
+    unseen = [a for a in _ATTRIBUTES if a not in seen]
+    if not unseen:
+        return None
+    return fmt.response(f"{reasoning} It is also known for its {rng.choice(unseen)}.", label)
+
+
+def break_format(reasoning: str, label: str, labels: list[str], rng: random.Random) -> str:
+    kind = rng.randrange(3)
+    if kind == 0:
+        return f"Reasoning: {reasoning}"
+    if kind == 1:
+        return fmt.response(reasoning, f"{label}ish" if f"{label}ish" not in labels else "unknown")
+    return f"Label: {label}\nReasoning: {reasoning}"
+
+
+def reward_pairs(rows: list[dict[str, Any]], labels: list[str], dimensions: list[str], seed: int) -> list[Pair]:
+    """Up to one pair per row and dimension; rows need `label` and `reasoning`."""
+    rng = random.Random(seed)
+    by_query: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_query.setdefault(r["query"], []).append(r)
+    out = []
+    for r in rows:
+        p, good = fmt.prompt(r), fmt.response(r["reasoning"], r["label"])
+        for dim in dimensions:
+            bad: str | None
+            if dim == "label":
+                bad = flip_label(r["reasoning"], r["label"], labels, rng)
+            elif dim == "consistency":
+                others = [o["reasoning"] for o in by_query[r["query"]] if o["label"] != r["label"]]
+                others = others or [o["reasoning"] for o in rows if o["label"] != r["label"]]
+                bad = contradict(r["label"], rng.choice(others)) if others else None
+            elif dim == "faithfulness":
+                bad = invent_attribute(r, r["reasoning"], r["label"], rng)
+            elif dim == "format":
+                bad = break_format(r["reasoning"], r["label"], labels, rng)
+            else:
+                raise ValueError(f"spec.teacher.rewardModel.dimensions: unknown dimension {dim!r}")
+            if bad is not None and bad != good:
+                out.append(Pair(p, good, bad, dim))
+    return out
+
+
+def choose_pair(responses: list[str], rewards: list[float], margin: float) -> tuple[str, str] | None:
+    """(chosen, rejected): the highest- vs the lowest-reward response, if they differ by >= margin."""
+    if len(responses) != len(rewards) or len(responses) < 2:
+        raise ValueError("need at least two responses, each with a reward")
+    best = max(range(len(rewards)), key=lambda i: rewards[i])
+    worst = min(range(len(rewards)), key=lambda i: rewards[i])
+    if rewards[best] - rewards[worst] < margin or responses[best] == responses[worst]:
+        return None
+    return responses[best], responses[worst]

@@ -1,0 +1,308 @@
+"""The four teacher stages, each `run_<stage>(ctx) -> {"metrics", "outputs"}` (see kubedistill.stage).
+
+Every stage checks its inputs on the driver before any worker starts (a base model that cannot be
+loaded, an empty or malformed SFT set, an unknown reward dimension fail fast with the field's name),
+trains with `kubedistill.teacher.train.run`, then evaluates and saves its model under
+`<stage>/model/` on the driver. The manifest is written by `kubedistill.stage.execute` only after
+all of that succeeded.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Any
+
+import torch
+
+from kubedistill.data import RowError, read_dataset, validate_row, write_rows
+from kubedistill.models import resolve
+from kubedistill.spec import REWARD_DIMENSIONS
+from kubedistill.storage import Storage
+from kubedistill.teacher import fmt, lm, pairs
+from kubedistill.teacher.train import RewardModel, TrainConfig, build, combined, encode, run
+
+GEN_TOKENS = 128  # new tokens a response may take (reasoning + label)
+EVAL_PROMPTS = 400  # held-out prompts each evaluation generates for
+TRAIN_FIELDS = ("epochs", "learningRate", "batchSize", "maxSteps")
+
+
+def _train_config(ctx: Any, task: str, start: str, examples: str, section: dict[str, Any], **extra: Any) -> TrainConfig:
+    o = ctx.storage.options
+    return TrainConfig(task=task, start=start, examples_uri=examples, epochs=section["epochs"],
+                       learning_rate=section["learningRate"], batch_size=section["batchSize"],
+                       max_steps=section.get("maxSteps"), s3={"endpoint": o.endpoint, "region": o.region}, **extra)
+
+
+def _model_uri(ctx: Any, stage: str) -> str:
+    return ctx.input(stage).uri("model")
+
+
+def _fresh(cfg: TrainConfig, ctx: Any, state: dict[str, Any]) -> tuple[Any, Any]:
+    """The start model with the trained weights loaded (LoRA merged), on the driver."""
+    model, tokenizer, _ = build(cfg, ctx.storage.options)
+    model.load_state_dict(state["model"])
+    if cfg.lora:
+        model = model.merge_and_unload()
+    return model, tokenizer
+
+
+def sft_rows(ctx: Any, labels: list[str]) -> list[dict[str, Any]]:
+    """The SFT seed set, every row checked: an empty or malformed set fails naming spec.data.sftSeed."""
+    src = ctx.input("data").child("sft")
+    try:
+        raw = read_dataset(src)
+    except ValueError as e:
+        raise ValueError(f"spec.data.sftSeed: {e}") from e
+    if not raw:
+        raise ValueError(f"spec.data.sftSeed: the SFT set at {src.uri()} is empty; the teacher needs labeled pairs with reasoning")
+    rows = []
+    for i, r in enumerate(raw, 1):
+        try:
+            rows.append(validate_row(r, labels, need_reasoning=True))
+        except RowError as e:
+            raise ValueError(f"spec.data.sftSeed: row {i}: {e}") from e
+    return rows
+
+
+def eval_rows(ctx: Any) -> list[dict[str, Any]]:
+    return read_dataset(ctx.input("data").child("eval"))[:EVAL_PROMPTS]
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurements
+
+
+def perplexity(model: Any, tokenizer: Any, texts: list[str], batch_size: int = 32, max_length: int = 256) -> float:
+    """exp(mean next-token NLL) over every token of `texts`."""
+    from kubedistill.losses import IGNORE
+
+    model.eval()
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(texts), batch_size):
+            b = encode(tokenizer, [""] * len(texts[i : i + batch_size]), texts[i : i + batch_size], max_length)
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
+            lb = b["labels"][:, 1:]
+            mask = lb != IGNORE
+            token_nll = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.size(-1)), lb.clamp(min=0).reshape(-1), reduction="none")
+            nll += float((token_nll * mask.reshape(-1)).sum())
+            n += int(mask.sum())
+    return math.exp(nll / max(1, n))
+
+
+def response_quality(responses: list[str], rows: list[dict[str, Any]], labels: list[str]) -> dict[str, Any]:
+    """Parse rate, label accuracy (an unparseable response counts as wrong) and why responses failed to parse."""
+    parsed, errors = [], {}
+    for text in responses:
+        try:
+            parsed.append(fmt.parse_response(text, labels))
+        except fmt.ParseError as e:
+            parsed.append(None)
+            why = str(e).split(" is not one of")[0] if "is not one of" in str(e) else str(e)
+            errors[why] = errors.get(why, 0) + 1
+    ok = sum(1 for p in parsed if p is not None)
+    correct = sum(1 for p, r in zip(parsed, rows, strict=True) if p is not None and p.label == r["label"])
+    return {"prompts": len(rows), "parse_rate": ok / max(1, len(rows)), "label_accuracy": correct / max(1, len(rows)),
+            "parse_errors": dict(sorted(errors.items(), key=lambda kv: -kv[1])[:5])}
+
+
+def reward_scores(rm: RewardModel, tokenizer: Any, prompts: list[str], responses: list[str], batch_size: int = 64) -> torch.Tensor:
+    """(n, dimensions) scores of each (prompt, response)."""
+    rm.eval()
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(prompts), batch_size):
+            b = encode(tokenizer, prompts[i : i + batch_size], responses[i : i + batch_size], 256)
+            out.append(rm(b["input_ids"], b["attention_mask"]))
+    return torch.cat(out) if out else torch.zeros((0, len(rm.dimensions)))
+
+
+# ---------------------------------------------------------------------------------------------
+# teacher-dapt
+
+
+def domain_texts(ctx: Any) -> list[str]:
+    """The domain corpus (service descriptions, category knowledge) plus the log's distinct queries."""
+    data = ctx.input("data")
+    texts = [r["text"] for r in read_dataset(data.child("corpus"))] if data.list("corpus") else []
+    seen: set[str] = set()
+    for r in read_dataset(data.child("logs")) if data.list("logs") else []:
+        if r["query"] not in seen:
+            seen.add(r["query"])
+            texts.append(r["query"])
+    return texts
+
+
+def run_dapt(ctx: Any) -> dict[str, Any]:
+    t = ctx.spec["teacher"]
+    base = t["baseModel"]
+    texts = domain_texts(ctx)
+    if len(texts) < 10:
+        raise ValueError(f"spec.data.corpus: {len(texts)} domain text(s); domain-adaptive pre-training needs at least 10")
+    rng = random.Random(0)
+    rng.shuffle(texts)
+    held = texts[: max(5, len(texts) // 20)]
+    train = texts[len(held):]
+    if lm.is_scratch(base):
+        sft = read_dataset(ctx.input("data").child("sft")) if ctx.input("data").list("sft") else []
+        extra = [fmt.prompt(r) + fmt.response(r.get("reasoning") or "", r["label"]) for r in sft if r.get("label")]
+        model, tokenizer = lm.scratch(base, texts + extra)
+        start = lm.save(model, tokenizer, ctx.out.child("init"))
+        ctx.log(f"built {base}: {sum(p.numel() for p in model.parameters()):,} parameters, vocabulary {len(tokenizer)}")
+    else:
+        model, tokenizer = lm.load(base, "spec.teacher.baseModel", ctx.storage.options)
+        start = base
+    before = perplexity(model, tokenizer, held)
+    write_rows(ctx.out, "examples/part-00000", [{"text": x} for x in train], "jsonl")
+    cfg = _train_config(ctx, "lm", start, ctx.out.uri("examples"), t["dapt"])
+    ctx.log(f"{len(train)} domain texts ({len(held)} held out), held-out perplexity before {before:.2f}")
+    state, metrics = run(ctx, cfg, t["resources"], "dapt")
+    model, tokenizer = _fresh(cfg, ctx, state)
+    after = perplexity(model, tokenizer, held)
+    uri = lm.save(model, tokenizer, ctx.out.child("model"))
+    ctx.log(f"held-out perplexity {before:.2f} -> {after:.2f}; model at {uri}")
+    return {"metrics": {**metrics, "perplexity_before": before, "perplexity_after": after, "train_texts": len(train),
+                        "heldout_texts": len(held), "parameters": sum(p.numel() for p in model.parameters())},
+            "outputs": {"model": uri}}
+
+
+# ---------------------------------------------------------------------------------------------
+# teacher-sft
+
+
+def run_sft(ctx: Any) -> dict[str, Any]:
+    labels, s = ctx.spec["labels"], ctx.spec["teacher"]["sft"]
+    rows = sft_rows(ctx, labels)
+    start = _model_uri(ctx, "teacher-dapt")
+    examples = [{"prompt": fmt.prompt(r), "response": fmt.response(r["reasoning"], r["label"])} for r in rows]
+    write_rows(ctx.out, "examples/part-00000", examples, "jsonl")
+    cfg = _train_config(ctx, "lm", start, ctx.out.uri("examples"), s, lora=s.get("lora"))
+    ctx.log(f"{len(rows)} SFT pairs" + (f", LoRA r={s['lora']['r']}" if s.get("lora") else ", full fine-tuning"))
+    state, metrics = run(ctx, cfg, ctx.spec["teacher"]["resources"], "sft")
+    model, tokenizer = _fresh(cfg, ctx, state)
+    ev = eval_rows(ctx)
+    quality = response_quality(lm.generate(model, tokenizer, [fmt.prompt(r) for r in ev], max_new_tokens=GEN_TOKENS), ev, labels)
+    uri = lm.save(model, tokenizer, ctx.out.child("model"))
+    ctx.log(f"eval: {quality['parse_rate']:.1%} parseable, label accuracy {quality['label_accuracy']:.1%}; model at {uri}")
+    return {"metrics": {**metrics, "sft_rows": len(rows), "eval": quality}, "outputs": {"model": uri}}
+
+
+# ---------------------------------------------------------------------------------------------
+# reward-model
+
+
+def dimensions_of(spec_dims: dict[str, float]) -> list[str]:
+    unknown = sorted(set(spec_dims) - set(REWARD_DIMENSIONS))
+    if unknown or not spec_dims:
+        raise ValueError(f"spec.teacher.rewardModel.dimensions: unknown {unknown or 'none given'}; "
+                         f"expected some of {list(REWARD_DIMENSIONS)}")
+    return [d for d in REWARD_DIMENSIONS if d in spec_dims]
+
+
+def split_by_query(rows: list[dict[str, Any]], fraction: float, seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    queries = sorted({r["query"] for r in rows})
+    random.Random(seed).shuffle(queries)
+    held = set(queries[: max(1, int(len(queries) * fraction))])
+    return [r for r in rows if r["query"] not in held], [r for r in rows if r["query"] in held]
+
+
+def save_reward_model(rm: RewardModel, tokenizer: Any, weights: dict[str, float], out: Storage) -> str:
+
+    from safetensors.torch import save
+
+    uri = lm.save(rm.backbone, tokenizer, out)
+    out.write_bytes("reward_heads.safetensors", save({k: v.contiguous() for k, v in rm.heads.state_dict().items()}))
+    out.write_json("reward.json", {"dimensions": rm.dimensions, "weights": weights})
+    return uri
+
+
+def load_reward_model(uri: str, options: Any) -> tuple[RewardModel, Any, dict[str, float]]:
+    from safetensors.torch import load
+    from transformers import AutoModel, AutoTokenizer
+
+    path = resolve(uri, "reward model", options)
+    st = Storage(uri, options)
+    meta = st.read_json("reward.json")
+    rm = RewardModel(AutoModel.from_pretrained(path), meta["dimensions"])
+    rm.heads.load_state_dict(load(st.read_bytes("reward_heads.safetensors")))
+    return rm, AutoTokenizer.from_pretrained(path), meta["weights"]
+
+
+def run_reward(ctx: Any) -> dict[str, Any]:
+    labels, r = ctx.spec["labels"], ctx.spec["teacher"]["rewardModel"]
+    dims = dimensions_of(r["dimensions"])
+    rows = sft_rows(ctx, labels)
+    train_rows, held_rows = split_by_query(rows, 0.2, 0)
+    train_pairs = pairs.reward_pairs(train_rows, labels, dims, seed=0)
+    held_pairs = pairs.reward_pairs(held_rows, labels, dims, seed=1)
+    write_rows(ctx.out, "examples/part-00000", [p.__dict__ for p in train_pairs], "jsonl")
+    start = _model_uri(ctx, "teacher-sft")
+    cfg = _train_config(ctx, "reward", start, ctx.out.uri("examples"), r, dimensions=tuple(dims))
+    ctx.log(f"{len(train_pairs)} training / {len(held_pairs)} held-out pairs over {dims}")
+    state, metrics = run(ctx, cfg, ctx.spec["teacher"]["resources"], "reward")
+    rm, tokenizer = _fresh(cfg, ctx, state)
+    sc = reward_scores(rm, tokenizer, [p.prompt for p in held_pairs], [p.chosen for p in held_pairs])
+    sr = reward_scores(rm, tokenizer, [p.prompt for p in held_pairs], [p.rejected for p in held_pairs])
+    accuracy: dict[str, float] = {}
+    for i, d in enumerate(dims):
+        idx = [k for k, p in enumerate(held_pairs) if p.dimension == d]
+        if idx:
+            accuracy[d] = float((sc[idx, i] > sr[idx, i]).float().mean())
+    combined_acc = float((combined(sc, dims, r["dimensions"]) > combined(sr, dims, r["dimensions"])).float().mean())
+    uri = save_reward_model(rm, tokenizer, r["dimensions"], ctx.out.child("model"))
+    ctx.log("held-out pairwise accuracy: " + ", ".join(f"{d} {a:.1%}" for d, a in accuracy.items()) + f", combined {combined_acc:.1%}")
+    return {"metrics": {**metrics, "pairwise_accuracy": accuracy, "combined_pairwise_accuracy": combined_acc,
+                        "train_pairs": len(train_pairs), "heldout_pairs": len(held_pairs)},
+            "outputs": {"model": uri}}
+
+
+# ---------------------------------------------------------------------------------------------
+# teacher-dpo
+
+
+def judge(rm: RewardModel, rm_tok: Any, weights: dict[str, float], model: Any, tokenizer: Any,
+          rows: list[dict[str, Any]], labels: list[str]) -> dict[str, Any]:
+    """Greedy responses to `rows`' prompts: mean combined reward, parse rate, label accuracy."""
+    prompts = [fmt.prompt(r) for r in rows]
+    responses = lm.generate(model, tokenizer, prompts, max_new_tokens=GEN_TOKENS)
+    reward = combined(reward_scores(rm, rm_tok, prompts, responses), rm.dimensions, weights)
+    return {**response_quality(responses, rows, labels), "mean_reward": float(reward.mean())}
+
+
+def run_dpo(ctx: Any) -> dict[str, Any]:
+    labels, d = ctx.spec["labels"], ctx.spec["teacher"]["dpo"]
+    dims = dimensions_of(ctx.spec["teacher"]["rewardModel"]["dimensions"])
+    rm, rm_tok, weights = load_reward_model(_model_uri(ctx, "reward-model"), ctx.storage.options)
+    if rm.dimensions != dims:
+        raise ValueError(f"spec.teacher.rewardModel.dimensions: {dims} but the reward model was trained on {rm.dimensions}")
+    start = _model_uri(ctx, "teacher-sft")
+    sft, tokenizer = lm.load(start, "teacher-sft model", ctx.storage.options)
+    rows = sft_rows(ctx, labels)
+    k = d["samplesPerPrompt"]
+    prompts = [fmt.prompt(r) for r in rows]
+    samples = lm.generate(sft, tokenizer, [p for p in prompts for _ in range(k)], max_new_tokens=GEN_TOKENS,
+                          temperature=1.0, seed=0)
+    rewards = combined(reward_scores(rm, rm_tok, [p for p in prompts for _ in range(k)], samples), dims, weights).tolist()
+    chosen_rejected = []
+    for i, p in enumerate(prompts):
+        pair = pairs.choose_pair(samples[i * k:(i + 1) * k], rewards[i * k:(i + 1) * k], d["margin"])
+        if pair:
+            chosen_rejected.append({"prompt": p, "chosen": pair[0], "rejected": pair[1]})
+    if not chosen_rejected:
+        raise ValueError(f"spec.teacher.dpo.margin: no prompt's {k} samples differ by >= {d['margin']} in reward; "
+                         "lower the margin or raise samplesPerPrompt")
+    write_rows(ctx.out, "examples/part-00000", chosen_rejected, "jsonl")
+    ctx.log(f"{len(chosen_rejected)} preference pairs from {len(prompts)} prompts x {k} samples")
+    ev = eval_rows(ctx)
+    before = judge(rm, rm_tok, weights, sft, tokenizer, ev, labels)
+    cfg = _train_config(ctx, "dpo", start, ctx.out.uri("examples"), d, beta=d["beta"], nll_weight=d["nllWeight"])
+    state, metrics = run(ctx, cfg, ctx.spec["teacher"]["resources"], "dpo")
+    model, tokenizer = _fresh(cfg, ctx, state)
+    after = judge(rm, rm_tok, weights, model, tokenizer, ev, labels)
+    uri = lm.save(model, tokenizer, ctx.out.child("model"))
+    ctx.log(f"held-out mean reward {before['mean_reward']:.3f} -> {after['mean_reward']:.3f}, label accuracy "
+            f"{before['label_accuracy']:.1%} -> {after['label_accuracy']:.1%}; model at {uri}")
+    return {"metrics": {**metrics, "preference_pairs": len(chosen_rejected), "before": before, "after": after},
+            "outputs": {"model": uri}}

@@ -1,0 +1,312 @@
+"""The Ray Train loop of every teacher stage: DDP over `spec.teacher.resources`, bf16 autocast on
+GPUs, a checkpoint in the stage's storage prefix every `checkpoint_every` steps, and resume from the
+latest one when the job runs again (same run name and storage path: a retried RayJob, a rerun of
+`kubedistill run` after a kill).
+
+A stage hands `fit` a task, one of:
+
+    lm       examples {"text"} (all tokens trained: DAPT) or {"prompt", "response"} (response only: SFT)
+    reward   pairs {"prompt", "chosen", "rejected", "dimension"}: a RewardModel, one head per dimension
+    dpo      pairs {"prompt", "chosen", "rejected"}: the policy against a frozen reference (the start model)
+
+and gets back the final weights (a state dict), loaded by the driver and saved as the stage's model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kubedistill import losses
+from kubedistill.storage import S3Options, Storage
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    task: str  # lm | reward | dpo
+    start: str  # URI of the start model (save_pretrained files)
+    examples_uri: str  # jsonl rows of the task
+    epochs: float
+    learning_rate: float
+    batch_size: int  # global
+    max_steps: int | None = None
+    max_length: int = 256
+    dimensions: tuple[str, ...] = ()  # reward
+    beta: float = 0.1  # dpo
+    nll_weight: float = 0.0  # dpo: weight of the chosen response's NLL
+    lora: dict[str, Any] | None = None
+    checkpoint_every: int = 20
+    seed: int = 0
+    s3: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenisation
+
+
+def encode(tokenizer: Any, prompts: list[str], responses: list[str], max_length: int) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids/attention_mask/labels; labels IGNORE on the prompt and the padding.
+
+    An empty prompt trains every token (DAPT). The response ends with the tokenizer's eos, so the
+    model learns to stop. Over-long rows keep their prompt's start and lose the response's end.
+    """
+    rows_ids, rows_labels = [], []
+    for p, r in zip(prompts, responses, strict=True):
+        p_ids = tokenizer(p, add_special_tokens=False).input_ids if p else []
+        r_ids = tokenizer(r, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        ids = (p_ids + r_ids)[:max_length]
+        labels = ([losses.IGNORE] * len(p_ids) + r_ids)[:max_length]
+        rows_ids.append(ids)
+        rows_labels.append(labels)
+    width = max(len(x) for x in rows_ids)
+    pad = tokenizer.pad_token_id
+    ids = torch.full((len(rows_ids), width), pad, dtype=torch.long)
+    labels = torch.full((len(rows_ids), width), losses.IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(rows_ids), width), dtype=torch.long)
+    for i, (x, y) in enumerate(zip(rows_ids, rows_labels, strict=True)):
+        ids[i, : len(x)] = torch.tensor(x)
+        labels[i, : len(y)] = torch.tensor(y)
+        mask[i, : len(x)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+# ---------------------------------------------------------------------------------------------
+# The reward model
+
+
+class RewardModel(nn.Module):
+    """A transformer backbone (the SFT teacher without its LM head) and one linear score per dimension,
+    read at each sequence's last real token."""
+
+    def __init__(self, backbone: nn.Module, dimensions: list[str]):
+        super().__init__()
+        self.backbone = backbone
+        self.dimensions = list(dimensions)
+        self.heads = nn.Linear(backbone.config.hidden_size, len(dimensions))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        h = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        last = attention_mask.sum(-1) - 1
+        return self.heads(h[torch.arange(h.size(0), device=h.device), last]).float()
+
+
+def combined(scores: torch.Tensor, dimensions: list[str], weights: dict[str, float]) -> torch.Tensor:
+    """The reward: sum of each dimension's score times its weight, (b, d) -> (b,)."""
+    w = torch.tensor([weights.get(d, 0.0) for d in dimensions], dtype=scores.dtype, device=scores.device)
+    return scores @ w
+
+
+# ---------------------------------------------------------------------------------------------
+# One step of each task
+
+
+def lm_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    return losses.causal_lm_loss(out.logits.float(), batch["labels"])
+
+
+def reward_step(model: nn.Module, chosen: dict[str, torch.Tensor], rejected: dict[str, torch.Tensor],
+                dim_index: torch.Tensor) -> torch.Tensor:
+    rows = torch.arange(dim_index.size(0), device=dim_index.device)
+    sc = model(chosen["input_ids"], chosen["attention_mask"])[rows, dim_index]
+    sr = model(rejected["input_ids"], rejected["attention_mask"])[rows, dim_index]
+    return losses.pairwise_reward_loss(sc, sr)
+
+
+def logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    return losses.sequence_logprob(out.logits.float(), batch["labels"])
+
+
+def dpo_step(policy: nn.Module, reference: nn.Module, chosen: dict[str, torch.Tensor],
+             rejected: dict[str, torch.Tensor], beta: float, nll_weight: float = 0.0) -> torch.Tensor:
+    with torch.no_grad():
+        ref_c, ref_r = logprobs(reference, chosen), logprobs(reference, rejected)
+    logits_c = policy(input_ids=chosen["input_ids"], attention_mask=chosen["attention_mask"]).logits.float()
+    pol_c = losses.sequence_logprob(logits_c, chosen["labels"])
+    loss = losses.dpo_loss(pol_c, logprobs(policy, rejected), ref_c, ref_r, beta)
+    if nll_weight:
+        loss = loss + nll_weight * losses.token_nll(logits_c, chosen["labels"]).mean()
+    return loss
+
+
+# ---------------------------------------------------------------------------------------------
+# Models per task
+
+
+def build(cfg: TrainConfig, options: S3Options | None) -> tuple[nn.Module, Any, nn.Module | None]:
+    """(trained module, tokenizer, frozen reference or None) for the task, from `cfg.start`."""
+    from transformers import AutoModel
+
+    from kubedistill.models import resolve
+    from kubedistill.teacher import lm
+
+    if cfg.task == "reward":
+        path = resolve(cfg.start, "start model", options)
+        _, tokenizer = lm.load(cfg.start, "start model", options)
+        torch.manual_seed(cfg.seed)
+        return RewardModel(AutoModel.from_pretrained(path), list(cfg.dimensions)), tokenizer, None
+    model, tokenizer = lm.load(cfg.start, "start model", options)
+    if cfg.lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=cfg.lora["r"], lora_alpha=cfg.lora["alpha"],
+                                                 lora_dropout=cfg.lora["dropout"], task_type="CAUSAL_LM"))
+    reference = None
+    if cfg.task == "dpo":
+        reference, _ = lm.load(cfg.start, "start model", options)
+        reference.eval().requires_grad_(False)
+    return model, tokenizer, reference
+
+
+def final_weights(model: nn.Module, cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """The state dict the driver loads into a fresh start model (LoRA adapters merged in)."""
+    if cfg.lora:
+        return model.merge_and_unload().state_dict()
+    return model.state_dict()
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def fit(cfg: TrainConfig, model: nn.Module, tokenizer: Any, reference: nn.Module | None, rows: list[dict[str, Any]],
+        *, rank: int = 0, world: int = 1, device: torch.device | None = None, wrap=lambda m: m,
+        resume: dict[str, Any] | None = None, on_checkpoint=lambda state, metrics: None) -> dict[str, Any]:
+    """Train on this worker's share of `rows`; `on_checkpoint` every `cfg.checkpoint_every` steps and at the end."""
+    device = device or torch.device("cpu")
+    torch.manual_seed(cfg.seed)
+    if not rows:
+        raise ValueError("no training examples")
+    per_worker = max(1, cfg.batch_size // world)
+    steps_per_epoch = max(1, math.ceil(len(rows) / (per_worker * world)))
+    total = cfg.max_steps or max(1, int(round(cfg.epochs * steps_per_epoch)))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
+    warmup = max(1, total // 10)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / warmup, max(0.05, (total - s) / max(1, total - warmup))))
+    step = 0
+    if resume:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        step = resume["step"]
+        torch.set_rng_state(resume["rng"])
+    trained = wrap(model)
+    if reference is not None:
+        reference.to(device)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
+    dims = {d: i for i, d in enumerate(cfg.dimensions)}
+
+    def to(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(device) for k, v in batch.items()}
+
+    def state() -> dict[str, Any]:
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "step": step, "rng": torch.get_rng_state()}
+
+    recent: list[float] = []
+    t0, n0 = time.monotonic(), step
+    metrics: dict[str, Any] = {}
+    while step < total:
+        epoch, offset = divmod(step, steps_per_epoch)
+        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+        trained.train()
+        for b in range(offset, steps_per_epoch):
+            lo = b * per_worker * world + rank * per_worker
+            batch = [rows[int(i)] for i in order[torch.arange(lo, lo + per_worker) % len(order)]]
+            with autocast:
+                if cfg.task == "lm":
+                    loss = lm_step(trained, to(encode(tokenizer, [r.get("prompt", "") for r in batch],
+                                                      [r.get("response") or r["text"] for r in batch], cfg.max_length)))
+                else:
+                    prompts = [r["prompt"] for r in batch]
+                    chosen = to(encode(tokenizer, prompts, [r["chosen"] for r in batch], cfg.max_length))
+                    rejected = to(encode(tokenizer, prompts, [r["rejected"] for r in batch], cfg.max_length))
+                    if cfg.task == "reward":
+                        idx = torch.tensor([dims[r["dimension"]] for r in batch], device=device)
+                        loss = reward_step(trained, chosen, rejected, idx)
+                    else:
+                        loss = dpo_step(trained, reference, chosen, rejected, cfg.beta, cfg.nll_weight)
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            recent = (recent + [float(loss.detach())])[-20:]
+            done = step >= total
+            if step % cfg.checkpoint_every == 0 or done:
+                metrics = {"step": step, "total_steps": total, "loss": sum(recent) / len(recent),
+                           "seconds_per_step": (time.monotonic() - t0) / max(1, step - n0),
+                           "samples_per_second": (step - n0) * per_worker * world / max(1e-9, time.monotonic() - t0)}
+                on_checkpoint(state(), metrics)
+            if done:
+                break
+    return {"state": state(), "metrics": metrics}
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker: build the task's model, resume from the latest checkpoint, train, checkpoint."""
+    import ray.train
+    import ray.train.torch
+
+    from kubedistill.data import read_dataset
+
+    cfg = TrainConfig(**{**config, "dimensions": tuple(config["dimensions"])})
+    options = S3Options(**cfg.s3)
+    rows = read_dataset(Storage(cfg.examples_uri, options))
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    model, tokenizer, reference = build(cfg, options)
+    resume = None
+    if (ckpt := ray.train.get_checkpoint()) is not None:
+        with ckpt.as_directory() as d:
+            resume = torch.load(Path(d) / "state.pt", weights_only=False)
+        if rank == 0:
+            print(f"[{cfg.task}] resuming from checkpoint at step {resume['step']}", flush=True)
+
+    def report(state: dict[str, Any], metrics: dict[str, Any]) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            checkpoint = None
+            if rank == 0:
+                torch.save(state, Path(d) / "state.pt")
+                checkpoint = ray.train.Checkpoint.from_directory(d)
+                print(f"[{cfg.task}] step {metrics['step']}/{metrics['total_steps']} loss {metrics['loss']:.4f} "
+                      f"{metrics['seconds_per_step']:.2f}s/step", flush=True)
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+    fit(cfg, model, tokenizer, reference, rows, rank=rank, world=ctx.get_world_size(),
+        device=ray.train.torch.get_device(), wrap=ray.train.torch.prepare_model, resume=resume, on_checkpoint=report)
+
+
+def run(ctx: Any, cfg: TrainConfig, resources: dict[str, Any], name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run `fit` as a TorchTrainer; (final state, last metrics). Re-running with the same `name` resumes."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    gpus = resources["gpusPerWorker"]
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={**asdict(cfg), "dimensions": list(cfg.dimensions)},
+        scaling_config=ScalingConfig(num_workers=resources["workers"], use_gpu=gpus > 0,
+                                     resources_per_worker={"CPU": resources["cpusPerWorker"], **({"GPU": gpus} if gpus else {})}),
+        run_config=RunConfig(name=f"{name}-{ctx.config_hash}", storage_path=ctx.out.path("ray"),
+                             storage_filesystem=ctx.out.fs, checkpoint_config=CheckpointConfig(num_to_keep=1),
+                             failure_config=FailureConfig(max_failures=2)),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / "state.pt", weights_only=False)
+    return state, {k: v for k, v in result.metrics.items() if isinstance(v, (int, float, bool))}

@@ -1,0 +1,215 @@
+"""Teacher components without Ray: the response format, losses on hand-computed cases, preference
+pairs, tokenisation, the reward combination, resume, and the stages' input checks."""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+
+import pytest
+import torch
+
+from kubedistill import data, losses
+from kubedistill.models import ModelNotFound
+from kubedistill.stage import StageContext
+from kubedistill.storage import Storage
+from kubedistill.teacher import fmt, lm, pairs, stages, train
+
+LABELS = ["irrelevant", "partial", "relevant"]
+ROW = {"query": "sushi in harbor", "service_id": "s1", "service_title": "Golden Sushi", "service_category": "japanese restaurant",
+       "service_district": "Harbor", "service_price_level": 2, "service_tags": ["sushi", "ramen"],
+       "service_description": "Fresh fish.", "label": "relevant", "reasoning": "It offers sushi in Harbor."}
+
+
+# -- format ---------------------------------------------------------------------------------
+
+def test_prompt_and_response_round_trip():
+    assert fmt.prompt(ROW) == ("Query: sushi in harbor\nService: Golden Sushi | japanese restaurant | Harbor | $$ | "
+                               "offers sushi, ramen | Fresh fish.\nJudge relevance.\n")
+    text = fmt.response("It offers\nsushi.", "relevant")
+    assert text == "Reasoning: It offers sushi.\nLabel: relevant"
+    assert fmt.parse_response(text + "\n\ntrailing", LABELS) == fmt.Parsed("It offers sushi.", "relevant")
+
+
+@pytest.mark.parametrize("text, why", [
+    ("Reasoning: fine", "no 'Label:' line"),
+    ("Label: relevant\nReasoning: fine", "expected 'Reasoning: ...' then 'Label: ...'"),
+    ("Reasoning: fine\nLabel: great", "label 'great' is not one of"),
+    ("Reasoning: \nLabel: relevant", "empty reasoning"),
+])
+def test_parse_says_what_is_wrong(text, why):
+    with pytest.raises(fmt.ParseError, match=why):
+        fmt.parse_response(text, LABELS)
+    assert fmt.try_parse(text, LABELS) is None
+
+
+# -- losses ---------------------------------------------------------------------------------
+
+def test_causal_lm_loss_shifts_and_ignores():
+    # vocabulary 2; position 0 predicts token at 1 with p = 0.75, position 1 predicts an ignored label
+    logits = torch.tensor([[[0.0, math.log(3.0)], [5.0, 0.0], [0.0, 0.0]]])
+    labels = torch.tensor([[losses.IGNORE, 1, losses.IGNORE]])
+    assert losses.causal_lm_loss(logits, labels).item() == pytest.approx(-math.log(0.75))
+    assert losses.sequence_logprob(logits, labels).item() == pytest.approx(math.log(0.75))
+
+
+def test_pairwise_reward_loss():
+    loss = losses.pairwise_reward_loss(torch.tensor([2.0, 0.0]), torch.tensor([0.0, 0.0]))
+    expected = (-math.log(1 / (1 + math.exp(-2))) + math.log(2)) / 2
+    assert loss.item() == pytest.approx(expected)
+
+
+def test_dpo_loss():
+    # margin = (-1 - -2) - (-3 - -2) = 2; beta 0.5 -> -log sigmoid(1)
+    loss = losses.dpo_loss(torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0]), 0.5)
+    assert loss.item() == pytest.approx(math.log(1 + math.exp(-1)))
+    same = losses.dpo_loss(torch.tensor([-1.0]), torch.tensor([-1.0]), torch.tensor([-1.0]), torch.tensor([-1.0]), 0.1)
+    assert same.item() == pytest.approx(math.log(2))  # policy == reference: no preference yet
+
+
+# -- pairs ----------------------------------------------------------------------------------
+
+def test_each_perturbation_breaks_its_dimension_only():
+    rng = random.Random(0)
+    flipped = fmt.parse_response(pairs.flip_label(ROW["reasoning"], "relevant", LABELS, rng), LABELS)
+    assert flipped.label != "relevant" and flipped.reasoning == ROW["reasoning"]
+    other = "It is a bar with no sushi."
+    assert fmt.parse_response(pairs.contradict("relevant", other), LABELS) == fmt.Parsed(other, "relevant")
+    invented = fmt.parse_response(pairs.invent_attribute(ROW, ROW["reasoning"], "relevant", rng), LABELS)
+    claim = invented.reasoning.removeprefix(ROW["reasoning"])
+    assert invented.label == "relevant" and "known for its" in claim and "sushi" not in claim and "ramen" not in claim
+    for seed in range(6):
+        assert fmt.try_parse(pairs.break_format(ROW["reasoning"], "relevant", LABELS, random.Random(seed)), LABELS) is None
+
+
+def test_reward_pairs_cover_every_dimension_and_refuse_unknown_ones():
+    g = data.generate(LABELS, 30, 20, 3, 30, 10, 0)
+    ps = pairs.reward_pairs(g.sft, LABELS, ["label", "consistency", "faithfulness", "format"], seed=0)
+    assert {p.dimension for p in ps} == {"label", "consistency", "faithfulness", "format"}
+    assert all(p.chosen != p.rejected and fmt.try_parse(p.chosen, LABELS) for p in ps)
+    with pytest.raises(ValueError, match="spec.teacher.rewardModel.dimensions: unknown dimension 'tone'"):
+        pairs.reward_pairs(g.sft, LABELS, ["tone"], seed=0)
+
+
+def test_choose_pair_takes_best_and_worst_above_the_margin():
+    assert pairs.choose_pair(["a", "b", "c"], [0.2, 0.9, -0.5], 0.5) == ("b", "c")
+    assert pairs.choose_pair(["a", "b"], [0.2, 0.25], 0.1) is None
+    assert pairs.choose_pair(["a", "a"], [0.0, 1.0], 0.1) is None  # identical texts teach nothing
+    with pytest.raises(ValueError):
+        pairs.choose_pair(["a"], [1.0], 0.0)
+
+
+# -- models, tokenisation, training -------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny():
+    g = data.generate(LABELS, 30, 20, 3, 30, 10, 0)
+    texts = [r["text"] for r in g.corpus] + [fmt.prompt(r) + fmt.response(r["reasoning"], r["label"]) for r in g.sft]
+    model, tok = lm.scratch("scratch:llama-tiny", texts)
+    return model, tok, g
+
+
+def test_encode_trains_only_the_response_and_its_end(tiny):
+    _, tok, _ = tiny
+    b = train.encode(tok, ["Query: a\n", ""], ["Reasoning: b\nLabel: relevant", "x"], 64)
+    p_len = len(tok("Query: a\n", add_special_tokens=False).input_ids)
+    row = b["labels"][0]
+    assert (row[:p_len] == losses.IGNORE).all() and (row[p_len:b["attention_mask"][0].sum()] != losses.IGNORE).all()
+    assert b["input_ids"][0, b["attention_mask"][0].sum() - 1] == tok.eos_token_id
+    assert (b["labels"][1][b["attention_mask"][1] == 0] == losses.IGNORE).all()  # padding is never trained
+    assert b["labels"][1][0] != losses.IGNORE  # no prompt: every token trained (DAPT)
+
+
+def test_combined_reward_weights_dimensions():
+    scores = torch.tensor([[1.0, 2.0], [0.0, -1.0]])
+    assert train.combined(scores, ["label", "format"], {"label": 1.0, "format": 0.5}).tolist() == [2.0, -0.5]
+
+
+def test_fit_resumed_from_a_checkpoint_ends_where_an_uninterrupted_run_does(tiny):
+    model, tok, g = tiny
+    rows = [{"text": r["text"]} for r in g.corpus]
+    cfg = train.TrainConfig(task="lm", start="", examples_uri="", epochs=1, learning_rate=1e-3, batch_size=4,
+                            max_steps=6, checkpoint_every=3)
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    full = train.fit(cfg, model, tok, None, rows)["state"]["model"]
+    model.load_state_dict(init)
+    saved = []
+    train.fit(cfg, model, tok, None, rows, on_checkpoint=lambda st, m: saved.append(copy.deepcopy(st)))
+    assert [s["step"] for s in saved] == [3, 6]
+    model.load_state_dict(init)
+    resumed = train.fit(cfg, model, tok, None, rows, resume=saved[0])["state"]["model"]
+    for k in full:
+        torch.testing.assert_close(resumed[k], full[k])
+
+
+def test_unknown_scratch_preset_and_unloadable_model_name_the_field(tmp_path):
+    with pytest.raises(ModelNotFound, match="spec.teacher.baseModel: unknown preset 'scratch:huge'"):
+        lm.scratch("scratch:huge", ["x"])
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ModelNotFound, match="spec.teacher.baseModel"):
+        lm.load(str(tmp_path), "spec.teacher.baseModel")
+    with pytest.raises(ModelNotFound, match="spec.teacher.baseModel"):
+        lm.load(str(tmp_path / "missing"), "spec.teacher.baseModel")
+
+
+def test_generate_returns_only_the_new_text(tiny):
+    model, tok, g = tiny
+    out = lm.generate(model, tok, [fmt.prompt(g.eval[0]), fmt.prompt(g.eval[1])], max_new_tokens=5)
+    assert len(out) == 2 and all("Query:" not in o for o in out)
+
+
+# -- stage input checks ----------------------------------------------------------------------
+
+def _ctx(tmp_path, sft_rows):
+    root = Storage(str(tmp_path / "run"))
+    if sft_rows is not None:
+        data.write_rows(root.child("data"), "sft/part-00000", sft_rows, "jsonl")
+    return StageContext({"run": "r", "stage": "teacher-sft", "inputs": ["data"], "spec": {}}, root)
+
+
+def test_an_empty_or_malformed_sft_set_fails_naming_the_field(tmp_path):
+    with pytest.raises(ValueError, match="spec.data.sftSeed: the SFT set .* is empty"):
+        stages.sft_rows(_ctx(tmp_path / "a", None), LABELS)
+    bad = [dict(ROW), {**ROW, "label": "great"}]
+    with pytest.raises(ValueError, match=r"spec.data.sftSeed: row 2: field 'label': expected one of"):
+        stages.sft_rows(_ctx(tmp_path / "b", bad), LABELS)
+    no_reasoning = [{**ROW, "reasoning": ""}]
+    with pytest.raises(ValueError, match="spec.data.sftSeed: row 1: field 'reasoning'"):
+        stages.sft_rows(_ctx(tmp_path / "c", no_reasoning), LABELS)
+
+
+def test_reward_dimensions_are_checked():
+    assert stages.dimensions_of({"format": 1.0, "label": 2.0}) == ["label", "format"]
+    with pytest.raises(ValueError, match="spec.teacher.rewardModel.dimensions: unknown \\['tone'\\]"):
+        stages.dimensions_of({"tone": 1.0})
+
+
+def test_perplexity_of_a_model_that_learned_the_text_is_lower(tiny):
+    model, tok, g = tiny
+    texts = [r["text"] for r in g.corpus][:8]
+    before = stages.perplexity(model, tok, texts)
+    cfg = train.TrainConfig(task="lm", start="", examples_uri="", epochs=1, learning_rate=3e-3, batch_size=4, max_steps=20)
+
+    m = copy.deepcopy(model)
+    train.fit(cfg, m, tok, None, [{"text": t} for t in texts])
+    assert stages.perplexity(m, tok, texts) < before <= len(tok) * 3
+
+
+def test_lora_fine_tuning_trains_adapters_only_and_merges_into_the_base_shape(tiny):
+    import copy
+
+    model, tok, g = tiny
+    cfg = train.TrainConfig(task="lm", start="", examples_uri="", epochs=1, learning_rate=1e-2, batch_size=4, max_steps=3,
+                            lora={"r": 4, "alpha": 8, "dropout": 0.0})
+    from peft import LoraConfig, get_peft_model
+
+    base = copy.deepcopy(model)
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM"))
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    ex = [{"prompt": fmt.prompt(r), "response": fmt.response(r["reasoning"], r["label"])} for r in g.sft[:8]]
+    train.fit(cfg, peft_model, tok, None, ex)
+    merged = peft_model.merge_and_unload()
+    assert set(merged.state_dict()) == set(base.state_dict())
+    assert any(not torch.equal(merged.state_dict()[k], base.state_dict()[k]) for k in base.state_dict())
