@@ -77,6 +77,18 @@ def load(uri: str, field: str, options: S3Options | None = None, *, dtype: Any =
     return model, tokenizer
 
 
+def check_loadable(uri: str, field: str, options: S3Options | None = None) -> None:
+    """Fail fast, without loading weights: the files resolve and hold a causal LM's config and a tokenizer."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    path = resolve(uri, field, options)
+    try:
+        AutoConfig.from_pretrained(path)
+        AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelNotFound(f"{field}: cannot load a causal LM from {uri}: {e}") from e
+
+
 def ensure_specials(tokenizer: Any, model: Any) -> None:
     """Generation and padding need eos and pad: reuse eos as pad when a tokenizer has none."""
     if tokenizer.eos_token is None:

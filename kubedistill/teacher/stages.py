@@ -1,10 +1,12 @@
 """The four teacher stages, each `run_<stage>(ctx) -> {"metrics", "outputs"}` (see kubedistill.stage).
 
 Every stage checks its inputs on the driver before any worker starts (a base model that cannot be
-loaded, an empty or malformed SFT set, an unknown reward dimension fail fast with the field's name),
-trains with `kubedistill.teacher.train.run`, then evaluates and saves its model under
-`<stage>/model/` on the driver. The manifest is written by `kubedistill.stage.execute` only after
-all of that succeeded.
+loaded, an empty or malformed SFT set, an unknown reward dimension fail fast with the field's name)
+and trains with `kubedistill.teacher.train.run`. Everything that holds a model outside training
+(measuring the start model, sampling for DPO, loading the trained weights, evaluating, saving under
+`<stage>/model/`) runs as one Ray task with a training worker's resources (`on_worker`): on a GPU
+cluster that is a GPU node, never the RayJob's driver. The manifest is written by
+`kubedistill.stage.execute` only after all of that succeeded.
 """
 
 from __future__ import annotations
@@ -38,13 +40,27 @@ def _model_uri(ctx: Any, stage: str) -> str:
     return ctx.input(stage).uri("model")
 
 
-def _fresh(cfg: TrainConfig, ctx: Any, state: dict[str, Any]) -> tuple[Any, Any]:
-    """The start model with the trained weights loaded (LoRA merged), on the driver."""
-    model, tokenizer, _ = build(cfg, ctx.storage.options)
+def on_worker(resources: dict[str, Any], fn: Any, *args: Any) -> Any:
+    """`fn(*args)` as a Ray task with one training worker's CPUs and GPUs; its result."""
+    import ray
+
+    task = ray.remote(fn).options(num_cpus=resources["cpusPerWorker"], num_gpus=resources["gpusPerWorker"])
+    return ray.get(task.remote(*args))
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _trained(cfg: TrainConfig, checkpoint: Any, options: Any) -> tuple[Any, Any]:
+    """The start model with the checkpoint's weights (LoRA merged), on this worker's device."""
+    model, tokenizer, _ = build(cfg, options)
+    with checkpoint.as_directory() as d:
+        state = torch.load(f"{d}/state.pt", weights_only=False, map_location="cpu")
     model.load_state_dict(state["model"])
     if cfg.lora:
         model = model.merge_and_unload()
-    return model, tokenizer
+    return model.to(_device()), tokenizer
 
 
 def sft_rows(ctx: Any, labels: list[str]) -> list[dict[str, Any]]:
@@ -81,7 +97,8 @@ def perplexity(model: Any, tokenizer: Any, texts: list[str], batch_size: int = 3
     nll, n = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(texts), batch_size):
-            b = encode(tokenizer, [""] * len(texts[i : i + batch_size]), texts[i : i + batch_size], max_length)
+            b = {k: v.to(model.device) for k, v in encode(
+                tokenizer, [""] * len(texts[i : i + batch_size]), texts[i : i + batch_size], max_length).items()}
             logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
             lb = b["labels"][:, 1:]
             mask = lb != IGNORE
@@ -115,7 +132,8 @@ def reward_scores(rm: RewardModel, tokenizer: Any, prompts: list[str], responses
     with torch.no_grad():
         for i in range(0, len(prompts), batch_size):
             b = encode(tokenizer, prompts[i : i + batch_size], responses[i : i + batch_size], 256)
-            out.append(rm(b["input_ids"], b["attention_mask"]))
+            device = rm.heads.weight.device
+            out.append(rm(b["input_ids"].to(device), b["attention_mask"].to(device)).cpu())
     return torch.cat(out) if out else torch.zeros((0, len(rm.dimensions)))
 
 
@@ -135,9 +153,20 @@ def domain_texts(ctx: Any) -> list[str]:
     return texts
 
 
+def _start_perplexity(start: str, texts: list[str], options: Any) -> float:
+    model, tokenizer = lm.load(start, "spec.teacher.baseModel", options)
+    return perplexity(model.to(_device()), tokenizer, texts)
+
+
+def _finish_dapt(cfg: TrainConfig, checkpoint: Any, out_uri: str, options: Any, held: list[str]) -> dict[str, Any]:
+    model, tokenizer = _trained(cfg, checkpoint, options)
+    return {"perplexity_after": perplexity(model, tokenizer, held), "parameters": sum(p.numel() for p in model.parameters()),
+            "model": lm.save(model, tokenizer, Storage(out_uri, options))}
+
+
 def run_dapt(ctx: Any) -> dict[str, Any]:
     t = ctx.spec["teacher"]
-    base = t["baseModel"]
+    base, res, options = t["baseModel"], t["resources"], ctx.storage.options
     texts = domain_texts(ctx)
     if len(texts) < 10:
         raise ValueError(f"spec.data.corpus: {len(texts)} domain text(s); domain-adaptive pre-training needs at least 10")
@@ -152,41 +181,44 @@ def run_dapt(ctx: Any) -> dict[str, Any]:
         start = lm.save(model, tokenizer, ctx.out.child("init"))
         ctx.log(f"built {base}: {sum(p.numel() for p in model.parameters()):,} parameters, vocabulary {len(tokenizer)}")
     else:
-        model, tokenizer = lm.load(base, "spec.teacher.baseModel", ctx.storage.options)
+        lm.check_loadable(base, "spec.teacher.baseModel", options)  # fail before any worker starts
         start = base
-    before = perplexity(model, tokenizer, held)
+    before = on_worker(res, _start_perplexity, start, held, options)
     write_rows(ctx.out, "examples/part-00000", [{"text": x} for x in train], "jsonl")
     cfg = _train_config(ctx, "lm", start, ctx.out.uri("examples"), t["dapt"])
     ctx.log(f"{len(train)} domain texts ({len(held)} held out), held-out perplexity before {before:.2f}")
-    state, metrics = run(ctx, cfg, t["resources"], "dapt")
-    model, tokenizer = _fresh(cfg, ctx, state)
-    after = perplexity(model, tokenizer, held)
-    uri = lm.save(model, tokenizer, ctx.out.child("model"))
-    ctx.log(f"held-out perplexity {before:.2f} -> {after:.2f}; model at {uri}")
-    return {"metrics": {**metrics, "perplexity_before": before, "perplexity_after": after, "train_texts": len(train),
-                        "heldout_texts": len(held), "parameters": sum(p.numel() for p in model.parameters())},
-            "outputs": {"model": uri}}
+    checkpoint, metrics = run(ctx, cfg, res, "dapt")
+    done = on_worker(res, _finish_dapt, cfg, checkpoint, ctx.out.uri("model"), options, held)
+    ctx.log(f"held-out perplexity {before:.2f} -> {done['perplexity_after']:.2f}; model at {done['model']}")
+    return {"metrics": {**metrics, "perplexity_before": before, "perplexity_after": done["perplexity_after"],
+                        "train_texts": len(train), "heldout_texts": len(held), "parameters": done["parameters"]},
+            "outputs": {"model": done["model"]}}
 
 
 # ---------------------------------------------------------------------------------------------
 # teacher-sft
 
 
+def _finish_sft(cfg: TrainConfig, checkpoint: Any, out_uri: str, options: Any, ev: list[dict[str, Any]],
+                labels: list[str]) -> dict[str, Any]:
+    model, tokenizer = _trained(cfg, checkpoint, options)
+    responses = lm.generate(model, tokenizer, [fmt.prompt(r) for r in ev], max_new_tokens=GEN_TOKENS)
+    return {"eval": response_quality(responses, ev, labels), "model": lm.save(model, tokenizer, Storage(out_uri, options))}
+
+
 def run_sft(ctx: Any) -> dict[str, Any]:
-    labels, s = ctx.spec["labels"], ctx.spec["teacher"]["sft"]
+    labels, s, res = ctx.spec["labels"], ctx.spec["teacher"]["sft"], ctx.spec["teacher"]["resources"]
     rows = sft_rows(ctx, labels)
     start = _model_uri(ctx, "teacher-dapt")
     examples = [{"prompt": fmt.prompt(r), "response": fmt.response(r["reasoning"], r["label"])} for r in rows]
     write_rows(ctx.out, "examples/part-00000", examples, "jsonl")
     cfg = _train_config(ctx, "lm", start, ctx.out.uri("examples"), s, lora=s.get("lora"))
     ctx.log(f"{len(rows)} SFT pairs" + (f", LoRA r={s['lora']['r']}" if s.get("lora") else ", full fine-tuning"))
-    state, metrics = run(ctx, cfg, ctx.spec["teacher"]["resources"], "sft")
-    model, tokenizer = _fresh(cfg, ctx, state)
-    ev = eval_rows(ctx)
-    quality = response_quality(lm.generate(model, tokenizer, [fmt.prompt(r) for r in ev], max_new_tokens=GEN_TOKENS), ev, labels)
-    uri = lm.save(model, tokenizer, ctx.out.child("model"))
-    ctx.log(f"eval: {quality['parse_rate']:.1%} parseable, label accuracy {quality['label_accuracy']:.1%}; model at {uri}")
-    return {"metrics": {**metrics, "sft_rows": len(rows), "eval": quality}, "outputs": {"model": uri}}
+    checkpoint, metrics = run(ctx, cfg, res, "sft")
+    done = on_worker(res, _finish_sft, cfg, checkpoint, ctx.out.uri("model"), ctx.storage.options, eval_rows(ctx), labels)
+    q = done["eval"]
+    ctx.log(f"eval: {q['parse_rate']:.1%} parseable, label accuracy {q['label_accuracy']:.1%}; model at {done['model']}")
+    return {"metrics": {**metrics, "sft_rows": len(rows), "eval": q}, "outputs": {"model": done["model"]}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,6 +262,22 @@ def load_reward_model(uri: str, options: Any) -> tuple[RewardModel, Any, dict[st
     return rm, AutoTokenizer.from_pretrained(path), meta["weights"]
 
 
+def _finish_reward(cfg: TrainConfig, checkpoint: Any, out_uri: str, options: Any, held_pairs: list[pairs.Pair],
+                   weights: dict[str, float]) -> dict[str, Any]:
+    rm, tokenizer = _trained(cfg, checkpoint, options)
+    dims = rm.dimensions
+    sc = reward_scores(rm, tokenizer, [p.prompt for p in held_pairs], [p.chosen for p in held_pairs])
+    sr = reward_scores(rm, tokenizer, [p.prompt for p in held_pairs], [p.rejected for p in held_pairs])
+    accuracy: dict[str, float] = {}
+    for i, d in enumerate(dims):
+        idx = [k for k, p in enumerate(held_pairs) if p.dimension == d]
+        if idx:
+            accuracy[d] = float((sc[idx, i] > sr[idx, i]).float().mean())
+    combined_acc = float((combined(sc, dims, weights) > combined(sr, dims, weights)).float().mean())
+    return {"pairwise_accuracy": accuracy, "combined_pairwise_accuracy": combined_acc,
+            "model": save_reward_model(rm, tokenizer, weights, Storage(out_uri, options))}
+
+
 def run_reward(ctx: Any) -> dict[str, Any]:
     labels, r = ctx.spec["labels"], ctx.spec["teacher"]["rewardModel"]
     dims = dimensions_of(r["dimensions"])
@@ -241,21 +289,16 @@ def run_reward(ctx: Any) -> dict[str, Any]:
     start = _model_uri(ctx, "teacher-sft")
     cfg = _train_config(ctx, "reward", start, ctx.out.uri("examples"), r, dimensions=tuple(dims))
     ctx.log(f"{len(train_pairs)} training / {len(held_pairs)} held-out pairs over {dims}")
-    state, metrics = run(ctx, cfg, ctx.spec["teacher"]["resources"], "reward")
-    rm, tokenizer = _fresh(cfg, ctx, state)
-    sc = reward_scores(rm, tokenizer, [p.prompt for p in held_pairs], [p.chosen for p in held_pairs])
-    sr = reward_scores(rm, tokenizer, [p.prompt for p in held_pairs], [p.rejected for p in held_pairs])
-    accuracy: dict[str, float] = {}
-    for i, d in enumerate(dims):
-        idx = [k for k, p in enumerate(held_pairs) if p.dimension == d]
-        if idx:
-            accuracy[d] = float((sc[idx, i] > sr[idx, i]).float().mean())
-    combined_acc = float((combined(sc, dims, r["dimensions"]) > combined(sr, dims, r["dimensions"])).float().mean())
-    uri = save_reward_model(rm, tokenizer, r["dimensions"], ctx.out.child("model"))
-    ctx.log("held-out pairwise accuracy: " + ", ".join(f"{d} {a:.1%}" for d, a in accuracy.items()) + f", combined {combined_acc:.1%}")
-    return {"metrics": {**metrics, "pairwise_accuracy": accuracy, "combined_pairwise_accuracy": combined_acc,
+    res = ctx.spec["teacher"]["resources"]
+    checkpoint, metrics = run(ctx, cfg, res, "reward")
+    done = on_worker(res, _finish_reward, cfg, checkpoint, ctx.out.uri("model"), ctx.storage.options, held_pairs,
+                     r["dimensions"])
+    ctx.log("held-out pairwise accuracy: " + ", ".join(f"{d} {a:.1%}" for d, a in done["pairwise_accuracy"].items())
+            + f", combined {done['combined_pairwise_accuracy']:.1%}")
+    return {"metrics": {**metrics, "pairwise_accuracy": done["pairwise_accuracy"],
+                        "combined_pairwise_accuracy": done["combined_pairwise_accuracy"],
                         "train_pairs": len(train_pairs), "heldout_pairs": len(held_pairs)},
-            "outputs": {"model": uri}}
+            "outputs": {"model": done["model"]}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,38 +314,58 @@ def judge(rm: RewardModel, rm_tok: Any, weights: dict[str, float], model: Any, t
     return {**response_quality(responses, rows, labels), "mean_reward": float(reward.mean())}
 
 
-def run_dpo(ctx: Any) -> dict[str, Any]:
-    labels, d = ctx.spec["labels"], ctx.spec["teacher"]["dpo"]
-    dims = dimensions_of(ctx.spec["teacher"]["rewardModel"]["dimensions"])
-    rm, rm_tok, weights = load_reward_model(_model_uri(ctx, "reward-model"), ctx.storage.options)
-    if rm.dimensions != dims:
-        raise ValueError(f"spec.teacher.rewardModel.dimensions: {dims} but the reward model was trained on {rm.dimensions}")
-    start = _model_uri(ctx, "teacher-sft")
-    sft, tokenizer = lm.load(start, "teacher-sft model", ctx.storage.options)
-    rows = sft_rows(ctx, labels)
-    k = d["samplesPerPrompt"]
-    prompts = [fmt.prompt(r) for r in rows]
-    samples = lm.generate(sft, tokenizer, [p for p in prompts for _ in range(k)], max_new_tokens=GEN_TOKENS,
-                          temperature=1.0, seed=0)
-    rewards = combined(reward_scores(rm, rm_tok, [p for p in prompts for _ in range(k)], samples), dims, weights).tolist()
+def _reward_model_on_device(rm_uri: str, options: Any) -> tuple[RewardModel, Any, dict[str, float]]:
+    rm, rm_tok, weights = load_reward_model(rm_uri, options)
+    return rm.to(_device()), rm_tok, weights
+
+
+def _sample_dpo(start: str, rm_uri: str, options: Any, prompts: list[str], k: int, margin: float,
+                ev: list[dict[str, Any]], labels: list[str]) -> dict[str, Any]:
+    """k samples per prompt from the SFT teacher, scored; the preference pairs; the SFT teacher's eval."""
+    rm, rm_tok, weights = _reward_model_on_device(rm_uri, options)
+    sft, tokenizer = lm.load(start, "teacher-sft model", options)
+    sft = sft.to(_device())
+    repeated = [p for p in prompts for _ in range(k)]
+    samples = lm.generate(sft, tokenizer, repeated, max_new_tokens=GEN_TOKENS, temperature=1.0, seed=0)
+    rewards = combined(reward_scores(rm, rm_tok, repeated, samples), rm.dimensions, weights).tolist()
     chosen_rejected = []
     for i, p in enumerate(prompts):
-        pair = pairs.choose_pair(samples[i * k:(i + 1) * k], rewards[i * k:(i + 1) * k], d["margin"])
+        pair = pairs.choose_pair(samples[i * k:(i + 1) * k], rewards[i * k:(i + 1) * k], margin)
         if pair:
             chosen_rejected.append({"prompt": p, "chosen": pair[0], "rejected": pair[1]})
-    if not chosen_rejected:
+    return {"pairs": chosen_rejected, "before": judge(rm, rm_tok, weights, sft, tokenizer, ev, labels)}
+
+
+def _finish_dpo(cfg: TrainConfig, checkpoint: Any, out_uri: str, options: Any, rm_uri: str,
+                ev: list[dict[str, Any]], labels: list[str]) -> dict[str, Any]:
+    rm, rm_tok, weights = _reward_model_on_device(rm_uri, options)
+    model, tokenizer = _trained(cfg, checkpoint, options)
+    return {"after": judge(rm, rm_tok, weights, model, tokenizer, ev, labels),
+            "model": lm.save(model, tokenizer, Storage(out_uri, options))}
+
+
+def run_dpo(ctx: Any) -> dict[str, Any]:
+    labels, d, res = ctx.spec["labels"], ctx.spec["teacher"]["dpo"], ctx.spec["teacher"]["resources"]
+    options = ctx.storage.options
+    dims = dimensions_of(ctx.spec["teacher"]["rewardModel"]["dimensions"])
+    rm_uri = _model_uri(ctx, "reward-model")
+    trained_on = Storage(rm_uri, options).read_json("reward.json")["dimensions"]
+    if trained_on != dims:
+        raise ValueError(f"spec.teacher.rewardModel.dimensions: {dims} but the reward model was trained on {trained_on}")
+    start = _model_uri(ctx, "teacher-sft")
+    rows, ev = sft_rows(ctx, labels), eval_rows(ctx)
+    k = d["samplesPerPrompt"]
+    sampled = on_worker(res, _sample_dpo, start, rm_uri, options, [fmt.prompt(r) for r in rows], k, d["margin"], ev, labels)
+    if not sampled["pairs"]:
         raise ValueError(f"spec.teacher.dpo.margin: no prompt's {k} samples differ by >= {d['margin']} in reward; "
                          "lower the margin or raise samplesPerPrompt")
-    write_rows(ctx.out, "examples/part-00000", chosen_rejected, "jsonl")
-    ctx.log(f"{len(chosen_rejected)} preference pairs from {len(prompts)} prompts x {k} samples")
-    ev = eval_rows(ctx)
-    before = judge(rm, rm_tok, weights, sft, tokenizer, ev, labels)
+    write_rows(ctx.out, "examples/part-00000", sampled["pairs"], "jsonl")
+    ctx.log(f"{len(sampled['pairs'])} preference pairs from {len(rows)} prompts x {k} samples")
     cfg = _train_config(ctx, "dpo", start, ctx.out.uri("examples"), d, beta=d["beta"], nll_weight=d["nllWeight"])
-    state, metrics = run(ctx, cfg, ctx.spec["teacher"]["resources"], "dpo")
-    model, tokenizer = _fresh(cfg, ctx, state)
-    after = judge(rm, rm_tok, weights, model, tokenizer, ev, labels)
-    uri = lm.save(model, tokenizer, ctx.out.child("model"))
+    checkpoint, metrics = run(ctx, cfg, res, "dpo")
+    done = on_worker(res, _finish_dpo, cfg, checkpoint, ctx.out.uri("model"), options, rm_uri, ev, labels)
+    before, after = sampled["before"], done["after"]
     ctx.log(f"held-out mean reward {before['mean_reward']:.3f} -> {after['mean_reward']:.3f}, label accuracy "
-            f"{before['label_accuracy']:.1%} -> {after['label_accuracy']:.1%}; model at {uri}")
-    return {"metrics": {**metrics, "preference_pairs": len(chosen_rejected), "before": before, "after": after},
-            "outputs": {"model": uri}}
+            f"{before['label_accuracy']:.1%} -> {after['label_accuracy']:.1%}; model at {done['model']}")
+    return {"metrics": {**metrics, "preference_pairs": len(sampled["pairs"]), "before": before, "after": after},
+            "outputs": {"model": done["model"]}}

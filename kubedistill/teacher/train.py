@@ -9,7 +9,8 @@ A stage hands `fit` a task, one of:
     reward   pairs {"prompt", "chosen", "rejected", "dimension"}: a RewardModel, one head per dimension
     dpo      pairs {"prompt", "chosen", "rejected"}: the policy against a frozen reference (the start model)
 
-and gets back the final weights (a state dict), loaded by the driver and saved as the stage's model.
+and gets back the last checkpoint (the final weights), which the stage loads on a worker and saves
+as its model.
 """
 
 from __future__ import annotations
@@ -167,13 +168,6 @@ def build(cfg: TrainConfig, options: S3Options | None) -> tuple[nn.Module, Any, 
     return model, tokenizer, reference
 
 
-def final_weights(model: nn.Module, cfg: TrainConfig) -> dict[str, torch.Tensor]:
-    """The state dict the driver loads into a fresh start model (LoRA adapters merged in)."""
-    if cfg.lora:
-        return model.merge_and_unload().state_dict()
-    return model.state_dict()
-
-
 # ---------------------------------------------------------------------------------------------
 # The loop
 
@@ -289,8 +283,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         device=ray.train.torch.get_device(), wrap=ray.train.torch.prepare_model, resume=resume, on_checkpoint=report)
 
 
-def run(ctx: Any, cfg: TrainConfig, resources: dict[str, Any], name: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Run `fit` as a TorchTrainer; (final state, last metrics). Re-running with the same `name` resumes."""
+def run(ctx: Any, cfg: TrainConfig, resources: dict[str, Any], name: str) -> tuple[Any, dict[str, Any]]:
+    """Run `fit` as a TorchTrainer; (its last checkpoint, last metrics). Re-running with the same `name` resumes.
+
+    The checkpoint (a `ray.train.Checkpoint` holding `state.pt`) is read where the model is needed
+    next, on a worker: the driver never loads the weights."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -307,6 +304,4 @@ def run(ctx: Any, cfg: TrainConfig, resources: dict[str, Any], name: str) -> tup
     result = trainer.fit()
     if result.error:
         raise result.error
-    with result.checkpoint.as_directory() as d:
-        state = torch.load(Path(d) / "state.pt", weights_only=False)
-    return state, {k: v for k, v in result.metrics.items() if isinstance(v, (int, float, bool))}
+    return result.checkpoint, {k: v for k, v in result.metrics.items() if isinstance(v, (int, float, bool))}
