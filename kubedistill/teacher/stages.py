@@ -54,7 +54,7 @@ def _device() -> torch.device:
 
 def _trained(cfg: TrainConfig, checkpoint: Any, options: Any) -> tuple[Any, Any]:
     """The start model with the checkpoint's weights (LoRA merged), on this worker's device."""
-    model, tokenizer, _ = build(cfg, options)
+    model, tokenizer, _ = build(cfg, options, reference=False)
     with checkpoint.as_directory() as d:
         state = torch.load(f"{d}/state.pt", weights_only=False, map_location="cpu")
     model.load_state_dict(state["model"])
@@ -91,7 +91,7 @@ def eval_rows(ctx: Any) -> list[dict[str, Any]]:
 
 def perplexity(model: Any, tokenizer: Any, texts: list[str], batch_size: int = 32, max_length: int = 256) -> float:
     """exp(mean next-token NLL) over every token of `texts`."""
-    from kubedistill.losses import IGNORE
+    from kubedistill.losses import IGNORE, sequence_logprob
 
     model.eval()
     nll, n = 0.0, 0
@@ -100,12 +100,8 @@ def perplexity(model: Any, tokenizer: Any, texts: list[str], batch_size: int = 3
             b = {k: v.to(model.device) for k, v in encode(
                 tokenizer, [""] * len(texts[i : i + batch_size]), texts[i : i + batch_size], max_length).items()}
             logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
-            lb = b["labels"][:, 1:]
-            mask = lb != IGNORE
-            token_nll = torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.size(-1)), lb.clamp(min=0).reshape(-1), reduction="none")
-            nll += float((token_nll * mask.reshape(-1)).sum())
-            n += int(mask.sum())
+            nll -= float(sequence_logprob(logits, b["labels"]).sum())
+            n += int((b["labels"][:, 1:] != IGNORE).sum())
     return math.exp(nll / max(1, n))
 
 

@@ -143,16 +143,19 @@ def dpo_step(policy: nn.Module, reference: nn.Module, chosen: dict[str, torch.Te
 # Models per task
 
 
-def build(cfg: TrainConfig, options: S3Options | None) -> tuple[nn.Module, Any, nn.Module | None]:
-    """(trained module, tokenizer, frozen reference or None) for the task, from `cfg.start`."""
-    from transformers import AutoModel
+def build(cfg: TrainConfig, options: S3Options | None, *, reference: bool = True) -> tuple[nn.Module, Any, nn.Module | None]:
+    """(trained module, tokenizer, frozen reference or None) for the task, from `cfg.start`.
+
+    `reference=False` skips DPO's frozen copy (loading trained weights after training needs none)."""
+    from transformers import AutoModel, AutoTokenizer
 
     from kubedistill.models import resolve
     from kubedistill.teacher import lm
 
     if cfg.task == "reward":
         path = resolve(cfg.start, "start model", options)
-        _, tokenizer = lm.load(cfg.start, "start model", options)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        lm.ensure_specials(tokenizer, None)
         torch.manual_seed(cfg.seed)
         return RewardModel(AutoModel.from_pretrained(path), list(cfg.dimensions)), tokenizer, None
     model, tokenizer = lm.load(cfg.start, "start model", options)
@@ -161,11 +164,11 @@ def build(cfg: TrainConfig, options: S3Options | None) -> tuple[nn.Module, Any, 
 
         model = get_peft_model(model, LoraConfig(r=cfg.lora["r"], lora_alpha=cfg.lora["alpha"],
                                                  lora_dropout=cfg.lora["dropout"], task_type="CAUSAL_LM"))
-    reference = None
-    if cfg.task == "dpo":
-        reference, _ = lm.load(cfg.start, "start model", options)
-        reference.eval().requires_grad_(False)
-    return model, tokenizer, reference
+    frozen = None
+    if cfg.task == "dpo" and reference:
+        frozen, _ = lm.load(cfg.start, "start model", options)
+        frozen.eval().requires_grad_(False)
+    return model, tokenizer, frozen
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import signal
 import subprocess
@@ -137,22 +138,25 @@ class Cluster:
         self.server.stop()
 
 
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    c = Cluster(tmp_path, kuberay=True)
+@contextlib.contextmanager
+def _cluster(tmp_path: Path, kuberay: bool) -> Iterator[Cluster]:
+    c = Cluster(tmp_path, kuberay=kuberay)
     try:
         yield c
     finally:
         c.close()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    with _cluster(tmp_path, kuberay=True) as c:
+        yield c
 
 
 @pytest.fixture
 def cluster_without_kuberay(tmp_path: Path) -> Iterator[Cluster]:
-    c = Cluster(tmp_path, kuberay=False)
-    try:
+    with _cluster(tmp_path, kuberay=False) as c:
         yield c
-    finally:
-        c.close()
 
 
 @pytest.fixture(scope="module")
