@@ -495,6 +495,18 @@ def read_dataset(storage: Storage) -> list[dict[str, Any]]:
     return rows
 
 
+def training_rows(ctx: Any) -> tuple[list[dict[str, Any]], str]:
+    """Labeled (query, service) pairs to learn from: the annotate stage's output when the run has one; else the data stage's oracle-labeled pairs."""
+    if "annotate" in ctx.config["inputs"]:
+        src = ctx.input("annotate").child("labeled")
+        return read_dataset(src), src.uri()
+    data = ctx.input("data")
+    for name in ("labeled", "sft"):
+        if data.list(name):
+            return read_dataset(data.child(name)), data.uri(name)
+    raise ValueError("no labeled training data: enable spec.annotation or provide spec.data.sftSeed")
+
+
 def label_counts(rows: list[dict[str, Any]]) -> dict[str, int]:
     return dict(sorted(Counter(r["label"] for r in rows).items()))
 

@@ -212,16 +212,15 @@ def plot(results: dict[str, dict[str, Any]]) -> bytes:
 
 def run_stage(ctx: Any) -> dict[str, Any]:
     """Score every available model on the eval set; write metrics.json and confusion.png; apply the gate."""
-    from kubedistill.data import read_dataset
+    from kubedistill.data import read_dataset, training_rows
 
     labels = ctx.spec["labels"]
     data = ctx.input("data")
     eval_rows = read_dataset(data.child("eval"))
     if not eval_rows:
         raise ValueError("the data stage's eval set is empty")
-    train_name = "labeled" if data.list("labeled") else "sft"
-    train_rows = read_dataset(data.child(train_name))
-    ctx.log(f"baseline: BM25 features + logistic regression on {len(train_rows)} '{train_name}' rows")
+    train_rows, source = training_rows(ctx)  # the rows the student learns from
+    ctx.log(f"baseline: BM25 features + logistic regression on {len(train_rows)} rows of {source}")
     baseline = LexicalBaseline(labels).fit(train_rows)
     truth = [r["label"] for r in eval_rows]
     results = {"baseline": classification_metrics(truth, baseline.predict_proba(eval_rows), labels)}

@@ -29,7 +29,7 @@ STAGE_ORDER: tuple[str, ...] = (
 
 #: Stages this version can execute. The others are planned and listed but refuse to run.
 IMPLEMENTED: frozenset[str] = frozenset(
-    {"data", "teacher-dapt", "teacher-sft", "reward-model", "teacher-dpo", "student-crsd", "evaluate", "serve"})
+    {"data", "teacher-dapt", "teacher-sft", "reward-model", "teacher-dpo", "annotate", "student-crsd", "evaluate", "serve"})
 
 #: Stages that run only when the evaluation gate passed (promotion of the student).
 GATED: frozenset[str] = frozenset({"serve"})
@@ -107,7 +107,8 @@ def _dependencies(run: DistillationRun) -> dict[str, tuple[str, ...]]:
         deps["annotate"] = ("data", "teacher-dpo") if t else ("data",)
     if st:
         deps["student-crsd"] = ("data", "annotate") if a else ("data",)
-    deps["evaluate"] = ("data", "student-crsd") if st else ("data",)
+    # the baseline learns from the rows the student learns from: annotate's when the run annotates
+    deps["evaluate"] = ("data",) + (("annotate",) if a else ()) + (("student-crsd",) if st else ())
     if s.pruning.enabled and t:
         deps["prune-search"] = ("data", "teacher-dpo")
     if s.serving.enabled and st:
@@ -122,7 +123,8 @@ def _resources(run: DistillationRun, name: str) -> Resources:
     if name == "student-crsd":
         return s.student.resources
     if name == "annotate":
-        return Resources(workers=s.annotation.replicas.max, cpus_per_worker=1, gpus_per_worker=s.annotation.gpus_per_replica)
+        a = s.annotation
+        return Resources(workers=a.replicas.max, cpus_per_worker=a.cpus_per_replica, gpus_per_worker=a.gpus_per_replica)
     return Resources(workers=1, cpus_per_worker=1, gpus_per_worker=0)
 
 

