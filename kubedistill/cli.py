@@ -116,15 +116,11 @@ def _status(run) -> int:  # type: ignore[no-untyped-def]
 
 def _run(run, address: str | None, serve_port: int, keep_serving: bool) -> int:  # type: ignore[no-untyped-def]
     from kubedistill import runner
-    from kubedistill.pipeline import StageNotAvailable
     from kubedistill.storage import StorageError
 
     runner.install_signal_handlers()
     try:
         runner.run_local(run, address=address, serve_port=serve_port, keep_serving=keep_serving)
-    except StageNotAvailable as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except StorageError as e:
         print(f"error: storage: {e}", file=sys.stderr)
         return 1

@@ -27,10 +27,6 @@ STAGE_ORDER: tuple[str, ...] = (
     "serve",
 )
 
-#: Stages this version can execute. The others are planned and listed but refuse to run.
-IMPLEMENTED: frozenset[str] = frozenset(
-    {"data", "teacher-dapt", "teacher-sft", "reward-model", "teacher-dpo", "annotate", "student-crsd", "evaluate", "serve"})
-
 #: Stages that run only when the evaluation gate passed (promotion of the student).
 GATED: frozenset[str] = frozenset({"serve"})
 
@@ -53,17 +49,12 @@ _READS: dict[str, tuple[str, ...]] = {
 }
 
 
-class StageNotAvailable(RuntimeError):
-    pass
-
-
 @dataclass(frozen=True)
 class Stage:
     name: str
     depends_on: tuple[str, ...]
     config: dict[str, Any]
     resources: Resources
-    available: bool
     entrypoint: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -146,27 +137,8 @@ def build(run: DistillationRun) -> list[Stage]:
             "inputs": list(deps[name]),
             "spec": section,
         }
-        stages.append(Stage(name, deps[name], config, _resources(run, name), name in IMPLEMENTED))
+        stages.append(Stage(name, deps[name], config, _resources(run, name)))
     return stages
-
-
-#: the spec switch that turns each optional stage off
-SWITCH: dict[str, str] = {
-    "teacher-dapt": "spec.teacher.enabled", "teacher-sft": "spec.teacher.enabled", "reward-model": "spec.teacher.enabled",
-    "teacher-dpo": "spec.teacher.enabled", "annotate": "spec.annotation.enabled", "student-crsd": "spec.student.enabled",
-    "prune-search": "spec.pruning.enabled", "serve": "spec.serving.enabled",
-}
-
-
-def check_available(stages: list[Stage]) -> None:
-    missing = [s.name for s in stages if not s.available]
-    if missing:
-        switches = sorted({SWITCH[m] for m in missing if m in SWITCH})
-        raise StageNotAvailable(
-            f"stage(s) {', '.join(missing)} not available in this version of kubedistill; "
-            f"disable them ({', '.join(f'{x}: false' for x in switches)}) "
-            "or upgrade. Run `kubedistill plan FILE` to see the graph."
-        )
 
 
 def render_plan(run: DistillationRun, stages: list[Stage]) -> str:
@@ -175,8 +147,7 @@ def render_plan(run: DistillationRun, stages: list[Stage]) -> str:
         r = s.resources
         res = f"{r.workers}x({r.cpus_per_worker:g} cpu" + (f", {r.gpus_per_worker:g} gpu)" if r.gpus_per_worker else ")")
         after = ", ".join(s.depends_on) or "-"
-        flag = "" if s.available else "   [not available in this version]"
-        lines.append(f"  {i:>2}. {s.name:<13} after: {after:<36} {res:<18} {s.entrypoint}{flag}")
+        lines.append(f"  {i:>2}. {s.name:<13} after: {after:<36} {res:<18} {s.entrypoint}")
     skipped = [n for n in STAGE_ORDER if n not in {s.name for s in stages}]
     if skipped:
         lines.append(f"  disabled: {', '.join(skipped)}")

@@ -185,14 +185,14 @@ def prune(model: nn.Module, arch: Architecture, importance: Importance) -> nn.Mo
     with torch.no_grad():
         for i, layer in enumerate(model.model.layers):
             a, m = layer.self_attn, layer.mlp
-            groups = _keep(importance.attn[i], kept(shape.kv_heads[i], arch.attn[i]))
-            heads = (groups[:, None] * g + torch.arange(g)).flatten()  # query heads of the kept groups
-            q_idx = (heads[:, None] * d + torch.arange(d)).flatten()
-            kv_idx = (groups[:, None] * d + torch.arange(d)).flatten()
-            ch = _keep(importance.mlp[i], kept(shape.intermediate[i], arch.mlp[i]))
             old = {n: getattr(a, n).weight for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
             old |= {n: getattr(m, n).weight for n in ("gate_proj", "up_proj", "down_proj")}
             dtype, device = old["q_proj"].dtype, old["q_proj"].device
+            groups = _keep(importance.attn[i], kept(shape.kv_heads[i], arch.attn[i]))
+            heads = (groups[:, None] * g + torch.arange(g)).flatten()  # query heads of the kept groups
+            q_idx = (heads[:, None] * d + torch.arange(d)).flatten().to(device)
+            kv_idx = (groups[:, None] * d + torch.arange(d)).flatten().to(device)
+            ch = _keep(importance.mlp[i], kept(shape.intermediate[i], arch.mlp[i])).to(device)
             pruned_llama.resize_layer(layer, len(groups), len(ch), d, g)
             layer.to(device=device, dtype=dtype)
             a.q_proj.weight.copy_(_rows(old["q_proj"], q_idx))

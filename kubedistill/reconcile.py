@@ -16,7 +16,7 @@ The kopf handlers list the run's children (by label), read stage manifests from 
   stages) or replaced in place (the RayService): a spec change reruns only the stages it touches;
 - `serve` starts only when the evaluation gate passed; otherwise it is Skipped with a
   `Promoted=False` condition;
-- a resource the schema could not refuse (a cross-field rule, an unavailable stage) gets phase
+- a resource the schema could not refuse (a cross-field rule) gets phase
   Failed and a `Valid=False` condition whose message names the field.
 """
 
@@ -96,8 +96,7 @@ def reconcile_body(
     try:
         run = parse_run({k: v for k, v in body.items() if k in ("apiVersion", "kind", "metadata", "spec")},
                         (body.get("metadata") or {}).get("name", "<resource>"))
-        pipeline.check_available(pipeline.build(run))
-    except (SpecError, pipeline.StageNotAvailable) as e:
+    except SpecError as e:
         return invalid(body, e, previous, now)
     meta = body.get("metadata") or {}
     return reconcile(run, children, manifests, now, uid=meta.get("uid"), generation=meta.get("generation"),

@@ -121,7 +121,6 @@ def run_local(
     `keep_serving` (and a local cluster, which ends with this call) it stays up until interrupted.
     """
     stages = pipeline.build(run)
-    pipeline.check_available(stages)
     storage = run_storage(stages[0].config)
     storage.check_writable()
     status = StatusWriter(storage, stages)

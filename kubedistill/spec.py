@@ -222,10 +222,20 @@ class EvaluationSpec(_Model):
 
 class PruningSpec(_Model):
     enabled: bool = True
-    target_ratio: float = Field(default=0.25, ge=0, lt=1, description="Fraction of parameters to remove.")
-    sampled_architectures: int = Field(default=64, ge=4, le=100_000)
+    target_ratio: float = Field(default=0.25, ge=0, lt=1, description="Fraction of the teacher's parameters to remove.")
+    sampled_architectures: int = Field(
+        default=64, ge=8, le=100_000, description="Random per-layer architectures evaluated for real to train the predictor.")
     top_k: int = Field(default=4, ge=1, le=1000, description="Predictor picks evaluated for real.")
-    predictor: Literal["gbdt", "lightgbm"] = "gbdt"
+    candidates: int = Field(default=5000, ge=10, le=10_000_000, description="Architectures the predictor scores.")
+    predictor: Literal["gbdt", "lightgbm"] = Field(
+        default="gbdt", description="The accuracy predictor: scikit-learn's or LightGBM's gradient-boosted trees.")
+    objective: Literal["perplexity", "accuracy"] = Field(
+        default="perplexity", description="What the predictor learns and the search minimises: held-out perplexity, "
+        "or the pruned teacher's label error on eval prompts.")
+    calibration_samples: int = Field(default=32, ge=1, le=100_000, description="Texts for the Taylor importance.")
+    eval_texts: int = Field(default=128, ge=1, le=100_000, description="Held-out texts for perplexity.")
+    eval_prompts: int = Field(default=64, ge=1, le=100_000, description="Eval prompts generated for label accuracy.")
+    seed: int = Field(default=0, ge=0)
 
 
 _MAX_SERVICES, _MAX_BATCH_PAIRS = 100, 512

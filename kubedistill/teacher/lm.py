@@ -67,10 +67,13 @@ def load(uri: str, field: str, options: S3Options | None = None, *, dtype: Any =
     """(AutoModelForCausalLM, tokenizer) from a hub id, a local directory or an s3:// prefix."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from kubedistill import prune
+
     path = resolve(uri, field, options)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        # a pruned teacher ships kubedistill's own modeling code (checked byte for byte): the one trusted case
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=prune.is_pruned(path))
     except (OSError, ValueError, KeyError) as e:
         raise ModelNotFound(f"{field}: cannot load a causal LM from {uri}: {e}") from e
     ensure_specials(tokenizer, model)

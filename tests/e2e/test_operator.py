@@ -110,9 +110,8 @@ def test_failures_end_in_status_with_the_field_while_other_runs_proceed(cluster,
     cluster.secret("default", "s3-credentials", s3_secret())
     with KubeRay(cluster.api, ray_dashboard, free_port()) as kuberay:
         cluster.start_operator()
-        # invalid beyond what a schema checks: a stage this version does not ship, a cross-field rule
-        cluster.apply(_doc("unavailable", "kd-e2e-fail", seaweed.endpoint, tiny_encoder,
-                           annotation={"enabled": True, "model": "org/annotator"}))
+        # invalid beyond what a schema checks: annotation without a teacher or a model, a cross-field rule
+        cluster.apply(_doc("nomodel", "kd-e2e-fail", seaweed.endpoint, tiny_encoder, annotation={"enabled": True}))
         cluster.apply(_doc("crossfield", "kd-e2e-fail", seaweed.endpoint, tiny_encoder,
                            serving={"maxServices": 100, "maxBatchPairs": 10}))
         # valid, but its logs do not exist: fails for real, is retried once, then fails the run
@@ -124,7 +123,7 @@ def test_failures_end_in_status_with_the_field_while_other_runs_proceed(cluster,
         cluster.apply(_doc("nosecret", "kd-e2e-fail", seaweed.endpoint, tiny_encoder,
                            storage={"uri": "s3://kd-e2e-fail/runs", "endpoint": seaweed.endpoint,
                                     "secretRef": {"name": "no-such-secret"}}))
-        for name, says in (("unavailable", "spec.annotation.enabled: false"), ("crossfield", "maxBatchPairs")):
+        for name, says in (("nomodel", "spec.annotation.model"), ("crossfield", "maxBatchPairs")):
             run = wait_for(f"{name} to fail", cluster.phase(name, "Failed"), 60, logs=cluster.operator_logs)
             valid = _condition(run, "Valid")
             assert valid["status"] == "False" and says in valid["message"], valid

@@ -161,11 +161,3 @@ def test_ingest_user_logs_from_s3_quarantines_bad_rows(bucket, tmp_path):
     assert st.list("data/logs") == ["data/logs/part-00000.jsonl", "data/logs/part-00001.jsonl"]
 
 
-def test_cli_refuses_unavailable_stages_before_doing_anything(tmp_path):
-    f = _write(tmp_path, minimal_doc(storage={"uri": str(tmp_path / "store")}))
-    proc = _cli("run", str(f))
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 2
-    assert "annotate, prune-search not available in this version" in out
-    assert "spec.annotation.enabled: false, spec.pruning.enabled: false" in out
-    assert not (tmp_path / "store").exists()

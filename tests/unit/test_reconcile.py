@@ -233,7 +233,7 @@ def test_a_serving_change_replaces_the_rayservice_in_place():
     ("spec_fields", "says"),
     [
         ({"student": {"enabled": False}}, "spec.serving.enabled: serving needs a student"),
-        ({"teacher": {"enabled": True}, "pruning": {"enabled": True}}, "not available in this version"),
+        ({"pruning": {"targetRatio": 1.0}}, "spec.pruning.targetRatio"),
         ({"serving": {"maxBatchPairs": 5}}, "spec.serving.maxBatchPairs"),
     ],
 )

@@ -1,0 +1,467 @@
+"""The accuracy-predictor search of arXiv 2309.09507, as plain functions (the stage runs them on Ray Tune).
+
+1. `sample`: random per-layer (attention, MLP) ratio vectors that remove `target` of the parameters
+   (at least, and at most TOLERANCE more: every candidate fits the same parameter budget).
+2. Each is pruned and evaluated for real (perplexity, label accuracy): the training set.
+3. `fit_predictor`: a GBDT from the ratio vector to the metric; held-out R^2 and Kendall tau.
+4. `narrow`: the predictor's most important features are confined to the range they take among
+   the candidates it predicts best, shrinking the search space.
+5. `propose`: many candidates from the narrowed space, scored by the predictor; the best `top_k`
+   are evaluated for real.
+`uniform` is the baseline the paper compares with: one ratio for every layer, same parameter count.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from kubedistill.prune import Architecture, Shape
+
+MAX_RATIO = 0.9  # no layer loses more than this: a model with a gutted layer is not worth evaluating
+TOLERANCE = 0.01  # how much more than the target an architecture may remove (never less)
+
+
+def features(arch: Architecture) -> list[float]:
+    """The predictor's input: attention ratios, then MLP ratios."""
+    return [*arch.attn, *arch.mlp]
+
+
+def _scaled(raw: np.ndarray, scale: float, layers: int) -> Architecture:
+    r = np.clip(raw * scale, 0.0, MAX_RATIO)
+    return Architecture(tuple(float(x) for x in r[:layers]), tuple(float(x) for x in r[layers:]))
+
+
+def fit_to_target(shape: Shape, raw: np.ndarray, target: float) -> Architecture | None:
+    """Scale a vector of relative ratios so the architecture removes at least `target` of the parameters,
+    as little more as whole heads and channels allow (bisection); None if that is over TOLERANCE more."""
+    lo, hi = 0.0, 1.0 / max(float(raw.max()), 1e-9)
+    best = None
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        arch = _scaled(raw, mid, shape.layers)
+        got = shape.removed_fraction(arch)
+        if got < target:
+            lo = mid
+        else:
+            hi = mid
+            if best is None or got < shape.removed_fraction(best):
+                best = arch
+    if best is None or shape.removed_fraction(best) - target > TOLERANCE:
+        return None
+    return best
+
+
+def sample(shape: Shape, target: float, rng: random.Random, bounds: list[tuple[float, float]] | None = None,
+           tries: int = 50) -> Architecture | None:
+    """A random architecture at `target` whose features lie within `bounds` (when given)."""
+    n = 2 * shape.layers
+    for _ in range(tries):
+        if bounds is None:
+            raw = np.array([rng.random() for _ in range(n)])
+        else:
+            raw = np.array([rng.uniform(lo, hi) for lo, hi in bounds])
+        arch = fit_to_target(shape, raw, target)
+        if arch is not None and (bounds is None or _within(features(arch), bounds, slack=0.1)):
+            return arch
+    return None
+
+
+def _within(x: list[float], bounds: list[tuple[float, float]], slack: float) -> bool:
+    return all(lo - slack <= v <= hi + slack for v, (lo, hi) in zip(x, bounds, strict=True))
+
+
+def uniform(shape: Shape, target: float) -> Architecture:
+    """The baseline: the same attention ratio in every layer and the same MLP ratio in every layer,
+    removing `target` of the parameters, the two ratios as close to each other as whole heads allow
+    (a layer with 4 KV groups prunes attention in steps of 25%; the MLP's channels fill the rest)."""
+    n = min(shape.kv_heads)
+    best: Architecture | None = None
+    for j in range(n):
+        a = j / n
+        lo, hi, found = 0.0, MAX_RATIO, None
+        for _ in range(40):
+            m = (lo + hi) / 2
+            arch = Architecture.uniform(shape.layers, a, 0.0)
+            arch = Architecture(arch.attn, (m,) * shape.layers)
+            if shape.removed_fraction(arch) < target:
+                lo = m
+            else:
+                hi, found = m, arch
+        if found is None and shape.removed_fraction(Architecture((a,) * shape.layers, (0.0,) * shape.layers)) >= target:
+            found = Architecture((a,) * shape.layers, (0.0,) * shape.layers)
+        if found is not None and shape.removed_fraction(found) - target <= TOLERANCE:
+            if best is None or abs(found.attn[0] - found.mlp[0]) < abs(best.attn[0] - best.mlp[0]):
+                best = found
+    if best is None:
+        raise ValueError(f"spec.pruning.targetRatio: {target} cannot be reached uniformly within {TOLERANCE} "
+                         f"on this model (its layers hold {1 - shape.other_params / shape.params():.0%} of the "
+                         f"parameters; at most {MAX_RATIO:.0%} of each layer's MLP is removed)")
+    return best
+
+
+@dataclass
+class Predictor:
+    model: Any  # a fitted scikit-learn regressor
+    diagnostics: dict[str, Any]
+
+    def predict(self, archs: list[Architecture]) -> np.ndarray:
+        return self.model.predict(np.array([features(a) for a in archs]))
+
+
+def fit_predictor(archs: list[Architecture], y: list[float], seed: int, kind: str = "gbdt",
+                  holdout: float = 0.25) -> Predictor:
+    """GBDT on architecture -> metric; R^2 and Kendall tau on a held-out quarter, then refit on all."""
+    from scipy.stats import kendalltau
+    from sklearn.metrics import r2_score
+
+    if len(archs) < 8:
+        raise ValueError(f"spec.pruning.sampledArchitectures: the predictor needs at least 8 evaluated "
+                         f"architectures, got {len(archs)}")
+    X, Y = np.array([features(a) for a in archs]), np.array(y, dtype=float)
+    idx = np.random.default_rng(seed).permutation(len(archs))
+    n_test = max(2, int(round(len(archs) * holdout)))
+    test, train = idx[:n_test], idx[n_test:]
+    held = _regressor(kind, seed).fit(X[train], Y[train])
+    pred = held.predict(X[test])
+    tau = kendalltau(pred, Y[test]).statistic
+    diagnostics = {
+        "kind": kind, "n_train": int(len(train)), "n_test": int(len(test)),
+        "r2": round(float(r2_score(Y[test], pred)), 4), "kendall_tau": None if np.isnan(tau) else round(float(tau), 4),
+        "test_measured": [round(float(v), 4) for v in Y[test]],
+        "test_predicted": [round(float(v), 4) for v in pred],
+    }
+    model = _regressor(kind, seed).fit(X, Y)
+    diagnostics["feature_importances"] = [round(float(v), 4) for v in model.feature_importances_]
+    return Predictor(model, diagnostics)
+
+
+def _regressor(kind: str, seed: int) -> Any:
+    if kind == "lightgbm":
+        import lightgbm
+
+        return lightgbm.LGBMRegressor(n_estimators=200, learning_rate=0.05, min_child_samples=3, random_state=seed,
+                                      verbose=-1)
+    from sklearn.ensemble import GradientBoostingRegressor
+
+    return GradientBoostingRegressor(n_estimators=200, learning_rate=0.05, max_depth=3, subsample=0.8,
+                                     random_state=seed)
+
+
+def narrow(shape: Shape, predictor: Predictor, target: float, rng: random.Random, candidates: int = 2000,
+           important: int | None = None, best_fraction: float = 0.1) -> list[tuple[float, float]]:
+    """Bounds per feature: the `important` most important features (by the GBDT's importances; half
+    of them by default) are confined to the range they take in the best-predicted `best_fraction` of
+    random candidates; the others keep [0, MAX_RATIO]."""
+    pool = [a for a in (sample(shape, target, rng) for _ in range(candidates)) if a is not None]
+    scores = predictor.predict(pool)
+    best = [pool[i] for i in np.argsort(scores)[: max(2, int(len(pool) * best_fraction))]]
+    imp = np.array(predictor.diagnostics["feature_importances"])
+    k = important if important is not None else max(1, len(imp) // 2)
+    bounds = [(0.0, MAX_RATIO)] * len(imp)
+    for f in np.argsort(-imp)[:k]:
+        vals = [features(a)[f] for a in best]
+        bounds[f] = (min(vals), max(vals))
+    return bounds
+
+
+def propose(shape: Shape, predictor: Predictor, target: float, bounds: list[tuple[float, float]], n: int, top_k: int,
+            rng: random.Random, exclude: set[Architecture] = frozenset()) -> list[Architecture]:
+    """The `top_k` architectures the predictor scores lowest among `n` sampled within `bounds`."""
+    pool = list({a for a in (sample(shape, target, rng, bounds) for _ in range(n)) if a is not None} - set(exclude))
+    if not pool:
+        return []
+    order = np.argsort(predictor.predict(pool))
+    return [pool[i] for i in order[:top_k]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluating an architecture for real (inside a Ray Tune trial).
+
+
+def arch_key(arch: Architecture) -> str:
+    """A stable name for an architecture: its persisted result is `evals/<key>.json`."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps([round(x, 6) for x in features(arch)]).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class EvalData:
+    """What every trial measures on: held-out texts (perplexity) and labeled eval rows (label accuracy)."""
+
+    texts: list[str]
+    rows: list[dict[str, Any]]
+    labels: list[str]
+    gen_tokens: int = 96
+
+
+def _device() -> Any:
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def measure(model: Any, tokenizer: Any, data: EvalData) -> dict[str, float]:
+    from kubedistill.teacher import fmt, lm
+    from kubedistill.teacher.stages import perplexity, response_quality
+
+    out: dict[str, float] = {"perplexity": round(perplexity(model, tokenizer, data.texts), 4)}
+    if data.rows:
+        responses = lm.generate(model, tokenizer, [fmt.prompt(r) for r in data.rows], max_new_tokens=data.gen_tokens,
+                                batch_size=64)
+        q = response_quality(responses, data.rows, data.labels)
+        out |= {"label_accuracy": round(q["label_accuracy"], 4), "parse_rate": round(q["parse_rate"], 4)}
+    return out
+
+
+def evaluate(base: str, importance: Any, arch: Architecture, data: EvalData) -> dict[str, Any]:
+    """Prune the base model by `arch` and measure it: the real evaluation the predictor learns from."""
+    from kubedistill import prune
+    from kubedistill.teacher import lm
+
+    model, tokenizer = lm.load(base, "spec.pruning (base model)")
+    model.to(_device())
+    prune.prune(model, arch, importance)
+    return {"arch": {"attn": list(arch.attn), "mlp": list(arch.mlp)}, "params": prune.param_count(model),
+            **measure(model, tokenizer, data)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage: Ray Tune trials, predictor, search, outputs.
+
+
+def _trial(config: dict[str, Any], archs: dict[str, list[list[float]]], base: str, data: EvalData, out_uri: str,
+           s3: dict[str, Any]) -> None:
+    """One Ray Tune trial: evaluate one architecture, persist its result (a retried job skips it)."""
+    import io
+    import json
+
+    import torch
+    from ray import tune
+
+    from kubedistill.models import resolve
+    from kubedistill.storage import S3Options, Storage
+
+    key = config["key"]
+    out = Storage(out_uri, S3Options.from_env(s3.get("endpoint"), s3.get("region")))
+    importance = torch.load(io.BytesIO(out.read_bytes("importance.pt")), weights_only=False)
+    attn, mlp = archs[key]
+    path = resolve(base, "spec.pruning (the teacher-dpo model)", out.options)
+    result = evaluate(path, importance, Architecture(tuple(attn), tuple(mlp)), data)
+    out.write_json(f"evals/{key}.json", result)
+    tune.report({k: v for k, v in result.items() if isinstance(v, (int, float))})
+
+
+def run_trials(ctx: Any, archs: list[Architecture], base: str, data: EvalData,
+               counter: dict[str, int]) -> dict[str, dict[str, Any]]:
+    """Evaluate every architecture without a persisted result as a Ray Tune trial; all results by key."""
+    from ray import tune
+
+    out = ctx.out
+    todo = {arch_key(a): [list(a.attn), list(a.mlp)] for a in archs if not out.exists(f"evals/{arch_key(a)}.json")}
+    counter["evaluated_this_run"] = counter.get("evaluated_this_run", 0) + len(todo)
+    if todo:
+        r = ctx.spec["teacher"]["resources"]
+        o = ctx.storage.options
+        trainable = tune.with_resources(
+            tune.with_parameters(_trial, archs=todo, base=base, data=data, out_uri=out.uri(),
+                                 s3={"endpoint": o.endpoint, "region": o.region}),
+            {"cpu": r["cpusPerWorker"], "gpu": r["gpusPerWorker"]})
+        tuner = tune.Tuner(
+            trainable, param_space={"key": tune.grid_search(sorted(todo))},
+            tune_config=tune.TuneConfig(max_concurrent_trials=r["workers"]),
+            run_config=tune.RunConfig(name=f"trials-{ctx.config_hash}", storage_path=out.path("tune"),
+                                      storage_filesystem=out.fs, verbose=0),
+        )
+        grid = tuner.fit()
+        if grid.errors:
+            raise RuntimeError(f"prune-search: {len(grid.errors)} of {len(todo)} trial(s) failed; first: {grid.errors[0]}")
+    return {arch_key(a): out.read_json(f"evals/{arch_key(a)}.json") for a in archs}
+
+
+def _prepare(base: str, calib: list[str], data: EvalData, out_uri: str, s3: dict[str, Any]) -> dict[str, Any]:
+    """On a worker: the base model's shape, its Taylor importance (saved for the trials), its own metrics."""
+    import io
+
+    import torch
+
+    from kubedistill import prune
+    from kubedistill.models import resolve
+    from kubedistill.storage import S3Options, Storage
+    from kubedistill.teacher import lm
+    from kubedistill.teacher.train import encode
+
+    out = Storage(out_uri, S3Options.from_env(s3.get("endpoint"), s3.get("region")))
+    model, tok = lm.load(resolve(base, "spec.pruning (the teacher-dpo model)", out.options), "spec.pruning")
+    model.to(_device())
+    shape = prune.shape_of(model)
+    batches = [{k: v.to(model.device) for k, v in encode(tok, [""] * len(calib[i: i + 8]), calib[i: i + 8], 256).items()}
+               for i in range(0, len(calib), 8)]
+    imp = prune.taylor_importance(model, batches)
+    buf = io.BytesIO()
+    torch.save(imp, buf)
+    out.write_bytes("importance.pt", buf.getvalue())
+    return {"shape": shape, "base": {"params": prune.param_count(model), **measure(model, tok, data)}}
+
+
+def _finish(base: str, arch: Architecture, out_uri: str, s3: dict[str, Any]) -> str:
+    """On a worker: prune the base by the chosen architecture and save it under model/."""
+    import io
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
+    from kubedistill import prune
+    from kubedistill.models import resolve
+    from kubedistill.storage import S3Options, Storage
+    from kubedistill.teacher import lm
+
+    out = Storage(out_uri, S3Options.from_env(s3.get("endpoint"), s3.get("region")))
+    model, tok = lm.load(resolve(base, "spec.pruning (the teacher-dpo model)", out.options), "spec.pruning")
+    prune.prune(model, arch, torch.load(io.BytesIO(out.read_bytes("importance.pt")), weights_only=False))
+    with tempfile.TemporaryDirectory() as d:
+        prune.save(model, tok, d)
+        for f in sorted(Path(d).iterdir()):
+            out.write_bytes(f"model/{f.name}", f.read_bytes())
+    return out.uri("model")
+
+
+def _eval_data(ctx: Any, p: dict[str, Any]) -> tuple[EvalData, list[str]]:
+    from kubedistill.data import read_dataset
+    from kubedistill.teacher import fmt
+
+    labels = ctx.spec["labels"]
+    rows = read_dataset(ctx.input("data").child("eval"))
+    if not rows:
+        raise ValueError("prune-search: the data stage's eval set is empty")
+
+    def text(r: dict[str, Any]) -> str:
+        return fmt.prompt(r) + (fmt.response(r["reasoning"], r["label"]) if r.get("reasoning") else f"Label: {r['label']}")
+
+    sft = read_dataset(ctx.input("data").child("sft"))
+    calib = [text(r) for r in (sft or rows)[: p["calibrationSamples"]]]
+    return EvalData([text(r) for r in rows[: p["evalTexts"]]], rows[: p["evalPrompts"]], labels), calib
+
+
+def plot(diag: dict[str, Any], proposed: list[tuple[float, float]], objective: str) -> bytes:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.scatter(diag["test_measured"], diag["test_predicted"], label="held-out sampled architectures")
+    if proposed:
+        ax.scatter([m for _, m in proposed], [p for p, _ in proposed], marker="x", s=60,
+                   label="predictor's picks, then measured")
+    vals = diag["test_measured"] + diag["test_predicted"] + [v for pair in proposed for v in pair]
+    lo, hi = min(vals), max(vals)
+    ax.plot([lo, hi], [lo, hi], "k--", linewidth=0.8)
+    ax.set_xlabel(f"measured log {objective}" if objective == "perplexity" else f"measured {objective}")
+    ax.set_ylabel("predicted")
+    ax.set_title(f"predictor: R^2 {diag['r2']}, Kendall tau {diag['kendall_tau']}")
+    ax.legend(fontsize=8)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _objective(result: dict[str, Any], objective: str) -> float:
+    """Lower is better: log perplexity, or 1 - label accuracy."""
+    import math
+
+    return math.log(result["perplexity"]) if objective == "perplexity" else 1.0 - result["label_accuracy"]
+
+
+def run_stage(ctx: Any) -> dict[str, Any]:
+    import math
+
+    from kubedistill.teacher.stages import on_worker
+
+    p, res = ctx.spec["pruning"], ctx.spec["teacher"]["resources"]
+    target, objective, seed = p["targetRatio"], p["objective"], p["seed"]
+    base = ctx.input("teacher-dpo").uri("model")
+    o = ctx.storage.options
+    s3 = {"endpoint": o.endpoint, "region": o.region}
+    data, calib = _eval_data(ctx, p)
+    prep = on_worker(res, _prepare, base, calib, data, ctx.out.uri(), s3)
+    shape, base_metrics = prep["shape"], prep["base"]
+    ctx.log(f"base: {base_metrics}; {shape.layers} layers; target: remove {target:.0%} of {shape.params():,} parameters")
+
+    rng = random.Random(seed)
+    uni = uniform(shape, target)
+    sampled: list[Architecture] = []
+    for _ in range(p["sampledArchitectures"] * 3):
+        a = sample(shape, target, rng)
+        if a is not None and a not in sampled and a != uni:
+            sampled.append(a)
+        if len(sampled) == p["sampledArchitectures"]:
+            break
+    ctx.log(f"phase 1: {len(sampled)} sampled architectures + the uniform baseline, evaluated as Ray Tune trials")
+    counter: dict[str, int] = {}
+    results = run_trials(ctx, [uni, *sampled], base, data, counter)
+
+    y = [_objective(results[arch_key(a)], objective) for a in sampled]
+    predictor = fit_predictor(sampled, y, seed, p["predictor"])
+    ctx.log(f"predictor ({p['predictor']}, {objective}): held-out R^2 {predictor.diagnostics['r2']}, "
+            f"Kendall tau {predictor.diagnostics['kendall_tau']}")
+    acc_diag = None
+    if objective == "perplexity" and len({results[arch_key(a)]["label_accuracy"] for a in sampled}) > 1:
+        acc_diag = fit_predictor(sampled, [results[arch_key(a)]["label_accuracy"] for a in sampled], seed,
+                                 p["predictor"]).diagnostics
+    bounds = narrow(shape, predictor, target, rng, candidates=max(200, p["candidates"] // 4))
+    top = propose(shape, predictor, target, bounds, n=p["candidates"], top_k=p["topK"], rng=rng,
+                  exclude={uni, *sampled})
+    ctx.log(f"phase 2: the predictor's best {len(top)} of {p['candidates']} candidates in the narrowed space, "
+            f"evaluated for real")
+    results |= run_trials(ctx, top, base, data, counter)
+
+    predicted_top = predictor.predict(top) if top else []
+    proposed = [(float(pr), _objective(results[arch_key(a)], objective)) for pr, a in zip(predicted_top, top, strict=True)]
+    searched = [*sampled, *top]
+    best = min(searched, key=lambda a: _objective(results[arch_key(a)], objective))
+    model_uri = on_worker(res, _finish, base, best, ctx.out.uri(), s3)
+
+    rows = []
+    for phase, archs in (("uniform", [uni]), ("sampled", sampled), ("proposed", top)):
+        for a in archs:
+            r = results[arch_key(a)]
+            rows.append({"phase": phase, "key": arch_key(a), "removed_fraction": round(shape.removed_fraction(a), 4),
+                         "predicted": None, **r})
+    for (pr, _), a in zip(proposed, top, strict=True):
+        next(x for x in rows if x["key"] == arch_key(a))["predicted"] = round(pr, 4)
+    ctx.out.write_text("architectures.jsonl", "".join(__import__("json").dumps(x) + "\n" for x in rows))
+    ctx.out.write_json("predictor.json", {"objective": objective, **predictor.diagnostics, "bounds": bounds,
+                                          "label_accuracy_predictor": acc_diag})
+    ctx.out.write_bytes("predicted_vs_measured.png", plot(predictor.diagnostics, proposed, objective))
+
+    def summary(a: Architecture) -> dict[str, Any]:
+        r = results[arch_key(a)]
+        return {"perplexity": r["perplexity"], "label_accuracy": r.get("label_accuracy"), "params": r["params"],
+                "removed_fraction": round(shape.removed_fraction(a), 4), "attn": list(a.attn), "mlp": list(a.mlp)}
+
+    s, u = summary(best), summary(uni)
+    change = round(100 * (s["perplexity"] - u["perplexity"]) / u["perplexity"], 2)
+    ctx.log(f"searched: perplexity {s['perplexity']} vs uniform {u['perplexity']} ({change:+.2f}%); "
+            f"label accuracy {s['label_accuracy']} vs {u['label_accuracy']}; model at {model_uri}")
+    metrics = {
+        "target_ratio": target, "objective": objective, "base": base_metrics, "searched": s, "uniform": u,
+        "perplexity_vs_uniform_pct": change,
+        "predictor": {k: predictor.diagnostics[k] for k in ("kind", "r2", "kendall_tau", "n_train", "n_test")},
+        "label_accuracy_predictor": None if acc_diag is None else {k: acc_diag[k] for k in ("r2", "kendall_tau")},
+        "evaluated": len(results), "evaluated_this_run": counter["evaluated_this_run"], "sampled": len(sampled),
+        "proposed": len(top),
+        "log_perplexity_gap": round(math.log(u["perplexity"]) - math.log(s["perplexity"]), 4),
+    }
+    return {"metrics": metrics, "outputs": {"model": model_uri, "architectures": ctx.out.uri("architectures.jsonl"),
+                                            "predictor": ctx.out.uri("predictor.json"),
+                                            "plot": ctx.out.uri("predicted_vs_measured.png")}}
