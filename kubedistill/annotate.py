@@ -431,10 +431,21 @@ def _model_uri(ctx: Any) -> str:
     return ctx.input("teacher-dpo").uri("model")
 
 
+def _check_model(uri: str, options: S3Options) -> None:
+    """Fail fast on the driver, naming the field, without copying an s3:// model there (replicas do)."""
+    from kubedistill.models import ModelNotFound, resolve
+    from kubedistill.storage import is_s3
+
+    if is_s3(uri):
+        if not Storage(uri, options).exists("config.json"):
+            raise ModelNotFound(f"spec.annotation.model: no config.json under {uri} (not a saved model)")
+        return
+    resolve(uri, "spec.annotation.model", options)
+
+
 def run_stage(ctx: Any) -> dict[str, Any]:
     import ray
 
-    from kubedistill.models import resolve
     from kubedistill.stage import input_digests
 
     a, labels = ctx.spec["annotation"], ctx.spec["labels"]
@@ -443,7 +454,7 @@ def run_stage(ctx: Any) -> dict[str, Any]:
     if not files:
         raise ValueError(f"annotate: the data stage wrote no log shards under {logs.uri()}")
     model_uri = _model_uri(ctx)
-    resolve(model_uri, "spec.annotation.model", ctx.storage.options)  # fail fast, on the driver, with the field
+    _check_model(model_uri, ctx.storage.options)
     engine, why = pick_engine(a["engine"], a["gpusPerReplica"])
     inputs = input_digests(ctx.storage, ctx.config["inputs"]) or {}
     results: dict[str, ShardResult] = {}

@@ -164,3 +164,14 @@ def test_outputs_of_shards_not_finished_for_this_config_are_dropped(tmp_path):
         out.write_text(f"quarantine/{name}.jsonl", "{}\n")
     annotate._drop_stale(out, keep={"part-00001"})
     assert out.list() == ["labeled/part-00001.parquet", "quarantine/part-00001.jsonl", "shards/part-00001.json"]
+
+
+def test_a_model_that_is_not_there_fails_on_the_driver_naming_the_field(tmp_path):
+    from kubedistill.models import ModelNotFound
+    from kubedistill.storage import S3Options
+
+    with pytest.raises(ModelNotFound, match="spec.annotation.model"):
+        annotate._check_model(str(tmp_path / "no-model"), S3Options.from_env())
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelNotFound, match="spec.annotation.model: .* without config.json"):
+        annotate._check_model(str(tmp_path / "empty"), S3Options.from_env())
