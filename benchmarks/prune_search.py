@@ -16,6 +16,7 @@ The best perplexity each found, and the uniform baseline (one ratio everywhere, 
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import statistics
 import sys
@@ -69,22 +70,13 @@ def main() -> None:
     rows = []
     for seed in args.seeds:
         rng = random.Random(seed)
-        sampled = []
-        while len(sampled) < args.sampled:
-            a = ps.sample(shape, args.target, rng)
-            if a is not None and a not in sampled:
-                sampled.append(a)
+        sampled = ps.sample_many(shape, args.target, args.sampled, rng)
         y = [ppl(a) for a in sampled]
-        pred = ps.fit_predictor(sampled, [__import__("math").log(v) for v in y], seed)
+        pred = ps.fit_predictor(sampled, [math.log(v) for v in y], seed)
         bounds = ps.narrow(shape, pred, args.target, rng, candidates=max(200, args.candidates // 4))
         top = ps.propose(shape, pred, args.target, bounds, args.candidates, args.top_k, rng, exclude=set(sampled))
         guided = min(y + [ppl(a) for a in top])
-        rrng = random.Random(10_000 + seed)
-        pool = []
-        while len(pool) < budget:
-            a = ps.sample(shape, args.target, rrng)
-            if a is not None and a not in pool:
-                pool.append(a)
+        pool = ps.sample_many(shape, args.target, budget, random.Random(10_000 + seed))
         rand = min(ppl(a) for a in pool)
         rows.append((seed, guided, rand, pred.diagnostics["r2"], pred.diagnostics["kendall_tau"]))
         print(f"seed {seed}: guided best {guided:.3f} (of {len(sampled)}+{len(top)}), random best {rand:.3f} "

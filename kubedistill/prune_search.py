@@ -70,6 +70,21 @@ def sample(shape: Shape, target: float, rng: random.Random, bounds: list[tuple[f
     return None
 
 
+def sample_many(shape: Shape, target: float, n: int, rng: random.Random,
+                exclude: frozenset[Architecture] | set[Architecture] = frozenset()) -> list[Architecture]:
+    """Up to `n` distinct random architectures at `target` (none of `exclude`), from at most 3n draws."""
+    out: list[Architecture] = []
+    seen = set(exclude)
+    for _ in range(3 * n):
+        a = sample(shape, target, rng)
+        if a is not None and a not in seen:
+            seen.add(a)
+            out.append(a)
+        if len(out) == n:
+            break
+    return out
+
+
 def _within(x: list[float], bounds: list[tuple[float, float]], slack: float) -> bool:
     return all(lo - slack <= v <= hi + slack for v, (lo, hi) in zip(x, bounds, strict=True))
 
@@ -238,10 +253,6 @@ def evaluate(base: str, importance: Any, arch: Architecture, data: EvalData) -> 
 def _trial(config: dict[str, Any], archs: dict[str, list[list[float]]], base: str, data: EvalData, out_uri: str,
            s3: dict[str, Any]) -> None:
     """One Ray Tune trial: evaluate one architecture, persist its result (a retried job skips it)."""
-    import io
-    import json
-
-    import torch
     from ray import tune
 
     from kubedistill.models import resolve
@@ -249,7 +260,7 @@ def _trial(config: dict[str, Any], archs: dict[str, list[list[float]]], base: st
 
     key = config["key"]
     out = Storage(out_uri, S3Options.from_env(s3.get("endpoint"), s3.get("region")))
-    importance = torch.load(io.BytesIO(out.read_bytes("importance.pt")), weights_only=False)
+    importance = _importance(out)
     attn, mlp = archs[key]
     path = resolve(base, "spec.pruning (the teacher-dpo model)", out.options)
     result = evaluate(path, importance, Architecture(tuple(attn), tuple(mlp)), data)
@@ -284,6 +295,26 @@ def run_trials(ctx: Any, archs: list[Architecture], base: str, data: EvalData,
     return {arch_key(a): out.read_json(f"evals/{arch_key(a)}.json") for a in archs}
 
 
+def _importance(out: Any) -> Any:
+    """The Taylor importance `_prepare` saved for the trials."""
+    import io
+
+    import torch
+
+    return torch.load(io.BytesIO(out.read_bytes("importance.pt")), weights_only=False)
+
+
+def _on_worker_setup(base: str, out_uri: str, s3: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """In a trial or worker task: the stage's storage and the base model (its tokenizer too), loaded there."""
+    from kubedistill.models import resolve
+    from kubedistill.storage import S3Options, Storage
+    from kubedistill.teacher import lm
+
+    out = Storage(out_uri, S3Options.from_env(s3.get("endpoint"), s3.get("region")))
+    model, tok = lm.load(resolve(base, "spec.pruning (the teacher-dpo model)", out.options), "spec.pruning")
+    return out, model, tok
+
+
 def _prepare(base: str, calib: list[str], data: EvalData, out_uri: str, s3: dict[str, Any]) -> dict[str, Any]:
     """On a worker: the base model's shape, its Taylor importance (saved for the trials), its own metrics."""
     import io
@@ -291,13 +322,9 @@ def _prepare(base: str, calib: list[str], data: EvalData, out_uri: str, s3: dict
     import torch
 
     from kubedistill import prune
-    from kubedistill.models import resolve
-    from kubedistill.storage import S3Options, Storage
-    from kubedistill.teacher import lm
     from kubedistill.teacher.train import encode
 
-    out = Storage(out_uri, S3Options.from_env(s3.get("endpoint"), s3.get("region")))
-    model, tok = lm.load(resolve(base, "spec.pruning (the teacher-dpo model)", out.options), "spec.pruning")
+    out, model, tok = _on_worker_setup(base, out_uri, s3)
     model.to(_device())
     shape = prune.shape_of(model)
     batches = [{k: v.to(model.device) for k, v in encode(tok, [""] * len(calib[i: i + 8]), calib[i: i + 8], 256).items()}
@@ -311,20 +338,13 @@ def _prepare(base: str, calib: list[str], data: EvalData, out_uri: str, s3: dict
 
 def _finish(base: str, arch: Architecture, out_uri: str, s3: dict[str, Any]) -> str:
     """On a worker: prune the base by the chosen architecture and save it under model/."""
-    import io
     import tempfile
     from pathlib import Path
 
-    import torch
-
     from kubedistill import prune
-    from kubedistill.models import resolve
-    from kubedistill.storage import S3Options, Storage
-    from kubedistill.teacher import lm
 
-    out = Storage(out_uri, S3Options.from_env(s3.get("endpoint"), s3.get("region")))
-    model, tok = lm.load(resolve(base, "spec.pruning (the teacher-dpo model)", out.options), "spec.pruning")
-    prune.prune(model, arch, torch.load(io.BytesIO(out.read_bytes("importance.pt")), weights_only=False))
+    out, model, tok = _on_worker_setup(base, out_uri, s3)
+    prune.prune(model, arch, _importance(out))
     with tempfile.TemporaryDirectory() as d:
         prune.save(model, tok, d)
         for f in sorted(Path(d).iterdir()):
@@ -383,6 +403,7 @@ def _objective(result: dict[str, Any], objective: str) -> float:
 
 
 def run_stage(ctx: Any) -> dict[str, Any]:
+    import json
     import math
 
     from kubedistill.teacher.stages import on_worker
@@ -399,13 +420,7 @@ def run_stage(ctx: Any) -> dict[str, Any]:
 
     rng = random.Random(seed)
     uni = uniform(shape, target)
-    sampled: list[Architecture] = []
-    for _ in range(p["sampledArchitectures"] * 3):
-        a = sample(shape, target, rng)
-        if a is not None and a not in sampled and a != uni:
-            sampled.append(a)
-        if len(sampled) == p["sampledArchitectures"]:
-            break
+    sampled = sample_many(shape, target, p["sampledArchitectures"], rng, exclude={uni})
     ctx.log(f"phase 1: {len(sampled)} sampled architectures + the uniform baseline, evaluated as Ray Tune trials")
     counter: dict[str, int] = {}
     results = run_trials(ctx, [uni, *sampled], base, data, counter)
@@ -439,7 +454,7 @@ def run_stage(ctx: Any) -> dict[str, Any]:
                          "predicted": None, **r})
     for (pr, _), a in zip(proposed, top, strict=True):
         next(x for x in rows if x["key"] == arch_key(a))["predicted"] = round(pr, 4)
-    ctx.out.write_text("architectures.jsonl", "".join(__import__("json").dumps(x) + "\n" for x in rows))
+    ctx.out.write_text("architectures.jsonl", "".join(json.dumps(x) + "\n" for x in rows))
     ctx.out.write_json("predictor.json", {"objective": objective, **predictor.diagnostics, "bounds": bounds,
                                           "label_accuracy_predictor": acc_diag})
     ctx.out.write_bytes("predicted_vs_measured.png", plot(predictor.diagnostics, proposed, objective))
