@@ -7,7 +7,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test dev crd manifests clean
+.PHONY: demo test dev crd manifests docs clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "kubedistill needs Python >= 3.11")'
@@ -31,6 +31,10 @@ test: $(STAMP)
 crd: $(STAMP)
 	$(BIN)/kubedistill crd > manifests/crds/kubedistill.io_distillationruns.yaml
 	cp manifests/crds/*.yaml charts/kubedistill/crds/
+
+# README.md's generated blocks: the resource reference (spec models) and the benchmarks table (RESULTS.md)
+docs: $(STAMP)
+	$(BIN)/python scripts/render_readme.py
 
 # manifests/rbac and manifests/operator: the chart rendered with its defaults (for kubectl apply -k)
 manifests: $(STAMP)

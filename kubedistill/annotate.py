@@ -443,6 +443,41 @@ def _check_model(uri: str, options: S3Options) -> None:
     resolve(uri, "spec.annotation.model", options)
 
 
+AGREEMENT_PAIRS = 200_000  # annotated pairs compared with reference labels, at most
+
+
+def label_agreement(annotated: dict[str, str], reference: dict[str, str]) -> dict[str, Any] | None:
+    """How often the teacher's label equals a reference label, by pair_id, and the commonest disagreements
+    (reference -> teacher); None when no pair has both."""
+    common = [k for k in annotated if k in reference]
+    if not common:
+        return None
+    confusions: dict[str, int] = {}
+    for k in common:
+        if annotated[k] != reference[k]:
+            key = f"{reference[k]}->{annotated[k]}"
+            confusions[key] = confusions.get(key, 0) + 1
+    return {"pairs": len(common), "accuracy": round(sum(annotated[k] == reference[k] for k in common) / len(common), 4),
+            "disagreements": dict(sorted(confusions.items(), key=lambda kv: -kv[1])[:6])}
+
+
+def agreement(ctx: Any, results: list[ShardResult]) -> dict[str, Any] | None:
+    """The teacher's labels against the labels the data stage holds for the same log pairs (the synthetic
+    oracle's), when it holds any: what a teacher's accuracy is before a student learns from it."""
+    from kubedistill.data import read_dataset
+
+    ref_store = ctx.input("data").child("labeled")
+    if not data_files(ref_store):
+        return None
+    reference = {r["pair_id"]: r["label"] for r in read_dataset(ref_store) if r.get("pair_id") and r.get("label")}
+    annotated: dict[str, str] = {}
+    for res in results:  # shard by shard, up to AGREEMENT_PAIRS pairs
+        if len(annotated) >= AGREEMENT_PAIRS:
+            break
+        annotated.update((r["pair_id"], r["label"]) for r in read_dataset(ctx.out.child(f"labeled/{res.shard}.parquet")))
+    return label_agreement(annotated, reference)
+
+
 def run_stage(ctx: Any) -> dict[str, Any]:
     import ray
 
@@ -501,6 +536,9 @@ def run_stage(ctx: Any) -> dict[str, Any]:
         raise ValueError(f"annotate: {metrics['quarantined']} of {metrics['rows_in']} rows quarantined, more than "
                          f"spec.annotation.maxQuarantinedFraction={limit}: {metrics['quarantine_reasons']}; "
                          f"see {ctx.out.uri('quarantine')}")
+    if (agree := agreement(ctx, ordered)) is not None:
+        metrics["agreement_with_reference"] = agree
+        ctx.log(f"agreement with the data stage's reference labels: {agree['accuracy']:.1%} of {agree['pairs']} pairs")
     ctx.log(f"labeled {metrics['labeled']}/{metrics['rows_in']} {metrics['labels']}; parse rate {metrics['parse_rate']}; "
             f"{metrics['tokens_per_s']} tok/s, {metrics['rows_per_s']} rows/s this run")
     return {"metrics": metrics, "outputs": {"labeled": ctx.out.uri("labeled"), "quarantine": ctx.out.uri("quarantine")}}

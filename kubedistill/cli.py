@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
 import textwrap
+from pathlib import Path
+from typing import Any
 
 from kubedistill import __version__
 
@@ -14,8 +17,11 @@ EXAMPLES = {
     "plan": "kubedistill plan manifests/samples/quickstart.yaml",
     "run": "kubedistill run manifests/samples/quickstart.yaml\n  kubedistill run run.yaml --serve-port 8080 --no-wait"
            "\n  RAY_ADDRESS=127.0.0.1:6379 kubedistill run run.yaml --address auto",
-    "status": "kubedistill status manifests/samples/quickstart.yaml",
+    "status": "kubedistill status manifests/samples/quickstart.yaml     # from the run's storage"
+              "\n  kubedistill status relevance-2026w48 -n search-ml   # from the cluster (KUBECONFIG)",
     "render": "kubedistill render manifests/samples/quickstart.yaml > rayjobs.yaml",
+    "report": "kubedistill report manifests/samples/quickstart.yaml   # prints where report.html was written",
+    "reference": "kubedistill reference > reference.md",
 }
 
 
@@ -44,8 +50,12 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--serve-port", type=int, default=8000, help="HTTP port of the served student (default 8000)")
     r.add_argument("--no-wait", action="store_true",
                    help="exit when the stages are done, even if the local cluster is serving the student")
-    s = cmd("status", "Show a run's stages from its storage.")
-    s.add_argument("file")
+    s = cmd("status", "Show a run's stages: from its storage (a DistillationRun file), or from the cluster (a run's name).")
+    s.add_argument("target", metavar="FILE|NAME", help="a DistillationRun file (local status), or the name of a run in the cluster")
+    s.add_argument("-n", "--namespace", help="the run's namespace (cluster; default: the kubeconfig context's, else default)")
+    rp = cmd("report", "Write the run's HTML report (metrics, CE vs CRSD, gate, pruning, lineage) to its storage.")
+    rp.add_argument("file")
+    cmd("reference", "Print the DistillationRun field reference (Markdown), generated from the spec models.")
     rn = cmd("render", "Print, as a YAML stream, every RayJob and the RayService the operator creates for a run.")
     rn.add_argument("file")
     return p
@@ -68,17 +78,24 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "crd":
         sys.stdout.write(crd.render_yaml())
         return 0
+    if args.command == "reference":
+        sys.stdout.write(crd.reference_markdown())
+        return 0
+    if args.command == "status" and not Path(args.target).is_file():
+        return _cluster_status(args.target, args.namespace)
     if args.command == "validate":
         runs = spec.load_runs(args.file)
         for run in runs:
             print(f"{args.file}: DistillationRun {run.name} is valid")
         return 0
-    run = spec.with_absolute_paths(spec.load_run(args.file), ".")
+    run = spec.with_absolute_paths(spec.load_run(args.target if args.command == "status" else args.file), ".")
     if args.command == "plan":
         print(pipeline.render_plan(run, pipeline.build(run)))
         return 0
     if args.command == "status":
         return _status(run)
+    if args.command == "report":
+        return _report(run)
     if args.command == "render":
         import yaml
 
@@ -105,24 +122,122 @@ def _status(run) -> int:  # type: ignore[no-untyped-def]
     if status is None:
         print(f"run {run.name}: no status in storage yet (has it been started with `kubedistill run`?)")
         return 1
-    print(f"run {run.name}: {status.phase}" + (f" (at {status.current_stage})" if status.current_stage else ""))
-    for st in status.stages:
-        scalars = {k: v for k, v in st.metrics.items() if isinstance(v, (int, float, str))}
-        shown = "  ".join(f"{k}={v}" for k, v in list(scalars.items())[:4])
-        msg = f"  {st.message}" if st.message else ""
-        print(f"  {st.name:<13} {st.phase:<10} {shown}{msg}")
+    _print_status(run.name, status.model_dump(by_alias=True))
     return 0 if status.phase != "Failed" else 1
+
+
+def _print_status(name: str, status: dict[str, Any]) -> None:
+    """The run's phase, then one line per stage: phase, its first scalar metrics, its message."""
+    at = f" (at {status['currentStage']})" if status.get("currentStage") else ""
+    print(f"run {name}: {status.get('phase') or 'Pending'}{at}")
+    for st in status.get("stages") or []:
+        scalars = {k: v for k, v in (st.get("metrics") or {}).items() if isinstance(v, (int, float, str))}
+        shown = "  ".join(f"{k}={v}" for k, v in list(scalars.items())[:4])
+        msg = f"  {st['message']}" if st.get("message") else ""
+        print(f"  {st['name']:<13} {st.get('phase') or 'Pending':<10} {shown}{msg}")
+    for c in status.get("conditions") or []:
+        if c.get("status") == "False":
+            print(f"  condition {c['type']}=False ({c.get('reason')}): {c.get('message', '')}")
+
+
+def _cluster_status(name: str, namespace: str | None) -> int:
+    """A run's `.status` from the Kubernetes API (kubeconfig, or in-cluster credentials)."""
+    from kubernetes import client, config
+    from kubernetes.client.exceptions import ApiException
+    from urllib3.exceptions import HTTPError
+
+    from kubedistill import spec
+
+    try:
+        try:
+            config.load_incluster_config()
+            ns = namespace or "default"
+        except config.ConfigException:
+            config.load_kube_config()
+            ns = namespace or config.list_kube_config_contexts()[1]["context"].get("namespace") or "default"
+    except (config.ConfigException, OSError) as e:
+        print(f"error: {name!r} is not a file, and there is no cluster to look it up in: {e}. Pass a DistillationRun "
+              "file for a local run, or set KUBECONFIG for a cluster.", file=sys.stderr)
+        return 1
+    api = client.CustomObjectsApi()
+    try:
+        body = api.get_namespaced_custom_object(spec.API_GROUP, spec.API_VERSION, ns, "distillationruns", name)
+    except ApiException as e:
+        if e.status == 404:
+            print(f"error: no DistillationRun {name!r} in namespace {ns} (and no file of that name); "
+                  f"`kubectl get dr -A` lists the runs", file=sys.stderr)
+        else:
+            print(f"error: the cluster refused to read DistillationRun {ns}/{name}: {e.status} {e.reason}", file=sys.stderr)
+        return 1
+    except (HTTPError, OSError) as e:
+        print(f"error: cannot reach the Kubernetes API of the current kubeconfig context: {e}", file=sys.stderr)
+        return 1
+    status = body.get("status") or {}
+    _print_status(f"{ns}/{name}", status)
+    uri = ((body.get("spec") or {}).get("storage") or {}).get("uri")
+    if uri:
+        print(f"  artifacts and report: {uri.rstrip('/')}/{name}/ (report.html)")
+    return 0 if status.get("phase") != "Failed" else 1
+
+
+def _report(run) -> int:  # type: ignore[no-untyped-def]
+    from kubedistill import pipeline, report, runner
+    from kubedistill.spec import to_wire
+    from kubedistill.stage import run_storage
+    from kubedistill.storage import StorageError
+
+    stages = pipeline.build(run)
+    storage = run_storage(stages[0].config)
+    try:
+        status = runner.read_status(storage)
+        print(report.write(storage, run.name, [s.name for s in stages], to_wire(status) if status else None))
+    except StorageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def preflight(run, address: str | None, serve_port: int) -> str | None:  # type: ignore[no-untyped-def]
+    """What stops `kubedistill run` before anything starts, said with what to do; None when it can start."""
+    try:
+        import ray  # noqa: F401
+        from ray.job_submission import JobSubmissionClient  # noqa: F401
+    except ImportError as e:
+        return (f"Ray is not installed in this environment ({e}). kubedistill runs its stages on Ray: "
+                "`make dev` (or pip install -e '.[dev]') installs it")
+    if address and address != "auto" and not address.startswith(("ray://", "http")):
+        host, _, port = address.rpartition(":")
+        try:
+            socket.create_connection((host or "127.0.0.1", int(port)), timeout=3).close()
+        except (OSError, ValueError) as e:
+            return (f"cannot connect to Ray at {address}: {e}. Start one with `ray start --head` (its GCS address is "
+                    "host:6379), or omit --address to start a local one for this run")
+    if run.spec.serving.enabled and run.spec.student.enabled and not address:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", serve_port))
+            except OSError:
+                return (f"port {serve_port} is in use, and the student is served on it when the run ends. Stop what "
+                        f"holds it (another `kubedistill run` still serving? `lsof -i :{serve_port}`), or pass "
+                        f"--serve-port {serve_port + 80 if serve_port + 80 < 65536 else 8080}")
+    return None
 
 
 def _run(run, address: str | None, serve_port: int, keep_serving: bool) -> int:  # type: ignore[no-untyped-def]
     from kubedistill import runner
     from kubedistill.storage import StorageError
 
+    if (why := preflight(run, address, serve_port)):
+        print(f"error: {why}", file=sys.stderr)
+        return 1
     runner.install_signal_handlers()
     try:
         runner.run_local(run, address=address, serve_port=serve_port, keep_serving=keep_serving)
     except StorageError as e:
         print(f"error: storage: {e}", file=sys.stderr)
+        return 1
+    except runner.RayUnavailable as e:
+        print(f"error: {e}", file=sys.stderr)
         return 1
     except runner.RunFailed as e:
         print(f"error: {e}\n" + textwrap.indent("finished stages are kept; fix the cause and run the same command again", "  "),

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -35,6 +36,8 @@ from prometheus_client import Counter, Gauge, Histogram
 from kubedistill import k8s, reconcile, spec
 from kubedistill.stage import MANIFEST
 from kubedistill.storage import S3Options, Storage, StorageError
+
+log = logging.getLogger("kubedistill.controller")
 
 RAY_GROUP, RAY_VERSION = "ray.io", "v1"
 PLURALS = {"RayJob": "rayjobs", "RayService": "rayservices"}
@@ -148,6 +151,21 @@ def manifest_reader(storage: Storage) -> Callable[[str], dict[str, Any] | None]:
     return read
 
 
+def _phases(status: spec.RunStatus) -> tuple[str, ...]:
+    return (status.phase, *(f"{s.name}={s.phase}" for s in status.stages))
+
+
+def write_report(store: Storage, run: str, status: spec.RunStatus) -> None:
+    """The run report (`report.html` beside the stages' outputs), rewritten whenever a stage's phase changed.
+    A report that cannot be written is logged, never a reason to hold the run back."""
+    from kubedistill import report
+
+    try:
+        report.write(store, run, [s.name for s in status.stages], spec.to_wire(status))
+    except Exception as e:  # noqa: BLE001 - the report is a convenience; the run's status is the record
+        log.warning("run %s: could not write the run report: %s", run, e)
+
+
 def _previous(body: dict[str, Any]) -> spec.RunStatus:
     status = {k: v for k, v in (body.get("status") or {}).items() if k in ("phase", "currentStage",
               "observedGeneration", "stages", "conditions")}
@@ -194,14 +212,19 @@ class Controller:
         meta = body.get("metadata") or {}
         namespace, name = meta.get("namespace") or "default", meta["name"]
         storage_spec = (body.get("spec") or {}).get("storage") or {}
+        store: Storage | None = None
         try:
             manifests: Callable[[str], dict[str, Any] | None] = lambda _stage: None  # noqa: E731
             if storage_spec.get("uri"):
                 options = self.cluster.s3_options(namespace, storage_spec)
-                manifests = manifest_reader(Storage(f"{storage_spec['uri'].rstrip('/')}/{name}", options))
-            plan = reconcile.reconcile_body({**body, "status": _previous(body).model_dump(by_alias=True)},
+                store = Storage(f"{storage_spec['uri'].rstrip('/')}/{name}", options)
+                manifests = manifest_reader(store)
+            previous = _previous(body)
+            plan = reconcile.reconcile_body({**body, "status": previous.model_dump(by_alias=True)},
                                             children, manifests, now)
             self.cluster.apply(plan, namespace)
+            if store is not None and _phases(previous) != _phases(plan.status):
+                write_report(store, name, plan.status)
         except KubeRayMissing as e:
             return blocked(body, "KubeRayAvailable", "KubeRayMissing", str(e), now), "kuberay-missing"
         except StorageError as e:

@@ -154,6 +154,18 @@ def gate(candidate: str, metrics: dict[str, Any], min_macro_f1: float) -> dict[s
     }
 
 
+def comparison(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The served student beside the students trained with the comparison objectives (`student_<objective>`),
+    each with its macro-F1 difference to the `ce` student; empty when there is nothing to compare."""
+    students = {name: m for name, m in results.items() if name == "student" or name.startswith("student_")}
+    if len(students) < 2:
+        return []
+    ce = next((m["macro_f1"] for m in students.values() if m.get("objective") == "ce"), None)
+    return [{"objective": m["objective"], "served": name == "student", "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
+             "auc_ovr": m["auc_ovr"], "delta_macro_f1": None if ce is None else round(m["macro_f1"] - ce, 4)}
+            for name, m in students.items()]
+
+
 def promotion_blocked(run_storage: Any) -> str | None:
     """Why the run's model must not be promoted to serving, or None when the gate passed."""
     from kubedistill.stage import read_manifest
@@ -232,6 +244,10 @@ def run_stage(ctx: Any) -> dict[str, Any]:
             raise ValueError(f"the student was trained on labels {student.labels}, spec.labels is {labels}")
         results["student"] = classification_metrics(truth, student.predict_proba(eval_rows), labels)
         results["student"]["objective"] = student.meta["objective"]
+        for objective in ctx.spec.get("student", {}).get("compareObjectives", []):
+            other = load_student(ctx.input("student-crsd").uri(f"compare/{objective}/model"), ctx.storage.options)
+            results[f"student_{objective}"] = {**classification_metrics(truth, other.predict_proba(eval_rows), labels),
+                                               "objective": objective}
     for name, m in results.items():
         auc = "n/a" if m["auc_ovr"] is None else f"{m['auc_ovr']:.4f}"
         ctx.log(f"{name}: accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  AUC {auc}  (n={m['n']})")
@@ -239,6 +255,9 @@ def run_stage(ctx: Any) -> dict[str, Any]:
     verdict = gate(candidate, results[candidate], ctx.spec["evaluation"]["minMacroF1"])
     ctx.log(f"gate: {verdict['reason']}")
     report = {"eval_rows": len(eval_rows), "models": results, "gate": verdict}
+    if (table := comparison(results)):
+        report["comparison"] = table
+        ctx.log("objectives: " + ", ".join(f"{c['objective']} macro-F1 {c['macro_f1']:.4f}" for c in table))
     ctx.out.write_json("metrics.json", report)
     ctx.out.write_bytes("confusion.png", plot(results))
     summary = {f"{n}_{k}": round(m[k], 4) for n, m in results.items() for k in ("accuracy", "macro_f1") if m[k] is not None}

@@ -43,7 +43,7 @@ _READS: dict[str, tuple[str, ...]] = {
     "teacher-dpo": ("labels", "teacher.dpo", "teacher.rewardModel.dimensions", "teacher.resources"),
     "annotate": ("labels", "annotation"),
     "student-crsd": ("labels", "student"),
-    "evaluate": ("labels", "evaluation"),
+    "evaluate": ("labels", "evaluation", "student.compareObjectives"),
     "prune-search": ("labels", "pruning", "teacher.resources"),
     "serve": ("labels", "serving"),
 }

@@ -30,6 +30,10 @@ _PASS_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", 
              "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "HF_HOME", "HF_HUB_OFFLINE")
 
 
+class RayUnavailable(RuntimeError):
+    """The Ray cluster to run on cannot be started or reached; the message says what to do."""
+
+
 class RunFailed(RuntimeError):
     def __init__(self, stage: str, message: str):
         self.stage = stage
@@ -65,11 +69,13 @@ def local_ray(address: str | None = None, num_cpus: int | None = None) -> Iterat
     try:
         ctx = ray.init(**kwargs)
     except ConnectionError as e:
-        raise RuntimeError(f"cannot connect to Ray at {address}: {e}. Start one with `ray start --head` or omit --address.") from e
+        raise RayUnavailable(f"cannot connect to Ray at {address}: {e}. Start one with `ray start --head`, or omit "
+                             "--address to start a local one for this run") from e
     try:
         url = ctx.dashboard_url
         if not url:
-            raise RuntimeError("the Ray cluster has no dashboard; stage jobs need the job API (ray[default])")
+            raise RayUnavailable("the Ray cluster has no dashboard; stage jobs need its job API: install ray[default] "
+                                 "(and start the head with --include-dashboard=true)")
         yield url if url.startswith("http") else f"http://{url}"
     finally:
         ray.shutdown()
@@ -128,79 +134,26 @@ def run_local(
     def say(msg: str) -> None:
         print(msg, file=out, flush=True)
 
+    started = time.monotonic()
     say(f"kubedistill: run {run.name} -> {storage.uri()}  ({len(stages)} stages)")
     status.status.phase = "Running"
     status.save()
-    from ray.job_submission import JobStatus, JobSubmissionClient
+    from ray.job_submission import JobSubmissionClient
 
     with local_ray(address) as dashboard:
         if threading.current_thread() is threading.main_thread():
             install_signal_handlers()  # ray.init replaced ours
         client = JobSubmissionClient(dashboard)
         say(f"kubedistill: Ray dashboard {dashboard}")
-        for i, stage in enumerate(stages, 1):
-            st = status.stage(stage.name)
-            tag = f"[{i}/{len(stages)}] {stage.name}"
-            status.status.current_stage = stage.name
-            if stage.name not in pipeline.SERVICES and is_done(storage, stage.config):
-                manifest = storage.read_json(f"{stage.name}/{MANIFEST}")
-                st.phase, st.message = "Succeeded", "already done for this config; skipped"
-                st.artifact, st.metrics, st.finished_at = manifest["artifact"], manifest["metrics"], manifest["finishedAt"]
-                say(f"{tag}: done earlier, skipped")
-                status.save()
-                continue
-            if stage.name in pipeline.GATED and (why := promotion_blocked(storage)):
-                st.phase, st.message = "Skipped", f"not promoted: {why}"
-                status.status.conditions.append(Condition(type="Promoted", status="False", reason="GateFailed",
-                                                          message=why, last_transition_time=now()))
-                say(f"{tag}: skipped, not promoted: {why}")
-                status.save()
-                continue
-            env = {k: os.environ[k] for k in _PASS_ENV if k in os.environ}
-            env.update({CONFIG_ENV: stage.config_json, "PYTHONUNBUFFERED": "1", "KUBEDISTILL_SERVE_PORT": str(serve_port)})
-            st.phase, st.started_at, st.attempts = "Running", now(), st.attempts + 1
-            job_id = submit(client, entrypoint=_job_entrypoint(stage),
-                            submission_id=f"{run.name}-{stage.name}-{int(time.time() * 1000)}",
-                            runtime_env={"env_vars": env},
-                            metadata={"kubedistill.io/run": run.name, "kubedistill.io/stage": stage.name})
-            st.job = job_id
-            status.save()
-            say(f"{tag}: running (Ray job {job_id})")
-            t0, shown = time.monotonic(), 0
+        try:
+            _run_stages(run, stages, storage, status, client, say, poll_s, serve_port)
+        finally:
             try:
-                while True:
-                    state = client.get_job_status(job_id)
-                    logs = client.get_job_logs(job_id)
-                    for line in logs[shown:].splitlines():
-                        if line.strip():
-                            say(f"    {stage.name} | {line}")
-                    shown = len(logs)
-                    if state in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-                        break
-                    time.sleep(poll_s)
-            except BaseException:
-                client.stop_job(job_id)
-                st.phase, st.message, st.finished_at = "Failed", "interrupted", now()
-                status.status.phase = "Failed"
-                status.save()
-                raise
-            st.finished_at = now()
-            if state == JobStatus.SUCCEEDED and storage.exists(f"{stage.name}/{MANIFEST}"):
-                manifest = storage.read_json(f"{stage.name}/{MANIFEST}")
-                st.phase, st.artifact, st.metrics = "Succeeded", manifest["artifact"], manifest["metrics"]
-                st.message = None
-                say(f"{tag}: succeeded in {time.monotonic() - t0:.1f}s")
-                status.save()
-                continue
-            reason = _failure_reason(storage, stage.name, client.get_job_info(job_id).message)
-            st.phase, st.message = "Failed", reason
-            status.status.phase = "Failed"
-            status.save()
-            say(f"{tag}: FAILED: {reason}")
-            raise RunFailed(stage.name, reason)
-        status.status.phase, status.status.current_stage = "Succeeded", None
-        status.save()
-        say(f"kubedistill: run {run.name} succeeded; status at {storage.uri(STATUS_FILE)}")
+                say(f"kubedistill: run report at {write_report(run.name, stages, storage, status.status)}")
+            except Exception as e:  # never hide the run's own outcome behind the report's
+                say(f"kubedistill: could not write the run report: {type(e).__name__}: {e}")
+        took = int(time.monotonic() - started)
+        say(f"kubedistill: run {run.name} succeeded in {took // 60} min {took % 60} s; status at {storage.uri(STATUS_FILE)}")
         served = next((s for s in status.status.stages if s.name == "serve" and s.phase == "Succeeded"), None)
         if served:
             from kubedistill.serving import curl_example
@@ -215,6 +168,82 @@ def run_local(
                 except KeyboardInterrupt:
                     say("kubedistill: stopped serving")
     return status.status
+
+
+def write_report(run: str, stages: list[pipeline.Stage], storage: Storage, status: RunStatus) -> str:
+    """The HTML run report in storage (see `kubedistill.report`); its URI."""
+    from kubedistill import report
+
+    return report.write(storage, run, [s.name for s in stages], to_wire(status))
+
+
+def _run_stages(run: DistillationRun, stages: list[pipeline.Stage], storage: Storage, status: StatusWriter, client: Any,
+                say: Any, poll_s: float, serve_port: int) -> None:
+    """Each stage in order as a Ray job: skipped when done, gated, or run and followed; raises RunFailed."""
+    from ray.job_submission import JobStatus
+
+    for i, stage in enumerate(stages, 1):
+        st = status.stage(stage.name)
+        tag = f"[{i}/{len(stages)}] {stage.name}"
+        status.status.current_stage = stage.name
+        if stage.name not in pipeline.SERVICES and is_done(storage, stage.config):
+            manifest = storage.read_json(f"{stage.name}/{MANIFEST}")
+            st.phase, st.message = "Succeeded", "already done for this config; skipped"
+            st.artifact, st.metrics, st.finished_at = manifest["artifact"], manifest["metrics"], manifest["finishedAt"]
+            say(f"{tag}: done earlier, skipped")
+            status.save()
+            continue
+        if stage.name in pipeline.GATED and (why := promotion_blocked(storage)):
+            st.phase, st.message = "Skipped", f"not promoted: {why}"
+            status.status.conditions.append(Condition(type="Promoted", status="False", reason="GateFailed",
+                                                      message=why, last_transition_time=now()))
+            say(f"{tag}: skipped, not promoted: {why}")
+            status.save()
+            continue
+        env = {k: os.environ[k] for k in _PASS_ENV if k in os.environ}
+        env.update({CONFIG_ENV: stage.config_json, "PYTHONUNBUFFERED": "1", "KUBEDISTILL_SERVE_PORT": str(serve_port)})
+        st.phase, st.started_at, st.attempts = "Running", now(), st.attempts + 1
+        job_id = submit(client, entrypoint=_job_entrypoint(stage),
+                        submission_id=f"{run.name}-{stage.name}-{int(time.time() * 1000)}",
+                        runtime_env={"env_vars": env},
+                        metadata={"kubedistill.io/run": run.name, "kubedistill.io/stage": stage.name})
+        st.job = job_id
+        status.save()
+        say(f"{tag}: running (Ray job {job_id})")
+        t0, shown = time.monotonic(), 0
+        try:
+            while True:
+                state = client.get_job_status(job_id)
+                logs = client.get_job_logs(job_id)
+                for line in logs[shown:].splitlines():
+                    if line.strip():
+                        say(f"    {stage.name} | {line}")
+                shown = len(logs)
+                if state in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+                    break
+                time.sleep(poll_s)
+        except BaseException:
+            client.stop_job(job_id)
+            st.phase, st.message, st.finished_at = "Failed", "interrupted", now()
+            status.status.phase = "Failed"
+            status.save()
+            raise
+        st.finished_at = now()
+        if state == JobStatus.SUCCEEDED and storage.exists(f"{stage.name}/{MANIFEST}"):
+            manifest = storage.read_json(f"{stage.name}/{MANIFEST}")
+            st.phase, st.artifact, st.metrics = "Succeeded", manifest["artifact"], manifest["metrics"]
+            st.message = None
+            say(f"{tag}: succeeded in {time.monotonic() - t0:.1f}s")
+            status.save()
+            continue
+        reason = _failure_reason(storage, stage.name, client.get_job_info(job_id).message)
+        st.phase, st.message = "Failed", reason
+        status.status.phase = "Failed"
+        status.save()
+        say(f"{tag}: FAILED: {reason}")
+        raise RunFailed(stage.name, reason)
+    status.status.phase, status.status.current_stage = "Succeeded", None
+    status.save()
 
 
 def _failure_reason(storage: Storage, stage: str, job_message: str | None) -> str:

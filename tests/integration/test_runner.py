@@ -51,6 +51,12 @@ def test_run_on_s3_then_rerun_skips_everything(bucket):
     assert json.loads(st.read_text("_status.json"))["phase"] == "Succeeded"
     text = out.getvalue()
     assert "[1/2] data: running" in text and "[2/2] evaluate: succeeded" in text
+    # the run report: written to storage when the run ends, its path printed
+    assert f"run report at s3://{bucket}/runs/it-run/report.html" in text
+    page = st.read_text("report.html")
+    assert "Gate (<code>evaluation.minMacroF1</code>" in page and "lexical BM25 + logistic regression" in page
+    assert "data:image/png;base64," in page  # the confusion matrices, embedded
+    assert st.read_json("evaluate/_SUCCESS.json")["digest"] in page and "<h2>Lineage</h2>" in page
 
     first = st.read_json("evaluate/_SUCCESS.json")
     out2 = io.StringIO()
@@ -106,6 +112,11 @@ def test_killed_run_resumes_with_only_unfinished_stages(tmp_path):
     status = _cli("status", str(f))
     out, _ = status.communicate(timeout=60)
     assert status.returncode == 0 and "run killme: Succeeded" in out
+    report = tmp_path / "store" / "killme" / "report.html"
+    report.unlink()
+    again = _cli("report", str(f))
+    out, _ = again.communicate(timeout=60)
+    assert again.returncode == 0 and out.strip() == str(report) and "killme" in report.read_text()
 
 
 def test_failing_stage_stops_the_run_and_keeps_finished_stages(tmp_path):
@@ -130,6 +141,9 @@ def test_failing_stage_stops_the_run_and_keeps_finished_stages(tmp_path):
     assert status["phase"] == "Failed"
     ev = next(s for s in status["stages"] if s["name"] == "evaluate")
     assert ev["phase"] == "Failed" and "two distinct labels" in ev["message"]
+    page = st.read_text("report.html")  # a failed run gets its report too, saying why
+    assert "<span class='bad'>Failed</span>" in page and "two distinct labels" in page
+    assert "run report at" in out.getvalue()
 
 
 def test_ingest_user_logs_from_s3_quarantines_bad_rows(bucket, tmp_path):

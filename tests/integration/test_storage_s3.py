@@ -42,3 +42,35 @@ def test_unreachable_endpoint_says_so(monkeypatch):
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     with pytest.raises(StorageError, match="endpoint"):
         Storage("s3://bucket/x").check_writable()
+
+
+def _run_file(tmp_path, uri: str):
+    import yaml
+
+    from tests.conftest import minimal_doc
+
+    f = tmp_path / "run.yaml"
+    f.write_text(yaml.safe_dump(minimal_doc(storage={"uri": uri}, teacher={"enabled": False},
+                                            annotation={"enabled": False}, pruning={"enabled": False})))
+    return f
+
+
+def test_kubedistill_run_with_bad_credentials_says_which_variables_to_check(bucket, monkeypatch, tmp_path, capsys):
+    from kubedistill import cli
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
+    assert cli.main(["run", str(_run_file(tmp_path, f"s3://{bucket}/runs")), "--serve-port", "0"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: storage: s3://") and "Check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY" in err
+
+
+def test_kubedistill_run_against_an_unreachable_s3_says_check_the_endpoint(monkeypatch, tmp_path, capsys):
+    from kubedistill import cli
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    assert cli.main(["run", str(_run_file(tmp_path, "s3://bucket/runs")), "--serve-port", "0"]) == 1
+    err = capsys.readouterr().err
+    assert "Is the S3 endpoint reachable? Check spec.storage.endpoint or AWS_ENDPOINT_URL." in err

@@ -28,9 +28,11 @@ def _doc(uri: str, name: str, encoder: str, synthetic: dict, train: dict) -> dic
     return doc
 
 
-def test_student_trains_with_ddp_exports_and_is_evaluated(bucket, tiny_encoder):
+def test_student_trains_with_ddp_exports_and_is_evaluated_beside_a_ce_student(bucket, tiny_encoder):
     syn = {"services": 60, "queries": 40, "pairsPerQuery": 5, "sftSize": 20, "evalSize": 60, "seed": 1}
-    run = spec.parse_run(_doc(f"s3://{bucket}/runs", "stu", tiny_encoder, syn, {"epochs": 2}))
+    doc = _doc(f"s3://{bucket}/runs", "stu", tiny_encoder, syn, {"epochs": 2})
+    doc["spec"]["student"]["compareObjectives"] = ["ce"]
+    run = spec.parse_run(doc)
     out = io.StringIO()
     status = runner.run_local(run, out=out)
     assert [(s.name, s.phase) for s in status.stages] == [("data", "Succeeded"), ("student-crsd", "Succeeded"),
@@ -40,9 +42,19 @@ def test_student_trains_with_ddp_exports_and_is_evaluated(bucket, tiny_encoder):
     assert m["objective"] == "crsd" and m["step"] > 0 and 0 <= m["best_val_macro_f1"] <= 1
     assert {"student-crsd/model/student.json", "student-crsd/model/head.safetensors"} <= set(st.list("student-crsd/model"))
     report = st.read_json("evaluate/metrics.json")
-    assert set(report["models"]) == {"baseline", "student"}
+    assert set(report["models"]) == {"baseline", "student", "student_ce"}
     assert report["gate"]["candidate"] == "student"
     assert "val macro-F1" in out.getvalue()
+    # the CE student: same splits and budget, its own export, scored beside the served one, never served
+    assert m["compared"]["ce"]["step"] == m["step"]
+    ce = st.read_json("student-crsd/compare/ce/model/student.json")
+    assert ce["objective"] == "ce" and ce["trainedOn"] == st.read_json("student-crsd/model/student.json")["trainedOn"]
+    rows = {r["objective"]: r for r in report["comparison"]}
+    assert rows["crsd"]["served"] and not rows["ce"]["served"]
+    assert rows["crsd"]["delta_macro_f1"] == round(rows["crsd"]["macro_f1"] - rows["ce"]["macro_f1"], 4)
+    assert rows["ce"]["macro_f1"] == report["models"]["student_ce"]["macro_f1"]
+    page = st.read_text("report.html")
+    assert "<h3>CE vs CRSD</h3>" in page and "crsd (the run's student)" in page
 
 
 def test_killed_training_resumes_from_its_checkpoint(tmp_path, tiny_encoder):

@@ -175,3 +175,14 @@ def test_a_model_that_is_not_there_fails_on_the_driver_naming_the_field(tmp_path
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelNotFound, match="spec.annotation.model: .* without config.json"):
         annotate._check_model(str(tmp_path / "empty"), S3Options.from_env())
+
+
+def test_label_agreement_is_counted_by_pair_id_with_the_commonest_disagreements():
+    from kubedistill.annotate import label_agreement
+
+    teacher = {"a": "relevant", "b": "partial", "c": "partial", "d": "irrelevant", "x": "relevant"}
+    reference = {"a": "relevant", "b": "relevant", "c": "relevant", "d": "partial", "y": "partial"}
+    got = label_agreement(teacher, reference)
+    # 4 pairs in both (x and y are not); a agrees: 1/4
+    assert got == {"pairs": 4, "accuracy": 0.25, "disagreements": {"relevant->partial": 2, "partial->irrelevant": 1}}
+    assert label_agreement({"a": "relevant"}, {"b": "relevant"}) is None

@@ -33,8 +33,10 @@ def test_validate_reports_every_problem_and_exits_nonzero(tmp_path, capsys):
 def test_plan_and_crd(capsys):
     assert cli.main(["plan", str(SAMPLES / "quickstart.yaml")]) == 0
     out = capsys.readouterr().out
-    assert "1. data" in out and "2. teacher-dapt" in out and "6. student-crsd" in out and "8. prune-search" in out
-    assert "disabled: annotate\n" in out
+    for n, stage in enumerate(("data", "teacher-dapt", "teacher-sft", "reward-model", "teacher-dpo", "annotate",
+                               "student-crsd", "evaluate", "prune-search", "serve"), 1):
+        assert f"{n:>2}. {stage}" in out  # the quickstart runs every stage
+    assert "disabled:" not in out
     assert cli.main(["crd"]) == 0
     assert capsys.readouterr().out == crd.render_yaml()
 
@@ -100,3 +102,69 @@ def test_an_ignored_sigint_stays_ignored():
     finally:
         for s, h in saved.items():
             signal.signal(s, h)
+
+
+def _file(tmp_path, **spec_fields):
+    import yaml
+
+    from tests.conftest import minimal_doc
+
+    f = tmp_path / "run.yaml"
+    f.write_text(yaml.safe_dump(minimal_doc(storage={"uri": str(tmp_path / "store")}, **spec_fields)))
+    return f
+
+
+def test_run_refuses_a_busy_serve_port_before_starting_anything(tmp_path, capsys):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert cli.main(["run", str(_file(tmp_path)), "--serve-port", str(port)]) == 1
+    err = capsys.readouterr().err
+    assert f"port {port} is in use" in err and "--serve-port" in err
+    assert not (tmp_path / "store").exists()  # nothing was started or written
+
+
+def test_a_busy_port_does_not_matter_when_nothing_is_served(tmp_path):
+    from kubedistill import spec
+
+    run = spec.load_run(_file(tmp_path, serving={"enabled": False}))
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        assert cli.preflight(run, None, busy.getsockname()[1]) is None
+
+
+def test_run_without_ray_installed_says_how_to_install_it(tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # what an environment without Ray looks like to `import ray`
+    assert cli.main(["run", str(_file(tmp_path)), "--serve-port", "0"]) == 1
+    err = capsys.readouterr().err
+    assert "Ray is not installed" in err and "make dev" in err
+
+
+def test_run_against_an_address_without_ray_says_how_to_start_one(tmp_path, capsys):
+    from tests.conftest import free_port
+
+    f = _file(tmp_path, teacher={"enabled": False}, annotation={"enabled": False}, pruning={"enabled": False})
+    assert cli.main(["run", str(f), "--address", f"127.0.0.1:{free_port()}"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot connect to Ray at" in err and "ray start --head" in err
+
+
+def test_status_of_a_name_without_a_cluster_says_what_to_pass(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing-kubeconfig"))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    assert cli.main(["status", "relevance-2026w48"]) == 1
+    err = capsys.readouterr().err
+    assert "'relevance-2026w48' is not a file" in err and "set KUBECONFIG" in err
+
+
+def test_reference_prints_the_generated_field_table(capsys):
+    assert cli.main(["reference"]) == 0
+    assert capsys.readouterr().out == crd.reference_markdown()

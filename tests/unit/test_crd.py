@@ -116,7 +116,7 @@ def _eval_rules(doc):
 def test_cel_rules_compile_and_match_pydantic():
     rules = list(_cel_rules(_version()["schema"]["openAPIV3Schema"]))
     assert len(rules) >= 3
-    good = minimal_doc(serving={"replicas": {"min": 1, "max": 2}})
+    good = minimal_doc(serving={"replicas": {"min": 1, "max": 2}}, student={"compareObjectives": ["ce", "kd"]})
     assert _eval_rules(good) == []
     spec.parse_run(good)
     cases = [
@@ -125,6 +125,8 @@ def test_cel_rules_compile_and_match_pydantic():
         (minimal_doc(serving={"enabled": True}, student={"enabled": False}), "serving.enabled requires student.enabled"),
         (minimal_doc(serving={"maxBatchPairs": 50}), "maxBatchPairs must be >= maxServices"),
         (minimal_doc(serving={"maxServices": 600}), "maxBatchPairs must be >= maxServices"),
+        (minimal_doc(student={"compareObjectives": ["ce", "crsd"]}), "compareObjectives must not repeat objective"),
+        (minimal_doc(student={"objective": "ce", "compareObjectives": ["ce"]}), "compareObjectives must not repeat objective"),
     ]
     for doc, message in cases:
         assert message in _eval_rules(copy.deepcopy(doc))

@@ -66,6 +66,10 @@ def test_unknown_top_level_and_nested_fields_are_errors():
         ({"serving": {"enabled": True}, "student": {"enabled": False}}, "spec.serving.enabled"),
         ({"teacher": {"enabled": False}, "pruning": {"enabled": False}}, "spec.annotation.model"),
         ({"data": {"logs": "s3://b/logs/"}}, "spec.data.evalSet"),
+        ({"student": {"objective": "crsd", "compareObjectives": ["ce", "crsd"]}}, "spec.student.compareObjectives"),
+        ({"student": {"compareObjectives": ["ce", "ce"]}}, "spec.student.compareObjectives"),
+        ({"student": {"compareObjectives": ["mse"]}}, "spec.student.compareObjectives[0]"),
+        ({"teacher": {"dpo": {"prompts": 0}}}, "spec.teacher.dpo.prompts"),
     ],
 )
 def test_invalid_values_name_their_field(patch, path):

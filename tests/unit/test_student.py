@@ -116,13 +116,36 @@ def test_early_stopping(tiny_encoder, rows):
     assert out["metrics"]["stopped_early"] and out["step"] < 20 * 4
 
 
-def test_export_and_load_give_the_same_predictions(tiny_encoder, rows, tmp_path):
-    cfg = _cfg(tiny_encoder)
+def test_mean_pooling_averages_real_tokens_only_and_cls_takes_the_first(tiny_encoder):
+    from kubedistill.student import RelevanceStudent
+
+    model, _ = build_model(_cfg(tiny_encoder))
+    model.eval()
+    hidden = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]]])  # the third token is padding
+    mask = torch.tensor([[1, 1, 0]])
+
+    class Fixed(torch.nn.Module):  # an encoder whose last hidden state we choose
+        config = model.encoder.config
+
+        def forward(self, **batch):
+            return type("Out", (), {"last_hidden_state": hidden})()
+
+    mean = RelevanceStudent(Fixed(), 3, pooling="mean").pool({"input_ids": mask, "attention_mask": mask})
+    cls = RelevanceStudent(Fixed(), 3, pooling="cls").pool({"input_ids": mask, "attention_mask": mask})
+    assert mean.tolist() == [[2.0, 3.0]] and cls.tolist() == [[1.0, 2.0]]
+    with pytest.raises(ValueError, match="spec.student.pooling"):
+        RelevanceStudent(Fixed(), 3, pooling="max")
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_export_and_load_give_the_same_predictions(tiny_encoder, rows, tmp_path, pooling):
+    cfg = _cfg(tiny_encoder, pooling=pooling)
     model, tok = build_model(cfg)
     model.eval()
     uri = export(model, tok, cfg, Storage(str(tmp_path / "model")), {"bestValMacroF1": 0.5})
     loaded = load_student(uri)
     assert loaded.labels == LABELS and loaded.meta["bestValMacroF1"] == 0.5
+    assert loaded.meta["pooling"] == pooling and loaded.model.pooling == pooling
     from kubedistill.student import predict_proba
 
     assert torch.allclose(torch.tensor(predict_proba(model, tok, rows[:5], cfg.max_length)),

@@ -1,0 +1,275 @@
+"""The run report: one self-contained HTML page, built from what the stages wrote to storage.
+
+Everything on the page comes from the run's storage: each stage's manifest (`_SUCCESS.json`: metrics,
+config hash, input digests, artifact) or failure (`_FAILED.json`), the run's status, the evaluate
+stage's `metrics.json` and the two plots (embedded, so the page can be mailed or attached to a
+ticket). Sections: stages, the evaluation gate and every scored model (the CE-vs-CRSD comparison
+when the student stage trained comparison objectives), the teacher, annotation, pruning, serving,
+every stage's metrics, and lineage (which artifact came from which stage, config hash and inputs).
+
+`write` puts it at `<storage.uri>/<run>/report.html`; `kubedistill run` writes it when a run ends
+(succeeded or failed) and `kubedistill report FILE` writes it on demand.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from collections.abc import Iterable
+from typing import Any
+
+from kubedistill.stage import FAILURE, MANIFEST, now
+from kubedistill.storage import Storage
+
+REPORT_FILE = "report.html"
+
+_CSS = """
+body{font:14px/1.45 system-ui,-apple-system,Segoe UI,sans-serif;margin:2em auto;max-width:1100px;color:#1d232a;padding:0 1em}
+h1{font-size:1.6em;margin-bottom:.2em} h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #d0d7de;padding-bottom:.2em}
+table{border-collapse:collapse;margin:.6em 0} th,td{border:1px solid #d0d7de;padding:.25em .6em;text-align:left;vertical-align:top}
+th{background:#f6f8fa} td.n{text-align:right;font-variant-numeric:tabular-nums} code{font-size:.92em}
+.ok{color:#1a7f37;font-weight:600} .bad{color:#cf222e;font-weight:600} .muted{color:#656d76}
+img{max-width:100%;border:1px solid #d0d7de;margin:.5em 0} details{margin:.3em 0}
+"""
+
+
+def _e(x: Any) -> str:
+    return html.escape(str(x))
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, bool) or v is None:
+        return _e(v)
+    if isinstance(v, float):
+        return f"{v:.4f}" if abs(v) < 1e4 else f"{v:,.0f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return _e(v)
+
+
+def _table(header: list[str], rows: Iterable[list[Any]], raw: bool = False) -> str:
+    """A table; cells are escaped unless `raw` (then they are trusted HTML made here)."""
+    out = ["<table><tr>" + "".join(f"<th>{_e(h)}</th>" for h in header) + "</tr>"]
+    for row in rows:
+        cells = []
+        for v in row:
+            num = isinstance(v, (int, float)) and not isinstance(v, bool)
+            cells.append(f"<td class='n'>{_fmt(v)}</td>" if num else f"<td>{v if raw else _fmt(v)}</td>")
+        out.append("<tr>" + "".join(cells) + "</tr>")
+    return "".join(out) + "</table>"
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """Nested metrics as (dotted key, scalar) pairs; lists of scalars are shown as they are."""
+    out: list[tuple[str, Any]] = []
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.extend(flatten(v, key + "."))
+        elif isinstance(v, list):
+            out.append((key, ", ".join(_fmt(x) for x in v) if all(not isinstance(x, (dict, list)) for x in v) else json.dumps(v)))
+        else:
+            out.append((key, v))
+    return out
+
+
+def _pct(v: Any) -> str:
+    return f"{100 * v:.1f}%" if isinstance(v, (int, float)) and not isinstance(v, bool) else _e(v)
+
+
+def _signed_pct(v: Any) -> str:
+    return f"{v:+.1f}%" if isinstance(v, (int, float)) else "n/a"
+
+
+def _image(storage: Storage, path: str, alt: str) -> str:
+    try:
+        data = storage.read_bytes(path)
+    except FileNotFoundError:
+        return f"<p class='muted'>({_e(path)} not found)</p>"
+    return f"<img alt='{_e(alt)}' src='data:image/png;base64,{base64.b64encode(data).decode()}'>"
+
+
+def _read(storage: Storage, path: str) -> dict[str, Any] | None:
+    try:
+        return storage.read_json(path)
+    except FileNotFoundError:
+        return None
+
+
+def collect(storage: Storage, stages: list[str]) -> dict[str, dict[str, Any]]:
+    """Per stage: its manifest or failure record (whichever exists), from the run's storage."""
+    return {s: {"manifest": _read(storage, f"{s}/{MANIFEST}"), "failure": _read(storage, f"{s}/{FAILURE}")} for s in stages}
+
+
+def _section_stages(status: dict[str, Any] | None, found: dict[str, dict[str, Any]]) -> str:
+    by_name = {s["name"]: s for s in (status or {}).get("stages", [])}
+    rows = []
+    for name, f in found.items():
+        st = by_name.get(name, {})
+        m, fail = f["manifest"], f["failure"]
+        phase = st.get("phase") or ("Succeeded" if m else "Failed" if fail else "Pending")
+        cls = {"Succeeded": "ok", "Failed": "bad"}.get(phase, "muted")
+        note = st.get("message") or (fail["error"] if fail and not m else "")
+        rows.append([_e(name), f"<span class='{cls}'>{_e(phase)}</span>",
+                     _fmt(m["seconds"]) if m else "", _e(m["finishedAt"] if m else st.get("finishedAt") or ""), _e(note)])
+    return "<h2>Stages</h2>" + _table(["stage", "phase", "seconds", "finished", "note"], rows, raw=True)
+
+
+def _section_evaluation(storage: Storage, found: dict[str, dict[str, Any]]) -> str:
+    m = found.get("evaluate", {}).get("manifest")
+    if not m:
+        return ""
+    out = ["<h2>Evaluation</h2>"]
+    gate = m["metrics"]["gate"]
+    cls = "ok" if gate["passed"] else "bad"
+    out.append(f"<p>Gate (<code>evaluation.minMacroF1</code> {gate['threshold']}): "
+               f"<span class='{cls}'>{'passed' if gate['passed'] else 'not passed'}</span> — {_e(gate['reason'])}</p>")
+    detail = _read(storage, "evaluate/metrics.json") or {}
+    models = detail.get("models", {})
+    if models:
+        rows = [[_e(name), _e(r.get("objective", "lexical BM25 + logistic regression" if name == "baseline" else "")),
+                 r["accuracy"], r["macro_f1"], r["auc_ovr"] if r["auc_ovr"] is not None else "n/a", r["n"]]
+                for name, r in models.items()]
+        out.append(f"<p>{_fmt(detail.get('eval_rows'))} held-out eval pairs, standard input only.</p>")
+        out.append(_table(["model", "objective", "accuracy", "macro-F1", "AUC (one-vs-rest)", "pairs"], rows, raw=True))
+    comparison = detail.get("comparison")
+    if comparison:
+        out.append("<h3>CE vs CRSD</h3><p>Students trained on the same rows, seed and budget with each objective "
+                   "(<code>student.compareObjectives</code>); the gate judges, and serving takes, the run's student "
+                   "(<code>student.objective</code>).</p>")
+        trained = (found.get("student-crsd", {}).get("manifest") or {}).get("metrics", {})
+        step_s = {trained.get("objective"): trained.get("seconds_per_step"),
+                  **{o: m.get("seconds_per_step") for o, m in trained.get("compared", {}).items()}}
+        rows = [[_e(c["objective"]) + (" (the run's student)" if c["served"] else ""), c["macro_f1"],
+                 c["auc_ovr"] if c["auc_ovr"] is not None else "n/a", c["accuracy"], step_s.get(c["objective"]) or "—",
+                 "—" if c["delta_macro_f1"] is None else f"{c['delta_macro_f1']:+.4f}"] for c in comparison]
+        out.append(_table(["objective", "macro-F1", "AUC", "accuracy", "s / step", "macro-F1 vs ce"], rows, raw=True))
+    out.append(_image(storage, "evaluate/confusion.png", "confusion matrices"))
+    return "".join(out)
+
+
+def _section_teacher(found: dict[str, dict[str, Any]]) -> str:
+    rows = []
+    if (m := found.get("teacher-dapt", {}).get("manifest")):
+        x = m["metrics"]
+        rows.append(["teacher-dapt", f"held-out perplexity {_fmt(x.get('perplexity_before'))} → {_fmt(x.get('perplexity_after'))}"])
+    if (m := found.get("teacher-sft", {}).get("manifest")):
+        ev = m["metrics"].get("eval", {})
+        rows.append(["teacher-sft", f"eval prompts: parse rate {_fmt(ev.get('parse_rate'))}, label accuracy {_fmt(ev.get('label_accuracy'))}"])
+    if (m := found.get("reward-model", {}).get("manifest")):
+        x = m["metrics"]
+        dims = ", ".join(f"{_e(k)} {_fmt(v)}" for k, v in (x.get("pairwise_accuracy") or {}).items())
+        rows.append(["reward-model", f"held-out pairwise accuracy: {dims}; combined {_fmt(x.get('combined_pairwise_accuracy'))}"])
+    if (m := found.get("teacher-dpo", {}).get("manifest")):
+        b, a = m["metrics"].get("before", {}), m["metrics"].get("after", {})
+        rows.append(["teacher-dpo", f"mean reward {_fmt(b.get('mean_reward'))} → {_fmt(a.get('mean_reward'))}, label accuracy "
+                     f"{_fmt(b.get('label_accuracy'))} → {_fmt(a.get('label_accuracy'))}, parse rate {_fmt(b.get('parse_rate'))} → {_fmt(a.get('parse_rate'))}"])
+    return "<h2>Teacher</h2>" + _table(["stage", "result"], rows, raw=True) if rows else ""
+
+
+def _section_annotate(found: dict[str, dict[str, Any]]) -> str:
+    m = found.get("annotate", {}).get("manifest")
+    if not m:
+        return ""
+    x = m["metrics"]
+    rows = [[k, x[k]] for k in ("rows_in", "labeled", "quarantined", "parse_rate", "parse_rate_first_try", "engine",
+                                  "generated_tokens", "tokens_per_s", "tokens_per_s_after_startup", "rows_per_s") if k in x]
+    labels = ", ".join(f"{_e(k)} {_fmt(v)}" for k, v in (x.get("labels") or {}).items())
+    reasons = ", ".join(f"{_e(k)} {_fmt(v)}" for k, v in (x.get("quarantine_reasons") or {}).items()) or "none"
+    agree = x.get("agreement_with_reference")
+    said = ""
+    if agree:
+        worst = sorted(agree.get("disagreements", {}).items(), key=lambda kv: -kv[1])
+        off = ", ".join(f"{_e(k)} {_fmt(v)}" for k, v in worst) or "none"
+        said = (f"<p>The teacher agrees with the data stage's reference labels on {_pct(agree['accuracy'])} of "
+                f"{_fmt(agree['pairs'])} pairs (reference → teacher disagreements: {off}).</p>")
+    return ("<h2>Annotation</h2>" + _table(["metric", "value"], rows)
+            + f"<p>Labels: {labels}. Quarantined because: {reasons}.</p>" + said)
+
+
+def _section_pruning(storage: Storage, found: dict[str, dict[str, Any]]) -> str:
+    m = found.get("prune-search", {}).get("manifest")
+    if not m:
+        return ""
+    x = m["metrics"]
+    rows = []
+    for name in ("base", "uniform", "searched"):
+        r = x.get(name) or {}
+        rows.append([name, r.get("params", ""), r.get("removed_fraction", 0.0 if name == "base" else ""),
+                     r.get("perplexity", ""), r.get("label_accuracy", "")])
+    p = x.get("predictor", {})
+    return ("<h2>Pruning</h2>"
+            + f"<p>Target: remove {_pct(x.get('target_ratio'))} of the teacher's parameters; {_fmt(x.get('evaluated'))} "
+              f"architectures evaluated for real ({_fmt(x.get('sampled'))} sampled, {_fmt(x.get('proposed'))} proposed by the "
+              f"predictor). Searched vs uniform perplexity: {_signed_pct(x.get('perplexity_vs_uniform_pct'))}. Predictor "
+              f"({_e(p.get('kind'))}) on {_fmt(p.get('n_test'))} held-out architectures: R² {_fmt(p.get('r2'))}, "
+              f"Kendall τ {_fmt(p.get('kendall_tau'))}.</p>"
+            + _table(["model", "parameters", "removed", "perplexity", "label accuracy"], rows)
+            + _image(storage, "prune-search/predicted_vs_measured.png", "predicted vs measured"))
+
+
+def _section_serve(found: dict[str, dict[str, Any]]) -> str:
+    m = found.get("serve", {}).get("manifest")
+    if not m:
+        return ""
+    o = m["outputs"]
+    return (f"<h2>Serving</h2><p>Model <code>{_e(o.get('modelVersion'))}</code> from <code>{_e(o.get('model'))}</code> "
+            f"at <code>{_e(o.get('url'))}</code> (probe {_fmt(m['metrics'].get('probeLatencyMs'))} ms).</p>")
+
+
+def _section_metrics(found: dict[str, dict[str, Any]]) -> str:
+    out = ["<h2>Every stage's metrics</h2>"]
+    for name, f in found.items():
+        if f["manifest"]:
+            rows = [[k, v] for k, v in flatten(f["manifest"]["metrics"])]
+            out.append(f"<details><summary><b>{_e(name)}</b> ({len(rows)} values)</summary>{_table(['metric', 'value'], rows)}</details>")
+        elif f["failure"]:
+            out.append(f"<details open><summary><b>{_e(name)}</b> <span class='bad'>failed</span></summary>"
+                       f"<pre>{_e(f['failure'].get('traceback') or f['failure']['error'])}</pre></details>")
+    return "".join(out)
+
+
+def _section_lineage(found: dict[str, dict[str, Any]]) -> str:
+    rows = []
+    for name, f in found.items():
+        m = f["manifest"]
+        if not m:
+            continue
+        inputs = "<br>".join(f"{_e(k)} @ <code>{_e(v)}</code>" for k, v in m["inputs"].items()) or "—"
+        outputs = "<br>".join(f"{_e(k)}: <code>{_e(v)}</code>" for k, v in m["outputs"].items()
+                              if isinstance(v, str)) or f"<code>{_e(m['artifact'])}</code>"
+        rows.append([_e(name), f"<code>{_e(m['configHash'])}</code>", f"<code>{_e(m['digest'])}</code>", inputs, outputs])
+    if not rows:
+        return ""
+    return ("<h2>Lineage</h2><p>Each stage's config hash (its resolved spec section and inputs), the digest of its "
+            "manifest, the manifests it was built from (stage @ digest), and what it wrote.</p>"
+            + _table(["stage", "config hash", "digest", "built from", "artifacts"], rows, raw=True))
+
+
+def render(run: str, uri: str, stages: list[str], storage: Storage, status: dict[str, Any] | None = None) -> str:
+    """The report's HTML for `stages` (in pipeline order) of the run stored at `storage`."""
+    found = collect(storage, stages)
+    phase = (status or {}).get("phase") or ("Succeeded" if all(f["manifest"] for f in found.values()) else "Incomplete")
+    cls = {"Succeeded": "ok", "Failed": "bad"}.get(phase, "muted")
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>kubedistill run {_e(run)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>DistillationRun <code>{_e(run)}</code></h1>",
+        f"<p><span class='{cls}'>{_e(phase)}</span> · storage <code>{_e(uri)}</code> · report written {_e(now())}</p>",
+        _section_stages(status, found),
+        _section_evaluation(storage, found),
+        _section_teacher(found),
+        _section_annotate(found),
+        _section_pruning(storage, found),
+        _section_serve(found),
+        _section_metrics(found),
+        _section_lineage(found),
+        "</body></html>",
+    ]
+    return "\n".join(p for p in parts if p)
+
+
+def write(storage: Storage, run: str, stages: list[str], status: dict[str, Any] | None = None) -> str:
+    """Render and store the report at `<run storage>/report.html`; returns its URI."""
+    storage.write_bytes(REPORT_FILE, render(run, storage.uri(), stages, storage, status).encode())
+    return storage.uri(REPORT_FILE)

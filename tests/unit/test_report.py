@@ -1,0 +1,81 @@
+"""The run report: built only from what stages wrote to storage."""
+
+from __future__ import annotations
+
+import html
+import re
+
+from kubedistill import evaluate, report
+from kubedistill.stage import FAILURE, MANIFEST
+from kubedistill.storage import Storage
+
+
+def _manifest(stage: str, inputs: dict[str, str], digest: str, metrics: dict, outputs: dict | None = None) -> dict:
+    return {"stage": stage, "run": "r", "configHash": f"hash-{stage}", "inputs": inputs, "startedAt": "t0",
+            "finishedAt": "t1", "seconds": 12.5, "artifact": f"/store/r/{stage}", "metrics": metrics,
+            "outputs": outputs or {}, "digest": digest}
+
+
+def _models() -> dict:
+    def m(objective: str | None, f1: float) -> dict:
+        out = {"accuracy": f1 + 0.01, "macro_f1": f1, "auc_ovr": 0.9, "n": 400}
+        return {**out, "objective": objective} if objective else out
+
+    return {"baseline": m(None, 0.6858), "student": m("crsd", 0.7306), "student_ce": m("ce", 0.7200)}
+
+
+def _store(tmp_path) -> Storage:
+    st = Storage(str(tmp_path / "r"))
+    models = _models()
+    gate = evaluate.gate("student", models["student"], 0.75)
+    st.write_json(f"data/{MANIFEST}", _manifest("data", {}, "d-data", {"rows_in": 2400}))
+    st.write_json(f"student-crsd/{MANIFEST}", _manifest(
+        "student-crsd", {"data": "d-data"}, "d-student",
+        {"objective": "crsd", "seconds_per_step": 2.6, "compared": {"ce": {"seconds_per_step": 1.3}}},
+        {"model": "/store/r/student-crsd/model", "model_ce": "/store/r/student-crsd/compare/ce/model"}))
+    st.write_json(f"evaluate/{MANIFEST}", _manifest("evaluate", {"data": "d-data", "student-crsd": "d-student"},
+                                                    "d-eval", {"gate": gate}))
+    st.write_json("evaluate/metrics.json", {"eval_rows": 400, "models": models, "gate": gate,
+                                             "comparison": evaluate.comparison(models)})
+    st.write_bytes("evaluate/confusion.png", b"\x89PNG fake-bytes")
+    st.write_json(f"serve/{FAILURE}", {"stage": "serve", "error": "ValueError: <b>port</b> taken", "traceback": "Traceback ...", "at": "t2"})
+    return st
+
+
+def _text(page: str) -> str:
+    return html.unescape(re.sub(r"<[^>]+>", " ", page))
+
+
+def test_the_report_shows_gate_comparison_lineage_and_failures(tmp_path):
+    st = _store(tmp_path)
+    status = {"phase": "Failed", "stages": [{"name": "data", "phase": "Succeeded"}, {"name": "student-crsd", "phase": "Succeeded"},
+                                             {"name": "evaluate", "phase": "Succeeded"}, {"name": "serve", "phase": "Failed",
+                                                                                         "message": "ValueError: <b>port</b> taken"}]}
+    uri = report.write(st, "r", ["data", "student-crsd", "evaluate", "serve"], status)
+    assert uri == st.uri("report.html")
+    page = st.read_text("report.html")
+    text = " ".join(_text(page).split())
+    # the gate's verdict, with its reason (0.7306 < 0.75)
+    assert "not passed — student macro-F1 0.7306 < minMacroF1 0.75 (failed)" in text
+    # CE vs CRSD: each objective's macro-F1, step time and difference to ce
+    assert "crsd (the run's student) 0.7306 0.9000 0.7406 2.6000 +0.0106" in text
+    assert "ce 0.7200 0.9000 0.7300 1.3000 +0.0000" in text
+    # lineage: which digest each stage was built from, and what it wrote
+    assert "evaluate hash-evaluate d-eval data @ d-data student-crsd @ d-student" in text
+    assert "model_ce: /store/r/student-crsd/compare/ce/model" in text
+    # the failed stage says why; text from storage is escaped, never markup
+    assert "<b>port</b>" not in page and "&lt;b&gt;port&lt;/b&gt;" in page
+    assert "Failed" in text and "Traceback ..." in text
+    assert page.count("data:image/png;base64,") == 1  # the confusion matrices embedded; no pruning plot here
+
+
+def test_comparison_differences_are_to_the_ce_student():
+    rows = evaluate.comparison(_models())
+    assert [(r["objective"], r["served"], r["delta_macro_f1"]) for r in rows] == [("crsd", True, 0.0106), ("ce", False, 0.0)]
+    only = {"baseline": _models()["baseline"], "student": _models()["student"]}
+    assert evaluate.comparison(only) == []  # one student: nothing to compare
+
+
+def test_flatten_nested_metrics():
+    assert report.flatten({"a": {"b": 1, "c": {"d": 0.5}}, "e": [1, 2], "f": "x"}) == [
+        ("a.b", 1), ("a.c.d", 0.5), ("e", "1, 2"), ("f", "x")]
