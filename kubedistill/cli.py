@@ -132,7 +132,7 @@ def _print_status(name: str, status: dict[str, Any]) -> None:
     print(f"run {name}: {status.get('phase') or 'Pending'}{at}")
     for st in status.get("stages") or []:
         scalars = {k: v for k, v in (st.get("metrics") or {}).items() if isinstance(v, (int, float, str))}
-        shown = "  ".join(f"{k}={v}" for k, v in list(scalars.items())[:4])
+        shown = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in list(scalars.items())[:4])
         msg = f"  {st['message']}" if st.get("message") else ""
         print(f"  {st['name']:<13} {st.get('phase') or 'Pending':<10} {shown}{msg}")
     for c in status.get("conditions") or []:
