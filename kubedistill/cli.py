@@ -182,15 +182,13 @@ def _cluster_status(name: str, namespace: str | None) -> int:
 
 def _report(run) -> int:  # type: ignore[no-untyped-def]
     from kubedistill import pipeline, report, runner
-    from kubedistill.spec import to_wire
     from kubedistill.stage import run_storage
     from kubedistill.storage import StorageError
 
     stages = pipeline.build(run)
     storage = run_storage(stages[0].config)
     try:
-        status = runner.read_status(storage)
-        print(report.write(storage, run.name, [s.name for s in stages], to_wire(status) if status else None))
+        print(report.write(storage, run.name, [s.name for s in stages], runner.read_status(storage)))
     except StorageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -161,7 +161,7 @@ def write_report(store: Storage, run: str, status: spec.RunStatus) -> None:
     from kubedistill import report
 
     try:
-        report.write(store, run, [s.name for s in status.stages], spec.to_wire(status))
+        report.write(store, run, [s.name for s in status.stages], status)
     except Exception as e:  # noqa: BLE001 - the report is a convenience; the run's status is the record
         log.warning("run %s: could not write the run report: %s", run, e)
 

@@ -19,7 +19,8 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
-from kubedistill.stage import FAILURE, MANIFEST, now
+from kubedistill.spec import RunStatus, to_wire
+from kubedistill.stage import FAILURE, now, read_manifest
 from kubedistill.storage import Storage
 
 REPORT_FILE = "report.html"
@@ -99,7 +100,7 @@ def _read(storage: Storage, path: str) -> dict[str, Any] | None:
 
 def collect(storage: Storage, stages: list[str]) -> dict[str, dict[str, Any]]:
     """Per stage: its manifest or failure record (whichever exists), from the run's storage."""
-    return {s: {"manifest": _read(storage, f"{s}/{MANIFEST}"), "failure": _read(storage, f"{s}/{FAILURE}")} for s in stages}
+    return {s: {"manifest": read_manifest(storage, s), "failure": _read(storage, f"{s}/{FAILURE}")} for s in stages}
 
 
 def _section_stages(status: dict[str, Any] | None, found: dict[str, dict[str, Any]]) -> str:
@@ -269,7 +270,8 @@ def render(run: str, uri: str, stages: list[str], storage: Storage, status: dict
     return "\n".join(p for p in parts if p)
 
 
-def write(storage: Storage, run: str, stages: list[str], status: dict[str, Any] | None = None) -> str:
+def write(storage: Storage, run: str, stages: list[str], status: RunStatus | dict[str, Any] | None = None) -> str:
     """Render and store the report at `<run storage>/report.html`; returns its URI."""
-    storage.write_bytes(REPORT_FILE, render(run, storage.uri(), stages, storage, status).encode())
+    wire = to_wire(status) if isinstance(status, RunStatus) else status
+    storage.write_bytes(REPORT_FILE, render(run, storage.uri(), stages, storage, wire).encode())
     return storage.uri(REPORT_FILE)

@@ -148,8 +148,10 @@ def run_local(
         try:
             _run_stages(run, stages, storage, status, client, say, poll_s, serve_port)
         finally:
+            from kubedistill import report
+
             try:
-                say(f"kubedistill: run report at {write_report(run.name, stages, storage, status.status)}")
+                say(f"kubedistill: run report at {report.write(storage, run.name, [s.name for s in stages], status.status)}")
             except Exception as e:  # never hide the run's own outcome behind the report's
                 say(f"kubedistill: could not write the run report: {type(e).__name__}: {e}")
         took = int(time.monotonic() - started)
@@ -168,13 +170,6 @@ def run_local(
                 except KeyboardInterrupt:
                     say("kubedistill: stopped serving")
     return status.status
-
-
-def write_report(run: str, stages: list[pipeline.Stage], storage: Storage, status: RunStatus) -> str:
-    """The HTML run report in storage (see `kubedistill.report`); its URI."""
-    from kubedistill import report
-
-    return report.write(storage, run, [s.name for s in stages], to_wire(status))
 
 
 def _run_stages(run: DistillationRun, stages: list[pipeline.Stage], storage: Storage, status: StatusWriter, client: Any,
