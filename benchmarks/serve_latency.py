@@ -71,35 +71,36 @@ def main() -> None:
         print(f"bare model call ({args.encoder}, {args.services} pairs, {args.threads} threads): p50 {bare_p50:.2f} ms  p99 {bare_p99:.2f} ms")
         del student
 
-        import ray
         from ray import serve
 
-        ray.init(num_cpus=max(2, args.threads), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-        try:
-            url = serving.deploy(serving.AppArgs(model=uri, replicas={"min": 1, "max": 1},
-                                                 cpusPerReplica=args.threads), port=_free_port())
-            run_load(url, body, 4, requests=50)  # warm up connections and the replica
-            c1 = run_load(url, body, 1, requests=args.requests)
-            c16 = run_load(url, body, 16, duration_s=args.seconds)
-            s1, s16 = c1.summary(args.services), c16.summary(args.services)
-            print(f"serve c=1 : p50 {s1['p50_ms']:.2f} ms  p99 {s1['p99_ms']:.2f} ms  {s1['pairs_per_s']:.0f} pairs/s  {s1['statuses']}")
-            print(f"serve c=16: p50 {s16['p50_ms']:.2f} ms  p99 {s16['p99_ms']:.2f} ms  {s16['pairs_per_s']:.0f} pairs/s  {s16['statuses']}")
-            overhead = s1["p50_ms"] - bare_p50
-            ratio = s16["pairs_per_s"] / s1["pairs_per_s"]
-            print(f"\nServe p50 - bare p50: {overhead:+.2f} ms (target <= +5 ms)")
-            print(f"throughput c=16 / c=1: {ratio:.2f}x (target >= 2.5x)")
-            result = {"bare": {"p50_ms": bare_p50, "p99_ms": bare_p99}, "c1": s1, "c16": s16,
-                      "overhead_ms": overhead, "throughput_ratio": ratio}
-            if args.load_seconds:
-                load = run_load(url, body, 32, duration_s=args.load_seconds)
-                sl = load.summary(args.services)
-                print(f"load test c=32 for {args.load_seconds:.0f}s: {sl['requests']} requests, statuses {sl['statuses']}, "
-                      f"5xx/no answer {load.server_errors}, p50 {sl['p50_ms']:.1f} ms, p99 {sl['p99_ms']:.1f} ms, "
-                      f"{sl['pairs_per_s']:.0f} pairs/s")
-                result["load"] = {**sl, "server_errors": load.server_errors}
-        finally:
-            serve.shutdown()
-            ray.shutdown()
+        from kubedistill.ports import Ports
+        from kubedistill.runner import local_ray
+
+        with local_ray(num_cpus=max(2, args.threads)), Ports.claim(1) as port:
+            try:
+                url = serving.deploy(serving.AppArgs(model=uri, replicas={"min": 1, "max": 1},
+                                                     cpusPerReplica=args.threads), port=port[0])
+                run_load(url, body, 4, requests=50)  # warm up connections and the replica
+                c1 = run_load(url, body, 1, requests=args.requests)
+                c16 = run_load(url, body, 16, duration_s=args.seconds)
+                s1, s16 = c1.summary(args.services), c16.summary(args.services)
+                print(f"serve c=1 : p50 {s1['p50_ms']:.2f} ms  p99 {s1['p99_ms']:.2f} ms  {s1['pairs_per_s']:.0f} pairs/s  {s1['statuses']}")
+                print(f"serve c=16: p50 {s16['p50_ms']:.2f} ms  p99 {s16['p99_ms']:.2f} ms  {s16['pairs_per_s']:.0f} pairs/s  {s16['statuses']}")
+                overhead = s1["p50_ms"] - bare_p50
+                ratio = s16["pairs_per_s"] / s1["pairs_per_s"]
+                print(f"\nServe p50 - bare p50: {overhead:+.2f} ms (target <= +5 ms)")
+                print(f"throughput c=16 / c=1: {ratio:.2f}x (target >= 2.5x)")
+                result = {"bare": {"p50_ms": bare_p50, "p99_ms": bare_p99}, "c1": s1, "c16": s16,
+                          "overhead_ms": overhead, "throughput_ratio": ratio}
+                if args.load_seconds:
+                    load = run_load(url, body, 32, duration_s=args.load_seconds)
+                    sl = load.summary(args.services)
+                    print(f"load test c=32 for {args.load_seconds:.0f}s: {sl['requests']} requests, statuses {sl['statuses']}, "
+                          f"5xx/no answer {load.server_errors}, p50 {sl['p50_ms']:.1f} ms, p99 {sl['p99_ms']:.1f} ms, "
+                          f"{sl['pairs_per_s']:.0f} pairs/s")
+                    result["load"] = {**sl, "server_errors": load.server_errors}
+            finally:
+                serve.shutdown()
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
@@ -115,15 +116,3 @@ def tiny_encoder(path: str) -> str:
                          intermediate_size=64, max_position_embeddings=256)).save_pretrained(path)
     tok.save_pretrained(path)
     return path
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-if __name__ == "__main__":
-    main()

@@ -16,11 +16,11 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-import ray
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from kubedistill import data
+from kubedistill.runner import local_ray
 from kubedistill.storage import Storage
 from kubedistill.teacher import fmt, lm, train
 
@@ -52,12 +52,11 @@ def main() -> None:
     data.write_rows(Storage(str(tmp / "examples")), "part-00000", examples, "jsonl")
     cfg = train.TrainConfig(task="lm", start=str(tmp / "model"), examples_uri=str(tmp / "examples"), epochs=1,
                             learning_rate=1e-3, batch_size=args.batch, max_steps=args.steps, checkpoint_every=args.steps)
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     results: dict[int, list[float]] = {1: [], 2: []}
-    for _ in range(args.reps):
-        for workers in (1, 2):
-            results[workers].append(throughput(cfg, workers, str(tmp / "ray")))
-    ray.shutdown()
+    with local_ray(num_cpus=2):
+        for _ in range(args.reps):
+            for workers in (1, 2):
+                results[workers].append(throughput(cfg, workers, str(tmp / "ray")))
     one, two = statistics.median(results[1]), statistics.median(results[2])
     params = sum(p.numel() for p in model.parameters())
     print(f"model: scratch:{args.preset} ({params:,} parameters, vocabulary {len(tok)}), SFT examples, global batch {args.batch}, {args.steps} steps")

@@ -29,6 +29,7 @@ from importlib import metadata
 from typing import Any, Protocol
 
 from kubedistill.data import RowError, _schema, data_files, validate_row, write_rows
+from kubedistill.holds import hold
 from kubedistill.storage import S3Options, Storage
 from kubedistill.teacher import fmt
 
@@ -483,7 +484,7 @@ def run_stage(ctx: Any) -> dict[str, Any]:
 
     from kubedistill.stage import input_digests
 
-    a, labels = ctx.spec["annotation"], ctx.spec["labels"]
+    a = ctx.spec["annotation"]
     logs = ctx.input("data").child("logs")
     files = data_files(logs)
     if not files:
@@ -578,6 +579,7 @@ def _annotate(ctx: Any, ray: Any, logs: Storage, todo: dict[str, str], expected:
                 results[shard] = r
                 ctx.log(f"shard {shard}: {r.labeled} labeled, {r.quarantined} quarantined "
                         f"({len(results)}/{len(results) + len(acc)} shards)")
+                hold("annotate.shard-written")
     missing = {n: (len(v), expected[n]) for n, v in acc.items()}
     if missing:
         raise RuntimeError(f"annotate: shard(s) came back incomplete (rows back, rows expected): {missing}")

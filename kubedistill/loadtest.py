@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ class LoadReport:
     statuses: Counter[int] = field(default_factory=Counter)  # 0: no HTTP answer (connection error, timeout)
     latencies_ms: list[float] = field(default_factory=list)
     errors: Counter[str] = field(default_factory=Counter)
+    versions: Counter[str] = field(default_factory=Counter)  # 200 answers by the modelVersion they name
 
     @property
     def requests(self) -> int:
@@ -48,23 +50,27 @@ class LoadReport:
 
 
 def run_load(url: str, body: dict[str, Any], concurrency: int, *, duration_s: float | None = None,
-             requests: int | None = None, timeout_s: float = 30.0) -> LoadReport:
-    """POST `body` to `url` from `concurrency` clients until `duration_s` passed or `requests` were sent."""
+             requests: int | None = None, timeout_s: float = 30.0, stop: threading.Event | None = None,
+             report: LoadReport | None = None) -> LoadReport:
+    """POST `body` to `url` from `concurrency` clients until `duration_s` passed or `requests` were sent,
+    or earlier once `stop` is set. Pass `report` to watch the counts while the load runs."""
     if (duration_s is None) == (requests is None):
         raise ValueError("give exactly one of duration_s and requests")
-    return asyncio.run(_load(url, json.dumps(body).encode(), concurrency, duration_s, requests, timeout_s))
+    report = report or LoadReport(concurrency, 0.0)
+    report.concurrency = concurrency
+    return asyncio.run(_load(url, json.dumps(body).encode(), report, duration_s, requests, timeout_s, stop))
 
 
-async def _load(url: str, payload: bytes, concurrency: int, duration_s: float | None, requests: int | None,
-                timeout_s: float) -> LoadReport:
+async def _load(url: str, payload: bytes, report: LoadReport, duration_s: float | None, requests: int | None,
+                timeout_s: float, stop: threading.Event | None) -> LoadReport:
     import aiohttp
 
-    report = LoadReport(concurrency, 0.0)
+    concurrency = report.concurrency
     left = [requests if requests is not None else -1]
     stop_at = time.monotonic() + duration_s if duration_s is not None else float("inf")
 
     def take() -> bool:
-        if time.monotonic() >= stop_at:
+        if time.monotonic() >= stop_at or (stop is not None and stop.is_set()):
             return False
         if left[0] == 0:
             return False
@@ -76,10 +82,11 @@ async def _load(url: str, payload: bytes, concurrency: int, duration_s: float | 
             t0 = time.perf_counter()
             try:
                 async with session.post(url, data=payload, headers={"Content-Type": "application/json"}) as r:
-                    await r.read()
+                    answer = await r.read()
                     report.statuses[r.status] += 1
                     if r.status == 200:
                         report.latencies_ms.append((time.perf_counter() - t0) * 1000)
+                        report.versions[_model_version(answer)] += 1
             except (aiohttp.ClientError, asyncio.TimeoutError) as e:
                 report.statuses[0] += 1
                 report.errors[type(e).__name__] += 1
@@ -90,3 +97,10 @@ async def _load(url: str, payload: bytes, concurrency: int, duration_s: float | 
         await asyncio.gather(*(client(session) for _ in range(concurrency)))
         report.seconds = time.monotonic() - t0
     return report
+
+
+def _model_version(answer: bytes) -> str:
+    try:
+        return str(json.loads(answer).get("modelVersion", ""))
+    except (ValueError, AttributeError):
+        return ""

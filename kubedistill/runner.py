@@ -7,19 +7,24 @@ differs. Stage config travels as JSON in an environment variable, never through 
 from __future__ import annotations
 
 import os
+import secrets
 import shlex
 import signal
-import socket
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 from kubedistill import pipeline
 from kubedistill.evaluate import promotion_blocked
+from kubedistill.holds import HOLD_AT_ENV, HOLD_DIR_ENV
+from kubedistill.ports import Ports, PortInUse, looks_like_bind_failure, start_with_retries
 from kubedistill.spec import Condition, DistillationRun, RunStatus, StageStatus, to_wire
 from kubedistill.stage import CONFIG_ENV, FAILURE, MANIFEST, is_done, now, run_storage
 from kubedistill.storage import Storage
@@ -27,7 +32,8 @@ from kubedistill.storage import Storage
 STATUS_FILE = "_status.json"
 #: Environment passed through to stage jobs (credentials and endpoints; never user spec strings).
 _PASS_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
-             "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "HF_HOME", "HF_HUB_OFFLINE")
+             "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "HF_HOME", "HF_HUB_OFFLINE", HOLD_AT_ENV,
+             HOLD_DIR_ENV)
 
 
 class RayUnavailable(RuntimeError):
@@ -49,36 +55,166 @@ def jobs_dir() -> Path:
     return d
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+#: The head's ports we choose (the rest, e.g. workers', Ray binds to port 0 and learns from the kernel).
+_HEAD_PORTS = ("port", "dashboard-port", "dashboard-agent-listen-port", "ray-client-server-port", "metrics-export-port")
+_HEAD_READY = "This command will now block forever"
+
+
+@dataclass
+class RayHead:
+    """A local Ray head started by `start_ray_head`: its process, ports and log."""
+
+    proc: subprocess.Popen[bytes]
+    ports: Ports
+    log: Path
+    #: what a driver or client needs in its environment to talk to this head (token authentication)
+    auth_env: dict[str, str]
+
+    @property
+    def gcs_address(self) -> str:
+        return f"127.0.0.1:{self.ports[0]}"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports[1]}"
+
+    @property
+    def metrics_port(self) -> int:
+        return self.ports[4]
+
+    def stop(self, grace: float = 3.0, timeout: float = 15.0) -> None:
+        """Stop the head and every process it started (gcs, raylet, workers), then free its ports.
+
+        SIGTERM first, SIGKILL what is left after `grace` seconds (gcs_server, the raylet and `ray start`
+        itself ignore SIGTERM for long; `ray stop` waits 16 s for them: a throwaway local cluster whose
+        driver has disconnected has nothing left to flush). A process that has exited but is not reaped
+        yet (a zombie of `ray start`, or of a container's PID 1 that reaps nothing) counts as gone."""
+        import psutil
+
+        try:
+            procs = [psutil.Process(self.proc.pid)]
+            procs += procs[0].children(recursive=True)
+        except psutil.NoSuchProcess:
+            procs = []
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, timeout)):
+            for p in procs:
+                with suppress(psutil.NoSuchProcess):
+                    p.send_signal(sig)
+            deadline = time.monotonic() + wait
+            while (procs := [p for p in procs if _running(p)]) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if not procs:
+                break
+        with suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout)
+        self.ports.release()
+
+
+def _running(p: Any) -> bool:
+    """`p` (a psutil.Process; psutil comes with Ray) has not exited."""
+    import psutil
+
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def start_ray_head(num_cpus: int | None = None, log_dir: Path | None = None, timeout: float = 180.0) -> RayHead:
+    """Start a Ray head on this machine with `ray start --head --block`, every port it listens on by number
+    chosen by `kubedistill.ports` (Ray's fixed defaults, 6379, 8265, 10001 and the dashboard agent's
+    52365, collide with any other Ray on the machine; `ray.init` cannot set the agent's). A port taken
+    after it was claimed makes Ray fail to bind: the head is started again on fresh ports.
+
+    The head stays in this process's group, so Ctrl-C or a kill of the group stops it with us. It
+    requires a token of its own (Ray's token authentication): other local users cannot submit jobs."""
+    auth_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+
+    def start(ports: Ports) -> RayHead:
+        logs = Path(log_dir or tempfile.mkdtemp(prefix="kubedistill-ray-"))
+        logs.mkdir(parents=True, exist_ok=True)
+        log = logs / f"ray-head-{ports[0]}.log"
+        argv = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--disable-usage-stats",
+                "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
+                *(f"--{flag}={port}" for flag, port in zip(_HEAD_PORTS, ports, strict=True))]
+        if num_cpus is not None:
+            argv.append(f"--num-cpus={num_cpus}")
+        with open(log, "wb") as fh:
+            proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    env={**os.environ, **auth_env})
+        head = RayHead(proc, ports, log, auth_env)
+        deadline = time.monotonic() + timeout
+        while _HEAD_READY not in (text := log.read_text(errors="replace")):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                head.stop()  # also releases the ports; start_with_retries claims fresh ones
+                tail = text[-3000:]
+                why = f"exited with {proc.returncode}" if proc.poll() is not None else f"not up after {timeout:.0f}s"
+                err = PortInUse if looks_like_bind_failure(text) else RayUnavailable
+                raise err(f"the local Ray head {why}; log {log}:\n{tail}")
+            time.sleep(0.2)
+        return head
+
+    head, _ = start_with_retries("the local Ray head", start, len(_HEAD_PORTS))
+    return head
+
+
+def _reload_ray_auth() -> None:
+    """Make an imported Ray re-read RAY_AUTH_MODE / RAY_AUTH_TOKEN (it caches both on first use)."""
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
 
 
 @contextmanager
-def local_ray(address: str | None = None, num_cpus: int | None = None) -> Iterator[str]:
-    """Start a local Ray cluster for the run (or connect to `address`); yield its dashboard URL."""
+def _auth_env(env: dict[str, str]) -> Iterator[None]:
+    """`env` (a head's token) in this process's environment, and Ray made to read it, until the block ends."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    _reload_ray_auth()
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        _reload_ray_auth()
+
+
+@dataclass
+class RaySession:
+    """This process connected as a driver: the cluster's dashboard (job API) URL, and the head we
+    started (None when the cluster was given by address)."""
+
+    dashboard: str
+    head: RayHead | None
+
+
+@contextmanager
+def local_ray(address: str | None = None, num_cpus: int | None = None) -> Iterator[RaySession]:
+    """Start a local Ray head for the run (or use the cluster at `address`) and connect to it."""
     import ray
 
-    kwargs: dict[str, Any] = {"include_dashboard": True, "log_to_driver": False, "logging_level": "WARNING"}
-    if address:
-        kwargs["address"] = address
-    else:
-        kwargs.update(num_cpus=num_cpus, dashboard_host="127.0.0.1", dashboard_port=_free_port(),
-                      _node_ip_address="127.0.0.1")
-    try:
-        ctx = ray.init(**kwargs)
-    except ConnectionError as e:
-        raise RayUnavailable(f"cannot connect to Ray at {address}: {e}. Start one with `ray start --head`, or omit "
-                             "--address to start a local one for this run") from e
-    try:
-        url = ctx.dashboard_url
+    with ExitStack() as stack:
+        head = None
+        if not address:
+            head = start_ray_head(num_cpus)
+            stack.callback(head.stop)
+            stack.enter_context(_auth_env(head.auth_env))
+        try:
+            ctx = ray.init(address=head.gcs_address if head else address, log_to_driver=False,
+                           logging_level="WARNING")
+        except ConnectionError as e:
+            raise RayUnavailable(f"cannot connect to Ray at {address}: {e}. Start one with `ray start --head`, or "
+                                 "omit --address to start a local one for this run") from e
+        stack.callback(ray.shutdown)
+        url = head.dashboard_url if head else ctx.dashboard_url
         if not url:
-            raise RayUnavailable("the Ray cluster has no dashboard; stage jobs need its job API: install ray[default] "
-                                 "(and start the head with --include-dashboard=true)")
-        yield url if url.startswith("http") else f"http://{url}"
-    finally:
-        ray.shutdown()
+            raise RayUnavailable("the Ray cluster has no dashboard; stage jobs need its job API: install "
+                                 "ray[default] (and start the head with --include-dashboard=true)")
+        yield RaySession(url if url.startswith("http") else f"http://{url}", head)
 
 
 class StatusWriter:
@@ -140,7 +276,8 @@ def run_local(
     status.save()
     from ray.job_submission import JobSubmissionClient
 
-    with local_ray(address) as dashboard:
+    with local_ray(address) as session:
+        dashboard = session.dashboard
         if threading.current_thread() is threading.main_thread():
             install_signal_handlers()  # ray.init replaced ours
         client = JobSubmissionClient(dashboard)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+from kubedistill.holds import hold
 from kubedistill.storage import S3Options, Storage
 
 CONFIG_ENV = "KUBEDISTILL_STAGE_CONFIG"
@@ -146,6 +147,7 @@ def execute(ctx: StageContext, fn: StageFn) -> dict[str, Any]:
     manifest["digest"] = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
     storage.write_json(f"{name}/{MANIFEST}", manifest)
     ctx.log(f"done in {manifest['seconds']:.1f}s")
+    hold(f"{name}.manifest-written")
     return manifest
 
 

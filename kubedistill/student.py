@@ -28,6 +28,7 @@ from torch import nn
 from kubedistill import losses
 from kubedistill.data import read_dataset, service_text, training_rows, write_rows
 from kubedistill.evaluate import classification_metrics
+from kubedistill.holds import hold
 from kubedistill.models import resolve
 from kubedistill.storage import S3Options, Storage
 
@@ -370,6 +371,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                       f"(best {m['best_val_macro_f1']:.4f} @ {m['best_step']}) loss {m['train_loss']:.4f} "
                       f"{m['seconds_per_step']:.2f}s/step" + (" - early stop" if m["stopped_early"] else ""), flush=True)
             ray.train.report(r.metrics, checkpoint=checkpoint)
+            if rank == 0:
+                hold("train.checkpoint-reported")
 
     fit(cfg, model, tokenizer, train_rows, val_rows, rank=rank, world=ctx.get_world_size(),
         wrap=ray.train.torch.prepare_model, resume=resume, on_round=report)

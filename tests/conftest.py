@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -13,15 +12,23 @@ from pathlib import Path
 
 import pytest
 
+from kubedistill.ports import PortInUse, Ports, looks_like_bind_failure, start_with_retries
+
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "manifests" / "samples"
 ACCESS_KEY, SECRET_KEY = "kdtestkey", "kdtestsecret"
 
 
+#: Ports claimed by this test session, held until it exits (see kubedistill.ports: no other process,
+#: and no parallel test session, is handed them).
+_HELD: list[Ports] = []
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port for a server a test starts: below the ephemeral range, claimed for this session."""
+    ports = Ports.claim(1)
+    _HELD.append(ports)
+    return ports[0]
 
 
 def _weed() -> str:
@@ -31,10 +38,18 @@ def _weed() -> str:
     return exe
 
 
+#: every port weed listens on is named: its defaults (9333, 8080, port + 10000 for gRPC) collide
+_WEED_PORTS = ("s3.port", "s3.port.grpc", "master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
+               "filer.port", "filer.port.grpc")
+
+
 class SeaweedS3:
-    def __init__(self, workdir: Path):
-        self.workdir = workdir
-        self.port = free_port()
+    """A real SeaweedFS server with its S3 gateway, on ports claimed for it; `start` retries on fresh
+    ports when one was taken between the claim and weed's bind."""
+
+    def __init__(self, workdir: Path, ports: Ports, timeout: float = 90):
+        self.workdir, self.ports = workdir, ports
+        self.port = ports[0]
         self.endpoint = f"http://127.0.0.1:{self.port}"
         identities = {
             "identities": [
@@ -42,20 +57,32 @@ class SeaweedS3:
                  "actions": ["Admin", "Read", "Write", "List", "Tagging"]}
             ]
         }
+        workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "s3.json").write_text(json.dumps(identities))
         (workdir / "data").mkdir()
-        # the S3 gateway's gRPC port is port+10000; keep it in range
-        # every gRPC port is named: weed's default (port + 10000) can fall outside the valid range
-        ports = {f"-{svc}": free_port() for svc in ("master.port", "master.port.grpc", "volume.port",
-                                                    "volume.port.grpc", "filer.port", "filer.port.grpc")}
         cmd = [
             _weed(), "server", f"-dir={workdir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-            *(f"{k}={v}" for k, v in ports.items()), "-master.telemetry=false",
-            "-s3", f"-s3.port={self.port}", f"-s3.port.grpc={free_port()}", f"-s3.config={workdir / 's3.json'}",
+            *(f"-{flag}={port}" for flag, port in zip(_WEED_PORTS, ports, strict=True)),
+            # its Iceberg and Lance catalogs listen on fixed ports (8181, 9101) unless turned off
+            "-s3.port.iceberg=0", "-s3.port.lance=0",
+            "-master.telemetry=false", f"-s3.config={workdir / 's3.json'}", "-s3",
             "-volume.max=0", "-master.volumeSizeLimitMB=64",
         ]
-        self.log = open(workdir / "weed.log", "w")
+        self.logfile = workdir / "weed.log"
+        self.log = open(self.logfile, "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            self._wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    @classmethod
+    def start(cls, workdir: Path, claim=Ports.claim) -> "SeaweedS3":  # type: ignore[no-untyped-def]
+        attempts = iter(range(100))
+        s3, _ = start_with_retries("SeaweedFS", lambda ports: cls(workdir / f"attempt-{next(attempts)}", ports),
+                                   len(_WEED_PORTS), claim=claim)
+        return s3
 
     def client(self):  # type: ignore[no-untyped-def]
         import boto3
@@ -63,12 +90,22 @@ class SeaweedS3:
         return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=ACCESS_KEY,
                             aws_secret_access_key=SECRET_KEY, region_name="us-east-1")
 
-    def wait_ready(self, timeout: float = 90) -> None:
+    def _failed(self, why: str) -> Exception:
+        text = self.logfile.read_text(errors="replace")
+        err = PortInUse if looks_like_bind_failure(text) else RuntimeError
+        return err(f"SeaweedFS {why}; ports {dict(zip(_WEED_PORTS, self.ports, strict=True))}; "
+                   f"log {self.logfile}:\n{text[-3000:]}")
+
+    def _wait_ready(self, timeout: float) -> None:
+        """Until a bucket can be created and written (weed's S3 gateway answers before its filer can
+        store anything), or weed exits, or `timeout` passes."""
         deadline = time.monotonic() + timeout
         last: Exception | None = None
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"weed exited: {(self.workdir / 'weed.log').read_text()[-3000:]}")
+                raise self._failed(f"exited with {self.proc.returncode}")
+            if looks_like_bind_failure(self.logfile.read_text(errors="replace")):
+                raise self._failed("could not bind a port")  # weed can keep running without that listener
             try:
                 c = self.client()
                 c.create_bucket(Bucket="kd-ready")
@@ -76,34 +113,31 @@ class SeaweedS3:
                 return
             except Exception as e:  # not up yet
                 last = e
-                time.sleep(1)
-        raise RuntimeError(f"SeaweedFS S3 not ready after {timeout}s: {last}")
+                time.sleep(0.5)
+        raise self._failed(f"was not ready after {timeout}s (last error: {last})")
 
     def create_bucket(self, name: str) -> None:
-        for _ in range(20):
-            try:
-                self.client().create_bucket(Bucket=name)
-                return
-            except self.client().exceptions.BucketAlreadyOwnedByYou:
-                return
-            except Exception:
-                time.sleep(0.5)
-        self.client().create_bucket(Bucket=name)
+        try:
+            self.client().create_bucket(Bucket=name)
+        except self.client().exceptions.BucketAlreadyOwnedByYou:
+            pass
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
         self.log.close()
+        self.ports.release()
 
 
 @pytest.fixture(scope="session")
 def seaweed(tmp_path_factory: pytest.TempPathFactory):
-    s3 = SeaweedS3(tmp_path_factory.mktemp("seaweed"))
+    s3 = SeaweedS3.start(tmp_path_factory.mktemp("seaweed"))
     try:
-        s3.wait_ready()
         yield s3
     finally:
         s3.stop()

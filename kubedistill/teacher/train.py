@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from kubedistill import losses
+from kubedistill.holds import hold
 from kubedistill.storage import S3Options, Storage
 
 
@@ -282,6 +283,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 print(f"[{cfg.task}] step {metrics['step']}/{metrics['total_steps']} loss {metrics['loss']:.4f} "
                       f"{metrics['seconds_per_step']:.2f}s/step", flush=True)
             ray.train.report(metrics, checkpoint=checkpoint)
+            if rank == 0:
+                hold("train.checkpoint-reported")
 
     fit(cfg, model, tokenizer, reference, rows, rank=rank, world=ctx.get_world_size(),
         device=ray.train.torch.get_device(), wrap=ray.train.torch.prepare_model, resume=resume, on_checkpoint=report)

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from kubedistill.ports import PortInUse, Ports, looks_like_bind_failure, start_with_retries
 from tests.conftest import ACCESS_KEY, ROOT, SECRET_KEY, free_port
 from tests.e2e.kuberay import Api
 
@@ -62,12 +63,24 @@ class Cluster:
     """The emulated API server plus helpers to apply and read resources."""
 
     def __init__(self, tmp: Path, kuberay: bool):
-        self.port = free_port()
         self.tmp = tmp
-        argv = [sys.executable, "-m", "tests.e2e.apiserver", "--port", str(self.port)] + ([] if kuberay else ["--no-kuberay"])
-        self.server = Process(argv, dict(os.environ), tmp / "apiserver.log")
-        self.api = Api(f"http://127.0.0.1:{self.port}")
-        wait_for("the API server", self._up, 30, logs=self.server.text)
+        flags = [] if kuberay else ["--no-kuberay"]
+
+        def start(ports: Ports) -> Process:
+            log = tmp / f"apiserver-{ports[0]}.log"
+            server = Process([sys.executable, "-m", "tests.e2e.apiserver", "--port", str(ports[0]), *flags],
+                             dict(os.environ), log)
+            self.api = Api(f"http://127.0.0.1:{ports[0]}")
+            wait_for("the API server", lambda: self._up() or not server.alive(), 60, logs=server.text)
+            if not server.alive():
+                text = server.text()
+                server.stop()
+                err = PortInUse if looks_like_bind_failure(text) else RuntimeError
+                raise err(f"the emulated Kubernetes API server exited; log {log}:\n{text[-3000:]}")
+            return server
+
+        self.server, self._ports = start_with_retries("the emulated Kubernetes API server", start, 1)
+        self.port = self._ports[0]
         self.kubeconfig = tmp / "kubeconfig"
         self.kubeconfig.write_text(
             "apiVersion: v1\nkind: Config\ncurrent-context: e2e\n"
@@ -136,6 +149,7 @@ class Cluster:
         for op in self.operators:
             op.stop()
         self.server.stop()
+        self._ports.release()
 
 
 @contextlib.contextmanager
@@ -167,8 +181,8 @@ def ray_dashboard() -> Iterator[str]:
     old = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([old] if old else []))
     try:
-        with local_ray() as url:
-            yield url
+        with local_ray() as session:
+            yield session.dashboard
     finally:
         if old is None:
             os.environ.pop("PYTHONPATH", None)

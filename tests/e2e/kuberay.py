@@ -27,6 +27,8 @@ from typing import Any
 
 import yaml
 
+from kubedistill.holds import HOLD_AT_ENV, HOLD_DIR_ENV
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -60,14 +62,18 @@ def _ray(ns: str, plural: str, name: str = "") -> str:
 
 
 class KubeRay:
-    def __init__(self, api: Api, dashboard: str, serve_port: int, evict_first: dict[str, float] | None = None):
+    def __init__(self, api: Api, dashboard: str, serve_port: int, evict_at: dict[str, str] | None = None,
+                 holds: Path | None = None):
         from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
         from ray.job_submission import JobSubmissionClient
 
         self.api, self.dashboard, self.serve_port = api, dashboard.rstrip("/"), serve_port
         self.jobs = JobSubmissionClient(self.dashboard)
         self.serve = ServeSubmissionClient(self.dashboard)  # what `serve deploy` and KubeRay use
-        self.evict_first = dict(evict_first or {})  # stage → seconds after start to evict attempt 1
+        # stage → the hold point (kubedistill.holds) at which its first attempt is evicted: the attempt
+        # stops there, the stand-in sees the point reached, then evicts it (no timing involved)
+        self.evict_at = dict(evict_at or {})
+        self.holds = holds or Path(".")
         self.submitted: list[tuple[str, str]] = []  # (RayJob name, attempt)
         self._running: dict[str, tuple[str, float, str]] = {}  # uid → (ray job id, start, ns/name)
         self._served: set[str] = set()
@@ -113,6 +119,9 @@ class KubeRay:
             head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"]
             env = self._env(ns, head)
             env.update(yaml.safe_load(job["spec"]["runtimeEnvYAML"] or "{}").get("env_vars") or {})
+            if self._evicting(job):
+                env.update({HOLD_AT_ENV: self.evict_at[meta["labels"]["kubedistill.io/stage"]],
+                            HOLD_DIR_ENV: str(self.holds / uid)})
             argv = shlex.split(job["spec"]["entrypoint"])
             assert argv[0] == "python", argv
             entry = shlex.join([sys.executable, *[str(REPO / a) if a.endswith(".py") else a for a in argv[1:]]])
@@ -122,10 +131,8 @@ class KubeRay:
             self._status(ns, "rayjobs", name, {"jobDeploymentStatus": "Running", "jobStatus": "PENDING",
                                                 "jobId": job_id, "startTime": _now()})
             return
-        job_id, started, _ = self._running[uid]
-        stage = meta["labels"]["kubedistill.io/stage"]
-        attempt = meta.get("annotations", {}).get("kubedistill.io/attempt")
-        if stage in self.evict_first and attempt == "1" and time.monotonic() - started > self.evict_first[stage]:
+        job_id, _, _ = self._running[uid]
+        if self._evicting(job) and (self.holds / uid / self.evict_at[meta["labels"]["kubedistill.io/stage"]]).exists():
             self.jobs.stop_job(job_id)
             self._wait_terminal(job_id)
             self._status(ns, "rayjobs", name, {"jobDeploymentStatus": "Failed", "jobStatus": "FAILED",
@@ -141,6 +148,11 @@ class KubeRay:
                 **({} if ok else {"reason": "AppFailed", "message": info.message or f"job {state}"})})
         elif status.get("jobStatus") != state:
             self._status(ns, "rayjobs", name, {"jobDeploymentStatus": "Running", "jobStatus": state, "jobId": job_id})
+
+    def _evicting(self, job: dict[str, Any]) -> bool:
+        meta = job["metadata"]
+        return meta["labels"]["kubedistill.io/stage"] in self.evict_at and \
+            meta.get("annotations", {}).get("kubedistill.io/attempt") == "1"
 
     def _wait_terminal(self, job_id: str) -> None:
         for _ in range(120):

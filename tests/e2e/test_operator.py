@@ -58,7 +58,8 @@ def test_a_run_succeeds_through_kuberay_despite_an_evicted_stage_and_an_operator
     seaweed.create_bucket("kd-e2e-run")
     cluster.secret("default", "s3-credentials", s3_secret())
     serve_port = free_port()
-    with KubeRay(cluster.api, ray_dashboard, serve_port, evict_first={"student-crsd": 2.0}) as kuberay:
+    with KubeRay(cluster.api, ray_dashboard, serve_port, evict_at={"student-crsd": "train.checkpoint-reported"},
+                 holds=cluster.tmp / "holds") as kuberay:
         op = cluster.start_operator()
         uid = cluster.apply(_doc("sample", "kd-e2e-run", seaweed.endpoint, tiny_encoder))["metadata"]["uid"]
         # the first student attempt is evicted; the operator retries it after its backoff

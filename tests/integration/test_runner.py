@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 import io
 import json
 import os
@@ -10,12 +9,15 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
 from kubedistill import runner, spec
+from kubedistill.holds import HOLD_AT_ENV, HOLD_DIR_ENV
 from kubedistill.stage import MANIFEST
 from kubedistill.storage import Storage
 from tests.conftest import ROOT, minimal_doc
@@ -71,35 +73,46 @@ def _write(tmp_path: Path, doc: dict) -> Path:
     return f
 
 
-def _cli(*args: str, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "kubedistill.cli", *args], cwd=ROOT, stdout=subprocess.PIPE,
+def _cli(*args: str, stdout: Any = subprocess.PIPE, **kw: Any) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "kubedistill.cli", *args], cwd=ROOT, stdout=stdout,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True, **kw)
 
 
-def kill_when_checkpointed(f: Path, pattern: str, timeout: float = 400) -> None:
-    """Run `kubedistill run f`, SIGKILL it and its Ray once a file matching `pattern` exists."""
-    proc = _cli("run", str(f))
-    deadline = time.monotonic() + timeout
-    while not glob.glob(pattern):
-        assert proc.poll() is None, proc.stdout.read()
-        assert time.monotonic() < deadline, "no checkpoint was written"
-        time.sleep(0.2)
-    time.sleep(1)  # let the checkpoint's files land
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+def kill_at(f: Path, point: str, until: Callable[[], bool] = lambda: True, timeout: float = 600) -> str:
+    """Run `kubedistill run f` with a hold at `point` (kubedistill.holds); once a process has stopped
+    there (and `until()` is true), SIGKILL the CLI, its Ray and every stage process. No sleeping: the
+    run cannot get past the point, so the test interrupts it exactly there. Returns the run's output."""
+    holds, log = f.parent / "holds", f.parent / f"run-{point}.log"
+    with open(log, "w") as fh:
+        proc = _cli("run", str(f), env={**os.environ, HOLD_AT_ENV: point, HOLD_DIR_ENV: str(holds)}, stdout=fh)
+        deadline = time.monotonic() + timeout
+        while not ((holds / point).exists() and until()):
+            assert proc.poll() is None, f"the run ended before reaching {point}:\n{log.read_text()[-4000:]}"
+            assert time.monotonic() < deadline, f"{point} not reached in {timeout}s:\n{log.read_text()[-4000:]}"
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGKILL)  # no cleanup of any kind: the whole process group dies
+        proc.wait()
+    return log.read_text()
+
+
+def checkpoint_registered(stage_dir: Path) -> Callable[[], bool]:
+    """Ray Train has recorded a checkpoint (its manager's snapshot names one): a restart resumes from it."""
+    def check() -> bool:
+        for snap in stage_dir.glob("ray/*/checkpoint_manager_snapshot.json"):
+            try:
+                if json.loads(snap.read_text()).get("latest_checkpoint_result"):
+                    return True
+            except ValueError:  # being written
+                pass
+        return False
+    return check
 
 
 def test_killed_run_resumes_with_only_unfinished_stages(tmp_path):
     f = _write(tmp_path, _doc(str(tmp_path / "store"), name="killme"))
     manifest = tmp_path / "store" / "killme" / "data" / MANIFEST
-    proc = _cli("run", str(f))
-    deadline = time.monotonic() + 240
-    while not manifest.exists():
-        assert proc.poll() is None, proc.stdout.read()
-        assert time.monotonic() < deadline, "data stage did not finish"
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)  # no cleanup of any kind: the whole process group dies
-    proc.wait()
+    kill_at(f, "data.manifest-written")
+    assert manifest.exists()
     assert not (tmp_path / "store" / "killme" / "evaluate" / MANIFEST).exists()
     data_manifest = manifest.read_text()
 

@@ -9,7 +9,7 @@ import urllib.request
 import pytest
 
 from kubedistill import serving
-from kubedistill.loadtest import run_load
+from kubedistill.loadtest import LoadReport, run_load
 from kubedistill.storage import Storage
 from tests.conftest import free_port
 
@@ -34,22 +34,22 @@ def _artifact(encoder: str, out: str, config_hash: str, seed: int) -> str:
 
 @pytest.fixture(scope="module")
 def served(tiny_encoder, tmp_path_factory):
-    """Ray with a metrics port, Serve on a free port, the v1 student deployed."""
-    import ray
+    """A local Ray (its metrics port claimed like every other), Serve on a claimed port, v1 deployed."""
     from ray import serve
+
+    from kubedistill.runner import local_ray
 
     root = tmp_path_factory.mktemp("serving")
     v1 = _artifact(tiny_encoder, str(root / "v1"), "1111111111111111", seed=1)
     v2 = _artifact(tiny_encoder, str(root / "v2"), "2222222222222222", seed=2)
-    port, metrics_port = free_port(), free_port()
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
-             _metrics_export_port=metrics_port)
-    try:
-        url = serving.deploy(serving.AppArgs(model=v1, maxServices=8, maxTextChars=200), port=port)
-        yield {"url": url, "base": url.rsplit("/", 1)[0], "v1": v1, "v2": v2, "port": port, "metrics": metrics_port}
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    port = free_port()
+    with local_ray(num_cpus=4) as session:
+        try:
+            url = serving.deploy(serving.AppArgs(model=v1, maxServices=8, maxTextChars=200), port=port)
+            yield {"url": url, "base": url.rsplit("/", 1)[0], "v1": v1, "v2": v2, "port": port,
+                   "metrics": session.head.metrics_port}
+        finally:
+            serve.shutdown()
 
 
 def _get(url: str) -> tuple[int, dict]:
@@ -124,30 +124,37 @@ def test_a_missing_artifact_is_refused_and_the_current_version_keeps_serving(ser
     assert status == 200 and body["modelVersion"] == "crsd-111111111111"
 
 
+def _wait(what: str, check, timeout: float = 120) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
 def test_version_switch_under_load_drops_nothing(served):
-    reports = []
+    """The switch lands while requests are in flight: the same load sees v1 answers, then v2 answers, and
+    no error. The load runs until the test stops it (after v2 answered it), not for a fixed time."""
+    stop = threading.Event()
+    live = LoadReport(concurrency=4, seconds=0.0)
     # a generous client timeout: requests may wait while the replica reloads on a crowded CI machine,
     # but every one must be answered, and answered 200
-    load = threading.Thread(target=lambda: reports.append(
-        run_load(served["url"], GOOD, concurrency=4, duration_s=20, timeout_s=180)))
+    load = threading.Thread(target=run_load, args=(served["url"], GOOD, 4),
+                            kwargs={"duration_s": 600, "timeout_s": 180, "stop": stop, "report": live})
     load.start()
-    time.sleep(2)
-    serving.deploy(serving.AppArgs(model=served["v2"], maxServices=8, maxTextChars=200), port=served["port"])
-    deadline = time.monotonic() + 60
-    while serving.post_json(served["url"], GOOD)[1].get("modelVersion") != "crsd-222222222222":
-        assert time.monotonic() < deadline, "the new version never answered"
-        time.sleep(0.5)
-    load.join()
-    (report,) = reports
-    assert report.server_errors == 0 and set(report.statuses) == {200}, report.summary()
+    try:
+        _wait("the load's first answers", lambda: live.versions["crsd-111111111111"] >= 4)
+        serving.deploy(serving.AppArgs(model=served["v2"], maxServices=8, maxTextChars=200), port=served["port"])
+        _wait("v2 answering the load", lambda: live.versions["crsd-222222222222"] >= 4)
+    finally:
+        stop.set()
+        load.join()
+    assert live.server_errors == 0 and set(live.statuses) == {200}, live.summary()
+    assert set(live.versions) == {"crsd-111111111111", "crsd-222222222222"}, live.versions
     status, body = serving.post_json(served["url"], GOOD)
     assert status == 200 and body["modelVersion"] == "crsd-222222222222"
     # and back: the switch reloads inside the running replica
     serving.deploy(serving.AppArgs(model=served["v1"], maxServices=8, maxTextChars=200), port=served["port"])
-    deadline = time.monotonic() + 60
-    while serving.post_json(served["url"], GOOD)[1].get("modelVersion") != "crsd-111111111111":
-        assert time.monotonic() < deadline
-        time.sleep(0.5)
+    _wait("v1 again", lambda: serving.post_json(served["url"], GOOD)[1].get("modelVersion") == "crsd-111111111111")
 
 
 def test_prometheus_metrics_include_the_apps_and_serves_own(served):

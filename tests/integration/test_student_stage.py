@@ -11,7 +11,7 @@ from kubedistill import runner, spec
 from kubedistill.stage import MANIFEST
 from kubedistill.storage import Storage
 from tests.conftest import minimal_doc
-from tests.integration.test_runner import _cli, _write, kill_when_checkpointed
+from tests.integration.test_runner import _cli, _write, checkpoint_registered, kill_at
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -58,10 +58,10 @@ def test_student_trains_with_ddp_exports_and_is_evaluated_beside_a_ce_student(bu
 
 
 def test_killed_training_resumes_from_its_checkpoint(tmp_path, tiny_encoder):
-    syn = {"services": 100, "queries": 300, "pairsPerQuery": 6, "sftSize": 20, "evalSize": 60, "seed": 2}
-    f = _write(tmp_path, _doc(str(tmp_path / "store"), "resume", tiny_encoder, syn, {"epochs": 6}))
-    pattern = str(tmp_path / "store" / "resume" / "student-crsd" / "ray" / "*" / "checkpoint_*")
-    kill_when_checkpointed(f, pattern)
+    # killed at its first checkpoint (the end of epoch 1 of 3): the restart has two epochs left
+    syn = {"services": 100, "queries": 120, "pairsPerQuery": 6, "sftSize": 20, "evalSize": 60, "seed": 2}
+    f = _write(tmp_path, _doc(str(tmp_path / "store"), "resume", tiny_encoder, syn, {"epochs": 3}))
+    kill_at(f, "train.checkpoint-reported", until=checkpoint_registered(tmp_path / "store" / "resume" / "student-crsd"))
     assert not (tmp_path / "store" / "resume" / "student-crsd" / MANIFEST).exists()
 
     again = _cli("run", str(f))

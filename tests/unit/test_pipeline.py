@@ -1,6 +1,5 @@
 import json
 
-import pytest
 
 from kubedistill import pipeline, spec
 from tests.conftest import minimal_doc

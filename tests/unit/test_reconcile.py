@@ -5,7 +5,7 @@ import copy
 import pytest
 
 from kubedistill import k8s, pipeline, spec
-from kubedistill.reconcile import HASH, reconcile, reconcile_body
+from kubedistill.reconcile import HASH, reconcile_body
 from tests.conftest import minimal_doc
 
 NOW = "2026-11-28T00:00:00Z"

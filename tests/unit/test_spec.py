@@ -111,7 +111,7 @@ def test_multi_document_file_prefixes_problems(tmp_path):
 
 
 def test_every_sample_validates_runs_in_this_version_and_renders_valid_kuberay_objects():
-    from kubedistill import k8s, pipeline
+    from kubedistill import k8s
     from tests.kuberay import errors
 
     samples = sorted(SAMPLES.glob("*.yaml"))
