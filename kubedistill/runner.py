@@ -167,7 +167,7 @@ def _reload_ray_auth() -> None:
 
 
 @contextmanager
-def _auth_env(env: dict[str, str]) -> Iterator[None]:
+def ray_auth(env: dict[str, str]) -> Iterator[None]:
     """`env` (a head's token) in this process's environment, and Ray made to read it, until the block ends."""
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
@@ -202,7 +202,7 @@ def local_ray(address: str | None = None, num_cpus: int | None = None) -> Iterat
         if not address:
             head = start_ray_head(num_cpus)
             stack.callback(head.stop)
-            stack.enter_context(_auth_env(head.auth_env))
+            stack.enter_context(ray_auth(head.auth_env))
         try:
             ctx = ray.init(address=head.gcs_address if head else address, log_to_driver=False,
                            logging_level="WARNING")

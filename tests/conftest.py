@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -141,6 +142,21 @@ def seaweed(tmp_path_factory: pytest.TempPathFactory):
         yield s3
     finally:
         s3.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_address() -> Iterator[str]:
+    """One local Ray head (ports claimed, its own token) for the in-process runs that need nothing of
+    their own: each `run_local(run, address=ray_address)` submits its stages as jobs there instead of
+    starting and stopping a head (about 15 s each). Runs that serve, or that a test kills, start theirs."""
+    from kubedistill.runner import ray_auth, start_ray_head
+
+    head = start_ray_head()
+    try:
+        with ray_auth(head.auth_env):
+            yield head.gcs_address
+    finally:
+        head.stop()
 
 
 @pytest.fixture

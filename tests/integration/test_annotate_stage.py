@@ -16,7 +16,7 @@ from kubedistill import data, runner, spec
 from kubedistill.stage import FAILURE, MANIFEST
 from kubedistill.storage import Storage
 from tests.conftest import minimal_doc
-from tests.integration.test_runner import _cli, _write, kill_at
+from tests.integration.test_runner import _write, kill_at
 from tests.teacher_model import LABELS
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -50,7 +50,7 @@ def _doc(uri: str, name: str, logs: str, annotation: dict, fmt: str = "parquet")
     return doc
 
 
-def test_vllm_replicas_annotate_s3_logs_into_s3_shards(bucket, teacher):
+def test_vllm_replicas_annotate_s3_logs_into_s3_shards(bucket, teacher, ray_address):
     models = Storage(f"s3://{bucket}/models/teacher")
     for f in Path(teacher).iterdir():
         models.write_bytes(f.name, f.read_bytes())
@@ -64,7 +64,7 @@ def test_vllm_replicas_annotate_s3_logs_into_s3_shards(bucket, teacher):
            "maxTokens": 96, "kvCacheGib": 0.5}
     run = spec.parse_run(_doc(f"s3://{bucket}/runs", "ann", logs.uri(), ann))
     out = io.StringIO()
-    status = runner.run_local(run, out=out)
+    status = runner.run_local(run, address=ray_address, out=out)
     assert [(s.name, s.phase) for s in status.stages] == [("data", "Succeeded"), ("annotate", "Succeeded"),
                                                           ("evaluate", "Succeeded")], out.getvalue()[-3000:]
     st = Storage(f"s3://{bucket}/runs/ann")
@@ -101,9 +101,8 @@ def test_a_run_killed_mid_annotation_resumes_with_unfinished_shards_only(tmp_pat
     assert len(done) == 1, done
     assert not (tmp_path / "store" / "resume" / "annotate" / MANIFEST).exists()
 
-    again = _cli("run", str(f))
-    text, _ = again.communicate(timeout=600)
-    assert again.returncode == 0, text
+    # run again, up to the moment annotate has finished (evaluate is other tests' work)
+    text = kill_at(f, "annotate.manifest-written")
     assert f"5 log shard(s), {len(done)} already annotated" in text
     assert {p: os.stat(p).st_mtime_ns for p in done} == done  # finished shards were not redone
     st = Storage(str(tmp_path / "store" / "resume"))
@@ -114,14 +113,14 @@ def test_a_run_killed_mid_annotation_resumes_with_unfinished_shards_only(tmp_pat
     assert len(labeled) == m["labeled"] == len({r["pair_id"] for r in labeled})  # no duplicates
 
 
-def test_a_teacher_whose_responses_do_not_parse_fails_the_stage_with_its_reasons(tmp_path, teacher):
+def test_a_teacher_whose_responses_do_not_parse_fails_the_stage_with_its_reasons(tmp_path, teacher, ray_address):
     logs = Storage(str(tmp_path / "logs"))
     _logs(logs, {"a.jsonl": 30})
     # 8 tokens cannot hold "Reasoning: ...\nLabel: ...": every response is cut short, retried, quarantined
     ann = {"model": teacher, "engine": "transformers", "maxTokens": 8, "parseRetries": 1, "batchSize": 16}
     run = spec.parse_run(_doc(str(tmp_path / "store"), "bad", logs.uri(), ann))
     with pytest.raises(runner.RunFailed, match="annotate: no row could be annotated"):
-        runner.run_local(run, out=io.StringIO())
+        runner.run_local(run, address=ray_address, out=io.StringIO())
     st = Storage(str(tmp_path / "store" / "bad"))
     assert not st.exists(f"annotate/{MANIFEST}") and st.exists(f"annotate/{FAILURE}")
     q = [json.loads(x) for x in st.read_text("annotate/quarantine/part-00000.jsonl").splitlines()]

