@@ -24,7 +24,7 @@ from typing import Any, TextIO
 from kubedistill import pipeline
 from kubedistill.evaluate import promotion_blocked
 from kubedistill.holds import HOLD_AT_ENV, HOLD_DIR_ENV
-from kubedistill.ports import Ports, PortInUse, looks_like_bind_failure, start_with_retries
+from kubedistill.ports import PortInUse, Ports, PortsUnavailable, looks_like_bind_failure, start_with_retries
 from kubedistill.spec import Condition, DistillationRun, RunStatus, StageStatus, to_wire
 from kubedistill.stage import CONFIG_ENV, FAILURE, MANIFEST, is_done, now, run_storage
 from kubedistill.storage import Storage
@@ -154,7 +154,10 @@ def start_ray_head(num_cpus: int | None = None, log_dir: Path | None = None, tim
             time.sleep(0.2)
         return head
 
-    head, _ = start_with_retries("the local Ray head", start, len(_HEAD_PORTS))
+    try:
+        head, _ = start_with_retries("the local Ray head", start, len(_HEAD_PORTS))
+    except (PortInUse, PortsUnavailable) as e:
+        raise RayUnavailable(str(e)) from e
     return head
 
 

@@ -8,11 +8,11 @@ import sys
 import pytest
 
 from kubedistill.ports import Ports
+from kubedistill.runner import RayUnavailable, start_ray_head
 from tests.conftest import SeaweedS3
 
-pytestmark = pytest.mark.s3
 
-
+@pytest.mark.s3
 def test_seaweedfs_comes_up_on_fresh_ports_when_another_process_holds_one_it_was_given(tmp_path):
     # another process binds a port and listens on it, the way a program that ignores our claims would
     holder = subprocess.Popen([sys.executable, "-c", "import socket, sys; s = socket.socket(); "
@@ -43,3 +43,10 @@ def test_seaweedfs_comes_up_on_fresh_ports_when_another_process_holds_one_it_was
     finally:
         holder.stdin.close()
         holder.wait(10)
+
+
+@pytest.mark.ray
+def test_a_ray_head_that_cannot_start_says_so_with_its_log():
+    with pytest.raises(RayUnavailable, match=r"(?s)the local Ray head exited with \d+; log \S+ray-head-\d+\.log:\n.*"
+                                             r"Resource quantities must be nonnegative"):
+        start_ray_head(num_cpus=-1)
