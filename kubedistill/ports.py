@@ -13,6 +13,7 @@ program bound by number is skipped; one bound after our check is the caller's to
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -54,8 +55,12 @@ def allowed_range() -> range:
 
 
 def _lock_dir() -> Path:
+    """Shared by every user of the machine, like /tmp itself (world-writable, sticky)."""
     d = Path(os.environ.get(LOCK_DIR_ENV) or Path(tempfile.gettempdir()) / "kubedistill-ports")
-    d.mkdir(mode=0o777, parents=True, exist_ok=True)
+    if not d.is_dir():
+        d.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(PermissionError):  # another user made it first
+            d.chmod(0o1777)
     return d
 
 
@@ -96,7 +101,10 @@ class Ports:
                 break
             if port in claimed:
                 continue
-            fd = os.open(lock_dir / f"{port}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+            try:  # read-only is enough for flock, and opens another user's lock file too
+                fd = os.open(lock_dir / f"{port}.lock", os.O_RDONLY | os.O_CREAT, 0o644)
+            except PermissionError:
+                continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
