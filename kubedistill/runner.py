@@ -57,6 +57,7 @@ def jobs_dir() -> Path:
 
 #: The head's ports we choose (the rest, e.g. workers', Ray binds to port 0 and learns from the kernel).
 _HEAD_PORTS = ("port", "dashboard-port", "dashboard-agent-listen-port", "ray-client-server-port", "metrics-export-port")
+#: what `ray start --block` prints once every process is up (Ray is pinned to 2.60.x in pyproject.toml)
 _HEAD_READY = "This command will now block forever"
 
 
@@ -120,7 +121,7 @@ def _running(p: Any) -> bool:
         return False
 
 
-def start_ray_head(num_cpus: int | None = None, log_dir: Path | None = None, timeout: float = 180.0) -> RayHead:
+def start_ray_head(num_cpus: int | None = None, timeout: float = 180.0) -> RayHead:
     """Start a Ray head on this machine with `ray start --head --block`, every port it listens on by number
     chosen by `kubedistill.ports` (Ray's fixed defaults, 6379, 8265, 10001 and the dashboard agent's
     52365, collide with any other Ray on the machine; `ray.init` cannot set the agent's). A port taken
@@ -131,8 +132,7 @@ def start_ray_head(num_cpus: int | None = None, log_dir: Path | None = None, tim
     auth_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
 
     def start(ports: Ports) -> RayHead:
-        logs = Path(log_dir or tempfile.mkdtemp(prefix="kubedistill-ray-"))
-        logs.mkdir(parents=True, exist_ok=True)
+        logs = Path(tempfile.mkdtemp(prefix="kubedistill-ray-"))
         log = logs / f"ray-head-{ports[0]}.log"
         argv = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--disable-usage-stats",
                 "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
