@@ -27,8 +27,12 @@ dev: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/kubedistill run manifests/samples/quickstart.yaml
 
+# two pytest-xdist workers (each with its own SeaweedFS, Ray head and claimed ports): the suite is mostly
+# process start-up and waiting, and one worker leaves a core idle; a test marked cost(s) starts first, a
+# test group (xdist_group) stays on one worker, in collection order (--no-loadscope-reorder)
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 
 # the spec models are the source of the CRD; the chart carries copies (a test checks them)
 crd: $(STAMP)

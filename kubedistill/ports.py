@@ -153,22 +153,27 @@ class Ports:
 
 
 def start_with_retries(service: str, start: Callable[[Ports], T], n_ports: int, *, tries: int = 3,
-                       claim: Callable[[int], Ports] = Ports.claim) -> tuple[T, Ports]:
+                       claim: Callable[[int], Ports] = Ports.claim,
+                       retry_on: tuple[type[Exception], ...] = ()) -> tuple[T, Ports]:
     """Start `service` on `n_ports` freshly claimed ports; when `start` raises `PortInUse` (a port was
-    bound by another program after it was checked), try again with fresh ports. Returns what `start`
-    returned and the claimed ports (the caller releases them when the service stops)."""
+    bound by another program after it was checked), or one of `retry_on` (a start-up race outside our
+    control that the caller documents), try again with fresh ports. Returns what `start` returned and
+    the claimed ports (the caller releases them when the service stops)."""
     failures: list[str] = []
+    last: Exception = PortInUse()
     for _ in range(tries):
         ports = claim(n_ports)
         try:
             return start(ports), ports
-        except PortInUse as e:
+        except (PortInUse, *retry_on) as e:
             ports.release()
             failures.append(str(e))
+            last = e
         except BaseException:
             ports.release()
             raise
-    raise PortInUse(f"{service} could not bind its ports in {tries} tries:\n" + "\n---\n".join(failures))
+    what = "could not bind its ports" if isinstance(last, PortInUse) else "did not start"
+    raise type(last)(f"{service} {what} in {tries} tries:\n" + "\n---\n".join(failures))
 
 
 class PortInUse(RuntimeError):

@@ -285,7 +285,8 @@ def run_trials(ctx: Any, archs: list[Architecture], base: str, data: EvalData,
             {"cpu": r["cpusPerWorker"], "gpu": r["gpusPerWorker"]})
         tuner = tune.Tuner(
             trainable, param_space={"key": tune.grid_search(sorted(todo))},
-            tune_config=tune.TuneConfig(max_concurrent_trials=r["workers"]),
+            # a trial reuses a finished one's actor: no process start and torch import per architecture
+            tune_config=tune.TuneConfig(max_concurrent_trials=r["workers"], reuse_actors=True),
             run_config=tune.RunConfig(name=f"trials-{ctx.config_hash}", storage_path=out.path("tune"),
                                       storage_filesystem=out.fs, verbose=0),
         )

@@ -121,6 +121,21 @@ def _running(p: Any) -> bool:
         return False
 
 
+class RayStartTimedOut(RayUnavailable):
+    """`ray start` gave up waiting for its own raylet to register with its GCS: Ray waits a fixed 30 s
+    (`raylet_start_wait_time_s` in ray/_private/node.py, not configurable), which a loaded machine can
+    exceed with nothing wrong. The one start-up failure that is retried (on fresh ports) besides a bind."""
+
+
+def _head_failure(log: str) -> type[Exception]:
+    """What a failed `ray start` log means: a port taken, Ray's own start-up timeout, or anything else."""
+    if looks_like_bind_failure(log):
+        return PortInUse
+    if "The current node timed out during startup" in log:
+        return RayStartTimedOut
+    return RayUnavailable
+
+
 def start_ray_head(num_cpus: int | None = None, timeout: float = 180.0) -> RayHead:
     """Start a Ray head on this machine with `ray start --head --block`, every port it listens on by number
     chosen by `kubedistill.ports` (Ray's fixed defaults, 6379, 8265, 10001 and the dashboard agent's
@@ -132,11 +147,14 @@ def start_ray_head(num_cpus: int | None = None, timeout: float = 180.0) -> RayHe
     auth_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
 
     def start(ports: Ports) -> RayHead:
-        logs = Path(tempfile.mkdtemp(prefix="kubedistill-ray-"))
-        log = logs / f"ray-head-{ports[0]}.log"
+        # a temp dir of its own: Ray's job agent points each job's driver at the cluster that the last
+        # `ray start` in its temp dir recorded (<temp dir>/ray_current_cluster); with the shared default,
+        # /tmp/ray, two heads on one machine send each other's jobs to the wrong (or a stopped) cluster
+        tmp = Path(tempfile.mkdtemp(prefix="kubedistill-ray-"))
+        log = tmp / f"ray-head-{ports[0]}.log"
         argv = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--disable-usage-stats",
                 "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
-                *(f"--{flag}={port}" for flag, port in zip(_HEAD_PORTS, ports, strict=True))]
+                f"--temp-dir={tmp}", *(f"--{flag}={port}" for flag, port in zip(_HEAD_PORTS, ports, strict=True))]
         if num_cpus is not None:
             argv.append(f"--num-cpus={num_cpus}")
         with open(log, "wb") as fh:
@@ -149,13 +167,12 @@ def start_ray_head(num_cpus: int | None = None, timeout: float = 180.0) -> RayHe
                 head.stop()  # also releases the ports; start_with_retries claims fresh ones
                 tail = text[-3000:]
                 why = f"exited with {proc.returncode}" if proc.poll() is not None else f"not up after {timeout:.0f}s"
-                err = PortInUse if looks_like_bind_failure(text) else RayUnavailable
-                raise err(f"the local Ray head {why}; log {log}:\n{tail}")
+                raise _head_failure(text)(f"the local Ray head {why}; log {log}:\n{tail}")
             time.sleep(0.2)
         return head
 
     try:
-        head, _ = start_with_retries("the local Ray head", start, len(_HEAD_PORTS))
+        head, _ = start_with_retries("the local Ray head", start, len(_HEAD_PORTS), retry_on=(RayStartTimedOut,))
     except (PortInUse, PortsUnavailable) as e:
         raise RayUnavailable(str(e)) from e
     return head

@@ -23,7 +23,8 @@ from tests.conftest import ACCESS_KEY, SECRET_KEY, free_port, minimal_doc
 from tests.e2e.conftest import s3_secret, wait_for
 from tests.e2e.kuberay import KubeRay
 
-pytestmark = [pytest.mark.e2e, pytest.mark.ray, pytest.mark.slow]
+# one worker: the emulated API and KubeRay stand-in are module fixtures
+pytestmark = [pytest.mark.e2e, pytest.mark.ray, pytest.mark.slow, pytest.mark.xdist_group("operator")]
 
 SMALL = {"services": 60, "queries": 40, "pairsPerQuery": 5, "sftSize": 20, "evalSize": 60, "seed": 1}
 
@@ -53,6 +54,7 @@ def _condition(run: dict, type_: str) -> dict | None:
     return next((c for c in run["status"].get("conditions") or [] if c["type"] == type_), None)
 
 
+@pytest.mark.cost(105)
 def test_a_run_succeeds_through_kuberay_despite_an_evicted_stage_and_an_operator_restart(
         cluster, ray_dashboard, seaweed, tiny_encoder):
     seaweed.create_bucket("kd-e2e-run")

@@ -19,7 +19,8 @@ from tests.conftest import minimal_doc
 from tests.integration.test_runner import _write, kill_at
 from tests.teacher_model import LABELS
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+# one worker: they share the trained `teacher` fixture
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.xdist_group("annotate")]
 
 OFF = {"teacher": {"enabled": False}, "student": {"enabled": False}, "pruning": {"enabled": False},
        "serving": {"enabled": False}}
@@ -50,6 +51,7 @@ def _doc(uri: str, name: str, logs: str, annotation: dict, fmt: str = "parquet")
     return doc
 
 
+@pytest.mark.cost(120)
 def test_vllm_replicas_annotate_s3_logs_into_s3_shards(bucket, teacher, ray_address):
     models = Storage(f"s3://{bucket}/models/teacher")
     for f in Path(teacher).iterdir():
@@ -89,6 +91,7 @@ def test_vllm_replicas_annotate_s3_logs_into_s3_shards(bucket, teacher, ray_addr
     assert sorted(st.list("annotate/labeled")) == [f"annotate/labeled/part-0000{i}.parquet" for i in range(3)]
 
 
+@pytest.mark.cost(80)
 def test_a_run_killed_mid_annotation_resumes_with_unfinished_shards_only(tmp_path, teacher):
     logs = Storage(str(tmp_path / "logs"))
     _logs(logs, {f"part-{i}.jsonl": 100 for i in range(5)})

@@ -108,6 +108,7 @@ def checkpoint_registered(stage_dir: Path) -> Callable[[], bool]:
     return check
 
 
+@pytest.mark.cost(45)
 def test_killed_run_resumes_with_only_unfinished_stages(tmp_path):
     f = _write(tmp_path, _doc(str(tmp_path / "store"), name="killme"))
     manifest = tmp_path / "store" / "killme" / "data" / MANIFEST

@@ -47,6 +47,7 @@ def _read_until(proc: subprocess.Popen, marker: str, timeout: float) -> str:
     raise AssertionError(f"{marker!r} not printed in {timeout}s:\n" + "".join(seen[-40:]))
 
 
+@pytest.mark.cost(85)
 def test_run_serves_the_student_from_s3_and_the_printed_curl_works(bucket, tiny_encoder, tmp_path):
     port = free_port()
     f = _write(tmp_path, _doc(f"s3://{bucket}/runs", "served", tiny_encoder, min_f1=0.0))
@@ -73,6 +74,7 @@ def test_run_serves_the_student_from_s3_and_the_printed_curl_works(bucket, tiny_
         assert s.connect_ex(("127.0.0.1", port)) != 0
 
 
+@pytest.mark.cost(80)
 def test_failed_gate_skips_serving_and_a_busy_port_says_what_to_do(tmp_path, tiny_encoder, ray_address):
     run = spec.parse_run(_doc(str(tmp_path / "store"), "gated", tiny_encoder, min_f1=0.99))
     out = io.StringIO()

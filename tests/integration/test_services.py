@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -45,8 +46,52 @@ def test_seaweedfs_comes_up_on_fresh_ports_when_another_process_holds_one_it_was
         holder.wait(10)
 
 
+def test_ray_start_failures_are_told_apart_and_only_races_are_retried():
+    from kubedistill.ports import PortInUse
+    from kubedistill.runner import RayStartTimedOut, _head_failure
+
+    # Ray's own fixed 30 s wait for its raylet, as `ray start` reports it (ray/_private/node.py)
+    slow = ("INFO node.py:438 -- Failed to get node info b'RPC error: Deadline Exceeded'\nException: The current "
+            "node timed out during startup. This could happen because some of the raylet failed to startup or the "
+            "GCS has become overloaded.")
+    assert _head_failure(slow) is RayStartTimedOut and issubclass(RayStartTimedOut, RayUnavailable)
+    assert _head_failure("failed to bind: Address already in use") is PortInUse
+    assert _head_failure("ValueError: Resource quantities must be nonnegative") is RayUnavailable
+
+
 @pytest.mark.ray
 def test_a_ray_head_that_cannot_start_says_so_with_its_log():
     with pytest.raises(RayUnavailable, match=r"(?s)the local Ray head exited with \d+; log \S+ray-head-\d+\.log:\n.*"
                                              r"Resource quantities must be nonnegative"):
         start_ray_head(num_cpus=-1)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_two_local_ray_heads_on_one_machine_run_each_ones_jobs_on_its_own_cluster():
+    # Ray's job agent tells a job's driver which cluster to join from the address the last `ray start`
+    # wrote into its temp dir: two heads sharing /tmp/ray sent the first one's jobs to the second
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    from kubedistill.runner import ray_auth, submit
+
+    first = start_ray_head(num_cpus=1)
+    try:
+        second = start_ray_head(num_cpus=1)  # started later: the one a shared temp dir would name
+        try:
+            with ray_auth(first.auth_env):
+                client = JobSubmissionClient(first.dashboard_url)
+                job = submit(client, entrypoint=f"{sys.executable} -c \"import ray; ray.init(); "
+                                                "print('joined', ray.get_runtime_context().gcs_address)\"")
+                deadline = time.monotonic() + 120
+                while (state := client.get_job_status(job)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED):
+                    assert time.monotonic() < deadline, client.get_job_logs(job)
+                    time.sleep(0.5)
+                logs = client.get_job_logs(job)
+            assert state == JobStatus.SUCCEEDED, logs
+            joined = next(line for line in logs.splitlines() if line.startswith("joined "))
+            assert joined.endswith(f":{first.ports[0]}") and not joined.endswith(f":{second.ports[0]}"), logs
+        finally:
+            second.stop()
+    finally:
+        first.stop()

@@ -13,7 +13,8 @@ from kubedistill.loadtest import LoadReport, run_load
 from kubedistill.storage import Storage
 from tests.conftest import free_port
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+# one worker: one Serve cluster (the module fixture) for all of them
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.xdist_group("serving")]
 
 LABELS = ["irrelevant", "partial", "relevant"]
 GOOD = {"query": "vegan brunch in Old Town", "services": [
@@ -174,6 +175,7 @@ def test_prometheus_metrics_include_the_apps_and_serves_own(served):
     assert 'status="200"' in text
 
 
+@pytest.mark.cost(60)
 @pytest.mark.timeout(300)
 def test_load_60s_at_concurrency_32_has_no_5xx(served):
     report = run_load(served["url"], GOOD, concurrency=32, duration_s=60)

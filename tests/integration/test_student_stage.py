@@ -28,6 +28,7 @@ def _doc(uri: str, name: str, encoder: str, synthetic: dict, train: dict) -> dic
     return doc
 
 
+@pytest.mark.cost(105)
 def test_student_trains_with_ddp_exports_and_is_evaluated_beside_a_ce_student(bucket, tiny_encoder, ray_address):
     syn = {"services": 60, "queries": 40, "pairsPerQuery": 5, "sftSize": 20, "evalSize": 60, "seed": 1}
     doc = _doc(f"s3://{bucket}/runs", "stu", tiny_encoder, syn, {"epochs": 2})
@@ -57,6 +58,7 @@ def test_student_trains_with_ddp_exports_and_is_evaluated_beside_a_ce_student(bu
     assert "<h3>CE vs CRSD</h3>" in page and "crsd (the run's student)" in page
 
 
+@pytest.mark.cost(105)
 def test_killed_training_resumes_from_its_checkpoint(tmp_path, tiny_encoder):
     # killed at its first checkpoint (the end of epoch 1 of 3): the restart has two epochs left
     syn = {"services": 100, "queries": 120, "pairsPerQuery": 6, "sftSize": 20, "evalSize": 60, "seed": 2}

