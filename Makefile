@@ -27,12 +27,14 @@ dev: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/kubedistill run manifests/samples/quickstart.yaml
 
-# two pytest-xdist workers (each with its own SeaweedFS, Ray head and claimed ports): the suite is mostly
-# process start-up and waiting, and one worker leaves a core idle; a test marked cost(s) starts first, a
-# test group (xdist_group) stays on one worker, in collection order (--no-loadscope-reorder)
+# two pytest-xdist workers (each with its own SeaweedFS, Ray head and claimed ports): one worker left a
+# core idle while tests waited on processes starting. A test file is one unit of work (module fixtures
+# stay shared), handed out in collection order (--no-loadscope-reorder), where tests/conftest.py puts
+# the files of the tests marked cost(seconds) first. (loadgroup would be finer, but with pytest 9.2 it
+# silently stops grouping: pytest-xdist#1386.)
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # the spec models are the source of the CRD; the chart carries copies (a test checks them)
 crd: $(STAMP)

@@ -121,6 +121,11 @@ def _running(p: Any) -> bool:
         return False
 
 
+#: Ray prestarts a worker per CPU for each job's driver; a stage job's tasks need its runtime env, so those
+#: workers idled and were killed unused (10 processes, each importing Ray, in a run of the teacher stages)
+_NO_PRESTART = {"RAY_enable_worker_prestart": "0", "RAY_prestart_worker_first_driver": "0"}
+
+
 class RayStartTimedOut(RayUnavailable):
     """`ray start` gave up waiting for its own raylet to register with its GCS: Ray waits a fixed 30 s
     (`raylet_start_wait_time_s` in ray/_private/node.py, not configurable), which a loaded machine can
@@ -159,7 +164,7 @@ def start_ray_head(num_cpus: int | None = None, timeout: float = 180.0) -> RayHe
             argv.append(f"--num-cpus={num_cpus}")
         with open(log, "wb") as fh:
             proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env={**os.environ, **auth_env})
+                                    env={**os.environ, **auth_env, **_NO_PRESTART})
         head = RayHead(proc, ports, log, auth_env)
         deadline = time.monotonic() + timeout
         while _HEAD_READY not in (text := log.read_text(errors="replace")):

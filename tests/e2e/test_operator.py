@@ -23,8 +23,7 @@ from tests.conftest import ACCESS_KEY, SECRET_KEY, free_port, minimal_doc
 from tests.e2e.conftest import s3_secret, wait_for
 from tests.e2e.kuberay import KubeRay
 
-# one worker: the emulated API and KubeRay stand-in are module fixtures
-pytestmark = [pytest.mark.e2e, pytest.mark.ray, pytest.mark.slow, pytest.mark.xdist_group("operator")]
+pytestmark = [pytest.mark.e2e, pytest.mark.ray, pytest.mark.slow]
 
 SMALL = {"services": 60, "queries": 40, "pairsPerQuery": 5, "sftSize": 20, "evalSize": 60, "seed": 1}
 

@@ -19,8 +19,7 @@ from tests.conftest import minimal_doc
 from tests.integration.test_runner import _write, kill_at
 from tests.teacher_model import LABELS
 
-# one worker: they share the trained `teacher` fixture
-pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.xdist_group("annotate")]
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 OFF = {"teacher": {"enabled": False}, "student": {"enabled": False}, "pruning": {"enabled": False},
        "serving": {"enabled": False}}

@@ -13,8 +13,7 @@ from kubedistill.loadtest import LoadReport, run_load
 from kubedistill.storage import Storage
 from tests.conftest import free_port
 
-# one worker: one Serve cluster (the module fixture) for all of them
-pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.xdist_group("serving")]
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 LABELS = ["irrelevant", "partial", "relevant"]
 GOOD = {"query": "vegan brunch in Old Town", "services": [

@@ -1,5 +1,5 @@
 """The student-crsd stage on a real local Ray cluster: Ray Train DDP with 2 CPU workers, export,
-evaluate scoring the student, and resume after the run is killed mid-training."""
+evaluate scoring the student. (Resume after the run is killed mid-training: test_student_resume.py.)"""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from kubedistill import runner, spec
 from kubedistill.stage import MANIFEST
 from kubedistill.storage import Storage
 from tests.conftest import minimal_doc
-from tests.integration.test_runner import _write, checkpoint_registered, kill_at
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -56,18 +55,3 @@ def test_student_trains_with_ddp_exports_and_is_evaluated_beside_a_ce_student(bu
     assert rows["ce"]["macro_f1"] == report["models"]["student_ce"]["macro_f1"]
     page = st.read_text("report.html")
     assert "<h3>CE vs CRSD</h3>" in page and "crsd (the run's student)" in page
-
-
-@pytest.mark.cost(105)
-def test_killed_training_resumes_from_its_checkpoint(tmp_path, tiny_encoder):
-    # killed at its first checkpoint (the end of epoch 1 of 3): the restart has two epochs left
-    syn = {"services": 100, "queries": 120, "pairsPerQuery": 6, "sftSize": 20, "evalSize": 60, "seed": 2}
-    f = _write(tmp_path, _doc(str(tmp_path / "store"), "resume", tiny_encoder, syn, {"epochs": 3}))
-    kill_at(f, "train.checkpoint-reported", until=checkpoint_registered(tmp_path / "store" / "resume" / "student-crsd"))
-    assert not (tmp_path / "store" / "resume" / "student-crsd" / MANIFEST).exists()
-
-    # run again, up to the moment student-crsd has finished (evaluate is other tests' work)
-    text = kill_at(f, "student-crsd.manifest-written")
-    assert "data: done earlier, skipped" in text
-    assert "resuming from checkpoint at step" in text, text[-3000:]
-    assert (tmp_path / "store" / "resume" / "student-crsd" / "model" / "student.json").exists()

@@ -1,6 +1,6 @@
 """The four teacher stages on a real local Ray cluster (Ray Train DDP, 2 CPU workers) with a scratch
 Llama: artifacts and checkpoints on SeaweedFS S3, the numbers each stage must report, a killed
-training job resuming from its checkpoint, and a base model that cannot be loaded."""
+a base model that cannot be loaded. (A killed training job resuming: test_teacher_resume.py.)"""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from kubedistill.stage import FAILURE, MANIFEST
 from kubedistill.storage import Storage
 from kubedistill.teacher import lm
 from tests.conftest import minimal_doc
-from tests.integration.test_runner import _write, checkpoint_registered, kill_at
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -95,20 +94,6 @@ def test_the_teacher_stages_train_on_s3_and_report_what_they_must(bucket, ray_ad
     assert status.phase == "Succeeded"
     again = st.read_json(f"prune-search/{MANIFEST}")["metrics"]
     assert again["evaluated_this_run"] == 1 and again["searched"]["perplexity"] <= pr["searched"]["perplexity"] + 1e-3
-
-
-@pytest.mark.cost(180)
-def test_a_killed_teacher_training_resumes_from_its_checkpoint(tmp_path):
-    teacher = {**TEACHER, "dapt": {"epochs": 60, "batchSize": 16, "learningRate": 1e-3}}
-    syn = SMALL
-    f = _write(tmp_path, _doc(str(tmp_path / "store"), "tresume", teacher, syn))
-    kill_at(f, "train.checkpoint-reported", until=checkpoint_registered(tmp_path / "store" / "tresume" / "teacher-dapt"))
-    assert not (tmp_path / "store" / "tresume" / "teacher-dapt" / MANIFEST).exists()
-    # run again, up to the moment teacher-dapt has finished (the later teacher stages are other tests' work)
-    text = kill_at(f, "teacher-dapt.manifest-written")
-    assert "data: done earlier, skipped" in text
-    assert "[lm] resuming from checkpoint at step" in text, text[-3000:]
-    assert (tmp_path / "store" / "tresume" / "teacher-dapt" / MANIFEST).exists()
 
 
 def test_a_base_model_that_cannot_be_loaded_fails_the_stage_naming_the_field(tmp_path, ray_address):

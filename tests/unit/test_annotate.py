@@ -144,7 +144,6 @@ def test_engine_choice(monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("annotate")  # on the worker that trains the `teacher` fixture for the annotate stage tests
 def test_the_transformers_engine_labels_real_rows(teacher):
     eng = annotate.TransformersEngine(teacher, batch_size=8)
     g = data.generate(LABELS, 40, 10, 3, 5, 5, 3)
