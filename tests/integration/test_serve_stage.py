@@ -90,5 +90,6 @@ def test_failed_gate_skips_serving_and_a_busy_port_says_what_to_do(tmp_path, tin
         busy.listen()
         out = io.StringIO()
         with pytest.raises(runner.RunFailed, match=r"port \d+ on 127.0.0.1 is busy: .*--serve-port"):
-            runner.run_local(passing, out=out, serve_port=busy.getsockname()[1])
+            # the shared head too: the serve stage finds the port busy before it starts Serve there
+            runner.run_local(passing, address=ray_address, out=out, serve_port=busy.getsockname()[1])
     assert "student-crsd: done earlier, skipped" in out.getvalue()  # only the gate's config changed
