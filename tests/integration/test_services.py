@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from kubedistill.ports import Ports
-from kubedistill.runner import RayUnavailable, start_ray_head
+from kubedistill.ports import PortInUse, Ports
+from kubedistill.runner import RayStartTimedOut, RayUnavailable, _head_failure, ray_auth, start_ray_head, submit
 from tests.conftest import SeaweedS3
 
 
@@ -47,9 +47,6 @@ def test_seaweedfs_comes_up_on_fresh_ports_when_another_process_holds_one_it_was
 
 
 def test_ray_start_failures_are_told_apart_and_only_races_are_retried():
-    from kubedistill.ports import PortInUse
-    from kubedistill.runner import RayStartTimedOut, _head_failure
-
     # Ray's own fixed 30 s wait for its raylet, as `ray start` reports it (ray/_private/node.py)
     slow = ("INFO node.py:438 -- Failed to get node info b'RPC error: Deadline Exceeded'\nException: The current "
             "node timed out during startup. This could happen because some of the raylet failed to startup or the "
@@ -72,8 +69,6 @@ def test_two_local_ray_heads_on_one_machine_run_each_ones_jobs_on_its_own_cluste
     # Ray's job agent tells a job's driver which cluster to join from the address the last `ray start`
     # wrote into its temp dir: two heads sharing /tmp/ray sent the first one's jobs to the second
     from ray.job_submission import JobStatus, JobSubmissionClient
-
-    from kubedistill.runner import ray_auth, submit
 
     first = start_ray_head(num_cpus=1)
     try:
