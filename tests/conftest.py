@@ -226,7 +226,15 @@ def tiny_encoder(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture(scope="session")
 def teacher(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A scratch Llama trained to write the teacher's format (about 30 s), saved like any checkpoint."""
+    """A scratch Llama trained to write the teacher's format (about 30 s), saved like any checkpoint.
+
+    Trained once per test run: pytest-xdist workers share the run's base temp dir, and the first
+    worker to ask trains it under a file lock while any other waits for it."""
+    from filelock import FileLock
+
     from tests import teacher_model
 
-    return str(teacher_model.build(tmp_path_factory.mktemp("teacher") / "model"))
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    with FileLock(shared / "teacher.lock"):
+        return str(teacher_model.build(shared / "teacher"))

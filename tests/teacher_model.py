@@ -7,6 +7,7 @@ and save it with `save_pretrained`: what vLLM and transformers load from a path 
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from kubedistill import data
@@ -26,7 +27,9 @@ def build(dest: Path, steps: int = 300, seed: int = 0) -> Path:
     cfg = train.TrainConfig(task="lm", start="", examples_uri="", epochs=1, learning_rate=3e-3, batch_size=16,
                             max_steps=steps, checkpoint_every=10**9)
     train.fit(cfg, model, tok, None, sft)
-    dest.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(dest)
-    tok.save_pretrained(dest)
+    part = dest.with_name(dest.name + ".partial")  # renamed into place whole: `dest` is complete or absent
+    shutil.rmtree(part, ignore_errors=True)
+    model.save_pretrained(part)
+    tok.save_pretrained(part)
+    part.rename(dest)
     return dest

@@ -70,10 +70,12 @@ def load(uri: str, field: str, options: S3Options | None = None, *, dtype: Any =
     from kubedistill import prune
 
     path = resolve(uri, field, options)
+    # a pruned teacher ships kubedistill's own modeling code (checked byte for byte): the one trusted case
+    # (the tokenizer reads the same config: without the flag, transformers asks on stdin whether to run it)
+    trusted = prune.is_pruned(path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        # a pruned teacher ships kubedistill's own modeling code (checked byte for byte): the one trusted case
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=prune.is_pruned(path))
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trusted)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trusted)
     except (OSError, ValueError, KeyError) as e:
         raise ModelNotFound(f"{field}: cannot load a causal LM from {uri}: {e}") from e
     ensure_specials(tokenizer, model)
@@ -84,10 +86,13 @@ def check_loadable(uri: str, field: str, options: S3Options | None = None) -> No
     """Fail fast, without loading weights: the files resolve and hold a causal LM's config and a tokenizer."""
     from transformers import AutoConfig, AutoTokenizer
 
+    from kubedistill import prune
+
     path = resolve(uri, field, options)
+    trusted = prune.is_pruned(path)
     try:
-        AutoConfig.from_pretrained(path)
-        AutoTokenizer.from_pretrained(path)
+        AutoConfig.from_pretrained(path, trust_remote_code=trusted)
+        AutoTokenizer.from_pretrained(path, trust_remote_code=trusted)
     except (OSError, ValueError, KeyError) as e:
         raise ModelNotFound(f"{field}: cannot load a causal LM from {uri}: {e}") from e
 

@@ -24,7 +24,7 @@ TEACHER = {
     "dapt": {"epochs": 2, "batchSize": 16, "learningRate": 3e-3},
     "sft": {"epochs": 10, "batchSize": 16, "learningRate": 3e-3},
     "rewardModel": {"epochs": 2, "batchSize": 16, "learningRate": 1e-3},
-    "dpo": {"epochs": 2, "batchSize": 8, "learningRate": 1e-4, "samplesPerPrompt": 4, "margin": 0.1},
+    "dpo": {"epochs": 2, "batchSize": 8, "learningRate": 1e-4, "samplesPerPrompt": 4, "margin": 0.1, "prompts": 150},
     "resources": {"workers": 2, "cpusPerWorker": 1},
 }
 # the quickstart's services and SFT set (a smaller SFT set makes DPO's effect on this tiny model a coin

@@ -88,6 +88,21 @@ def test_a_pruned_model_saves_and_reloads_with_from_pretrained(tmp_path):
     assert [la.mlp.gate_proj.out_features for la in again.model.layers] == [48, 32, 64]
 
 
+def test_the_teacher_loader_takes_a_pruned_model_without_asking_on_stdin(tmp_path, monkeypatch):
+    """transformers asks on stdin before running a model's code; the tokenizer reads the same config."""
+    model = _llama()
+    prune.prune(model, prune.Architecture.uniform(3, 0.25, 0.25), prune.taylor_importance(model, [BATCH]))
+    prune.save(model, lm.train_tokenizer(["plumber in harbor", "sushi near north"] * 20, 300), tmp_path)
+
+    def asked(*_: object) -> str:
+        raise AssertionError("asked on stdin whether to trust the pruned model's code")
+
+    monkeypatch.setattr("builtins.input", asked)
+    lm.check_loadable(str(tmp_path), "spec.teacher.baseModel")
+    again, _ = lm.load(str(tmp_path), "spec.teacher.baseModel")
+    assert prune.param_count(again) == prune.param_count(model)
+
+
 def test_only_kubedistills_own_modeling_code_is_trusted(tmp_path):
     model = _llama()
     prune.prune(model, prune.Architecture.uniform(3, 0.0, 0.0), prune.taylor_importance(model, [BATCH]))
