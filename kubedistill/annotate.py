@@ -106,13 +106,10 @@ class VllmEngine:
 
     name = "vllm"
 
-    def __init__(self, path: str, kv_cache_gib: float, seed: int = 0):
+    def __init__(self, path: str, kv_cache_gib: float, seed: int = 0, compile: bool = True):
         from vllm import LLM
 
-        kwargs: dict[str, Any] = {"model": path, "seed": seed}
-        if not _has_cuda():  # on CPU vLLM reserves a fraction of RAM unless told a size
-            kwargs.update(kv_cache_memory_bytes=int(kv_cache_gib * (1 << 30)), gpu_memory_utilization=0.1)
-        self.llm = LLM(**kwargs)
+        self.llm = LLM(**vllm_args(path, kv_cache_gib, seed, compile, cuda=_has_cuda()))
         self.tokenizer = self.llm.get_tokenizer()
         self.context_length = int(self.llm.llm_engine.model_config.max_model_len)
 
@@ -125,6 +122,15 @@ class VllmEngine:
         params = SamplingParams(max_tokens=sampling.max_tokens, temperature=sampling.temperature, seed=sampling.seed)
         outs = self.llm.generate(list(prompts), params, use_tqdm=False)
         return [Generation(o.outputs[0].text, len(o.outputs[0].token_ids)) for o in outs]
+
+
+def vllm_args(path: str, kv_cache_gib: float, seed: int, compile: bool, cuda: bool) -> dict[str, Any]:
+    """`vllm.LLM`'s arguments: on CPU vLLM reserves a fraction of RAM for the KV cache unless told a size;
+    `compile=False` skips torch.compile (and CUDA graph capture): eager, for runs where start-up dominates."""
+    args: dict[str, Any] = {"model": path, "seed": seed, "enforce_eager": not compile}
+    if not cuda:
+        args.update(kv_cache_memory_bytes=int(kv_cache_gib * (1 << 30)), gpu_memory_utilization=0.1)
+    return args
 
 
 def _has_cuda() -> bool:
@@ -159,7 +165,7 @@ def pick_engine(requested: str, gpus_per_replica: float) -> tuple[str, str]:
 
 def make_engine(name: str, path: str, section: dict[str, Any]) -> Engine:
     if name == "vllm":
-        return VllmEngine(path, kv_cache_gib=section["kvCacheGib"], seed=section["seed"])
+        return VllmEngine(path, kv_cache_gib=section["kvCacheGib"], seed=section["seed"], compile=section["compile"])
     return TransformersEngine(path, batch_size=section["batchSize"], threads=int(section["cpusPerReplica"]) or None)
 
 

@@ -121,9 +121,14 @@ def _running(p: Any) -> bool:
         return False
 
 
-#: Ray prestarts a worker per CPU for each job's driver; a stage job's tasks need its runtime env, so those
-#: workers idled and were killed unused (10 processes, each importing Ray, in a run of the teacher stages)
-_NO_PRESTART = {"RAY_enable_worker_prestart": "0", "RAY_prestart_worker_first_driver": "0"}
+#: what every process of a local head gets in its environment:
+#: - no worker prestart: Ray prestarts a worker per CPU for each job's driver; a stage job's tasks need its
+#:   runtime env, so those workers idled and were killed unused (10 processes, each importing Ray, in a
+#:   run of the teacher stages)
+#: - no Ray Train preemption watcher (an actor per training run polling for node drains): the one node
+#:   here is this machine, and a drain of it is the run's own stop
+_LOCAL_HEAD_ENV = {"RAY_enable_worker_prestart": "0", "RAY_prestart_worker_first_driver": "0",
+                   "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
 class RayStartTimedOut(RayUnavailable):
@@ -163,8 +168,11 @@ def start_ray_head(num_cpus: int | None = None, timeout: float = 180.0) -> RayHe
         if num_cpus is not None:
             argv.append(f"--num-cpus={num_cpus}")
         with open(log, "wb") as fh:
-            proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env={**os.environ, **auth_env, **_NO_PRESTART})
+            # RAY_ADDRESS: a process inside the cluster that asks for "the" cluster without an address (Ray
+            # Train's placement group cleaner does, through the state API) is told this one, not whichever
+            # cluster last recorded itself in /tmp/ray (another user's, a stopped one, or none)
+            env = {**os.environ, **auth_env, **_LOCAL_HEAD_ENV, "RAY_ADDRESS": f"127.0.0.1:{ports[0]}"}
+            proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
         head = RayHead(proc, ports, log, auth_env)
         deadline = time.monotonic() + timeout
         while _HEAD_READY not in (text := log.read_text(errors="replace")):

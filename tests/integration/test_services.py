@@ -63,21 +63,39 @@ def test_a_ray_head_that_cannot_start_says_so_with_its_log():
         start_ray_head(num_cpus=-1)
 
 
+# a job's driver, and a task of it that asks Ray's state API for its cluster without an address (as Ray
+# Train's PlacementGroupCleaner does, to see whether the run's controller is alive)
+JOB = """
+import ray
+ray.init()
+print("joined", ray.get_runtime_context().gcs_address)
+
+@ray.remote
+def state_api():
+    from ray.dashboard.utils import get_address_for_submission_client
+    return get_address_for_submission_client(None)
+
+print("state api", ray.get(state_api.remote()))
+"""
+
+
 @pytest.mark.ray
 @pytest.mark.slow
-def test_two_local_ray_heads_on_one_machine_run_each_ones_jobs_on_its_own_cluster():
+def test_two_local_ray_heads_on_one_machine_run_each_ones_jobs_on_its_own_cluster(tmp_path):
     # Ray's job agent tells a job's driver which cluster to join from the address the last `ray start`
-    # wrote into its temp dir: two heads sharing /tmp/ray sent the first one's jobs to the second
+    # wrote into its temp dir: two heads sharing /tmp/ray sent the first one's jobs to the second. Ray's
+    # state API, called without an address inside the cluster, reads /tmp/ray's record: another
+    # cluster's (or none), unless the head tells its processes their own (RAY_ADDRESS)
     from ray.job_submission import JobStatus, JobSubmissionClient
 
+    (tmp_path / "job.py").write_text(JOB)
     first = start_ray_head(num_cpus=1)
     try:
         second = start_ray_head(num_cpus=1)  # started later: the one a shared temp dir would name
         try:
             with ray_auth(first.auth_env):
                 client = JobSubmissionClient(first.dashboard_url)
-                job = submit(client, entrypoint=f"{sys.executable} -c \"import ray; ray.init(); "
-                                                "print('joined', ray.get_runtime_context().gcs_address)\"")
+                job = submit(client, entrypoint=f"{sys.executable} job.py", runtime_env={"working_dir": str(tmp_path)})
                 deadline = time.monotonic() + 120
                 while (state := client.get_job_status(job)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED):
                     assert time.monotonic() < deadline, client.get_job_logs(job)
@@ -86,6 +104,7 @@ def test_two_local_ray_heads_on_one_machine_run_each_ones_jobs_on_its_own_cluste
             assert state == JobStatus.SUCCEEDED, logs
             joined = next(line for line in logs.splitlines() if line.startswith("joined "))
             assert joined.endswith(f":{first.ports[0]}") and not joined.endswith(f":{second.ports[0]}"), logs
+            assert f"state api {first.dashboard_url}" in logs, logs
         finally:
             second.stop()
     finally:

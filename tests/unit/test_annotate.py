@@ -144,6 +144,13 @@ def test_engine_choice(monkeypatch):
 
 
 @pytest.mark.slow
+def test_vllm_arguments_size_the_cpu_kv_cache_and_compile_unless_told_not_to():
+    cpu = annotate.vllm_args("/m", 0.5, 3, compile=True, cuda=False)
+    assert cpu == {"model": "/m", "seed": 3, "enforce_eager": False, "kv_cache_memory_bytes": 1 << 29,
+                   "gpu_memory_utilization": 0.1}
+    assert annotate.vllm_args("/m", 0.5, 3, compile=False, cuda=True) == {"model": "/m", "seed": 3, "enforce_eager": True}
+
+
 def test_the_transformers_engine_labels_real_rows(teacher):
     eng = annotate.TransformersEngine(teacher, batch_size=8)
     g = data.generate(LABELS, 40, 10, 3, 5, 5, 3)
