@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from typing import Any, Protocol
 
-from kubedistill.data import RowError, _schema, data_files, validate_row, write_rows
+from kubedistill.data import RowError, _schema, data_files, jsonl_lines, validate_row, write_rows
 from kubedistill.holds import hold
 from kubedistill.storage import S3Options, Storage
 from kubedistill.teacher import fmt
@@ -319,7 +319,7 @@ def read_shards(batch: dict[str, Any], rows_per_block: int) -> Any:
                     rows = [json.dumps(r, default=str, ensure_ascii=False) for r in b.to_pylist()]
                     yield {SHARD: [name] * len(rows), RAW: rows}
             continue
-        lines = [x for x in st.read_bytes("").decode().splitlines() if x.strip()]
+        lines = [line.decode() for _, line in jsonl_lines(st.read_bytes(""))]
         for i in range(0, len(lines), rows_per_block):
             yield {SHARD: [name] * len(lines[i: i + rows_per_block]), RAW: lines[i: i + rows_per_block]}
 
@@ -340,7 +340,7 @@ def shard_rows(src: Storage, rel: str) -> int:
     if rel.endswith(".parquet"):
         with src.fs.open_input_file(src.path(rel)) as f:
             return pq.ParquetFile(f).metadata.num_rows
-    return sum(1 for line in src.read_bytes(rel).decode().splitlines() if line.strip())
+    return sum(1 for _ in jsonl_lines(src.read_bytes(rel)))
 
 
 @dataclass

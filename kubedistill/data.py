@@ -395,6 +395,14 @@ def validate_row(row: dict[str, Any], labels: list[str] | None, need_reasoning: 
     return out
 
 
+def jsonl_lines(data: bytes) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, line) for each non-blank line of a JSONL file, split at b"\n" only: JSON
+    strings may hold U+2028, U+2029 and other characters that `str.splitlines()` breaks lines at."""
+    for n, line in enumerate(data.split(b"\n"), 1):
+        if line.strip():
+            yield n, line.rstrip(b"\r")
+
+
 def _read_rows(storage: Storage, rel: str) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
     """(row number, row or None, error) for each row of a jsonl or parquet file; 1-based numbers."""
     if (rel or storage.root_uri).endswith(".parquet"):
@@ -406,10 +414,7 @@ def _read_rows(storage: Storage, rel: str) -> Iterator[tuple[int, dict[str, Any]
                     n += 1
                     yield n, row, None
         return
-    data = storage.read_bytes(rel)
-    for n, line in enumerate(io.BytesIO(data), 1):
-        if not line.strip():
-            continue
+    for n, line in jsonl_lines(storage.read_bytes(rel)):
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
@@ -577,9 +582,17 @@ def _ingest_one(
     return {"rows_in": total, "rows_written": len(good), "quarantined": bad}
 
 
+#: what the data stage writes under its prefix
+OUTPUT_DIRS = ("logs", "labeled", "sft", "eval", "corpus", "quarantine")
+
+
 def run_stage(ctx: Any) -> dict[str, Any]:
     """Generate the synthetic log, or validate and ingest the user's (`spec.data.logs`)."""
     d, labels, fmt = ctx.spec["data"], ctx.spec["labels"], ctx.spec["data"]["format"]
+    # a rerun starts clean: parts an earlier config wrote (another format, more input files) would
+    # otherwise be read beside the new ones
+    for name in OUTPUT_DIRS:
+        ctx.out.delete(name)
     if d.get("logs"):
         return _ingest(ctx, ctx.storage.options)
     syn = d["synthetic"]

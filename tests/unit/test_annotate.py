@@ -130,6 +130,18 @@ def test_shard_rows_counts_what_ray_data_reads(tmp_path):
     assert annotate.shard_name("logs/part-00003.parquet") == "part-00003"
 
 
+def test_a_jsonl_row_holding_a_line_separator_is_one_row_for_the_data_stage_and_annotate(tmp_path):
+    """JSON strings may hold U+2028 and U+2029 unescaped; `str.splitlines()` broke such a row in two."""
+    st = Storage(str(tmp_path))
+    rows = [{"query": "sushi\u2028near me", "n": 1}, {"query": "para\u2029graph", "n": 2}, {"query": "plain", "n": 3}]
+    st.write_text("a.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in rows))
+    assert annotate.shard_rows(st, "a.jsonl") == 3
+    batch = {"name": ["a"], "uri": [st.uri("a.jsonl")], "endpoint": [""], "region": [""]}
+    raw = [line for block in annotate.read_shards(batch, rows_per_block=2) for line in block[annotate.RAW]]
+    assert [json.loads(line) for line in raw] == rows
+    assert [row for _, row, _ in data._read_rows(st, "a.jsonl")] == rows
+
+
 def test_engine_choice(monkeypatch):
     assert annotate.pick_engine("transformers", 0) == ("transformers", "requested")
     installed: set[str] = set()
