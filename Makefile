@@ -7,7 +7,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test dev crd manifests docs clean
+.PHONY: demo test lint dev crd manifests docs clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "kubedistill needs Python >= 3.11")'
@@ -27,13 +27,21 @@ dev: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/kubedistill run manifests/samples/quickstart.yaml
 
+# ruff (lint and format check) and mypy over the package and its shells (configured in pyproject.toml);
+# `make test` runs them first
+LINTED := kubedistill operator jobs ray_apps
+lint: $(STAMP)
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
+	$(BIN)/mypy
+
 # two pytest-xdist workers (each with its own SeaweedFS, Ray head and claimed ports): one worker left a
 # core idle while tests waited on processes starting. A test file is one unit of work (module fixtures
 # stay shared), handed out in collection order (--no-loadscope-reorder), where tests/conftest.py puts
 # the files of the tests marked cost(seconds) first. (loadgroup would be finer, but with pytest 9.2 it
 # silently stops grouping: pytest-xdist#1386.)
 TEST_WORKERS ?= 2
-test: $(STAMP)
+test: lint
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # the spec models are the source of the CRD; the chart carries copies (a test checks them)

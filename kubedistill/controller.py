@@ -41,8 +41,10 @@ log = logging.getLogger("kubedistill.controller")
 
 RAY_GROUP, RAY_VERSION = "ray.io", "v1"
 PLURALS = {"RayJob": "rayjobs", "RayService": "rayservices"}
-KUBERAY_HINT = ("KubeRay's CRDs (ray.io/v1 RayJob, RayService) are not installed in this cluster: install the "
-                "KubeRay operator (helm install kuberay-operator kuberay/kuberay-operator --version 1.7.0)")
+KUBERAY_HINT = (
+    "KubeRay's CRDs (ray.io/v1 RayJob, RayService) are not installed in this cluster: install the "
+    "KubeRay operator (helm install kuberay-operator kuberay/kuberay-operator --version 1.7.0)"
+)
 
 RECONCILES = Counter("kubedistill_operator_reconciles", "Reconciles of a DistillationRun, by result.", ["result"])
 RECONCILE_SECONDS = Histogram("kubedistill_operator_reconcile_seconds", "Time of one reconcile.")
@@ -86,7 +88,7 @@ class Cluster:
     core: kclient.CoreV1Api
 
     @classmethod
-    def connect(cls) -> "Cluster":
+    def connect(cls) -> Cluster:
         from kubernetes import config
 
         try:
@@ -100,13 +102,16 @@ class Cluster:
         for kind, name in plan.delete:
             try:
                 self.custom.delete_namespaced_custom_object(
-                    RAY_GROUP, RAY_VERSION, namespace, PLURALS[kind], name, propagation_policy="Background")
+                    RAY_GROUP, RAY_VERSION, namespace, PLURALS[kind], name, propagation_policy="Background"
+                )
             except ApiException as e:
                 if not _absent(e):
                     raise
         for obj in plan.create:
             try:
-                self.custom.create_namespaced_custom_object(RAY_GROUP, RAY_VERSION, namespace, PLURALS[obj["kind"]], obj)
+                self.custom.create_namespaced_custom_object(
+                    RAY_GROUP, RAY_VERSION, namespace, PLURALS[obj["kind"]], obj
+                )
             except ApiException as e:
                 if e.status == 409:
                     continue  # created by an earlier reconcile whose status write was lost
@@ -116,7 +121,8 @@ class Cluster:
         for obj in plan.replace:
             body = {"metadata": {"annotations": obj["metadata"]["annotations"]}, "spec": obj["spec"]}
             self.custom.patch_namespaced_custom_object(
-                RAY_GROUP, RAY_VERSION, namespace, PLURALS[obj["kind"]], obj["metadata"]["name"], body)
+                RAY_GROUP, RAY_VERSION, namespace, PLURALS[obj["kind"]], obj["metadata"]["name"], body
+            )
 
     def s3_options(self, namespace: str, storage: dict[str, Any]) -> S3Options:
         """The run's S3 settings, with the credentials of its `secretRef` (the stage pods get the same)."""
@@ -127,13 +133,16 @@ class Cluster:
                 data = self.core.read_namespaced_secret(ref, namespace).data or {}
             except ApiException as e:
                 if _absent(e):
-                    raise SecretMissing(f"spec.storage.secretRef: secret {ref!r} not found in namespace "
-                                        f"{namespace}; create it with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY") from e
+                    raise SecretMissing(
+                        f"spec.storage.secretRef: secret {ref!r} not found in namespace "
+                        f"{namespace}; create it with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+                    ) from e
                 raise
             decode = lambda k: base64.b64decode(data[k]).decode() if data.get(k) else None  # noqa: E731
             key, secret = decode("AWS_ACCESS_KEY_ID"), decode("AWS_SECRET_ACCESS_KEY")
-        return dataclasses.replace(S3Options.from_env(storage.get("endpoint"), storage.get("region")),
-                                   access_key=key, secret_key=secret)
+        return dataclasses.replace(
+            S3Options.from_env(storage.get("endpoint"), storage.get("region")), access_key=key, secret_key=secret
+        )
 
 
 def manifest_reader(storage: Storage) -> Callable[[str], dict[str, Any] | None]:
@@ -167,8 +176,11 @@ def write_report(store: Storage, run: str, status: spec.RunStatus) -> None:
 
 
 def _previous(body: dict[str, Any]) -> spec.RunStatus:
-    status = {k: v for k, v in (body.get("status") or {}).items() if k in ("phase", "currentStage",
-              "observedGeneration", "stages", "conditions")}
+    status = {
+        k: v
+        for k, v in (body.get("status") or {}).items()
+        if k in ("phase", "currentStage", "observedGeneration", "stages", "conditions")
+    }
     return spec.RunStatus.model_validate(status) if status.get("phase") else spec.RunStatus()
 
 
@@ -207,8 +219,9 @@ class Controller:
         meta = body.get("metadata") or {}
         self._track(meta.get("uid") or f"{meta.get('namespace')}/{meta.get('name')}", None)
 
-    def _reconcile(self, body: dict[str, Any], children: dict[str, dict[str, Any]],
-                   now: str) -> tuple[reconcile.Plan, str]:
+    def _reconcile(
+        self, body: dict[str, Any], children: dict[str, dict[str, Any]], now: str
+    ) -> tuple[reconcile.Plan, str]:
         meta = body.get("metadata") or {}
         namespace, name = meta.get("namespace") or "default", meta["name"]
         storage_spec = (body.get("spec") or {}).get("storage") or {}
@@ -220,8 +233,9 @@ class Controller:
                 store = Storage(f"{storage_spec['uri'].rstrip('/')}/{name}", options)
                 manifests = manifest_reader(store)
             previous = _previous(body)
-            plan = reconcile.reconcile_body({**body, "status": previous.model_dump(by_alias=True)},
-                                            children, manifests, now)
+            plan = reconcile.reconcile_body(
+                {**body, "status": previous.model_dump(by_alias=True)}, children, manifests, now
+            )
             self.cluster.apply(plan, namespace)
             if store is not None and _phases(previous) != _phases(plan.status):
                 write_report(store, name, plan.status)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from pydantic import BaseModel
+
 from kubedistill import spec
 
 _DROP = {"title"}
@@ -59,7 +61,7 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
     return out
 
 
-def model_schema(model: type) -> dict[str, Any]:
+def model_schema(model: type[BaseModel]) -> dict[str, Any]:
     raw = model.model_json_schema(by_alias=True, mode="validation")
     return _structural(raw, raw.get("$defs", {}))
 
@@ -147,8 +149,12 @@ def _constraints(node: dict[str, Any]) -> str:
         if key in node:
             strict = node.get("exclusiveM" + key[1:])
             out.append(f"{sym}{'' if strict else '='} {node[key]}")
-    for key, what in (("minLength", "length >="), ("maxLength", "length <="), ("minItems", "items >="),
-                      ("maxItems", "items <=")):
+    for key, what in (
+        ("minLength", "length >="),
+        ("maxLength", "length <="),
+        ("minItems", "items >="),
+        ("maxItems", "items <="),
+    ):
         if key in node:
             out.append(f"{what} {node[key]}")
     if "pattern" in node:
@@ -175,12 +181,21 @@ def _rows(node: dict[str, Any], path: str, required: bool, defaults: Any) -> lis
 
     rows = []
     default = None if required else _effective(defaults, path) if "[]" not in path else node.get("default")
-    shown_default = "" if default is None or isinstance(default, (dict, list)) and not default else f"`{json.dumps(default)}`"
+    shown_default = (
+        "" if default is None or (isinstance(default, (dict, list)) and not default) else f"`{json.dumps(default)}`"
+    )
     desc = " ".join(str(node.get("description", "")).split())
     props = node.get("properties")
     if not props or node.get("description") or node.get("x-kubernetes-validations"):
-        rows.append((f"`{path}`" + (" (required)" if required else ""), _type(node), shown_default if not props else "",
-                     _constraints(node), desc))
+        rows.append(
+            (
+                f"`{path}`" + (" (required)" if required else ""),
+                _type(node),
+                shown_default if not props else "",
+                _constraints(node),
+                desc,
+            )
+        )
     for name, child in (props or {}).items():
         rows.extend(_rows(child, f"{path}.{name}", name in node.get("required", []), defaults))
     items = node.get("items", {})

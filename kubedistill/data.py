@@ -43,7 +43,7 @@ LOG_COLUMNS = (
     "service_tags",
     "service_description",
 )
-LABELED_COLUMNS = LOG_COLUMNS + ("label", "reasoning")
+LABELED_COLUMNS = (*LOG_COLUMNS, "label", "reasoning")
 
 DISTRICTS = ("Downtown", "Riverside", "Old Town", "Harbor", "Northgate", "West End", "University", "Airport")
 PRICE_SIGNS = {1: "$", 2: "$$", 3: "$$$", 4: "$$$$"}
@@ -65,14 +65,39 @@ CATALOG: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 NAME_WORDS = (
-    "Golden", "Blue", "Lucky", "Silver", "Red Lantern", "Sakura", "Harbor", "Maple", "Jade", "Urban",
-    "Sunny", "Royal", "Green Leaf", "Iron", "Velvet", "Lotus", "North Star", "Bamboo", "Copper", "Pearl",
+    "Golden",
+    "Blue",
+    "Lucky",
+    "Silver",
+    "Red Lantern",
+    "Sakura",
+    "Harbor",
+    "Maple",
+    "Jade",
+    "Urban",
+    "Sunny",
+    "Royal",
+    "Green Leaf",
+    "Iron",
+    "Velvet",
+    "Lotus",
+    "North Star",
+    "Bamboo",
+    "Copper",
+    "Pearl",
 )
 NAME_SUFFIX = {
-    "japanese restaurant": ("Sushi", "Izakaya", "Kitchen"), "hotpot restaurant": ("Hotpot", "Pot House"),
-    "pizzeria": ("Pizzeria", "Slice"), "korean bbq": ("BBQ", "Grill House"), "noodle house": ("Noodles", "Noodle Bar"),
-    "cafe": ("Cafe", "Coffee"), "bar": ("Lounge", "Tavern", "Bar"), "hotel": ("Hotel", "Inn", "Suites"),
-    "spa": ("Spa", "Wellness"), "fitness": ("Fitness", "Gym", "Studio"), "car care": ("Auto Care", "Car Wash"),
+    "japanese restaurant": ("Sushi", "Izakaya", "Kitchen"),
+    "hotpot restaurant": ("Hotpot", "Pot House"),
+    "pizzeria": ("Pizzeria", "Slice"),
+    "korean bbq": ("BBQ", "Grill House"),
+    "noodle house": ("Noodles", "Noodle Bar"),
+    "cafe": ("Cafe", "Coffee"),
+    "bar": ("Lounge", "Tavern", "Bar"),
+    "hotel": ("Hotel", "Inn", "Suites"),
+    "spa": ("Spa", "Wellness"),
+    "fitness": ("Fitness", "Gym", "Studio"),
+    "car care": ("Auto Care", "Car Wash"),
     "hair salon": ("Salon", "Hair Studio"),
 }
 
@@ -204,7 +229,9 @@ def _constraint_misses(intent: Intent, s: Service) -> list[str]:
     if intent.district and s.district != intent.district:
         misses.append(f"it is in {s.district}, not {intent.district}")
     if intent.max_price and s.price_level > intent.max_price:
-        misses.append(f"its price level {PRICE_SIGNS[s.price_level]} is over the budget {PRICE_SIGNS[intent.max_price]}")
+        misses.append(
+            f"its price level {PRICE_SIGNS[s.price_level]} is over the budget {PRICE_SIGNS[intent.max_price]}"
+        )
     return misses
 
 
@@ -354,6 +381,11 @@ class RowError(ValueError):
 def validate_row(row: dict[str, Any], labels: list[str] | None, need_reasoning: bool) -> dict[str, Any]:
     """Return the row normalised to the schema, or raise RowError naming the field."""
 
+    def required(name: str) -> str:
+        v = text(name, True)
+        assert v is not None  # text() raised otherwise
+        return v
+
     def text(name: str, required: bool) -> str | None:
         v = row.get(name)
         if v is None or (isinstance(v, str) and not v.strip()):
@@ -364,10 +396,10 @@ def validate_row(row: dict[str, Any], labels: list[str] | None, need_reasoning: 
             raise RowError(f"field '{name}': expected a string, got {type(v).__name__}")
         return v
 
-    query = text("query", True)
-    service_id = text("service_id", True)
+    query = required("query")
+    service_id = required("service_id")
     out: dict[str, Any] = {
-        "pair_id": text("pair_id", False) or pair_id(query, service_id),  # type: ignore[arg-type]
+        "pair_id": text("pair_id", False) or pair_id(query, service_id),
         "query": query,
         "service_id": service_id,
         "service_title": text("service_title", True),
@@ -433,9 +465,9 @@ def ingest_file(
     good, bad, total = [], [], 0
     for n, row, err in _read_rows(src, rel):
         total += 1
-        if err is None:
+        if row is not None:
             try:
-                good.append(validate_row(row, labels, need_reasoning))  # type: ignore[arg-type]
+                good.append(validate_row(row, labels, need_reasoning))
                 continue
             except RowError as e:
                 err = str(e)
@@ -447,7 +479,11 @@ def data_files(storage: Storage) -> list[str]:
     """The jsonl/parquet files at a URI that is a file or a prefix ('' means the URI itself)."""
     if storage.is_file():
         return [""]  # the URI is a single file
-    files = [f for f in storage.list() if f.endswith((".jsonl", ".json", ".parquet")) and not f.rsplit("/", 1)[-1].startswith((".", "_"))]
+    files = [
+        f
+        for f in storage.list()
+        if f.endswith((".jsonl", ".json", ".parquet")) and not f.rsplit("/", 1)[-1].startswith((".", "_"))
+    ]
     return files
 
 
@@ -457,9 +493,14 @@ def data_files(storage: Storage) -> list[str]:
 
 def _schema(labeled: bool) -> pa.Schema:
     fields = [
-        ("pair_id", pa.string()), ("query", pa.string()), ("service_id", pa.string()),
-        ("service_title", pa.string()), ("service_category", pa.string()), ("service_district", pa.string()),
-        ("service_price_level", pa.int64()), ("service_tags", pa.list_(pa.string())),
+        ("pair_id", pa.string()),
+        ("query", pa.string()),
+        ("service_id", pa.string()),
+        ("service_title", pa.string()),
+        ("service_category", pa.string()),
+        ("service_district", pa.string()),
+        ("service_price_level", pa.int64()),
+        ("service_tags", pa.list_(pa.string())),
         ("service_description", pa.string()),
     ]
     if labeled:
@@ -484,9 +525,7 @@ def write_dataset(out: Storage, name: str, rows: list[dict[str, Any]], fmt: str,
     schema = _schema(labeled) if rows and "pair_id" in rows[0] else None
     shards = max(1, min(shards, len(rows)))
     per = -(-len(rows) // shards) if rows else 0
-    return [
-        write_rows(out, f"{name}/part-{i:05d}", rows[i * per : (i + 1) * per], fmt, schema) for i in range(shards)
-    ]
+    return [write_rows(out, f"{name}/part-{i:05d}", rows[i * per : (i + 1) * per], fmt, schema) for i in range(shards)]
 
 
 def read_dataset(storage: Storage) -> list[dict[str, Any]]:
@@ -494,9 +533,9 @@ def read_dataset(storage: Storage) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for rel in data_files(storage):
         for _, row, err in _read_rows(storage, rel):
-            if err:
+            if row is None:
                 raise ValueError(f"{storage.uri(rel)}: {err}")
-            rows.append(row)  # type: ignore[arg-type]
+            rows.append(row)
     return rows
 
 
@@ -543,7 +582,9 @@ def _ingest(ctx: Any, options: Any) -> dict[str, Any]:
         if not files:
             raise ValueError(f"spec.data.{key}: no .jsonl or .parquet files at {d[key]}")
         refs = [
-            remote.remote(d[key], options, rel, labels if labeled else None, need_reasoning, ctx.out.uri(), name, i, fmt)
+            remote.remote(
+                d[key], options, rel, labels if labeled else None, need_reasoning, ctx.out.uri(), name, i, fmt
+            )
             for i, rel in enumerate(files)
         ]
         results = ray.get(refs)
@@ -552,7 +593,9 @@ def _ingest(ctx: Any, options: Any) -> dict[str, Any]:
         bad = [b for r in results for b in r["quarantined"]]
         if bad:
             write_rows(ctx.out, f"quarantine/{name}", bad, "jsonl")
-            ctx.log(f"{name}: {len(bad)} row(s) quarantined, e.g. {bad[0]['source']} row {bad[0]['row']}: {bad[0]['reason']}")
+            ctx.log(
+                f"{name}: {len(bad)} row(s) quarantined, e.g. {bad[0]['source']} row {bad[0]['row']}: {bad[0]['reason']}"
+            )
         if written == 0:
             raise ValueError(f"spec.data.{key}: no valid rows in {d[key]} ({len(bad)} quarantined)")
         metrics[name] = {"rows_in": rows_in, "rows_written": written, "rows_quarantined": len(bad)}
@@ -562,7 +605,7 @@ def _ingest(ctx: Any, options: Any) -> dict[str, Any]:
         src = Storage(d["corpus"], options)
         texts = []
         for rel in data_files(src):
-            for n, row, err in _read_rows(src, rel):
+            for _, row, err in _read_rows(src, rel):
                 if err is None and isinstance(row, dict) and isinstance(row.get("text"), str) and row["text"].strip():
                     texts.append({"text": row["text"]})
         write_dataset(ctx.out, "corpus", texts, fmt)
@@ -572,8 +615,15 @@ def _ingest(ctx: Any, options: Any) -> dict[str, Any]:
 
 
 def _ingest_one(
-    src_uri: str, options: Any, rel: str, labels: list[str] | None, need_reasoning: bool,
-    out_uri: str, name: str, index: int, fmt: str,
+    src_uri: str,
+    options: Any,
+    rel: str,
+    labels: list[str] | None,
+    need_reasoning: bool,
+    out_uri: str,
+    name: str,
+    index: int,
+    fmt: str,
 ) -> dict[str, Any]:
     src, out = Storage(src_uri, options), Storage(out_uri, options)
     good, bad, total = ingest_file(src, rel, labels, need_reasoning)
@@ -596,25 +646,46 @@ def run_stage(ctx: Any) -> dict[str, Any]:
     if d.get("logs"):
         return _ingest(ctx, ctx.storage.options)
     syn = d["synthetic"]
-    ctx.log(f"generating a synthetic log: {syn['services']} services, {syn['queries']} queries x {syn['pairsPerQuery']}")
-    gen = generate(labels, syn["services"], syn["queries"], syn["pairsPerQuery"], syn["sftSize"], syn["evalSize"], syn["seed"])
+    ctx.log(
+        f"generating a synthetic log: {syn['services']} services, {syn['queries']} queries x {syn['pairsPerQuery']}"
+    )
+    gen = generate(
+        labels, syn["services"], syn["queries"], syn["pairsPerQuery"], syn["sftSize"], syn["evalSize"], syn["seed"]
+    )
     shards = max(1, len(gen.log) // 1000)
     outputs = {}
-    for name, rows, n in (("logs", gen.log, shards), ("labeled", gen.labeled, shards), ("sft", gen.sft, 1),
-                          ("eval", gen.eval, 1), ("corpus", gen.corpus, 1)):
+    for name, rows, n in (
+        ("logs", gen.log, shards),
+        ("labeled", gen.labeled, shards),
+        ("sft", gen.sft, 1),
+        ("eval", gen.eval, 1),
+        ("corpus", gen.corpus, 1),
+    ):
         write_dataset(ctx.out, name, rows, fmt, n)
         outputs[name] = ctx.out.uri(name)
     rows_in = len(gen.labeled) + len(gen.sft) + len(gen.eval)
-    metrics = {
+    metrics: dict[str, Any] = {
         "source": "synthetic",
         "logs": {"rows_in": len(gen.log), "rows_written": len(gen.log), "rows_quarantined": 0, "shards": shards},
         "labeled": {"rows": len(gen.labeled), "labels": label_counts(gen.labeled)},
-        "sft": {"rows_in": len(gen.sft), "rows_written": len(gen.sft), "rows_quarantined": 0, "labels": label_counts(gen.sft)},
-        "eval": {"rows_in": len(gen.eval), "rows_written": len(gen.eval), "rows_quarantined": 0, "labels": label_counts(gen.eval)},
+        "sft": {
+            "rows_in": len(gen.sft),
+            "rows_written": len(gen.sft),
+            "rows_quarantined": 0,
+            "labels": label_counts(gen.sft),
+        },
+        "eval": {
+            "rows_in": len(gen.eval),
+            "rows_written": len(gen.eval),
+            "rows_quarantined": 0,
+            "labels": label_counts(gen.eval),
+        },
         "corpus": {"documents": len(gen.corpus)},
         "rows_in": rows_in,
         "rows_written": rows_in,
         "rows_quarantined": 0,
     }
-    ctx.log(f"wrote {len(gen.log)} log pairs, {len(gen.sft)} SFT, {len(gen.eval)} eval; labels {metrics['eval']['labels']}")
+    ctx.log(
+        f"wrote {len(gen.log)} log pairs, {len(gen.sft)} SFT, {len(gen.eval)} eval; labels {metrics['eval']['labels']}"
+    )
     return {"metrics": metrics, "outputs": outputs}

@@ -33,7 +33,7 @@ def classification_metrics(y_true: list[str], proba: np.ndarray, labels: list[st
     """Metrics from true labels and an (n, len(labels)) probability matrix (columns in `labels` order)."""
     if len(y_true) == 0:
         raise ValueError("no examples to score")
-    idx = {l: i for i, l in enumerate(labels)}
+    idx = {lab: i for i, lab in enumerate(labels)}
     unknown = sorted({y for y in y_true if y not in idx})
     if unknown:
         raise ValueError(f"labels {unknown} are not in spec.labels {labels}")
@@ -50,13 +50,13 @@ def classification_metrics(y_true: list[str], proba: np.ndarray, labels: list[st
         aucs = [roc_auc_score((y == c).astype(int), probs[:, c]) for c in present]
         auc = float(np.mean(aucs))
     return {
-        "n": int(len(y)),
+        "n": len(y),
         "accuracy": float(accuracy_score(y, pred)),
         "macro_f1": float(f1_score(y, pred, labels=k, average="macro", zero_division=0)),
         "auc_ovr": auc,
         "per_class": {
-            l: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(support[i])}
-            for i, l in enumerate(labels)
+            lab: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(support[i])}
+            for i, lab in enumerate(labels)
         },
         "confusion": {"labels": labels, "matrix": confusion_matrix(y, pred, labels=k).tolist()},
     }
@@ -71,7 +71,7 @@ class Bm25:
     idf: dict[str, float] = field(default_factory=dict)
     avgdl: float = 1.0
 
-    def fit(self, docs: list[list[str]]) -> "Bm25":
+    def fit(self, docs: list[list[str]]) -> Bm25:
         n = len(docs)
         df = Counter(t for d in docs for t in set(d))
         self.idf = {t: math.log(1 + (n - c + 0.5) / (c + 0.5)) for t, c in df.items()}
@@ -88,16 +88,31 @@ class Bm25:
 
 
 def _doc(row: dict[str, Any]) -> list[str]:
-    parts = [row.get("service_title"), row.get("service_category"), " ".join(row.get("service_tags") or []),
-             row.get("service_description")]
+    parts = [
+        row.get("service_title"),
+        row.get("service_category"),
+        " ".join(row.get("service_tags") or []),
+        row.get("service_description"),
+    ]
     return tokens(" ".join(p for p in parts if p))
 
 
 class LexicalBaseline:
     """BM25-style features + multinomial logistic regression: what word overlap alone achieves."""
 
-    FEATURES = ("bm25_doc", "bm25_title", "bm25_tags", "cover_doc", "cover_title", "cover_tags",
-                "district_match", "district_asked", "price_level", "cheap_asked", "query_len")
+    FEATURES = (
+        "bm25_doc",
+        "bm25_title",
+        "bm25_tags",
+        "cover_doc",
+        "cover_title",
+        "cover_tags",
+        "district_match",
+        "district_asked",
+        "price_level",
+        "cheap_asked",
+        "query_len",
+    )
 
     def __init__(self, labels: list[str], seed: int = 0):
         self.labels = labels
@@ -112,18 +127,24 @@ class LexicalBaseline:
             doc, title, tags = _doc(r), tokens(r.get("service_title")), tokens(" ".join(r.get("service_tags") or []))
             qs = set(q) or {""}
             district = tokens(r.get("service_district"))
-            out.append([
-                self.bm25.score(q, doc), self.bm25.score(q, title), self.bm25.score(q, tags),
-                len(qs & set(doc)) / len(qs), len(qs & set(title)) / len(qs), len(qs & set(tags)) / len(qs),
-                float(bool(district) and all(t in q for t in district)),
-                float(any(w in ("in", "near") for w in q)),
-                float(r.get("service_price_level") or 0),
-                float(bool(_CHEAP & set(q)) or "under" in q),
-                float(len(q)),
-            ])
+            out.append(
+                [
+                    self.bm25.score(q, doc),
+                    self.bm25.score(q, title),
+                    self.bm25.score(q, tags),
+                    len(qs & set(doc)) / len(qs),
+                    len(qs & set(title)) / len(qs),
+                    len(qs & set(tags)) / len(qs),
+                    float(bool(district) and all(t in q for t in district)),
+                    float(any(w in ("in", "near") for w in q)),
+                    float(r.get("service_price_level") or 0),
+                    float(bool(_CHEAP & set(q)) or "under" in q),
+                    float(len(q)),
+                ]
+            )
         return np.asarray(out, dtype=np.float64)
 
-    def fit(self, rows: list[dict[str, Any]]) -> "LexicalBaseline":
+    def fit(self, rows: list[dict[str, Any]]) -> LexicalBaseline:
         if not rows:
             raise ValueError("the baseline needs labeled training rows")
         self.bm25.fit([_doc(r) for r in rows])
@@ -161,9 +182,17 @@ def comparison(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     if len(students) < 2:
         return []
     ce = next((m["macro_f1"] for m in students.values() if m.get("objective") == "ce"), None)
-    return [{"objective": m["objective"], "served": name == "student", "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
-             "auc_ovr": m["auc_ovr"], "delta_macro_f1": None if ce is None else round(m["macro_f1"] - ce, 4)}
-            for name, m in students.items()]
+    return [
+        {
+            "objective": m["objective"],
+            "served": name == "student",
+            "accuracy": m["accuracy"],
+            "macro_f1": m["macro_f1"],
+            "auc_ovr": m["auc_ovr"],
+            "delta_macro_f1": None if ce is None else round(m["macro_f1"] - ce, 4),
+        }
+        for name, m in students.items()
+    ]
 
 
 def promotion_blocked(run_storage: Any) -> str | None:
@@ -194,7 +223,7 @@ def plot(results: dict[str, dict[str, Any]]) -> bytes:
 
     names = list(results)
     fig, axes = plt.subplots(1, len(names) + 1, figsize=(4.2 * (len(names) + 1), 3.8))
-    for ax, name in zip(axes, names):
+    for ax, name in zip(axes, names, strict=False):  # the last axis holds the legend
         m = results[name]
         mat = np.array(m["confusion"]["matrix"])
         labels = m["confusion"]["labels"]
@@ -210,7 +239,12 @@ def plot(results: dict[str, dict[str, Any]]) -> bytes:
     labels = results[names[0]]["confusion"]["labels"]
     width = 0.8 / len(names)
     for k, name in enumerate(names):
-        ax.bar(np.arange(len(labels)) + k * width, [results[name]["per_class"][l]["f1"] for l in labels], width, label=name)
+        ax.bar(
+            np.arange(len(labels)) + k * width,
+            [results[name]["per_class"][lab]["f1"] for lab in labels],
+            width,
+            label=name,
+        )
     ax.set_xticks(np.arange(len(labels)) + width * (len(names) - 1) / 2, labels, rotation=30, fontsize=8)
     ax.set_ylim(0, 1)
     ax.set_title("per-class F1", fontsize=10)
@@ -246,8 +280,10 @@ def run_stage(ctx: Any) -> dict[str, Any]:
         results["student"]["objective"] = student.meta["objective"]
         for objective in ctx.spec.get("student", {}).get("compareObjectives", []):
             other = load_student(ctx.input("student-crsd").uri(f"compare/{objective}/model"), ctx.storage.options)
-            results[f"student_{objective}"] = {**classification_metrics(truth, other.predict_proba(eval_rows), labels),
-                                               "objective": objective}
+            results[f"student_{objective}"] = {
+                **classification_metrics(truth, other.predict_proba(eval_rows), labels),
+                "objective": objective,
+            }
     for name, m in results.items():
         auc = "n/a" if m["auc_ovr"] is None else f"{m['auc_ovr']:.4f}"
         ctx.log(f"{name}: accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  AUC {auc}  (n={m['n']})")
@@ -255,12 +291,14 @@ def run_stage(ctx: Any) -> dict[str, Any]:
     verdict = gate(candidate, results[candidate], ctx.spec["evaluation"]["minMacroF1"])
     ctx.log(f"gate: {verdict['reason']}")
     report = {"eval_rows": len(eval_rows), "models": results, "gate": verdict}
-    if (table := comparison(results)):
+    if table := comparison(results):
         report["comparison"] = table
         ctx.log("objectives: " + ", ".join(f"{c['objective']} macro-F1 {c['macro_f1']:.4f}" for c in table))
     ctx.out.write_json("metrics.json", report)
     ctx.out.write_bytes("confusion.png", plot(results))
-    summary = {f"{n}_{k}": round(m[k], 4) for n, m in results.items() for k in ("accuracy", "macro_f1") if m[k] is not None}
+    summary = {
+        f"{n}_{k}": round(m[k], 4) for n, m in results.items() for k in ("accuracy", "macro_f1") if m[k] is not None
+    }
     return {
         "metrics": {**summary, "gate": verdict},
         "outputs": {"metrics": ctx.out.uri("metrics.json"), "plot": ctx.out.uri("confusion.png")},

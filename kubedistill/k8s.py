@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from kubedistill.pipeline import Stage
-from kubedistill.spec import DistillationRun, to_wire
+from kubedistill.spec import DistillationRun, StagePhase, to_wire
 from kubedistill.stage import CONFIG_ENV
 
 GROUP = "kubedistill.io"
@@ -46,13 +46,22 @@ def metadata(run: DistillationRun, stage: str, uid: str | None) -> dict[str, Any
     if run.metadata.namespace:
         meta["namespace"] = run.metadata.namespace
     if uid:
-        meta["ownerReferences"] = [{"apiVersion": API_VERSION, "kind": KIND, "name": run.name, "uid": uid,
-                                    "controller": True, "blockOwnerDeletion": True}]
+        meta["ownerReferences"] = [
+            {
+                "apiVersion": API_VERSION,
+                "kind": KIND,
+                "name": run.name,
+                "uid": uid,
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ]
     return meta
 
 
-def _container(run: DistillationRun, name: str, cpus: float, gpus: float, memory: str | None,
-               ports: list[tuple[str, int]]) -> dict[str, Any]:
+def _container(
+    run: DistillationRun, name: str, cpus: float, gpus: float, memory: str | None, ports: list[tuple[str, int]]
+) -> dict[str, Any]:
     requests: dict[str, Any] = {"cpu": _quantity(cpus)}
     if memory:
         requests["memory"] = memory
@@ -76,11 +85,21 @@ def _quantity(cpus: float) -> str:
     return str(int(cpus)) if float(cpus).is_integer() else f"{int(cpus * 1000)}m"
 
 
-def ray_cluster_spec(run: DistillationRun, group: str, workers: int, min_workers: int, max_workers: int,
-                     cpus: float, gpus: float, memory: str | None, head_ports: list[tuple[str, int]]) -> dict[str, Any]:
+def ray_cluster_spec(
+    run: DistillationRun,
+    group: str,
+    workers: int,
+    min_workers: int,
+    max_workers: int,
+    cpus: float,
+    gpus: float,
+    memory: str | None,
+    head_ports: list[tuple[str, int]],
+) -> dict[str, Any]:
     """A RayCluster spec: a head that runs no tasks (num-cpus 0) and one worker group sized for the stage."""
-    head = _container(run, "ray-head", 1, 0, "4Gi",
-                      [("gcs", 6379), ("dashboard", 8265), ("client", 10001), *head_ports])
+    head = _container(
+        run, "ray-head", 1, 0, "4Gi", [("gcs", 6379), ("dashboard", 8265), ("client", 10001), *head_ports]
+    )
     worker = _container(run, "ray-worker", cpus, gpus, memory, [])
     start = {"num-cpus": str(max(1, math.ceil(cpus)))}  # Ray's resource view of the pod
     if gpus:
@@ -88,11 +107,20 @@ def ray_cluster_spec(run: DistillationRun, group: str, workers: int, min_workers
     return {
         "rayVersion": run.spec.ray.ray_version,
         "enableInTreeAutoscaling": max_workers > min_workers,
-        "headGroupSpec": {"rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
-                          "template": {"spec": {"containers": [head]}}},
-        "workerGroupSpecs": [{"groupName": group, "replicas": workers, "minReplicas": min_workers,
-                              "maxReplicas": max_workers, "rayStartParams": start,
-                              "template": {"spec": {"containers": [worker]}}}],
+        "headGroupSpec": {
+            "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
+            "template": {"spec": {"containers": [head]}},
+        },
+        "workerGroupSpecs": [
+            {
+                "groupName": group,
+                "replicas": workers,
+                "minReplicas": min_workers,
+                "maxReplicas": max_workers,
+                "rayStartParams": start,
+                "template": {"spec": {"containers": [worker]}},
+            }
+        ],
     }
 
 
@@ -126,13 +154,14 @@ def rayjob(run: DistillationRun, stage: Stage, uid: str | None = None, attempt: 
             "activeDeadlineSeconds": run.spec.ray.stage_timeout_seconds,
             "shutdownAfterJobFinishes": True,
             "ttlSecondsAfterFinished": 300,
-            "rayClusterSpec": ray_cluster_spec(run, "workers", workers, lo, hi, r.cpus_per_worker, r.gpus_per_worker,
-                                               r.memory, head_ports=[]),
+            "rayClusterSpec": ray_cluster_spec(
+                run, "workers", workers, lo, hi, r.cpus_per_worker, r.gpus_per_worker, r.memory, head_ports=[]
+            ),
         },
     }
 
 
-def rayjob_phase(obj: dict[str, Any]) -> tuple[str, str | None]:
+def rayjob_phase(obj: dict[str, Any]) -> tuple[StagePhase, str | None]:
     """(stage phase, message) of a RayJob: Succeeded only when Complete and SUCCEEDED."""
     status = obj.get("status") or {}
     deployment, job = status.get("jobDeploymentStatus"), status.get("jobStatus")
@@ -154,8 +183,16 @@ def serve_config(run: DistillationRun, model_uri: str) -> dict[str, Any]:
 
     wire = to_wire(run.spec)
     args = app_args(wire["serving"], wire["storage"], model_uri)
-    return {"applications": [{"name": APP_NAME, "import_path": "ray_apps.student:app", "route_prefix": "/",
-                              "args": args.model_dump(by_alias=True, exclude_none=True)}]}
+    return {
+        "applications": [
+            {
+                "name": APP_NAME,
+                "import_path": "ray_apps.student:app",
+                "route_prefix": "/",
+                "args": args.model_dump(by_alias=True, exclude_none=True),
+            }
+        ]
+    }
 
 
 def rayservice(run: DistillationRun, model_uri: str, uid: str | None = None) -> dict[str, Any]:
@@ -163,8 +200,11 @@ def rayservice(run: DistillationRun, model_uri: str, uid: str | None = None) -> 
     s = run.spec.serving
     meta = metadata(run, "serve", uid)
     config = serve_config(run, model_uri)
-    meta["annotations"] = {f"{GROUP}/config-hash": hashlib.sha256(
-        yaml.safe_dump([config, to_wire(run.spec.ray)]).encode()).hexdigest()[:16]}
+    meta["annotations"] = {
+        f"{GROUP}/config-hash": hashlib.sha256(yaml.safe_dump([config, to_wire(run.spec.ray)]).encode()).hexdigest()[
+            :16
+        ]
+    }
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayService",
@@ -172,8 +212,14 @@ def rayservice(run: DistillationRun, model_uri: str, uid: str | None = None) -> 
         "spec": {
             "serveConfigV2": yaml.safe_dump(config, sort_keys=False),
             "rayClusterConfig": ray_cluster_spec(
-                run, "serve", workers=max(1, s.replicas.min), min_workers=max(1, s.replicas.min),
-                max_workers=s.replicas.max, cpus=s.cpus_per_replica, gpus=s.gpus_per_replica, memory=None,
+                run,
+                "serve",
+                workers=max(1, s.replicas.min),
+                min_workers=max(1, s.replicas.min),
+                max_workers=s.replicas.max,
+                cpus=s.cpus_per_replica,
+                gpus=s.gpus_per_replica,
+                memory=None,
                 head_ports=[("serve", SERVE_PORT)],
             ),
         },
@@ -191,12 +237,13 @@ def render(run: DistillationRun, uid: str | None = None) -> list[dict[str, Any]]
 
     out = []
     for stage in pipeline.build(run):
-        out.append(rayservice(run, student_model_uri(run), uid) if stage.name in pipeline.SERVICES
-                   else rayjob(run, stage, uid))
+        out.append(
+            rayservice(run, student_model_uri(run), uid) if stage.name in pipeline.SERVICES else rayjob(run, stage, uid)
+        )
     return out
 
 
-def rayservice_phase(obj: dict[str, Any]) -> tuple[str, str | None]:
+def rayservice_phase(obj: dict[str, Any]) -> tuple[StagePhase, str | None]:
     """(stage phase, message) of a RayService: Succeeded once Ready, Failed if the app failed to deploy."""
     from kubedistill.serving import APP_NAME
 

@@ -41,17 +41,30 @@ class LoadReport:
 
     def summary(self, pairs_per_request: int = 1) -> dict[str, Any]:
         ok = self.statuses.get(200, 0)
-        return {"concurrency": self.concurrency, "requests": self.requests, "seconds": round(self.seconds, 2),
-                "statuses": {str(k): v for k, v in sorted(self.statuses.items())},
-                "p50_ms": round(self.percentile(50), 2), "p99_ms": round(self.percentile(99), 2),
-                "requests_per_s": round(ok / self.seconds, 1) if self.seconds else 0.0,
-                "pairs_per_s": round(ok * pairs_per_request / self.seconds, 1) if self.seconds else 0.0,
-                "errors": dict(self.errors.most_common(5))}
+        return {
+            "concurrency": self.concurrency,
+            "requests": self.requests,
+            "seconds": round(self.seconds, 2),
+            "statuses": {str(k): v for k, v in sorted(self.statuses.items())},
+            "p50_ms": round(self.percentile(50), 2),
+            "p99_ms": round(self.percentile(99), 2),
+            "requests_per_s": round(ok / self.seconds, 1) if self.seconds else 0.0,
+            "pairs_per_s": round(ok * pairs_per_request / self.seconds, 1) if self.seconds else 0.0,
+            "errors": dict(self.errors.most_common(5)),
+        }
 
 
-def run_load(url: str, body: dict[str, Any], concurrency: int, *, duration_s: float | None = None,
-             requests: int | None = None, timeout_s: float = 30.0, stop: threading.Event | None = None,
-             report: LoadReport | None = None) -> LoadReport:
+def run_load(
+    url: str,
+    body: dict[str, Any],
+    concurrency: int,
+    *,
+    duration_s: float | None = None,
+    requests: int | None = None,
+    timeout_s: float = 30.0,
+    stop: threading.Event | None = None,
+    report: LoadReport | None = None,
+) -> LoadReport:
     """POST `body` to `url` from `concurrency` clients until `duration_s` passed or `requests` were sent,
     or earlier once `stop` is set. Pass `report` to watch the counts while the load runs."""
     if (duration_s is None) == (requests is None):
@@ -61,8 +74,15 @@ def run_load(url: str, body: dict[str, Any], concurrency: int, *, duration_s: fl
     return asyncio.run(_load(url, json.dumps(body).encode(), report, duration_s, requests, timeout_s, stop))
 
 
-async def _load(url: str, payload: bytes, report: LoadReport, duration_s: float | None, requests: int | None,
-                timeout_s: float, stop: threading.Event | None) -> LoadReport:
+async def _load(
+    url: str,
+    payload: bytes,
+    report: LoadReport,
+    duration_s: float | None,
+    requests: int | None,
+    timeout_s: float,
+    stop: threading.Event | None,
+) -> LoadReport:
     import aiohttp
 
     concurrency = report.concurrency
@@ -87,7 +107,7 @@ async def _load(url: str, payload: bytes, report: LoadReport, duration_s: float 
                     if r.status == 200:
                         report.latencies_ms.append((time.perf_counter() - t0) * 1000)
                         report.versions[_model_version(answer)] += 1
-            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            except (TimeoutError, aiohttp.ClientError) as e:
                 report.statuses[0] += 1
                 report.errors[type(e).__name__] += 1
 

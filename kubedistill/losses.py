@@ -118,8 +118,13 @@ def pairwise_reward_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.
     return -F.logsigmoid(chosen - rejected).mean()
 
 
-def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-             ref_rejected: torch.Tensor, beta: float) -> torch.Tensor:
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+) -> torch.Tensor:
     """-log sigmoid(beta * [(log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))]), averaged.
 
     Inputs are sequence log-probabilities (`sequence_logprob`) of the chosen (y_w) and rejected

@@ -145,7 +145,9 @@ def render_plan(run: DistillationRun, stages: list[Stage]) -> str:
     lines = [f"DistillationRun {run.name}: {len(stages)} stage(s), storage {run.spec.storage.uri}"]
     for i, s in enumerate(stages, 1):
         r = s.resources
-        res = f"{r.workers}x({r.cpus_per_worker:g} cpu" + (f", {r.gpus_per_worker:g} gpu)" if r.gpus_per_worker else ")")
+        res = f"{r.workers}x({r.cpus_per_worker:g} cpu" + (
+            f", {r.gpus_per_worker:g} gpu)" if r.gpus_per_worker else ")"
+        )
         after = ", ".join(s.depends_on) or "-"
         lines.append(f"  {i:>2}. {s.name:<13} after: {after:<36} {res:<18} {s.entrypoint}")
     skipped = [n for n in STAGE_ORDER if n not in {s.name for s in stages}]

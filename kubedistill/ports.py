@@ -20,7 +20,7 @@ import os
 import random
 import socket
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -83,15 +83,17 @@ class Ports:
         self._fds = claimed  # port -> its open lock file descriptor (None: given by number, not claimed)
 
     @classmethod
-    def given(cls, numbers: Iterable[int]) -> "Ports":
+    def given(cls, numbers: Iterable[int]) -> Ports:
         """Ports chosen elsewhere (a user's flag, a test), held without a claim."""
         return cls(dict.fromkeys(numbers))
 
     @classmethod
-    def claim(cls, n: int, *, candidates: Iterable[int] | None = None, attempts: int = 2000) -> "Ports":
+    def claim(cls, n: int, *, candidates: Iterable[int] | None = None, attempts: int = 2000) -> Ports:
         """Claim `n` distinct ports, tried in `candidates` order (default: random order over
         `allowed_range()`); a port is taken only if its lock is free and nothing is bound to it."""
-        pool: Iterable[int] = candidates if candidates is not None else random.sample(allowed_range(), len(allowed_range()))
+        pool: Iterable[int] = (
+            candidates if candidates is not None else random.sample(allowed_range(), len(allowed_range()))
+        )
         claimed: dict[int, int | None] = {}
         lock_dir = _lock_dir()
         for tried, port in enumerate(pool):
@@ -118,15 +120,16 @@ class Ports:
         ports = cls(claimed)
         if len(claimed) < n:
             ports.release()
-            raise PortsUnavailable(f"found {len(claimed)} of {n} free port(s) in {allowed_range()} "
-                                   f"(lock files in {lock_dir})")
+            raise PortsUnavailable(
+                f"found {len(claimed)} of {n} free port(s) in {allowed_range()} (lock files in {lock_dir})"
+            )
         return ports
 
     @property
     def numbers(self) -> list[int]:
         return list(self._fds)
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[int]:
         return iter(self.numbers)
 
     def __getitem__(self, i: int) -> int:
@@ -145,16 +148,22 @@ class Ports:
                 os.close(fd)
         self._fds = {}
 
-    def __enter__(self) -> "Ports":
+    def __enter__(self) -> Ports:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.release()
 
 
-def start_with_retries(service: str, start: Callable[[Ports], T], n_ports: int, *, tries: int = 3,
-                       claim: Callable[[int], Ports] = Ports.claim,
-                       retry_on: tuple[type[Exception], ...] = ()) -> tuple[T, Ports]:
+def start_with_retries(
+    service: str,
+    start: Callable[[Ports], T],
+    n_ports: int,
+    *,
+    tries: int = 3,
+    claim: Callable[[int], Ports] = Ports.claim,
+    retry_on: tuple[type[Exception], ...] = (),
+) -> tuple[T, Ports]:
     """Start `service` on `n_ports` freshly claimed ports; when `start` raises `PortInUse` (a port was
     bound by another program after it was checked), or one of `retry_on` (a start-up race outside our
     control that the caller documents), try again with fresh ports. Returns what `start` returned and
@@ -165,7 +174,7 @@ def start_with_retries(service: str, start: Callable[[Ports], T], n_ports: int, 
         ports = claim(n_ports)
         try:
             return start(ports), ports
-        except (PortInUse, *retry_on) as e:
+        except (PortInUse, *retry_on) as e:  # type: ignore[misc]  # mypy cannot type a starred tuple here
             ports.release()
             failures.append(str(e))
             last = e

@@ -49,15 +49,17 @@ class Architecture:
 
     def check(self, layers: int, field: str = "architecture") -> None:
         if len(self.attn) != layers or len(self.mlp) != layers:
-            raise ValueError(f"{field}: expected {layers} attention and {layers} MLP ratios (one per layer), "
-                             f"got {len(self.attn)} and {len(self.mlp)}")
+            raise ValueError(
+                f"{field}: expected {layers} attention and {layers} MLP ratios (one per layer), "
+                f"got {len(self.attn)} and {len(self.mlp)}"
+            )
         for kind, ratios in (("attn", self.attn), ("mlp", self.mlp)):
             for i, r in enumerate(ratios):
                 if not 0 <= r < 1:
                     raise ValueError(f"{field}.{kind}[{i}]: a pruning ratio must be in [0, 1), got {r!r}")
 
     @classmethod
-    def uniform(cls, layers: int, attn: float, mlp: float) -> "Architecture":
+    def uniform(cls, layers: int, attn: float, mlp: float) -> Architecture:
         return cls((attn,) * layers, (mlp,) * layers)
 
 
@@ -100,7 +102,7 @@ class Shape:
 
 def kept(n: int, ratio: float) -> int:
     """Structures left of `n` after removing `ratio` of them (rounded; never none)."""
-    return max(1, n - int(round(n * ratio)))
+    return max(1, n - round(n * ratio))
 
 
 def check_supported(model: nn.Module) -> None:
@@ -108,9 +110,12 @@ def check_supported(model: nn.Module) -> None:
     if name not in SUPPORTED:
         raise UnsupportedArchitecture(
             f"pruning supports Llama-style causal LMs ({', '.join(SUPPORTED)}); got {name} "
-            f"(model_type {getattr(model.config, 'model_type', '?')!r})")
+            f"(model_type {getattr(model.config, 'model_type', '?')!r})"
+        )
     if getattr(model.config, "attention_bias", False) or getattr(model.config, "mlp_bias", False):
-        raise UnsupportedArchitecture(f"pruning supports Llama layers without biases; {name} has attention or MLP biases")
+        raise UnsupportedArchitecture(
+            f"pruning supports Llama layers without biases; {name} has attention or MLP biases"
+        )
 
 
 def shape_of(model: nn.Module) -> Shape:
@@ -204,11 +209,23 @@ def prune(model: nn.Module, arch: Architecture, importance: Importance) -> nn.Mo
             m.down_proj.weight.copy_(old["down_proj"].index_select(1, ch))
             kv_sizes.append(len(groups))
             inter_sizes.append(len(ch))
-    cfg = pruned_llama.PrunedLlamaConfig(kv_heads_per_layer=kv_sizes, intermediate_per_layer=inter_sizes,
-                                         **{k: v for k, v in model.config.to_dict().items()
-                                            if k not in ("model_type", "architectures", "auto_map",
-                                                         "kv_heads_per_layer", "intermediate_per_layer",
-                                                         "transformers_version")})
+    cfg = pruned_llama.PrunedLlamaConfig(
+        kv_heads_per_layer=kv_sizes,
+        intermediate_per_layer=inter_sizes,
+        **{
+            k: v
+            for k, v in model.config.to_dict().items()
+            if k
+            not in (
+                "model_type",
+                "architectures",
+                "auto_map",
+                "kv_heads_per_layer",
+                "intermediate_per_layer",
+                "transformers_version",
+            )
+        },
+    )
     model.config = cfg
     model.__class__ = pruned_llama.PrunedLlamaForCausalLM
     return model
@@ -217,8 +234,10 @@ def prune(model: nn.Module, arch: Architecture, importance: Importance) -> nn.Mo
 # ---------------------------------------------------------------------------------------------
 # Saving and loading.
 
-AUTO_MAP = {"AutoConfig": "pruned_llama.PrunedLlamaConfig",
-            "AutoModelForCausalLM": "pruned_llama.PrunedLlamaForCausalLM"}
+AUTO_MAP = {
+    "AutoConfig": "pruned_llama.PrunedLlamaConfig",
+    "AutoModelForCausalLM": "pruned_llama.PrunedLlamaForCausalLM",
+}
 
 
 def save(model: nn.Module, tokenizer: Any, directory: str | Path) -> Path:
@@ -256,4 +275,3 @@ def load(path: str | Path, dtype: Any = None) -> nn.Module:
 
 def param_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-

@@ -55,8 +55,9 @@ def fit_to_target(shape: Shape, raw: np.ndarray, target: float) -> Architecture 
     return best
 
 
-def sample(shape: Shape, target: float, rng: random.Random, bounds: list[tuple[float, float]] | None = None,
-           tries: int = 50) -> Architecture | None:
+def sample(
+    shape: Shape, target: float, rng: random.Random, bounds: list[tuple[float, float]] | None = None, tries: int = 50
+) -> Architecture | None:
     """A random architecture at `target` whose features lie within `bounds` (when given)."""
     n = 2 * shape.layers
     for _ in range(tries):
@@ -70,8 +71,13 @@ def sample(shape: Shape, target: float, rng: random.Random, bounds: list[tuple[f
     return None
 
 
-def sample_many(shape: Shape, target: float, n: int, rng: random.Random,
-                exclude: frozenset[Architecture] | set[Architecture] = frozenset()) -> list[Architecture]:
+def sample_many(
+    shape: Shape,
+    target: float,
+    n: int,
+    rng: random.Random,
+    exclude: frozenset[Architecture] | set[Architecture] = frozenset(),
+) -> list[Architecture]:
     """Up to `n` distinct random architectures at `target` (none of `exclude`), from at most 3n draws."""
     out: list[Architecture] = []
     seen = set(exclude)
@@ -108,13 +114,16 @@ def uniform(shape: Shape, target: float) -> Architecture:
                 hi, found = m, arch
         if found is None and shape.removed_fraction(Architecture((a,) * shape.layers, (0.0,) * shape.layers)) >= target:
             found = Architecture((a,) * shape.layers, (0.0,) * shape.layers)
-        if found is not None and shape.removed_fraction(found) - target <= TOLERANCE:
-            if best is None or abs(found.attn[0] - found.mlp[0]) < abs(best.attn[0] - best.mlp[0]):
-                best = found
+        if found is None or shape.removed_fraction(found) - target > TOLERANCE:
+            continue
+        if best is None or abs(found.attn[0] - found.mlp[0]) < abs(best.attn[0] - best.mlp[0]):
+            best = found
     if best is None:
-        raise ValueError(f"spec.pruning.targetRatio: {target} cannot be reached uniformly within {TOLERANCE} "
-                         f"on this model (its layers hold {1 - shape.other_params / shape.params():.0%} of the "
-                         f"parameters; at most {MAX_RATIO:.0%} of each layer's MLP is removed)")
+        raise ValueError(
+            f"spec.pruning.targetRatio: {target} cannot be reached uniformly within {TOLERANCE} "
+            f"on this model (its layers hold {1 - shape.other_params / shape.params():.0%} of the "
+            f"parameters; at most {MAX_RATIO:.0%} of each layer's MLP is removed)"
+        )
     return best
 
 
@@ -127,25 +136,31 @@ class Predictor:
         return self.model.predict(np.array([features(a) for a in archs]))
 
 
-def fit_predictor(archs: list[Architecture], y: list[float], seed: int, kind: str = "gbdt",
-                  holdout: float = 0.25) -> Predictor:
+def fit_predictor(
+    archs: list[Architecture], y: list[float], seed: int, kind: str = "gbdt", holdout: float = 0.25
+) -> Predictor:
     """GBDT on architecture -> metric; R^2 and Kendall tau on a held-out quarter, then refit on all."""
     from scipy.stats import kendalltau
     from sklearn.metrics import r2_score
 
     if len(archs) < 8:
-        raise ValueError(f"spec.pruning.sampledArchitectures: the predictor needs at least 8 evaluated "
-                         f"architectures, got {len(archs)}")
+        raise ValueError(
+            f"spec.pruning.sampledArchitectures: the predictor needs at least 8 evaluated "
+            f"architectures, got {len(archs)}"
+        )
     X, Y = np.array([features(a) for a in archs]), np.array(y, dtype=float)
     idx = np.random.default_rng(seed).permutation(len(archs))
-    n_test = max(2, int(round(len(archs) * holdout)))
+    n_test = max(2, round(len(archs) * holdout))
     test, train = idx[:n_test], idx[n_test:]
     held = _regressor(kind, seed).fit(X[train], Y[train])
     pred = held.predict(X[test])
     tau = kendalltau(pred, Y[test]).statistic
     diagnostics = {
-        "kind": kind, "n_train": int(len(train)), "n_test": int(len(test)),
-        "r2": round(float(r2_score(Y[test], pred)), 4), "kendall_tau": None if np.isnan(tau) else round(float(tau), 4),
+        "kind": kind,
+        "n_train": len(train),
+        "n_test": len(test),
+        "r2": round(float(r2_score(Y[test], pred)), 4),
+        "kendall_tau": None if np.isnan(tau) else round(float(tau), 4),
         "test_measured": [round(float(v), 4) for v in Y[test]],
         "test_predicted": [round(float(v), 4) for v in pred],
     }
@@ -158,16 +173,25 @@ def _regressor(kind: str, seed: int) -> Any:
     if kind == "lightgbm":
         import lightgbm
 
-        return lightgbm.LGBMRegressor(n_estimators=200, learning_rate=0.05, min_child_samples=3, random_state=seed,
-                                      verbose=-1)
+        return lightgbm.LGBMRegressor(
+            n_estimators=200, learning_rate=0.05, min_child_samples=3, random_state=seed, verbose=-1
+        )
     from sklearn.ensemble import GradientBoostingRegressor
 
-    return GradientBoostingRegressor(n_estimators=200, learning_rate=0.05, max_depth=3, subsample=0.8,
-                                     random_state=seed)
+    return GradientBoostingRegressor(
+        n_estimators=200, learning_rate=0.05, max_depth=3, subsample=0.8, random_state=seed
+    )
 
 
-def narrow(shape: Shape, predictor: Predictor, target: float, rng: random.Random, candidates: int = 2000,
-           important: int | None = None, best_fraction: float = 0.1) -> list[tuple[float, float]]:
+def narrow(
+    shape: Shape,
+    predictor: Predictor,
+    target: float,
+    rng: random.Random,
+    candidates: int = 2000,
+    important: int | None = None,
+    best_fraction: float = 0.1,
+) -> list[tuple[float, float]]:
     """Bounds per feature: the `important` most important features (by the GBDT's importances; half
     of them by default) are confined to the range they take in the best-predicted `best_fraction` of
     random candidates; the others keep [0, MAX_RATIO]."""
@@ -183,8 +207,16 @@ def narrow(shape: Shape, predictor: Predictor, target: float, rng: random.Random
     return bounds
 
 
-def propose(shape: Shape, predictor: Predictor, target: float, bounds: list[tuple[float, float]], n: int, top_k: int,
-            rng: random.Random, exclude: set[Architecture] = frozenset()) -> list[Architecture]:
+def propose(
+    shape: Shape,
+    predictor: Predictor,
+    target: float,
+    bounds: list[tuple[float, float]],
+    n: int,
+    top_k: int,
+    rng: random.Random,
+    exclude: frozenset[Architecture] | set[Architecture] = frozenset(),
+) -> list[Architecture]:
     """The `top_k` architectures the predictor scores lowest among `n` sampled within `bounds`."""
     pool = list({a for a in (sample(shape, target, rng, bounds) for _ in range(n)) if a is not None} - set(exclude))
     if not pool:
@@ -227,8 +259,9 @@ def measure(model: Any, tokenizer: Any, data: EvalData) -> dict[str, float]:
 
     out: dict[str, float] = {"perplexity": round(perplexity(model, tokenizer, data.texts), 4)}
     if data.rows:
-        responses = lm.generate(model, tokenizer, [fmt.prompt(r) for r in data.rows], max_new_tokens=data.gen_tokens,
-                                batch_size=64)
+        responses = lm.generate(
+            model, tokenizer, [fmt.prompt(r) for r in data.rows], max_new_tokens=data.gen_tokens, batch_size=64
+        )
         q = response_quality(responses, data.rows, data.labels)
         out |= {"label_accuracy": round(q["label_accuracy"], 4), "parse_rate": round(q["parse_rate"], 4)}
     return out
@@ -242,16 +275,25 @@ def evaluate(base: str, importance: Any, arch: Architecture, data: EvalData) -> 
     model, tokenizer = lm.load(base, "spec.pruning (base model)")
     model.to(_device())
     prune.prune(model, arch, importance)
-    return {"arch": {"attn": list(arch.attn), "mlp": list(arch.mlp)}, "params": prune.param_count(model),
-            **measure(model, tokenizer, data)}
+    return {
+        "arch": {"attn": list(arch.attn), "mlp": list(arch.mlp)},
+        "params": prune.param_count(model),
+        **measure(model, tokenizer, data),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
 # The stage: Ray Tune trials, predictor, search, outputs.
 
 
-def _trial(config: dict[str, Any], archs: dict[str, list[list[float]]], base: str, data: EvalData, out_uri: str,
-           s3: dict[str, Any]) -> None:
+def _trial(
+    config: dict[str, Any],
+    archs: dict[str, list[list[float]]],
+    base: str,
+    data: EvalData,
+    out_uri: str,
+    s3: dict[str, Any],
+) -> None:
     """One Ray Tune trial: evaluate one architecture, persist its result (a retried job skips it)."""
     from ray import tune
 
@@ -268,8 +310,9 @@ def _trial(config: dict[str, Any], archs: dict[str, list[list[float]]], base: st
     tune.report({k: v for k, v in result.items() if isinstance(v, (int, float))})
 
 
-def run_trials(ctx: Any, archs: list[Architecture], base: str, data: EvalData,
-               counter: dict[str, int]) -> dict[str, dict[str, Any]]:
+def run_trials(
+    ctx: Any, archs: list[Architecture], base: str, data: EvalData, counter: dict[str, int]
+) -> dict[str, dict[str, Any]]:
     """Evaluate every architecture without a persisted result as a Ray Tune trial; all results by key."""
     from ray import tune
 
@@ -280,19 +323,30 @@ def run_trials(ctx: Any, archs: list[Architecture], base: str, data: EvalData,
         r = ctx.spec["teacher"]["resources"]
         o = ctx.storage.options
         trainable = tune.with_resources(
-            tune.with_parameters(_trial, archs=todo, base=base, data=data, out_uri=out.uri(),
-                                 s3={"endpoint": o.endpoint, "region": o.region}),
-            {"cpu": r["cpusPerWorker"], "gpu": r["gpusPerWorker"]})
+            tune.with_parameters(
+                _trial,
+                archs=todo,
+                base=base,
+                data=data,
+                out_uri=out.uri(),
+                s3={"endpoint": o.endpoint, "region": o.region},
+            ),
+            {"cpu": r["cpusPerWorker"], "gpu": r["gpusPerWorker"]},
+        )
         tuner = tune.Tuner(
-            trainable, param_space={"key": tune.grid_search(sorted(todo))},
+            trainable,
+            param_space={"key": tune.grid_search(sorted(todo))},
             # a trial reuses a finished one's actor: no process start and torch import per architecture
             tune_config=tune.TuneConfig(max_concurrent_trials=r["workers"], reuse_actors=True),
-            run_config=tune.RunConfig(name=f"trials-{ctx.config_hash}", storage_path=out.path("tune"),
-                                      storage_filesystem=out.fs, verbose=0),
+            run_config=tune.RunConfig(
+                name=f"trials-{ctx.config_hash}", storage_path=out.path("tune"), storage_filesystem=out.fs, verbose=0
+            ),
         )
         grid = tuner.fit()
         if grid.errors:
-            raise RuntimeError(f"prune-search: {len(grid.errors)} of {len(todo)} trial(s) failed; first: {grid.errors[0]}")
+            raise RuntimeError(
+                f"prune-search: {len(grid.errors)} of {len(todo)} trial(s) failed; first: {grid.errors[0]}"
+            )
     return {arch_key(a): out.read_json(f"evals/{arch_key(a)}.json") for a in archs}
 
 
@@ -328,8 +382,10 @@ def _prepare(base: str, calib: list[str], data: EvalData, out_uri: str, s3: dict
     out, model, tok = _on_worker_setup(base, out_uri, s3)
     model.to(_device())
     shape = prune.shape_of(model)
-    batches = [{k: v.to(model.device) for k, v in encode(tok, [""] * len(calib[i: i + 8]), calib[i: i + 8], 256).items()}
-               for i in range(0, len(calib), 8)]
+    batches = [
+        {k: v.to(model.device) for k, v in encode(tok, [""] * len(calib[i : i + 8]), calib[i : i + 8], 256).items()}
+        for i in range(0, len(calib), 8)
+    ]
     imp = prune.taylor_importance(model, batches)
     buf = io.BytesIO()
     torch.save(imp, buf)
@@ -363,7 +419,9 @@ def _eval_data(ctx: Any, p: dict[str, Any]) -> tuple[EvalData, list[str]]:
         raise ValueError("prune-search: the data stage's eval set is empty")
 
     def text(r: dict[str, Any]) -> str:
-        return fmt.prompt(r) + (fmt.response(r["reasoning"], r["label"]) if r.get("reasoning") else f"Label: {r['label']}")
+        return fmt.prompt(r) + (
+            fmt.response(r["reasoning"], r["label"]) if r.get("reasoning") else f"Label: {r['label']}"
+        )
 
     sft = read_dataset(ctx.input("data").child("sft"))
     calib = [text(r) for r in (sft or rows)[: p["calibrationSamples"]]]
@@ -381,8 +439,13 @@ def plot(diag: dict[str, Any], proposed: list[tuple[float, float]], objective: s
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.scatter(diag["test_measured"], diag["test_predicted"], label="held-out sampled architectures")
     if proposed:
-        ax.scatter([m for _, m in proposed], [p for p, _ in proposed], marker="x", s=60,
-                   label="predictor's picks, then measured")
+        ax.scatter(
+            [m for _, m in proposed],
+            [p for p, _ in proposed],
+            marker="x",
+            s=60,
+            label="predictor's picks, then measured",
+        )
     vals = diag["test_measured"] + diag["test_predicted"] + [v for pair in proposed for v in pair]
     lo, hi = min(vals), max(vals)
     ax.plot([lo, hi], [lo, hi], "k--", linewidth=0.8)
@@ -417,7 +480,9 @@ def run_stage(ctx: Any) -> dict[str, Any]:
     data, calib = _eval_data(ctx, p)
     prep = on_worker(res, _prepare, base, calib, data, ctx.out.uri(), s3)
     shape, base_metrics = prep["shape"], prep["base"]
-    ctx.log(f"base: {base_metrics}; {shape.layers} layers; target: remove {target:.0%} of {shape.params():,} parameters")
+    ctx.log(
+        f"base: {base_metrics}; {shape.layers} layers; target: remove {target:.0%} of {shape.params():,} parameters"
+    )
 
     rng = random.Random(seed)
     uni = uniform(shape, target)
@@ -428,21 +493,29 @@ def run_stage(ctx: Any) -> dict[str, Any]:
 
     y = [_objective(results[arch_key(a)], objective) for a in sampled]
     predictor = fit_predictor(sampled, y, seed, p["predictor"])
-    ctx.log(f"predictor ({p['predictor']}, {objective}): held-out R^2 {predictor.diagnostics['r2']}, "
-            f"Kendall tau {predictor.diagnostics['kendall_tau']}")
+    ctx.log(
+        f"predictor ({p['predictor']}, {objective}): held-out R^2 {predictor.diagnostics['r2']}, "
+        f"Kendall tau {predictor.diagnostics['kendall_tau']}"
+    )
     acc_diag = None
     if objective == "perplexity" and len({results[arch_key(a)]["label_accuracy"] for a in sampled}) > 1:
-        acc_diag = fit_predictor(sampled, [results[arch_key(a)]["label_accuracy"] for a in sampled], seed,
-                                 p["predictor"]).diagnostics
+        acc_diag = fit_predictor(
+            sampled, [results[arch_key(a)]["label_accuracy"] for a in sampled], seed, p["predictor"]
+        ).diagnostics
     bounds = narrow(shape, predictor, target, rng, candidates=max(200, p["candidates"] // 4))
-    top = propose(shape, predictor, target, bounds, n=p["candidates"], top_k=p["topK"], rng=rng,
-                  exclude={uni, *sampled})
-    ctx.log(f"phase 2: the predictor's best {len(top)} of {p['candidates']} candidates in the narrowed space, "
-            f"evaluated for real")
+    top = propose(
+        shape, predictor, target, bounds, n=p["candidates"], top_k=p["topK"], rng=rng, exclude={uni, *sampled}
+    )
+    ctx.log(
+        f"phase 2: the predictor's best {len(top)} of {p['candidates']} candidates in the narrowed space, "
+        f"evaluated for real"
+    )
     results |= run_trials(ctx, top, base, data, counter)
 
-    predicted_top = predictor.predict(top) if top else []
-    proposed = [(float(pr), _objective(results[arch_key(a)], objective)) for pr, a in zip(predicted_top, top, strict=True)]
+    predicted_top: list[float] = predictor.predict(top).tolist() if top else []
+    proposed = [
+        (float(pr), _objective(results[arch_key(a)], objective)) for pr, a in zip(predicted_top, top, strict=True)
+    ]
     searched = [*sampled, *top]
     best = min(searched, key=lambda a: _objective(results[arch_key(a)], objective))
     model_uri = on_worker(res, _finish, base, best, ctx.out.uri(), s3)
@@ -451,33 +524,62 @@ def run_stage(ctx: Any) -> dict[str, Any]:
     for phase, archs in (("uniform", [uni]), ("sampled", sampled), ("proposed", top)):
         for a in archs:
             r = results[arch_key(a)]
-            rows.append({"phase": phase, "key": arch_key(a), "removed_fraction": round(shape.removed_fraction(a), 4),
-                         "predicted": None, **r})
+            rows.append(
+                {
+                    "phase": phase,
+                    "key": arch_key(a),
+                    "removed_fraction": round(shape.removed_fraction(a), 4),
+                    "predicted": None,
+                    **r,
+                }
+            )
     for (pr, _), a in zip(proposed, top, strict=True):
         next(x for x in rows if x["key"] == arch_key(a))["predicted"] = round(pr, 4)
     ctx.out.write_text("architectures.jsonl", "".join(json.dumps(x) + "\n" for x in rows))
-    ctx.out.write_json("predictor.json", {"objective": objective, **predictor.diagnostics, "bounds": bounds,
-                                          "label_accuracy_predictor": acc_diag})
+    ctx.out.write_json(
+        "predictor.json",
+        {"objective": objective, **predictor.diagnostics, "bounds": bounds, "label_accuracy_predictor": acc_diag},
+    )
     ctx.out.write_bytes("predicted_vs_measured.png", plot(predictor.diagnostics, proposed, objective))
 
     def summary(a: Architecture) -> dict[str, Any]:
         r = results[arch_key(a)]
-        return {"perplexity": r["perplexity"], "label_accuracy": r.get("label_accuracy"), "params": r["params"],
-                "removed_fraction": round(shape.removed_fraction(a), 4), "attn": list(a.attn), "mlp": list(a.mlp)}
+        return {
+            "perplexity": r["perplexity"],
+            "label_accuracy": r.get("label_accuracy"),
+            "params": r["params"],
+            "removed_fraction": round(shape.removed_fraction(a), 4),
+            "attn": list(a.attn),
+            "mlp": list(a.mlp),
+        }
 
     s, u = summary(best), summary(uni)
     change = round(100 * (s["perplexity"] - u["perplexity"]) / u["perplexity"], 2)
-    ctx.log(f"searched: perplexity {s['perplexity']} vs uniform {u['perplexity']} ({change:+.2f}%); "
-            f"label accuracy {s['label_accuracy']} vs {u['label_accuracy']}; model at {model_uri}")
+    ctx.log(
+        f"searched: perplexity {s['perplexity']} vs uniform {u['perplexity']} ({change:+.2f}%); "
+        f"label accuracy {s['label_accuracy']} vs {u['label_accuracy']}; model at {model_uri}"
+    )
     metrics = {
-        "target_ratio": target, "objective": objective, "base": base_metrics, "searched": s, "uniform": u,
+        "target_ratio": target,
+        "objective": objective,
+        "base": base_metrics,
+        "searched": s,
+        "uniform": u,
         "perplexity_vs_uniform_pct": change,
         "predictor": {k: predictor.diagnostics[k] for k in ("kind", "r2", "kendall_tau", "n_train", "n_test")},
         "label_accuracy_predictor": None if acc_diag is None else {k: acc_diag[k] for k in ("r2", "kendall_tau")},
-        "evaluated": len(results), "evaluated_this_run": counter["evaluated_this_run"], "sampled": len(sampled),
+        "evaluated": len(results),
+        "evaluated_this_run": counter["evaluated_this_run"],
+        "sampled": len(sampled),
         "proposed": len(top),
         "log_perplexity_gap": round(math.log(u["perplexity"]) - math.log(s["perplexity"]), 4),
     }
-    return {"metrics": metrics, "outputs": {"model": model_uri, "architectures": ctx.out.uri("architectures.jsonl"),
-                                            "predictor": ctx.out.uri("predictor.json"),
-                                            "plot": ctx.out.uri("predicted_vs_measured.png")}}
+    return {
+        "metrics": metrics,
+        "outputs": {
+            "model": model_uri,
+            "architectures": ctx.out.uri("architectures.jsonl"),
+            "predictor": ctx.out.uri("predictor.json"),
+            "plot": ctx.out.uri("predicted_vs_measured.png"),
+        },
+    }

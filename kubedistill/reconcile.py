@@ -24,12 +24,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from kubedistill import k8s, pipeline
 from kubedistill.evaluate import gate_blocks
-from kubedistill.spec import Condition, DistillationRun, RunStatus, SpecError, StageStatus, parse_run
+from kubedistill.spec import Condition, ConditionStatus, DistillationRun, RunStatus, SpecError, StageStatus, parse_run
 
 HASH = f"{k8s.GROUP}/config-hash"
 ATTEMPT = k8s.ATTEMPT
@@ -55,7 +55,7 @@ def backoff_seconds(base: int, failed_attempts: int) -> int:
 
 
 def _later(now: str, seconds: int) -> str:
-    t = datetime.strptime(now, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc) + timedelta(seconds=seconds)
+    t = datetime.strptime(now, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC) + timedelta(seconds=seconds)
     return t.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
@@ -66,7 +66,9 @@ def _attempt(child: dict[str, Any]) -> int:
         return 1
 
 
-def _condition(conditions: list[Condition], type_: str, status: str, reason: str, message: str, now: str) -> None:
+def _condition(
+    conditions: list[Condition], type_: str, status: ConditionStatus, reason: str, message: str, now: str
+) -> None:
     old = next((c for c in conditions if c.type == type_), None)
     if old and (old.status, old.reason, old.message) == (status, reason, message):
         return
@@ -77,8 +79,12 @@ def _condition(conditions: list[Condition], type_: str, status: str, reason: str
 
 def invalid(body: dict[str, Any], error: Exception, previous: RunStatus | None, now: str) -> Plan:
     """The plan for a resource that cannot run: nothing created, status Failed, the field named."""
-    status = RunStatus(phase="Failed", observed_generation=(body.get("metadata") or {}).get("generation"),
-                       stages=previous.stages if previous else [], conditions=list(previous.conditions) if previous else [])
+    status = RunStatus(
+        phase="Failed",
+        observed_generation=(body.get("metadata") or {}).get("generation"),
+        stages=previous.stages if previous else [],
+        conditions=list(previous.conditions) if previous else [],
+    )
     message = "; ".join(str(p) for p in error.problems) if isinstance(error, SpecError) else str(error)
     _condition(status.conditions, "Valid", "False", "InvalidSpec", message, now)
     _condition(status.conditions, "Ready", "False", "InvalidSpec", message, now)
@@ -94,13 +100,16 @@ def reconcile_body(
     """`reconcile` for a resource as the API server holds it (spec unvalidated, previous status inside)."""
     previous = RunStatus.model_validate(body["status"]) if body.get("status") and body["status"].get("phase") else None
     try:
-        run = parse_run({k: v for k, v in body.items() if k in ("apiVersion", "kind", "metadata", "spec")},
-                        (body.get("metadata") or {}).get("name", "<resource>"))
+        run = parse_run(
+            {k: v for k, v in body.items() if k in ("apiVersion", "kind", "metadata", "spec")},
+            (body.get("metadata") or {}).get("name", "<resource>"),
+        )
     except SpecError as e:
         return invalid(body, e, previous, now)
     meta = body.get("metadata") or {}
-    return reconcile(run, children, manifests, now, uid=meta.get("uid"), generation=meta.get("generation"),
-                     previous=previous)
+    return reconcile(
+        run, children, manifests, now, uid=meta.get("uid"), generation=meta.get("generation"), previous=previous
+    )
 
 
 def reconcile(
@@ -116,31 +125,50 @@ def reconcile(
     """Decide the next step for `run` given its children (by name) and the stages' manifests in storage."""
     stages = pipeline.build(run)
     before = {s.name: s for s in (previous.stages if previous else [])}
-    status = RunStatus(phase="Running", observed_generation=generation,
-                       conditions=list(previous.conditions) if previous else [])
+    status = RunStatus(
+        phase="Running", observed_generation=generation, conditions=list(previous.conditions) if previous else []
+    )
     plan = Plan(status)
     phases: dict[str, str] = {}
     for stage in stages:
         old = before.get(stage.name) or StageStatus(name=stage.name)
-        st = StageStatus(name=stage.name, attempts=old.attempts, started_at=old.started_at,
-                         finished_at=old.finished_at, artifact=old.artifact, metrics=old.metrics,
-                         retry_at=old.retry_at, message=old.message if old.retry_at else None)
+        st = StageStatus(
+            name=stage.name,
+            attempts=old.attempts,
+            started_at=old.started_at,
+            finished_at=old.finished_at,
+            artifact=old.artifact,
+            metrics=old.metrics,
+            retry_at=old.retry_at,
+            message=old.message if old.retry_at else None,
+        )
         is_service = stage.name in pipeline.SERVICES
         name = k8s.child_name(run.name, stage.name)
         child = children.get(name)
-        desired = (k8s.rayservice(run, k8s.student_model_uri(run), uid) if is_service
-                   else k8s.rayjob(run, stage, uid, attempt=st.attempts + 1))
-        stale = child is not None and (child.get("metadata", {}).get("annotations") or {}).get(HASH) != \
-            desired["metadata"]["annotations"][HASH]
-        if stale and not is_service:  # delete now, create once it is gone (a later reconcile)
+        desired = (
+            k8s.rayservice(run, k8s.student_model_uri(run), uid)
+            if is_service
+            else k8s.rayjob(run, stage, uid, attempt=st.attempts + 1)
+        )
+        stale = (
+            child is not None
+            and (child.get("metadata", {}).get("annotations") or {}).get(HASH)
+            != desired["metadata"]["annotations"][HASH]
+        )
+        if stale and child is not None and not is_service:  # delete now, create once it is gone (a later reconcile)
             plan.delete.append((child["kind"], name))
             plan.events.append(("Normal", "StageConfigChanged", f"{stage.name}: config changed, rerunning"))
             st.phase, st.message, st.finished_at, st.metrics, st.artifact = (
-                "Pending", "config changed: rerunning once the old RayJob is deleted", None, {}, None)
+                "Pending",
+                "config changed: rerunning once the old RayJob is deleted",
+                None,
+                {},
+                None,
+            )
             phases[stage.name] = st.phase
             status.stages.append(st)
             continue
-        if stale:
+        if stale and child is not None:
             desired["metadata"]["resourceVersion"] = child["metadata"].get("resourceVersion")
             plan.replace.append(desired)
             plan.events.append(("Normal", "ServingUpdated", f"{stage.name}: serving config changed, updating in place"))
@@ -164,12 +192,14 @@ def reconcile(
             st.phase = "Pending"
         else:
             st.job = name
-            st.phase, st.message = (k8s.rayservice_phase(child) if is_service else k8s.rayjob_phase(child))
+            st.phase, st.message = k8s.rayservice_phase(child) if is_service else k8s.rayjob_phase(child)
             if st.phase == "Failed" and not is_service and st.attempts <= run.spec.ray.stage_retries:
                 wait = backoff_seconds(run.spec.ray.retry_backoff_seconds, st.attempts)
                 st.retry_at = _later(now, wait)
-                st.message = (f"attempt {st.attempts} failed: {st.message}; retry {st.attempts}/"
-                              f"{run.spec.ray.stage_retries} at {st.retry_at}")
+                st.message = (
+                    f"attempt {st.attempts} failed: {st.message}; retry {st.attempts}/"
+                    f"{run.spec.ray.stage_retries} at {st.retry_at}"
+                )
                 plan.delete.append((child["kind"], name))
                 plan.events.append(("Warning", "StageRetrying", f"{stage.name}: {st.message}"))
                 st.phase = "Pending"
@@ -199,7 +229,9 @@ def reconcile(
         _condition(status.conditions, "Ready", "False", "StageFailed", f"{failed.name}: {failed.message}", now)
     elif running:
         status.phase, status.current_stage = "Running", running.name
-        _condition(status.conditions, "Ready", "False", "StageRunning", f"{running.name}: {running.message or 'pending'}", now)
+        _condition(
+            status.conditions, "Ready", "False", "StageRunning", f"{running.name}: {running.message or 'pending'}", now
+        )
     else:
         status.phase, status.current_stage = "Succeeded", None
         _condition(status.conditions, "Ready", "True", "Succeeded", "every stage finished", now)

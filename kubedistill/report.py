@@ -69,7 +69,12 @@ def flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
         if isinstance(v, dict):
             out.extend(flatten(v, key + "."))
         elif isinstance(v, list):
-            out.append((key, ", ".join(_fmt(x) for x in v) if all(not isinstance(x, (dict, list)) for x in v) else json.dumps(v)))
+            out.append(
+                (
+                    key,
+                    ", ".join(_fmt(x) for x in v) if all(not isinstance(x, (dict, list)) for x in v) else json.dumps(v),
+                )
+            )
         else:
             out.append((key, v))
     return out
@@ -112,8 +117,15 @@ def _section_stages(status: dict[str, Any] | None, found: dict[str, dict[str, An
         phase = st.get("phase") or ("Succeeded" if m else "Failed" if fail else "Pending")
         cls = {"Succeeded": "ok", "Failed": "bad"}.get(phase, "muted")
         note = st.get("message") or (fail["error"] if fail and not m else "")
-        rows.append([_e(name), f"<span class='{cls}'>{_e(phase)}</span>",
-                     _fmt(m["seconds"]) if m else "", _e(m["finishedAt"] if m else st.get("finishedAt") or ""), _e(note)])
+        rows.append(
+            [
+                _e(name),
+                f"<span class='{cls}'>{_e(phase)}</span>",
+                _fmt(m["seconds"]) if m else "",
+                _e(m["finishedAt"] if m else st.get("finishedAt") or ""),
+                _e(note),
+            ]
+        )
     return "<h2>Stages</h2>" + _table(["stage", "phase", "seconds", "finished", "note"], rows, raw=True)
 
 
@@ -124,27 +136,49 @@ def _section_evaluation(storage: Storage, found: dict[str, dict[str, Any]]) -> s
     out = ["<h2>Evaluation</h2>"]
     gate = m["metrics"]["gate"]
     cls = "ok" if gate["passed"] else "bad"
-    out.append(f"<p>Gate (<code>evaluation.minMacroF1</code> {gate['threshold']}): "
-               f"<span class='{cls}'>{'passed' if gate['passed'] else 'not passed'}</span> — {_e(gate['reason'])}</p>")
+    out.append(
+        f"<p>Gate (<code>evaluation.minMacroF1</code> {gate['threshold']}): "
+        f"<span class='{cls}'>{'passed' if gate['passed'] else 'not passed'}</span> — {_e(gate['reason'])}</p>"
+    )
     detail = _read(storage, "evaluate/metrics.json") or {}
     models = detail.get("models", {})
     if models:
-        rows = [[_e(name), _e(r.get("objective", "lexical BM25 + logistic regression" if name == "baseline" else "")),
-                 r["accuracy"], r["macro_f1"], r["auc_ovr"] if r["auc_ovr"] is not None else "n/a", r["n"]]
-                for name, r in models.items()]
+        rows = [
+            [
+                _e(name),
+                _e(r.get("objective", "lexical BM25 + logistic regression" if name == "baseline" else "")),
+                r["accuracy"],
+                r["macro_f1"],
+                r["auc_ovr"] if r["auc_ovr"] is not None else "n/a",
+                r["n"],
+            ]
+            for name, r in models.items()
+        ]
         out.append(f"<p>{_fmt(detail.get('eval_rows'))} held-out eval pairs, standard input only.</p>")
         out.append(_table(["model", "objective", "accuracy", "macro-F1", "AUC (one-vs-rest)", "pairs"], rows, raw=True))
     comparison = detail.get("comparison")
     if comparison:
-        out.append("<h3>CE vs CRSD</h3><p>Students trained on the same rows, seed and budget with each objective "
-                   "(<code>student.compareObjectives</code>); the gate judges, and serving takes, the run's student "
-                   "(<code>student.objective</code>).</p>")
+        out.append(
+            "<h3>CE vs CRSD</h3><p>Students trained on the same rows, seed and budget with each objective "
+            "(<code>student.compareObjectives</code>); the gate judges, and serving takes, the run's student "
+            "(<code>student.objective</code>).</p>"
+        )
         trained = (found.get("student-crsd", {}).get("manifest") or {}).get("metrics", {})
-        step_s = {trained.get("objective"): trained.get("seconds_per_step"),
-                  **{o: m.get("seconds_per_step") for o, m in trained.get("compared", {}).items()}}
-        rows = [[_e(c["objective"]) + (" (the run's student)" if c["served"] else ""), c["macro_f1"],
-                 c["auc_ovr"] if c["auc_ovr"] is not None else "n/a", c["accuracy"], step_s.get(c["objective"]) or "—",
-                 "—" if c["delta_macro_f1"] is None else f"{c['delta_macro_f1']:+.4f}"] for c in comparison]
+        step_s = {
+            trained.get("objective"): trained.get("seconds_per_step"),
+            **{o: m.get("seconds_per_step") for o, m in trained.get("compared", {}).items()},
+        }
+        rows = [
+            [
+                _e(c["objective"]) + (" (the run's student)" if c["served"] else ""),
+                c["macro_f1"],
+                c["auc_ovr"] if c["auc_ovr"] is not None else "n/a",
+                c["accuracy"],
+                step_s.get(c["objective"]) or "—",
+                "—" if c["delta_macro_f1"] is None else f"{c['delta_macro_f1']:+.4f}",
+            ]
+            for c in comparison
+        ]
         out.append(_table(["objective", "macro-F1", "AUC", "accuracy", "s / step", "macro-F1 vs ce"], rows, raw=True))
     out.append(_image(storage, "evaluate/confusion.png", "confusion matrices"))
     return "".join(out)
@@ -152,20 +186,40 @@ def _section_evaluation(storage: Storage, found: dict[str, dict[str, Any]]) -> s
 
 def _section_teacher(found: dict[str, dict[str, Any]]) -> str:
     rows = []
-    if (m := found.get("teacher-dapt", {}).get("manifest")):
+    if m := found.get("teacher-dapt", {}).get("manifest"):
         x = m["metrics"]
-        rows.append(["teacher-dapt", f"held-out perplexity {_fmt(x.get('perplexity_before'))} → {_fmt(x.get('perplexity_after'))}"])
-    if (m := found.get("teacher-sft", {}).get("manifest")):
+        rows.append(
+            [
+                "teacher-dapt",
+                f"held-out perplexity {_fmt(x.get('perplexity_before'))} → {_fmt(x.get('perplexity_after'))}",
+            ]
+        )
+    if m := found.get("teacher-sft", {}).get("manifest"):
         ev = m["metrics"].get("eval", {})
-        rows.append(["teacher-sft", f"eval prompts: parse rate {_fmt(ev.get('parse_rate'))}, label accuracy {_fmt(ev.get('label_accuracy'))}"])
-    if (m := found.get("reward-model", {}).get("manifest")):
+        rows.append(
+            [
+                "teacher-sft",
+                f"eval prompts: parse rate {_fmt(ev.get('parse_rate'))}, label accuracy {_fmt(ev.get('label_accuracy'))}",
+            ]
+        )
+    if m := found.get("reward-model", {}).get("manifest"):
         x = m["metrics"]
         dims = ", ".join(f"{_e(k)} {_fmt(v)}" for k, v in (x.get("pairwise_accuracy") or {}).items())
-        rows.append(["reward-model", f"held-out pairwise accuracy: {dims}; combined {_fmt(x.get('combined_pairwise_accuracy'))}"])
-    if (m := found.get("teacher-dpo", {}).get("manifest")):
+        rows.append(
+            [
+                "reward-model",
+                f"held-out pairwise accuracy: {dims}; combined {_fmt(x.get('combined_pairwise_accuracy'))}",
+            ]
+        )
+    if m := found.get("teacher-dpo", {}).get("manifest"):
         b, a = m["metrics"].get("before", {}), m["metrics"].get("after", {})
-        rows.append(["teacher-dpo", f"mean reward {_fmt(b.get('mean_reward'))} → {_fmt(a.get('mean_reward'))}, label accuracy "
-                     f"{_fmt(b.get('label_accuracy'))} → {_fmt(a.get('label_accuracy'))}, parse rate {_fmt(b.get('parse_rate'))} → {_fmt(a.get('parse_rate'))}"])
+        rows.append(
+            [
+                "teacher-dpo",
+                f"mean reward {_fmt(b.get('mean_reward'))} → {_fmt(a.get('mean_reward'))}, label accuracy "
+                f"{_fmt(b.get('label_accuracy'))} → {_fmt(a.get('label_accuracy'))}, parse rate {_fmt(b.get('parse_rate'))} → {_fmt(a.get('parse_rate'))}",
+            ]
+        )
     return "<h2>Teacher</h2>" + _table(["stage", "result"], rows, raw=True) if rows else ""
 
 
@@ -174,8 +228,22 @@ def _section_annotate(found: dict[str, dict[str, Any]]) -> str:
     if not m:
         return ""
     x = m["metrics"]
-    rows = [[k, x[k]] for k in ("rows_in", "labeled", "quarantined", "parse_rate", "parse_rate_first_try", "engine",
-                                  "generated_tokens", "tokens_per_s", "tokens_per_s_after_startup", "rows_per_s") if k in x]
+    rows = [
+        [k, x[k]]
+        for k in (
+            "rows_in",
+            "labeled",
+            "quarantined",
+            "parse_rate",
+            "parse_rate_first_try",
+            "engine",
+            "generated_tokens",
+            "tokens_per_s",
+            "tokens_per_s_after_startup",
+            "rows_per_s",
+        )
+        if k in x
+    ]
     labels = ", ".join(f"{_e(k)} {_fmt(v)}" for k, v in (x.get("labels") or {}).items())
     reasons = ", ".join(f"{_e(k)} {_fmt(v)}" for k, v in (x.get("quarantine_reasons") or {}).items()) or "none"
     agree = x.get("agreement_with_reference")
@@ -183,10 +251,16 @@ def _section_annotate(found: dict[str, dict[str, Any]]) -> str:
     if agree:
         worst = sorted(agree.get("disagreements", {}).items(), key=lambda kv: -kv[1])
         off = ", ".join(f"{_e(k)} {_fmt(v)}" for k, v in worst) or "none"
-        said = (f"<p>The teacher agrees with the data stage's reference labels on {_pct(agree['accuracy'])} of "
-                f"{_fmt(agree['pairs'])} pairs (reference → teacher disagreements: {off}).</p>")
-    return ("<h2>Annotation</h2>" + _table(["metric", "value"], rows)
-            + f"<p>Labels: {labels}. Quarantined because: {reasons}.</p>" + said)
+        said = (
+            f"<p>The teacher agrees with the data stage's reference labels on {_pct(agree['accuracy'])} of "
+            f"{_fmt(agree['pairs'])} pairs (reference → teacher disagreements: {off}).</p>"
+        )
+    return (
+        "<h2>Annotation</h2>"
+        + _table(["metric", "value"], rows)
+        + f"<p>Labels: {labels}. Quarantined because: {reasons}.</p>"
+        + said
+    )
 
 
 def _section_pruning(storage: Storage, found: dict[str, dict[str, Any]]) -> str:
@@ -197,17 +271,26 @@ def _section_pruning(storage: Storage, found: dict[str, dict[str, Any]]) -> str:
     rows = []
     for name in ("base", "uniform", "searched"):
         r = x.get(name) or {}
-        rows.append([name, r.get("params", ""), r.get("removed_fraction", 0.0 if name == "base" else ""),
-                     r.get("perplexity", ""), r.get("label_accuracy", "")])
+        rows.append(
+            [
+                name,
+                r.get("params", ""),
+                r.get("removed_fraction", 0.0 if name == "base" else ""),
+                r.get("perplexity", ""),
+                r.get("label_accuracy", ""),
+            ]
+        )
     p = x.get("predictor", {})
-    return ("<h2>Pruning</h2>"
-            + f"<p>Target: remove {_pct(x.get('target_ratio'))} of the teacher's parameters; {_fmt(x.get('evaluated'))} "
-              f"architectures evaluated for real ({_fmt(x.get('sampled'))} sampled, {_fmt(x.get('proposed'))} proposed by the "
-              f"predictor). Searched vs uniform perplexity: {_signed_pct(x.get('perplexity_vs_uniform_pct'))}. Predictor "
-              f"({_e(p.get('kind'))}) on {_fmt(p.get('n_test'))} held-out architectures: R² {_fmt(p.get('r2'))}, "
-              f"Kendall τ {_fmt(p.get('kendall_tau'))}.</p>"
-            + _table(["model", "parameters", "removed", "perplexity", "label accuracy"], rows)
-            + _image(storage, "prune-search/predicted_vs_measured.png", "predicted vs measured"))
+    return (
+        "<h2>Pruning</h2>"
+        + f"<p>Target: remove {_pct(x.get('target_ratio'))} of the teacher's parameters; {_fmt(x.get('evaluated'))} "
+        f"architectures evaluated for real ({_fmt(x.get('sampled'))} sampled, {_fmt(x.get('proposed'))} proposed by the "
+        f"predictor). Searched vs uniform perplexity: {_signed_pct(x.get('perplexity_vs_uniform_pct'))}. Predictor "
+        f"({_e(p.get('kind'))}) on {_fmt(p.get('n_test'))} held-out architectures: R² {_fmt(p.get('r2'))}, "
+        f"Kendall τ {_fmt(p.get('kendall_tau'))}.</p>"
+        + _table(["model", "parameters", "removed", "perplexity", "label accuracy"], rows)
+        + _image(storage, "prune-search/predicted_vs_measured.png", "predicted vs measured")
+    )
 
 
 def _section_serve(found: dict[str, dict[str, Any]]) -> str:
@@ -215,8 +298,10 @@ def _section_serve(found: dict[str, dict[str, Any]]) -> str:
     if not m:
         return ""
     o = m["outputs"]
-    return (f"<h2>Serving</h2><p>Model <code>{_e(o.get('modelVersion'))}</code> from <code>{_e(o.get('model'))}</code> "
-            f"at <code>{_e(o.get('url'))}</code> (probe {_fmt(m['metrics'].get('probeLatencyMs'))} ms).</p>")
+    return (
+        f"<h2>Serving</h2><p>Model <code>{_e(o.get('modelVersion'))}</code> from <code>{_e(o.get('model'))}</code> "
+        f"at <code>{_e(o.get('url'))}</code> (probe {_fmt(m['metrics'].get('probeLatencyMs'))} ms).</p>"
+    )
 
 
 def _section_metrics(found: dict[str, dict[str, Any]]) -> str:
@@ -224,10 +309,14 @@ def _section_metrics(found: dict[str, dict[str, Any]]) -> str:
     for name, f in found.items():
         if f["manifest"]:
             rows = [[k, v] for k, v in flatten(f["manifest"]["metrics"])]
-            out.append(f"<details><summary><b>{_e(name)}</b> ({len(rows)} values)</summary>{_table(['metric', 'value'], rows)}</details>")
+            out.append(
+                f"<details><summary><b>{_e(name)}</b> ({len(rows)} values)</summary>{_table(['metric', 'value'], rows)}</details>"
+            )
         elif f["failure"]:
-            out.append(f"<details open><summary><b>{_e(name)}</b> <span class='bad'>failed</span></summary>"
-                       f"<pre>{_e(f['failure'].get('traceback') or f['failure']['error'])}</pre></details>")
+            out.append(
+                f"<details open><summary><b>{_e(name)}</b> <span class='bad'>failed</span></summary>"
+                f"<pre>{_e(f['failure'].get('traceback') or f['failure']['error'])}</pre></details>"
+            )
     return "".join(out)
 
 
@@ -238,14 +327,20 @@ def _section_lineage(found: dict[str, dict[str, Any]]) -> str:
         if not m:
             continue
         inputs = "<br>".join(f"{_e(k)} @ <code>{_e(v)}</code>" for k, v in m["inputs"].items()) or "—"
-        outputs = "<br>".join(f"{_e(k)}: <code>{_e(v)}</code>" for k, v in m["outputs"].items()
-                              if isinstance(v, str)) or f"<code>{_e(m['artifact'])}</code>"
-        rows.append([_e(name), f"<code>{_e(m['configHash'])}</code>", f"<code>{_e(m['digest'])}</code>", inputs, outputs])
+        outputs = (
+            "<br>".join(f"{_e(k)}: <code>{_e(v)}</code>" for k, v in m["outputs"].items() if isinstance(v, str))
+            or f"<code>{_e(m['artifact'])}</code>"
+        )
+        rows.append(
+            [_e(name), f"<code>{_e(m['configHash'])}</code>", f"<code>{_e(m['digest'])}</code>", inputs, outputs]
+        )
     if not rows:
         return ""
-    return ("<h2>Lineage</h2><p>Each stage's config hash (its resolved spec section and inputs), the digest of its "
-            "manifest, the manifests it was built from (stage @ digest), and what it wrote.</p>"
-            + _table(["stage", "config hash", "digest", "built from", "artifacts"], rows, raw=True))
+    return (
+        "<h2>Lineage</h2><p>Each stage's config hash (its resolved spec section and inputs), the digest of its "
+        "manifest, the manifests it was built from (stage @ digest), and what it wrote.</p>"
+        + _table(["stage", "config hash", "digest", "built from", "artifacts"], rows, raw=True)
+    )
 
 
 def render(run: str, uri: str, stages: list[str], storage: Storage, status: dict[str, Any] | None = None) -> str:

@@ -31,9 +31,19 @@ from kubedistill.storage import Storage
 
 STATUS_FILE = "_status.json"
 #: Environment passed through to stage jobs (credentials and endpoints; never user spec strings).
-_PASS_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
-             "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "HF_HOME", "HF_HUB_OFFLINE", HOLD_AT_ENV,
-             HOLD_DIR_ENV)
+_PASS_ENV = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "HF_HOME",
+    "HF_HUB_OFFLINE",
+    HOLD_AT_ENV,
+    HOLD_DIR_ENV,
+)
 
 
 class RayUnavailable(RuntimeError):
@@ -127,8 +137,11 @@ def _running(p: Any) -> bool:
 #:   run of the teacher stages)
 #: - no Ray Train preemption watcher (an actor per training run polling for node drains): the one node
 #:   here is this machine, and a drain of it is the run's own stop
-_LOCAL_HEAD_ENV = {"RAY_enable_worker_prestart": "0", "RAY_prestart_worker_first_driver": "0",
-                   "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+_LOCAL_HEAD_ENV = {
+    "RAY_enable_worker_prestart": "0",
+    "RAY_prestart_worker_first_driver": "0",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+}
 
 
 class RayStartTimedOut(RayUnavailable):
@@ -162,9 +175,20 @@ def start_ray_head(num_cpus: int | None = None, timeout: float = 180.0) -> RayHe
         # /tmp/ray, two heads on one machine send each other's jobs to the wrong (or a stopped) cluster
         tmp = Path(tempfile.mkdtemp(prefix="kubedistill-ray-"))
         log = tmp / f"ray-head-{ports[0]}.log"
-        argv = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--disable-usage-stats",
-                "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
-                f"--temp-dir={tmp}", *(f"--{flag}={port}" for flag, port in zip(_HEAD_PORTS, ports, strict=True))]
+        argv = [
+            sys.executable,
+            "-m",
+            "ray.scripts.scripts",
+            "start",
+            "--head",
+            "--block",
+            "--disable-usage-stats",
+            "--node-ip-address=127.0.0.1",
+            "--dashboard-host=127.0.0.1",
+            "--include-dashboard=true",
+            f"--temp-dir={tmp}",
+            *(f"--{flag}={port}" for flag, port in zip(_HEAD_PORTS, ports, strict=True)),
+        ]
         if num_cpus is not None:
             argv.append(f"--num-cpus={num_cpus}")
         with open(log, "wb") as fh:
@@ -193,7 +217,7 @@ def start_ray_head(num_cpus: int | None = None, timeout: float = 180.0) -> RayHe
 
 def _reload_ray_auth() -> None:
     """Make an imported Ray re-read RAY_AUTH_MODE / RAY_AUTH_TOKEN (it caches both on first use)."""
-    from ray._raylet import AuthenticationTokenLoader, Config
+    from ray._raylet import AuthenticationTokenLoader, Config  # type: ignore[attr-defined]  # Cython, no stubs
 
     Config.initialize("")
     AuthenticationTokenLoader.instance().reset_cache()
@@ -237,16 +261,19 @@ def local_ray(address: str | None = None, num_cpus: int | None = None) -> Iterat
             stack.callback(head.stop)
             stack.enter_context(ray_auth(head.auth_env))
         try:
-            ctx = ray.init(address=head.gcs_address if head else address, log_to_driver=False,
-                           logging_level="WARNING")
+            ctx = ray.init(address=head.gcs_address if head else address, log_to_driver=False, logging_level="WARNING")
         except ConnectionError as e:
-            raise RayUnavailable(f"cannot connect to Ray at {address}: {e}. Start one with `ray start --head`, or "
-                                 "omit --address to start a local one for this run") from e
+            raise RayUnavailable(
+                f"cannot connect to Ray at {address}: {e}. Start one with `ray start --head`, or "
+                "omit --address to start a local one for this run"
+            ) from e
         stack.callback(ray.shutdown)
         url = head.dashboard_url if head else ctx.dashboard_url
         if not url:
-            raise RayUnavailable("the Ray cluster has no dashboard; stage jobs need its job API: install "
-                                 "ray[default] (and start the head with --include-dashboard=true)")
+            raise RayUnavailable(
+                "the Ray cluster has no dashboard; stage jobs need its job API: install "
+                "ray[default] (and start the head with --include-dashboard=true)"
+            )
         yield RaySession(url if url.startswith("http") else f"http://{url}", head)
 
 
@@ -321,11 +348,15 @@ def run_local(
             from kubedistill import report
 
             try:
-                say(f"kubedistill: run report at {report.write(storage, run.name, [s.name for s in stages], status.status)}")
-            except Exception as e:  # never hide the run's own outcome behind the report's
+                say(
+                    f"kubedistill: run report at {report.write(storage, run.name, [s.name for s in stages], status.status)}"
+                )
+            except Exception as e:  # noqa: BLE001 - never hide the run's own outcome behind the report's
                 say(f"kubedistill: could not write the run report: {type(e).__name__}: {e}")
         took = int(time.monotonic() - started)
-        say(f"kubedistill: run {run.name} succeeded in {took // 60} min {took % 60} s; status at {storage.uri(STATUS_FILE)}")
+        say(
+            f"kubedistill: run {run.name} succeeded in {took // 60} min {took % 60} s; status at {storage.uri(STATUS_FILE)}"
+        )
         served = next((s for s in status.status.stages if s.name == "serve" and s.phase == "Succeeded"), None)
         if served:
             from kubedistill.serving import curl_example
@@ -342,8 +373,16 @@ def run_local(
     return status.status
 
 
-def _run_stages(run: DistillationRun, stages: list[pipeline.Stage], storage: Storage, status: StatusWriter, client: Any,
-                say: Any, poll_s: float, serve_port: int) -> None:
+def _run_stages(
+    run: DistillationRun,
+    stages: list[pipeline.Stage],
+    storage: Storage,
+    status: StatusWriter,
+    client: Any,
+    say: Any,
+    poll_s: float,
+    serve_port: int,
+) -> None:
     """Each stage in order as a Ray job: skipped when done, gated, or run and followed; raises RunFailed."""
     from ray.job_submission import JobStatus
 
@@ -360,18 +399,22 @@ def _run_stages(run: DistillationRun, stages: list[pipeline.Stage], storage: Sto
             continue
         if stage.name in pipeline.GATED and (why := promotion_blocked(storage)):
             st.phase, st.message = "Skipped", f"not promoted: {why}"
-            status.status.conditions.append(Condition(type="Promoted", status="False", reason="GateFailed",
-                                                      message=why, last_transition_time=now()))
+            status.status.conditions.append(
+                Condition(type="Promoted", status="False", reason="GateFailed", message=why, last_transition_time=now())
+            )
             say(f"{tag}: skipped, not promoted: {why}")
             status.save()
             continue
         env = {k: os.environ[k] for k in _PASS_ENV if k in os.environ}
         env.update({CONFIG_ENV: stage.config_json, "PYTHONUNBUFFERED": "1", "KUBEDISTILL_SERVE_PORT": str(serve_port)})
         st.phase, st.started_at, st.attempts = "Running", now(), st.attempts + 1
-        job_id = submit(client, entrypoint=_job_entrypoint(stage),
-                        submission_id=f"{run.name}-{stage.name}-{int(time.time() * 1000)}",
-                        runtime_env={"env_vars": env},
-                        metadata={"kubedistill.io/run": run.name, "kubedistill.io/stage": stage.name})
+        job_id = submit(
+            client,
+            entrypoint=_job_entrypoint(stage),
+            submission_id=f"{run.name}-{stage.name}-{int(time.time() * 1000)}",
+            runtime_env={"env_vars": env},
+            metadata={"kubedistill.io/run": run.name, "kubedistill.io/stage": stage.name},
+        )
         st.job = job_id
         status.save()
         say(f"{tag}: running (Ray job {job_id})")

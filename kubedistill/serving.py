@@ -19,7 +19,6 @@ nothing. The model path is the deployment's `user_config`, so switching versions
 inside the running replicas (`reconfigure`) without dropping requests.
 """
 
-
 import asyncio
 import json
 import socket
@@ -55,8 +54,14 @@ class AppArgs(ServingSpec):
 
 def app_args(serving: dict[str, Any], storage: dict[str, Any], model_uri: str) -> AppArgs:
     """The app's args from `spec.serving` and `spec.storage` (wire form) and the student-crsd model URI."""
-    return AppArgs.model_validate({**serving, "model": model_uri,
-                                   "storageEndpoint": storage.get("endpoint"), "storageRegion": storage.get("region")})
+    return AppArgs.model_validate(
+        {
+            **serving,
+            "model": model_uri,
+            "storageEndpoint": storage.get("endpoint"),
+            "storageRegion": storage.get("region"),
+        }
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,7 +111,9 @@ def parse_request(body: bytes, max_services: int, max_text_chars: int) -> ScoreR
             errors.append({"field": field_path(err["loc"], "body"), "message": msg})
         raise RequestError(422, errors[0]["field"], errors[0]["message"], errors) from None
     too_long = [("query", len(req.query))] if len(req.query) > max_text_chars else []
-    too_long += [(f"services[{i}].text", len(s.text)) for i, s in enumerate(req.services) if len(s.text) > max_text_chars]
+    too_long += [
+        (f"services[{i}].text", len(s.text)) for i, s in enumerate(req.services) if len(s.text) > max_text_chars
+    ]
     if too_long:
         errors = [{"field": f, "message": f"longer than {max_text_chars} characters (got {n})"} for f, n in too_long]
         raise RequestError(422, errors[0]["field"], errors[0]["message"], errors)
@@ -117,9 +124,13 @@ def score_results(probs: np.ndarray, labels: list[str], ids: list[str]) -> list[
     """Per service: the argmax label, every class probability and the expected grade in [0, 1]."""
     grades = np.linspace(0.0, 1.0, len(labels))
     return [
-        {"id": i, "label": labels[int(p.argmax())], "probabilities": {lab: round(float(x), 6) for lab, x in zip(labels, p)},
-         "score": round(float(p @ grades), 6)}
-        for i, p in zip(ids, probs)
+        {
+            "id": i,
+            "label": labels[int(p.argmax())],
+            "probabilities": {lab: round(float(x), 6) for lab, x in zip(labels, p, strict=True)},
+            "score": round(float(p @ grades), 6),
+        }
+        for i, p in zip(ids, probs, strict=True)
     ]
 
 
@@ -135,7 +146,7 @@ def check_artifact(args: AppArgs) -> None:
     try:
         present = {f: st.is_file(f) for f in ("student.json", "head.safetensors", "encoder/config.json")}
         meta = st.read_json("student.json") if present["student.json"] else {}
-    except Exception as e:  # unreachable S3, bad credentials, a corrupt student.json: say which field and why
+    except Exception as e:  # noqa: BLE001 - unreachable S3, bad credentials, a corrupt student.json: say which field and why
         raise FileNotFoundError(f"model: cannot read the student artifact at {args.model}: {e}") from None
     if not present["student.json"]:
         raise FileNotFoundError(
@@ -144,10 +155,14 @@ def check_artifact(args: AppArgs) -> None:
         )
     missing = [f for f, ok in present.items() if not ok]
     if missing:
-        raise FileNotFoundError(f"model: the student artifact at {args.model} is incomplete: {', '.join(missing)} missing")
+        raise FileNotFoundError(
+            f"model: the student artifact at {args.model} is incomplete: {', '.join(missing)} missing"
+        )
     if meta.get("artifactVersion") != ARTIFACT_VERSION:
-        raise ValueError(f"model: artifact version {meta.get('artifactVersion')} at {args.model} is not supported "
-                         f"(want {ARTIFACT_VERSION})")
+        raise ValueError(
+            f"model: artifact version {meta.get('artifactVersion')} at {args.model} is not supported "
+            f"(want {ARTIFACT_VERSION})"
+        )
 
 
 def build_app(args: dict[str, Any]) -> Any:
@@ -164,8 +179,9 @@ def build_app(args: dict[str, Any]) -> Any:
     static = a.model_dump(by_alias=True, exclude={"model"})  # the model is user_config: switching it reloads in place
     return deployment.options(
         max_ongoing_requests=a.max_ongoing_requests,
-        autoscaling_config=AutoscalingConfig(min_replicas=a.replicas.min, max_replicas=a.replicas.max,
-                                             target_ongoing_requests=a.target_ongoing_requests),
+        autoscaling_config=AutoscalingConfig(
+            min_replicas=a.replicas.min, max_replicas=a.replicas.max, target_ongoing_requests=a.target_ongoing_requests
+        ),
         ray_actor_options={"num_cpus": a.cpus_per_replica, "num_gpus": a.gpus_per_replica},
         user_config={"model": a.model},
         health_check_period_s=10,
@@ -200,13 +216,20 @@ def _deployment() -> Any:
             self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
             self._score_batch.set_max_batch_size(self.args.max_batch_pairs)
             self._score_batch.set_batch_wait_timeout_s(self.args.batch_wait_ms / 1000)
-            self.requests = Counter("kubedistill_score_requests", "POST /score requests by HTTP status",
-                                    tag_keys=("status",))
+            self.requests = Counter(
+                "kubedistill_score_requests", "POST /score requests by HTTP status", tag_keys=("status",)
+            )
             self.pairs = Counter("kubedistill_scored_pairs", "(query, service) pairs scored")
-            self.batch_pairs = Histogram("kubedistill_batch_pairs", "pairs per model call",
-                                         boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000])
-            self.model_ms = Histogram("kubedistill_model_latency_ms", "model call time per batch (ms)",
-                                      boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000])
+            self.batch_pairs = Histogram(
+                "kubedistill_batch_pairs",
+                "pairs per model call",
+                boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000],
+            )
+            self.model_ms = Histogram(
+                "kubedistill_model_latency_ms",
+                "model call time per batch (ms)",
+                boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000],
+            )
 
         async def reconfigure(self, user_config: dict[str, Any]) -> None:
             uri = user_config["model"]
@@ -243,11 +266,16 @@ def _deployment() -> Any:
                 self.requests.inc(tags={"status": str(e.status)})
                 return JSONResponse(e.body(), status_code=e.status)
             self.requests.inc(tags={"status": "200"})
-            body = {"modelVersion": student.version, "labels": student.labels,
-                    "results": score_results(probs, student.labels, [s.id for s in req.services])}
+            body = {
+                "modelVersion": student.version,
+                "labels": student.labels,
+                "results": score_results(probs, student.labels, [s.id for s in req.services]),
+            }
             return JSONResponse(body, headers={"X-Model-Version": student.version})
 
-        @serve.batch(max_batch_size=512, batch_wait_timeout_s=0.0, batch_size_fn=lambda items: sum(len(i[1]) for i in items))
+        @serve.batch(
+            max_batch_size=512, batch_wait_timeout_s=0.0, batch_size_fn=lambda items: sum(len(i[1]) for i in items)
+        )
         async def _score_batch(self, items: list[tuple[str, list[str]]]) -> list[tuple[np.ndarray, LoadedStudent]]:
             student = self.student
             if student is None:
@@ -256,7 +284,8 @@ def _deployment() -> Any:
             texts = [t for _, ts in items for t in ts]
             t0 = time.perf_counter()
             probs = await asyncio.get_running_loop().run_in_executor(
-                self.pool, lambda: student.predict_texts(queries, texts, batch_size=len(texts)))
+                self.pool, lambda: student.predict_texts(queries, texts, batch_size=len(texts))
+            )
             self.model_ms.observe((time.perf_counter() - t0) * 1000)
             self.batch_pairs.observe(len(texts))
             self.pairs.inc(len(texts))
@@ -289,8 +318,10 @@ def deploy(args: AppArgs, host: str = "127.0.0.1", port: int = 8000, name: str =
     from ray import serve
 
     if not serve.status().proxies and not port_free(host, port):
-        raise RuntimeError(f"port {port} on {host} is busy: stop what uses it, or pick another port "
-                           "(`kubedistill run --serve-port N`, or KUBEDISTILL_SERVE_PORT)")
+        raise RuntimeError(
+            f"port {port} on {host} is busy: stop what uses it, or pick another port "
+            "(`kubedistill run --serve-port N`, or KUBEDISTILL_SERVE_PORT)"
+        )
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(args.model_dump(by_alias=True)), name=name, route_prefix="/", blocking=False)
     return f"http://{host}:{port}/score"
@@ -307,9 +338,15 @@ def post_json(url: str, doc: Any, timeout: float = 30) -> tuple[int, dict[str, A
 
 
 def curl_example(url: str) -> str:
-    body = json.dumps({"query": "vegan brunch in Old Town", "services": [
-        {"id": "s1", "text": "Green Fork | restaurant | Old Town | $$ | offers vegan brunch, coffee"},
-        {"id": "s2", "text": "Iron Gym | fitness | Harbor | $ | offers weights, sauna"}]})
+    body = json.dumps(
+        {
+            "query": "vegan brunch in Old Town",
+            "services": [
+                {"id": "s1", "text": "Green Fork | restaurant | Old Town | $$ | offers vegan brunch, coffee"},
+                {"id": "s2", "text": "Iron Gym | fitness | Harbor | $ | offers weights, sauna"},
+            ],
+        }
+    )
     return f"curl -s -X POST {url} -H 'Content-Type: application/json' -d '{body}'"
 
 
@@ -330,5 +367,7 @@ def run_stage(ctx: Any) -> dict[str, Any]:
     if status != 200:
         raise RuntimeError(f"the deployed app answered {status} to a probe request: {body}")
     ctx.log(f"serving {body['modelVersion']} at {url}")
-    return {"metrics": {"probeLatencyMs": round((time.perf_counter() - t0) * 1000, 1)},
-            "outputs": {"url": url, "modelVersion": body["modelVersion"], "model": model_uri}}
+    return {
+        "metrics": {"probeLatencyMs": round((time.perf_counter() - t0) * 1000, 1)},
+        "outputs": {"url": url, "modelVersion": body["modelVersion"], "model": model_uri},
+    }

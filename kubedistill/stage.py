@@ -16,7 +16,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from kubedistill.holds import hold
@@ -28,7 +28,7 @@ FAILURE = "_FAILED.json"
 
 
 def now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def config_hash(config: dict[str, Any]) -> str:
@@ -73,7 +73,7 @@ class StageContext:
     storage: Storage  # the run's root: <storage.uri>/<run>/
 
     @classmethod
-    def from_env(cls) -> "StageContext":
+    def from_env(cls) -> StageContext:
         raw = os.environ.get(CONFIG_ENV)
         if not raw:
             raise SystemExit(f"{CONFIG_ENV} is not set: stage jobs are started by `kubedistill run` or the operator")
@@ -156,7 +156,7 @@ def main(fn: StageFn) -> None:
     ctx = StageContext.from_env()
     try:
         execute(ctx, fn)
-    except Exception as e:  # the traceback is in _FAILED.json and the job log
+    except Exception as e:  # noqa: BLE001 - the traceback is in _FAILED.json and the job log
         traceback.print_exc()
         print(f"[{ctx.name}] FAILED: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None

@@ -37,7 +37,7 @@ class S3Options:
     secret_key: str | None = field(default=None, repr=False)
 
     @classmethod
-    def from_env(cls, endpoint: str | None = None, region: str | None = None) -> "S3Options":
+    def from_env(cls, endpoint: str | None = None, region: str | None = None) -> S3Options:
         return cls(
             endpoint=endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"),
             region=region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
@@ -104,7 +104,7 @@ class Storage:
         """The path inside `self.fs` (what pyarrow and Ray Data take with `filesystem=self.fs`)."""
         return posixpath.join(self._root, rel) if rel else self._root
 
-    def child(self, rel: str) -> "Storage":
+    def child(self, rel: str) -> Storage:
         return Storage(self.uri(rel), self.options)
 
     # -- reads ----------------------------------------------------------------------------

@@ -62,15 +62,27 @@ class StudentConfig:
     seed: int = 0
 
     @classmethod
-    def from_spec(cls, student: dict[str, Any], labels: list[str]) -> "StudentConfig":
+    def from_spec(cls, student: dict[str, Any], labels: list[str]) -> StudentConfig:
         c, t = student["crsd"], student["train"]
         return cls(
-            labels=labels, base_model=student["baseModel"], objective=student["objective"],
-            align_weight=c["alignWeight"], contrast_weight=c["contrastWeight"], temperature=c["temperature"],
-            stop_gradient=c["stopGradient"], teacher_grad=c["teacherGrad"], kd_temperature=student["kdTemperature"], epochs=t["epochs"],
-            learning_rate=t["learningRate"], batch_size=t["batchSize"], max_steps=t["maxSteps"],
-            max_length=student["maxLength"], max_reasoning_tokens=student["maxReasoningTokens"], pooling=student["pooling"],
-            patience=student["patience"], seed=student["seed"],
+            labels=labels,
+            base_model=student["baseModel"],
+            objective=student["objective"],
+            align_weight=c["alignWeight"],
+            contrast_weight=c["contrastWeight"],
+            temperature=c["temperature"],
+            stop_gradient=c["stopGradient"],
+            teacher_grad=c["teacherGrad"],
+            kd_temperature=student["kdTemperature"],
+            epochs=t["epochs"],
+            learning_rate=t["learningRate"],
+            batch_size=t["batchSize"],
+            max_steps=t["maxSteps"],
+            max_length=student["maxLength"],
+            max_reasoning_tokens=student["maxReasoningTokens"],
+            pooling=student["pooling"],
+            patience=student["patience"],
+            seed=student["seed"],
         )
 
 
@@ -84,9 +96,15 @@ def check_rows(rows: list[dict[str, Any]], cfg: StudentConfig, what: str) -> Non
     if cfg.objective == "crsd":
         missing = sum(1 for r in rows if not (r.get("reasoning") or "").strip())
         if missing:
-            raise ValueError(f"{what}: {missing} row(s) have no 'reasoning'; objective crsd needs a reasoning chain per pair")
+            raise ValueError(
+                f"{what}: {missing} row(s) have no 'reasoning'; objective crsd needs a reasoning chain per pair"
+            )
     if cfg.objective == "kd":
-        bad = sum(1 for r in rows if not isinstance(r.get("label_probs"), (list, tuple)) or len(r["label_probs"]) != len(cfg.labels))
+        bad = sum(
+            1
+            for r in rows
+            if not isinstance(r.get("label_probs"), (list, tuple)) or len(r["label_probs"]) != len(cfg.labels)
+        )
         if bad:
             raise ValueError(
                 f"{what}: {bad} row(s) lack 'label_probs' (the teacher's distribution over {len(cfg.labels)} labels); "
@@ -100,7 +118,9 @@ def _cap(tokenizer: Any, text: str, n: int) -> str:
 
 def fit_services(tokenizer: Any, queries: list[str], texts: list[str], max_length: int) -> list[str]:
     """Service texts cut to what fits beside each query in `max_length` tokens."""
-    return [_cap(tokenizer, t, max_length - len(tokenizer.tokenize(q)) - 3) for q, t in zip(queries, texts)]
+    return [
+        _cap(tokenizer, t, max_length - len(tokenizer.tokenize(q)) - 3) for q, t in zip(queries, texts, strict=True)
+    ]
 
 
 def _services(tokenizer: Any, rows: list[dict[str, Any]], max_length: int) -> list[str]:
@@ -109,8 +129,9 @@ def _services(tokenizer: Any, rows: list[dict[str, Any]], max_length: int) -> li
 
 def encode_standard(tokenizer: Any, queries: list[str], services: list[str], max_length: int) -> Any:
     """[CLS] query [SEP] service [SEP]: the only input the student sees at inference."""
-    return tokenizer(queries, services, truncation="longest_first", max_length=max_length, padding=True,
-                     return_tensors="pt")
+    return tokenizer(
+        queries, services, truncation="longest_first", max_length=max_length, padding=True, return_tensors="pt"
+    )
 
 
 class Encoded:
@@ -127,14 +148,24 @@ class Encoded:
         self.standard = encode_standard(tokenizer, queries, services, cfg.max_length)
         self.reasoning = None
         if with_reasoning:
-            second = [f"{s} {tokenizer.sep_token} {_cap(tokenizer, r.get('reasoning') or '', cfg.max_reasoning_tokens)}"
-                      for s, r in zip(services, rows)]
-            self.reasoning = tokenizer(queries, second, truncation="longest_first",
-                                       max_length=cfg.max_length + cfg.max_reasoning_tokens + 1, padding=True,
-                                       return_tensors="pt")
+            second = [
+                f"{s} {tokenizer.sep_token} {_cap(tokenizer, r.get('reasoning') or '', cfg.max_reasoning_tokens)}"
+                for s, r in zip(services, rows, strict=True)
+            ]
+            self.reasoning = tokenizer(
+                queries,
+                second,
+                truncation="longest_first",
+                max_length=cfg.max_length + cfg.max_reasoning_tokens + 1,
+                padding=True,
+                return_tensors="pt",
+            )
         self.labels = torch.tensor([cfg.labels.index(r["label"]) for r in rows]) if "label" in rows[0] else None
-        self.soft = (torch.tensor([r["label_probs"] for r in rows], dtype=torch.float32)
-                     if cfg.objective == "kd" and "label_probs" in rows[0] else None)
+        self.soft = (
+            torch.tensor([r["label_probs"] for r in rows], dtype=torch.float32)
+            if cfg.objective == "kd" and "label_probs" in rows[0]
+            else None
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,8 +202,12 @@ class RelevanceStudent(nn.Module):
         h = self.pool(batch)
         return h, self.classifier(self.dropout(h))
 
-    def forward(self, standard: dict[str, torch.Tensor], reasoning: dict[str, torch.Tensor] | None = None,
-                reasoning_grad: bool = True):  # type: ignore[no-untyped-def]
+    def forward(
+        self,
+        standard: dict[str, torch.Tensor],
+        reasoning: dict[str, torch.Tensor] | None = None,
+        reasoning_grad: bool = True,
+    ) -> Any:
         h, logits_s = self.encode(standard)
         if reasoning is None:
             return h, logits_s, None, None
@@ -210,10 +245,12 @@ def loss_terms(model: nn.Module, enc: Encoded, idx: torch.Tensor, cfg: StudentCo
     y = enc.labels[idx]
     if cfg.objective == "crsd":
         assert enc.reasoning is not None
-        h, logits_s, r, logits_t = model(_slice(enc.standard, idx), _slice(enc.reasoning, idx),
-                                         reasoning_grad=cfg.teacher_grad)
-        return losses.crsd_loss(logits_s, logits_t, h, r, y, cfg.align_weight, cfg.contrast_weight,
-                                cfg.temperature, cfg.stop_gradient)
+        h, logits_s, r, logits_t = model(
+            _slice(enc.standard, idx), _slice(enc.reasoning, idx), reasoning_grad=cfg.teacher_grad
+        )
+        return losses.crsd_loss(
+            logits_s, logits_t, h, r, y, cfg.align_weight, cfg.contrast_weight, cfg.temperature, cfg.stop_gradient
+        )
     _, logits_s, _, _ = model(_slice(enc.standard, idx))
     terms = {"sce": losses.ce_loss(logits_s, y)}
     if cfg.objective == "kd":
@@ -226,23 +263,32 @@ def loss_terms(model: nn.Module, enc: Encoded, idx: torch.Tensor, cfg: StudentCo
 
 
 @torch.no_grad()
-def predict_proba(model: RelevanceStudent, tokenizer: Any, rows: list[dict[str, Any]], max_length: int,
-                  batch_size: int = 64) -> np.ndarray:
+def predict_proba(
+    model: RelevanceStudent, tokenizer: Any, rows: list[dict[str, Any]], max_length: int, batch_size: int = 64
+) -> np.ndarray:
     """Class probabilities from the standard input only (what serving sees)."""
-    return predict_texts(model, tokenizer, [r["query"] for r in rows], [service_text(r) for r in rows],
-                         max_length, batch_size)
+    return predict_texts(
+        model, tokenizer, [r["query"] for r in rows], [service_text(r) for r in rows], max_length, batch_size
+    )
 
 
 @torch.inference_mode()
-def predict_texts(model: RelevanceStudent, tokenizer: Any, queries: list[str], services: list[str], max_length: int,
-                  batch_size: int = 64) -> np.ndarray:
+def predict_texts(
+    model: RelevanceStudent,
+    tokenizer: Any,
+    queries: list[str],
+    services: list[str],
+    max_length: int,
+    batch_size: int = 64,
+) -> np.ndarray:
     """Class probabilities of (query, service text) pairs from the standard input: what serving calls."""
     model.eval()
     out = []
     for i in range(0, len(queries), batch_size):
         q = queries[i : i + batch_size]
-        batch = encode_standard(tokenizer, q, fit_services(tokenizer, q, services[i : i + batch_size], max_length),
-                                max_length)
+        batch = encode_standard(
+            tokenizer, q, fit_services(tokenizer, q, services[i : i + batch_size], max_length), max_length
+        )
         batch = {k: v.to(model.classifier.weight.device) for k, v in batch.items()}
         _, logits, _, _ = model(batch)
         out.append(torch.softmax(logits.float(), dim=-1).cpu().numpy())
@@ -284,12 +330,13 @@ def fit(
     enc = Encoded(tokenizer, train_rows, cfg, with_reasoning=cfg.objective == "crsd")
     per_worker = max(2, cfg.batch_size // world)
     steps_per_epoch = max(1, math.ceil(len(train_rows) / (per_worker * world)))
-    total_steps = cfg.max_steps or max(1, int(round(cfg.epochs * steps_per_epoch)))
+    total_steps = cfg.max_steps or max(1, round(cfg.epochs * steps_per_epoch))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=0.01)
     warmup = max(1, total_steps // 10)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total_steps - s) / max(1, total_steps - warmup))))
-    st = {"step": 0, "best_f1": -1.0, "best_step": 0, "bad_rounds": 0, "best_state": None}
+        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total_steps - s) / max(1, total_steps - warmup)))
+    )
+    st: dict[str, Any] = {"step": 0, "best_f1": -1.0, "best_step": 0, "bad_rounds": 0, "best_state": None}
     if resume:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
@@ -299,15 +346,20 @@ def fit(
     trained = wrap(model)
 
     def checkpoint() -> dict[str, Any]:
-        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), **st}
+        return {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": torch.get_rng_state(),
+            **st,
+        }
 
-    stopped, metrics = False, {}
+    stopped, metrics = False, dict[str, Any]()
     while st["step"] < total_steps and not stopped:
         epoch, offset = divmod(st["step"], steps_per_epoch)
         order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
         trained.train()
-        t0, sums, n = time.monotonic(), {}, 0
+        t0, sums, n = time.monotonic(), dict[str, float](), 0
         for b in range(offset, steps_per_epoch):
             lo = b * per_worker * world + rank * per_worker
             idx = order[torch.arange(lo, lo + per_worker) % len(order)]  # the last batch wraps around
@@ -324,19 +376,32 @@ def fit(
             if st["step"] >= total_steps:
                 break
         elapsed = time.monotonic() - t0
-        val = classification_metrics([r["label"] for r in val_rows],
-                                     predict_proba(model, tokenizer, val_rows, cfg.max_length), cfg.labels)
+        val = classification_metrics(
+            [r["label"] for r in val_rows], predict_proba(model, tokenizer, val_rows, cfg.max_length), cfg.labels
+        )
         if val["macro_f1"] > st["best_f1"]:
-            st.update(best_f1=val["macro_f1"], best_step=st["step"], bad_rounds=0,
-                      best_state={k: v.detach().clone() for k, v in model.state_dict().items()})
+            st.update(
+                best_f1=val["macro_f1"],
+                best_step=st["step"],
+                bad_rounds=0,
+                best_state={k: v.detach().clone() for k, v in model.state_dict().items()},
+            )
         else:
             st["bad_rounds"] += 1
         stopped = st["bad_rounds"] >= cfg.patience
-        metrics = {"step": st["step"], "total_steps": total_steps, "epoch": round(st["step"] / steps_per_epoch, 3),
-                   "val_macro_f1": val["macro_f1"], "val_accuracy": val["accuracy"], "val_auc": val["auc_ovr"],
-                   "best_val_macro_f1": st["best_f1"], "best_step": st["best_step"],
-                   "seconds_per_step": elapsed / max(1, n), "stopped_early": stopped,
-                   **{f"train_{k}": v / max(1, n) for k, v in sums.items()}}
+        metrics = {
+            "step": st["step"],
+            "total_steps": total_steps,
+            "epoch": round(st["step"] / steps_per_epoch, 3),
+            "val_macro_f1": val["macro_f1"],
+            "val_accuracy": val["accuracy"],
+            "val_auc": val["auc_ovr"],
+            "best_val_macro_f1": st["best_f1"],
+            "best_step": st["best_step"],
+            "seconds_per_step": elapsed / max(1, n),
+            "stopped_early": stopped,
+            **{f"train_{k}": v / max(1, n) for k, v in sums.items()},
+        }
         on_round(Round(metrics, checkpoint))
     return {**checkpoint(), "metrics": metrics}
 
@@ -367,15 +432,28 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 torch.save(r.checkpoint(), Path(d) / "state.pt")
                 checkpoint = ray.train.Checkpoint.from_directory(d)
                 m = r.metrics
-                print(f"[student-crsd] step {m['step']}/{m['total_steps']} val macro-F1 {m['val_macro_f1']:.4f} "
-                      f"(best {m['best_val_macro_f1']:.4f} @ {m['best_step']}) loss {m['train_loss']:.4f} "
-                      f"{m['seconds_per_step']:.2f}s/step" + (" - early stop" if m["stopped_early"] else ""), flush=True)
+                print(
+                    f"[student-crsd] step {m['step']}/{m['total_steps']} val macro-F1 {m['val_macro_f1']:.4f} "
+                    f"(best {m['best_val_macro_f1']:.4f} @ {m['best_step']}) loss {m['train_loss']:.4f} "
+                    f"{m['seconds_per_step']:.2f}s/step" + (" - early stop" if m["stopped_early"] else ""),
+                    flush=True,
+                )
             ray.train.report(r.metrics, checkpoint=checkpoint)
             if rank == 0:
                 hold("train.checkpoint-reported")
 
-    fit(cfg, model, tokenizer, train_rows, val_rows, rank=rank, world=ctx.get_world_size(),
-        wrap=ray.train.torch.prepare_model, resume=resume, on_round=report)
+    fit(
+        cfg,
+        model,
+        tokenizer,
+        train_rows,
+        val_rows,
+        rank=rank,
+        world=ctx.get_world_size(),
+        wrap=ray.train.torch.prepare_model,
+        resume=resume,
+        on_round=report,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -393,8 +471,15 @@ def export(model: RelevanceStudent, tokenizer: Any, cfg: StudentConfig, out: Sto
             out.write_bytes(f"encoder/{f.name}", f.read_bytes())
     head = {k: v.contiguous() for k, v in model.classifier.state_dict().items()}
     out.write_bytes("head.safetensors", st_save(head))
-    meta = {"artifactVersion": ARTIFACT_VERSION, "labels": cfg.labels, "maxLength": cfg.max_length,
-            "pooling": cfg.pooling, "objective": cfg.objective, "baseModel": cfg.base_model, **extra}
+    meta = {
+        "artifactVersion": ARTIFACT_VERSION,
+        "labels": cfg.labels,
+        "maxLength": cfg.max_length,
+        "pooling": cfg.pooling,
+        "objective": cfg.objective,
+        "baseModel": cfg.base_model,
+        **extra,
+    }
     out.write_json("student.json", meta)
     return out.uri()
 
@@ -435,7 +520,9 @@ def load_student(uri: str, options: S3Options | None = None) -> LoadedStudent:
     tag = meta.get("configHash") or hashlib.sha256(raw).hexdigest()
     meta["version"] = f"{meta.get('objective', 'student')}-{tag[:12]}"
     if meta.get("artifactVersion") != ARTIFACT_VERSION:
-        raise ValueError(f"{uri}: artifact version {meta.get('artifactVersion')} is not supported (want {ARTIFACT_VERSION})")
+        raise ValueError(
+            f"{uri}: artifact version {meta.get('artifactVersion')} is not supported (want {ARTIFACT_VERSION})"
+        )
     local = resolve(st.uri("encoder"), f"{uri}/encoder", options)  # a local dir, or the s3:// prefix cached
     encoder = AutoModel.from_pretrained(local)
     model = RelevanceStudent(encoder, len(meta["labels"]), pooling=meta.get("pooling", "cls"))
@@ -477,9 +564,11 @@ def run_stage(ctx: Any) -> dict[str, Any]:
         objective = other.objective
         ctx.log(f"comparison objective {objective}: training on the same splits")
         m, outputs[f"model_{objective}"] = _train_and_export(
-            ctx, other, source, ctx.out.child(f"compare/{objective}/model"), f"train-{ctx.config_hash}-{objective}")
-        compared[objective] = {k: m[k] for k in ("val_macro_f1", "val_auc", "best_val_macro_f1", "seconds_per_step", "step")
-                               if k in m}
+            ctx, other, source, ctx.out.child(f"compare/{objective}/model"), f"train-{ctx.config_hash}-{objective}"
+        )
+        compared[objective] = {
+            k: m[k] for k in ("val_macro_f1", "val_auc", "best_val_macro_f1", "seconds_per_step", "step") if k in m
+        }
     if compared:
         metrics["compared"] = compared
     return {"metrics": metrics, "outputs": outputs}
@@ -494,14 +583,24 @@ def _train_and_export(ctx: Any, cfg: StudentConfig, source: str, out: Storage, n
     res = spec["student"]["resources"]
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"student": asdict(cfg), "splits_uri": ctx.out.uri("splits"),
-                           "s3": {"endpoint": ctx.storage.options.endpoint, "region": ctx.storage.options.region}},
-        scaling_config=ScalingConfig(num_workers=res["workers"], use_gpu=res["gpusPerWorker"] > 0,
-                                     resources_per_worker={"CPU": res["cpusPerWorker"],
-                                                           **({"GPU": res["gpusPerWorker"]} if res["gpusPerWorker"] else {})}),
+        train_loop_config={
+            "student": asdict(cfg),
+            "splits_uri": ctx.out.uri("splits"),
+            "s3": {"endpoint": ctx.storage.options.endpoint, "region": ctx.storage.options.region},
+        },
+        scaling_config=ScalingConfig(
+            num_workers=res["workers"],
+            use_gpu=res["gpusPerWorker"] > 0,
+            resources_per_worker={
+                "CPU": res["cpusPerWorker"],
+                **({"GPU": res["gpusPerWorker"]} if res["gpusPerWorker"] else {}),
+            },
+        ),
         run_config=RunConfig(
             # the same name and storage path on a retried job resumes from the latest checkpoint
-            name=name, storage_path=ctx.out.path("ray"), storage_filesystem=ctx.out.fs,
+            name=name,
+            storage_path=ctx.out.path("ray"),
+            storage_filesystem=ctx.out.fs,
             checkpoint_config=CheckpointConfig(num_to_keep=1),
             failure_config=FailureConfig(max_failures=spec["student"]["maxFailures"]),
         ),
@@ -513,11 +612,22 @@ def _train_and_export(ctx: Any, cfg: StudentConfig, source: str, out: Storage, n
         state = torch.load(Path(d) / "state.pt", weights_only=False)
     model, tokenizer = build_model(cfg, ctx.storage.options)
     model.load_state_dict(state["best_state"])
-    metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float, bool))}
+    metrics: dict[str, Any] = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float, bool))}
     metrics.update(objective=cfg.objective, parameters=sum(p.numel() for p in model.parameters()))
-    uri = export(model, tokenizer, cfg, out,
-                 {"bestValMacroF1": state["best_f1"], "bestStep": state["best_step"], "trainedOn": source,
-                  "configHash": ctx.config_hash})
-    ctx.log(f"{cfg.objective}: exported the standard-input model to {uri} (best val macro-F1 {state['best_f1']:.4f} "
-            f"at step {state['best_step']})")
+    uri = export(
+        model,
+        tokenizer,
+        cfg,
+        out,
+        {
+            "bestValMacroF1": state["best_f1"],
+            "bestStep": state["best_step"],
+            "trainedOn": source,
+            "configHash": ctx.config_hash,
+        },
+    )
+    ctx.log(
+        f"{cfg.objective}: exported the standard-input model to {uri} (best val macro-F1 {state['best_f1']:.4f} "
+        f"at step {state['best_step']})"
+    )
     return metrics, uri

@@ -46,6 +46,7 @@ rayservices = kopf.index(controller.RAY_GROUP, controller.RAY_VERSION, "rayservi
 def reconcile(body: kopf.Body, patch: kopf.Patch, rayjobs: kopf.Index, rayservices: kopf.Index, **_) -> None:
     key = (body.metadata.namespace or "default", body.metadata.name)
     children = controller.children_by_name({"RayJob": rayjobs.get(key, []), "RayService": rayservices.get(key, [])})
+    assert ctl is not None, "set at start-up"
     plan = ctl.reconcile_run(dict(body), children, stage.now())
     wire = spec.to_wire(plan.status)
     new = {k: wire.get(k) for k in STATUS_KEYS}
@@ -57,4 +58,5 @@ def reconcile(body: kopf.Body, patch: kopf.Patch, rayjobs: kopf.Index, rayservic
 
 @kopf.on.delete(*RUNS, optional=True)
 def forget(body: kopf.Body, **_) -> None:
+    assert ctl is not None, "set at start-up"
     ctl.forget(dict(body))  # its RayJobs and RayService go with it: they carry its owner reference

@@ -24,7 +24,9 @@ from typing import Any
 from kubedistill.data import service_text
 
 INSTRUCTION = "Judge relevance."
-_RESPONSE = re.compile(r"^\s*Reasoning:[ \t]*(?P<reasoning>[^\n]*?)[ \t]*\n[ \t]*Label:[ \t]*(?P<label>[^\n]*?)[ \t]*(\n|$)")
+_RESPONSE = re.compile(
+    r"^\s*Reasoning:[ \t]*(?P<reasoning>[^\n]*?)[ \t]*\n[ \t]*Label:[ \t]*(?P<label>[^\n]*?)[ \t]*(\n|$)"
+)
 
 
 def prompt(row: dict[str, Any]) -> str:

@@ -19,10 +19,24 @@ from kubedistill.storage import S3Options, Storage
 
 #: scratch presets: Llama shapes small enough to train on a laptop CPU in minutes
 SCRATCH: dict[str, dict[str, int]] = {
-    "llama-tiny": {"vocab_size": 1024, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
-                   "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 512},
-    "llama-small": {"vocab_size": 4096, "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4,
-                    "num_attention_heads": 8, "num_key_value_heads": 4, "max_position_embeddings": 1024},
+    "llama-tiny": {
+        "vocab_size": 1024,
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 512,
+    },
+    "llama-small": {
+        "vocab_size": 4096,
+        "hidden_size": 256,
+        "intermediate_size": 688,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 1024,
+    },
 }
 SPECIALS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
 
@@ -39,8 +53,12 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Any:
     tok = Tokenizer(models.BPE(unk_token=SPECIALS["unk_token"]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS.values()),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIALS.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIALS)
 
@@ -52,14 +70,20 @@ def scratch(uri: str, texts: Iterable[str], seed: int = 0) -> tuple[Any, Any]:
 
     preset = uri.removeprefix("scratch:")
     if preset not in SCRATCH:
-        raise ModelNotFound(f"spec.teacher.baseModel: unknown preset {uri!r}; expected one of "
-                            f"{['scratch:' + p for p in SCRATCH]}, a hub id, a local directory or an s3:// prefix")
+        raise ModelNotFound(
+            f"spec.teacher.baseModel: unknown preset {uri!r}; expected one of "
+            f"{['scratch:' + p for p in SCRATCH]}, a hub id, a local directory or an s3:// prefix"
+        )
     shape = SCRATCH[preset]
     tokenizer = train_tokenizer(texts, shape["vocab_size"])
     torch.manual_seed(seed)
-    config = LlamaConfig(**{**shape, "vocab_size": len(tokenizer)}, tie_word_embeddings=True,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        **{**shape, "vocab_size": len(tokenizer)},
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     return LlamaForCausalLM(config), tokenizer
 
 
@@ -100,7 +124,9 @@ def check_loadable(uri: str, field: str, options: S3Options | None = None) -> No
 def ensure_specials(tokenizer: Any, model: Any) -> None:
     """Generation and padding need eos and pad: reuse eos as pad when a tokenizer has none."""
     if tokenizer.eos_token is None:
-        raise ModelNotFound("the tokenizer has no end-of-sequence token; the teacher cannot learn where a response ends")
+        raise ModelNotFound(
+            "the tokenizer has no end-of-sequence token; the teacher cannot learn where a response ends"
+        )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if model is not None and model.config.pad_token_id is None:
@@ -118,8 +144,17 @@ def save(model: Any, tokenizer: Any, out: Storage) -> str:
     return out.uri()
 
 
-def generate(model: Any, tokenizer: Any, prompts: list[str], *, max_new_tokens: int, temperature: float = 0.0,
-             batch_size: int = 64, seed: int = 0, with_token_counts: bool = False) -> list[Any]:
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    batch_size: int = 64,
+    seed: int = 0,
+    with_token_counts: bool = False,
+) -> list[Any]:
     """Batched `generate` with left padding: the response text of each prompt (greedy at temperature 0);
     with `with_token_counts`, (text, generated tokens up to and including end-of-sequence) pairs."""
     import torch
@@ -127,23 +162,32 @@ def generate(model: Any, tokenizer: Any, prompts: list[str], *, max_new_tokens: 
     torch.manual_seed(seed)
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     model.eval()
-    out: list[str] = []
+    out: list[Any] = []  # texts, or (text, tokens) pairs
     try:
         for i in range(0, len(prompts), batch_size):
             enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
             enc = {k: v.to(model.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
-            sampling = {"do_sample": True, "temperature": temperature, "top_k": 0} if temperature > 0 else {"do_sample": False}
+            sampling = (
+                {"do_sample": True, "temperature": temperature, "top_k": 0} if temperature > 0 else {"do_sample": False}
+            )
             with torch.no_grad():
-                ids = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                     eos_token_id=tokenizer.eos_token_id, **sampling)
-            new = ids[:, enc["input_ids"].shape[1]:]
+                ids = model.generate(
+                    **enc,
+                    max_new_tokens=max_new_tokens,
+                    pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                    **sampling,
+                )
+            new = ids[:, enc["input_ids"].shape[1] :]
             texts = tokenizer.batch_decode(new, skip_special_tokens=True)
             if not with_token_counts:
                 out.extend(texts)
                 continue
             is_eos = (new == tokenizer.eos_token_id).int()
             ended = is_eos.any(dim=1)
-            counts = torch.where(ended, is_eos.argmax(dim=1) + 1, torch.full_like(ended, new.shape[1], dtype=torch.long))
+            counts = torch.where(
+                ended, is_eos.argmax(dim=1) + 1, torch.full_like(ended, new.shape[1], dtype=torch.long)
+            )
             out.extend(zip(texts, counts.tolist(), strict=True))
     finally:
         tokenizer.padding_side = side

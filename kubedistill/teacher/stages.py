@@ -32,9 +32,17 @@ TRAIN_FIELDS = ("epochs", "learningRate", "batchSize", "maxSteps")
 
 def _train_config(ctx: Any, task: str, start: str, examples: str, section: dict[str, Any], **extra: Any) -> TrainConfig:
     o = ctx.storage.options
-    return TrainConfig(task=task, start=start, examples_uri=examples, epochs=section["epochs"],
-                       learning_rate=section["learningRate"], batch_size=section["batchSize"],
-                       max_steps=section.get("maxSteps"), s3={"endpoint": o.endpoint, "region": o.region}, **extra)
+    return TrainConfig(
+        task=task,
+        start=start,
+        examples_uri=examples,
+        epochs=section["epochs"],
+        learning_rate=section["learningRate"],
+        batch_size=section["batchSize"],
+        max_steps=section.get("maxSteps"),
+        s3={"endpoint": o.endpoint, "region": o.region},
+        **extra,
+    )
 
 
 def _model_uri(ctx: Any, stage: str) -> str:
@@ -72,7 +80,9 @@ def sft_rows(ctx: Any, labels: list[str]) -> list[dict[str, Any]]:
     except ValueError as e:
         raise ValueError(f"spec.data.sftSeed: {e}") from e
     if not raw:
-        raise ValueError(f"spec.data.sftSeed: the SFT set at {src.uri()} is empty; the teacher needs labeled pairs with reasoning")
+        raise ValueError(
+            f"spec.data.sftSeed: the SFT set at {src.uri()} is empty; the teacher needs labeled pairs with reasoning"
+        )
     rows = []
     for i, r in enumerate(raw, 1):
         try:
@@ -98,8 +108,12 @@ def perplexity(model: Any, tokenizer: Any, texts: list[str], batch_size: int = 3
     nll, n = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(texts), batch_size):
-            b = {k: v.to(model.device) for k, v in encode(
-                tokenizer, [""] * len(texts[i : i + batch_size]), texts[i : i + batch_size], max_length).items()}
+            b = {
+                k: v.to(model.device)
+                for k, v in encode(
+                    tokenizer, [""] * len(texts[i : i + batch_size]), texts[i : i + batch_size], max_length
+                ).items()
+            }
             logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
             nll -= float(sequence_logprob(logits, b["labels"]).sum())
             n += int((b["labels"][:, 1:] != IGNORE).sum())
@@ -108,7 +122,8 @@ def perplexity(model: Any, tokenizer: Any, texts: list[str], batch_size: int = 3
 
 def response_quality(responses: list[str], rows: list[dict[str, Any]], labels: list[str]) -> dict[str, Any]:
     """Parse rate, label accuracy (an unparseable response counts as wrong) and why responses failed to parse."""
-    parsed, errors = [], {}
+    parsed: list[fmt.Parsed | None] = []
+    errors: dict[str, int] = {}
     for text in responses:
         try:
             parsed.append(fmt.parse_response(text, labels))
@@ -118,11 +133,17 @@ def response_quality(responses: list[str], rows: list[dict[str, Any]], labels: l
             errors[why] = errors.get(why, 0) + 1
     ok = sum(1 for p in parsed if p is not None)
     correct = sum(1 for p, r in zip(parsed, rows, strict=True) if p is not None and p.label == r["label"])
-    return {"prompts": len(rows), "parse_rate": ok / max(1, len(rows)), "label_accuracy": correct / max(1, len(rows)),
-            "parse_errors": dict(sorted(errors.items(), key=lambda kv: -kv[1])[:5])}
+    return {
+        "prompts": len(rows),
+        "parse_rate": ok / max(1, len(rows)),
+        "label_accuracy": correct / max(1, len(rows)),
+        "parse_errors": dict(sorted(errors.items(), key=lambda kv: -kv[1])[:5]),
+    }
 
 
-def reward_scores(rm: RewardModel, tokenizer: Any, prompts: list[str], responses: list[str], batch_size: int = 64) -> torch.Tensor:
+def reward_scores(
+    rm: RewardModel, tokenizer: Any, prompts: list[str], responses: list[str], batch_size: int = 64
+) -> torch.Tensor:
     """(n, dimensions) scores of each (prompt, response)."""
     rm.eval()
     out = []
@@ -157,8 +178,11 @@ def _start_perplexity(start: str, texts: list[str], options: Any) -> float:
 
 def _finish_dapt(cfg: TrainConfig, checkpoint: Any, out_uri: str, options: Any, held: list[str]) -> dict[str, Any]:
     model, tokenizer = _trained(cfg, checkpoint, options)
-    return {"perplexity_after": perplexity(model, tokenizer, held), "parameters": sum(p.numel() for p in model.parameters()),
-            "model": lm.save(model, tokenizer, Storage(out_uri, options))}
+    return {
+        "perplexity_after": perplexity(model, tokenizer, held),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "model": lm.save(model, tokenizer, Storage(out_uri, options)),
+    }
 
 
 def run_dapt(ctx: Any) -> dict[str, Any]:
@@ -166,11 +190,13 @@ def run_dapt(ctx: Any) -> dict[str, Any]:
     base, res, options = t["baseModel"], t["resources"], ctx.storage.options
     texts = domain_texts(ctx)
     if len(texts) < 10:
-        raise ValueError(f"spec.data.corpus: {len(texts)} domain text(s); domain-adaptive pre-training needs at least 10")
+        raise ValueError(
+            f"spec.data.corpus: {len(texts)} domain text(s); domain-adaptive pre-training needs at least 10"
+        )
     rng = random.Random(0)
     rng.shuffle(texts)
     held = texts[: max(5, len(texts) // 20)]
-    train = texts[len(held):]
+    train = texts[len(held) :]
     if lm.is_scratch(base):
         sft = read_dataset(ctx.input("data").child("sft")) if ctx.input("data").list("sft") else []
         extra = [fmt.prompt(r) + fmt.response(r.get("reasoning") or "", r["label"]) for r in sft if r.get("label")]
@@ -187,20 +213,32 @@ def run_dapt(ctx: Any) -> dict[str, Any]:
     checkpoint, metrics = run(ctx, cfg, res, "dapt")
     done = on_worker(res, _finish_dapt, cfg, checkpoint, ctx.out.uri("model"), options, held)
     ctx.log(f"held-out perplexity {before:.2f} -> {done['perplexity_after']:.2f}; model at {done['model']}")
-    return {"metrics": {**metrics, "perplexity_before": before, "perplexity_after": done["perplexity_after"],
-                        "train_texts": len(train), "heldout_texts": len(held), "parameters": done["parameters"]},
-            "outputs": {"model": done["model"]}}
+    return {
+        "metrics": {
+            **metrics,
+            "perplexity_before": before,
+            "perplexity_after": done["perplexity_after"],
+            "train_texts": len(train),
+            "heldout_texts": len(held),
+            "parameters": done["parameters"],
+        },
+        "outputs": {"model": done["model"]},
+    }
 
 
 # ---------------------------------------------------------------------------------------------
 # teacher-sft
 
 
-def _finish_sft(cfg: TrainConfig, checkpoint: Any, out_uri: str, options: Any, ev: list[dict[str, Any]],
-                labels: list[str]) -> dict[str, Any]:
+def _finish_sft(
+    cfg: TrainConfig, checkpoint: Any, out_uri: str, options: Any, ev: list[dict[str, Any]], labels: list[str]
+) -> dict[str, Any]:
     model, tokenizer = _trained(cfg, checkpoint, options)
     responses = lm.generate(model, tokenizer, [fmt.prompt(r) for r in ev], max_new_tokens=GEN_TOKENS)
-    return {"eval": response_quality(responses, ev, labels), "model": lm.save(model, tokenizer, Storage(out_uri, options))}
+    return {
+        "eval": response_quality(responses, ev, labels),
+        "model": lm.save(model, tokenizer, Storage(out_uri, options)),
+    }
 
 
 def run_sft(ctx: Any) -> dict[str, Any]:
@@ -212,9 +250,13 @@ def run_sft(ctx: Any) -> dict[str, Any]:
     cfg = _train_config(ctx, "lm", start, ctx.out.uri("examples"), s, lora=s.get("lora"))
     ctx.log(f"{len(rows)} SFT pairs" + (f", LoRA r={s['lora']['r']}" if s.get("lora") else ", full fine-tuning"))
     checkpoint, metrics = run(ctx, cfg, res, "sft")
-    done = on_worker(res, _finish_sft, cfg, checkpoint, ctx.out.uri("model"), ctx.storage.options, eval_rows(ctx), labels)
+    done = on_worker(
+        res, _finish_sft, cfg, checkpoint, ctx.out.uri("model"), ctx.storage.options, eval_rows(ctx), labels
+    )
     q = done["eval"]
-    ctx.log(f"eval: {q['parse_rate']:.1%} parseable, label accuracy {q['label_accuracy']:.1%}; model at {done['model']}")
+    ctx.log(
+        f"eval: {q['parse_rate']:.1%} parseable, label accuracy {q['label_accuracy']:.1%}; model at {done['model']}"
+    )
     return {"metrics": {**metrics, "sft_rows": len(rows), "eval": q}, "outputs": {"model": done["model"]}}
 
 
@@ -225,12 +267,16 @@ def run_sft(ctx: Any) -> dict[str, Any]:
 def dimensions_of(spec_dims: dict[str, float]) -> list[str]:
     unknown = sorted(set(spec_dims) - set(REWARD_DIMENSIONS))
     if unknown or not spec_dims:
-        raise ValueError(f"spec.teacher.rewardModel.dimensions: unknown {unknown or 'none given'}; "
-                         f"expected some of {list(REWARD_DIMENSIONS)}")
+        raise ValueError(
+            f"spec.teacher.rewardModel.dimensions: unknown {unknown or 'none given'}; "
+            f"expected some of {list(REWARD_DIMENSIONS)}"
+        )
     return [d for d in REWARD_DIMENSIONS if d in spec_dims]
 
 
-def split_by_query(rows: list[dict[str, Any]], fraction: float, seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def split_by_query(
+    rows: list[dict[str, Any]], fraction: float, seed: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     queries = sorted({r["query"] for r in rows})
     random.Random(seed).shuffle(queries)
     held = set(queries[: max(1, int(len(queries) * fraction))])
@@ -259,8 +305,14 @@ def load_reward_model(uri: str, options: Any) -> tuple[RewardModel, Any, dict[st
     return rm, AutoTokenizer.from_pretrained(path), meta["weights"]
 
 
-def _finish_reward(cfg: TrainConfig, checkpoint: Any, out_uri: str, options: Any, held_pairs: list[pairs.Pair],
-                   weights: dict[str, float]) -> dict[str, Any]:
+def _finish_reward(
+    cfg: TrainConfig,
+    checkpoint: Any,
+    out_uri: str,
+    options: Any,
+    held_pairs: list[pairs.Pair],
+    weights: dict[str, float],
+) -> dict[str, Any]:
     rm, tokenizer = _trained(cfg, checkpoint, options)
     dims = rm.dimensions
     sc = reward_scores(rm, tokenizer, [p.prompt for p in held_pairs], [p.chosen for p in held_pairs])
@@ -271,8 +323,11 @@ def _finish_reward(cfg: TrainConfig, checkpoint: Any, out_uri: str, options: Any
         if idx:
             accuracy[d] = float((sc[idx, i] > sr[idx, i]).float().mean())
     combined_acc = float((combined(sc, dims, weights) > combined(sr, dims, weights)).float().mean())
-    return {"pairwise_accuracy": accuracy, "combined_pairwise_accuracy": combined_acc,
-            "model": save_reward_model(rm, tokenizer, weights, Storage(out_uri, options))}
+    return {
+        "pairwise_accuracy": accuracy,
+        "combined_pairwise_accuracy": combined_acc,
+        "model": save_reward_model(rm, tokenizer, weights, Storage(out_uri, options)),
+    }
 
 
 def run_reward(ctx: Any) -> dict[str, Any]:
@@ -288,22 +343,39 @@ def run_reward(ctx: Any) -> dict[str, Any]:
     ctx.log(f"{len(train_pairs)} training / {len(held_pairs)} held-out pairs over {dims}")
     res = ctx.spec["teacher"]["resources"]
     checkpoint, metrics = run(ctx, cfg, res, "reward")
-    done = on_worker(res, _finish_reward, cfg, checkpoint, ctx.out.uri("model"), ctx.storage.options, held_pairs,
-                     r["dimensions"])
-    ctx.log("held-out pairwise accuracy: " + ", ".join(f"{d} {a:.1%}" for d, a in done["pairwise_accuracy"].items())
-            + f", combined {done['combined_pairwise_accuracy']:.1%}")
-    return {"metrics": {**metrics, "pairwise_accuracy": done["pairwise_accuracy"],
-                        "combined_pairwise_accuracy": done["combined_pairwise_accuracy"],
-                        "train_pairs": len(train_pairs), "heldout_pairs": len(held_pairs)},
-            "outputs": {"model": done["model"]}}
+    done = on_worker(
+        res, _finish_reward, cfg, checkpoint, ctx.out.uri("model"), ctx.storage.options, held_pairs, r["dimensions"]
+    )
+    ctx.log(
+        "held-out pairwise accuracy: "
+        + ", ".join(f"{d} {a:.1%}" for d, a in done["pairwise_accuracy"].items())
+        + f", combined {done['combined_pairwise_accuracy']:.1%}"
+    )
+    return {
+        "metrics": {
+            **metrics,
+            "pairwise_accuracy": done["pairwise_accuracy"],
+            "combined_pairwise_accuracy": done["combined_pairwise_accuracy"],
+            "train_pairs": len(train_pairs),
+            "heldout_pairs": len(held_pairs),
+        },
+        "outputs": {"model": done["model"]},
+    }
 
 
 # ---------------------------------------------------------------------------------------------
 # teacher-dpo
 
 
-def judge(rm: RewardModel, rm_tok: Any, weights: dict[str, float], model: Any, tokenizer: Any,
-          rows: list[dict[str, Any]], labels: list[str]) -> dict[str, Any]:
+def judge(
+    rm: RewardModel,
+    rm_tok: Any,
+    weights: dict[str, float],
+    model: Any,
+    tokenizer: Any,
+    rows: list[dict[str, Any]],
+    labels: list[str],
+) -> dict[str, Any]:
     """Greedy responses to `rows`' prompts: mean combined reward, parse rate, label accuracy."""
     prompts = [fmt.prompt(r) for r in rows]
     responses = lm.generate(model, tokenizer, prompts, max_new_tokens=GEN_TOKENS)
@@ -316,8 +388,16 @@ def _reward_model_on_device(rm_uri: str, options: Any) -> tuple[RewardModel, Any
     return rm.to(_device()), rm_tok, weights
 
 
-def _sample_dpo(start: str, rm_uri: str, options: Any, prompts: list[str], k: int, margin: float,
-                ev: list[dict[str, Any]], labels: list[str]) -> dict[str, Any]:
+def _sample_dpo(
+    start: str,
+    rm_uri: str,
+    options: Any,
+    prompts: list[str],
+    k: int,
+    margin: float,
+    ev: list[dict[str, Any]],
+    labels: list[str],
+) -> dict[str, Any]:
     """k samples per prompt from the SFT teacher, scored; the preference pairs; the SFT teacher's eval."""
     rm, rm_tok, weights = _reward_model_on_device(rm_uri, options)
     sft, tokenizer = lm.load(start, "teacher-sft model", options)
@@ -327,18 +407,27 @@ def _sample_dpo(start: str, rm_uri: str, options: Any, prompts: list[str], k: in
     rewards = combined(reward_scores(rm, rm_tok, repeated, samples), rm.dimensions, weights).tolist()
     chosen_rejected = []
     for i, p in enumerate(prompts):
-        pair = pairs.choose_pair(samples[i * k:(i + 1) * k], rewards[i * k:(i + 1) * k], margin)
+        pair = pairs.choose_pair(samples[i * k : (i + 1) * k], rewards[i * k : (i + 1) * k], margin)
         if pair:
             chosen_rejected.append({"prompt": p, "chosen": pair[0], "rejected": pair[1]})
     return {"pairs": chosen_rejected, "before": judge(rm, rm_tok, weights, sft, tokenizer, ev, labels)}
 
 
-def _finish_dpo(cfg: TrainConfig, checkpoint: Any, out_uri: str, options: Any, rm_uri: str,
-                ev: list[dict[str, Any]], labels: list[str]) -> dict[str, Any]:
+def _finish_dpo(
+    cfg: TrainConfig,
+    checkpoint: Any,
+    out_uri: str,
+    options: Any,
+    rm_uri: str,
+    ev: list[dict[str, Any]],
+    labels: list[str],
+) -> dict[str, Any]:
     rm, rm_tok, weights = _reward_model_on_device(rm_uri, options)
     model, tokenizer = _trained(cfg, checkpoint, options)
-    return {"after": judge(rm, rm_tok, weights, model, tokenizer, ev, labels),
-            "model": lm.save(model, tokenizer, Storage(out_uri, options))}
+    return {
+        "after": judge(rm, rm_tok, weights, model, tokenizer, ev, labels),
+        "model": lm.save(model, tokenizer, Storage(out_uri, options)),
+    }
 
 
 def run_dpo(ctx: Any) -> dict[str, Any]:
@@ -348,23 +437,33 @@ def run_dpo(ctx: Any) -> dict[str, Any]:
     rm_uri = _model_uri(ctx, "reward-model")
     trained_on = Storage(rm_uri, options).read_json("reward.json")["dimensions"]
     if trained_on != dims:
-        raise ValueError(f"spec.teacher.rewardModel.dimensions: {dims} but the reward model was trained on {trained_on}")
+        raise ValueError(
+            f"spec.teacher.rewardModel.dimensions: {dims} but the reward model was trained on {trained_on}"
+        )
     start = _model_uri(ctx, "teacher-sft")
     rows, ev = sft_rows(ctx, labels), eval_rows(ctx)
     if d.get("prompts") and d["prompts"] < len(rows):
         rows = random.Random(0).sample(rows, d["prompts"])
     k = d["samplesPerPrompt"]
-    sampled = on_worker(res, _sample_dpo, start, rm_uri, options, [fmt.prompt(r) for r in rows], k, d["margin"], ev, labels)
+    sampled = on_worker(
+        res, _sample_dpo, start, rm_uri, options, [fmt.prompt(r) for r in rows], k, d["margin"], ev, labels
+    )
     if not sampled["pairs"]:
-        raise ValueError(f"spec.teacher.dpo.margin: no prompt's {k} samples differ by >= {d['margin']} in reward; "
-                         "lower the margin or raise samplesPerPrompt")
+        raise ValueError(
+            f"spec.teacher.dpo.margin: no prompt's {k} samples differ by >= {d['margin']} in reward; "
+            "lower the margin or raise samplesPerPrompt"
+        )
     write_rows(ctx.out, "examples/part-00000", sampled["pairs"], "jsonl")
     ctx.log(f"{len(sampled['pairs'])} preference pairs from {len(rows)} prompts x {k} samples")
     cfg = _train_config(ctx, "dpo", start, ctx.out.uri("examples"), d, beta=d["beta"], nll_weight=d["nllWeight"])
     checkpoint, metrics = run(ctx, cfg, res, "dpo")
     done = on_worker(res, _finish_dpo, cfg, checkpoint, ctx.out.uri("model"), options, rm_uri, ev, labels)
     before, after = sampled["before"], done["after"]
-    ctx.log(f"held-out mean reward {before['mean_reward']:.3f} -> {after['mean_reward']:.3f}, label accuracy "
-            f"{before['label_accuracy']:.1%} -> {after['label_accuracy']:.1%}; model at {done['model']}")
-    return {"metrics": {**metrics, "preference_pairs": len(sampled["pairs"]), "before": before, "after": after},
-            "outputs": {"model": done["model"]}}
+    ctx.log(
+        f"held-out mean reward {before['mean_reward']:.3f} -> {after['mean_reward']:.3f}, label accuracy "
+        f"{before['label_accuracy']:.1%} -> {after['label_accuracy']:.1%}; model at {done['model']}"
+    )
+    return {
+        "metrics": {**metrics, "preference_pairs": len(sampled["pairs"]), "before": before, "after": after},
+        "outputs": {"model": done["model"]},
+    }

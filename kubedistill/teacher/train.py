@@ -63,7 +63,7 @@ def encode(tokenizer: Any, prompts: list[str], responses: list[str], max_length:
     rows_ids, rows_labels = [], []
     for p, r in zip(prompts, responses, strict=True):
         p_ids = tokenizer(p, add_special_tokens=False).input_ids if p else []
-        r_ids = tokenizer(r, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        r_ids = [*tokenizer(r, add_special_tokens=False).input_ids, tokenizer.eos_token_id]
         ids = (p_ids + r_ids)[:max_length]
         labels = ([losses.IGNORE] * len(p_ids) + r_ids)[:max_length]
         rows_ids.append(ids)
@@ -115,8 +115,9 @@ def lm_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return losses.causal_lm_loss(out.logits.float(), batch["labels"])
 
 
-def reward_step(model: nn.Module, chosen: dict[str, torch.Tensor], rejected: dict[str, torch.Tensor],
-                dim_index: torch.Tensor) -> torch.Tensor:
+def reward_step(
+    model: nn.Module, chosen: dict[str, torch.Tensor], rejected: dict[str, torch.Tensor], dim_index: torch.Tensor
+) -> torch.Tensor:
     rows = torch.arange(dim_index.size(0), device=dim_index.device)
     sc = model(chosen["input_ids"], chosen["attention_mask"])[rows, dim_index]
     sr = model(rejected["input_ids"], rejected["attention_mask"])[rows, dim_index]
@@ -128,8 +129,14 @@ def logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return losses.sequence_logprob(out.logits.float(), batch["labels"])
 
 
-def dpo_step(policy: nn.Module, reference: nn.Module, chosen: dict[str, torch.Tensor],
-             rejected: dict[str, torch.Tensor], beta: float, nll_weight: float = 0.0) -> torch.Tensor:
+def dpo_step(
+    policy: nn.Module,
+    reference: nn.Module,
+    chosen: dict[str, torch.Tensor],
+    rejected: dict[str, torch.Tensor],
+    beta: float,
+    nll_weight: float = 0.0,
+) -> torch.Tensor:
     with torch.no_grad():
         ref_c, ref_r = logprobs(reference, chosen), logprobs(reference, rejected)
     logits_c = policy(input_ids=chosen["input_ids"], attention_mask=chosen["attention_mask"]).logits.float()
@@ -144,7 +151,9 @@ def dpo_step(policy: nn.Module, reference: nn.Module, chosen: dict[str, torch.Te
 # Models per task
 
 
-def build(cfg: TrainConfig, options: S3Options | None, *, reference: bool = True) -> tuple[nn.Module, Any, nn.Module | None]:
+def build(
+    cfg: TrainConfig, options: S3Options | None, *, reference: bool = True
+) -> tuple[nn.Module, Any, nn.Module | None]:
     """(trained module, tokenizer, frozen reference or None) for the task, from `cfg.start`.
 
     `reference=False` skips DPO's frozen copy (loading trained weights after training needs none)."""
@@ -163,8 +172,12 @@ def build(cfg: TrainConfig, options: S3Options | None, *, reference: bool = True
     if cfg.lora:
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=cfg.lora["r"], lora_alpha=cfg.lora["alpha"],
-                                                 lora_dropout=cfg.lora["dropout"], task_type="CAUSAL_LM"))
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=cfg.lora["r"], lora_alpha=cfg.lora["alpha"], lora_dropout=cfg.lora["dropout"], task_type="CAUSAL_LM"
+            ),
+        )
     frozen = None
     if cfg.task == "dpo" and reference:
         frozen, _ = lm.load(cfg.start, "start model", options)
@@ -176,9 +189,20 @@ def build(cfg: TrainConfig, options: S3Options | None, *, reference: bool = True
 # The loop
 
 
-def fit(cfg: TrainConfig, model: nn.Module, tokenizer: Any, reference: nn.Module | None, rows: list[dict[str, Any]],
-        *, rank: int = 0, world: int = 1, device: torch.device | None = None, wrap=lambda m: m,
-        resume: dict[str, Any] | None = None, on_checkpoint=lambda state, metrics: None) -> dict[str, Any]:
+def fit(
+    cfg: TrainConfig,
+    model: nn.Module,
+    tokenizer: Any,
+    reference: nn.Module | None,
+    rows: list[dict[str, Any]],
+    *,
+    rank: int = 0,
+    world: int = 1,
+    device: torch.device | None = None,
+    wrap=lambda m: m,
+    resume: dict[str, Any] | None = None,
+    on_checkpoint=lambda state, metrics: None,
+) -> dict[str, Any]:
     """Train on this worker's share of `rows`; `on_checkpoint` every `cfg.checkpoint_every` steps and at the end."""
     device = device or torch.device("cpu")
     torch.manual_seed(cfg.seed)
@@ -186,12 +210,13 @@ def fit(cfg: TrainConfig, model: nn.Module, tokenizer: Any, reference: nn.Module
         raise ValueError("no training examples")
     per_worker = max(1, cfg.batch_size // world)
     steps_per_epoch = max(1, math.ceil(len(rows) / (per_worker * world)))
-    total = cfg.max_steps or max(1, int(round(cfg.epochs * steps_per_epoch)))
+    total = cfg.max_steps or max(1, round(cfg.epochs * steps_per_epoch))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
     warmup = max(1, total // 10)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / warmup, max(0.05, (total - s) / max(1, total - warmup))))
+        optimizer, lambda s: min((s + 1) / warmup, max(0.05, (total - s) / max(1, total - warmup)))
+    )
     every = max(cfg.checkpoint_every, total // 25)  # a retry loses at most 4% of a long run; saving stays cheap
     step = 0
     if resume:
@@ -203,15 +228,20 @@ def fit(cfg: TrainConfig, model: nn.Module, tokenizer: Any, reference: nn.Module
     trained = wrap(model)
     if reference is not None:
         reference.to(device)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     dims = {d: i for i, d in enumerate(cfg.dimensions)}
 
     def to(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(device) for k, v in batch.items()}
 
     def state() -> dict[str, Any]:
-        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "step": step, "rng": torch.get_rng_state()}
+        return {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "step": step,
+            "rng": torch.get_rng_state(),
+        }
 
     recent: list[float] = []
     t0, n0 = time.monotonic(), step
@@ -225,8 +255,17 @@ def fit(cfg: TrainConfig, model: nn.Module, tokenizer: Any, reference: nn.Module
             batch = [rows[int(i)] for i in order[torch.arange(lo, lo + per_worker) % len(order)]]
             with autocast:
                 if cfg.task == "lm":
-                    loss = lm_step(trained, to(encode(tokenizer, [r.get("prompt", "") for r in batch],
-                                                      [r.get("response") or r["text"] for r in batch], cfg.max_length)))
+                    loss = lm_step(
+                        trained,
+                        to(
+                            encode(
+                                tokenizer,
+                                [r.get("prompt", "") for r in batch],
+                                [r.get("response") or r["text"] for r in batch],
+                                cfg.max_length,
+                            )
+                        ),
+                    )
                 else:
                     prompts = [r["prompt"] for r in batch]
                     chosen = to(encode(tokenizer, prompts, [r["chosen"] for r in batch], cfg.max_length))
@@ -242,12 +281,16 @@ def fit(cfg: TrainConfig, model: nn.Module, tokenizer: Any, reference: nn.Module
             optimizer.step()
             scheduler.step()
             step += 1
-            recent = (recent + [float(loss.detach())])[-20:]
+            recent = [*recent, float(loss.detach())][-20:]
             done = step >= total
             if step % every == 0 or done:
-                metrics = {"step": step, "total_steps": total, "loss": sum(recent) / len(recent),
-                           "seconds_per_step": (time.monotonic() - t0) / max(1, step - n0),
-                           "samples_per_second": (step - n0) * per_worker * world / max(1e-9, time.monotonic() - t0)}
+                metrics = {
+                    "step": step,
+                    "total_steps": total,
+                    "loss": sum(recent) / len(recent),
+                    "seconds_per_step": (time.monotonic() - t0) / max(1, step - n0),
+                    "samples_per_second": (step - n0) * per_worker * world / max(1e-9, time.monotonic() - t0),
+                }
                 on_checkpoint(state(), metrics)
             if done:
                 break
@@ -280,14 +323,28 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if rank == 0:
                 torch.save(state, Path(d) / "state.pt")
                 checkpoint = ray.train.Checkpoint.from_directory(d)
-                print(f"[{cfg.task}] step {metrics['step']}/{metrics['total_steps']} loss {metrics['loss']:.4f} "
-                      f"{metrics['seconds_per_step']:.2f}s/step", flush=True)
+                print(
+                    f"[{cfg.task}] step {metrics['step']}/{metrics['total_steps']} loss {metrics['loss']:.4f} "
+                    f"{metrics['seconds_per_step']:.2f}s/step",
+                    flush=True,
+                )
             ray.train.report(metrics, checkpoint=checkpoint)
             if rank == 0:
                 hold("train.checkpoint-reported")
 
-    fit(cfg, model, tokenizer, reference, rows, rank=rank, world=ctx.get_world_size(),
-        device=ray.train.torch.get_device(), wrap=ray.train.torch.prepare_model, resume=resume, on_checkpoint=report)
+    fit(
+        cfg,
+        model,
+        tokenizer,
+        reference,
+        rows,
+        rank=rank,
+        world=ctx.get_world_size(),
+        device=ray.train.torch.get_device(),
+        wrap=ray.train.torch.prepare_model,
+        resume=resume,
+        on_checkpoint=report,
+    )
 
 
 def run(ctx: Any, cfg: TrainConfig, resources: dict[str, Any], name: str) -> tuple[Any, dict[str, Any]]:
@@ -302,11 +359,18 @@ def run(ctx: Any, cfg: TrainConfig, resources: dict[str, Any], name: str) -> tup
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={**asdict(cfg), "dimensions": list(cfg.dimensions)},
-        scaling_config=ScalingConfig(num_workers=resources["workers"], use_gpu=gpus > 0,
-                                     resources_per_worker={"CPU": resources["cpusPerWorker"], **({"GPU": gpus} if gpus else {})}),
-        run_config=RunConfig(name=f"{name}-{ctx.config_hash}", storage_path=ctx.out.path("ray"),
-                             storage_filesystem=ctx.out.fs, checkpoint_config=CheckpointConfig(num_to_keep=1),
-                             failure_config=FailureConfig(max_failures=2)),
+        scaling_config=ScalingConfig(
+            num_workers=resources["workers"],
+            use_gpu=gpus > 0,
+            resources_per_worker={"CPU": resources["cpusPerWorker"], **({"GPU": gpus} if gpus else {})},
+        ),
+        run_config=RunConfig(
+            name=f"{name}-{ctx.config_hash}",
+            storage_path=ctx.out.path("ray"),
+            storage_filesystem=ctx.out.fs,
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
+            failure_config=FailureConfig(max_failures=2),
+        ),
     )
     result = trainer.fit()
     if result.error:
