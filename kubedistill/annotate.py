@@ -313,7 +313,7 @@ def _generate_isolated(
         try:
             gens.append(engine.generate([p], sampling)[0])
             errors.append(None)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - whatever the engine raised for this prompt quarantines it alone
             gens.append(None)
             errors.append(f"{type(e).__name__}: {e}"[:500])
     return gens, errors

@@ -138,11 +138,18 @@ class Cluster:
                         f"{namespace}; create it with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
                     ) from e
                 raise
-            decode = lambda k: base64.b64decode(data[k]).decode() if data.get(k) else None  # noqa: E731
-            key, secret = decode("AWS_ACCESS_KEY_ID"), decode("AWS_SECRET_ACCESS_KEY")
+            key, secret = (
+                base64.b64decode(data[k]).decode() if data.get(k) else None
+                for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+            )
         return dataclasses.replace(
             S3Options.from_env(storage.get("endpoint"), storage.get("region")), access_key=key, secret_key=secret
         )
+
+
+def _no_manifests(_stage: str) -> dict[str, Any] | None:
+    """A run without storage has no stage manifests."""
+    return None
 
 
 def manifest_reader(storage: Storage) -> Callable[[str], dict[str, Any] | None]:
@@ -227,7 +234,7 @@ class Controller:
         storage_spec = (body.get("spec") or {}).get("storage") or {}
         store: Storage | None = None
         try:
-            manifests: Callable[[str], dict[str, Any] | None] = lambda _stage: None  # noqa: E731
+            manifests: Callable[[str], dict[str, Any] | None] = _no_manifests
             if storage_spec.get("uri"):
                 options = self.cluster.s3_options(namespace, storage_spec)
                 store = Storage(f"{storage_spec['uri'].rstrip('/')}/{name}", options)

@@ -143,6 +143,11 @@ class Importance:
     mlp: list[torch.Tensor]
 
 
+def _taylor(p: Any) -> torch.Tensor:
+    """First-order Taylor importance of each weight of a linear layer: |w * dL/dw| (after a backward pass)."""
+    return (p.weight * p.weight.grad).abs().detach()
+
+
 def taylor_importance(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> Importance:
     """First-order Taylor importance summed over calibration batches ({input_ids, attention_mask, labels})."""
     shape = shape_of(model)
@@ -156,12 +161,11 @@ def taylor_importance(model: nn.Module, batches: Iterable[dict[str, torch.Tensor
         for i, layer in enumerate(model.model.layers):
             a, m = layer.self_attn, layer.mlp
             d, g = shape.head_dim, shape.groups
-            score = lambda p: (p.weight * p.weight.grad).abs().detach()  # noqa: E731
-            q = score(a.q_proj).sum(1).view(-1, g * d).sum(1)  # rows of a group's query heads
-            kv = (score(a.k_proj).sum(1) + score(a.v_proj).sum(1)).view(-1, d).sum(1)
-            o = score(a.o_proj).sum(0).view(-1, g * d).sum(1)  # columns of its query heads
+            q = _taylor(a.q_proj).sum(1).view(-1, g * d).sum(1)  # rows of a group's query heads
+            kv = (_taylor(a.k_proj).sum(1) + _taylor(a.v_proj).sum(1)).view(-1, d).sum(1)
+            o = _taylor(a.o_proj).sum(0).view(-1, g * d).sum(1)  # columns of its query heads
             attn[i] += (q + kv + o).float().cpu()
-            ch = score(m.gate_proj).sum(1) + score(m.up_proj).sum(1) + score(m.down_proj).sum(0)
+            ch = _taylor(m.gate_proj).sum(1) + _taylor(m.up_proj).sum(1) + _taylor(m.down_proj).sum(0)
             mlp[i] += ch.float().cpu()
         model.zero_grad(set_to_none=True)
     return Importance(attn, mlp)
@@ -261,8 +265,8 @@ def is_pruned(path: str | Path) -> bool:
         return False
     if cfg.get("auto_map") != AUTO_MAP or not (p / MODELING_FILE.name).is_file():
         return False
-    digest = lambda f: hashlib.sha256(f.read_bytes()).hexdigest()  # noqa: E731
-    return digest(p / MODELING_FILE.name) == digest(MODELING_FILE)
+    ours, theirs = (hashlib.sha256(f.read_bytes()).hexdigest() for f in (MODELING_FILE, p / MODELING_FILE.name))
+    return ours == theirs
 
 
 def load(path: str | Path, dtype: Any = None) -> nn.Module:

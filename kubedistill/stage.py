@@ -116,7 +116,9 @@ def execute(ctx: StageContext, fn: StageFn) -> dict[str, Any]:
     storage, name = ctx.storage, ctx.name
     if name not in SERVICES and is_done(storage, ctx.config):
         ctx.log("already done for this config and these inputs; skipping")
-        return read_manifest(storage, name)  # type: ignore[return-value]
+        done = read_manifest(storage, name)
+        assert done is not None  # is_done read it
+        return done
     inputs = input_digests(storage, ctx.config["inputs"])
     if inputs is None:
         missing = [i for i in ctx.config["inputs"] if read_manifest(storage, i) is None]
