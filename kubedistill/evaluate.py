@@ -197,19 +197,10 @@ def comparison(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 
 def promotion_blocked(run_storage: Any) -> str | None:
     """Why the run's model must not be promoted to serving, or None when the gate passed."""
+    from kubedistill.pipeline import gate_blocks
     from kubedistill.stage import read_manifest
 
     return gate_blocks(read_manifest(run_storage, "evaluate"))
-
-
-def gate_blocks(evaluate_manifest: dict[str, Any] | None) -> str | None:
-    """The gate's verdict from the evaluate stage's manifest: why promotion is blocked, or None."""
-    if evaluate_manifest is None:
-        return "the evaluate stage has not succeeded"
-    verdict = evaluate_manifest["metrics"]["gate"]
-    if verdict["candidate"] != "student":
-        return "no student was evaluated"
-    return None if verdict["passed"] else verdict["reason"]
 
 
 def plot(results: dict[str, dict[str, Any]]) -> bytes:

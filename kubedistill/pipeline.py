@@ -34,6 +34,17 @@ GATED: frozenset[str] = frozenset({"serve"})
 #: service with it, does not outlive `kubedistill run`), so a manifest never makes them skip.
 SERVICES: frozenset[str] = frozenset({"serve"})
 
+
+def gate_blocks(evaluate_manifest: dict[str, Any] | None) -> str | None:
+    """The gate's verdict from the evaluate stage's manifest: why promotion is blocked, or None."""
+    if evaluate_manifest is None:
+        return "the evaluate stage has not succeeded"
+    verdict = evaluate_manifest["metrics"]["gate"]
+    if verdict["candidate"] != "student":
+        return "no student was evaluated"
+    return None if verdict["passed"] else verdict["reason"]
+
+
 #: Dotted spec paths (camelCase, as on the wire) each stage's config carries.
 _READS: dict[str, tuple[str, ...]] = {
     "data": ("data", "labels"),

@@ -28,7 +28,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from kubedistill import k8s, pipeline
-from kubedistill.evaluate import gate_blocks
 from kubedistill.spec import Condition, ConditionStatus, DistillationRun, RunStatus, SpecError, StageStatus, parse_run
 
 HASH = f"{k8s.GROUP}/config-hash"
@@ -178,7 +177,7 @@ def reconcile(
         if child is None:
             if not deps_ok:
                 st.phase = "Pending"
-            elif stage.name in pipeline.GATED and (why := gate_blocks(manifests("evaluate"))):
+            elif stage.name in pipeline.GATED and (why := pipeline.gate_blocks(manifests("evaluate"))):
                 st.phase, st.message = "Skipped", f"not promoted: {why}"
                 _condition(status.conditions, "Promoted", "False", "GateFailed", why, now)
             elif st.retry_at and now < st.retry_at:

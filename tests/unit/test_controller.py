@@ -43,3 +43,20 @@ def test_children_are_keyed_by_the_run_label_and_keep_their_kind():
     assert controller.child_key({"metadata": {"name": "someone-elses", "labels": {"app": "x"}}}) is None
     got = controller.children_by_name({"RayJob": [job], "RayService": [svc]})
     assert {n: o["kind"] for n, o in got.items()} == {"r1-data": "RayJob", "r1-serve": "RayService"}
+
+
+def test_the_operator_imports_no_ml_or_serving_library():
+    """The operator's process loads what reconciling needs: not torch, scikit-learn, FastAPI or Ray (numpy
+    and pyarrow stay: manifests are read through pyarrow's S3 filesystem)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    probe = (
+        "import runpy, sys; runpy.run_path('operator/handlers.py', run_name='handlers'); "
+        "heavy = ('torch', 'sklearn', 'scipy', 'pandas', 'fastapi', 'starlette', 'ray', 'transformers', 'vllm', "
+        "'matplotlib', 'peft'); print(sorted(m for m in heavy if m in sys.modules))"
+    )
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", probe], cwd=root, capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr
