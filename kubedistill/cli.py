@@ -203,7 +203,9 @@ def _cluster_status(name: str, namespace: str | None) -> int:
     _print_status(f"{ns}/{name}", status)
     uri = ((body.get("spec") or {}).get("storage") or {}).get("uri")
     if uri:
-        print(f"  artifacts and report: {uri.rstrip('/')}/{name}/ (report.html)")
+        from kubedistill.stage import run_prefix
+
+        print(f"  artifacts and report: {run_prefix(uri, name)}/ (report.html)")
     return 0 if status.get("phase") != "Failed" else 1
 
 

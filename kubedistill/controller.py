@@ -34,7 +34,7 @@ from kubernetes.client.exceptions import ApiException
 from prometheus_client import Counter, Gauge, Histogram
 
 from kubedistill import k8s, reconcile, spec
-from kubedistill.stage import MANIFEST
+from kubedistill.stage import read_manifest, run_prefix
 from kubedistill.storage import S3Options, Storage, StorageError
 
 log = logging.getLogger("kubedistill.controller")
@@ -158,10 +158,7 @@ def manifest_reader(storage: Storage) -> Callable[[str], dict[str, Any] | None]:
 
     def read(stage: str) -> dict[str, Any] | None:
         if stage not in cache:
-            try:
-                cache[stage] = storage.read_json(f"{stage}/{MANIFEST}")
-            except FileNotFoundError:
-                cache[stage] = None
+            cache[stage] = read_manifest(storage, stage)
         return cache[stage]
 
     return read
@@ -237,7 +234,7 @@ class Controller:
             manifests: Callable[[str], dict[str, Any] | None] = _no_manifests
             if storage_spec.get("uri"):
                 options = self.cluster.s3_options(namespace, storage_spec)
-                store = Storage(f"{storage_spec['uri'].rstrip('/')}/{name}", options)
+                store = Storage(run_prefix(storage_spec["uri"], name), options)
                 manifests = manifest_reader(store)
             previous = _previous(body)
             plan = reconcile.reconcile_body(

@@ -16,12 +16,12 @@ from typing import Any
 import yaml
 
 from kubedistill.pipeline import Stage
-from kubedistill.spec import DistillationRun, StagePhase, to_wire
-from kubedistill.stage import CONFIG_ENV
+from kubedistill.spec import API_GROUP, KIND, DistillationRun, StagePhase, to_wire
+from kubedistill.spec import API_VERSION as VERSION
+from kubedistill.stage import CONFIG_ENV, run_prefix
 
-GROUP = "kubedistill.io"
-API_VERSION = f"{GROUP}/v1alpha1"
-KIND = "DistillationRun"
+GROUP = API_GROUP  # also the prefix of our labels and annotations
+API_VERSION = f"{GROUP}/{VERSION}"
 MAX_NAME = 47
 ATTEMPT = f"{GROUP}/attempt"
 SERVE_PORT = 8000
@@ -228,7 +228,7 @@ def rayservice(run: DistillationRun, model_uri: str, uid: str | None = None) -> 
 
 def student_model_uri(run: DistillationRun) -> str:
     """Where the student-crsd stage exports the serving artifact (deterministic, so render needs no cluster)."""
-    return f"{run.spec.storage.uri.rstrip('/')}/{run.name}/student-crsd/model"
+    return f"{run_prefix(run.spec.storage.uri, run.name)}/student-crsd/model"
 
 
 def render(run: DistillationRun, uid: str | None = None) -> list[dict[str, Any]]:

@@ -25,8 +25,8 @@ from kubedistill import pipeline
 from kubedistill.evaluate import promotion_blocked
 from kubedistill.holds import HOLD_AT_ENV, HOLD_DIR_ENV
 from kubedistill.ports import PortInUse, Ports, PortsUnavailable, looks_like_bind_failure, start_with_retries
-from kubedistill.spec import Condition, DistillationRun, RunStatus, StageStatus, to_wire
-from kubedistill.stage import CONFIG_ENV, FAILURE, MANIFEST, is_done, now, run_storage
+from kubedistill.spec import API_GROUP, Condition, DistillationRun, RunStatus, StageStatus, to_wire
+from kubedistill.stage import CONFIG_ENV, FAILURE, is_done, must_read_manifest, now, read_manifest, run_storage
 from kubedistill.storage import Storage
 
 STATUS_FILE = "_status.json"
@@ -361,7 +361,7 @@ def run_local(
         if served:
             from kubedistill.serving import curl_example
 
-            url = storage.read_json(f"serve/{MANIFEST}")["outputs"]["url"]
+            url = must_read_manifest(storage, "serve")["outputs"]["url"]
             say(f"kubedistill: serving the student at {url}\n  try: {curl_example(url)}")
             if keep_serving and not address:
                 say("kubedistill: serving until interrupted (Ctrl-C stops it and the local Ray cluster)")
@@ -391,7 +391,7 @@ def _run_stages(
         tag = f"[{i}/{len(stages)}] {stage.name}"
         status.status.current_stage = stage.name
         if stage.name not in pipeline.SERVICES and is_done(storage, stage.config):
-            manifest = storage.read_json(f"{stage.name}/{MANIFEST}")
+            manifest = must_read_manifest(storage, stage.name)
             st.phase, st.message = "Succeeded", "already done for this config; skipped"
             st.artifact, st.metrics, st.finished_at = manifest["artifact"], manifest["metrics"], manifest["finishedAt"]
             say(f"{tag}: done earlier, skipped")
@@ -413,7 +413,7 @@ def _run_stages(
             entrypoint=_job_entrypoint(stage),
             submission_id=f"{run.name}-{stage.name}-{int(time.time() * 1000)}",
             runtime_env={"env_vars": env},
-            metadata={"kubedistill.io/run": run.name, "kubedistill.io/stage": stage.name},
+            metadata={f"{API_GROUP}/run": run.name, f"{API_GROUP}/stage": stage.name},
         )
         st.job = job_id
         status.save()
@@ -437,9 +437,9 @@ def _run_stages(
             status.save()
             raise
         st.finished_at = now()
-        if state == JobStatus.SUCCEEDED and storage.exists(f"{stage.name}/{MANIFEST}"):
-            manifest = storage.read_json(f"{stage.name}/{MANIFEST}")
-            st.phase, st.artifact, st.metrics = "Succeeded", manifest["artifact"], manifest["metrics"]
+        written = read_manifest(storage, stage.name) if state == JobStatus.SUCCEEDED else None
+        if written is not None:
+            st.phase, st.artifact, st.metrics = "Succeeded", written["artifact"], written["metrics"]
             st.message = None
             say(f"{tag}: succeeded in {time.monotonic() - t0:.1f}s")
             status.save()

@@ -36,9 +36,14 @@ def config_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def run_prefix(storage_uri: str, run: str) -> str:
+    """Where a run keeps everything: `<spec.storage.uri>/<run name>`."""
+    return f"{storage_uri.rstrip('/')}/{run}"
+
+
 def run_storage(config: dict[str, Any]) -> Storage:
     st = config["storage"]
-    return Storage(f"{st['uri'].rstrip('/')}/{config['run']}", S3Options.from_env(st.get("endpoint"), st.get("region")))
+    return Storage(run_prefix(st["uri"], config["run"]), S3Options.from_env(st.get("endpoint"), st.get("region")))
 
 
 def read_manifest(storage: Storage, stage: str) -> dict[str, Any] | None:
@@ -46,6 +51,14 @@ def read_manifest(storage: Storage, stage: str) -> dict[str, Any] | None:
         return storage.read_json(f"{stage}/{MANIFEST}")
     except FileNotFoundError:
         return None
+
+
+def must_read_manifest(storage: Storage, stage: str) -> dict[str, Any]:
+    """The manifest of a stage known to have succeeded."""
+    m = read_manifest(storage, stage)
+    if m is None:
+        raise FileNotFoundError(f"{storage.uri(f'{stage}/{MANIFEST}')}: the stage's manifest is gone")
+    return m
 
 
 def input_digests(storage: Storage, inputs: list[str]) -> dict[str, str] | None:

@@ -14,7 +14,7 @@ import prometheus_client
 from kubedistill import controller, k8s, spec, stage
 
 INTERVAL = float(os.environ.get("KUBEDISTILL_RECONCILE_INTERVAL", "10"))
-RUNS = (k8s.GROUP, "v1alpha1", "distillationruns")
+RUNS = (spec.API_GROUP, spec.API_VERSION, "distillationruns")
 STATUS_KEYS = ("phase", "currentStage", "observedGeneration", "stages", "conditions")
 ctl: controller.Controller | None = None
 
