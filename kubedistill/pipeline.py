@@ -48,10 +48,16 @@ def gate_blocks(evaluate_manifest: dict[str, Any] | None) -> str | None:
 #: Dotted spec paths (camelCase, as on the wire) each stage's config carries.
 _READS: dict[str, tuple[str, ...]] = {
     "data": ("data", "labels"),
-    "teacher-dapt": ("teacher.baseModel", "teacher.dapt", "teacher.resources"),
-    "teacher-sft": ("labels", "teacher.sft", "teacher.resources"),
-    "reward-model": ("labels", "teacher.rewardModel", "teacher.resources"),
-    "teacher-dpo": ("labels", "teacher.dpo", "teacher.rewardModel.dimensions", "teacher.resources"),
+    "teacher-dapt": ("teacher.baseModel", "teacher.dapt", "teacher.resources", "teacher.maxFailures"),
+    "teacher-sft": ("labels", "teacher.sft", "teacher.resources", "teacher.maxFailures"),
+    "reward-model": ("labels", "teacher.rewardModel", "teacher.resources", "teacher.maxFailures"),
+    "teacher-dpo": (
+        "labels",
+        "teacher.dpo",
+        "teacher.rewardModel.dimensions",
+        "teacher.resources",
+        "teacher.maxFailures",
+    ),
     "annotate": ("labels", "annotation"),
     "student-crsd": ("labels", "student"),
     "evaluate": ("labels", "evaluation", "student.compareObjectives"),

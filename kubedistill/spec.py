@@ -172,6 +172,7 @@ class TeacherSpec(_Model):
     sft: SftSpec = Field(default_factory=SftSpec)
     reward_model: RewardModelSpec = Field(default_factory=RewardModelSpec)
     dpo: DpoSpec = Field(default_factory=DpoSpec)
+    max_failures: int = Field(default=2, ge=0, description="Worker failures Ray Train recovers from by checkpoint.")
     resources: Resources = Field(default_factory=Resources)
 
 

@@ -25,10 +25,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from kubedistill import losses
+from kubedistill import losses, raytrain
 from kubedistill.data import read_dataset, service_text, training_rows, write_rows
 from kubedistill.evaluate import classification_metrics
-from kubedistill.holds import hold
 from kubedistill.models import resolve
 from kubedistill.storage import S3Options, Storage
 
@@ -416,31 +415,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     splits = Storage(config["splits_uri"], options)
     train_rows, val_rows = read_dataset(splits.child("train")), read_dataset(splits.child("val"))
     ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
     model, tokenizer = build_model(cfg, options)
-    resume = None
-    if (ckpt := ray.train.get_checkpoint()) is not None:
-        with ckpt.as_directory() as d:
-            resume = torch.load(Path(d) / "state.pt", weights_only=False)
-        if rank == 0:
-            print(f"[student-crsd] resuming from checkpoint at step {resume['step']}", flush=True)
+    resume = raytrain.resume_state("student-crsd")
 
     def report(r: Round) -> None:
-        with tempfile.TemporaryDirectory() as d:
-            checkpoint = None
-            if rank == 0:
-                torch.save(r.checkpoint(), Path(d) / "state.pt")
-                checkpoint = ray.train.Checkpoint.from_directory(d)
-                m = r.metrics
-                print(
-                    f"[student-crsd] step {m['step']}/{m['total_steps']} val macro-F1 {m['val_macro_f1']:.4f} "
-                    f"(best {m['best_val_macro_f1']:.4f} @ {m['best_step']}) loss {m['train_loss']:.4f} "
-                    f"{m['seconds_per_step']:.2f}s/step" + (" - early stop" if m["stopped_early"] else ""),
-                    flush=True,
-                )
-            ray.train.report(r.metrics, checkpoint=checkpoint)
-            if rank == 0:
-                hold("train.checkpoint-reported")
+        m = r.metrics
+        line = (
+            f"[student-crsd] step {m['step']}/{m['total_steps']} val macro-F1 {m['val_macro_f1']:.4f} "
+            f"(best {m['best_val_macro_f1']:.4f} @ {m['best_step']}) loss {m['train_loss']:.4f} "
+            f"{m['seconds_per_step']:.2f}s/step" + (" - early stop" if m["stopped_early"] else "")
+        )
+        raytrain.report(m, r.checkpoint, line)
 
     fit(
         cfg,
@@ -448,7 +433,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         tokenizer,
         train_rows,
         val_rows,
-        rank=rank,
+        rank=ctx.get_world_rank(),
         world=ctx.get_world_size(),
         wrap=ray.train.torch.prepare_model,
         resume=resume,
@@ -576,43 +561,19 @@ def run_stage(ctx: Any) -> dict[str, Any]:
 
 def _train_and_export(ctx: Any, cfg: StudentConfig, source: str, out: Storage, name: str) -> tuple[dict[str, Any], str]:
     """One Ray Train run of `cfg` on the stage's splits (resumable under `name`); the best round exported to `out`."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    spec = ctx.spec
-    res = spec["student"]["resources"]
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "student": asdict(cfg),
-            "splits_uri": ctx.out.uri("splits"),
-            "s3": {"endpoint": ctx.storage.options.endpoint, "region": ctx.storage.options.region},
-        },
-        scaling_config=ScalingConfig(
-            num_workers=res["workers"],
-            use_gpu=res["gpusPerWorker"] > 0,
-            resources_per_worker={
-                "CPU": res["cpusPerWorker"],
-                **({"GPU": res["gpusPerWorker"]} if res["gpusPerWorker"] else {}),
-            },
-        ),
-        run_config=RunConfig(
-            # the same name and storage path on a retried job resumes from the latest checkpoint
-            name=name,
-            storage_path=ctx.out.path("ray"),
-            storage_filesystem=ctx.out.fs,
-            checkpoint_config=CheckpointConfig(num_to_keep=1),
-            failure_config=FailureConfig(max_failures=spec["student"]["maxFailures"]),
-        ),
+    section = ctx.spec["student"]
+    loop_config = {
+        "student": asdict(cfg),
+        "splits_uri": ctx.out.uri("splits"),
+        "s3": {"endpoint": ctx.storage.options.endpoint, "region": ctx.storage.options.region},
+    }
+    result = raytrain.fit(
+        train_loop_per_worker, loop_config, section["resources"], ctx.out, name, section["maxFailures"]
     )
-    result = trainer.fit()
-    if result.error:
-        raise result.error
-    with result.checkpoint.as_directory() as d:
-        state = torch.load(Path(d) / "state.pt", weights_only=False)
+    state = raytrain.load_state(result.checkpoint)
     model, tokenizer = build_model(cfg, ctx.storage.options)
     model.load_state_dict(state["best_state"])
-    metrics: dict[str, Any] = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float, bool))}
+    metrics = raytrain.scalar_metrics(result)
     metrics.update(objective=cfg.objective, parameters=sum(p.numel() for p in model.parameters()))
     uri = export(
         model,

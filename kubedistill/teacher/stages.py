@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from kubedistill import raytrain
 from kubedistill.data import RowError, read_dataset, validate_row, write_rows
 from kubedistill.models import resolve
 from kubedistill.spec import REWARD_DIMENSIONS
@@ -64,9 +65,7 @@ def _device() -> torch.device:
 def _trained(cfg: TrainConfig, checkpoint: Any, options: Any) -> tuple[Any, Any]:
     """The start model with the checkpoint's weights (LoRA merged), on this worker's device."""
     model, tokenizer, _ = build(cfg, options, reference=False)
-    with checkpoint.as_directory() as d:
-        state = torch.load(f"{d}/state.pt", weights_only=False, map_location="cpu")
-    model.load_state_dict(state["model"])
+    model.load_state_dict(raytrain.load_state(checkpoint)["model"])
     if cfg.lora:
         model = model.merge_and_unload()
     return model.to(_device()), tokenizer

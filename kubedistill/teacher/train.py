@@ -17,17 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from kubedistill import losses
-from kubedistill.holds import hold
+from kubedistill import losses, raytrain
 from kubedistill.storage import S3Options, Storage
 
 
@@ -308,29 +305,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     options = S3Options(**cfg.s3)
     rows = read_dataset(Storage(cfg.examples_uri, options))
     ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
     model, tokenizer, reference = build(cfg, options)
-    resume = None
-    if (ckpt := ray.train.get_checkpoint()) is not None:
-        with ckpt.as_directory() as d:
-            resume = torch.load(Path(d) / "state.pt", weights_only=False)
-        if rank == 0:
-            print(f"[{cfg.task}] resuming from checkpoint at step {resume['step']}", flush=True)
+    resume = raytrain.resume_state(cfg.task)
 
     def report(state: dict[str, Any], metrics: dict[str, Any]) -> None:
-        with tempfile.TemporaryDirectory() as d:
-            checkpoint = None
-            if rank == 0:
-                torch.save(state, Path(d) / "state.pt")
-                checkpoint = ray.train.Checkpoint.from_directory(d)
-                print(
-                    f"[{cfg.task}] step {metrics['step']}/{metrics['total_steps']} loss {metrics['loss']:.4f} "
-                    f"{metrics['seconds_per_step']:.2f}s/step",
-                    flush=True,
-                )
-            ray.train.report(metrics, checkpoint=checkpoint)
-            if rank == 0:
-                hold("train.checkpoint-reported")
+        line = (
+            f"[{cfg.task}] step {metrics['step']}/{metrics['total_steps']} loss {metrics['loss']:.4f} "
+            f"{metrics['seconds_per_step']:.2f}s/step"
+        )
+        raytrain.report(metrics, lambda: state, line)
 
     fit(
         cfg,
@@ -338,7 +321,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         tokenizer,
         reference,
         rows,
-        rank=rank,
+        rank=ctx.get_world_rank(),
         world=ctx.get_world_size(),
         device=ray.train.torch.get_device(),
         wrap=ray.train.torch.prepare_model,
@@ -352,27 +335,9 @@ def run(ctx: Any, cfg: TrainConfig, resources: dict[str, Any], name: str) -> tup
 
     The checkpoint (a `ray.train.Checkpoint` holding `state.pt`) is read where the model is needed
     next, on a worker: the driver never loads the weights."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    gpus = resources["gpusPerWorker"]
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={**asdict(cfg), "dimensions": list(cfg.dimensions)},
-        scaling_config=ScalingConfig(
-            num_workers=resources["workers"],
-            use_gpu=gpus > 0,
-            resources_per_worker={"CPU": resources["cpusPerWorker"], **({"GPU": gpus} if gpus else {})},
-        ),
-        run_config=RunConfig(
-            name=f"{name}-{ctx.config_hash}",
-            storage_path=ctx.out.path("ray"),
-            storage_filesystem=ctx.out.fs,
-            checkpoint_config=CheckpointConfig(num_to_keep=1),
-            failure_config=FailureConfig(max_failures=2),
-        ),
+    loop_config = {**asdict(cfg), "dimensions": list(cfg.dimensions)}
+    max_failures = ctx.spec["teacher"]["maxFailures"]
+    result = raytrain.fit(
+        train_loop_per_worker, loop_config, resources, ctx.out, f"{name}-{ctx.config_hash}", max_failures
     )
-    result = trainer.fit()
-    if result.error:
-        raise result.error
-    return result.checkpoint, {k: v for k, v in result.metrics.items() if isinstance(v, (int, float, bool))}
+    return result.checkpoint, raytrain.scalar_metrics(result)

@@ -1,0 +1,98 @@
+"""The Ray Train plumbing the teacher and the student share.
+
+Driver side: `fit` runs a training loop as a TorchTrainer sized by a stage's `resources`, with its
+checkpoints under the stage's prefix (`<stage>/ray/<name>`): a job rerun under the same name resumes
+from the latest one, and Ray Train recovers from `max_failures` worker failures by checkpoint.
+Worker side: `resume_state` is the latest checkpoint's state (None on a fresh start), and `report`
+hands metrics to Ray Train with a checkpoint written by rank 0 alone.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kubedistill.holds import hold
+from kubedistill.storage import Storage
+
+STATE_FILE = "state.pt"
+
+
+def fit(
+    loop: Callable[[dict[str, Any]], None],
+    loop_config: dict[str, Any],
+    resources: dict[str, Any],
+    out: Storage,
+    name: str,
+    max_failures: int,
+) -> Any:
+    """Run `loop` on `resources["workers"]` Ray Train workers; the `ray.train.Result` (its error raised)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    gpus = resources["gpusPerWorker"]
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=resources["workers"],
+            use_gpu=gpus > 0,
+            resources_per_worker={"CPU": resources["cpusPerWorker"], **({"GPU": gpus} if gpus else {})},
+        ),
+        run_config=RunConfig(
+            # the same name and storage path on a retried job resumes from the latest checkpoint
+            name=name,
+            storage_path=out.path("ray"),
+            storage_filesystem=out.fs,
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
+            failure_config=FailureConfig(max_failures=max_failures),
+        ),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    return result
+
+
+def scalar_metrics(result: Any) -> dict[str, Any]:
+    """The numbers (and flags) of a Result's last report."""
+    return {k: v for k, v in result.metrics.items() if isinstance(v, (int, float, bool))}
+
+
+def load_state(checkpoint: Any) -> dict[str, Any]:
+    """The training state a checkpoint holds (read where the model is needed next)."""
+    with checkpoint.as_directory() as d:
+        return torch.load(Path(d) / STATE_FILE, weights_only=False, map_location="cpu")
+
+
+def resume_state(label: str) -> dict[str, Any] | None:
+    """In a worker: the latest checkpoint's state, or None on a fresh start (rank 0 says which step)."""
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return None
+    state = load_state(ckpt)
+    if ray.train.get_context().get_world_rank() == 0:
+        print(f"[{label}] resuming from checkpoint at step {state['step']}", flush=True)
+    return state
+
+
+def report(metrics: dict[str, Any], state: Callable[[], dict[str, Any]], line: str) -> None:
+    """In a worker: report `metrics`; rank 0 also checkpoints `state()` and prints `line`."""
+    import ray.train
+
+    rank = ray.train.get_context().get_world_rank()
+    with tempfile.TemporaryDirectory() as d:
+        checkpoint = None
+        if rank == 0:
+            torch.save(state(), Path(d) / STATE_FILE)
+            checkpoint = ray.train.Checkpoint.from_directory(d)
+            print(line, flush=True)
+        ray.train.report(metrics, checkpoint=checkpoint)
+        if rank == 0:
+            hold("train.checkpoint-reported")
