@@ -227,7 +227,8 @@ def _report(run: DistillationRun) -> int:
 def preflight(run: DistillationRun, address: str | None, serve_port: int) -> str | None:
     """What stops `kubedistill run` before anything starts, said with what to do; None when it can start."""
     try:
-        importlib.import_module("ray.job_submission")  # Ray and its job API
+        for module in ("ray", "ray.job_submission"):  # Ray, and its job API (ray[default])
+            importlib.import_module(module)
     except ImportError as e:
         return (
             f"Ray is not installed in this environment ({e}). kubedistill runs its stages on Ray: "
