@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 import sys
 import time
@@ -81,21 +82,20 @@ print("state api", ray.get(state_api.remote()))
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_two_local_ray_heads_on_one_machine_run_each_ones_jobs_on_its_own_cluster(tmp_path):
+def test_two_local_ray_heads_on_one_machine_run_each_ones_jobs_on_its_own_cluster():
     # Ray's job agent tells a job's driver which cluster to join from the address the last `ray start`
     # wrote into its temp dir: two heads sharing /tmp/ray sent the first one's jobs to the second. Ray's
     # state API, called without an address inside the cluster, reads /tmp/ray's record: another
     # cluster's (or none), unless the head tells its processes their own (RAY_ADDRESS)
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    (tmp_path / "job.py").write_text(JOB)
     first = start_ray_head(num_cpus=1)
     try:
         second = start_ray_head(num_cpus=1)  # started later: the one a shared temp dir would name
         try:
             with ray_auth(first.auth_env):
                 client = JobSubmissionClient(first.dashboard_url)
-                job = submit(client, entrypoint=f"{sys.executable} job.py", runtime_env={"working_dir": str(tmp_path)})
+                job = submit(client, entrypoint=f"{sys.executable} -c {shlex.quote(JOB)}")
                 deadline = time.monotonic() + 120
                 while (state := client.get_job_status(job)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED):
                     assert time.monotonic() < deadline, client.get_job_logs(job)
