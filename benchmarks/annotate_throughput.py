@@ -27,11 +27,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kubedistill import data, runner, spec  # noqa: E402
-from kubedistill.stage import MANIFEST  # noqa: E402
-from kubedistill.storage import Storage  # noqa: E402
-from kubedistill.teacher import fmt, lm  # noqa: E402
-from tests import teacher_model  # noqa: E402
+from kubedistill import runner, spec
+from kubedistill.core.stage import MANIFEST
+from kubedistill.core.storage import Storage
+from kubedistill.stages import data
+from kubedistill.stages.teacher import fmt, lm
+from tests import teacher_model
 
 LABELS = teacher_model.LABELS
 

@@ -30,9 +30,9 @@ from dataclasses import replace
 
 import torch
 
-from kubedistill import data
-from kubedistill.evaluate import LexicalBaseline, classification_metrics
-from kubedistill.student import StudentConfig, build_model, fit, predict_proba, split
+from kubedistill.stages import data
+from kubedistill.stages.evaluate import LexicalBaseline, classification_metrics
+from kubedistill.stages.student import StudentConfig, build_model, fit, predict_proba, split
 
 LABELS = ["irrelevant", "partial", "relevant"]
 VARIANTS = {

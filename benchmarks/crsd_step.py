@@ -18,9 +18,9 @@ from dataclasses import replace
 
 import torch
 
-from kubedistill import data
-from kubedistill.spec import CrsdSpec
-from kubedistill.student import Encoded, StudentConfig, build_model, loss_terms
+from kubedistill.core.spec import CrsdSpec
+from kubedistill.stages import data
+from kubedistill.stages.student import Encoded, StudentConfig, build_model, loss_terms
 
 LABELS = ["irrelevant", "partial", "relevant"]
 VARIANTS = {"ce": {"objective": "ce"}, "crsd": {"objective": "crsd", "teacher_grad": False},

@@ -25,11 +25,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kubedistill import data, prune  # noqa: E402
-from kubedistill import prune_search as ps  # noqa: E402
-from kubedistill.teacher import fmt, lm  # noqa: E402
-from kubedistill.teacher.train import encode  # noqa: E402
-from tests import teacher_model  # noqa: E402
+from kubedistill import prune
+from kubedistill.stages import data
+from kubedistill.stages import prune_search as ps
+from kubedistill.stages.teacher import fmt, lm
+from kubedistill.stages.teacher.train import encode
+from tests import teacher_model
 
 
 def main() -> None:

@@ -19,10 +19,10 @@ import time
 import numpy as np
 import torch
 
-from kubedistill import data, serving
+from kubedistill.core.storage import Storage
 from kubedistill.loadtest import run_load
-from kubedistill.storage import Storage
-from kubedistill.student import StudentConfig, build_model, export, load_student, service_text
+from kubedistill.stages import data, serving
+from kubedistill.stages.student import StudentConfig, build_model, export, load_student, service_text
 
 LABELS = ["irrelevant", "partial", "relevant"]
 
@@ -73,7 +73,7 @@ def main() -> None:
 
         from ray import serve
 
-        from kubedistill.ports import Ports
+        from kubedistill.core.ports import Ports
         from kubedistill.runner import local_ray
 
         with local_ray(num_cpus=max(2, args.threads)), Ports.claim(1) as port:

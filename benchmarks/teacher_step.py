@@ -1,7 +1,7 @@
 """Teacher training throughput: samples/s of the SFT step with 1 vs 2 Ray Train workers (DDP), one run.
 
 The same scratch Llama, tokenizer, SFT examples and global batch for both; each configuration runs
-`--steps` steps through `kubedistill.teacher.train` (the stages' own loop) in a TorchTrainer, and
+`--steps` steps through `kubedistill.stages.teacher.train` (the stages' own loop) in a TorchTrainer, and
 the loop's own clock (after model build and DDP set-up) gives samples/s. Configurations alternate
 (1, 2, 1, 2, ...) for `--reps` repetitions; medians.
 
@@ -19,10 +19,10 @@ from pathlib import Path
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from kubedistill import data
+from kubedistill.core.storage import Storage
 from kubedistill.runner import local_ray
-from kubedistill.storage import Storage
-from kubedistill.teacher import fmt, lm, train
+from kubedistill.stages import data
+from kubedistill.stages.teacher import fmt, lm, train
 
 LABELS = ["irrelevant", "partial", "relevant"]
 

@@ -4,7 +4,8 @@ pool of vLLM or transformers replicas; sharded, resumable, nothing lost.
 Run by `kubedistill run` (local Ray) or a RayJob (cluster) with KUBEDISTILL_STAGE_CONFIG set.
 """
 
-from kubedistill import annotate, stage
+from kubedistill.core import stage
+from kubedistill.stages import annotate
 
 if __name__ == "__main__":
     stage.main(annotate.run_stage)

@@ -3,7 +3,8 @@
 Run by `kubedistill run` (local Ray) or a RayJob (cluster) with KUBEDISTILL_STAGE_CONFIG set.
 """
 
-from kubedistill import data, stage
+from kubedistill.core import stage
+from kubedistill.stages import data
 
 if __name__ == "__main__":
     stage.main(data.run_stage)

@@ -3,7 +3,8 @@
 Run by `kubedistill run` (local Ray) or a RayJob (cluster) with KUBEDISTILL_STAGE_CONFIG set.
 """
 
-from kubedistill import evaluate, stage
+from kubedistill.core import stage
+from kubedistill.stages import evaluate
 
 if __name__ == "__main__":
     stage.main(evaluate.run_stage)

@@ -4,7 +4,8 @@
 Run by `kubedistill run` (local Ray) or a RayJob (cluster) with KUBEDISTILL_STAGE_CONFIG set.
 """
 
-from kubedistill import prune_search, stage
+from kubedistill.core import stage
+from kubedistill.stages import prune_search
 
 if __name__ == "__main__":
     stage.main(prune_search.run_stage)

@@ -4,7 +4,8 @@ Run by `kubedistill run` (local Ray) with KUBEDISTILL_STAGE_CONFIG set; in a clu
 creates a RayService from the same application args instead.
 """
 
-from kubedistill import serving, stage
+from kubedistill.core import stage
+from kubedistill.stages import serving
 
 if __name__ == "__main__":
     stage.main(serving.run_stage)

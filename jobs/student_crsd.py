@@ -3,7 +3,8 @@
 Run by `kubedistill run` (local Ray) or a RayJob (cluster) with KUBEDISTILL_STAGE_CONFIG set.
 """
 
-from kubedistill import stage, student
+from kubedistill.core import stage
+from kubedistill.stages import student
 
 if __name__ == "__main__":
     stage.main(student.run_stage)

@@ -3,8 +3,8 @@
 Run by `kubedistill run` (local Ray) or a RayJob (cluster) with KUBEDISTILL_STAGE_CONFIG set.
 """
 
-from kubedistill import stage
-from kubedistill.teacher import stages
+from kubedistill.core import stage
+from kubedistill.stages.teacher import stages
 
 if __name__ == "__main__":
     stage.main(stages.run_sft)

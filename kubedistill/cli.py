@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from kubedistill import __version__
 
 if TYPE_CHECKING:  # imported where used: `kubedistill --help` stays fast
-    from kubedistill.spec import DistillationRun
+    from kubedistill.core.spec import DistillationRun
 
 EXAMPLES = {
     "validate": "kubedistill validate manifests/samples/quickstart.yaml",
@@ -81,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from kubedistill.spec import SpecError
+    from kubedistill.core.spec import SpecError
 
     try:
         return _dispatch(args)
@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from kubedistill import crd, pipeline, spec
+    from kubedistill.cluster import crd
+    from kubedistill.core import pipeline, spec
 
     if args.command == "crd":
         sys.stdout.write(crd.render_yaml())
@@ -117,7 +118,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "render":
         import yaml
 
-        from kubedistill import k8s
+        from kubedistill.cluster import k8s
 
         sys.stdout.write(yaml.safe_dump_all(k8s.render(run), sort_keys=False))
         return 0
@@ -127,9 +128,10 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _status(run: DistillationRun) -> int:
-    from kubedistill import pipeline, runner
-    from kubedistill.stage import run_storage
-    from kubedistill.storage import StorageError
+    from kubedistill import runner
+    from kubedistill.core import pipeline
+    from kubedistill.core.stage import run_storage
+    from kubedistill.core.storage import StorageError
 
     stages = pipeline.build(run)
     try:
@@ -164,7 +166,7 @@ def _cluster_status(name: str, namespace: str | None) -> int:
     from kubernetes.client.exceptions import ApiException
     from urllib3.exceptions import HTTPError
 
-    from kubedistill import spec
+    from kubedistill.core import spec
 
     try:
         try:
@@ -203,16 +205,17 @@ def _cluster_status(name: str, namespace: str | None) -> int:
     _print_status(f"{ns}/{name}", status)
     uri = ((body.get("spec") or {}).get("storage") or {}).get("uri")
     if uri:
-        from kubedistill.stage import run_prefix
+        from kubedistill.core.stage import run_prefix
 
         print(f"  artifacts and report: {run_prefix(uri, name)}/ (report.html)")
     return 0 if status.get("phase") != "Failed" else 1
 
 
 def _report(run: DistillationRun) -> int:
-    from kubedistill import pipeline, report, runner
-    from kubedistill.stage import run_storage
-    from kubedistill.storage import StorageError
+    from kubedistill import report, runner
+    from kubedistill.core import pipeline
+    from kubedistill.core.stage import run_storage
+    from kubedistill.core.storage import StorageError
 
     stages = pipeline.build(run)
     storage = run_storage(stages[0].config)
@@ -258,7 +261,7 @@ def preflight(run: DistillationRun, address: str | None, serve_port: int) -> str
 
 def _run(run: DistillationRun, address: str | None, serve_port: int, keep_serving: bool) -> int:
     from kubedistill import runner
-    from kubedistill.storage import StorageError
+    from kubedistill.core.storage import StorageError
 
     if why := preflight(run, address, serve_port):
         print(f"error: {why}", file=sys.stderr)

@@ -19,9 +19,9 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
-from kubedistill.spec import RunStatus, to_wire
-from kubedistill.stage import FAILURE, now, read_manifest
-from kubedistill.storage import Storage
+from kubedistill.core.spec import RunStatus, to_wire
+from kubedistill.core.stage import FAILURE, now, read_manifest
+from kubedistill.core.storage import Storage
 
 REPORT_FILE = "report.html"
 

@@ -21,13 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from kubedistill import pipeline
-from kubedistill.evaluate import promotion_blocked
-from kubedistill.holds import HOLD_AT_ENV, HOLD_DIR_ENV
-from kubedistill.ports import PortInUse, Ports, PortsUnavailable, looks_like_bind_failure, start_with_retries
-from kubedistill.spec import API_GROUP, Condition, DistillationRun, RunStatus, StageStatus, to_wire
-from kubedistill.stage import CONFIG_ENV, FAILURE, is_done, must_read_manifest, now, read_manifest, run_storage
-from kubedistill.storage import Storage
+from kubedistill.core import pipeline
+from kubedistill.core.holds import HOLD_AT_ENV, HOLD_DIR_ENV
+from kubedistill.core.ports import PortInUse, Ports, PortsUnavailable, looks_like_bind_failure, start_with_retries
+from kubedistill.core.spec import API_GROUP, Condition, DistillationRun, RunStatus, StageStatus, to_wire
+from kubedistill.core.stage import CONFIG_ENV, FAILURE, is_done, must_read_manifest, now, read_manifest, run_storage
+from kubedistill.core.storage import Storage
+from kubedistill.stages.evaluate import promotion_blocked
 
 STATUS_FILE = "_status.json"
 #: Environment passed through to stage jobs (credentials and endpoints; never user spec strings).
@@ -161,7 +161,7 @@ def _head_failure(log: str) -> type[Exception]:
 
 def start_ray_head(num_cpus: int | None = None, timeout: float = 180.0) -> RayHead:
     """Start a Ray head on this machine with `ray start --head --block`, every port it listens on by number
-    chosen by `kubedistill.ports` (Ray's fixed defaults, 6379, 8265, 10001 and the dashboard agent's
+    chosen by `kubedistill.core.ports` (Ray's fixed defaults, 6379, 8265, 10001 and the dashboard agent's
     52365, collide with any other Ray on the machine; `ray.init` cannot set the agent's). A port taken
     after it was claimed makes Ray fail to bind: the head is started again on fresh ports.
 
@@ -359,7 +359,7 @@ def run_local(
         )
         served = next((s for s in status.status.stages if s.name == "serve" and s.phase == "Succeeded"), None)
         if served:
-            from kubedistill.serving import curl_example
+            from kubedistill.stages.serving import curl_example
 
             url = must_read_manifest(storage, "serve")["outputs"]["url"]
             say(f"kubedistill: serving the student at {url}\n  try: {curl_example(url)}")

@@ -1,5 +1,5 @@
-"""kopf wiring for DistillationRun: every decision is in kubedistill.reconcile, every API call in
-kubedistill.controller. Run: kopf run operator/handlers.py --all-namespaces [--standalone | --peering kubedistill]
+"""kopf wiring for DistillationRun: every decision is in kubedistill.cluster.reconcile, every API call in
+kubedistill.cluster.controller. Run: kopf run operator/handlers.py --all-namespaces [--standalone | --peering kubedistill]
 
 Environment: KUBEDISTILL_RECONCILE_INTERVAL (seconds between reconciles of a run, default 10),
 KUBEDISTILL_METRICS_PORT (Prometheus metrics, default 9090; 0 turns them off).
@@ -11,7 +11,8 @@ import os
 import kopf
 import prometheus_client
 
-from kubedistill import controller, k8s, spec, stage
+from kubedistill.cluster import controller, k8s
+from kubedistill.core import spec, stage
 
 INTERVAL = float(os.environ.get("KUBEDISTILL_RECONCILE_INTERVAL", "10"))
 RUNS = (spec.API_GROUP, spec.API_VERSION, "distillationruns")

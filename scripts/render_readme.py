@@ -13,7 +13,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from kubedistill.crd import reference_markdown  # noqa: E402
+from kubedistill.cluster.crd import reference_markdown  # noqa: E402
 
 
 def benchmarks_summary(results: str) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from kubedistill.ports import PortInUse, Ports, looks_like_bind_failure, start_with_retries
+from kubedistill.core.ports import PortInUse, Ports, looks_like_bind_failure, start_with_retries
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "manifests" / "samples"
@@ -35,7 +35,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: -file_cost[module(item)])
 
 
-#: Ports claimed by this test session, held until it exits (see kubedistill.ports: no other process,
+#: Ports claimed by this test session, held until it exits (see kubedistill.core.ports: no other process,
 #: and no parallel test session, is handed them).
 _HELD: list[Ports] = []
 
@@ -94,7 +94,7 @@ class SeaweedS3:
             raise
 
     @classmethod
-    def start(cls, workdir: Path, claim=Ports.claim) -> "SeaweedS3":  # type: ignore[no-untyped-def]
+    def start(cls, workdir: Path, claim=Ports.claim) -> SeaweedS3:  # type: ignore[no-untyped-def]
         attempts = iter(range(100))
         s3, _ = start_with_retries("SeaweedFS", lambda ports: cls(workdir / f"attempt-{next(attempts)}", ports),
                                    len(_WEED_PORTS), claim=claim)

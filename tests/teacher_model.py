@@ -10,8 +10,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from kubedistill import data
-from kubedistill.teacher import fmt, lm, train
+from kubedistill.stages import data
+from kubedistill.stages.teacher import fmt, lm, train
 
 LABELS = ["irrelevant", "partial", "relevant"]
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from kubedistill.ports import PortInUse, Ports, looks_like_bind_failure, start_with_retries
+from kubedistill.core.ports import PortInUse, Ports, looks_like_bind_failure, start_with_retries
 from tests.conftest import ACCESS_KEY, ROOT, SECRET_KEY, free_port
 from tests.e2e.kuberay import Api
 

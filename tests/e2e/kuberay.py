@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from kubedistill.holds import HOLD_AT_ENV, HOLD_DIR_ENV
+from kubedistill.core.holds import HOLD_AT_ENV, HOLD_DIR_ENV
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -70,7 +70,7 @@ class KubeRay:
         self.api, self.dashboard, self.serve_port = api, dashboard.rstrip("/"), serve_port
         self.jobs = JobSubmissionClient(self.dashboard)
         self.serve = ServeSubmissionClient(self.dashboard)  # what `serve deploy` and KubeRay use
-        # stage → the hold point (kubedistill.holds) at which its first attempt is evicted: the attempt
+        # stage → the hold point (kubedistill.core.holds) at which its first attempt is evicted: the attempt
         # stops there, the stand-in sees the point reached, then evicts it (no timing involved)
         self.evict_at = dict(evict_at or {})
         self.holds = holds or Path(".")
@@ -81,7 +81,7 @@ class KubeRay:
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self.errors: list[str] = []
 
-    def __enter__(self) -> "KubeRay":
+    def __enter__(self) -> KubeRay:
         self._thread.start()
         return self
 

@@ -16,9 +16,9 @@ import urllib.request
 
 import pytest
 
-from kubedistill.serving import post_json
-from kubedistill.stage import MANIFEST
-from kubedistill.storage import S3Options, Storage
+from kubedistill.core.stage import MANIFEST
+from kubedistill.core.storage import S3Options, Storage
+from kubedistill.stages.serving import post_json
 from tests.conftest import ACCESS_KEY, SECRET_KEY, free_port, minimal_doc
 from tests.e2e.conftest import s3_secret, wait_for
 from tests.e2e.kuberay import KubeRay

@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from kubedistill import data, runner, spec
-from kubedistill.stage import FAILURE, MANIFEST
-from kubedistill.storage import Storage
+from kubedistill import runner
+from kubedistill.core import spec
+from kubedistill.core.stage import FAILURE, MANIFEST
+from kubedistill.core.storage import Storage
+from kubedistill.stages import data
 from tests.conftest import minimal_doc
 from tests.integration.test_runner import _write, kill_at
 from tests.teacher_model import LABELS

@@ -16,10 +16,11 @@ from typing import Any
 import pytest
 import yaml
 
-from kubedistill import runner, spec
-from kubedistill.holds import HOLD_AT_ENV, HOLD_DIR_ENV
-from kubedistill.stage import MANIFEST
-from kubedistill.storage import Storage
+from kubedistill import runner
+from kubedistill.core import spec
+from kubedistill.core.holds import HOLD_AT_ENV, HOLD_DIR_ENV
+from kubedistill.core.stage import MANIFEST
+from kubedistill.core.storage import Storage
 from tests.conftest import ROOT, minimal_doc
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -79,7 +80,7 @@ def _cli(*args: str, stdout: Any = subprocess.PIPE, **kw: Any) -> subprocess.Pop
 
 
 def kill_at(f: Path, point: str, until: Callable[[], bool] = lambda: True, timeout: float = 600) -> str:
-    """Run `kubedistill run f` with a hold at `point` (kubedistill.holds); once a process has stopped
+    """Run `kubedistill run f` with a hold at `point` (kubedistill.core.holds); once a process has stopped
     there (and `until()` is true), SIGKILL the CLI, its Ray and every stage process. No sleeping: the
     run cannot get past the point, so the test interrupts it exactly there. Returns the run's output."""
     holds, log = f.parent / "holds", f.parent / f"run-{point}.log"

@@ -12,9 +12,11 @@ import time
 
 import pytest
 
-from kubedistill import k8s, runner, spec
-from kubedistill.stage import MANIFEST
-from kubedistill.storage import Storage
+from kubedistill import runner
+from kubedistill.cluster import k8s
+from kubedistill.core import spec
+from kubedistill.core.stage import MANIFEST
+from kubedistill.core.storage import Storage
 from tests.conftest import free_port, minimal_doc
 from tests.integration.test_runner import _cli, _write
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from kubedistill.ports import PortInUse, Ports
+from kubedistill.core.ports import PortInUse, Ports
 from kubedistill.runner import RayStartTimedOut, RayUnavailable, _head_failure, ray_auth, start_ray_head, submit
 from tests.conftest import SeaweedS3
 

@@ -8,9 +8,9 @@ import urllib.request
 
 import pytest
 
-from kubedistill import serving
+from kubedistill.core.storage import Storage
 from kubedistill.loadtest import LoadReport, run_load
-from kubedistill.storage import Storage
+from kubedistill.stages import serving
 from tests.conftest import free_port
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -24,7 +24,7 @@ GOOD = {"query": "vegan brunch in Old Town", "services": [
 def _artifact(encoder: str, out: str, config_hash: str, seed: int) -> str:
     import torch
 
-    from kubedistill.student import StudentConfig, build_model, export
+    from kubedistill.stages.student import StudentConfig, build_model, export
 
     cfg = StudentConfig(labels=LABELS, base_model=encoder, max_length=64)
     torch.manual_seed(seed)
@@ -79,7 +79,7 @@ def test_scores_every_service_with_the_model_version(served):
         assert r["label"] == max(r["probabilities"], key=r["probabilities"].get)
         assert 0 <= r["score"] <= 1
     # the served probabilities are the exported model's, from the standard input only
-    from kubedistill.student import load_student
+    from kubedistill.stages.student import load_student
 
     local = load_student(served["v1"]).predict_texts([GOOD["query"]] * 2, [s["text"] for s in GOOD["services"]])
     assert [r["probabilities"]["relevant"] for r in body["results"]] == pytest.approx(local[:, 2].tolist(), abs=1e-4)

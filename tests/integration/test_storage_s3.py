@@ -2,7 +2,7 @@
 
 import pytest
 
-from kubedistill.storage import Storage, StorageError
+from kubedistill.core.storage import Storage, StorageError
 
 pytestmark = pytest.mark.s3
 
@@ -22,7 +22,7 @@ def test_s3_roundtrip_list_delete(bucket):
 
 
 def test_endpoint_from_spec_overrides_environment(bucket, s3_env, monkeypatch):
-    from kubedistill.storage import S3Options
+    from kubedistill.core.storage import S3Options
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
     st = Storage(f"s3://{bucket}/x", S3Options.from_env(endpoint=s3_env.endpoint))

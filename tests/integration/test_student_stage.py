@@ -7,9 +7,10 @@ import io
 
 import pytest
 
-from kubedistill import runner, spec
-from kubedistill.stage import MANIFEST
-from kubedistill.storage import Storage
+from kubedistill import runner
+from kubedistill.core import spec
+from kubedistill.core.stage import MANIFEST
+from kubedistill.core.storage import Storage
 from tests.conftest import minimal_doc
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from kubedistill.stage import MANIFEST
+from kubedistill.core.stage import MANIFEST
 from tests.integration.test_runner import _write, checkpoint_registered, kill_at
 from tests.integration.test_teacher_stages import SMALL, TEACHER, _doc
 

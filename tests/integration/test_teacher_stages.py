@@ -9,10 +9,11 @@ import json
 
 import pytest
 
-from kubedistill import runner, spec
-from kubedistill.stage import FAILURE, MANIFEST
-from kubedistill.storage import Storage
-from kubedistill.teacher import lm
+from kubedistill import runner
+from kubedistill.core import spec
+from kubedistill.core.stage import FAILURE, MANIFEST
+from kubedistill.core.storage import Storage
+from kubedistill.stages.teacher import lm
 from tests.conftest import minimal_doc
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]

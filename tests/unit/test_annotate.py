@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from kubedistill import annotate, data
-from kubedistill.annotate import Generation, Sampling
-from kubedistill.storage import Storage
-from kubedistill.teacher import fmt
+from kubedistill.core.storage import Storage
+from kubedistill.stages import annotate, data
+from kubedistill.stages.annotate import Generation, Sampling
+from kubedistill.stages.teacher import fmt
 from tests import teacher_model
 
 LABELS = teacher_model.LABELS
@@ -186,8 +186,8 @@ def test_outputs_of_shards_not_finished_for_this_config_are_dropped(tmp_path):
 
 
 def test_a_model_that_is_not_there_fails_on_the_driver_naming_the_field(tmp_path):
-    from kubedistill.models import ModelNotFound
-    from kubedistill.storage import S3Options
+    from kubedistill.core.storage import S3Options
+    from kubedistill.ml.models import ModelNotFound
 
     with pytest.raises(ModelNotFound, match="spec.annotation.model"):
         annotate._check_model(str(tmp_path / "no-model"), S3Options.from_env())
@@ -197,7 +197,7 @@ def test_a_model_that_is_not_there_fails_on_the_driver_naming_the_field(tmp_path
 
 
 def test_label_agreement_is_counted_by_pair_id_with_the_commonest_disagreements():
-    from kubedistill.annotate import label_agreement
+    from kubedistill.stages.annotate import label_agreement
 
     teacher = {"a": "relevant", "b": "partial", "c": "partial", "d": "irrelevant", "x": "relevant"}
     reference = {"a": "relevant", "b": "relevant", "c": "relevant", "d": "partial", "y": "partial"}

@@ -2,7 +2,8 @@ import textwrap
 
 import pytest
 
-from kubedistill import cli, crd
+from kubedistill import cli
+from kubedistill.cluster import crd
 from tests.conftest import SAMPLES
 
 
@@ -59,7 +60,8 @@ def test_status_before_any_run(tmp_path, capsys):
 def test_render_prints_every_object_as_a_yaml_stream(capsys):
     import yaml
 
-    from kubedistill import k8s, spec
+    from kubedistill.cluster import k8s
+    from kubedistill.core import spec
 
     assert cli.main(["render", str(SAMPLES / "quickstart.yaml")]) == 0
     docs = list(yaml.safe_load_all(capsys.readouterr().out))
@@ -128,7 +130,7 @@ def test_run_refuses_a_busy_serve_port_before_starting_anything(tmp_path, capsys
 
 
 def test_a_busy_port_does_not_matter_when_nothing_is_served(tmp_path):
-    from kubedistill import spec
+    from kubedistill.core import spec
 
     run = spec.load_run(_file(tmp_path, serving={"enabled": False}))
     import socket

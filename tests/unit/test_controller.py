@@ -1,7 +1,7 @@
 """The operator's I/O helpers that need no API server: blocking conditions and the manifest reader."""
 
-from kubedistill import controller
-from kubedistill.storage import Storage
+from kubedistill.cluster import controller
+from kubedistill.core.storage import Storage
 
 NOW = "2026-11-28T00:00:00Z"
 

@@ -8,7 +8,8 @@ import jsonschema
 import pytest
 import yaml
 
-from kubedistill import crd, spec
+from kubedistill.cluster import crd
+from kubedistill.core import spec
 from tests.conftest import ROOT, SAMPLES, minimal_doc
 from tests.kuberay import draft4
 

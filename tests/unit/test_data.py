@@ -2,9 +2,9 @@ import json
 
 import pytest
 
-from kubedistill import data
-from kubedistill.data import Intent, Service, judge
-from kubedistill.storage import Storage
+from kubedistill.core.storage import Storage
+from kubedistill.stages import data
+from kubedistill.stages.data import Intent, Service, judge
 
 LABELS = ["irrelevant", "partial", "relevant"]
 
@@ -116,7 +116,7 @@ def test_write_and_read_dataset_roundtrip_both_formats(tmp_path):
 
 
 def test_a_rerun_with_another_format_leaves_only_the_new_parts(tmp_path):
-    from kubedistill.stage import StageContext
+    from kubedistill.core.stage import StageContext
 
     syn = {"services": 40, "queries": 30, "pairsPerQuery": 4, "sftSize": 10, "evalSize": 12, "seed": 0}
     root = Storage(str(tmp_path))

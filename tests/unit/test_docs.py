@@ -20,8 +20,8 @@ def test_readme_blocks_are_generated_and_current():
 
 
 def test_the_reference_lists_every_spec_field_with_its_effective_default():
-    from kubedistill import spec
-    from kubedistill.crd import reference_markdown
+    from kubedistill.cluster.crd import reference_markdown
+    from kubedistill.core import spec
 
     ref = reference_markdown()
     for path in ("spec.storage.uri` (required)", "spec.teacher.dpo.prompts", "spec.student.compareObjectives",

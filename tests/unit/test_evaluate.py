@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from kubedistill import data, evaluate
+from kubedistill.stages import data, evaluate
 
 
 def test_metrics_on_a_hand_computed_case():
@@ -60,7 +60,7 @@ def test_plot_is_a_png():
 
 
 def test_promotion_is_blocked_by_a_failed_gate(tmp_path):
-    from kubedistill.storage import Storage
+    from kubedistill.core.storage import Storage
 
     st = Storage(str(tmp_path))
     assert evaluate.promotion_blocked(st) == "the evaluate stage has not succeeded"

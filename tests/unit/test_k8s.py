@@ -5,7 +5,9 @@ import importlib
 import pytest
 import yaml
 
-from kubedistill import k8s, serving, spec
+from kubedistill.cluster import k8s
+from kubedistill.core import spec
+from kubedistill.stages import serving
 from tests.conftest import minimal_doc
 from tests.kuberay import errors
 
@@ -106,7 +108,7 @@ def _full_run(**spec_fields) -> spec.DistillationRun:
 
 
 def test_every_rendered_object_validates_and_follows_the_stage_graph():
-    from kubedistill import pipeline
+    from kubedistill.core import pipeline
 
     run = _full_run()
     objs = k8s.render(run, uid="u1")
@@ -122,8 +124,8 @@ def test_every_rendered_object_validates_and_follows_the_stage_graph():
 def test_rayjob_carries_the_config_as_json_in_an_env_var_never_in_the_entrypoint():
     import json
 
-    from kubedistill import pipeline
-    from kubedistill.stage import CONFIG_ENV
+    from kubedistill.core import pipeline
+    from kubedistill.core.stage import CONFIG_ENV
 
     hostile = "s3://bucket/$(rm -rf /); echo `id`"
     run = spec.parse_run(minimal_doc(storage={"uri": hostile}))
@@ -140,7 +142,7 @@ def test_rayjob_carries_the_config_as_json_in_an_env_var_never_in_the_entrypoint
 
 
 def test_rayjob_workers_follow_the_stage_resources_and_annotate_autoscales():
-    from kubedistill import pipeline
+    from kubedistill.core import pipeline
 
     run = _full_run()
     stages = {s.name: s for s in pipeline.build(run)}

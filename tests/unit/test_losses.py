@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from kubedistill import losses
+from kubedistill.ml import losses
 
 
 def test_ce_loss():

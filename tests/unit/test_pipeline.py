@@ -1,7 +1,6 @@
 import json
 
-
-from kubedistill import pipeline, spec
+from kubedistill.core import pipeline, spec
 from tests.conftest import minimal_doc
 
 

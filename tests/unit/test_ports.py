@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from kubedistill import ports
-from kubedistill.ports import PortInUse, Ports, PortsUnavailable, start_with_retries
+from kubedistill.core import ports
+from kubedistill.core.ports import PortInUse, Ports, PortsUnavailable, start_with_retries
 
 
 @pytest.fixture(autouse=True)
@@ -29,7 +29,7 @@ def test_a_port_claimed_by_another_process_is_never_handed_out(tmp_path):
     with Ports.claim(1) as mine:
         port = mine[0]
         # another process (a parallel test session) claims from the same candidates: it must skip ours
-        code = ("import sys; from kubedistill.ports import Ports; "
+        code = ("import sys; from kubedistill.core.ports import Ports; "
                 f"p = Ports.claim(1, candidates=[{mine[0]}, {mine[0]} + 1]); print(p[0])")
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
         assert int(out.stdout) == mine[0] + 1

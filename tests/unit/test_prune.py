@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, BertConfig, BertForMaskedLM, LlamaConfig, LlamaForCausalLM
 
-from kubedistill import prune
-from kubedistill.teacher import lm
+from kubedistill.ml import prune
+from kubedistill.stages.teacher import lm
 
 
 def _llama(seed: int = 0) -> LlamaForCausalLM:
@@ -109,7 +109,7 @@ def test_only_kubedistills_own_modeling_code_is_trusted(tmp_path):
     prune.save(model, lm.train_tokenizer(["a b c"] * 5, 300), tmp_path)
     (tmp_path / "pruned_llama.py").write_text((tmp_path / "pruned_llama.py").read_text() + "\nimport os\n")
     assert not prune.is_pruned(tmp_path)
-    with pytest.raises(prune.UnsupportedArchitecture, match="not a model saved by kubedistill.prune.save"):
+    with pytest.raises(prune.UnsupportedArchitecture, match="not a model saved by kubedistill.ml.prune.save"):
         prune.load(tmp_path)
 
 

@@ -8,8 +8,8 @@ import random
 import numpy as np
 import pytest
 
-from kubedistill import prune_search as ps
-from kubedistill.prune import Architecture, Shape
+from kubedistill.ml.prune import Architecture, Shape
+from kubedistill.stages import prune_search as ps
 
 # 4 layers: 4 KV groups of 1 query head x 32 dims, 256 MLP channels, 128 wide; 40,000 other parameters
 SHAPE = Shape(hidden=128, head_dim=32, groups=1, kv_heads=(4,) * 4, intermediate=(256,) * 4, other_params=40_000)

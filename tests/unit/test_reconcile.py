@@ -4,8 +4,9 @@ import copy
 
 import pytest
 
-from kubedistill import k8s, pipeline, spec
-from kubedistill.reconcile import HASH, reconcile_body
+from kubedistill.cluster import k8s
+from kubedistill.cluster.reconcile import HASH, reconcile_body
+from kubedistill.core import pipeline, spec
 from tests.conftest import minimal_doc
 
 NOW = "2026-11-28T00:00:00Z"
@@ -118,7 +119,7 @@ def _fail(c, stage="data", message="stage data failed: ValueError: spec.data.log
 
 
 def test_backoff_doubles_per_retry_up_to_ten_minutes():
-    from kubedistill.reconcile import backoff_seconds
+    from kubedistill.cluster.reconcile import backoff_seconds
 
     assert [backoff_seconds(30, n) for n in (1, 2, 3, 4, 5, 6)] == [30, 60, 120, 240, 480, 600]
     assert backoff_seconds(0, 3) == 0

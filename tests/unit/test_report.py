@@ -5,9 +5,10 @@ from __future__ import annotations
 import html
 import re
 
-from kubedistill import evaluate, report
-from kubedistill.stage import FAILURE, MANIFEST
-from kubedistill.storage import Storage
+from kubedistill import report
+from kubedistill.core.stage import FAILURE, MANIFEST
+from kubedistill.core.storage import Storage
+from kubedistill.stages import evaluate
 
 
 def _manifest(stage: str, inputs: dict[str, str], digest: str, metrics: dict, outputs: dict | None = None) -> dict:

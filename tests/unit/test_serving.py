@@ -5,8 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from kubedistill import serving, spec
-from kubedistill.serving import RequestError, parse_request, score_results
+from kubedistill.core import spec
+from kubedistill.stages import serving
+from kubedistill.stages.serving import RequestError, parse_request, score_results
 from tests.conftest import minimal_doc
 
 LABELS = ["irrelevant", "partial", "relevant"]

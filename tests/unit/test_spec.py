@@ -2,7 +2,7 @@ import textwrap
 
 import pytest
 
-from kubedistill import spec
+from kubedistill.core import spec
 from tests.conftest import SAMPLES, minimal_doc
 
 
@@ -111,7 +111,7 @@ def test_multi_document_file_prefixes_problems(tmp_path):
 
 
 def test_every_sample_validates_runs_in_this_version_and_renders_valid_kuberay_objects():
-    from kubedistill import k8s
+    from kubedistill.cluster import k8s
     from tests.kuberay import errors
 
     samples = sorted(SAMPLES.glob("*.yaml"))
@@ -125,7 +125,7 @@ def test_every_sample_validates_runs_in_this_version_and_renders_valid_kuberay_o
 
 
 def test_the_gpu_sample_asks_for_gpus_where_it_trains_and_serves():
-    from kubedistill import k8s
+    from kubedistill.cluster import k8s
 
     (run,) = spec.load_runs(SAMPLES / "production-gpu.yaml")
     objs = {o["metadata"]["name"]: o for o in k8s.render(run)}

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from kubedistill import stage
-from kubedistill.stage import MANIFEST, StageContext, execute
+from kubedistill.core import stage
+from kubedistill.core.stage import MANIFEST, StageContext, execute
 
 
 def _ctx(tmp_path, name="data", inputs=(), spec=None):

@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from kubedistill.storage import Storage, StorageError, filesystem_for
+from kubedistill.core.storage import Storage, StorageError, filesystem_for
 
 
 def test_local_roundtrip_list_delete(tmp_path):

@@ -6,11 +6,21 @@ from dataclasses import replace
 import pytest
 import torch
 
-from kubedistill import data
-from kubedistill.models import ModelNotFound, resolve
-from kubedistill.storage import Storage
-from kubedistill.student import (Encoded, StudentConfig, build_model, check_rows, export, fit, load_student,
-                                 loss_terms, service_text, split)
+from kubedistill.core.storage import Storage
+from kubedistill.ml.models import ModelNotFound, resolve
+from kubedistill.stages import data
+from kubedistill.stages.student import (
+    Encoded,
+    StudentConfig,
+    build_model,
+    check_rows,
+    export,
+    fit,
+    load_student,
+    loss_terms,
+    service_text,
+    split,
+)
 
 LABELS = ["irrelevant", "partial", "relevant"]
 
@@ -117,7 +127,7 @@ def test_early_stopping(tiny_encoder, rows):
 
 
 def test_mean_pooling_averages_real_tokens_only_and_cls_takes_the_first(tiny_encoder):
-    from kubedistill.student import RelevanceStudent
+    from kubedistill.stages.student import RelevanceStudent
 
     model, _ = build_model(_cfg(tiny_encoder))
     model.eval()
@@ -146,7 +156,7 @@ def test_export_and_load_give_the_same_predictions(tiny_encoder, rows, tmp_path,
     loaded = load_student(uri)
     assert loaded.labels == LABELS and loaded.meta["bestValMacroF1"] == 0.5
     assert loaded.meta["pooling"] == pooling and loaded.model.pooling == pooling
-    from kubedistill.student import predict_proba
+    from kubedistill.stages.student import predict_proba
 
     assert torch.allclose(torch.tensor(predict_proba(model, tok, rows[:5], cfg.max_length)),
                           torch.tensor(loaded.predict_proba(rows[:5])), atol=1e-5)

@@ -10,11 +10,12 @@ import random
 import pytest
 import torch
 
-from kubedistill import data, losses
-from kubedistill.models import ModelNotFound
-from kubedistill.stage import StageContext
-from kubedistill.storage import Storage
-from kubedistill.teacher import fmt, lm, pairs, stages, train
+from kubedistill.core.stage import StageContext
+from kubedistill.core.storage import Storage
+from kubedistill.ml import losses
+from kubedistill.ml.models import ModelNotFound
+from kubedistill.stages import data
+from kubedistill.stages.teacher import fmt, lm, pairs, stages, train
 
 LABELS = ["irrelevant", "partial", "relevant"]
 ROW = {"query": "sushi in harbor", "service_id": "s1", "service_title": "Golden Sushi", "service_category": "japanese restaurant",

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from kubedistill import losses, raytrain
-from kubedistill.storage import S3Options, Storage
+from kubedistill.core.storage import S3Options, Storage
+from kubedistill.ml import losses, raytrain
 
 
 @dataclass(frozen=True)
@@ -156,8 +156,8 @@ def build(
     `reference=False` skips DPO's frozen copy (loading trained weights after training needs none)."""
     from transformers import AutoModel, AutoTokenizer
 
-    from kubedistill.models import resolve
-    from kubedistill.teacher import lm
+    from kubedistill.ml.models import resolve
+    from kubedistill.stages.teacher import lm
 
     if cfg.task == "reward":
         path = resolve(cfg.start, "start model", options)
@@ -299,7 +299,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from kubedistill.data import read_dataset
+    from kubedistill.stages.data import read_dataset
 
     cfg = TrainConfig(**{**config, "dimensions": tuple(config["dimensions"])})
     options = S3Options(**cfg.s3)

@@ -27,8 +27,17 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from kubedistill import k8s, pipeline
-from kubedistill.spec import Condition, ConditionStatus, DistillationRun, RunStatus, SpecError, StageStatus, parse_run
+from kubedistill.cluster import k8s
+from kubedistill.core import pipeline
+from kubedistill.core.spec import (
+    Condition,
+    ConditionStatus,
+    DistillationRun,
+    RunStatus,
+    SpecError,
+    StageStatus,
+    parse_run,
+)
 
 HASH = f"{k8s.GROUP}/config-hash"
 ATTEMPT = k8s.ATTEMPT

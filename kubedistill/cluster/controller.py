@@ -33,11 +33,12 @@ from kubernetes import client as kclient
 from kubernetes.client.exceptions import ApiException
 from prometheus_client import Counter, Gauge, Histogram
 
-from kubedistill import k8s, reconcile, spec
-from kubedistill.stage import read_manifest, run_prefix
-from kubedistill.storage import S3Options, Storage, StorageError
+from kubedistill.cluster import k8s, reconcile
+from kubedistill.core import spec
+from kubedistill.core.stage import read_manifest, run_prefix
+from kubedistill.core.storage import S3Options, Storage, StorageError
 
-log = logging.getLogger("kubedistill.controller")
+log = logging.getLogger("kubedistill.cluster.controller")
 
 RAY_GROUP, RAY_VERSION = "ray.io", "v1"
 PLURALS = {"RayJob": "rayjobs", "RayService": "rayservices"}

@@ -28,10 +28,10 @@ from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from typing import Any, Protocol
 
-from kubedistill.data import RowError, _schema, data_files, jsonl_lines, validate_row, write_rows
-from kubedistill.holds import hold
-from kubedistill.storage import S3Options, Storage
-from kubedistill.teacher import fmt
+from kubedistill.core.holds import hold
+from kubedistill.core.storage import S3Options, Storage
+from kubedistill.stages.data import RowError, _schema, data_files, jsonl_lines, validate_row, write_rows
+from kubedistill.stages.teacher import fmt
 
 #: an input row's raw form travels in this column; its shard in `_shard`
 RAW, SHARD = "_raw", "_shard"
@@ -77,7 +77,7 @@ class TransformersEngine:
     def __init__(self, path: str, batch_size: int, threads: int | None = None):
         import torch
 
-        from kubedistill.teacher import lm
+        from kubedistill.stages.teacher import lm
 
         if threads:
             torch.set_num_threads(threads)
@@ -92,7 +92,7 @@ class TransformersEngine:
         return [len(ids) for ids in self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
 
     def generate(self, prompts: Sequence[str], sampling: Sampling) -> list[Generation]:
-        from kubedistill.teacher import lm
+        from kubedistill.stages.teacher import lm
 
         out = lm.generate(
             self.model,
@@ -327,7 +327,7 @@ class Annotator:
     """Ray Data callable class: one engine per actor, `annotate_rows` per batch."""
 
     def __init__(self, engine: str, model_uri: str, s3: dict[str, Any], section: dict[str, Any], labels: list[str]):
-        from kubedistill.models import resolve
+        from kubedistill.ml.models import resolve
 
         path = resolve(model_uri, "spec.annotation.model", S3Options.from_env(s3.get("endpoint"), s3.get("region")))
         self.engine = make_engine(engine, path, section)
@@ -496,8 +496,8 @@ def _model_uri(ctx: Any) -> str:
 
 def _check_model(uri: str, options: S3Options) -> None:
     """Fail fast on the driver, naming the field, without copying an s3:// model there (replicas do)."""
-    from kubedistill.models import ModelNotFound, resolve
-    from kubedistill.storage import is_s3
+    from kubedistill.core.storage import is_s3
+    from kubedistill.ml.models import ModelNotFound, resolve
 
     if is_s3(uri):
         if not Storage(uri, options).exists("config.json"):
@@ -530,7 +530,7 @@ def label_agreement(annotated: dict[str, str], reference: dict[str, str]) -> dic
 def agreement(ctx: Any, results: list[ShardResult]) -> dict[str, Any] | None:
     """The teacher's labels against the labels the data stage holds for the same log pairs (the synthetic
     oracle's), when it holds any: what a teacher's accuracy is before a student learns from it."""
-    from kubedistill.data import read_dataset
+    from kubedistill.stages.data import read_dataset
 
     ref_store = ctx.input("data").child("labeled")
     if not data_files(ref_store):
@@ -549,7 +549,7 @@ def agreement(ctx: Any, results: list[ShardResult]) -> dict[str, Any] | None:
 def run_stage(ctx: Any) -> dict[str, Any]:
     import ray
 
-    from kubedistill.stage import input_digests
+    from kubedistill.core.stage import input_digests
 
     a = ctx.spec["annotation"]
     logs = ctx.input("data").child("logs")

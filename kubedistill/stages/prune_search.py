@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from kubedistill.prune import Architecture, Shape
+from kubedistill.ml.prune import Architecture, Shape
 
 MAX_RATIO = 0.9  # no layer loses more than this: a model with a gutted layer is not worth evaluating
 TOLERANCE = 0.01  # how much more than the target an architecture may remove (never less)
@@ -254,8 +254,8 @@ def _device() -> Any:
 
 
 def measure(model: Any, tokenizer: Any, data: EvalData) -> dict[str, float]:
-    from kubedistill.teacher import fmt, lm
-    from kubedistill.teacher.stages import perplexity, response_quality
+    from kubedistill.stages.teacher import fmt, lm
+    from kubedistill.stages.teacher.stages import perplexity, response_quality
 
     out: dict[str, float] = {"perplexity": round(perplexity(model, tokenizer, data.texts), 4)}
     if data.rows:
@@ -269,8 +269,8 @@ def measure(model: Any, tokenizer: Any, data: EvalData) -> dict[str, float]:
 
 def evaluate(base: str, importance: Any, arch: Architecture, data: EvalData) -> dict[str, Any]:
     """Prune the base model by `arch` and measure it: the real evaluation the predictor learns from."""
-    from kubedistill import prune
-    from kubedistill.teacher import lm
+    from kubedistill.ml import prune
+    from kubedistill.stages.teacher import lm
 
     model, tokenizer = lm.load(base, "spec.pruning (base model)")
     model.to(_device())
@@ -297,8 +297,8 @@ def _trial(
     """One Ray Tune trial: evaluate one architecture, persist its result (a retried job skips it)."""
     from ray import tune
 
-    from kubedistill.models import resolve
-    from kubedistill.storage import S3Options, Storage
+    from kubedistill.core.storage import S3Options, Storage
+    from kubedistill.ml.models import resolve
 
     key = config["key"]
     out = Storage(out_uri, S3Options.from_env(s3.get("endpoint"), s3.get("region")))
@@ -361,9 +361,9 @@ def _importance(out: Any) -> Any:
 
 def _on_worker_setup(base: str, out_uri: str, s3: dict[str, Any]) -> tuple[Any, Any, Any]:
     """In a trial or worker task: the stage's storage and the base model (its tokenizer too), loaded there."""
-    from kubedistill.models import resolve
-    from kubedistill.storage import S3Options, Storage
-    from kubedistill.teacher import lm
+    from kubedistill.core.storage import S3Options, Storage
+    from kubedistill.ml.models import resolve
+    from kubedistill.stages.teacher import lm
 
     out = Storage(out_uri, S3Options.from_env(s3.get("endpoint"), s3.get("region")))
     model, tok = lm.load(resolve(base, "spec.pruning (the teacher-dpo model)", out.options), "spec.pruning")
@@ -376,8 +376,8 @@ def _prepare(base: str, calib: list[str], data: EvalData, out_uri: str, s3: dict
 
     import torch
 
-    from kubedistill import prune
-    from kubedistill.teacher.train import encode
+    from kubedistill.ml import prune
+    from kubedistill.stages.teacher.train import encode
 
     out, model, tok = _on_worker_setup(base, out_uri, s3)
     model.to(_device())
@@ -398,7 +398,7 @@ def _finish(base: str, arch: Architecture, out_uri: str, s3: dict[str, Any]) -> 
     import tempfile
     from pathlib import Path
 
-    from kubedistill import prune
+    from kubedistill.ml import prune
 
     out, model, tok = _on_worker_setup(base, out_uri, s3)
     prune.prune(model, arch, _importance(out))
@@ -410,8 +410,8 @@ def _finish(base: str, arch: Architecture, out_uri: str, s3: dict[str, Any]) -> 
 
 
 def _eval_data(ctx: Any, p: dict[str, Any]) -> tuple[EvalData, list[str]]:
-    from kubedistill.data import read_dataset
-    from kubedistill.teacher import fmt
+    from kubedistill.stages.data import read_dataset
+    from kubedistill.stages.teacher import fmt
 
     labels = ctx.spec["labels"]
     rows = read_dataset(ctx.input("data").child("eval"))
@@ -470,7 +470,7 @@ def run_stage(ctx: Any) -> dict[str, Any]:
     import json
     import math
 
-    from kubedistill.teacher.stages import on_worker
+    from kubedistill.stages.teacher.stages import on_worker
 
     p, res = ctx.spec["pruning"], ctx.spec["teacher"]["resources"]
     target, objective, seed = p["targetRatio"], p["objective"], p["seed"]

@@ -10,8 +10,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from kubedistill.spec import DistillationRun, Resources, to_wire
-from kubedistill.stage import config_hash
+from kubedistill.core.spec import DistillationRun, Resources, to_wire
+from kubedistill.core.stage import config_hash
 
 #: Every stage, in execution order.
 STAGE_ORDER: tuple[str, ...] = (

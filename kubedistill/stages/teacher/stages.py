@@ -1,12 +1,12 @@
-"""The four teacher stages, each `run_<stage>(ctx) -> {"metrics", "outputs"}` (see kubedistill.stage).
+"""The four teacher stages, each `run_<stage>(ctx) -> {"metrics", "outputs"}` (see kubedistill.core.stage).
 
 Every stage checks its inputs on the driver before any worker starts (a base model that cannot be
 loaded, an empty or malformed SFT set, an unknown reward dimension fail fast with the field's name)
-and trains with `kubedistill.teacher.train.run`. Everything that holds a model outside training
+and trains with `kubedistill.stages.teacher.train.run`. Everything that holds a model outside training
 (measuring the start model, sampling for DPO, loading the trained weights, evaluating, saving under
 `<stage>/model/`) runs as one Ray task with a training worker's resources (`on_worker`): on a GPU
 cluster that is a GPU node, never the RayJob's driver. The manifest is written by
-`kubedistill.stage.execute` only after all of that succeeded.
+`kubedistill.core.stage.execute` only after all of that succeeded.
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ from typing import Any
 
 import torch
 
-from kubedistill import raytrain
-from kubedistill.data import RowError, read_dataset, validate_row, write_rows
-from kubedistill.models import resolve
-from kubedistill.spec import REWARD_DIMENSIONS
-from kubedistill.storage import Storage
-from kubedistill.teacher import fmt, lm, pairs
-from kubedistill.teacher.train import RewardModel, TrainConfig, build, combined, encode, run
+from kubedistill.core.spec import REWARD_DIMENSIONS
+from kubedistill.core.storage import Storage
+from kubedistill.ml import raytrain
+from kubedistill.ml.models import resolve
+from kubedistill.stages.data import RowError, read_dataset, validate_row, write_rows
+from kubedistill.stages.teacher import fmt, lm, pairs
+from kubedistill.stages.teacher.train import RewardModel, TrainConfig, build, combined, encode, run
 
 GEN_TOKENS = 128  # new tokens a response may take (reasoning + label)
 EVAL_PROMPTS = 400  # held-out prompts each evaluation generates for
@@ -101,7 +101,7 @@ def eval_rows(ctx: Any) -> list[dict[str, Any]]:
 
 def perplexity(model: Any, tokenizer: Any, texts: list[str], batch_size: int = 32, max_length: int = 256) -> float:
     """exp(mean next-token NLL) over every token of `texts`."""
-    from kubedistill.losses import IGNORE, sequence_logprob
+    from kubedistill.ml.losses import IGNORE, sequence_logprob
 
     model.eval()
     nll, n = 0.0, 0

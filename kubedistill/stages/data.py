@@ -30,7 +30,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kubedistill.storage import Storage
+from kubedistill.core.storage import Storage
 
 LOG_COLUMNS = (
     "pair_id",

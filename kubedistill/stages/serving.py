@@ -11,7 +11,7 @@ s3:// prefix) and answers
 
 `score` is the expected relevance grade in [0, 1] (least relevant label = 0, most relevant = 1), the
 number a search ranker sorts by. A service's `text` is the same service text the student trained on
-(`kubedistill.data.service_text`: title | category | district | price | offers tags | description).
+(`kubedistill.stages.data.service_text`: title | category | district | price | offers tags | description).
 
 Concurrent requests are batched (`@serve.batch`, counted in pairs up to `maxBatchPairs`); with
 `batchWaitMs: 0` a batch is whatever queued while the model was busy, so a lone request waits for
@@ -33,9 +33,9 @@ from fastapi import Request  # module level: FastAPI resolves the route signatur
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from kubedistill.spec import ServingSpec, field_path
-from kubedistill.stage import MANIFEST
-from kubedistill.storage import S3Options, Storage
+from kubedistill.core.spec import ServingSpec, field_path
+from kubedistill.core.stage import MANIFEST
+from kubedistill.core.storage import S3Options, Storage
 
 APP_NAME = "student"
 DEPLOYMENT = "StudentScorer"
@@ -140,7 +140,7 @@ def score_results(probs: np.ndarray, labels: list[str], ids: list[str]) -> list[
 
 def check_artifact(args: AppArgs) -> None:
     """Fail before any replica starts when the model is not there (a clear error, not a restart loop)."""
-    from kubedistill.student import ARTIFACT_VERSION
+    from kubedistill.stages.student import ARTIFACT_VERSION
 
     st = Storage(args.model, args.s3())
     try:
@@ -201,7 +201,7 @@ def _deployment() -> Any:
     from ray import serve
     from ray.serve.metrics import Counter, Histogram
 
-    from kubedistill.student import LoadedStudent, load_student
+    from kubedistill.stages.student import LoadedStudent, load_student
 
     api = FastAPI(title="kubedistill student", description=__doc__)
 

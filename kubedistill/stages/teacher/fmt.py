@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from kubedistill.data import service_text
+from kubedistill.stages.data import service_text
 
 INSTRUCTION = "Judge relevance."
 _RESPONSE = re.compile(

@@ -12,7 +12,7 @@ import os
 import re
 from pathlib import Path
 
-from kubedistill.storage import S3Options, Storage, is_s3
+from kubedistill.core.storage import S3Options, Storage, is_s3
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 

@@ -16,8 +16,8 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from kubedistill.data import CATALOG
-from kubedistill.teacher import fmt
+from kubedistill.stages.data import CATALOG
+from kubedistill.stages.teacher import fmt
 
 #: attributes a faithful response can only cite if the query or service mentions them
 _ATTRIBUTES = sorted({item for _, items in CATALOG.values() for item in items})

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from kubedistill.holds import hold
-from kubedistill.storage import S3Options, Storage
+from kubedistill.core.holds import hold
+from kubedistill.core.storage import S3Options, Storage
 
 CONFIG_ENV = "KUBEDISTILL_STAGE_CONFIG"
 MANIFEST = "_SUCCESS.json"
@@ -124,7 +124,7 @@ StageFn = Callable[[StageContext], dict[str, Any]]
 
 def execute(ctx: StageContext, fn: StageFn) -> dict[str, Any]:
     """Run `fn` unless already done (a service stage acts every time); write the manifest last."""
-    from kubedistill.pipeline import SERVICES
+    from kubedistill.core.pipeline import SERVICES
 
     storage, name = ctx.storage, ctx.name
     if name not in SERVICES and is_done(storage, ctx.config):

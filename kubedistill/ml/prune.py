@@ -13,7 +13,7 @@ down_proj). Every layer keeps at least one group and one channel.
 
 Pruning removes the rows and columns for real: the model is smaller and faster. A pruned model's
 layers differ in size, which the standard Llama config cannot say; `save` writes it with the small
-self-contained `kubedistill/pruned_llama.py` named in `auto_map`, so
+self-contained `kubedistill/ml/pruned_llama.py` named in `auto_map`, so
 `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` loads it.
 """
 
@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kubedistill import losses, pruned_llama
+from kubedistill.ml import losses, pruned_llama
 
 SUPPORTED = ("LlamaForCausalLM", "PrunedLlamaForCausalLM")
 MODELING_FILE = Path(pruned_llama.__file__)
@@ -273,7 +273,7 @@ def load(path: str | Path, dtype: Any = None) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     if not is_pruned(path):
-        raise UnsupportedArchitecture(f"{path}: not a model saved by kubedistill.prune.save")
+        raise UnsupportedArchitecture(f"{path}: not a model saved by kubedistill.ml.prune.save")
     return AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=True, dtype=dtype)
 
 

@@ -14,8 +14,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from kubedistill.models import ModelNotFound, resolve
-from kubedistill.storage import S3Options, Storage
+from kubedistill.core.storage import S3Options, Storage
+from kubedistill.ml.models import ModelNotFound, resolve
 
 #: scratch presets: Llama shapes small enough to train on a laptop CPU in minutes
 SCRATCH: dict[str, dict[str, int]] = {
@@ -91,7 +91,7 @@ def load(uri: str, field: str, options: S3Options | None = None, *, dtype: Any =
     """(AutoModelForCausalLM, tokenizer) from a hub id, a local directory or an s3:// prefix."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kubedistill import prune
+    from kubedistill.ml import prune
 
     path = resolve(uri, field, options)
     # a pruned teacher ships kubedistill's own modeling code (checked byte for byte): the one trusted case
@@ -110,7 +110,7 @@ def check_loadable(uri: str, field: str, options: S3Options | None = None) -> No
     """Fail fast, without loading weights: the files resolve and hold a causal LM's config and a tokenizer."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from kubedistill import prune
+    from kubedistill.ml import prune
 
     path = resolve(uri, field, options)
     trusted = prune.is_pruned(path)

@@ -197,8 +197,8 @@ def comparison(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 
 def promotion_blocked(run_storage: Any) -> str | None:
     """Why the run's model must not be promoted to serving, or None when the gate passed."""
-    from kubedistill.pipeline import gate_blocks
-    from kubedistill.stage import read_manifest
+    from kubedistill.core.pipeline import gate_blocks
+    from kubedistill.core.stage import read_manifest
 
     return gate_blocks(read_manifest(run_storage, "evaluate"))
 
@@ -249,7 +249,7 @@ def plot(results: dict[str, dict[str, Any]]) -> bytes:
 
 def run_stage(ctx: Any) -> dict[str, Any]:
     """Score every available model on the eval set; write metrics.json and confusion.png; apply the gate."""
-    from kubedistill.data import read_dataset, training_rows
+    from kubedistill.stages.data import read_dataset, training_rows
 
     labels = ctx.spec["labels"]
     data = ctx.input("data")
@@ -262,7 +262,7 @@ def run_stage(ctx: Any) -> dict[str, Any]:
     truth = [r["label"] for r in eval_rows]
     results = {"baseline": classification_metrics(truth, baseline.predict_proba(eval_rows), labels)}
     if "student-crsd" in ctx.config["inputs"]:
-        from kubedistill.student import load_student
+        from kubedistill.stages.student import load_student
 
         student = load_student(ctx.input("student-crsd").uri("model"), ctx.storage.options)
         if student.labels != labels:

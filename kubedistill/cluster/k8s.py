@@ -15,10 +15,10 @@ from typing import Any
 
 import yaml
 
-from kubedistill.pipeline import Stage
-from kubedistill.spec import API_GROUP, KIND, DistillationRun, StagePhase, to_wire
-from kubedistill.spec import API_VERSION as VERSION
-from kubedistill.stage import CONFIG_ENV, run_prefix
+from kubedistill.core.pipeline import Stage
+from kubedistill.core.spec import API_GROUP, KIND, DistillationRun, StagePhase, to_wire
+from kubedistill.core.spec import API_VERSION as VERSION
+from kubedistill.core.stage import CONFIG_ENV, run_prefix
 
 GROUP = API_GROUP  # also the prefix of our labels and annotations
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -179,7 +179,7 @@ def rayjob_phase(obj: dict[str, Any]) -> tuple[StagePhase, str | None]:
 
 def serve_config(run: DistillationRun, model_uri: str) -> dict[str, Any]:
     """The Ray Serve config (serveConfigV2) for the student: the same app and args a local run deploys."""
-    from kubedistill.serving import APP_NAME, app_args
+    from kubedistill.stages.serving import APP_NAME, app_args
 
     wire = to_wire(run.spec)
     args = app_args(wire["serving"], wire["storage"], model_uri)
@@ -233,7 +233,7 @@ def student_model_uri(run: DistillationRun) -> str:
 
 def render(run: DistillationRun, uid: str | None = None) -> list[dict[str, Any]]:
     """Every RayJob and the RayService the operator creates for `run`, in stage order."""
-    from kubedistill import pipeline
+    from kubedistill.core import pipeline
 
     out = []
     for stage in pipeline.build(run):
@@ -245,7 +245,7 @@ def render(run: DistillationRun, uid: str | None = None) -> list[dict[str, Any]]
 
 def rayservice_phase(obj: dict[str, Any]) -> tuple[StagePhase, str | None]:
     """(stage phase, message) of a RayService: Succeeded once Ready, Failed if the app failed to deploy."""
-    from kubedistill.serving import APP_NAME
+    from kubedistill.stages.serving import APP_NAME
 
     status = obj.get("status") or {}
     app = ((status.get("activeServiceStatus") or {}).get("applicationStatuses") or {}).get(APP_NAME) or {}

@@ -2,7 +2,7 @@
 
 Read top to bottom: the inputs the student sees, the model, one training step per objective, the
 Ray Train loop (DDP workers, checkpoints, resume, early stopping), export and loading of the serving
-artifact, and the `student-crsd` stage. Losses live in `kubedistill.losses`.
+artifact, and the `student-crsd` stage. Losses live in `kubedistill.ml.losses`.
 
 At inference only the standard input (query, service) exists: the exported model never needs
 reasoning text.
@@ -25,11 +25,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from kubedistill import losses, raytrain
-from kubedistill.data import read_dataset, service_text, training_rows, write_rows
-from kubedistill.evaluate import classification_metrics
-from kubedistill.models import resolve
-from kubedistill.storage import S3Options, Storage
+from kubedistill.core.storage import S3Options, Storage
+from kubedistill.ml import losses, raytrain
+from kubedistill.ml.models import resolve
+from kubedistill.stages.data import read_dataset, service_text, training_rows, write_rows
+from kubedistill.stages.evaluate import classification_metrics
 
 ARTIFACT_VERSION = 1
 POOLING = ("mean", "cls")  # how the encoder's last hidden states become one vector

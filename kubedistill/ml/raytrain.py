@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from kubedistill.holds import hold
-from kubedistill.storage import Storage
+from kubedistill.core.holds import hold
+from kubedistill.core.storage import Storage
 
 STATE_FILE = "state.pt"
 

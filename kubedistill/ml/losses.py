@@ -13,12 +13,12 @@ Details the paper leaves open, chosen here and configurable through `spec.studen
 - the reasoning view is stop-gradient inside both alignment terms by default (a fixed teacher for
   them);
 - by default the reasoning view is encoded forward-only and its CE trains the shared classifier
-  alone (`teacherGrad: false`, see `kubedistill.student`): a CRSD step then costs ~2.0x a CE step
+  alone (`teacherGrad: false`, see `kubedistill.stages.student`): a CRSD step then costs ~2.0x a CE step
   instead of ~2.9x, at similar measured quality (benchmarks/RESULTS.md).
 
 `kd_loss` is the classic soft-target baseline (Hinton et al. 2015), not CRSD.
 
-Teacher (kubedistill.teacher): `causal_lm_loss` (DAPT and SFT, next-token cross-entropy over the
+Teacher (kubedistill.stages.teacher): `causal_lm_loss` (DAPT and SFT, next-token cross-entropy over the
 positions whose label is not IGNORE), `pairwise_reward_loss` (the reward model's Bradley-Terry
 ranking loss, Ouyang et al. 2022, InstructGPT eq. 1) and `dpo_loss` (Rafailov et al. 2023, DPO eq. 7)
 plus, optionally, the chosen response's per-token negative log-likelihood (the NLL term of
