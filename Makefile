@@ -29,7 +29,7 @@ demo: $(STAMP)
 
 # ruff (lint and format check) and mypy over the package and its shells (configured in pyproject.toml);
 # `make test` runs them first
-LINTED := kubedistill operator jobs ray_apps
+LINTED := kubedistill operator ray_apps
 lint: $(STAMP)
 	$(BIN)/ruff check $(LINTED)
 	$(BIN)/ruff format --check $(LINTED)

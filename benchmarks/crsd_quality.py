@@ -26,10 +26,10 @@ import random
 import re
 import statistics
 import time
-from dataclasses import replace
 
 import torch
 
+from kubedistill.core.spec import StudentSpec
 from kubedistill.stages import data
 from kubedistill.stages.evaluate import LexicalBaseline, classification_metrics
 from kubedistill.stages.student import StudentConfig, build_model, fit, predict_proba, split
@@ -38,8 +38,8 @@ LABELS = ["irrelevant", "partial", "relevant"]
 VARIANTS = {
     "ce": {"objective": "ce"},
     "crsd": {"objective": "crsd"},  # the spec's defaults: stopGradient true, teacherGrad false
-    "crsd-full": {"objective": "crsd", "teacher_grad": True},
-    "crsd-nosg": {"objective": "crsd", "stop_gradient": False, "teacher_grad": True},
+    "crsd-full": {"objective": "crsd", "crsd": {"teacher_grad": True}},
+    "crsd-nosg": {"objective": "crsd", "crsd": {"stop_gradient": False, "teacher_grad": True}},
 }
 
 
@@ -90,18 +90,21 @@ def main() -> None:
     results: dict[str, list[dict]] = {v: [] for v in args.variants}
     for seed in args.seeds:
         for variant in args.variants:
-            cfg = replace(StudentConfig(labels=LABELS, base_model="sentence-transformers/all-MiniLM-L6-v2",
-                                        epochs=args.epochs, batch_size=args.batch, learning_rate=args.lr,
-                                        seed=seed, patience=2, max_length=args.max_length,
-                                        max_reasoning_tokens=args.max_reasoning_tokens, temperature=args.temperature,
-                                        align_weight=args.align_weight, contrast_weight=args.contrast_weight),
-                          **VARIANTS[variant])
+            v = VARIANTS[variant]
+            crsd = {"temperature": args.temperature, "align_weight": args.align_weight,
+                    "contrast_weight": args.contrast_weight, **v.get("crsd", {})}
+            student = StudentSpec.model_validate({
+                "base_model": "sentence-transformers/all-MiniLM-L6-v2", "objective": v["objective"], "crsd": crsd,
+                "train": {"epochs": args.epochs, "batch_size": args.batch, "learning_rate": args.lr},
+                "seed": seed, "patience": 2, "max_length": args.max_length,
+                "max_reasoning_tokens": args.max_reasoning_tokens})
+            cfg = StudentConfig(student, LABELS)
             torch.manual_seed(seed)
             model, tok = build_model(cfg)
             t0 = time.monotonic()
             state = fit(cfg, model, tok, train, val)
             model.load_state_dict(state["best_state"])
-            m = classification_metrics(truth, predict_proba(model, tok, gen.eval, cfg.max_length), LABELS)
+            m = classification_metrics(truth, predict_proba(model, tok, gen.eval, cfg.student.max_length), LABELS)
             row = {"seed": seed, "macro_f1": m["macro_f1"], "auc": m["auc_ovr"], "accuracy": m["accuracy"],
                    "steps": state["step"], "seconds": time.monotonic() - t0}
             results[variant].append(row)

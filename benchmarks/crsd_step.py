@@ -14,17 +14,16 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from dataclasses import replace
 
 import torch
 
-from kubedistill.core.spec import CrsdSpec
+from kubedistill.core.spec import CrsdSpec, StudentSpec
 from kubedistill.stages import data
 from kubedistill.stages.student import Encoded, StudentConfig, build_model, loss_terms
 
 LABELS = ["irrelevant", "partial", "relevant"]
-VARIANTS = {"ce": {"objective": "ce"}, "crsd": {"objective": "crsd", "teacher_grad": False},
-            "crsd-full": {"objective": "crsd", "teacher_grad": True}}
+VARIANTS = {"ce": {"objective": "ce"}, "crsd": {"objective": "crsd", "crsd": {"teacher_grad": False}},
+            "crsd-full": {"objective": "crsd", "crsd": {"teacher_grad": True}}}
 
 
 def main() -> None:
@@ -35,13 +34,14 @@ def main() -> None:
     ap.add_argument("--max-reasoning-tokens", type=int, default=64)
     args = ap.parse_args()
     rows = data.generate(LABELS, 300, 100, 6, 1, 10, seed=0).labeled
-    base = StudentConfig(labels=LABELS, base_model="sentence-transformers/all-MiniLM-L6-v2",
-                         max_length=args.max_length, max_reasoning_tokens=args.max_reasoning_tokens)
+    student = {"base_model": "sentence-transformers/all-MiniLM-L6-v2", "max_length": args.max_length,
+               "max_reasoning_tokens": args.max_reasoning_tokens}
+    base = StudentConfig(StudentSpec.model_validate(student), LABELS)
     torch.manual_seed(0)
     model, tok = build_model(base)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    cfgs = {v: replace(base, **kw) for v, kw in VARIANTS.items()}
-    enc = {v: Encoded(tok, rows, c, with_reasoning=c.objective == "crsd") for v, c in cfgs.items()}
+    cfgs = {v: StudentConfig(StudentSpec.model_validate({**student, **kw}), LABELS) for v, kw in VARIANTS.items()}
+    enc = {v: Encoded(tok, rows, c, with_reasoning=c.student.objective == "crsd") for v, c in cfgs.items()}
     times: dict[str, list[float]] = {v: [] for v in cfgs}
     model.train()
     for rep in range(args.reps + 2):

@@ -19,6 +19,7 @@ import time
 import numpy as np
 import torch
 
+from kubedistill.core.spec import StudentSpec
 from kubedistill.core.storage import Storage
 from kubedistill.loadtest import run_load
 from kubedistill.stages import data, serving
@@ -53,7 +54,7 @@ def main() -> None:
     queries, texts = [body["query"]] * args.services, [s["text"] for s in body["services"]]
     with tempfile.TemporaryDirectory() as d:
         base = "sentence-transformers/all-MiniLM-L6-v2" if args.encoder == "minilm" else tiny_encoder(f"{d}/tiny")
-        cfg = StudentConfig(labels=LABELS, base_model=base, max_length=64)
+        cfg = StudentConfig(StudentSpec(base_model=base, max_length=64), LABELS)
         torch.manual_seed(0)
         model, tok = build_model(cfg)
         uri = export(model, tok, cfg, Storage(f"{d}/model"), {"configHash": "benchmark0000000"})

@@ -13,12 +13,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-from dataclasses import asdict
 from pathlib import Path
 
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from kubedistill.core.spec import TrainSpec
 from kubedistill.core.storage import Storage
 from kubedistill.runner import local_ray
 from kubedistill.stages import data
@@ -28,7 +28,7 @@ LABELS = ["irrelevant", "partial", "relevant"]
 
 
 def throughput(cfg: train.TrainConfig, workers: int, storage: str) -> float:
-    trainer = TorchTrainer(train.train_loop_per_worker, train_loop_config={**asdict(cfg), "dimensions": []},
+    trainer = TorchTrainer(train.train_loop_per_worker, train_loop_config={"train": cfg},
                            scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 1}),
                            run_config=RunConfig(storage_path=storage))
     result = trainer.fit()
@@ -50,8 +50,7 @@ def main() -> None:
     model, tok = lm.scratch(f"scratch:{args.preset}", [r["text"] for r in g.corpus] + [e["prompt"] + e["response"] for e in examples])
     lm.save(model, tok, Storage(str(tmp / "model")))
     data.write_rows(Storage(str(tmp / "examples")), "part-00000", examples, "jsonl")
-    cfg = train.TrainConfig(task="lm", start=str(tmp / "model"), examples_uri=str(tmp / "examples"), epochs=1,
-                            learning_rate=1e-3, batch_size=args.batch, max_steps=args.steps, checkpoint_every=args.steps)
+    cfg = train.TrainConfig(task="lm", start=str(tmp / "model"), examples_uri=str(tmp / "examples"), train=TrainSpec(epochs=1, learning_rate=1e-3, batch_size=args.batch, max_steps=args.steps), checkpoint_every=args.steps)
     results: dict[int, list[float]] = {1: [], 2: []}
     with local_ray(num_cpus=2):
         for _ in range(args.reps):

@@ -1,7 +1,7 @@
 """The local executor: run a DistillationRun's stages as Ray jobs on a local (or given) Ray cluster.
 
-The operator runs the same `jobs/<stage>.py` entrypoints inside KubeRay RayJobs; only the executor
-differs. Stage config travels as JSON in an environment variable, never through a shell.
+The operator runs the same entrypoints (`python -m kubedistill.job <stage function>`) inside KubeRay
+RayJobs; only the executor differs. Stage config travels as JSON in an environment variable, never through a shell.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from kubedistill.core.ports import PortInUse, Ports, PortsUnavailable, looks_lik
 from kubedistill.core.spec import API_GROUP, Condition, DistillationRun, RunStatus, StageStatus, to_wire
 from kubedistill.core.stage import CONFIG_ENV, FAILURE, is_done, must_read_manifest, now, read_manifest, run_storage
 from kubedistill.core.storage import Storage
-from kubedistill.stages.evaluate import promotion_blocked
 
 STATUS_FILE = "_status.json"
 #: Environment passed through to stage jobs (credentials and endpoints; never user spec strings).
@@ -41,6 +40,8 @@ _PASS_ENV = (
     "AWS_DEFAULT_REGION",
     "HF_HOME",
     "HF_HUB_OFFLINE",
+    # the jobs run on this machine with this interpreter: they import what the CLI can (a stage of your own)
+    "PYTHONPATH",
     HOLD_AT_ENV,
     HOLD_DIR_ENV,
 )
@@ -54,15 +55,6 @@ class RunFailed(RuntimeError):
     def __init__(self, stage: str, message: str):
         self.stage = stage
         super().__init__(f"stage {stage} failed: {message}")
-
-
-def jobs_dir() -> Path:
-    """Where the stage entrypoints live: $KUBEDISTILL_JOBS_DIR, else the source tree's jobs/."""
-    env = os.environ.get("KUBEDISTILL_JOBS_DIR")
-    d = Path(env) if env else Path(__file__).resolve().parent.parent / "jobs"
-    if not (d / "data.py").is_file():
-        raise FileNotFoundError(f"stage entrypoints not found in {d}; set KUBEDISTILL_JOBS_DIR to the repo's jobs/")
-    return d
 
 
 #: The head's ports we choose (the rest, e.g. workers', Ray binds to port 0 and learns from the kernel).
@@ -292,8 +284,8 @@ class StatusWriter:
 
 
 def _job_entrypoint(stage: pipeline.Stage) -> str:
-    script = jobs_dir() / Path(stage.entrypoint.split()[-1]).name
-    return f"{shlex.quote(sys.executable)} {shlex.quote(str(script))}"
+    """The stage's entrypoint run by this interpreter (the one kubedistill is installed in)."""
+    return shlex.join([sys.executable, *shlex.split(stage.entrypoint)[1:]])
 
 
 def submit(client: Any, wait_s: float = 120.0, **job: Any) -> str:
@@ -390,14 +382,14 @@ def _run_stages(
         st = status.stage(stage.name)
         tag = f"[{i}/{len(stages)}] {stage.name}"
         status.status.current_stage = stage.name
-        if stage.name not in pipeline.SERVICES and is_done(storage, stage.config):
+        if not stage.service and is_done(storage, stage.config):
             manifest = must_read_manifest(storage, stage.name)
             st.phase, st.message = "Succeeded", "already done for this config; skipped"
             st.artifact, st.metrics, st.finished_at = manifest["artifact"], manifest["metrics"], manifest["finishedAt"]
             say(f"{tag}: done earlier, skipped")
             status.save()
             continue
-        if stage.name in pipeline.GATED and (why := promotion_blocked(storage)):
+        if stage.gated and (why := pipeline.promotion_blocked(storage)):
             st.phase, st.message = "Skipped", f"not promoted: {why}"
             status.status.conditions.append(
                 Condition(type="Promoted", status="False", reason="GateFailed", message=why, last_transition_time=now())

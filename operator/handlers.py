@@ -7,6 +7,12 @@ KUBEDISTILL_METRICS_PORT (Prometheus metrics, default 9090; 0 turns them off).
 
 import logging
 import os
+import sys
+
+# Nothing the operator does needs numpy, but pyarrow (whose S3 filesystem reads the stage manifests, as the
+# stages write them) imports it when it is installed: about 30 MiB per operator process. pyarrow runs
+# without it (an optional dependency since pyarrow 16), so the operator's process refuses it.
+sys.modules.setdefault("numpy", None)  # type: ignore[arg-type]  # None marks a module as not importable
 
 import kopf
 import prometheus_client

@@ -2,7 +2,7 @@
 
 `app` is an application builder: Ray Serve calls it with the application's `args` (a RayService's
 `serveConfigV2.applications[].args`, or `serve run ray_apps.student:app model=<uri>`). The args are
-`kubedistill.stages.serving.AppArgs`: `model` (the exported student, local or s3://) plus `spec.serving`.
+`kubedistill.core.serve_app.AppArgs`: `model` (the exported student, local or s3://) plus `spec.serving`.
 """
 
 from kubedistill.stages.serving import build_app as app

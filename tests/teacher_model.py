@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from kubedistill.core.spec import TrainSpec
 from kubedistill.stages import data
 from kubedistill.stages.teacher import fmt, lm, train
 
@@ -24,8 +25,7 @@ def build(dest: Path, steps: int = 300, seed: int = 0) -> Path:
     sft = [{"prompt": fmt.prompt(r), "response": fmt.response(r["reasoning"], r["label"])} for r in g.sft]
     texts = [r["text"] for r in g.corpus] + [x["prompt"] + x["response"] for x in sft]
     model, tok = lm.scratch("scratch:llama-tiny", texts, seed=seed)
-    cfg = train.TrainConfig(task="lm", start="", examples_uri="", epochs=1, learning_rate=3e-3, batch_size=16,
-                            max_steps=steps, checkpoint_every=10**9)
+    cfg = train.TrainConfig(task="lm", start="", examples_uri="", train=TrainSpec(epochs=1, learning_rate=3e-3, batch_size=16, max_steps=steps), checkpoint_every=10**9)
     train.fit(cfg, model, tok, None, sft)
     part = dest.with_name(dest.name + ".partial")  # renamed into place whole: `dest` is complete or absent
     shutil.rmtree(part, ignore_errors=True)

@@ -15,7 +15,9 @@ from typing import Any
 
 import yaml
 
+from kubedistill.core import pipeline
 from kubedistill.core.pipeline import Stage
+from kubedistill.core.serve_app import APP_NAME, IMPORT_PATH, app_args
 from kubedistill.core.spec import API_GROUP, KIND, DistillationRun, StagePhase, to_wire
 from kubedistill.core.spec import API_VERSION as VERSION
 from kubedistill.core.stage import CONFIG_ENV, run_prefix
@@ -135,11 +137,8 @@ def rayjob(run: DistillationRun, stage: Stage, uid: str | None = None, attempt: 
     status), so KubeRay must not retry as well. Each attempt is a new RayJob annotated with its number.
     """
     r = stage.resources
-    if stage.name == "annotate":  # the autoscaled actor pool: workers come and go within annotation.replicas
-        rep = run.spec.annotation.replicas
-        workers, lo, hi = max(1, rep.min), rep.min, rep.max
-    else:
-        workers = lo = hi = r.workers
+    lo, hi = stage.workers  # an autoscaled stage's workers come and go within its registry entry's range
+    workers = max(1, lo)
     meta = metadata(run, stage.name, uid)
     meta["annotations"] = {f"{GROUP}/config-hash": stage.config_hash, ATTEMPT: str(attempt)}
     return {
@@ -179,15 +178,13 @@ def rayjob_phase(obj: dict[str, Any]) -> tuple[StagePhase, str | None]:
 
 def serve_config(run: DistillationRun, model_uri: str) -> dict[str, Any]:
     """The Ray Serve config (serveConfigV2) for the student: the same app and args a local run deploys."""
-    from kubedistill.stages.serving import APP_NAME, app_args
-
-    wire = to_wire(run.spec)
-    args = app_args(wire["serving"], wire["storage"], model_uri)
+    s = run.spec
+    args = app_args(s.serving, model_uri, s.storage.endpoint, s.storage.region)
     return {
         "applications": [
             {
                 "name": APP_NAME,
-                "import_path": "ray_apps.student:app",
+                "import_path": IMPORT_PATH,
                 "route_prefix": "/",
                 "args": args.model_dump(by_alias=True, exclude_none=True),
             }
@@ -233,20 +230,14 @@ def student_model_uri(run: DistillationRun) -> str:
 
 def render(run: DistillationRun, uid: str | None = None) -> list[dict[str, Any]]:
     """Every RayJob and the RayService the operator creates for `run`, in stage order."""
-    from kubedistill.core import pipeline
-
     out = []
     for stage in pipeline.build(run):
-        out.append(
-            rayservice(run, student_model_uri(run), uid) if stage.name in pipeline.SERVICES else rayjob(run, stage, uid)
-        )
+        out.append(rayservice(run, student_model_uri(run), uid) if stage.service else rayjob(run, stage, uid))
     return out
 
 
 def rayservice_phase(obj: dict[str, Any]) -> tuple[StagePhase, str | None]:
     """(stage phase, message) of a RayService: Succeeded once Ready, Failed if the app failed to deploy."""
-    from kubedistill.stages.serving import APP_NAME
-
     status = obj.get("status") or {}
     app = ((status.get("activeServiceStatus") or {}).get("applicationStatuses") or {}).get(APP_NAME) or {}
     pending = ((status.get("pendingServiceStatus") or {}).get("applicationStatuses") or {}).get(APP_NAME) or {}

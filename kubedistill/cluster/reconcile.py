@@ -150,7 +150,7 @@ def reconcile(
             retry_at=old.retry_at,
             message=old.message if old.retry_at else None,
         )
-        is_service = stage.name in pipeline.SERVICES
+        is_service = stage.service
         name = k8s.child_name(run.name, stage.name)
         child = children.get(name)
         desired = (
@@ -186,7 +186,7 @@ def reconcile(
         if child is None:
             if not deps_ok:
                 st.phase = "Pending"
-            elif stage.name in pipeline.GATED and (why := pipeline.gate_blocks(manifests("evaluate"))):
+            elif stage.gated and (why := pipeline.gate_blocks(manifests("evaluate"))):
                 st.phase, st.message = "Skipped", f"not promoted: {why}"
                 _condition(status.conditions, "Promoted", "False", "GateFailed", why, now)
             elif st.retry_at and now < st.retry_at:

@@ -1,38 +1,22 @@
-"""DistillationRun spec -> ordered stage graph.
+"""DistillationRun spec -> ordered stage graph, from the stage registry (`kubedistill.core.registry`).
 
-Each stage reads only the spec sections listed in `_READS`; its config hash covers those sections
+Each stage's config carries only the spec paths its registry entry reads; its config hash covers those
 plus its inputs, so changing (say) `spec.serving` reruns `serve` and nothing else.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from kubedistill.core import registry
 from kubedistill.core.spec import DistillationRun, Resources, to_wire
-from kubedistill.core.stage import config_hash
+from kubedistill.core.stage import config_hash, read_manifest
+from kubedistill.core.storage import Storage
 
-#: Every stage, in execution order.
-STAGE_ORDER: tuple[str, ...] = (
-    "data",
-    "teacher-dapt",
-    "teacher-sft",
-    "reward-model",
-    "teacher-dpo",
-    "annotate",
-    "student-crsd",
-    "evaluate",
-    "prune-search",
-    "serve",
-)
-
-#: Stages that run only when the evaluation gate passed (promotion of the student).
-GATED: frozenset[str] = frozenset({"serve"})
-
-#: Stages that deploy a long-running service: they act on every run (a local Ray cluster, and the
-#: service with it, does not outlive `kubedistill run`), so a manifest never makes them skip.
-SERVICES: frozenset[str] = frozenset({"serve"})
+#: How every stage's Ray job starts; the config travels in an env var, never in this text.
+JOB_COMMAND = "python -m kubedistill.job"
 
 
 def gate_blocks(evaluate_manifest: dict[str, Any] | None) -> str | None:
@@ -45,37 +29,30 @@ def gate_blocks(evaluate_manifest: dict[str, Any] | None) -> str | None:
     return None if verdict["passed"] else verdict["reason"]
 
 
-#: Dotted spec paths (camelCase, as on the wire) each stage's config carries.
-_READS: dict[str, tuple[str, ...]] = {
-    "data": ("data", "labels"),
-    "teacher-dapt": ("teacher.baseModel", "teacher.dapt", "teacher.resources", "teacher.maxFailures"),
-    "teacher-sft": ("labels", "teacher.sft", "teacher.resources", "teacher.maxFailures"),
-    "reward-model": ("labels", "teacher.rewardModel", "teacher.resources", "teacher.maxFailures"),
-    "teacher-dpo": (
-        "labels",
-        "teacher.dpo",
-        "teacher.rewardModel.dimensions",
-        "teacher.resources",
-        "teacher.maxFailures",
-    ),
-    "annotate": ("labels", "annotation"),
-    "student-crsd": ("labels", "student"),
-    "evaluate": ("labels", "evaluation", "student.compareObjectives"),
-    "prune-search": ("labels", "pruning", "teacher.resources"),
-    "serve": ("labels", "serving"),
-}
+def promotion_blocked(run_storage: Storage) -> str | None:
+    """Why the run's student must not be promoted to serving, or None when the gate passed."""
+    return gate_blocks(read_manifest(run_storage, "evaluate"))
 
 
 @dataclass(frozen=True)
 class Stage:
+    """One stage of one run: its registry entry, resolved against the run's spec."""
+
     name: str
     depends_on: tuple[str, ...]
     config: dict[str, Any]
     resources: Resources
-    entrypoint: str = field(init=False)
+    #: (min, max) workers of its Ray cluster; equal unless the stage autoscales
+    workers: tuple[int, int]
+    #: the stage's body, `module:function` (its registry entry's `run`)
+    target: str
+    service: bool = False
+    gated: bool = False
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "entrypoint", f"python jobs/{self.name.replace('-', '_')}.py")
+    @property
+    def entrypoint(self) -> str:
+        """The job's command: fixed text, user strings travel only in the config's env var."""
+        return f"{JOB_COMMAND} {self.target}"
 
     @property
     def config_json(self) -> str:
@@ -87,9 +64,15 @@ class Stage:
         return config_hash(self.config)
 
 
-def _dig(doc: dict[str, Any], dotted: str) -> Any:
+class RegistryError(ValueError):
+    """A stage declaration that cannot be built into a graph (a bug in the registry, not in a spec)."""
+
+
+def _dig(doc: dict[str, Any], dotted: str, stage: str) -> Any:
     cur: Any = doc
     for part in dotted.split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            raise RegistryError(f"stage {stage}: reads spec.{dotted}, which the DistillationRun spec does not have")
         cur = cur[part]
     return cur
 
@@ -102,59 +85,32 @@ def _put(doc: dict[str, Any], dotted: str, value: Any) -> None:
     cur[parts[-1]] = value
 
 
-def _dependencies(run: DistillationRun) -> dict[str, tuple[str, ...]]:
-    s = run.spec
-    t, a, st = s.teacher.enabled, s.annotation.enabled, s.student.enabled
-    deps: dict[str, tuple[str, ...]] = {"data": ()}
-    if t:
-        deps["teacher-dapt"] = ("data",)
-        deps["teacher-sft"] = ("data", "teacher-dapt")
-        deps["reward-model"] = ("data", "teacher-sft")
-        deps["teacher-dpo"] = ("data", "teacher-sft", "reward-model")
-    if a:
-        deps["annotate"] = ("data", "teacher-dpo") if t else ("data",)
-    if st:
-        deps["student-crsd"] = ("data", "annotate") if a else ("data",)
-    # the baseline learns from the rows the student learns from: annotate's when the run annotates
-    deps["evaluate"] = ("data",) + (("annotate",) if a else ()) + (("student-crsd",) if st else ())
-    if s.pruning.enabled and t:
-        deps["prune-search"] = ("data", "teacher-dpo")
-    if s.serving.enabled and st:
-        deps["serve"] = ("student-crsd", "evaluate")
-    return deps
-
-
-def _resources(run: DistillationRun, name: str) -> Resources:
-    s = run.spec
-    if name.startswith("teacher-") or name in ("reward-model", "prune-search"):
-        return s.teacher.resources
-    if name == "student-crsd":
-        return s.student.resources
-    if name == "annotate":
-        a = s.annotation
-        return Resources(workers=a.replicas.max, cpus_per_worker=a.cpus_per_replica, gpus_per_worker=a.gpus_per_replica)
-    return Resources(workers=1, cpus_per_worker=1, gpus_per_worker=0)
-
-
 def build(run: DistillationRun) -> list[Stage]:
-    """The run's stages in execution order (disabled ones left out)."""
+    """The run's stages in registry order (disabled ones left out)."""
     wire = to_wire(run.spec)
-    deps = _dependencies(run)
-    stages = []
-    for name in STAGE_ORDER:
-        if name not in deps:
+    stages: list[Stage] = []
+    for d in registry.STAGES:
+        inputs = d.inputs(run.spec)
+        if inputs is None:
             continue
+        known = {s.name for s in stages}
+        if unknown := [i for i in inputs if i not in known]:
+            raise RegistryError(f"stage {d.name}: input(s) {unknown} are not enabled stages declared before it")
         section: dict[str, Any] = {}
-        for dotted in _READS[name]:
-            _put(section, dotted, _dig(wire, dotted))
-        config = {
+        for dotted in d.reads:
+            _put(section, dotted, _dig(wire, dotted, d.name))
+        config: dict[str, Any] = {
             "run": run.name,
-            "stage": name,
+            "stage": d.name,
             "storage": {k: wire["storage"][k] for k in ("uri", "endpoint", "region")},
-            "inputs": list(deps[name]),
+            "inputs": list(inputs),
             "spec": section,
         }
-        stages.append(Stage(name, deps[name], config, _resources(run, name)))
+        if d.service:
+            config["service"] = True
+        resources = d.resources(run.spec)
+        workers = d.autoscale(run.spec) if d.autoscale else (resources.workers, resources.workers)
+        stages.append(Stage(d.name, inputs, config, resources, workers, d.run, d.service, d.gated))
     return stages
 
 
@@ -166,8 +122,8 @@ def render_plan(run: DistillationRun, stages: list[Stage]) -> str:
             f", {r.gpus_per_worker:g} gpu)" if r.gpus_per_worker else ")"
         )
         after = ", ".join(s.depends_on) or "-"
-        lines.append(f"  {i:>2}. {s.name:<13} after: {after:<36} {res:<18} {s.entrypoint}")
-    skipped = [n for n in STAGE_ORDER if n not in {s.name for s in stages}]
+        lines.append(f"  {i:>2}. {s.name:<13} after: {after:<36} {res:<18} {s.target}")
+    skipped = [d.name for d in registry.STAGES if d.name not in {s.name for s in stages}]
     if skipped:
         lines.append(f"  disabled: {', '.join(skipped)}")
     return "\n".join(lines)

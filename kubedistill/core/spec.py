@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -362,7 +362,7 @@ class RaySpec(_Model):
     image: str = Field(
         default="rayproject/ray:2.60.0-py311",
         min_length=1,
-        description="Image of every Ray pod in a cluster; it must contain kubedistill with its jobs/ and ray_apps/.",
+        description="Image of every Ray pod in a cluster; it must contain kubedistill and its ray_apps/.",
     )
     ray_version: str = Field(default="2.60.0", min_length=1, description="Ray version of the image (KubeRay needs it).")
     stage_retries: int = Field(
@@ -618,6 +618,65 @@ def load_run(path: str | Path) -> DistillationRun:
 def to_wire(model: BaseModel) -> dict[str, Any]:
     """The camelCase JSON form, as stored in Kubernetes and passed to stages."""
     return model.model_dump(mode="json", by_alias=True)
+
+
+class UndeclaredSpecPath(AttributeError):
+    """A stage read a spec path its registry entry does not declare (so its config does not carry it)."""
+
+
+class SpecSlice:
+    """The part of a spec a stage declared, read as the spec's own models and validated again.
+
+    A stage's config carries only the spec paths its registry entry reads (camelCase JSON).
+    `spec_slice` wraps that JSON so a stage reads it as it would read the whole spec
+    (`ctx.spec.teacher.resources.workers`): each field is validated by its model's own validator
+    (types, bounds, field validators) on first access. A section carried whole becomes the real
+    model; a section carried in part stays a slice; a path not carried raises `UndeclaredSpecPath`
+    naming the stage and the path, never a default in place of the user's value.
+    """
+
+    def __init__(self, model: type[BaseModel], wire: dict[str, Any], path: str, stage: str):
+        self._model, self._wire, self._path, self._stage = model, wire, path, stage
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        info = self._model.model_fields.get(name)
+        if info is None:
+            raise AttributeError(f"{self._model.__name__} has no field {name!r}")
+        alias = info.alias or name
+        where = f"{self._path}.{alias}" if self._path else alias
+        if alias not in self._wire:
+            raise UndeclaredSpecPath(
+                f"stage {self._stage} does not read spec.{where}: add it to the stage's `reads` "
+                "in kubedistill/core/registry.py"
+            )
+        value = self._wire[alias]
+        sub = info.annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel) and isinstance(value, dict):
+            fields = sub.model_fields.items()
+            if any((f.alias or n) not in value for n, f in fields):
+                result: Any = SpecSlice(sub, value, where, self._stage)
+                self.__dict__[name] = result
+                return result
+        holder = self._model.model_construct()
+        try:  # the field's own validation, as in the whole model: types, bounds and field validators
+            self._model.__pydantic_validator__.validate_assignment(holder, name, value)
+        except ValidationError as e:
+            at = ("spec", *where.split("."))
+            problems = [Problem(field_path((*at, *err["loc"][1:])), err["msg"]) for err in e.errors()]
+            raise SpecError(f"stage {self._stage}'s config", problems) from None
+        result = getattr(holder, name)
+        self.__dict__[name] = result
+        return result
+
+    def __repr__(self) -> str:
+        return f"SpecSlice({self._model.__name__}, spec.{self._path or '*'}: {sorted(self._wire)})"
+
+
+def spec_slice(section: dict[str, Any], stage: str) -> DistillationRunSpec:
+    """A stage's config `spec` section, typed as the spec it was cut from (see `SpecSlice`)."""
+    return cast(DistillationRunSpec, SpecSlice(DistillationRunSpec, section, "", stage))
 
 
 def with_absolute_paths(run: DistillationRun, base: str | Path) -> DistillationRun:

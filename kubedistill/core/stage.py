@@ -8,6 +8,7 @@ fails writes `_FAILED.json` (never a manifest), so nothing downstream mistakes i
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -20,6 +21,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from kubedistill.core.holds import hold
+from kubedistill.core.spec import DistillationRunSpec, spec_slice
 from kubedistill.core.storage import S3Options, Storage
 
 CONFIG_ENV = "KUBEDISTILL_STAGE_CONFIG"
@@ -101,9 +103,15 @@ class StageContext:
     def config_hash(self) -> str:
         return config_hash(self.config)
 
+    @functools.cached_property
+    def spec(self) -> DistillationRunSpec:
+        """The spec paths this stage reads, as the spec's models (`kubedistill.core.spec.SpecSlice`)."""
+        return spec_slice(self.config["spec"], self.name)
+
     @property
-    def spec(self) -> dict[str, Any]:
-        return self.config["spec"]
+    def inputs(self) -> list[str]:
+        """The stages whose outputs this one reads (its registry entry, resolved against the spec)."""
+        return list(self.config["inputs"])
 
     @property
     def out(self) -> Storage:
@@ -124,10 +132,8 @@ StageFn = Callable[[StageContext], dict[str, Any]]
 
 def execute(ctx: StageContext, fn: StageFn) -> dict[str, Any]:
     """Run `fn` unless already done (a service stage acts every time); write the manifest last."""
-    from kubedistill.core.pipeline import SERVICES
-
     storage, name = ctx.storage, ctx.name
-    if name not in SERVICES and is_done(storage, ctx.config):
+    if not ctx.config.get("service") and is_done(storage, ctx.config):
         ctx.log("already done for this config and these inputs; skipping")
         done = read_manifest(storage, name)
         assert done is not None  # is_done read it
@@ -167,7 +173,7 @@ def execute(ctx: StageContext, fn: StageFn) -> dict[str, Any]:
 
 
 def main(fn: StageFn) -> None:
-    """Entrypoint body of every `jobs/<stage>.py`."""
+    """The body of every stage's job (`python -m kubedistill.job <module:function>`)."""
     ctx = StageContext.from_env()
     try:
         execute(ctx, fn)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from kubedistill.core.holds import hold
+from kubedistill.core.spec import Resources
 from kubedistill.core.storage import Storage
 
 STATE_FILE = "state.pt"
@@ -25,23 +26,23 @@ STATE_FILE = "state.pt"
 def fit(
     loop: Callable[[dict[str, Any]], None],
     loop_config: dict[str, Any],
-    resources: dict[str, Any],
+    resources: Resources,
     out: Storage,
     name: str,
     max_failures: int,
 ) -> Any:
-    """Run `loop` on `resources["workers"]` Ray Train workers; the `ray.train.Result` (its error raised)."""
+    """Run `loop` on `resources.workers` Ray Train workers; the `ray.train.Result` (its error raised)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    gpus = resources["gpusPerWorker"]
+    gpus = resources.gpus_per_worker
     trainer = TorchTrainer(
         loop,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(
-            num_workers=resources["workers"],
+            num_workers=resources.workers,
             use_gpu=gpus > 0,
-            resources_per_worker={"CPU": resources["cpusPerWorker"], **({"GPU": gpus} if gpus else {})},
+            resources_per_worker={"CPU": resources.cpus_per_worker, **({"GPU": gpus} if gpus else {})},
         ),
         run_config=RunConfig(
             # the same name and storage path on a retried job resumes from the latest checkpoint

@@ -29,6 +29,8 @@ from importlib import metadata
 from typing import Any, Protocol
 
 from kubedistill.core.holds import hold
+from kubedistill.core.spec import AnnotationSpec
+from kubedistill.core.stage import StageContext
 from kubedistill.core.storage import S3Options, Storage
 from kubedistill.stages.data import RowError, _schema, data_files, jsonl_lines, validate_row, write_rows
 from kubedistill.stages.teacher import fmt
@@ -171,10 +173,10 @@ def pick_engine(requested: str, gpus_per_replica: float) -> tuple[str, str]:
     return "transformers", f"{wanted} is not installed"
 
 
-def make_engine(name: str, path: str, section: dict[str, Any]) -> Engine:
+def make_engine(name: str, path: str, a: AnnotationSpec) -> Engine:
     if name == "vllm":
-        return VllmEngine(path, kv_cache_gib=section["kvCacheGib"], seed=section["seed"], compile=section["compile"])
-    return TransformersEngine(path, batch_size=section["batchSize"], threads=int(section["cpusPerReplica"]) or None)
+        return VllmEngine(path, kv_cache_gib=a.kv_cache_gib, seed=a.seed, compile=a.compile)
+    return TransformersEngine(path, batch_size=a.batch_size, threads=int(a.cpus_per_replica) or None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,14 +328,14 @@ def _generate_isolated(
 class Annotator:
     """Ray Data callable class: one engine per actor, `annotate_rows` per batch."""
 
-    def __init__(self, engine: str, model_uri: str, s3: dict[str, Any], section: dict[str, Any], labels: list[str]):
+    def __init__(self, engine: str, model_uri: str, s3: dict[str, Any], a: AnnotationSpec, labels: list[str]):
         from kubedistill.ml.models import resolve
 
         path = resolve(model_uri, "spec.annotation.model", S3Options.from_env(s3.get("endpoint"), s3.get("region")))
-        self.engine = make_engine(engine, path, section)
+        self.engine = make_engine(engine, path, a)
         self.labels = labels
-        self.sampling = Sampling(section["maxTokens"], section["temperature"], section["seed"])
-        self.retries, self.retry_temperature = section["parseRetries"], section["retryTemperature"]
+        self.sampling = Sampling(a.max_tokens, a.temperature, a.seed)
+        self.retries, self.retry_temperature = a.parse_retries, a.retry_temperature
         self.ready_at = time.time()  # model loaded: the replica's start-up ends here
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
@@ -487,10 +489,9 @@ def totals(results: list[ShardResult], fresh: set[str], seconds: float, engine: 
 # The stage.
 
 
-def _model_uri(ctx: Any) -> str:
-    a = ctx.spec["annotation"]
-    if a.get("model"):
-        return a["model"]
+def _model_uri(ctx: StageContext) -> str:
+    if ctx.spec.annotation.model:
+        return ctx.spec.annotation.model
     return ctx.input("teacher-dpo").uri("model")
 
 
@@ -527,7 +528,7 @@ def label_agreement(annotated: dict[str, str], reference: dict[str, str]) -> dic
     }
 
 
-def agreement(ctx: Any, results: list[ShardResult]) -> dict[str, Any] | None:
+def agreement(ctx: StageContext, results: list[ShardResult]) -> dict[str, Any] | None:
     """The teacher's labels against the labels the data stage holds for the same log pairs (the synthetic
     oracle's), when it holds any: what a teacher's accuracy is before a student learns from it."""
     from kubedistill.stages.data import read_dataset
@@ -546,20 +547,20 @@ def agreement(ctx: Any, results: list[ShardResult]) -> dict[str, Any] | None:
     return label_agreement(annotated, reference)
 
 
-def run_stage(ctx: Any) -> dict[str, Any]:
+def run_stage(ctx: StageContext) -> dict[str, Any]:
     import ray
 
     from kubedistill.core.stage import input_digests
 
-    a = ctx.spec["annotation"]
+    a = ctx.spec.annotation
     logs = ctx.input("data").child("logs")
     files = data_files(logs)
     if not files:
         raise ValueError(f"annotate: the data stage wrote no log shards under {logs.uri()}")
     model_uri = _model_uri(ctx)
     _check_model(model_uri, ctx.storage.options)
-    engine, why = pick_engine(a["engine"], a["gpusPerReplica"])
-    inputs = input_digests(ctx.storage, ctx.config["inputs"]) or {}
+    engine, why = pick_engine(a.engine, a.gpus_per_replica)
+    inputs = input_digests(ctx.storage, ctx.inputs) or {}
     results: dict[str, ShardResult] = {}
     pending: dict[str, str] = {}
     for rel in files:
@@ -572,7 +573,7 @@ def run_stage(ctx: Any) -> dict[str, Any]:
     _drop_stale(ctx.out, keep=set(results))
     ctx.log(
         f"{len(files)} log shard(s), {len(results)} already annotated; engine {engine} ({why}); "
-        f"replicas {a['replicas']['min']}..{a['replicas']['max']}; model {model_uri}"
+        f"replicas {a.replicas.min}..{a.replicas.max}; model {model_uri}"
     )
     t0 = time.time()
     clock: dict[str, float] = {}
@@ -604,7 +605,7 @@ def run_stage(ctx: Any) -> dict[str, Any]:
         raise ValueError(
             f"annotate: no row could be annotated ({metrics['quarantine_reasons']}); see {ctx.out.uri('quarantine')}"
         )
-    limit = a["maxQuarantinedFraction"]
+    limit = a.max_quarantined_fraction
     if metrics["quarantined"] > limit * metrics["rows_in"]:
         raise ValueError(
             f"annotate: {metrics['quarantined']} of {metrics['rows_in']} rows quarantined, more than "
@@ -622,7 +623,7 @@ def run_stage(ctx: Any) -> dict[str, Any]:
 
 
 def _annotate(
-    ctx: Any,
+    ctx: StageContext,
     ray: Any,
     logs: Storage,
     todo: dict[str, str],
@@ -634,7 +635,7 @@ def _annotate(
     clock: dict[str, float],
 ) -> None:
     """Stream every unfinished shard through one actor pool; write each shard as soon as it is complete."""
-    a = ctx.spec["annotation"]
+    a = ctx.spec.annotation
     o = ctx.storage.options
     # One read task per shard, with no CPU reserved: Ray Data's file readers list files in a task that
     # reserves a whole CPU, which waits forever when the replicas hold every CPU (a 2-core machine).
@@ -644,18 +645,18 @@ def _annotate(
     ]
     # blocks of one replica batch each, one in flight per replica: the work spreads over every replica
     ds = ray.data.from_items(shards).map_batches(
-        read_shards, batch_size=1, num_cpus=0, fn_kwargs={"rows_per_block": a["batchSize"]}
+        read_shards, batch_size=1, num_cpus=0, fn_kwargs={"rows_per_block": a.batch_size}
     )
     ds = ds.map_batches(
         Annotator,
-        batch_size=a["batchSize"],
+        batch_size=a.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(
-            min_size=max(1, a["replicas"]["min"]), max_size=a["replicas"]["max"], max_tasks_in_flight_per_actor=1
+            min_size=max(1, a.replicas.min), max_size=a.replicas.max, max_tasks_in_flight_per_actor=1
         ),
-        fn_constructor_args=(engine, model_uri, {"endpoint": o.endpoint, "region": o.region}, a, ctx.spec["labels"]),
-        num_cpus=a["cpusPerReplica"],
-        num_gpus=a["gpusPerReplica"] or None,
+        fn_constructor_args=(engine, model_uri, {"endpoint": o.endpoint, "region": o.region}, a, ctx.spec.labels),
+        num_cpus=a.cpus_per_replica,
+        num_gpus=a.gpus_per_replica or None,
     )
     acc: dict[str, list[Outcome]] = {n: [] for n in todo}
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):

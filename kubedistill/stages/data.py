@@ -30,7 +30,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kubedistill.core.storage import Storage
+from kubedistill.core.stage import StageContext
+from kubedistill.core.storage import S3Options, Storage
 
 LOG_COLUMNS = (
     "pair_id",
@@ -539,9 +540,9 @@ def read_dataset(storage: Storage) -> list[dict[str, Any]]:
     return rows
 
 
-def training_rows(ctx: Any) -> tuple[list[dict[str, Any]], str]:
+def training_rows(ctx: StageContext) -> tuple[list[dict[str, Any]], str]:
     """Labeled (query, service) pairs to learn from: the annotate stage's output when the run has one; else the data stage's oracle-labeled pairs."""
-    if "annotate" in ctx.config["inputs"]:
+    if "annotate" in ctx.inputs:
         src = ctx.input("annotate").child("labeled")
         return read_dataset(src), src.uri()
     data = ctx.input("data")
@@ -558,32 +559,33 @@ def label_counts(rows: list[dict[str, Any]]) -> dict[str, int]:
 # ---------------------------------------------------------------------------------------------
 # The `data` stage.
 
-#: (dataset name, spec.data key, labeled?, reasoning required?)
+#: (dataset name, spec.data field, its name on the wire, labeled?, reasoning required?)
 _DATASETS = (
-    ("logs", "logs", False, False),
-    ("eval", "evalSet", True, False),
-    ("sft", "sftSeed", True, True),
+    ("logs", "logs", "logs", False, False),
+    ("eval", "eval_set", "evalSet", True, False),
+    ("sft", "sft_seed", "sftSeed", True, True),
 )
 
 
-def _ingest(ctx: Any, options: Any) -> dict[str, Any]:
+def _ingest(ctx: StageContext, options: S3Options) -> dict[str, Any]:
     """Validate and copy the user's datasets; bad rows are quarantined with their reasons."""
     import ray
 
-    d, labels, fmt = ctx.spec["data"], ctx.spec["labels"], ctx.spec["data"]["format"]
+    d, labels = ctx.spec.data, ctx.spec.labels
     remote = ray.remote(num_cpus=1)(_ingest_one)
     metrics: dict[str, Any] = {"source": "user"}
     outputs: dict[str, Any] = {}
-    for name, key, labeled, need_reasoning in _DATASETS:
-        if not d.get(key):
+    for name, attr, key, labeled, need_reasoning in _DATASETS:
+        uri = getattr(d, attr)
+        if not uri:
             continue
-        src = Storage(d[key], options)
+        src = Storage(uri, options)
         files = data_files(src)
         if not files:
-            raise ValueError(f"spec.data.{key}: no .jsonl or .parquet files at {d[key]}")
+            raise ValueError(f"spec.data.{key}: no .jsonl or .parquet files at {uri}")
         refs = [
             remote.remote(
-                d[key], options, rel, labels if labeled else None, need_reasoning, ctx.out.uri(), name, i, fmt
+                uri, options, rel, labels if labeled else None, need_reasoning, ctx.out.uri(), name, i, d.format
             )
             for i, rel in enumerate(files)
         ]
@@ -597,18 +599,18 @@ def _ingest(ctx: Any, options: Any) -> dict[str, Any]:
                 f"{name}: {len(bad)} row(s) quarantined, e.g. {bad[0]['source']} row {bad[0]['row']}: {bad[0]['reason']}"
             )
         if written == 0:
-            raise ValueError(f"spec.data.{key}: no valid rows in {d[key]} ({len(bad)} quarantined)")
+            raise ValueError(f"spec.data.{key}: no valid rows in {uri} ({len(bad)} quarantined)")
         metrics[name] = {"rows_in": rows_in, "rows_written": written, "rows_quarantined": len(bad)}
         outputs[name] = ctx.out.uri(name)
         ctx.log(f"{name}: {rows_in} rows in, {written} written, {len(bad)} quarantined")
-    if d.get("corpus"):
-        src = Storage(d["corpus"], options)
+    if d.corpus:
+        src = Storage(d.corpus, options)
         texts = []
         for rel in data_files(src):
             for _, row, err in _read_rows(src, rel):
                 if err is None and isinstance(row, dict) and isinstance(row.get("text"), str) and row["text"].strip():
                     texts.append({"text": row["text"]})
-        write_dataset(ctx.out, "corpus", texts, fmt)
+        write_dataset(ctx.out, "corpus", texts, d.format)
         metrics["corpus"] = {"documents": len(texts)}
         outputs["corpus"] = ctx.out.uri("corpus")
     return {"metrics": metrics, "outputs": outputs}
@@ -636,22 +638,18 @@ def _ingest_one(
 OUTPUT_DIRS = ("logs", "labeled", "sft", "eval", "corpus", "quarantine")
 
 
-def run_stage(ctx: Any) -> dict[str, Any]:
+def run_stage(ctx: StageContext) -> dict[str, Any]:
     """Generate the synthetic log, or validate and ingest the user's (`spec.data.logs`)."""
-    d, labels, fmt = ctx.spec["data"], ctx.spec["labels"], ctx.spec["data"]["format"]
+    d, labels = ctx.spec.data, ctx.spec.labels
     # a rerun starts clean: parts an earlier config wrote (another format, more input files) would
     # otherwise be read beside the new ones
     for name in OUTPUT_DIRS:
         ctx.out.delete(name)
-    if d.get("logs"):
+    if d.logs:
         return _ingest(ctx, ctx.storage.options)
-    syn = d["synthetic"]
-    ctx.log(
-        f"generating a synthetic log: {syn['services']} services, {syn['queries']} queries x {syn['pairsPerQuery']}"
-    )
-    gen = generate(
-        labels, syn["services"], syn["queries"], syn["pairsPerQuery"], syn["sftSize"], syn["evalSize"], syn["seed"]
-    )
+    syn = d.synthetic
+    ctx.log(f"generating a synthetic log: {syn.services} services, {syn.queries} queries x {syn.pairs_per_query}")
+    gen = generate(labels, syn.services, syn.queries, syn.pairs_per_query, syn.sft_size, syn.eval_size, syn.seed)
     shards = max(1, len(gen.log) // 1000)
     outputs = {}
     for name, rows, n in (
@@ -661,7 +659,7 @@ def run_stage(ctx: Any) -> dict[str, Any]:
         ("eval", gen.eval, 1),
         ("corpus", gen.corpus, 1),
     ):
-        write_dataset(ctx.out, name, rows, fmt, n)
+        write_dataset(ctx.out, name, rows, d.format, n)
         outputs[name] = ctx.out.uri(name)
     rows_in = len(gen.labeled) + len(gen.sft) + len(gen.eval)
     metrics: dict[str, Any] = {

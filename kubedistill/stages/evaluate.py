@@ -1,7 +1,6 @@
-"""Scoring relevance predictions, the lexical baseline every report keeps, and the evaluation gate.
+"""The `evaluate` stage: the lexical baseline every report keeps, the scores, and the evaluation gate.
 
-- `classification_metrics`: accuracy, macro-F1, per-class precision/recall/F1, one-vs-rest AUC and the
-  confusion matrix, from true labels and per-class probabilities.
+- Scores come from `kubedistill.ml.metrics.classification_metrics` (the student's validation uses it too).
 - `LexicalBaseline`: BM25-style query/service features and a multinomial logistic regression. It is
   the floor a distilled student must beat, and it stays in every report.
 - `gate`: the run's promotion rule (`spec.evaluation.minMacroF1`).
@@ -17,9 +16,11 @@ from typing import Any
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support, roc_auc_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+
+from kubedistill.core.stage import StageContext
+from kubedistill.ml.metrics import classification_metrics
 
 _TOKEN = re.compile(r"[a-z0-9$]+")
 _CHEAP = {"cheap", "budget", "affordable"}
@@ -27,39 +28,6 @@ _CHEAP = {"cheap", "budget", "affordable"}
 
 def tokens(text: str | None) -> list[str]:
     return _TOKEN.findall((text or "").lower())
-
-
-def classification_metrics(y_true: list[str], proba: np.ndarray, labels: list[str]) -> dict[str, Any]:
-    """Metrics from true labels and an (n, len(labels)) probability matrix (columns in `labels` order)."""
-    if len(y_true) == 0:
-        raise ValueError("no examples to score")
-    idx = {lab: i for i, lab in enumerate(labels)}
-    unknown = sorted({y for y in y_true if y not in idx})
-    if unknown:
-        raise ValueError(f"labels {unknown} are not in spec.labels {labels}")
-    y = np.array([idx[t] for t in y_true])
-    pred = proba.argmax(axis=1)
-    k = list(range(len(labels)))
-    p, r, f, support = precision_recall_fscore_support(y, pred, labels=k, zero_division=0)
-    present = sorted(set(y.tolist()))
-    auc: float | None
-    if len(present) < 2:
-        auc = None  # undefined with one class
-    else:
-        probs = proba / np.clip(proba.sum(axis=1, keepdims=True), 1e-12, None)
-        aucs = [roc_auc_score((y == c).astype(int), probs[:, c]) for c in present]
-        auc = float(np.mean(aucs))
-    return {
-        "n": len(y),
-        "accuracy": float(accuracy_score(y, pred)),
-        "macro_f1": float(f1_score(y, pred, labels=k, average="macro", zero_division=0)),
-        "auc_ovr": auc,
-        "per_class": {
-            lab: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(support[i])}
-            for i, lab in enumerate(labels)
-        },
-        "confusion": {"labels": labels, "matrix": confusion_matrix(y, pred, labels=k).tolist()},
-    }
 
 
 @dataclass
@@ -195,14 +163,6 @@ def comparison(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
-def promotion_blocked(run_storage: Any) -> str | None:
-    """Why the run's model must not be promoted to serving, or None when the gate passed."""
-    from kubedistill.core.pipeline import gate_blocks
-    from kubedistill.core.stage import read_manifest
-
-    return gate_blocks(read_manifest(run_storage, "evaluate"))
-
-
 def plot(results: dict[str, dict[str, Any]]) -> bytes:
     """Confusion matrices and per-class F1 of every scored model, as PNG bytes."""
     import io
@@ -247,11 +207,11 @@ def plot(results: dict[str, dict[str, Any]]) -> bytes:
     return buf.getvalue()
 
 
-def run_stage(ctx: Any) -> dict[str, Any]:
+def run_stage(ctx: StageContext) -> dict[str, Any]:
     """Score every available model on the eval set; write metrics.json and confusion.png; apply the gate."""
     from kubedistill.stages.data import read_dataset, training_rows
 
-    labels = ctx.spec["labels"]
+    labels = ctx.spec.labels
     data = ctx.input("data")
     eval_rows = read_dataset(data.child("eval"))
     if not eval_rows:
@@ -261,7 +221,7 @@ def run_stage(ctx: Any) -> dict[str, Any]:
     baseline = LexicalBaseline(labels).fit(train_rows)
     truth = [r["label"] for r in eval_rows]
     results = {"baseline": classification_metrics(truth, baseline.predict_proba(eval_rows), labels)}
-    if "student-crsd" in ctx.config["inputs"]:
+    if "student-crsd" in ctx.inputs:
         from kubedistill.stages.student import load_student
 
         student = load_student(ctx.input("student-crsd").uri("model"), ctx.storage.options)
@@ -269,7 +229,7 @@ def run_stage(ctx: Any) -> dict[str, Any]:
             raise ValueError(f"the student was trained on labels {student.labels}, spec.labels is {labels}")
         results["student"] = classification_metrics(truth, student.predict_proba(eval_rows), labels)
         results["student"]["objective"] = student.meta["objective"]
-        for objective in ctx.spec.get("student", {}).get("compareObjectives", []):
+        for objective in ctx.spec.student.compare_objectives:
             other = load_student(ctx.input("student-crsd").uri(f"compare/{objective}/model"), ctx.storage.options)
             results[f"student_{objective}"] = {
                 **classification_metrics(truth, other.predict_proba(eval_rows), labels),
@@ -279,7 +239,7 @@ def run_stage(ctx: Any) -> dict[str, Any]:
         auc = "n/a" if m["auc_ovr"] is None else f"{m['auc_ovr']:.4f}"
         ctx.log(f"{name}: accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  AUC {auc}  (n={m['n']})")
     candidate = "student" if "student" in results else "baseline"
-    verdict = gate(candidate, results[candidate], ctx.spec["evaluation"]["minMacroF1"])
+    verdict = gate(candidate, results[candidate], ctx.spec.evaluation.min_macro_f1)
     ctx.log(f"gate: {verdict['reason']}")
     report = {"eval_rows": len(eval_rows), "models": results, "gate": verdict}
     if table := comparison(results):

@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from kubedistill.core.spec import PruningSpec
+from kubedistill.core.stage import StageContext
 from kubedistill.ml.prune import Architecture, Shape
 
 MAX_RATIO = 0.9  # no layer loses more than this: a model with a gutted layer is not worth evaluating
@@ -311,7 +313,7 @@ def _trial(
 
 
 def run_trials(
-    ctx: Any, archs: list[Architecture], base: str, data: EvalData, counter: dict[str, int]
+    ctx: StageContext, archs: list[Architecture], base: str, data: EvalData, counter: dict[str, int]
 ) -> dict[str, dict[str, Any]]:
     """Evaluate every architecture without a persisted result as a Ray Tune trial; all results by key."""
     from ray import tune
@@ -320,7 +322,7 @@ def run_trials(
     todo = {arch_key(a): [list(a.attn), list(a.mlp)] for a in archs if not out.exists(f"evals/{arch_key(a)}.json")}
     counter["evaluated_this_run"] = counter.get("evaluated_this_run", 0) + len(todo)
     if todo:
-        r = ctx.spec["teacher"]["resources"]
+        r = ctx.spec.teacher.resources
         o = ctx.storage.options
         trainable = tune.with_resources(
             tune.with_parameters(
@@ -331,13 +333,13 @@ def run_trials(
                 out_uri=out.uri(),
                 s3={"endpoint": o.endpoint, "region": o.region},
             ),
-            {"cpu": r["cpusPerWorker"], "gpu": r["gpusPerWorker"]},
+            {"cpu": r.cpus_per_worker, "gpu": r.gpus_per_worker},
         )
         tuner = tune.Tuner(
             trainable,
             param_space={"key": tune.grid_search(sorted(todo))},
             # a trial reuses a finished one's actor: no process start and torch import per architecture
-            tune_config=tune.TuneConfig(max_concurrent_trials=r["workers"], reuse_actors=True),
+            tune_config=tune.TuneConfig(max_concurrent_trials=r.workers, reuse_actors=True),
             run_config=tune.RunConfig(
                 name=f"trials-{ctx.config_hash}", storage_path=out.path("tune"), storage_filesystem=out.fs, verbose=0
             ),
@@ -409,11 +411,11 @@ def _finish(base: str, arch: Architecture, out_uri: str, s3: dict[str, Any]) -> 
     return out.uri("model")
 
 
-def _eval_data(ctx: Any, p: dict[str, Any]) -> tuple[EvalData, list[str]]:
+def _eval_data(ctx: StageContext, p: PruningSpec) -> tuple[EvalData, list[str]]:
     from kubedistill.stages.data import read_dataset
     from kubedistill.stages.teacher import fmt
 
-    labels = ctx.spec["labels"]
+    labels = ctx.spec.labels
     rows = read_dataset(ctx.input("data").child("eval"))
     if not rows:
         raise ValueError("prune-search: the data stage's eval set is empty")
@@ -424,8 +426,8 @@ def _eval_data(ctx: Any, p: dict[str, Any]) -> tuple[EvalData, list[str]]:
         )
 
     sft = read_dataset(ctx.input("data").child("sft"))
-    calib = [text(r) for r in (sft or rows)[: p["calibrationSamples"]]]
-    return EvalData([text(r) for r in rows[: p["evalTexts"]]], rows[: p["evalPrompts"]], labels), calib
+    calib = [text(r) for r in (sft or rows)[: p.calibration_samples]]
+    return EvalData([text(r) for r in rows[: p.eval_texts]], rows[: p.eval_prompts], labels), calib
 
 
 def plot(diag: dict[str, Any], proposed: list[tuple[float, float]], objective: str) -> bytes:
@@ -466,14 +468,14 @@ def _objective(result: dict[str, Any], objective: str) -> float:
     return math.log(result["perplexity"]) if objective == "perplexity" else 1.0 - result["label_accuracy"]
 
 
-def run_stage(ctx: Any) -> dict[str, Any]:
+def run_stage(ctx: StageContext) -> dict[str, Any]:
     import json
     import math
 
     from kubedistill.stages.teacher.stages import on_worker
 
-    p, res = ctx.spec["pruning"], ctx.spec["teacher"]["resources"]
-    target, objective, seed = p["targetRatio"], p["objective"], p["seed"]
+    p, res = ctx.spec.pruning, ctx.spec.teacher.resources
+    target, objective, seed = p.target_ratio, p.objective, p.seed
     base = ctx.input("teacher-dpo").uri("model")
     o = ctx.storage.options
     s3 = {"endpoint": o.endpoint, "region": o.region}
@@ -486,28 +488,26 @@ def run_stage(ctx: Any) -> dict[str, Any]:
 
     rng = random.Random(seed)
     uni = uniform(shape, target)
-    sampled = sample_many(shape, target, p["sampledArchitectures"], rng, exclude={uni})
+    sampled = sample_many(shape, target, p.sampled_architectures, rng, exclude={uni})
     ctx.log(f"phase 1: {len(sampled)} sampled architectures + the uniform baseline, evaluated as Ray Tune trials")
     counter: dict[str, int] = {}
     results = run_trials(ctx, [uni, *sampled], base, data, counter)
 
     y = [_objective(results[arch_key(a)], objective) for a in sampled]
-    predictor = fit_predictor(sampled, y, seed, p["predictor"])
+    predictor = fit_predictor(sampled, y, seed, p.predictor)
     ctx.log(
-        f"predictor ({p['predictor']}, {objective}): held-out R^2 {predictor.diagnostics['r2']}, "
+        f"predictor ({p.predictor}, {objective}): held-out R^2 {predictor.diagnostics['r2']}, "
         f"Kendall tau {predictor.diagnostics['kendall_tau']}"
     )
     acc_diag = None
     if objective == "perplexity" and len({results[arch_key(a)]["label_accuracy"] for a in sampled}) > 1:
         acc_diag = fit_predictor(
-            sampled, [results[arch_key(a)]["label_accuracy"] for a in sampled], seed, p["predictor"]
+            sampled, [results[arch_key(a)]["label_accuracy"] for a in sampled], seed, p.predictor
         ).diagnostics
-    bounds = narrow(shape, predictor, target, rng, candidates=max(200, p["candidates"] // 4))
-    top = propose(
-        shape, predictor, target, bounds, n=p["candidates"], top_k=p["topK"], rng=rng, exclude={uni, *sampled}
-    )
+    bounds = narrow(shape, predictor, target, rng, candidates=max(200, p.candidates // 4))
+    top = propose(shape, predictor, target, bounds, n=p.candidates, top_k=p.top_k, rng=rng, exclude={uni, *sampled})
     ctx.log(
-        f"phase 2: the predictor's best {len(top)} of {p['candidates']} candidates in the narrowed space, "
+        f"phase 2: the predictor's best {len(top)} of {p.candidates} candidates in the narrowed space, "
         f"evaluated for real"
     )
     results |= run_trials(ctx, top, base, data, counter)

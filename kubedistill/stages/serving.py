@@ -33,35 +33,12 @@ from fastapi import Request  # module level: FastAPI resolves the route signatur
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from kubedistill.core.spec import ServingSpec, field_path
-from kubedistill.core.stage import MANIFEST
-from kubedistill.core.storage import S3Options, Storage
+from kubedistill.core.serve_app import APP_NAME, AppArgs, app_args
+from kubedistill.core.spec import field_path
+from kubedistill.core.stage import MANIFEST, StageContext
+from kubedistill.core.storage import Storage
 
-APP_NAME = "student"
 DEPLOYMENT = "StudentScorer"
-
-
-class AppArgs(ServingSpec):
-    """The application's arguments: `serveConfigV2.applications[].args` in a RayService, or `build_app(args)`."""
-
-    model: str = Field(min_length=1, description="The exported student: a local directory or an s3:// prefix.")
-    storage_endpoint: str | None = Field(default=None, description="S3 endpoint override (as spec.storage.endpoint).")
-    storage_region: str | None = None
-
-    def s3(self) -> S3Options:
-        return S3Options.from_env(self.storage_endpoint, self.storage_region)
-
-
-def app_args(serving: dict[str, Any], storage: dict[str, Any], model_uri: str) -> AppArgs:
-    """The app's args from `spec.serving` and `spec.storage` (wire form) and the student-crsd model URI."""
-    return AppArgs.model_validate(
-        {
-            **serving,
-            "model": model_uri,
-            "storageEndpoint": storage.get("endpoint"),
-            "storageRegion": storage.get("region"),
-        }
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,14 +327,15 @@ def curl_example(url: str) -> str:
     return f"curl -s -X POST {url} -H 'Content-Type: application/json' -d '{body}'"
 
 
-def run_stage(ctx: Any) -> dict[str, Any]:
+def run_stage(ctx: StageContext) -> dict[str, Any]:
     """Deploy the student on this Ray cluster, check one request end to end, record the URL and version."""
     import os
 
     import ray
 
     model_uri = ctx.input("student-crsd").read_json(MANIFEST)["outputs"]["model"]
-    args = app_args(ctx.spec.get("serving", {}), ctx.config["storage"], model_uri)
+    st = ctx.config["storage"]
+    args = app_args(ctx.spec.serving, model_uri, st.get("endpoint"), st.get("region"))
     ray.init(address="auto", log_to_driver=False, logging_level="WARNING")
     host = os.environ.get("KUBEDISTILL_SERVE_HOST", "127.0.0.1")
     port = int(os.environ.get("KUBEDISTILL_SERVE_PORT", "8000"))

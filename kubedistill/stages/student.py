@@ -17,7 +17,7 @@ import random
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +25,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from kubedistill.core.spec import StudentSpec
+from kubedistill.core.stage import StageContext
 from kubedistill.core.storage import S3Options, Storage
 from kubedistill.ml import losses, raytrain
+from kubedistill.ml.metrics import classification_metrics
 from kubedistill.ml.models import resolve
 from kubedistill.stages.data import read_dataset, service_text, training_rows, write_rows
-from kubedistill.stages.evaluate import classification_metrics
 
 ARTIFACT_VERSION = 1
 POOLING = ("mean", "cls")  # how the encoder's last hidden states become one vector
@@ -41,48 +43,16 @@ POOLING = ("mean", "cls")  # how the encoder's last hidden states become one vec
 
 @dataclass(frozen=True)
 class StudentConfig:
-    labels: list[str]
-    base_model: str
-    objective: str = "crsd"
-    align_weight: float = 1.0
-    contrast_weight: float = 1.0
-    temperature: float = 0.05
-    stop_gradient: bool = True
-    teacher_grad: bool = False
-    kd_temperature: float = 2.0
-    epochs: float = 3
-    learning_rate: float = 5e-5
-    batch_size: int = 32
-    max_steps: int | None = None
-    max_length: int = 128
-    max_reasoning_tokens: int = 64
-    pooling: str = "mean"
-    patience: int = 2
-    seed: int = 0
+    """One student training run: the spec's `student` section and the run's labels, as validated.
 
-    @classmethod
-    def from_spec(cls, student: dict[str, Any], labels: list[str]) -> StudentConfig:
-        c, t = student["crsd"], student["train"]
-        return cls(
-            labels=labels,
-            base_model=student["baseModel"],
-            objective=student["objective"],
-            align_weight=c["alignWeight"],
-            contrast_weight=c["contrastWeight"],
-            temperature=c["temperature"],
-            stop_gradient=c["stopGradient"],
-            teacher_grad=c["teacherGrad"],
-            kd_temperature=student["kdTemperature"],
-            epochs=t["epochs"],
-            learning_rate=t["learningRate"],
-            batch_size=t["batchSize"],
-            max_steps=t["maxSteps"],
-            max_length=student["maxLength"],
-            max_reasoning_tokens=student["maxReasoningTokens"],
-            pooling=student["pooling"],
-            patience=student["patience"],
-            seed=student["seed"],
-        )
+    The Ray Train loop receives this object itself (pickled), not a re-keyed copy of it."""
+
+    student: StudentSpec
+    labels: list[str]
+
+    def with_objective(self, objective: str) -> StudentConfig:
+        """The same run with another objective (`compareObjectives`: same rows, seed and budget)."""
+        return replace(self, student=self.student.model_copy(update={"objective": objective}))
 
 
 def check_rows(rows: list[dict[str, Any]], cfg: StudentConfig, what: str) -> None:
@@ -92,13 +62,13 @@ def check_rows(rows: list[dict[str, Any]], cfg: StudentConfig, what: str) -> Non
     unknown = sorted({str(r.get("label")) for r in rows} - set(cfg.labels))
     if unknown:
         raise ValueError(f"{what}: label(s) {unknown} are not in spec.labels {cfg.labels}")
-    if cfg.objective == "crsd":
+    if cfg.student.objective == "crsd":
         missing = sum(1 for r in rows if not (r.get("reasoning") or "").strip())
         if missing:
             raise ValueError(
                 f"{what}: {missing} row(s) have no 'reasoning'; objective crsd needs a reasoning chain per pair"
             )
-    if cfg.objective == "kd":
+    if cfg.student.objective == "kd":
         bad = sum(
             1
             for r in rows
@@ -143,26 +113,26 @@ class Encoded:
 
     def __init__(self, tokenizer: Any, rows: list[dict[str, Any]], cfg: StudentConfig, with_reasoning: bool):
         queries = [r["query"] for r in rows]
-        services = _services(tokenizer, rows, cfg.max_length)
-        self.standard = encode_standard(tokenizer, queries, services, cfg.max_length)
+        services = _services(tokenizer, rows, cfg.student.max_length)
+        self.standard = encode_standard(tokenizer, queries, services, cfg.student.max_length)
         self.reasoning = None
         if with_reasoning:
             second = [
-                f"{s} {tokenizer.sep_token} {_cap(tokenizer, r.get('reasoning') or '', cfg.max_reasoning_tokens)}"
+                f"{s} {tokenizer.sep_token} {_cap(tokenizer, r.get('reasoning') or '', cfg.student.max_reasoning_tokens)}"
                 for s, r in zip(services, rows, strict=True)
             ]
             self.reasoning = tokenizer(
                 queries,
                 second,
                 truncation="longest_first",
-                max_length=cfg.max_length + cfg.max_reasoning_tokens + 1,
+                max_length=cfg.student.max_length + cfg.student.max_reasoning_tokens + 1,
                 padding=True,
                 return_tensors="pt",
             )
         self.labels = torch.tensor([cfg.labels.index(r["label"]) for r in rows]) if "label" in rows[0] else None
         self.soft = (
             torch.tensor([r["label_probs"] for r in rows], dtype=torch.float32)
-            if cfg.objective == "kd" and "label_probs" in rows[0]
+            if cfg.student.objective == "kd" and "label_probs" in rows[0]
             else None
         )
 
@@ -222,13 +192,13 @@ class RelevanceStudent(nn.Module):
 def build_model(cfg: StudentConfig, options: S3Options | None = None) -> tuple[RelevanceStudent, Any]:
     from transformers import AutoModel, AutoTokenizer
 
-    path = resolve(cfg.base_model, "spec.student.baseModel", options)
+    path = resolve(cfg.student.base_model, "spec.student.baseModel", options)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         encoder = AutoModel.from_pretrained(path)
     except (OSError, ValueError) as e:
-        raise ValueError(f"spec.student.baseModel: cannot load {cfg.base_model!r}: {e}") from e
-    return RelevanceStudent(encoder, len(cfg.labels), pooling=cfg.pooling), tokenizer
+        raise ValueError(f"spec.student.baseModel: cannot load {cfg.student.base_model!r}: {e}") from e
+    return RelevanceStudent(encoder, len(cfg.labels), pooling=cfg.student.pooling), tokenizer
 
 
 def _slice(batch: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -242,19 +212,27 @@ def loss_terms(model: nn.Module, enc: Encoded, idx: torch.Tensor, cfg: StudentCo
     """One step's loss (and its terms) for the configured objective."""
     assert enc.labels is not None
     y = enc.labels[idx]
-    if cfg.objective == "crsd":
+    if cfg.student.objective == "crsd":
         assert enc.reasoning is not None
         h, logits_s, r, logits_t = model(
-            _slice(enc.standard, idx), _slice(enc.reasoning, idx), reasoning_grad=cfg.teacher_grad
+            _slice(enc.standard, idx), _slice(enc.reasoning, idx), reasoning_grad=cfg.student.crsd.teacher_grad
         )
         return losses.crsd_loss(
-            logits_s, logits_t, h, r, y, cfg.align_weight, cfg.contrast_weight, cfg.temperature, cfg.stop_gradient
+            logits_s,
+            logits_t,
+            h,
+            r,
+            y,
+            cfg.student.crsd.align_weight,
+            cfg.student.crsd.contrast_weight,
+            cfg.student.crsd.temperature,
+            cfg.student.crsd.stop_gradient,
         )
     _, logits_s, _, _ = model(_slice(enc.standard, idx))
     terms = {"sce": losses.ce_loss(logits_s, y)}
-    if cfg.objective == "kd":
+    if cfg.student.objective == "kd":
         assert enc.soft is not None
-        terms["kd"] = losses.kd_loss(logits_s, enc.soft[idx], cfg.kd_temperature)
+        terms["kd"] = losses.kd_loss(logits_s, enc.soft[idx], cfg.student.kd_temperature)
         terms["loss"] = 0.5 * terms["sce"] + 0.5 * terms["kd"]
     else:
         terms["loss"] = terms["sce"]
@@ -321,16 +299,16 @@ def fit(
 ) -> dict[str, Any]:
     """Train `model` on this worker's share of `train_rows`; evaluate on `val_rows` once per epoch.
 
-    Early stopping after `cfg.patience` rounds without a better validation macro-F1. Returns the
+    Early stopping after `cfg.student.patience` rounds without a better validation macro-F1. Returns the
     final state (including `best_state`, the weights of the best round). `resume` is a state that
     `Round.checkpoint()` returned earlier: training continues from its step, mid-epoch included.
     """
-    torch.manual_seed(cfg.seed)
-    enc = Encoded(tokenizer, train_rows, cfg, with_reasoning=cfg.objective == "crsd")
-    per_worker = max(2, cfg.batch_size // world)
+    torch.manual_seed(cfg.student.seed)
+    enc = Encoded(tokenizer, train_rows, cfg, with_reasoning=cfg.student.objective == "crsd")
+    per_worker = max(2, cfg.student.train.batch_size // world)
     steps_per_epoch = max(1, math.ceil(len(train_rows) / (per_worker * world)))
-    total_steps = cfg.max_steps or max(1, round(cfg.epochs * steps_per_epoch))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=0.01)
+    total_steps = cfg.student.train.max_steps or max(1, round(cfg.student.train.epochs * steps_per_epoch))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.student.train.learning_rate, weight_decay=0.01)
     warmup = max(1, total_steps // 10)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total_steps - s) / max(1, total_steps - warmup)))
@@ -356,7 +334,9 @@ def fit(
     stopped, metrics = False, dict[str, Any]()
     while st["step"] < total_steps and not stopped:
         epoch, offset = divmod(st["step"], steps_per_epoch)
-        order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+        order = torch.randperm(
+            len(train_rows), generator=torch.Generator().manual_seed(cfg.student.seed * 1000 + epoch)
+        )
         trained.train()
         t0, sums, n = time.monotonic(), dict[str, float](), 0
         for b in range(offset, steps_per_epoch):
@@ -376,7 +356,9 @@ def fit(
                 break
         elapsed = time.monotonic() - t0
         val = classification_metrics(
-            [r["label"] for r in val_rows], predict_proba(model, tokenizer, val_rows, cfg.max_length), cfg.labels
+            [r["label"] for r in val_rows],
+            predict_proba(model, tokenizer, val_rows, cfg.student.max_length),
+            cfg.labels,
         )
         if val["macro_f1"] > st["best_f1"]:
             st.update(
@@ -387,7 +369,7 @@ def fit(
             )
         else:
             st["bad_rounds"] += 1
-        stopped = st["bad_rounds"] >= cfg.patience
+        stopped = st["bad_rounds"] >= cfg.student.patience
         metrics = {
             "step": st["step"],
             "total_steps": total_steps,
@@ -410,7 +392,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    cfg = StudentConfig(**config["student"])
+    cfg: StudentConfig = config["student"]
     options = S3Options(**config["s3"])
     splits = Storage(config["splits_uri"], options)
     train_rows, val_rows = read_dataset(splits.child("train")), read_dataset(splits.child("val"))
@@ -459,10 +441,10 @@ def export(model: RelevanceStudent, tokenizer: Any, cfg: StudentConfig, out: Sto
     meta = {
         "artifactVersion": ARTIFACT_VERSION,
         "labels": cfg.labels,
-        "maxLength": cfg.max_length,
-        "pooling": cfg.pooling,
-        "objective": cfg.objective,
-        "baseModel": cfg.base_model,
+        "maxLength": cfg.student.max_length,
+        "pooling": cfg.student.pooling,
+        "objective": cfg.student.objective,
+        "baseModel": cfg.student.base_model,
         **extra,
     }
     out.write_json("student.json", meta)
@@ -528,16 +510,17 @@ def split(rows: list[dict[str, Any]], fraction: float, seed: int) -> tuple[list[
     return [r for r in rows if r["query"] not in held], [r for r in rows if r["query"] in held]
 
 
-def run_stage(ctx: Any) -> dict[str, Any]:
-    spec = ctx.spec
-    cfg = StudentConfig.from_spec(spec["student"], spec["labels"])
+def run_stage(ctx: StageContext) -> dict[str, Any]:
+    cfg = StudentConfig(ctx.spec.student, ctx.spec.labels)
     rows, source = training_rows(ctx)
-    others = [replace(cfg, objective=o) for o in spec["student"]["compareObjectives"]]
+    others = [cfg.with_objective(o) for o in cfg.student.compare_objectives]
     for c in [cfg, *others]:
         check_rows(rows, c, source)
-    resolve(cfg.base_model, "spec.student.baseModel", ctx.storage.options)  # fail before starting workers
-    train_rows, val_rows = split(rows, spec["student"]["validationFraction"], cfg.seed)
-    ctx.log(f"objective {cfg.objective}: {len(train_rows)} train / {len(val_rows)} validation pairs from {source}")
+    resolve(cfg.student.base_model, "spec.student.baseModel", ctx.storage.options)  # fail before starting workers
+    train_rows, val_rows = split(rows, cfg.student.validation_fraction, cfg.student.seed)
+    ctx.log(
+        f"objective {cfg.student.objective}: {len(train_rows)} train / {len(val_rows)} validation pairs from {source}"
+    )
     write_rows(ctx.out, "splits/train/part-00000", train_rows, "jsonl")
     write_rows(ctx.out, "splits/val/part-00000", val_rows, "jsonl")
 
@@ -546,7 +529,7 @@ def run_stage(ctx: Any) -> dict[str, Any]:
     outputs = {"model": uri}
     compared = {}
     for other in others:  # same rows, seed and budget; evaluate scores them beside the student
-        objective = other.objective
+        objective = other.student.objective
         ctx.log(f"comparison objective {objective}: training on the same splits")
         m, outputs[f"model_{objective}"] = _train_and_export(
             ctx, other, source, ctx.out.child(f"compare/{objective}/model"), f"train-{ctx.config_hash}-{objective}"
@@ -559,22 +542,23 @@ def run_stage(ctx: Any) -> dict[str, Any]:
     return {"metrics": metrics, "outputs": outputs}
 
 
-def _train_and_export(ctx: Any, cfg: StudentConfig, source: str, out: Storage, name: str) -> tuple[dict[str, Any], str]:
+def _train_and_export(
+    ctx: StageContext, cfg: StudentConfig, source: str, out: Storage, name: str
+) -> tuple[dict[str, Any], str]:
     """One Ray Train run of `cfg` on the stage's splits (resumable under `name`); the best round exported to `out`."""
-    section = ctx.spec["student"]
     loop_config = {
-        "student": asdict(cfg),
+        "student": cfg,
         "splits_uri": ctx.out.uri("splits"),
         "s3": {"endpoint": ctx.storage.options.endpoint, "region": ctx.storage.options.region},
     }
     result = raytrain.fit(
-        train_loop_per_worker, loop_config, section["resources"], ctx.out, name, section["maxFailures"]
+        train_loop_per_worker, loop_config, cfg.student.resources, ctx.out, name, cfg.student.max_failures
     )
     state = raytrain.load_state(result.checkpoint)
     model, tokenizer = build_model(cfg, ctx.storage.options)
     model.load_state_dict(state["best_state"])
     metrics = raytrain.scalar_metrics(result)
-    metrics.update(objective=cfg.objective, parameters=sum(p.numel() for p in model.parameters()))
+    metrics.update(objective=cfg.student.objective, parameters=sum(p.numel() for p in model.parameters()))
     uri = export(
         model,
         tokenizer,
@@ -588,7 +572,7 @@ def _train_and_export(ctx: Any, cfg: StudentConfig, source: str, out: Storage, n
         },
     )
     ctx.log(
-        f"{cfg.objective}: exported the standard-input model to {uri} (best val macro-F1 {state['best_f1']:.4f} "
+        f"{cfg.student.objective}: exported the standard-input model to {uri} (best val macro-F1 {state['best_f1']:.4f} "
         f"at step {state['best_step']})"
     )
     return metrics, uri

@@ -4,8 +4,8 @@ It does for each object what KubeRay does, minus pods:
 - RayJob: submits `spec.entrypoint` through Ray's job submission API with the env vars of
   `spec.runtimeEnvYAML` plus the Secret the pods would get (`envFrom`), then writes
   `status.jobDeploymentStatus` / `jobStatus` / `message` as KubeRay does (Complete + SUCCEEDED, or
-  Failed + FAILED with the job's message). `python jobs/x.py` runs from the repository root, as it
-  would from the image's working directory.
+  Failed + FAILED with the job's message). The entrypoint (`python -m kubedistill.job ...`) runs with
+  this interpreter from the repository root, as it would from the image's working directory.
 - RayService: deploys `spec.serveConfigV2` through the Ray dashboard's Serve REST API (what KubeRay does)
   and writes the Ready condition and application statuses from what Serve reports.
 It can also evict a stage's first attempt (stop its Ray job mid-run, like a lost node) to exercise
@@ -29,7 +29,6 @@ import yaml
 
 from kubedistill.core.holds import HOLD_AT_ENV, HOLD_DIR_ENV
 
-REPO = Path(__file__).resolve().parents[2]
 
 
 class Api:
@@ -124,7 +123,7 @@ class KubeRay:
                             HOLD_DIR_ENV: str(self.holds / uid)})
             argv = shlex.split(job["spec"]["entrypoint"])
             assert argv[0] == "python", argv
-            entry = shlex.join([sys.executable, *[str(REPO / a) if a.endswith(".py") else a for a in argv[1:]]])
+            entry = shlex.join([sys.executable, *argv[1:]])
             job_id = self.jobs.submit_job(entrypoint=entry, runtime_env={"env_vars": env})
             self._running[uid] = (job_id, time.monotonic(), f"{ns}/{name}")
             self.submitted.append((name, meta.get("annotations", {}).get("kubedistill.io/attempt", "?")))

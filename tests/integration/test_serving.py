@@ -24,9 +24,10 @@ GOOD = {"query": "vegan brunch in Old Town", "services": [
 def _artifact(encoder: str, out: str, config_hash: str, seed: int) -> str:
     import torch
 
+    from kubedistill.core.spec import StudentSpec
     from kubedistill.stages.student import StudentConfig, build_model, export
 
-    cfg = StudentConfig(labels=LABELS, base_model=encoder, max_length=64)
+    cfg = StudentConfig(StudentSpec(base_model=encoder, max_length=64), LABELS)
     torch.manual_seed(seed)
     model, tok = build_model(cfg)
     return export(model, tok, cfg, Storage(out), {"configHash": config_hash})

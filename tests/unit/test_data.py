@@ -116,13 +116,14 @@ def test_write_and_read_dataset_roundtrip_both_formats(tmp_path):
 
 
 def test_a_rerun_with_another_format_leaves_only_the_new_parts(tmp_path):
+    from kubedistill.core import spec
     from kubedistill.core.stage import StageContext
 
     syn = {"services": 40, "queries": 30, "pairsPerQuery": 4, "sftSize": 10, "evalSize": 12, "seed": 0}
     root = Storage(str(tmp_path))
     for fmt in ("jsonl", "parquet"):
-        ctx = StageContext({"run": "r", "stage": "data", "inputs": [], "spec": {
-            "labels": LABELS, "data": {"format": fmt, "synthetic": syn}}}, root)
+        section = spec.to_wire(spec.DataSpec.model_validate({"format": fmt, "synthetic": syn}))
+        ctx = StageContext({"run": "r", "stage": "data", "inputs": [], "spec": {"labels": LABELS, "data": section}}, root)
         out = data.run_stage(ctx)
     assert {f.rsplit(".", 1)[-1] for f in root.list("data")} == {"parquet"}
     assert len(data.read_dataset(root.child("data/eval"))) == out["metrics"]["eval"]["rows_written"] == 12

@@ -3,12 +3,14 @@ import math
 import numpy as np
 import pytest
 
+from kubedistill.core import pipeline
+from kubedistill.ml import metrics
 from kubedistill.stages import data, evaluate
 
 
 def test_metrics_on_a_hand_computed_case():
     proba = np.array([[0.9, 0.1], [0.4, 0.6], [0.3, 0.7], [0.2, 0.8]])
-    m = evaluate.classification_metrics(["a", "a", "b", "b"], proba, ["a", "b"])
+    m = metrics.classification_metrics(["a", "a", "b", "b"], proba, ["a", "b"])
     assert m["accuracy"] == 0.75
     assert m["per_class"]["a"] == {"precision": 1.0, "recall": 0.5, "f1": pytest.approx(2 / 3), "support": 2}
     assert m["per_class"]["b"]["precision"] == pytest.approx(2 / 3) and m["per_class"]["b"]["f1"] == pytest.approx(0.8)
@@ -18,12 +20,12 @@ def test_metrics_on_a_hand_computed_case():
 
 
 def test_metrics_edge_cases():
-    one_class = evaluate.classification_metrics(["a", "a"], np.array([[0.6, 0.4], [0.3, 0.7]]), ["a", "b"])
+    one_class = metrics.classification_metrics(["a", "a"], np.array([[0.6, 0.4], [0.3, 0.7]]), ["a", "b"])
     assert one_class["auc_ovr"] is None and one_class["accuracy"] == 0.5
     with pytest.raises(ValueError, match=r"labels \['zzz'\] are not in spec.labels"):
-        evaluate.classification_metrics(["zzz"], np.array([[1.0, 0.0]]), ["a", "b"])
+        metrics.classification_metrics(["zzz"], np.array([[1.0, 0.0]]), ["a", "b"])
     with pytest.raises(ValueError, match="no examples"):
-        evaluate.classification_metrics([], np.zeros((0, 2)), ["a", "b"])
+        metrics.classification_metrics([], np.zeros((0, 2)), ["a", "b"])
 
 
 def test_bm25_on_a_hand_computed_case():
@@ -38,7 +40,7 @@ def test_baseline_beats_chance_and_handles_unseen_classes():
     labels = ["irrelevant", "partial", "relevant"]
     gen = data.generate(labels, 200, 300, 6, 10, 300, seed=2)
     base = evaluate.LexicalBaseline(labels).fit(gen.labeled)
-    m = evaluate.classification_metrics([r["label"] for r in gen.eval], base.predict_proba(gen.eval), labels)
+    m = metrics.classification_metrics([r["label"] for r in gen.eval], base.predict_proba(gen.eval), labels)
     assert m["macro_f1"] > 0.45 and m["auc_ovr"] > 0.7  # chance: 0.33 / 0.5
     two = [r for r in gen.labeled if r["label"] != "partial"]
     proba = evaluate.LexicalBaseline(labels).fit(two).predict_proba(gen.eval[:5])
@@ -54,7 +56,7 @@ def test_gate():
 
 
 def test_plot_is_a_png():
-    m = evaluate.classification_metrics(["a", "b"], np.array([[0.9, 0.1], [0.2, 0.8]]), ["a", "b"])
+    m = metrics.classification_metrics(["a", "b"], np.array([[0.9, 0.1], [0.2, 0.8]]), ["a", "b"])
     png = evaluate.plot({"baseline": m, "student": m})
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
@@ -63,9 +65,9 @@ def test_promotion_is_blocked_by_a_failed_gate(tmp_path):
     from kubedistill.core.storage import Storage
 
     st = Storage(str(tmp_path))
-    assert evaluate.promotion_blocked(st) == "the evaluate stage has not succeeded"
+    assert pipeline.promotion_blocked(st) == "the evaluate stage has not succeeded"
     for candidate, value, want in (("baseline", 0.9, "no student was evaluated"),
                                    ("student", 0.5, "student macro-F1 0.5000 < minMacroF1 0.7 (failed)"),
                                    ("student", 0.8, None)):
         st.write_json("evaluate/_SUCCESS.json", {"metrics": {"gate": evaluate.gate(candidate, {"macro_f1": value}, 0.7)}})
-        assert evaluate.promotion_blocked(st) == want
+        assert pipeline.promotion_blocked(st) == want

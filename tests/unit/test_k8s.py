@@ -58,8 +58,7 @@ def test_serve_config_is_valid_for_ray_serve_and_is_the_local_apps_args():
     (app,) = config.applications
     assert app.import_path == "ray_apps.student:app" and app.route_prefix == "/"
     args = serving.AppArgs.model_validate(app.args)
-    wire = spec.to_wire(run.spec)
-    assert args == serving.app_args(wire["serving"], wire["storage"], MODEL)
+    assert args == serving.app_args(run.spec.serving, MODEL, run.spec.storage.endpoint, run.spec.storage.region)
     assert args.model == MODEL and args.max_services == 50 and args.storage_endpoint == "http://minio:9000"
     module, attr = app.import_path.split(":")
     assert getattr(importlib.import_module(module), attr) is serving.build_app
@@ -131,7 +130,7 @@ def test_rayjob_carries_the_config_as_json_in_an_env_var_never_in_the_entrypoint
     run = spec.parse_run(minimal_doc(storage={"uri": hostile}))
     stage = next(s for s in pipeline.build(run) if s.name == "student-crsd")
     job = k8s.rayjob(run, stage)
-    assert job["spec"]["entrypoint"] == "python jobs/student_crsd.py"
+    assert job["spec"]["entrypoint"] == "python -m kubedistill.job kubedistill.stages.student:run_stage"
     env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"]
     assert json.loads(env[CONFIG_ENV]) == stage.config and json.loads(env[CONFIG_ENV])["storage"]["uri"] == hostile
     assert job["metadata"]["annotations"]["kubedistill.io/config-hash"] == stage.config_hash

@@ -1,6 +1,8 @@
 import json
 
-from kubedistill.core import pipeline, spec
+import pytest
+
+from kubedistill.core import pipeline, registry, spec
 from tests.conftest import minimal_doc
 
 
@@ -10,12 +12,13 @@ def _build(**patch):
 
 def test_minimal_resource_enables_every_stage_in_order():
     stages = _build()
-    assert [s.name for s in stages] == list(pipeline.STAGE_ORDER)
+    assert [s.name for s in stages] == [d.name for d in registry.STAGES]
     by = {s.name: s for s in stages}
     assert by["teacher-dpo"].depends_on == ("data", "teacher-sft", "reward-model")
     assert by["annotate"].depends_on == ("data", "teacher-dpo")
     assert by["serve"].depends_on == ("student-crsd", "evaluate")
-    assert by["student-crsd"].entrypoint == "python jobs/student_crsd.py"
+    assert by["student-crsd"].entrypoint == "python -m kubedistill.job kubedistill.stages.student:run_stage"
+    assert [s.name for s in stages if s.service] == [s.name for s in stages if s.gated] == ["serve"]
     for s in stages:  # dependencies always come earlier
         order = [x.name for x in stages]
         assert all(order.index(d) < order.index(s.name) for d in s.depends_on)
@@ -54,11 +57,59 @@ def test_resources_come_from_the_spec():
     by = {s.name: s for s in _build(teacher={"resources": {"workers": 8, "gpusPerWorker": 1}},
                                     annotation={"replicas": {"min": 1, "max": 16}})}
     assert by["teacher-sft"].resources.workers == 8 and by["teacher-sft"].resources.gpus_per_worker == 1
-    assert by["annotate"].resources.workers == 16
+    assert by["annotate"].resources.workers == 16 and by["annotate"].workers == (1, 16)  # autoscaled
+    assert by["teacher-sft"].workers == (8, 8)
     assert by["data"].resources.workers == 1
 
 
 def test_the_plan_lists_every_stage_with_its_resources():
     stages = _build()
     plan = pipeline.render_plan(spec.parse_run(minimal_doc()), stages)
-    assert all(f"{s.name}" in plan for s in stages) and "python jobs/prune_search.py" in plan
+    assert all(f"{s.name}" in plan for s in stages) and "kubedistill.stages.prune_search:run_stage" in plan
+
+
+def _read(view, dotted: str):
+    """`spec.<dotted>` (camelCase, as a registry entry names it) read through a stage's typed view."""
+    obj = view
+    for part in dotted.split("."):
+        model = obj._model if isinstance(obj, spec.SpecSlice) else type(obj)
+        obj = getattr(obj, next(n for n, f in model.model_fields.items() if (f.alias or n) == part))
+    return obj
+
+
+def test_every_registry_entry_names_a_stage_function_and_spec_paths_it_can_read():
+    from kubedistill import job
+
+    run = spec.parse_run(minimal_doc())
+    for d, s in zip(registry.STAGES, pipeline.build(run), strict=True):
+        assert callable(job.resolve(d.run)), d.name
+        view = spec.spec_slice(s.config["spec"], s.name)
+        for dotted in d.reads:  # carried, validated again, equal to what the whole spec holds
+            assert _read(view, dotted) == _read(run.spec, dotted), (d.name, dotted)
+
+
+def test_a_stage_reading_a_path_it_did_not_declare_is_told_which_and_where():
+    serve = next(s for s in _build() if s.name == "serve")
+    view = spec.spec_slice(serve.config["spec"], "serve")
+    assert view.serving.max_services == 100
+    with pytest.raises(spec.UndeclaredSpecPath, match=r"stage serve does not read spec.student: add it .*registry.py"):
+        view.student
+
+
+def test_a_config_altered_after_validation_fails_on_the_worker_naming_the_field():
+    dpo = next(s for s in _build() if s.name == "teacher-dpo")
+    section = json.loads(dpo.config_json)["spec"]
+    section["teacher"]["resources"]["workers"] = 0
+    with pytest.raises(spec.SpecError, match=r"spec.teacher.resources.workers: Input should be greater than"):
+        spec.spec_slice(section, "teacher-dpo").teacher.resources
+
+
+def test_a_registry_mistake_is_named_when_the_graph_is_built(monkeypatch):
+    wrong_path = registry.StageDef("toy", "m:f", reads=("teacher.nope",), inputs=lambda s: ("data",))
+    monkeypatch.setattr(registry, "STAGES", (*registry.STAGES, wrong_path))
+    with pytest.raises(pipeline.RegistryError, match=r"stage toy: reads spec.teacher.nope"):
+        _build()
+    later_input = registry.StageDef("toy", "m:f", reads=(), inputs=lambda s: ("serve-later",))
+    monkeypatch.setattr(registry, "STAGES", (later_input, *registry.STAGES))
+    with pytest.raises(pipeline.RegistryError, match=r"stage toy: input\(s\) \['serve-later'\]"):
+        _build()

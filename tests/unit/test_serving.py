@@ -75,8 +75,8 @@ def test_results_hand_computed():
 def test_app_args_come_from_the_run_spec():
     run = spec.parse_run(minimal_doc(storage={"uri": "s3://b/runs", "endpoint": "http://s3:9000"},
                                      serving={"maxServices": 10, "replicas": {"min": 2, "max": 3}, "batchWaitMs": 2}))
-    wire = spec.to_wire(run.spec)
-    a = serving.app_args(wire["serving"], wire["storage"], "s3://b/runs/r/student-crsd/model")
+    st = run.spec.storage
+    a = serving.app_args(run.spec.serving, "s3://b/runs/r/student-crsd/model", st.endpoint, st.region)
     assert (a.model, a.max_services, a.replicas.min, a.replicas.max, a.batch_wait_ms) == (
         "s3://b/runs/r/student-crsd/model", 10, 2, 3, 2)
     assert a.storage_endpoint == "http://s3:9000"

@@ -8,9 +8,9 @@ from kubedistill.core import stage
 from kubedistill.core.stage import MANIFEST, StageContext, execute
 
 
-def _ctx(tmp_path, name="data", inputs=(), spec=None):
+def _ctx(tmp_path, name="data", inputs=(), spec=None, service=False):
     cfg = {"run": "r", "stage": name, "storage": {"uri": str(tmp_path)}, "inputs": list(inputs),
-           "spec": spec or {"labels": ["a", "b"]}}
+           "spec": spec or {"labels": ["a", "b"]}, **({"service": True} if service else {})}
     return StageContext(cfg, stage.run_storage(cfg))
 
 
@@ -102,6 +102,9 @@ def test_a_service_stage_acts_on_every_run(tmp_path):
         return {"outputs": {"url": f"http://127.0.0.1:8000/score#{len(calls)}"}}
 
     execute(_ctx(tmp_path), lambda ctx: {})
-    first = execute(_ctx(tmp_path, "serve", ["data"]), fn)
-    second = execute(_ctx(tmp_path, "serve", ["data"]), fn)  # a local cluster's app died with the last run
+    first = execute(_ctx(tmp_path, "serve", ["data"], service=True), fn)
+    second = execute(_ctx(tmp_path, "serve", ["data"], service=True), fn)  # a local cluster's app died with the last run
     assert calls == ["serve", "serve"] and first["outputs"] != second["outputs"]
+    execute(_ctx(tmp_path, "evaluate", ["data"]), fn)
+    execute(_ctx(tmp_path, "evaluate", ["data"]), fn)  # a batch stage: done, skipped
+    assert calls == ["serve", "serve", "evaluate"]

@@ -1,11 +1,11 @@
 """Student components on a tiny encoder: inputs, model, objectives, fit/resume, export/load, bad input."""
 
 import copy
-from dataclasses import replace
 
 import pytest
 import torch
 
+from kubedistill.core.spec import StudentSpec
 from kubedistill.core.storage import Storage
 from kubedistill.ml.models import ModelNotFound, resolve
 from kubedistill.stages import data
@@ -30,10 +30,12 @@ def rows():
     return data.generate(LABELS, 60, 40, 4, 1, 40, seed=0).labeled
 
 
-def _cfg(tiny_encoder, **kw):
-    base = dict(labels=LABELS, base_model=tiny_encoder, batch_size=8, max_length=48, max_reasoning_tokens=16,
-                epochs=1, learning_rate=1e-3)
-    return StudentConfig(**{**base, **kw})
+def _cfg(tiny_encoder, train=None, crsd=None, **kw):
+    """The spec's student section (validated as in a run) with a small budget; `train`/`crsd` override theirs."""
+    student = StudentSpec.model_validate({
+        "base_model": tiny_encoder, "max_length": 48, "max_reasoning_tokens": 16,
+        "train": {"batch_size": 8, "epochs": 1, "learning_rate": 1e-3, **(train or {})}, "crsd": crsd or {}, **kw})
+    return StudentConfig(student, LABELS)
 
 
 def test_service_text_uses_the_log_fields():
@@ -52,9 +54,9 @@ def test_check_rows_names_what_is_missing(tiny_encoder, rows):
         check_rows([{**rows[0], "label": "great"}], cfg, "train")
     with pytest.raises(ValueError, match="1 row\\(s\\) have no 'reasoning'; objective crsd"):
         check_rows([rows[0], {**rows[1], "reasoning": ""}], cfg, "train")
-    check_rows([{**rows[1], "reasoning": ""}], replace(cfg, objective="ce"), "train")
+    check_rows([{**rows[1], "reasoning": ""}], cfg.with_objective("ce"), "train")
     with pytest.raises(ValueError, match="lack 'label_probs'"):
-        check_rows(rows[:3], replace(cfg, objective="kd"), "train")
+        check_rows(rows[:3], cfg.with_objective("kd"), "train")
 
 
 def test_split_holds_out_whole_queries(rows):
@@ -69,13 +71,13 @@ def test_reasoning_view_is_capped_and_comes_after_the_service(tiny_encoder, rows
     enc = Encoded(tok, rows[:4], cfg, with_reasoning=True)
     std_len = enc.standard["attention_mask"].sum(1)
     rsn_len = enc.reasoning["attention_mask"].sum(1)
-    assert torch.all(rsn_len > std_len) and torch.all(rsn_len <= std_len + cfg.max_reasoning_tokens + 1)
+    assert torch.all(rsn_len > std_len) and torch.all(rsn_len <= std_len + cfg.student.max_reasoning_tokens + 1)
     assert Encoded(tok, rows[:4], cfg, with_reasoning=False).reasoning is None
 
 
 @pytest.mark.parametrize("objective, teacher_grad", [("ce", False), ("kd", False), ("crsd", False), ("crsd", True)])
 def test_each_objective_trains_every_parameter(tiny_encoder, rows, objective, teacher_grad):
-    cfg = _cfg(tiny_encoder, objective=objective, teacher_grad=teacher_grad)
+    cfg = _cfg(tiny_encoder, objective=objective, crsd={"teacher_grad": teacher_grad})
     use = [{**r, "label_probs": [0.2, 0.3, 0.5]} for r in rows[:8]] if objective == "kd" else rows[:8]
     model, tok = build_model(cfg)
     enc = Encoded(tok, use, cfg, with_reasoning=objective == "crsd")
@@ -88,7 +90,7 @@ def test_each_objective_trains_every_parameter(tiny_encoder, rows, objective, te
 
 def test_forward_only_teacher_view_gives_the_encoder_no_gradient_from_it(tiny_encoder, rows):
     cfg = _cfg(tiny_encoder)
-    assert cfg.teacher_grad is False  # the default
+    assert cfg.student.crsd.teacher_grad is False  # the default
     model, tok = build_model(cfg)
     enc = Encoded(tok, rows[:8], cfg, with_reasoning=True)
     std = {k: v[:8] for k, v in enc.standard.items()}
@@ -101,7 +103,7 @@ def test_forward_only_teacher_view_gives_the_encoder_no_gradient_from_it(tiny_en
 
 
 def test_fit_resumes_mid_run_to_the_same_result(tiny_encoder, rows):
-    cfg = _cfg(tiny_encoder, epochs=2, patience=5)
+    cfg = _cfg(tiny_encoder, train={"epochs": 2}, patience=5)
     train, val = split(rows, 0.2, seed=0)
     torch.manual_seed(0)
     model, tok = build_model(cfg)
@@ -119,7 +121,7 @@ def test_fit_resumes_mid_run_to_the_same_result(tiny_encoder, rows):
 
 
 def test_early_stopping(tiny_encoder, rows):
-    cfg = _cfg(tiny_encoder, epochs=20, patience=1, learning_rate=1e-9)  # nothing improves after round 1
+    cfg = _cfg(tiny_encoder, train={"epochs": 20, "learning_rate": 1e-9}, patience=1)  # nothing improves after round 1
     model, tok = build_model(cfg)
     train, val = split(rows, 0.2, seed=0)
     out = fit(cfg, model, tok, train, val)
@@ -158,7 +160,7 @@ def test_export_and_load_give_the_same_predictions(tiny_encoder, rows, tmp_path,
     assert loaded.meta["pooling"] == pooling and loaded.model.pooling == pooling
     from kubedistill.stages.student import predict_proba
 
-    assert torch.allclose(torch.tensor(predict_proba(model, tok, rows[:5], cfg.max_length)),
+    assert torch.allclose(torch.tensor(predict_proba(model, tok, rows[:5], cfg.student.max_length)),
                           torch.tensor(loaded.predict_proba(rows[:5])), atol=1e-5)
     with pytest.raises(FileNotFoundError, match="no student.json"):
         load_student(str(tmp_path))

@@ -10,6 +10,7 @@ import random
 import pytest
 import torch
 
+from kubedistill.core.spec import LoraSpec, TrainSpec
 from kubedistill.core.stage import StageContext
 from kubedistill.core.storage import Storage
 from kubedistill.ml import losses
@@ -130,8 +131,7 @@ def test_combined_reward_weights_dimensions():
 def test_fit_resumed_from_a_checkpoint_ends_where_an_uninterrupted_run_does(tiny):
     model, tok, g = tiny
     rows = [{"text": r["text"]} for r in g.corpus]
-    cfg = train.TrainConfig(task="lm", start="", examples_uri="", epochs=1, learning_rate=1e-3, batch_size=4,
-                            max_steps=6, checkpoint_every=3)
+    cfg = train.TrainConfig(task="lm", start="", examples_uri="", train=TrainSpec(epochs=1, learning_rate=1e-3, batch_size=4, max_steps=6), checkpoint_every=3)
     init = {k: v.clone() for k, v in model.state_dict().items()}
     full = train.fit(cfg, model, tok, None, rows)["state"]["model"]
     model.load_state_dict(init)
@@ -190,7 +190,7 @@ def test_perplexity_of_a_model_that_learned_the_text_is_lower(tiny):
     model, tok, g = tiny
     texts = [r["text"] for r in g.corpus][:8]
     before = stages.perplexity(model, tok, texts)
-    cfg = train.TrainConfig(task="lm", start="", examples_uri="", epochs=1, learning_rate=3e-3, batch_size=4, max_steps=20)
+    cfg = train.TrainConfig(task="lm", start="", examples_uri="", train=TrainSpec(epochs=1, learning_rate=3e-3, batch_size=4, max_steps=20))
 
     m = copy.deepcopy(model)
     train.fit(cfg, m, tok, None, [{"text": t} for t in texts])
@@ -201,8 +201,7 @@ def test_lora_fine_tuning_trains_adapters_only_and_merges_into_the_base_shape(ti
     import copy
 
     model, tok, g = tiny
-    cfg = train.TrainConfig(task="lm", start="", examples_uri="", epochs=1, learning_rate=1e-2, batch_size=4, max_steps=3,
-                            lora={"r": 4, "alpha": 8, "dropout": 0.0})
+    cfg = train.TrainConfig(task="lm", start="", examples_uri="", train=TrainSpec(epochs=1, learning_rate=1e-2, batch_size=4, max_steps=3), lora=LoraSpec(r=4, alpha=8, dropout=0.0))
     from peft import LoraConfig, get_peft_model
 
     base = copy.deepcopy(model)

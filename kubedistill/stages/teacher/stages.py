@@ -17,8 +17,9 @@ from typing import Any
 
 import torch
 
-from kubedistill.core.spec import REWARD_DIMENSIONS
-from kubedistill.core.storage import Storage
+from kubedistill.core.spec import REWARD_DIMENSIONS, Resources, TrainSpec
+from kubedistill.core.stage import StageContext
+from kubedistill.core.storage import S3Options, Storage
 from kubedistill.ml import raytrain
 from kubedistill.ml.models import resolve
 from kubedistill.stages.data import RowError, read_dataset, validate_row, write_rows
@@ -28,33 +29,25 @@ from kubedistill.stages.teacher.train import RewardModel, TrainConfig, build, co
 GEN_TOKENS = 128  # new tokens a response may take (reasoning + label)
 EVAL_PROMPTS = 400  # held-out prompts each evaluation generates for
 HELD_PAIRS = 2000  # held-out reward-model pairs scored, at most (every dimension, in row order)
-TRAIN_FIELDS = ("epochs", "learningRate", "batchSize", "maxSteps")
 
 
-def _train_config(ctx: Any, task: str, start: str, examples: str, section: dict[str, Any], **extra: Any) -> TrainConfig:
+def _train_config(
+    ctx: StageContext, task: str, start: str, examples: str, section: TrainSpec, **extra: Any
+) -> TrainConfig:
     o = ctx.storage.options
-    return TrainConfig(
-        task=task,
-        start=start,
-        examples_uri=examples,
-        epochs=section["epochs"],
-        learning_rate=section["learningRate"],
-        batch_size=section["batchSize"],
-        max_steps=section.get("maxSteps"),
-        s3={"endpoint": o.endpoint, "region": o.region},
-        **extra,
-    )
+    s3 = S3Options(endpoint=o.endpoint, region=o.region)  # credentials stay in the workers' environment
+    return TrainConfig(task=task, start=start, examples_uri=examples, train=section, s3=s3, **extra)
 
 
-def _model_uri(ctx: Any, stage: str) -> str:
+def _model_uri(ctx: StageContext, stage: str) -> str:
     return ctx.input(stage).uri("model")
 
 
-def on_worker(resources: dict[str, Any], fn: Any, *args: Any) -> Any:
+def on_worker(resources: Resources, fn: Any, *args: Any) -> Any:
     """`fn(*args)` as a Ray task with one training worker's CPUs and GPUs; its result."""
     import ray
 
-    task = ray.remote(fn).options(num_cpus=resources["cpusPerWorker"], num_gpus=resources["gpusPerWorker"])
+    task = ray.remote(fn).options(num_cpus=resources.cpus_per_worker, num_gpus=resources.gpus_per_worker)
     return ray.get(task.remote(*args))
 
 
@@ -71,7 +64,7 @@ def _trained(cfg: TrainConfig, checkpoint: Any, options: Any) -> tuple[Any, Any]
     return model.to(_device()), tokenizer
 
 
-def sft_rows(ctx: Any, labels: list[str]) -> list[dict[str, Any]]:
+def sft_rows(ctx: StageContext, labels: list[str]) -> list[dict[str, Any]]:
     """The SFT seed set, every row checked: an empty or malformed set fails naming spec.data.sftSeed."""
     src = ctx.input("data").child("sft")
     try:
@@ -91,7 +84,7 @@ def sft_rows(ctx: Any, labels: list[str]) -> list[dict[str, Any]]:
     return rows
 
 
-def eval_rows(ctx: Any) -> list[dict[str, Any]]:
+def eval_rows(ctx: StageContext) -> list[dict[str, Any]]:
     return read_dataset(ctx.input("data").child("eval"))[:EVAL_PROMPTS]
 
 
@@ -158,7 +151,7 @@ def reward_scores(
 # teacher-dapt
 
 
-def domain_texts(ctx: Any) -> list[str]:
+def domain_texts(ctx: StageContext) -> list[str]:
     """The domain corpus (service descriptions, category knowledge) plus the log's distinct queries."""
     data = ctx.input("data")
     texts = [r["text"] for r in read_dataset(data.child("corpus"))] if data.list("corpus") else []
@@ -184,9 +177,9 @@ def _finish_dapt(cfg: TrainConfig, checkpoint: Any, out_uri: str, options: Any, 
     }
 
 
-def run_dapt(ctx: Any) -> dict[str, Any]:
-    t = ctx.spec["teacher"]
-    base, res, options = t["baseModel"], t["resources"], ctx.storage.options
+def run_dapt(ctx: StageContext) -> dict[str, Any]:
+    t = ctx.spec.teacher
+    base, res, options = t.base_model, t.resources, ctx.storage.options
     texts = domain_texts(ctx)
     if len(texts) < 10:
         raise ValueError(
@@ -207,7 +200,7 @@ def run_dapt(ctx: Any) -> dict[str, Any]:
         start = base
     before = on_worker(res, _start_perplexity, start, held, options)
     write_rows(ctx.out, "examples/part-00000", [{"text": x} for x in train], "jsonl")
-    cfg = _train_config(ctx, "lm", start, ctx.out.uri("examples"), t["dapt"])
+    cfg = _train_config(ctx, "lm", start, ctx.out.uri("examples"), t.dapt)
     ctx.log(f"{len(train)} domain texts ({len(held)} held out), held-out perplexity before {before:.2f}")
     checkpoint, metrics = run(ctx, cfg, res, "dapt")
     done = on_worker(res, _finish_dapt, cfg, checkpoint, ctx.out.uri("model"), options, held)
@@ -240,14 +233,14 @@ def _finish_sft(
     }
 
 
-def run_sft(ctx: Any) -> dict[str, Any]:
-    labels, s, res = ctx.spec["labels"], ctx.spec["teacher"]["sft"], ctx.spec["teacher"]["resources"]
+def run_sft(ctx: StageContext) -> dict[str, Any]:
+    labels, s, res = ctx.spec.labels, ctx.spec.teacher.sft, ctx.spec.teacher.resources
     rows = sft_rows(ctx, labels)
     start = _model_uri(ctx, "teacher-dapt")
     examples = [{"prompt": fmt.prompt(r), "response": fmt.response(r["reasoning"], r["label"])} for r in rows]
     write_rows(ctx.out, "examples/part-00000", examples, "jsonl")
-    cfg = _train_config(ctx, "lm", start, ctx.out.uri("examples"), s, lora=s.get("lora"))
-    ctx.log(f"{len(rows)} SFT pairs" + (f", LoRA r={s['lora']['r']}" if s.get("lora") else ", full fine-tuning"))
+    cfg = _train_config(ctx, "lm", start, ctx.out.uri("examples"), s, lora=s.lora)
+    ctx.log(f"{len(rows)} SFT pairs" + (f", LoRA r={s.lora.r}" if s.lora else ", full fine-tuning"))
     checkpoint, metrics = run(ctx, cfg, res, "sft")
     done = on_worker(
         res, _finish_sft, cfg, checkpoint, ctx.out.uri("model"), ctx.storage.options, eval_rows(ctx), labels
@@ -329,9 +322,9 @@ def _finish_reward(
     }
 
 
-def run_reward(ctx: Any) -> dict[str, Any]:
-    labels, r = ctx.spec["labels"], ctx.spec["teacher"]["rewardModel"]
-    dims = dimensions_of(r["dimensions"])
+def run_reward(ctx: StageContext) -> dict[str, Any]:
+    labels, r = ctx.spec.labels, ctx.spec.teacher.reward_model
+    dims = dimensions_of(r.dimensions)
     rows = sft_rows(ctx, labels)
     train_rows, held_rows = split_by_query(rows, 0.2, 0)
     train_pairs = pairs.reward_pairs(train_rows, labels, dims, seed=0)
@@ -340,10 +333,10 @@ def run_reward(ctx: Any) -> dict[str, Any]:
     start = _model_uri(ctx, "teacher-sft")
     cfg = _train_config(ctx, "reward", start, ctx.out.uri("examples"), r, dimensions=tuple(dims))
     ctx.log(f"{len(train_pairs)} training / {len(held_pairs)} held-out pairs over {dims}")
-    res = ctx.spec["teacher"]["resources"]
+    res = ctx.spec.teacher.resources
     checkpoint, metrics = run(ctx, cfg, res, "reward")
     done = on_worker(
-        res, _finish_reward, cfg, checkpoint, ctx.out.uri("model"), ctx.storage.options, held_pairs, r["dimensions"]
+        res, _finish_reward, cfg, checkpoint, ctx.out.uri("model"), ctx.storage.options, held_pairs, r.dimensions
     )
     ctx.log(
         "held-out pairwise accuracy: "
@@ -429,10 +422,10 @@ def _finish_dpo(
     }
 
 
-def run_dpo(ctx: Any) -> dict[str, Any]:
-    labels, d, res = ctx.spec["labels"], ctx.spec["teacher"]["dpo"], ctx.spec["teacher"]["resources"]
+def run_dpo(ctx: StageContext) -> dict[str, Any]:
+    labels, d, res = ctx.spec.labels, ctx.spec.teacher.dpo, ctx.spec.teacher.resources
     options = ctx.storage.options
-    dims = dimensions_of(ctx.spec["teacher"]["rewardModel"]["dimensions"])
+    dims = dimensions_of(ctx.spec.teacher.reward_model.dimensions)
     rm_uri = _model_uri(ctx, "reward-model")
     trained_on = Storage(rm_uri, options).read_json("reward.json")["dimensions"]
     if trained_on != dims:
@@ -441,20 +434,20 @@ def run_dpo(ctx: Any) -> dict[str, Any]:
         )
     start = _model_uri(ctx, "teacher-sft")
     rows, ev = sft_rows(ctx, labels), eval_rows(ctx)
-    if d.get("prompts") and d["prompts"] < len(rows):
-        rows = random.Random(0).sample(rows, d["prompts"])
-    k = d["samplesPerPrompt"]
+    if d.prompts and d.prompts < len(rows):
+        rows = random.Random(0).sample(rows, d.prompts)
+    k = d.samples_per_prompt
     sampled = on_worker(
-        res, _sample_dpo, start, rm_uri, options, [fmt.prompt(r) for r in rows], k, d["margin"], ev, labels
+        res, _sample_dpo, start, rm_uri, options, [fmt.prompt(r) for r in rows], k, d.margin, ev, labels
     )
     if not sampled["pairs"]:
         raise ValueError(
-            f"spec.teacher.dpo.margin: no prompt's {k} samples differ by >= {d['margin']} in reward; "
+            f"spec.teacher.dpo.margin: no prompt's {k} samples differ by >= {d.margin} in reward; "
             "lower the margin or raise samplesPerPrompt"
         )
     write_rows(ctx.out, "examples/part-00000", sampled["pairs"], "jsonl")
     ctx.log(f"{len(sampled['pairs'])} preference pairs from {len(rows)} prompts x {k} samples")
-    cfg = _train_config(ctx, "dpo", start, ctx.out.uri("examples"), d, beta=d["beta"], nll_weight=d["nllWeight"])
+    cfg = _train_config(ctx, "dpo", start, ctx.out.uri("examples"), d, beta=d.beta, nll_weight=d.nll_weight)
     checkpoint, metrics = run(ctx, cfg, res, "dpo")
     done = on_worker(res, _finish_dpo, cfg, checkpoint, ctx.out.uri("model"), options, rm_uri, ev, labels)
     before, after = sampled["before"], done["after"]

@@ -18,33 +18,34 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from kubedistill.core.spec import LoraSpec, Resources, TrainSpec
+from kubedistill.core.stage import StageContext
 from kubedistill.core.storage import S3Options, Storage
 from kubedistill.ml import losses, raytrain
 
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """One teacher training run, as the Ray Train loop receives it (pickled, not re-keyed)."""
+
     task: str  # lm | reward | dpo
     start: str  # URI of the start model (save_pretrained files)
     examples_uri: str  # jsonl rows of the task
-    epochs: float
-    learning_rate: float
-    batch_size: int  # global
-    max_steps: int | None = None
+    train: TrainSpec  # the stage's spec section: epochs, learningRate, batchSize (global), maxSteps
     max_length: int = 256
     dimensions: tuple[str, ...] = ()  # reward
     beta: float = 0.1  # dpo
     nll_weight: float = 0.0  # dpo: weight of the chosen response's NLL
-    lora: dict[str, Any] | None = None
+    lora: LoraSpec | None = None
     checkpoint_every: int = 20  # steps; runs longer than 25 x this checkpoint 25 times in all instead
     seed: int = 0
-    s3: dict[str, Any] = field(default_factory=dict)
+    s3: S3Options = field(default_factory=S3Options)  # endpoint and region; credentials come from the environment
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,9 +172,7 @@ def build(
 
         model = get_peft_model(
             model,
-            LoraConfig(
-                r=cfg.lora["r"], lora_alpha=cfg.lora["alpha"], lora_dropout=cfg.lora["dropout"], task_type="CAUSAL_LM"
-            ),
+            LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, task_type="CAUSAL_LM"),
         )
     frozen = None
     if cfg.task == "dpo" and reference:
@@ -205,11 +204,11 @@ def fit(
     torch.manual_seed(cfg.seed)
     if not rows:
         raise ValueError("no training examples")
-    per_worker = max(1, cfg.batch_size // world)
+    per_worker = max(1, cfg.train.batch_size // world)
     steps_per_epoch = max(1, math.ceil(len(rows) / (per_worker * world)))
-    total = cfg.max_steps or max(1, round(cfg.epochs * steps_per_epoch))
+    total = cfg.train.max_steps or max(1, round(cfg.train.epochs * steps_per_epoch))
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.learning_rate, weight_decay=0.0)
     warmup = max(1, total // 10)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / warmup, max(0.05, (total - s) / max(1, total - warmup)))
@@ -301,8 +300,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     from kubedistill.stages.data import read_dataset
 
-    cfg = TrainConfig(**{**config, "dimensions": tuple(config["dimensions"])})
-    options = S3Options(**cfg.s3)
+    cfg: TrainConfig = config["train"]
+    options = cfg.s3
     rows = read_dataset(Storage(cfg.examples_uri, options))
     ctx = ray.train.get_context()
     model, tokenizer, reference = build(cfg, options)
@@ -330,14 +329,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
 
 
-def run(ctx: Any, cfg: TrainConfig, resources: dict[str, Any], name: str) -> tuple[Any, dict[str, Any]]:
+def run(ctx: StageContext, cfg: TrainConfig, resources: Resources, name: str) -> tuple[Any, dict[str, Any]]:
     """Run `fit` as a TorchTrainer; (its last checkpoint, last metrics). Re-running with the same `name` resumes.
 
     The checkpoint (a `ray.train.Checkpoint` holding `state.pt`) is read where the model is needed
     next, on a worker: the driver never loads the weights."""
-    loop_config = {**asdict(cfg), "dimensions": list(cfg.dimensions)}
-    max_failures = ctx.spec["teacher"]["maxFailures"]
+    max_failures = ctx.spec.teacher.max_failures
     result = raytrain.fit(
-        train_loop_per_worker, loop_config, resources, ctx.out, f"{name}-{ctx.config_hash}", max_failures
+        train_loop_per_worker, {"train": cfg}, resources, ctx.out, f"{name}-{ctx.config_hash}", max_failures
     )
     return result.checkpoint, raytrain.scalar_metrics(result)

@@ -1,0 +1,161 @@
+"""Every stage of the pipeline, declared once: what runs it, what it reads, what it needs, when it runs.
+
+`pipeline.build` turns these declarations and a DistillationRun into the run's stage graph; the local
+runner, the operator's renderer, `kubedistill plan`, the docs and the tests all read that graph. Adding a
+stage is its module (a function `StageContext -> {"metrics", "outputs"}`) and one entry here.
+
+A stage is one Ray job, `python -m kubedistill.job <run>`; its config (the spec paths in `reads`, as
+JSON in an env var) is re-validated into the spec's own models on the worker (`StageContext.spec`), and
+a path not declared here cannot be read there. Nothing in this module imports a stage: the operator
+reads the registry without loading torch or Ray.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from kubedistill.core.spec import DistillationRunSpec, Resources
+
+#: How every teacher stage runs: its Ray workers and its budget of worker failures.
+_TEACHER_RUN = ("teacher.resources", "teacher.maxFailures")
+
+
+def one_cpu(spec: DistillationRunSpec) -> Resources:
+    """A single one-CPU worker: stages that read, score or deploy rather than train."""
+    return Resources(workers=1, cpus_per_worker=1, gpus_per_worker=0)
+
+
+@dataclass(frozen=True)
+class StageDef:
+    """One stage, as the pipeline knows it."""
+
+    name: str
+    #: the stage's body, `module:function` (a `StageFn`); `python -m kubedistill.job <run>` runs it
+    run: str
+    #: dotted spec paths (camelCase, as on the wire) the stage reads; its config hash covers them
+    reads: tuple[str, ...]
+    #: the stages whose outputs it reads, given the spec; None when the spec disables it
+    inputs: Callable[[DistillationRunSpec], tuple[str, ...] | None]
+    #: what each of its Ray workers gets
+    resources: Callable[[DistillationRunSpec], Resources] = one_cpu
+    #: (min, max) workers when the stage's cluster autoscales; None: a fixed `resources.workers`
+    autoscale: Callable[[DistillationRunSpec], tuple[int, int]] | None = None
+    #: deploys a long-running service (a RayService in a cluster): acts on every run, never skipped as done
+    service: bool = False
+    #: runs only when the evaluation gate passed (promotion of the student)
+    gated: bool = False
+    #: one line for `kubedistill plan` and the docs
+    summary: str = ""
+
+
+def _teacher(*inputs: str) -> Callable[[DistillationRunSpec], tuple[str, ...] | None]:
+    return lambda s: inputs if s.teacher.enabled else None
+
+
+def _annotate_inputs(s: DistillationRunSpec) -> tuple[str, ...] | None:
+    if not s.annotation.enabled:
+        return None
+    return ("data", "teacher-dpo") if s.teacher.enabled else ("data",)
+
+
+def _annotate_resources(s: DistillationRunSpec) -> Resources:
+    a = s.annotation
+    return Resources(workers=a.replicas.max, cpus_per_worker=a.cpus_per_replica, gpus_per_worker=a.gpus_per_replica)
+
+
+def _student_inputs(s: DistillationRunSpec) -> tuple[str, ...] | None:
+    if not s.student.enabled:
+        return None
+    return ("data", "annotate") if s.annotation.enabled else ("data",)
+
+
+def _evaluate_inputs(s: DistillationRunSpec) -> tuple[str, ...]:
+    # the baseline learns from the rows the student learns from: annotate's when the run annotates
+    return (
+        ("data",) + (("annotate",) if s.annotation.enabled else ()) + (("student-crsd",) if s.student.enabled else ())
+    )
+
+
+STAGES: tuple[StageDef, ...] = (
+    StageDef(
+        "data",
+        "kubedistill.stages.data:run_stage",
+        reads=("data", "labels"),
+        inputs=lambda s: (),
+        summary="validate and split the search log and labeled sets; quarantine bad rows",
+    ),
+    StageDef(
+        "teacher-dapt",
+        "kubedistill.stages.teacher.stages:run_dapt",
+        reads=("teacher.baseModel", "teacher.dapt", *_TEACHER_RUN),
+        inputs=_teacher("data"),
+        resources=lambda s: s.teacher.resources,
+        summary="domain-adaptive pre-training of the teacher LM",
+    ),
+    StageDef(
+        "teacher-sft",
+        "kubedistill.stages.teacher.stages:run_sft",
+        reads=("labels", "teacher.sft", *_TEACHER_RUN),
+        inputs=_teacher("data", "teacher-dapt"),
+        resources=lambda s: s.teacher.resources,
+        summary="supervised fine-tuning: prompt -> reasoning chain + label",
+    ),
+    StageDef(
+        "reward-model",
+        "kubedistill.stages.teacher.stages:run_reward",
+        reads=("labels", "teacher.rewardModel", *_TEACHER_RUN),
+        inputs=_teacher("data", "teacher-sft"),
+        resources=lambda s: s.teacher.resources,
+        summary="multi-dimensional reward model over (query, service, response)",
+    ),
+    StageDef(
+        "teacher-dpo",
+        "kubedistill.stages.teacher.stages:run_dpo",
+        reads=("labels", "teacher.dpo", "teacher.rewardModel.dimensions", *_TEACHER_RUN),
+        inputs=_teacher("data", "teacher-sft", "reward-model"),
+        resources=lambda s: s.teacher.resources,
+        summary="preference optimisation of the teacher against the reward model",
+    ),
+    StageDef(
+        "annotate",
+        "kubedistill.stages.annotate:run_stage",
+        reads=("labels", "annotation"),
+        inputs=_annotate_inputs,
+        resources=_annotate_resources,
+        autoscale=lambda s: (s.annotation.replicas.min, s.annotation.replicas.max),
+        summary="the teacher labels the search log (label + reasoning), autoscaled",
+    ),
+    StageDef(
+        "student-crsd",
+        "kubedistill.stages.student:run_stage",
+        reads=("labels", "student"),
+        inputs=_student_inputs,
+        resources=lambda s: s.student.resources,
+        summary="train the student (CRSD or a baseline objective) and export it",
+    ),
+    StageDef(
+        "evaluate",
+        "kubedistill.stages.evaluate:run_stage",
+        reads=("labels", "evaluation", "student.compareObjectives"),
+        inputs=_evaluate_inputs,
+        summary="score the student and the lexical baseline on the eval set; the promotion gate",
+    ),
+    StageDef(
+        "prune-search",
+        "kubedistill.stages.prune_search:run_stage",
+        reads=("labels", "pruning", "teacher.resources"),
+        inputs=lambda s: ("data", "teacher-dpo") if s.pruning.enabled and s.teacher.enabled else None,
+        resources=lambda s: s.teacher.resources,
+        summary="prune the teacher with an accuracy predictor over sampled architectures",
+    ),
+    StageDef(
+        "serve",
+        "kubedistill.stages.serving:run_stage",
+        reads=("labels", "serving"),
+        inputs=lambda s: ("student-crsd", "evaluate") if s.serving.enabled and s.student.enabled else None,
+        service=True,
+        gated=True,
+        summary="serve the promoted student on Ray Serve",
+    ),
+)

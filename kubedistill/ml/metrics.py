@@ -1,0 +1,41 @@
+"""Scores of relevance predictions: what the evaluate stage reports and the student validates with."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support, roc_auc_score
+
+
+def classification_metrics(y_true: list[str], proba: np.ndarray, labels: list[str]) -> dict[str, Any]:
+    """Metrics from true labels and an (n, len(labels)) probability matrix (columns in `labels` order)."""
+    if len(y_true) == 0:
+        raise ValueError("no examples to score")
+    idx = {lab: i for i, lab in enumerate(labels)}
+    unknown = sorted({y for y in y_true if y not in idx})
+    if unknown:
+        raise ValueError(f"labels {unknown} are not in spec.labels {labels}")
+    y = np.array([idx[t] for t in y_true])
+    pred = proba.argmax(axis=1)
+    k = list(range(len(labels)))
+    p, r, f, support = precision_recall_fscore_support(y, pred, labels=k, zero_division=0)
+    present = sorted(set(y.tolist()))
+    auc: float | None
+    if len(present) < 2:
+        auc = None  # undefined with one class
+    else:
+        probs = proba / np.clip(proba.sum(axis=1, keepdims=True), 1e-12, None)
+        aucs = [roc_auc_score((y == c).astype(int), probs[:, c]) for c in present]
+        auc = float(np.mean(aucs))
+    return {
+        "n": len(y),
+        "accuracy": float(accuracy_score(y, pred)),
+        "macro_f1": float(f1_score(y, pred, labels=k, average="macro", zero_division=0)),
+        "auc_ovr": auc,
+        "per_class": {
+            lab: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(support[i])}
+            for i, lab in enumerate(labels)
+        },
+        "confusion": {"labels": labels, "matrix": confusion_matrix(y, pred, labels=k).tolist()},
+    }
