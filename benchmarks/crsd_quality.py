@@ -31,8 +31,9 @@ import torch
 
 from kubedistill.core.spec import StudentSpec
 from kubedistill.stages import data
+from kubedistill.stages.data import split_by_query
 from kubedistill.stages.evaluate import LexicalBaseline, classification_metrics
-from kubedistill.stages.student import StudentConfig, build_model, fit, predict_proba, split
+from kubedistill.stages.student import StudentConfig, build_model, fit, predict_proba
 
 LABELS = ["irrelevant", "partial", "relevant"]
 VARIANTS = {
@@ -57,7 +58,7 @@ def rewrite_reasoning(rows: list[dict], mode: str, seed: int = 0) -> list[dict]:
     if mode == "noverdict":
         return [{**r, "reasoning": _VERDICTS.sub("", r["reasoning"])} for r in rows]
     if mode == "evidence":
-        return [{**r, "reasoning": ". ".join(r["reasoning"].split(". ")[:2]) + "."} for r in rows]
+        return [{**r, "reasoning": ". ".join(r["reasoning"].split_by_query(". ")[:2]) + "."} for r in rows]
     raise ValueError(f"--reasoning: expected full, noverdict, evidence or shuffled, got {mode!r}")
 
 
@@ -79,7 +80,7 @@ def main() -> None:
     args = ap.parse_args()
 
     gen = data.generate(LABELS, 300, args.queries, 6, 1, 400, seed=0)
-    train, val = split(gen.labeled, 0.1, seed=0)
+    train, val = split_by_query(gen.labeled, 0.1, seed=0)
     train, val = rewrite_reasoning(train, args.reasoning), rewrite_reasoning(val, args.reasoning, seed=1)
     print(f"reasoning: {args.reasoning}, e.g. {train[0]['reasoning']!r}")
     truth = [r["label"] for r in gen.eval]

@@ -11,6 +11,7 @@ import hashlib
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 from kubedistill.core.storage import S3Options, Storage, is_s3
 
@@ -31,6 +32,13 @@ def _shipped(uri: str) -> str | None:
         except ImportError:
             return None
     return None
+
+
+def device() -> Any:
+    """The `torch.device` this process computes on: its CUDA GPU when it has one, else the CPU."""
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def cache_dir() -> Path:

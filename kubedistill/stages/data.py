@@ -552,6 +552,16 @@ def training_rows(ctx: StageContext) -> tuple[list[dict[str, Any]], str]:
     raise ValueError("no labeled training data: enable spec.annotation or provide spec.data.sftSeed")
 
 
+def split_by_query(
+    rows: list[dict[str, Any]], fraction: float, seed: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(kept, held out): whole queries held out (not pairs), so what is scored on them was never seen."""
+    queries = sorted({r["query"] for r in rows})
+    random.Random(seed).shuffle(queries)
+    held = set(queries[: max(1, int(len(queries) * fraction))])
+    return [r for r in rows if r["query"] not in held], [r for r in rows if r["query"] in held]
+
+
 def label_counts(rows: list[dict[str, Any]]) -> dict[str, int]:
     return dict(sorted(Counter(r["label"] for r in rows).items()))
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from kubedistill.core.spec import PruningSpec
 from kubedistill.core.stage import StageContext
+from kubedistill.ml.models import device
 from kubedistill.ml.prune import Architecture, Shape
 
 MAX_RATIO = 0.9  # no layer loses more than this: a model with a gutted layer is not worth evaluating
@@ -249,12 +250,6 @@ class EvalData:
     gen_tokens: int = 96
 
 
-def _device() -> Any:
-    import torch
-
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def measure(model: Any, tokenizer: Any, data: EvalData) -> dict[str, float]:
     from kubedistill.stages.teacher import fmt, lm
     from kubedistill.stages.teacher.stages import perplexity, response_quality
@@ -275,7 +270,7 @@ def evaluate(base: str, importance: Any, arch: Architecture, data: EvalData) -> 
     from kubedistill.stages.teacher import lm
 
     model, tokenizer = lm.load(base, "spec.pruning (base model)")
-    model.to(_device())
+    model.to(device())
     prune.prune(model, arch, importance)
     return {
         "arch": {"attn": list(arch.attn), "mlp": list(arch.mlp)},
@@ -382,7 +377,7 @@ def _prepare(base: str, calib: list[str], data: EvalData, out_uri: str, s3: dict
     from kubedistill.stages.teacher.train import encode
 
     out, model, tok = _on_worker_setup(base, out_uri, s3)
-    model.to(_device())
+    model.to(device())
     shape = prune.shape_of(model)
     batches = [
         {k: v.to(model.device) for k, v in encode(tok, [""] * len(calib[i : i + 8]), calib[i : i + 8], 256).items()}

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import random
 import tempfile
 import time
 from collections.abc import Callable
@@ -31,7 +30,7 @@ from kubedistill.core.storage import S3Options, Storage
 from kubedistill.ml import losses, raytrain
 from kubedistill.ml.metrics import classification_metrics
 from kubedistill.ml.models import resolve
-from kubedistill.stages.data import read_dataset, service_text, training_rows, write_rows
+from kubedistill.stages.data import read_dataset, service_text, split_by_query, training_rows, write_rows
 
 ARTIFACT_VERSION = 1
 POOLING = ("mean", "cls")  # how the encoder's last hidden states become one vector
@@ -502,14 +501,6 @@ def load_student(uri: str, options: S3Options | None = None) -> LoadedStudent:
 # The stage
 
 
-def split(rows: list[dict[str, Any]], fraction: float, seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Hold out whole queries (not pairs) for validation, so early stopping sees unseen queries."""
-    queries = sorted({r["query"] for r in rows})
-    random.Random(seed).shuffle(queries)
-    held = set(queries[: max(1, int(len(queries) * fraction))])
-    return [r for r in rows if r["query"] not in held], [r for r in rows if r["query"] in held]
-
-
 def run_stage(ctx: StageContext) -> dict[str, Any]:
     cfg = StudentConfig(ctx.spec.student, ctx.spec.labels)
     rows, source = training_rows(ctx)
@@ -517,7 +508,7 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
     for c in [cfg, *others]:
         check_rows(rows, c, source)
     resolve(cfg.student.base_model, "spec.student.baseModel", ctx.storage.options)  # fail before starting workers
-    train_rows, val_rows = split(rows, cfg.student.validation_fraction, cfg.student.seed)
+    train_rows, val_rows = split_by_query(rows, cfg.student.validation_fraction, cfg.student.seed)
     ctx.log(
         f"objective {cfg.student.objective}: {len(train_rows)} train / {len(val_rows)} validation pairs from {source}"
     )

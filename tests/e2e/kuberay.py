@@ -30,7 +30,6 @@ import yaml
 from kubedistill.core.holds import HOLD_AT_ENV, HOLD_DIR_ENV
 
 
-
 class Api:
     """Minimal JSON client of the emulated API server."""
 

@@ -9,6 +9,7 @@ from kubedistill.core.spec import StudentSpec
 from kubedistill.core.storage import Storage
 from kubedistill.ml.models import ModelNotFound, resolve
 from kubedistill.stages import data
+from kubedistill.stages.data import split_by_query
 from kubedistill.stages.student import (
     Encoded,
     StudentConfig,
@@ -19,7 +20,6 @@ from kubedistill.stages.student import (
     load_student,
     loss_terms,
     service_text,
-    split,
 )
 
 LABELS = ["irrelevant", "partial", "relevant"]
@@ -60,7 +60,7 @@ def test_check_rows_names_what_is_missing(tiny_encoder, rows):
 
 
 def test_split_holds_out_whole_queries(rows):
-    train, val = split(rows, 0.25, seed=0)
+    train, val = split_by_query(rows, 0.25, seed=0)
     assert len(train) + len(val) == len(rows) and val
     assert not ({r["query"] for r in train} & {r["query"] for r in val})
 
@@ -104,7 +104,7 @@ def test_forward_only_teacher_view_gives_the_encoder_no_gradient_from_it(tiny_en
 
 def test_fit_resumes_mid_run_to_the_same_result(tiny_encoder, rows):
     cfg = _cfg(tiny_encoder, train={"epochs": 2}, patience=5)
-    train, val = split(rows, 0.2, seed=0)
+    train, val = split_by_query(rows, 0.2, seed=0)
     torch.manual_seed(0)
     model, tok = build_model(cfg)
     rounds = []
@@ -123,7 +123,7 @@ def test_fit_resumes_mid_run_to_the_same_result(tiny_encoder, rows):
 def test_early_stopping(tiny_encoder, rows):
     cfg = _cfg(tiny_encoder, train={"epochs": 20, "learning_rate": 1e-9}, patience=1)  # nothing improves after round 1
     model, tok = build_model(cfg)
-    train, val = split(rows, 0.2, seed=0)
+    train, val = split_by_query(rows, 0.2, seed=0)
     out = fit(cfg, model, tok, train, val)
     assert out["metrics"]["stopped_early"] and out["step"] < 20 * 4
 

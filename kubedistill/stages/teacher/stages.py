@@ -21,8 +21,8 @@ from kubedistill.core.spec import REWARD_DIMENSIONS, Resources, TrainSpec
 from kubedistill.core.stage import StageContext
 from kubedistill.core.storage import S3Options, Storage
 from kubedistill.ml import raytrain
-from kubedistill.ml.models import resolve
-from kubedistill.stages.data import RowError, read_dataset, validate_row, write_rows
+from kubedistill.ml.models import device, resolve
+from kubedistill.stages.data import RowError, read_dataset, split_by_query, validate_row, write_rows
 from kubedistill.stages.teacher import fmt, lm, pairs
 from kubedistill.stages.teacher.train import RewardModel, TrainConfig, build, combined, encode, run
 
@@ -51,17 +51,13 @@ def on_worker(resources: Resources, fn: Any, *args: Any) -> Any:
     return ray.get(task.remote(*args))
 
 
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _trained(cfg: TrainConfig, checkpoint: Any, options: Any) -> tuple[Any, Any]:
     """The start model with the checkpoint's weights (LoRA merged), on this worker's device."""
     model, tokenizer, _ = build(cfg, options, reference=False)
     model.load_state_dict(raytrain.load_state(checkpoint)["model"])
     if cfg.lora:
         model = model.merge_and_unload()
-    return model.to(_device()), tokenizer
+    return model.to(device()), tokenizer
 
 
 def sft_rows(ctx: StageContext, labels: list[str]) -> list[dict[str, Any]]:
@@ -165,7 +161,7 @@ def domain_texts(ctx: StageContext) -> list[str]:
 
 def _start_perplexity(start: str, texts: list[str], options: Any) -> float:
     model, tokenizer = lm.load(start, "spec.teacher.baseModel", options)
-    return perplexity(model.to(_device()), tokenizer, texts)
+    return perplexity(model.to(device()), tokenizer, texts)
 
 
 def _finish_dapt(cfg: TrainConfig, checkpoint: Any, out_uri: str, options: Any, held: list[str]) -> dict[str, Any]:
@@ -264,15 +260,6 @@ def dimensions_of(spec_dims: dict[str, float]) -> list[str]:
             f"expected some of {list(REWARD_DIMENSIONS)}"
         )
     return [d for d in REWARD_DIMENSIONS if d in spec_dims]
-
-
-def split_by_query(
-    rows: list[dict[str, Any]], fraction: float, seed: int
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    queries = sorted({r["query"] for r in rows})
-    random.Random(seed).shuffle(queries)
-    held = set(queries[: max(1, int(len(queries) * fraction))])
-    return [r for r in rows if r["query"] not in held], [r for r in rows if r["query"] in held]
 
 
 def save_reward_model(rm: RewardModel, tokenizer: Any, weights: dict[str, float], out: Storage) -> str:
@@ -377,7 +364,7 @@ def judge(
 
 def _reward_model_on_device(rm_uri: str, options: Any) -> tuple[RewardModel, Any, dict[str, float]]:
     rm, rm_tok, weights = load_reward_model(rm_uri, options)
-    return rm.to(_device()), rm_tok, weights
+    return rm.to(device()), rm_tok, weights
 
 
 def _sample_dpo(
@@ -393,7 +380,7 @@ def _sample_dpo(
     """k samples per prompt from the SFT teacher, scored; the preference pairs; the SFT teacher's eval."""
     rm, rm_tok, weights = _reward_model_on_device(rm_uri, options)
     sft, tokenizer = lm.load(start, "teacher-sft model", options)
-    sft = sft.to(_device())
+    sft = sft.to(device())
     repeated = [p for p in prompts for _ in range(k)]
     samples = lm.generate(sft, tokenizer, repeated, max_new_tokens=GEN_TOKENS, temperature=1.0, seed=0)
     rewards = combined(reward_scores(rm, rm_tok, repeated, samples), rm.dimensions, weights).tolist()
