@@ -1,5 +1,5 @@
 """Rewrite the generated blocks of README.md: the resource reference (`kubedistill reference`, from the
-spec models) and the benchmarks table (the "Summary" section of benchmarks/RESULTS.md, where results
+spec models), the stage registry's table (`kubedistill.core.registry`) and the benchmarks table (the "Summary" section of benchmarks/RESULTS.md, where results
 are recorded). Each block sits between `<!-- BEGIN <name> -->` and `<!-- END <name> -->`;
 tests/unit/test_docs.py fails when the README's copy is stale.
 
@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from kubedistill.cluster.crd import reference_markdown  # noqa: E402
+from kubedistill.core.pipeline import registry_markdown  # noqa: E402
 
 
 def benchmarks_summary(results: str) -> str:
@@ -26,6 +27,7 @@ def benchmarks_summary(results: str) -> str:
 
 def blocks() -> dict[str, str]:
     return {"reference": reference_markdown(),
+            "stages": registry_markdown(),
             "benchmarks": benchmarks_summary((ROOT / "benchmarks" / "RESULTS.md").read_text())}
 
 

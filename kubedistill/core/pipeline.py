@@ -127,3 +127,26 @@ def render_plan(run: DistillationRun, stages: list[Stage]) -> str:
     if skipped:
         lines.append(f"  disabled: {', '.join(skipped)}")
     return "\n".join(lines)
+
+
+def registry_markdown() -> str:
+    """The README's table of the registry: each stage's function, the spec paths it reads, its inputs with
+    every stage enabled, and how it runs (`make docs`)."""
+    from kubedistill.core.spec import parse_run
+
+    run = parse_run(
+        {
+            "apiVersion": "kubedistill.io/v1alpha1",
+            "kind": "DistillationRun",
+            "metadata": {"name": "all"},
+            "spec": {"storage": {"uri": "s3://bucket/runs"}},
+        }
+    )
+    built = {s.name: s for s in build(run)}
+    lines = ["| stage | runs | reads `spec.` | inputs (every stage enabled) | |", "|---|---|---|---|---|"]
+    for d in registry.STAGES:
+        s = built[d.name]
+        kind = ", ".join(k for k, on in (("service", d.service), ("gated", d.gated), ("autoscaled", d.autoscale)) if on)
+        reads = ", ".join(f"`{r}`" for r in d.reads)
+        lines.append(f"| `{d.name}` | `{d.run}` | {reads} | {', '.join(s.depends_on) or '-'} | {kind} |")
+    return "\n".join(lines) + "\n"

@@ -45,8 +45,6 @@ class StageDef:
     service: bool = False
     #: runs only when the evaluation gate passed (promotion of the student)
     gated: bool = False
-    #: one line for `kubedistill plan` and the docs
-    summary: str = ""
 
 
 def _teacher(*inputs: str) -> Callable[[DistillationRunSpec], tuple[str, ...] | None]:
@@ -83,7 +81,6 @@ STAGES: tuple[StageDef, ...] = (
         "kubedistill.stages.data:run_stage",
         reads=("data", "labels"),
         inputs=lambda s: (),
-        summary="validate and split the search log and labeled sets; quarantine bad rows",
     ),
     StageDef(
         "teacher-dapt",
@@ -91,7 +88,6 @@ STAGES: tuple[StageDef, ...] = (
         reads=("teacher.baseModel", "teacher.dapt", *_TEACHER_RUN),
         inputs=_teacher("data"),
         resources=lambda s: s.teacher.resources,
-        summary="domain-adaptive pre-training of the teacher LM",
     ),
     StageDef(
         "teacher-sft",
@@ -99,7 +95,6 @@ STAGES: tuple[StageDef, ...] = (
         reads=("labels", "teacher.sft", *_TEACHER_RUN),
         inputs=_teacher("data", "teacher-dapt"),
         resources=lambda s: s.teacher.resources,
-        summary="supervised fine-tuning: prompt -> reasoning chain + label",
     ),
     StageDef(
         "reward-model",
@@ -107,7 +102,6 @@ STAGES: tuple[StageDef, ...] = (
         reads=("labels", "teacher.rewardModel", *_TEACHER_RUN),
         inputs=_teacher("data", "teacher-sft"),
         resources=lambda s: s.teacher.resources,
-        summary="multi-dimensional reward model over (query, service, response)",
     ),
     StageDef(
         "teacher-dpo",
@@ -115,7 +109,6 @@ STAGES: tuple[StageDef, ...] = (
         reads=("labels", "teacher.dpo", "teacher.rewardModel.dimensions", *_TEACHER_RUN),
         inputs=_teacher("data", "teacher-sft", "reward-model"),
         resources=lambda s: s.teacher.resources,
-        summary="preference optimisation of the teacher against the reward model",
     ),
     StageDef(
         "annotate",
@@ -124,7 +117,6 @@ STAGES: tuple[StageDef, ...] = (
         inputs=_annotate_inputs,
         resources=_annotate_resources,
         autoscale=lambda s: (s.annotation.replicas.min, s.annotation.replicas.max),
-        summary="the teacher labels the search log (label + reasoning), autoscaled",
     ),
     StageDef(
         "student-crsd",
@@ -132,14 +124,12 @@ STAGES: tuple[StageDef, ...] = (
         reads=("labels", "student"),
         inputs=_student_inputs,
         resources=lambda s: s.student.resources,
-        summary="train the student (CRSD or a baseline objective) and export it",
     ),
     StageDef(
         "evaluate",
         "kubedistill.stages.evaluate:run_stage",
         reads=("labels", "evaluation", "student.compareObjectives"),
         inputs=_evaluate_inputs,
-        summary="score the student and the lexical baseline on the eval set; the promotion gate",
     ),
     StageDef(
         "prune-search",
@@ -147,7 +137,6 @@ STAGES: tuple[StageDef, ...] = (
         reads=("labels", "pruning", "teacher.resources"),
         inputs=lambda s: ("data", "teacher-dpo") if s.pruning.enabled and s.teacher.enabled else None,
         resources=lambda s: s.teacher.resources,
-        summary="prune the teacher with an accuracy predictor over sampled architectures",
     ),
     StageDef(
         "serve",
@@ -156,6 +145,5 @@ STAGES: tuple[StageDef, ...] = (
         inputs=lambda s: ("student-crsd", "evaluate") if s.serving.enabled and s.student.enabled else None,
         service=True,
         gated=True,
-        summary="serve the promoted student on Ray Serve",
     ),
 )

@@ -38,8 +38,7 @@ def test_a_toy_stage_is_one_function_and_one_registry_entry(monkeypatch, tmp_pat
     from tests.integration.test_runner import _doc
     from tests.kuberay import errors
 
-    toy = registry.StageDef("toy-count", f"{__name__}:toy_stage", reads=("labels",), inputs=lambda s: ("data",),
-                            summary="count the eval rows per label")
+    toy = registry.StageDef("toy-count", f"{__name__}:toy_stage", reads=("labels",), inputs=lambda s: ("data",))
     monkeypatch.setattr(registry, "STAGES", (*registry.STAGES, toy))
     monkeypatch.setenv("PYTHONPATH", str(ROOT))  # the local jobs import what this process imports
     run = spec.parse_run(_doc(str(tmp_path / "store"), name="toy"))
