@@ -21,11 +21,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from kubedistill.core import pipeline
+from kubedistill.core import pipeline, policy
 from kubedistill.core.holds import HOLD_AT_ENV, HOLD_DIR_ENV
 from kubedistill.core.ports import PortInUse, Ports, PortsUnavailable, looks_like_bind_failure, start_with_retries
 from kubedistill.core.spec import API_GROUP, Condition, DistillationRun, RunStatus, StageStatus, to_wire
-from kubedistill.core.stage import CONFIG_ENV, FAILURE, is_done, must_read_manifest, now, read_manifest, run_storage
+from kubedistill.core.stage import (
+    CONFIG_ENV,
+    FAILURE,
+    CorruptManifest,
+    must_read_manifest,
+    now,
+    read_manifest,
+    run_storage,
+)
 from kubedistill.core.storage import Storage
 
 STATUS_FILE = "_status.json"
@@ -378,25 +386,41 @@ def _run_stages(
     """Each stage in order as a Ray job: skipped when done, gated, or run and followed; raises RunFailed."""
     from ray.job_submission import JobStatus
 
+    earlier: dict[str, policy.Step] = {}  # the steps of the stages before, as they stand now
     for i, stage in enumerate(stages, 1):
         st = status.stage(stage.name)
         tag = f"[{i}/{len(stages)}] {stage.name}"
         status.status.current_stage = stage.name
-        if not stage.service and is_done(storage, stage.config):
+        try:
+            step = policy.step(stage, lambda name: read_manifest(storage, name), earlier)
+        except CorruptManifest as e:
+            st.phase, st.message = "Failed", f"{e.stage}: {e}"
+            status.status.phase = "Failed"
+            status.save()
+            say(f"{tag}: FAILED: {st.message}")
+            raise RunFailed(stage.name, st.message) from None
+        if step.state == "done":
             manifest = must_read_manifest(storage, stage.name)
-            st.phase, st.message = "Succeeded", "already done for this config; skipped"
+            st.phase, st.message = "Succeeded", "done earlier for this config and these inputs; skipped"
             st.artifact, st.metrics, st.finished_at = manifest["artifact"], manifest["metrics"], manifest["finishedAt"]
             say(f"{tag}: done earlier, skipped")
             status.save()
+            earlier[stage.name] = step
             continue
-        if stage.gated and (why := pipeline.promotion_blocked(storage)):
-            st.phase, st.message = "Skipped", f"not promoted: {why}"
+        if step.state == "skipped":
+            why = (step.reason or "").removeprefix("not promoted: ")
+            st.phase, st.message = "Skipped", step.reason
             status.status.conditions.append(
                 Condition(type="Promoted", status="False", reason="GateFailed", message=why, last_transition_time=now())
             )
             say(f"{tag}: skipped, not promoted: {why}")
             status.save()
+            earlier[stage.name] = step
             continue
+        if not step.ready:  # an earlier stage failed or was skipped: the run stops before this one
+            raise RunFailed(stage.name, step.reason or "its inputs are not done")
+        if step.state == "stale":
+            say(f"{tag}: rerunning: {step.reason}")
         env = {k: os.environ[k] for k in _PASS_ENV if k in os.environ}
         env.update({CONFIG_ENV: stage.config_json, "PYTHONUNBUFFERED": "1", "KUBEDISTILL_SERVE_PORT": str(serve_port)})
         st.phase, st.started_at, st.attempts = "Running", now(), st.attempts + 1
@@ -435,6 +459,7 @@ def _run_stages(
             st.message = None
             say(f"{tag}: succeeded in {time.monotonic() - t0:.1f}s")
             status.save()
+            earlier[stage.name] = policy.Step("done", True)
             continue
         reason = _failure_reason(storage, stage.name, client.get_job_info(job_id).message)
         st.phase, st.message = "Failed", reason

@@ -14,6 +14,10 @@ crash loop:
   naming the URI and what to check; retried.
 - A child already exists when created (an operator restarted between creating it and recording it):
   success. A child already gone when deleted: success.
+- The API server refuses an object (400/422, e.g. `memory: lots`): the run fails with `Valid=False`
+  naming the object and the field, as the API server does. 403: condition `Authorized=False` naming
+  the verb and the object the operator may not touch; retried. Counted by kind in
+  `kubedistill_operator_errors_total`, with corrupt manifests and trimmed statuses.
 
 Metrics (Prometheus, served by the operator process): reconciles by result, reconcile seconds,
 stage events by reason, runs by phase.
@@ -50,11 +54,47 @@ KUBERAY_HINT = (
 RECONCILES = Counter("kubedistill_operator_reconciles", "Reconciles of a DistillationRun, by result.", ["result"])
 RECONCILE_SECONDS = Histogram("kubedistill_operator_reconcile_seconds", "Time of one reconcile.")
 STAGE_EVENTS = Counter("kubedistill_operator_stage_events", "Events the operator recorded, by reason.", ["reason"])
+ERRORS = Counter(
+    "kubedistill_operator_errors",
+    "Trouble turned into a run's status, by kind: api-invalid (400/422), forbidden (403), corrupt-manifest, "
+    "status-trimmed.",
+    ["kind"],
+)
 RUNS = Gauge("kubedistill_operator_runs", "DistillationRuns this operator tracks, by phase.", ["phase"])
 
 
 class KubeRayMissing(RuntimeError):
     pass
+
+
+class ApiRefused(RuntimeError):
+    """The API server refused a request for one object with a status that a retry will not change."""
+
+    def __init__(self, verb: str, kind: str, name: str, namespace: str, e: ApiException):
+        self.status, self.verb, self.kind, self.name = e.status, verb, kind, name
+        detail = _api_message(e)
+        if e.status == 403:
+            message = (
+                f"the operator may not {verb} {kind} {namespace}/{name}: {detail}; grant it in the chart's RBAC "
+                "(charts/kubedistill/templates/rbac.yaml) or the namespace's policy"
+            )
+        else:
+            message = f"the API server refused to {verb} {kind} {namespace}/{name}: {detail}"
+        super().__init__(message)
+
+
+def _api_message(e: ApiException) -> str:
+    """The API server's own message (it names the field at fault), else its reason."""
+    import json
+
+    try:
+        return str(json.loads(e.body or "{}").get("message") or e.reason)
+    except ValueError:
+        return str(e.body or e.reason)
+
+
+#: statuses that name a problem with the object or the operator's rights: retrying the same request will not help
+_REFUSED = (400, 403, 422)
 
 
 class SecretMissing(RuntimeError):
@@ -103,11 +143,21 @@ class Cluster:
         for kind, name in plan.delete:
             try:
                 self.custom.delete_namespaced_custom_object(
-                    RAY_GROUP, RAY_VERSION, namespace, PLURALS[kind], name, propagation_policy="Background"
+                    # Foreground: the RayJob stays (marked for deletion) until its RayCluster and pods are
+                    # gone, so the next attempt never starts beside the old one's driver
+                    RAY_GROUP,
+                    RAY_VERSION,
+                    namespace,
+                    PLURALS[kind],
+                    name,
+                    propagation_policy="Foreground",
                 )
             except ApiException as e:
-                if not _absent(e):
-                    raise
+                if _absent(e):
+                    continue
+                if e.status in _REFUSED:
+                    raise ApiRefused("delete", kind, name, namespace, e) from e
+                raise
         for obj in plan.create:
             try:
                 self.custom.create_namespaced_custom_object(
@@ -118,12 +168,19 @@ class Cluster:
                     continue  # created by an earlier reconcile whose status write was lost
                 if _absent(e):
                     raise KubeRayMissing(KUBERAY_HINT) from e
+                if e.status in _REFUSED:
+                    raise ApiRefused("create", obj["kind"], obj["metadata"]["name"], namespace, e) from e
                 raise
         for obj in plan.replace:
             body = {"metadata": {"annotations": obj["metadata"]["annotations"]}, "spec": obj["spec"]}
-            self.custom.patch_namespaced_custom_object(
-                RAY_GROUP, RAY_VERSION, namespace, PLURALS[obj["kind"]], obj["metadata"]["name"], body
-            )
+            try:
+                self.custom.patch_namespaced_custom_object(
+                    RAY_GROUP, RAY_VERSION, namespace, PLURALS[obj["kind"]], obj["metadata"]["name"], body
+                )
+            except ApiException as e:
+                if e.status in _REFUSED:
+                    raise ApiRefused("update", obj["kind"], obj["metadata"]["name"], namespace, e) from e
+                raise
 
     def s3_options(self, namespace: str, storage: dict[str, Any]) -> S3Options:
         """The run's S3 settings, with the credentials of its `secretRef` (the stage pods get the same)."""
@@ -250,7 +307,15 @@ class Controller:
             return blocked(body, "StorageReachable", "StorageUnreachable", str(e), now), "storage-error"
         except SecretMissing as e:
             return blocked(body, "StorageReachable", "SecretMissing", str(e), now), "secret-missing"
-        for type_ in ("KubeRayAvailable", "StorageReachable"):  # recovered: drop the stale blocking condition
+        except ApiRefused as e:
+            if e.status == 403:  # the operator's rights, not the run: it stays as it is, and says what to grant
+                ERRORS.labels("forbidden").inc()
+                return blocked(body, "Authorized", "Forbidden", str(e), now), "forbidden"
+            ERRORS.labels("api-invalid").inc()  # 400/422: the object the run's spec made is invalid
+            return reconcile.invalid(body, e, _previous(body), now), "api-invalid"
+        for kind in plan.errors:
+            ERRORS.labels(kind).inc()
+        for type_ in ("KubeRayAvailable", "StorageReachable", "Authorized"):  # recovered: drop the blocking condition
             plan.status.conditions = [c for c in plan.status.conditions if c.type != type_]
         return plan, "ok"
 

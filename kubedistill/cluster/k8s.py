@@ -26,6 +26,8 @@ GROUP = API_GROUP  # also the prefix of our labels and annotations
 API_VERSION = f"{GROUP}/{VERSION}"
 MAX_NAME = 47
 ATTEMPT = f"{GROUP}/attempt"
+#: digest of the input manifests a RayJob was created for
+INPUTS = f"{GROUP}/inputs"
 SERVE_PORT = 8000
 
 
@@ -130,17 +132,22 @@ def ray_cluster_spec(
 # Batch stages: one RayJob each
 
 
-def rayjob(run: DistillationRun, stage: Stage, uid: str | None = None, attempt: int = 1) -> dict[str, Any]:
+def rayjob(
+    run: DistillationRun, stage: Stage, uid: str | None = None, attempt: int = 1, inputs: str | None = None
+) -> dict[str, Any]:
     """The RayJob of one batch stage: its entrypoint, its config as JSON in an env var, a cluster sized for it.
 
     `backoffLimit` is 0: the operator owns retries (with backoff, events and the attempt in the stage's
-    status), so KubeRay must not retry as well. Each attempt is a new RayJob annotated with its number.
+    status), so KubeRay must not retry as well. Each attempt is a new RayJob annotated with its number and
+    with the digest of the input manifests it was created for.
     """
     r = stage.resources
     lo, hi = stage.workers  # an autoscaled stage's workers come and go within its registry entry's range
     workers = max(1, lo)
     meta = metadata(run, stage.name, uid)
     meta["annotations"] = {f"{GROUP}/config-hash": stage.config_hash, ATTEMPT: str(attempt)}
+    if inputs is not None:  # the inputs it runs on (`policy.inputs_key`): a rebuilt input makes it stale
+        meta["annotations"][INPUTS] = inputs
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayJob",

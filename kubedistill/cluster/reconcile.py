@@ -7,7 +7,8 @@ The kopf handlers list the run's children (by label), read stage manifests from 
 - a stage starts when every stage it depends on has Succeeded; its object has a deterministic name,
   so creating it twice (an operator restarted mid-run) is "already exists", not a duplicate;
 - a RayJob has finished well only when Complete + SUCCEEDED *and* its manifest is in storage;
-- a failed stage is retried up to `spec.ray.stageRetries` times: its RayJob is deleted and, after a
+- a failed stage is retried up to `spec.ray.stageRetries` times: its RayJob is deleted (in the foreground:
+  the object stays, marked, until its Ray cluster is gone, and nothing starts while it does) and, after a
   backoff (`retryBackoffSeconds`, doubled per retry, at most 10 minutes), created again as the next
   attempt (annotated, so a restarted operator that lost its status neither double-counts nor
   deletes the new attempt); the new job resumes from the stage's checkpoint. When the retries are
@@ -22,13 +23,14 @@ The kopf handlers list the run's children (by label), read stage manifests from 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from kubedistill.cluster import k8s
-from kubedistill.core import pipeline
+from kubedistill.core import pipeline, policy
 from kubedistill.core.spec import (
     Condition,
     ConditionStatus,
@@ -38,6 +40,7 @@ from kubedistill.core.spec import (
     StageStatus,
     parse_run,
 )
+from kubedistill.core.stage import CorruptManifest
 
 HASH = f"{k8s.GROUP}/config-hash"
 ATTEMPT = k8s.ATTEMPT
@@ -51,6 +54,8 @@ class Plan:
     replace: list[dict[str, Any]] = field(default_factory=list)
     delete: list[tuple[str, str]] = field(default_factory=list)  # (kind, name)
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (Normal | Warning, reason, message)
+    #: kinds of trouble met on the way (e.g. "corrupt-manifest"), counted in the operator's metrics
+    errors: list[str] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
@@ -83,6 +88,46 @@ def _condition(
     when = old.last_transition_time if old and old.status == status else now
     conditions[:] = [c for c in conditions if c.type != type_]
     conditions.append(Condition(type=type_, status=status, reason=reason, message=message, last_transition_time=when))
+
+
+#: what the run's .status may take (the API server refuses objects over ~1.5 MiB, and kopf keeps the
+#: last-handled spec in an annotation of the same object)
+STATUS_BUDGET = 256 * 1024
+
+
+def fit_status(status: RunStatus, budget: int = STATUS_BUDGET) -> bool:
+    """Trim the stages' metrics until the status fits `budget` bytes of JSON: first to their top-level
+    numbers and strings, then away; each trimmed stage's message says so (its manifest has them all).
+    True when something was trimmed."""
+
+    def size() -> int:
+        return len(status.model_dump_json(by_alias=True))
+
+    if size() <= budget:
+        return False
+    for keep_scalars in (True, False):
+        for st in sorted(status.stages, key=lambda s: -len(json.dumps(s.metrics, default=str))):
+            if not st.metrics:
+                continue
+            st.metrics = (
+                {k: v for k, v in st.metrics.items() if isinstance(v, (int, float, str, bool))} if keep_scalars else {}
+            )
+            note = "metrics trimmed to fit the run's status: the stage's manifest has them all"
+            if note not in (st.message or ""):
+                st.message = f"{st.message}; {note}" if st.message else note
+            if size() <= budget:
+                return True
+    return True
+
+
+def _on_old_inputs(child: dict[str, Any], step: policy.Step, inputs: str | None) -> bool:
+    """Whether a batch stage's RayJob ran (or runs) on inputs that are no longer the current ones."""
+    if not step.ready:
+        return True  # an input is being rebuilt
+    created_for = ((child.get("metadata") or {}).get("annotations") or {}).get(k8s.INPUTS)
+    if created_for is None:  # made before RayJobs recorded their inputs: the manifests decide
+        return step.state == "stale" and (step.reason or "").startswith("input")
+    return created_for != inputs
 
 
 def invalid(body: dict[str, Any], error: Exception, previous: RunStatus | None, now: str) -> Plan:
@@ -132,12 +177,24 @@ def reconcile(
 ) -> Plan:
     """Decide the next step for `run` given its children (by name) and the stages' manifests in storage."""
     stages = pipeline.build(run)
+    corrupt: dict[str, str] = {}
+    read = manifests
+
+    def readable(stage: str) -> dict[str, Any] | None:
+        """The manifest, or None when it is corrupt (that stage then fails, saying so)."""
+        try:
+            return read(stage)
+        except CorruptManifest as e:
+            corrupt[stage] = str(e)
+            return None
+
+    manifests = readable
+    steps = policy.steps(stages, manifests)  # done / stale / runnable / blocked / skipped, from manifests
     before = {s.name: s for s in (previous.stages if previous else [])}
     status = RunStatus(
         phase="Running", observed_generation=generation, conditions=list(previous.conditions) if previous else []
     )
     plan = Plan(status)
-    phases: dict[str, str] = {}
     for stage in stages:
         old = before.get(stage.name) or StageStatus(name=stage.name)
         st = StageStatus(
@@ -150,19 +207,34 @@ def reconcile(
             retry_at=old.retry_at,
             message=old.message if old.retry_at else None,
         )
+        if stage.name in corrupt:
+            plan.errors.append("corrupt-manifest")
+            st.phase, st.message, st.finished_at = "Failed", corrupt[stage.name], st.finished_at or now
+            if old.phase != "Failed":
+                plan.events.append(("Warning", "StageFailed", f"{stage.name}: {st.message}"))
+            status.stages.append(st)
+            continue
         is_service = stage.service
+        step = steps[stage.name]
         name = k8s.child_name(run.name, stage.name)
         child = children.get(name)
+        inputs = policy.inputs_key(stage, manifests) if step.ready else None
         desired = (
             k8s.rayservice(run, k8s.student_model_uri(run), uid)
             if is_service
-            else k8s.rayjob(run, stage, uid, attempt=st.attempts + 1)
+            else k8s.rayjob(run, stage, uid, attempt=st.attempts + 1, inputs=inputs)
         )
         stale = (
             child is not None
             and (child.get("metadata", {}).get("annotations") or {}).get(HASH)
             != desired["metadata"]["annotations"][HASH]
         )
+        if child is not None and (child.get("metadata") or {}).get("deletionTimestamp"):
+            # deleted in the foreground: the old attempt's cluster is still going; nothing starts until it is gone
+            st.phase = "Pending"
+            st.message = st.message or "waiting for the previous RayJob and its Ray cluster to be deleted"
+            status.stages.append(st)
+            continue
         if stale and child is not None and not is_service:  # delete now, create once it is gone (a later reconcile)
             plan.delete.append((child["kind"], name))
             plan.events.append(("Normal", "StageConfigChanged", f"{stage.name}: config changed, rerunning"))
@@ -173,21 +245,39 @@ def reconcile(
                 {},
                 None,
             )
-            phases[stage.name] = st.phase
+            status.stages.append(st)
+            continue
+        if child is not None and not is_service and _on_old_inputs(child, step, inputs):
+            # an input was rebuilt (or is being rebuilt): what this job ran on no longer holds
+            why = step.reason or "its inputs changed"
+            plan.delete.append((child["kind"], name))
+            plan.events.append(("Normal", "StageInputsChanged", f"{stage.name}: {why}, rerunning"))
+            st.phase, st.message, st.finished_at, st.metrics, st.artifact = (
+                "Pending",
+                f"{why}: rerunning once its inputs are done and the old RayJob is deleted",
+                None,
+                {},
+                None,
+            )
             status.stages.append(st)
             continue
         if stale and child is not None:
             desired["metadata"]["resourceVersion"] = child["metadata"].get("resourceVersion")
             plan.replace.append(desired)
             plan.events.append(("Normal", "ServingUpdated", f"{stage.name}: serving config changed, updating in place"))
-        deps_ok = all(phases.get(d) == "Succeeded" for d in stage.depends_on)
         if child is not None and not is_service and _attempt(child) > st.attempts:
             st.attempts, st.retry_at = _attempt(child), None  # created, but the status saying so was lost
         if child is None:
-            if not deps_ok:
-                st.phase = "Pending"
-            elif stage.gated and (why := pipeline.gate_blocks(manifests("evaluate"))):
-                st.phase, st.message = "Skipped", f"not promoted: {why}"
+            if step.state == "done":  # its manifest follows from this spec and these inputs: nothing to run
+                done = manifests(stage.name) or {}
+                st.phase, st.message = "Succeeded", "done earlier for this config and these inputs"
+                st.artifact, st.metrics = done.get("artifact"), done.get("metrics") or {}
+                st.finished_at = st.finished_at or done.get("finishedAt") or now
+            elif not step.ready:
+                st.phase, st.message = "Pending", step.reason
+            elif step.state == "skipped":
+                why = (step.reason or "").removeprefix("not promoted: ")
+                st.phase, st.message = "Skipped", step.reason
                 _condition(status.conditions, "Promoted", "False", "GateFailed", why, now)
             elif st.retry_at and now < st.retry_at:
                 st.phase = "Pending"  # backing off; the message says when the retry starts
@@ -198,6 +288,9 @@ def reconcile(
         elif st.retry_at and not is_service:  # the failed attempt is still being deleted
             plan.delete.append((child["kind"], name))
             st.phase = "Pending"
+        elif is_service and not step.ready:  # the RayService keeps serving what passed the gate last
+            st.job, st.phase = name, "Pending"
+            st.message = f"serving the previous student until the rebuilt one passes the gate ({step.reason})"
         else:
             st.job = name
             st.phase, st.message = k8s.rayservice_phase(child) if is_service else k8s.rayjob_phase(child)
@@ -213,7 +306,7 @@ def reconcile(
                 st.phase = "Pending"
             if st.phase == "Succeeded" and not is_service:
                 manifest = manifests(stage.name)
-                if manifest is None or manifest.get("configHash") != stage.config_hash:
+                if manifest is None or step.state != "done":
                     st.phase, st.message = "Failed", "the RayJob succeeded but wrote no manifest for this config"
                 else:
                     st.artifact, st.metrics = manifest["artifact"], manifest["metrics"]
@@ -226,7 +319,6 @@ def reconcile(
             plan.events.append((kind, f"Stage{st.phase}", f"{stage.name}: {st.message or st.phase.lower()}"))
         elif st.phase == "Running" and old.phase != "Running" and child is None:
             plan.events.append(("Normal", "StageStarted", f"{stage.name}: created {desired['kind']} {name}"))
-        phases[stage.name] = st.phase
         status.stages.append(st)
 
     failed = next((s for s in status.stages if s.phase == "Failed"), None)
@@ -244,4 +336,6 @@ def reconcile(
         status.phase, status.current_stage = "Succeeded", None
         _condition(status.conditions, "Ready", "True", "Succeeded", "every stage finished", now)
     _condition(status.conditions, "Valid", "True", "Valid", "", now)
+    if fit_status(status):
+        plan.errors.append("status-trimmed")
     return plan

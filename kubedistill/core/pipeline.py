@@ -12,8 +12,7 @@ from typing import Any
 
 from kubedistill.core import registry
 from kubedistill.core.spec import DistillationRun, Resources, to_wire
-from kubedistill.core.stage import config_hash, read_manifest
-from kubedistill.core.storage import Storage
+from kubedistill.core.stage import config_hash
 
 #: How every stage's Ray job starts; the config travels in an env var, never in this text.
 JOB_COMMAND = "python -m kubedistill.job"
@@ -27,11 +26,6 @@ def gate_blocks(evaluate_manifest: dict[str, Any] | None) -> str | None:
     if verdict["candidate"] != "student":
         return "no student was evaluated"
     return None if verdict["passed"] else verdict["reason"]
-
-
-def promotion_blocked(run_storage: Storage) -> str | None:
-    """Why the run's student must not be promoted to serving, or None when the gate passed."""
-    return gate_blocks(read_manifest(run_storage, "evaluate"))
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,16 @@ class SecretRef(_Model):
 
 
 class StorageSpec(_Model):
+    # a transition rule: checked on updates only, where the API server has the old object
+    model_config = ConfigDict(
+        json_schema_extra=_cel(
+            (
+                "self == oldSelf",
+                "spec.storage is immutable: a run's stages, manifests and reports live under it; "
+                "create a new DistillationRun to use other storage",
+            )
+        )
+    )
     uri: str = Field(
         min_length=1,
         description="Where artifacts go: a local directory or an s3://bucket/prefix. "

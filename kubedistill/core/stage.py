@@ -4,6 +4,12 @@ A stage writes its outputs under `<storage.uri>/<run>/<stage>/` and the manifest
 records the stage's config hash and the digests of the manifests of its inputs; a stage whose
 manifest matches both is done and is skipped, which is how a restarted run resumes. A stage that
 fails writes `_FAILED.json` (never a manifest), so nothing downstream mistakes it for a result.
+
+Attempts are fenced: each writes its token to `_ATTEMPT.json` when it starts, and writes its manifest
+(or `_FAILED.json`) only if the token is still its own, so an old attempt that outlives its executor's
+patience (a job that was stopped but keeps running, a RayJob deleted in the background) never
+overwrites a newer attempt's result. The check and the write are two requests: the operator also
+waits for a failed attempt's cluster to be gone before it starts the next one.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import os
 import sys
 import time
 import traceback
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -27,6 +34,12 @@ from kubedistill.core.storage import S3Options, Storage
 CONFIG_ENV = "KUBEDISTILL_STAGE_CONFIG"
 MANIFEST = "_SUCCESS.json"
 FAILURE = "_FAILED.json"
+#: the token of the stage's latest attempt: only that attempt may write the manifest or the failure
+ATTEMPT = "_ATTEMPT.json"
+
+
+class Superseded(RuntimeError):
+    """A newer attempt of the stage started while this one ran: this one's result is not written."""
 
 
 def now() -> str:
@@ -48,11 +61,28 @@ def run_storage(config: dict[str, Any]) -> Storage:
     return Storage(run_prefix(st["uri"], config["run"]), S3Options.from_env(st.get("endpoint"), st.get("region")))
 
 
+class CorruptManifest(ValueError):
+    """A stage's `_SUCCESS.json` that is not a manifest (not JSON, or not an object with a digest)."""
+
+    def __init__(self, stage: str, uri: str, problem: str):
+        self.stage = stage
+        super().__init__(f"its manifest {uri} is corrupt ({problem}): delete it to rerun the stage")
+
+
 def read_manifest(storage: Storage, stage: str) -> dict[str, Any] | None:
+    """The stage's manifest; None when it has none; `CorruptManifest` when what is there is not one."""
+    rel = f"{stage}/{MANIFEST}"
     try:
-        return storage.read_json(f"{stage}/{MANIFEST}")
+        raw = storage.read_bytes(rel)
     except FileNotFoundError:
         return None
+    try:
+        manifest = json.loads(raw)
+    except ValueError as e:  # not UTF-8, not JSON
+        raise CorruptManifest(stage, storage.uri(rel), f"not JSON: {e}") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("digest"), str):
+        raise CorruptManifest(stage, storage.uri(rel), "not an object with a digest")
+    return manifest
 
 
 def must_read_manifest(storage: Storage, stage: str) -> dict[str, Any]:
@@ -142,17 +172,26 @@ def execute(ctx: StageContext, fn: StageFn) -> dict[str, Any]:
     if inputs is None:
         missing = [i for i in ctx.config["inputs"] if read_manifest(storage, i) is None]
         raise RuntimeError(f"stage {name}: input stage(s) {missing} have not succeeded")
+    started, t0 = now(), time.monotonic()
+    # fencing: this attempt's token first; an older attempt still running (a job the executor gave up on)
+    # finds it replaced and writes nothing when it ends
+    token = uuid.uuid4().hex
+    storage.write_json(f"{name}/{ATTEMPT}", {"token": token, "startedAt": started, "pid": os.getpid()})
     storage.delete(f"{name}/{MANIFEST}")  # a stale manifest must not survive a rerun that fails
     storage.delete(f"{name}/{FAILURE}")
-    started, t0 = now(), time.monotonic()
     try:
         result = fn(ctx)
     except BaseException as e:
-        storage.write_json(
-            f"{name}/{FAILURE}",
-            {"stage": name, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(), "at": now()},
-        )
+        if _latest_attempt(storage, name) == token:
+            storage.write_json(
+                f"{name}/{FAILURE}",
+                {"stage": name, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(), "at": now()},
+            )
         raise
+    if (latest := _latest_attempt(storage, name)) != token:
+        raise Superseded(
+            f"stage {name}: a newer attempt ({latest}) started while this one ({token}) ran; its result is discarded"
+        )
     manifest = {
         "stage": name,
         "run": ctx.config["run"],
@@ -170,6 +209,14 @@ def execute(ctx: StageContext, fn: StageFn) -> dict[str, Any]:
     ctx.log(f"done in {manifest['seconds']:.1f}s")
     hold(f"{name}.manifest-written")
     return manifest
+
+
+def _latest_attempt(storage: Storage, stage: str) -> str | None:
+    try:
+        token = storage.read_json(f"{stage}/{ATTEMPT}").get("token")
+    except FileNotFoundError:
+        return None
+    return str(token) if token else None
 
 
 def main(fn: StageFn) -> None:

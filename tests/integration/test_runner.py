@@ -68,6 +68,28 @@ def test_run_on_s3_then_rerun_skips_everything(bucket, ray_address):
     assert st.read_json("evaluate/_SUCCESS.json") == first
 
 
+def test_edits_rerun_what_they_touch_and_everything_downstream(tmp_path, ray_address):
+    """The local runner walks the same edits through the same step policy as the operator."""
+    def run(**patch) -> str:
+        doc = _doc(str(tmp_path / "store"), name="edits")
+        for section, fields in patch.items():
+            doc["spec"].setdefault(section, {}).update(fields)
+        out = io.StringIO()
+        assert runner.run_local(spec.parse_run(doc), address=ray_address, out=out).phase == "Succeeded"
+        return out.getvalue()
+
+    run()
+    st = Storage(str(tmp_path / "store" / "edits"))
+    first = st.read_json("evaluate/_SUCCESS.json")
+    leaf = run(evaluation={"minMacroF1": 0.1})  # a leaf edit: only evaluate
+    assert "[1/2] data: done earlier, skipped" in leaf and "[2/2] evaluate: rerunning: its config changed" in leaf
+    upstream = run(evaluation={"minMacroF1": 0.1}, data={"synthetic": {**SMALL, "seed": 7}})
+    assert "[1/2] data: rerunning: its config changed" in upstream
+    assert "[2/2] evaluate: rerunning: input data changed" in upstream
+    assert st.read_json("evaluate/_SUCCESS.json")["inputs"] == {"data": st.read_json("data/_SUCCESS.json")["digest"]}
+    assert st.read_json("evaluate/_SUCCESS.json")["digest"] != first["digest"]
+
+
 def _write(tmp_path: Path, doc: dict) -> Path:
     f = tmp_path / "run.yaml"
     f.write_text(yaml.safe_dump(doc))

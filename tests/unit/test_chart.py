@@ -48,7 +48,7 @@ def test_helm_lint_strict():
     assert "0 chart(s) failed" in out.stdout
 
 
-@pytest.mark.parametrize("sets", [(), ("watchNamespaces={ml,search}", "replicaCount=2"), ("peering.enabled=false", "metrics.enabled=false")])
+@pytest.mark.parametrize("sets", [(), ("watchNamespaces={ml,search}",), ("peering.enabled=false", "metrics.enabled=false")])
 def test_rendered_objects_validate_against_kubernetes_schemas(sets):
     objs = render(*sets, crds=True)
     crds = {(c["spec"]["group"], c["spec"]["names"]["kind"]) for c in _by_kind(objs, "CustomResourceDefinition")}
@@ -123,9 +123,12 @@ def test_values_schema_refuses_bad_values_naming_them(bad, says):
     assert out.returncode != 0 and says in out.stderr, out.stderr
 
 
-def test_replicas_without_peering_are_refused():
-    out = helm("template", "kd", str(CHART), "--set", "replicaCount=2", "--set", "peering.enabled=false", check=False)
-    assert out.returncode != 0 and "needs peering.enabled" in out.stderr
+@pytest.mark.parametrize("peering", ["true", "false"])
+def test_more_than_one_operator_replica_is_refused_saying_why(peering):
+    out = helm("template", "kd", str(CHART), "--set", "replicaCount=2", "--set", f"peering.enabled={peering}",
+               check=False)
+    assert out.returncode != 0
+    assert "replicaCount: 2 is not supported, use 1: kopf peering gives every replica the same priority" in out.stderr
 
 
 def _value_tree(text: str) -> list[dict]:

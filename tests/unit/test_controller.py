@@ -26,13 +26,13 @@ def test_a_new_blocked_run_is_pending():
 
 def test_the_manifest_reader_reads_each_stage_once(tmp_path):
     st = Storage(str(tmp_path))
-    st.write_json("data/_SUCCESS.json", {"configHash": "abc"})
+    st.write_json("data/_SUCCESS.json", {"digest": "abc"})
     read = controller.manifest_reader(st)
-    assert read("data") == {"configHash": "abc"} and read("evaluate") is None
-    st.write_json("evaluate/_SUCCESS.json", {"configHash": "def"})
+    assert read("data") == {"digest": "abc"} and read("evaluate") is None
+    st.write_json("evaluate/_SUCCESS.json", {"digest": "def"})
     st.delete("data/_SUCCESS.json")
-    assert read("data") == {"configHash": "abc"} and read("evaluate") is None  # one reconcile, one view
-    assert controller.manifest_reader(st)("evaluate") == {"configHash": "def"}
+    assert read("data") == {"digest": "abc"} and read("evaluate") is None  # one reconcile, one view
+    assert controller.manifest_reader(st)("evaluate") == {"digest": "def"}
 
 
 def test_children_are_keyed_by_the_run_label_and_keep_their_kind():
@@ -66,3 +66,70 @@ def test_the_operator_imports_no_ml_or_serving_library():
     root = Path(__file__).resolve().parents[2]
     out = subprocess.run([sys.executable, "-c", probe], cwd=root, capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr
+
+
+def test_children_are_deleted_in_the_foreground():
+    """So a failed attempt's RayJob stays visible until its Ray cluster is gone (see reconcile)."""
+    from kubedistill.cluster import reconcile
+    from kubedistill.core import spec
+
+    calls = []
+
+    class Recorder:  # the one CustomObjectsApi call this plan makes
+        def delete_namespaced_custom_object(self, *args, **kwargs):
+            calls.append((args, kwargs))
+
+    plan = reconcile.Plan(spec.RunStatus(), delete=[("RayJob", "r1-data")])
+    controller.Cluster(Recorder(), None).apply(plan, "ml")
+    assert calls == [(("ray.io", "v1", "ml", "rayjobs", "r1-data"), {"propagation_policy": "Foreground"})]
+
+
+def _refusing(status: int, message: str):
+    """A CustomObjectsApi whose create is refused as the API server refuses it (status, JSON body)."""
+    import json
+
+    from kubernetes.client.exceptions import ApiException
+
+    class Refusing:
+        def create_namespaced_custom_object(self, *args, **kwargs):
+            e = ApiException(status=status, reason="Refused")
+            e.body = json.dumps({"kind": "Status", "status": "Failure", "message": message, "code": status})
+            raise e
+
+    return Refusing()
+
+
+def _errors(kind: str) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("kubedistill_operator_errors_total", {"kind": kind}) or 0.0
+
+
+def _body(tmp_path):
+    from tests.conftest import minimal_doc
+
+    body = minimal_doc(storage={"uri": str(tmp_path)}, teacher={"enabled": False}, annotation={"enabled": False},
+                       pruning={"enabled": False})
+    body["metadata"].update(name="r1", namespace="ml", uid="u1", generation=1)
+    return body
+
+
+def test_an_object_the_api_server_refuses_fails_the_run_naming_the_object_and_field(tmp_path):
+    says = 'RayJob.ray.io "r1-data" is invalid: spec.rayClusterSpec.workerGroupSpecs[0].template.spec.containers[0]' \
+           '.resources.limits.memory: Invalid value: "lots"'
+    before = _errors("api-invalid")
+    plan = controller.Controller(controller.Cluster(_refusing(422, says), None)).reconcile_run(_body(tmp_path), {}, NOW)
+    valid = next(c for c in plan.status.conditions if c.type == "Valid")
+    assert plan.status.phase == "Failed" and (valid.status, valid.reason) == ("False", "InvalidSpec")
+    assert valid.message == f"the API server refused to create RayJob ml/r1-data: {says}"
+    assert _errors("api-invalid") == before + 1
+
+
+def test_a_forbidden_request_is_a_condition_naming_what_to_grant_and_the_run_waits(tmp_path):
+    says = 'rayjobs.ray.io is forbidden: User "system:serviceaccount:kd:kubedistill" cannot create resource "rayjobs"'
+    before = _errors("forbidden")
+    plan = controller.Controller(controller.Cluster(_refusing(403, says), None)).reconcile_run(_body(tmp_path), {}, NOW)
+    cond = next(c for c in plan.status.conditions if c.type == "Authorized")
+    assert plan.status.phase == "Pending" and (cond.status, cond.reason) == ("False", "Forbidden")
+    assert cond.message.startswith(f"the operator may not create RayJob ml/r1-data: {says}; grant it in the chart's RBAC")
+    assert _errors("forbidden") == before + 1

@@ -95,20 +95,29 @@ def _cel_rules(schema, path=()):
         yield from _cel_rules(sub, path + (name,))
 
 
-def _eval_rules(doc):
-    """Evaluate every CEL rule of the CRD against `doc`, as the API server would; return failures."""
+def _at(doc, path):
+    node = doc
+    for p in path:
+        if not isinstance(node, dict) or p not in node:
+            return None
+        node = node[p]
+    return node
+
+
+def _eval_rules(doc, old=None):
+    """Evaluate every CEL rule of the CRD against `doc`, as the API server would; return failures. Transition
+    rules (`oldSelf`) run only on an update (`old`, the stored object) where the field was there before."""
     env = celpy.Environment()
     failures = []
     for path, rule in _cel_rules(_version()["schema"]["openAPIV3Schema"]):
-        node = doc
-        for p in path:
-            if not isinstance(node, dict) or p not in node:
-                node = None
-                break
-            node = node[p]
-        if node is None:
+        node, before = _at(doc, path), _at(old, path) if old is not None else None
+        transition = "oldSelf" in rule["rule"]
+        if node is None or (transition and before is None):
             continue
-        ok = env.program(env.compile(rule["rule"])).evaluate({"self": celpy.json_to_cel(node)})
+        activation = {"self": celpy.json_to_cel(node)}
+        if transition:
+            activation["oldSelf"] = celpy.json_to_cel(before)
+        ok = env.program(env.compile(rule["rule"])).evaluate(activation)
         if not ok:
             failures.append(rule["message"])
     return failures
@@ -133,3 +142,12 @@ def test_cel_rules_compile_and_match_pydantic():
         assert message in _eval_rules(copy.deepcopy(doc))
         with pytest.raises(spec.SpecError):
             spec.parse_run(doc)
+
+
+def test_the_storage_of_a_run_cannot_change_after_it_is_created():
+    old = minimal_doc(storage={"uri": "s3://bucket/runs", "endpoint": "http://minio:9000"})
+    assert _eval_rules(old) == []  # on create there is no old object
+    assert _eval_rules(copy.deepcopy(old), old) == []  # an update that keeps it
+    moved = minimal_doc(storage={"uri": "s3://other/runs", "endpoint": "http://minio:9000"})
+    (message,) = _eval_rules(moved, old)
+    assert message.startswith("spec.storage is immutable") and "create a new DistillationRun" in message

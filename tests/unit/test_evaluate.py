@@ -62,12 +62,14 @@ def test_plot_is_a_png():
 
 
 def test_promotion_is_blocked_by_a_failed_gate(tmp_path):
+    from kubedistill.core.stage import read_manifest
     from kubedistill.core.storage import Storage
 
     st = Storage(str(tmp_path))
-    assert pipeline.promotion_blocked(st) == "the evaluate stage has not succeeded"
+    assert pipeline.gate_blocks(read_manifest(st, "evaluate")) == "the evaluate stage has not succeeded"
     for candidate, value, want in (("baseline", 0.9, "no student was evaluated"),
                                    ("student", 0.5, "student macro-F1 0.5000 < minMacroF1 0.7 (failed)"),
                                    ("student", 0.8, None)):
-        st.write_json("evaluate/_SUCCESS.json", {"metrics": {"gate": evaluate.gate(candidate, {"macro_f1": value}, 0.7)}})
-        assert pipeline.promotion_blocked(st) == want
+        gate = evaluate.gate(candidate, {"macro_f1": value}, 0.7)
+        st.write_json("evaluate/_SUCCESS.json", {"digest": "d", "metrics": {"gate": gate}})
+        assert pipeline.gate_blocks(read_manifest(st, "evaluate")) == want

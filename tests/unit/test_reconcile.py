@@ -1,12 +1,14 @@
 """The operator's decisions, step by step, without a cluster."""
 
 import copy
+import hashlib
+import json
 
 import pytest
 
 from kubedistill.cluster import k8s
 from kubedistill.cluster.reconcile import HASH, reconcile_body
-from kubedistill.core import pipeline, spec
+from kubedistill.core import pipeline, policy, spec
 from tests.conftest import minimal_doc
 
 NOW = "2026-11-28T00:00:00Z"
@@ -23,11 +25,14 @@ def _run(body: dict) -> spec.DistillationRun:
     return spec.parse_run({k: v for k, v in body.items() if k != "status"})
 
 
-def _manifest(run, stage, gate_passed=True):
+def _manifest(run, stage, gate_passed=True, manifests=None):
+    """What `stage` writes when it finishes: its config hash, its inputs' current digests, its own digest."""
     st = next(s for s in pipeline.build(run) if s.name == stage)
-    m = {"configHash": st.config_hash, "artifact": f"s3://b/runs/r1/{stage}/", "metrics": {"rows": 1}}
+    inputs = {d: (manifests or {})[d]["digest"] for d in st.depends_on if d in (manifests or {})}
+    m = {"configHash": st.config_hash, "inputs": inputs, "artifact": f"s3://b/runs/r1/{stage}/", "metrics": {"rows": 1}}
     if stage == "evaluate":
         m["metrics"] = {"gate": {"candidate": "student", "passed": gate_passed, "reason": "macro-F1 0.60 < 0.70"}}
+    m["digest"] = hashlib.sha256(json.dumps(m, sort_keys=True).encode()).hexdigest()[:16]
     return m
 
 
@@ -64,7 +69,7 @@ class Cluster:
         run = _run(self.body)
         name = k8s.child_name("r1", stage)
         self.children[name] = _done(self.children[name])
-        self.manifests[stage] = _manifest(run, stage, self.gate_passed)
+        self.manifests[stage] = _manifest(run, stage, self.gate_passed, self.manifests)
 
 
 def _phases(plan):
@@ -145,6 +150,23 @@ def test_a_failed_stage_is_retried_after_its_backoff_as_a_new_attempt():
         "Running", 2, None)
 
 
+def test_no_retry_starts_while_the_failed_attempts_rayjob_is_still_being_deleted():
+    """Deleted in the foreground, the old RayJob stays (with a deletionTimestamp) until its cluster is gone."""
+    c = Cluster(_body(ray={"stageRetries": 2, "retryBackoffSeconds": 30}))
+    c.step()
+    _fail(c)
+    failed = copy.deepcopy(c.children["r1-data"])
+    assert c.step().delete == [("RayJob", "r1-data")]
+    failed["metadata"]["deletionTimestamp"] = NOW  # still there, marked: its cluster is going
+    c.children["r1-data"] = failed
+    later = "2026-11-28T00:05:00Z"  # long past the backoff
+    plan = reconcile_body(c.body, c.children, c.manifests.get, later)
+    assert plan.create == [] and _phases(plan)["data"] == "Pending"
+    del c.children["r1-data"]  # the cluster is gone, and the RayJob with it
+    plan = reconcile_body(c.body, c.children, c.manifests.get, later)
+    assert [o["metadata"]["annotations"]["kubedistill.io/attempt"] for o in plan.create] == ["2"]
+
+
 def test_a_stage_that_fails_past_its_retries_fails_the_run_with_its_reason():
     c = Cluster(_body(ray={"stageRetries": 1, "retryBackoffSeconds": 0}))
     c.step()
@@ -216,6 +238,76 @@ def test_a_spec_change_reruns_only_the_stages_it_touches():
     assert [o["metadata"]["name"] for o in plan.create] == ["r1-evaluate"]
 
 
+def test_an_upstream_edit_reruns_every_downstream_stage_and_serving_waits_for_the_gate():
+    c = Cluster(_body()).through_evaluate()
+    c.step()
+    c.children["r1-serve"]["status"] = {"conditions": [{"type": "Ready", "status": "True"}]}
+    assert c.step().status.phase == "Succeeded"
+    c.body["spec"]["data"] = {"synthetic": {"seed": 5}}
+    plan = c.step()
+    # at once: nothing downstream of data counts as Succeeded, the old RayJobs go, the RayService stays
+    assert sorted(plan.delete) == [("RayJob", "r1-data"), ("RayJob", "r1-evaluate"), ("RayJob", "r1-student-crsd")]
+    assert _phases(plan) == {"data": "Pending", "student-crsd": "Pending", "evaluate": "Pending", "serve": "Pending"}
+    by = {s.name: s.message for s in plan.status.stages}
+    assert by["student-crsd"].startswith("input data is being rebuilt (its config changed)")
+    assert by["serve"].startswith("serving the previous student until the rebuilt one passes the gate")
+    assert "r1-serve" in c.children and plan.status.phase == "Running"
+    assert ("Normal", "StageInputsChanged", "student-crsd: input data is being rebuilt (its config changed), rerunning") in plan.events
+    assert [o["metadata"]["name"] for o in c.step().create] == ["r1-data"]
+    c.finish("data")
+    (student,) = c.step().create
+    assert student["metadata"]["annotations"][k8s.INPUTS] == policy.inputs_key(
+        next(s for s in pipeline.build(_run(c.body)) if s.name == "student-crsd"), c.manifests.get)
+    c.finish("student-crsd")
+    assert [o["metadata"]["name"] for o in c.step().create] == ["r1-evaluate"]
+    c.finish("evaluate")
+    plan = c.step()
+    assert plan.status.phase == "Succeeded" and plan.create == plan.delete == []
+
+
+def test_a_job_that_ran_on_inputs_rebuilt_since_is_rerun():
+    c = Cluster(_body()).through_evaluate()
+    run = _run(c.body)
+    c.manifests["data"] = _manifest(run, "data")  # data rebuilt elsewhere: a new digest, the same config
+    c.manifests["data"]["digest"] = "rebuilt"
+    plan = c.step()
+    assert sorted(plan.delete) == [("RayJob", "r1-evaluate"), ("RayJob", "r1-student-crsd")]
+    assert _phases(plan)["data"] == "Succeeded" and _phases(plan)["student-crsd"] == "Pending"
+    assert plan.status.stages[1].message.startswith("input data changed")
+    assert [o["metadata"]["name"] for o in c.step().create] == ["r1-student-crsd"]
+
+
+def test_results_already_in_storage_for_this_spec_are_adopted_not_rerun():
+    c = Cluster(_body())
+    run = _run(c.body)
+    for stage in ("data", "student-crsd"):
+        c.manifests[stage] = _manifest(run, stage, manifests=c.manifests)
+    plan = c.step()
+    assert [o["metadata"]["name"] for o in plan.create] == ["r1-evaluate"]
+    assert _phases(plan)["data"] == _phases(plan)["student-crsd"] == "Succeeded"
+    assert plan.status.stages[0].message == "done earlier for this config and these inputs"
+
+
+def test_a_corrupt_manifest_fails_its_stage_with_the_reason_and_nothing_after_it_starts():
+    from kubedistill.core.stage import CorruptManifest
+
+    c = Cluster(_body())
+    c.step()
+    c.finish("data")
+
+    def reader(stage):
+        if stage == "data":
+            raise CorruptManifest("data", "s3://b/runs/r1/data/_SUCCESS.json", "not JSON: Expecting value")
+        return c.manifests.get(stage)
+
+    plan = reconcile_body(c.body, c.children, reader, NOW)
+    data = plan.status.stages[0]
+    assert (data.phase, plan.status.phase, plan.create) == ("Failed", "Failed", [])
+    assert data.message == ("its manifest s3://b/runs/r1/data/_SUCCESS.json is corrupt (not JSON: Expecting value): "
+                            "delete it to rerun the stage")
+    assert ("Warning", "StageFailed", f"data: {data.message}") in plan.events
+
+
 def test_a_serving_change_replaces_the_rayservice_in_place():
     c = Cluster(_body()).through_evaluate()
     c.step()
@@ -245,3 +337,18 @@ def test_an_invalid_resource_fails_with_a_condition_naming_the_field(spec_fields
     valid = next(x for x in plan.status.conditions if x.type == "Valid")
     assert valid.status == "False" and says in valid.message
     assert plan.events[0][:2] == ("Warning", "InvalidSpec")
+
+
+def test_a_status_too_big_to_write_has_its_metrics_trimmed_with_a_note():
+    from kubedistill.cluster.reconcile import fit_status
+
+    status = spec.RunStatus(phase="Succeeded", stages=[
+        spec.StageStatus(name="annotate", phase="Succeeded", metrics={
+            "rows_in": 10, "quarantine_reasons": {f"reason {i}": i for i in range(5000)}}),
+        spec.StageStatus(name="evaluate", phase="Succeeded", message="ok", metrics={"macro_f1": 0.7})])
+    assert not fit_status(status, budget=10**7)
+    assert fit_status(status, budget=2000)
+    assert len(status.model_dump_json(by_alias=True)) <= 2000
+    annotate, evaluate = status.stages
+    assert annotate.metrics == {"rows_in": 10} and "metrics trimmed" in annotate.message
+    assert evaluate.metrics == {"macro_f1": 0.7} and evaluate.message == "ok"  # small enough: left whole

@@ -108,3 +108,60 @@ def test_a_service_stage_acts_on_every_run(tmp_path):
     execute(_ctx(tmp_path, "evaluate", ["data"]), fn)
     execute(_ctx(tmp_path, "evaluate", ["data"]), fn)  # a batch stage: done, skipped
     assert calls == ["serve", "serve", "evaluate"]
+
+
+def _in_thread(fn):
+    """Run `fn` in a thread; the thread and a list that receives its exception (or its result)."""
+    import threading
+
+    out: list = []
+
+    def target():
+        try:
+            out.append(fn())
+        except BaseException as e:  # noqa: BLE001 - the test inspects it
+            out.append(e)
+
+    th = threading.Thread(target=target)
+    th.start()
+    return th, out
+
+
+@pytest.mark.parametrize("old_fails", [False, True])
+def test_two_attempts_racing_on_one_prefix_only_the_latest_writes_its_result(tmp_path, old_fails):
+    """Attempt 1 is still running when attempt 2 starts and finishes (its executor gave up on 1): when 1
+    ends, it writes neither its manifest nor a failure over 2's result. The interleaving is driven by
+    events, not by sleeping."""
+    import threading
+
+    execute(_ctx(tmp_path), lambda ctx: {})  # the input
+    old_running, new_done = threading.Event(), threading.Event()
+
+    def old(ctx):
+        old_running.set()
+        assert new_done.wait(30)
+        if old_fails:
+            raise RuntimeError("the old attempt's node went away")
+        return {"metrics": {"attempt": 1}}
+
+    th, out = _in_thread(lambda: execute(_ctx(tmp_path, "evaluate", ["data"]), old))
+    assert old_running.wait(30)
+    new = execute(_ctx(tmp_path, "evaluate", ["data"]), lambda ctx: {"metrics": {"attempt": 2}})
+    new_done.set()
+    th.join(30)
+    if old_fails:
+        assert isinstance(out[0], RuntimeError) and "node went away" in str(out[0]), out
+    else:
+        assert isinstance(out[0], stage.Superseded) and "a newer attempt" in str(out[0]), out
+    root = stage.run_storage(_ctx(tmp_path).config)
+    assert stage.read_manifest(root, "evaluate") == new and new["metrics"] == {"attempt": 2}
+    assert not root.exists(f"evaluate/{stage.FAILURE}")
+
+
+@pytest.mark.parametrize(("content", "says"), [(b"{not json", "not JSON"), (b"[1, 2]", "not an object with a digest"),
+                                               (b'{"configHash": "x"}', "not an object with a digest")])
+def test_a_corrupt_manifest_is_named_with_its_uri_never_read_as_a_result(tmp_path, content, says):
+    root = stage.run_storage(_ctx(tmp_path).config)
+    root.write_bytes(f"data/{MANIFEST}", content)
+    with pytest.raises(stage.CorruptManifest, match=rf"its manifest .*data/_SUCCESS.json is corrupt \({says}"):
+        stage.read_manifest(root, "data")
