@@ -378,8 +378,21 @@ def read_shards(batch: dict[str, Any], rows_per_block: int) -> Any:
 
 
 def shard_name(rel: str) -> str:
-    """`logs/part-00003.parquet` -> `part-00003` (output names follow input names)."""
-    return rel.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+    """A log file's path under the log prefix without its extension: `part-00003.parquet` -> `part-00003`,
+    `eu/part-0.jsonl` -> `eu/part-0`. Outputs follow it (`labeled/eu/part-0.parquet`), so files of the same
+    name in two folders stay two shards."""
+    return rel.rsplit(".", 1)[0] if "." in rel.rsplit("/", 1)[-1] else rel
+
+
+def shard_names(files: list[str]) -> dict[str, str]:
+    """shard name -> log file, refusing two files that would share one (`a.jsonl` beside `a.parquet`)."""
+    out: dict[str, str] = {}
+    for rel in files:
+        name = shard_name(rel)
+        if name in out:
+            raise ValueError(f"annotate: log files {out[name]!r} and {rel!r} would share shard {name!r}; keep one")
+        out[name] = rel
+    return out
 
 
 def shard_rows(src: Storage, rel: str) -> int:
@@ -453,7 +466,7 @@ def _drop_stale(out: Storage, keep: set[str]) -> None:
     or a shard the log no longer has): the student reads all of `labeled/`."""
     for sub in ("shards", "labeled", "quarantine"):
         for rel in out.list(sub):
-            if shard_name(rel) not in keep:
+            if shard_name(rel.removeprefix(f"{sub}/")) not in keep:
                 out.delete(rel)
 
 
@@ -563,8 +576,7 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
     inputs = input_digests(ctx.storage, ctx.inputs) or {}
     results: dict[str, ShardResult] = {}
     pending: dict[str, str] = {}
-    for rel in files:
-        name = shard_name(rel)
+    for name, rel in shard_names(files).items():
         done = finished(ctx.out, name, ctx.config_hash, inputs)
         if done is not None:
             results[name] = done

@@ -127,7 +127,7 @@ def test_shard_rows_counts_what_ray_data_reads(tmp_path):
     assert annotate.shard_rows(st, "a.jsonl") == 3
     data.write_rows(st, "b", [{"x": i} for i in range(5)], "parquet")
     assert annotate.shard_rows(st, "b.parquet") == 5
-    assert annotate.shard_name("logs/part-00003.parquet") == "part-00003"
+    assert annotate.shard_name("part-00003.parquet") == "part-00003"
 
 
 def test_a_jsonl_row_holding_a_line_separator_is_one_row_for_the_data_stage_and_annotate(tmp_path):
@@ -205,3 +205,19 @@ def test_label_agreement_is_counted_by_pair_id_with_the_commonest_disagreements(
     # 4 pairs in both (x and y are not); a agrees: 1/4
     assert got == {"pairs": 4, "accuracy": 0.25, "disagreements": {"relevant->partial": 2, "partial->irrelevant": 1}}
     assert label_agreement({"a": "relevant"}, {"b": "relevant"}) is None
+
+
+def test_shards_are_named_by_relative_path_so_same_named_files_in_two_folders_stay_two():
+    names = annotate.shard_names(["eu/part-0.jsonl", "us/part-0.jsonl", "part-0.parquet"])
+    assert names == {"eu/part-0": "eu/part-0.jsonl", "us/part-0": "us/part-0.jsonl", "part-0": "part-0.parquet"}
+    with pytest.raises(ValueError, match=r"log files 'a.jsonl' and 'a.parquet' would share shard 'a'"):
+        annotate.shard_names(["a.jsonl", "a.parquet"])
+
+
+def test_stale_outputs_are_dropped_by_their_shard_path_and_kept_ones_stay(tmp_path):
+    out = Storage(str(tmp_path))
+    for rel in ("labeled/eu/part-0.parquet", "labeled/us/part-0.parquet", "shards/eu/part-0.json",
+                "shards/us/part-0.json", "quarantine/us/part-0.jsonl"):
+        out.write_bytes(rel, b"x")
+    annotate._drop_stale(out, keep={"eu/part-0"})
+    assert out.list() == ["labeled/eu/part-0.parquet", "shards/eu/part-0.json"]
