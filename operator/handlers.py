@@ -2,7 +2,8 @@
 kubedistill.cluster.controller. Run: kopf run operator/handlers.py --all-namespaces [--standalone | --peering kubedistill]
 
 Environment: KUBEDISTILL_RECONCILE_INTERVAL (seconds between reconciles of a run, default 10),
-KUBEDISTILL_METRICS_PORT (Prometheus metrics, default 9090; 0 turns them off).
+KUBEDISTILL_METRICS_PORT (Prometheus metrics, default 9090; 0 turns them off), KUBEDISTILL_STAGE_IMAGE and
+KUBEDISTILL_STAGE_IMAGE_GPU (what stage pods run when a run sets no spec.ray.image; the chart sets both).
 """
 
 import logging
@@ -34,7 +35,7 @@ def configure(settings: kopf.OperatorSettings, **_) -> None:
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=k8s.GROUP, key="last-spec")
     settings.persistence.finalizer = f"{k8s.GROUP}/operator"
     settings.posting.level = logging.WARNING  # our own events say what happened; kopf posts only its errors
-    ctl = controller.Controller(controller.Cluster.connect())
+    ctl = controller.Controller(controller.Cluster.connect(), controller.images_from_env(os.environ))
     if port := int(os.environ.get("KUBEDISTILL_METRICS_PORT", "9090")):
         prometheus_client.start_http_server(port)
 

@@ -205,6 +205,14 @@ class Cluster:
         )
 
 
+def images_from_env(env: Mapping[str, str]) -> k8s.Images:
+    """The stage pods' default images: $KUBEDISTILL_STAGE_IMAGE (the chart sets the operator's own image) and
+    $KUBEDISTILL_STAGE_IMAGE_GPU (its GPU variant); this release's published images where unset."""
+    release = k8s.Images.release()
+    cpu = env.get("KUBEDISTILL_STAGE_IMAGE") or release.cpu
+    return k8s.Images(cpu, env.get("KUBEDISTILL_STAGE_IMAGE_GPU") or (release.gpu if cpu == release.cpu else cpu))
+
+
 def _no_manifests(_stage: str) -> dict[str, Any] | None:
     """A run without storage has no stage manifests."""
     return None
@@ -260,6 +268,8 @@ class Controller:
     """One per operator process: serialises reconciles of the same run and keeps the phase gauge."""
 
     cluster: Cluster
+    #: what stage pods run when a run sets no spec.ray.image (`images_from_env`)
+    images: k8s.Images = field(default_factory=k8s.Images.release)
     _locks: dict[str, threading.Lock] = field(default_factory=dict)
     _phases: dict[str, str] = field(default_factory=dict)
     _guard: threading.Lock = field(default_factory=threading.Lock)
@@ -296,7 +306,7 @@ class Controller:
                 manifests = manifest_reader(store)
             previous = _previous(body)
             plan = reconcile.reconcile_body(
-                {**body, "status": previous.model_dump(by_alias=True)}, children, manifests, now
+                {**body, "status": previous.model_dump(by_alias=True)}, children, manifests, now, self.images
             )
             self.cluster.apply(plan, namespace)
             if store is not None and _phases(previous) != _phases(plan.status):

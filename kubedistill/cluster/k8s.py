@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
+from kubedistill import __version__
 from kubedistill.core import pipeline
 from kubedistill.core.pipeline import Stage
 from kubedistill.core.serve_app import APP_NAME, IMPORT_PATH, app_args
@@ -29,6 +31,8 @@ ATTEMPT = f"{GROUP}/attempt"
 #: digest of the input manifests a RayJob was created for
 INPUTS = f"{GROUP}/inputs"
 SERVE_PORT = 8000
+#: where this project's images are published (the Dockerfile's builds)
+IMAGE_REPOSITORY = "ghcr.io/kubedistill/kubedistill"
 
 
 def child_name(run_name: str, stage: str) -> str:
@@ -63,8 +67,31 @@ def metadata(run: DistillationRun, stage: str, uid: str | None) -> dict[str, Any
     return meta
 
 
+@dataclass(frozen=True)
+class Images:
+    """What stage pods run when a run sets no `spec.ray.image`: the operator's own image (the chart passes
+    it, see `controller.images_from_env`) and its GPU variant, for stages with GPUs."""
+
+    cpu: str
+    gpu: str
+
+    @classmethod
+    def release(cls) -> Images:
+        """This release's images (the Dockerfile's builds): what `kubedistill render` shows."""
+        return cls(f"{IMAGE_REPOSITORY}:{__version__}", f"{IMAGE_REPOSITORY}:{__version__}-gpu")
+
+    def of(self, run: DistillationRun, gpus: float) -> str:
+        return run.spec.ray.image or (self.gpu if gpus else self.cpu)
+
+
 def _container(
-    run: DistillationRun, name: str, cpus: float, gpus: float, memory: str | None, ports: list[tuple[str, int]]
+    run: DistillationRun,
+    image: str,
+    name: str,
+    cpus: float,
+    gpus: float,
+    memory: str | None,
+    ports: list[tuple[str, int]],
 ) -> dict[str, Any]:
     requests: dict[str, Any] = {"cpu": _quantity(cpus)}
     if memory:
@@ -74,7 +101,7 @@ def _container(
         limits["nvidia.com/gpu"] = max(1, math.ceil(gpus))
     c: dict[str, Any] = {
         "name": name,
-        "image": run.spec.ray.image,
+        "image": image,
         "resources": {"requests": requests, "limits": limits},
         "securityContext": {"allowPrivilegeEscalation": False, "runAsNonRoot": True},
     }
@@ -99,12 +126,15 @@ def ray_cluster_spec(
     gpus: float,
     memory: str | None,
     head_ports: list[tuple[str, int]],
+    images: Images,
 ) -> dict[str, Any]:
-    """A RayCluster spec: a head that runs no tasks (num-cpus 0) and one worker group sized for the stage."""
+    """A RayCluster spec: a head that runs no tasks (num-cpus 0) and one worker group sized for the stage.
+    Head and workers run one image (Ray needs the same build on both): the GPU variant when workers have GPUs."""
+    image = images.of(run, gpus)
     head = _container(
-        run, "ray-head", 1, 0, "4Gi", [("gcs", 6379), ("dashboard", 8265), ("client", 10001), *head_ports]
+        run, image, "ray-head", 1, 0, "4Gi", [("gcs", 6379), ("dashboard", 8265), ("client", 10001), *head_ports]
     )
-    worker = _container(run, "ray-worker", cpus, gpus, memory, [])
+    worker = _container(run, image, "ray-worker", cpus, gpus, memory, [])
     start = {"num-cpus": str(max(1, math.ceil(cpus)))}  # Ray's resource view of the pod
     if gpus:
         start["num-gpus"] = str(max(1, math.ceil(gpus)))
@@ -133,7 +163,12 @@ def ray_cluster_spec(
 
 
 def rayjob(
-    run: DistillationRun, stage: Stage, uid: str | None = None, attempt: int = 1, inputs: str | None = None
+    run: DistillationRun,
+    stage: Stage,
+    uid: str | None = None,
+    attempt: int = 1,
+    inputs: str | None = None,
+    images: Images | None = None,
 ) -> dict[str, Any]:
     """The RayJob of one batch stage: its entrypoint, its config as JSON in an env var, a cluster sized for it.
 
@@ -161,7 +196,16 @@ def rayjob(
             "shutdownAfterJobFinishes": True,
             "ttlSecondsAfterFinished": 300,
             "rayClusterSpec": ray_cluster_spec(
-                run, "workers", workers, lo, hi, r.cpus_per_worker, r.gpus_per_worker, r.memory, head_ports=[]
+                run,
+                "workers",
+                workers,
+                lo,
+                hi,
+                r.cpus_per_worker,
+                r.gpus_per_worker,
+                r.memory,
+                head_ports=[],
+                images=images or Images.release(),
             ),
         },
     }
@@ -199,16 +243,16 @@ def serve_config(run: DistillationRun, model_uri: str) -> dict[str, Any]:
     }
 
 
-def rayservice(run: DistillationRun, model_uri: str, uid: str | None = None) -> dict[str, Any]:
+def rayservice(
+    run: DistillationRun, model_uri: str, uid: str | None = None, images: Images | None = None
+) -> dict[str, Any]:
     """The RayService hosting the student: one worker per Serve replica, autoscaled within spec.serving.replicas."""
     s = run.spec.serving
+    images = images or Images.release()
     meta = metadata(run, "serve", uid)
     config = serve_config(run, model_uri)
-    meta["annotations"] = {
-        f"{GROUP}/config-hash": hashlib.sha256(yaml.safe_dump([config, to_wire(run.spec.ray)]).encode()).hexdigest()[
-            :16
-        ]
-    }
+    what = [config, to_wire(run.spec.ray), images.of(run, s.gpus_per_replica)]  # a new image rolls the service too
+    meta["annotations"] = {f"{GROUP}/config-hash": hashlib.sha256(yaml.safe_dump(what).encode()).hexdigest()[:16]}
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayService",
@@ -225,6 +269,7 @@ def rayservice(run: DistillationRun, model_uri: str, uid: str | None = None) -> 
                 gpus=s.gpus_per_replica,
                 memory=None,
                 head_ports=[("serve", SERVE_PORT)],
+                images=images,
             ),
         },
     }
@@ -235,11 +280,15 @@ def student_model_uri(run: DistillationRun) -> str:
     return f"{run_prefix(run.spec.storage.uri, run.name)}/student-crsd/model"
 
 
-def render(run: DistillationRun, uid: str | None = None) -> list[dict[str, Any]]:
+def render(run: DistillationRun, uid: str | None = None, images: Images | None = None) -> list[dict[str, Any]]:
     """Every RayJob and the RayService the operator creates for `run`, in stage order."""
     out = []
     for stage in pipeline.build(run):
-        out.append(rayservice(run, student_model_uri(run), uid) if stage.service else rayjob(run, stage, uid))
+        out.append(
+            rayservice(run, student_model_uri(run), uid, images)
+            if stage.service
+            else rayjob(run, stage, uid, images=images)
+        )
     return out
 
 

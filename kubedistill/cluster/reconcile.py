@@ -149,6 +149,7 @@ def reconcile_body(
     children: dict[str, dict[str, Any]],
     manifests: Callable[[str], dict[str, Any] | None],
     now: str,
+    images: k8s.Images | None = None,
 ) -> Plan:
     """`reconcile` for a resource as the API server holds it (spec unvalidated, previous status inside)."""
     previous = RunStatus.model_validate(body["status"]) if body.get("status") and body["status"].get("phase") else None
@@ -161,7 +162,14 @@ def reconcile_body(
         return invalid(body, e, previous, now)
     meta = body.get("metadata") or {}
     return reconcile(
-        run, children, manifests, now, uid=meta.get("uid"), generation=meta.get("generation"), previous=previous
+        run,
+        children,
+        manifests,
+        now,
+        uid=meta.get("uid"),
+        generation=meta.get("generation"),
+        previous=previous,
+        images=images,
     )
 
 
@@ -174,6 +182,7 @@ def reconcile(
     uid: str | None = None,
     generation: int | None = None,
     previous: RunStatus | None = None,
+    images: k8s.Images | None = None,
 ) -> Plan:
     """Decide the next step for `run` given its children (by name) and the stages' manifests in storage."""
     stages = pipeline.build(run)
@@ -220,9 +229,9 @@ def reconcile(
         child = children.get(name)
         inputs = policy.inputs_key(stage, manifests) if step.ready else None
         desired = (
-            k8s.rayservice(run, k8s.student_model_uri(run), uid)
+            k8s.rayservice(run, k8s.student_model_uri(run), uid, images)
             if is_service
-            else k8s.rayjob(run, stage, uid, attempt=st.attempts + 1, inputs=inputs)
+            else k8s.rayjob(run, stage, uid, attempt=st.attempts + 1, inputs=inputs, images=images)
         )
         stale = (
             child is not None

@@ -369,10 +369,11 @@ class ServingSpec(_Model):
 
 
 class RaySpec(_Model):
-    image: str = Field(
-        default="rayproject/ray:2.60.0-py311",
+    image: str | None = Field(
+        default=None,
         min_length=1,
-        description="Image of every Ray pod in a cluster; it must contain kubedistill and its ray_apps/.",
+        description="Image of every Ray pod in a cluster; it must contain kubedistill and its ray_apps/. Unset: the "
+        "image the operator runs (the chart's `image`), or its GPU variant (`image.gpuTag`) for a stage with GPUs.",
     )
     ray_version: str = Field(default="2.60.0", min_length=1, description="Ray version of the image (KubeRay needs it).")
     stage_retries: int = Field(

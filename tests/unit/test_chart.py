@@ -209,3 +209,16 @@ def test_kustomization_builds_and_every_object_validates():
         if obj["apiVersion"].startswith("zalando.org/"):
             continue  # served by the peering CRD in the same build
         kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+
+
+def test_the_operator_tells_stage_pods_to_run_its_own_image_and_its_gpu_variant():
+    """A run without spec.ray.image must run where kubedistill is installed: the operator's image."""
+    def env(*sets):
+        (dep,) = _by_kind(render(*sets), "Deployment")
+        (c,) = dep["spec"]["template"]["spec"]["containers"]
+        return c["image"], {e["name"]: e.get("value") for e in c["env"]}
+
+    image, e = env()
+    assert e["KUBEDISTILL_STAGE_IMAGE"] == image and e["KUBEDISTILL_STAGE_IMAGE_GPU"] == f"{image}-gpu"
+    image, e = env("image.tag=1.2.3", "image.gpuTag=1.2.3-cuda12")
+    assert image.endswith(":1.2.3") and e["KUBEDISTILL_STAGE_IMAGE_GPU"].endswith(":1.2.3-cuda12")

@@ -44,7 +44,7 @@ def test_rayservice_validates_against_kuberay_and_carries_the_serving_spec():
     worker = group["template"]["spec"]["containers"][0]
     assert worker["resources"]["requests"]["cpu"] == "2" and group["rayStartParams"]["num-cpus"] == "2"
     assert worker["envFrom"] == [{"secretRef": {"name": "s3-credentials"}}]
-    assert worker["image"] == run.spec.ray.image and cluster["rayVersion"] == run.spec.ray.ray_version
+    assert worker["image"] == k8s.Images.release().cpu and cluster["rayVersion"] == run.spec.ray.ray_version
     head_ports = {p["name"]: p["containerPort"] for p in cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]}
     assert head_ports["serve"] == 8000
 
@@ -169,3 +169,30 @@ def test_rayjob_status_to_stage_phase(status, phase, says):
     got, message = k8s.rayjob_phase({"status": status})
     assert got == phase
     assert (says is None and message is None) or says in message
+
+
+def test_stage_pods_run_the_operators_image_unless_the_run_names_one():
+    from kubedistill.cluster.controller import images_from_env
+    from kubedistill.core import pipeline
+
+    images = images_from_env({"KUBEDISTILL_STAGE_IMAGE": "reg/kd:9", "KUBEDISTILL_STAGE_IMAGE_GPU": "reg/kd:9-gpu"})
+    run = _full_run()  # student workers and annotate replicas have GPUs; data does not
+    by = {s.name: s for s in pipeline.build(run)}
+
+    def pod_images(obj):
+        spec_ = obj["spec"].get("rayClusterSpec") or obj["spec"]["rayClusterConfig"]
+        groups = [spec_["headGroupSpec"], *spec_["workerGroupSpecs"]]
+        return {c["image"] for g in groups for c in g["template"]["spec"]["containers"]}
+
+    assert pod_images(k8s.rayjob(run, by["data"], images=images)) == {"reg/kd:9"}
+    assert pod_images(k8s.rayjob(run, by["student-crsd"], images=images)) == {"reg/kd:9-gpu"}
+    named = _full_run(ray={"image": "mine/kd:1"})
+    assert pod_images(k8s.rayjob(named, by["student-crsd"], images=images)) == {"mine/kd:1"}
+    release = k8s.Images.release()  # `kubedistill render`: this release's published images
+    assert pod_images(k8s.rayjob(run, by["data"])) == {release.cpu} and release.cpu.startswith(k8s.IMAGE_REPOSITORY)
+    assert images_from_env({}) == release
+    assert images_from_env({"KUBEDISTILL_STAGE_IMAGE": "reg/kd:9"}) == k8s.Images("reg/kd:9", "reg/kd:9")
+    def service_hash(imgs):
+        return k8s.rayservice(run, MODEL, images=imgs)["metadata"]["annotations"]["kubedistill.io/config-hash"]
+
+    assert service_hash(images) != service_hash(k8s.Images("reg/kd:10", "reg/kd:10-gpu"))  # a new image rolls it

@@ -120,8 +120,16 @@ def test_every_sample_validates_runs_in_this_version_and_renders_valid_kuberay_o
         for run in spec.load_runs(f):
             objs = k8s.render(run, uid="00000000-0000-0000-0000-000000000001")
             assert all(errors(o) == [] for o in objs), f.name
-            if f.name != "quickstart.yaml":  # cluster samples: artifacts on S3, the kubedistill image
-                assert run.spec.storage.uri.startswith("s3://") and "kubedistill" in run.spec.ray.image
+            if f.name != "quickstart.yaml":  # cluster samples: artifacts on S3, pods on a kubedistill image
+                assert run.spec.storage.uri.startswith("s3://")
+                images = {c["image"] for o in objs for c in _containers(o)}
+                assert images and all(i.startswith("ghcr.io/kubedistill/kubedistill:") for i in images), images
+
+
+def _containers(obj):
+    spec_ = obj["spec"].get("rayClusterSpec") or obj["spec"]["rayClusterConfig"]
+    for group in (spec_["headGroupSpec"], *spec_["workerGroupSpecs"]):
+        yield from group["template"]["spec"]["containers"]
 
 
 def test_the_gpu_sample_asks_for_gpus_where_it_trains_and_serves():
