@@ -126,7 +126,7 @@ def _on_old_inputs(child: dict[str, Any], step: policy.Step, inputs: str | None)
         return True  # an input is being rebuilt
     created_for = ((child.get("metadata") or {}).get("annotations") or {}).get(k8s.INPUTS)
     if created_for is None:  # made before RayJobs recorded their inputs: the manifests decide
-        return step.state == "stale" and (step.reason or "").startswith("input")
+        return step.cause == "input"
     return created_for != inputs
 
 

@@ -40,6 +40,8 @@ class Step:
     ready: bool
     #: why the stage is not done (None when it is)
     reason: str | None = None
+    #: what made a `stale` stage stale: its own config, or one of its inputs
+    cause: Literal["config", "input"] | None = None
 
     @property
     def should_run(self) -> bool:
@@ -79,12 +81,12 @@ def step(stage: Stage, manifests: Manifests, earlier: dict[str, Step]) -> Step:
     if manifest is None:
         return Step("runnable", True) if ready else Step("blocked", False, f"waiting for {', '.join(waiting)}")
     if manifest.get("configHash") != stage.config_hash:
-        return Step("stale", ready, "its config changed")
+        return Step("stale", ready, "its config changed", "config")
     if waiting:
         why = earlier[waiting[0]].reason
-        return Step("stale", False, f"input {waiting[0]} is being rebuilt" + (f" ({why})" if why else ""))
+        return Step("stale", False, f"input {waiting[0]} is being rebuilt" + (f" ({why})" if why else ""), "input")
     if (dep := _changed_input(stage, manifest, manifests)) is not None:
-        return Step("stale", True, f"input {dep} changed")
+        return Step("stale", True, f"input {dep} changed", "input")
     return Step("done", True)
 
 

@@ -113,3 +113,18 @@ def test_a_registry_mistake_is_named_when_the_graph_is_built(monkeypatch):
     monkeypatch.setattr(registry, "STAGES", (later_input, *registry.STAGES))
     with pytest.raises(pipeline.RegistryError, match=r"stage toy: input\(s\) \['serve-later'\]"):
         _build()
+
+
+@pytest.mark.parametrize(("target", "says"), [
+    ("kubedistill.stages.student", "expected <module>:<function>"),
+    ("kubedistill.stages.nope:run_stage", "cannot load stage function"),
+    ("kubedistill.stages.student:nope", "cannot load stage function"),
+    ("kubedistill.stages.student:ARTIFACT_VERSION", "is not a function"),
+])
+def test_a_job_whose_stage_function_cannot_be_loaded_says_which(target, says):
+    from kubedistill import job
+
+    with pytest.raises(SystemExit, match=says):
+        job.resolve(target)
+    with pytest.raises(SystemExit, match="usage: python -m kubedistill.job"):
+        job.main([])
