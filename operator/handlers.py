@@ -56,6 +56,8 @@ def reconcile(body: kopf.Body, patch: kopf.Patch, rayjobs: kopf.Index, rayservic
     children = controller.children_by_name({"RayJob": rayjobs.get(key, []), "RayService": rayservices.get(key, [])})
     assert ctl is not None, "set at start-up"
     plan = ctl.reconcile_run(dict(body), children, stage.now())
+    if plan is None:  # a finished run nothing has touched since: no API or storage call
+        return
     wire = spec.to_wire(plan.status)
     new = {k: wire.get(k) for k in STATUS_KEYS}
     if new != {k: (body.get("status") or {}).get(k) for k in STATUS_KEYS}:  # no write when nothing changed

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from kubedistill.core.ports import PortInUse, Ports, looks_like_bind_failure, start_with_retries
+from kubedistill.core.stage import ATTEMPT, must_read_manifest, version_dir
+from kubedistill.core.storage import Storage
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "manifests" / "samples"
@@ -189,6 +191,16 @@ def bucket(s3_env: SeaweedS3, request: pytest.FixtureRequest) -> str:
     name = "kd-" + "".join(c for c in request.node.name.lower() if c.isalnum())[:40]
     s3_env.create_bucket(name)
     return name
+
+
+def artifact(run: Storage, stage: str) -> Storage:
+    """A stage's current version: where its manifest points (`<stage>/v-<version>/`)."""
+    return Storage(must_read_manifest(run, stage)["artifact"], run.options)
+
+
+def attempted(run: Storage, stage: str) -> Storage:
+    """The version a stage's latest attempt wrote to: a failed attempt's partial outputs."""
+    return run.child(version_dir(stage, run.read_json(f"{stage}/{ATTEMPT}")["version"]))
 
 
 def minimal_doc(**spec: object) -> dict:

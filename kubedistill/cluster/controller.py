@@ -60,6 +60,7 @@ ERRORS = Counter(
     "status-trimmed.",
     ["kind"],
 )
+STORAGE_READS = Counter("kubedistill_operator_storage_reads", "Stage manifests the operator read from storage.")
 RUNS = Gauge("kubedistill_operator_runs", "DistillationRuns this operator tracks, by phase.", ["phase"])
 
 
@@ -205,6 +206,14 @@ class Cluster:
         )
 
 
+def _fingerprint(body: dict[str, Any], children: dict[str, dict[str, Any]]) -> tuple[Any, ...]:
+    """What a reconcile of a finished run depends on in the cluster: its generation (the spec), its deletion,
+    and each child's resourceVersion (a RayService turning unhealthy, a RayJob deleted by hand)."""
+    meta = body.get("metadata") or {}
+    kids = tuple(sorted((n, (c.get("metadata") or {}).get("resourceVersion")) for n, c in children.items()))
+    return meta.get("generation"), meta.get("deletionTimestamp"), kids
+
+
 def images_from_env(env: Mapping[str, str]) -> k8s.Images:
     """The stage pods' default images: $KUBEDISTILL_STAGE_IMAGE (the chart sets the operator's own image) and
     $KUBEDISTILL_STAGE_IMAGE_GPU (its GPU variant); this release's published images where unset."""
@@ -224,6 +233,7 @@ def manifest_reader(storage: Storage) -> Callable[[str], dict[str, Any] | None]:
 
     def read(stage: str) -> dict[str, Any] | None:
         if stage not in cache:
+            STORAGE_READS.inc()
             cache[stage] = read_manifest(storage, stage)
         return cache[stage]
 
@@ -272,24 +282,47 @@ class Controller:
     images: k8s.Images = field(default_factory=k8s.Images.release)
     _locks: dict[str, threading.Lock] = field(default_factory=dict)
     _phases: dict[str, str] = field(default_factory=dict)
+    #: finished runs, by key: what they and their children were when last reconciled (`_fingerprint`)
+    _finished: dict[str, tuple[Any, ...]] = field(default_factory=dict)
     _guard: threading.Lock = field(default_factory=threading.Lock)
 
-    def reconcile_run(self, body: dict[str, Any], children: dict[str, dict[str, Any]], now: str) -> reconcile.Plan:
+    def reconcile_run(
+        self, body: dict[str, Any], children: dict[str, dict[str, Any]], now: str
+    ) -> reconcile.Plan | None:
+        """The run's next plan, applied; None for a finished run that nothing touched since it finished
+        (its spec, its children and its deletion are unchanged): that costs no API or storage call."""
         meta = body.get("metadata") or {}
         key = meta.get("uid") or f"{meta.get('namespace')}/{meta.get('name')}"
+        seen = _fingerprint(body, children)
         with self._guard:
             lock = self._locks.setdefault(key, threading.Lock())
+            if self._finished.get(key) == seen:
+                RECONCILES.labels("idle").inc()
+                return None
         with lock, RECONCILE_SECONDS.time():
             plan, result = self._reconcile(body, children, now)
         RECONCILES.labels(result).inc()
         for _, reason, _ in plan.events:
             STAGE_EVENTS.labels(reason).inc()
+        finished = (
+            result in ("ok", "api-invalid")  # not a run waiting on storage, a Secret, KubeRay or its rights
+            and plan.status.phase in ("Succeeded", "Failed")
+            and not (plan.create or plan.delete or plan.replace)
+        )
+        with self._guard:
+            if finished:
+                self._finished[key] = seen
+            else:
+                self._finished.pop(key, None)
         self._track(key, plan.status.phase)
         return plan
 
     def forget(self, body: dict[str, Any]) -> None:
         meta = body.get("metadata") or {}
-        self._track(meta.get("uid") or f"{meta.get('namespace')}/{meta.get('name')}", None)
+        key = meta.get("uid") or f"{meta.get('namespace')}/{meta.get('name')}"
+        with self._guard:
+            self._finished.pop(key, None)
+        self._track(key, None)
 
     def _reconcile(
         self, body: dict[str, Any], children: dict[str, dict[str, Any]], now: str

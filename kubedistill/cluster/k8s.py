@@ -276,8 +276,9 @@ def rayservice(
 
 
 def student_model_uri(run: DistillationRun) -> str:
-    """Where the student-crsd stage exports the serving artifact (deterministic, so render needs no cluster)."""
-    return f"{run_prefix(run.spec.storage.uri, run.name)}/student-crsd/model"
+    """What `render` shows for the served model: the operator fills in the version the gate promoted
+    (`<stage>/v-<version>/model`), which exists only once the run has trained and evaluated it."""
+    return f"{run_prefix(run.spec.storage.uri, run.name)}/student-crsd/v-PROMOTED/model"
 
 
 def render(run: DistillationRun, uid: str | None = None, images: Images | None = None) -> list[dict[str, Any]]:

@@ -228,13 +228,15 @@ def reconcile(
         name = k8s.child_name(run.name, stage.name)
         child = children.get(name)
         inputs = policy.inputs_key(stage, manifests) if step.ready else None
-        desired = (
-            k8s.rayservice(run, k8s.student_model_uri(run), uid, images)
-            if is_service
-            else k8s.rayjob(run, stage, uid, attempt=st.attempts + 1, inputs=inputs, images=images)
-        )
+        desired: dict[str, Any] | None
+        if is_service:  # the student the gate passed, by version: a new version rolls the service
+            model = pipeline.promoted_model(manifests) if step.ready and step.state != "skipped" else None
+            desired = k8s.rayservice(run, model, uid, images) if model else None
+        else:
+            desired = k8s.rayjob(run, stage, uid, attempt=st.attempts + 1, inputs=inputs, images=images)
         stale = (
             child is not None
+            and desired is not None
             and (child.get("metadata", {}).get("annotations") or {}).get(HASH)
             != desired["metadata"]["annotations"][HASH]
         )
@@ -270,7 +272,7 @@ def reconcile(
             )
             status.stages.append(st)
             continue
-        if stale and child is not None:
+        if stale and child is not None and desired is not None:
             desired["metadata"]["resourceVersion"] = child["metadata"].get("resourceVersion")
             plan.replace.append(desired)
             plan.events.append(("Normal", "ServingUpdated", f"{stage.name}: serving config changed, updating in place"))
@@ -290,6 +292,8 @@ def reconcile(
                 _condition(status.conditions, "Promoted", "False", "GateFailed", why, now)
             elif st.retry_at and now < st.retry_at:
                 st.phase = "Pending"  # backing off; the message says when the retry starts
+            elif desired is None:  # a service whose model is not known yet
+                st.phase, st.message = "Pending", "waiting for the evaluation gate to name a student"
             else:
                 plan.create.append(desired)
                 st.phase, st.started_at, st.finished_at, st.attempts = "Running", now, None, st.attempts + 1
@@ -300,6 +304,13 @@ def reconcile(
         elif is_service and not step.ready:  # the RayService keeps serving what passed the gate last
             st.job, st.phase = name, "Pending"
             st.message = f"serving the previous student until the rebuilt one passes the gate ({step.reason})"
+        elif is_service and step.state == "skipped":  # the new student failed the gate: the old one stays
+            why = (step.reason or "").removeprefix("not promoted: ")
+            st.job, (st.phase, serving) = name, k8s.rayservice_phase(child)
+            st.message = f"still serving the last promoted student; the new one was not promoted: {why}"
+            if serving and st.phase != "Succeeded":
+                st.message += f" ({serving})"
+            _condition(status.conditions, "Promoted", "False", "GateFailed", why, now)
         else:
             st.job = name
             st.phase, st.message = k8s.rayservice_phase(child) if is_service else k8s.rayjob_phase(child)
@@ -326,7 +337,7 @@ def reconcile(
         if st.phase != old.phase and st.phase in ("Succeeded", "Failed"):
             kind = "Warning" if st.phase == "Failed" else "Normal"
             plan.events.append((kind, f"Stage{st.phase}", f"{stage.name}: {st.message or st.phase.lower()}"))
-        elif st.phase == "Running" and old.phase != "Running" and child is None:
+        elif st.phase == "Running" and old.phase != "Running" and child is None and desired is not None:
             plan.events.append(("Normal", "StageStarted", f"{stage.name}: created {desired['kind']} {name}"))
         status.stages.append(st)
 

@@ -7,6 +7,7 @@ plus its inputs, so changing (say) `spec.serving` reruns `serve` and nothing els
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,18 @@ def gate_blocks(evaluate_manifest: dict[str, Any] | None) -> str | None:
     if verdict["candidate"] != "student":
         return "no student was evaluated"
     return None if verdict["passed"] else verdict["reason"]
+
+
+def promoted_model(manifests: Callable[[str], dict[str, Any] | None]) -> str | None:
+    """The student model to serve: the version the evaluate stage scored (and its gate passed), by URI.
+
+    Evaluate names the model it evaluated in its outputs; a manifest from before it did falls back to the
+    student-crsd manifest it was built from."""
+    evaluated = manifests("evaluate")
+    if evaluated and (uri := (evaluated.get("outputs") or {}).get("model")):
+        return str(uri)
+    student = manifests("student-crsd")
+    return str(student["outputs"]["model"]) if student and "model" in (student.get("outputs") or {}) else None
 
 
 @dataclass(frozen=True)
@@ -97,6 +110,7 @@ def build(run: DistillationRun) -> list[Stage]:
             "run": run.name,
             "stage": d.name,
             "storage": {k: wire["storage"][k] for k in ("uri", "endpoint", "region")},
+            "retention": wire["retention"],
             "inputs": list(inputs),
             "spec": section,
         }

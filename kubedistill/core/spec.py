@@ -59,7 +59,7 @@ class StorageSpec(_Model):
     uri: str = Field(
         min_length=1,
         description="Where artifacts go: a local directory or an s3://bucket/prefix. "
-        "Each run writes under <uri>/<run name>/<stage>/.",
+        "Each run writes under <uri>/<run name>/<stage>/v-<version>/.",
     )
     endpoint: str | None = Field(
         default=None,
@@ -69,6 +69,17 @@ class StorageSpec(_Model):
     region: str | None = Field(default=None, description="S3 region; defaults to $AWS_REGION, then us-east-1.")
     secret_ref: SecretRef | None = Field(
         default=None, description="In a cluster: the Secret whose keys become the stage pods' environment."
+    )
+
+
+class RetentionSpec(_Model):
+    keep_versions: int = Field(
+        default=3,
+        ge=1,
+        le=100,
+        description="Versions of each stage's artifacts kept in storage: the newest this many (the current one "
+        "among them) plus the student being served. Each rerun writes a new version beside the old ones; the "
+        "stage deletes the rest once its new version is complete. Changing it reruns nothing.",
     )
 
 
@@ -420,6 +431,7 @@ class DistillationRunSpec(_Model):
     pruning: PruningSpec = Field(default_factory=PruningSpec)
     serving: ServingSpec = Field(default_factory=ServingSpec)
     ray: RaySpec = Field(default_factory=RaySpec)
+    retention: RetentionSpec = Field(default_factory=RetentionSpec)
 
     @field_validator("labels")
     @classmethod

@@ -135,6 +135,15 @@ class Storage:
     def read_text(self, rel: str) -> str:
         return self.read_bytes(rel).decode()
 
+    def dirs(self, rel: str = "") -> list[str]:
+        """Names of the directories (prefixes) directly under `rel`, sorted. Missing directory: empty list."""
+        base = self.path(rel)
+        try:
+            infos = self.fs.get_file_info(pafs.FileSelector(base, recursive=False, allow_not_found=True))
+        except OSError as e:
+            raise _explain(self.uri(rel), e) from e
+        return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+
     def list(self, rel: str = "", recursive: bool = True) -> list[str]:
         """Files under `rel`, relative to the root, sorted. Missing directory: empty list."""
         base = self.path(rel)

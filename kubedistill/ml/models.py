@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -46,20 +48,36 @@ def cache_dir() -> Path:
 
 
 def fetch_prefix(uri: str, options: S3Options | None = None) -> Path:
-    """Copy every object under an s3:// prefix to a local cache directory (once); return it."""
+    """Copy every object under an s3:// prefix to a local cache directory (once); return it.
+
+    The cache is keyed by the prefix, and pipeline artifacts are versioned (`<stage>/v-<digest>/`, never
+    written over), so a key is one version's files. A copy is made in a directory of its own and renamed
+    into place whole: two processes fetching at once (replicas on one node) never see, or mix, a partial
+    copy."""
     st = Storage(uri, options)
     dest = cache_dir() / "models" / hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16]
-    done = dest / ".complete"
-    if done.exists():
+    if (dest / ".complete").exists():
         return dest
     files = st.list()
     if not files:
         raise ModelNotFound(f"{uri}: no files under this prefix")
-    for rel in files:
-        target = dest / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(st.read_bytes(rel))
-    done.write_text(uri)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    try:
+        for rel in files:
+            target = tmp / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(st.read_bytes(rel))
+        (tmp / ".complete").write_text(uri)
+        if dest.exists() and not (dest / ".complete").exists():  # a partial copy left by an older release
+            shutil.rmtree(dest, ignore_errors=True)
+        try:
+            tmp.rename(dest)
+        except OSError:  # another process put its complete copy there first
+            if not (dest / ".complete").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 

@@ -19,7 +19,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from kubedistill.core.stage import StageContext
+from kubedistill.core.stage import PROMOTED, StageContext, now
 from kubedistill.ml.metrics import classification_metrics
 
 _TOKEN = re.compile(r"[a-z0-9$]+")
@@ -224,7 +224,8 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
     if "student-crsd" in ctx.inputs:
         from kubedistill.stages.student import load_student
 
-        student = load_student(ctx.input("student-crsd").uri("model"), ctx.storage.options)
+        model_uri = ctx.input("student-crsd").uri("model")
+        student = load_student(model_uri, ctx.storage.options)
         if student.labels != labels:
             raise ValueError(f"the student was trained on labels {student.labels}, spec.labels is {labels}")
         results["student"] = classification_metrics(truth, student.predict_proba(eval_rows), labels)
@@ -250,7 +251,25 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
     summary = {
         f"{n}_{k}": round(m[k], 4) for n, m in results.items() for k in ("accuracy", "macro_f1") if m[k] is not None
     }
-    return {
-        "metrics": {**summary, "gate": verdict},
-        "outputs": {"metrics": ctx.out.uri("metrics.json"), "plot": ctx.out.uri("confusion.png")},
-    }
+    outputs = {"metrics": ctx.out.uri("metrics.json"), "plot": ctx.out.uri("confusion.png")}
+    if candidate == "student":
+        outputs["model"] = model_uri  # what serving deploys, by version, once the gate passed
+        if verdict["passed"]:
+            promote(ctx, model_uri)
+    return {"metrics": {**summary, "gate": verdict}, "outputs": outputs}
+
+
+def promote(ctx: StageContext, model_uri: str) -> None:
+    """Record the student version that passed the gate at the run's root (`_PROMOTED.json`): the student
+    stage's retention keeps it while a later version fails the gate, since a RayService may still serve it."""
+    student = ctx.input_manifest("student-crsd")
+    ctx.storage.write_json(
+        PROMOTED,
+        {
+            "stage": "student-crsd",
+            "version": student.get("version"),
+            "model": model_uri,
+            "by": ctx.version,
+            "at": now(),
+        },
+    )

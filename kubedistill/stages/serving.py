@@ -33,9 +33,10 @@ from fastapi import Request  # module level: FastAPI resolves the route signatur
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from kubedistill.core.pipeline import promoted_model
 from kubedistill.core.serve_app import APP_NAME, AppArgs, app_args
 from kubedistill.core.spec import field_path
-from kubedistill.core.stage import MANIFEST, StageContext
+from kubedistill.core.stage import StageContext
 from kubedistill.core.storage import Storage
 
 DEPLOYMENT = "StudentScorer"
@@ -333,7 +334,9 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
 
     import ray
 
-    model_uri = ctx.input("student-crsd").read_json(MANIFEST)["outputs"]["model"]
+    model_uri = promoted_model(ctx.input_manifest)  # the version evaluate scored and its gate passed
+    if model_uri is None:
+        raise RuntimeError("no student model to serve: neither evaluate nor student-crsd names one in its outputs")
     st = ctx.config["storage"]
     args = app_args(ctx.spec.serving, model_uri, st.get("endpoint"), st.get("region"))
     ray.init(address="auto", log_to_driver=False, logging_level="WARNING")

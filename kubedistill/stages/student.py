@@ -462,7 +462,8 @@ class LoadedStudent:
 
     @property
     def version(self) -> str:
-        """What served responses call this model: `<objective>-<config hash>` (the digest of student.json if none)."""
+        """What served responses call this model: `<objective>-<artifact version>` (of an artifact from before
+        versions, its config hash; the digest of student.json if it has neither)."""
         return self.meta["version"]
 
     def predict_proba(self, rows: list[dict[str, Any]], batch_size: int = 64) -> np.ndarray:
@@ -483,7 +484,7 @@ def load_student(uri: str, options: S3Options | None = None) -> LoadedStudent:
     except FileNotFoundError:
         raise FileNotFoundError(f"{uri}: no student.json here; is this a student-crsd model artifact?") from None
     meta = json.loads(raw)
-    tag = meta.get("configHash") or hashlib.sha256(raw).hexdigest()
+    tag = meta.get("version") or meta.get("configHash") or hashlib.sha256(raw).hexdigest()
     meta["version"] = f"{meta.get('objective', 'student')}-{tag[:12]}"
     if meta.get("artifactVersion") != ARTIFACT_VERSION:
         raise ValueError(
@@ -560,6 +561,7 @@ def _train_and_export(
             "bestStep": state["best_step"],
             "trainedOn": source,
             "configHash": ctx.config_hash,
+            "version": ctx.version,
         },
     )
     ctx.log(

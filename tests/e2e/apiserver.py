@@ -12,7 +12,10 @@ it has been answered.
 It does not emulate label selectors, owner-reference garbage collection or schema validation: the
 tests check those properties on the objects themselves.
 
-Run: python -m tests.e2e.apiserver --port P [--no-kuberay]   (prints "ready" when listening)
+With `--log-requests FILE` it appends one line per request, `METHOD path?query`, for a benchmark to count
+(`benchmarks/operator_scale.py`: the operator's API calls per minute).
+
+Run: python -m tests.e2e.apiserver --port P [--no-kuberay] [--log-requests FILE]   (prints "ready" when listening)
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import datetime
 import itertools
 import signal
 import uuid
+from typing import Any
 
 import aiohttp.web
 import kmock
@@ -32,7 +36,12 @@ _versions = itertools.count(1)
 
 
 class ApiServer(kmock.KubernetesEmulator):
+    log: Any = None  # a text file: one line per request
+
     async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
+        if self.log is not None:
+            self.log.write(f"{str(getattr(request.method, 'value', request.method)).upper()} {request.url.path_qs}\n")
+            self.log.flush()
         try:
             return await self._serve(request)
         finally:
@@ -78,9 +87,11 @@ def register(api: ApiServer, kuberay: bool) -> None:
                 subresources={"status"})
 
 
-async def main(port: int, kuberay: bool) -> None:
+async def main(port: int, kuberay: bool, log: str | None = None) -> None:
     api = ApiServer()
     register(api, kuberay)
+    if log:
+        api.log = open(log, "a")  # noqa: SIM115 - open while the server runs
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -94,5 +105,6 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--no-kuberay", dest="kuberay", action="store_false")
+    p.add_argument("--log-requests", default=None)
     a = p.parse_args()
-    asyncio.run(main(a.port, a.kuberay))
+    asyncio.run(main(a.port, a.kuberay, a.log_requests))

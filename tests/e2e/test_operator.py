@@ -45,6 +45,17 @@ def _doc(name: str, bucket: str, endpoint: str, encoder: str, **spec_fields) -> 
     return doc
 
 
+RUNS = "/apis/kubedistill.io/v1alpha1/namespaces/default/distillationruns"
+
+
+def _served_model(cluster) -> str:
+    import yaml
+
+    (service,) = cluster.children("rayservices")
+    (app,) = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
+    return app["args"]["model"]
+
+
 def _stage(run: dict, name: str) -> dict:
     return next(s for s in run["status"]["stages"] if s["name"] == name)
 
@@ -53,7 +64,7 @@ def _condition(run: dict, type_: str) -> dict | None:
     return next((c for c in run["status"].get("conditions") or [] if c["type"] == type_), None)
 
 
-@pytest.mark.cost(105)
+@pytest.mark.cost(170)
 def test_a_run_succeeds_through_kuberay_despite_an_evicted_stage_and_an_operator_restart(
         cluster, ray_dashboard, seaweed, tiny_encoder):
     seaweed.create_bucket("kd-e2e-run")
@@ -115,7 +126,31 @@ def test_a_run_succeeds_through_kuberay_despite_an_evicted_stage_and_an_operator
         code, answer = post_json(f"http://127.0.0.1:{serve_port}/score", {
             "query": "vegan brunch", "services": [{"id": "s1", "text": "Green Fork | restaurant | offers vegan brunch"}]})
         assert code == 200 and answer["results"][0]["id"] == "s1"
-        assert answer["modelVersion"].startswith("ce-")
+        student = store.read_json(f"student-crsd/{MANIFEST}")
+        assert answer["modelVersion"] == f"ce-{student['version'][:12]}"
+        assert _served_model(cluster) == student["outputs"]["model"] == f"{student['artifact']}/model"
+
+        # an upstream edit: everything downstream of data reruns at once, the service rolls to the new
+        # student version only after it passed the gate, and the old version's files are still there
+        ran = len(kuberay.submitted)
+        cluster.api.call("PATCH", f"{RUNS}/sample", {"spec": {"data": {"synthetic": {**SMALL, "seed": 5}}}})
+        run = wait_for("the edited run to finish", lambda: (r := cluster.run("sample")) and
+                       r["status"].get("observedGeneration") == 2 and r["status"]["phase"] in ("Succeeded", "Failed")
+                       and r, 600, logs=cluster.operator_logs)
+        assert run["status"]["phase"] == "Succeeded", json.dumps(run["status"], indent=1)
+        assert sorted(n for n, _ in kuberay.submitted[ran:]) == ["sample-data", "sample-evaluate", "sample-student-crsd"]
+        rebuilt = store.read_json(f"student-crsd/{MANIFEST}")
+        assert rebuilt["version"] != student["version"] and store.exists(f"student-crsd/v-{student['version']}/model/student.json")
+        assert _served_model(cluster) == rebuilt["outputs"]["model"]
+        assert store.read_json("_PROMOTED.json")["version"] == rebuilt["version"]
+        def served_version() -> str | None:
+            try:
+                return post_json(f"http://127.0.0.1:{serve_port}/score", {
+                    "query": "vegan brunch", "services": [{"id": "s1", "text": "Green Fork"}]})[1].get("modelVersion")
+            except OSError:  # the proxy between two deployments
+                return None
+
+        wait_for("the new version to answer", lambda: served_version() == f"ce-{rebuilt['version'][:12]}", 120)
 
         # deletion: the operator releases the run (its finalizer) and its children point at it
         cluster.api.call("DELETE", "/apis/kubedistill.io/v1alpha1/namespaces/default/distillationruns/sample")

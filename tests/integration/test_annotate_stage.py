@@ -17,7 +17,7 @@ from kubedistill.core import spec
 from kubedistill.core.stage import FAILURE, MANIFEST
 from kubedistill.core.storage import Storage
 from kubedistill.stages import data
-from tests.conftest import minimal_doc
+from tests.conftest import artifact, attempted, minimal_doc
 from tests.integration.test_runner import _write, kill_at
 from tests.teacher_model import LABELS
 
@@ -58,7 +58,8 @@ def test_vllm_replicas_annotate_s3_logs_into_s3_shards(bucket, teacher, ray_addr
     for f in Path(teacher).iterdir():
         models.write_bytes(f.name, f.read_bytes())
     logs = Storage(f"s3://{bucket}/logs")
-    rows = _logs(logs, {"day-1.jsonl": 150, "day-2.parquet": 150})
+    # two files of one name in two folders: both ingested and annotated, neither counted twice
+    rows = _logs(logs, {"jan/day.jsonl": 100, "feb/day.jsonl": 50, "day-2.parquet": 150})
     # one valid row whose prompt cannot fit the model's context, and one row that fails the schema
     huge = {**rows[0], "query": "sushi", "service_description": "fresh " * 600}
     logs.write_text("day-3.jsonl", json.dumps(huge) + "\n" + json.dumps({"query": "no service"}) + "\n"
@@ -75,32 +76,33 @@ def test_vllm_replicas_annotate_s3_logs_into_s3_shards(bucket, teacher, ray_addr
     ingested = st.read_json(f"data/{MANIFEST}")["metrics"]["logs"]
     assert ingested["rows_quarantined"] == 1  # the schema failure stops at the data stage
     m = st.read_json(f"annotate/{MANIFEST}")["metrics"]
-    assert m["engine"] == "vllm" and m["shards"] == 3 and m["shards_this_run"] == 3
+    assert m["engine"] == "vllm" and m["shards"] == 4 and m["shards_this_run"] == 4
     assert m["rows_in"] == ingested["rows_written"] == 341 and m["rows_in"] == m["labeled"] + m["quarantined"]
     assert m["parse_rate"] >= 0.9 and m["labeled"] >= 300, m
     assert set(m["labels"]) <= set(LABELS) and sum(m["labels"].values()) == m["labeled"]
     assert m["tokens_per_s"] > 0 and m["rows_per_s"] > 0 and m["generated_tokens"] > 0
     assert m["startup_seconds"] > 0 and m["tokens_per_s_after_startup"] > m["tokens_per_s"]
-    labeled = data.read_dataset(st.child("annotate/labeled"))
+    out = artifact(st, "annotate")
+    labeled = data.read_dataset(out.child("labeled"))
     assert len(labeled) == m["labeled"] == len({r["pair_id"] for r in labeled})
     assert all(r["label"] in LABELS and r["reasoning"] for r in labeled)
-    quarantined = [json.loads(x) for f in st.list("annotate/quarantine") for x in st.read_text(f).splitlines()]
+    quarantined = [json.loads(x) for f in out.list("quarantine") for x in out.read_text(f).splitlines()]
     assert len(quarantined) == m["quarantined"]
     too_long = [q for q in quarantined if "does not fit the model's context" in q["reason"]]
     assert len(too_long) == 1 and "fresh fresh" in too_long[0]["raw"]
     # one output and one marker per input shard (the data stage wrote one per log file)
-    assert sorted(st.list("annotate/shards")) == [f"annotate/shards/part-0000{i}.json" for i in range(3)]
-    assert sorted(st.list("annotate/labeled")) == [f"annotate/labeled/part-0000{i}.parquet" for i in range(3)]
+    assert sorted(out.list("shards")) == [f"shards/part-0000{i}.json" for i in range(4)]
+    assert sorted(out.list("labeled")) == [f"labeled/part-0000{i}.parquet" for i in range(4)]
 
 
 @pytest.mark.cost(80)
 def test_a_run_killed_mid_annotation_resumes_with_unfinished_shards_only(tmp_path, teacher):
     logs = Storage(str(tmp_path / "logs"))
-    _logs(logs, {f"part-{i}.jsonl": 100 for i in range(5)})
+    _logs(logs, {f"part-{i}.jsonl": 40 for i in range(5)})
     ann = {"model": teacher, "engine": "transformers", "replicas": {"min": 1, "max": 1}, "batchSize": 10,
            "maxTokens": 96}
     f = _write(tmp_path, _doc(str(tmp_path / "store"), "resume", logs.uri(), ann, fmt="jsonl"))
-    markers = str(tmp_path / "store" / "resume" / "annotate" / "shards" / "*.json")
+    markers = str(tmp_path / "store" / "resume" / "annotate" / "v-*" / "shards" / "*.json")
     kill_at(f, "annotate.shard-written")  # the driver stops after its first shard: one marker, four to go
     done = {p: os.stat(p).st_mtime_ns for p in glob.glob(markers)}
     assert len(done) == 1, done
@@ -113,8 +115,8 @@ def test_a_run_killed_mid_annotation_resumes_with_unfinished_shards_only(tmp_pat
     st = Storage(str(tmp_path / "store" / "resume"))
     m = st.read_json(f"annotate/{MANIFEST}")["metrics"]
     assert m["shards"] == 5 and m["shards_this_run"] == 5 - len(done)
-    assert m["rows_in"] == 500 == m["labeled"] + m["quarantined"]
-    labeled = data.read_dataset(st.child("annotate/labeled"))
+    assert m["rows_in"] == 200 == m["labeled"] + m["quarantined"]
+    labeled = data.read_dataset(artifact(st, "annotate").child("labeled"))
     assert len(labeled) == m["labeled"] == len({r["pair_id"] for r in labeled})  # no duplicates
 
 
@@ -128,6 +130,7 @@ def test_a_teacher_whose_responses_do_not_parse_fails_the_stage_with_its_reasons
         runner.run_local(run, address=ray_address, out=io.StringIO())
     st = Storage(str(tmp_path / "store" / "bad"))
     assert not st.exists(f"annotate/{MANIFEST}") and st.exists(f"annotate/{FAILURE}")
-    q = [json.loads(x) for x in st.read_text("annotate/quarantine/part-00000.jsonl").splitlines()]
+    failed = attempted(st, "annotate")
+    q = [json.loads(x) for x in failed.read_text("quarantine/part-00000.jsonl").splitlines()]
     assert len(q) == 30 and all(x["reason"].startswith("unparseable response") and x["response"] for x in q)
-    assert st.read_json("annotate/shards/part-00000.json")["generations"] == 60  # every row: first try + one retry
+    assert failed.read_json("shards/part-00000.json")["generations"] == 60  # every row: first try + one retry

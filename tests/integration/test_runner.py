@@ -21,7 +21,8 @@ from kubedistill.core import spec
 from kubedistill.core.holds import HOLD_AT_ENV, HOLD_DIR_ENV
 from kubedistill.core.stage import MANIFEST
 from kubedistill.core.storage import Storage
-from tests.conftest import ROOT, minimal_doc
+from kubedistill.stages import data
+from tests.conftest import ROOT, artifact, minimal_doc
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -44,12 +45,14 @@ def test_run_on_s3_then_rerun_skips_everything(bucket, ray_address):
     assert [(s.name, s.phase) for s in status.stages] == [("data", "Succeeded"), ("evaluate", "Succeeded")]
     st = Storage(f"s3://{bucket}/runs/it-run")
     files = st.list()
-    for f in ("data/_SUCCESS.json", "data/eval/part-00000.parquet", "evaluate/metrics.json",
-              "evaluate/confusion.png", "evaluate/_SUCCESS.json", "_status.json"):
+    data_v, eval_v = (st.read_json(f"{s}/_SUCCESS.json")["version"] for s in ("data", "evaluate"))
+    for f in ("data/_SUCCESS.json", f"data/v-{data_v}/eval/part-00000.parquet", f"evaluate/v-{eval_v}/metrics.json",
+              f"evaluate/v-{eval_v}/confusion.png", f"evaluate/v-{eval_v}/_SUCCESS.json", "evaluate/_SUCCESS.json",
+              "_status.json"):
         assert f in files, files
     m = st.read_json("data/_SUCCESS.json")["metrics"]
     assert m["rows_in"] == m["rows_written"] + m["rows_quarantined"]
-    report = st.read_json("evaluate/metrics.json")
+    report = artifact(st, "evaluate").read_json("metrics.json")
     assert report["gate"]["candidate"] == "baseline" and 0 < report["models"]["baseline"]["macro_f1"] <= 1
     assert json.loads(st.read_text("_status.json"))["phase"] == "Succeeded"
     text = out.getvalue()
@@ -121,7 +124,7 @@ def kill_at(f: Path, point: str, until: Callable[[], bool] = lambda: True, timeo
 def checkpoint_registered(stage_dir: Path) -> Callable[[], bool]:
     """Ray Train has recorded a checkpoint (its manager's snapshot names one): a restart resumes from it."""
     def check() -> bool:
-        for snap in stage_dir.glob("ray/*/checkpoint_manager_snapshot.json"):
+        for snap in stage_dir.glob("v-*/ray/*/checkpoint_manager_snapshot.json"):  # in the version being built
             try:
                 if json.loads(snap.read_text()).get("latest_checkpoint_result"):
                     return True
@@ -206,9 +209,28 @@ def test_ingest_user_logs_from_s3_quarantines_bad_rows(bucket, tmp_path, ray_add
     m = st.read_json(f"data/{MANIFEST}")["metrics"]
     assert m["logs"] == {"rows_in": 20, "rows_written": 18, "rows_quarantined": 2}
     assert m["eval"] == {"rows_in": 31, "rows_written": 30, "rows_quarantined": 1}
-    q = [json.loads(l) for l in st.read_text("data/quarantine/logs.jsonl").splitlines()]
+    out = artifact(st, "data")
+    q = [json.loads(line) for line in out.read_text("quarantine/logs.jsonl").splitlines()]
     assert sorted((Path(x["source"]).name, x["row"]) for x in q) == [("day1.jsonl", 4), ("day1.jsonl", 8)]
     assert any("service_price_level" in x["reason"] for x in q)
-    assert st.list("data/logs") == ["data/logs/part-00000.jsonl", "data/logs/part-00001.jsonl"]
+    assert out.list("logs") == ["logs/part-00000.jsonl", "logs/part-00001.jsonl"]
 
 
+
+    # rerun on fewer files, in another format: a new version holding only the new rows (in = written +
+    # quarantined), the old version intact beside it, evaluate rerun on the new one
+    first = st.read_json(f"data/{MANIFEST}")
+    c.write_text("logs-v2/day1.jsonl", "\n".join(logs[:10]))
+    doc["spec"]["data"].update(logs=c.uri("logs-v2/"), format="parquet")
+    text = io.StringIO()
+    runner.run_local(spec.parse_run(doc), address=ray_address, out=text)
+    assert "[1/2] data: rerunning: its config changed" in text.getvalue()
+    assert "[2/2] evaluate: rerunning: input data changed" in text.getvalue()
+    now = st.read_json(f"data/{MANIFEST}")
+    assert now["version"] != first["version"] and now["metrics"]["logs"] == {"rows_in": 10, "rows_written": 8,
+                                                                             "rows_quarantined": 2}
+    new = artifact(st, "data")
+    assert new.list("logs") == ["logs/part-00000.parquet"] and len(data.read_dataset(new.child("logs"))) == 8
+    assert len(data.read_dataset(new.child("eval"))) == 30  # not 60: no part of the old version is read again
+    assert out.list("logs") == ["logs/part-00000.jsonl", "logs/part-00001.jsonl"]  # the old version, untouched
+    assert st.read_json(f"evaluate/{MANIFEST}")["inputs"]["data"] == now["digest"]

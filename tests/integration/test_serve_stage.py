@@ -13,7 +13,6 @@ import time
 import pytest
 
 from kubedistill import runner
-from kubedistill.cluster import k8s
 from kubedistill.core import spec
 from kubedistill.core.stage import MANIFEST
 from kubedistill.core.storage import Storage
@@ -63,9 +62,12 @@ def test_run_serves_the_student_from_s3_and_the_printed_curl_works(bucket, tiny_
         assert [r["id"] for r in answer["results"]] == ["s1", "s2"]
         st = Storage(f"s3://{bucket}/runs/served")
         manifest = st.read_json(f"serve/{MANIFEST}")
-        assert answer["modelVersion"] == manifest["outputs"]["modelVersion"] == f"ce-{st.read_json('student-crsd/' + MANIFEST)['configHash'][:12]}"
-        assert manifest["outputs"]["model"] == f"s3://{bucket}/runs/served/student-crsd/model"
-        assert manifest["outputs"]["model"] == k8s.student_model_uri(spec.load_run(f))  # what a RayService serves
+        student = st.read_json(f"student-crsd/{MANIFEST}")
+        assert answer["modelVersion"] == manifest["outputs"]["modelVersion"] == f"ce-{student['version'][:12]}"
+        # the version the gate passed, by name: what a RayService's config names too
+        assert manifest["outputs"]["model"] == f"s3://{bucket}/runs/served/student-crsd/v-{student['version']}/model"
+        assert manifest["outputs"]["model"] == st.read_json(f"evaluate/{MANIFEST}")["outputs"]["model"]
+        assert st.read_json("_PROMOTED.json")["version"] == student["version"]
         proc.send_signal(signal.SIGTERM)  # what `kill`, `timeout` or a supervisor sends
         assert proc.wait(60) == 0
         assert "stopped serving" in proc.stdout.read()
@@ -85,6 +87,7 @@ def test_failed_gate_skips_serving_and_a_busy_port_says_what_to_do(tmp_path, tin
     serve = next(s for s in status.stages if s.name == "serve")
     assert serve.phase == "Skipped" and "not promoted" in serve.message
     assert any(c.type == "Promoted" and c.status == "False" for c in status.conditions)
+    assert not (tmp_path / "store" / "gated" / "_PROMOTED.json").exists()  # nothing recorded as servable
 
     passing = spec.parse_run(_doc(str(tmp_path / "store"), "gated", tiny_encoder, min_f1=0.0))
     with socket.socket() as busy:

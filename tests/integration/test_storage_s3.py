@@ -13,6 +13,9 @@ def test_s3_roundtrip_list_delete(bucket):
     st.write_bytes("data/logs/part-00000.parquet", b"PAR1")
     assert st.read_json("data/_SUCCESS.json") == {"ok": True}
     assert st.list("data") == ["data/_SUCCESS.json", "data/logs/part-00000.parquet"]
+    st.write_bytes("data/v-b/x", b"1")
+    assert st.dirs("data") == ["logs", "v-b"] and st.dirs() == ["data"] and st.dirs("missing") == []
+    st.delete("data/v-b")
     assert st.exists("data/logs/part-00000.parquet")
     assert not st.exists("data/missing")
     st.delete("data/logs")

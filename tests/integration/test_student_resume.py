@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 
 from kubedistill.core.stage import MANIFEST
+from kubedistill.core.storage import Storage
+from tests.conftest import artifact
 from tests.integration.test_runner import _write, checkpoint_registered, kill_at
 from tests.integration.test_student_stage import _doc
 
@@ -24,4 +26,4 @@ def test_killed_training_resumes_from_its_checkpoint(tmp_path, tiny_encoder):
     text = kill_at(f, "student-crsd.manifest-written")
     assert "data: done earlier, skipped" in text
     assert "resuming from checkpoint at step" in text, text[-3000:]
-    assert (tmp_path / "store" / "resume" / "student-crsd" / "model" / "student.json").exists()
+    assert artifact(Storage(str(tmp_path / "store" / "resume")), "student-crsd").exists("model/student.json")

@@ -11,7 +11,7 @@ from kubedistill import runner
 from kubedistill.core import spec
 from kubedistill.core.stage import MANIFEST
 from kubedistill.core.storage import Storage
-from tests.conftest import minimal_doc
+from tests.conftest import artifact, minimal_doc
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -41,15 +41,16 @@ def test_student_trains_with_ddp_exports_and_is_evaluated_beside_a_ce_student(bu
     st = Storage(f"s3://{bucket}/runs/stu")
     m = st.read_json(f"student-crsd/{MANIFEST}")["metrics"]
     assert m["objective"] == "crsd" and m["step"] > 0 and 0 <= m["best_val_macro_f1"] <= 1
-    assert {"student-crsd/model/student.json", "student-crsd/model/head.safetensors"} <= set(st.list("student-crsd/model"))
-    report = st.read_json("evaluate/metrics.json")
+    student = artifact(st, "student-crsd")
+    assert {"model/student.json", "model/head.safetensors"} <= set(student.list("model"))
+    report = artifact(st, "evaluate").read_json("metrics.json")
     assert set(report["models"]) == {"baseline", "student", "student_ce"}
     assert report["gate"]["candidate"] == "student"
     assert "val macro-F1" in out.getvalue()
     # the CE student: same splits and budget, its own export, scored beside the served one, never served
     assert m["compared"]["ce"]["step"] == m["step"]
-    ce = st.read_json("student-crsd/compare/ce/model/student.json")
-    assert ce["objective"] == "ce" and ce["trainedOn"] == st.read_json("student-crsd/model/student.json")["trainedOn"]
+    ce = student.read_json("compare/ce/model/student.json")
+    assert ce["objective"] == "ce" and ce["trainedOn"] == student.read_json("model/student.json")["trainedOn"]
     rows = {r["objective"]: r for r in report["comparison"]}
     assert rows["crsd"]["served"] and not rows["ce"]["served"]
     assert rows["crsd"]["delta_macro_f1"] == round(rows["crsd"]["macro_f1"] - rows["ce"]["macro_f1"], 4)

@@ -14,7 +14,7 @@ from kubedistill.core import spec
 from kubedistill.core.stage import FAILURE, MANIFEST
 from kubedistill.core.storage import Storage
 from kubedistill.stages.teacher import lm
-from tests.conftest import minimal_doc
+from tests.conftest import artifact, attempted, minimal_doc
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -64,9 +64,10 @@ def test_the_teacher_stages_train_on_s3_and_report_what_they_must(bucket, ray_ad
     dpo = m["teacher-dpo"]
     assert dpo["preference_pairs"] > 0 and dpo["after"]["mean_reward"] > dpo["before"]["mean_reward"], dpo
     for s in ("teacher-dapt", "teacher-sft", "teacher-dpo"):  # each a loadable save_pretrained model
-        assert {"config.json", "model.safetensors", "tokenizer.json"} <= {f.rsplit("/", 1)[-1] for f in st.list(f"{s}/model")}
-    assert {"reward.json", "reward_heads.safetensors"} <= {f.rsplit("/", 1)[-1] for f in st.list("reward-model/model")}
-    assert any("/checkpoint_" in f for f in st.list("teacher-sft/ray"))  # checkpoints on S3
+        files = {f.rsplit("/", 1)[-1] for f in artifact(st, s).list("model")}
+        assert {"config.json", "model.safetensors", "tokenizer.json"} <= files
+    assert {"reward.json", "reward_heads.safetensors"} <= {f.rsplit("/", 1)[-1] for f in artifact(st, "reward-model").list("model")}
+    assert any("/checkpoint_" in f for f in artifact(st, "teacher-sft").list("ray"))  # checkpoints on S3
     assert "held-out perplexity" in out.getvalue()
     ann = st.read_json(f"annotate/{MANIFEST}")["metrics"]
     assert ann["engine"] == "vllm" and ann["rows_in"] == 600 == ann["labeled"] + ann["quarantined"]
@@ -79,18 +80,20 @@ def test_the_teacher_stages_train_on_s3_and_report_what_they_must(bucket, ray_ad
         assert pr[which]["params"] <= budget and pr[which]["perplexity"] > 0 and 0 <= pr[which]["label_accuracy"] <= 1
     assert pr["searched"]["perplexity"] < pr["base"]["perplexity"] * 10
     assert set(pr["predictor"]) == {"kind", "r2", "kendall_tau", "n_train", "n_test"} and pr["predictor"]["n_test"] == 2
-    table = [json.loads(x) for x in st.read_text("prune-search/architectures.jsonl").splitlines()]
+    searched = artifact(st, "prune-search")
+    table = [json.loads(x) for x in searched.read_text("architectures.jsonl").splitlines()]
     assert [x["phase"] for x in table].count("sampled") == 8 and len(table) == 11
-    assert st.read_bytes("prune-search/predicted_vs_measured.png")[:8] == b"\x89PNG\r\n\x1a\n"
-    files = {f.rsplit("/", 1)[-1] for f in st.list("prune-search/model")}
+    assert searched.read_bytes("predicted_vs_measured.png")[:8] == b"\x89PNG\r\n\x1a\n"
+    files = {f.rsplit("/", 1)[-1] for f in searched.list("model")}
     assert {"config.json", "model.safetensors", "pruned_llama.py", "tokenizer.json"} <= files
     # the pruned teacher loads with the standard loader and is smaller
-    model, _ = lm.load(st.uri("prune-search/model"), "test", st.options)
+    model, _ = lm.load(searched.uri("model"), "test", st.options)
     assert sum(p.numel() for p in model.parameters()) == pr["searched"]["params"]
 
-    # a retried job re-evaluates only architectures without a persisted result
+    # a retried job (one that died before its manifest) re-evaluates only architectures without a persisted result
     st.delete(f"prune-search/{MANIFEST}")
-    st.delete(st.list("prune-search/evals")[0])
+    searched.delete(MANIFEST)
+    searched.delete(searched.list("evals")[0])
     status = runner.run_local(run, address=ray_address, out=io.StringIO())
     assert status.phase == "Succeeded"
     again = st.read_json(f"prune-search/{MANIFEST}")["metrics"]
@@ -105,4 +108,4 @@ def test_a_base_model_that_cannot_be_loaded_fails_the_stage_naming_the_field(tmp
     assert e.value.stage == "teacher-dapt"
     st = Storage(str(tmp_path / "store" / "nobase"))
     assert st.exists(f"teacher-dapt/{FAILURE}") and not st.exists(f"teacher-dapt/{MANIFEST}")
-    assert not st.list("teacher-dapt/model")
+    assert not attempted(st, "teacher-dapt").list("model")

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from kubedistill.core.stage import StageContext
+from tests.conftest import artifact
 
 
 def toy_stage(ctx: StageContext) -> dict[str, Any]:
@@ -57,7 +58,7 @@ def test_a_toy_stage_is_one_function_and_one_registry_entry(monkeypatch, tmp_pat
     assert [(s.name, s.phase) for s in status.stages] == [
         ("data", "Succeeded"), ("evaluate", "Succeeded"), ("toy-count", "Succeeded")]
     st = Storage(str(tmp_path / "store" / "toy"))
-    counts = st.read_json("toy-count/counts.json")
+    counts = artifact(st, "toy-count").read_json("counts.json")
     assert list(counts) == run.spec.labels and sum(counts.values()) == 80  # the SMALL eval set
     manifest = st.read_json("toy-count/_SUCCESS.json")
     assert manifest["metrics"] == {"rows": 80} and manifest["inputs"] == {"data": st.read_json("data/_SUCCESS.json")["digest"]}

@@ -133,3 +133,39 @@ def test_a_forbidden_request_is_a_condition_naming_what_to_grant_and_the_run_wai
     assert plan.status.phase == "Pending" and (cond.status, cond.reason) == ("False", "Forbidden")
     assert cond.message.startswith(f"the operator may not create RayJob ml/r1-data: {says}; grant it in the chart's RBAC")
     assert _errors("forbidden") == before + 1
+
+
+def test_a_finished_run_is_not_polled_until_its_spec_a_child_or_its_deletion_changes(tmp_path, monkeypatch):
+    from kubedistill.cluster import k8s
+    from kubedistill.core import pipeline, policy, spec, stage
+    from kubedistill.core.storage import Storage
+
+    body = _body(tmp_path)
+    body["spec"].update(student={"enabled": False}, serving={"enabled": False})
+    for s in pipeline.build(spec.parse_run(body)):  # every stage done in storage: the run is finished
+        stage.execute(stage.StageContext(s.config, stage.run_storage(s.config)),
+                      lambda ctx: {"metrics": {"gate": {"candidate": "baseline", "passed": True, "reason": "ok"}}})
+    reads = []
+    real = Storage.read_bytes
+    monkeypatch.setattr(Storage, "read_bytes", lambda self, rel: reads.append(rel) or real(self, rel))
+
+    class NoCalls:  # the Kubernetes API: a finished run needs no create, delete or patch
+        def __getattr__(self, name):
+            raise AssertionError(f"unexpected API call {name}")
+
+    ctl = controller.Controller(controller.Cluster(NoCalls(), NoCalls()))
+    plan = ctl.reconcile_run(body, {}, NOW)
+    assert plan is not None and plan.status.phase == "Succeeded" and reads
+    reads.clear()
+    assert ctl.reconcile_run(body, {}, NOW) is None and reads == []  # steady state: nothing read, nothing called
+    body["status"] = spec.to_wire(plan.status)  # its own status write does not wake it
+    assert ctl.reconcile_run(body, {}, NOW) is None
+    run = spec.parse_run(body)
+    data = pipeline.build(run)[0]
+    child = k8s.rayjob(run, data, "u1", inputs=policy.inputs_key(data, lambda _: None))  # its finished RayJob
+    child["metadata"]["resourceVersion"] = "7"
+    child["status"] = {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}
+    assert ctl.reconcile_run(body, {"r1-data": child}, NOW) is not None  # a child appeared or changed
+    assert ctl.reconcile_run(body, {"r1-data": child}, NOW) is None
+    body["metadata"]["generation"] = 2  # an edit
+    assert ctl.reconcile_run(body, {"r1-data": child}, NOW) is not None and reads

@@ -123,7 +123,8 @@ def test_a_rerun_with_another_format_leaves_only_the_new_parts(tmp_path):
     root = Storage(str(tmp_path))
     for fmt in ("jsonl", "parquet"):
         section = spec.to_wire(spec.DataSpec.model_validate({"format": fmt, "synthetic": syn}))
-        ctx = StageContext({"run": "r", "stage": "data", "inputs": [], "spec": {"labels": LABELS, "data": section}}, root)
+        ctx = StageContext({"run": "r", "stage": "data", "inputs": [], "spec": {"labels": LABELS, "data": section}}, root,
+                           version="same")  # one version: a retry of an attempt that failed after writing
         out = data.run_stage(ctx)
     assert {f.rsplit(".", 1)[-1] for f in root.list("data")} == {"parquet"}
-    assert len(data.read_dataset(root.child("data/eval"))) == out["metrics"]["eval"]["rows_written"] == 12
+    assert len(data.read_dataset(root.child("data/v-same/eval"))) == out["metrics"]["eval"]["rows_written"] == 12

@@ -9,6 +9,7 @@ import pytest
 from kubedistill.cluster import k8s
 from kubedistill.cluster.reconcile import HASH, reconcile_body
 from kubedistill.core import pipeline, policy, spec
+from kubedistill.core.stage import version_key
 from tests.conftest import minimal_doc
 
 NOW = "2026-11-28T00:00:00Z"
@@ -29,9 +30,15 @@ def _manifest(run, stage, gate_passed=True, manifests=None):
     """What `stage` writes when it finishes: its config hash, its inputs' current digests, its own digest."""
     st = next(s for s in pipeline.build(run) if s.name == stage)
     inputs = {d: (manifests or {})[d]["digest"] for d in st.depends_on if d in (manifests or {})}
-    m = {"configHash": st.config_hash, "inputs": inputs, "artifact": f"s3://b/runs/r1/{stage}/", "metrics": {"rows": 1}}
+    version = version_key(st.config_hash, inputs)  # as `kubedistill.core.stage.execute` names it
+    artifact = f"s3://b/runs/r1/{stage}/v-{version}"
+    m = {"configHash": st.config_hash, "inputs": inputs, "version": version, "artifact": artifact,
+         "metrics": {"rows": 1}, "outputs": {}}
+    if stage == "student-crsd":
+        m["outputs"] = {"model": f"{artifact}/model"}
     if stage == "evaluate":
         m["metrics"] = {"gate": {"candidate": "student", "passed": gate_passed, "reason": "macro-F1 0.60 < 0.70"}}
+        m["outputs"] = {"model": manifests["student-crsd"]["outputs"]["model"]}
     m["digest"] = hashlib.sha256(json.dumps(m, sort_keys=True).encode()).hexdigest()[:16]
     return m
 
@@ -86,7 +93,7 @@ def test_stages_start_in_dependency_order_and_the_run_succeeds_with_serving():
     plan = c.step()
     assert [o["metadata"]["name"] for o in plan.create] == ["r1-student-crsd"]
     data = plan.status.stages[0]
-    assert data.phase == "Succeeded" and data.artifact == "s3://b/runs/r1/data/" and data.metrics == {"rows": 1}
+    assert data.phase == "Succeeded" and data.artifact.startswith("s3://b/runs/r1/data/v-") and data.metrics == {"rows": 1}
     c.finish("student-crsd")
     assert [o["metadata"]["name"] for o in c.step().create] == ["r1-evaluate"]
     c.finish("evaluate")
@@ -260,9 +267,44 @@ def test_an_upstream_edit_reruns_every_downstream_stage_and_serving_waits_for_th
         next(s for s in pipeline.build(_run(c.body)) if s.name == "student-crsd"), c.manifests.get)
     c.finish("student-crsd")
     assert [o["metadata"]["name"] for o in c.step().create] == ["r1-evaluate"]
+    old_model = _served_model(c.children["r1-serve"])
     c.finish("evaluate")
     plan = c.step()
     assert plan.status.phase == "Succeeded" and plan.create == plan.delete == []
+    # only now, with the new student through the gate, does the service roll: to the new version, by name
+    (service,) = plan.replace
+    new_model = c.manifests["student-crsd"]["outputs"]["model"]
+    assert _served_model(service) == new_model != old_model and "/student-crsd/v-" in new_model
+    assert ("Normal", "ServingUpdated", "serve: serving config changed, updating in place") in plan.events
+
+
+def _served_model(rayservice):
+    import yaml
+
+    (app,) = yaml.safe_load(rayservice["spec"]["serveConfigV2"])["applications"]
+    return app["args"]["model"]
+
+
+def test_a_retrained_student_that_fails_the_gate_leaves_the_promoted_one_serving():
+    c = Cluster(_body()).through_evaluate()
+    c.step()
+    c.children["r1-serve"]["status"] = {"conditions": [{"type": "Ready", "status": "True"}]}
+    assert c.step().status.phase == "Succeeded"
+    served = _served_model(c.children["r1-serve"])
+    c.body["spec"]["student"] = {"seed": 7}  # a new student ...
+    c.step()
+    c.step()
+    c.finish("student-crsd")
+    c.step()
+    c.gate_passed = False  # ... that does not pass the gate
+    c.finish("evaluate")
+    plan = c.step()
+    assert plan.replace == plan.delete == plan.create == []  # the RayService is left as it is
+    assert _served_model(c.children["r1-serve"]) == served != c.manifests["student-crsd"]["outputs"]["model"]
+    serve = next(s for s in plan.status.stages if s.name == "serve")
+    assert serve.message == "still serving the last promoted student; the new one was not promoted: macro-F1 0.60 < 0.70"
+    promoted = next(x for x in plan.status.conditions if x.type == "Promoted")
+    assert (promoted.status, promoted.reason) == ("False", "GateFailed")
 
 
 def test_a_job_that_ran_on_inputs_rebuilt_since_is_rerun():

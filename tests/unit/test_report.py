@@ -34,11 +34,13 @@ def _store(tmp_path) -> Storage:
         "student-crsd", {"data": "d-data"}, "d-student",
         {"objective": "crsd", "seconds_per_step": 2.6, "compared": {"ce": {"seconds_per_step": 1.3}}},
         {"model": "/store/r/student-crsd/model", "model_ce": "/store/r/student-crsd/compare/ce/model"}))
-    st.write_json(f"evaluate/{MANIFEST}", _manifest("evaluate", {"data": "d-data", "student-crsd": "d-student"},
-                                                    "d-eval", {"gate": gate}))
-    st.write_json("evaluate/metrics.json", {"eval_rows": 400, "models": models, "gate": gate,
-                                             "comparison": evaluate.comparison(models)})
-    st.write_bytes("evaluate/confusion.png", b"\x89PNG fake-bytes")
+    ev = _manifest("evaluate", {"data": "d-data", "student-crsd": "d-student"}, "d-eval", {"gate": gate})
+    ev["artifact"] = st.uri("evaluate/v-1")  # read where the manifest points
+    st.write_json(f"evaluate/{MANIFEST}", ev)
+    st.write_json("evaluate/v-1/metrics.json", {"eval_rows": 400, "models": models, "gate": gate,
+                                                 "comparison": evaluate.comparison(models)})
+    st.write_bytes("evaluate/v-1/confusion.png", b"\x89PNG fake-bytes")
+    st.write_json("evaluate/metrics.json", {"models": {}})  # not the current version's: never read
     st.write_json(f"serve/{FAILURE}", {"stage": "serve", "error": "ValueError: <b>port</b> taken", "traceback": "Traceback ...", "at": "t2"})
     return st
 

@@ -88,8 +88,12 @@ def test_context_from_env(monkeypatch, tmp_path):
         StageContext.from_env()
     monkeypatch.setenv(stage.CONFIG_ENV, json.dumps(_ctx(tmp_path, "evaluate", ["data"]).config))
     ctx = StageContext.from_env()
-    assert ctx.out.uri() == f"{tmp_path}/r/evaluate"
-    assert ctx.input("data").uri() == f"{tmp_path}/r/data"
+    with pytest.raises(RuntimeError, match="no version yet"):
+        ctx.out  # noqa: B018 - outputs are written inside execute, under the version it picks
+    with pytest.raises(FileNotFoundError, match="the stage's manifest is gone"):
+        ctx.input("data")
+    data = execute(_ctx(tmp_path), lambda ctx: {})
+    assert ctx.input("data").uri() == data["artifact"] == f"{tmp_path}/r/data/v-{data['version']}"
     with pytest.raises(KeyError):
         ctx.input("teacher-sft")
 
@@ -165,3 +169,86 @@ def test_a_corrupt_manifest_is_named_with_its_uri_never_read_as_a_result(tmp_pat
     root.write_bytes(f"data/{MANIFEST}", content)
     with pytest.raises(stage.CorruptManifest, match=rf"its manifest .*data/_SUCCESS.json is corrupt \({says}"):
         stage.read_manifest(root, "data")
+
+
+# -- versions ----------------------------------------------------------------------------------
+
+
+def _write(name):
+    def fn(ctx):
+        ctx.out.write_text("model.bin", name)
+        return {"outputs": {"model": ctx.out.uri("model.bin")}}
+
+    return fn
+
+
+def test_each_version_is_written_beside_the_others_and_never_over_them(tmp_path):
+    root = stage.run_storage(_ctx(tmp_path).config)
+    a = execute(_ctx(tmp_path), _write("a"))
+    assert a["artifact"] == root.uri(f"data/v-{a['version']}") and a["version"] == stage.version_key(a["configHash"], {})
+    assert stage.read_manifest(root, "data", a["version"]) == a  # the version keeps its own manifest
+    b = execute(_ctx(tmp_path, spec={"labels": ["x", "y"]}), _write("b"))
+    assert b["version"] != a["version"]
+    assert root.read_text(f"data/v-{a['version']}/model.bin") == "a" and root.read_text(f"data/v-{b['version']}/model.bin") == "b"
+    assert stage.read_manifest(root, "data") == b
+    # downstream reads the version its input's manifest names, not a fixed path
+    seen = []
+    execute(_ctx(tmp_path, "evaluate", ["data"]), lambda ctx: seen.append(ctx.input("data").read_text("model.bin")) or {})
+    assert seen == ["b"]
+
+
+def test_an_undone_edit_gets_its_version_back_without_rerunning_and_downstream_is_done_again(tmp_path):
+    calls = []
+
+    def fn(ctx):
+        calls.append(ctx.name)
+        return _write(ctx.name)(ctx)
+
+    root = stage.run_storage(_ctx(tmp_path).config)
+    a = execute(_ctx(tmp_path), fn)
+    ev = execute(_ctx(tmp_path, "evaluate", ["data"]), fn)
+    execute(_ctx(tmp_path, spec={"labels": ["x", "y"]}), fn)  # edit ...
+    assert not stage.is_done(root, _ctx(tmp_path, "evaluate", ["data"]).config)
+    assert execute(_ctx(tmp_path), fn) == a  # ... undone: the same manifest, digest and all, and no training
+    assert calls == ["data", "evaluate", "data"]
+    assert stage.is_done(root, _ctx(tmp_path, "evaluate", ["data"]).config)  # so evaluate is done again as it was
+    assert execute(_ctx(tmp_path, "evaluate", ["data"]), fn) == ev and calls == ["data", "evaluate", "data"]
+
+
+def _labels(i):
+    return {"labels": [f"l{i}", "b"]}
+
+
+def test_retention_keeps_the_newest_versions_the_promoted_student_and_the_one_being_built(tmp_path):
+    def ctx(i, name="data"):
+        c = _ctx(tmp_path, name, spec=_labels(i))
+        c.config["retention"] = {"keepVersions": 2}
+        return c
+
+    root = stage.run_storage(_ctx(tmp_path).config)
+    versions = [execute(ctx(i), _write(str(i)))["version"] for i in range(3)]
+    assert root.dirs("data") == sorted(f"v-{v}" for v in versions[1:])  # the oldest is gone
+    assert stage.config_hash(ctx(0).config) == stage.config_hash(_ctx(tmp_path, spec=_labels(0)).config)  # not hashed
+
+    # the student a RayService may still serve is kept while newer versions fail the gate
+    root.write_json(stage.PROMOTED, {"stage": "data", "version": versions[1]})
+    for i in (3, 4):
+        versions.append(execute(ctx(i), _write(str(i)))["version"])
+    assert root.dirs("data") == sorted(f"v-{v}" for v in (versions[1], versions[3], versions[4]))
+
+    # an attempt that failed leaves a partial version; it goes once a newer version is complete
+    def dies(c):
+        c.out.write_text("half.bin", "x")
+        raise ValueError("died")
+
+    with pytest.raises(ValueError, match="died"):
+        execute(ctx(5), dies)
+    failed = stage.version_key(stage.config_hash(ctx(5).config), {})
+    assert root.exists(f"data/v-{failed}/half.bin")
+    execute(ctx(6), _write("6"))
+    assert not root.exists(f"data/v-{failed}")
+    # the version the latest attempt is building is never pruned under it
+    building = stage.version_key("in-progress", {})
+    root.write_text(f"data/v-{building}/part.bin", "x")
+    root.write_json(f"data/{stage.ATTEMPT}", {"token": "t", "version": building})
+    assert building not in stage.prune_versions(root, "data", 1) and root.exists(f"data/v-{building}/part.bin")

@@ -12,6 +12,7 @@ def test_local_roundtrip_list_delete(tmp_path):
     assert st.read_json("a/b.json") == {"x": 1}
     assert st.list() == ["a/b.json", "a/c/d.txt"]
     assert st.list("a/c") == ["a/c/d.txt"]
+    assert st.dirs() == ["a"] and st.dirs("a") == ["c"] and st.dirs("a/c") == [] and st.dirs("missing") == []
     assert st.exists("a/b.json") and st.is_file("a/b.json") and not st.is_file("a")
     st.delete("a/c")
     assert st.list() == ["a/b.json"]
@@ -43,3 +44,19 @@ def test_child_and_uri_naming(tmp_path):
     st = Storage(f"{tmp_path}/")
     assert st.child("run").uri("stage/x") == f"{tmp_path}/run/stage/x"
     assert Storage("s3://bucket/prefix/").uri("a") == "s3://bucket/prefix/a"
+
+
+def test_a_fetched_prefix_is_cached_whole_and_a_partial_copy_is_replaced(tmp_path, monkeypatch):
+    from kubedistill.ml.models import fetch_prefix
+
+    monkeypatch.setenv("KUBEDISTILL_CACHE", str(tmp_path / "cache"))
+    src = Storage(str(tmp_path / "src" / "v-1"))
+    src.write_text("encoder/config.json", "{}")
+    src.write_text("head.bin", "h")
+    dest = fetch_prefix(src.uri())
+    assert (dest / "encoder" / "config.json").read_text() == "{}" and (dest / ".complete").exists()
+    assert fetch_prefix(src.uri()) == dest
+    (dest / ".complete").unlink()  # what a copy cut short by an older release left
+    (dest / "head.bin").unlink()
+    assert fetch_prefix(src.uri()) == dest and (dest / "head.bin").read_text() == "h"
+    assert sorted(p.name for p in dest.parent.iterdir()) == [dest.name]  # no temporary copies left behind

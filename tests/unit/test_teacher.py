@@ -166,6 +166,7 @@ def _ctx(tmp_path, sft_rows):
     root = Storage(str(tmp_path / "run"))
     if sft_rows is not None:
         data.write_rows(root.child("data"), "sft/part-00000", sft_rows, "jsonl")
+    root.write_json("data/_SUCCESS.json", {"digest": "d", "artifact": root.uri("data")})
     return StageContext({"run": "r", "stage": "teacher-sft", "inputs": ["data"], "spec": {}}, root)
 
 

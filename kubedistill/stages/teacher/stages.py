@@ -4,7 +4,7 @@ Every stage checks its inputs on the driver before any worker starts (a base mod
 loaded, an empty or malformed SFT set, an unknown reward dimension fail fast with the field's name)
 and trains with `kubedistill.stages.teacher.train.run`. Everything that holds a model outside training
 (measuring the start model, sampling for DPO, loading the trained weights, evaluating, saving under
-`<stage>/model/`) runs as one Ray task with a training worker's resources (`on_worker`): on a GPU
+`<stage>/v-<version>/model/`) runs as one Ray task with a training worker's resources (`on_worker`): on a GPU
 cluster that is a GPU node, never the RayJob's driver. The manifest is written by
 `kubedistill.core.stage.execute` only after all of that succeeded.
 """
