@@ -130,15 +130,15 @@ def test_a_run_succeeds_through_kuberay_despite_an_evicted_stage_and_an_operator
         assert answer["modelVersion"] == f"ce-{student['version'][:12]}"
         assert _served_model(cluster) == student["outputs"]["model"] == f"{student['artifact']}/model"
 
-        # an upstream edit: everything downstream of data reruns at once, the service rolls to the new
-        # student version only after it passed the gate, and the old version's files are still there
+        # an edit of the student: it and everything downstream rerun (data stays done), the service rolls to
+        # the new student version only after it passed the gate, and the old version's files are still there
         ran = len(kuberay.submitted)
-        cluster.api.call("PATCH", f"{RUNS}/sample", {"spec": {"data": {"synthetic": {**SMALL, "seed": 5}}}})
+        cluster.api.call("PATCH", f"{RUNS}/sample", {"spec": {"student": {"seed": 5}}})
         run = wait_for("the edited run to finish", lambda: (r := cluster.run("sample")) and
                        r["status"].get("observedGeneration") == 2 and r["status"]["phase"] in ("Succeeded", "Failed")
                        and r, 600, logs=cluster.operator_logs)
         assert run["status"]["phase"] == "Succeeded", json.dumps(run["status"], indent=1)
-        assert sorted(n for n, _ in kuberay.submitted[ran:]) == ["sample-data", "sample-evaluate", "sample-student-crsd"]
+        assert sorted(n for n, _ in kuberay.submitted[ran:]) == ["sample-evaluate", "sample-student-crsd"]
         rebuilt = store.read_json(f"student-crsd/{MANIFEST}")
         assert rebuilt["version"] != student["version"] and store.exists(f"student-crsd/v-{student['version']}/model/student.json")
         assert _served_model(cluster) == rebuilt["outputs"]["model"]

@@ -16,9 +16,9 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 @pytest.mark.cost(105)
 def test_killed_training_resumes_from_its_checkpoint(tmp_path, tiny_encoder):
-    # killed at its first checkpoint (the end of epoch 1 of 3): the restart has two epochs left
+    # killed at its first checkpoint (the end of epoch 1 of 2): the restart has one epoch left
     syn = {"services": 60, "queries": 60, "pairsPerQuery": 5, "sftSize": 20, "evalSize": 60, "seed": 2}
-    f = _write(tmp_path, _doc(str(tmp_path / "store"), "resume", tiny_encoder, syn, {"epochs": 3}))
+    f = _write(tmp_path, _doc(str(tmp_path / "store"), "resume", tiny_encoder, syn, {"epochs": 2}))
     kill_at(f, "train.checkpoint-reported", until=checkpoint_registered(tmp_path / "store" / "resume" / "student-crsd"))
     assert not (tmp_path / "store" / "resume" / "student-crsd" / MANIFEST).exists()
 

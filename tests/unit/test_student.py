@@ -173,3 +173,14 @@ def test_model_loader_errors_name_the_field(tmp_path, monkeypatch):
     with pytest.raises(ModelNotFound, match="spec.teacher.baseModel: cannot load model 'Qwen/Qwen2.5-7B'"):
         resolve("Qwen/Qwen2.5-7B", "spec.teacher.baseModel")
     assert resolve("sentence-transformers/all-MiniLM-L6-v2", "x").endswith("model")
+
+
+def test_the_head_starts_from_the_seed_whatever_ran_before(tiny_encoder):
+    """The classifier head is initialised from the seed, not from whatever the process's RNG held
+    (each Ray Train worker is a fresh process: before, a run could not be reproduced from its seed)."""
+    first, _ = build_model(_cfg(tiny_encoder))
+    torch.rand(1000)  # the RNG moves on, as it does between runs
+    again, _ = build_model(_cfg(tiny_encoder))
+    other, _ = build_model(_cfg(tiny_encoder, seed=1))
+    assert torch.equal(first.classifier.weight, again.classifier.weight)
+    assert not torch.equal(first.classifier.weight, other.classifier.weight)
