@@ -38,7 +38,7 @@ from typing import Any
 
 from kubedistill.core.holds import hold
 from kubedistill.core.spec import DistillationRunSpec, spec_slice
-from kubedistill.core.storage import S3Options, Storage
+from kubedistill.core.storage import S3Options, Storage, StorageError
 
 CONFIG_ENV = "KUBEDISTILL_STAGE_CONFIG"
 MANIFEST = "_SUCCESS.json"
@@ -250,6 +250,7 @@ def execute(ctx: StageContext, fn: StageFn) -> dict[str, Any]:
         "version": version,
         "startedAt": started,
         "finishedAt": now(),
+        "finishedAtNs": time.time_ns(),  # orders versions finished within one second (retention)
         "seconds": round(time.monotonic() - t0, 3),
         "artifact": ctx.out.uri(),
         "metrics": result.get("metrics", {}),
@@ -260,8 +261,11 @@ def execute(ctx: StageContext, fn: StageFn) -> dict[str, Any]:
     storage.write_json(f"{name}/{MANIFEST}", manifest)
     ctx.log(f"done in {manifest['seconds']:.1f}s: version {version}")
     hold(f"{name}.manifest-written")
-    if pruned := prune_versions(storage, name, ctx.keep_versions):
-        ctx.log(f"pruned {len(pruned)} old version(s) (spec.retention.keepVersions {ctx.keep_versions})")
+    try:
+        if pruned := prune_versions(storage, name, ctx.keep_versions):
+            ctx.log(f"pruned {len(pruned)} old version(s) (spec.retention.keepVersions {ctx.keep_versions})")
+    except (OSError, StorageError) as e:  # the result stands; the next success prunes again
+        ctx.log(f"could not prune old versions: {type(e).__name__}: {e}")
     return manifest
 
 
@@ -307,7 +311,7 @@ def prune_versions(storage: Storage, stage: str, keep: int) -> list[str]:
     current = read_manifest(storage, stage)
     newest = [current["version"]] if current and current.get("version") else []
     pinned = {v for v in (_attempt_field(storage, stage, "version"), _promoted(storage, stage)) if v}
-    complete: list[tuple[str, str]] = []
+    complete: list[tuple[int, str, str]] = []
     incomplete: list[str] = []
     for d in storage.dirs(stage):
         if not d.startswith(VERSION_PREFIX):
@@ -320,8 +324,8 @@ def prune_versions(storage: Storage, stage: str, keep: int) -> list[str]:
         if m is None:
             incomplete.append(v)
         else:
-            complete.append((str(m.get("finishedAt", "")), v))
-    newest += [v for _, v in sorted(complete, reverse=True) if v not in newest]
+            complete.append((int(m.get("finishedAtNs") or 0), str(m.get("finishedAt", "")), v))
+    newest += [v for *_, v in sorted(complete, reverse=True) if v not in newest]
     kept = set(newest[: max(1, keep)]) | pinned
     drop = [v for v in newest[max(1, keep) :] + incomplete if v not in kept]
     for v in drop:

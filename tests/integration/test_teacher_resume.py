@@ -14,8 +14,8 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 @pytest.mark.cost(180)
 def test_a_killed_teacher_training_resumes_from_its_checkpoint(tmp_path):
-    # about 44 steps, a checkpoint every 20: killed at the first (the hold), the restart has 24 left
-    teacher = {**TEACHER, "dapt": {"epochs": 4, "batchSize": 16, "learningRate": 1e-3}}
+    # about 33 steps, a checkpoint every 20: killed at the first (the hold), the restart has 13 left
+    teacher = {**TEACHER, "dapt": {"epochs": 3, "batchSize": 16, "learningRate": 1e-3}}
     syn = SMALL
     f = _write(tmp_path, _doc(str(tmp_path / "store"), "tresume", teacher, syn))
     kill_at(f, "train.checkpoint-reported", until=checkpoint_registered(tmp_path / "store" / "tresume" / "teacher-dapt"))

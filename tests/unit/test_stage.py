@@ -252,3 +252,15 @@ def test_retention_keeps_the_newest_versions_the_promoted_student_and_the_one_be
     root.write_text(f"data/v-{building}/part.bin", "x")
     root.write_json(f"data/{stage.ATTEMPT}", {"token": "t", "version": building})
     assert building not in stage.prune_versions(root, "data", 1) and root.exists(f"data/v-{building}/part.bin")
+
+
+def test_a_failure_to_prune_leaves_the_finished_result_standing(tmp_path, monkeypatch, capsys):
+    from kubedistill.core.storage import Storage, StorageError
+
+    def unreachable(self, rel=""):
+        raise StorageError(f"{self.uri(rel)}: listing refused")
+
+    monkeypatch.setattr(Storage, "dirs", unreachable)
+    m = execute(_ctx(tmp_path), _write("a"))
+    assert stage.read_manifest(stage.run_storage(_ctx(tmp_path).config), "data") == m
+    assert "could not prune old versions: StorageError" in capsys.readouterr().out
