@@ -103,6 +103,11 @@ def _read(storage: Storage, path: str) -> dict[str, Any] | None:
         return None
 
 
+def _version(storage: Storage, manifest: dict[str, Any]) -> Storage:
+    """The outputs of a stage: the version its manifest names."""
+    return Storage(manifest["artifact"], storage.options)
+
+
 def collect(storage: Storage, stages: list[str]) -> dict[str, dict[str, Any]]:
     """Per stage: its manifest or failure record (whichever exists), from the run's storage."""
     return {s: {"manifest": read_manifest(storage, s), "failure": _read(storage, f"{s}/{FAILURE}")} for s in stages}
@@ -140,7 +145,7 @@ def _section_evaluation(storage: Storage, found: dict[str, dict[str, Any]]) -> s
         f"<p>Gate (<code>evaluation.minMacroF1</code> {gate['threshold']}): "
         f"<span class='{cls}'>{'passed' if gate['passed'] else 'not passed'}</span> — {_e(gate['reason'])}</p>"
     )
-    detail = _read(Storage(m["artifact"], storage.options), "metrics.json") or {}  # the version the manifest names
+    detail = _read(_version(storage, m), "metrics.json") or {}  # the version the manifest names
     models = detail.get("models", {})
     if models:
         rows = [
@@ -180,7 +185,7 @@ def _section_evaluation(storage: Storage, found: dict[str, dict[str, Any]]) -> s
             for c in comparison
         ]
         out.append(_table(["objective", "macro-F1", "AUC", "accuracy", "s / step", "macro-F1 vs ce"], rows, raw=True))
-    out.append(_image(Storage(m["artifact"], storage.options), "confusion.png", "confusion matrices"))
+    out.append(_image(_version(storage, m), "confusion.png", "confusion matrices"))
     return "".join(out)
 
 
@@ -289,7 +294,7 @@ def _section_pruning(storage: Storage, found: dict[str, dict[str, Any]]) -> str:
         f"({_e(p.get('kind'))}) on {_fmt(p.get('n_test'))} held-out architectures: R² {_fmt(p.get('r2'))}, "
         f"Kendall τ {_fmt(p.get('kendall_tau'))}.</p>"
         + _table(["model", "parameters", "removed", "perplexity", "label accuracy"], rows)
-        + _image(Storage(m["artifact"], storage.options), "predicted_vs_measured.png", "predicted vs measured")
+        + _image(_version(storage, m), "predicted_vs_measured.png", "predicted vs measured")
     )
 
 

@@ -408,7 +408,7 @@ def _run_stages(
             earlier[stage.name] = step
             continue
         if step.state == "skipped":
-            why = (step.reason or "").removeprefix("not promoted: ")
+            why = step.gate_reason
             st.phase, st.message = "Skipped", step.reason
             status.status.conditions.append(
                 Condition(type="Promoted", status="False", reason="GateFailed", message=why, last_transition_time=now())

@@ -206,6 +206,11 @@ class Cluster:
         )
 
 
+def _run_key(body: dict[str, Any]) -> str:
+    meta = body.get("metadata") or {}
+    return str(meta.get("uid") or f"{meta.get('namespace')}/{meta.get('name')}")
+
+
 def _fingerprint(body: dict[str, Any], children: dict[str, dict[str, Any]]) -> tuple[Any, ...]:
     """What a reconcile of a finished run depends on in the cluster: its generation (the spec), its deletion,
     and each child's resourceVersion (a RayService turning unhealthy, a RayJob deleted by hand)."""
@@ -291,8 +296,7 @@ class Controller:
     ) -> reconcile.Plan | None:
         """The run's next plan, applied; None for a finished run that nothing touched since it finished
         (its spec, its children and its deletion are unchanged): that costs no API or storage call."""
-        meta = body.get("metadata") or {}
-        key = meta.get("uid") or f"{meta.get('namespace')}/{meta.get('name')}"
+        key = _run_key(body)
         seen = _fingerprint(body, children)
         with self._guard:
             lock = self._locks.setdefault(key, threading.Lock())
@@ -318,8 +322,7 @@ class Controller:
         return plan
 
     def forget(self, body: dict[str, Any]) -> None:
-        meta = body.get("metadata") or {}
-        key = meta.get("uid") or f"{meta.get('namespace')}/{meta.get('name')}"
+        key = _run_key(body)
         with self._guard:
             self._finished.pop(key, None)
         self._track(key, None)

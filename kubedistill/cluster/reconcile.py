@@ -287,7 +287,7 @@ def reconcile(
             elif not step.ready:
                 st.phase, st.message = "Pending", step.reason
             elif step.state == "skipped":
-                why = (step.reason or "").removeprefix("not promoted: ")
+                why = step.gate_reason
                 st.phase, st.message = "Skipped", step.reason
                 _condition(status.conditions, "Promoted", "False", "GateFailed", why, now)
             elif st.retry_at and now < st.retry_at:
@@ -305,7 +305,7 @@ def reconcile(
             st.job, st.phase = name, "Pending"
             st.message = f"serving the previous student until the rebuilt one passes the gate ({step.reason})"
         elif is_service and step.state == "skipped":  # the new student failed the gate: the old one stays
-            why = (step.reason or "").removeprefix("not promoted: ")
+            why = step.gate_reason
             st.job, (st.phase, serving) = name, k8s.rayservice_phase(child)
             st.message = f"still serving the last promoted student; the new one was not promoted: {why}"
             if serving and st.phase != "Succeeded":

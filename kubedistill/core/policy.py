@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 from kubedistill.core.pipeline import Stage, gate_blocks
 
+NOT_PROMOTED = "not promoted: "
 StepState = Literal["done", "stale", "runnable", "blocked", "skipped"]
 Manifests = Callable[[str], dict[str, Any] | None]
 
@@ -42,6 +43,11 @@ class Step:
     reason: str | None = None
     #: what made a `stale` stage stale: its own config, or one of its inputs
     cause: Literal["config", "input"] | None = None
+
+    @property
+    def gate_reason(self) -> str:
+        """Why the gate did not promote (a `skipped` step's reason without its prefix)."""
+        return (self.reason or "").removeprefix(NOT_PROMOTED)
 
     @property
     def should_run(self) -> bool:
@@ -74,7 +80,7 @@ def step(stage: Stage, manifests: Manifests, earlier: dict[str, Step]) -> Step:
     waiting = [d for d in stage.depends_on if earlier[d].state != "done"]
     ready = not waiting
     if stage.gated and ready and (why := gate_blocks(manifests("evaluate"))):
-        return Step("skipped", ready, f"not promoted: {why}")
+        return Step("skipped", ready, f"{NOT_PROMOTED}{why}")
     if stage.service:
         return Step("runnable", ready, None if ready else f"waiting for {', '.join(waiting)}")
     manifest = manifests(stage.name)

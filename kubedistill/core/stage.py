@@ -135,9 +135,13 @@ def input_digests(storage: Storage, inputs: list[str]) -> dict[str, str] | None:
 def is_done(storage: Storage, config: dict[str, Any]) -> bool:
     """The skip-if-done rule: a manifest exists for this exact config and these exact inputs."""
     m = read_manifest(storage, config["stage"])
-    if m is None or m.get("configHash") != config_hash(config):
+    if m is None or m.get("configHash") != config_hash(config):  # no input read for a changed config
         return False
-    return m.get("inputs") == input_digests(storage, config["inputs"])
+    return _built_from(m, config, input_digests(storage, config["inputs"]))
+
+
+def _built_from(manifest: dict[str, Any], config: dict[str, Any], inputs: dict[str, str] | None) -> bool:
+    return manifest.get("configHash") == config_hash(config) and manifest.get("inputs") == inputs
 
 
 @dataclass
@@ -277,9 +281,7 @@ def _built_before(
         m = read_manifest(storage, config["stage"], version)
     except CorruptManifest:
         return None
-    if m is None or m.get("configHash") != config_hash(config) or m.get("inputs") != inputs:
-        return None
-    return m
+    return m if m is not None and _built_from(m, config, inputs) else None
 
 
 def _fence(storage: Storage, stage: str, token: str) -> None:
