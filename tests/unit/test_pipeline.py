@@ -128,3 +128,13 @@ def test_a_job_whose_stage_function_cannot_be_loaded_says_which(target, says):
         job.resolve(target)
     with pytest.raises(SystemExit, match="usage: python -m kubedistill.job"):
         job.main([])
+
+
+def test_the_served_model_is_the_one_evaluate_scored_else_the_students_and_none_before_either():
+    student = {"outputs": {"model": "s3://b/r/student-crsd/v-2/model"}}
+    evaluated = {"outputs": {"metrics": "m.json", "model": "s3://b/r/student-crsd/v-1/model"}}
+    assert pipeline.promoted_model({"student-crsd": student, "evaluate": evaluated}.get) == "s3://b/r/student-crsd/v-1/model"
+    assert pipeline.promoted_model({"student-crsd": student, "evaluate": {"outputs": {}}}.get) == \
+        "s3://b/r/student-crsd/v-2/model"  # an evaluate manifest from before it named the model
+    assert pipeline.promoted_model({}.get) is None
+    assert pipeline.promoted_model({"student-crsd": {"outputs": {}}}.get) is None
