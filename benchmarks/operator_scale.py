@@ -130,7 +130,8 @@ def _steady_state(tmp: Path, runs: int, interval: float, window: float, timeout:
     docs = [_finished_doc(f"done-{i:03d}", tmp / "store") for i in range(runs)]
     with _operator(tmp, interval) as (api, _, metrics, requests):
         api.call("POST", "/api/v1/namespaces/default/secrets", {  # each reconcile reads it: an API call per run
-            "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-credentials", "namespace": "default"},
+            "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-credentials", "namespace": "default",
+                                                  "labels": {"kubedistill.io/storage-credentials": "true"}},
             "data": {"AWS_ACCESS_KEY_ID": "a2V5", "AWS_SECRET_ACCESS_KEY": "c2VjcmV0"}})
         api_0, reads_0 = _counts(metrics, requests)
         mine = len(api_0)

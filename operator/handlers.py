@@ -3,7 +3,8 @@ kubedistill.cluster.controller. Run: kopf run operator/handlers.py --all-namespa
 
 Environment: KUBEDISTILL_RECONCILE_INTERVAL (seconds between reconciles of a run, default 10),
 KUBEDISTILL_METRICS_PORT (Prometheus metrics, default 9090; 0 turns them off), KUBEDISTILL_STAGE_IMAGE and
-KUBEDISTILL_STAGE_IMAGE_GPU (what stage pods run when a run sets no spec.ray.image; the chart sets both).
+KUBEDISTILL_STAGE_IMAGE_GPU (what stage pods run when a run sets no spec.ray.image; the chart sets both), and the
+security settings of `kubedistill.cluster.security.Settings.from_env` (allowed endpoints, NetworkPolicy peers).
 """
 
 import logging
@@ -18,7 +19,7 @@ sys.modules.setdefault("numpy", None)  # type: ignore[arg-type]  # None marks a 
 import kopf
 import prometheus_client
 
-from kubedistill.cluster import controller, k8s
+from kubedistill.cluster import controller, k8s, security
 from kubedistill.core import spec, stage
 
 INTERVAL = float(os.environ.get("KUBEDISTILL_RECONCILE_INTERVAL", "10"))
@@ -35,7 +36,9 @@ def configure(settings: kopf.OperatorSettings, **_) -> None:
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=k8s.GROUP, key="last-spec")
     settings.persistence.finalizer = f"{k8s.GROUP}/operator"
     settings.posting.level = logging.WARNING  # our own events say what happened; kopf posts only its errors
-    ctl = controller.Controller(controller.Cluster.connect(), controller.images_from_env(os.environ))
+    ctl = controller.Controller(
+        controller.Cluster.connect(), controller.images_from_env(os.environ), security.Settings.from_env(os.environ)
+    )
     if port := int(os.environ.get("KUBEDISTILL_METRICS_PORT", "9090")):
         prometheus_client.start_http_server(port)
 

@@ -38,7 +38,40 @@ def validator(kind: str) -> jsonschema.Draft4Validator:
     return jsonschema.Draft4Validator(draft4(version["schema"]["openAPIV3Schema"], strict=True))
 
 
+#: the oldest Kubernetes minor the chart supports that kubernetes-validate ships
+K8S_VERSION = "1.30.0"
+
+
 def errors(obj: dict) -> list[str]:
-    """Every schema violation of `obj` (a RayJob, RayService or RayCluster), as 'path: message'."""
+    """Every schema violation of `obj`, as 'path: message': a RayJob, RayService or RayCluster against KubeRay's
+    schema and each of its pod templates against Kubernetes' own; any other object against Kubernetes' own."""
+    if not obj.get("apiVersion", "").startswith("ray.io/"):
+        return k8s_errors(obj)
     v = validator(obj["kind"])
-    return [f"{'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}" for e in v.iter_errors(obj)]
+    out = [f"{'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}" for e in v.iter_errors(obj)]
+    for path, template in pod_templates(obj):
+        doc = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}, "template": template}
+        out += [f"{path}.{e}" for e in k8s_errors(doc)]
+    return out
+
+
+def k8s_errors(obj: dict) -> list[str]:
+    import kubernetes_validate
+
+    try:
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as e:
+        return [f"{'.'.join(map(str, e.path)) or '<root>'}: {e.message}"]
+    return []
+
+
+def pod_templates(obj: dict):
+    """(path, pod template) of every pod a RayJob or RayService makes: head, worker groups, job submitter."""
+    spec = obj["spec"]
+    if "submitterPodTemplate" in spec:
+        yield "spec.submitterPodTemplate", spec["submitterPodTemplate"]
+    key = "rayClusterSpec" if "rayClusterSpec" in spec else "rayClusterConfig"
+    cluster = spec[key]
+    yield f"spec.{key}.headGroupSpec.template", cluster["headGroupSpec"]["template"]
+    for i, g in enumerate(cluster["workerGroupSpecs"]):
+        yield f"spec.{key}.workerGroupSpecs[{i}].template", g["template"]

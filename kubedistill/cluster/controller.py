@@ -11,7 +11,11 @@ crash loop:
 - KubeRay's CRDs are not installed (the API has no `ray.io/v1` RayJob): condition
   `KubeRayAvailable=False` with what to install; the run stays Pending and is retried.
 - The run's storage cannot be read (bad credentials, endpoint down): condition `StorageReachable=False`
-  naming the URI and what to check; retried.
+  naming the URI and what to check; retried. Storage the security policy refuses (a Secret without the
+  opt-in label, a plain-HTTP endpoint the chart does not list, an endpoint without a Secret: see
+  `security`): the same condition with reason `StorageRefused`; nothing is read or created.
+- Before a run's first Ray cluster: its Ray-token Secret and its NetworkPolicy (`k8s.token_secret`,
+  `k8s.network_policy`), created once and kept current.
 - A child already exists when created (an operator restarted between creating it and recording it):
   success. A child already gone when deleted: success.
 - The API server refuses an object (400/422, e.g. `memory: lots`): the run fails with `Valid=False`
@@ -25,9 +29,10 @@ stage events by reason, runs by phase.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import logging
+import os
+import secrets
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -37,7 +42,7 @@ from kubernetes import client as kclient
 from kubernetes.client.exceptions import ApiException
 from prometheus_client import Counter, Gauge, Histogram
 
-from kubedistill.cluster import k8s, reconcile
+from kubedistill.cluster import k8s, reconcile, security
 from kubedistill.core import spec
 from kubedistill.core.stage import read_manifest, run_prefix
 from kubedistill.core.storage import S3Options, Storage, StorageError
@@ -102,6 +107,10 @@ class SecretMissing(RuntimeError):
     pass
 
 
+class StorageRefused(RuntimeError):
+    """The run's storage settings break the operator's security policy (`security`): the message says which."""
+
+
 def _absent(e: ApiException) -> bool:
     return e.status == 404
 
@@ -128,6 +137,7 @@ class Cluster:
 
     custom: kclient.CustomObjectsApi
     core: kclient.CoreV1Api
+    networking: kclient.NetworkingV1Api | None = None
 
     @classmethod
     def connect(cls) -> Cluster:
@@ -138,7 +148,35 @@ class Cluster:
         except config.ConfigException:
             config.load_kube_config()
         api = kclient.ApiClient()
-        return cls(kclient.CustomObjectsApi(api), kclient.CoreV1Api(api))
+        return cls(kclient.CustomObjectsApi(api), kclient.CoreV1Api(api), kclient.NetworkingV1Api(api))
+
+    def ensure_run_objects(self, token: dict[str, Any], policy: dict[str, Any] | None, namespace: str) -> None:
+        """The run's Ray-token Secret (created once: an existing one keeps its token) and its NetworkPolicy
+        (created, or brought up to date: the chart's peers may have changed), before any of its Ray clusters."""
+        try:
+            self.core.create_namespaced_secret(namespace, token)
+        except ApiException as e:
+            if e.status != 409:
+                raise self._refused("create", token, namespace, e) from e
+        if policy is None or self.networking is None:
+            return
+        try:
+            self.networking.create_namespaced_network_policy(namespace, policy)
+        except ApiException as e:
+            if e.status != 409:
+                raise self._refused("create", policy, namespace, e) from e
+            try:
+                self.networking.patch_namespaced_network_policy(
+                    policy["metadata"]["name"], namespace, {"spec": policy["spec"]}
+                )
+            except ApiException as e2:
+                raise self._refused("update", policy, namespace, e2) from e2
+
+    @staticmethod
+    def _refused(verb: str, obj: dict[str, Any], namespace: str, e: ApiException) -> Exception:
+        if e.status in _REFUSED:
+            return ApiRefused(verb, obj["kind"], obj["metadata"]["name"], namespace, e)
+        return e
 
     def apply(self, plan: reconcile.Plan, namespace: str) -> None:
         for kind, name in plan.delete:
@@ -183,26 +221,33 @@ class Cluster:
                     raise ApiRefused("update", obj["kind"], obj["metadata"]["name"], namespace, e) from e
                 raise
 
-    def s3_options(self, namespace: str, storage: dict[str, Any]) -> S3Options:
-        """The run's S3 settings, with the credentials of its `secretRef` (the stage pods get the same)."""
-        key = secret = None
+    def s3_options(self, namespace: str, storage: dict[str, Any], policy: security.Settings) -> S3Options:
+        """The run's S3 settings, with the credentials of its `secretRef` (the stage pods get the same keys), as
+        the security policy allows them: an opted-in Secret, an allowed endpoint, never the operator's own
+        credentials for an endpoint the run chose."""
+        endpoint = storage.get("endpoint")
+        if refused := security.endpoint_refused(endpoint, policy.allowed_endpoints):
+            raise StorageRefused(refused)
         ref = (storage.get("secretRef") or {}).get("name")
-        if ref:
-            try:
-                data = self.core.read_namespaced_secret(ref, namespace).data or {}
-            except ApiException as e:
-                if _absent(e):
-                    raise SecretMissing(
-                        f"spec.storage.secretRef: secret {ref!r} not found in namespace "
-                        f"{namespace}; create it with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
-                    ) from e
-                raise
-            key, secret = (
-                base64.b64decode(data[k]).decode() if data.get(k) else None
-                for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
-            )
+        if not ref:
+            if refused := security.ambient_refused(endpoint, os.environ.get("AWS_ENDPOINT_URL")):
+                raise StorageRefused(refused)
+            return S3Options.from_env(endpoint, storage.get("region"))
+        try:
+            obj = self.core.read_namespaced_secret(ref, namespace)
+        except ApiException as e:
+            if _absent(e):
+                raise SecretMissing(
+                    f"spec.storage.secretRef: secret {ref!r} not found in namespace {namespace}; create it with "
+                    f"AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY and label it {security.CREDENTIALS_LABEL}=true"
+                ) from e
+            raise
+        try:
+            key, secret = security.credentials(ref, namespace, obj.metadata.labels or {}, obj.data or {})
+        except security.CredentialsRefused as e:
+            raise StorageRefused(str(e)) from None
         return dataclasses.replace(
-            S3Options.from_env(storage.get("endpoint"), storage.get("region")), access_key=key, secret_key=secret
+            S3Options.from_env(endpoint, storage.get("region")), access_key=key, secret_key=secret
         )
 
 
@@ -285,6 +330,8 @@ class Controller:
     cluster: Cluster
     #: what stage pods run when a run sets no spec.ray.image (`images_from_env`)
     images: k8s.Images = field(default_factory=k8s.Images.release)
+    #: the chart's security settings (`security.Settings.from_env`)
+    policy: security.Settings = field(default_factory=security.Settings)
     _locks: dict[str, threading.Lock] = field(default_factory=dict)
     _phases: dict[str, str] = field(default_factory=dict)
     #: finished runs, by key: what they and their children were when last reconciled (`_fingerprint`)
@@ -337,13 +384,15 @@ class Controller:
         try:
             manifests: Callable[[str], dict[str, Any] | None] = _no_manifests
             if storage_spec.get("uri"):
-                options = self.cluster.s3_options(namespace, storage_spec)
+                options = self.cluster.s3_options(namespace, storage_spec, self.policy)
                 store = Storage(run_prefix(storage_spec["uri"], name), options)
                 manifests = manifest_reader(store)
             previous = _previous(body)
             plan = reconcile.reconcile_body(
                 {**body, "status": previous.model_dump(by_alias=True)}, children, manifests, now, self.images
             )
+            if plan.create:  # its Ray clusters need the run's token Secret, and its NetworkPolicy guards them
+                self._ensure_run_objects(body, namespace)
             self.cluster.apply(plan, namespace)
             if store is not None and _phases(previous) != _phases(plan.status):
                 write_report(store, name, plan.status)
@@ -353,6 +402,8 @@ class Controller:
             return blocked(body, "StorageReachable", "StorageUnreachable", str(e), now), "storage-error"
         except SecretMissing as e:
             return blocked(body, "StorageReachable", "SecretMissing", str(e), now), "secret-missing"
+        except StorageRefused as e:
+            return blocked(body, "StorageReachable", "StorageRefused", str(e), now), "storage-refused"
         except ApiRefused as e:
             if e.status == 403:  # the operator's rights, not the run: it stays as it is, and says what to grant
                 ERRORS.labels("forbidden").inc()
@@ -364,6 +415,13 @@ class Controller:
         for type_ in ("KubeRayAvailable", "StorageReachable", "Authorized"):  # recovered: drop the blocking condition
             plan.status.conditions = [c for c in plan.status.conditions if c.type != type_]
         return plan, "ok"
+
+    def _ensure_run_objects(self, body: dict[str, Any], namespace: str) -> None:
+        run = spec.parse_run(body)  # it parsed in reconcile, or nothing would be created
+        uid = (body.get("metadata") or {}).get("uid")
+        token = k8s.token_secret(run, secrets.token_urlsafe(32), uid)
+        policy = k8s.network_policy(run, self.policy, uid) if self.policy.network_policy else None
+        self.cluster.ensure_run_objects(token, policy, namespace)
 
     def _track(self, key: str, phase: str | None) -> None:
         with self._guard:

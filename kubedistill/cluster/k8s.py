@@ -31,6 +31,28 @@ ATTEMPT = f"{GROUP}/attempt"
 #: digest of the input manifests a RayJob was created for
 INPUTS = f"{GROUP}/inputs"
 SERVE_PORT = 8000
+#: the head's Ray ports: GCS, dashboard and Jobs API, Ray client
+RAY_PORTS = (("gcs", 6379), ("dashboard", 8265), ("client", 10001))
+#: the key of the Ray token in the per-run Secret (what KubeRay's `authOptions.secretName` expects)
+TOKEN_KEY = "auth_token"
+#: the user (and group) of this project's images (the Dockerfile runs as Ray's `ray` user)
+RUN_AS_USER, RUN_AS_GROUP = 1000, 100
+#: the `restricted` Pod Security Standard, as every pod the operator creates carries it
+POD_SECURITY: dict[str, Any] = {
+    "runAsNonRoot": True,
+    "runAsUser": RUN_AS_USER,
+    "runAsGroup": RUN_AS_GROUP,
+    "fsGroup": RUN_AS_GROUP,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+CONTAINER_SECURITY: dict[str, Any] = {
+    "allowPrivilegeEscalation": False,
+    "runAsNonRoot": True,
+    "capabilities": {"drop": ["ALL"]},
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+#: memory of a Ray head (GCS, dashboard; it runs no tasks) and of KubeRay's helper containers
+HEAD_MEMORY, HELPER_MEMORY = "4Gi", "512Mi"
 #: where this project's images are published (the Dockerfile's builds)
 IMAGE_REPOSITORY = "ghcr.io/kubedistill/kubedistill"
 
@@ -84,6 +106,25 @@ class Images:
         return run.spec.ray.image or (self.gpu if gpus else self.cpu)
 
 
+def default_memory(cpus: float) -> str:
+    """A pod's memory when the spec sets none: 4Gi per CPU, at least 4Gi (every pod has a limit)."""
+    return f"{max(4, 4 * math.ceil(cpus))}Gi"
+
+
+def credentials_env(run: DistillationRun) -> list[dict[str, Any]]:
+    """The storage credentials as single keys of the run's Secret (`secretKeyRef`), never the whole Secret."""
+    from kubedistill.cluster.security import CREDENTIAL_KEYS, OPTIONAL_CREDENTIAL_KEYS
+
+    ref = run.spec.storage.secret_ref
+    if ref is None:
+        return []
+    keys = [(k, False) for k in CREDENTIAL_KEYS] + [(k, True) for k in OPTIONAL_CREDENTIAL_KEYS]
+    return [
+        {"name": k, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": k, **({"optional": True} if o else {})}}}
+        for k, o in keys
+    ]
+
+
 def _container(
     run: DistillationRun,
     image: str,
@@ -93,9 +134,7 @@ def _container(
     memory: str | None,
     ports: list[tuple[str, int]],
 ) -> dict[str, Any]:
-    requests: dict[str, Any] = {"cpu": _quantity(cpus)}
-    if memory:
-        requests["memory"] = memory
+    requests: dict[str, Any] = {"cpu": _quantity(cpus), "memory": memory or default_memory(cpus)}
     limits = dict(requests)
     if gpus:
         limits["nvidia.com/gpu"] = max(1, math.ceil(gpus))
@@ -103,17 +142,61 @@ def _container(
         "name": name,
         "image": image,
         "resources": {"requests": requests, "limits": limits},
-        "securityContext": {"allowPrivilegeEscalation": False, "runAsNonRoot": True},
+        "securityContext": dict(CONTAINER_SECURITY),
     }
     if ports:
         c["ports"] = [{"name": n, "containerPort": p} for n, p in ports]
-    if run.spec.storage.secret_ref:
-        c["envFrom"] = [{"secretRef": {"name": run.spec.storage.secret_ref.name}}]
+    if env := credentials_env(run):
+        c["env"] = env
     return c
+
+
+def pod_template(run: DistillationRun, stage: str, container: dict[str, Any], token: bool = False) -> dict[str, Any]:
+    """A pod template: the run's labels (its NetworkPolicy selects them), the `restricted` security context,
+    and no service-account token unless the pod talks to the API server (`token`: the autoscaler's head)."""
+    return {
+        "metadata": {"labels": labels(run.name, stage)},
+        "spec": {
+            "automountServiceAccountToken": token,
+            "securityContext": dict(POD_SECURITY),
+            "containers": [container],
+        },
+    }
 
 
 def _quantity(cpus: float) -> str:
     return str(int(cpus)) if float(cpus).is_integer() else f"{int(cpus * 1000)}m"
+
+
+def token_secret_name(run_name: str) -> str:
+    return child_name(run_name, "ray-token")
+
+
+def token_secret(run: DistillationRun, token: str, uid: str | None = None) -> dict[str, Any]:
+    """The Secret holding the token every Ray cluster of the run requires (KubeRay's `authOptions`): the operator
+    creates it once per run, with a random token, owned by the run (it goes when the run goes)."""
+    meta = metadata(run, "ray-token", uid)
+    return {"apiVersion": "v1", "kind": "Secret", "metadata": meta, "type": "Opaque", "stringData": {TOKEN_KEY: token}}
+
+
+def network_policy(run: DistillationRun, settings: Any, uid: str | None = None) -> dict[str, Any]:
+    """The run's NetworkPolicy: its Ray pods admit each other on every port (Ray's nodes talk on many), the
+    operator and KubeRay on the head's Ray ports, and the Serve port only from `settings.serving_from`
+    (the chart's `serving.allowedFrom`); nothing else reaches them. `settings` is a `security.Settings`."""
+    own = {"matchLabels": {f"{GROUP}/run": run.name}}
+    tcp = [{"protocol": "TCP", "port": p} for _, p in RAY_PORTS]
+    ingress: list[dict[str, Any]] = [
+        {"from": [{"podSelector": own}]},
+        {"from": [settings.operator_peer, settings.kuberay_peer], "ports": tcp},
+    ]
+    if run.spec.serving.enabled and settings.serving_from:
+        ingress.append({"from": list(settings.serving_from), "ports": [{"protocol": "TCP", "port": SERVE_PORT}]})
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": metadata(run, "ray", uid),
+        "spec": {"podSelector": own, "policyTypes": ["Ingress"], "ingress": ingress},
+    }
 
 
 def ray_cluster_spec(
@@ -131,19 +214,24 @@ def ray_cluster_spec(
     """A RayCluster spec: a head that runs no tasks (num-cpus 0) and one worker group sized for the stage.
     Head and workers run one image (Ray needs the same build on both): the GPU variant when workers have GPUs."""
     image = images.of(run, gpus)
-    head = _container(
-        run, image, "ray-head", 1, 0, "4Gi", [("gcs", 6379), ("dashboard", 8265), ("client", 10001), *head_ports]
-    )
+    head = _container(run, image, "ray-head", 1, 0, HEAD_MEMORY, [*RAY_PORTS, *head_ports])
     worker = _container(run, image, "ray-worker", cpus, gpus, memory, [])
     start = {"num-cpus": str(max(1, math.ceil(cpus)))}  # Ray's resource view of the pod
     if gpus:
         start["num-gpus"] = str(max(1, math.ceil(gpus)))
-    return {
+    autoscaled = max_workers > min_workers
+    spec: dict[str, Any] = {
         "rayVersion": run.spec.ray.ray_version,
-        "enableInTreeAutoscaling": max_workers > min_workers,
+        # every Ray endpoint (GCS, dashboard, Jobs API, client) requires the run's token; KubeRay gives it to
+        # the Ray containers and its own clients from this Secret, which the operator creates per run
+        "authOptions": {"mode": "token", "secretName": token_secret_name(run.name)},
+        "enableInTreeAutoscaling": autoscaled,
         "headGroupSpec": {
+            # the dashboard listens beyond localhost for KubeRay and the job submitter; the token and the run's
+            # NetworkPolicy keep everyone else out
             "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
-            "template": {"spec": {"containers": [head]}},
+            # the autoscaler (a container KubeRay adds to the head) talks to the API server: only it needs a token
+            "template": pod_template(run, group, head, token=autoscaled),
         },
         "workerGroupSpecs": [
             {
@@ -152,10 +240,30 @@ def ray_cluster_spec(
                 "minReplicas": min_workers,
                 "maxReplicas": max_workers,
                 "rayStartParams": start,
-                "template": {"spec": {"containers": [worker]}},
+                "template": pod_template(run, group, worker),
             }
         ],
     }
+    if autoscaled:
+        spec["autoscalerOptions"] = {"securityContext": dict(CONTAINER_SECURITY), "resources": _helper_resources()}
+    return spec
+
+
+def _helper_resources() -> dict[str, Any]:
+    return {"requests": {"cpu": "200m", "memory": HELPER_MEMORY}, "limits": {"memory": HELPER_MEMORY}}
+
+
+def submitter_template(run: DistillationRun, stage: str, image: str) -> dict[str, Any]:
+    """The pod that submits a RayJob's entrypoint (KubeRay fills in its command): restricted like the rest."""
+    container = {
+        "name": "ray-job-submitter",
+        "image": image,
+        "resources": _helper_resources(),
+        "securityContext": dict(CONTAINER_SECURITY),
+    }
+    template = pod_template(run, stage, container)
+    template["spec"]["restartPolicy"] = "Never"
+    return template
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,6 +303,7 @@ def rayjob(
             "activeDeadlineSeconds": run.spec.ray.stage_timeout_seconds,
             "shutdownAfterJobFinishes": True,
             "ttlSecondsAfterFinished": 300,
+            "submitterPodTemplate": submitter_template(run, stage.name, (images or Images.release()).of(run, 0)),
             "rayClusterSpec": ray_cluster_spec(
                 run,
                 "workers",
@@ -282,7 +391,11 @@ def student_model_uri(run: DistillationRun) -> str:
 
 
 def render(run: DistillationRun, uid: str | None = None, images: Images | None = None) -> list[dict[str, Any]]:
-    """Every RayJob and the RayService the operator creates for `run`, in stage order."""
+    """Every RayJob and the RayService the operator creates for `run`, in stage order, then the run's
+    NetworkPolicy (with the default peers; the chart's `networkPolicy` values change them). Not shown: the
+    Secret with the run's Ray token, which the operator fills with a random one."""
+    from kubedistill.cluster.security import Settings
+
     out = []
     for stage in pipeline.build(run):
         out.append(
@@ -290,7 +403,7 @@ def render(run: DistillationRun, uid: str | None = None, images: Images | None =
             if stage.service
             else rayjob(run, stage, uid, images=images)
         )
-    return out
+    return [*out, network_policy(run, Settings(), uid)]
 
 
 def rayservice_phase(obj: dict[str, Any]) -> tuple[StagePhase, str | None]:

@@ -7,13 +7,15 @@ Unknown fields are errors everywhere.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Annotated, Any, Literal, cast
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic.alias_generators import to_camel
 
 API_GROUP = "kubedistill.io"
@@ -23,8 +25,137 @@ KIND = "DistillationRun"
 #: Reward dimensions the reward-model stage knows how to score.
 REWARD_DIMENSIONS = ("label", "consistency", "faithfulness", "format")
 
-_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")  # a DNS-1123 label
 _LABEL_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+
+
+_PRINTABLE = r"^[^\x00-\x1f\x7f]+$"
+_ENDPOINT = r"^https?://[^\s/?#@]+/?$"
+_QUANTITY = r"^[0-9]+(\.[0-9]+)?([KMGTPE]i|[kMGTPE]|m)?$"
+_DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+_DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+_REGION = r"^[a-z0-9-]+$"
+_IMAGE = (
+    r"^[a-zA-Z0-9]([a-zA-Z0-9._-]*[a-zA-Z0-9])?(:[0-9]+)?(/[a-z0-9]([a-z0-9._-]*[a-z0-9])?)*"
+    r"(:[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127})?(@sha256:[a-f0-9]{64})?$"
+)
+_RAY_VERSION = r"^[0-9]+\.[0-9]+\.[0-9]+[a-z0-9.+-]*$"
+#: what each pattern means, for whoever reads the error
+_PATTERN_MEANING = {
+    _PRINTABLE: "expected no control characters",
+    _ENDPOINT: "expected http(s)://host[:port] with no credentials, path or query",
+    _QUANTITY: "expected a Kubernetes quantity such as 4Gi, 512Mi or 1.5G",
+    _DNS_SUBDOMAIN: "expected a DNS-1123 name: lowercase letters, digits, '-' and '.'",
+    _DNS_LABEL: "expected a DNS-1123 label: lowercase letters, digits and '-'",
+    _REGION: "expected a region name: lowercase letters, digits and '-'",
+    _IMAGE: "expected an image reference such as registry/name:tag or name@sha256:digest",
+    _RAY_VERSION: "expected a Ray version such as 2.60.0",
+}
+
+
+#: host names of cloud metadata services (the link-local and unique-local addresses are refused by range)
+_METADATA_HOSTS = frozenset({"metadata.google.internal", "metadata", "instance-data", "instance-data.ec2.internal"})
+#: other addresses clouds serve instance metadata (and credentials) on
+_METADATA_ADDRESSES = frozenset({ipaddress.ip_address("100.100.100.200"), ipaddress.ip_address("fd00:ec2::254")})
+
+
+def endpoint_problem(endpoint: str) -> str | None:
+    """What is wrong with an S3 endpoint URL (None: nothing): `http(s)://host[:port]` with no credentials,
+    path or query, and not a link-local or cloud-metadata address (a run must not make stage pods or the
+    operator send requests, with credentials, to the node's metadata service)."""
+    try:
+        parts = urlsplit(endpoint)
+        port = parts.port
+    except ValueError as e:
+        return f"not a URL ({e})"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return f"expected http(s)://host[:port], got {endpoint!r}"
+    if parts.username or parts.password or parts.path not in ("", "/") or parts.query or parts.fragment:
+        return "expected http(s)://host[:port] with no credentials, path, query or fragment"
+    if port == 0:
+        return "port 0 is not a port"
+    host = parts.hostname.rstrip(".").lower()
+    if host in _METADATA_HOSTS:
+        return f"{host} is a cloud metadata service, not storage"
+    ip = _address(host)
+    if ip is None:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    if ip.is_link_local or ip in _METADATA_ADDRESSES or ip.is_unspecified or ip.is_multicast:
+        return f"{host} is a link-local, metadata or unroutable address, not storage"
+    return None
+
+
+def _address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address `host` names without DNS: dotted, IPv6, or the forms the C resolver also reads as IPv4
+    (`2852039166`, `0xa9fea9fe`, `0251.0376.0251.0376`, `169.254.43518`); None for a host name."""
+    import socket
+
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    if re.fullmatch(r"[0-9a-fx.]+", host) and any(c.isdigit() for c in host):
+        try:
+            return ipaddress.IPv4Address(socket.inet_aton(host))
+        except OSError:
+            return None
+    return None
+
+
+def _endpoint(v: str) -> str:
+    if problem := endpoint_problem(v):
+        raise ValueError(problem)
+    return v
+
+
+def _location(v: str) -> str:
+    if ".." in v.replace("\\", "/").split("/"):
+        raise ValueError("a '..' segment is not allowed: keys and paths are relative to what they name, never above it")
+    if "://" in v and not v.startswith("s3://"):
+        raise ValueError("expected a local path, an s3:// prefix or a hub id; no other URL scheme")
+    return v
+
+
+def _cel_field(rule: str, message: str) -> dict[str, Any]:
+    return {"x-kubernetes-validations": [{"rule": rule, "message": message}]}
+
+
+#: a storage location or model reference: a local path, an s3:// prefix or a hub id (S3 keys are at most 1,024
+#: bytes); no control characters, no `..` segment
+Location = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=1024,
+        pattern=_PRINTABLE,
+        json_schema_extra=_cel_field("!self.matches('(^|/)[.][.](/|$)')", "a '..' segment is not allowed"),
+    ),
+    AfterValidator(_location),
+]
+#: an S3 endpoint: http(s)://host[:port]; link-local and metadata addresses are refused
+Endpoint = Annotated[
+    str,
+    Field(
+        max_length=2048,
+        pattern=_ENDPOINT,
+        json_schema_extra=_cel_field(
+            "!self.matches('^https?://(169[.]254[.]|\\\\[fe80:|metadata[.]google[.]internal)')",
+            "link-local and cloud-metadata addresses are not storage",
+        ),
+    ),
+    AfterValidator(_endpoint),
+]
+#: a Kubernetes resource quantity (`4Gi`, `512Mi`, `1.5G`)
+Quantity = Annotated[str, Field(min_length=1, max_length=32, pattern=_QUANTITY)]
+#: a DNS-1123 subdomain: what Kubernetes accepts as a Secret's name
+DnsSubdomain = Annotated[
+    str,
+    Field(min_length=1, max_length=253, pattern=_DNS_SUBDOMAIN),
+]
+#: a seed: what numpy and torch accept
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
 
 
 class _Model(BaseModel):
@@ -33,6 +164,8 @@ class _Model(BaseModel):
         populate_by_name=True,
         extra="forbid",
         validate_default=True,
+        # "12" is not 12 and true is not 1: the CRD schema refuses them too
+        strict=True,
     )
 
 
@@ -42,7 +175,11 @@ def _cel(*rules: tuple[str, str]) -> dict[str, Any]:
 
 
 class SecretRef(_Model):
-    name: str = Field(min_length=1, description="Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.")
+    name: DnsSubdomain = Field(
+        description="Secret in the run's namespace with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and optionally "
+        "AWS_SESSION_TOKEN), labelled kubedistill.io/storage-credentials=true: the operator reads no other Secret, "
+        "and stage pods get only those keys."
+    )
 
 
 class StorageSpec(_Model):
@@ -56,19 +193,26 @@ class StorageSpec(_Model):
             )
         )
     )
-    uri: str = Field(
-        min_length=1,
+    uri: Location = Field(
         description="Where artifacts go: a local directory or an s3://bucket/prefix. "
         "Each run writes under <uri>/<run name>/<stage>/v-<version>/.",
     )
-    endpoint: str | None = Field(
+    endpoint: Endpoint | None = Field(
         default=None,
-        description="S3 endpoint override for non-AWS stores (MinIO, SeaweedFS), e.g. http://minio:9000. "
-        "Defaults to $AWS_ENDPOINT_URL, then AWS.",
+        description="S3 endpoint override for non-AWS stores (MinIO, SeaweedFS), e.g. https://minio:9000: "
+        "http(s)://host[:port], never a link-local or metadata address. Defaults to $AWS_ENDPOINT_URL, then AWS. In a "
+        "cluster: https:// unless the chart lists the endpoint in storage.allowedEndpoints, and with secretRef.",
     )
-    region: str | None = Field(default=None, description="S3 region; defaults to $AWS_REGION, then us-east-1.")
+    region: str | None = Field(
+        default=None,
+        max_length=64,
+        pattern=_REGION,
+        description="S3 region; defaults to $AWS_REGION, then us-east-1.",
+    )
     secret_ref: SecretRef | None = Field(
-        default=None, description="In a cluster: the Secret whose keys become the stage pods' environment."
+        default=None,
+        description="In a cluster: the Secret (labelled kubedistill.io/storage-credentials=true) whose credential "
+        "keys the stage pods and the operator use. Required with an endpoint other than the operator's own.",
     )
 
 
@@ -84,32 +228,46 @@ class RetentionSpec(_Model):
 
 
 class SyntheticDataSpec(_Model):
-    services: int = Field(default=300, ge=10, le=10_000_000, description="Number of synthetic services.")
-    queries: int = Field(default=400, ge=10, le=10_000_000, description="Number of synthetic log queries.")
-    pairs_per_query: int = Field(default=6, ge=1, le=100, description="Services shown per query.")
-    sft_size: int = Field(default=300, ge=1, description="Labeled pairs with reasoning for teacher SFT.")
-    eval_size: int = Field(default=400, ge=10, description="Labeled held-out pairs for evaluation.")
-    seed: int = Field(default=0, ge=0, description="Random seed; the same seed gives the same data.")
+    # the data stage builds the synthetic log in memory: the bounds keep it under ~2 GiB (200k queries x 20
+    # pairs); a larger log is real data, read from spec.data.logs in shards
+    services: int = Field(default=300, ge=10, le=100_000, description="Number of synthetic services (at most 100,000).")
+    queries: int = Field(
+        default=400, ge=10, le=200_000, description="Number of synthetic log queries (at most 200,000)."
+    )
+    pairs_per_query: int = Field(default=6, ge=1, le=20, description="Services shown per query (at most 20).")
+    sft_size: int = Field(
+        default=300, ge=1, le=100_000, description="Labeled pairs with reasoning for teacher SFT (at most 100,000)."
+    )
+    eval_size: int = Field(
+        default=400, ge=10, le=100_000, description="Labeled held-out pairs for evaluation (at most 100,000)."
+    )
+    seed: Seed = Field(default=0, description="Random seed; the same seed gives the same data.")
 
 
 class DataSpec(_Model):
-    logs: str | None = Field(
+    logs: Location | None = Field(
         default=None,
         description="Unlabeled query-service pairs (jsonl or parquet; file, directory or s3:// prefix). "
         "Unset: the data stage generates a synthetic local-services log.",
     )
-    eval_set: str | None = Field(default=None, description="Labeled held-out pairs. Required with `logs`.")
-    sft_seed: str | None = Field(default=None, description="Labeled pairs with reasoning for teacher SFT.")
-    corpus: str | None = Field(default=None, description="Domain text for pre-training (jsonl with `text`).")
+    eval_set: Location | None = Field(default=None, description="Labeled held-out pairs. Required with `logs`.")
+    sft_seed: Location | None = Field(default=None, description="Labeled pairs with reasoning for teacher SFT.")
+    corpus: Location | None = Field(default=None, description="Domain text for pre-training (jsonl with `text`).")
     format: Literal["parquet", "jsonl"] = Field(default="parquet", description="Format the data stage writes.")
     synthetic: SyntheticDataSpec = Field(default_factory=SyntheticDataSpec)
 
 
 class Resources(_Model):
-    workers: int = Field(default=2, ge=1, le=4096, description="Ray Train workers.")
-    cpus_per_worker: float = Field(default=1, gt=0, description="CPUs per worker.")
-    gpus_per_worker: float = Field(default=0, ge=0, description="GPUs per worker (0: CPU training).")
-    memory: str | None = Field(default=None, description="Memory per worker pod, as a Kubernetes quantity.")
+    workers: int = Field(default=2, ge=1, le=1024, description="Ray Train workers (at most 1,024).")
+    cpus_per_worker: float = Field(default=1, gt=0, le=256, description="CPUs per worker (at most 256: one node).")
+    gpus_per_worker: float = Field(
+        default=0, ge=0, le=16, description="GPUs per worker (0: CPU training; at most 16: one node)."
+    )
+    memory: Quantity | None = Field(
+        default=None,
+        description="Memory per worker pod, a Kubernetes quantity (e.g. 16Gi): its request and limit. "
+        "Unset: 4Gi per CPU, at least 4Gi.",
+    )
 
 
 class Replicas(_Model):
@@ -120,29 +278,34 @@ class Replicas(_Model):
 
 class LoraSpec(_Model):
     r: int = Field(default=16, ge=1, le=1024, description="Rank of the adapter matrices.")
-    alpha: int = Field(default=32, ge=1, description="LoRA scaling numerator (the update is scaled by alpha / r).")
+    alpha: int = Field(
+        default=32, ge=1, le=4096, description="LoRA scaling numerator (the update is scaled by alpha / r)."
+    )
     dropout: float = Field(default=0.05, ge=0, lt=1, description="Dropout on the adapters' input.")
 
 
 class TrainSpec(_Model):
-    epochs: float = Field(default=1, gt=0, description="Passes over the data.")
+    epochs: float = Field(default=1, gt=0, le=1000, description="Passes over the data (at most 1,000).")
     learning_rate: float = Field(
         default=5e-4,
         gt=0,
         lt=1,
         description="Peak learning rate (AdamW; linear warm-up over the first 10% of steps, then linear decay).",
     )
-    batch_size: int = Field(default=16, ge=1, description="Global batch size.")
-    max_steps: int | None = Field(default=None, ge=1, description="Stop after this many steps.")
+    batch_size: int = Field(default=16, ge=1, le=65_536, description="Global batch size (at most 65,536).")
+    max_steps: int | None = Field(
+        default=None, ge=1, le=10_000_000, description="Stop after this many steps (at most 10 million)."
+    )
 
 
 class SftSpec(TrainSpec):
-    epochs: float = Field(default=2, gt=0, description="Passes over the SFT set.")
+    epochs: float = Field(default=2, gt=0, le=1000, description="Passes over the SFT set (at most 1,000).")
     lora: LoraSpec | None = Field(default=None, description="Train LoRA adapters (peft) instead of all weights.")
 
 
 class RewardModelSpec(TrainSpec):
-    dimensions: dict[str, float] = Field(
+    # keys: checked against REWARD_DIMENSIONS below (a structural CRD schema has no propertyNames)
+    dimensions: dict[str, Annotated[float, Field(ge=0, le=100)]] = Field(
         default_factory=lambda: {"label": 1.0, "consistency": 0.5, "faithfulness": 0.5, "format": 0.2},
         description=f"Weight of each reward dimension; known: {', '.join(REWARD_DIMENSIONS)}.",
     )
@@ -155,14 +318,17 @@ class RewardModelSpec(TrainSpec):
             raise ValueError(f"unknown reward dimension(s) {unknown}; expected some of {list(REWARD_DIMENSIONS)}")
         if not v:
             raise ValueError("at least one reward dimension is required")
-        if any(w < 0 for w in v.values()):
-            raise ValueError("weights must be >= 0")
+        if any(not 0 <= w <= 100 for w in v.values()):
+            raise ValueError("weights must be between 0 and 100")
         return v
 
 
 class DpoSpec(TrainSpec):
     beta: float = Field(
-        default=0.1, gt=0, description="DPO temperature: how far the policy may move from the frozen SFT reference."
+        default=0.1,
+        gt=0,
+        le=100,
+        description="DPO temperature: how far the policy may move from the frozen SFT reference.",
     )
     samples_per_prompt: int = Field(
         default=4,
@@ -170,13 +336,17 @@ class DpoSpec(TrainSpec):
         le=64,
         description="Responses sampled (temperature 1) per prompt; the best and worst by reward form a pair.",
     )
-    margin: float = Field(default=0.1, ge=0, description="Minimum reward gap between chosen and rejected.")
+    margin: float = Field(default=0.1, ge=0, le=100, description="Minimum reward gap between chosen and rejected.")
     prompts: int | None = Field(
-        default=None, ge=1, description="SFT prompts sampled (seeded) for preference pairs; unset: every SFT prompt."
+        default=None,
+        ge=1,
+        le=100_000,
+        description="SFT prompts sampled (seeded) for preference pairs; unset: every SFT prompt (at most 100,000).",
     )
     nll_weight: float = Field(
         default=1.0,
         ge=0,
+        le=100,
         description="Weight of the chosen response's per-token NLL added to the DPO loss "
         "(Pang et al. 2024); 0 is plain DPO.",
     )
@@ -186,14 +356,16 @@ class TeacherSpec(_Model):
     enabled: bool = Field(
         default=True, description="Train the teacher (teacher-dapt, teacher-sft, reward-model, teacher-dpo)."
     )
-    base_model: str = Field(
-        default="Qwen/Qwen2.5-7B-Instruct", min_length=1, description="Hub id, local directory or s3:// prefix."
+    base_model: Location = Field(
+        default="Qwen/Qwen2.5-7B-Instruct", description="Hub id, local directory or s3:// prefix."
     )
     dapt: TrainSpec = Field(default_factory=TrainSpec)
     sft: SftSpec = Field(default_factory=SftSpec)
     reward_model: RewardModelSpec = Field(default_factory=RewardModelSpec)
     dpo: DpoSpec = Field(default_factory=DpoSpec)
-    max_failures: int = Field(default=2, ge=0, description="Worker failures Ray Train recovers from by checkpoint.")
+    max_failures: int = Field(
+        default=2, ge=0, le=100, description="Worker failures Ray Train recovers from by checkpoint."
+    )
     resources: Resources = Field(default_factory=Resources)
 
 
@@ -208,7 +380,7 @@ class AnnotationSpec(_Model):
         "CPUs), transformers (batched Hugging Face generate), or auto: vLLM when a build for the replicas' device "
         "is installed, else transformers.",
     )
-    model: str | None = Field(
+    model: Location | None = Field(
         default=None, description="Annotating LLM; default: the teacher-dpo stage's model. Required without a teacher."
     )
     replicas: Replicas = Field(
@@ -216,14 +388,18 @@ class AnnotationSpec(_Model):
         description="Engine replicas (Ray actors, one model each); Ray Data scales the pool "
         "between min and max with the backlog.",
     )
-    cpus_per_replica: float = Field(default=1, gt=0, description="CPUs per replica (also its torch threads).")
-    gpus_per_replica: float = Field(default=0, ge=0, description="GPUs per replica (0: CPU inference).")
+    cpus_per_replica: float = Field(
+        default=1, gt=0, le=256, description="CPUs per replica (also its torch threads; at most 256)."
+    )
+    gpus_per_replica: float = Field(
+        default=0, ge=0, le=16, description="GPUs per replica (0: CPU inference; at most 16)."
+    )
     batch_size: int = Field(default=64, ge=1, le=4096, description="Rows handed to a replica at once.")
     max_tokens: int = Field(
         default=256, ge=8, le=8192, description="Most tokens a response (reasoning + label) may take."
     )
     temperature: float = Field(default=0.0, ge=0, le=2, description="Sampling temperature; 0 is greedy.")
-    seed: int = Field(default=0, ge=0, description="Sampling seed.")
+    seed: Seed = Field(default=0, description="Sampling seed.")
     parse_retries: int = Field(default=1, ge=0, le=10, description="Re-samples of a response that does not parse.")
     retry_temperature: float = Field(
         default=0.7, gt=0, le=2, description="Temperature of those re-samples (a greedy retry would repeat itself)."
@@ -247,11 +423,14 @@ class AnnotationSpec(_Model):
 
 
 class CrsdSpec(_Model):
-    align_weight: float = Field(default=1.0, ge=0, description="Weight of the alignment term 1 - cos(h, r).")
+    align_weight: float = Field(default=1.0, ge=0, le=100, description="Weight of the alignment term 1 - cos(h, r).")
     contrast_weight: float = Field(
-        default=1.0, ge=0, description="Weight of the InfoNCE term over the batch's standard x reasoning similarities."
+        default=1.0,
+        ge=0,
+        le=100,
+        description="Weight of the InfoNCE term over the batch's standard x reasoning similarities.",
     )
-    temperature: float = Field(default=0.05, gt=0, description="InfoNCE temperature.")
+    temperature: float = Field(default=0.05, gt=0, le=100, description="InfoNCE temperature.")
     stop_gradient: bool = Field(
         default=True, description="No gradient through the reasoning view in the alignment terms."
     )
@@ -273,9 +452,8 @@ class StudentSpec(_Model):
         )
     )
     enabled: bool = Field(default=True, description="Train the student (student-crsd) and evaluate it.")
-    base_model: str = Field(
+    base_model: Location = Field(
         default="sentence-transformers/all-MiniLM-L6-v2",
-        min_length=1,
         description="Encoder to fine-tune: hub id, local directory or s3:// prefix.",
     )
     objective: Literal["ce", "kd", "crsd"] = Field(
@@ -284,6 +462,7 @@ class StudentSpec(_Model):
     )
     compare_objectives: list[Literal["ce", "kd", "crsd"]] = Field(
         default_factory=list,
+        max_length=2,
         description="Other objectives trained on the same rows, seed and budget and scored by "
         "evaluate beside the student (the report's CE-vs-CRSD table); never served.",
     )
@@ -296,13 +475,17 @@ class StudentSpec(_Model):
         description="How the encoder's token states become the pair's vector: the mean over real "
         "tokens (what sentence-transformers encoders such as the default were trained with) or the [CLS] token.",
     )
-    kd_temperature: float = Field(default=2.0, gt=0, description="Softmax temperature of the kd objective.")
+    kd_temperature: float = Field(default=2.0, gt=0, le=100, description="Softmax temperature of the kd objective.")
     validation_fraction: float = Field(
         default=0.1, gt=0, lt=1, description="Queries held out of training for early stopping."
     )
-    patience: int = Field(default=2, ge=1, description="Evaluations without improvement before stopping early.")
-    seed: int = Field(default=0, ge=0, description="Seed of the split, initialisation and batch order.")
-    max_failures: int = Field(default=2, ge=0, description="Worker failures Ray Train recovers from by checkpoint.")
+    patience: int = Field(
+        default=2, ge=1, le=1000, description="Evaluations without improvement before stopping early."
+    )
+    seed: Seed = Field(default=0, description="Seed of the split, initialisation and batch order.")
+    max_failures: int = Field(
+        default=2, ge=0, le=100, description="Worker failures Ray Train recovers from by checkpoint."
+    )
     resources: Resources = Field(default_factory=Resources)
 
 
@@ -320,7 +503,9 @@ class PruningSpec(_Model):
         description="Random per-layer architectures evaluated for real to train the predictor.",
     )
     top_k: int = Field(default=4, ge=1, le=1000, description="Predictor picks evaluated for real.")
-    candidates: int = Field(default=5000, ge=10, le=10_000_000, description="Architectures the predictor scores.")
+    candidates: int = Field(
+        default=5000, ge=10, le=1_000_000, description="Architectures the predictor scores (at most 1 million)."
+    )
     predictor: Literal["gbdt", "lightgbm"] = Field(
         default="gbdt", description="The accuracy predictor: scikit-learn's or LightGBM's gradient-boosted trees."
     )
@@ -332,7 +517,7 @@ class PruningSpec(_Model):
     calibration_samples: int = Field(default=32, ge=1, le=100_000, description="Texts for the Taylor importance.")
     eval_texts: int = Field(default=128, ge=1, le=100_000, description="Held-out texts for perplexity.")
     eval_prompts: int = Field(default=64, ge=1, le=100_000, description="Eval prompts generated for label accuracy.")
-    seed: int = Field(default=0, ge=0, description="Seed of the sampled architectures and the predictor.")
+    seed: Seed = Field(default=0, description="Seed of the sampled architectures and the predictor.")
 
 
 _MAX_SERVICES, _MAX_BATCH_PAIRS = 100, 512
@@ -375,18 +560,49 @@ class ServingSpec(_Model):
     target_ongoing_requests: float = Field(
         default=16, gt=0, le=10_000, description="Autoscaling adds replicas when requests per replica exceed this."
     )
-    cpus_per_replica: float = Field(default=1, gt=0, description="CPUs per replica (also its torch threads).")
-    gpus_per_replica: float = Field(default=0, ge=0, description="GPUs per replica (0: CPU inference).")
+    cpus_per_replica: float = Field(
+        default=1, gt=0, le=256, description="CPUs per replica (also its torch threads; at most 256)."
+    )
+    gpus_per_replica: float = Field(
+        default=0, ge=0, le=16, description="GPUs per replica (0: CPU inference; at most 16)."
+    )
+    max_body_bytes: int = Field(
+        default=1_048_576,
+        ge=1024,
+        le=64 * 1_048_576,
+        description="Largest /score body a replica reads, in bytes (413 beyond it, judged from Content-Length "
+        "before reading and while reading); at most 64 MiB.",
+    )
+    max_queued_requests: int = Field(
+        default=256,
+        ge=1,
+        le=100_000,
+        description="Requests a replica holds (scoring or waiting for the model) before it answers 503 with "
+        "Retry-After: a bounded queue, so overload sheds load instead of piling up latency.",
+    )
+    request_timeout_seconds: float = Field(
+        default=10,
+        gt=0,
+        le=600,
+        description="A /score request not answered within this long gets 504 (at most 10 minutes).",
+    )
 
 
 class RaySpec(_Model):
     image: str | None = Field(
         default=None,
         min_length=1,
+        max_length=512,
+        pattern=_IMAGE,
         description="Image of every Ray pod in a cluster; it must contain kubedistill and its ray_apps/. Unset: the "
         "image the operator runs (the chart's `image`), or its GPU variant (`image.gpuTag`) for a stage with GPUs.",
     )
-    ray_version: str = Field(default="2.60.0", min_length=1, description="Ray version of the image (KubeRay needs it).")
+    ray_version: str = Field(
+        default="2.60.0",
+        max_length=32,
+        pattern=_RAY_VERSION,
+        description="Ray version of the image (KubeRay needs it).",
+    )
     stage_retries: int = Field(
         default=2,
         ge=0,
@@ -402,7 +618,10 @@ class RaySpec(_Model):
         "further retry, at most 10 minutes.",
     )
     stage_timeout_seconds: int = Field(
-        default=86_400, ge=60, description="A stage's RayJob is stopped and failed after this long."
+        default=86_400,
+        ge=60,
+        le=30 * 86_400,
+        description="A stage's RayJob is stopped and failed after this long (at most 30 days).",
     )
 
 
@@ -418,7 +637,7 @@ class DistillationRunSpec(_Model):
     )
     storage: StorageSpec
     data: DataSpec = Field(default_factory=DataSpec)
-    labels: list[str] = Field(
+    labels: list[Annotated[str, Field(max_length=32)]] = Field(
         default_factory=lambda: ["irrelevant", "partial", "relevant"],
         min_length=2,
         max_length=5,
@@ -447,7 +666,7 @@ class DistillationRunSpec(_Model):
 class Metadata(_Model):
     model_config = ConfigDict(extra="allow")  # labels, uid... belong to Kubernetes
     name: str = Field(min_length=1, max_length=63)
-    namespace: str | None = None
+    namespace: str | None = Field(default=None, max_length=63, pattern=_DNS_LABEL)
 
     @field_validator("name")
     @classmethod
@@ -591,19 +810,68 @@ def parse_run(doc: Any, source: str = "<input>") -> DistillationRun:
     try:
         run = DistillationRun.model_validate(doc)
     except ValidationError as e:
-        problems = []
-        for err in e.errors(include_url=False):
-            msg = err["msg"]
-            if err["type"] == "extra_forbidden":
-                msg = "unknown field"
-            elif "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], (dict, list)):
-                msg = f"{msg} (got {err['input']!r})"
-            problems.append(Problem(field_path(err["loc"]), msg))
+        problems = [Problem(field_path(err["loc"]), _message(err)) for err in e.errors(include_url=False)]
+        # the cross-field rules too, all at once: checked on the document without its invalid fields (their
+        # defaults stand in), keeping only rules about objects that had no invalid field
+        rest = _valid_rest(doc, e)
+        if rest is None:  # a required top-level field is missing: its error says so
+            raise SpecError(source, problems) from None
+        bad_parents = {p.path.rsplit(".", 1)[0] for p in problems}
+        problems += [p for p in _semantic_problems(rest) if p.path.rsplit(".", 1)[0] not in bad_parents]
         raise SpecError(source, problems) from None
     problems = _semantic_problems(run)
     if problems:
         raise SpecError(source, problems)
     return run
+
+
+def _valid_rest(doc: dict[str, Any], error: ValidationError) -> DistillationRun | None:
+    """The run `doc` describes once its invalid values are dropped (defaults stand in; an object that then
+    lacks a required field is dropped too), or None when what is left is no run at all."""
+    locs = [err["loc"] for err in error.errors(include_url=False)]
+    for _ in range(8):
+        try:
+            return DistillationRun.model_validate(_without(doc, locs))
+        except ValidationError as e:
+            more = [err["loc"][:-1] if err["type"] == "missing" else err["loc"] for err in e.errors(include_url=False)]
+            if not all(loc[:1] == ("spec",) and len(loc) > 2 for loc in more):
+                return None
+            locs += more
+    return None
+
+
+def _message(err: Any) -> str:
+    """A pydantic error as a problem's message, with the offending value when it is short and plain."""
+    if err["type"] == "extra_forbidden":
+        return "unknown field"
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    if err["type"] == "string_pattern_mismatch":
+        msg = _PATTERN_MEANING.get((err.get("ctx") or {}).get("pattern", ""), msg)
+    value = err.get("input")
+    if "input" in err and err["type"] != "missing" and not isinstance(value, (dict, list)):
+        shown = repr(value)
+        return f"{msg} (got {shown if len(shown) <= 80 else shown[:77] + '...'})"
+    return msg
+
+
+def _without(doc: dict[str, Any], locs: list[tuple[Any, ...]]) -> dict[str, Any]:
+    """A copy of `doc` without the values at `locs` (pydantic error locations)."""
+    import copy
+
+    out = copy.deepcopy(doc)
+    for loc in sorted(locs, key=len, reverse=True):
+        node: Any = out
+        for part in loc[:-1]:
+            try:
+                node = node[part]
+            except (KeyError, IndexError, TypeError):
+                node = None
+                break
+        if isinstance(node, dict):
+            node.pop(loc[-1], None)
+        elif isinstance(node, list) and isinstance(loc[-1], int) and loc[-1] < len(node):
+            node[loc[-1]] = None
+    return out
 
 
 def load_runs(path: str | Path) -> list[DistillationRun]:

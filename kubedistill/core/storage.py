@@ -87,6 +87,15 @@ def _explain(uri: str, err: Exception) -> StorageError:
     return StorageError(f"{uri}: {text}{hint}")
 
 
+def relative_key(rel: str) -> str:
+    """`rel` when it names something under a root: not absolute, no `..` segment, no NUL. An object store allows
+    such keys (`model/../../x` is a valid S3 key); copied to a local directory they would escape it."""
+    parts = rel.replace("\\", "/").split("/")
+    if rel.startswith("/") or ".." in parts or "\x00" in rel:
+        raise ValueError(f"{rel!r} is not a relative key under the prefix (absolute, '..' or NUL)")
+    return rel
+
+
 class Storage:
     """Artifacts under one root URI. Paths given to methods are relative to the root, '/'-separated."""
 
@@ -98,11 +107,11 @@ class Storage:
 
     # -- naming ---------------------------------------------------------------------------
     def uri(self, rel: str = "") -> str:
-        return posixpath.join(self.root_uri, rel) if rel else self.root_uri
+        return posixpath.join(self.root_uri, relative_key(rel)) if rel else self.root_uri
 
     def path(self, rel: str = "") -> str:
         """The path inside `self.fs` (what pyarrow and Ray Data take with `filesystem=self.fs`)."""
-        return posixpath.join(self._root, rel) if rel else self._root
+        return posixpath.join(self._root, relative_key(rel)) if rel else self._root
 
     def child(self, rel: str) -> Storage:
         return Storage(self.uri(rel), self.options)

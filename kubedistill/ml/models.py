@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from kubedistill.core.storage import S3Options, Storage, is_s3
+from kubedistill.core.storage import S3Options, Storage, is_s3, relative_key
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -61,6 +61,11 @@ def fetch_prefix(uri: str, options: S3Options | None = None) -> Path:
     files = st.list()
     if not files:
         raise ModelNotFound(f"{uri}: no files under this prefix")
+    for rel in files:
+        try:
+            relative_key(rel)
+        except ValueError as e:
+            raise ModelNotFound(f"{uri}: refusing to copy the prefix: object {e}") from None
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
     try:

@@ -64,10 +64,17 @@ def scalar_metrics(result: Any) -> dict[str, Any]:
     return {k: v for k, v in result.metrics.items() if isinstance(v, (int, float, bool))}
 
 
+def load_tensors(source: Any) -> Any:
+    """A `torch.save` file (path or file object) read with `weights_only=True`: tensors, numbers, strings and
+    containers of them, never a pickled object. Anyone who can write a run's prefix could otherwise plant a
+    file that runs code in the stage pods when loaded; such a file is refused (`pickle.UnpicklingError`)."""
+    return torch.load(source, weights_only=True, map_location="cpu")
+
+
 def load_state(checkpoint: Any) -> dict[str, Any]:
     """The training state a checkpoint holds (read where the model is needed next)."""
     with checkpoint.as_directory() as d:
-        return torch.load(Path(d) / STATE_FILE, weights_only=False, map_location="cpu")
+        return load_tensors(Path(d) / STATE_FILE)
 
 
 def resume_state(label: str) -> dict[str, Any] | None:

@@ -351,9 +351,9 @@ def _importance(out: Any) -> Any:
     """The Taylor importance `_prepare` saved for the trials."""
     import io
 
-    import torch
+    from kubedistill.ml.raytrain import load_tensors
 
-    return torch.load(io.BytesIO(out.read_bytes("importance.pt")), weights_only=False)
+    return load_tensors(io.BytesIO(out.read_bytes("importance.pt")))
 
 
 def _on_worker_setup(base: str, out_uri: str, s3: dict[str, Any]) -> tuple[Any, Any, Any]:

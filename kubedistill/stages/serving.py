@@ -6,6 +6,11 @@ s3:// prefix) and answers
     POST /score   {"query": str, "services": [{"id": str, "text": str, ...}, ...]}
       200 → {"modelVersion": str, "labels": [...], "results": [{"id", "label", "probabilities", "score"}]}
       4xx → {"error": "<field>: <what was expected>", "field": "<field>", "errors": [...]}
+      413 body over `maxBodyBytes` (from Content-Length before reading, or while reading); 400 invalid JSON or
+      nested deeper than the request's shape allows; 422 a field (ids at most 256 characters, text that is
+      not valid Unicode); 503 + Retry-After when the replica holds `maxQueuedRequests`; 504 after
+      `requestTimeoutSeconds`. A request that fails in the model fails alone: its batch is scored again
+      request by request, and only the failing one answers 500.
     GET  /healthz  200 while the replica runs
     GET  /readyz   200 once a model is loaded, 503 before
 
@@ -46,13 +51,27 @@ DEPLOYMENT = "StudentScorer"
 # Requests and responses (pure)
 
 
+#: longest service id accepted (ids are echoed back in the response)
+MAX_ID_CHARS = 256
+#: deepest JSON nesting a /score body needs: body → services → service → a nested extra field or two
+MAX_DEPTH = 6
+
+
 class RequestError(Exception):
     """A request the app refuses: HTTP `status`, the offending `field`, and what was expected."""
 
-    def __init__(self, status: int, field: str, message: str, errors: list[dict[str, str]] | None = None):
+    def __init__(
+        self,
+        status: int,
+        field: str,
+        message: str,
+        errors: list[dict[str, str]] | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(f"{field}: {message}")
         self.status, self.field, self.message = status, field, message
         self.errors = errors or [{"field": field, "message": message}]
+        self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
         return {"error": str(self), "field": self.field, "errors": self.errors}
@@ -60,7 +79,7 @@ class RequestError(Exception):
 
 class ScoreService(BaseModel):
     model_config = ConfigDict(extra="allow")
-    id: str = Field(min_length=1)
+    id: str = Field(min_length=1, max_length=MAX_ID_CHARS)
     text: str = Field(min_length=1)
 
 
@@ -70,12 +89,62 @@ class ScoreRequest(BaseModel):
     services: list[ScoreService] = Field(min_length=1)
 
 
+async def read_body(request: Any, limit: int) -> bytes:
+    """The body of a Starlette request, refused with 413 once it is over `limit` bytes: judged from
+    Content-Length before anything is read, and while reading (a missing or false length gains nothing)."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError:
+            raise RequestError(400, "Content-Length", f"not a number ({declared[:40]!r})") from None
+        if size > limit:
+            raise RequestError(413, "body", f"at most {limit} bytes, Content-Length says {size}")
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise RequestError(413, "body", f"at most {limit} bytes; stopped reading after {total}")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _depth(doc: Any) -> int:
+    """How deeply `doc` nests lists and objects (iteratively: no recursion on hostile input)."""
+    deepest, todo = 0, [(doc, 1)]
+    while todo:
+        node, d = todo.pop()
+        if isinstance(node, (dict, list)):
+            deepest = max(deepest, d)
+            todo.extend((v, d + 1) for v in (node.values() if isinstance(node, dict) else node))
+    return deepest
+
+
+def _not_unicode(req: ScoreRequest) -> list[str]:
+    """Fields holding text that is not valid Unicode (lone surrogates from JSON escapes): the tokenizer and the
+    response encoder would fail on it, so the request is refused before it joins a batch."""
+    fields = [("query", req.query)] + [
+        (f"services[{i}].{k}", v) for i, s in enumerate(req.services) for k, v in (("id", s.id), ("text", s.text))
+    ]
+    bad = []
+    for name, value in fields:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            bad.append(name)
+    return bad
+
+
 def parse_request(body: bytes, max_services: int, max_text_chars: int) -> ScoreRequest:
     """Decode and check a /score body; raise RequestError naming the first bad field (all of them in `errors`)."""
     try:
         doc = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RequestError(400, "body", f"not valid JSON ({e})") from None
+    except RecursionError:
+        raise RequestError(400, "body", f"nested deeper than {MAX_DEPTH} levels") from None
+    if _depth(doc) > MAX_DEPTH:
+        raise RequestError(400, "body", f"nested deeper than {MAX_DEPTH} levels")
     if not isinstance(doc, dict):
         raise RequestError(422, "body", f"expected a JSON object with 'query' and 'services', got {type(doc).__name__}")
     if isinstance(doc.get("services"), list) and len(doc["services"]) > max_services:
@@ -95,7 +164,83 @@ def parse_request(body: bytes, max_services: int, max_text_chars: int) -> ScoreR
     if too_long:
         errors = [{"field": f, "message": f"longer than {max_text_chars} characters (got {n})"} for f, n in too_long]
         raise RequestError(422, errors[0]["field"], errors[0]["message"], errors)
+    if bad := _not_unicode(req):
+        errors = [{"field": f, "message": "not valid Unicode text (a lone surrogate escape)"} for f in bad]
+        raise RequestError(422, errors[0]["field"], errors[0]["message"], errors)
     return req
+
+
+class Admission:
+    """A replica's bounded queue: at most `limit` requests held at once (scoring or waiting for the model);
+    one more is refused with 503 and Retry-After, so overload sheds load instead of growing latency."""
+
+    def __init__(self, limit: int, retry_after_s: int = 1):
+        self.limit, self.retry_after_s, self.held = limit, retry_after_s, 0
+
+    def __enter__(self) -> "Admission":
+        if self.held >= self.limit:
+            raise RequestError(
+                503,
+                "server",
+                f"busy: {self.held} requests queued on this replica (at most {self.limit}); retry shortly",
+                headers={"Retry-After": str(self.retry_after_s)},
+            )
+        self.held += 1
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.held -= 1
+
+
+class ItemFailed:
+    """The result slot of one request whose pairs the model could not score (the others' slots are scores)."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+def score_each(items: list[tuple[str, list[str]]], predict: Any) -> list[Any]:
+    """Score a batch of requests with one model call; if that call fails, score each request alone, so a
+    request that breaks the model fails by itself (`ItemFailed` in its slot) and never its neighbours."""
+    try:
+        probs = predict([q for q, ts in items for _ in ts], [t for _, ts in items for t in ts])
+    except Exception:  # noqa: BLE001 - find the request at fault below
+        out: list[Any] = []
+        for q, ts in items:
+            try:
+                out.append(predict([q] * len(ts), ts))
+            except Exception as e:  # noqa: BLE001 - reported as this request's 500
+                out.append(ItemFailed(e))
+        return out
+    out, i = [], 0
+    for _, ts in items:
+        out.append(probs[i : i + len(ts)])
+        i += len(ts)
+    return out
+
+
+async def answer(
+    request: Any, args: AppArgs, admission: Admission, score: Any
+) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """(status, body, headers) of one POST /score: bounded read, parse, admission, scoring within the timeout.
+    `score(query, texts)` awaits the batched model and returns (probabilities, the model that scored them)."""
+    try:
+        with admission:
+            req = parse_request(await read_body(request, args.max_body_bytes), args.max_services, args.max_text_chars)
+            try:
+                probs, student = await asyncio.wait_for(
+                    score(req.query, [s.text for s in req.services]), args.request_timeout_seconds
+                )
+            except TimeoutError:
+                raise RequestError(504, "server", f"not scored within {args.request_timeout_seconds} s") from None
+    except RequestError as e:
+        return e.status, e.body(), e.headers
+    body = {
+        "modelVersion": student.version,
+        "labels": student.labels,
+        "results": score_results(probs, student.labels, [s.id for s in req.services]),
+    }
+    return 200, body, {"X-Model-Version": student.version}
 
 
 def score_results(probs: np.ndarray, labels: list[str], ids: list[str]) -> list[dict[str, Any]]:
@@ -157,6 +302,8 @@ def build_app(args: dict[str, Any]) -> Any:
     static = a.model_dump(by_alias=True, exclude={"model"})  # the model is user_config: switching it reloads in place
     return deployment.options(
         max_ongoing_requests=a.max_ongoing_requests,
+        # Ray Serve's own bound on requests waiting for a replica (it answers 503 beyond it)
+        max_queued_requests=a.max_queued_requests,
         autoscaling_config=AutoscalingConfig(
             min_replicas=a.replicas.min, max_replicas=a.replicas.max, target_ongoing_requests=a.target_ongoing_requests
         ),
@@ -192,6 +339,7 @@ def _deployment() -> Any:
             self.device = "cuda" if self.args.gpus_per_replica > 0 and torch.cuda.is_available() else "cpu"
             self.student: LoadedStudent | None = None
             self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+            self.admission = Admission(self.args.max_queued_requests)
             self._score_batch.set_max_batch_size(self.args.max_batch_pairs)
             self._score_batch.set_batch_wait_timeout_s(self.args.batch_wait_ms / 1000)
             self.requests = Counter(
@@ -237,19 +385,15 @@ def _deployment() -> Any:
 
         @api.post("/score")
         async def score(self, request: Request) -> JSONResponse:
-            try:
-                req = parse_request(await request.body(), self.args.max_services, self.args.max_text_chars)
-                probs, student = await self._score_batch((req.query, [s.text for s in req.services]))
-            except RequestError as e:
-                self.requests.inc(tags={"status": str(e.status)})
-                return JSONResponse(e.body(), status_code=e.status)
-            self.requests.inc(tags={"status": "200"})
-            body = {
-                "modelVersion": student.version,
-                "labels": student.labels,
-                "results": score_results(probs, student.labels, [s.id for s in req.services]),
-            }
-            return JSONResponse(body, headers={"X-Model-Version": student.version})
+            status, body, headers = await answer(request, self.args, self.admission, self._score_one)
+            self.requests.inc(tags={"status": str(status)})
+            return JSONResponse(body, status_code=status, headers=headers)
+
+        async def _score_one(self, query: str, texts: list[str]) -> tuple[np.ndarray, LoadedStudent]:
+            probs, student = await self._score_batch((query, texts))
+            if isinstance(probs, ItemFailed):
+                raise RequestError(500, "model", f"scoring failed: {probs.error}")
+            return probs, student
 
         @serve.batch(
             max_batch_size=512, batch_wait_timeout_s=0.0, batch_size_fn=lambda items: sum(len(i[1]) for i in items)
@@ -258,20 +402,15 @@ def _deployment() -> Any:
             student = self.student
             if student is None:
                 raise RequestError(503, "model", "not loaded yet")
-            queries = [q for q, texts in items for _ in texts]
-            texts = [t for _, ts in items for t in ts]
+            pairs = sum(len(ts) for _, ts in items)
             t0 = time.perf_counter()
-            probs = await asyncio.get_running_loop().run_in_executor(
-                self.pool, lambda: student.predict_texts(queries, texts, batch_size=len(texts))
+            results = await asyncio.get_running_loop().run_in_executor(
+                self.pool, lambda: score_each(items, lambda q, t: student.predict_texts(q, t, batch_size=len(t)))
             )
             self.model_ms.observe((time.perf_counter() - t0) * 1000)
-            self.batch_pairs.observe(len(texts))
-            self.pairs.inc(len(texts))
-            out, i = [], 0
-            for _, ts in items:
-                out.append((probs[i : i + len(ts)], student))
-                i += len(ts)
-            return out
+            self.batch_pairs.observe(pairs)
+            self.pairs.inc(pairs)
+            return [(r, student) for r in results]
 
     _DEPLOYMENT = StudentScorer
     return StudentScorer

@@ -1,8 +1,8 @@
 """A Kubernetes API for the end-to-end tests: kmock's emulator, plus what a real API server adds.
 
 kmock stores objects and serves discovery, CRUD and watch streams. A real API server also stamps
-`uid`, `creationTimestamp`, `resourceVersion`, `generation` (bumped on spec changes) and names
-from `generateName`, which the operator relies on (owner references, observedGeneration), and
+`uid`, `creationTimestamp`, `resourceVersion`, `generation` (bumped on spec changes), names
+from `generateName` and a Secret's `stringData` stored as `data`, which the operator relies on (owner references, observedGeneration), and
 answers 404 to any request for a resource it does not serve (kmock stores an object of any
 resource it is sent: a RayJob created without KubeRay's CRDs would "succeed"); this subclass adds
 exactly those.
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import datetime
 import itertools
 import signal
@@ -58,6 +59,9 @@ class ApiServer(kmock.KubernetesEmulator):
             if request.action == enums.action.CREATE:
                 if request.namespace:
                     meta.setdefault("namespace", request.namespace)
+                if data.get("kind") == "Secret" and data.get("stringData"):  # the API server stores it as data
+                    data.setdefault("data", {}).update(
+                        {k: base64.b64encode(v.encode()).decode() for k, v in data.pop("stringData").items()})
                 if not meta.get("name") and meta.get("generateName"):
                     meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
                 meta.update(uid=str(uuid.uuid4()), generation=1, resourceVersion=str(next(_versions)),
@@ -74,7 +78,9 @@ class ApiServer(kmock.KubernetesEmulator):
 def register(api: ApiServer, kuberay: bool) -> None:
     api.resources["v1/events"] = kmock.ResourceInfo(kind="Event", namespaced=True, verbs={"create", "list", "watch", "patch"})
     api.resources["v1/namespaces"] = kmock.ResourceInfo(kind="Namespace", namespaced=False, verbs={"list", "watch"})
-    api.resources["v1/secrets"] = kmock.ResourceInfo(kind="Secret", namespaced=True, verbs={"get", "create"})
+    api.resources["v1/secrets"] = kmock.ResourceInfo(kind="Secret", namespaced=True, verbs={"get", "create", "list"})
+    api.resources["networking.k8s.io/v1/networkpolicies"] = kmock.ResourceInfo(
+        kind="NetworkPolicy", namespaced=True, verbs={"get", "list", "create", "patch"})
     api.resources["kubedistill.io/v1alpha1/distillationruns"] = kmock.ResourceInfo(
         kind="DistillationRun", singular="distillationrun", namespaced=True, shortnames={"dr"},
         verbs={"get", "list", "watch", "create", "patch", "delete"}, subresources={"status"})

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from kubedistill.cluster.security import CREDENTIALS_LABEL
 from kubedistill.core.ports import PortInUse, Ports, looks_like_bind_failure, start_with_retries
 from tests.conftest import ACCESS_KEY, ROOT, SECRET_KEY, free_port
 from tests.e2e.kuberay import Api
@@ -96,9 +97,10 @@ class Cluster:
         except (urllib.error.URLError, ConnectionError):
             return False
 
-    def start_operator(self, interval: float = 1.0) -> Process:
+    def start_operator(self, interval: float = 1.0, allowed_endpoints: str = "") -> Process:
+        """The operator process; `allowed_endpoints` is the chart's storage.allowedEndpoints (plain HTTP S3)."""
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "KUBEDISTILL_RECONCILE_INTERVAL": str(interval),
-               "KUBEDISTILL_METRICS_PORT": str(free_port())}
+               "KUBEDISTILL_METRICS_PORT": str(free_port()), "KUBEDISTILL_ALLOWED_ENDPOINTS": allowed_endpoints}
         env = {k: v for k, v in env.items() if not k.startswith("AWS_")}  # credentials come from the run's Secret
         self.liveness = f"http://127.0.0.1:{free_port()}/healthz"
         self.metrics = f"http://127.0.0.1:{env['KUBEDISTILL_METRICS_PORT']}/"
@@ -121,9 +123,11 @@ class Cluster:
             state["kuberay"] = repr(e)
         return "\n".join(lines[-60:]) + "\n" + json.dumps(state, indent=1)
 
-    def secret(self, ns: str, name: str, data: dict[str, str]) -> None:
+    def secret(self, ns: str, name: str, data: dict[str, str], opt_in: bool = True) -> None:
+        """A Secret; `opt_in` labels it as storage credentials the operator may read."""
+        labels = {CREDENTIALS_LABEL: "true"} if opt_in else {}
         self.api.call("POST", f"/api/v1/namespaces/{ns}/secrets", {
-            "apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": ns},
+            "apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": ns, "labels": labels},
             "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}})
 
     def apply(self, doc: dict[str, Any], ns: str = "default") -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 It does for each object what KubeRay does, minus pods:
 - RayJob: submits `spec.entrypoint` through Ray's job submission API with the env vars of
-  `spec.runtimeEnvYAML` plus the Secret the pods would get (`envFrom`), then writes
+  `spec.runtimeEnvYAML` plus the Secret keys the pods would get (`secretKeyRef`; the run's token Secret must
+  exist, as KubeRay's `authOptions` needs it), then writes
   `status.jobDeploymentStatus` / `jobStatus` / `message` as KubeRay does (Complete + SUCCEEDED, or
   Failed + FAILED with the job's message). The entrypoint (`python -m kubedistill.job ...`) runs with
   this interpreter from the repository root, as it would from the image's working directory.
@@ -98,14 +99,34 @@ class KubeRay:
             except Exception as e:  # noqa: BLE001 - keep emulating; the test sees the errors
                 self.errors.append(repr(e))
 
-    def _env(self, ns: str, containers: list[dict[str, Any]]) -> dict[str, str]:
+    def _secret(self, ns: str, name: str) -> dict[str, str] | None:
+        secret = self.api.get(f"/api/v1/namespaces/{ns}/secrets/{name}")
+        if secret is None:
+            return None
+        return {k: base64.b64decode(v).decode() for k, v in (secret.get("data") or {}).items()}
+
+    def _env(self, ns: str, cluster: dict[str, Any], containers: list[dict[str, Any]]) -> dict[str, str]:
+        """What the pods' environment would be: env values and single Secret keys (`secretKeyRef`; a missing
+        Secret or required key keeps the pod from starting), after KubeRay checked the run's token Secret."""
+        auth = cluster.get("authOptions") or {}
+        if auth.get("mode") == "token":
+            token = self._secret(ns, auth["secretName"]) or {}
+            if not token.get("auth_token"):
+                raise RuntimeError(f"token secret {auth['secretName']} missing: KubeRay would not create the cluster")
         env: dict[str, str] = {"PYTHONUNBUFFERED": "1"}
         for c in containers:
-            for src in c.get("envFrom") or []:
-                secret = self.api.get(f"/api/v1/namespaces/{ns}/secrets/{src['secretRef']['name']}")
-                if secret is None:
-                    raise RuntimeError(f"secret {src['secretRef']['name']} missing: the pod would not start")
-                env.update({k: base64.b64decode(v).decode() for k, v in (secret.get("data") or {}).items()})
+            assert not c.get("envFrom"), "pods get single keys, never a whole Secret"
+            for e in c.get("env") or []:
+                ref = (e.get("valueFrom") or {}).get("secretKeyRef")
+                if ref is None:
+                    env[e["name"]] = e["value"]
+                    continue
+                secret = self._secret(ns, ref["name"])
+                if secret is None or ref["key"] not in secret:
+                    if ref.get("optional"):
+                        continue
+                    raise RuntimeError(f"secret {ref['name']} or its key {ref['key']} missing: the pod would not start")
+                env[e["name"]] = secret[ref["key"]]
         return env
 
     def _rayjob(self, job: dict[str, Any]) -> None:
@@ -115,7 +136,7 @@ class KubeRay:
             return
         if uid not in self._running:
             head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"]
-            env = self._env(ns, head)
+            env = self._env(ns, job["spec"]["rayClusterSpec"], head)
             env.update(yaml.safe_load(job["spec"]["runtimeEnvYAML"] or "{}").get("env_vars") or {})
             if self._evicting(job):
                 env.update({HOLD_AT_ENV: self.evict_at[meta["labels"]["kubedistill.io/stage"]],
@@ -165,7 +186,7 @@ class KubeRay:
         if key not in self._served:
             config = yaml.safe_load(svc["spec"]["serveConfigV2"])
             workers = svc["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["containers"]
-            env = self._env(ns, workers)
+            env = self._env(ns, svc["spec"]["rayClusterConfig"], workers)
             for app in config["applications"]:
                 app.setdefault("runtime_env", {})["env_vars"] = env
             self.serve.deploy_applications({"http_options": {"host": "127.0.0.1", "port": self.serve_port}, **config})

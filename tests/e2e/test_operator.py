@@ -72,13 +72,13 @@ def test_a_run_succeeds_through_kuberay_despite_an_evicted_stage_and_an_operator
     serve_port = free_port()
     with KubeRay(cluster.api, ray_dashboard, serve_port, evict_at={"student-crsd": "train.checkpoint-reported"},
                  holds=cluster.tmp / "holds") as kuberay:
-        op = cluster.start_operator()
+        op = cluster.start_operator(allowed_endpoints=seaweed.endpoint)
         uid = cluster.apply(_doc("sample", "kd-e2e-run", seaweed.endpoint, tiny_encoder))["metadata"]["uid"]
         # the first student attempt is evicted; the operator retries it after its backoff
         wait_for("student-crsd attempt 2", lambda: (r := cluster.run("sample")) and r.get("status") and
                  _stage(r, "student-crsd")["attempts"] == 2, 300, logs=cluster.operator_logs)
         op.stop(signal.SIGKILL)  # the operator dies mid-run ...
-        cluster.start_operator()  # ... and a new one carries on from the cluster's state
+        cluster.start_operator(allowed_endpoints=seaweed.endpoint)  # ... and a new one carries on from the cluster's state
         run = wait_for("the run to finish", cluster.phase("sample", "Succeeded", "Failed"), 600,
                        logs=lambda: cluster.operator_logs() + f"\nKubeRay stand-in errors: {kuberay.errors[-5:]}")
         assert run["status"]["phase"] == "Succeeded", json.dumps(run["status"], indent=1)
@@ -161,8 +161,9 @@ def test_a_run_succeeds_through_kuberay_despite_an_evicted_stage_and_an_operator
 def test_failures_end_in_status_with_the_field_while_other_runs_proceed(cluster, ray_dashboard, seaweed, tiny_encoder):
     seaweed.create_bucket("kd-e2e-fail")
     cluster.secret("default", "s3-credentials", s3_secret())
+    cluster.secret("default", "not-for-storage", s3_secret(), opt_in=False)
     with KubeRay(cluster.api, ray_dashboard, free_port()) as kuberay:
-        cluster.start_operator()
+        cluster.start_operator(allowed_endpoints=seaweed.endpoint)
         # invalid beyond what a schema checks: annotation without a teacher or a model, a cross-field rule
         cluster.apply(_doc("nomodel", "kd-e2e-fail", seaweed.endpoint, tiny_encoder, annotation={"enabled": True}))
         cluster.apply(_doc("crossfield", "kd-e2e-fail", seaweed.endpoint, tiny_encoder,
@@ -176,6 +177,10 @@ def test_failures_end_in_status_with_the_field_while_other_runs_proceed(cluster,
         cluster.apply(_doc("nosecret", "kd-e2e-fail", seaweed.endpoint, tiny_encoder,
                            storage={"uri": "s3://kd-e2e-fail/runs", "endpoint": seaweed.endpoint,
                                     "secretRef": {"name": "no-such-secret"}}))
+        # a Secret that did not opt in: refused, nothing created
+        cluster.apply(_doc("notoptedin", "kd-e2e-fail", seaweed.endpoint, tiny_encoder,
+                           storage={"uri": "s3://kd-e2e-fail/runs", "endpoint": seaweed.endpoint,
+                                    "secretRef": {"name": "not-for-storage"}}))
         for name, says in (("nomodel", "spec.annotation.model"), ("crossfield", "maxBatchPairs")):
             run = wait_for(f"{name} to fail", cluster.phase(name, "Failed"), 60, logs=cluster.operator_logs)
             valid = _condition(run, "Valid")
@@ -189,6 +194,14 @@ def test_failures_end_in_status_with_the_field_while_other_runs_proceed(cluster,
         storage = _condition(cluster.run("nosecret"), "StorageReachable")
         assert storage["status"] == "False" and storage["reason"] == "SecretMissing"
         assert "spec.storage.secretRef" in storage["message"] and "no-such-secret" in storage["message"]
+        storage = _condition(cluster.run("notoptedin"), "StorageReachable")
+        assert storage["reason"] == "StorageRefused" and "kubedistill.io/storage-credentials=true" in storage["message"]
+        # the run that ran got its Ray token Secret and NetworkPolicy before its first RayJob; the refused ones none
+        secrets = {s["metadata"]["name"] for s in cluster.api.items("/api/v1/namespaces/default/secrets")}
+        policies = cluster.api.items("/apis/networking.k8s.io/v1/namespaces/default/networkpolicies")
+        assert "nologs-ray-token" in secrets and not {"nosecret-ray-token", "notoptedin-ray-token"} & secrets
+        assert [p["metadata"]["name"] for p in policies] == ["nologs-ray"]
+        assert policies[0]["spec"]["podSelector"] == {"matchLabels": {"kubedistill.io/run": "nologs"}}
         assert cluster.operators[-1].alive()
 
 

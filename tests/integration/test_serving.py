@@ -109,6 +109,29 @@ def test_bad_input_is_a_4xx_naming_the_field_and_the_replica_keeps_serving(serve
     assert serving.post_json(url, GOOD)[0] == 200
 
 
+def test_hostile_requests_mixed_into_a_full_load_fail_alone(served):
+    """Oversized, deeply nested, non-Unicode and over-long-id bodies, sent while good requests fill the batches:
+    each gets its own 4xx, and every good request is answered 200."""
+    url = served["url"]
+    hostile = [
+        (b'{"query": "q", "services": [{"id": "a", "text": "' + b"t" * 1_100_000 + b'"}]}', 413, "body"),
+        (b"[" * 100_000 + b"]" * 100_000, 400, "body"),
+        (b'{"query": "q", "services": [{"id": "a", "text": "\\ud800"}]}', 422, "services[0].text"),
+        (json.dumps({"query": "q", "services": [{"id": "i" * 300, "text": "t"}]}).encode(), 422, "services[0].id"),
+    ]
+    report: list[LoadReport] = []
+    load = threading.Thread(target=lambda: report.append(run_load(url, GOOD, concurrency=8, requests=120)))
+    load.start()
+    try:
+        for _ in range(3):
+            for body, status, field in hostile:
+                got, answer = _raw_post(url, body)
+                assert (got, answer.get("field")) == (status, field), answer
+    finally:
+        load.join()
+    assert report[0].statuses == {200: 120}, report[0].summary()
+
+
 def test_concurrent_requests_are_batched_and_none_fails(served):
     report = run_load(served["url"], GOOD, concurrency=16, requests=160)
     assert report.statuses == {200: 160}, report.summary()

@@ -69,7 +69,8 @@ def test_the_operator_pod_is_hardened_and_sized():
     assert c["securityContext"]["allowPrivilegeEscalation"] is False and c["securityContext"]["capabilities"]["drop"] == ["ALL"]
     assert set(c["resources"]["requests"]) == {"cpu", "memory"} and "memory" in c["resources"]["limits"]
     assert c["args"][:3] == ["kopf", "run", "operator/handlers.py"]
-    assert "--all-namespaces" in c["args"] and "--peering=kubedistill" in c["args"]
+    assert "--namespace=kubedistill-system" in c["args"] and "--peering=kubedistill" in c["args"]
+    assert "--all-namespaces" not in c["args"]  # by default: the release's namespace only
     assert "--liveness=http://0.0.0.0:8080/healthz" in c["args"] and c["livenessProbe"]["httpGet"]["path"] == "/healthz"
     env = {e["name"]: e["value"] for e in c["env"]}
     assert env["KUBEDISTILL_RECONCILE_INTERVAL"] == "10" and env["KUBEDISTILL_METRICS_PORT"] == "9090"
@@ -77,7 +78,7 @@ def test_the_operator_pod_is_hardened_and_sized():
 
 
 def test_cluster_wide_rbac_is_least_privilege():
-    objs = render()
+    objs = render("clusterWide=true")
     (role,) = _by_kind(objs, "ClusterRole")
     rules = role["rules"]
     grants = {(g, r): set(rule["verbs"]) for rule in rules for g in rule["apiGroups"] for r in rule["resources"]}
@@ -85,7 +86,8 @@ def test_cluster_wide_rbac_is_least_privilege():
     assert grants[("ray.io", "rayjobs")] == {"get", "list", "watch", "create", "delete", "patch"}
     assert grants[("kubedistill.io", "distillationruns/status")] == {"get", "patch"}
     assert "create" not in grants[("kubedistill.io", "distillationruns")]  # the operator never creates runs
-    assert grants[("", "secrets")] == {"get"}  # read a run's named secret, never list them
+    assert grants[("", "secrets")] == {"get", "create"}  # read a run's named secret (never list), create its token
+    assert grants[("networking.k8s.io", "networkpolicies")] == {"get", "create", "patch"}
     assert ("zalando.org", "clusterkopfpeerings") in grants
     (binding,) = _by_kind(objs, "ClusterRoleBinding")
     (sa,) = _by_kind(objs, "ServiceAccount")
@@ -96,6 +98,33 @@ def test_cluster_wide_rbac_is_least_privilege():
     for m in re.finditer(r"^(\s*)- apiGroups:", text, re.M):
         before = text[: m.start()].rstrip().splitlines()[-1].strip()
         assert before.startswith("#") or before.startswith("- apiGroups") or before.startswith("verbs"), before
+
+
+def test_by_default_rbac_is_namespaced_to_the_release_namespace():
+    """A default install reads Secrets and creates Ray clusters in its own namespace only."""
+    objs = render()
+    (role,) = _by_kind(objs, "Role")
+    assert role["metadata"]["namespace"] == "kubedistill-system"
+    grants = {(g, r) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
+    assert {("", "secrets"), ("ray.io", "rayjobs"), ("networking.k8s.io", "networkpolicies")} <= grants
+    (cluster_role,) = _by_kind(objs, "ClusterRole")
+    assert {r for rule in cluster_role["rules"] for r in rule["resources"]} == {"customresourcedefinitions", "namespaces"}
+    assert not _by_kind(objs, "ClusterKopfPeering") and len(_by_kind(objs, "KopfPeering")) == 1
+    (dep,) = _by_kind(objs, "Deployment")
+    env = {e["name"]: e["value"] for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+    from kubedistill.cluster.security import Settings
+
+    settings = Settings.from_env(env)  # what the operator makes of the chart's values
+    assert settings.network_policy and settings.allowed_endpoints == ()
+    assert settings.operator_peer == {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kubedistill-system"}},
+        "podSelector": {"matchLabels": {"app.kubernetes.io/name": "kubedistill", "app.kubernetes.io/instance": "kubedistill"}},
+    }
+    assert settings.serving_from == ({"podSelector": {}},)
+    sets = ("storage.allowedEndpoints={http://minio.storage:9000}", "serving.allowedFrom=null")
+    env = {e["name"]: e["value"] for e in _by_kind(render(*sets), "Deployment")[0]["spec"]["template"]["spec"]
+           ["containers"][0]["env"]}
+    assert Settings.from_env(env).allowed_endpoints == ("http://minio.storage:9000",)
 
 
 def test_watch_namespaces_gets_roles_and_peering_per_namespace():

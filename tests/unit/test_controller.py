@@ -84,6 +84,13 @@ def test_children_are_deleted_in_the_foreground():
     assert calls == [(("ray.io", "v1", "ml", "rayjobs", "r1-data"), {"propagation_policy": "Foreground"})]
 
 
+class _Secrets:
+    """A CoreV1Api that accepts the run's token Secret (created before the first RayJob)."""
+
+    def create_namespaced_secret(self, namespace, body):
+        return body
+
+
 def _refusing(status: int, message: str):
     """A CustomObjectsApi whose create is refused as the API server refuses it (status, JSON body)."""
     import json
@@ -118,7 +125,7 @@ def test_an_object_the_api_server_refuses_fails_the_run_naming_the_object_and_fi
     says = 'RayJob.ray.io "r1-data" is invalid: spec.rayClusterSpec.workerGroupSpecs[0].template.spec.containers[0]' \
            '.resources.limits.memory: Invalid value: "lots"'
     before = _errors("api-invalid")
-    plan = controller.Controller(controller.Cluster(_refusing(422, says), None)).reconcile_run(_body(tmp_path), {}, NOW)
+    plan = controller.Controller(controller.Cluster(_refusing(422, says), _Secrets())).reconcile_run(_body(tmp_path), {}, NOW)
     valid = next(c for c in plan.status.conditions if c.type == "Valid")
     assert plan.status.phase == "Failed" and (valid.status, valid.reason) == ("False", "InvalidSpec")
     assert valid.message == f"the API server refused to create RayJob ml/r1-data: {says}"
@@ -128,7 +135,7 @@ def test_an_object_the_api_server_refuses_fails_the_run_naming_the_object_and_fi
 def test_a_forbidden_request_is_a_condition_naming_what_to_grant_and_the_run_waits(tmp_path):
     says = 'rayjobs.ray.io is forbidden: User "system:serviceaccount:kd:kubedistill" cannot create resource "rayjobs"'
     before = _errors("forbidden")
-    plan = controller.Controller(controller.Cluster(_refusing(403, says), None)).reconcile_run(_body(tmp_path), {}, NOW)
+    plan = controller.Controller(controller.Cluster(_refusing(403, says), _Secrets())).reconcile_run(_body(tmp_path), {}, NOW)
     cond = next(c for c in plan.status.conditions if c.type == "Authorized")
     assert plan.status.phase == "Pending" and (cond.status, cond.reason) == ("False", "Forbidden")
     assert cond.message.startswith(f"the operator may not create RayJob ml/r1-data: {says}; grant it in the chart's RBAC")

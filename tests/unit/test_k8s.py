@@ -43,7 +43,10 @@ def test_rayservice_validates_against_kuberay_and_carries_the_serving_spec():
     assert cluster["enableInTreeAutoscaling"] is True
     worker = group["template"]["spec"]["containers"][0]
     assert worker["resources"]["requests"]["cpu"] == "2" and group["rayStartParams"]["num-cpus"] == "2"
-    assert worker["envFrom"] == [{"secretRef": {"name": "s3-credentials"}}]
+    assert "envFrom" not in worker  # only the credential keys, one by one
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in worker["env"]}
+    assert set(refs) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"}
+    assert {r["name"] for r in refs.values()} == {"s3-credentials"} and refs["AWS_SESSION_TOKEN"]["optional"]
     assert worker["image"] == k8s.Images.release().cpu and cluster["rayVersion"] == run.spec.ray.ray_version
     head_ports = {p["name"]: p["containerPort"] for p in cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]}
     assert head_ports["serve"] == 8000
@@ -112,8 +115,8 @@ def test_every_rendered_object_validates_and_follows_the_stage_graph():
     run = _full_run()
     objs = k8s.render(run, uid="u1")
     stages = pipeline.build(run)
-    assert [o["metadata"]["labels"]["kubedistill.io/stage"] for o in objs] == [s.name for s in stages]
-    assert [o["kind"] for o in objs] == ["RayJob"] * (len(stages) - 1) + ["RayService"]
+    assert [o["metadata"]["labels"]["kubedistill.io/stage"] for o in objs] == [s.name for s in stages] + ["ray"]
+    assert [o["kind"] for o in objs] == ["RayJob"] * (len(stages) - 1) + ["RayService", "NetworkPolicy"]
     for o in objs:
         assert errors(o) == [], o["metadata"]["name"]
         assert len(o["metadata"]["name"]) <= 47 and o["metadata"]["ownerReferences"][0]["uid"] == "u1"

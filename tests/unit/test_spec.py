@@ -127,9 +127,11 @@ def test_every_sample_validates_runs_in_this_version_and_renders_valid_kuberay_o
 
 
 def _containers(obj):
-    spec_ = obj["spec"].get("rayClusterSpec") or obj["spec"]["rayClusterConfig"]
-    for group in (spec_["headGroupSpec"], *spec_["workerGroupSpecs"]):
-        yield from group["template"]["spec"]["containers"]
+    from tests.kuberay import pod_templates
+
+    if obj["kind"] in ("RayJob", "RayService"):
+        for _, template in pod_templates(obj):
+            yield from template["spec"]["containers"]
 
 
 def test_the_gpu_sample_asks_for_gpus_where_it_trains_and_serves():

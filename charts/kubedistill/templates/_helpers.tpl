@@ -49,9 +49,18 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: [events.k8s.io]
   resources: [events]
   verbs: [create, patch]
-# Read the Secret named by a run's spec.storage.secretRef: the operator reads stage manifests from
-# the run's storage with the same credentials its stage pods get. Read-only; never listed.
+# Read the Secret named by a run's spec.storage.secretRef (the operator uses it only when labelled
+# kubedistill.io/storage-credentials=true; never listed), and create each run's Ray-token Secret.
 - apiGroups: [""]
   resources: [secrets]
-  verbs: [get]
+  verbs: [get, create]
+# One NetworkPolicy per run: only its own pods, the operator and KubeRay reach its Ray clusters.
+- apiGroups: [networking.k8s.io]
+  resources: [networkpolicies]
+  verbs: [get, create, patch]
+{{- end -}}
+
+{{/* The namespaces the operator watches (a JSON list): watchNamespaces, else the release's namespace. */}}
+{{- define "kubedistill.namespaces" -}}
+{{- if .Values.watchNamespaces }}{{ toJson .Values.watchNamespaces }}{{ else }}{{ list .Release.Namespace | toJson }}{{ end -}}
 {{- end -}}
