@@ -58,7 +58,19 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
         out["type"] = "string"
     if out.get("type") == "object" and "properties" not in out and "additionalProperties" not in out:
         out["x-kubernetes-preserve-unknown-fields"] = True
+    _state_bound(out)
     return out
+
+
+def _state_bound(node: dict[str, Any]) -> None:
+    """Say a number's upper bound in its description (what `kubectl explain` shows), unless it already does."""
+    top, description = node.get("maximum"), node.get("description")
+    if node.get("type") not in ("integer", "number") or top is None or not description:
+        return
+    if "at most" in description.lower() or "below" in description.lower():
+        return
+    shown = f"{top:,}" if float(top).is_integer() else f"{top:g}"
+    node["description"] = f"{description.rstrip()} {'Below' if node.get('exclusiveMaximum') else 'At most'} {shown}."
 
 
 def model_schema(model: type[BaseModel]) -> dict[str, Any]:

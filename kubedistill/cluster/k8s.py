@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from kubedistill import __version__
+from kubedistill.cluster.security import CREDENTIAL_KEYS, OPTIONAL_CREDENTIAL_KEYS, Settings
 from kubedistill.core import pipeline
 from kubedistill.core.pipeline import Stage
 from kubedistill.core.serve_app import APP_NAME, IMPORT_PATH, app_args
@@ -113,8 +114,6 @@ def default_memory(cpus: float) -> str:
 
 def credentials_env(run: DistillationRun) -> list[dict[str, Any]]:
     """The storage credentials as single keys of the run's Secret (`secretKeyRef`), never the whole Secret."""
-    from kubedistill.cluster.security import CREDENTIAL_KEYS, OPTIONAL_CREDENTIAL_KEYS
-
     ref = run.spec.storage.secret_ref
     if ref is None:
         return []
@@ -179,10 +178,10 @@ def token_secret(run: DistillationRun, token: str, uid: str | None = None) -> di
     return {"apiVersion": "v1", "kind": "Secret", "metadata": meta, "type": "Opaque", "stringData": {TOKEN_KEY: token}}
 
 
-def network_policy(run: DistillationRun, settings: Any, uid: str | None = None) -> dict[str, Any]:
+def network_policy(run: DistillationRun, settings: Settings, uid: str | None = None) -> dict[str, Any]:
     """The run's NetworkPolicy: its Ray pods admit each other on every port (Ray's nodes talk on many), the
     operator and KubeRay on the head's Ray ports, and the Serve port only from `settings.serving_from`
-    (the chart's `serving.allowedFrom`); nothing else reaches them. `settings` is a `security.Settings`."""
+    (the chart's `serving.allowedFrom`); nothing else reaches them."""
     own = {"matchLabels": {f"{GROUP}/run": run.name}}
     tcp = [{"protocol": "TCP", "port": p} for _, p in RAY_PORTS]
     ingress: list[dict[str, Any]] = [
@@ -394,8 +393,6 @@ def render(run: DistillationRun, uid: str | None = None, images: Images | None =
     """Every RayJob and the RayService the operator creates for `run`, in stage order, then the run's
     NetworkPolicy (with the default peers; the chart's `networkPolicy` values change them). Not shown: the
     Secret with the run's Ray token, which the operator fills with a random one."""
-    from kubedistill.cluster.security import Settings
-
     out = []
     for stage in pipeline.build(run):
         out.append(

@@ -305,7 +305,7 @@ class SftSpec(TrainSpec):
 
 class RewardModelSpec(TrainSpec):
     # keys: checked against REWARD_DIMENSIONS below (a structural CRD schema has no propertyNames)
-    dimensions: dict[str, Annotated[float, Field(ge=0, le=100)]] = Field(
+    dimensions: dict[str, Annotated[float, Field(ge=0, le=100, description="A dimension's weight.")]] = Field(
         default_factory=lambda: {"label": 1.0, "consistency": 0.5, "faithfulness": 0.5, "format": 0.2},
         description=f"Weight of each reward dimension; known: {', '.join(REWARD_DIMENSIONS)}.",
     )
@@ -577,8 +577,9 @@ class ServingSpec(_Model):
         default=256,
         ge=1,
         le=100_000,
-        description="Requests a replica holds (scoring or waiting for the model) before it answers 503 with "
-        "Retry-After: a bounded queue, so overload sheds load instead of piling up latency.",
+        description="Requests that may wait for a replica (Ray Serve's max_queued_requests), and that one replica "
+        "may hold; beyond it, 503 with Retry-After: a bounded queue, so overload sheds load instead of piling up "
+        "latency.",
     )
     request_timeout_seconds: float = Field(
         default=10,

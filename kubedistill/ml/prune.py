@@ -142,6 +142,23 @@ class Importance:
     attn: list[torch.Tensor]
     mlp: list[torch.Tensor]
 
+    def to_bytes(self) -> bytes:
+        """safetensors, not pickle: a file planted in storage can hold tensors, never code."""
+        from safetensors.torch import save
+
+        tensors = {f"{kind}.{i}": t.contiguous() for kind in ("attn", "mlp") for i, t in enumerate(getattr(self, kind))}
+        return save(tensors)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Importance:
+        from safetensors.torch import load
+
+        tensors = load(data)
+        layers = len(tensors) // 2
+        if sorted(tensors) != sorted(f"{k}.{i}" for k in ("attn", "mlp") for i in range(layers)):
+            raise ValueError(f"not an importance file: tensors {sorted(tensors)[:6]}")
+        return cls([tensors[f"attn.{i}"] for i in range(layers)], [tensors[f"mlp.{i}"] for i in range(layers)])
+
 
 def _taylor(p: Any) -> torch.Tensor:
     """First-order Taylor importance of each weight of a linear layer: |w * dL/dw| (after a backward pass)."""

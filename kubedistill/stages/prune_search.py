@@ -347,13 +347,15 @@ def run_trials(
     return {arch_key(a): out.read_json(f"evals/{arch_key(a)}.json") for a in archs}
 
 
+#: where `_prepare` saves the Taylor importance for the trials (safetensors: tensors only, never code)
+IMPORTANCE_FILE = "importance.safetensors"
+
+
 def _importance(out: Any) -> Any:
     """The Taylor importance `_prepare` saved for the trials."""
-    import io
+    from kubedistill.ml.prune import Importance
 
-    from kubedistill.ml.raytrain import load_tensors
-
-    return load_tensors(io.BytesIO(out.read_bytes("importance.pt")))
+    return Importance.from_bytes(out.read_bytes(IMPORTANCE_FILE))
 
 
 def _on_worker_setup(base: str, out_uri: str, s3: dict[str, Any]) -> tuple[Any, Any, Any]:
@@ -369,9 +371,6 @@ def _on_worker_setup(base: str, out_uri: str, s3: dict[str, Any]) -> tuple[Any, 
 
 def _prepare(base: str, calib: list[str], data: EvalData, out_uri: str, s3: dict[str, Any]) -> dict[str, Any]:
     """On a worker: the base model's shape, its Taylor importance (saved for the trials), its own metrics."""
-    import io
-
-    import torch
 
     from kubedistill.ml import prune
     from kubedistill.stages.teacher.train import encode
@@ -383,10 +382,7 @@ def _prepare(base: str, calib: list[str], data: EvalData, out_uri: str, s3: dict
         {k: v.to(model.device) for k, v in encode(tok, [""] * len(calib[i : i + 8]), calib[i : i + 8], 256).items()}
         for i in range(0, len(calib), 8)
     ]
-    imp = prune.taylor_importance(model, batches)
-    buf = io.BytesIO()
-    torch.save(imp, buf)
-    out.write_bytes("importance.pt", buf.getvalue())
+    out.write_bytes(IMPORTANCE_FILE, prune.taylor_importance(model, batches).to_bytes())
     return {"shape": shape, "base": {"params": prune.param_count(model), **measure(model, tok, data)}}
 
 

@@ -171,8 +171,10 @@ def parse_request(body: bytes, max_services: int, max_text_chars: int) -> ScoreR
 
 
 class Admission:
-    """A replica's bounded queue: at most `limit` requests held at once (scoring or waiting for the model);
-    one more is refused with 503 and Retry-After, so overload sheds load instead of growing latency."""
+    """A replica's own bound: at most `limit` requests held at once (scoring or waiting for the model); one more
+    is refused with 503 and Retry-After. Ray Serve bounds the queue in front of the replicas with the same
+    number (`max_queued_requests`) and holds at most `maxOngoingRequests` in a replica; this guard is what
+    still holds when a replica is handed more than the queue's bound (maxOngoingRequests above it)."""
 
     def __init__(self, limit: int, retry_after_s: int = 1):
         self.limit, self.retry_after_s, self.held = limit, retry_after_s, 0
@@ -290,7 +292,7 @@ def check_artifact(args: AppArgs) -> None:
 
 def build_app(args: dict[str, Any]) -> Any:
     """Ray Serve application builder (`import_path: ray_apps.student:app`, `args:` the AppArgs)."""
-    from ray.serve.config import AutoscalingConfig
+    from ray.serve.config import AutoscalingConfig, BackpressureConfig
 
     try:
         a = AppArgs.model_validate(args)
@@ -302,8 +304,9 @@ def build_app(args: dict[str, Any]) -> Any:
     static = a.model_dump(by_alias=True, exclude={"model"})  # the model is user_config: switching it reloads in place
     return deployment.options(
         max_ongoing_requests=a.max_ongoing_requests,
-        # Ray Serve's own bound on requests waiting for a replica (it answers 503 beyond it)
+        # the queue's bound where requests wait for a replica: Ray Serve answers 503 + Retry-After beyond it
         max_queued_requests=a.max_queued_requests,
+        backpressure_config=BackpressureConfig(status_code=503, retry_after_s=1),
         autoscaling_config=AutoscalingConfig(
             min_replicas=a.replicas.min, max_replicas=a.replicas.max, target_ongoing_requests=a.target_ongoing_requests
         ),

@@ -127,6 +127,26 @@ def test_by_default_rbac_is_namespaced_to_the_release_namespace():
     assert Settings.from_env(env).allowed_endpoints == ("http://minio.storage:9000",)
 
 
+def test_each_watched_namespace_gets_a_baseline_network_policy_narrower_than_a_runs():
+    """Rendered by default: the operator and KubeRay on the Ray ports, nothing else; each run's own policy
+    (kubedistill.cluster.k8s.network_policy) adds to it, never the other way round."""
+    from kubedistill.cluster import k8s
+    from kubedistill.cluster.security import Settings
+
+    objs = render("watchNamespaces={ml,search}")
+    policies = _by_kind(objs, "NetworkPolicy")
+    assert sorted(p["metadata"]["namespace"] for p in policies) == ["ml", "search"]
+    (rule,) = policies[0]["spec"]["ingress"]
+    assert policies[0]["spec"]["podSelector"] == {"matchLabels": {"app.kubernetes.io/managed-by": "kubedistill"}}
+    assert sorted(p["port"] for p in rule["ports"]) == [p for _, p in k8s.RAY_PORTS]
+    (dep,) = _by_kind(objs, "Deployment")
+    settings = Settings.from_env({e["name"]: e["value"] for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]})
+    assert rule["from"] == [settings.operator_peer, settings.kuberay_peer]  # the same peers as each run's policy
+    assert k8s.labels("r", "data")["app.kubernetes.io/managed-by"] == "kubedistill"  # it selects the Ray pods
+    assert not _by_kind(render("clusterWide=true"), "NetworkPolicy")
+    assert not _by_kind(render("networkPolicy.enabled=false"), "NetworkPolicy")
+
+
 def test_watch_namespaces_gets_roles_and_peering_per_namespace():
     objs = render("watchNamespaces={ml,search}")
     roles = _by_kind(objs, "Role")

@@ -138,3 +138,18 @@ def test_an_architecture_the_pruner_does_not_support_is_refused():
 
 def test_kept_rounds_and_never_removes_everything():
     assert [prune.kept(4, r) for r in (0.0, 0.2, 0.25, 0.5, 0.9, 0.99)] == [4, 3, 3, 2, 1, 1]
+
+
+def test_importance_round_trips_through_safetensors_and_prunes_the_same_model():
+    """What the prune-search stage saves for its trials: tensors only, so a planted file cannot run code."""
+    imp = prune.taylor_importance(_llama(), [BATCH])
+    back = prune.Importance.from_bytes(imp.to_bytes())
+    for a, b in zip(imp.attn + imp.mlp, back.attn + back.mlp, strict=True):
+        torch.testing.assert_close(a, b)
+    arch = prune.Architecture((0.5, 0.0, 0.25), (0.25, 0.5, 0.0))
+    one, two = _llama(), _llama()
+    prune.prune(one, arch, imp)
+    prune.prune(two, arch, back)
+    torch.testing.assert_close(_logits(one), _logits(two))
+    with pytest.raises(ValueError, match="not an importance file"):
+        prune.Importance.from_bytes(prune.Importance([torch.ones(1)], []).to_bytes())

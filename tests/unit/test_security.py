@@ -249,18 +249,25 @@ def test_endpoints_are_https_unless_the_chart_lists_them_and_never_metadata(endp
 def test_a_planted_checkpoint_is_refused_without_running(tmp_path):
     from kubedistill.core.storage import Storage
     from kubedistill.ml.raytrain import load_tensors
-    from kubedistill.stages.prune_search import _importance
+    import torch
+
+    from kubedistill.ml.prune import Importance
+    from kubedistill.stages.prune_search import IMPORTANCE_FILE, _importance
 
     marker = tmp_path / "pwned"
     for name, data in malicious_checkpoints(marker):
         with pytest.raises(pickle.UnpicklingError):
             load_tensors(io.BytesIO(data))
         assert not marker.exists(), name
-    st = Storage(str(tmp_path / "stage"))  # the prune-search stage's importance file, planted
-    st.write_bytes("importance.pt", malicious_checkpoints(marker)[0][1])
-    with pytest.raises(pickle.UnpicklingError):
+    st = Storage(str(tmp_path / "stage"))  # the prune-search stage's importance file (safetensors), planted
+    st.write_bytes(IMPORTANCE_FILE, malicious_checkpoints(marker)[0][1])
+    with pytest.raises(Exception, match="header|Safetensor|deserializ"):
         _importance(st)
     assert not marker.exists()
+    imp = Importance([torch.ones(2), torch.zeros(3)], [torch.ones(4), torch.ones(5)])
+    st.write_bytes(IMPORTANCE_FILE, imp.to_bytes())
+    back = _importance(st)
+    assert [t.tolist() for t in back.attn + back.mlp] == [t.tolist() for t in imp.attn + imp.mlp]
     import torch  # what the stages do save still loads
 
     buf = io.BytesIO()
@@ -395,7 +402,7 @@ def test_validate_lists_field_errors_and_cross_field_rules_together(tmp_path):
     assert "Kubernetes quantity" in out.stderr + out.stdout
 
 
-def test_every_string_in_the_crd_has_a_max_length_and_every_number_an_upper_bound():
+def test_every_string_in_the_crd_has_a_max_length_and_every_number_a_stated_upper_bound():
     from kubedistill.cluster import crd
 
     schema = crd.generate()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
@@ -408,6 +415,9 @@ def test_every_string_in_the_crd_has_a_max_length_and_every_number_an_upper_boun
                 missing.append(path)
             if n.get("type") in ("integer", "number") and "maximum" not in n and path not in _UNBOUNDED_OK:
                 missing.append(path)
+            said = (n.get("description") or "").lower()
+            if n.get("type") in ("integer", "number") and "at most" not in said and "below" not in said:
+                missing.append(f"{path} (its bound is not in its description)")
             for k, v in (n.get("properties") or {}).items():
                 walk(v, f"{path}.{k}")
             if isinstance(n.get("items"), dict):
@@ -421,3 +431,15 @@ def test_every_string_in_the_crd_has_a_max_length_and_every_number_an_upper_boun
 
 #: numbers with no upper bound by nature (a probability's bound is in the schema as exclusiveMaximum)
 _UNBOUNDED_OK: set[str] = set()
+
+
+def test_the_operators_valid_condition_lists_field_and_cross_field_problems_together():
+    from kubedistill.cluster import reconcile
+
+    body = minimal_doc(storage={"uri": "s3://b/r"}, teacher={"resources": {"memory": "lots"}},
+                       serving={"replicas": {"min": 3, "max": 1}})
+    body["metadata"].update(name="r1", namespace="ml", uid="u1", generation=1)
+    plan = reconcile.reconcile_body(body, {}, lambda _: None, NOW)
+    valid = next(c for c in plan.status.conditions if c.type == "Valid")
+    assert plan.status.phase == "Failed" and plan.create == []
+    assert "spec.teacher.resources.memory" in valid.message and "spec.serving.replicas.min" in valid.message
