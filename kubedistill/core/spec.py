@@ -251,7 +251,11 @@ class DataSpec(_Model):
         "Unset: the data stage generates a synthetic local-services log.",
     )
     eval_set: Location | None = Field(default=None, description="Labeled held-out pairs. Required with `logs`.")
-    sft_seed: Location | None = Field(default=None, description="Labeled pairs with reasoning for teacher SFT.")
+    sft_seed: Location | None = Field(
+        default=None,
+        description="Labeled pairs: teacher SFT's set and, when nothing is annotated, the student's. A `reasoning` "
+        "field is optional; teacher SFT and a crsd student need it and say so before they start.",
+    )
     corpus: Location | None = Field(default=None, description="Domain text for pre-training (jsonl with `text`).")
     format: Literal["parquet", "jsonl"] = Field(default="parquet", description="Format the data stage writes.")
     synthetic: SyntheticDataSpec = Field(default_factory=SyntheticDataSpec)

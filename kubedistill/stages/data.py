@@ -569,11 +569,13 @@ def label_counts(rows: list[dict[str, Any]]) -> dict[str, int]:
 # ---------------------------------------------------------------------------------------------
 # The `data` stage.
 
-#: (dataset name, spec.data field, its name on the wire, labeled?, reasoning required?)
+#: (dataset name, spec.data field, its name on the wire, labeled?, reasoning required?). Reasoning is never
+#: required here: labeled rows without it are valid data; what reads it (teacher SFT, the student's CRSD
+#: view) checks for it before it starts and says what to do.
 _DATASETS = (
     ("logs", "logs", "logs", False, False),
     ("eval", "eval_set", "evalSet", True, False),
-    ("sft", "sft_seed", "sftSeed", True, True),
+    ("sft", "sft_seed", "sftSeed", True, False),
 )
 
 

@@ -65,7 +65,9 @@ def check_rows(rows: list[dict[str, Any]], cfg: StudentConfig, what: str) -> Non
         missing = sum(1 for r in rows if not (r.get("reasoning") or "").strip())
         if missing:
             raise ValueError(
-                f"{what}: {missing} row(s) have no 'reasoning'; objective crsd needs a reasoning chain per pair"
+                f"{what}: {missing} of {len(rows)} row(s) have no 'reasoning'; objective crsd needs a reasoning chain "
+                "per pair: train on labels alone (spec.student.objective: ce), or have a teacher annotate the pairs "
+                "(spec.annotation)"
             )
     if cfg.student.objective == "kd":
         bad = sum(

@@ -103,6 +103,19 @@ def test_ingest_file_quarantines_bad_rows_and_counts_add_up(tmp_path):
                                                                    (3, "field 'label'"), (4, "expected a JSON object, got list")]
 
 
+def test_labeled_rows_without_reasoning_are_ingested_not_quarantined(tmp_path):
+    """Human-graded pairs rarely carry written reasoning: the data stage keeps them (every dataset it ingests);
+    teacher SFT and the CRSD student check for reasoning themselves before they start (test_teacher, test_student)."""
+    required = {name: need for name, _, _, _, need in data._DATASETS}
+    rows = [{"query": "sushi", "service_id": "s1", "service_title": "A", "label": "relevant"},
+            {"query": "ramen", "service_id": "s2", "service_title": "B", "label": "partial", "reasoning": ""},
+            {"query": "pizza", "service_id": "s3", "service_title": "C", "label": "irrelevant", "reasoning": "r"}]
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    good, bad, total = data.ingest_file(Storage(str(tmp_path)), "sft.jsonl", LABELS, required["sft"])
+    assert (total, len(good), bad) == (3, 3, [])
+    assert [r["reasoning"] for r in good] == ["", "", "r"] and not any(required.values())
+
+
 def test_write_and_read_dataset_roundtrip_both_formats(tmp_path):
     gen = data.generate(LABELS, 50, 30, 4, 10, 20, seed=1)
     for fmt in ("parquet", "jsonl"):

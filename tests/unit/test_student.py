@@ -52,7 +52,7 @@ def test_check_rows_names_what_is_missing(tiny_encoder, rows):
         check_rows([], cfg, "train")
     with pytest.raises(ValueError, match=r"label\(s\) \['great'\] are not in spec.labels"):
         check_rows([{**rows[0], "label": "great"}], cfg, "train")
-    with pytest.raises(ValueError, match="1 row\\(s\\) have no 'reasoning'; objective crsd"):
+    with pytest.raises(ValueError, match=r"1 of 2 row\(s\) have no 'reasoning'; objective crsd .*objective: ce"):
         check_rows([rows[0], {**rows[1], "reasoning": ""}], cfg, "train")
     check_rows([{**rows[1], "reasoning": ""}], cfg.with_objective("ce"), "train")
     with pytest.raises(ValueError, match="lack 'label_probs'"):

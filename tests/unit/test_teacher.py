@@ -176,8 +176,9 @@ def test_an_empty_or_malformed_sft_set_fails_naming_the_field(tmp_path):
     bad = [dict(ROW), {**ROW, "label": "great"}]
     with pytest.raises(ValueError, match=r"spec.data.sftSeed: row 2: field 'label': expected one of"):
         stages.sft_rows(_ctx(tmp_path / "b", bad), LABELS)
-    no_reasoning = [{**ROW, "reasoning": ""}]
-    with pytest.raises(ValueError, match="spec.data.sftSeed: row 1: field 'reasoning'"):
+    no_reasoning = [dict(ROW), {**ROW, "reasoning": ""}, {k: v for k, v in ROW.items() if k != "reasoning"}]
+    with pytest.raises(ValueError, match=r"spec.data.sftSeed: 2 of 3 row\(s\) have no 'reasoning' \(first: row 2\)"
+                                         r".*spec.teacher.enabled: false.*objective: ce"):
         stages.sft_rows(_ctx(tmp_path / "c", no_reasoning), LABELS)
 
 

@@ -74,9 +74,16 @@ def sft_rows(ctx: StageContext, labels: list[str]) -> list[dict[str, Any]]:
     rows = []
     for i, r in enumerate(raw, 1):
         try:
-            rows.append(validate_row(r, labels, need_reasoning=True))
+            rows.append(validate_row(r, labels, need_reasoning=False))
         except RowError as e:
             raise ValueError(f"spec.data.sftSeed: row {i}: {e}") from e
+    missing = [i for i, r in enumerate(rows, 1) if not r["reasoning"].strip()]
+    if missing:  # labeled rows without reasoning are valid data; only the teacher's SFT needs the chains
+        raise ValueError(
+            f"spec.data.sftSeed: {len(missing)} of {len(rows)} row(s) have no 'reasoning' (first: row {missing[0]}); "
+            "the teacher is fine-tuned on reasoning chains: add them to the rows, or train no teacher "
+            "(spec.teacher.enabled: false) and let the student learn the labels (spec.student.objective: ce)"
+        )
     return rows
 
 
