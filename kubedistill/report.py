@@ -160,6 +160,11 @@ def _section_evaluation(storage: Storage, found: dict[str, dict[str, Any]]) -> s
             for name, r in models.items()
         ]
         out.append(f"<p>{_fmt(detail.get('eval_rows'))} held-out eval pairs, standard input only.</p>")
+        rows_from = ((found.get("student-crsd", {}).get("manifest") or {}).get("metrics") or {}).get("rows_from")
+        if rows_from:  # spec.student.trainOn: human labels, teacher annotations, or both
+            names = {"annotations": "teacher annotations", "labels": "labeled pairs"}
+            said = " and ".join(f"{_fmt(n)} {_e(names.get(src, src))}" for src, n in rows_from.items())
+            out.append(f"<p>The student and the baseline learned from {said} (<code>student.trainOn</code>).</p>")
         out.append(_table(["model", "objective", "accuracy", "macro-F1", "AUC (one-vs-rest)", "pairs"], rows, raw=True))
     comparison = detail.get("comparison")
     if comparison:

@@ -62,16 +62,23 @@ def _annotate_resources(s: DistillationRunSpec) -> Resources:
     return Resources(workers=a.replicas.max, cpus_per_worker=a.cpus_per_replica, gpus_per_worker=a.gpus_per_replica)
 
 
+def _learns_from_annotations(s: DistillationRunSpec) -> bool:
+    """Whether the student's rows (`data.training_rows`) include the annotate stage's (`spec.student.trainOn`)."""
+    return s.annotation.enabled and s.student.train_on != "labels"
+
+
 def _student_inputs(s: DistillationRunSpec) -> tuple[str, ...] | None:
     if not s.student.enabled:
         return None
-    return ("data", "annotate") if s.annotation.enabled else ("data",)
+    return ("data", "annotate") if _learns_from_annotations(s) else ("data",)
 
 
 def _evaluate_inputs(s: DistillationRunSpec) -> tuple[str, ...]:
-    # the baseline learns from the rows the student learns from: annotate's when the run annotates
+    # the baseline learns from the rows the student learns from
     return (
-        ("data",) + (("annotate",) if s.annotation.enabled else ()) + (("student-crsd",) if s.student.enabled else ())
+        ("data",)
+        + (("annotate",) if _learns_from_annotations(s) else ())
+        + (("student-crsd",) if s.student.enabled else ())
     )
 
 
@@ -128,7 +135,7 @@ STAGES: tuple[StageDef, ...] = (
     StageDef(
         "evaluate",
         "kubedistill.stages.evaluate:run_stage",
-        reads=("labels", "evaluation", "student.compareObjectives"),
+        reads=("labels", "evaluation", "student.compareObjectives", "student.trainOn"),
         inputs=_evaluate_inputs,
     ),
     StageDef(

@@ -464,6 +464,13 @@ class StudentSpec(_Model):
         default="crsd",
         description="crsd: Contrastive Reasoning Self-Distillation; ce: cross-entropy on the labels; kd: the teacher's label probabilities (rows need label_probs).",
     )
+    train_on: Literal["auto", "annotations", "labels", "both"] = Field(
+        default="auto",
+        description="What the student learns from: annotations (the annotate stage's labels and reasoning), labels "
+        "(the data stage's labeled pairs: your sftSeed, or the synthetic oracle's), or both (their union; where a "
+        "pair has both, the human label wins). auto: annotations when the run annotates, else labels. The student's "
+        "manifest counts the rows from each.",
+    )
     compare_objectives: list[Literal["ce", "kd", "crsd"]] = Field(
         default_factory=list,
         max_length=2,
@@ -777,6 +784,13 @@ def _semantic_problems(run: DistillationRun) -> list[Problem]:
                 "spec.student.compareObjectives",
                 f"each objective at most once and not the student's own "
                 f"({s.student.objective}); got {s.student.compare_objectives}",
+            )
+        )
+    if s.student.enabled and s.student.train_on in ("annotations", "both") and not s.annotation.enabled:
+        out.append(
+            Problem(
+                "spec.student.trainOn",
+                f"{s.student.train_on} needs the annotate stage: enable spec.annotation, or train on labels",
             )
         )
     if s.pruning.enabled and not s.teacher.enabled:

@@ -541,15 +541,36 @@ def read_dataset(storage: Storage) -> list[dict[str, Any]]:
 
 
 def training_rows(ctx: StageContext) -> tuple[list[dict[str, Any]], str]:
-    """Labeled (query, service) pairs to learn from: the annotate stage's output when the run has one; else the data stage's oracle-labeled pairs."""
-    if "annotate" in ctx.inputs:
+    """The labeled (query, service) pairs the student (and the baseline) learn from, each tagged with its
+    `source` ("annotations" or "labels"), and where they came from. `spec.student.trainOn`: the annotate
+    stage's rows, the data stage's labeled pairs (the synthetic oracle's, or `spec.data.sftSeed`), or both,
+    a human label winning where a pair has both; auto: annotations when the run has them, else labels."""
+    annotations = "annotate" in ctx.inputs  # the registry adds it exactly when trainOn reads annotations
+    mode = ctx.spec.student.train_on
+    mode = ("annotations" if annotations else "labels") if mode == "auto" else mode
+    rows: list[dict[str, Any]] = []
+    sources = []
+    if mode in ("labels", "both"):
+        data = ctx.input("data")
+        name = next((n for n in ("labeled", "sft") if data.list(n)), None)
+        if name is None:
+            raise ValueError(
+                f"spec.student.trainOn: {mode} needs labeled pairs and the data stage has none: set spec.data.sftSeed"
+                + (", or train on annotations" if annotations else "")
+            )
+        rows += [{**r, "source": "labels"} for r in read_dataset(data.child(name))]
+        sources.append(data.uri(name))
+    if mode in ("annotations", "both"):
         src = ctx.input("annotate").child("labeled")
-        return read_dataset(src), src.uri()
-    data = ctx.input("data")
-    for name in ("labeled", "sft"):
-        if data.list(name):
-            return read_dataset(data.child(name)), data.uri(name)
-    raise ValueError("no labeled training data: enable spec.annotation or provide spec.data.sftSeed")
+        labeled = {r["pair_id"] for r in rows}
+        rows += [{**r, "source": "annotations"} for r in read_dataset(src) if r["pair_id"] not in labeled]
+        sources.append(src.uri())
+    return rows, " + ".join(sources)
+
+
+def row_sources(rows: list[dict[str, Any]]) -> dict[str, int]:
+    """How many training rows came from each source (`training_rows`)."""
+    return dict(sorted(Counter(r.get("source", "unknown") for r in rows).items()))
 
 
 def split_by_query(

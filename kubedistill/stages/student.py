@@ -30,7 +30,14 @@ from kubedistill.core.storage import S3Options, Storage
 from kubedistill.ml import losses, raytrain
 from kubedistill.ml.metrics import classification_metrics
 from kubedistill.ml.models import resolve
-from kubedistill.stages.data import read_dataset, service_text, split_by_query, training_rows, write_rows
+from kubedistill.stages.data import (
+    read_dataset,
+    row_sources,
+    service_text,
+    split_by_query,
+    training_rows,
+    write_rows,
+)
 
 ARTIFACT_VERSION = 1
 POOLING = ("mean", "cls")  # how the encoder's last hidden states become one vector
@@ -520,7 +527,7 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
     write_rows(ctx.out, "splits/val/part-00000", val_rows, "jsonl")
 
     metrics, uri = _train_and_export(ctx, cfg, source, ctx.out.child("model"), f"train-{ctx.config_hash}")
-    metrics.update(train_rows=len(train_rows), val_rows=len(val_rows))
+    metrics.update(train_rows=len(train_rows), val_rows=len(val_rows), rows_from=row_sources(rows))
     outputs = {"model": uri}
     compared = {}
     for other in others:  # same rows, seed and budget; evaluate scores them beside the student

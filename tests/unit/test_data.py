@@ -5,6 +5,7 @@ import pytest
 from kubedistill.core.storage import Storage
 from kubedistill.stages import data
 from kubedistill.stages.data import Intent, Service, judge
+from tests.conftest import minimal_doc
 
 LABELS = ["irrelevant", "partial", "relevant"]
 
@@ -141,3 +142,47 @@ def test_a_rerun_with_another_format_leaves_only_the_new_parts(tmp_path):
         out = data.run_stage(ctx)
     assert {f.rsplit(".", 1)[-1] for f in root.list("data")} == {"parquet"}
     assert len(data.read_dataset(root.child("data/v-same/eval"))) == out["metrics"]["eval"]["rows_written"] == 12
+
+
+def _row(q: str, sid: str, label: str, reasoning: str = "") -> dict:
+    return {"pair_id": data.pair_id(q, sid), "query": q, "service_id": sid, "service_title": sid, "label": label,
+            "reasoning": reasoning}
+
+
+@pytest.mark.parametrize("train_on, annotate, expect", [
+    ("auto", True, {"annotations": 2}),
+    ("auto", False, {"labels": 2}),
+    ("labels", True, {"labels": 2}),
+    ("annotations", True, {"annotations": 2}),
+    ("both", True, {"labels": 2, "annotations": 1}),  # the pair both cover keeps its human label
+])
+def test_the_student_learns_from_labels_annotations_or_both(tmp_path, train_on, annotate, expect):
+    """spec.student.trainOn: which rows the student and the baseline learn from, each tagged with its source;
+    the stage graph gives the student the annotate stage only when it reads it."""
+    from kubedistill.core import pipeline, spec
+    from kubedistill.core.stage import StageContext
+
+    run = spec.parse_run(minimal_doc(storage={"uri": str(tmp_path)}, teacher={"enabled": False},
+                                     annotation={"enabled": annotate, "model": "m"}, pruning={"enabled": False},
+                                     student={"trainOn": train_on}))
+    student = next(s for s in pipeline.build(run) if s.name == "student-crsd")
+    assert ("annotate" in student.config["inputs"]) is (train_on != "labels" and annotate)
+    root = Storage(str(tmp_path / "test-run"))
+    data.write_rows(root.child("data"), "sft/part-00000", [_row("q1", "s1", "relevant"), _row("q2", "s2", "partial")],
+                    "jsonl")
+    root.write_json("data/_SUCCESS.json", {"digest": "d", "artifact": root.uri("data")})
+    data.write_rows(root.child("annotate"), "labeled/part-00000",
+                    [_row("q1", "s1", "irrelevant", "teacher says no"), _row("q3", "s3", "relevant", "yes")], "jsonl")
+    root.write_json("annotate/_SUCCESS.json", {"digest": "a", "artifact": root.uri("annotate")})
+    rows, source = data.training_rows(StageContext(student.config, root))
+    assert data.row_sources(rows) == expect
+    if train_on == "both":
+        assert {r["pair_id"]: r["label"] for r in rows}[data.pair_id("q1", "s1")] == "relevant"
+        assert " + " in source
+
+
+def test_training_on_annotations_without_the_annotate_stage_is_refused_naming_the_field():
+    from kubedistill.core import spec
+
+    with pytest.raises(spec.SpecError, match="spec.student.trainOn: both needs the annotate stage"):
+        spec.parse_run(minimal_doc(annotation={"enabled": False}, student={"trainOn": "both"}))

@@ -32,7 +32,8 @@ def _store(tmp_path) -> Storage:
     st.write_json(f"data/{MANIFEST}", _manifest("data", {}, "d-data", {"rows_in": 2400}))
     st.write_json(f"student-crsd/{MANIFEST}", _manifest(
         "student-crsd", {"data": "d-data"}, "d-student",
-        {"objective": "crsd", "seconds_per_step": 2.6, "compared": {"ce": {"seconds_per_step": 1.3}}},
+        {"objective": "crsd", "seconds_per_step": 2.6, "compared": {"ce": {"seconds_per_step": 1.3}},
+         "rows_from": {"annotations": 1800, "labels": 300}},
         {"model": "/store/r/student-crsd/model", "model_ce": "/store/r/student-crsd/compare/ce/model"}))
     ev = _manifest("evaluate", {"data": "d-data", "student-crsd": "d-student"}, "d-eval", {"gate": gate})
     ev["artifact"] = st.uri("evaluate/v-1")  # read where the manifest points
@@ -63,6 +64,8 @@ def test_the_report_shows_gate_comparison_lineage_and_failures(tmp_path):
     # CE vs CRSD: each objective's macro-F1, step time and difference to ce
     assert "crsd (the run's student) 0.7306 0.9000 0.7406 2.6000 +0.0106" in text
     assert "ce 0.7200 0.9000 0.7300 1.3000 +0.0000" in text
+    # what the student learned from (spec.student.trainOn)
+    assert "learned from 1,800 teacher annotations and 300 labeled pairs" in text
     # lineage: which digest each stage was built from, and what it wrote
     assert "evaluate hash-evaluate d-eval data @ d-data student-crsd @ d-student" in text
     assert "model_ce: /store/r/student-crsd/compare/ce/model" in text
