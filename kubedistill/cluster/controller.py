@@ -153,30 +153,22 @@ class Cluster:
     def ensure_run_objects(self, token: dict[str, Any], policy: dict[str, Any] | None, namespace: str) -> None:
         """The run's Ray-token Secret (created once: an existing one keeps its token) and its NetworkPolicy
         (created, or brought up to date: the chart's peers may have changed), before any of its Ray clusters."""
-        try:
-            self.core.create_namespaced_secret(namespace, token)
-        except ApiException as e:
-            if e.status != 409:
-                raise self._refused("create", token, namespace, e) from e
+        # an existing token (409) stays as it is: the run's running clusters use it
+        _created("create", token, namespace, lambda: self.core.create_namespaced_secret(namespace, token))
         if policy is None or self.networking is None:
             return
-        try:
-            self.networking.create_namespaced_network_policy(namespace, policy)
-        except ApiException as e:
-            if e.status != 409:
-                raise self._refused("create", policy, namespace, e) from e
-            try:
-                self.networking.patch_namespaced_network_policy(
+        networking = self.networking
+        if not _created(
+            "create", policy, namespace, lambda: networking.create_namespaced_network_policy(namespace, policy)
+        ):
+            _created(
+                "update",
+                policy,
+                namespace,
+                lambda: networking.patch_namespaced_network_policy(
                     policy["metadata"]["name"], namespace, {"spec": policy["spec"]}
-                )
-            except ApiException as e2:
-                raise self._refused("update", policy, namespace, e2) from e2
-
-    @staticmethod
-    def _refused(verb: str, obj: dict[str, Any], namespace: str, e: ApiException) -> Exception:
-        if e.status in _REFUSED:
-            return ApiRefused(verb, obj["kind"], obj["metadata"]["name"], namespace, e)
-        return e
+                ),
+            )
 
     def apply(self, plan: reconcile.Plan, namespace: str) -> None:
         for kind, name in plan.delete:
@@ -249,6 +241,20 @@ class Cluster:
         return dataclasses.replace(
             S3Options.from_env(endpoint, storage.get("region")), access_key=key, secret_key=secret
         )
+
+
+def _created(verb: str, obj: dict[str, Any], namespace: str, call: Callable[[], Any]) -> bool:
+    """Make one API call for `obj`: True when done, False when it already exists (409); a refusal (400/403/422)
+    becomes ApiRefused naming the object, anything else is raised as it is."""
+    try:
+        call()
+    except ApiException as e:
+        if e.status == 409:
+            return False
+        if e.status in _REFUSED:
+            raise ApiRefused(verb, obj["kind"], obj["metadata"]["name"], namespace, e) from e
+        raise
+    return True
 
 
 def _run_key(body: dict[str, Any]) -> str:
@@ -391,8 +397,8 @@ class Controller:
             plan = reconcile.reconcile_body(
                 {**body, "status": previous.model_dump(by_alias=True)}, children, manifests, now, self.images
             )
-            if plan.create:  # its Ray clusters need the run's token Secret, and its NetworkPolicy guards them
-                self._ensure_run_objects(body, namespace)
+            if plan.create and plan.run:  # its Ray clusters need the run's token Secret; its NetworkPolicy guards them
+                self._ensure_run_objects(plan.run, meta.get("uid"), namespace)
             self.cluster.apply(plan, namespace)
             if store is not None and _phases(previous) != _phases(plan.status):
                 write_report(store, name, plan.status)
@@ -416,9 +422,7 @@ class Controller:
             plan.status.conditions = [c for c in plan.status.conditions if c.type != type_]
         return plan, "ok"
 
-    def _ensure_run_objects(self, body: dict[str, Any], namespace: str) -> None:
-        run = spec.parse_run(body)  # it parsed in reconcile, or nothing would be created
-        uid = (body.get("metadata") or {}).get("uid")
+    def _ensure_run_objects(self, run: spec.DistillationRun, uid: str | None, namespace: str) -> None:
         token = k8s.token_secret(run, secrets.token_urlsafe(32), uid)
         policy = k8s.network_policy(run, self.policy, uid) if self.policy.network_policy else None
         self.cluster.ensure_run_objects(token, policy, namespace)

@@ -56,6 +56,8 @@ class Plan:
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (Normal | Warning, reason, message)
     #: kinds of trouble met on the way (e.g. "corrupt-manifest"), counted in the operator's metrics
     errors: list[str] = field(default_factory=list)
+    #: the run as parsed (None when its spec is invalid): what the objects in `create` were built from
+    run: DistillationRun | None = None
 
     @property
     def finished(self) -> bool:
@@ -203,7 +205,7 @@ def reconcile(
     status = RunStatus(
         phase="Running", observed_generation=generation, conditions=list(previous.conditions) if previous else []
     )
-    plan = Plan(status)
+    plan = Plan(status, run=run)
     for stage in stages:
         old = before.get(stage.name) or StageStatus(name=stage.name)
         st = StageStatus(
