@@ -164,6 +164,16 @@ def _section_evaluation(storage: Storage, found: dict[str, dict[str, Any]]) -> s
         if rows_from:  # spec.student.trainOn: human labels, teacher annotations, or both
             names = {"annotations": "teacher annotations", "labels": "labeled pairs"}
             said = " and ".join(f"{_fmt(n)} {_e(names.get(src, src))}" for src, n in rows_from.items())
+            student = found["student-crsd"]["manifest"]["metrics"]
+            if "rows_rationalized" in student:  # spec.annotation.mode: rationalize
+                said += (
+                    f"; {_fmt(student['rows_rationalized'])} labeled pairs carried the annotating model's reasoning"
+                    + (
+                        f", {_fmt(student['rows_unexplained_left_out'])} it disagreed with were left out"
+                        if student.get("rows_unexplained_left_out")
+                        else ""
+                    )
+                )
             out.append(f"<p>The student and the baseline learned from {said} (<code>student.trainOn</code>).</p>")
         out.append(_table(["model", "objective", "accuracy", "macro-F1", "AUC (one-vs-rest)", "pairs"], rows, raw=True))
     comparison = detail.get("comparison")
@@ -231,6 +241,22 @@ def _section_teacher(found: dict[str, dict[str, Any]]) -> str:
             ]
         )
     return "<h2>Teacher</h2>" + _table(["stage", "result"], rows, raw=True) if rows else ""
+
+
+def _section_rationalize(found: dict[str, dict[str, Any]]) -> str:
+    m = found.get("rationalize", {}).get("manifest")
+    if not m:
+        return ""
+    x = m["metrics"]
+    agree = x["agreement_with_labels"]
+    reasons = ", ".join(f"{_e(k)} {_fmt(v)}" for k, v in (x.get("quarantine_reasons") or {}).items()) or "none"
+    return (
+        "<h2>Rationalization</h2>"
+        f"<p>The annotating model was asked why each of {_fmt(x['rows_in'])} labeled pairs has its label "
+        f"(<code>annotation.mode</code>). Its own label agreed on {_pct(agree['rate'])} of the "
+        f"{_fmt(agree['answered'])} it answered: {_fmt(x['labeled'])} pairs carry its reasoning. "
+        f"Quarantined because: {reasons}.</p>"
+    )
 
 
 def _section_annotate(found: dict[str, dict[str, Any]]) -> str:
@@ -366,6 +392,7 @@ def render(run: str, uri: str, stages: list[str], storage: Storage, status: dict
         _section_evaluation(storage, found),
         _section_teacher(found),
         _section_annotate(found),
+        _section_rationalize(found),
         _section_pruning(storage, found),
         _section_serve(found),
         _section_metrics(found),

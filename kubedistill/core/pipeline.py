@@ -92,17 +92,29 @@ def _put(doc: dict[str, Any], dotted: str, value: Any) -> None:
     cur[parts[-1]] = value
 
 
+def _ordered(run: DistillationRun) -> list[tuple[registry.StageDef, tuple[str, ...]]]:
+    """The enabled stages with their inputs, each after its inputs: at every step the first stage in registry
+    order whose inputs are all placed (so the order follows the registry wherever the spec allows)."""
+    todo = [(d, inputs) for d in registry.STAGES if (inputs := d.inputs(run.spec)) is not None]
+    enabled = {d.name for d, _ in todo}
+    for d, inputs in todo:
+        if unknown := [i for i in inputs if i not in enabled]:
+            raise RegistryError(f"stage {d.name}: input(s) {unknown} are not enabled stages")
+    placed: list[tuple[registry.StageDef, tuple[str, ...]]] = []
+    while todo:
+        done = {d.name for d, _ in placed}
+        ready = next((i for i, (_, inputs) in enumerate(todo) if set(inputs) <= done), None)
+        if ready is None:
+            raise RegistryError(f"stages {[d.name for d, _ in todo]} wait on each other (a cycle)")
+        placed.append(todo.pop(ready))
+    return placed
+
+
 def build(run: DistillationRun) -> list[Stage]:
-    """The run's stages in registry order (disabled ones left out)."""
+    """The run's enabled stages, each after its inputs (`_ordered`)."""
     wire = to_wire(run.spec)
     stages: list[Stage] = []
-    for d in registry.STAGES:
-        inputs = d.inputs(run.spec)
-        if inputs is None:
-            continue
-        known = {s.name for s in stages}
-        if unknown := [i for i in inputs if i not in known]:
-            raise RegistryError(f"stage {d.name}: input(s) {unknown} are not enabled stages declared before it")
+    for d, inputs in _ordered(run):
         section: dict[str, Any] = {}
         for dotted in d.reads:
             _put(section, dotted, _dig(wire, dotted, d.name))
@@ -139,7 +151,7 @@ def render_plan(run: DistillationRun, stages: list[Stage]) -> str:
 
 def registry_markdown() -> str:
     """The README's table of the registry: each stage's function, the spec paths it reads, its inputs with
-    every stage enabled, and how it runs (`make docs`)."""
+    every stage enabled (annotation mode both), and how it runs (`make docs`)."""
     from kubedistill.core.spec import parse_run
 
     run = parse_run(
@@ -147,7 +159,7 @@ def registry_markdown() -> str:
             "apiVersion": "kubedistill.io/v1alpha1",
             "kind": "DistillationRun",
             "metadata": {"name": "all"},
-            "spec": {"storage": {"uri": "s3://bucket/runs"}},
+            "spec": {"storage": {"uri": "s3://bucket/runs"}, "annotation": {"mode": "both"}},
         }
     )
     built = {s.name: s for s in build(run)}

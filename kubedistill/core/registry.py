@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from kubedistill.core.spec import DistillationRunSpec, Resources
+from kubedistill.core.spec import DistillationRunSpec, Resources, annotates, rationalizes
 
 #: How every teacher stage runs: its Ray workers and its budget of worker failures.
 _TEACHER_RUN = ("teacher.resources", "teacher.maxFailures")
@@ -47,14 +47,30 @@ class StageDef:
     gated: bool = False
 
 
-def _teacher(*inputs: str) -> Callable[[DistillationRunSpec], tuple[str, ...] | None]:
-    return lambda s: inputs if s.teacher.enabled else None
+def _explains_for_teacher(s: DistillationRunSpec) -> bool:
+    """Whether the teacher's SFT set takes its reasoning from the rationalize stage: only when another LLM
+    (`spec.annotation.model`) explains the labels; the teacher cannot explain its own training set."""
+    return rationalizes(s) and s.teacher.enabled and s.annotation.model is not None
+
+
+def _teacher(*inputs: str, reads_sft: bool = True) -> Callable[[DistillationRunSpec], tuple[str, ...] | None]:
+    """A teacher stage after `inputs`; one that reads the SFT set also after rationalize when that explains it."""
+    return lambda s: (
+        (*inputs, *(("rationalize",) if reads_sft and _explains_for_teacher(s) else ())) if s.teacher.enabled else None
+    )
+
+
+def _llm_inputs(s: DistillationRunSpec) -> tuple[str, ...]:
+    """The data, and the trained teacher unless another LLM is named (`spec.annotation.model`)."""
+    return ("data", "teacher-dpo") if s.teacher.enabled and s.annotation.model is None else ("data",)
 
 
 def _annotate_inputs(s: DistillationRunSpec) -> tuple[str, ...] | None:
-    if not s.annotation.enabled:
-        return None
-    return ("data", "teacher-dpo") if s.teacher.enabled else ("data",)
+    return _llm_inputs(s) if annotates(s) else None
+
+
+def _rationalize_inputs(s: DistillationRunSpec) -> tuple[str, ...] | None:
+    return _llm_inputs(s) if rationalizes(s) else None
 
 
 def _annotate_resources(s: DistillationRunSpec) -> Resources:
@@ -64,13 +80,21 @@ def _annotate_resources(s: DistillationRunSpec) -> Resources:
 
 def _learns_from_annotations(s: DistillationRunSpec) -> bool:
     """Whether the student's rows (`data.training_rows`) include the annotate stage's (`spec.student.trainOn`)."""
-    return s.annotation.enabled and s.student.train_on != "labels"
+    return annotates(s) and s.student.train_on != "labels"
+
+
+def _learns_from_labels(s: DistillationRunSpec) -> bool:
+    return s.student.train_on in ("labels", "both") or (s.student.train_on == "auto" and not annotates(s))
 
 
 def _student_inputs(s: DistillationRunSpec) -> tuple[str, ...] | None:
     if not s.student.enabled:
         return None
-    return ("data", "annotate") if _learns_from_annotations(s) else ("data",)
+    return (
+        ("data",)
+        + (("annotate",) if _learns_from_annotations(s) else ())
+        + (("rationalize",) if rationalizes(s) and _learns_from_labels(s) else ())
+    )
 
 
 def _evaluate_inputs(s: DistillationRunSpec) -> tuple[str, ...]:
@@ -93,7 +117,7 @@ STAGES: tuple[StageDef, ...] = (
         "teacher-dapt",
         "kubedistill.stages.teacher.stages:run_dapt",
         reads=("teacher.baseModel", "teacher.dapt", *_TEACHER_RUN),
-        inputs=_teacher("data"),
+        inputs=_teacher("data", reads_sft=False),
         resources=lambda s: s.teacher.resources,
     ),
     StageDef(
@@ -122,6 +146,14 @@ STAGES: tuple[StageDef, ...] = (
         "kubedistill.stages.annotate:run_stage",
         reads=("labels", "annotation"),
         inputs=_annotate_inputs,
+        resources=_annotate_resources,
+        autoscale=lambda s: (s.annotation.replicas.min, s.annotation.replicas.max),
+    ),
+    StageDef(
+        "rationalize",
+        "kubedistill.stages.annotate:run_rationalize",
+        reads=("labels", "annotation"),
+        inputs=_rationalize_inputs,
         resources=_annotate_resources,
         autoscale=lambda s: (s.annotation.replicas.min, s.annotation.replicas.max),
     ),

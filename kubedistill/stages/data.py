@@ -540,11 +540,31 @@ def read_dataset(storage: Storage) -> list[dict[str, Any]]:
     return rows
 
 
+def labels_dataset(data: Storage) -> str | None:
+    """Which of the data stage's datasets holds the run's labeled pairs: `labeled` (the synthetic oracle's
+    labels of the log) or `sft` (spec.data.sftSeed); None when it wrote neither."""
+    return next((n for n in ("labeled", "sft") if data.list(n)), None)
+
+
+def with_rationales(rows: list[dict[str, Any]], explained: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Labeled rows with the rationalize stage's reasoning where they have none of their own (by pair_id, for
+    the same label): a chain written by a person stays; a row the model could not explain stays without."""
+    chains = {r["pair_id"]: r for r in explained}
+    out = []
+    for r in rows:
+        e = chains.get(r["pair_id"])
+        if not (r.get("reasoning") or "").strip() and e is not None and e["label"] == r["label"]:
+            r = {**r, "reasoning": e["reasoning"], "rationalized": True}
+        out.append(r)
+    return out
+
+
 def training_rows(ctx: StageContext) -> tuple[list[dict[str, Any]], str]:
     """The labeled (query, service) pairs the student (and the baseline) learn from, each tagged with its
     `source` ("annotations" or "labels"), and where they came from. `spec.student.trainOn`: the annotate
     stage's rows, the data stage's labeled pairs (the synthetic oracle's, or `spec.data.sftSeed`), or both,
-    a human label winning where a pair has both; auto: annotations when the run has them, else labels."""
+    a human label winning where a pair has both; auto: annotations when the run has them, else labels. When the
+    run rationalizes its labels, the labeled pairs carry the rationalize stage's reasoning (`with_rationales`)."""
     annotations = "annotate" in ctx.inputs  # the registry adds it exactly when trainOn reads annotations
     mode = ctx.spec.student.train_on
     mode = ("annotations" if annotations else "labels") if mode == "auto" else mode
@@ -552,7 +572,7 @@ def training_rows(ctx: StageContext) -> tuple[list[dict[str, Any]], str]:
     sources = []
     if mode in ("labels", "both"):
         data = ctx.input("data")
-        name = next((n for n in ("labeled", "sft") if data.list(n)), None)
+        name = labels_dataset(data)
         if name is None:
             raise ValueError(
                 f"spec.student.trainOn: {mode} needs labeled pairs and the data stage has none: set spec.data.sftSeed"
@@ -560,6 +580,10 @@ def training_rows(ctx: StageContext) -> tuple[list[dict[str, Any]], str]:
             )
         rows += [{**r, "source": "labels"} for r in read_dataset(data.child(name))]
         sources.append(data.uri(name))
+        if "rationalize" in ctx.inputs:
+            explained = ctx.input("rationalize").child("labeled")
+            rows = with_rationales(rows, read_dataset(explained))
+            sources.append(f"reasoning from {explained.uri()}")
     if mode in ("annotations", "both"):
         src = ctx.input("annotate").child("labeled")
         labeled = {r["pair_id"] for r in rows}

@@ -73,8 +73,8 @@ def check_rows(rows: list[dict[str, Any]], cfg: StudentConfig, what: str) -> Non
         if missing:
             raise ValueError(
                 f"{what}: {missing} of {len(rows)} row(s) have no 'reasoning'; objective crsd needs a reasoning chain "
-                "per pair: train on labels alone (spec.student.objective: ce), or have a teacher annotate the pairs "
-                "(spec.annotation)"
+                "per pair: train on labels alone (spec.student.objective: ce), have a teacher annotate the log "
+                "(spec.annotation.mode: label), or have it explain your labels (spec.annotation.mode: rationalize)"
             )
     if cfg.student.objective == "kd":
         bad = sum(
@@ -87,6 +87,13 @@ def check_rows(rows: list[dict[str, Any]], cfg: StudentConfig, what: str) -> Non
                 f"{what}: {bad} row(s) lack 'label_probs' (the teacher's distribution over {len(cfg.labels)} labels); "
                 "objective kd needs it: use annotations that provide it, or objective ce/crsd"
             )
+
+
+def drop_unexplained(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+    """(the rows with a reasoning chain, how many had none): for crsd, when the run's labels were rationalized
+    and the model explained only those it agreed with (Distilling Step-by-Step trains on explained rows)."""
+    kept = [r for r in rows if (r.get("reasoning") or "").strip()]
+    return kept, len(rows) - len(kept)
 
 
 def _cap(tokenizer: Any, text: str, n: int) -> str:
@@ -516,6 +523,13 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
     cfg = StudentConfig(ctx.spec.student, ctx.spec.labels)
     rows, source = training_rows(ctx)
     others = [cfg.with_objective(o) for o in cfg.student.compare_objectives]
+    dropped = 0
+    if "rationalize" in ctx.inputs and any(c.student.objective == "crsd" for c in [cfg, *others]):
+        rows, dropped = drop_unexplained(rows)  # every objective trains on the same rows
+        if dropped:
+            ctx.log(
+                f"{dropped} labeled pair(s) the model did not explain (it disagreed) left out: crsd needs reasoning"
+            )
     for c in [cfg, *others]:
         check_rows(rows, c, source)
     resolve(cfg.student.base_model, "spec.student.baseModel", ctx.storage.options)  # fail before starting workers
@@ -528,6 +542,10 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
 
     metrics, uri = _train_and_export(ctx, cfg, source, ctx.out.child("model"), f"train-{ctx.config_hash}")
     metrics.update(train_rows=len(train_rows), val_rows=len(val_rows), rows_from=row_sources(rows))
+    if "rationalize" in ctx.inputs:
+        metrics.update(
+            rows_rationalized=sum(1 for r in rows if r.get("rationalized")), rows_unexplained_left_out=dropped
+        )
     outputs = {"model": uri}
     compared = {}
     for other in others:  # same rows, seed and budget; evaluate scores them beside the student

@@ -221,3 +221,31 @@ def test_stale_outputs_are_dropped_by_their_shard_path_and_kept_ones_stay(tmp_pa
         out.write_bytes(rel, b"x")
     annotate._drop_stale(out, keep={"eu/part-0"})
     assert out.list() == ["labeled/eu/part-0.parquet", "shards/eu/part-0.json"]
+
+
+def test_rationalize_keeps_a_label_with_the_models_reasoning_only_where_the_model_agrees():
+    """`spec.annotation.mode: rationalize` with a teacher that sometimes disagrees: agreeing rows keep the human
+    label and take the model's chain; a disagreement is quarantined with both labels and is not re-sampled."""
+    agrees, disagrees, garbled = (_row("sushi", label="relevant"), _row("ramen", label="partial"),
+                                  _row("pizza", label="irrelevant"))
+    unlabeled = _row("tacos")  # a row to explain needs its label
+    script = {fmt.rationale_prompt(data.validate_row(r, LABELS, False), r["label"]): resp for r, resp in (
+        (agrees, [GOOD]),
+        (disagrees, [fmt.response("Ramen is not sushi.", "irrelevant"), GOOD]),
+        (garbled, ["no label here", fmt.response("Pizza is off-topic.", "irrelevant")]))}
+    eng = Scripted(script)
+    out = annotate.annotate_rows(_items(agrees, disagrees, garbled, unlabeled), eng, LABELS, Sampling(64),
+                                 retries=1, retry_temperature=0.7, explain=True)
+    assert [o.status for o in out] == ["labeled", "quarantined", "labeled", "quarantined"]
+    assert out[0].record["label"] == "relevant" and out[0].record["reasoning"] == "Golden Sushi serves sushi in Harbor."
+    assert out[1].record["reason"] == "disagrees with the given label: the model says 'irrelevant', the label is 'partial'"
+    assert out[1].attempts == 1 and "Ramen is not sushi." in out[1].record["response"]
+    assert out[2].attempts == 2 and out[2].record["reasoning"] == "Pizza is off-topic."  # unparseable: re-sampled
+    assert out[3].record["reason"] == f"schema: field 'label': expected one of {LABELS}, got None"
+    # the prompt names the label to explain, then asks as always
+    assert eng.calls[0][0][0].endswith(f"Label to explain: relevant\n{fmt.INSTRUCTION}\n")
+    r = annotate.summarize("part-00000", "x", out)
+    assert r.reasons == {annotate.DISAGREES: 1, "schema": 1} and r.first_try_parsed == 2  # a disagreement parsed
+    m = annotate.totals([r], {"part-00000"}, 1.0, "scripted", "test")
+    assert m["parse_rate"] == 1.0
+    assert annotate.label_agreement_of(m) == {"answered": 3, "agreed": 2, "rate": round(2 / 3, 4)}

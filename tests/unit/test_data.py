@@ -186,3 +186,17 @@ def test_training_on_annotations_without_the_annotate_stage_is_refused_naming_th
 
     with pytest.raises(spec.SpecError, match="spec.student.trainOn: both needs the annotate stage"):
         spec.parse_run(minimal_doc(annotation={"enabled": False}, student={"trainOn": "both"}))
+
+
+def test_rationales_fill_only_rows_without_reasoning_for_the_same_label():
+    rows = [{"pair_id": "a", "label": "relevant", "reasoning": ""},
+            {"pair_id": "b", "label": "partial", "reasoning": "A person wrote this."},
+            {"pair_id": "c", "label": "irrelevant", "reasoning": ""},
+            {"pair_id": "d", "label": "partial", "reasoning": ""}]
+    explained = [{"pair_id": "a", "label": "relevant", "reasoning": "Model: sushi matches."},
+                 {"pair_id": "b", "label": "partial", "reasoning": "Model: something else."},
+                 {"pair_id": "d", "label": "relevant", "reasoning": "Model: another label."}]
+    out = data.with_rationales(rows, explained)
+    assert [r["reasoning"] for r in out] == ["Model: sushi matches.", "A person wrote this.", "", ""]
+    assert [bool(r.get("rationalized")) for r in out] == [True, False, False, False]
+    assert rows[0]["reasoning"] == ""  # the input is not changed

@@ -12,7 +12,8 @@ def _build(**patch):
 
 def test_minimal_resource_enables_every_stage_in_order():
     stages = _build()
-    assert [s.name for s in stages] == [d.name for d in registry.STAGES]
+    # every stage but rationalize, which explains human labels only when asked (spec.annotation.mode)
+    assert [s.name for s in stages] == [d.name for d in registry.STAGES if d.name != "rationalize"]
     by = {s.name: s for s in stages}
     assert by["teacher-dpo"].depends_on == ("data", "teacher-sft", "reward-model")
     assert by["annotate"].depends_on == ("data", "teacher-dpo")
@@ -34,6 +35,40 @@ def test_disabled_stages_are_left_out_and_dependencies_rewired():
     only = _build(teacher={"enabled": False}, annotation={"enabled": False}, student={"enabled": False},
                   pruning={"enabled": False}, serving={"enabled": False})
     assert [(s.name, s.depends_on) for s in only] == [("data", ()), ("evaluate", ("data",))]
+
+
+def _graph(**patch) -> dict[str, tuple[str, ...]]:
+    stages = _build(pruning={"enabled": False}, serving={"enabled": False}, **patch)
+    order = [s.name for s in stages]
+    assert all(order.index(d) < order.index(s.name) for s in stages for d in s.depends_on), order
+    return {s.name: s.depends_on for s in stages}
+
+
+def test_annotation_modes_decide_which_llm_stages_run_and_who_reads_them():
+    byo = {"teacher": {"enabled": False}, "student": {"trainOn": "labels"}}
+    g = _graph(annotation={"mode": "label", "model": "s3://m/llm"}, **byo)
+    assert "rationalize" not in g and "annotate" in g and g["student-crsd"] == ("data",)  # trainOn labels
+    g = _graph(annotation={"mode": "rationalize", "model": "s3://m/llm"}, **byo)
+    assert "annotate" not in g and g["rationalize"] == ("data",) and g["student-crsd"] == ("data", "rationalize")
+    assert g["evaluate"] == ("data", "student-crsd")  # the baseline reads no reasoning
+    g = _graph(annotation={"mode": "both", "model": "s3://m/llm"}, teacher={"enabled": False},
+               student={"trainOn": "both"})
+    assert g["student-crsd"] == ("data", "annotate", "rationalize")
+    assert _graph(annotation={"mode": "rationalize", "model": "s3://m/llm"},
+                  teacher={"enabled": False})["student-crsd"] == ("data", "rationalize")  # auto: labels
+    # the trained teacher explains the labels after it is trained; another LLM explains them for its SFT
+    g = _graph(annotation={"mode": "rationalize"})
+    assert g["rationalize"] == ("data", "teacher-dpo") and "rationalize" not in g["teacher-sft"]
+    g = _graph(annotation={"mode": "rationalize", "model": "s3://m/llm"})
+    assert g["rationalize"] == ("data",) and g["teacher-dapt"] == ("data",)
+    for s in ("teacher-sft", "reward-model", "teacher-dpo"):
+        assert g[s][-1] == "rationalize", s
+    assert list(g).index("rationalize") < list(g).index("teacher-sft")
+
+
+def test_a_spec_asking_for_annotations_that_no_stage_makes_is_refused():
+    with pytest.raises(spec.SpecError, match=r"spec.student.trainOn: annotations needs the annotate stage"):
+        spec.parse_run(minimal_doc(annotation={"mode": "rationalize"}, student={"trainOn": "annotations"}))
 
 
 def test_stage_config_is_json_with_only_its_sections():
@@ -80,8 +115,9 @@ def _read(view, dotted: str):
 def test_every_registry_entry_names_a_stage_function_and_spec_paths_it_can_read():
     from kubedistill import job
 
-    run = spec.parse_run(minimal_doc())
-    for d, s in zip(registry.STAGES, pipeline.build(run), strict=True):
+    run = spec.parse_run(minimal_doc(annotation={"mode": "both"}))  # every stage
+    for d, s in zip(registry.STAGES, sorted(pipeline.build(run), key=lambda s: registry.STAGES.index(
+            next(d for d in registry.STAGES if d.name == s.name))), strict=True):
         assert callable(job.resolve(d.run)), d.name
         view = spec.spec_slice(s.config["spec"], s.name)
         for dotted in d.reads:  # carried, validated again, equal to what the whole spec holds
@@ -105,13 +141,18 @@ def test_a_config_altered_after_validation_fails_on_the_worker_naming_the_field(
 
 
 def test_a_registry_mistake_is_named_when_the_graph_is_built(monkeypatch):
+    stages = registry.STAGES
     wrong_path = registry.StageDef("toy", "m:f", reads=("teacher.nope",), inputs=lambda s: ("data",))
     monkeypatch.setattr(registry, "STAGES", (*registry.STAGES, wrong_path))
     with pytest.raises(pipeline.RegistryError, match=r"stage toy: reads spec.teacher.nope"):
         _build()
-    later_input = registry.StageDef("toy", "m:f", reads=(), inputs=lambda s: ("serve-later",))
-    monkeypatch.setattr(registry, "STAGES", (later_input, *registry.STAGES))
-    with pytest.raises(pipeline.RegistryError, match=r"stage toy: input\(s\) \['serve-later'\]"):
+    unknown = registry.StageDef("toy", "m:f", reads=(), inputs=lambda s: ("serve-later",))
+    monkeypatch.setattr(registry, "STAGES", (unknown, *stages))
+    with pytest.raises(pipeline.RegistryError, match=r"stage toy: input\(s\) \['serve-later'\] are not enabled"):
+        _build()
+    a, b = (registry.StageDef(n, "m:f", reads=(), inputs=lambda s, o=o: ("data", o)) for n, o in (("a", "b"), ("b", "a")))
+    monkeypatch.setattr(registry, "STAGES", (*stages, a, b))
+    with pytest.raises(pipeline.RegistryError, match=r"stages \['a', 'b'\] wait on each other \(a cycle\)"):
         _build()
 
 

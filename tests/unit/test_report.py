@@ -75,6 +75,23 @@ def test_the_report_shows_gate_comparison_lineage_and_failures(tmp_path):
     assert page.count("data:image/png;base64,") == 1  # the confusion matrices embedded; no pruning plot here
 
 
+def test_the_report_says_how_far_the_annotating_model_agreed_with_the_labels_it_explained(tmp_path):
+    st = _store(tmp_path)
+    m = st.read_json(f"student-crsd/{MANIFEST}")
+    m["metrics"].update(rows_from={"labels": 120}, rows_rationalized=120, rows_unexplained_left_out=80)
+    st.write_json(f"student-crsd/{MANIFEST}", m)
+    st.write_json(f"rationalize/{MANIFEST}", _manifest("rationalize", {"data": "d-data"}, "d-rat", {
+        "rows_in": 200, "labeled": 120, "quarantined": 80,
+        "quarantine_reasons": {"disagrees with the given label": 78, "unparseable response": 2},
+        "agreement_with_labels": {"answered": 198, "agreed": 120, "rate": 0.6061}}))
+    report.write(st, "r", ["data", "rationalize", "student-crsd", "evaluate"], None)
+    text = " ".join(_text(st.read_text("report.html")).split())
+    assert "Its own label agreed on 60.6% of the 198 it answered: 120 pairs carry its reasoning" in text
+    assert "disagrees with the given label 78, unparseable response 2" in text
+    assert ("learned from 120 labeled pairs; 120 labeled pairs carried the annotating model's reasoning, "
+            "80 it disagreed with were left out") in text
+
+
 def test_comparison_differences_are_to_the_ce_student():
     rows = evaluate.comparison(_models())
     assert [(r["objective"], r["served"], r["delta_macro_f1"]) for r in rows] == [("crsd", True, 0.0106), ("ce", False, 0.0)]

@@ -184,3 +184,10 @@ def test_the_head_starts_from_the_seed_whatever_ran_before(tiny_encoder):
     other, _ = build_model(_cfg(tiny_encoder, seed=1))
     assert torch.equal(first.classifier.weight, again.classifier.weight)
     assert not torch.equal(first.classifier.weight, other.classifier.weight)
+
+
+def test_rows_the_model_did_not_explain_are_left_out_for_crsd(rows):
+    from kubedistill.stages.student import drop_unexplained
+
+    kept, dropped = drop_unexplained([rows[0], {**rows[1], "reasoning": " "}, {**rows[2], "reasoning": None}])
+    assert kept == [rows[0]] and dropped == 2

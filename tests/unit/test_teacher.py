@@ -17,6 +17,7 @@ from kubedistill.ml import losses
 from kubedistill.ml.models import ModelNotFound
 from kubedistill.stages import data
 from kubedistill.stages.teacher import fmt, lm, pairs, stages, train
+from tests.conftest import minimal_doc
 
 LABELS = ["irrelevant", "partial", "relevant"]
 ROW = {"query": "sushi in harbor", "service_id": "s1", "service_title": "Golden Sushi", "service_category": "japanese restaurant",
@@ -180,6 +181,27 @@ def test_an_empty_or_malformed_sft_set_fails_naming_the_field(tmp_path):
     with pytest.raises(ValueError, match=r"spec.data.sftSeed: 2 of 3 row\(s\) have no 'reasoning' \(first: row 2\)"
                                          r".*spec.teacher.enabled: false.*objective: ce"):
         stages.sft_rows(_ctx(tmp_path / "c", no_reasoning), LABELS)
+
+
+def test_teacher_sft_takes_another_llms_reasoning_for_labels_without_their_own(tmp_path):
+    """spec.annotation.mode: rationalize with spec.annotation.model: the SFT set's rows without reasoning take
+    the rationalize stage's chain; a row the model did not explain (it disagreed) teaches no chain."""
+    from kubedistill.core import pipeline, spec
+
+    run = spec.parse_run(minimal_doc(storage={"uri": str(tmp_path)}, annotation={"mode": "rationalize",
+                                                                                  "model": "s3://m/llm"}))
+    sft = next(s for s in pipeline.build(run) if s.name == "teacher-sft")
+    assert sft.config["inputs"][-1] == "rationalize"
+    root = Storage(str(tmp_path / "test-run"))
+    a, b, c = ({**ROW, "query": q, "reasoning": ""} for q in ("sushi a", "sushi b", "sushi c"))
+    data.write_rows(root.child("data"), "sft/part-00000", [a, b, {**c, "reasoning": "A person's chain."}], "jsonl")
+    root.write_json("data/_SUCCESS.json", {"digest": "d", "artifact": root.uri("data")})
+    explained = {**data.validate_row(a, LABELS, False), "reasoning": "The model's chain."}
+    data.write_rows(root.child("rationalize"), "labeled/part-00000", [explained], "jsonl")
+    root.write_json("rationalize/_SUCCESS.json", {"digest": "r", "artifact": root.uri("rationalize")})
+    rows = stages.sft_rows(StageContext(sft.config, root), LABELS)
+    assert [(r["query"], r["reasoning"]) for r in rows] == [("sushi a", "The model's chain."),
+                                                            ("sushi c", "A person's chain.")]
 
 
 def test_reward_dimensions_are_checked():

@@ -6,6 +6,9 @@ Prompt (what the teacher sees; built from the log's columns):
     Service: <title> | <category> | <district> | <$..$$$$> | offers <tag>, <tag> | <description>
     Judge relevance.
 
+(To explain a known label, `rationale_prompt` adds a line `Label to explain: <label>` before the
+instruction.)
+
 Response (what it writes; one line each, in this order, then end of text):
 
     Reasoning: <one or more sentences, no newline>
@@ -31,6 +34,13 @@ _RESPONSE = re.compile(
 
 def prompt(row: dict[str, Any]) -> str:
     return f"Query: {row['query']}\nService: {service_text(row)}\n{INSTRUCTION}\n"
+
+
+def rationale_prompt(row: dict[str, Any], label: str) -> str:
+    """The prompt that asks for the reasoning behind a known label (`spec.annotation.mode: rationalize`): the
+    pair, the label to explain, then the usual instruction, so the answer keeps the response format and its
+    own label can be checked against the given one."""
+    return f"Query: {row['query']}\nService: {service_text(row)}\nLabel to explain: {label}\n{INSTRUCTION}\n"
 
 
 def response(reasoning: str, label: str) -> str:

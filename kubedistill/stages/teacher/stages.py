@@ -22,7 +22,7 @@ from kubedistill.core.stage import StageContext
 from kubedistill.core.storage import S3Options, Storage
 from kubedistill.ml import raytrain
 from kubedistill.ml.models import device, resolve
-from kubedistill.stages.data import RowError, read_dataset, split_by_query, validate_row, write_rows
+from kubedistill.stages.data import RowError, read_dataset, split_by_query, validate_row, with_rationales, write_rows
 from kubedistill.stages.teacher import fmt, lm, pairs
 from kubedistill.stages.teacher.train import RewardModel, TrainConfig, build, combined, encode, run
 
@@ -77,11 +77,20 @@ def sft_rows(ctx: StageContext, labels: list[str]) -> list[dict[str, Any]]:
             rows.append(validate_row(r, labels, need_reasoning=False))
         except RowError as e:
             raise ValueError(f"spec.data.sftSeed: row {i}: {e}") from e
+    if "rationalize" in ctx.inputs:  # another LLM explained the labels: its chains where a row has none
+        rows = with_rationales(rows, read_dataset(ctx.input("rationalize").child("labeled")))
+        explained = [r for r in rows if r["reasoning"].strip()]
+        if not explained:
+            raise ValueError(
+                f"spec.data.sftSeed: none of its {len(rows)} row(s) has reasoning, its own or from spec.annotation.model"
+            )
+        return explained  # a row the model could not explain (it disagreed) teaches no chain
     missing = [i for i, r in enumerate(rows, 1) if not r["reasoning"].strip()]
     if missing:  # labeled rows without reasoning are valid data; only the teacher's SFT needs the chains
         raise ValueError(
             f"spec.data.sftSeed: {len(missing)} of {len(rows)} row(s) have no 'reasoning' (first: row {missing[0]}); "
-            "the teacher is fine-tuned on reasoning chains: add them to the rows, or train no teacher "
+            "the teacher is fine-tuned on reasoning chains: add them to the rows, have another LLM explain the labels "
+            "(spec.annotation.model with spec.annotation.mode: rationalize), or train no teacher "
             "(spec.teacher.enabled: false) and let the student learn the labels (spec.student.objective: ce)"
         )
     return rows
