@@ -33,16 +33,16 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.teacher_model
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # crsd_quality
 
-from kubedistill.core.spec import StudentSpec
+from crsd_quality import train_and_score
+
 from kubedistill.stages import annotate, data
 from kubedistill.stages.annotate import Sampling, TransformersEngine
 from kubedistill.stages.data import split_by_query
 from kubedistill.stages.evaluate import LexicalBaseline, classification_metrics
-from kubedistill.stages.student import StudentConfig, build_model, drop_unexplained, fit, predict_proba
+from kubedistill.stages.student import drop_unexplained
 from tests import teacher_model
 
 LABELS = teacher_model.LABELS
@@ -58,11 +58,7 @@ def rationalize(pool: list[dict], teacher: str, batch: int) -> tuple[list[dict],
         items, engine, LABELS, Sampling(96, 0.0, 0), retries=1, retry_temperature=0.7, explain=True
     )
     explained = [o.record for o in out if o.status == "labeled"]
-    reasons = {}
-    for o in out:
-        if o.status != "labeled":
-            key = o.record["reason"].split(":", 1)[0]
-            reasons[key] = reasons.get(key, 0) + 1
+    reasons = annotate.summarize("pool", "pool", out).reasons
     rows = data.with_rationales([{**r, "reasoning": ""} for r in pool], explained)
     stats = {
         "rows": len(pool),
@@ -76,30 +72,22 @@ def rationalize(pool: list[dict], teacher: str, batch: int) -> tuple[list[dict],
 
 def train_eval(rows: list[dict], objective: str, seed: int, evalset: list[dict], args: argparse.Namespace) -> dict:
     train, val = split_by_query(rows, 0.15, seed)
-    student = StudentSpec.model_validate(
-        {
-            "base_model": "sentence-transformers/all-MiniLM-L6-v2",
-            "objective": objective,
-            "train": {"epochs": args.epochs, "batch_size": args.batch, "learning_rate": args.lr},
-            "seed": seed,
-            "patience": args.patience,
-            "max_length": 48,
-            "max_reasoning_tokens": 48,
-        }
-    )
-    cfg = StudentConfig(student, LABELS)
-    torch.manual_seed(seed)
-    model, tok = build_model(cfg)
-    t0 = time.monotonic()
-    state = fit(cfg, model, tok, train, val)
-    model.load_state_dict(state["best_state"])
-    m = classification_metrics([r["label"] for r in evalset], predict_proba(model, tok, evalset, 48), LABELS)
+    student = {
+        "base_model": "sentence-transformers/all-MiniLM-L6-v2",
+        "objective": objective,
+        "train": {"epochs": args.epochs, "batch_size": args.batch, "learning_rate": args.lr},
+        "seed": seed,
+        "patience": args.patience,
+        "max_length": 48,
+        "max_reasoning_tokens": 48,
+    }
+    m = train_and_score(student, train, val, evalset)
     return {
         "macro_f1": m["macro_f1"],
-        "auc": m["auc_ovr"],
+        "auc": m["auc"],
         "rows": len(rows),
-        "steps": state["step"],
-        "seconds": round(time.monotonic() - t0, 1),
+        "steps": m["steps"],
+        "seconds": round(m["seconds"], 1),
     }
 
 

@@ -62,6 +62,21 @@ def rewrite_reasoning(rows: list[dict], mode: str, seed: int = 0) -> list[dict]:
     raise ValueError(f"--reasoning: expected full, noverdict, evidence or shuffled, got {mode!r}")
 
 
+def train_and_score(student: dict, train: list[dict], val: list[dict], evalset: list[dict]) -> dict:
+    """Train a student (`StudentSpec` fields) on `train`, early-stopped on `val`; score its best weights on
+    `evalset` from the standard input only."""
+    cfg = StudentConfig(StudentSpec.model_validate(student), LABELS)
+    torch.manual_seed(cfg.student.seed)
+    model, tok = build_model(cfg)
+    t0 = time.monotonic()
+    state = fit(cfg, model, tok, train, val)
+    model.load_state_dict(state["best_state"])
+    probs = predict_proba(model, tok, evalset, cfg.student.max_length)
+    m = classification_metrics([r["label"] for r in evalset], probs, LABELS)
+    return {"macro_f1": m["macro_f1"], "auc": m["auc_ovr"], "accuracy": m["accuracy"], "steps": state["step"],
+            "seconds": time.monotonic() - t0}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -94,23 +109,16 @@ def main() -> None:
             v = VARIANTS[variant]
             crsd = {"temperature": args.temperature, "align_weight": args.align_weight,
                     "contrast_weight": args.contrast_weight, **v.get("crsd", {})}
-            student = StudentSpec.model_validate({
+            student = {
                 "base_model": "sentence-transformers/all-MiniLM-L6-v2", "objective": v["objective"], "crsd": crsd,
                 "train": {"epochs": args.epochs, "batch_size": args.batch, "learning_rate": args.lr},
                 "seed": seed, "patience": 2, "max_length": args.max_length,
-                "max_reasoning_tokens": args.max_reasoning_tokens})
-            cfg = StudentConfig(student, LABELS)
-            torch.manual_seed(seed)
-            model, tok = build_model(cfg)
-            t0 = time.monotonic()
-            state = fit(cfg, model, tok, train, val)
-            model.load_state_dict(state["best_state"])
-            m = classification_metrics(truth, predict_proba(model, tok, gen.eval, cfg.student.max_length), LABELS)
-            row = {"seed": seed, "macro_f1": m["macro_f1"], "auc": m["auc_ovr"], "accuracy": m["accuracy"],
-                   "steps": state["step"], "seconds": time.monotonic() - t0}
+                "max_reasoning_tokens": args.max_reasoning_tokens}
+            m = train_and_score(student, train, val, gen.eval)
+            row = {"seed": seed, **m}
             results[variant].append(row)
-            print(f"seed {seed} {variant:<10} macro-F1 {m['macro_f1']:.4f}  AUC {m['auc_ovr']:.4f}  "
-                  f"acc {m['accuracy']:.4f}  ({state['step']} steps, {row['seconds']:.0f}s)", flush=True)
+            print(f"seed {seed} {variant:<10} macro-F1 {m['macro_f1']:.4f}  AUC {m['auc']:.4f}  "
+                  f"acc {m['accuracy']:.4f}  ({m['steps']} steps, {row['seconds']:.0f}s)", flush=True)
 
     def mean_sd(v: str, k: str) -> str:
         xs = [r[k] for r in results[v]]

@@ -160,11 +160,10 @@ def _section_evaluation(storage: Storage, found: dict[str, dict[str, Any]]) -> s
             for name, r in models.items()
         ]
         out.append(f"<p>{_fmt(detail.get('eval_rows'))} held-out eval pairs, standard input only.</p>")
-        rows_from = ((found.get("student-crsd", {}).get("manifest") or {}).get("metrics") or {}).get("rows_from")
-        if rows_from:  # spec.student.trainOn: human labels, teacher annotations, or both
+        student = (found.get("student-crsd", {}).get("manifest") or {}).get("metrics") or {}
+        if rows_from := student.get("rows_from"):  # spec.student.trainOn: human labels, teacher annotations, or both
             names = {"annotations": "teacher annotations", "labels": "labeled pairs"}
             said = " and ".join(f"{_fmt(n)} {_e(names.get(src, src))}" for src, n in rows_from.items())
-            student = found["student-crsd"]["manifest"]["metrics"]
             if "rows_rationalized" in student:  # spec.annotation.mode: rationalize
                 said += (
                     f"; {_fmt(student['rows_rationalized'])} labeled pairs carried the annotating model's reasoning"

@@ -78,6 +78,11 @@ def _annotate_resources(s: DistillationRunSpec) -> Resources:
     return Resources(workers=a.replicas.max, cpus_per_worker=a.cpus_per_replica, gpus_per_worker=a.gpus_per_replica)
 
 
+def _llm_replicas(s: DistillationRunSpec) -> tuple[int, int]:
+    """The annotating LLM's pool (annotate, rationalize) scales between these."""
+    return s.annotation.replicas.min, s.annotation.replicas.max
+
+
 def _learns_from_annotations(s: DistillationRunSpec) -> bool:
     """Whether the student's rows (`data.training_rows`) include the annotate stage's (`spec.student.trainOn`)."""
     return annotates(s) and s.student.train_on != "labels"
@@ -147,7 +152,7 @@ STAGES: tuple[StageDef, ...] = (
         reads=("labels", "annotation"),
         inputs=_annotate_inputs,
         resources=_annotate_resources,
-        autoscale=lambda s: (s.annotation.replicas.min, s.annotation.replicas.max),
+        autoscale=_llm_replicas,
     ),
     StageDef(
         "rationalize",
@@ -155,7 +160,7 @@ STAGES: tuple[StageDef, ...] = (
         reads=("labels", "annotation"),
         inputs=_rationalize_inputs,
         resources=_annotate_resources,
-        autoscale=lambda s: (s.annotation.replicas.min, s.annotation.replicas.max),
+        autoscale=_llm_replicas,
     ),
     StageDef(
         "student-crsd",
