@@ -249,3 +249,16 @@ def test_rationalize_keeps_a_label_with_the_models_reasoning_only_where_the_mode
     m = annotate.totals([r], {"part-00000"}, 1.0, "scripted", "test")
     assert m["parse_rate"] == 1.0
     assert annotate.label_agreement_of(m) == {"answered": 3, "agreed": 2, "rate": round(2 / 3, 4)}
+
+
+def test_rationalize_without_labeled_pairs_fails_naming_the_field(tmp_path):
+    """A run whose data stage holds no labeled pairs has nothing to explain: refused before any engine starts."""
+    from kubedistill.core.stage import StageContext
+
+    root = Storage(str(tmp_path / "run"))
+    data.write_rows(root.child("data"), "logs/part-00000", [ROW], "jsonl")
+    root.write_json("data/_SUCCESS.json", {"digest": "d", "artifact": root.uri("data")})
+    ctx = StageContext({"run": "r", "stage": "rationalize", "inputs": ["data"], "spec": {}}, root)
+    with pytest.raises(ValueError, match=r"spec.annotation.mode: rationalize explains labeled pairs and the data "
+                                         r"stage has none: set spec.data.sftSeed"):
+        annotate.run_rationalize(ctx)

@@ -202,6 +202,12 @@ def test_teacher_sft_takes_another_llms_reasoning_for_labels_without_their_own(t
     rows = stages.sft_rows(StageContext(sft.config, root), LABELS)
     assert [(r["query"], r["reasoning"]) for r in rows] == [("sushi a", "The model's chain."),
                                                             ("sushi c", "A person's chain.")]
+    # nothing explained and no chain of its own: the stage says so, naming the field
+    data.write_rows(root.child("rationalize"), "labeled/part-00000", [], "jsonl")
+    data.write_rows(root.child("data"), "sft/part-00000", [a, b], "jsonl")
+    with pytest.raises(ValueError, match=r"spec.data.sftSeed: none of its 2 row\(s\) has reasoning, its own or from "
+                                         r"spec.annotation.model"):
+        stages.sft_rows(StageContext(sft.config, root), LABELS)
 
 
 def test_reward_dimensions_are_checked():
