@@ -64,6 +64,9 @@ def rationalize(pool: list[dict], teacher: str, batch: int) -> tuple[list[dict],
         "rows": len(pool),
         "explained": len(explained),
         "quarantined": reasons,
+        # the agreement filter by class: what the kept rows lose of each label
+        "pool_labels": data.label_counts(pool),
+        "explained_labels": data.label_counts(explained),
         "seconds": round(time.monotonic() - t0, 1),
         "example": explained[0]["reasoning"] if explained else None,
     }
@@ -115,7 +118,8 @@ def main() -> None:
     explained, stats = rationalize(pool, teacher, batch=64)
     print(
         f"teacher {teacher}: explained {stats['explained']}/{stats['rows']} pool rows in {stats['seconds']} s; "
-        f"quarantined {stats['quarantined']}; e.g. {stats['example']!r}",
+        f"quarantined {stats['quarantined']}; labels explained {stats['explained_labels']} of {stats['pool_labels']}; "
+        f"e.g. {stats['example']!r}",
         flush=True,
     )
     truth = [r["label"] for r in evalset]
