@@ -155,6 +155,7 @@ def _section_evaluation(storage: Storage, found: dict[str, dict[str, Any]]) -> s
                 r["accuracy"],
                 r["macro_f1"],
                 r["auc_ovr"] if r["auc_ovr"] is not None else "n/a",
+                r["ece"] if r.get("ece") is not None else "n/a",
                 r["n"],
             ]
             for name, r in models.items()
@@ -174,7 +175,10 @@ def _section_evaluation(storage: Storage, found: dict[str, dict[str, Any]]) -> s
                     )
                 )
             out.append(f"<p>The student and the baseline learned from {said} (<code>student.trainOn</code>).</p>")
-        out.append(_table(["model", "objective", "accuracy", "macro-F1", "AUC (one-vs-rest)", "pairs"], rows, raw=True))
+        out.append(
+            _table(["model", "objective", "accuracy", "macro-F1", "AUC (one-vs-rest)", "ECE", "pairs"], rows, raw=True)
+        )
+        out.append(_calibration(models))
     comparison = detail.get("comparison")
     if comparison:
         out.append(
@@ -200,6 +204,36 @@ def _section_evaluation(storage: Storage, found: dict[str, dict[str, Any]]) -> s
         ]
         out.append(_table(["objective", "macro-F1", "AUC", "accuracy", "s / step", "macro-F1 vs ce"], rows, raw=True))
     out.append(_image(_version(storage, m), "confusion.png", "confusion matrices"))
+    out.append(_image(_version(storage, m), "reliability.png", "reliability diagrams"))
+    return "".join(out)
+
+
+def _calibration(models: dict[str, Any]) -> str:
+    """What calibration did to the student (ECE, the offsets' effect on macro-F1), and every grade a model
+    never predicts although the eval set holds it (the symptom of imbalanced training data)."""
+    out = []
+    cal = models.get("student", {}).get("calibration")
+    if cal:
+        offsets = {k: v for k, v in cal["offsets"].items() if v}
+        said = (
+            f"decision offsets {', '.join(f'{_e(k)} {v:+g}' for k, v in offsets.items())} moved macro-F1 from "
+            f"{cal['macro_f1_argmax']:.4f} (argmax) to {models['student']['macro_f1']:.4f}"
+            if offsets
+            else "no decision offsets (labels are the argmax)"
+        )
+        out.append(
+            f"<p>Student calibration (<code>student.calibration</code>, fitted on the validation split): temperature "
+            f"{cal['temperature']:.3f} took the expected calibration error from {cal['ece_before']:.4f} to "
+            f"{models['student']['ece']:.4f}; {said}.</p>"
+        )
+    for name, r in models.items():
+        never = [lab for lab, c in r.get("per_class", {}).items() if c["support"] and not c["recall"]]
+        if never:
+            out.append(
+                f"<p class='bad'>{_e(name)} never predicts {', '.join(_e(x) for x in never)} although the eval set "
+                "holds it: with imbalanced grades, try <code>student.train.classWeights: balanced</code> and "
+                "<code>student.calibration.offsets: true</code>.</p>"
+            )
     return "".join(out)
 
 

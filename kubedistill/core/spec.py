@@ -455,6 +455,50 @@ class CrsdSpec(_Model):
     )
 
 
+class StudentTrainSpec(TrainSpec):
+    model_config = ConfigDict(
+        json_schema_extra=_cel(
+            (
+                "(has(self.classWeights) && self.classWeights == 'custom') == has(self.customClassWeights)",
+                "customClassWeights is set exactly when classWeights is custom",
+            )
+        )
+    )
+    class_weights: Literal["none", "balanced", "custom"] = Field(
+        default="none",
+        description="Weight of each grade in every objective's cross-entropy terms (both CRSD views) and in KD: none "
+        "(every pair counts the same), balanced (n / (grades x count of the grade) over the training rows, so a rare "
+        "grade counts as much as a common one), custom (spec.student.train.customClassWeights). The evaluate stage's "
+        "lexical baseline uses the same weights.",
+    )
+    custom_class_weights: dict[str, Annotated[float, Field(gt=0, le=1000, description="A label's weight.")]] | None = (
+        Field(
+            default=None,
+            max_length=5,
+            description="With classWeights custom: weight per label of spec.labels (labels not named weigh 1).",
+        )
+    )
+    sampling: Literal["shuffle", "balanced"] = Field(
+        default="shuffle",
+        description="How batches are drawn: shuffle (every row once per epoch) or balanced (rows drawn with "
+        "replacement, each grade equally often: an alternative to balanced class weights).",
+    )
+
+
+class CalibrationSpec(_Model):
+    temperature: bool = Field(
+        default=True,
+        description="Fit one softmax temperature on the validation split (least negative log-likelihood): the "
+        "served probabilities are calibrated by it; labels and ranking do not change.",
+    )
+    offsets: bool = Field(
+        default=False,
+        description="Fit per-grade decision offsets on the validation split to maximise its macro-F1: the served "
+        "label is argmax(log p + offset), so a rare grade is predicted where the plain argmax never would; the "
+        "probabilities stay calibrated. Stored in the exported model and applied by /score.",
+    )
+
+
 class StudentSpec(_Model):
     model_config = ConfigDict(
         json_schema_extra=_cel(
@@ -487,7 +531,10 @@ class StudentSpec(_Model):
         "evaluate beside the student (the report's CE-vs-CRSD table); never served.",
     )
     crsd: CrsdSpec = Field(default_factory=CrsdSpec)
-    train: TrainSpec = Field(default_factory=lambda: TrainSpec(epochs=3, learning_rate=5e-5, batch_size=32))
+    train: StudentTrainSpec = Field(
+        default_factory=lambda: StudentTrainSpec(epochs=3, learning_rate=5e-5, batch_size=32)
+    )
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     max_length: int = Field(default=128, ge=16, le=4096, description="Tokens of the standard (query, service) input.")
     max_reasoning_tokens: int = Field(default=64, ge=1, le=4096, description="Reasoning tokens kept in the CRSD view.")
     pooling: Literal["mean", "cls"] = Field(
@@ -813,6 +860,7 @@ def _semantic_problems(run: DistillationRun) -> list[Problem]:
                 "or train on labels",
             )
         )
+    out += _class_weight_problems(s)
     if s.pruning.enabled and not s.teacher.enabled:
         out.append(
             Problem("spec.pruning.enabled", "pruning prunes the teacher: enable spec.teacher or disable pruning")
@@ -838,6 +886,20 @@ def _semantic_problems(run: DistillationRun) -> list[Problem]:
         if rep.min > rep.max:
             out.append(Problem(f"{path}.min", f"min ({rep.min}) must be <= max ({rep.max})"))
     return out
+
+
+def _class_weight_problems(s: DistillationRunSpec) -> list[Problem]:
+    t, path = s.student.train, "spec.student.train.customClassWeights"
+    if t.class_weights != "custom":
+        if t.custom_class_weights is not None:
+            return [Problem(path, f"only with classWeights custom (it is {t.class_weights})")]
+        return []
+    if not t.custom_class_weights:
+        return [Problem(path, "required (a weight per label) when spec.student.train.classWeights is custom")]
+    unknown = sorted(set(t.custom_class_weights) - set(s.labels))
+    if unknown:
+        return [Problem(path, f"labels {unknown} are not in spec.labels {s.labels}")]
+    return []
 
 
 def parse_run(doc: Any, source: str = "<input>") -> DistillationRun:

@@ -32,9 +32,12 @@ import torch
 import torch.nn.functional as F
 
 
-def ce_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of logits (n, k) against integer labels (n,): L_sce / L_tce in the paper."""
-    return F.cross_entropy(logits, labels)
+def ce_loss(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy of logits (n, k) against integer labels (n,): L_sce / L_tce in the paper.
+
+    With class weights w (k,): sum_i w[y_i] * CE_i / sum_i w[y_i] (PyTorch's weighted mean), so a batch's
+    loss stays on the unweighted scale while a rare grade's examples count more."""
+    return F.cross_entropy(logits, labels, weight=weight)
 
 
 def align_loss(h: torch.Tensor, r: torch.Tensor, stop_gradient: bool = True) -> torch.Tensor:
@@ -57,10 +60,25 @@ def batch_contrastive_loss(
     return F.cross_entropy(sim, torch.arange(h.shape[0], device=h.device))
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Soft-target distillation: T^2 * KL(teacher || softmax(student / T)), batch mean."""
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_probs: torch.Tensor,
+    temperature: float = 1.0,
+    labels: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Soft-target distillation: T^2 * KL(teacher || softmax(student / T)), batch mean.
+
+    With class weights w and the rows' labels y: each row's KL weighted by w[y_i], divided by sum_i w[y_i]
+    (the same weighted mean as `ce_loss`)."""
     log_p = F.log_softmax(student_logits / temperature, dim=-1)
-    return F.kl_div(log_p, teacher_probs, reduction="batchmean") * temperature**2
+    if weight is None:
+        return F.kl_div(log_p, teacher_probs, reduction="batchmean") * temperature**2
+    if labels is None:
+        raise ValueError("kd_loss: class weights need the rows' labels")
+    per_row = F.kl_div(log_p, teacher_probs, reduction="none").sum(-1)
+    w = weight[labels]
+    return (w * per_row).sum() / w.sum() * temperature**2
 
 
 def crsd_loss(
@@ -73,11 +91,12 @@ def crsd_loss(
     contrast_weight: float,
     temperature: float,
     stop_gradient: bool = True,
+    weight: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The CRSD objective and its terms (for logging)."""
+    """The CRSD objective and its terms (for logging); class weights, if any, weigh both CE terms."""
     terms = {
-        "sce": ce_loss(logits_s, labels),
-        "tce": ce_loss(logits_t, labels),
+        "sce": ce_loss(logits_s, labels, weight),
+        "tce": ce_loss(logits_t, labels, weight),
         "align": align_loss(h, r, stop_gradient),
         "contrast": batch_contrastive_loss(h, r, temperature, stop_gradient),
     }

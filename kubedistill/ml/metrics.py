@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support, roc_auc_score
 
+from kubedistill.ml.calibration import decide, expected_calibration_error, reliability
 
-def classification_metrics(y_true: list[str], proba: np.ndarray, labels: list[str]) -> dict[str, Any]:
-    """Metrics from true labels and an (n, len(labels)) probability matrix (columns in `labels` order)."""
+
+def classification_metrics(
+    y_true: list[str], proba: np.ndarray, labels: list[str], offsets: Sequence[float] | None = None
+) -> dict[str, Any]:
+    """Metrics from true labels and an (n, len(labels)) probability matrix (columns in `labels` order).
+
+    The predicted label is the argmax, or argmax(log p + offsets) with decision offsets; AUC and the
+    top-label expected calibration error (`ece`, 10 bins, with its `reliability` bins) read the
+    probabilities alone."""
     if len(y_true) == 0:
         raise ValueError("no examples to score")
     idx = {lab: i for i, lab in enumerate(labels)}
@@ -17,7 +26,7 @@ def classification_metrics(y_true: list[str], proba: np.ndarray, labels: list[st
     if unknown:
         raise ValueError(f"labels {unknown} are not in spec.labels {labels}")
     y = np.array([idx[t] for t in y_true])
-    pred = proba.argmax(axis=1)
+    pred = decide(proba, offsets)
     k = list(range(len(labels)))
     p, r, f, support = precision_recall_fscore_support(y, pred, labels=k, zero_division=0)
     present = sorted(set(y.tolist()))
@@ -33,6 +42,8 @@ def classification_metrics(y_true: list[str], proba: np.ndarray, labels: list[st
         "accuracy": float(accuracy_score(y, pred)),
         "macro_f1": float(f1_score(y, pred, labels=k, average="macro", zero_division=0)),
         "auc_ovr": auc,
+        "ece": expected_calibration_error(proba, y),
+        "reliability": reliability(proba, y),
         "per_class": {
             lab: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(support[i])}
             for i, lab in enumerate(labels)

@@ -2,7 +2,12 @@
 
 - Scores come from `kubedistill.ml.metrics.classification_metrics` (the student's validation uses it too).
 - `LexicalBaseline`: BM25-style query/service features and a multinomial logistic regression. It is
-  the floor a distilled student must beat, and it stays in every report.
+  the floor a distilled student must beat, and it stays in every report. It is trained with the
+  student's class weighting (`spec.student.train.classWeights`; balanced sampling counts as balanced
+  weights) and, when the student fits decision offsets, fits its own on held-out queries of its
+  training rows, so the comparison stays fair.
+- Every model's probabilities are scored for calibration too (top-label ECE; the student before and
+  after its fitted temperature), drawn as reliability diagrams beside the confusion matrices.
 - `gate`: the run's promotion rule (`spec.evaluation.minMacroF1`).
 """
 
@@ -19,7 +24,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from kubedistill.core.spec import StudentSpec
 from kubedistill.core.stage import PROMOTED, StageContext, now
+from kubedistill.ml import calibration
 from kubedistill.ml.metrics import classification_metrics
 
 _TOKEN = re.compile(r"[a-z0-9$]+")
@@ -82,11 +89,15 @@ class LexicalBaseline:
         "query_len",
     )
 
-    def __init__(self, labels: list[str], seed: int = 0):
+    def __init__(self, labels: list[str], seed: int = 0, class_weight: dict[int, float] | None = None):
         self.labels = labels
         self.seed = seed
         self.bm25 = Bm25()
-        self.model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
+        #: decision offsets per label (`fit_offsets`), None for the plain argmax
+        self.offsets: list[float] | None = None
+        self.model = make_pipeline(
+            StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed, class_weight=class_weight)
+        )
 
     def features(self, rows: list[dict[str, Any]]) -> np.ndarray:
         out = []
@@ -127,6 +138,51 @@ class LexicalBaseline:
         got = self.model.predict_proba(self.features(rows))
         proba[:, self.model.classes_] = got  # classes absent from training keep probability 0
         return proba
+
+    def fit_offsets(self, held_out: list[dict[str, Any]]) -> LexicalBaseline:
+        """Decision offsets maximising macro-F1 on `held_out` (rows the model was not fitted on)."""
+        y = np.array([self.labels.index(r["label"]) for r in held_out])
+        self.offsets = calibration.fit_offsets(self.predict_proba(held_out), y).tolist()
+        return self
+
+
+def baseline_for(student: StudentSpec, labels: list[str], rows: list[dict[str, Any]]) -> LexicalBaseline:
+    """The lexical baseline trained the way the student is: its class weighting, and (when the student fits
+    decision offsets) offsets fitted on the same held-out queries the student validates on."""
+    from kubedistill.stages.data import split_by_query
+
+    t = student.train
+    mode = "balanced" if t.sampling == "balanced" and t.class_weights == "none" else t.class_weights
+    if not student.calibration.offsets:
+        return LexicalBaseline(labels, class_weight=_weights(mode, labels, rows, t.custom_class_weights)).fit(rows)
+    train, held_out = split_by_query(rows, student.validation_fraction, student.seed)
+    weights = _weights(mode, labels, train, t.custom_class_weights)
+    return LexicalBaseline(labels, class_weight=weights).fit(train).fit_offsets(held_out)
+
+
+def _weights(
+    mode: str, labels: list[str], rows: list[dict[str, Any]], custom: dict[str, float] | None
+) -> dict[int, float] | None:
+    w = calibration.class_weights(mode, labels, [r["label"] for r in rows], custom)
+    return None if w is None else {i: float(x) for i, x in enumerate(w)}
+
+
+def score_student(student: Any, rows: list[dict[str, Any]], truth: list[str], labels: list[str]) -> dict[str, Any]:
+    """A loaded student's eval metrics as served (its temperature and decision offsets applied), with what
+    calibration changed: ECE and macro-F1 of the raw argmax model beside them."""
+    raw = student.predict_proba(rows, calibrated=False)
+    served = calibration.apply_temperature(raw, student.temperature)
+    m = classification_metrics(truth, served, labels, student.offsets)
+    before = classification_metrics(truth, raw, labels)
+    m["objective"] = student.meta["objective"]
+    m["calibration"] = {
+        "temperature": student.temperature,
+        "offsets": dict(zip(labels, student.offsets or [0.0] * len(labels), strict=True)),
+        "ece_before": before["ece"],
+        "macro_f1_argmax": before["macro_f1"],
+        "reliability_before": calibration.reliability(raw, np.array([labels.index(t) for t in truth])),
+    }
+    return m
 
 
 def gate(candidate: str, metrics: dict[str, Any], min_macro_f1: float) -> dict[str, Any]:
@@ -207,6 +263,45 @@ def plot(results: dict[str, dict[str, Any]]) -> bytes:
     return buf.getvalue()
 
 
+def reliability_plot(results: dict[str, dict[str, Any]]) -> bytes:
+    """Top-label reliability diagrams (accuracy against confidence per bin) of every scored model; a student's
+    panel shows it before (uncalibrated) and after its fitted temperature. PNG bytes."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    fig, axes = plt.subplots(1, len(names), figsize=(3.8 * len(names), 3.6), squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
+        m = results[name]
+        curves = [("calibrated" if "calibration" in m else "model", m["reliability"], m["ece"])]
+        if "calibration" in m:
+            cal = m["calibration"]
+            curves.insert(0, ("uncalibrated", cal["reliability_before"], cal["ece_before"]))
+        ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+        for label, bins, ece in curves:
+            ax.plot(
+                [b["confidence"] for b in bins],
+                [b["accuracy"] for b in bins],
+                marker="o",
+                label=f"{label} ECE {ece:.3f}",
+            )
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("confidence (top label)")
+        ax.set_ylabel("accuracy")
+        ax.set_title(name, fontsize=10)
+        ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
 def run_stage(ctx: StageContext) -> dict[str, Any]:
     """Score every available model on the eval set; write metrics.json and confusion.png; apply the gate."""
     from kubedistill.stages.data import read_dataset, training_rows
@@ -218,9 +313,11 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
         raise ValueError("the data stage's eval set is empty")
     train_rows, source = training_rows(ctx)  # the rows the student learns from
     ctx.log(f"baseline: BM25 features + logistic regression on {len(train_rows)} rows of {source}")
-    baseline = LexicalBaseline(labels).fit(train_rows)
+    baseline = baseline_for(ctx.spec.student, labels, train_rows)
     truth = [r["label"] for r in eval_rows]
-    results = {"baseline": classification_metrics(truth, baseline.predict_proba(eval_rows), labels)}
+    results = {"baseline": classification_metrics(truth, baseline.predict_proba(eval_rows), labels, baseline.offsets)}
+    if baseline.offsets is not None:
+        results["baseline"]["offsets"] = dict(zip(labels, baseline.offsets, strict=True))
     if "student-crsd" in ctx.inputs:
         from kubedistill.stages.student import load_student
 
@@ -228,17 +325,15 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
         student = load_student(model_uri, ctx.storage.options)
         if student.labels != labels:
             raise ValueError(f"the student was trained on labels {student.labels}, spec.labels is {labels}")
-        results["student"] = classification_metrics(truth, student.predict_proba(eval_rows), labels)
-        results["student"]["objective"] = student.meta["objective"]
+        results["student"] = score_student(student, eval_rows, truth, labels)
         for objective in ctx.spec.student.compare_objectives:
             other = load_student(ctx.input("student-crsd").uri(f"compare/{objective}/model"), ctx.storage.options)
-            results[f"student_{objective}"] = {
-                **classification_metrics(truth, other.predict_proba(eval_rows), labels),
-                "objective": objective,
-            }
+            results[f"student_{objective}"] = score_student(other, eval_rows, truth, labels)
     for name, m in results.items():
         auc = "n/a" if m["auc_ovr"] is None else f"{m['auc_ovr']:.4f}"
-        ctx.log(f"{name}: accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  AUC {auc}  (n={m['n']})")
+        cal = m.get("calibration")
+        ece = f"ECE {m['ece']:.4f}" + ("" if cal is None else f" (uncalibrated {cal['ece_before']:.4f})")
+        ctx.log(f"{name}: accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  AUC {auc}  {ece}  (n={m['n']})")
     candidate = "student" if "student" in results else "baseline"
     verdict = gate(candidate, results[candidate], ctx.spec.evaluation.min_macro_f1)
     ctx.log(f"gate: {verdict['reason']}")
@@ -248,10 +343,15 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
         ctx.log("objectives: " + ", ".join(f"{c['objective']} macro-F1 {c['macro_f1']:.4f}" for c in table))
     ctx.out.write_json("metrics.json", report)
     ctx.out.write_bytes("confusion.png", plot(results))
+    ctx.out.write_bytes("reliability.png", reliability_plot(results))
     summary = {
         f"{n}_{k}": round(m[k], 4) for n, m in results.items() for k in ("accuracy", "macro_f1") if m[k] is not None
     }
-    outputs = {"metrics": ctx.out.uri("metrics.json"), "plot": ctx.out.uri("confusion.png")}
+    outputs = {
+        "metrics": ctx.out.uri("metrics.json"),
+        "plot": ctx.out.uri("confusion.png"),
+        "reliability": ctx.out.uri("reliability.png"),
+    }
     if candidate == "student":
         outputs["model"] = model_uri  # what serving deploys, by version, once the gate passed
         if verdict["passed"]:

@@ -15,7 +15,8 @@ s3:// prefix) and answers
     GET  /readyz   200 once a model is loaded, 503 before
 
 `score` is the expected relevance grade in [0, 1] (least relevant label = 0, most relevant = 1), the
-number a search ranker sorts by. A service's `text` is the same service text the student trained on
+number a search ranker sorts by. The probabilities carry the model's fitted temperature and `label` its
+decision offsets (`spec.student.calibration`, stored in student.json). A service's `text` is the same service text the student trained on
 (`kubedistill.stages.data.service_text`: title | category | district | price | offers tags | description).
 
 Concurrent requests are batched (`@serve.batch`, counted in pairs up to `maxBatchPairs`); with
@@ -43,6 +44,7 @@ from kubedistill.core.serve_app import APP_NAME, AppArgs, app_args
 from kubedistill.core.spec import field_path
 from kubedistill.core.stage import StageContext
 from kubedistill.core.storage import Storage
+from kubedistill.ml import calibration
 
 DEPLOYMENT = "StudentScorer"
 
@@ -224,22 +226,26 @@ async def answer(
     body = {
         "modelVersion": student.version,
         "labels": student.labels,
-        "results": score_results(probs, student.labels, [s.id for s in req.services]),
+        "results": score_results(probs, student.labels, [s.id for s in req.services], student.offsets),
     }
     return 200, body, {"X-Model-Version": student.version}
 
 
-def score_results(probs: np.ndarray, labels: list[str], ids: list[str]) -> list[dict[str, Any]]:
-    """Per service: the argmax label, every class probability and the expected grade in [0, 1]."""
+def score_results(
+    probs: np.ndarray, labels: list[str], ids: list[str], offsets: list[float] | None = None
+) -> list[dict[str, Any]]:
+    """Per service: the label (the argmax, or argmax(log p + offsets) with the model's decision offsets),
+    every class probability (calibrated by the model's temperature) and the expected grade in [0, 1]."""
     grades = np.linspace(0.0, 1.0, len(labels))
+    decided = calibration.decide(probs, offsets)
     return [
         {
             "id": i,
-            "label": labels[int(p.argmax())],
+            "label": labels[int(k)],
             "probabilities": {lab: round(float(x), 6) for lab, x in zip(labels, p, strict=True)},
             "score": round(float(p @ grades), 6),
         }
-        for i, p in zip(ids, probs, strict=True)
+        for i, p, k in zip(ids, probs, decided, strict=True)
     ]
 
 

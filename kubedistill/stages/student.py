@@ -27,10 +27,11 @@ from torch import nn
 from kubedistill.core.spec import StudentSpec
 from kubedistill.core.stage import StageContext
 from kubedistill.core.storage import S3Options, Storage
-from kubedistill.ml import losses, raytrain
+from kubedistill.ml import calibration, losses, raytrain
 from kubedistill.ml.metrics import classification_metrics
 from kubedistill.ml.models import resolve
 from kubedistill.stages.data import (
+    pair_id,
     read_dataset,
     row_sources,
     service_text,
@@ -145,6 +146,16 @@ class Encoded:
                 return_tensors="pt",
             )
         self.labels = torch.tensor([cfg.labels.index(r["label"]) for r in rows]) if "label" in rows[0] else None
+        train = cfg.student.train
+        weights = (
+            calibration.class_weights(
+                train.class_weights, cfg.labels, [r["label"] for r in rows], train.custom_class_weights
+            )
+            if self.labels is not None
+            else None
+        )
+        #: per-label loss weights (spec.student.train.classWeights), None for plain losses
+        self.class_weight = None if weights is None else torch.tensor(weights, dtype=torch.float32)
         self.soft = (
             torch.tensor([r["label_probs"] for r in rows], dtype=torch.float32)
             if cfg.student.objective == "kd" and "label_probs" in rows[0]
@@ -227,7 +238,7 @@ def _slice(batch: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch
 def loss_terms(model: nn.Module, enc: Encoded, idx: torch.Tensor, cfg: StudentConfig) -> dict[str, torch.Tensor]:
     """One step's loss (and its terms) for the configured objective."""
     assert enc.labels is not None
-    y = enc.labels[idx]
+    y, w = enc.labels[idx], enc.class_weight
     if cfg.student.objective == "crsd":
         assert enc.reasoning is not None
         h, logits_s, r, logits_t = model(
@@ -243,12 +254,13 @@ def loss_terms(model: nn.Module, enc: Encoded, idx: torch.Tensor, cfg: StudentCo
             cfg.student.crsd.contrast_weight,
             cfg.student.crsd.temperature,
             cfg.student.crsd.stop_gradient,
+            w,
         )
     _, logits_s, _, _ = model(_slice(enc.standard, idx))
-    terms = {"sce": losses.ce_loss(logits_s, y)}
+    terms = {"sce": losses.ce_loss(logits_s, y, w)}
     if cfg.student.objective == "kd":
         assert enc.soft is not None
-        terms["kd"] = losses.kd_loss(logits_s, enc.soft[idx], cfg.student.kd_temperature)
+        terms["kd"] = losses.kd_loss(logits_s, enc.soft[idx], cfg.student.kd_temperature, y, w)
         terms["loss"] = 0.5 * terms["sce"] + 0.5 * terms["kd"]
     else:
         terms["loss"] = terms["sce"]
@@ -257,11 +269,22 @@ def loss_terms(model: nn.Module, enc: Encoded, idx: torch.Tensor, cfg: StudentCo
 
 @torch.no_grad()
 def predict_proba(
-    model: RelevanceStudent, tokenizer: Any, rows: list[dict[str, Any]], max_length: int, batch_size: int = 64
+    model: RelevanceStudent,
+    tokenizer: Any,
+    rows: list[dict[str, Any]],
+    max_length: int,
+    batch_size: int = 64,
+    temperature: float = 1.0,
 ) -> np.ndarray:
     """Class probabilities from the standard input only (what serving sees)."""
     return predict_texts(
-        model, tokenizer, [r["query"] for r in rows], [service_text(r) for r in rows], max_length, batch_size
+        model,
+        tokenizer,
+        [r["query"] for r in rows],
+        [service_text(r) for r in rows],
+        max_length,
+        batch_size,
+        temperature,
     )
 
 
@@ -273,8 +296,10 @@ def predict_texts(
     services: list[str],
     max_length: int,
     batch_size: int = 64,
+    temperature: float = 1.0,
 ) -> np.ndarray:
-    """Class probabilities of (query, service text) pairs from the standard input: what serving calls."""
+    """Class probabilities softmax(logits / temperature) of (query, service text) pairs from the standard
+    input: what serving calls (with the exported model's fitted temperature)."""
     model.eval()
     out = []
     for i in range(0, len(queries), batch_size):
@@ -284,7 +309,7 @@ def predict_texts(
         )
         batch = {k: v.to(model.classifier.weight.device) for k, v in batch.items()}
         _, logits, _, _ = model(batch)
-        out.append(torch.softmax(logits.float(), dim=-1).cpu().numpy())
+        out.append(torch.softmax(logits.float() / temperature, dim=-1).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, model.classifier.out_features))
 
 
@@ -298,6 +323,20 @@ class Round:
 
     metrics: dict[str, Any]
     checkpoint: Callable[[], dict[str, Any]]
+
+
+def epoch_order(enc: Encoded, cfg: StudentConfig, epoch: int) -> torch.Tensor:
+    """The row order of one epoch, a function of (seed, epoch) alone, so a resumed run draws the same
+    batches. shuffle: a permutation. balanced: as many draws with replacement, each row with probability
+    1 / (grades present x its grade's count), so every grade comes up equally often."""
+    g = torch.Generator().manual_seed(cfg.student.seed * 1000 + epoch)
+    assert enc.labels is not None
+    n = len(enc.labels)
+    if cfg.student.train.sampling == "shuffle":
+        return torch.randperm(n, generator=g)
+    counts = torch.bincount(enc.labels, minlength=len(cfg.labels)).float()
+    p = 1.0 / counts[enc.labels]
+    return torch.multinomial(p / p.sum(), n, replacement=True, generator=g)
 
 
 def fit(
@@ -350,9 +389,7 @@ def fit(
     stopped, metrics = False, dict[str, Any]()
     while st["step"] < total_steps and not stopped:
         epoch, offset = divmod(st["step"], steps_per_epoch)
-        order = torch.randperm(
-            len(train_rows), generator=torch.Generator().manual_seed(cfg.student.seed * 1000 + epoch)
-        )
+        order = epoch_order(enc, cfg, epoch)
         trained.train()
         t0, sums, n = time.monotonic(), dict[str, float](), 0
         for b in range(offset, steps_per_epoch):
@@ -440,6 +477,42 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Calibration: fitted on the validation split, after training, stored with the model
+
+
+def rows_digest(rows: list[dict[str, Any]]) -> str:
+    """sha256 of the rows' sorted pair ids: which pairs a fit saw, recorded beside what it fitted."""
+    ids = sorted(str(r.get("pair_id") or pair_id(r["query"], str(r.get("service_id", "")))) for r in rows)
+    return hashlib.sha256("\n".join(ids).encode()).hexdigest()
+
+
+def calibrate(
+    cfg: StudentConfig, model: RelevanceStudent, tokenizer: Any, val_rows: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The temperature and decision offsets of `spec.student.calibration`, fitted on the validation split
+    (held-out queries of the training rows, never eval data), with what they did there: top-label ECE and
+    macro-F1 before and after, and the digest of the pairs they were fitted on."""
+    val_proba = predict_proba(model, tokenizer, val_rows, cfg.student.max_length)
+    val_labels = [r["label"] for r in val_rows]
+    y = np.array([cfg.labels.index(lab) for lab in val_labels])
+    spec = cfg.student.calibration
+    temperature = calibration.fit_temperature(val_proba, y) if spec.temperature else 1.0
+    proba = calibration.apply_temperature(val_proba, temperature)
+    offsets = calibration.fit_offsets(proba, y) if spec.offsets else np.zeros(len(cfg.labels))
+    return {
+        "fittedOn": "validation",
+        "rows": len(y),
+        "pairsDigest": rows_digest(val_rows),
+        "temperature": round(temperature, 6),
+        "offsets": {lab: float(b) for lab, b in zip(cfg.labels, offsets, strict=True)},
+        "valEceBefore": round(calibration.expected_calibration_error(val_proba, y), 6),
+        "valEceAfter": round(calibration.expected_calibration_error(proba, y), 6),
+        "valMacroF1Argmax": round(classification_metrics(val_labels, val_proba, cfg.labels)["macro_f1"], 6),
+        "valMacroF1": round(classification_metrics(val_labels, proba, cfg.labels, offsets.tolist())["macro_f1"], 6),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
 # The serving artifact
 
 
@@ -478,16 +551,35 @@ class LoadedStudent:
         return self.meta["labels"]
 
     @property
+    def temperature(self) -> float:
+        """The fitted softmax temperature (1 for a model exported without calibration)."""
+        return float(self.meta.get("calibration", {}).get("temperature", 1.0))
+
+    @property
+    def offsets(self) -> list[float] | None:
+        """The decision offsets per label, in `labels` order, or None (plain argmax)."""
+        fitted = self.meta.get("calibration", {}).get("offsets")
+        return [float(fitted.get(lab, 0.0)) for lab in self.labels] if fitted else None
+
+    def decide(self, proba: np.ndarray) -> np.ndarray:
+        """The predicted label indices: argmax(log p + offsets), what /score's `label` and evaluate use."""
+        return calibration.decide(proba, self.offsets)
+
+    @property
     def version(self) -> str:
         """What served responses call this model: `<objective>-<artifact version>` (of an artifact from before
         versions, its config hash; the digest of student.json if it has neither)."""
         return self.meta["version"]
 
-    def predict_proba(self, rows: list[dict[str, Any]], batch_size: int = 64) -> np.ndarray:
-        return predict_proba(self.model, self.tokenizer, rows, self.meta["maxLength"], batch_size)
+    def predict_proba(self, rows: list[dict[str, Any]], batch_size: int = 64, calibrated: bool = True) -> np.ndarray:
+        """Class probabilities, with the fitted temperature unless `calibrated` is False."""
+        t = self.temperature if calibrated else 1.0
+        return predict_proba(self.model, self.tokenizer, rows, self.meta["maxLength"], batch_size, t)
 
     def predict_texts(self, queries: list[str], services: list[str], batch_size: int = 64) -> np.ndarray:
-        return predict_texts(self.model, self.tokenizer, queries, services, self.meta["maxLength"], batch_size)
+        return predict_texts(
+            self.model, self.tokenizer, queries, services, self.meta["maxLength"], batch_size, self.temperature
+        )
 
 
 def load_student(uri: str, options: S3Options | None = None) -> LoadedStudent:
@@ -577,8 +669,11 @@ def _train_and_export(
     state = raytrain.load_state(result.checkpoint)
     model, tokenizer = build_model(cfg, ctx.storage.options)
     model.load_state_dict(state["best_state"])
+    cal = calibrate(cfg, model, tokenizer, read_dataset(ctx.out.child("splits/val")))
     metrics = raytrain.scalar_metrics(result)
-    metrics.update(objective=cfg.student.objective, parameters=sum(p.numel() for p in model.parameters()))
+    metrics.update(
+        objective=cfg.student.objective, parameters=sum(p.numel() for p in model.parameters()), calibration=cal
+    )
     uri = export(
         model,
         tokenizer,
@@ -590,10 +685,13 @@ def _train_and_export(
             "trainedOn": source,
             "configHash": ctx.config_hash,
             "version": ctx.version,
+            "calibration": cal,
         },
     )
     ctx.log(
         f"{cfg.student.objective}: exported the standard-input model to {uri} (best val macro-F1 {state['best_f1']:.4f} "
-        f"at step {state['best_step']})"
+        f"at step {state['best_step']}; temperature {cal['temperature']:.3f}, validation ECE {cal['valEceBefore']:.4f} -> "
+        f"{cal['valEceAfter']:.4f}, offsets {cal['offsets']}, validation macro-F1 {cal['valMacroF1Argmax']:.4f} -> "
+        f"{cal['valMacroF1']:.4f})"
     )
     return metrics, uri

@@ -21,7 +21,7 @@ GOOD = {"query": "vegan brunch in Old Town", "services": [
     {"id": "b", "text": "Iron Gym | fitness | Harbor | $ | offers weights"}]}
 
 
-def _artifact(encoder: str, out: str, config_hash: str, seed: int) -> str:
+def _artifact(encoder: str, out: str, config_hash: str, seed: int, calibration: dict | None = None) -> str:
     import torch
 
     from kubedistill.core.spec import StudentSpec
@@ -30,7 +30,8 @@ def _artifact(encoder: str, out: str, config_hash: str, seed: int) -> str:
     cfg = StudentConfig(StudentSpec(base_model=encoder, max_length=64), LABELS)
     torch.manual_seed(seed)
     model, tok = build_model(cfg)
-    return export(model, tok, cfg, Storage(out), {"configHash": config_hash})
+    extra = {"configHash": config_hash, **({"calibration": calibration} if calibration else {})}
+    return export(model, tok, cfg, Storage(out), extra)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,9 @@ def served(tiny_encoder, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("serving")
     v1 = _artifact(tiny_encoder, str(root / "v1"), "1111111111111111", seed=1)
-    v2 = _artifact(tiny_encoder, str(root / "v2"), "2222222222222222", seed=2)
+    # v2 carries a fitted temperature and decision offsets (an offset no probability can outweigh)
+    v2 = _artifact(tiny_encoder, str(root / "v2"), "2222222222222222", seed=2,
+                   calibration={"temperature": 2.5, "offsets": {"irrelevant": 0.0, "partial": 0.0, "relevant": 50.0}})
     port = free_port()
     with local_ray(num_cpus=4) as session:
         try:
@@ -176,6 +179,12 @@ def test_version_switch_under_load_drops_nothing(served):
     assert set(live.versions) == {"crsd-111111111111", "crsd-222222222222"}, live.versions
     status, body = serving.post_json(served["url"], GOOD)
     assert status == 200 and body["modelVersion"] == "crsd-222222222222"
+    # v2's stored calibration is what /score applies: its temperature in the probabilities, its offsets in the label
+    from kubedistill.stages.student import load_student
+
+    local = load_student(served["v2"]).predict_texts([GOOD["query"]] * 2, [s["text"] for s in GOOD["services"]])
+    assert [r["probabilities"]["relevant"] for r in body["results"]] == pytest.approx(local[:, 2].tolist(), abs=1e-4)
+    assert [r["label"] for r in body["results"]] == ["relevant", "relevant"]
     # and back: the switch reloads inside the running replica
     serving.deploy(serving.AppArgs(model=served["v1"], maxServices=8, maxTextChars=200), port=served["port"])
     _wait("v1 again", lambda: serving.post_json(served["url"], GOOD)[1].get("modelVersion") == "crsd-111111111111")

@@ -33,6 +33,8 @@ def test_student_trains_with_ddp_exports_and_is_evaluated_beside_a_ce_student(bu
     syn = {"services": 60, "queries": 40, "pairsPerQuery": 5, "sftSize": 20, "evalSize": 60, "seed": 1}
     doc = _doc(f"s3://{bucket}/runs", "stu", tiny_encoder, syn, {"epochs": 2})
     doc["spec"]["student"]["compareObjectives"] = ["ce"]
+    doc["spec"]["student"]["train"]["classWeights"] = "balanced"
+    doc["spec"]["student"]["calibration"] = {"offsets": True}
     run = spec.parse_run(doc)
     out = io.StringIO()
     status = runner.run_local(run, address=ray_address, out=out)
@@ -55,5 +57,19 @@ def test_student_trains_with_ddp_exports_and_is_evaluated_beside_a_ce_student(bu
     assert rows["crsd"]["served"] and not rows["ce"]["served"]
     assert rows["crsd"]["delta_macro_f1"] == round(rows["crsd"]["macro_f1"] - rows["ce"]["macro_f1"], 4)
     assert rows["ce"]["macro_f1"] == report["models"]["student_ce"]["macro_f1"]
+    # calibration: fitted on the validation split alone (its pairs' digest), stored with the model, scored on eval
+    from kubedistill.stages.data import read_dataset
+    from kubedistill.stages.student import rows_digest
+
+    meta = student.read_json("model/student.json")
+    val = read_dataset(student.child("splits/val"))
+    assert meta["calibration"]["fittedOn"] == "validation" and meta["calibration"]["rows"] == len(val)
+    assert meta["calibration"]["pairsDigest"] == rows_digest(val) and m["calibration"] == meta["calibration"]
+    assert meta["calibration"]["temperature"] > 0 and set(meta["calibration"]["offsets"]) == set(run.spec.labels)
+    served = report["models"]["student"]
+    assert served["calibration"]["temperature"] == meta["calibration"]["temperature"]
+    assert 0 <= served["ece"] <= 1 and 0 <= served["calibration"]["ece_before"] <= 1
+    assert report["models"]["baseline"]["offsets"]["irrelevant"] == 0.0  # the baseline fitted its own
+    assert artifact(st, "evaluate").read_bytes("reliability.png")[:4] == b"\x89PNG"
     page = st.read_text("report.html")
     assert "<h3>CE vs CRSD</h3>" in page and "crsd (the run's student)" in page

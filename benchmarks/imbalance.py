@@ -1,0 +1,215 @@
+"""Imbalanced grades: class weights, balanced sampling and decision offsets vs the plain student (issue 27).
+
+World: the synthetic log of the quickstart (300 services, 6 candidates per query), oracle labels, its
+train / validation / eval pools query-disjoint. Each pool is subsampled, without replacement, to a grade
+mix (`--mixes`): `relevant=70,partial=25,irrelevant=5` (the shape of a real product-search log, where
+irrelevant is the rare grade), `balanced` (equal parts) and `natural` (the generator's own mix, what the
+quickstart trains on). Validation and eval keep the training mix: a log's eval set has its skew.
+
+Arms, all with the quickstart's student settings (MiniLM-L6, mean pooling, CE, max length 64, batch 32,
+lr 2e-4) and `--epochs` (early stopping on validation macro-F1, patience 2), the same seed per arm:
+- plain: unweighted CE, argmax;
+- balanced: `classWeights: balanced`;
+- sampling: `sampling: balanced` (first mix only unless `--sampling-everywhere`).
+Each trained arm is scored twice on eval: its argmax, and with the temperature and decision offsets fitted
+on the validation split (`student.calibrate`: the stage's own code; eval never reaches the fit). The lexical
+baseline gets the same treatments (weights; offsets on validation). Nothing is tuned on eval.
+
+    .venv/bin/python benchmarks/imbalance.py [--seeds 0 1 2] [--mixes ...] [--json out.json]
+
+Prints macro-F1, every grade's recall and ECE (mean ± sd over seeds) per mix and arm, and the differences to
+plain argmax per seed; `--json` writes every number with the machine, commit and arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import statistics
+import subprocess
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from kubedistill.core.spec import StudentSpec
+from kubedistill.ml.calibration import apply_temperature
+from kubedistill.ml.metrics import classification_metrics
+from kubedistill.stages import data
+from kubedistill.stages.data import split_by_query
+from kubedistill.stages.evaluate import LexicalBaseline
+from kubedistill.stages.student import StudentConfig, build_model, calibrate, fit, predict_proba
+
+LABELS = ["irrelevant", "partial", "relevant"]
+
+
+def parse_mix(text: str, pool: list[dict]) -> dict[str, float]:
+    """`relevant=70,partial=25,irrelevant=5` (percentages), `balanced` or `natural` → label fractions."""
+    if text == "balanced":
+        return {lab: 1 / len(LABELS) for lab in LABELS}
+    if text == "natural":
+        return {lab: sum(r["label"] == lab for r in pool) / len(pool) for lab in LABELS}
+    parts = dict(p.split("=") for p in text.split(","))
+    if set(parts) != set(LABELS):
+        raise SystemExit(f"--mixes {text!r}: name every label of {LABELS}")
+    total = sum(float(v) for v in parts.values())
+    return {lab: float(parts[lab]) / total for lab in LABELS}
+
+
+def subsample(rows: list[dict], mix: dict[str, float], seed: int) -> list[dict]:
+    """The largest subset of `rows` with the grade fractions `mix` (rows drawn at random, order kept)."""
+    by = {lab: [i for i, r in enumerate(rows) if r["label"] == lab] for lab in LABELS}
+    n = min(len(by[lab]) / mix[lab] for lab in LABELS if mix[lab] > 0)
+    rng = random.Random(seed)
+    keep = set()
+    for lab in LABELS:
+        keep.update(rng.sample(by[lab], round(n * mix[lab])))
+    return [r for i, r in enumerate(rows) if i in keep]
+
+
+def scores(truth: list[str], proba: np.ndarray, offsets: list[float] | None = None) -> dict[str, Any]:
+    m = classification_metrics(truth, proba, LABELS, offsets)
+    return {
+        "macro_f1": m["macro_f1"],
+        "accuracy": m["accuracy"],
+        "ece": m["ece"],
+        "recall": {lab: m["per_class"][lab]["recall"] for lab in LABELS},
+        "f1": {lab: m["per_class"][lab]["f1"] for lab in LABELS},
+    }
+
+
+def student_arm(arm: str, args: argparse.Namespace, seed: int, train: list, val: list, evalset: list) -> dict:
+    spec = StudentSpec.model_validate(
+        {
+            "base_model": "sentence-transformers/all-MiniLM-L6-v2",
+            "objective": "ce",
+            "max_length": 64,
+            "seed": seed,
+            "patience": 2,
+            "train": {
+                "epochs": args.epochs,
+                "batch_size": 32,
+                "learning_rate": 2e-4,
+                "class_weights": "balanced" if arm == "balanced" else "none",
+                "sampling": "balanced" if arm == "sampling" else "shuffle",
+            },
+            "calibration": {"temperature": True, "offsets": True},
+        }
+    )
+    cfg = StudentConfig(spec, LABELS)
+    model, tok = build_model(cfg)
+    t0 = time.monotonic()
+    state = fit(cfg, model, tok, train, val)
+    model.load_state_dict(state["best_state"])
+    cal = calibrate(cfg, model, tok, val)
+    raw = predict_proba(model, tok, evalset, cfg.student.max_length)
+    truth = [r["label"] for r in evalset]
+    offsets = [cal["offsets"][lab] for lab in LABELS]
+    return {
+        "argmax": scores(truth, raw),
+        "calibrated": scores(truth, apply_temperature(raw, cal["temperature"]), offsets),
+        "temperature": cal["temperature"],
+        "offsets": cal["offsets"],
+        "steps": state["step"],
+        "seconds": round(time.monotonic() - t0, 1),
+    }
+
+
+def baseline_arm(arm: str, train: list, val: list, evalset: list) -> dict:
+    weights = None
+    if arm == "balanced":
+        from kubedistill.ml.calibration import class_weights
+
+        w = class_weights("balanced", LABELS, [r["label"] for r in train])
+        weights = {i: float(x) for i, x in enumerate(w)}
+    base = LexicalBaseline(LABELS, class_weight=weights).fit(train).fit_offsets(val)
+    truth = [r["label"] for r in evalset]
+    proba = base.predict_proba(evalset)
+    return {"argmax": scores(truth, proba), "calibrated": scores(truth, proba, base.offsets), "offsets": base.offsets}
+
+
+def machine() -> dict[str, Any]:
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    import ray
+    import transformers
+
+    return {
+        "cpu": cpu,
+        "cores": len(__import__("os").sched_getaffinity(0)),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "ray": ray.__version__,
+        "commit": commit,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def mean_sd(xs: list[float]) -> str:
+    return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.3f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--mixes", nargs="+", default=["relevant=70,partial=25,irrelevant=5", "natural", "balanced"])
+    ap.add_argument("--epochs", type=float, default=2.0)
+    ap.add_argument("--queries", type=int, default=800, help="log queries (6 pairs each) before subsampling")
+    ap.add_argument("--eval-pairs", type=int, default=3000, help="eval pairs before subsampling")
+    ap.add_argument("--sampling-everywhere", action="store_true", help="the balanced-sampling arm on every mix")
+    ap.add_argument("--json", help="write every number here")
+    args = ap.parse_args()
+
+    gen = data.generate(LABELS, 300, args.queries, 6, 1, args.eval_pairs, seed=0)
+    train_pool, val_pool = split_by_query(gen.labeled, 0.15, seed=0)
+    record: dict[str, Any] = {"machine": machine(), "arguments": vars(args), "mixes": {}}
+    print(f"machine: {record['machine']}")
+    for mix_i, mix_text in enumerate(args.mixes):
+        mix = parse_mix(mix_text, gen.labeled)
+        train, val, evalset = (subsample(p, mix, 10 + k) for k, p in enumerate((train_pool, val_pool, gen.eval)))
+        counts = {name: {lab: sum(r["label"] == lab for r in rows) for lab in LABELS}
+                  for name, rows in (("train", train), ("val", val), ("eval", evalset))}
+        print(f"\n== mix {mix_text}: {counts}", flush=True)
+        arms = ["plain", "balanced"] + (["sampling"] if mix_i == 0 or args.sampling_everywhere else [])
+        res: dict[str, Any] = {"counts": counts, "baseline": {}, "student": {a: [] for a in arms}}
+        for arm in ("plain", "balanced"):
+            res["baseline"][arm] = baseline_arm(arm, train, val, evalset)
+        for seed in args.seeds:
+            for arm in arms:
+                r = student_arm(arm, args, seed, train, val, evalset)
+                res["student"][arm].append({"seed": seed, **r})
+                print(f"seed {seed} {arm:<9} argmax macro-F1 {r['argmax']['macro_f1']:.4f} "
+                      f"(recall {r['argmax']['recall']})  +offsets {r['calibrated']['macro_f1']:.4f} "
+                      f"(recall {r['calibrated']['recall']})  ECE {r['argmax']['ece']:.3f} -> "
+                      f"{r['calibrated']['ece']:.3f}  T {r['temperature']:.2f}  {r['steps']} steps {r['seconds']:.0f}s",
+                      flush=True)
+        record["mixes"][mix_text] = res
+        rare = min(LABELS, key=lambda lab: mix[lab])
+        print(f"\nmix {mix_text} (rare grade: {rare})")
+        print(f"{'arm':<22}{'macro-F1':<16}{'rare recall':<16}{'ECE':<16}{'Δ macro-F1 vs plain argmax (per seed)'}")
+        plain = [r["argmax"]["macro_f1"] for r in res["student"]["plain"]]
+        for arm in arms:
+            for how in ("argmax", "calibrated"):
+                rows = res["student"][arm]
+                f1 = [r[how]["macro_f1"] for r in rows]
+                delta = ", ".join(f"{a - b:+.3f}" for a, b in zip(f1, plain, strict=True))
+                name = f"{arm} {'+ offsets' if how == 'calibrated' else 'argmax'}"
+                print(f"{name:<22}{mean_sd(f1):<16}{mean_sd([r[how]['recall'][rare] for r in rows]):<16}"
+                      f"{mean_sd([r[how]['ece'] for r in rows]):<16}{delta}")
+        for arm, b in res["baseline"].items():
+            for how in ("argmax", "calibrated"):
+                name = f"lexical {arm} {'+ offsets' if how == 'calibrated' else 'argmax'}"
+                print(f"{name:<30}macro-F1 {b[how]['macro_f1']:.3f}  rare recall {b[how]['recall'][rare]:.3f}  "
+                      f"ECE {b[how]['ece']:.3f}")
+        if args.json:  # after every mix: a long run that stops keeps what it measured
+            with open(args.json, "w") as f:
+                json.dump(record, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
