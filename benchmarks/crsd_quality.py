@@ -58,7 +58,7 @@ def rewrite_reasoning(rows: list[dict], mode: str, seed: int = 0) -> list[dict]:
     if mode == "noverdict":
         return [{**r, "reasoning": _VERDICTS.sub("", r["reasoning"])} for r in rows]
     if mode == "evidence":
-        return [{**r, "reasoning": ". ".join(r["reasoning"].split_by_query(". ")[:2]) + "."} for r in rows]
+        return [{**r, "reasoning": ". ".join(r["reasoning"].split(". ")[:2]) + "."} for r in rows]
     raise ValueError(f"--reasoning: expected full, noverdict, evidence or shuffled, got {mode!r}")
 
 

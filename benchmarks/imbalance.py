@@ -10,7 +10,8 @@ Arms, all with the quickstart's student settings (MiniLM-L6, mean pooling, CE, m
 lr 2e-4) and `--epochs` (early stopping on validation macro-F1, patience 2), the same seed per arm:
 - plain: unweighted CE, argmax;
 - balanced: `classWeights: balanced`;
-- sampling: `sampling: balanced` (first mix only unless `--sampling-everywhere`).
+- sampling: `sampling: balanced`.
+(`--arms` picks among them; every mix runs the same arms.)
 Each trained arm is scored twice on eval: its argmax, and with the temperature and decision offsets fitted
 on the validation split (`student.calibrate`: the stage's own code; eval never reaches the fit). The lexical
 baseline gets the same treatments (weights; offsets on validation). Nothing is tuned on eval.
@@ -161,7 +162,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=float, default=2.0)
     ap.add_argument("--queries", type=int, default=800, help="log queries (6 pairs each) before subsampling")
     ap.add_argument("--eval-pairs", type=int, default=3000, help="eval pairs before subsampling")
-    ap.add_argument("--sampling-everywhere", action="store_true", help="the balanced-sampling arm on every mix")
+    ap.add_argument("--arms", nargs="+", default=["plain", "balanced", "sampling"],
+                    choices=["plain", "balanced", "sampling"], help="plain is the reference; keep it")
     ap.add_argument("--json", help="write every number here")
     args = ap.parse_args()
 
@@ -169,13 +171,13 @@ def main() -> None:
     train_pool, val_pool = split_by_query(gen.labeled, 0.15, seed=0)
     record: dict[str, Any] = {"machine": machine(), "arguments": vars(args), "mixes": {}}
     print(f"machine: {record['machine']}")
-    for mix_i, mix_text in enumerate(args.mixes):
+    for mix_text in args.mixes:
         mix = parse_mix(mix_text, gen.labeled)
         train, val, evalset = (subsample(p, mix, 10 + k) for k, p in enumerate((train_pool, val_pool, gen.eval)))
         counts = {name: {lab: sum(r["label"] == lab for r in rows) for lab in LABELS}
                   for name, rows in (("train", train), ("val", val), ("eval", evalset))}
         print(f"\n== mix {mix_text}: {counts}", flush=True)
-        arms = ["plain", "balanced"] + (["sampling"] if mix_i == 0 or args.sampling_everywhere else [])
+        arms = args.arms
         res: dict[str, Any] = {"counts": counts, "baseline": {}, "student": {a: [] for a in arms}}
         for arm in ("plain", "balanced"):
             res["baseline"][arm] = baseline_arm(arm, train, val, evalset)

@@ -172,7 +172,19 @@ STAGES: tuple[StageDef, ...] = (
     StageDef(
         "evaluate",
         "kubedistill.stages.evaluate:run_stage",
-        reads=("labels", "evaluation", "student.compareObjectives", "student.trainOn"),
+        reads=(
+            "labels",
+            "evaluation",
+            "student.compareObjectives",
+            "student.trainOn",
+            # the baseline is weighted and offset like the student (kubedistill.stages.evaluate.baseline_for)
+            "student.train.classWeights",
+            "student.train.customClassWeights",
+            "student.train.sampling",
+            "student.calibration.offsets",
+            "student.validationFraction",
+            "student.seed",
+        ),
         inputs=_evaluate_inputs,
     ),
     StageDef(

@@ -208,3 +208,16 @@ def test_spec_errors_name_the_class_weight_fields():
     ok = spec.parse_run(minimal_doc(student={"train": {"classWeights": "custom",
                                                        "customClassWeights": {"partial": 2}}}))
     assert ok.spec.student.train.custom_class_weights == {"partial": 2.0}
+
+
+def test_the_evaluate_stage_config_carries_what_the_baseline_reads():
+    from kubedistill.core import pipeline
+
+    run = spec.parse_run(minimal_doc(student={"train": {"classWeights": "custom",
+                                                        "customClassWeights": {"relevant": 3.0}},
+                                              "calibration": {"offsets": True}}))
+    stage = next(s for s in pipeline.build(run) if s.name == "evaluate")
+    sliced = spec.spec_slice(stage.config["spec"], "evaluate")  # what the stage job reads: nothing else
+    gen = data.generate(LABELS, 100, 100, 6, 1, 50, seed=0)
+    base = evaluate.baseline_for(sliced.student, sliced.labels, gen.labeled)
+    assert base.offsets is not None and base.model[-1].class_weight == {0: 1.0, 1: 1.0, 2: 3.0}

@@ -102,3 +102,23 @@ def test_comparison_differences_are_to_the_ce_student():
 def test_flatten_nested_metrics():
     assert report.flatten({"a": {"b": 1, "c": {"d": 0.5}}, "e": [1, 2], "f": "x"}) == [
         ("a.b", 1), ("a.c.d", 0.5), ("e", "1, 2"), ("f", "x")]
+
+
+def test_the_report_says_what_calibration_did_and_names_a_grade_never_predicted():
+    import numpy as np
+
+    from kubedistill import report
+    from kubedistill.ml.metrics import classification_metrics
+
+    labels = ["irrelevant", "partial", "relevant"]
+    truth = ["irrelevant", "partial", "relevant", "relevant"]
+    never_irrelevant = classification_metrics(truth, np.array([[0.2, 0.5, 0.3], [0.1, 0.8, 0.1],
+                                                                [0.1, 0.2, 0.7], [0.3, 0.3, 0.4]]), labels)
+    student = {**classification_metrics(truth, np.eye(3)[[0, 1, 2, 2]] * 0.9 + 0.1 / 3, labels, [0.0, 0.5, 0.0]),
+               "calibration": {"temperature": 1.5, "offsets": {"irrelevant": 0.0, "partial": 0.5, "relevant": 0.0},
+                               "ece_before": 0.21, "macro_f1_argmax": 0.61}}
+    html = report._calibration({"baseline": never_irrelevant, "student": student})
+    assert "temperature 1.500 took the expected calibration error from 0.2100 to" in html
+    assert "decision offsets partial +0.5 moved macro-F1 from 0.6100 (argmax) to 1.0000" in html
+    assert "baseline never predicts irrelevant although the eval set holds it" in html
+    assert "student never predicts" not in html
