@@ -134,6 +134,16 @@ def _section_stages(status: dict[str, Any] | None, found: dict[str, dict[str, An
     return "<h2>Stages</h2>" + _table(["stage", "phase", "seconds", "finished", "note"], rows, raw=True)
 
 
+def _baseline_name(name: str, models: dict[str, Any]) -> str:
+    if name == "baseline_unweighted":
+        return "the same, unweighted"
+    if name != "baseline":
+        return ""
+    return "lexical BM25 + logistic regression" + (
+        " (weighted like the student)" if "baseline_unweighted" in models else ""
+    )
+
+
 def _section_evaluation(storage: Storage, found: dict[str, dict[str, Any]]) -> str:
     m = found.get("evaluate", {}).get("manifest")
     if not m:
@@ -151,7 +161,7 @@ def _section_evaluation(storage: Storage, found: dict[str, dict[str, Any]]) -> s
         rows = [
             [
                 _e(name),
-                _e(r.get("objective", "lexical BM25 + logistic regression" if name == "baseline" else "")),
+                _e(r.get("objective", _baseline_name(name, models))),
                 r["accuracy"],
                 r["macro_f1"],
                 r["auc_ovr"] if r["auc_ovr"] is not None else "n/a",

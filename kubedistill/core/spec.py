@@ -479,9 +479,11 @@ class StudentTrainSpec(TrainSpec):
         )
     )
     sampling: Literal["shuffle", "balanced"] = Field(
-        default="shuffle",
-        description="How batches are drawn: shuffle (every row once per epoch) or balanced (rows drawn with "
-        "replacement, each grade equally often: an alternative to balanced class weights).",
+        default="balanced",
+        description="How batches are drawn: balanced (rows drawn with replacement, each grade equally often) or "
+        "shuffle (every row once per epoch). balanced is the default by measurement: on a 70/25/5 grade mix it "
+        "raised the student's macro-F1 by 20 points (rare-grade recall 0.04 -> 0.52) and cost nothing measurable "
+        "on the quickstart's mix or a balanced one (benchmarks/RESULTS.md, benchmarks/imbalance.py).",
     )
 
 

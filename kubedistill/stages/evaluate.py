@@ -95,6 +95,8 @@ class LexicalBaseline:
         self.bm25 = Bm25()
         #: decision offsets per label (`fit_offsets`), None for the plain argmax
         self.offsets: list[float] | None = None
+        #: whether the logistic regression weighs the grades (spec.student.train.classWeights / sampling)
+        self.weighted = class_weight is not None
         self.model = make_pipeline(
             StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed, class_weight=class_weight)
         )
@@ -318,6 +320,9 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
     results = {"baseline": classification_metrics(truth, baseline.predict_proba(eval_rows), labels, baseline.offsets)}
     if baseline.offsets is not None:
         results["baseline"]["offsets"] = dict(zip(labels, baseline.offsets, strict=True))
+    if baseline.weighted:  # the plain baseline too: weighting can cost it points, and a gain over it must be seen
+        plain = LexicalBaseline(labels).fit(train_rows)
+        results["baseline_unweighted"] = classification_metrics(truth, plain.predict_proba(eval_rows), labels)
     if "student-crsd" in ctx.inputs:
         from kubedistill.stages.student import load_student
 

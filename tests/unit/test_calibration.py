@@ -143,7 +143,7 @@ def test_balanced_sampling_draws_every_grade_about_equally_and_is_a_function_of_
     share = torch.bincount(draws, minlength=3).float() / len(draws)
     assert share[0] == pytest.approx(0.5, abs=0.05) and share[2] == pytest.approx(0.5, abs=0.05)
     assert torch.equal(epoch_order(enc, cfg, 3), epoch_order(enc, cfg, 3))  # resume draws the same batches
-    shuffle = _cfg(tiny_encoder)
+    shuffle = _cfg(tiny_encoder, train={"sampling": "shuffle"})
     assert sorted(epoch_order(enc, shuffle, 0).tolist()) == list(range(len(skewed)))
 
 
@@ -186,8 +186,8 @@ def test_the_baseline_is_weighted_like_the_student_and_fits_offsets_on_its_held_
     assert {r["pair_id"] for r in seen[0]}.isdisjoint({r["pair_id"] for r in gen.eval})
     assert base.offsets is not None and base.offsets[0] == 0.0
     assert base.model[-1].class_weight is not None and len(set(base.model[-1].class_weight.values())) == 3
-    plain = evaluate.baseline_for(StudentSpec(), LABELS, gen.labeled)
-    assert plain.offsets is None and plain.model[-1].class_weight is None
+    plain = evaluate.baseline_for(StudentSpec.model_validate({"train": {"sampling": "shuffle"}}), LABELS, gen.labeled)
+    assert plain.offsets is None and plain.model[-1].class_weight is None and not plain.weighted and base.weighted
     sampled = evaluate.baseline_for(StudentSpec.model_validate({"train": {"sampling": "balanced"}}), LABELS, gen.labeled)
     assert sampled.model[-1].class_weight is not None  # balanced sampling: balanced weights for the baseline
 
