@@ -155,18 +155,11 @@ def baseline_for(student: StudentSpec, labels: list[str], rows: list[dict[str, A
 
     t = student.train
     mode = "balanced" if t.sampling == "balanced" and t.class_weights == "none" else t.class_weights
-    if not student.calibration.offsets:
-        return LexicalBaseline(labels, class_weight=_weights(mode, labels, rows, t.custom_class_weights)).fit(rows)
-    train, held_out = split_by_query(rows, student.validation_fraction, student.seed)
-    weights = _weights(mode, labels, train, t.custom_class_weights)
-    return LexicalBaseline(labels, class_weight=weights).fit(train).fit_offsets(held_out)
-
-
-def _weights(
-    mode: str, labels: list[str], rows: list[dict[str, Any]], custom: dict[str, float] | None
-) -> dict[int, float] | None:
-    w = calibration.class_weights(mode, labels, [r["label"] for r in rows], custom)
-    return None if w is None else {i: float(x) for i, x in enumerate(w)}
+    offsets = student.calibration.offsets
+    train, held_out = split_by_query(rows, student.validation_fraction, student.seed) if offsets else (rows, [])
+    w = calibration.class_weights(mode, labels, [r["label"] for r in train], t.custom_class_weights)
+    baseline = LexicalBaseline(labels, class_weight=None if w is None else dict(enumerate(w.tolist()))).fit(train)
+    return baseline.fit_offsets(held_out) if offsets else baseline
 
 
 def score_student(student: Any, rows: list[dict[str, Any]], truth: list[str], labels: list[str]) -> dict[str, Any]:
@@ -182,7 +175,7 @@ def score_student(student: Any, rows: list[dict[str, Any]], truth: list[str], la
         "offsets": dict(zip(labels, student.offsets or [0.0] * len(labels), strict=True)),
         "ece_before": before["ece"],
         "macro_f1_argmax": before["macro_f1"],
-        "reliability_before": calibration.reliability(raw, np.array([labels.index(t) for t in truth])),
+        "reliability_before": before["reliability"],
     }
     return m
 
@@ -221,14 +214,28 @@ def comparison(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
-def plot(results: dict[str, dict[str, Any]]) -> bytes:
-    """Confusion matrices and per-class F1 of every scored model, as PNG bytes."""
-    import io
-
+def _pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig: Any) -> bytes:
+    import io
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    _pyplot().close(fig)
+    return buf.getvalue()
+
+
+def plot(results: dict[str, dict[str, Any]]) -> bytes:
+    """Confusion matrices and per-class F1 of every scored model, as PNG bytes."""
+    plt = _pyplot()
 
     names = list(results)
     fig, axes = plt.subplots(1, len(names) + 1, figsize=(4.2 * (len(names) + 1), 3.8))
@@ -258,25 +265,14 @@ def plot(results: dict[str, dict[str, Any]]) -> bytes:
     ax.set_ylim(0, 1)
     ax.set_title("per-class F1", fontsize=10)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
+    return _png(fig)
 
 
 def reliability_plot(results: dict[str, dict[str, Any]]) -> bytes:
     """Top-label reliability diagrams (accuracy against confidence per bin) of every scored model; a student's
     panel shows it before (uncalibrated) and after its fitted temperature. PNG bytes."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = list(results)
-    fig, axes = plt.subplots(1, len(names), figsize=(3.8 * len(names), 3.6), squeeze=False)
+    fig, axes = _pyplot().subplots(1, len(names), figsize=(3.8 * len(names), 3.6), squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
         m = results[name]
         curves = [("calibrated" if "calibration" in m else "model", m["reliability"], m["ece"])]
@@ -297,11 +293,7 @@ def reliability_plot(results: dict[str, dict[str, Any]]) -> bytes:
         ax.set_ylabel("accuracy")
         ax.set_title(name, fontsize=10)
         ax.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
+    return _png(fig)
 
 
 def run_stage(ctx: StageContext) -> dict[str, Any]:
