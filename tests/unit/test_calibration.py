@@ -221,3 +221,13 @@ def test_the_evaluate_stage_config_carries_what_the_baseline_reads():
     gen = data.generate(LABELS, 100, 100, 6, 1, 50, seed=0)
     base = evaluate.baseline_for(sliced.student, sliced.labels, gen.labeled)
     assert base.offsets is not None and base.model[-1].class_weight == {0: 1.0, 1: 1.0, 2: 3.0}
+
+
+def test_fits_without_held_out_examples_are_refused_by_name():
+    empty = np.zeros((0, 3))
+    with pytest.raises(ValueError, match="temperature scaling needs held-out examples"):
+        calibration.fit_temperature(empty, np.array([], dtype=int))
+    with pytest.raises(ValueError, match="decision offsets need held-out examples"):
+        calibration.fit_offsets(empty, np.array([], dtype=int))
+    with pytest.raises(ValueError, match="no training labels to count"):
+        calibration.class_weights("balanced", LABELS, [])
