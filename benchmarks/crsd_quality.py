@@ -6,6 +6,11 @@ standard input only. Prints macro-F1 and AUC per seed, their means and the CRSD 
 
     .venv/bin/python benchmarks/crsd_quality.py [--seeds 0 1 2] [--epochs 2] [--variants ce crsd crsd-full]
 
+Every knob that has changed this result is an option (pooling, sampling and class weights included), and
+every variant and seed runs in one invocation: the record (`benchmarks/records/crsd_quality[-TAG].json`)
+holds the complete `StudentSpec` of each variant, so a rerun with the record's arguments measures the same
+models. Defaults are the spec's own (pooling, sampling), except those the quickstart-sized run fixes here.
+
 Variants (kd needs the teacher's label distribution, which the synthetic oracle does not give): ce;
 crsd (the spec's defaults: forward-only reasoning view, teacherGrad false); crsd-full (teacherGrad
 true: the reasoning view's CE trains the encoder too); crsd-nosg (crsd-full without stop-gradient
@@ -21,7 +26,6 @@ a control in which the reasoning carries no information about this pair).
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import re
 import statistics
@@ -29,7 +33,8 @@ import time
 
 import torch
 
-from kubedistill.core.spec import StudentSpec
+from kubedistill import benchrecord
+from kubedistill.core.spec import StudentSpec, StudentTrainSpec
 from kubedistill.stages import data
 from kubedistill.stages.data import split_by_query
 from kubedistill.stages.evaluate import LexicalBaseline, classification_metrics
@@ -91,7 +96,10 @@ def main() -> None:
     ap.add_argument("--contrast-weight", type=float, default=1.0)
     ap.add_argument("--queries", type=int, default=400)
     ap.add_argument("--reasoning", default="full", choices=["full", "noverdict", "evidence", "shuffled"])
-    ap.add_argument("--json", help="write the results here too")
+    ap.add_argument("--pooling", choices=["mean", "cls"], default=StudentSpec().pooling)
+    ap.add_argument("--sampling", choices=["balanced", "shuffle"], default=StudentTrainSpec().sampling)
+    ap.add_argument("--class-weights", choices=["none", "balanced"], default=StudentTrainSpec().class_weights)
+    ap.add_argument("--tag", default="", help="record name suffix (benchmarks/records/crsd_quality-TAG.json)")
     args = ap.parse_args()
 
     gen = data.generate(LABELS, 300, args.queries, 6, 1, 400, seed=0)
@@ -111,34 +119,61 @@ def main() -> None:
                     "contrast_weight": args.contrast_weight, **v.get("crsd", {})}
             student = {
                 "base_model": "sentence-transformers/all-MiniLM-L6-v2", "objective": v["objective"], "crsd": crsd,
-                "train": {"epochs": args.epochs, "batch_size": args.batch, "learning_rate": args.lr},
-                "seed": seed, "patience": 2, "max_length": args.max_length,
+                "train": {"epochs": args.epochs, "batch_size": args.batch, "learning_rate": args.lr,
+                          "sampling": args.sampling, "class_weights": args.class_weights},
+                "seed": seed, "patience": 2, "max_length": args.max_length, "pooling": args.pooling,
                 "max_reasoning_tokens": args.max_reasoning_tokens}
             m = train_and_score(student, train, val, gen.eval)
-            row = {"seed": seed, **m}
+            row = {"seed": seed, **m, "student": StudentSpec.model_validate(student).model_dump(mode="json")}
             results[variant].append(row)
             print(f"seed {seed} {variant:<10} macro-F1 {m['macro_f1']:.4f}  AUC {m['auc']:.4f}  "
                   f"acc {m['accuracy']:.4f}  ({m['steps']} steps, {row['seconds']:.0f}s)", flush=True)
 
     def mean_sd(v: str, k: str) -> str:
         xs = [r[k] for r in results[v]]
-        sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
-        return f"{statistics.mean(xs):.4f} ± {sd:.4f}"
+        return f"{statistics.mean(xs):.4f} ± {sd(xs):.4f}"
 
     print("\nvariant     macro-F1 (mean ± sd)   AUC (mean ± sd)")
     for v in args.variants:
         print(f"{v:<10}  {mean_sd(v, 'macro_f1'):<21}  {mean_sd(v, 'auc')}")
+    diffs: dict[str, dict] = {}
     if "ce" in results:
         for v in args.variants:
             if v == "ce":
                 continue
             d_f1 = [a["macro_f1"] - b["macro_f1"] for a, b in zip(results[v], results["ce"])]
             d_auc = [a["auc"] - b["auc"] for a, b in zip(results[v], results["ce"])]
+            diffs[v] = {"macro_f1": d_f1, "auc": d_auc}
             print(f"{v} - ce: macro-F1 {statistics.mean(d_f1):+.4f} (per seed {', '.join(f'{x:+.4f}' for x in d_f1)}), "
                   f"AUC {statistics.mean(d_auc):+.4f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"baseline": {"macro_f1": floor["macro_f1"], "auc": floor["auc_ovr"]}, "results": results}, f, indent=2)
+    summary = {v: {k: {"mean": statistics.mean(r[k] for r in results[v]), "sd": sd([r[k] for r in results[v]])}
+                   for k in ("macro_f1", "auc")} for v in args.variants}
+    benchrecord.write("crsd_quality", vars(args),
+                      {"data": {"train": len(train), "validation": len(val), "eval": len(gen.eval)},
+                       "baseline": {"macro_f1": floor["macro_f1"], "auc": floor["auc_ovr"]},
+                       "runs": results, "summary": summary, "minus_ce": diffs},
+                      summary_rows(args, summary, diffs, floor["macro_f1"]), tag=args.tag)
+
+
+def sd(xs: list[float]) -> float:
+    return statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+
+def summary_rows(args: argparse.Namespace, summary: dict, diffs: dict, lexical: float) -> list[benchrecord.Row]:
+    """One row per non-CE variant: its macro-F1 and AUC difference to CE, per seed."""
+    rows: list[benchrecord.Row] = []
+    for v, d in diffs.items():
+        f1 = d["macro_f1"]
+        better = all(x > 0 for x in f1)
+        rows.append({
+            "what": f"{v} vs CE student quality, oracle data ({args.reasoning} reasoning), {len(f1)} seeds, "
+                    f"{args.pooling} pooling, {args.sampling} sampling (`crsd_quality.py`)",
+            "target": f"{v} better",
+            "measured": f"macro-F1 {statistics.mean(f1):+.4f} (per seed {', '.join(f'{x:+.3f}' for x in f1)}; "
+                        f"ce {summary['ce']['macro_f1']['mean']:.3f} ± {summary['ce']['macro_f1']['sd']:.3f}), "
+                        f"AUC {statistics.mean(d['auc']):+.4f}; lexical {lexical:.3f}",
+            "met": "yes" if better else "no (not better on every seed)"})
+    return rows
 
 
 if __name__ == "__main__":
