@@ -62,6 +62,11 @@ def git_state(root: Path = RECORDS.parent.parent) -> dict[str, Any]:
             "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
 
 
+# captured when a benchmark script imports this module, i.e. the code it started with (a long run's record
+# must not name a commit made while it ran)
+AT_IMPORT = git_state()
+
+
 def write(benchmark: str, arguments: dict[str, Any], results: dict[str, Any], rows: list[Row],
           tag: str = "", records: Path = RECORDS) -> Path:
     """Write the record of one invocation to `<records>/<benchmark>[-<tag>].json` (replacing the previous
@@ -71,7 +76,7 @@ def write(benchmark: str, arguments: dict[str, Any], results: dict[str, Any], ro
         missing = {"what", "target", "measured", "met"} - set(row)
         if missing:
             raise ValueError(f"summary row {row!r}: missing {sorted(missing)}")
-    record = {"benchmark": benchmark, "tag": tag, "date": time.strftime("%Y-%m-%d"), **git_state(),
+    record = {"benchmark": benchmark, "tag": tag, "date": time.strftime("%Y-%m-%d"), **AT_IMPORT,
               "machine": machine(), "arguments": arguments, "results": results, "rows": rows}
     records.mkdir(parents=True, exist_ok=True)
     path = records / f"{benchmark}{'-' + tag if tag else ''}.json"
