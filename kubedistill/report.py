@@ -155,6 +155,14 @@ def _section_evaluation(storage: Storage, found: dict[str, dict[str, Any]]) -> s
         f"<p>Gate (<code>evaluation.minMacroF1</code> {gate['threshold']}): "
         f"<span class='{cls}'>{'passed' if gate['passed'] else 'not passed'}</span> — {_e(gate['reason'])}</p>"
     )
+    if checks := gate.get("checks"):  # each rule's own verdict (a manifest from before checks has only the above)
+        items = "".join(
+            f"<li><code>evaluation.{_e(c['rule'])}</code> {c['threshold']}: "
+            f"<span class='{'ok' if c['passed'] else 'bad'}'>{'passed' if c['passed'] else 'failed'}</span> — "
+            f"{_e(c['reason'])}</li>"
+            for c in checks
+        )
+        out.append(f"<ul>{items}</ul>")
     detail = _read(_version(storage, m), "metrics.json") or {}  # the version the manifest names
     models = detail.get("models", {})
     if models:

@@ -560,6 +560,15 @@ class StudentSpec(_Model):
 
 class EvaluationSpec(_Model):
     min_macro_f1: float = Field(default=0.70, ge=0, le=1, description="Gate: serve only at or above this macro-F1.")
+    min_gain_over_baseline: float = Field(
+        default=0.0,
+        ge=-1,
+        le=1,
+        description="Gate, checked with minMacroF1: serve only when the student's macro-F1 minus the lexical "
+        "baseline's (trained on the same rows; the stronger of its weighted and unweighted forms) is at least "
+        "this, in macro-F1 units (0.02 = 2 points). 0: never serve a student a lexical model matches; "
+        "-1 turns the comparison off.",
+    )
 
 
 class PruningSpec(_Model):

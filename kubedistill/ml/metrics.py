@@ -50,3 +50,28 @@ def classification_metrics(
         },
         "confusion": {"labels": labels, "matrix": confusion_matrix(y, pred, labels=k).tolist()},
     }
+
+
+def macro_f1_from_confusion(cm: np.ndarray) -> np.ndarray:
+    """Macro-F1 over every label from confusion matrices (`[..., true, predicted]`), as sklearn's
+    `f1_score(average="macro", zero_division=0)` with every label listed: F1 = 2·TP / (predicted + true)."""
+    tp = np.diagonal(cm, axis1=-2, axis2=-1).astype(float)
+    denom = cm.sum(axis=-2) + cm.sum(axis=-1)
+    f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
+    return np.asarray(f1.mean(axis=-1))
+
+
+def paired_gain_interval(
+    y: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, k: int, rounds: int = 2000, level: float = 0.9, seed: int = 0
+) -> tuple[float, float]:
+    """The `level` percentile interval of macro-F1(a) − macro-F1(b) under a paired bootstrap over rows: both
+    models are scored on the same resampled rows, so what the rows share cancels. Resampling rows with
+    replacement is a multinomial draw over the (true, a, b) outcome cells, which is what runs here."""
+    if not (len(y) == len(pred_a) == len(pred_b)) or len(y) == 0:
+        raise ValueError(f"paired bootstrap needs equal, non-empty rows (got {len(y)}, {len(pred_a)}, {len(pred_b)})")
+    cells = np.bincount((y * k + pred_a) * k + pred_b, minlength=k**3).astype(float)
+    draws = np.random.default_rng(seed).multinomial(len(y), cells / len(y), size=rounds).reshape(rounds, k, k, k)
+    gains = macro_f1_from_confusion(draws.sum(axis=3)) - macro_f1_from_confusion(draws.sum(axis=2))
+    tail = (1 - level) / 2 * 100
+    lo, hi = np.percentile(gains, [tail, 100 - tail])
+    return float(lo), float(hi)

@@ -8,7 +8,9 @@
   training rows, so the comparison stays fair.
 - Every model's probabilities are scored for calibration too (top-label ECE; the student before and
   after its fitted temperature), drawn as reliability diagrams beside the confusion matrices.
-- `gate`: the run's promotion rule (`spec.evaluation.minMacroF1`).
+- `gate`: the run's promotion rule: an absolute floor (`spec.evaluation.minMacroF1`) and a comparison
+  (`spec.evaluation.minGainOverBaseline`: the student's macro-F1 over the stronger lexical baseline, with
+  a paired-bootstrap interval so a reader sees whether the gain is more than the eval set's noise).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from sklearn.preprocessing import StandardScaler
 from kubedistill.core.spec import StudentSpec
 from kubedistill.core.stage import PROMOTED, StageContext, now
 from kubedistill.ml import calibration
-from kubedistill.ml.metrics import classification_metrics
+from kubedistill.ml.metrics import classification_metrics, paired_gain_interval
 
 _TOKEN = re.compile(r"[a-z0-9$]+")
 _CHEAP = {"cheap", "budget", "affordable"}
@@ -162,9 +164,12 @@ def baseline_for(student: StudentSpec, labels: list[str], rows: list[dict[str, A
     return baseline.fit_offsets(held_out) if offsets else baseline
 
 
-def score_student(student: Any, rows: list[dict[str, Any]], truth: list[str], labels: list[str]) -> dict[str, Any]:
+def score_student(
+    student: Any, rows: list[dict[str, Any]], truth: list[str], labels: list[str]
+) -> tuple[dict[str, Any], np.ndarray]:
     """A loaded student's eval metrics as served (its temperature and decision offsets applied), with what
-    calibration changed: ECE and macro-F1 of the raw argmax model beside them."""
+    calibration changed: ECE and macro-F1 of the raw argmax model beside them; and its predicted label
+    indices as served."""
     raw = student.predict_proba(rows, calibrated=False)
     served = calibration.apply_temperature(raw, student.temperature)
     m = classification_metrics(truth, served, labels, student.offsets)
@@ -177,20 +182,52 @@ def score_student(student: Any, rows: list[dict[str, Any]], truth: list[str], la
         "macro_f1_argmax": before["macro_f1"],
         "reliability_before": before["reliability"],
     }
-    return m
+    return m, calibration.decide(served, student.offsets)
 
 
-def gate(candidate: str, metrics: dict[str, Any], min_macro_f1: float) -> dict[str, Any]:
+def stronger_baseline(results: dict[str, dict[str, Any]]) -> str:
+    """The lexical baseline a student's gain is measured against: the better of the baseline trained like
+    the student and, when that one is weighted, the plain one (a weighting that costs the baseline points
+    must not flatter the student)."""
+    names = [n for n in ("baseline", "baseline_unweighted") if n in results]
+    return max(names, key=lambda n: results[n]["macro_f1"])
+
+
+def gate(
+    candidate: str,
+    metrics: dict[str, Any],
+    min_macro_f1: float,
+    min_gain: float | None = None,
+    baseline: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The promotion verdict. Always the absolute floor (`minMacroF1`); for a student with a `baseline`
+    (`{"name", "macro_f1", "interval"}`: its paired-bootstrap interval of the gain) also the comparison
+    (`minGainOverBaseline`). Passed only when every check passed; `checks` keeps each verdict."""
     value = metrics["macro_f1"]
-    passed = value >= min_macro_f1
-    verdict = "passed" if passed else "failed"
+    ok = value >= min_macro_f1
+    checks = [{"rule": "minMacroF1", "threshold": min_macro_f1, "value": round(value, 4), "passed": ok,
+               "reason": f"{candidate} macro-F1 {value:.4f} {'>=' if ok else '<'} minMacroF1 {min_macro_f1}"}]
+    if candidate == "student" and baseline is not None and min_gain is not None:
+        gain = value - baseline["macro_f1"]
+        ok = gain >= min_gain
+        lo, hi = baseline["interval"]
+        checks.append({
+            "rule": "minGainOverBaseline", "threshold": min_gain, "value": round(gain, 4), "passed": ok,
+            "baseline": baseline["name"], "baseline_macro_f1": round(baseline["macro_f1"], 4),
+            "interval": [round(lo, 4), round(hi, 4)],
+            "reason": f"gain over the lexical {baseline['name']} ({baseline['macro_f1']:.4f}) {gain:+.4f}, 90% "
+                      f"paired-bootstrap interval [{lo:+.4f}, {hi:+.4f}], {'>=' if ok else '<'} "
+                      f"minGainOverBaseline {min_gain}",
+        })
+    passed = all(c["passed"] for c in checks)
     return {
         "candidate": candidate,
         "metric": "macro_f1",
         "value": round(value, 4),
         "threshold": min_macro_f1,
         "passed": passed,
-        "reason": f"{candidate} macro-F1 {value:.4f} {'>=' if passed else '<'} minMacroF1 {min_macro_f1} ({verdict})",
+        "checks": checks,
+        "reason": "; ".join(c["reason"] for c in checks) + f" ({'passed' if passed else 'failed'})",
     }
 
 
@@ -309,12 +346,15 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
     ctx.log(f"baseline: BM25 features + logistic regression on {len(train_rows)} rows of {source}")
     baseline = baseline_for(ctx.spec.student, labels, train_rows)
     truth = [r["label"] for r in eval_rows]
-    results = {"baseline": classification_metrics(truth, baseline.predict_proba(eval_rows), labels, baseline.offsets)}
+    proba = baseline.predict_proba(eval_rows)
+    results = {"baseline": classification_metrics(truth, proba, labels, baseline.offsets)}
+    predicted = {"baseline": calibration.decide(proba, baseline.offsets)}
     if baseline.offsets is not None:
         results["baseline"]["offsets"] = dict(zip(labels, baseline.offsets, strict=True))
     if baseline.weighted:  # the plain baseline too: weighting can cost it points, and a gain over it must be seen
-        plain = LexicalBaseline(labels).fit(train_rows)
-        results["baseline_unweighted"] = classification_metrics(truth, plain.predict_proba(eval_rows), labels)
+        proba = LexicalBaseline(labels).fit(train_rows).predict_proba(eval_rows)
+        results["baseline_unweighted"] = classification_metrics(truth, proba, labels)
+        predicted["baseline_unweighted"] = calibration.decide(proba)
     if "student-crsd" in ctx.inputs:
         from kubedistill.stages.student import load_student
 
@@ -322,17 +362,24 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
         student = load_student(model_uri, ctx.storage.options)
         if student.labels != labels:
             raise ValueError(f"the student was trained on labels {student.labels}, spec.labels is {labels}")
-        results["student"] = score_student(student, eval_rows, truth, labels)
+        results["student"], predicted["student"] = score_student(student, eval_rows, truth, labels)
         for objective in ctx.spec.student.compare_objectives:
             other = load_student(ctx.input("student-crsd").uri(f"compare/{objective}/model"), ctx.storage.options)
-            results[f"student_{objective}"] = score_student(other, eval_rows, truth, labels)
+            results[f"student_{objective}"], _ = score_student(other, eval_rows, truth, labels)
     for name, m in results.items():
         auc = "n/a" if m["auc_ovr"] is None else f"{m['auc_ovr']:.4f}"
         cal = m.get("calibration")
         ece = f"ECE {m['ece']:.4f}" + ("" if cal is None else f" (uncalibrated {cal['ece_before']:.4f})")
         ctx.log(f"{name}: accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  AUC {auc}  {ece}  (n={m['n']})")
     candidate = "student" if "student" in results else "baseline"
-    verdict = gate(candidate, results[candidate], ctx.spec.evaluation.min_macro_f1)
+    against = None
+    if candidate == "student":
+        name = stronger_baseline(results)
+        y = np.array([labels.index(t) for t in truth])
+        interval = paired_gain_interval(y, predicted["student"], predicted[name], len(labels), seed=ctx.spec.student.seed)
+        against = {"name": name, "macro_f1": results[name]["macro_f1"], "interval": interval}
+    ev = ctx.spec.evaluation
+    verdict = gate(candidate, results[candidate], ev.min_macro_f1, ev.min_gain_over_baseline, against)
     ctx.log(f"gate: {verdict['reason']}")
     report = {"eval_rows": len(eval_rows), "models": results, "gate": verdict}
     if table := comparison(results):

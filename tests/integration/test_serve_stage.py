@@ -30,7 +30,7 @@ def _doc(uri: str, name: str, encoder: str, min_f1: float) -> dict:
                       student={"baseModel": encoder, "maxLength": 48, "maxReasoningTokens": 24, "objective": "ce",
                                "train": {"batchSize": 16, "learningRate": 1e-3, "epochs": 1},
                                "resources": {"workers": 1}},
-                      evaluation={"minMacroF1": min_f1}, serving={"maxServices": 10})
+                      evaluation={"minMacroF1": min_f1, "minGainOverBaseline": -1.0}, serving={"maxServices": 10})
     doc["metadata"]["name"] = name
     return doc
 

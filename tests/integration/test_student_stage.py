@@ -49,6 +49,14 @@ def test_student_trains_with_ddp_exports_and_is_evaluated_beside_a_ce_student(bu
     # the baseline weighted like the student, and unweighted beside it (weighting may cost it points)
     assert set(report["models"]) == {"baseline", "baseline_unweighted", "student", "student_ce"}
     assert report["gate"]["candidate"] == "student"
+    # the gate compares too: the student's gain over the stronger of the two baselines, with its interval
+    floor, compare = report["gate"]["checks"]
+    strongest = max(("baseline", "baseline_unweighted"), key=lambda n: report["models"][n]["macro_f1"])
+    assert floor["rule"] == "minMacroF1" and compare["rule"] == "minGainOverBaseline"
+    assert compare["baseline"] == strongest
+    assert compare["value"] == round(report["models"]["student"]["macro_f1"] - report["models"][strongest]["macro_f1"], 4)
+    assert compare["interval"][0] <= compare["interval"][1]
+    assert report["gate"]["passed"] == (floor["passed"] and compare["passed"])
     assert "val macro-F1" in out.getvalue()
     # the CE student: same splits and budget, its own export, scored beside the served one, never served
     assert m["compared"]["ce"]["step"] == m["step"]

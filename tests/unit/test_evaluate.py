@@ -55,6 +55,60 @@ def test_gate():
     assert g["passed"] is False and "0.5000 < minMacroF1 0.7" in g["reason"]
 
 
+def test_the_gate_compares_the_student_with_the_baseline_as_well():
+    base = {"name": "baseline_unweighted", "macro_f1": 0.70, "interval": (-0.01, 0.03)}
+    # above the floor, level with the lexical baseline: the absolute gate alone would serve it
+    g = evaluate.gate("student", {"macro_f1": 0.71}, 0.6, 0.02, base)
+    assert g["passed"] is False
+    floor, compare = g["checks"]
+    assert floor["passed"] is True and compare["passed"] is False and compare["value"] == 0.01
+    assert compare["baseline"] == "baseline_unweighted" and compare["interval"] == [-0.01, 0.03]
+    assert ("gain over the lexical baseline_unweighted (0.7000) +0.0100, 90% paired-bootstrap interval "
+            "[-0.0100, +0.0300], < minGainOverBaseline 0.02 (failed)") in g["reason"]
+    assert evaluate.gate("student", {"macro_f1": 0.73}, 0.6, 0.02, base)["passed"] is True
+    # both must pass: a gain over a weak baseline does not lift a student under the floor
+    g = evaluate.gate("student", {"macro_f1": 0.55}, 0.6, -1.0, {**base, "macro_f1": 0.30})
+    assert g["passed"] is False and [c["passed"] for c in g["checks"]] == [False, True]
+    # no student: nothing to compare
+    assert [c["rule"] for c in evaluate.gate("baseline", {"macro_f1": 0.8}, 0.6, 0.0, None)["checks"]] == ["minMacroF1"]
+
+
+def test_the_gain_is_measured_against_the_stronger_baseline():
+    assert evaluate.stronger_baseline({"baseline": {"macro_f1": 0.58}, "baseline_unweighted": {"macro_f1": 0.62}}) == "baseline_unweighted"
+    assert evaluate.stronger_baseline({"baseline": {"macro_f1": 0.64}, "baseline_unweighted": {"macro_f1": 0.62}}) == "baseline"
+    assert evaluate.stronger_baseline({"baseline": {"macro_f1": 0.5}}) == "baseline"
+
+
+def test_macro_f1_from_confusion_matches_sklearn_and_a_hand_count():
+    from sklearn.metrics import f1_score
+
+    cm = np.array([[3, 1, 0], [0, 2, 2], [0, 0, 0]])  # third label never true, never predicted
+    # F1 = 2TP / (predicted + true): 6/(3+4) , 4/(3+4), 0 (no support: 0)
+    assert metrics.macro_f1_from_confusion(cm) == pytest.approx((6 / 7 + 4 / 7 + 0) / 3)
+    y = [0, 0, 0, 0, 1, 1, 1, 1]
+    pred = [0, 0, 0, 1, 1, 1, 2, 2]
+    cm = np.zeros((3, 3), int)
+    np.add.at(cm, (y, pred), 1)
+    assert metrics.macro_f1_from_confusion(cm) == pytest.approx(f1_score(y, pred, labels=[0, 1, 2], average="macro", zero_division=0))
+
+
+def test_paired_bootstrap_interval_of_a_gain():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 600)
+    same = y.copy()
+    same[:200] = (y[:200] + 1) % 3  # wrong on a third of the rows
+    assert metrics.paired_gain_interval(y, same, same, 3) == (0.0, 0.0)  # identical models: no gain, no spread
+    better = y.copy()
+    better[:60] = (y[:60] + 1) % 3  # wrong on a tenth
+    lo, hi = metrics.paired_gain_interval(y, better, same, 3)
+    point = metrics.macro_f1_from_confusion(np.histogram2d(y, better, bins=3)[0]) - metrics.macro_f1_from_confusion(np.histogram2d(y, same, bins=3)[0])
+    assert 0 < lo < point < hi  # the interval holds the gain and excludes zero
+    assert metrics.paired_gain_interval(y, same, better, 3) == pytest.approx((-hi, -lo))
+    assert metrics.paired_gain_interval(y, better, same, 3, seed=1) != (lo, hi)  # a seeded resample, not a formula
+    with pytest.raises(ValueError, match="equal, non-empty"):
+        metrics.paired_gain_interval(y, better[:5], same, 3)
+
+
 def test_plot_is_a_png():
     m = metrics.classification_metrics(["a", "b"], np.array([[0.9, 0.1], [0.2, 0.8]]), ["a", "b"])
     png = evaluate.plot({"baseline": m, "student": m})

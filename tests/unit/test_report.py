@@ -28,7 +28,8 @@ def _models() -> dict:
 def _store(tmp_path) -> Storage:
     st = Storage(str(tmp_path / "r"))
     models = _models()
-    gate = evaluate.gate("student", models["student"], 0.75)
+    gate = evaluate.gate("student", models["student"], 0.75, 0.02,
+                         {"name": "baseline", "macro_f1": 0.6858, "interval": (0.01, 0.08)})
     st.write_json(f"data/{MANIFEST}", _manifest("data", {}, "d-data", {"rows_in": 2400}))
     st.write_json(f"student-crsd/{MANIFEST}", _manifest(
         "student-crsd", {"data": "d-data"}, "d-student",
@@ -60,7 +61,11 @@ def test_the_report_shows_gate_comparison_lineage_and_failures(tmp_path):
     page = st.read_text("report.html")
     text = " ".join(_text(page).split())
     # the gate's verdict, with its reason (0.7306 < 0.75)
-    assert "not passed — student macro-F1 0.7306 < minMacroF1 0.75 (failed)" in text
+    assert "not passed — student macro-F1 0.7306 < minMacroF1 0.75; gain over the lexical baseline" in text
+    # both verdicts, each with its own outcome
+    assert "evaluation.minMacroF1 0.75: failed — student macro-F1 0.7306 < minMacroF1 0.75" in text
+    assert ("evaluation.minGainOverBaseline 0.02: passed — gain over the lexical baseline (0.6858) +0.0448, "
+            "90% paired-bootstrap interval [+0.0100, +0.0800], >= minGainOverBaseline 0.02") in text
     # CE vs CRSD: each objective's macro-F1, step time and difference to ce
     assert "crsd (the run's student) 0.7306 0.9000 0.7406 2.6000 +0.0106" in text
     assert "ce 0.7200 0.9000 0.7300 1.3000 +0.0000" in text
