@@ -64,7 +64,7 @@ def macro_f1_from_confusion(cm: np.ndarray) -> np.ndarray:
 def paired_gain_interval(
     y: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, k: int, rounds: int = 2000, level: float = 0.9, seed: int = 0
 ) -> tuple[float, float]:
-    """The `level` percentile interval of macro-F1(a) − macro-F1(b) under a paired bootstrap over rows: both
+    """The `level` percentile interval of macro-F1(a) - macro-F1(b) under a paired bootstrap over rows: both
     models are scored on the same resampled rows, so what the rows share cancels. Resampling rows with
     replacement is a multinomial draw over the (true, a, b) outcome cells, which is what runs here."""
     if not (len(y) == len(pred_a) == len(pred_b)) or len(y) == 0:
