@@ -58,8 +58,10 @@ def git_state(root: Path = RECORDS.parent.parent) -> dict[str, Any]:
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True).stdout.strip()
 
-    return {"commit": git("rev-parse", "HEAD") or "unknown",
-            "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    return {
+        "commit": git("rev-parse", "HEAD") or "unknown",
+        "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+    }
 
 
 # captured when a benchmark script imports this module, i.e. the code it started with (a long run's record
@@ -67,8 +69,14 @@ def git_state(root: Path = RECORDS.parent.parent) -> dict[str, Any]:
 AT_IMPORT = git_state()
 
 
-def write(benchmark: str, arguments: dict[str, Any], results: dict[str, Any], rows: list[Row],
-          tag: str = "", records: Path = RECORDS) -> Path:
+def write(
+    benchmark: str,
+    arguments: dict[str, Any],
+    results: dict[str, Any],
+    rows: list[Row],
+    tag: str = "",
+    records: Path = RECORDS,
+) -> Path:
     """Write the record of one invocation to `<records>/<benchmark>[-<tag>].json` (replacing the previous
     record of the same benchmark and tag: the file is the latest measurement, git keeps the history).
     Written to a temporary name and renamed, so a run that dies leaves the previous record whole."""
@@ -76,8 +84,16 @@ def write(benchmark: str, arguments: dict[str, Any], results: dict[str, Any], ro
         missing = {"what", "target", "measured", "met"} - set(row)
         if missing:
             raise ValueError(f"summary row {row!r}: missing {sorted(missing)}")
-    record = {"benchmark": benchmark, "tag": tag, "date": time.strftime("%Y-%m-%d"), **AT_IMPORT,
-              "machine": machine(), "arguments": arguments, "results": results, "rows": rows}
+    record = {
+        "benchmark": benchmark,
+        "tag": tag,
+        "date": time.strftime("%Y-%m-%d"),
+        **AT_IMPORT,
+        "machine": machine(),
+        "arguments": arguments,
+        "results": results,
+        "rows": rows,
+    }
     records.mkdir(parents=True, exist_ok=True)
     path = records / f"{benchmark}{'-' + tag if tag else ''}.json"
     tmp = path.with_suffix(".json.tmp")
@@ -100,8 +116,18 @@ def load(records: Path = RECORDS) -> list[dict[str, Any]]:
 
 
 # The summary's order: the product's path first (quickstart), then by stage.
-ORDER = ["quickstart", "crsd_step", "crsd_quality", "imbalance", "byo_labels", "annotate_throughput",
-         "serve_latency", "operator_scale", "prune_search", "teacher_step"]
+ORDER = [
+    "quickstart",
+    "crsd_step",
+    "crsd_quality",
+    "imbalance",
+    "byo_labels",
+    "annotate_throughput",
+    "serve_latency",
+    "operator_scale",
+    "prune_search",
+    "teacher_step",
+]
 
 
 def _machine_text(m: dict[str, Any]) -> str:

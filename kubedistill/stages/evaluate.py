@@ -205,20 +205,33 @@ def gate(
     (`minGainOverBaseline`). Passed only when every check passed; `checks` keeps each verdict."""
     value = metrics["macro_f1"]
     ok = value >= min_macro_f1
-    checks = [{"rule": "minMacroF1", "threshold": min_macro_f1, "value": round(value, 4), "passed": ok,
-               "reason": f"{candidate} macro-F1 {value:.4f} {'>=' if ok else '<'} minMacroF1 {min_macro_f1}"}]
+    checks = [
+        {
+            "rule": "minMacroF1",
+            "threshold": min_macro_f1,
+            "value": round(value, 4),
+            "passed": ok,
+            "reason": f"{candidate} macro-F1 {value:.4f} {'>=' if ok else '<'} minMacroF1 {min_macro_f1}",
+        }
+    ]
     if candidate == "student" and baseline is not None and min_gain is not None:
         gain = value - baseline["macro_f1"]
         ok = gain >= min_gain
         lo, hi = baseline["interval"]
-        checks.append({
-            "rule": "minGainOverBaseline", "threshold": min_gain, "value": round(gain, 4), "passed": ok,
-            "baseline": baseline["name"], "baseline_macro_f1": round(baseline["macro_f1"], 4),
-            "interval": [round(lo, 4), round(hi, 4)],
-            "reason": f"gain over the lexical {baseline['name']} ({baseline['macro_f1']:.4f}) {gain:+.4f}, 90% "
-                      f"paired-bootstrap interval [{lo:+.4f}, {hi:+.4f}], {'>=' if ok else '<'} "
-                      f"minGainOverBaseline {min_gain}",
-        })
+        checks.append(
+            {
+                "rule": "minGainOverBaseline",
+                "threshold": min_gain,
+                "value": round(gain, 4),
+                "passed": ok,
+                "baseline": baseline["name"],
+                "baseline_macro_f1": round(baseline["macro_f1"], 4),
+                "interval": [round(lo, 4), round(hi, 4)],
+                "reason": f"gain over the lexical {baseline['name']} ({baseline['macro_f1']:.4f}) {gain:+.4f}, 90% "
+                f"paired-bootstrap interval [{lo:+.4f}, {hi:+.4f}], {'>=' if ok else '<'} "
+                f"minGainOverBaseline {min_gain}",
+            }
+        )
     passed = all(c["passed"] for c in checks)
     return {
         "candidate": candidate,
@@ -376,7 +389,9 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
     if candidate == "student":
         name = stronger_baseline(results)
         y = np.array([labels.index(t) for t in truth])
-        interval = paired_gain_interval(y, predicted["student"], predicted[name], len(labels), seed=ctx.spec.student.seed)
+        interval = paired_gain_interval(
+            y, predicted["student"], predicted[name], len(labels), seed=ctx.spec.student.seed
+        )
         against = {"name": name, "macro_f1": results[name]["macro_f1"], "interval": interval}
     ev = ctx.spec.evaluation
     verdict = gate(candidate, results[candidate], ev.min_macro_f1, ev.min_gain_over_baseline, against)
