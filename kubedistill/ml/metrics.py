@@ -73,5 +73,5 @@ def paired_gain_interval(
     draws = np.random.default_rng(seed).multinomial(len(y), cells / len(y), size=rounds).reshape(rounds, k, k, k)
     gains = macro_f1_from_confusion(draws.sum(axis=3)) - macro_f1_from_confusion(draws.sum(axis=2))
     tail = (1 - level) / 2 * 100
-    bounds = np.percentile(gains, [tail, 100 - tail])
+    bounds = np.asarray(np.percentile(gains, [tail, 100 - tail]))
     return float(bounds[0]), float(bounds[1])
