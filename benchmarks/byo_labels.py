@@ -1,7 +1,9 @@
 """Human labels without reasoning: a student on the labels alone (CE) vs the same labels explained by a teacher
 (rationalize, then CRSD), over a learning curve of labeled-set sizes and 3 seeds (issue 29, item 4).
 
-    .venv/bin/python benchmarks/byo_labels.py [--sizes 60 120 240] [--seeds 0 1 2] [--json out.json]
+    .venv/bin/python benchmarks/byo_labels.py [--sizes 60 120 240] [--seeds 0 1 2]
+
+Writes `benchmarks/records/byo_labels.json` (every arm, size and seed; the teacher's agreement).
 
 World: the synthetic log (300 services, 6 candidates per query). The "human" labels are the oracle's labels
 of a query-disjoint pool with the reasoning removed; the eval set is another 400 query-disjoint pairs, scored
@@ -38,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # crsd_quality
 
 from crsd_quality import train_and_score
 
+from kubedistill import benchrecord
 from kubedistill.stages import annotate, data
 from kubedistill.stages.annotate import Sampling, TransformersEngine
 from kubedistill.stages.data import split_by_query
@@ -108,7 +111,6 @@ def main() -> None:
     ap.add_argument("--patience", type=int, default=1000, help="rounds without a better validation macro-F1")
     ap.add_argument("--teacher", help="a saved causal LM (default: build the tests' scratch teacher)")
     ap.add_argument("--teacher-steps", type=int, default=1500, help="training steps of that scratch teacher")
-    ap.add_argument("--json", help="write the results here too")
     args = ap.parse_args()
 
     scratch = Path(tempfile.gettempdir()) / f"kubedistill-bench-teacher-{args.teacher_steps}"
@@ -154,8 +156,18 @@ def main() -> None:
             f"| {mean_sd([r['macro_f1'] for r in arms['ce-kept']])} | {statistics.mean(diff):+.4f} "
             f"({', '.join(f'{d:+.4f}' for d in diff)}) | {arms['lexical'][0]['macro_f1']:.4f} |"
         )
-    if args.json:
-        Path(args.json).write_text(json.dumps({"teacher": stats, "results": results}, indent=2))
+    gains = {n: statistics.mean(a["macro_f1"] - b["macro_f1"] for a, b in zip(arms["crsd"], arms["ce"], strict=True))
+             for n, arms in results.items()}
+    lexical = [arms["lexical"][0]["macro_f1"] for arms in results.values()]
+    row: benchrecord.Row = {
+        "what": f"human labels explained by a teacher (rationalize + CRSD) vs the same labels with CE, "
+                f"{min(args.sizes)}-{max(args.sizes)} pairs, {len(args.seeds)} seeds (`byo_labels.py`)",
+        "target": "rationalized better",
+        "measured": "macro-F1 " + ", ".join(f"{g:+.3f} at {n}" for n, g in gains.items())
+                    + f"; teacher agreed on {stats['explained']}/{stats['rows']}; lexical {min(lexical):.2f}-{max(lexical):.2f}",
+        "met": "yes" if all(g > 0 for g in gains.values()) else "no",
+    }
+    benchrecord.write("byo_labels", vars(args), {"teacher": stats, "results": results, "crsd_minus_ce": gains}, [row])
 
 
 if __name__ == "__main__":

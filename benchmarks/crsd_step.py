@@ -7,6 +7,9 @@ forward-only) and crsd-full (true: it backpropagates into the encoder). Steps ar
 (ce, crsd, crsd-full, ce, ...); medians.
 
     .venv/bin/python benchmarks/crsd_step.py [--batch 32] [--reps 8] [--max-length 64]
+
+Fairness: one process, one model and optimizer, the same rows and batch indices for every variant, steps
+interleaved so drift in the machine's speed hits all alike; writes `benchmarks/records/crsd_step.json`.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import time
 
 import torch
 
+from kubedistill import benchrecord
 from kubedistill.core.spec import CrsdSpec, StudentSpec
 from kubedistill.stages import data
 from kubedistill.stages.student import Encoded, StudentConfig, build_model, loss_terms
@@ -63,7 +67,18 @@ def main() -> None:
     print(f"tokens per pair: standard {n_std:.1f}, reasoning view {n_rsn:.1f}")
     for v in cfgs:
         print(f"{v:<10} step median {med[v] * 1000:8.1f} ms   ratio to ce {med[v] / med['ce']:.2f}x")
-    print(f"default ({default}) crsd/ce = {med[default] / med['ce']:.2f}x   (target <= 2.3x)")
+    ratio = med[default] / med["ce"]
+    print(f"default ({default}) crsd/ce = {ratio:.2f}x   (target <= 2.3x)")
+    others = ", ".join(f"{v} {med[v] / med['ce']:.2f}x" for v in cfgs if v not in ("ce", default))
+    row: benchrecord.Row = {
+        "what": "CRSD training step vs CE, MiniLM-L6, batch %d (`crsd_step.py`)" % args.batch,
+        "target": "<= 2.3x",
+        "measured": f"{ratio:.2f}x ({med[default] * 1000:.0f} vs {med['ce'] * 1000:.0f} ms, medians of {args.reps}); {others}",
+        "met": "yes" if ratio <= 2.3 else "no",
+    }
+    benchrecord.write("crsd_step", vars(args), {"step_seconds": times, "median_seconds": med,
+                                                "tokens_per_pair": {"standard": n_std, "reasoning": n_rsn},
+                                                "torch_threads": torch.get_num_threads()}, [row])
 
 
 if __name__ == "__main__":

@@ -16,26 +16,24 @@ Each trained arm is scored twice on eval: its argmax, and with the temperature a
 on the validation split (`student.calibrate`: the stage's own code; eval never reaches the fit). The lexical
 baseline gets the same treatments (weights; offsets on validation). Nothing is tuned on eval.
 
-    .venv/bin/python benchmarks/imbalance.py [--seeds 0 1 2] [--mixes ...] [--json out.json]
+    .venv/bin/python benchmarks/imbalance.py [--seeds 0 1 2] [--mixes ...] [--tag NAME]
 
 Prints macro-F1, every grade's recall and ECE (mean ± sd over seeds) per mix and arm, and the differences to
-plain argmax per seed; `--json` writes every number with the machine, commit and arguments.
+plain argmax per seed; writes every number, with the machine, commit and arguments, to
+`benchmarks/records/imbalance[-NAME].json` after every mix (a long run that stops keeps what it measured).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import random
 import statistics
-import subprocess
 import time
 from typing import Any
 
 import numpy as np
-import torch
 
+from kubedistill import benchrecord
 from kubedistill.core.spec import StudentSpec
 from kubedistill.ml.calibration import apply_temperature
 from kubedistill.ml.metrics import classification_metrics
@@ -132,25 +130,6 @@ def baseline_arm(arm: str, train: list, val: list, evalset: list) -> dict:
     return {"argmax": scores(truth, proba), "calibrated": scores(truth, proba, base.offsets), "offsets": base.offsets}
 
 
-def machine() -> dict[str, Any]:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    import ray
-    import transformers
-
-    return {
-        "cpu": cpu,
-        "cores": len(__import__("os").sched_getaffinity(0)),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "ray": ray.__version__,
-        "commit": commit,
-        "date": time.strftime("%Y-%m-%d"),
-    }
-
-
 def mean_sd(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.3f}"
 
@@ -164,13 +143,13 @@ def main() -> None:
     ap.add_argument("--eval-pairs", type=int, default=3000, help="eval pairs before subsampling")
     ap.add_argument("--arms", nargs="+", default=["plain", "balanced", "sampling"],
                     choices=["plain", "balanced", "sampling"], help="plain is the reference; keep it")
-    ap.add_argument("--json", help="write every number here")
+    ap.add_argument("--tag", default="", help="record name suffix")
     args = ap.parse_args()
 
     gen = data.generate(LABELS, 300, args.queries, 6, 1, args.eval_pairs, seed=0)
     train_pool, val_pool = split_by_query(gen.labeled, 0.15, seed=0)
-    record: dict[str, Any] = {"machine": machine(), "arguments": vars(args), "mixes": {}}
-    print(f"machine: {record['machine']}")
+    record: dict[str, Any] = {"mixes": {}}
+    print(f"machine: {benchrecord.machine()}")
     for mix_text in args.mixes:
         mix = parse_mix(mix_text, gen.labeled)
         train, val, evalset = (subsample(p, mix, 10 + k) for k, p in enumerate((train_pool, val_pool, gen.eval)))
@@ -208,9 +187,39 @@ def main() -> None:
                 name = f"lexical {arm} {'+ offsets' if how == 'calibrated' else 'argmax'}"
                 print(f"{name:<30}macro-F1 {b[how]['macro_f1']:.3f}  rare recall {b[how]['recall'][rare]:.3f}  "
                       f"ECE {b[how]['ece']:.3f}")
-        if args.json:  # after every mix: a long run that stops keeps what it measured
-            with open(args.json, "w") as f:
-                json.dump(record, f, indent=2)
+        benchrecord.write("imbalance", vars(args), record, summary_rows(record["mixes"]), tag=args.tag)
+
+
+def summary_rows(mixes: dict[str, Any]) -> list[benchrecord.Row]:
+    """Per mix: balanced sampling against the plain student (argmax), over the seeds. A skewed mix (a grade
+    under 15%) is judged on its rare grade; any other on what balanced sampling costs."""
+    rows: list[benchrecord.Row] = []
+    for mix_text, res in mixes.items():
+        if "sampling" not in res["student"]:
+            continue
+        counts = res["counts"]["train"]
+        rare = min(LABELS, key=lambda lab: counts[lab])
+        skewed = counts[rare] / sum(counts.values()) < 0.15
+        plain, samp = res["student"]["plain"], res["student"]["sampling"]
+        f1p, f1s = [r["argmax"]["macro_f1"] for r in plain], [r["argmax"]["macro_f1"] for r in samp]
+        deltas = [a - b for a, b in zip(f1s, f1p, strict=True)]
+        recall = [r["argmax"]["recall"][rare] for r in samp]
+        lexical = res["baseline"]["plain"]["argmax"]["macro_f1"]
+        shape = "/".join(f"{100 * counts[lab] / sum(counts.values()):.0f}" for lab in reversed(LABELS))
+        what = (f"imbalanced grades, {mix_text} ({shape} % relevant/partial/irrelevant): balanced sampling vs the "
+                f"plain student, {len(deltas)} seeds (`imbalance.py`)")
+        measured = (f"macro-F1 {mean_sd(f1p)} → {mean_sd(f1s)} ({statistics.mean(deltas):+.3f}; "
+                    f"{sum(d > 0 for d in deltas)}/{len(deltas)} seeds up); lexical {lexical:.3f}")
+        if skewed:
+            rp = [r["argmax"]["recall"][rare] for r in plain]
+            measured = f"{rare} recall {statistics.mean(rp):.2f} → {statistics.mean(recall):.2f}; " + measured
+            met = statistics.mean(recall) >= 0.5 and statistics.mean(deltas) >= 0.05
+            rows.append({"what": what, "target": "rare recall >= 0.5, macro-F1 >= +5 points", "measured": measured,
+                         "met": "yes" if met else "no"})
+        else:
+            rows.append({"what": what, "target": "<= 1 point lost", "measured": measured,
+                         "met": "yes" if statistics.mean(deltas) >= -0.01 else "no"})
+    return rows
 
 
 if __name__ == "__main__":

@@ -11,6 +11,10 @@ texts. Per seed:
 The best perplexity each found, and the uniform baseline (one ratio everywhere, same budget).
 
     .venv/bin/python benchmarks/prune_search.py [--target 0.25] [--sampled 24] [--top-k 6] [--seeds 0 1 2]
+
+Fairness: both searches get the same number of real evaluations, on the same model, importance scores and
+held-out texts, and draw from the same constraint on the removed fraction. Writes
+`benchmarks/records/prune_search.json`.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kubedistill import prune
+from kubedistill import benchrecord, prune
 from kubedistill.stages import data
 from kubedistill.stages import prune_search as ps
 from kubedistill.stages.teacher import fmt, lm
@@ -87,6 +91,19 @@ def main() -> None:
     print(f"mean best perplexity: guided {g_mean:.3f}, random {r_mean:.3f}; ratio guided/random {g_mean / r_mean:.4f}; "
           f"guided vs uniform {100 * (g_mean - ppl(uni)) / ppl(uni):+.2f}%, random vs uniform "
           f"{100 * (r_mean - ppl(uni)) / ppl(uni):+.2f}%; guided better on {sum(r[1] < r[2] for r in rows)}/{len(rows)} seeds")
+    wins = sum(r[1] < r[2] for r in rows)
+    row: benchrecord.Row = {
+        "what": f"pruning search vs random, {budget} real evaluations each, {args.target:.0%} removed, "
+                f"{len(rows)} seeds (`prune_search.py`)",
+        "target": "guided better",
+        "measured": f"best perplexity {g_mean:.2f} vs {r_mean:.2f} ({wins}/{len(rows)} seeds); "
+                    f"{100 * (g_mean - ppl(uni)) / ppl(uni):+.1f}% vs uniform ({ppl(uni):.2f})",
+        "met": "yes" if wins == len(rows) else f"no ({wins}/{len(rows)} seeds)",
+    }
+    benchrecord.write("prune_search", vars(args), {
+        "parameters": shape.params(), "base_perplexity": base, "uniform_perplexity": ppl(uni),
+        "seeds": [{"seed": r[0], "guided": r[1], "random": r[2], "predictor_r2": r[3], "kendall_tau": r[4]} for r in rows],
+        "mean": {"guided": g_mean, "random": r_mean}}, [row])
 
 
 if __name__ == "__main__":

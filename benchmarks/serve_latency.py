@@ -8,17 +8,20 @@ Exports a MiniLM student (the quickstart's architecture; weights do not change t
 Targets (issue 7): Serve p50 <= bare p50 + 5 ms; pairs/s at concurrency 16 >= 2.5x concurrency 1;
 zero 5xx in the load test.
 
-    .venv/bin/python benchmarks/serve_latency.py [--requests 300] [--seconds 20] [--load-seconds 60] [--json out.json]
+    .venv/bin/python benchmarks/serve_latency.py [--requests 300] [--seconds 20] [--load-seconds 60]
+
+Fairness: the bare call and the replica run the same exported model on the same request with the same
+torch threads (`--threads`), both warmed up first. Writes `benchmarks/records/serve_latency-<encoder>.json`.
 """
 
 import argparse
-import json
 import tempfile
 import time
 
 import numpy as np
 import torch
 
+from kubedistill import benchrecord
 from kubedistill.core.spec import StudentSpec
 from kubedistill.core.storage import Storage
 from kubedistill.loadtest import run_load
@@ -47,7 +50,6 @@ def main() -> None:
     ap.add_argument("--load-seconds", type=float, default=0, help="also run the load test at concurrency 32")
     ap.add_argument("--encoder", choices=["minilm", "tiny"], default="minilm",
                     help="tiny: a 2-layer, 32-wide BERT, to isolate Serve's fixed per-request cost")
-    ap.add_argument("--json")
     args = ap.parse_args()
 
     body = request_body(args.services)
@@ -102,9 +104,23 @@ def main() -> None:
                     result["load"] = {**sl, "server_errors": load.server_errors}
             finally:
                 serve.shutdown()
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    rows: list[benchrecord.Row] = [
+        {"what": f"`/score` latency over the bare model, {args.encoder}, {args.services} pairs, {args.threads} threads "
+                 f"(`serve_latency.py`)",
+         "target": "<= +5 ms p50",
+         "measured": f"{overhead:+.1f} ms (p50 {s1['p50_ms']:.1f} vs {bare_p50:.1f} ms)",
+         "met": "yes" if overhead <= 5 else "no"},
+        {"what": f"`/score` throughput, concurrency 16 vs 1, {args.encoder} (`serve_latency.py`)",
+         "target": ">= 2.5x",
+         "measured": f"{ratio:.2f}x ({s16['pairs_per_s']:.0f} vs {s1['pairs_per_s']:.0f} pairs/s)",
+         "met": "yes" if ratio >= 2.5 else "no"},
+    ]
+    if "load" in result:
+        load = result["load"]
+        rows.append({"what": f"`/score` under {args.load_seconds:.0f} s at concurrency 32, {args.encoder} (`serve_latency.py`)",
+                     "target": "no 5xx", "measured": f"{load['requests']} requests, {load['server_errors']} 5xx or unanswered",
+                     "met": "yes" if load["server_errors"] == 0 else "no"})
+    benchrecord.write("serve_latency", vars(args), result, rows, tag=args.encoder)
 
 
 def tiny_encoder(path: str) -> str:

@@ -286,6 +286,7 @@ def fit(
                     "loss": sum(recent) / len(recent),
                     "seconds_per_step": (time.monotonic() - t0) / max(1, step - n0),
                     "samples_per_second": (step - n0) * per_worker * world / max(1e-9, time.monotonic() - t0),
+                    "torch_threads": torch.get_num_threads(),  # what the worker computed with (Ray sets it from its CPUs)
                 }
                 on_checkpoint(state(), metrics)
             if done:

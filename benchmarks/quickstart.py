@@ -1,0 +1,87 @@
+"""The quickstart, every stage: what `make demo` runs (`manifests/samples/quickstart.yaml`), timed, with its
+student's quality and the gate's two verdicts, in one run.
+
+The sample exactly as shipped, except its storage (a fresh directory, so every stage runs: nothing is
+reused) and serving's port (a claimed free one; the served student is shut down when the run ends, where
+`make demo` keeps it up). The environment's set-up (`make dev`) is not included. Wall time is the run's
+own clock; per-stage seconds come from the stages' manifests.
+
+    .venv/bin/python benchmarks/quickstart.py [--sample manifests/samples/quickstart.yaml]
+
+Writes `benchmarks/records/quickstart.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from kubedistill import benchrecord, runner, spec
+from kubedistill.core.ports import Ports
+from kubedistill.core.stage import MANIFEST
+from kubedistill.core.storage import Storage
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Tee(io.StringIO):
+    def write(self, s: str) -> int:
+        sys.stdout.write(s)
+        return super().write(s)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sample", default=str(ROOT / "manifests/samples/quickstart.yaml"))
+    ap.add_argument("--target-minutes", type=float, default=15.0)
+    args = ap.parse_args()
+    doc = yaml.safe_load(Path(args.sample).read_text())
+    store = tempfile.mkdtemp(prefix="kd-quickstart-bench-")
+    doc["spec"]["storage"]["uri"] = store
+    run = spec.parse_run(doc)
+    t0 = time.monotonic()
+    with Ports.claim(1) as port:
+        status = runner.run_local(run, out=Tee(), serve_port=port[0])
+    wall = time.monotonic() - t0
+    st = Storage(f"{store}/{run.name}")
+    phases = {s.name: s.phase for s in status.stages}
+    seconds = {}
+    for name in phases:
+        m = st.read_json(f"{name}/{MANIFEST}") if st.exists(f"{name}/{MANIFEST}") else None
+        if m:
+            seconds[name] = m.get("seconds")
+    ev = st.read_json(f"evaluate/{MANIFEST}")
+    report = Storage(ev["artifact"]).read_json("metrics.json")
+    models = {n: {"macro_f1": m["macro_f1"], "auc": m["auc_ovr"], "accuracy": m["accuracy"]} for n, m in report["models"].items()}
+    gate = report["gate"]
+    checks = {c["rule"]: c for c in gate.get("checks", [])}
+    compare = checks.get("minGainOverBaseline")
+    quality = f"student macro-F1 {models['student']['macro_f1']:.3f}" if "student" in models else "no student"
+    if compare:
+        quality += (f" vs lexical {compare['baseline_macro_f1']:.3f} (gain {compare['value']:+.3f}, 90% interval "
+                    f"[{compare['interval'][0]:+.3f}, {compare['interval'][1]:+.3f}])")
+    verdicts = ", ".join(f"{rule} {c['threshold']} {'passed' if c['passed'] else 'failed'}" for rule, c in checks.items())
+    served = phases.get("serve") == "Succeeded"
+    minutes, secs = divmod(round(wall), 60)
+    row: benchrecord.Row = {
+        "what": "quickstart, every stage (`quickstart.py`: the sample `make demo` runs, fresh storage, set-up excluded)",
+        "target": f"<= {args.target_minutes:.0f} min on 2 cores",
+        "measured": f"{minutes} min {secs} s, {status.phase}; {quality}; gate: {verdicts}; "
+                    f"{'served' if served else 'not served'}",
+        "met": ("yes" if wall <= args.target_minutes * 60 and status.phase == "Succeeded" else "no") + " (time)"
+               + ("" if gate["passed"] else "; the student does not pass its gate"),
+    }
+    print(f"\nwall {wall:.0f} s; stages {seconds}; {row['measured']}")
+    benchrecord.write("quickstart", vars(args),
+                      {"wall_seconds": wall, "phase": status.phase, "stages": phases, "stage_seconds": seconds,
+                       "models": models, "gate": gate, "served": served}, [row])
+
+
+if __name__ == "__main__":
+    main()
