@@ -1,7 +1,8 @@
-"""Rewrite the generated blocks of README.md: the resource reference (`kubedistill reference`, from the
-spec models), the stage registry's table (`kubedistill.core.registry`) and the benchmarks table (the "Summary" section of benchmarks/RESULTS.md, where results
-are recorded). Each block sits between `<!-- BEGIN <name> -->` and `<!-- END <name> -->`;
-tests/unit/test_docs.py fails when the README's copy is stale.
+"""Rewrite the generated blocks of README.md and benchmarks/RESULTS.md: the resource reference (`kubedistill
+reference`, from the spec models), the stage registry's table (`kubedistill.core.registry`) and the benchmarks
+summary (`kubedistill.benchrecord.summary_markdown`, from the JSON records the benchmark scripts wrote to
+benchmarks/records/; the same table in both files). Each block sits between `<!-- BEGIN <name> -->` and
+`<!-- END <name> -->`; tests/unit/test_docs.py fails when either file is stale.
 
 Usage: python scripts/render_readme.py        (make docs)
 """
@@ -13,34 +14,32 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from kubedistill import benchrecord  # noqa: E402
 from kubedistill.cluster.crd import reference_markdown  # noqa: E402
 from kubedistill.core.pipeline import registry_markdown  # noqa: E402
-
-
-def benchmarks_summary(results: str) -> str:
-    """The body of RESULTS.md's `## Summary` section (up to the next `## ` heading)."""
-    m = re.search(r"^## Summary\n(.*?)(?=^## )", results, flags=re.S | re.M)
-    if not m:
-        raise ValueError("benchmarks/RESULTS.md has no '## Summary' section")
-    return m.group(1).strip() + "\n"
 
 
 def blocks() -> dict[str, str]:
     return {"reference": reference_markdown(),
             "stages": registry_markdown(),
-            "benchmarks": benchmarks_summary((ROOT / "benchmarks" / "RESULTS.md").read_text())}
+            "benchmarks": benchrecord.summary_markdown(benchrecord.load())}
 
 
-def render(readme: str) -> str:
-    """`readme` with every generated block replaced by its current text."""
+def render(readme: str, names: tuple[str, ...] = ("reference", "stages", "benchmarks")) -> str:
+    """`readme` with the generated blocks `names` replaced by their current text."""
     for name, body in blocks().items():
+        if name not in names:
+            continue
         pattern = re.compile(rf"(<!-- BEGIN {name} -->\n).*?(<!-- END {name} -->)", flags=re.S)
         if not pattern.search(readme):
-            raise ValueError(f"README.md has no '<!-- BEGIN {name} -->' ... '<!-- END {name} -->' block")
+            raise ValueError(f"no '<!-- BEGIN {name} -->' ... '<!-- END {name} -->' block")
         readme = pattern.sub(lambda m: m.group(1) + body + m.group(2), readme)
     return readme
 
 
+RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+
 if __name__ == "__main__":
     path = ROOT / "README.md"
     path.write_text(render(path.read_text()))
+    RESULTS.write_text(render(RESULTS.read_text(), ("benchmarks",)))

@@ -1,0 +1,70 @@
+"""Benchmark records: every script writes one, the summary tables are generated from them."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from kubedistill import benchrecord
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPTS = sorted(p.stem for p in (ROOT / "benchmarks").glob("*.py"))
+
+
+def _row(what: str = "x vs y") -> benchrecord.Row:
+    return {"what": what, "target": ">= 2x", "measured": "2.5x", "met": "yes"}
+
+
+def test_a_record_holds_machine_commit_arguments_numbers_and_rows(tmp_path):
+    path = benchrecord.write("demo", {"seeds": [0, 1]}, {"ratio": 2.5, "runs": [2.4, 2.6]}, [_row()], tag="t",
+                             records=tmp_path)
+    assert path == tmp_path / "demo-t.json" and not list(tmp_path.glob("*.tmp"))
+    record = json.loads(path.read_text())
+    assert re.fullmatch(r"[0-9a-f]{40}", record["commit"]) and isinstance(record["dirty"], bool)
+    assert {"cpu", "cores", "torch", "torch_threads", "ray", "python"} <= set(record["machine"])
+    assert record["arguments"] == {"seeds": [0, 1]} and record["results"]["runs"] == [2.4, 2.6]
+    (loaded,) = benchrecord.load(tmp_path)
+    assert loaded["rows"] == [_row()] and loaded["file"] == "demo-t.json"
+
+
+def test_a_row_without_its_fields_or_a_file_that_is_not_a_record_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"missing \['met'\]"):
+        benchrecord.write("demo", {}, {}, [{"what": "x", "target": "y", "measured": "z"}], records=tmp_path)
+    assert not list(tmp_path.iterdir())  # nothing half-written
+    (tmp_path / "notes.json").write_text(json.dumps({"benchmark": "x"}))
+    with pytest.raises(ValueError, match="notes.json: not a benchmark record"):
+        benchrecord.load(tmp_path)
+
+
+def test_each_summary_row_names_its_script_date_and_commit(tmp_path):
+    benchrecord.write("crsd_step", {}, {}, [_row("CRSD step | vs CE")], records=tmp_path)
+    record = json.loads((tmp_path / "crsd_step.json").read_text())
+    record.update(commit="0123456789abcdef" * 2 + "01234567", dirty=True, date="2026-12-01")
+    (tmp_path / "crsd_step.json").write_text(json.dumps(record))
+    table = benchrecord.summary_markdown(benchrecord.load(tmp_path))
+    row = next(line for line in table.splitlines() if line.startswith("| CRSD"))
+    assert row == ("| CRSD step \\| vs CE | >= 2x | 2.5x | yes | `crsd_step.py`, 2026-12-01, `0123456` "
+                   "+ uncommitted changes |")
+
+
+def test_every_benchmark_script_writes_a_record_and_its_record_is_here():
+    recorded = {r["benchmark"] for r in benchrecord.load()}
+    for script in SCRIPTS:
+        assert "benchrecord.write(" in (ROOT / "benchmarks" / f"{script}.py").read_text(), f"{script}.py writes no record"
+        assert script in recorded, f"no record of benchmarks/{script}.py in benchmarks/records/: run it"
+    assert recorded <= set(SCRIPTS), "a record of a script that no longer exists"
+    for r in benchrecord.load():
+        assert r["rows"], f"{r['file']}: no summary row"
+
+
+def test_the_results_summary_is_generated_from_the_records_and_current():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("render_readme", ROOT / "scripts" / "render_readme.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    results = (ROOT / "benchmarks" / "RESULTS.md").read_text()
+    assert mod.render(results, ("benchmarks",)) == results, "benchmarks/RESULTS.md is stale: run `make docs`"
+    table = benchrecord.summary_markdown(benchrecord.load())
+    assert table in results and table in (ROOT / "README.md").read_text()
