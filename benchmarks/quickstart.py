@@ -51,11 +51,12 @@ def main() -> None:
     wall = time.monotonic() - t0
     st = Storage(f"{store}/{run.name}")
     phases = {s.name: s.phase for s in status.stages}
-    seconds = {}
+    seconds, stage_metrics = {}, {}
     for name in phases:
         m = st.read_json(f"{name}/{MANIFEST}") if st.exists(f"{name}/{MANIFEST}") else None
         if m:
             seconds[name] = m.get("seconds")
+            stage_metrics[name] = m.get("metrics", {})
     ev = st.read_json(f"evaluate/{MANIFEST}")
     report = Storage(ev["artifact"]).read_json("metrics.json")
     models = {n: {"macro_f1": m["macro_f1"], "auc": m["auc_ovr"], "accuracy": m["accuracy"]} for n, m in report["models"].items()}
@@ -80,6 +81,7 @@ def main() -> None:
     print(f"\nwall {wall:.0f} s; stages {seconds}; {row['measured']}")
     benchrecord.write("quickstart", vars(args),
                       {"wall_seconds": wall, "phase": status.phase, "stages": phases, "stage_seconds": seconds,
+                       "stage_metrics": stage_metrics,
                        "models": models, "gate": gate, "served": served}, [row])
 
 

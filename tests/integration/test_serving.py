@@ -135,9 +135,41 @@ def test_hostile_requests_mixed_into_a_full_load_fail_alone(served):
     assert report[0].statuses == {200: 120}, report[0].summary()
 
 
+def _metrics(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        return r.read().decode()
+
+
+def _sample(text: str, name: str, le: str | None = None) -> float:
+    """The sum over label sets of a Prometheus sample (`le`: one histogram bucket)."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            if le is None or f'le="{le}"' in line:
+                total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
 def test_concurrent_requests_are_batched_and_none_fails(served):
-    report = run_load(served["url"], GOOD, concurrency=16, requests=160)
-    assert report.statuses == {200: 160}, report.summary()
+    """16 clients at once against a replica that waits up to 100 ms to fill a batch of 8 pairs (4 requests of
+    2 services): the app's own histogram of pairs per model call shows calls of more than one request."""
+    app = dict(maxServices=8, maxTextChars=200)
+    serving.deploy(serving.AppArgs(model=served["v1"], batchWaitMs=100, maxBatchPairs=8, **app), port=served["port"])
+    try:
+        before = _metrics(served["metrics"])
+        report = run_load(served["url"], GOOD, concurrency=16, requests=160)
+        assert report.statuses == {200: 160}, report.summary()
+        pairs = "ray_kubedistill_scored_pairs_total"
+        want = _sample(before, pairs) + 160 * len(GOOD["services"])
+        _wait("the load's pairs in the exported metrics", lambda: _sample(_metrics(served["metrics"]), pairs) >= want)
+        after = _metrics(served["metrics"])
+        calls = _sample(after, "ray_kubedistill_batch_pairs_count") - _sample(before, "ray_kubedistill_batch_pairs_count")
+        one_request = (_sample(after, "ray_kubedistill_batch_pairs_bucket", "2.0")
+                       - _sample(before, "ray_kubedistill_batch_pairs_bucket", "2.0"))
+        # 320 pairs in fewer model calls than requests: most calls carried several requests
+        assert 0 < calls < 160 and calls - one_request > 0, (calls, one_request)
+    finally:
+        serving.deploy(serving.AppArgs(model=served["v1"], **app), port=served["port"])
 
 
 def test_a_missing_artifact_is_refused_and_the_current_version_keeps_serving(served, tmp_path):

@@ -27,9 +27,18 @@ def test_s3_roundtrip_list_delete(bucket):
 def test_endpoint_from_spec_overrides_environment(bucket, s3_env, monkeypatch):
     from kubedistill.core.storage import S3Options
 
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
-    st = Storage(f"s3://{bucket}/x", S3Options.from_env(endpoint=s3_env.endpoint))
+    opts = S3Options.from_env(endpoint=s3_env.endpoint)
+    assert opts.endpoint == s3_env.endpoint
+    st = Storage(f"s3://{bucket}/x", opts)
     st.check_writable()
+    st.write_json("probe.json", {"written": "through the spec's endpoint"})
+    # the object is on the real server the spec named (read back by a client that only knows that server)
+    assert Storage(f"s3://{bucket}/x", S3Options.from_env(endpoint=s3_env.endpoint)).read_json("probe.json") == {
+        "written": "through the spec's endpoint"}
+    with pytest.raises(StorageError, match="endpoint"):  # while the environment's endpoint alone reaches nothing
+        Storage(f"s3://{bucket}/x", S3Options.from_env()).check_writable()
 
 
 def test_wrong_credentials_are_rejected_with_a_hint(bucket, monkeypatch):

@@ -61,8 +61,10 @@ def test_serve_config_is_valid_for_ray_serve_and_is_the_local_apps_args():
     (app,) = config.applications
     assert app.import_path == "ray_apps.student:app" and app.route_prefix == "/"
     args = serving.AppArgs.model_validate(app.args)
-    assert args == serving.app_args(run.spec.serving, MODEL, run.spec.storage.endpoint, run.spec.storage.region)
-    assert args.model == MODEL and args.max_services == 50 and args.storage_endpoint == "http://minio:9000"
+    # every field from where it is written: the spec's serving block (set and default), the model, the storage
+    assert (args.model, args.max_services, args.batch_wait_ms) == (MODEL, 50, 1)
+    assert args.replicas.max == spec.ServingSpec().replicas.max and args.max_batch_pairs == spec.ServingSpec().max_batch_pairs
+    assert args.storage_endpoint == "http://minio:9000" and args.storage_region is None  # none in the spec: the pod's $AWS_REGION decides
     module, attr = app.import_path.split(":")
     assert getattr(importlib.import_module(module), attr) is serving.build_app
 

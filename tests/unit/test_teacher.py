@@ -110,7 +110,10 @@ def tiny():
     g = data.generate(LABELS, 30, 20, 3, 30, 10, 0)
     texts = [r["text"] for r in g.corpus] + [fmt.prompt(r) + fmt.response(r["reasoning"], r["label"]) for r in g.sft]
     model, tok = lm.scratch("scratch:llama-tiny", texts)
-    return model, tok, g
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    yield model, tok, g
+    # shared by the module's tests: one that trained it in place would change what the later ones see
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "a test mutated the shared model"
 
 
 def test_encode_trains_only_the_response_and_its_end(tiny):
@@ -130,7 +133,8 @@ def test_combined_reward_weights_dimensions():
 
 
 def test_fit_resumed_from_a_checkpoint_ends_where_an_uninterrupted_run_does(tiny):
-    model, tok, g = tiny
+    shared, tok, g = tiny
+    model = copy.deepcopy(shared)  # trained in place below
     rows = [{"text": r["text"]} for r in g.corpus]
     cfg = train.TrainConfig(task="lm", start="", examples_uri="", train=TrainSpec(epochs=1, learning_rate=1e-3, batch_size=4, max_steps=6), checkpoint_every=3)
     init = {k: v.clone() for k, v in model.state_dict().items()}
@@ -227,19 +231,32 @@ def test_perplexity_of_a_model_that_learned_the_text_is_lower(tiny):
     assert stages.perplexity(m, tok, texts) < before <= len(tok) * 3
 
 
-def test_lora_fine_tuning_trains_adapters_only_and_merges_into_the_base_shape(tiny):
-    import copy
+def test_lora_through_the_stages_own_build_train_checkpoint_and_merge(tiny, tmp_path):
+    """The path the teacher stages take with `lora:` (train.build wraps the start model, train.fit trains it,
+    the checkpoint holds its state, stages._trained reloads and merges): the adapters alone train, and the
+    merged model computes what the trained unmerged one did, in the base model's shape."""
+    import ray.train
+
+    from kubedistill.ml import raytrain
 
     model, tok, g = tiny
-    cfg = train.TrainConfig(task="lm", start="", examples_uri="", train=TrainSpec(epochs=1, learning_rate=1e-2, batch_size=4, max_steps=3), lora=LoraSpec(r=4, alpha=8, dropout=0.0))
-    from peft import LoraConfig, get_peft_model
-
-    base = copy.deepcopy(model)
-    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM"))
+    start = tmp_path / "start"
+    lm.save(model, tok, Storage(str(start)))
+    cfg = train.TrainConfig(task="lm", start=str(start), examples_uri="",
+                            train=TrainSpec(epochs=1, learning_rate=1e-2, batch_size=4, max_steps=3),
+                            lora=LoraSpec(r=4, alpha=8, dropout=0.0))
+    peft_model, tokenizer, frozen = train.build(cfg, None, reference=False)
     trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
-    assert trainable and all("lora_" in n for n in trainable)
+    assert frozen is None and trainable and all("lora_" in n for n in trainable)
+    base = {k: v.clone() for k, v in lm.load(str(start), "start")[0].state_dict().items()}
     ex = [{"prompt": fmt.prompt(r), "response": fmt.response(r["reasoning"], r["label"])} for r in g.sft[:8]]
-    train.fit(cfg, peft_model, tok, None, ex)
-    merged = peft_model.merge_and_unload()
-    assert set(merged.state_dict()) == set(base.state_dict())
-    assert any(not torch.equal(merged.state_dict()[k], base.state_dict()[k]) for k in base.state_dict())
+    state = train.fit(cfg, peft_model, tokenizer, None, ex)["state"]
+    (tmp_path / "ckpt").mkdir()
+    torch.save(state, tmp_path / "ckpt" / raytrain.STATE_FILE)
+    merged, _ = stages._trained(cfg, ray.train.Checkpoint.from_directory(str(tmp_path / "ckpt")), None)
+    assert set(merged.state_dict()) == set(base)  # no adapter left: the base model's own parameter names
+    assert any(not torch.equal(merged.state_dict()[k], base[k]) for k in base)  # and the training is in it
+    batch = tok([fmt.prompt(r) for r in g.eval[:3]], return_tensors="pt", padding=True)
+    peft_model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch).logits, peft_model(**batch).logits, rtol=1e-4, atol=1e-4)
