@@ -37,7 +37,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kubedistill import benchrecord, runner, spec
+from kubedistill import benchrecord, runner
+from kubedistill.core import spec
 from kubedistill.core.stage import MANIFEST
 from kubedistill.core.storage import Storage
 from kubedistill.stages import data

@@ -29,7 +29,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kubedistill import benchrecord, prune
+from kubedistill import benchrecord
+from kubedistill.ml import prune
 from kubedistill.stages import data
 from kubedistill.stages import prune_search as ps
 from kubedistill.stages.teacher import fmt, lm

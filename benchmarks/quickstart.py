@@ -22,7 +22,8 @@ from pathlib import Path
 
 import yaml
 
-from kubedistill import benchrecord, runner, spec
+from kubedistill import benchrecord, runner
+from kubedistill.core import spec
 from kubedistill.core.ports import Ports
 from kubedistill.core.stage import MANIFEST
 from kubedistill.core.storage import Storage

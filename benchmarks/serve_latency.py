@@ -133,3 +133,7 @@ def tiny_encoder(path: str) -> str:
                          intermediate_size=64, max_position_embeddings=256)).save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+if __name__ == "__main__":
+    main()

@@ -68,3 +68,17 @@ def test_the_results_summary_is_generated_from_the_records_and_current():
     assert mod.render(results, ("benchmarks",)) == results, "benchmarks/RESULTS.md is stale: run `make docs`"
     table = benchrecord.summary_markdown(benchrecord.load())
     assert table in results and table in (ROOT / "README.md").read_text()
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_benchmark_script_imports_against_the_current_package(script, monkeypatch):
+    """A benchmark that no longer imports (a module moved) cannot reproduce its record."""
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(f"bench_{script}", ROOT / "benchmarks" / f"{script}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert callable(mod.main)
+    text = (ROOT / "benchmarks" / f"{script}.py").read_text()
+    assert text.rstrip().endswith('if __name__ == "__main__":\n    main()'), f"{script}.py never calls main()"
