@@ -87,6 +87,7 @@ def in_process(model_dir: str, prompts: list[str], max_tokens: int, batch: int, 
     tokens = sum(n for _, n in out)
     parsed = sum(fmt.try_parse(text, LABELS) is not None for text, _ in out)
     return {"prompts": len(prompts), "batch": batch, "torch_threads": torch.get_num_threads(), "tokens": tokens,
+            "parameters": sum(p.numel() for p in model.parameters()),
             "seconds": dt, "tokens_per_s": tokens / dt, "rows_per_s": len(prompts) / dt,
             "parse_rate": parsed / len(prompts)}
 
