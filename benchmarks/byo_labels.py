@@ -18,6 +18,9 @@ Arms per (size N, seed), each on the first N pool rows, early-stopped on held-ou
   (what `annotation.mode: rationalize` with a crsd student does);
 - ce-kept: CE on exactly the rows crsd keeps (separates the agreement filter's effect from the reasoning's).
 
+Fairness: at each size every arm starts from the first N pool rows, the same seeds and settings, and is
+scored on the same eval pairs; the lexical baseline learns from the same N labels.
+
 Settings are fixed before the run for a few hundred rows (MiniLM-L6, max length 48 (+48 reasoning tokens),
 batch 16, lr 2e-4, 10 epochs, the weights of the epoch with the best validation macro-F1 kept); nothing is
 tuned on the eval set. Early stopping is off: on a few dozen validation pairs the first epochs sit at chance

@@ -16,6 +16,10 @@ crsd (the spec's defaults: forward-only reasoning view, teacherGrad false); crsd
 true: the reasoning view's CE trains the encoder too); crsd-nosg (crsd-full without stop-gradient
 in the alignment terms).
 
+Fairness: every variant trains from the same initial weights (the seed), on the same rows, splits and
+batches, for the same steps, and is scored on the same eval pairs from the standard input only; the lexical
+baseline learns from the same training rows.
+
 `--reasoning` rewrites the training reasoning to test how much its content matters (the eval set is
 scored from the standard input, so only training changes): full (the oracle's chain); noverdict (the
 concluding phrases removed: "meets every constraint", "unrelated to the query", ...); evidence (only

@@ -16,6 +16,9 @@ Each trained arm is scored twice on eval: its argmax, and with the temperature a
 on the validation split (`student.calibrate`: the stage's own code; eval never reaches the fit). The lexical
 baseline gets the same treatments (weights; offsets on validation). Nothing is tuned on eval.
 
+Fairness: every arm of a mix trains on the same rows from the same seed, with the same budget and
+early stopping, and is scored on the same eval pairs; the lexical baseline gets each treatment too.
+
     .venv/bin/python benchmarks/imbalance.py [--seeds 0 1 2] [--mixes ...] [--tag NAME]
 
 Prints macro-F1, every grade's recall and ECE (mean ± sd over seeds) per mix and arm, and the differences to
