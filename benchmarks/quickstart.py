@@ -4,7 +4,7 @@ student's quality and the gate's two verdicts, in one run.
 The sample exactly as shipped, except its storage (a fresh directory, so every stage runs: nothing is
 reused) and serving's port (a claimed free one; the served student is shut down when the run ends, where
 `make demo` keeps it up). The environment's set-up (`make dev`) is not included. Wall time is the run's
-own clock; per-stage seconds come from the stages' manifests. The student's comparison is the evaluate
+own clock; per-stage seconds come from the stages' manifests. Fairness: the student's comparison is the evaluate
 stage's own: the lexical baseline trained on the same rows, scored on the same eval pairs, with the
 paired-bootstrap interval of the gain.
 

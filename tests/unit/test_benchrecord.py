@@ -80,5 +80,6 @@ def test_every_benchmark_script_imports_against_the_current_package(script, monk
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     assert callable(mod.main)
+    assert "fair" in mod.__doc__.lower(), f"{script}.py: its docstring does not state its fairness conditions"
     text = (ROOT / "benchmarks" / f"{script}.py").read_text()
     assert text.rstrip().endswith('if __name__ == "__main__":\n    main()'), f"{script}.py never calls main()"
