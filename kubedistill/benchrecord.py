@@ -135,8 +135,15 @@ def _machine_text(m: dict[str, Any]) -> str:
     return f"{m['cpu']}, {m['cores']} cores{gpu}"
 
 
-def summary_markdown(records: list[dict[str, Any]]) -> str:
-    """The summary table: every row of every record, each with its record's date, commit and machine."""
+def unrecorded(records: list[dict[str, Any]], scripts_dir: Path = RECORDS.parent) -> list[str]:
+    """The benchmark scripts that have no record yet."""
+    have = {r["benchmark"] for r in records}
+    return sorted(p.stem for p in scripts_dir.glob("*.py") if p.stem not in have)
+
+
+def summary_markdown(records: list[dict[str, Any]], missing: list[str] | None = None) -> str:
+    """The summary table: every row of every record, each with its record's date, commit and machine; then
+    the scripts with no record (`missing`), named so the gap shows."""
     rank = {name: i for i, name in enumerate(ORDER)}
     ordered = sorted(records, key=lambda r: (rank.get(r["benchmark"], len(ORDER)), r["benchmark"], r.get("tag", "")))
     machines = sorted({_machine_text(r["machine"]) for r in ordered})
@@ -153,4 +160,7 @@ def summary_markdown(records: list[dict[str, Any]]) -> str:
         for row in r["rows"]:
             cells = [row["what"], row["target"], row["measured"], row["met"], source]
             lines.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
+    if missing:
+        names = ", ".join(f"`{m}.py`" for m in missing)
+        lines += ["", f"No record yet (not re-measured since records began; see its dated section in RESULTS.md): {names}."]
     return "\n".join(lines) + "\n"

@@ -22,7 +22,7 @@ from kubedistill.core.pipeline import registry_markdown  # noqa: E402
 def blocks() -> dict[str, str]:
     return {"reference": reference_markdown(),
             "stages": registry_markdown(),
-            "benchmarks": benchrecord.summary_markdown(benchrecord.load())}
+            "benchmarks": benchrecord.summary_markdown(records := benchrecord.load(), benchrecord.unrecorded(records))}
 
 
 def render(readme: str, names: tuple[str, ...] = ("reference", "stages", "benchmarks")) -> str:

@@ -48,11 +48,22 @@ def test_each_summary_row_names_its_script_date_and_commit(tmp_path):
                    "+ uncommitted changes |")
 
 
+# Scripts whose record is still to be made, each with why: the summary names them under its table.
+NOT_YET_RECORDED = {
+    "byo_labels": "about 35 minutes of 2 cores (27 students and a 1,500-step teacher); measured 2026-12-01 before "
+                  "records existed, its numbers are in its dated RESULTS.md section",
+}
+
+
 def test_every_benchmark_script_writes_a_record_and_its_record_is_here():
     recorded = {r["benchmark"] for r in benchrecord.load()}
     for script in SCRIPTS:
         assert "benchrecord.write(" in (ROOT / "benchmarks" / f"{script}.py").read_text(), f"{script}.py writes no record"
+        if script in NOT_YET_RECORDED:
+            assert script not in recorded, f"{script} has a record now: take it off NOT_YET_RECORDED"
+            continue
         assert script in recorded, f"no record of benchmarks/{script}.py in benchmarks/records/: run it"
+    assert benchrecord.unrecorded(benchrecord.load()) == sorted(NOT_YET_RECORDED)
     assert recorded <= set(SCRIPTS), "a record of a script that no longer exists"
     for r in benchrecord.load():
         assert r["rows"], f"{r['file']}: no summary row"
@@ -66,7 +77,10 @@ def test_the_results_summary_is_generated_from_the_records_and_current():
     spec.loader.exec_module(mod)
     results = (ROOT / "benchmarks" / "RESULTS.md").read_text()
     assert mod.render(results, ("benchmarks",)) == results, "benchmarks/RESULTS.md is stale: run `make docs`"
-    table = benchrecord.summary_markdown(benchrecord.load())
+    records = benchrecord.load()
+    table = benchrecord.summary_markdown(records, benchrecord.unrecorded(records))
+    for script in NOT_YET_RECORDED:  # the gap is named under the table
+        assert f"`{script}.py`" in table.split("No record yet")[1]
     assert table in results and table in (ROOT / "README.md").read_text()
 
 
