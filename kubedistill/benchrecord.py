@@ -162,5 +162,8 @@ def summary_markdown(records: list[dict[str, Any]], missing: list[str] | None = 
             lines.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
     if missing:
         names = ", ".join(f"`{m}.py`" for m in missing)
-        lines += ["", f"No record yet (not re-measured since records began; see its dated section in RESULTS.md): {names}."]
+        lines += [
+            "",
+            f"No record yet (not re-measured since records began; see its dated section in RESULTS.md): {names}.",
+        ]
     return "\n".join(lines) + "\n"
