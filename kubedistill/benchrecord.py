@@ -52,16 +52,15 @@ def machine() -> dict[str, Any]:
     return facts
 
 
-def git_state(root: Path = RECORDS.parent.parent) -> dict[str, Any]:
+def git_state(root: Path = RECORDS.parent.parent, records: Path = RECORDS) -> dict[str, Any]:
     """The commit the numbers were measured on, and whether the working tree differed from it."""
 
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True).stdout.strip()
 
-    return {
-        "commit": git("rev-parse", "HEAD") or "unknown",
-        "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
-    }
+    # the records are tracked too: a run that rewrote one does not make the code differ from the commit
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", f":!{records.relative_to(root)}")
+    return {"commit": git("rev-parse", "HEAD") or "unknown", "dirty": bool(changed)}
 
 
 # captured when a benchmark script imports this module, i.e. the code it started with (a long run's record

@@ -28,6 +28,27 @@ def test_a_record_holds_machine_commit_arguments_numbers_and_rows(tmp_path):
     assert loaded["rows"] == [_row()] and loaded["file"] == "demo-t.json"
 
 
+def test_the_tree_is_dirty_when_code_differs_from_the_commit_not_when_a_record_was_rewritten(tmp_path):
+    import subprocess
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    records = tmp_path / "benchmarks" / "records"
+    records.mkdir(parents=True)
+    (records / "x.json").write_text("{}")
+    (tmp_path / "code.py").write_text("a = 1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "c")
+    assert benchrecord.git_state(tmp_path, records)["dirty"] is False
+    (records / "x.json").write_text('{"rewritten": true}')  # an earlier benchmark of the same pass
+    assert benchrecord.git_state(tmp_path, records)["dirty"] is False
+    (tmp_path / "code.py").write_text("a = 2\n")
+    assert benchrecord.git_state(tmp_path, records)["dirty"] is True
+
+
 def test_a_row_without_its_fields_or_a_file_that_is_not_a_record_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"missing \['met'\]"):
         benchrecord.write("demo", {}, {}, [{"what": "x", "target": "y", "measured": "z"}], records=tmp_path)
