@@ -70,10 +70,7 @@ def test_each_summary_row_names_its_script_date_and_commit(tmp_path):
 
 
 # Scripts whose record is still to be made, each with why: the summary names them under its table.
-NOT_YET_RECORDED = {
-    "byo_labels": "about 35 minutes of 2 cores (27 students and a 1,500-step teacher); measured 2026-12-01 before "
-                  "records existed, its numbers are in its dated RESULTS.md section",
-}
+NOT_YET_RECORDED: dict[str, str] = {}
 
 
 def test_every_benchmark_script_writes_a_record_and_its_record_is_here():
