@@ -19,20 +19,22 @@ from kubedistill.cluster.crd import reference_markdown  # noqa: E402
 from kubedistill.core.pipeline import registry_markdown  # noqa: E402
 
 
-def blocks() -> dict[str, str]:
-    return {"reference": reference_markdown(),
-            "stages": registry_markdown(),
-            "benchmarks": benchrecord.summary_markdown(records := benchrecord.load(), benchrecord.unrecorded(records))}
+def _benchmarks() -> str:
+    records = benchrecord.load()
+    return benchrecord.summary_markdown(records, benchrecord.unrecorded(records))
+
+
+#: each generated block and what renders it (only the blocks a file holds are rendered)
+BLOCKS = {"reference": reference_markdown, "stages": registry_markdown, "benchmarks": _benchmarks}
 
 
 def render(readme: str, names: tuple[str, ...] = ("reference", "stages", "benchmarks")) -> str:
     """`readme` with the generated blocks `names` replaced by their current text."""
-    for name, body in blocks().items():
-        if name not in names:
-            continue
+    for name in names:
         pattern = re.compile(rf"(<!-- BEGIN {name} -->\n).*?(<!-- END {name} -->)", flags=re.S)
         if not pattern.search(readme):
             raise ValueError(f"no '<!-- BEGIN {name} -->' ... '<!-- END {name} -->' block")
+        body = BLOCKS[name]()
         readme = pattern.sub(lambda m: m.group(1) + body + m.group(2), readme)
     return readme
 
