@@ -29,7 +29,7 @@ demo: $(STAMP)
 
 # ruff (lint and format check) and mypy over the package and its shells (configured in pyproject.toml);
 # `make test` runs them first
-LINTED := kubedistill operator ray_apps
+LINTED := kubedistill operator ray_apps examples
 lint: $(STAMP)
 	$(BIN)/ruff check $(LINTED)
 	$(BIN)/ruff format --check $(LINTED)
@@ -49,9 +49,11 @@ crd: $(STAMP)
 	$(BIN)/kubedistill crd > manifests/crds/kubedistill.io_distillationruns.yaml
 	cp manifests/crds/*.yaml charts/kubedistill/crds/
 
-# README.md's generated blocks: the resource reference (spec models) and the benchmarks table (RESULTS.md)
+# README.md's generated blocks (spec reference, benchmarks table) and the student app's OpenAPI document
 docs: $(STAMP)
 	$(BIN)/python scripts/render_readme.py
+	$(BIN)/python -c "import json; from kubedistill.stages.serving import openapi_document; \
+		print(json.dumps(openapi_document(), indent=2))" > ray_apps/student.openapi.json
 
 # manifests/rbac and manifests/operator: the chart rendered with its defaults (for kubectl apply -k)
 manifests: $(STAMP)

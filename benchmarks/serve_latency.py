@@ -1,17 +1,24 @@
-"""Latency and throughput of the served student vs the bare in-process model call, in one run.
+"""Latency and throughput of the student per runtime, bare and served, in one run.
 
-Exports a MiniLM student (the quickstart's architecture; weights do not change the timing), then
-  1. bare: `LoadedStudent.predict_texts` on one query with 10 services, in this process;
-  2. Serve: the same input as POST /score on a local Ray Serve (one replica, same torch threads),
-     at concurrency 1 (p50/p99, pairs/s) and at concurrency 16 (pairs/s);
-  3. optionally the 60 s load test at concurrency 32 (`--load-seconds 60`).
+Exports a MiniLM student (the quickstart's architecture; weights do not change the timing) with its ONNX
+exports, then
+  1. runtimes: one query with 10 and with 100 services scored in this process by torch fp32
+     (`LoadedStudent.predict_texts`), ONNX fp32 and ONNX int8 (`OnnxScorer`), interleaved, median of the
+     repetitions; target (issue 22): int8 >= 2.5x torch fp32 pairs/s;
+  2. bare: the served runtime (`--runtime`) on one query with `--services` services, in this process;
+  3. Serve: the same input as POST /score on a local Ray Serve (one replica, same threads), at concurrency
+     1 (p50/p99, pairs/s) and at concurrency 16 (pairs/s); target (issue 22): p50 <= 80 ms for 1 x 10;
+  4. optionally the 60 s load test at concurrency 32 (`--load-seconds 60`).
 Targets (issue 7): Serve p50 <= bare p50 + 5 ms; pairs/s at concurrency 16 >= 2.5x concurrency 1;
-zero 5xx in the load test.
+zero 5xx in the load test. int8's quality is not measured here (random head): the evaluate stage checks
+it on the eval set of every run (quickstart.py records it).
 
-    .venv/bin/python benchmarks/serve_latency.py [--requests 300] [--seconds 20] [--load-seconds 60]
+    .venv/bin/python benchmarks/serve_latency.py [--requests 300] [--seconds 20] [--load-seconds 60] [--runtime onnx-int8]
 
-Fairness: the bare call and the replica run the same exported model on the same request with the same
-torch threads (`--threads`), both warmed up first. Writes `benchmarks/records/serve_latency-<encoder>.json`.
+Fairness: every runtime scores the same pairs (the same tokens: the student's input is the tokenizer's own
+pair encoding) with the same threads (`--threads`: torch's and ONNX Runtime's intra-op threads), all warmed
+up, interleaved round by round; the bare call and the replica run the same exported model on the same
+request. Writes `benchmarks/records/serve_latency-<encoder>.json`.
 """
 
 import argparse
@@ -26,7 +33,7 @@ from kubedistill.core.spec import StudentSpec
 from kubedistill.core.storage import Storage
 from kubedistill.loadtest import run_load
 from kubedistill.stages import data, serving
-from kubedistill.stages.student import StudentConfig, build_model, export, load_student, service_text
+from kubedistill.stages.student import StudentConfig, build_model, export, export_formats, load_runtime, service_text
 
 LABELS = ["irrelevant", "partial", "relevant"]
 
@@ -50,6 +57,9 @@ def main() -> None:
     ap.add_argument("--load-seconds", type=float, default=0, help="also run the load test at concurrency 32")
     ap.add_argument("--encoder", choices=["minilm", "tiny"], default="minilm",
                     help="tiny: a 2-layer, 32-wide BERT, to isolate Serve's fixed per-request cost")
+    ap.add_argument("--runtime", choices=["torch", "onnx", "onnx-int8"], default="onnx-int8",
+                    help="the runtime served (and timed bare) in steps 2-4")
+    ap.add_argument("--rounds", type=int, default=30, help="interleaved rounds per size in step 1")
     args = ap.parse_args()
 
     body = request_body(args.services)
@@ -59,10 +69,14 @@ def main() -> None:
         cfg = StudentConfig(StudentSpec(base_model=base, max_length=64), LABELS)
         torch.manual_seed(0)
         model, tok = build_model(cfg)
-        uri = export(model, tok, cfg, Storage(f"{d}/model"), {"configHash": "benchmark0000000"})
+        model.eval()
+        check = data.generate(LABELS, 60, 20, 3, 1, 10, seed=1).labeled[:20]
+        exports = export_formats(model, tok, cfg, Storage(f"{d}/model"), 1.0, None, check)
+        uri = export(model, tok, cfg, Storage(f"{d}/model"), {"configHash": "benchmark0000000", "exports": exports})
 
         torch.set_num_threads(args.threads)
-        student = load_student(uri)
+        runtimes = compare_runtimes(uri, args.threads, args.rounds)
+        student = load_runtime(uri, args.runtime, threads=args.threads)
         for _ in range(10):
             student.predict_texts(queries, texts)
         bare = []
@@ -71,7 +85,8 @@ def main() -> None:
             student.predict_texts(queries, texts)
             bare.append((time.perf_counter() - t0) * 1000)
         bare_p50, bare_p99 = float(np.percentile(bare, 50)), float(np.percentile(bare, 99))
-        print(f"bare model call ({args.encoder}, {args.services} pairs, {args.threads} threads): p50 {bare_p50:.2f} ms  p99 {bare_p99:.2f} ms")
+        print(f"bare {args.runtime} call ({args.encoder}, {args.services} pairs, {args.threads} threads): "
+              f"p50 {bare_p50:.2f} ms  p99 {bare_p99:.2f} ms")
         del student
 
         from ray import serve
@@ -81,7 +96,7 @@ def main() -> None:
 
         with local_ray(num_cpus=max(2, args.threads)), Ports.claim(1) as port:
             try:
-                url = serving.deploy(serving.AppArgs(model=uri, replicas={"min": 1, "max": 1},
+                url = serving.deploy(serving.AppArgs(model=uri, runtime=args.runtime, replicas={"min": 1, "max": 1},
                                                      cpusPerReplica=args.threads), port=port[0])
                 run_load(url, body, 4, requests=50)  # warm up connections and the replica
                 c1 = run_load(url, body, 1, requests=args.requests)
@@ -93,8 +108,8 @@ def main() -> None:
                 ratio = s16["pairs_per_s"] / s1["pairs_per_s"]
                 print(f"\nServe p50 - bare p50: {overhead:+.2f} ms (target <= +5 ms)")
                 print(f"throughput c=16 / c=1: {ratio:.2f}x (target >= 2.5x)")
-                result = {"bare": {"p50_ms": bare_p50, "p99_ms": bare_p99}, "c1": s1, "c16": s16,
-                          "overhead_ms": overhead, "throughput_ratio": ratio}
+                result = {"runtimes": runtimes, "bare": {"p50_ms": bare_p50, "p99_ms": bare_p99}, "c1": s1,
+                          "c16": s16, "overhead_ms": overhead, "throughput_ratio": ratio}
                 if args.load_seconds:
                     load = run_load(url, body, 32, duration_s=args.load_seconds)
                     sl = load.summary(args.services)
@@ -104,7 +119,18 @@ def main() -> None:
                     result["load"] = {**sl, "server_errors": load.server_errors}
             finally:
                 serve.shutdown()
+    int8 = runtimes["10"]["speedup"]["onnx-int8"]
     rows: list[benchrecord.Row] = [
+        {"what": f"ONNX int8 vs torch fp32 throughput, {args.encoder}, 1 x 10 and 1 x 100 pairs, {args.threads} threads "
+                 "(`serve_latency.py`)",
+         "target": ">= 2.5x",
+         "measured": f"{int8:.2f}x and {runtimes['100']['speedup']['onnx-int8']:.2f}x (ONNX fp32 "
+                     f"{runtimes['10']['speedup']['onnx']:.2f}x and {runtimes['100']['speedup']['onnx']:.2f}x)",
+         "met": "yes" if min(int8, runtimes["100"]["speedup"]["onnx-int8"]) >= 2.5 else "no"},
+        {"what": f"`/score` p50, {args.runtime}, {args.encoder}, 1 x {args.services} pairs (`serve_latency.py`)",
+         "target": "<= 80 ms" if args.services == 10 else "-",
+         "measured": f"{s1['p50_ms']:.1f} ms (p99 {s1['p99_ms']:.1f} ms)",
+         "met": ("yes" if s1["p50_ms"] <= 80 else "no") if args.services == 10 else "-"},
         {"what": f"`/score` latency over the bare model, {args.encoder}, {args.services} pairs, {args.threads} threads "
                  f"(`serve_latency.py`)",
          "target": "<= +5 ms p50",
@@ -121,6 +147,30 @@ def main() -> None:
                      "target": "no 5xx", "measured": f"{load['requests']} requests, {load['server_errors']} 5xx or unanswered",
                      "met": "yes" if load["server_errors"] == 0 else "no"})
     benchrecord.write("serve_latency", vars(args), result, rows, tag=args.encoder)
+
+
+def compare_runtimes(uri: str, threads: int, rounds: int) -> dict:
+    """Per size (1 x 10, 1 x 100 pairs): each runtime's median ms and pairs/s over `rounds` interleaved rounds,
+    and its pairs/s over torch fp32's."""
+    out = {}
+    scorers = {r: load_runtime(uri, r, threads=threads) for r in ("torch", "onnx", "onnx-int8")}
+    for n in (10, 100):
+        body = request_body(n)
+        queries, texts = [body["query"]] * n, [s["text"] for s in body["services"]]
+        times: dict[str, list[float]] = {r: [] for r in scorers}
+        for _ in range(3):  # warm up
+            for s in scorers.values():
+                s.predict_texts(queries, texts, batch_size=n)
+        for _ in range(rounds):
+            for r, s in scorers.items():
+                t0 = time.perf_counter()
+                s.predict_texts(queries, texts, batch_size=n)
+                times[r].append((time.perf_counter() - t0) * 1000)
+        ms = {r: float(np.median(t)) for r, t in times.items()}
+        out[str(n)] = {"median_ms": ms, "pairs_per_s": {r: n / (m / 1000) for r, m in ms.items()},
+                       "speedup": {r: ms["torch"] / m for r, m in ms.items()}}
+        print(f"1 x {n}: " + "  ".join(f"{r} {ms[r]:.1f} ms ({ms['torch'] / ms[r]:.2f}x)" for r in scorers))
+    return out
 
 
 def tiny_encoder(path: str) -> str:

@@ -335,10 +335,10 @@ def rayjob_phase(obj: dict[str, Any]) -> tuple[StagePhase, str | None]:
 # Serving: the student as a RayService
 
 
-def serve_config(run: DistillationRun, model_uri: str) -> dict[str, Any]:
+def serve_config(run: DistillationRun, model_uri: str, runtime: str) -> dict[str, Any]:
     """The Ray Serve config (serveConfigV2) for the student: the same app and args a local run deploys."""
     s = run.spec
-    args = app_args(s.serving, model_uri, s.storage.endpoint, s.storage.region)
+    args = app_args(s.serving, model_uri, runtime, s.storage.endpoint, s.storage.region)
     return {
         "applications": [
             {
@@ -352,13 +352,17 @@ def serve_config(run: DistillationRun, model_uri: str) -> dict[str, Any]:
 
 
 def rayservice(
-    run: DistillationRun, model_uri: str, uid: str | None = None, images: Images | None = None
+    run: DistillationRun,
+    model_uri: str,
+    runtime: str,
+    uid: str | None = None,
+    images: Images | None = None,
 ) -> dict[str, Any]:
     """The RayService hosting the student: one worker per Serve replica, autoscaled within spec.serving.replicas."""
     s = run.spec.serving
     images = images or Images.release()
     meta = metadata(run, "serve", uid)
-    config = serve_config(run, model_uri)
+    config = serve_config(run, model_uri, runtime)
     what = [config, to_wire(run.spec.ray), images.of(run, s.gpus_per_replica)]  # a new image rolls the service too
     meta["annotations"] = {f"{GROUP}/config-hash": hashlib.sha256(yaml.safe_dump(what).encode()).hexdigest()[:16]}
     return {
@@ -396,7 +400,7 @@ def render(run: DistillationRun, uid: str | None = None, images: Images | None =
     out = []
     for stage in pipeline.build(run):
         out.append(
-            rayservice(run, student_model_uri(run), uid, images)
+            rayservice(run, student_model_uri(run), run.spec.serving.runtime or "torch", uid, images)
             if stage.service
             else rayjob(run, stage, uid, images=images)
         )

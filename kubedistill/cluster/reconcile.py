@@ -232,8 +232,16 @@ def reconcile(
         inputs = policy.inputs_key(stage, manifests) if step.ready else None
         desired: dict[str, Any] | None
         if is_service:  # the student the gate passed, by version: a new version rolls the service
-            model = pipeline.promoted_model(manifests) if step.ready and step.state != "skipped" else None
-            desired = k8s.rayservice(run, model, uid, images) if model else None
+            try:
+                ready = step.ready and step.state != "skipped"
+                served = pipeline.promoted(manifests, run.spec.serving.runtime) if ready else None
+            except ValueError as e:  # the runtime the spec asks for failed its check: nothing is served
+                if old.phase != "Failed":
+                    plan.events.append(("Warning", "StageFailed", f"{stage.name}: {e}"))
+                st.phase, st.message, st.finished_at = "Failed", str(e), st.finished_at or now
+                status.stages.append(st)
+                continue
+            desired = k8s.rayservice(run, served.model, served.runtime, uid, images) if served else None
         else:
             desired = k8s.rayjob(run, stage, uid, attempt=st.attempts + 1, inputs=inputs, images=images)
         stale = (

@@ -42,6 +42,41 @@ def promoted_model(manifests: Callable[[str], dict[str, Any] | None]) -> str | N
 
 
 @dataclass(frozen=True)
+class Served:
+    """What the serve stage deploys: the promoted model's URI and the runtime that scores with it."""
+
+    model: str
+    runtime: str
+
+
+def promoted(manifests: Callable[[str], dict[str, Any] | None], requested: str | None) -> Served | None:
+    """The promoted model and its runtime: `requested` (spec.serving.runtime) when its check on the eval set
+    passed, else, unset, the one evaluate picked (the fastest that passed). ValueError, naming the field, when
+    the requested runtime failed its check or was never checked; None when there is no model to serve."""
+    model = promoted_model(manifests)
+    if model is None:
+        return None
+    evaluated = manifests("evaluate") or {}
+    checks = (evaluated.get("metrics") or {}).get("runtimes") or {}
+    if not checks:  # no evaluation of the exports (none ran, or one from before them): the native model only
+        if requested in (None, "torch"):
+            return Served(model, "torch")
+        raise ValueError(
+            f"spec.serving.runtime: {requested} was never checked on the eval set (the evaluate stage did not score "
+            "the exports); leave it unset or set torch"
+        )
+    runtime = requested or (evaluated.get("outputs") or {}).get("runtime") or "torch"
+    check = checks.get(runtime)
+    if check is None or not check.get("passed"):
+        why = check["reason"] if check else "not exported"
+        raise ValueError(
+            f"spec.serving.runtime: {runtime} failed its check on the eval set ({why}); leave it unset "
+            "to serve the fastest runtime that passed"
+        )
+    return Served(model, runtime)
+
+
+@dataclass(frozen=True)
 class Stage:
     """One stage of one run: its registry entry, resolved against the run's spec."""
 

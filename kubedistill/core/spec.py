@@ -616,6 +616,13 @@ class ServingSpec(_Model):
         description="Serve the student (Ray Serve; a RayService in a cluster) when the evaluation gate passes.",
     )
     replicas: Replicas = Field(default_factory=lambda: Replicas(min=1, max=4))
+    runtime: Literal["torch", "onnx", "onnx-int8"] | None = Field(
+        default=None,
+        description="What scores requests: torch (the native artifact), onnx (ONNX Runtime, fp32) or onnx-int8 "
+        "(int8 weights). Unset: the fastest whose check on the eval set passed (onnx-int8 within 0.5 macro-F1 "
+        "points of fp32, onnx within 1e-4 of torch's probabilities); a runtime set here that failed its check "
+        "fails the serve stage.",
+    )
     max_services: int = Field(default=_MAX_SERVICES, ge=1, le=10_000, description="Services per /score request.")
     max_text_chars: int = Field(
         default=2000, ge=1, le=100_000, description="Longest query or service text accepted, in characters."

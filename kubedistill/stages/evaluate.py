@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -168,8 +169,7 @@ def score_student(
     student: Any, rows: list[dict[str, Any]], truth: list[str], labels: list[str]
 ) -> tuple[dict[str, Any], np.ndarray]:
     """A loaded student's eval metrics as served (its temperature and decision offsets applied), with what
-    calibration changed: ECE and macro-F1 of the raw argmax model beside them; and its predicted label
-    indices as served."""
+    calibration changed: ECE and macro-F1 of the raw argmax model beside them; and its probabilities as served."""
     raw = student.predict_proba(rows, calibrated=False)
     served = calibration.apply_temperature(raw, student.temperature)
     m = classification_metrics(truth, served, labels, student.offsets)
@@ -182,7 +182,59 @@ def score_student(
         "macro_f1_argmax": before["macro_f1"],
         "reliability_before": before["reliability"],
     }
-    return m, calibration.decide(served, student.offsets)
+    return m, served
+
+
+def check_runtimes(
+    student: Any,
+    served: np.ndarray,
+    onnx: Callable[[str], Any],
+    rows: list[dict[str, Any]],
+    truth: list[str],
+    min_macro_f1: float,
+) -> dict[str, dict[str, Any]]:
+    """Each runtime the student can be served with, scored on the eval pairs beside torch (the reference, whose
+    probabilities as served are `served`): ONNX fp32 passes when no probability differs from torch's by more
+    than `export.FP32_TOLERANCE`; ONNX int8 when fp32 passed, it keeps `minMacroF1` and it loses at most 0.5
+    macro-F1 points. `onnx(runtime)` loads a scorer of the student's export (KeyError: none exported)."""
+    from kubedistill.ml import export
+    from kubedistill.stages.data import service_text
+
+    labels = student.labels
+    reference = classification_metrics(truth, served, labels, student.offsets)["macro_f1"]
+    out: dict[str, dict[str, Any]] = {
+        "torch": {"macro_f1": round(reference, 4), "passed": True, "reason": "the reference"}
+    }
+    queries, services = [r["query"] for r in rows], [service_text(r) for r in rows]
+    for runtime in ("onnx", "onnx-int8"):
+        try:
+            scorer = onnx(runtime)
+        except KeyError:
+            out[runtime] = {"passed": False, "reason": "not exported (a student from before ONNX exports)"}
+            continue
+        p = scorer.predict_texts(queries, services)
+        f1 = classification_metrics(truth, p, labels, student.offsets)["macro_f1"]
+        diff = export.max_abs_diff(p, served)
+        check: dict[str, Any] = {"macro_f1": round(f1, 4), "max_abs_diff": diff}
+        if runtime == "onnx":
+            ok = diff <= export.FP32_TOLERANCE
+            check.update(
+                passed=ok,
+                reason=f"largest probability difference to torch {diff:.1e} ({'<=' if ok else '>'} "
+                f"{export.FP32_TOLERANCE:.0e})",
+            )
+        else:
+            verdict = export.int8_verdict(reference, f1)
+            floor = f1 >= min_macro_f1
+            check.update(
+                loss_points=verdict["lossPoints"],
+                passed=verdict["passed"] and floor and out["onnx"]["passed"],
+                reason=verdict["reason"]
+                + ("" if floor else f"; below minMacroF1 {min_macro_f1}")
+                + ("" if out["onnx"]["passed"] else "; its fp32 graph failed its check"),
+            )
+        out[runtime] = check
+    return out
 
 
 def stronger_baseline(results: dict[str, dict[str, Any]]) -> str:
@@ -369,13 +421,27 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
         results["baseline_unweighted"] = classification_metrics(truth, proba, labels)
         predicted["baseline_unweighted"] = calibration.decide(proba)
     if "student-crsd" in ctx.inputs:
-        from kubedistill.stages.student import load_student
+        from kubedistill.ml.export import pick_runtime
+        from kubedistill.stages.student import load_onnx, load_student
 
         model_uri = ctx.input("student-crsd").uri("model")
         student = load_student(model_uri, ctx.storage.options)
         if student.labels != labels:
             raise ValueError(f"the student was trained on labels {student.labels}, spec.labels is {labels}")
-        results["student"], predicted["student"] = score_student(student, eval_rows, truth, labels)
+        results["student"], served = score_student(student, eval_rows, truth, labels)
+        predicted["student"] = calibration.decide(served, student.offsets)
+        runtimes = check_runtimes(
+            student,
+            served,
+            lambda runtime: load_onnx(model_uri, runtime, ctx.storage.options),
+            eval_rows,
+            truth,
+            ctx.spec.evaluation.min_macro_f1,
+        )
+        runtime = pick_runtime({r: c["passed"] for r, c in runtimes.items()})
+        for r, c in runtimes.items():
+            ctx.log(f"runtime {r}: {c['reason']}" + (f" (macro-F1 {c['macro_f1']:.4f})" if "macro_f1" in c else ""))
+        ctx.log(f"runtime to serve unless spec.serving.runtime says otherwise: {runtime}")
         for objective in ctx.spec.student.compare_objectives:
             other = load_student(ctx.input("student-crsd").uri(f"compare/{objective}/model"), ctx.storage.options)
             results[f"student_{objective}"], _ = score_student(other, eval_rows, truth, labels)
@@ -397,6 +463,8 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
     verdict = gate(candidate, results[candidate], ev.min_macro_f1, ev.min_gain_over_baseline, against)
     ctx.log(f"gate: {verdict['reason']}")
     report = {"eval_rows": len(eval_rows), "models": results, "gate": verdict}
+    if candidate == "student":
+        report["runtimes"] = runtimes
     if table := comparison(results):
         report["comparison"] = table
         ctx.log("objectives: " + ", ".join(f"{c['objective']} macro-F1 {c['macro_f1']:.4f}" for c in table))
@@ -413,9 +481,11 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
     }
     if candidate == "student":
         outputs["model"] = model_uri  # what serving deploys, by version, once the gate passed
+        outputs["runtime"] = runtime  # the fastest runtime whose check passed
         if verdict["passed"]:
             promote(ctx, model_uri)
-    return {"metrics": {**summary, "gate": verdict}, "outputs": outputs}
+    checked = {"runtimes": runtimes} if candidate == "student" else {}
+    return {"metrics": {**summary, "gate": verdict, **checked}, "outputs": outputs}
 
 
 def promote(ctx: StageContext, model_uri: str) -> None:

@@ -11,6 +11,11 @@ s3:// prefix) and answers
       not valid Unicode); 503 + Retry-After when the replica holds `maxQueuedRequests`; 504 after
       `requestTimeoutSeconds`. A request that fails in the model fails alone: its batch is scored again
       request by request, and only the failing one answers 500.
+    POST /rerank  {"query": str, "documents": [str | {"text": str, ...}], "top_n"?: int, "return_documents"?: bool}
+      200 → {"id": str, "results": [{"index", "relevance_score", "document"?}], "modelVersion": str}, best first:
+      Cohere's rerank shape (also /v1/rerank and /v2/rerank, where its SDK sends), which LangChain, LlamaIndex
+      and Haystack speak; `relevance_score` is /score's `score`; the same limits and errors as /score
+    GET  /openapi.json  the OpenAPI document of these routes (committed as ray_apps/student.openapi.json)
     GET  /healthz  200 while the replica runs
     GET  /readyz   200 once a model is loaded, 503 before
 
@@ -22,7 +27,9 @@ decision offsets (`spec.student.calibration`, stored in student.json). A service
 Concurrent requests are batched (`@serve.batch`, counted in pairs up to `maxBatchPairs`); with
 `batchWaitMs: 0` a batch is whatever queued while the model was busy, so a lone request waits for
 nothing. The model path is the deployment's `user_config`, so switching versions reloads the model
-inside the running replicas (`reconfigure`) without dropping requests.
+inside the running replicas (`reconfigure`) without dropping requests. So is the runtime (`torch`, `onnx`,
+`onnx-int8`: `spec.serving.runtime`, resolved by the pipeline); the served `modelVersion` names it
+(`crsd-<version>+onnx-int8`).
 """
 
 import asyncio
@@ -31,15 +38,16 @@ import socket
 import time
 import urllib.error
 import urllib.request
+import uuid
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Annotated, Any, cast
 
 import numpy as np
 from fastapi import Request  # module level: FastAPI resolves the route signatures' annotations here
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
 
-from kubedistill.core.pipeline import promoted_model
+from kubedistill.core.pipeline import promoted
 from kubedistill.core.serve_app import APP_NAME, AppArgs, app_args
 from kubedistill.core.spec import field_path
 from kubedistill.core.stage import StageContext
@@ -92,6 +100,91 @@ class ScoreRequest(BaseModel):
     query: str = Field(min_length=1)
     services: list[ScoreService] = Field(min_length=1)
 
+    def pairs(self) -> tuple[str, list[str]]:
+        return self.query, [s.text for s in self.services]
+
+    def texts(self) -> list[tuple[str, str]]:
+        return [(f"services[{i}].text", s.text) for i, s in enumerate(self.services)]
+
+
+class RerankDocument(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    text: str = Field(min_length=1)
+
+
+def _document_kind(value: Any) -> str | None:
+    return "text" if isinstance(value, str) else "object" if isinstance(value, dict) else None
+
+
+#: a rerank document: a string, or an object with a `text` (error locations name the document, not the branch)
+Document = Annotated[
+    Annotated[str, Tag("text")] | Annotated[RerankDocument, Tag("object")],
+    Discriminator(
+        _document_kind,
+        custom_error_type="document",
+        custom_error_message="expected a string, or an object with a 'text'",
+    ),
+]
+_BRANCHES = ("text", "object")
+
+
+class RerankRequest(BaseModel):
+    """POST /rerank: the shape of Cohere's rerank API (also Jina's and Text Embeddings Inference's clients')."""
+
+    model_config = ConfigDict(extra="forbid")
+    query: str = Field(min_length=1)
+    documents: list[Document] = Field(min_length=1, description="Texts, or objects with a `text`.")
+    top_n: int | None = Field(default=None, ge=1, description="Return the best `top_n` (default: all).")
+    return_documents: bool = Field(default=False, description="Echo each document in its result.")
+    model: str | None = Field(
+        default=None, max_length=256, description="Accepted for clients that name one; this server scores with its own."
+    )
+
+    def pairs(self) -> tuple[str, list[str]]:
+        return self.query, [d if isinstance(d, str) else d.text for d in self.documents]
+
+    def texts(self) -> list[tuple[str, str]]:
+        return [
+            (f"documents[{i}]" if isinstance(d, str) else f"documents[{i}].text", t)
+            for i, (d, t) in enumerate(zip(self.documents, self.pairs()[1], strict=True))
+        ]
+
+
+class ScoreResult(BaseModel):
+    id: str
+    label: str
+    probabilities: dict[str, float]
+    score: float = Field(description="Expected relevance grade in [0, 1]: least relevant label 0, most relevant 1.")
+
+
+class ScoreResponse(BaseModel):
+    modelVersion: str
+    labels: list[str]
+    results: list[ScoreResult]
+
+
+class RerankResult(BaseModel):
+    index: int = Field(description="Position of the document in the request.")
+    relevance_score: float = Field(description="The expected relevance grade in [0, 1], as /score's `score`.")
+    document: dict[str, Any] | None = Field(default=None, description="With return_documents: the document.")
+
+
+class RerankResponse(BaseModel):
+    id: str
+    results: list[RerankResult] = Field(description="Best first.")
+    modelVersion: str
+
+
+class ErrorItem(BaseModel):
+    field: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    error: str = Field(description="`<field>: <what was expected>` of the first error.")
+    field: str
+    errors: list[ErrorItem]
+
 
 async def read_body(request: Any, limit: int) -> bytes:
     """The body of a Starlette request, refused with 413 once it is over `limit` bytes: judged from
@@ -124,8 +217,7 @@ def _depth(doc: Any) -> int:
     return deepest
 
 
-def parse_request(body: bytes, max_services: int, max_text_chars: int) -> ScoreRequest:
-    """Decode and check a /score body; raise RequestError naming the first bad field (all of them in `errors`)."""
+def _decode(body: bytes, expected: str) -> dict[str, Any]:
     try:
         doc = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -135,25 +227,43 @@ def parse_request(body: bytes, max_services: int, max_text_chars: int) -> ScoreR
     if _depth(doc) > MAX_DEPTH:
         raise RequestError(400, "body", f"nested deeper than {MAX_DEPTH} levels")
     if not isinstance(doc, dict):
-        raise RequestError(422, "body", f"expected a JSON object with 'query' and 'services', got {type(doc).__name__}")
-    if isinstance(doc.get("services"), list) and len(doc["services"]) > max_services:
-        raise RequestError(413, "services", f"at most {max_services} per request, got {len(doc['services'])}")
+        raise RequestError(422, "body", f"expected a JSON object with {expected}, got {type(doc).__name__}")
+    return doc
+
+
+def _parse(body: bytes, model: type[BaseModel], items: str, max_items: int, max_text_chars: int) -> Any:
+    """Decode and check a body of `model`, whose list `items` holds at most `max_items`; raise RequestError
+    naming the first bad field (all of them in `errors`)."""
+    doc = _decode(body, f"'query' and '{items}'")
+    if isinstance(doc.get(items), list) and len(doc[items]) > max_items:
+        raise RequestError(413, items, f"at most {max_items} per request, got {len(doc[items])}")
     try:
-        req = ScoreRequest.model_validate(doc)
+        req = model.model_validate(doc)
     except ValidationError as e:
         errors = []
         for err in e.errors(include_url=False):
             msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
-            errors.append({"field": field_path(err["loc"], "body"), "message": msg})
+            at = err["loc"]  # without the tag of a document's branch: documents[0].text, not documents[0].object.text
+            loc = tuple(p for i, p in enumerate(at) if not (p in _BRANCHES and i >= 2 and at[i - 2] == "documents"))
+            errors.append({"field": field_path(loc, "body"), "message": msg})
         raise RequestError(422, errors[0]["field"], errors[0]["message"], errors) from None
-    too_long = [("query", len(req.query))] if len(req.query) > max_text_chars else []
-    too_long += [
-        (f"services[{i}].text", len(s.text)) for i, s in enumerate(req.services) if len(s.text) > max_text_chars
-    ]
+    query, _ = req.pairs()  # type: ignore[attr-defined]
+    fields = [("query", query), *req.texts()]  # type: ignore[attr-defined]
+    too_long = [(f, len(t)) for f, t in fields if len(t) > max_text_chars]
     if too_long:
         errors = [{"field": f, "message": f"longer than {max_text_chars} characters (got {n})"} for f, n in too_long]
         raise RequestError(422, errors[0]["field"], errors[0]["message"], errors)
     return req
+
+
+def parse_request(body: bytes, max_services: int, max_text_chars: int) -> ScoreRequest:
+    """Decode and check a /score body; raise RequestError naming the first bad field (all of them in `errors`)."""
+    return cast(ScoreRequest, _parse(body, ScoreRequest, "services", max_services, max_text_chars))
+
+
+def parse_rerank(body: bytes, max_documents: int, max_text_chars: int) -> RerankRequest:
+    """Decode and check a /rerank body, with /score's limits (`maxServices` documents, `maxTextChars` each)."""
+    return cast(RerankRequest, _parse(body, RerankRequest, "documents", max_documents, max_text_chars))
 
 
 class Admission:
@@ -207,28 +317,52 @@ def score_each(items: list[tuple[str, list[str]]], predict: Any) -> list[Any]:
     return out
 
 
-async def answer(
-    request: Any, args: AppArgs, admission: Admission, score: Any
-) -> tuple[int, dict[str, Any], dict[str, str]]:
-    """(status, body, headers) of one POST /score: bounded read, parse, admission, scoring within the timeout.
-    `score(query, texts)` awaits the batched model and returns (probabilities, the model that scored them)."""
-    try:
-        with admission:
-            req = parse_request(await read_body(request, args.max_body_bytes), args.max_services, args.max_text_chars)
-            try:
-                probs, student = await asyncio.wait_for(
-                    score(req.query, [s.text for s in req.services]), args.request_timeout_seconds
-                )
-            except TimeoutError:
-                raise RequestError(504, "server", f"not scored within {args.request_timeout_seconds} s") from None
-    except RequestError as e:
-        return e.status, e.body(), e.headers
-    body = {
+def score_body(req: ScoreRequest, probs: np.ndarray, student: Any) -> dict[str, Any]:
+    return {
         "modelVersion": student.version,
         "labels": student.labels,
         "results": score_results(probs, student.labels, [s.id for s in req.services], student.offsets),
     }
-    return 200, body, {"X-Model-Version": student.version}
+
+
+def rerank_body(req: RerankRequest, probs: np.ndarray, student: Any) -> dict[str, Any]:
+    """Documents best first by relevance_score (/score's `score`), ties in request order; `top_n` of them."""
+    scores = expected_grades(probs)
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))[: req.top_n]
+    results = []
+    for i in order:
+        r: dict[str, Any] = {"index": i, "relevance_score": round(float(scores[i]), 6)}
+        if req.return_documents:
+            d = req.documents[i]
+            r["document"] = {"text": d} if isinstance(d, str) else d.model_dump()
+        results.append(r)
+    return {"id": str(uuid.uuid4()), "results": results, "modelVersion": student.version}
+
+
+#: route -> (parse the body with the app's limits, answer from the scored probabilities)
+ENDPOINTS: dict[str, tuple[Any, Any]] = {
+    "/score": (parse_request, score_body),
+    "/rerank": (parse_rerank, rerank_body),
+}
+
+
+async def answer(
+    request: Any, args: AppArgs, admission: Admission, score: Any, route: str = "/score"
+) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """(status, body, headers) of one POST to `route` (/score or /rerank): bounded read, parse, admission,
+    scoring within the timeout. `score(query, texts)` awaits the batched model and returns (probabilities, the
+    model that scored them)."""
+    parse, respond = ENDPOINTS[route]
+    try:
+        with admission:
+            req = parse(await read_body(request, args.max_body_bytes), args.max_services, args.max_text_chars)
+            try:
+                probs, student = await asyncio.wait_for(score(*req.pairs()), args.request_timeout_seconds)
+            except TimeoutError:
+                raise RequestError(504, "server", f"not scored within {args.request_timeout_seconds} s") from None
+    except RequestError as e:
+        return e.status, e.body(), e.headers
+    return 200, respond(req, probs, student), {"X-Model-Version": student.version}
 
 
 def score_results(
@@ -236,17 +370,87 @@ def score_results(
 ) -> list[dict[str, Any]]:
     """Per service: the label (the argmax, or argmax(log p + offsets) with the model's decision offsets),
     every class probability (calibrated by the model's temperature) and the expected grade in [0, 1]."""
-    grades = np.linspace(0.0, 1.0, len(labels))
     decided = calibration.decide(probs, offsets)
     return [
         {
             "id": i,
             "label": labels[int(k)],
             "probabilities": {lab: round(float(x), 6) for lab, x in zip(labels, p, strict=True)},
-            "score": round(float(p @ grades), 6),
+            "score": round(float(g), 6),
         }
-        for i, p, k in zip(ids, probs, decided, strict=True)
+        for i, p, k, g in zip(ids, probs, decided, expected_grades(probs), strict=True)
     ]
+
+
+def expected_grades(probs: np.ndarray) -> np.ndarray:
+    """Each row's expected relevance grade: labels graded 0 (least relevant) to 1 (most), weighted by probability."""
+    return np.asarray(probs, dtype=np.float64) @ np.linspace(0.0, 1.0, probs.shape[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# The OpenAPI document (served at /openapi.json; a copy is committed as ray_apps/student.openapi.json)
+
+
+def openapi_document() -> dict[str, Any]:
+    """OpenAPI 3.1 of the app's routes, their bodies and error answers, from the request and response models."""
+    from pydantic.json_schema import models_json_schema
+
+    from kubedistill import __version__
+
+    models: list[tuple[type[BaseModel], Any]] = [
+        (ScoreRequest, "validation"),
+        (RerankRequest, "validation"),
+        (ScoreResponse, "serialization"),
+        (RerankResponse, "serialization"),
+        (ErrorBody, "serialization"),
+    ]
+    _, top = models_json_schema(models, ref_template="#/components/schemas/{model}")
+
+    def body(name: str) -> dict[str, Any]:
+        return {"content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}}}
+
+    errors = {
+        "400": "Not JSON, or nested deeper than the request's shape allows",
+        "413": "Body over maxBodyBytes, or more services/documents than maxServices",
+        "422": "A field that is missing, of the wrong type, or over maxTextChars",
+        "500": "The model failed on this request (its batch neighbours are unaffected)",
+        "503": "Busy (maxQueuedRequests held; see Retry-After) or no model loaded yet",
+        "504": "Not scored within requestTimeoutSeconds",
+    }
+
+    def post(summary: str, request: str, response: str) -> dict[str, Any]:
+        return {
+            "post": {
+                "summary": summary,
+                "requestBody": {"required": True, **body(request)},
+                "responses": {
+                    "200": {"description": "Scored", **body(response)},
+                    **{code: {"description": text, **body("ErrorBody")} for code, text in errors.items()},
+                },
+            }
+        }
+
+    rerank = post(
+        "Order documents by relevance to the query (Cohere's rerank shape; also served at /v1/rerank and "
+        "/v2/rerank for clients that add their API version)",
+        "RerankRequest",
+        "RerankResponse",
+    )
+    status = {"200": {"description": "OK"}, "503": {"description": "Not ready"}}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "kubedistill student", "version": __version__},
+        "paths": {
+            "/score": post("Score (query, service) pairs", "ScoreRequest", "ScoreResponse"),
+            "/rerank": rerank,
+            "/v1/rerank": rerank,
+            "/v2/rerank": rerank,
+            "/healthz": {"get": {"summary": "The replica runs", "responses": {"200": {"description": "OK"}}}},
+            "/readyz": {"get": {"summary": "A model is loaded", "responses": status}},
+            "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OK"}}}},
+        },
+        "components": {"schemas": top["$defs"]},
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,6 +482,15 @@ def check_artifact(args: AppArgs) -> None:
             f"model: artifact version {meta.get('artifactVersion')} at {args.model} is not supported "
             f"(want {ARTIFACT_VERSION})"
         )
+    if args.runtime != "torch":
+        from kubedistill.ml.export import ONNX_FILES
+
+        export = (meta.get("exports") or {}).get(args.runtime)
+        if export is None or not st.is_file(f"onnx/{ONNX_FILES[args.runtime]}"):
+            raise FileNotFoundError(
+                f"runtime: {args.runtime} needs the student's ONNX export, which the artifact at {args.model} "
+                "lacks (a student exported before ONNX exports); serve it with runtime torch"
+            )
 
 
 def build_app(args: dict[str, Any]) -> Any:
@@ -291,7 +504,8 @@ def build_app(args: dict[str, Any]) -> Any:
         raise ValueError(f"serving args: {field_path(first['loc'])}: {first['msg']}") from None
     check_artifact(a)
     deployment = _deployment()
-    static = a.model_dump(by_alias=True, exclude={"model"})  # the model is user_config: switching it reloads in place
+    # the model and its runtime are user_config: switching either reloads in place
+    static = a.model_dump(by_alias=True, exclude={"model", "runtime"})
     return deployment.options(
         max_ongoing_requests=a.max_ongoing_requests,
         # the queue's bound where requests wait for a replica: Ray Serve answers 503 + Retry-After beyond it
@@ -301,17 +515,24 @@ def build_app(args: dict[str, Any]) -> Any:
             min_replicas=a.replicas.min, max_replicas=a.replicas.max, target_ongoing_requests=a.target_ongoing_requests
         ),
         ray_actor_options={"num_cpus": a.cpus_per_replica, "num_gpus": a.gpus_per_replica},
-        user_config={"model": a.model},
+        user_config={"model": a.model, "runtime": a.runtime},
         health_check_period_s=10,
     ).bind(static)
 
 
 _DEPLOYMENT: Any = None
+_API: Any = None
+
+
+def fastapi_app() -> Any:
+    """The app's FastAPI router (its routes), as the deployment class declares them."""
+    _deployment()
+    return _API
 
 
 def _deployment() -> Any:
     """The deployment class, defined on first use so importing this module needs no Ray Serve."""
-    global _DEPLOYMENT
+    global _DEPLOYMENT, _API
     if _DEPLOYMENT is not None:
         return _DEPLOYMENT
     import torch
@@ -319,9 +540,9 @@ def _deployment() -> Any:
     from ray import serve
     from ray.serve.metrics import Counter, Histogram
 
-    from kubedistill.stages.student import LoadedStudent, load_student
+    from kubedistill.stages.student import load_runtime
 
-    api = FastAPI(title="kubedistill student", description=__doc__)
+    api = FastAPI(title="kubedistill student", description=__doc__, openapi_url=None, docs_url=None, redoc_url=None)
 
     @serve.deployment(name=DEPLOYMENT)
     @serve.ingress(api)
@@ -330,13 +551,15 @@ def _deployment() -> Any:
             self.args = AppArgs.model_validate({**static, "model": "-"})
             torch.set_num_threads(max(1, int(self.args.cpus_per_replica)))
             self.device = "cuda" if self.args.gpus_per_replica > 0 and torch.cuda.is_available() else "cpu"
-            self.student: LoadedStudent | None = None
+            self.student: Any = None
             self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
             self.admission = Admission(self.args.max_queued_requests)
             self._score_batch.set_max_batch_size(self.args.max_batch_pairs)
             self._score_batch.set_batch_wait_timeout_s(self.args.batch_wait_ms / 1000)
             self.requests = Counter(
-                "kubedistill_score_requests", "POST /score requests by HTTP status", tag_keys=("status",)
+                "kubedistill_score_requests",
+                "POST /score and /rerank requests by HTTP status",
+                tag_keys=("status", "route"),
             )
             self.pairs = Counter("kubedistill_scored_pairs", "(query, service) pairs scored")
             self.batch_pairs = Histogram(
@@ -351,14 +574,16 @@ def _deployment() -> Any:
             )
 
         async def reconfigure(self, user_config: dict[str, Any]) -> None:
-            uri = user_config["model"]
+            uri, runtime = user_config["model"], user_config.get("runtime", "torch")
             # not self.pool: the current model keeps scoring while the next one loads
-            student = await asyncio.get_running_loop().run_in_executor(None, self._load, uri)
+            student = await asyncio.get_running_loop().run_in_executor(None, self._load, uri, runtime)
             self.student = student  # requests already batched finish on the old model; new ones get this
 
-        def _load(self, uri: str) -> LoadedStudent:
-            s = load_student(uri, self.args.s3())
-            s.model.to(self.device)
+        def _load(self, uri: str, runtime: str) -> Any:
+            threads = max(1, int(self.args.cpus_per_replica))
+            s = load_runtime(uri, runtime, self.args.s3(), threads)
+            if runtime == "torch":
+                s.model.to(self.device)
             s.predict_texts(["warm up"], ["warm up"])  # first call allocates; keep it out of a user's latency
             return s
 
@@ -376,13 +601,26 @@ def _deployment() -> Any:
                 return JSONResponse({"ready": False, "reason": "model not loaded"}, status_code=503)
             return JSONResponse({"ready": True, "modelVersion": self.student.version})
 
+        @api.get("/openapi.json")
+        def openapi(self) -> dict[str, Any]:
+            return openapi_document()
+
         @api.post("/score")
         async def score(self, request: Request) -> JSONResponse:
-            status, body, headers = await answer(request, self.args, self.admission, self._score_one)
-            self.requests.inc(tags={"status": str(status)})
+            return await self._answer(request, "/score")
+
+        @api.post("/rerank")
+        @api.post("/v1/rerank")  # where Cohere's SDK (base_url = this server) sends its v1 and v2 rerank calls
+        @api.post("/v2/rerank")
+        async def rerank(self, request: Request) -> JSONResponse:
+            return await self._answer(request, "/rerank")
+
+        async def _answer(self, request: Request, route: str) -> JSONResponse:
+            status, body, headers = await answer(request, self.args, self.admission, self._score_one, route)
+            self.requests.inc(tags={"status": str(status), "route": route})
             return JSONResponse(body, status_code=status, headers=headers)
 
-        async def _score_one(self, query: str, texts: list[str]) -> tuple[np.ndarray, LoadedStudent]:
+        async def _score_one(self, query: str, texts: list[str]) -> tuple[np.ndarray, Any]:
             probs, student = await self._score_batch((query, texts))
             if isinstance(probs, ItemFailed):
                 raise RequestError(500, "model", f"scoring failed: {probs.error}")
@@ -391,7 +629,7 @@ def _deployment() -> Any:
         @serve.batch(
             max_batch_size=512, batch_wait_timeout_s=0.0, batch_size_fn=lambda items: sum(len(i[1]) for i in items)
         )
-        async def _score_batch(self, items: list[tuple[str, list[str]]]) -> list[tuple[np.ndarray, LoadedStudent]]:
+        async def _score_batch(self, items: list[tuple[str, list[str]]]) -> list[tuple[np.ndarray, Any]]:
             student = self.student
             if student is None:
                 raise RequestError(503, "model", "not loaded yet")
@@ -405,7 +643,7 @@ def _deployment() -> Any:
             self.pairs.inc(pairs)
             return [(r, student) for r in results]
 
-    _DEPLOYMENT = StudentScorer
+    _DEPLOYMENT, _API = StudentScorer, api
     return StudentScorer
 
 
@@ -466,11 +704,11 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
 
     import ray
 
-    model_uri = promoted_model(ctx.input_manifest)  # the version evaluate scored and its gate passed
-    if model_uri is None:
+    served = promoted(ctx.input_manifest, ctx.spec.serving.runtime)  # the version evaluate scored, gate passed
+    if served is None:
         raise RuntimeError("no student model to serve: neither evaluate nor student-crsd names one in its outputs")
     st = ctx.config["storage"]
-    args = app_args(ctx.spec.serving, model_uri, st.get("endpoint"), st.get("region"))
+    args = app_args(ctx.spec.serving, served.model, served.runtime, st.get("endpoint"), st.get("region"))
     ray.init(address="auto", log_to_driver=False, logging_level="WARNING")
     host = os.environ.get("KUBEDISTILL_SERVE_HOST", "127.0.0.1")
     port = int(os.environ.get("KUBEDISTILL_SERVE_PORT", "8000"))
@@ -482,5 +720,5 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
     ctx.log(f"serving {body['modelVersion']} at {url}")
     return {
         "metrics": {"probeLatencyMs": round((time.perf_counter() - t0) * 1000, 1)},
-        "outputs": {"url": url, "modelVersion": body["modelVersion"], "model": model_uri},
+        "outputs": {"url": url, "modelVersion": body["modelVersion"], "model": served.model, "runtime": served.runtime},
     }

@@ -26,7 +26,7 @@ from torch import nn
 
 from kubedistill.core.spec import StudentSpec
 from kubedistill.core.stage import StageContext
-from kubedistill.core.storage import S3Options, Storage
+from kubedistill.core.storage import S3Options, Storage, is_s3
 from kubedistill.ml import calibration, losses, raytrain
 from kubedistill.ml.metrics import classification_metrics
 from kubedistill.ml.models import resolve
@@ -113,7 +113,9 @@ def _services(tokenizer: Any, rows: list[dict[str, Any]], max_length: int) -> li
 
 
 def encode_standard(tokenizer: Any, queries: list[str], services: list[str], max_length: int) -> Any:
-    """[CLS] query [SEP] service [SEP]: the only input the student sees at inference."""
+    """[CLS] query [SEP] service [SEP], cut longest-first to `max_length` tokens: the only input the student sees at
+    inference, and the tokenizer's own pair encoding, so `tokenizers`, `transformers` and every export produce it
+    alike (kubedistill.ml.export)."""
     return tokenizer(
         queries, services, truncation="longest_first", max_length=max_length, padding=True, return_tensors="pt"
     )
@@ -122,17 +124,17 @@ def encode_standard(tokenizer: Any, queries: list[str], services: list[str], max
 class Encoded:
     """Tokenized standard (and, for CRSD, reasoning-augmented) inputs for a list of rows.
 
-    Standard: [CLS] query [SEP] service [SEP], at most `max_length` tokens (the service text is cut).
-    Reasoning view: the same query and the same (cut) service text, then [SEP] and the reasoning chain
-    capped at `max_reasoning_tokens`, so the reasoning is never the part truncated away.
+    Standard: [CLS] query [SEP] service [SEP], cut longest-first to `max_length` tokens (`encode_standard`).
+    Reasoning view: the query and the service text cut to what fits beside it, then [SEP] and the reasoning
+    chain capped at `max_reasoning_tokens`, so the reasoning is never the part truncated away.
     """
 
     def __init__(self, tokenizer: Any, rows: list[dict[str, Any]], cfg: StudentConfig, with_reasoning: bool):
         queries = [r["query"] for r in rows]
-        services = _services(tokenizer, rows, cfg.student.max_length)
-        self.standard = encode_standard(tokenizer, queries, services, cfg.student.max_length)
+        self.standard = encode_standard(tokenizer, queries, [service_text(r) for r in rows], cfg.student.max_length)
         self.reasoning = None
         if with_reasoning:
+            services = _services(tokenizer, rows, cfg.student.max_length)
             second = [
                 f"{s} {tokenizer.sep_token} {_cap(tokenizer, r.get('reasoning') or '', cfg.student.max_reasoning_tokens)}"
                 for s, r in zip(services, rows, strict=True)
@@ -304,9 +306,7 @@ def predict_texts(
     out = []
     for i in range(0, len(queries), batch_size):
         q = queries[i : i + batch_size]
-        batch = encode_standard(
-            tokenizer, q, fit_services(tokenizer, q, services[i : i + batch_size], max_length), max_length
-        )
+        batch = encode_standard(tokenizer, q, services[i : i + batch_size], max_length)
         batch = {k: v.to(model.classifier.weight.device) for k, v in batch.items()}
         _, logits, _, _ = model(batch)
         out.append(torch.softmax(logits.float() / temperature, dim=-1).cpu().numpy())
@@ -540,6 +540,69 @@ def export(model: RelevanceStudent, tokenizer: Any, cfg: StudentConfig, out: Sto
     return out.uri()
 
 
+def export_formats(
+    model: RelevanceStudent,
+    tokenizer: Any,
+    cfg: StudentConfig,
+    out: Storage,
+    temperature: float,
+    offsets: list[float] | None,
+    check_rows: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """Write the ONNX (fp32, int8) and, where the student has one, the Hugging Face sequence-classification form
+    under `out` (`onnx/`, `hf/`); return what student.json records of them: files, and each one's largest
+    probability difference to this model on `check_rows` (real pairs: the validation split). An fp32 form
+    further than `export.FP32_TOLERANCE` from the model is recorded as failed, and never served."""
+    from kubedistill.ml import export as ex
+
+    check = check_rows[:256]
+    queries, services = [r["query"] for r in check], [service_text(r) for r in check]
+    reference = predict_texts(model, tokenizer, queries, services, cfg.student.max_length, temperature=temperature)
+    args = (tokenizer, cfg.labels, cfg.student.max_length, temperature, offsets)
+    record: dict[str, Any] = {"checkedOn": {"rows": len(check), "pairsDigest": rows_digest(check)}}
+    with tempfile.TemporaryDirectory() as d:
+        onnx = ex.export_onnx(model, *args, Path(d) / "onnx")
+        for runtime in ("onnx", "onnx-int8"):
+            got = ex.OnnxScorer(Path(d) / "onnx", runtime).predict_texts(queries, services)
+            diff = ex.max_abs_diff(got, reference)
+            record[runtime] = {"path": f"onnx/{ex.ONNX_FILES[runtime]}", "maxAbsDiff": diff}
+            if runtime == "onnx":
+                record[runtime]["passed"] = bool(check) and diff <= ex.FP32_TOLERANCE
+        record["onnx"].update(onnx)
+        reason = ex.hf_unsupported(model)
+        if reason is None:
+            hf = ex.export_hf(model, *args, Path(d) / "hf")
+            got = hf_probabilities(Path(d) / "hf", queries, services)
+            diff = ex.max_abs_diff(got, reference)
+            passed = bool(check) and diff <= ex.FP32_TOLERANCE
+            record["hf"] = {"path": "hf", "maxAbsDiff": diff, "passed": passed, **hf}
+        else:
+            record["hf"] = {"skipped": reason}
+        for f in sorted(Path(d).rglob("*")):
+            if f.is_file():
+                out.write_bytes(str(f.relative_to(d)), f.read_bytes())
+    return record
+
+
+@torch.inference_mode()
+def hf_probabilities(path: Path, queries: list[str], services: list[str]) -> np.ndarray:
+    """softmax of a sequence-classification directory's logits, loaded by `transformers` as any such model is."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    hf = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    if not queries:
+        return np.zeros((0, hf.config.num_labels))
+    batch = tok(queries, services, truncation=True, padding=True, return_tensors="pt")
+    return torch.softmax(hf(**batch).logits, dim=-1).numpy()
+
+
+def decision_offsets(meta: dict[str, Any]) -> list[float] | None:
+    """An exported student's decision offsets per label, in `labels` order, or None (plain argmax)."""
+    fitted = meta.get("calibration", {}).get("offsets")
+    return [float(fitted.get(lab, 0.0)) for lab in meta["labels"]] if fitted else None
+
+
 @dataclass
 class LoadedStudent:
     model: RelevanceStudent
@@ -557,9 +620,7 @@ class LoadedStudent:
 
     @property
     def offsets(self) -> list[float] | None:
-        """The decision offsets per label, in `labels` order, or None (plain argmax)."""
-        fitted = self.meta.get("calibration", {}).get("offsets")
-        return [float(fitted.get(lab, 0.0)) for lab in self.labels] if fitted else None
+        return decision_offsets(self.meta)
 
     def decide(self, proba: np.ndarray) -> np.ndarray:
         """The predicted label indices: argmax(log p + offsets), what /score's `label` and evaluate use."""
@@ -583,10 +644,47 @@ class LoadedStudent:
 
 
 def load_student(uri: str, options: S3Options | None = None) -> LoadedStudent:
-    """Load an exported student from a local directory or an s3:// prefix."""
+    """Load an exported student (the native artifact, on PyTorch) from a local directory or an s3:// prefix."""
     from safetensors.torch import load as st_load
     from transformers import AutoModel, AutoTokenizer
 
+    meta = read_meta(uri, options)
+    st = Storage(uri, options)
+    local = resolve(st.uri("encoder"), f"{uri}/encoder", options)  # a local dir, or the s3:// prefix cached
+    encoder = AutoModel.from_pretrained(local)
+    model = RelevanceStudent(encoder, len(meta["labels"]), pooling=meta.get("pooling", "cls"))
+    model.classifier.load_state_dict(st_load(st.read_bytes("head.safetensors")))
+    model.eval()
+    return LoadedStudent(model, AutoTokenizer.from_pretrained(local), meta)
+
+
+@dataclass
+class OnnxStudent:
+    """An exported student on ONNX Runtime (`runtime` onnx or onnx-int8): what serving and evaluate call on a
+    LoadedStudent (`labels`, `offsets`, `version`, `predict_texts`), from the `onnx/` export alone."""
+
+    scorer: Any  # kubedistill.ml.export.OnnxScorer
+    meta: dict[str, Any]
+
+    @property
+    def labels(self) -> list[str]:
+        return self.meta["labels"]
+
+    @property
+    def offsets(self) -> list[float] | None:
+        return decision_offsets(self.meta)
+
+    @property
+    def version(self) -> str:
+        return self.meta["version"]
+
+    def predict_texts(self, queries: list[str], services: list[str], batch_size: int = 64) -> np.ndarray:
+        """Calibrated probabilities: the graph applies the fitted temperature itself."""
+        return self.scorer.predict_texts(queries, services, batch_size)
+
+
+def read_meta(uri: str, options: S3Options | None = None) -> dict[str, Any]:
+    """student.json of an exported student, with `version` set to what served responses call it."""
     st = Storage(uri, options)
     try:
         raw = st.read_bytes("student.json")
@@ -599,12 +697,27 @@ def load_student(uri: str, options: S3Options | None = None) -> LoadedStudent:
         raise ValueError(
             f"{uri}: artifact version {meta.get('artifactVersion')} is not supported (want {ARTIFACT_VERSION})"
         )
-    local = resolve(st.uri("encoder"), f"{uri}/encoder", options)  # a local dir, or the s3:// prefix cached
-    encoder = AutoModel.from_pretrained(local)
-    model = RelevanceStudent(encoder, len(meta["labels"]), pooling=meta.get("pooling", "cls"))
-    model.classifier.load_state_dict(st_load(st.read_bytes("head.safetensors")))
-    model.eval()
-    return LoadedStudent(model, AutoTokenizer.from_pretrained(local), meta)
+    return meta
+
+
+def load_onnx(uri: str, runtime: str, options: S3Options | None = None, threads: int = 0) -> OnnxStudent:
+    """The student's ONNX export (`runtime`: onnx or onnx-int8) on ONNX Runtime; KeyError when it has none."""
+    from kubedistill.ml.export import OnnxScorer
+    from kubedistill.ml.models import fetch_prefix
+
+    meta = read_meta(uri, options)
+    if runtime not in (meta.get("exports") or {}):
+        raise KeyError(f"{uri}: the student has no {runtime} export (exported before ONNX exports?)")
+    st = Storage(uri, options)
+    local = fetch_prefix(st.uri("onnx"), options) if is_s3(st.uri()) else Path(st.uri("onnx"))
+    return OnnxStudent(OnnxScorer(Path(local), runtime, threads), meta)
+
+
+def load_runtime(uri: str, runtime: str, options: S3Options | None = None, threads: int = 0) -> Any:
+    """The student as `runtime` scores it (a LoadedStudent or an OnnxStudent), its version naming the runtime."""
+    student = load_student(uri, options) if runtime == "torch" else load_onnx(uri, runtime, options, threads)
+    student.meta["version"] = f"{student.meta['version']}+{runtime}"
+    return student
 
 
 # ---------------------------------------------------------------------------------------------
@@ -632,7 +745,7 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
     write_rows(ctx.out, "splits/train/part-00000", train_rows, "jsonl")
     write_rows(ctx.out, "splits/val/part-00000", val_rows, "jsonl")
 
-    metrics, uri = _train_and_export(ctx, cfg, source, ctx.out.child("model"), f"train-{ctx.config_hash}")
+    metrics, uri = _train_and_export(ctx, cfg, source, ctx.out.child("model"), f"train-{ctx.config_hash}", True)
     metrics.update(train_rows=len(train_rows), val_rows=len(val_rows), rows_from=row_sources(rows))
     if "rationalize" in ctx.inputs:
         metrics.update(
@@ -655,9 +768,10 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
 
 
 def _train_and_export(
-    ctx: StageContext, cfg: StudentConfig, source: str, out: Storage, name: str
+    ctx: StageContext, cfg: StudentConfig, source: str, out: Storage, name: str, formats: bool = False
 ) -> tuple[dict[str, Any], str]:
-    """One Ray Train run of `cfg` on the stage's splits (resumable under `name`); the best round exported to `out`."""
+    """One Ray Train run of `cfg` on the stage's splits (resumable under `name`); the best round exported to `out`
+    (with the ONNX and Hugging Face forms when `formats`: the student that may be served)."""
     loop_config = {
         "student": cfg,
         "splits_uri": ctx.out.uri("splits"),
@@ -669,7 +783,17 @@ def _train_and_export(
     state = raytrain.load_state(result.checkpoint)
     model, tokenizer = build_model(cfg, ctx.storage.options)
     model.load_state_dict(state["best_state"])
-    cal = calibrate(cfg, model, tokenizer, read_dataset(ctx.out.child("splits/val")))
+    val_rows = read_dataset(ctx.out.child("splits/val"))
+    cal = calibrate(cfg, model, tokenizer, val_rows)
+    exports = {}
+    if formats:
+        offsets = [cal["offsets"][lab] for lab in cfg.labels]  # zeros unless spec.student.calibration.offsets
+        exports = export_formats(model, tokenizer, cfg, out, cal["temperature"], offsets, val_rows)
+        ctx.log(
+            "exported ONNX fp32 (largest probability difference to the model on validation pairs "
+            f"{exports['onnx']['maxAbsDiff']:.1e}), ONNX int8 ({exports['onnx-int8']['maxAbsDiff']:.1e}), "
+            f"Hugging Face: {exports['hf'].get('skipped') or 'BertForSequenceClassification'}"
+        )
     metrics = raytrain.scalar_metrics(result)
     metrics.update(
         objective=cfg.student.objective, parameters=sum(p.numel() for p in model.parameters()), calibration=cal
@@ -686,6 +810,7 @@ def _train_and_export(
             "configHash": ctx.config_hash,
             "version": ctx.version,
             "calibration": cal,
+            **({"exports": exports} if exports else {}),
         },
     )
     ctx.log(

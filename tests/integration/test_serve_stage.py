@@ -17,6 +17,7 @@ from kubedistill.core import spec
 from kubedistill.core.stage import MANIFEST
 from kubedistill.core.storage import Storage
 from tests.conftest import free_port, minimal_doc
+from tests.isolated import score_onnx_fresh
 from tests.integration.test_runner import _cli, _write
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -63,11 +64,29 @@ def test_run_serves_the_student_from_s3_and_the_printed_curl_works(bucket, tiny_
         st = Storage(f"s3://{bucket}/runs/served")
         manifest = st.read_json(f"serve/{MANIFEST}")
         student = st.read_json(f"student-crsd/{MANIFEST}")
-        assert answer["modelVersion"] == manifest["outputs"]["modelVersion"] == f"ce-{student['version'][:12]}"
+        evaluated = st.read_json(f"evaluate/{MANIFEST}")
+        runtime = evaluated["outputs"]["runtime"]  # the fastest runtime whose check on the eval set passed
+        assert evaluated["metrics"]["runtimes"][runtime]["passed"] and manifest["outputs"]["runtime"] == runtime
+        assert evaluated["metrics"]["runtimes"]["onnx"]["passed"]  # fp32 ONNX is the model, to 1e-4
+        assert answer["modelVersion"] == manifest["outputs"]["modelVersion"] == f"ce-{student['version'][:12]}+{runtime}"
         # the version the gate passed, by name: what a RayService's config names too
         assert manifest["outputs"]["model"] == f"s3://{bucket}/runs/served/student-crsd/v-{student['version']}/model"
         assert manifest["outputs"]["model"] == st.read_json(f"evaluate/{MANIFEST}")["outputs"]["model"]
         assert st.read_json("_PROMOTED.json")["version"] == student["version"]
+        # the exported student, copied off S3, in a Python with only onnxruntime and tokenizers: /score's answer
+        request = json.loads(curl.split("-d '", 1)[1].rstrip("'"))
+        onnx_dir = tmp_path / "onnx"
+        model = Storage(manifest["outputs"]["model"])
+        onnx_dir.mkdir()
+        for rel in model.list("onnx"):  # onnx/model.onnx, onnx/tokenizer.json, ...
+            (onnx_dir / rel.split("/", 1)[1]).write_bytes(model.read_bytes(rel))
+        graph = "model-int8.onnx" if runtime == "onnx-int8" else "model.onnx"
+        texts = [s["text"] for s in request["services"]]
+        fresh, loaded = score_onnx_fresh(onnx_dir, request["query"], texts, graph)
+        assert loaded <= {"onnxruntime", "tokenizers", "numpy"}, loaded
+        for got, served in zip(fresh, answer["results"], strict=True):
+            assert got["probabilities"] == pytest.approx(served["probabilities"], abs=1e-4)
+            assert got["score"] == pytest.approx(served["score"], abs=1e-4)
         proc.send_signal(signal.SIGTERM)  # what `kill`, `timeout` or a supervisor sends
         assert proc.wait(60) == 0
         assert "stopped serving" in proc.stdout.read()

@@ -21,16 +21,22 @@ GOOD = {"query": "vegan brunch in Old Town", "services": [
     {"id": "b", "text": "Iron Gym | fitness | Harbor | $ | offers weights"}]}
 
 
-def _artifact(encoder: str, out: str, config_hash: str, seed: int, calibration: dict | None = None) -> str:
+def _artifact(encoder: str, out: str, config_hash: str, seed: int, calibration: dict | None = None,
+              formats: bool = False) -> str:
     import torch
 
     from kubedistill.core.spec import StudentSpec
-    from kubedistill.stages.student import StudentConfig, build_model, export
+    from kubedistill.stages import data
+    from kubedistill.stages.student import StudentConfig, build_model, export, export_formats
 
     cfg = StudentConfig(StudentSpec(base_model=encoder, max_length=64), LABELS)
     torch.manual_seed(seed)
     model, tok = build_model(cfg)
+    model.eval()
     extra = {"configHash": config_hash, **({"calibration": calibration} if calibration else {})}
+    if formats:  # the ONNX exports, as the student stage writes them
+        rows = data.generate(LABELS, 30, 20, 3, 1, 10, seed=seed).labeled[:20]
+        extra["exports"] = export_formats(model, tok, cfg, Storage(out), 1.0, None, rows)
     return export(model, tok, cfg, Storage(out), extra)
 
 
@@ -46,11 +52,12 @@ def served(tiny_encoder, tmp_path_factory):
     # v2 carries a fitted temperature and decision offsets (an offset no probability can outweigh)
     v2 = _artifact(tiny_encoder, str(root / "v2"), "2222222222222222", seed=2,
                    calibration={"temperature": 2.5, "offsets": {"irrelevant": 0.0, "partial": 0.0, "relevant": 50.0}})
+    v3 = _artifact(tiny_encoder, str(root / "v3"), "3333333333333333", seed=3, formats=True)
     port = free_port()
     with local_ray(num_cpus=4) as session:
         try:
             url = serving.deploy(serving.AppArgs(model=v1, maxServices=8, maxTextChars=200), port=port)
-            yield {"url": url, "base": url.rsplit("/", 1)[0], "v1": v1, "v2": v2, "port": port,
+            yield {"url": url, "base": url.rsplit("/", 1)[0], "v1": v1, "v2": v2, "v3": v3, "port": port,
                    "metrics": session.head.metrics_port}
         finally:
             serve.shutdown()
@@ -76,7 +83,7 @@ def _raw_post(url: str, body: bytes) -> tuple[int, dict]:
 def test_scores_every_service_with_the_model_version(served):
     status, body = serving.post_json(served["url"], GOOD)
     assert status == 200
-    assert body["modelVersion"] == "crsd-111111111111" and body["labels"] == LABELS
+    assert body["modelVersion"] == "crsd-111111111111+torch" and body["labels"] == LABELS
     assert [r["id"] for r in body["results"]] == ["a", "b"]
     for r in body["results"]:
         assert sum(r["probabilities"].values()) == pytest.approx(1, abs=1e-4)
@@ -180,7 +187,7 @@ def test_a_missing_artifact_is_refused_and_the_current_version_keeps_serving(ser
     with pytest.raises(FileNotFoundError, match="incomplete: head.safetensors, encoder/config.json missing"):
         serving.deploy(serving.AppArgs(model=str(broken)), port=served["port"])
     status, body = serving.post_json(served["url"], GOOD)
-    assert status == 200 and body["modelVersion"] == "crsd-111111111111"
+    assert status == 200 and body["modelVersion"] == "crsd-111111111111+torch"
 
 
 def _wait(what: str, check, timeout: float = 120) -> None:  # type: ignore[no-untyped-def]
@@ -201,16 +208,16 @@ def test_version_switch_under_load_drops_nothing(served):
                             kwargs={"duration_s": 600, "timeout_s": 180, "stop": stop, "report": live})
     load.start()
     try:
-        _wait("the load's first answers", lambda: live.versions["crsd-111111111111"] >= 4)
+        _wait("the load's first answers", lambda: live.versions["crsd-111111111111+torch"] >= 4)
         serving.deploy(serving.AppArgs(model=served["v2"], maxServices=8, maxTextChars=200), port=served["port"])
-        _wait("v2 answering the load", lambda: live.versions["crsd-222222222222"] >= 4)
+        _wait("v2 answering the load", lambda: live.versions["crsd-222222222222+torch"] >= 4)
     finally:
         stop.set()
         load.join()
     assert live.server_errors == 0 and set(live.statuses) == {200}, live.summary()
-    assert set(live.versions) == {"crsd-111111111111", "crsd-222222222222"}, live.versions
+    assert set(live.versions) == {"crsd-111111111111+torch", "crsd-222222222222+torch"}, live.versions
     status, body = serving.post_json(served["url"], GOOD)
-    assert status == 200 and body["modelVersion"] == "crsd-222222222222"
+    assert status == 200 and body["modelVersion"] == "crsd-222222222222+torch"
     # v2's stored calibration is what /score applies: its temperature in the probabilities, its offsets in the label
     from kubedistill.stages.student import load_student
 
@@ -219,7 +226,58 @@ def test_version_switch_under_load_drops_nothing(served):
     assert [r["label"] for r in body["results"]] == ["relevant", "relevant"]
     # and back: the switch reloads inside the running replica
     serving.deploy(serving.AppArgs(model=served["v1"], maxServices=8, maxTextChars=200), port=served["port"])
-    _wait("v1 again", lambda: serving.post_json(served["url"], GOOD)[1].get("modelVersion") == "crsd-111111111111")
+    _wait("v1 again", lambda: serving.post_json(served["url"], GOOD)[1].get("modelVersion") == "crsd-111111111111+torch")
+
+
+def test_rerank_answers_cohere_sdk_clients_as_score_ranks(served):
+    """Cohere's own Python SDK, pointed at the app (v2 and v1 clients), gets the documents ordered by /score's
+    score; the same limits hold (a 413 the SDK raises as an API error)."""
+    import cohere
+
+    texts = [s["text"] for s in GOOD["services"]] + ["Harbor Cafe | cafe | Harbor | $ | offers coffee"]
+    _, scored = serving.post_json(served["url"], {"query": GOOD["query"],
+                                                  "services": [{"id": str(i), "text": t} for i, t in enumerate(texts)]})
+    scores = [r["score"] for r in scored["results"]]
+    best = sorted(range(len(texts)), key=lambda i: (-scores[i], i))
+    v2 = cohere.ClientV2(api_key="unused", base_url=served["base"])
+    answer = v2.rerank(model="kubedistill-student", query=GOOD["query"], documents=texts, top_n=2)
+    assert [r.index for r in answer.results] == best[:2]
+    assert [r.relevance_score for r in answer.results] == pytest.approx([scores[i] for i in best[:2]], abs=1e-6)
+    v1 = cohere.Client(api_key="unused", base_url=served["base"])
+    answer = v1.rerank(model="kubedistill-student", query=GOOD["query"], documents=texts, return_documents=True)
+    assert [r.index for r in answer.results] == best
+    assert [r.document.text for r in answer.results] == [texts[i] for i in best]
+    with pytest.raises(cohere.core.ApiError) as e:
+        v2.rerank(model="m", query=GOOD["query"], documents=["d"] * 9)  # maxServices is 8
+    assert e.value.status_code == 413 and e.value.body["field"] == "documents"
+    status, body = _raw_post(served["base"] + "/rerank", json.dumps({"query": "q", "documents": [{"title": "x"}]}).encode())
+    assert (status, body["field"]) == (422, "documents[0].text")
+
+
+def test_the_openapi_document_is_served(served):
+    status, doc = _get(served["base"] + "/openapi.json")
+    assert status == 200 and doc == serving.openapi_document()
+
+
+def test_onnx_runtimes_serve_the_exported_graph_and_their_version_names_them(served):
+    from kubedistill.stages.student import load_runtime
+
+    app = dict(maxServices=8, maxTextChars=200)
+    with pytest.raises(FileNotFoundError, match="runtime: onnx needs the student's ONNX export"):
+        serving.deploy(serving.AppArgs(model=served["v1"], runtime="onnx", **app), port=served["port"])
+    texts = [s["text"] for s in GOOD["services"]]
+    try:
+        for runtime in ("onnx-int8", "onnx"):
+            serving.deploy(serving.AppArgs(model=served["v3"], runtime=runtime, **app), port=served["port"])
+            version = f"crsd-333333333333+{runtime}"
+            _wait(f"{runtime} answering", lambda v=version: serving.post_json(served["url"], GOOD)[1].get("modelVersion") == v)
+            status, body = serving.post_json(served["url"], GOOD)
+            local = load_runtime(served["v3"], runtime).predict_texts([GOOD["query"]] * 2, texts)
+            assert status == 200 and [r["probabilities"][lab] for r in body["results"] for lab in LABELS] == \
+                pytest.approx(local.ravel().tolist(), abs=1e-5)
+    finally:
+        serving.deploy(serving.AppArgs(model=served["v1"], **app), port=served["port"])
+        _wait("v1 again", lambda: serving.post_json(served["url"], GOOD)[1].get("modelVersion") == "crsd-111111111111+torch")
 
 
 def test_prometheus_metrics_include_the_apps_and_serves_own(served):

@@ -31,7 +31,7 @@ def test_child_names_are_deterministic_and_fit_47_characters():
 
 def test_rayservice_validates_against_kuberay_and_carries_the_serving_spec():
     run = _run(serving={"replicas": {"min": 2, "max": 6}, "maxServices": 50, "cpusPerReplica": 2})
-    obj = k8s.rayservice(run, MODEL, uid="uid-123")
+    obj = k8s.rayservice(run, MODEL, "torch", uid="uid-123")
     assert errors(obj) == []
     assert obj["metadata"]["name"] == "r1-serve" and obj["metadata"]["namespace"] == "ml"
     assert obj["metadata"]["labels"]["kubedistill.io/run"] == "r1"
@@ -56,13 +56,13 @@ def test_serve_config_is_valid_for_ray_serve_and_is_the_local_apps_args():
     from ray.serve.schema import ServeDeploySchema
 
     run = _run(serving={"maxServices": 50, "batchWaitMs": 1})
-    text = k8s.rayservice(run, MODEL)["spec"]["serveConfigV2"]
+    text = k8s.rayservice(run, MODEL, "onnx-int8")["spec"]["serveConfigV2"]
     config = ServeDeploySchema.model_validate(yaml.safe_load(text))
     (app,) = config.applications
     assert app.import_path == "ray_apps.student:app" and app.route_prefix == "/"
     args = serving.AppArgs.model_validate(app.args)
     # every field from where it is written: the spec's serving block (set and default), the model, the storage
-    assert (args.model, args.max_services, args.batch_wait_ms) == (MODEL, 50, 1)
+    assert (args.model, args.runtime, args.max_services, args.batch_wait_ms) == (MODEL, "onnx-int8", 50, 1)
     assert args.replicas.max == spec.ServingSpec().replicas.max and args.max_batch_pairs == spec.ServingSpec().max_batch_pairs
     assert args.storage_endpoint == "http://minio:9000" and args.storage_region is None  # none in the spec: the pod's $AWS_REGION decides
     module, attr = app.import_path.split(":")
@@ -70,7 +70,7 @@ def test_serve_config_is_valid_for_ray_serve_and_is_the_local_apps_args():
 
 
 def test_no_owner_reference_without_a_uid_and_gpus_become_limits():
-    obj = k8s.rayservice(_run(serving={"gpusPerReplica": 1, "cpusPerReplica": 0.5}), MODEL)
+    obj = k8s.rayservice(_run(serving={"gpusPerReplica": 1, "cpusPerReplica": 0.5}), MODEL, "torch")
     assert "ownerReferences" not in obj["metadata"]
     assert errors(obj) == []
     group = obj["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
@@ -80,7 +80,7 @@ def test_no_owner_reference_without_a_uid_and_gpus_become_limits():
 
 
 def test_the_schema_check_catches_a_typo():
-    obj = k8s.rayservice(_run(), MODEL)
+    obj = k8s.rayservice(_run(), MODEL, "torch")
     obj["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["maxReplica"] = 3
     assert any("maxReplica" in e for e in errors(obj))
 
@@ -198,6 +198,6 @@ def test_stage_pods_run_the_operators_image_unless_the_run_names_one():
     assert images_from_env({}) == release
     assert images_from_env({"KUBEDISTILL_STAGE_IMAGE": "reg/kd:9"}) == k8s.Images("reg/kd:9", "reg/kd:9")
     def service_hash(imgs):
-        return k8s.rayservice(run, MODEL, images=imgs)["metadata"]["annotations"]["kubedistill.io/config-hash"]
+        return k8s.rayservice(run, MODEL, "torch", images=imgs)["metadata"]["annotations"]["kubedistill.io/config-hash"]
 
     assert service_hash(images) != service_hash(k8s.Images("reg/kd:10", "reg/kd:10-gpu"))  # a new image rolls it

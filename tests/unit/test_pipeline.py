@@ -179,3 +179,23 @@ def test_the_served_model_is_the_one_evaluate_scored_else_the_students_and_none_
         "s3://b/r/student-crsd/v-2/model"  # an evaluate manifest from before it named the model
     assert pipeline.promoted_model({}.get) is None
     assert pipeline.promoted_model({"student-crsd": {"outputs": {}}}.get) is None
+
+
+def test_the_served_runtime_is_the_specs_when_its_check_passed_else_evaluates_pick():
+    student = {"outputs": {"model": "s3://b/r/student-crsd/v-1/model"}}
+    checks = {"torch": {"passed": True, "reason": "the reference"},
+              "onnx": {"passed": True, "reason": "largest probability difference to torch 1.0e-07 (<= 1e-04)"},
+              "onnx-int8": {"passed": False, "reason": "+0.80 points lost (> 0.5)"}}
+    evaluated = {"metrics": {"runtimes": checks}, "outputs": {"model": "s3://b/r/student-crsd/v-1/model",
+                                                              "runtime": "onnx"}}
+    manifests = {"student-crsd": student, "evaluate": evaluated}.get
+    assert pipeline.promoted(manifests, None) == pipeline.Served("s3://b/r/student-crsd/v-1/model", "onnx")
+    assert pipeline.promoted(manifests, "torch").runtime == "torch"
+    with pytest.raises(ValueError, match=r"spec.serving.runtime: onnx-int8 failed its check .*\+0.80 points lost"):
+        pipeline.promoted(manifests, "onnx-int8")
+    # no evaluation of the exports: the native model, and nothing unchecked
+    unchecked = {"student-crsd": student}.get
+    assert pipeline.promoted(unchecked, None) == pipeline.Served("s3://b/r/student-crsd/v-1/model", "torch")
+    with pytest.raises(ValueError, match="spec.serving.runtime: onnx was never checked on the eval set"):
+        pipeline.promoted(unchecked, "onnx")
+    assert pipeline.promoted({}.get, None) is None

@@ -37,10 +37,18 @@ def _manifest(run, stage, gate_passed=True, manifests=None):
     if stage == "student-crsd":
         m["outputs"] = {"model": f"{artifact}/model"}
     if stage == "evaluate":
-        m["metrics"] = {"gate": {"candidate": "student", "passed": gate_passed, "reason": "macro-F1 0.60 < 0.70"}}
-        m["outputs"] = {"model": manifests["student-crsd"]["outputs"]["model"]}
+        m["metrics"] = {"gate": {"candidate": "student", "passed": gate_passed, "reason": "macro-F1 0.60 < 0.70"},
+                        "runtimes": RUNTIME_CHECKS}
+        m["outputs"] = {"model": manifests["student-crsd"]["outputs"]["model"], "runtime": "onnx"}
     m["digest"] = hashlib.sha256(json.dumps(m, sort_keys=True).encode()).hexdigest()[:16]
     return m
+
+
+RUNTIME_CHECKS = {
+    "torch": {"passed": True, "reason": "the reference"},
+    "onnx": {"passed": True, "reason": "largest probability difference to torch 3.0e-08 (<= 1e-04)"},
+    "onnx-int8": {"passed": False, "reason": "int8 macro-F1 0.5900 vs fp32 0.6000: +1.00 points lost (> 0.5)"},
+}
 
 
 def _done(obj):
@@ -394,3 +402,26 @@ def test_a_status_too_big_to_write_has_its_metrics_trimmed_with_a_note():
     annotate, evaluate = status.stages
     assert annotate.metrics == {"rows_in": 10} and "metrics trimmed" in annotate.message
     assert evaluate.metrics == {"macro_f1": 0.7} and evaluate.message == "ok"  # small enough: left whole
+
+
+def _served_runtime(rayservice):
+    import yaml
+
+    (app,) = yaml.safe_load(rayservice["spec"]["serveConfigV2"])["applications"]
+    return app["args"]["runtime"]
+
+
+def test_the_service_runs_the_runtime_evaluate_picked_or_the_spec_names_and_refuses_one_that_failed():
+    c = Cluster(_body()).through_evaluate()
+    assert _served_runtime(c.children["r1-serve"]) == "onnx"  # evaluate's pick: the fastest whose check passed
+    c.body["spec"]["serving"] = {"runtime": "torch"}
+    plan = c.step()
+    (svc,) = plan.replace
+    assert _served_runtime(svc) == "torch"
+    c.body["spec"]["serving"] = {"runtime": "onnx-int8"}  # failed its check on the eval set
+    plan = c.step()
+    serve = plan.status.stages[-1]
+    assert serve.phase == "Failed" and serve.message.startswith("spec.serving.runtime: onnx-int8 failed its check")
+    assert "+1.00 points lost (> 0.5)" in serve.message
+    assert plan.replace == plan.create == [] and _served_runtime(c.children["r1-serve"]) == "torch"  # left serving
+    assert ("Warning", "StageFailed", f"serve: {serve.message}") in plan.events

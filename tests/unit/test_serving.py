@@ -76,9 +76,9 @@ def test_app_args_come_from_the_run_spec():
     run = spec.parse_run(minimal_doc(storage={"uri": "s3://b/runs", "endpoint": "http://s3:9000"},
                                      serving={"maxServices": 10, "replicas": {"min": 2, "max": 3}, "batchWaitMs": 2}))
     st = run.spec.storage
-    a = serving.app_args(run.spec.serving, "s3://b/runs/r/student-crsd/model", st.endpoint, st.region)
-    assert (a.model, a.max_services, a.replicas.min, a.replicas.max, a.batch_wait_ms) == (
-        "s3://b/runs/r/student-crsd/model", 10, 2, 3, 2)
+    a = serving.app_args(run.spec.serving, "s3://b/runs/r/student-crsd/model", "onnx", st.endpoint, st.region)
+    assert (a.model, a.runtime, a.max_services, a.replicas.min, a.replicas.max, a.batch_wait_ms) == (
+        "s3://b/runs/r/student-crsd/model", "onnx", 10, 2, 3, 2)
     assert a.storage_endpoint == "http://s3:9000"
     again = serving.AppArgs.model_validate(a.model_dump(by_alias=True))  # round trip as serveConfigV2 args
     assert again == a
@@ -115,3 +115,74 @@ def test_curl_example_is_a_valid_request():
     cmd = serving.curl_example("http://127.0.0.1:8000/score")
     body = cmd.split("-d '", 1)[1].rstrip("'")
     assert _parse(json.loads(body), max_services=10, max_chars=2000).services[0].id == "s1"
+
+
+RERANK = {"query": "vegan brunch", "documents": ["Green Fork | vegan brunch", {"text": "Iron Gym", "id": "g1"}, "Cafe"]}
+
+
+@pytest.mark.parametrize(("doc", "status", "field", "says"), [
+    ({"query": "q", "documents": []}, 422, "documents", "at least 1 item"),
+    ({"query": "q", "documents": [{"title": "no text"}]}, 422, "documents[0].text", "Field required"),
+    ({"query": "q", "documents": [7]}, 422, "documents[0]", "expected a string, or an object with a 'text'"),
+    ({"query": "q", "documents": ["d"], "top_n": 0}, 422, "top_n", "greater than or equal to 1"),
+    ({"query": "q", "documents": ["d"], "rank_fields": ["title"]}, 422, "rank_fields", "unknown field"),
+    ({"query": "q", "documents": ["d"] * 9}, 413, "documents", "at most 8 per request, got 9"),
+    ({"query": "q", "documents": ["d" * 201]}, 422, "documents[0]", "longer than 200 characters"),
+    ({"query": "q", "documents": [{"text": "d" * 201}]}, 422, "documents[0].text", "longer than 200 characters"),
+    ({"query": "q" * 201, "documents": ["d"]}, 422, "query", "longer than 200 characters"),
+    ([RERANK], 422, "body", "expected a JSON object with 'query' and 'documents'"),
+])
+def test_bad_rerank_requests_name_the_field(doc, status, field, says):
+    with pytest.raises(RequestError) as e:
+        serving.parse_rerank(json.dumps(doc).encode(), 8, 200)
+    assert (e.value.status, e.value.field) == (status, field) and says in e.value.message
+
+
+class _Student:
+    version, labels = "crsd-1+onnx", ["irrelevant", "partial", "relevant"]
+
+
+def test_rerank_orders_best_first_ties_in_request_order_with_top_n_and_documents():
+    req = serving.parse_rerank(json.dumps({**RERANK, "top_n": 2, "return_documents": True, "model": "any"}).encode(), 8, 200)
+    probs = np.array([[0.0, 0.5, 0.5], [0.0, 0.0, 1.0], [0.0, 0.5, 0.5]])  # grades 0.75, 1.0, 0.75
+    body = serving.rerank_body(req, probs, _Student())
+    assert [(r["index"], r["relevance_score"]) for r in body["results"]] == [(1, 1.0), (0, 0.75)]
+    assert [r["document"] for r in body["results"]] == [{"text": "Iron Gym", "id": "g1"}, {"text": "Green Fork | vegan brunch"}]
+    assert body["modelVersion"] == "crsd-1+onnx" and len(body["id"]) == 36
+    plain = serving.rerank_body(serving.parse_rerank(json.dumps(RERANK).encode(), 8, 200), probs, _Student())
+    assert [r["index"] for r in plain["results"]] == [1, 0, 2] and all("document" not in r for r in plain["results"])
+    # relevance_score is /score's score for the same probabilities
+    scored = score_results(probs, _Student.labels, ["a", "b", "c"])
+    assert sorted(r["relevance_score"] for r in plain["results"]) == sorted(r["score"] for r in scored)
+
+
+def test_the_committed_openapi_document_is_the_apps_and_covers_every_route():
+    from pathlib import Path
+
+    committed = json.loads((Path(__file__).parents[2] / "ray_apps" / "student.openapi.json").read_text())
+    doc = serving.openapi_document()
+    assert committed == doc, "ray_apps/student.openapi.json is stale: run `make docs`"
+    routes = {(m.lower(), r.path) for r in serving.fastapi_app().routes for m in getattr(r, "methods", ())}
+    assert routes == {(m, p) for p, ops in doc["paths"].items() for m in ops}
+
+
+def test_requests_and_answers_validate_against_the_openapi_schemas():
+    import jsonschema
+
+    doc = serving.openapi_document()
+
+    def check(instance, name):
+        schema = {"$ref": f"#/components/schemas/{name}", "components": doc["components"]}
+        jsonschema.Draft202012Validator(schema).validate(instance)
+
+    check(RERANK, "RerankRequest")
+    check(json.loads(serving.curl_example("http://x/score").split("-d '", 1)[1].rstrip("'")), "ScoreRequest")
+    req = serving.parse_rerank(json.dumps({**RERANK, "return_documents": True}).encode(), 8, 200)
+    check(serving.rerank_body(req, np.full((3, 3), 1 / 3), _Student()), "RerankResponse")
+    check({"modelVersion": "v", "labels": _Student.labels,
+           "results": score_results(np.full((1, 3), 1 / 3), _Student.labels, ["a"])}, "ScoreResponse")
+    with pytest.raises(RequestError) as e:
+        serving.parse_rerank(b"{}", 8, 200)
+    check(e.value.body(), "ErrorBody")
+    with pytest.raises(jsonschema.ValidationError):
+        check({"query": "q"}, "RerankRequest")
