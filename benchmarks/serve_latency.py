@@ -8,7 +8,10 @@ exports, then
   2. bare: the served runtime (`--runtime`) on one query with `--services` services, in this process;
   3. Serve: the same input as POST /score on a local Ray Serve (one replica, same threads), at concurrency
      1 (p50/p99, pairs/s) and at concurrency 16 (pairs/s); target (issue 22): p50 <= 80 ms for 1 x 10;
-  4. optionally the 60 s load test at concurrency 32 (`--load-seconds 60`).
+  4. optionally the 60 s load test at concurrency 32 (`--load-seconds 60`);
+  5. step 3 again under each of Ray Serve 2.60's options for its own per-request cost (`--serve-configs`:
+     throughput-optimized, i.e. direct ingress and gRPC between components; HAProxy in front), each on a
+     fresh cluster in a fresh process.
 Targets (issue 7): Serve p50 <= bare p50 + 5 ms; pairs/s at concurrency 16 >= 2.5x concurrency 1;
 zero 5xx in the load test. int8's quality is not measured here (random head): the evaluate stage checks
 it on the eval set of every run (quickstart.py records it).
@@ -22,6 +25,7 @@ request. Writes `benchmarks/records/serve_latency-<encoder>.json`.
 """
 
 import argparse
+import shutil
 import tempfile
 import time
 
@@ -60,6 +64,9 @@ def main() -> None:
     ap.add_argument("--runtime", choices=["torch", "onnx", "onnx-int8"], default="onnx-int8",
                     help="the runtime served (and timed bare) in steps 2-4")
     ap.add_argument("--rounds", type=int, default=30, help="interleaved rounds per size in step 1")
+    ap.add_argument("--serve-configs", nargs="+", choices=list(SERVE_CONFIGS), default=list(SERVE_CONFIGS),
+                    help="Ray Serve options to measure step 3 under, each on a fresh cluster (the first is the "
+                         "reference of the other rows)")
     args = ap.parse_args()
 
     body = request_body(args.services)
@@ -89,36 +96,29 @@ def main() -> None:
               f"p50 {bare_p50:.2f} ms  p99 {bare_p99:.2f} ms")
         del student
 
-        from ray import serve
-
-        from kubedistill.core.ports import Ports
-        from kubedistill.runner import local_ray
-
-        with local_ray(num_cpus=max(2, args.threads)), Ports.claim(1) as port:
-            try:
-                url = serving.deploy(serving.AppArgs(model=uri, runtime=args.runtime, replicas={"min": 1, "max": 1},
-                                                     cpusPerReplica=args.threads), port=port[0])
-                run_load(url, body, 4, requests=50)  # warm up connections and the replica
-                c1 = run_load(url, body, 1, requests=args.requests)
-                c16 = run_load(url, body, 16, duration_s=args.seconds)
-                s1, s16 = c1.summary(args.services), c16.summary(args.services)
-                print(f"serve c=1 : p50 {s1['p50_ms']:.2f} ms  p99 {s1['p99_ms']:.2f} ms  {s1['pairs_per_s']:.0f} pairs/s  {s1['statuses']}")
-                print(f"serve c=16: p50 {s16['p50_ms']:.2f} ms  p99 {s16['p99_ms']:.2f} ms  {s16['pairs_per_s']:.0f} pairs/s  {s16['statuses']}")
-                overhead = s1["p50_ms"] - bare_p50
-                ratio = s16["pairs_per_s"] / s1["pairs_per_s"]
-                print(f"\nServe p50 - bare p50: {overhead:+.2f} ms (target <= +5 ms)")
-                print(f"throughput c=16 / c=1: {ratio:.2f}x (target >= 2.5x)")
-                result = {"runtimes": runtimes, "bare": {"p50_ms": bare_p50, "p99_ms": bare_p99}, "c1": s1,
-                          "c16": s16, "overhead_ms": overhead, "throughput_ratio": ratio}
-                if args.load_seconds:
-                    load = run_load(url, body, 32, duration_s=args.load_seconds)
-                    sl = load.summary(args.services)
-                    print(f"load test c=32 for {args.load_seconds:.0f}s: {sl['requests']} requests, statuses {sl['statuses']}, "
-                          f"5xx/no answer {load.server_errors}, p50 {sl['p50_ms']:.1f} ms, p99 {sl['p99_ms']:.1f} ms, "
-                          f"{sl['pairs_per_s']:.0f} pairs/s")
-                    result["load"] = {**sl, "server_errors": load.server_errors}
-            finally:
-                serve.shutdown()
+        serves = {}
+        first = args.serve_configs[0]
+        for name in args.serve_configs:
+            if name == "haproxy" and not shutil.which("haproxy"):
+                serves[name] = {"skipped": "no haproxy binary on this machine"}
+                print(f"serve [{name}]: skipped (no haproxy binary)")
+                continue
+            settings = {**vars(args), "load_seconds": args.load_seconds if name == first else 0}
+            serves[name] = in_fresh_process(serve_numbers, SERVE_CONFIGS[name], uri, body, settings)
+            s1, s16 = serves[name]["c1"], serves[name]["c16"]
+            print(f"serve [{name}] c=1 : p50 {s1['p50_ms']:.2f} ms  p99 {s1['p99_ms']:.2f} ms  "
+                  f"{s1['pairs_per_s']:.0f} pairs/s  {s1['statuses']}")
+            print(f"serve [{name}] c=16: p50 {s16['p50_ms']:.2f} ms  p99 {s16['p99_ms']:.2f} ms  "
+                  f"{s16['pairs_per_s']:.0f} pairs/s  {s16['statuses']}")
+    s1, s16 = serves[first]["c1"], serves[first]["c16"]
+    overhead = s1["p50_ms"] - bare_p50
+    ratio = s16["pairs_per_s"] / s1["pairs_per_s"]
+    print(f"\nServe [{first}] p50 - bare p50: {overhead:+.2f} ms (target <= +5 ms)")
+    print(f"throughput c=16 / c=1: {ratio:.2f}x (target >= 2.5x)")
+    result = {"runtimes": runtimes, "bare": {"p50_ms": bare_p50, "p99_ms": bare_p99}, "serve": serves, "c1": s1,
+              "c16": s16, "overhead_ms": overhead, "throughput_ratio": ratio}
+    if "load" in serves[first]:
+        result["load"] = serves[first]["load"]
     int8 = runtimes["10"]["speedup"]["onnx-int8"]
     rows: list[benchrecord.Row] = [
         {"what": f"ONNX int8 vs torch fp32 throughput, {args.encoder}, 1 x 10 and 1 x 100 pairs, {args.threads} threads "
@@ -146,7 +146,74 @@ def main() -> None:
         rows.append({"what": f"`/score` under {args.load_seconds:.0f} s at concurrency 32, {args.encoder} (`serve_latency.py`)",
                      "target": "no 5xx", "measured": f"{load['requests']} requests, {load['server_errors']} 5xx or unanswered",
                      "met": "yes" if load["server_errors"] == 0 else "no"})
+    for name, numbers in serves.items():
+        if name == first:
+            continue
+        if "skipped" in numbers:
+            rows.append({"what": f"`/score` with Ray Serve's {name} option (`serve_latency.py`)", "target": "-",
+                         "measured": f"not measured: {numbers['skipped']}", "met": "-"})
+            continue
+        n1, n16 = numbers["c1"], numbers["c16"]
+        rows.append({"what": f"`/score` with Ray Serve's {name} option ({SERVE_CONFIGS[name]}), {args.runtime}, "
+                             f"1 x {args.services} (`serve_latency.py`)",
+                     "target": f"below {first}'s {s1['p50_ms']:.1f} ms p50",
+                     "measured": f"p50 {n1['p50_ms']:.1f} ms, p99 {n1['p99_ms']:.1f} ms; c=16 {n16['pairs_per_s']:.0f} "
+                                 f"pairs/s (vs {s16['pairs_per_s']:.0f})",
+                     "met": "yes" if n1["p50_ms"] < s1["p50_ms"] else "no"})
     benchrecord.write("serve_latency", vars(args), result, rows, tag=args.encoder)
+
+
+#: Ray Serve 2.60's options for its own per-request cost, as the environment they are set by
+SERVE_CONFIGS: dict[str, dict[str, str]] = {
+    "default": {},
+    # direct ingress, gRPC between components, request-path logging buffered, gc frozen after start
+    "throughput-optimized": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+    # the same, with HAProxy (C) in front instead of the Python proxy
+    "haproxy": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"},
+}
+
+
+def in_fresh_process(fn, env: dict[str, str], *fn_args):  # type: ignore[no-untyped-def]
+    """`fn(*fn_args)` in a new Python with `env` added: Serve reads its options when first imported, and its
+    Ray cluster inherits them when started."""
+    import multiprocessing
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return pool.submit(fn, *fn_args).result()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def serve_numbers(uri: str, body: dict, args: dict) -> dict:
+    """/score on a fresh local Ray Serve (one replica): concurrency 1 and 16, and the optional load test."""
+    from ray import serve
+
+    from kubedistill.core.ports import Ports
+    from kubedistill.runner import local_ray
+
+    n = len(body["services"])
+    with local_ray(num_cpus=max(2, args["threads"])), Ports.claim(1) as port:
+        try:
+            url = serving.deploy(serving.AppArgs(model=uri, runtime=args["runtime"], replicas={"min": 1, "max": 1},
+                                                 cpusPerReplica=args["threads"]), port=port[0])
+            run_load(url, body, 4, requests=50)  # warm up connections and the replica
+            out = {"c1": run_load(url, body, 1, requests=args["requests"]).summary(n),
+                   "c16": run_load(url, body, 16, duration_s=args["seconds"]).summary(n)}
+            if args["load_seconds"]:
+                load = run_load(url, body, 32, duration_s=args["load_seconds"])
+                out["load"] = {**load.summary(n), "server_errors": load.server_errors}
+            return out
+        finally:
+            serve.shutdown()
 
 
 def compare_runtimes(uri: str, threads: int, rounds: int) -> dict:
