@@ -122,8 +122,8 @@ def export_onnx(
         str(dest / ONNX_FILES["onnx"]),
         str(dest / ONNX_FILES["onnx-int8"]),
         weight_type=QuantType.QInt8,
-        # the encoder's matmuls only: the head and the grade average are a few hundred weights whose rounding
-        # would cost accuracy and save nothing
+        # the encoder's matmuls and embeddings only: the head and the grade average are a few hundred weights
+        # whose rounding would cost accuracy and save nothing
         nodes_to_exclude=_outside_encoder(dest / ONNX_FILES["onnx"]),
         extra_options={"DefaultTensorType": 1},  # FLOAT, for tensors shape inference leaves untyped
     )
@@ -151,9 +151,10 @@ def _outside_encoder(path: Path) -> list[str]:
     import onnx
 
     graph = onnx.load(str(path), load_external_data=False).graph
-    return [
-        n.name for n in graph.node if n.op_type in ("MatMul", "Gemm") and not n.name.startswith("/student/encoder/")
-    ]
+    # the exporter names a node by its module path: the encoder's are /encoder/..., the head's /classifier/...;
+    # the quantizer first rewrites a Gemm as <name>_MatMul + <name>_Add
+    outside = [n for n in graph.node if n.op_type in ("MatMul", "Gemm") and not n.name.startswith("/encoder/")]
+    return [n.name for n in outside] + [f"{n.name}_MatMul" for n in outside if n.op_type == "Gemm"]
 
 
 def files_record(directory: Path) -> dict[str, Any]:

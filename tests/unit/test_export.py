@@ -90,6 +90,21 @@ def test_the_graph_outputs_score_and_label_as_score_answers(exported):
     assert (calibration.decide(exported["reference"], OFFSETS) != exported["reference"].argmax(1)).any()  # offsets matter
 
 
+def test_int8_quantizes_every_encoder_matmul_and_nothing_after_it(exported):
+    import onnx
+
+    directory = Storage(exported["uri"]).uri("onnx")
+    fp32 = [n for n in onnx.load(f"{directory}/model.onnx").graph.node if n.op_type in ("MatMul", "Gemm")]
+    int8 = {n.name: n.op_type for n in onnx.load(f"{directory}/model-int8.onnx").graph.node}
+    encoder = [n.name for n in fp32 if n.name.startswith("/encoder/")]
+    head = [n.name for n in fp32 if not n.name.startswith("/encoder/")]
+    # a weight matmul becomes MatMulInteger (its node renamed *_quant); attention's activation x activation stays
+    weights = [n for n in encoder if n not in int8]
+    assert len(weights) >= 6 * 2 and all(f"{n}_quant" in int8 for n in weights), (weights, sorted(int8)[:20])
+    # the head and the grade average stay fp32 (the quantizer rewrites a Gemm as a MatMul and an Add first)
+    assert head and all(int8.get(n) in ("MatMul", "Gemm") or int8.get(f"{n}_MatMul") == "MatMul" for n in head), head
+
+
 def test_int8_is_smaller_close_and_recorded(exported):
     files = exported["record"]["onnx"]["files"]
     assert files["model-int8.onnx"]["bytes"] < files["model.onnx"]["bytes"] / 2
