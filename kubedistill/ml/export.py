@@ -189,6 +189,8 @@ class OnnxScorer:
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
+        # idle threads sleep instead of spinning: a replica's cores also run its HTTP handling and tokenizer
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(
             str(self.directory / ONNX_FILES[self.runtime]), options, providers=["CPUExecutionProvider"]
         )
