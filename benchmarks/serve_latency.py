@@ -155,7 +155,8 @@ def main() -> None:
                          "measured": f"not measured: {numbers['skipped']}", "met": "-"})
             continue
         n1, n16 = numbers["c1"], numbers["c16"]
-        rows.append({"what": f"`/score` with Ray Serve's {name} option ({SERVE_CONFIGS[name]}), {args.runtime}, "
+        option = ", ".join(f"{k}={v}" for k, v in SERVE_CONFIGS[name].items())
+        rows.append({"what": f"`/score` with Ray Serve's {name} option ({option}), {args.runtime}, "
                              f"1 x {args.services} (`serve_latency.py`)",
                      "target": f"below {first}'s {s1['p50_ms']:.1f} ms p50",
                      "measured": f"p50 {n1['p50_ms']:.1f} ms, p99 {n1['p99_ms']:.1f} ms; c=16 {n16['pairs_per_s']:.0f} "
@@ -180,18 +181,10 @@ def in_fresh_process(fn, env: dict[str, str], *fn_args):  # type: ignore[no-unty
     import multiprocessing
     import os
     from concurrent.futures import ProcessPoolExecutor
+    from unittest import mock
 
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            return pool.submit(fn, *fn_args).result()
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with mock.patch.dict(os.environ, env), ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *fn_args).result()
 
 
 def serve_numbers(uri: str, body: dict, args: dict) -> dict:

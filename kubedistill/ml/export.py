@@ -41,6 +41,20 @@ EPSILON = 1e-4
 _FLOOR = 1e-12  # as kubedistill.ml.calibration: log(p) of a zero probability
 
 
+@dataclass(frozen=True)
+class Head:
+    """What an export bakes in beside the weights: the labels, the input length, the fitted temperature and
+    the decision offsets (in `labels` order; None: plain argmax)."""
+
+    labels: list[str]
+    max_length: int
+    temperature: float
+    offsets: list[float] | None
+
+    def offsets_or_zeros(self) -> list[float]:
+        return self.offsets or [0.0] * len(self.labels)
+
+
 def grades(n_labels: int) -> list[float]:
     """The grade of each label, least relevant 0 to most relevant 1: `score` is the probabilities' mean grade."""
     return np.linspace(0.0, 1.0, n_labels).tolist()
@@ -85,15 +99,7 @@ def _scoring_graph(model: Any, input_names: list[str], temperature: float, offse
     return ScoringGraph().eval()
 
 
-def export_onnx(
-    model: Any,
-    tokenizer: Any,
-    labels: list[str],
-    max_length: int,
-    temperature: float,
-    offsets: list[float] | None,
-    dest: Path,
-) -> dict[str, Any]:
+def export_onnx(model: Any, tokenizer: Any, head: Head, dest: Path) -> dict[str, Any]:
     """Write onnx/{model.onnx, model-int8.onnx, tokenizer.json, config.json} under `dest`; return what was written
     (file digests and sizes). The graph is traced with eager attention (the exporter's patterns are standard ops)."""
     import torch
@@ -104,7 +110,7 @@ def export_onnx(
     if hasattr(student.encoder, "set_attn_implementation"):
         student.encoder.set_attn_implementation("eager")
     names = [n for n in tokenizer.model_input_names if n in ("input_ids", "attention_mask", "token_type_ids")]
-    graph = _scoring_graph(student, names, temperature, offsets)
+    graph = _scoring_graph(student, names, head.temperature, head.offsets)
     sample = tokenizer(["a query"] * 2, ["a service text", "another"], padding=True, return_tensors="pt")
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -127,14 +133,14 @@ def export_onnx(
         nodes_to_exclude=_outside_encoder(dest / ONNX_FILES["onnx"]),
         extra_options={"DefaultTensorType": 1},  # FLOAT, for tensors shape inference leaves untyped
     )
-    configure_tokenizer(tokenizer, max_length).save(str(dest / "tokenizer.json"))
+    configure_tokenizer(tokenizer, head.max_length).save(str(dest / "tokenizer.json"))
     config = {
-        "labels": labels,
-        "grades": grades(len(labels)),
-        "offsets": offsets or [0.0] * len(labels),
-        "temperature": temperature,
+        "labels": head.labels,
+        "grades": grades(len(head.labels)),
+        "offsets": head.offsets_or_zeros(),
+        "temperature": head.temperature,
         "temperatureApplied": True,
-        "maxLength": max_length,
+        "maxLength": head.max_length,
         "inputs": names,
         "outputs": list(OUTPUTS),
         "models": {"fp32": ONNX_FILES["onnx"], "int8": ONNX_FILES["onnx-int8"]},
@@ -231,15 +237,7 @@ def hf_unsupported(model: Any) -> str | None:
     return None
 
 
-def export_hf(
-    model: Any,
-    tokenizer: Any,
-    labels: list[str],
-    max_length: int,
-    temperature: float,
-    offsets: list[float] | None,
-    dest: Path,
-) -> dict[str, Any]:
+def export_hf(model: Any, tokenizer: Any, head: Head, dest: Path) -> dict[str, Any]:
     """Write a `BertForSequenceClassification` directory whose softmax equals the student's calibrated probabilities.
 
     The student's head reads [CLS] directly; BERT's head reads pooler(h) = tanh(W h + b). With W = EPSILON * I
@@ -249,11 +247,12 @@ def export_hf(
     import torch
     from transformers import BertForSequenceClassification
 
+    labels, temperature = head.labels, head.temperature
     config = copy.deepcopy(model.encoder.config)
     config.num_labels = len(labels)
     config.id2label = dict(enumerate(labels))
     config.label2id = {lab: i for i, lab in enumerate(labels)}
-    config.kubedistill_decision_offsets = dict(zip(labels, offsets or [0.0] * len(labels), strict=True))
+    config.kubedistill_decision_offsets = dict(zip(labels, head.offsets_or_zeros(), strict=True))
     config.kubedistill_grades = dict(zip(labels, grades(len(labels)), strict=True))
     hf = BertForSequenceClassification(config).eval()
     missing, unexpected = hf.bert.load_state_dict(model.encoder.state_dict(), strict=False)
@@ -268,7 +267,7 @@ def export_hf(
     dest.mkdir(parents=True, exist_ok=True)
     hf.save_pretrained(str(dest))
     tok = copy.deepcopy(tokenizer)
-    tok.model_max_length = max_length  # `truncation=True` then cuts pairs longest-first at the student's length
+    tok.model_max_length = head.max_length  # `truncation=True` then cuts pairs longest-first at the student's length
     tok.save_pretrained(str(dest))
     return {"class": "BertForSequenceClassification", "epsilon": EPSILON, **files_record(dest)}
 

@@ -558,10 +558,10 @@ def export_formats(
     check = check_rows[:256]
     queries, services = [r["query"] for r in check], [service_text(r) for r in check]
     reference = predict_texts(model, tokenizer, queries, services, cfg.student.max_length, temperature=temperature)
-    args = (tokenizer, cfg.labels, cfg.student.max_length, temperature, offsets)
+    head = ex.Head(cfg.labels, cfg.student.max_length, temperature, offsets)
     record: dict[str, Any] = {"checkedOn": {"rows": len(check), "pairsDigest": rows_digest(check)}}
     with tempfile.TemporaryDirectory() as d:
-        onnx = ex.export_onnx(model, *args, Path(d) / "onnx")
+        onnx = ex.export_onnx(model, tokenizer, head, Path(d) / "onnx")
         for runtime in ("onnx", "onnx-int8"):
             got = ex.OnnxScorer(Path(d) / "onnx", runtime).predict_texts(queries, services)
             diff = ex.max_abs_diff(got, reference)
@@ -571,7 +571,7 @@ def export_formats(
         record["onnx"].update(onnx)
         reason = ex.hf_unsupported(model)
         if reason is None:
-            hf = ex.export_hf(model, *args, Path(d) / "hf")
+            hf = ex.export_hf(model, tokenizer, head, Path(d) / "hf")
             got = hf_probabilities(Path(d) / "hf", queries, services)
             diff = ex.max_abs_diff(got, reference)
             passed = bool(check) and diff <= ex.FP32_TOLERANCE
