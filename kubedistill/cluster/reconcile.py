@@ -234,7 +234,8 @@ def reconcile(
         if is_service:  # the student the gate passed, by version: a new version rolls the service
             try:
                 ready = step.ready and step.state != "skipped"
-                served = pipeline.promoted(manifests, run.spec.serving.runtime) if ready else None
+                s = run.spec.serving
+                served = pipeline.promoted(manifests, s.runtime, s.gpus_per_replica > 0) if ready else None
             except ValueError as e:  # the runtime the spec asks for failed its check: nothing is served
                 if old.phase != "Failed":
                     plan.events.append(("Warning", "StageFailed", f"{stage.name}: {e}"))

@@ -49,13 +49,18 @@ class Served:
     runtime: str
 
 
-def promoted(manifests: Callable[[str], dict[str, Any] | None], requested: str | None) -> Served | None:
+def promoted(
+    manifests: Callable[[str], dict[str, Any] | None], requested: str | None, gpu: bool = False
+) -> Served | None:
     """The promoted model and its runtime: `requested` (spec.serving.runtime) when its check on the eval set
-    passed, else, unset, the one evaluate picked (the fastest that passed). ValueError, naming the field, when
-    the requested runtime failed its check or was never checked; None when there is no model to serve."""
+    passed, else, unset, the one evaluate picked (the fastest on CPUs that passed), or torch on GPU replicas
+    (`gpu`; ONNX Runtime scores on CPUs here). ValueError, naming the field, when the requested runtime failed
+    its check or was never checked; None when there is no model to serve."""
     model = promoted_model(manifests)
     if model is None:
         return None
+    if gpu and requested in (None, "torch"):
+        return Served(model, "torch")
     evaluated = manifests("evaluate") or {}
     checks = (evaluated.get("metrics") or {}).get("runtimes") or {}
     if not checks:  # no evaluation of the exports (none ran, or one from before them): the native model only

@@ -608,7 +608,12 @@ class ServingSpec(_Model):
                 f"(has(self.maxBatchPairs) ? self.maxBatchPairs : {_MAX_BATCH_PAIRS})"
                 f" >= (has(self.maxServices) ? self.maxServices : {_MAX_SERVICES})",
                 "maxBatchPairs must be >= maxServices",
-            )
+            ),
+            (
+                "!has(self.runtime) || self.runtime == 'torch' || !has(self.gpusPerReplica)"
+                " || double(self.gpusPerReplica) == 0.0",
+                "runtime onnx and onnx-int8 score on CPUs: set runtime torch (or leave it unset) for GPU replicas",
+            ),
         )
     )
     enabled: bool = Field(
@@ -620,8 +625,8 @@ class ServingSpec(_Model):
         default=None,
         description="What scores requests: torch (the native artifact), onnx (ONNX Runtime, fp32) or onnx-int8 "
         "(int8 weights). Unset: the fastest whose check on the eval set passed (onnx-int8 within 0.5 macro-F1 "
-        "points of fp32, onnx within 1e-4 of torch's probabilities); a runtime set here that failed its check "
-        "fails the serve stage.",
+        "points of fp32, onnx within 1e-4 of torch's probabilities), or torch on GPU replicas (ONNX Runtime scores "
+        "on CPUs here); a runtime set here that failed its check fails the serve stage.",
     )
     max_services: int = Field(default=_MAX_SERVICES, ge=1, le=10_000, description="Services per /score request.")
     max_text_chars: int = Field(
@@ -895,6 +900,14 @@ def _semantic_problems(run: DistillationRun) -> list[Problem]:
                 "spec.serving.maxBatchPairs",
                 f"must be >= maxServices ({s.serving.max_services}): "
                 f"one request's pairs are never split across batches (got {s.serving.max_batch_pairs})",
+            )
+        )
+    if s.serving.runtime not in (None, "torch") and s.serving.gpus_per_replica > 0:
+        out.append(
+            Problem(
+                "spec.serving.runtime",
+                f"{s.serving.runtime} scores on CPUs, but gpusPerReplica is {s.serving.gpus_per_replica}: set "
+                "runtime torch (or leave it unset) for GPU replicas",
             )
         )
     for path, rep in (

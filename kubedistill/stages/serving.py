@@ -704,11 +704,12 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
 
     import ray
 
-    served = promoted(ctx.input_manifest, ctx.spec.serving.runtime)  # the version evaluate scored, gate passed
+    s = ctx.spec.serving  # the version evaluate scored, its gate passed; the runtime its checks allow
+    served = promoted(ctx.input_manifest, s.runtime, s.gpus_per_replica > 0)
     if served is None:
         raise RuntimeError("no student model to serve: neither evaluate nor student-crsd names one in its outputs")
     st = ctx.config["storage"]
-    args = app_args(ctx.spec.serving, served.model, served.runtime, st.get("endpoint"), st.get("region"))
+    args = app_args(s, served.model, served.runtime, st.get("endpoint"), st.get("region"))
     ray.init(address="auto", log_to_driver=False, logging_level="WARNING")
     host = os.environ.get("KUBEDISTILL_SERVE_HOST", "127.0.0.1")
     port = int(os.environ.get("KUBEDISTILL_SERVE_PORT", "8000"))

@@ -129,12 +129,18 @@ def test_cel_rules_compile_and_match_pydantic():
     good = minimal_doc(serving={"replicas": {"min": 1, "max": 2}}, student={"compareObjectives": ["ce", "kd"]})
     assert _eval_rules(good) == []
     spec.parse_run(good)
+    for serving in ({"runtime": "torch", "gpusPerReplica": 1}, {"runtime": "onnx-int8", "gpusPerReplica": 0},
+                    {"gpusPerReplica": 1.5}):
+        assert _eval_rules(minimal_doc(serving=serving)) == []
+        spec.parse_run(minimal_doc(serving=serving))
     cases = [
         (minimal_doc(serving={"replicas": {"min": 3, "max": 2}}), "min must be <= max"),
         (minimal_doc(annotation={"replicas": {"min": 5, "max": 1}}), "min must be <= max"),
         (minimal_doc(serving={"enabled": True}, student={"enabled": False}), "serving.enabled requires student.enabled"),
         (minimal_doc(serving={"maxBatchPairs": 50}), "maxBatchPairs must be >= maxServices"),
         (minimal_doc(serving={"maxServices": 600}), "maxBatchPairs must be >= maxServices"),
+        (minimal_doc(serving={"runtime": "onnx-int8", "gpusPerReplica": 1}),
+         "runtime onnx and onnx-int8 score on CPUs: set runtime torch (or leave it unset) for GPU replicas"),
         (minimal_doc(student={"compareObjectives": ["ce", "crsd"]}), "compareObjectives must not repeat objective"),
         (minimal_doc(student={"objective": "ce", "compareObjectives": ["ce"]}), "compareObjectives must not repeat objective"),
     ]

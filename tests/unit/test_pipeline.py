@@ -199,3 +199,5 @@ def test_the_served_runtime_is_the_specs_when_its_check_passed_else_evaluates_pi
     with pytest.raises(ValueError, match="spec.serving.runtime: onnx was never checked on the eval set"):
         pipeline.promoted(unchecked, "onnx")
     assert pipeline.promoted({}.get, None) is None
+    # GPU replicas: torch unless the spec says otherwise (ONNX Runtime scores on CPUs here)
+    assert pipeline.promoted(manifests, None, gpu=True).runtime == "torch"
