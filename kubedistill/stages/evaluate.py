@@ -209,8 +209,8 @@ def check_runtimes(
     for runtime in ("onnx", "onnx-int8"):
         try:
             scorer = onnx(runtime)
-        except KeyError:
-            out[runtime] = {"passed": False, "reason": "not exported (a student from before ONNX exports)"}
+        except KeyError as e:
+            out[runtime] = {"passed": False, "reason": f"not exported: {e.args[0] if e.args else runtime}"}
             continue
         p = scorer.predict_texts(queries, services)
         f1 = classification_metrics(truth, p, labels, student.offsets)["macro_f1"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -552,7 +553,9 @@ def export_formats(
     """Write the ONNX (fp32, int8) and, where the student has one, the Hugging Face sequence-classification form
     under `out` (`onnx/`, `hf/`); return what student.json records of them: files, and each one's largest
     probability difference to this model on `check_rows` (real pairs: the validation split). An fp32 form
-    further than `export.FP32_TOLERANCE` from the model is recorded as failed, and never served."""
+    further than `export.FP32_TOLERANCE` from the model is recorded as failed, and never served; a form that
+    cannot be exported (an encoder the exporter cannot trace) is recorded with its error, and the trained
+    model is kept: it serves with torch."""
     from kubedistill.ml import export as ex
 
     check = check_rows[:256]
@@ -561,21 +564,29 @@ def export_formats(
     head = ex.Head(cfg.labels, cfg.student.max_length, temperature, offsets)
     record: dict[str, Any] = {"checkedOn": {"rows": len(check), "pairsDigest": rows_digest(check)}}
     with tempfile.TemporaryDirectory() as d:
-        onnx = ex.export_onnx(model, tokenizer, head, Path(d) / "onnx")
-        for runtime in ("onnx", "onnx-int8"):
-            got = ex.OnnxScorer(Path(d) / "onnx", runtime).predict_texts(queries, services)
-            diff = ex.max_abs_diff(got, reference)
-            record[runtime] = {"path": f"onnx/{ex.ONNX_FILES[runtime]}", "maxAbsDiff": diff}
-            if runtime == "onnx":
-                record[runtime]["passed"] = bool(check) and diff <= ex.FP32_TOLERANCE
-        record["onnx"].update(onnx)
+        try:
+            onnx = ex.export_onnx(model, tokenizer, head, Path(d) / "onnx")
+            for runtime in ("onnx", "onnx-int8"):
+                got = ex.OnnxScorer(Path(d) / "onnx", runtime).predict_texts(queries, services)
+                diff = ex.max_abs_diff(got, reference)
+                record[runtime] = {"path": f"onnx/{ex.ONNX_FILES[runtime]}", "maxAbsDiff": diff}
+                if runtime == "onnx":
+                    record[runtime]["passed"] = bool(check) and diff <= ex.FP32_TOLERANCE
+            record["onnx"].update(onnx)
+        except Exception as e:  # noqa: BLE001 - recorded; the native model is what the stage trained
+            shutil.rmtree(Path(d) / "onnx", ignore_errors=True)
+            record["onnx"] = record["onnx-int8"] = {"error": f"{type(e).__name__}: {e}"[:2000], "passed": False}
         reason = ex.hf_unsupported(model)
         if reason is None:
-            hf = ex.export_hf(model, tokenizer, head, Path(d) / "hf")
-            got = hf_probabilities(Path(d) / "hf", queries, services)
-            diff = ex.max_abs_diff(got, reference)
-            passed = bool(check) and diff <= ex.FP32_TOLERANCE
-            record["hf"] = {"path": "hf", "maxAbsDiff": diff, "passed": passed, **hf}
+            try:
+                hf = ex.export_hf(model, tokenizer, head, Path(d) / "hf")
+                got = hf_probabilities(Path(d) / "hf", queries, services)
+                diff = ex.max_abs_diff(got, reference)
+                passed = bool(check) and diff <= ex.FP32_TOLERANCE
+                record["hf"] = {"path": "hf", "maxAbsDiff": diff, "passed": passed, **hf}
+            except Exception as e:  # noqa: BLE001 - as above
+                shutil.rmtree(Path(d) / "hf", ignore_errors=True)
+                record["hf"] = {"error": f"{type(e).__name__}: {e}"[:2000], "passed": False}
         else:
             record["hf"] = {"skipped": reason}
         for f in sorted(Path(d).rglob("*")):
@@ -706,8 +717,10 @@ def load_onnx(uri: str, runtime: str, options: S3Options | None = None, threads:
     from kubedistill.ml.models import fetch_prefix
 
     meta = read_meta(uri, options)
-    if runtime not in (meta.get("exports") or {}):
-        raise KeyError(f"{uri}: the student has no {runtime} export (exported before ONNX exports?)")
+    export = (meta.get("exports") or {}).get(runtime)
+    if export is None or "error" in export:
+        why = export["error"] if export else "exported before ONNX exports?"
+        raise KeyError(f"{uri}: the student has no {runtime} export ({why})")
     st = Storage(uri, options)
     local = fetch_prefix(st.uri("onnx"), options) if is_s3(st.uri()) else Path(st.uri("onnx"))
     return OnnxStudent(OnnxScorer(Path(local), runtime, threads), meta)
@@ -789,11 +802,14 @@ def _train_and_export(
     if formats:
         offsets = [cal["offsets"][lab] for lab in cfg.labels]  # zeros unless spec.student.calibration.offsets
         exports = export_formats(model, tokenizer, cfg, out, cal["temperature"], offsets, val_rows)
-        ctx.log(
-            "exported ONNX fp32 (largest probability difference to the model on validation pairs "
-            f"{exports['onnx']['maxAbsDiff']:.1e}), ONNX int8 ({exports['onnx-int8']['maxAbsDiff']:.1e}), "
-            f"Hugging Face: {exports['hf'].get('skipped') or 'BertForSequenceClassification'}"
-        )
+        for form in ("onnx", "onnx-int8", "hf"):
+            e = exports[form]
+            said = (
+                e.get("error")
+                or e.get("skipped")
+                or f"largest probability difference on validation pairs {e['maxAbsDiff']:.1e}"
+            )
+            ctx.log(f"export {form}: {said}")
     metrics = raytrain.scalar_metrics(result)
     metrics.update(
         objective=cfg.student.objective, parameters=sum(p.numel() for p in model.parameters()), calibration=cal

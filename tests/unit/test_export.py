@@ -161,6 +161,24 @@ def test_a_student_without_exports_has_no_onnx_runtime(tiny_encoder, rows, tmp_p
         load_onnx(uri, "onnx")
 
 
+def test_an_export_that_fails_is_recorded_and_the_trained_model_kept(tiny_encoder, rows, tmp_path, monkeypatch):
+    cfg, model, tok = _student(tiny_encoder, "cls", rows)
+
+    def untraceable(*args, **kwargs):
+        raise RuntimeError("cannot trace this encoder")
+
+    monkeypatch.setattr(ex, "export_onnx", untraceable)
+    out = Storage(str(tmp_path / "model"))
+    record = export_formats(model, tok, cfg, out, 1.0, None, rows[:8])
+    assert record["onnx"] == record["onnx-int8"] == {"error": "RuntimeError: cannot trace this encoder", "passed": False}
+    assert record["hf"]["passed"]  # the other form still made
+    uri = export(model, tok, cfg, out, {"exports": record})
+    assert not Storage(uri).list("onnx")
+    with pytest.raises(KeyError, match="cannot trace this encoder"):
+        load_onnx(uri, "onnx-int8")
+    assert load_runtime(uri, "torch").predict_texts(["q"], ["s"]).shape == (1, 3)
+
+
 class _Worse:
     """An int8 scorer that loses quality: it answers the reference with two labels swapped."""
 
