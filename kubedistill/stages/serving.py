@@ -40,7 +40,7 @@ import urllib.error
 import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from typing import Annotated, Any, cast
+from typing import Annotated, Any, TypeVar
 
 import numpy as np
 from fastapi import Request  # module level: FastAPI resolves the route signatures' annotations here
@@ -104,7 +104,8 @@ class ScoreRequest(BaseModel):
         return self.query, [s.text for s in self.services]
 
     def texts(self) -> list[tuple[str, str]]:
-        return [(f"services[{i}].text", s.text) for i, s in enumerate(self.services)]
+        """(field, text) of every text the request carries: what `maxTextChars` bounds."""
+        return [("query", self.query), *((f"services[{i}].text", s.text) for i, s in enumerate(self.services))]
 
 
 class RerankDocument(BaseModel):
@@ -144,9 +145,10 @@ class RerankRequest(BaseModel):
         return self.query, [d if isinstance(d, str) else d.text for d in self.documents]
 
     def texts(self) -> list[tuple[str, str]]:
-        return [
-            (f"documents[{i}]" if isinstance(d, str) else f"documents[{i}].text", t)
-            for i, (d, t) in enumerate(zip(self.documents, self.pairs()[1], strict=True))
+        """(field, text) of every text the request carries: what `maxTextChars` bounds."""
+        return [("query", self.query)] + [
+            (f"documents[{i}]", d) if isinstance(d, str) else (f"documents[{i}].text", d.text)
+            for i, d in enumerate(self.documents)
         ]
 
 
@@ -231,7 +233,10 @@ def _decode(body: bytes, expected: str) -> dict[str, Any]:
     return doc
 
 
-def _parse(body: bytes, model: type[BaseModel], items: str, max_items: int, max_text_chars: int) -> Any:
+_Request = TypeVar("_Request", ScoreRequest, RerankRequest)
+
+
+def _parse(body: bytes, model: type[_Request], items: str, max_items: int, max_text_chars: int) -> _Request:
     """Decode and check a body of `model`, whose list `items` holds at most `max_items`; raise RequestError
     naming the first bad field (all of them in `errors`)."""
     doc = _decode(body, f"'query' and '{items}'")
@@ -247,9 +252,7 @@ def _parse(body: bytes, model: type[BaseModel], items: str, max_items: int, max_
             loc = tuple(p for i, p in enumerate(at) if not (p in _BRANCHES and i >= 2 and at[i - 2] == "documents"))
             errors.append({"field": field_path(loc, "body"), "message": msg})
         raise RequestError(422, errors[0]["field"], errors[0]["message"], errors) from None
-    query, _ = req.pairs()  # type: ignore[attr-defined]
-    fields = [("query", query), *req.texts()]  # type: ignore[attr-defined]
-    too_long = [(f, len(t)) for f, t in fields if len(t) > max_text_chars]
+    too_long = [(f, len(t)) for f, t in req.texts() if len(t) > max_text_chars]
     if too_long:
         errors = [{"field": f, "message": f"longer than {max_text_chars} characters (got {n})"} for f, n in too_long]
         raise RequestError(422, errors[0]["field"], errors[0]["message"], errors)
@@ -258,12 +261,12 @@ def _parse(body: bytes, model: type[BaseModel], items: str, max_items: int, max_
 
 def parse_request(body: bytes, max_services: int, max_text_chars: int) -> ScoreRequest:
     """Decode and check a /score body; raise RequestError naming the first bad field (all of them in `errors`)."""
-    return cast(ScoreRequest, _parse(body, ScoreRequest, "services", max_services, max_text_chars))
+    return _parse(body, ScoreRequest, "services", max_services, max_text_chars)
 
 
 def parse_rerank(body: bytes, max_documents: int, max_text_chars: int) -> RerankRequest:
     """Decode and check a /rerank body, with /score's limits (`maxServices` documents, `maxTextChars` each)."""
-    return cast(RerankRequest, _parse(body, RerankRequest, "documents", max_documents, max_text_chars))
+    return _parse(body, RerankRequest, "documents", max_documents, max_text_chars)
 
 
 class Admission:
