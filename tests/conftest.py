@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -80,11 +81,13 @@ class SeaweedS3:
         (workdir / "data").mkdir()
         cmd = [
             _weed(), "server", f"-dir={workdir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-            *(f"-{flag}={port}" for flag, port in zip(_WEED_PORTS, ports, strict=True)),
+            *(f"-{flag}={port}" for flag, port in zip(_WEED_PORTS, list(ports)[:len(_WEED_PORTS)], strict=True)),
             # its Iceberg and Lance catalogs listen on fixed ports (8181, 9101) unless turned off
             "-s3.port.iceberg=0", "-s3.port.lance=0",
             "-master.telemetry=false", f"-s3.config={workdir / 's3.json'}", "-s3",
             "-volume.max=0", "-master.volumeSizeLimitMB=64",
+            # a ninth port, when claimed: its Prometheus metrics (requests by type, for a benchmark to count)
+            *([f"-metricsPort={ports[len(_WEED_PORTS)]}"] if len(ports) > len(_WEED_PORTS) else []),
         ]
         self.logfile = workdir / "weed.log"
         self.log = open(self.logfile, "w")
@@ -96,11 +99,21 @@ class SeaweedS3:
             raise
 
     @classmethod
-    def start(cls, workdir: Path, claim=Ports.claim) -> SeaweedS3:  # type: ignore[no-untyped-def]
+    def start(cls, workdir: Path, claim=Ports.claim, metrics: bool = False) -> SeaweedS3:  # type: ignore[no-untyped-def]
         attempts = iter(range(100))
         s3, _ = start_with_retries("SeaweedFS", lambda ports: cls(workdir / f"attempt-{next(attempts)}", ports),
-                                   len(_WEED_PORTS), claim=claim)
+                                   len(_WEED_PORTS) + int(metrics), claim=claim)
         return s3
+
+    def requests(self) -> dict[str, float]:
+        """S3 requests served so far, by type (GET, PUT, HEAD...); needs `start(..., metrics=True)`."""
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.ports[len(_WEED_PORTS)]}/metrics", timeout=10).read()
+        out: dict[str, float] = {}
+        for line in text.decode().splitlines():
+            if line.startswith("SeaweedFS_s3_request_total{"):
+                kind = line.split('type="', 1)[1].split('"', 1)[0]
+                out[kind] = out.get(kind, 0.0) + float(line.rsplit(" ", 1)[1])
+        return out
 
     def client(self):  # type: ignore[no-untyped-def]
         import boto3
@@ -111,7 +124,7 @@ class SeaweedS3:
     def _failed(self, why: str) -> Exception:
         text = self.logfile.read_text(errors="replace")
         err = PortInUse if looks_like_bind_failure(text) else RuntimeError
-        return err(f"SeaweedFS {why}; ports {dict(zip(_WEED_PORTS, self.ports, strict=True))}; "
+        return err(f"SeaweedFS {why}; ports {dict(zip(_WEED_PORTS, list(self.ports)[:len(_WEED_PORTS)], strict=True))}; "
                    f"log {self.logfile}:\n{text[-3000:]}")
 
     def _wait_ready(self, timeout: float) -> None:

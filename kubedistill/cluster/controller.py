@@ -29,6 +29,7 @@ stage events by reason, runs by phase.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 import os
@@ -36,6 +37,7 @@ import secrets
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from kubernetes import client as kclient
@@ -43,6 +45,7 @@ from kubernetes.client.exceptions import ApiException
 from prometheus_client import Counter, Gauge, Histogram
 
 from kubedistill.cluster import k8s, reconcile, security
+from kubedistill.cluster.workqueue import Why
 from kubedistill.core import spec
 from kubedistill.core.stage import read_manifest, run_prefix
 from kubedistill.core.storage import S3Options, Storage, StorageError
@@ -51,6 +54,7 @@ log = logging.getLogger("kubedistill.cluster.controller")
 
 RAY_GROUP, RAY_VERSION = "ray.io", "v1"
 PLURALS = {"RayJob": "rayjobs", "RayService": "rayservices"}
+RUN_PLURAL = "distillationruns"
 KUBERAY_HINT = (
     "KubeRay's CRDs (ray.io/v1 RayJob, RayService) are not installed in this cluster: install the "
     "KubeRay operator (helm install kuberay-operator kuberay/kuberay-operator --version 1.7.0)"
@@ -66,6 +70,7 @@ ERRORS = Counter(
     ["kind"],
 )
 STORAGE_READS = Counter("kubedistill_operator_storage_reads", "Stage manifests the operator read from storage.")
+STORAGE_WRITES = Counter("kubedistill_operator_storage_writes", "Run reports the operator wrote to storage.")
 RUNS = Gauge("kubedistill_operator_runs", "DistillationRuns this operator tracks, by phase.", ["phase"])
 
 
@@ -138,17 +143,86 @@ class Cluster:
     custom: kclient.CustomObjectsApi
     core: kclient.CoreV1Api
     networking: kclient.NetworkingV1Api | None = None
+    #: storage Secrets as last read, by (namespace, name): (labels, data); dropped at each resync and whenever
+    #: a run using one cannot reach its storage, so a rotated or relabelled Secret is seen then
+    _secrets: dict[tuple[str, str], tuple[dict[str, str], dict[str, str]]] = field(default_factory=dict)
 
     @classmethod
-    def connect(cls) -> Cluster:
+    def connect(cls, connections: int = 16) -> Cluster:
+        """The operator's client: `connections` HTTP connections, one per reconcile thread."""
         from kubernetes import config
 
         try:
             config.load_incluster_config()
         except config.ConfigException:
             config.load_kube_config()
-        api = kclient.ApiClient()
+        conf = kclient.Configuration.get_default_copy()
+        conf.connection_pool_maxsize = connections
+        api = kclient.ApiClient(conf)
         return cls(kclient.CustomObjectsApi(api), kclient.CoreV1Api(api), kclient.NetworkingV1Api(api))
+
+    def write_status(self, namespace: str, name: str, status: dict[str, Any]) -> bool:
+        """Merge `status` into the run's .status (the status subresource); False when the run is gone."""
+        try:
+            self.custom.patch_namespaced_custom_object_status(
+                spec.API_GROUP, spec.API_VERSION, namespace, RUN_PLURAL, name, {"status": status}
+            )
+        except ApiException as e:
+            if _absent(e):
+                return False
+            raise
+        return True
+
+    def post_event(self, run: dict[str, Any], type_: str, reason: str, message: str, now: str) -> None:
+        """A Kubernetes Event about the run (`kubectl describe dr`). One that cannot be posted is logged."""
+        meta = run.get("metadata") or {}
+        namespace = meta.get("namespace") or "default"
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{meta.get('name')}.", "namespace": namespace},
+            "involvedObject": {
+                "apiVersion": f"{spec.API_GROUP}/{spec.API_VERSION}",
+                "kind": spec.KIND,
+                "name": meta.get("name"),
+                "namespace": namespace,
+                "uid": meta.get("uid"),
+            },
+            "type": type_,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": "kubedistill-operator"},
+            "reportingComponent": "kubedistill-operator",
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        try:
+            self.core.create_namespaced_event(namespace, event)
+        except Exception as e:  # noqa: BLE001 - an event is a courtesy; the status is the record
+            log.warning("run %s/%s: could not post event %s: %s", namespace, meta.get("name"), reason, e)
+
+    def forget_secrets(self) -> None:
+        self._secrets.clear()
+
+    def forget_secret(self, namespace: str, name: str | None) -> None:
+        if name:
+            self._secrets.pop((namespace, name), None)
+
+    def _secret(self, namespace: str, name: str) -> tuple[dict[str, str], dict[str, str]]:
+        if (hit := self._secrets.get((namespace, name))) is not None:
+            return hit
+        try:
+            obj = self.core.read_namespaced_secret(name, namespace)
+        except ApiException as e:
+            if _absent(e):
+                raise SecretMissing(
+                    f"spec.storage.secretRef: secret {name!r} not found in namespace {namespace}; create it with "
+                    f"AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY and label it {security.CREDENTIALS_LABEL}=true"
+                ) from e
+            raise
+        got = self._secrets[(namespace, name)] = (dict(obj.metadata.labels or {}), dict(obj.data or {}))
+        return got
 
     def ensure_run_objects(self, token: dict[str, Any], policy: dict[str, Any] | None, namespace: str) -> None:
         """The run's Ray-token Secret (created once: an existing one keeps its token) and its NetworkPolicy
@@ -225,17 +299,9 @@ class Cluster:
             if refused := security.ambient_refused(endpoint, os.environ.get("AWS_ENDPOINT_URL")):
                 raise StorageRefused(refused)
             return S3Options.from_env(endpoint, storage.get("region"))
+        labels, data = self._secret(namespace, ref)
         try:
-            obj = self.core.read_namespaced_secret(ref, namespace)
-        except ApiException as e:
-            if _absent(e):
-                raise SecretMissing(
-                    f"spec.storage.secretRef: secret {ref!r} not found in namespace {namespace}; create it with "
-                    f"AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY and label it {security.CREDENTIALS_LABEL}=true"
-                ) from e
-            raise
-        try:
-            key, secret = security.credentials(ref, namespace, obj.metadata.labels or {}, obj.data or {})
+            key, secret = security.credentials(ref, namespace, labels, data)
         except security.CredentialsRefused as e:
             raise StorageRefused(str(e)) from None
         return dataclasses.replace(
@@ -259,15 +325,38 @@ def _created(verb: str, obj: dict[str, Any], namespace: str, call: Callable[[], 
 
 def _run_key(body: dict[str, Any]) -> str:
     meta = body.get("metadata") or {}
-    return str(meta.get("uid") or f"{meta.get('namespace')}/{meta.get('name')}")
+    return f"{meta.get('namespace') or 'default'}/{meta.get('name')}"
 
 
 def _fingerprint(body: dict[str, Any], children: dict[str, dict[str, Any]]) -> tuple[Any, ...]:
-    """What a reconcile of a finished run depends on in the cluster: its generation (the spec), its deletion,
-    and each child's resourceVersion (a RayService turning unhealthy, a RayJob deleted by hand)."""
+    """What a reconcile depends on in the cluster: the run (its uid: a run deleted and made again under the
+    same name is another), its generation (the spec), its deletion, and each child's resourceVersion (a RayJob
+    finishing, a RayService turning unhealthy, a RayJob deleted by hand). Not the run's own resourceVersion,
+    which its status writes bump."""
     meta = body.get("metadata") or {}
     kids = tuple(sorted((n, (c.get("metadata") or {}).get("resourceVersion")) for n, c in children.items()))
-    return meta.get("generation"), meta.get("deletionTimestamp"), kids
+    return meta.get("uid"), meta.get("generation"), meta.get("deletionTimestamp"), kids
+
+
+#: what the operator keeps of an object's metadata (kopf's indexes hold one copy of every run and child)
+_META = ("name", "namespace", "uid", "generation", "resourceVersion", "deletionTimestamp", "labels", "annotations")
+
+
+#: annotations that hold a copy of the object (kubectl apply's, kopf's), never read by the operator
+_COPIES = ("/last-applied-configuration", "/last-handled-configuration", "/last-spec")
+
+
+def slim(obj: dict[str, Any]) -> dict[str, Any]:
+    """An object as the operator keeps it in memory: a child without its spec (the reconcile reads its
+    metadata and status), a run with its spec; neither with managedFields or kopf's annotations."""
+    meta = obj.get("metadata") or {}
+    kept = {k: meta[k] for k in _META if k in meta}
+    if "annotations" in kept:
+        kept["annotations"] = {k: v for k, v in kept["annotations"].items() if not k.endswith(_COPIES)}
+    out = {"apiVersion": obj.get("apiVersion"), "kind": obj.get("kind"), "metadata": kept, "status": obj.get("status")}
+    if obj.get("kind") == spec.KIND:
+        out["spec"] = obj.get("spec")
+    return out
 
 
 def images_from_env(env: Mapping[str, str]) -> k8s.Images:
@@ -283,17 +372,54 @@ def _no_manifests(_stage: str) -> dict[str, Any] | None:
     return None
 
 
-def manifest_reader(storage: Storage) -> Callable[[str], dict[str, Any] | None]:
-    """stage → its `_SUCCESS.json` under the run's prefix (None if absent); each read at most once per reconcile."""
-    cache: dict[str, dict[str, Any] | None] = {}
+#: (the stage's child's resourceVersion when read, or None without a child; the manifest or None)
+Cached = tuple[str | None, dict[str, Any] | None]
+
+
+def manifest_reader(
+    storage: Storage,
+    cache: dict[str, Cached] | None = None,
+    version_of: Callable[[str], str | None] = lambda _stage: None,
+) -> Callable[[str], dict[str, Any] | None]:
+    """stage → its `_SUCCESS.json` under the run's prefix (None if absent), read at most once per reconcile.
+
+    With a `cache` kept between reconciles, a manifest is read again only when the stage's child changed
+    since (`version_of(stage)`, its resourceVersion, differs from the one it was read under): a stage's
+    manifest is written by its RayJob, which then changes. What else changes storage (a manifest deleted
+    by hand) is seen when the cache is dropped (the operator's resync)."""
+    cache = {} if cache is None else cache
+    seen: dict[str, dict[str, Any] | None] = {}
 
     def read(stage: str) -> dict[str, Any] | None:
-        if stage not in cache:
-            STORAGE_READS.inc()
-            cache[stage] = read_manifest(storage, stage)
-        return cache[stage]
+        if stage in seen:
+            return seen[stage]
+        version = version_of(stage)
+        hit = cache.get(stage)
+        if hit is not None and hit[0] == version:
+            seen[stage] = hit[1]
+            return hit[1]
+        STORAGE_READS.inc()
+        manifest = read_manifest(storage, stage)  # a corrupt one raises, is not cached, and is read again
+        cache[stage] = (version, manifest)
+        seen[stage] = manifest
+        return manifest
 
     return read
+
+
+#: the keys of .status the operator owns
+STATUS_KEYS = ("phase", "currentStage", "observedGeneration", "stages", "conditions")
+#: reconcile results that leave a run waiting on something no watch reports (its storage, Secret, KubeRay, rights)
+BLOCKED = ("kuberay-missing", "storage-error", "secret-missing", "storage-refused", "forbidden")
+
+
+def _until_retry(status: spec.RunStatus, now: str) -> float | None:
+    """Seconds until the earliest stage retry that is still ahead (its backoff ends), else None."""
+    ahead = [s.retry_at for s in status.stages if s.retry_at and s.retry_at > now]
+    if not ahead:
+        return None
+    parse = lambda t: datetime.strptime(t, "%Y-%m-%dT%H:%M:%SZ")  # noqa: E731
+    return (parse(min(ahead)) - parse(now)).total_seconds() + 1.0  # `now` has whole seconds
 
 
 def _phases(status: spec.RunStatus) -> tuple[str, ...]:
@@ -306,17 +432,50 @@ def write_report(store: Storage, run: str, status: spec.RunStatus) -> None:
     from kubedistill import report
 
     try:
+        STORAGE_WRITES.inc()
         report.write(store, run, [s.name for s in status.stages], status)
     except Exception as e:  # noqa: BLE001 - the report is a convenience; the run's status is the record
         log.warning("run %s: could not write the run report: %s", run, e)
 
 
+class Reports:
+    """Run reports, written by `threads` threads of their own, the newest status per run: a reconcile never
+    waits for one, and a run whose status moves on before its report is written gets only the newest. Few at
+    once: each S3 upload holds a buffer of several MiB (pyarrow's), so 16 at once cost the operator about
+    120 MiB more at its peak (measured with `benchmarks/operator_scale.py`)."""
+
+    def __init__(self, threads: int = 2):
+        self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="report")
+        self._pending: dict[str, tuple[Storage, str, spec.RunStatus]] = {}
+        self._writing: set[str] = set()
+        self._idle = threading.Condition()
+
+    def submit(self, key: str, store: Storage, run: str, status: spec.RunStatus) -> None:
+        with self._idle:
+            schedule = key not in self._pending and key not in self._writing
+            self._pending[key] = (store, run, status.model_copy(deep=True))
+        if schedule:
+            self._pool.submit(self._drain, key)
+
+    def _drain(self, key: str) -> None:
+        while True:  # one writer per run at a time, so the newest report is the one left in storage
+            with self._idle:
+                job = self._pending.pop(key, None)
+                if job is None:
+                    self._writing.discard(key)
+                    self._idle.notify_all()
+                    return
+                self._writing.add(key)
+            write_report(*job)
+
+    def flush(self, timeout: float = 60.0) -> bool:
+        """Wait until every submitted report is written; False if `timeout` passed first."""
+        with self._idle:
+            return self._idle.wait_for(lambda: not self._pending and not self._writing, timeout)
+
+
 def _previous(body: dict[str, Any]) -> spec.RunStatus:
-    status = {
-        k: v
-        for k, v in (body.get("status") or {}).items()
-        if k in ("phase", "currentStage", "observedGeneration", "stages", "conditions")
-    }
+    status = {k: v for k, v in (body.get("status") or {}).items() if k in STATUS_KEYS}
     return spec.RunStatus.model_validate(status) if status.get("phase") else spec.RunStatus()
 
 
@@ -331,33 +490,94 @@ def blocked(body: dict[str, Any], type_: str, reason: str, message: str, now: st
 
 @dataclass
 class Controller:
-    """One per operator process: serialises reconciles of the same run and keeps the phase gauge."""
+    """One per operator process: reconciles one run at a time each, remembers what each run's last reconcile
+    depended on (so an event that changed none of it costs nothing), caches manifests between reconciles,
+    writes status and events, and keeps the phase gauge."""
 
     cluster: Cluster
     #: what stage pods run when a run sets no spec.ray.image (`images_from_env`)
     images: k8s.Images = field(default_factory=k8s.Images.release)
     #: the chart's security settings (`security.Settings.from_env`)
     policy: security.Settings = field(default_factory=security.Settings)
+    #: seconds before a run blocked on its storage, Secret, KubeRay or rights is tried again
+    retry_seconds: float = 10.0
+    reports: Reports = field(default_factory=Reports)
     _locks: dict[str, threading.Lock] = field(default_factory=dict)
     _phases: dict[str, str] = field(default_factory=dict)
-    #: finished runs, by key: what they and their children were when last reconciled (`_fingerprint`)
-    _finished: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    #: by run: what it and its children were at its last reconcile (`_fingerprint`), and whether it had finished
+    _seen: dict[str, tuple[tuple[Any, ...], bool]] = field(default_factory=dict)
+    #: by run: its manifests as last read (`manifest_reader`), for the generation they were read under
+    _manifests: dict[str, tuple[Any, dict[str, Cached]]] = field(default_factory=dict)
+    #: by run: the status this process last wrote (the watch may not have brought it back yet)
+    _written: dict[str, dict[str, Any]] = field(default_factory=dict)
     _guard: threading.Lock = field(default_factory=threading.Lock)
 
     def reconcile_run(
-        self, body: dict[str, Any], children: dict[str, dict[str, Any]], now: str
+        self, body: dict[str, Any], children: dict[str, dict[str, Any]], now: str, why: Why = Why.DUE
     ) -> reconcile.Plan | None:
-        """The run's next plan, applied; None for a finished run that nothing touched since it finished
-        (its spec, its children and its deletion are unchanged): that costs no API or storage call."""
+        """The run's next plan, applied; None when nothing it depends on changed since its last reconcile: a
+        finished run whose spec, children and deletion are unchanged (whatever `why`), or any run named by an
+        event (`Why.CHANGED`) that changed none of them (its own status write). A skip costs no API or storage
+        call. `Why.FRESH` reads every manifest again."""
+        return self._reconcile_run(body, children, now, why)[0]
+
+    def sync(
+        self, body: dict[str, Any] | None, children: dict[str, dict[str, Any]], now: str, why: Why
+    ) -> float | None:
+        """Reconcile the run and write what follows: its children (the plan), its .status (only when it
+        changed), its events. Returns the seconds after which it must be reconciled again though nothing
+        changes (a stage's retry backoff, a blocked run's next try), or None. `body` None: the run is gone."""
+        if body is None:
+            return None
+        plan, result = self._reconcile_run(body, children, now, why)
+        if plan is None:
+            return None
+        meta = body.get("metadata") or {}
+        key = _run_key(body)
+        wire = spec.to_wire(plan.status)
+        new = {k: wire.get(k) for k in STATUS_KEYS}
+        changed = new != self._current(key, body)
+        if changed and self.cluster.write_status(meta.get("namespace") or "default", meta["name"], new):
+            with self._guard:
+                if plan.finished:
+                    self._written.pop(key, None)
+                else:
+                    self._written[key] = new
+        for type_, reason, message in plan.events:
+            self.cluster.post_event(body, type_, reason, message, now)
+        if result in BLOCKED:
+            return self.retry_seconds
+        return _until_retry(plan.status, now)
+
+    def begin_sweep(self) -> None:
+        """A resync starts: every Secret is read again once."""
+        self.cluster.forget_secrets()
+
+    def _current(self, key: str, body: dict[str, Any]) -> dict[str, Any]:
+        with self._guard:
+            written = self._written.get(key)
+        return written if written is not None else {k: (body.get("status") or {}).get(k) for k in STATUS_KEYS}
+
+    def _reconcile_run(
+        self, body: dict[str, Any], children: dict[str, dict[str, Any]], now: str, why: Why
+    ) -> tuple[reconcile.Plan | None, str]:
         key = _run_key(body)
         seen = _fingerprint(body, children)
         with self._guard:
             lock = self._locks.setdefault(key, threading.Lock())
-            if self._finished.get(key) == seen:
+            last = self._seen.get(key)
+            if last is not None and last[0] == seen and (last[1] or why == Why.CHANGED):
                 RECONCILES.labels("idle").inc()
-                return None
+                return None, "idle"
+            generation = seen[:2]  # (uid, generation): the manifests a spec's stages name
+            cached = self._manifests.get(key)
+            if cached is None or cached[0] != generation or why == Why.FRESH:
+                cached = self._manifests[key] = (generation, {})
         with lock, RECONCILE_SECONDS.time():
-            plan, result = self._reconcile(body, children, now)
+            current = self._current(key, body)
+            if current.get("phase"):
+                body = {**body, "status": current}
+            plan, result = self._reconcile(body, children, now, cached[1])
         RECONCILES.labels(result).inc()
         for _, reason, _ in plan.events:
             STAGE_EVENTS.labels(reason).inc()
@@ -367,21 +587,28 @@ class Controller:
             and not (plan.create or plan.delete or plan.replace)
         )
         with self._guard:
-            if finished:
-                self._finished[key] = seen
-            else:
-                self._finished.pop(key, None)
+            self._seen[key] = (seen, finished)
+            if finished:  # it costs nothing until touched: nothing of it is kept but the fingerprint
+                self._manifests.pop(key, None)
+            else:  # what it creates or deletes is read again next time
+                name = (body.get("metadata") or {}).get("name", "")
+                touched = {o["metadata"]["name"] for o in plan.create} | {n for _, n in plan.delete}
+                for stage in [s for s in cached[1] if k8s.child_name(name, s) in touched]:
+                    del cached[1][stage]
         self._track(key, plan.status.phase)
-        return plan
+        return plan, result
 
     def forget(self, body: dict[str, Any]) -> None:
-        key = _run_key(body)
+        self.forget_key(_run_key(body))
+
+    def forget_key(self, key: str) -> None:
         with self._guard:
-            self._finished.pop(key, None)
+            for memory in (self._seen, self._manifests, self._written, self._locks):
+                memory.pop(key, None)
         self._track(key, None)
 
     def _reconcile(
-        self, body: dict[str, Any], children: dict[str, dict[str, Any]], now: str
+        self, body: dict[str, Any], children: dict[str, dict[str, Any]], now: str, cache: dict[str, Cached]
     ) -> tuple[reconcile.Plan, str]:
         meta = body.get("metadata") or {}
         namespace, name = meta.get("namespace") or "default", meta["name"]
@@ -392,7 +619,12 @@ class Controller:
             if storage_spec.get("uri"):
                 options = self.cluster.s3_options(namespace, storage_spec, self.policy)
                 store = Storage(run_prefix(storage_spec["uri"], name), options)
-                manifests = manifest_reader(store)
+
+                def version_of(stage: str) -> str | None:
+                    child = children.get(k8s.child_name(name, stage)) or {}
+                    return (child.get("metadata") or {}).get("resourceVersion")
+
+                manifests = manifest_reader(store, cache, version_of)
             previous = _previous(body)
             plan = reconcile.reconcile_body(
                 {**body, "status": previous.model_dump(by_alias=True)}, children, manifests, now, self.images
@@ -401,15 +633,20 @@ class Controller:
                 self._ensure_run_objects(plan.run, meta.get("uid"), namespace)
             self.cluster.apply(plan, namespace)
             if store is not None and _phases(previous) != _phases(plan.status):
-                write_report(store, name, plan.status)
+                self.reports.submit(f"{namespace}/{name}", store, name, plan.status)
         except KubeRayMissing as e:
             return blocked(body, "KubeRayAvailable", "KubeRayMissing", str(e), now), "kuberay-missing"
-        except StorageError as e:
-            return blocked(body, "StorageReachable", "StorageUnreachable", str(e), now), "storage-error"
-        except SecretMissing as e:
-            return blocked(body, "StorageReachable", "SecretMissing", str(e), now), "secret-missing"
-        except StorageRefused as e:
-            return blocked(body, "StorageReachable", "StorageRefused", str(e), now), "storage-refused"
+        except (StorageError, SecretMissing, StorageRefused) as e:
+            # the credentials may be what is wrong: the next try reads the Secret again
+            self.cluster.forget_secret(namespace, (storage_spec.get("secretRef") or {}).get("name"))
+            reason, result = (
+                ("SecretMissing", "secret-missing")
+                if isinstance(e, SecretMissing)
+                else ("StorageRefused", "storage-refused")
+                if isinstance(e, StorageRefused)
+                else ("StorageUnreachable", "storage-error")
+            )
+            return blocked(body, "StorageReachable", reason, str(e), now), result
         except ApiRefused as e:
             if e.status == 403:  # the operator's rights, not the run: it stays as it is, and says what to grant
                 ERRORS.labels("forbidden").inc()

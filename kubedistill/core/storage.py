@@ -12,6 +12,7 @@ filesystem object to `ray.data.read_parquet(..., filesystem=fs)`.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import posixpath
@@ -65,13 +66,20 @@ def filesystem_for(uri: str, options: S3Options | None = None) -> tuple[pafs.Fil
             kwargs.update(access_key=opts.access_key, secret_key=opts.secret_key)
         elif key and secret:
             kwargs.update(access_key=key, secret_key=secret, session_token=os.environ.get("AWS_SESSION_TOKEN"))
-        fs = pafs.S3FileSystem(**kwargs)
-        return fs, (parsed.netloc + parsed.path).rstrip("/")
+        return _s3(tuple(sorted(kwargs.items()))), (parsed.netloc + parsed.path).rstrip("/")
     if uri.startswith("file://"):
         uri = uri[len("file://") :]
     if "://" in uri:
         raise StorageError(f"{uri}: unsupported scheme; use a local path or s3://bucket/prefix")
     return pafs.LocalFileSystem(), str(Path(uri).expanduser().absolute())
+
+
+@functools.lru_cache(maxsize=32)
+def _s3(settings: tuple[tuple[str, Any], ...]) -> pafs.S3FileSystem:
+    """One S3 filesystem (and its pool of connections) per endpoint and credentials, shared by every Storage
+    that uses them: the operator reconciles thousands of runs against a few stores, and a new filesystem per
+    run would open a new connection, one more round trip, each time."""
+    return pafs.S3FileSystem(**dict(settings))
 
 
 def _explain(uri: str, err: Exception) -> StorageError:

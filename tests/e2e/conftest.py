@@ -97,10 +97,12 @@ class Cluster:
         except (urllib.error.URLError, ConnectionError):
             return False
 
-    def start_operator(self, interval: float = 1.0, allowed_endpoints: str = "") -> Process:
-        """The operator process; `allowed_endpoints` is the chart's storage.allowedEndpoints (plain HTTP S3)."""
-        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "KUBEDISTILL_RECONCILE_INTERVAL": str(interval),
-               "KUBEDISTILL_METRICS_PORT": str(free_port()), "KUBEDISTILL_ALLOWED_ENDPOINTS": allowed_endpoints}
+    def start_operator(self, allowed_endpoints: str = "", resync: float = 30.0, retry: float = 1.0) -> Process:
+        """The operator process; `allowed_endpoints` is the chart's storage.allowedEndpoints (plain HTTP S3);
+        `resync` and `retry` its resyncInterval and retryInterval (seconds)."""
+        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "KUBEDISTILL_RESYNC_INTERVAL": str(resync),
+               "KUBEDISTILL_RETRY_INTERVAL": str(retry), "KUBEDISTILL_METRICS_PORT": str(free_port()),
+               "KUBEDISTILL_ALLOWED_ENDPOINTS": allowed_endpoints}
         env = {k: v for k, v in env.items() if not k.startswith("AWS_")}  # credentials come from the run's Secret
         self.liveness = f"http://127.0.0.1:{free_port()}/healthz"
         self.metrics = f"http://127.0.0.1:{env['KUBEDISTILL_METRICS_PORT']}/"
@@ -114,7 +116,8 @@ class Cluster:
         """The operator's warnings and errors, then the cluster's state: what a failed wait shows."""
         import json
 
-        lines = [x for p in self.operators for x in p.text().splitlines() if "Timer 'reconcile' succeeded" not in x]
+        lines = [x for p in self.operators for x in p.text().splitlines() if "Handler 'run_changed' succeeded" not in x
+                 and "Handler 'child_changed' succeeded" not in x]
         state = {"runs": [r.get("status") for r in self.api.items("/apis/kubedistill.io/v1alpha1/distillationruns")]}
         try:
             state["rayjobs"] = {j["metadata"]["name"]: j.get("status") for j in self.api.items("/apis/ray.io/v1/rayjobs")}

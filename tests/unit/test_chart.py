@@ -73,7 +73,8 @@ def test_the_operator_pod_is_hardened_and_sized():
     assert "--all-namespaces" not in c["args"]  # by default: the release's namespace only
     assert "--liveness=http://0.0.0.0:8080/healthz" in c["args"] and c["livenessProbe"]["httpGet"]["path"] == "/healthz"
     env = {e["name"]: e["value"] for e in c["env"]}
-    assert env["KUBEDISTILL_RECONCILE_INTERVAL"] == "10" and env["KUBEDISTILL_METRICS_PORT"] == "9090"
+    assert env["KUBEDISTILL_RESYNC_INTERVAL"] == "300" and env["KUBEDISTILL_RETRY_INTERVAL"] == "10"
+    assert env["KUBEDISTILL_WORKERS"] == "16" and env["KUBEDISTILL_METRICS_PORT"] == "9090"
     assert Path(ROOT / c["args"][2]).is_file()  # the handlers file the image runs
 
 
@@ -162,7 +163,8 @@ def test_watch_namespaces_gets_roles_and_peering_per_namespace():
 
 @pytest.mark.parametrize("bad, says", [
     ("replicaCount=0", "replicaCount"),
-    ("reconcileInterval=0", "reconcileInterval"),
+    ("resyncInterval=0", "resyncInterval"),
+    ("reconcileWorkers=0", "reconcileWorkers"),
     ("image.pullPolicy=Sometimes", "pullPolicy"),
     ("nosuchkey=1", "nosuchkey"),
     ("watchNamespaces={Bad_NS}", "watchNamespaces"),

@@ -176,3 +176,149 @@ def test_a_finished_run_is_not_polled_until_its_spec_a_child_or_its_deletion_cha
     assert ctl.reconcile_run(body, {"r1-data": child}, NOW) is None
     body["metadata"]["generation"] = 2  # an edit
     assert ctl.reconcile_run(body, {"r1-data": child}, NOW) is not None and reads
+
+
+class _Api:
+    """The Kubernetes API calls the operator makes, recorded; `secrets` are what read_namespaced_secret finds."""
+
+    def __init__(self, secrets=None):
+        self.calls: list[tuple[str, str]] = []
+        self.secrets = dict(secrets or {})
+
+    def create_namespaced_custom_object(self, group, version, ns, plural, body):
+        self.calls.append(("create", body["metadata"]["name"]))
+
+    def delete_namespaced_custom_object(self, group, version, ns, plural, name, **_):
+        self.calls.append(("delete", name))
+
+    def patch_namespaced_custom_object_status(self, group, version, ns, plural, name, body):
+        self.calls.append(("status", body["status"]["phase"]))
+
+    def create_namespaced_secret(self, namespace, body):
+        self.calls.append(("token", body["metadata"]["name"]))
+
+    def create_namespaced_event(self, namespace, body):
+        assert body["involvedObject"]["kind"] == "DistillationRun" and body["involvedObject"]["uid"] == "u1"
+        self.calls.append(("event", body["reason"]))
+
+    def read_namespaced_secret(self, name, namespace):
+        from types import SimpleNamespace
+
+        from kubernetes.client.exceptions import ApiException
+
+        self.calls.append(("secret", name))
+        if name not in self.secrets:
+            raise ApiException(status=404, reason="Not Found")
+        return SimpleNamespace(metadata=SimpleNamespace(labels={"kubedistill.io/storage-credentials": "true"}),
+                               data=self.secrets[name])
+
+
+def _running(tmp_path, monkeypatch):
+    """A run whose data stage is done in storage and whose student RayJob is running; storage reads recorded."""
+    from kubedistill.cluster import k8s
+    from kubedistill.core import pipeline, policy, spec, stage
+
+    body = _body(tmp_path)
+    run = spec.parse_run(body)
+    data = pipeline.build(run)[0]
+    stage.execute(stage.StageContext(data.config, stage.run_storage(data.config)), lambda ctx: {"metrics": {}})
+    st = Storage(str(tmp_path / "r1"))
+    student = next(s for s in pipeline.build(run) if s.name.startswith("student"))
+    child = k8s.rayjob(run, student, "u1", inputs=policy.inputs_key(student, lambda s: controller.read_manifest(st, s)))
+    child["metadata"]["resourceVersion"] = "5"
+    child["status"] = {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}
+    reads: list[str] = []
+    real = Storage.read_bytes
+
+    def read(self, rel):  # the stages whose manifest is read (the report's own reads aside)
+        if rel.endswith("_SUCCESS.json"):
+            reads.append(rel.split("/")[0])
+        return real(self, rel)
+
+    monkeypatch.setattr(Storage, "read_bytes", read)
+    return body, {child["metadata"]["name"]: child}, reads
+
+
+def test_an_event_that_changed_nothing_costs_nothing_and_a_childs_change_rereads_only_its_stage(tmp_path, monkeypatch):
+    from kubedistill.cluster.workqueue import Why
+
+    body, children, reads = _running(tmp_path, monkeypatch)
+    api = _Api()
+    ctl = controller.Controller(controller.Cluster(api, api))
+    assert ctl.sync(body, children, NOW, Why.FRESH) is None
+    first = sorted(set(reads))
+    assert "data" in first and any(r.startswith("student") for r in first)  # every stage's manifest, once
+    assert ("status", "Running") in api.calls
+    reads.clear()
+    api.calls.clear()
+    body["metadata"]["resourceVersion"] = "99"  # the watch brings back its own status write
+    assert ctl.reconcile_run(body, children, NOW, Why.CHANGED) is None and reads == [] and api.calls == []
+    (job,) = children.values()
+    job["metadata"]["resourceVersion"] = "6"  # KubeRay updated the student's RayJob
+    assert ctl.sync(body, children, NOW, Why.CHANGED) is None
+    assert [r for r in reads if not r.startswith("student")] == [] and reads  # only the student's manifest
+    assert api.calls == []  # nothing new to say: no status write, no event
+    reads.clear()
+    ctl.sync(body, children, NOW, Why.FRESH)  # the resync reads everything again, unchanged stages too
+    assert "data" in reads and any(r.startswith("student") for r in reads)
+
+
+def test_a_failed_stage_asks_to_be_woken_when_its_retry_backoff_ends(tmp_path, monkeypatch):
+    from kubedistill.cluster.workqueue import Why
+
+    body, children, _ = _running(tmp_path, monkeypatch)
+    body["spec"]["ray"] = {"stageRetries": 2, "retryBackoffSeconds": 30}
+    (job,) = children.values()
+    api = _Api()
+    ctl = controller.Controller(controller.Cluster(api, api))
+    ctl.sync(body, children, NOW, Why.FRESH)
+    job["metadata"]["resourceVersion"] = "6"
+    job["status"] = {"jobDeploymentStatus": "Failed", "jobStatus": "FAILED", "message": "node lost"}
+    api.calls.clear()
+    assert ctl.sync(body, children, NOW, Why.CHANGED) == 31.0  # 30 s, plus the second `now` cannot resolve
+    assert ("delete", job["metadata"]["name"]) in api.calls and ("event", "StageRetrying") in api.calls
+
+
+def test_a_storage_secret_is_read_once_per_resync_and_again_after_trouble(tmp_path, monkeypatch):
+    from kubedistill.cluster.workqueue import Why
+    from kubedistill.core.storage import StorageError
+
+    keys = {"AWS_ACCESS_KEY_ID": "a2V5", "AWS_SECRET_ACCESS_KEY": "c2VjcmV0"}
+    api = _Api()
+    ctl = controller.Controller(controller.Cluster(api, api), retry_seconds=7)
+    bodies = []
+    for name in ("r1", "r2"):
+        body = _body(tmp_path)
+        body["metadata"]["name"] = name
+        body["spec"]["storage"] = {"uri": "s3://bucket/runs", "secretRef": {"name": "creds"}}
+        bodies.append(body)
+    assert ctl.sync(bodies[0], {}, NOW, Why.FRESH) == 7  # no Secret yet: blocked, tried again in retry_seconds
+    api.secrets["creds"] = keys
+    monkeypatch.setattr(controller, "read_manifest", lambda store, stage: None)
+    assert ctl.sync(bodies[0], {}, NOW, Why.DUE) is None and ctl.sync(bodies[1], {}, NOW, Why.FRESH) is None
+    assert api.calls.count(("secret", "creds")) == 2  # the miss, then one read for both runs
+    ctl.begin_sweep()
+    ctl.sync(bodies[0], {}, NOW, Why.FRESH)
+    ctl.sync(bodies[1], {}, NOW, Why.FRESH)
+    assert api.calls.count(("secret", "creds")) == 3  # once per sweep
+
+    def down(store, stage):
+        raise StorageError("s3://bucket/runs/r1: connection refused")
+
+    monkeypatch.setattr(controller, "read_manifest", down)
+    assert ctl.sync(bodies[0], {}, NOW, Why.FRESH) == 7
+    ctl.sync(bodies[1], {}, NOW, Why.FRESH)
+    assert api.calls.count(("secret", "creds")) == 4  # the credentials may be what failed: read again
+
+
+def test_what_the_operator_keeps_of_an_object_is_what_the_reconcile_reads():
+    job = {"apiVersion": "ray.io/v1", "kind": "RayJob", "spec": {"entrypoint": "x" * 10_000},
+           "metadata": {"name": "r1-data", "resourceVersion": "3", "managedFields": [{"manager": "x"}],
+                        "annotations": {"kubedistill.io/config-hash": "h",
+                                        "kubectl.kubernetes.io/last-applied-configuration": "{...}"}},
+           "status": {"jobStatus": "RUNNING"}}
+    kept = controller.slim(job)
+    assert "spec" not in kept and "managedFields" not in kept["metadata"]
+    assert kept["metadata"]["annotations"] == {"kubedistill.io/config-hash": "h"} and kept["status"] == job["status"]
+    run = {"apiVersion": "kubedistill.io/v1alpha1", "kind": "DistillationRun", "spec": {"a": 1}, "metadata": {"name": "r"}}
+    assert controller.slim(run)["spec"] == {"a": 1}
