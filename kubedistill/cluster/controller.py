@@ -71,6 +71,7 @@ ERRORS = Counter(
 )
 STORAGE_READS = Counter("kubedistill_operator_storage_reads", "Stage manifests the operator read from storage.")
 STORAGE_WRITES = Counter("kubedistill_operator_storage_writes", "Run reports the operator wrote to storage.")
+REPORTS_PENDING = Gauge("kubedistill_operator_reports_pending", "Run reports waiting to be written or being written.")
 RUNS = Gauge("kubedistill_operator_runs", "DistillationRuns this operator tracks, by phase.", ["phase"])
 
 
@@ -454,6 +455,7 @@ class Reports:
         with self._idle:
             schedule = key not in self._pending and key not in self._writing
             self._pending[key] = (store, run, status.model_copy(deep=True))
+            REPORTS_PENDING.set(len(self._pending) + len(self._writing))
         if schedule:
             self._pool.submit(self._drain, key)
 
@@ -463,6 +465,7 @@ class Reports:
                 job = self._pending.pop(key, None)
                 if job is None:
                     self._writing.discard(key)
+                    REPORTS_PENDING.set(len(self._pending) + len(self._writing))
                     self._idle.notify_all()
                     return
                 self._writing.add(key)

@@ -308,7 +308,9 @@ def reconcile(
             else:
                 plan.create.append(desired)
                 st.phase, st.started_at, st.finished_at, st.attempts = "Running", now, None, st.attempts + 1
-                st.message, st.job, st.retry_at = "created", name, None
+                # what the next reconcile will read off the new object (no status yet): one status write, not two
+                st.message = (k8s.rayservice_phase if is_service else k8s.rayjob_phase)(desired)[1]
+                st.job, st.retry_at = name, None
         elif st.retry_at and not is_service:  # the failed attempt is still being deleted
             plan.delete.append((child["kind"], name))
             st.phase = "Pending"

@@ -35,6 +35,7 @@ from prometheus_client import Gauge, Histogram
 log = logging.getLogger("kubedistill.cluster.workqueue")
 
 QUEUE_DEPTH = Gauge("kubedistill_operator_queue_depth", "Runs waiting for a reconcile (queued, not yet taken).")
+IN_FLIGHT = Gauge("kubedistill_operator_reconciles_in_flight", "Runs being reconciled now.")
 SWEEP_SECONDS = Histogram(
     "kubedistill_operator_resync_sweep_seconds",
     "Time from a resync queueing every run until each has been reconciled once.",
@@ -101,12 +102,14 @@ class WorkQueue(Generic[K]):
             await self._ready.wait()
         key = self._order.popleft()
         self._processing.add(key)
+        IN_FLIGHT.set(len(self._processing))
         why = self._pending.pop(key)
         QUEUE_DEPTH.set(len(self._pending))
         return key, why
 
     def done(self, key: K) -> None:
         self._processing.discard(key)
+        IN_FLIGHT.set(len(self._processing))
         if key in self._pending:  # named again while it was being reconciled
             self._order.append(key)
             self._ready.set()

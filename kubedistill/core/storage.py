@@ -78,8 +78,13 @@ def filesystem_for(uri: str, options: S3Options | None = None) -> tuple[pafs.Fil
 def _s3(settings: tuple[tuple[str, Any], ...]) -> pafs.S3FileSystem:
     """One S3 filesystem (and its pool of connections) per endpoint and credentials, shared by every Storage
     that uses them: the operator reconciles thousands of runs against a few stores, and a new filesystem per
-    run would open a new connection, one more round trip, each time."""
-    return pafs.S3FileSystem(**dict(settings))
+    run would open a new connection, one more round trip, each time. With delayed open, an object smaller
+    than a multipart part is written with one request (an error then surfaces when the stream closes, still
+    inside `write_bytes`)."""
+    try:  # a small object in one PutObject, not a three-request multipart upload (pyarrow >= 16)
+        return pafs.S3FileSystem(**dict(settings), allow_delayed_open=True)
+    except TypeError:
+        return pafs.S3FileSystem(**dict(settings))
 
 
 def _explain(uri: str, err: Exception) -> StorageError:

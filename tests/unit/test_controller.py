@@ -246,6 +246,7 @@ def test_an_event_that_changed_nothing_costs_nothing_and_a_childs_change_rereads
     api = _Api()
     ctl = controller.Controller(controller.Cluster(api, api))
     assert ctl.sync(body, children, NOW, Why.FRESH) is None
+    assert ctl.reports.flush()  # the run report (written off the reconcile's thread) reads manifests too
     first = sorted(set(reads))
     assert "data" in first and any(r.startswith("student") for r in first)  # every stage's manifest, once
     assert ("status", "Running") in api.calls
@@ -284,6 +285,7 @@ def test_a_storage_secret_is_read_once_per_resync_and_again_after_trouble(tmp_pa
     from kubedistill.core.storage import StorageError
 
     keys = {"AWS_ACCESS_KEY_ID": "a2V5", "AWS_SECRET_ACCESS_KEY": "c2VjcmV0"}
+    monkeypatch.setattr(controller, "write_report", lambda *a: None)  # no store behind s3://bucket
     api = _Api()
     ctl = controller.Controller(controller.Cluster(api, api), retry_seconds=7)
     bodies = []
@@ -322,3 +324,33 @@ def test_what_the_operator_keeps_of_an_object_is_what_the_reconcile_reads():
     assert kept["metadata"]["annotations"] == {"kubedistill.io/config-hash": "h"} and kept["status"] == job["status"]
     run = {"apiVersion": "kubedistill.io/v1alpha1", "kind": "DistillationRun", "spec": {"a": 1}, "metadata": {"name": "r"}}
     assert controller.slim(run)["spec"] == {"a": 1}
+
+
+def test_reports_are_written_off_the_reconcile_one_run_at_a_time_the_newest_status_last(monkeypatch):
+    import threading
+
+    from kubedistill.core import spec
+
+    written: list[tuple[str, str]] = []
+    busy: set[str] = set()
+    gate = threading.Event()
+
+    def write(store, run, status):
+        assert run not in busy, "two reports of one run at once"
+        busy.add(run)
+        gate.wait(10)
+        written.append((run, status.phase))
+        busy.discard(run)
+
+    monkeypatch.setattr(controller, "write_report", write)
+    reports = controller.Reports(threads=2)
+    reports.submit("ns/a", None, "a", spec.RunStatus(phase="Pending"))
+    reports.submit("ns/a", None, "a", spec.RunStatus(phase="Running"))  # while the first may be being written
+    reports.submit("ns/a", None, "a", spec.RunStatus(phase="Succeeded"))
+    reports.submit("ns/b", None, "b", spec.RunStatus(phase="Failed"))
+    assert not reports.flush(timeout=0.05)  # held at the gate: the caller did not wait for any of it
+    gate.set()
+    assert reports.flush(timeout=10)
+    a = [phase for run, phase in written if run == "a"]
+    assert a[-1] == "Succeeded" and "Running" not in a[1:] and len(a) <= 2  # skipped what the newest replaced
+    assert ("b", "Failed") in written
