@@ -97,9 +97,10 @@ class Cluster:
         except (urllib.error.URLError, ConnectionError):
             return False
 
-    def start_operator(self, allowed_endpoints: str = "", resync: float = 30.0, retry: float = 1.0) -> Process:
+    def start_operator(self, allowed_endpoints: str = "", resync: float = 600.0, retry: float = 1.0) -> Process:
         """The operator process; `allowed_endpoints` is the chart's storage.allowedEndpoints (plain HTTP S3);
-        `resync` and `retry` its resyncInterval and retryInterval (seconds)."""
+        `resync` and `retry` its resyncInterval and retryInterval (seconds). The resync is far enough away that
+        a test passing shows the operator acted on watch events and its own retry timers, not on a sweep."""
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "KUBEDISTILL_RESYNC_INTERVAL": str(resync),
                "KUBEDISTILL_RETRY_INTERVAL": str(retry), "KUBEDISTILL_METRICS_PORT": str(free_port()),
                "KUBEDISTILL_ALLOWED_ENDPOINTS": allowed_endpoints}

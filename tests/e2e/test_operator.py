@@ -155,7 +155,7 @@ def test_a_run_succeeds_through_kuberay_despite_an_evicted_stage_and_an_operator
         runtime = store.read_json(f"evaluate/{MANIFEST}")["outputs"]["runtime"]
         wait_for("the new version to answer", lambda: served_version() == f"ce-{rebuilt['version'][:12]}+{runtime}", 120)
 
-        # deletion: the operator releases the run (its finalizer) and its children point at it
+        # deletion: nothing holds the run (no finalizer) and its children point at it
         cluster.api.call("DELETE", "/apis/kubedistill.io/v1alpha1/namespaces/default/distillationruns/sample")
         wait_for("the run to be released", lambda: cluster.run("sample") is None, 60, logs=cluster.operator_logs)
         assert cluster.operators[-1].alive()
@@ -226,3 +226,42 @@ def test_without_kuberay_the_run_says_what_to_install_and_the_operator_stays_up(
 
     wait_for("repeated reconciles", lambda: reconciles() >= 3, 30)  # still trying, not crash-looping
     assert urllib.request.urlopen(c.liveness, timeout=10).status == 200 and c.operators[0].alive()
+
+
+def test_a_rayjob_completing_is_acted_on_at_once_not_at_a_timer(cluster, seaweed, monkeypatch):
+    """The operator reconciles on watch events: with its resync and retry timers an hour away, a stage's
+    RayJob turning Complete starts the next stage within 2 s. The stages' work is written to storage here, as
+    the stages would write it; the RayJobs' status is set as KubeRay sets it."""
+    import time
+
+    from kubedistill.core import pipeline, spec, stage
+
+    for k, v in s3_secret().items():
+        monkeypatch.setenv(k, v)
+    seaweed.create_bucket("kd-e2e-events")
+    cluster.secret("default", "s3-credentials", s3_secret())
+    cluster.start_operator(allowed_endpoints=seaweed.endpoint, resync=3600, retry=3600)
+    doc = _doc("quick", "kd-e2e-events", seaweed.endpoint, "unused")
+    stages = {s.name: s for s in pipeline.build(spec.parse_run(doc))}
+
+    def done(name: str) -> None:  # what the stage's job leaves in storage before it exits
+        s = stages[name]
+        stage.execute(stage.StageContext(s.config, stage.run_storage(s.config)), lambda ctx: {"metrics": {}})
+
+    done("data")
+    cluster.apply(doc)
+    student = wait_for("the student's RayJob", lambda: cluster.api.get(
+        "/apis/ray.io/v1/namespaces/default/rayjobs/quick-student-crsd"), 60, every=0.05, logs=cluster.operator_logs)
+    wait_for("the run Running", cluster.phase("quick", "Running"), 30, logs=cluster.operator_logs)
+    assert student["spec"]["entrypoint"]
+    done("student-crsd")
+    t0 = time.monotonic()
+    cluster.api.call("PATCH", "/apis/ray.io/v1/namespaces/default/rayjobs/quick-student-crsd/status", {"status": {
+        "jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}})
+    wait_for("the evaluate RayJob", lambda: cluster.api.get("/apis/ray.io/v1/namespaces/default/rayjobs/quick-evaluate"),
+             30, every=0.02, logs=cluster.operator_logs)
+    took = time.monotonic() - t0
+    assert took <= 2.0, f"acted on after {took:.2f} s"
+    run = wait_for("the student Succeeded in status", lambda: (r := cluster.run("quick")) and
+                   _stage(r, "student-crsd")["phase"] == "Succeeded" and r, 10, every=0.05)
+    assert _stage(run, "evaluate")["phase"] == "Running"

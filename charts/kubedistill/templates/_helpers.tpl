@@ -29,10 +29,10 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 
 {{/* What the operator does in a namespace it watches: each rule says why. */}}
 {{- define "kubedistill.namespacedRules" -}}
-# Watch DistillationRuns; patch them to add/remove the operator's finalizer and its annotations.
+# Watch DistillationRuns (the operator never writes a run itself: no finalizer, no annotations; only its status).
 - apiGroups: [kubedistill.io]
   resources: [distillationruns]
-  verbs: [get, list, watch, patch]
+  verbs: [get, list, watch]
 # Write .status (phase, stages, conditions) through the status subresource.
 - apiGroups: [kubedistill.io]
   resources: [distillationruns/status]
