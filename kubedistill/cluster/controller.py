@@ -511,8 +511,8 @@ class Controller:
     _seen: dict[str, tuple[tuple[Any, ...], bool]] = field(default_factory=dict)
     #: by run: its manifests as last read (`manifest_reader`), for the generation they were read under
     _manifests: dict[str, tuple[Any, dict[str, Cached]]] = field(default_factory=dict)
-    #: by run: the status this process last wrote (the watch may not have brought it back yet)
-    _written: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: by run: (its uid, the status this process last wrote)
+    _written: dict[str, tuple[str | None, dict[str, Any]]] = field(default_factory=dict)
     _guard: threading.Lock = field(default_factory=threading.Lock)
 
     def reconcile_run(
@@ -539,13 +539,18 @@ class Controller:
         key = _run_key(body)
         wire = spec.to_wire(plan.status)
         new = {k: wire.get(k) for k in STATUS_KEYS}
-        changed = new != self._current(key, body)
-        if changed and self.cluster.write_status(meta.get("namespace") or "default", meta["name"], new):
-            with self._guard:
-                if plan.finished:
-                    self._written.pop(key, None)
-                else:
-                    self._written[key] = new
+        try:
+            changed = new != self._current(key, body)
+            if changed and self.cluster.write_status(meta.get("namespace") or "default", meta["name"], new):
+                with self._guard:
+                    if plan.finished:
+                        self._written.pop(key, None)
+                    else:
+                        self._written[key] = (meta.get("uid"), new)
+        except Exception:
+            with self._guard:  # not written: the next try must not take the run as settled
+                self._seen.pop(key, None)
+            raise
         for type_, reason, message in plan.events:
             self.cluster.post_event(body, type_, reason, message, now)
         if result in BLOCKED:
@@ -557,9 +562,13 @@ class Controller:
         self.cluster.forget_secrets()
 
     def _current(self, key: str, body: dict[str, Any]) -> dict[str, Any]:
+        """The run's status as this process last wrote it (the watch may not have brought it back yet), else as
+        the API server has it; never another run's of the same name."""
         with self._guard:
-            written = self._written.get(key)
-        return written if written is not None else {k: (body.get("status") or {}).get(k) for k in STATUS_KEYS}
+            uid, written = self._written.get(key) or (None, None)
+        if written is not None and uid == (body.get("metadata") or {}).get("uid"):
+            return written
+        return {k: (body.get("status") or {}).get(k) for k in STATUS_KEYS}
 
     def _reconcile_run(
         self, body: dict[str, Any], children: dict[str, dict[str, Any]], now: str, why: Why

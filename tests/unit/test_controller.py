@@ -1,4 +1,7 @@
-"""The operator's I/O helpers that need no API server: blocking conditions and the manifest reader."""
+"""The operator's I/O around the reconcile, without an API server: blocking conditions, what it reads and skips,
+what it writes and when it asks to be woken."""
+
+import pytest
 
 from kubedistill.cluster import controller
 from kubedistill.core.storage import Storage
@@ -354,3 +357,44 @@ def test_reports_are_written_off_the_reconcile_one_run_at_a_time_the_newest_stat
     a = [phase for run, phase in written if run == "a"]
     assert a[-1] == "Succeeded" and "Running" not in a[1:] and len(a) <= 2  # skipped what the newest replaced
     assert ("b", "Failed") in written
+
+
+def test_a_status_write_that_failed_is_tried_again_even_for_a_finished_run(tmp_path):
+    from kubernetes.client.exceptions import ApiException
+
+    from kubedistill.cluster.workqueue import Why
+    from kubedistill.core import pipeline, spec, stage
+
+    body = _body(tmp_path)
+    body["spec"].update(student={"enabled": False}, serving={"enabled": False})
+    for s in pipeline.build(spec.parse_run(body)):  # every stage done: the run finishes at once
+        stage.execute(stage.StageContext(s.config, stage.run_storage(s.config)),
+                      lambda ctx: {"metrics": {"gate": {"candidate": "baseline", "passed": True, "reason": "ok"}}})
+
+    class Flaky(_Api):
+        fail = True
+
+        def patch_namespaced_custom_object_status(self, *args):
+            if self.fail:
+                self.fail = False
+                raise ApiException(status=500, reason="etcd timeout")
+            super().patch_namespaced_custom_object_status(*args)
+
+    api = Flaky()
+    ctl = controller.Controller(controller.Cluster(api, api))
+    with pytest.raises(ApiException):
+        ctl.sync(body, {}, NOW, Why.CHANGED)
+    ctl.sync(body, {}, NOW, Why.DUE)  # the workers' retry
+    assert ("status", "Succeeded") in api.calls
+
+
+def test_a_run_made_again_under_the_same_name_does_not_inherit_the_status_written_for_the_old_one(tmp_path, monkeypatch):
+    from kubedistill.cluster.workqueue import Why
+
+    body, children, _ = _running(tmp_path, monkeypatch)
+    api = _Api()
+    ctl = controller.Controller(controller.Cluster(api, api))
+    ctl.sync(body, children, NOW, Why.FRESH)
+    again = {**body, "metadata": {**body["metadata"], "uid": "u2"}, "status": None}
+    assert ctl._current("ml/r1", again) == {k: None for k in controller.STATUS_KEYS}
+    assert ctl._current("ml/r1", body)["phase"] == "Running"
