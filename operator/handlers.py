@@ -24,6 +24,9 @@ import sys
 # stages write them) imports it when it is installed: about 30 MiB per operator process. pyarrow runs
 # without it (an optional dependency since pyarrow 16), so the operator's process refuses it.
 sys.modules.setdefault("numpy", None)  # type: ignore[arg-type]  # None marks a module as not importable
+# Nor the official Kubernetes client (installed for `kubedistill status`): kopf imports its models when it is
+# importable (about 52 MiB), and the operator talks to the API through `kubedistill.cluster.kubeapi`.
+sys.modules.setdefault("kubernetes", None)  # type: ignore[arg-type]
 
 import kopf
 import prometheus_client
@@ -53,6 +56,13 @@ def _runs(body: kopf.Body, namespace: str | None, name: str, **_) -> dict:
 def _children(body: kopf.Body, **_) -> dict:
     key = controller.child_key(dict(body))
     return {key: controller.slim(dict(body))} if key else {}
+
+
+@kopf.on.login()
+def login(**kwargs) -> kopf.ConnectionInfo | None:
+    """kopf's own readers of the service account and kubeconfig (as `kubeapi.Connection.find`): without this,
+    kopf logs in through the official client, whose import alone costs the process about 52 MiB."""
+    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
 
 
 @kopf.on.startup()

@@ -1,10 +1,12 @@
-"""The operator's I/O around `reconcile`: read a run's manifests, apply the plan.
+"""The operator's I/O around `reconcile`: read a run's manifests, apply the plan, write its status and events.
 
-`operator/handlers.py` is kopf wiring only; it calls `reconcile_run` on a timer per DistillationRun
-with the run's children (RayJobs, RayService) from kopf's in-memory indexes, which its watches keep
-current: a reconcile lists nothing, so 200 runs cost the API server two watches, not 400 lists
-every interval. kopf fills the indexes before the first handler runs, so a restarted operator sees
-every child it created before.
+`operator/handlers.py` is kopf wiring only; its workers (`workqueue`) call `Controller.sync` for a run when
+it or one of its children changed, when a timer the run asked for ends, and at each resync, with the run's
+children (RayJobs, RayService) from kopf's in-memory indexes, which its watches keep current: a reconcile
+lists nothing. kopf fills the indexes before the first handler runs, so a restarted operator sees every
+child it created before. What a reconcile reads scales with what changed (see `Controller`): an event
+that changed nothing costs nothing, a manifest is read again when its stage's RayJob changed or at a
+resync, the storage Secret once per resync, and a finished run nothing until it is touched.
 What can go wrong with the cluster or storage is turned into the run's status here, never into a
 crash loop:
 
@@ -24,7 +26,8 @@ crash loop:
   `kubedistill_operator_errors_total`, with corrupt manifests and trimmed statuses.
 
 Metrics (Prometheus, served by the operator process): reconciles by result, reconcile seconds,
-stage events by reason, runs by phase.
+stage events by reason, runs by phase, manifests read and reports written, reports pending (and the
+queue's, in `workqueue`).
 """
 
 from __future__ import annotations
@@ -40,11 +43,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from kubernetes import client as kclient
-from kubernetes.client.exceptions import ApiException
 from prometheus_client import Counter, Gauge, Histogram
 
 from kubedistill.cluster import k8s, reconcile, security
+from kubedistill.cluster.kubeapi import ApiError, Connection, Kube
 from kubedistill.cluster.workqueue import Why
 from kubedistill.core import spec
 from kubedistill.core.stage import read_manifest, run_prefix
@@ -82,7 +84,7 @@ class KubeRayMissing(RuntimeError):
 class ApiRefused(RuntimeError):
     """The API server refused a request for one object with a status that a retry will not change."""
 
-    def __init__(self, verb: str, kind: str, name: str, namespace: str, e: ApiException):
+    def __init__(self, verb: str, kind: str, name: str, namespace: str, e: ApiError):
         self.status, self.verb, self.kind, self.name = e.status, verb, kind, name
         detail = _api_message(e)
         if e.status == 403:
@@ -95,7 +97,7 @@ class ApiRefused(RuntimeError):
         super().__init__(message)
 
 
-def _api_message(e: ApiException) -> str:
+def _api_message(e: ApiError) -> str:
     """The API server's own message (it names the field at fault), else its reason."""
     import json
 
@@ -117,7 +119,7 @@ class StorageRefused(RuntimeError):
     """The run's storage settings break the operator's security policy (`security`): the message says which."""
 
 
-def _absent(e: ApiException) -> bool:
+def _absent(e: ApiError) -> bool:
     return e.status == 404
 
 
@@ -141,9 +143,11 @@ def children_by_name(objs: Mapping[str, Iterable[dict[str, Any]]]) -> dict[str, 
 class Cluster:
     """The few API calls the operator makes, through the official Kubernetes client."""
 
-    custom: kclient.CustomObjectsApi
-    core: kclient.CoreV1Api
-    networking: kclient.NetworkingV1Api | None = None
+    #: the calls of the official client's CustomObjectsApi, CoreV1Api and NetworkingV1Api the operator makes
+    #: (`kubeapi.Kube` has them all)
+    custom: Any
+    core: Any
+    networking: Any | None = None
     #: storage Secrets as last read, by (namespace, name): (labels, data); dropped at each resync and whenever
     #: a run using one cannot reach its storage, so a rotated or relabelled Secret is seen then
     _secrets: dict[tuple[str, str], tuple[dict[str, str], dict[str, str]]] = field(default_factory=dict)
@@ -151,16 +155,8 @@ class Cluster:
     @classmethod
     def connect(cls, connections: int = 16) -> Cluster:
         """The operator's client: `connections` HTTP connections, one per reconcile thread."""
-        from kubernetes import config
-
-        try:
-            config.load_incluster_config()
-        except config.ConfigException:
-            config.load_kube_config()
-        conf = kclient.Configuration.get_default_copy()
-        conf.connection_pool_maxsize = connections
-        api = kclient.ApiClient(conf)
-        return cls(kclient.CustomObjectsApi(api), kclient.CoreV1Api(api), kclient.NetworkingV1Api(api))
+        kube = Kube(Connection.find(), connections)
+        return cls(kube, kube, kube)
 
     def write_status(self, namespace: str, name: str, status: dict[str, Any]) -> bool:
         """Merge `status` into the run's .status (the status subresource); False when the run is gone."""
@@ -168,7 +164,7 @@ class Cluster:
             self.custom.patch_namespaced_custom_object_status(
                 spec.API_GROUP, spec.API_VERSION, namespace, RUN_PLURAL, name, {"status": status}
             )
-        except ApiException as e:
+        except ApiError as e:
             if _absent(e):
                 return False
             raise
@@ -215,14 +211,15 @@ class Cluster:
             return hit
         try:
             obj = self.core.read_namespaced_secret(name, namespace)
-        except ApiException as e:
+        except ApiError as e:
             if _absent(e):
                 raise SecretMissing(
                     f"spec.storage.secretRef: secret {name!r} not found in namespace {namespace}; create it with "
                     f"AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY and label it {security.CREDENTIALS_LABEL}=true"
                 ) from e
             raise
-        got = self._secrets[(namespace, name)] = (dict(obj.metadata.labels or {}), dict(obj.data or {}))
+        meta = obj.get("metadata") or {}
+        got = self._secrets[(namespace, name)] = (dict(meta.get("labels") or {}), dict(obj.get("data") or {}))
         return got
 
     def ensure_run_objects(self, token: dict[str, Any], policy: dict[str, Any] | None, namespace: str) -> None:
@@ -258,7 +255,7 @@ class Cluster:
                     name,
                     propagation_policy="Foreground",
                 )
-            except ApiException as e:
+            except ApiError as e:
                 if _absent(e):
                     continue
                 if e.status in _REFUSED:
@@ -269,7 +266,7 @@ class Cluster:
                 self.custom.create_namespaced_custom_object(
                     RAY_GROUP, RAY_VERSION, namespace, PLURALS[obj["kind"]], obj
                 )
-            except ApiException as e:
+            except ApiError as e:
                 if e.status == 409:
                     continue  # created by an earlier reconcile whose status write was lost
                 if _absent(e):
@@ -283,7 +280,7 @@ class Cluster:
                 self.custom.patch_namespaced_custom_object(
                     RAY_GROUP, RAY_VERSION, namespace, PLURALS[obj["kind"]], obj["metadata"]["name"], body
                 )
-            except ApiException as e:
+            except ApiError as e:
                 if e.status in _REFUSED:
                     raise ApiRefused("update", obj["kind"], obj["metadata"]["name"], namespace, e) from e
                 raise
@@ -315,7 +312,7 @@ def _created(verb: str, obj: dict[str, Any], namespace: str, call: Callable[[], 
     becomes ApiRefused naming the object, anything else is raised as it is."""
     try:
         call()
-    except ApiException as e:
+    except ApiError as e:
         if e.status == 409:
             return False
         if e.status in _REFUSED:

@@ -50,7 +50,7 @@ def test_children_are_keyed_by_the_run_label_and_keep_their_kind():
 
 def test_the_operator_imports_no_ml_or_serving_library():
     """The operator's process loads what reconciling needs, even after rendering every object of a run and
-    reading a manifest: not torch, numpy, scikit-learn, FastAPI or Ray (pyarrow stays, without numpy: the
+    reading a manifest: not torch, numpy, scikit-learn, FastAPI, Ray or the official Kubernetes client (pyarrow stays, without numpy: the
     manifests are read through its S3 filesystem, as the stages write them)."""
     import subprocess
     import sys
@@ -63,7 +63,7 @@ def test_the_operator_imports_no_ml_or_serving_library():
         "'metadata': {'name': 'r'}, 'spec': {'storage': {'uri': 's3://b/runs'}}}); k8s.render(run, uid='u'); "
         "st = storage.Storage(tempfile.mkdtemp()); st.write_json('data/_SUCCESS.json', {'digest': 'd'}); "
         "assert stage.read_manifest(st, 'data') == {'digest': 'd'}; "
-        "heavy = ('torch', 'numpy', 'sklearn', 'scipy', 'pandas', 'fastapi', 'starlette', 'ray', 'transformers', "
+        "heavy = ('kubernetes', 'torch', 'numpy', 'sklearn', 'scipy', 'pandas', 'fastapi', 'starlette', 'ray', 'transformers', "
         "'vllm', 'matplotlib', 'peft'); print(sorted(m for m in heavy if sys.modules.get(m) is not None))"
     )
     root = Path(__file__).resolve().parents[2]
@@ -98,13 +98,12 @@ def _refusing(status: int, message: str):
     """A CustomObjectsApi whose create is refused as the API server refuses it (status, JSON body)."""
     import json
 
-    from kubernetes.client.exceptions import ApiException
+    from kubedistill.cluster.kubeapi import ApiError
 
     class Refusing:
         def create_namespaced_custom_object(self, *args, **kwargs):
-            e = ApiException(status=status, reason="Refused")
-            e.body = json.dumps({"kind": "Status", "status": "Failure", "message": message, "code": status})
-            raise e
+            raise ApiError(status, "Refused",
+                               json.dumps({"kind": "Status", "status": "Failure", "message": message, "code": status}))
 
     return Refusing()
 
@@ -205,15 +204,12 @@ class _Api:
         self.calls.append(("event", body["reason"]))
 
     def read_namespaced_secret(self, name, namespace):
-        from types import SimpleNamespace
-
-        from kubernetes.client.exceptions import ApiException
+        from kubedistill.cluster.kubeapi import ApiError
 
         self.calls.append(("secret", name))
         if name not in self.secrets:
-            raise ApiException(status=404, reason="Not Found")
-        return SimpleNamespace(metadata=SimpleNamespace(labels={"kubedistill.io/storage-credentials": "true"}),
-                               data=self.secrets[name])
+            raise ApiError(status=404, reason="Not Found")
+        return {"metadata": {"labels": {"kubedistill.io/storage-credentials": "true"}}, "data": self.secrets[name]}
 
 
 def _running(tmp_path, monkeypatch):
@@ -360,7 +356,7 @@ def test_reports_are_written_off_the_reconcile_one_run_at_a_time_the_newest_stat
 
 
 def test_a_status_write_that_failed_is_tried_again_even_for_a_finished_run(tmp_path):
-    from kubernetes.client.exceptions import ApiException
+    from kubedistill.cluster.kubeapi import ApiError
 
     from kubedistill.cluster.workqueue import Why
     from kubedistill.core import pipeline, spec, stage
@@ -377,12 +373,12 @@ def test_a_status_write_that_failed_is_tried_again_even_for_a_finished_run(tmp_p
         def patch_namespaced_custom_object_status(self, *args):
             if self.fail:
                 self.fail = False
-                raise ApiException(status=500, reason="etcd timeout")
+                raise ApiError(status=500, reason="etcd timeout")
             super().patch_namespaced_custom_object_status(*args)
 
     api = Flaky()
     ctl = controller.Controller(controller.Cluster(api, api))
-    with pytest.raises(ApiException):
+    with pytest.raises(ApiError):
         ctl.sync(body, {}, NOW, Why.CHANGED)
     ctl.sync(body, {}, NOW, Why.DUE)  # the workers' retry
     assert ("status", "Succeeded") in api.calls

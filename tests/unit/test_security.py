@@ -128,13 +128,12 @@ class _Core:
         self.secrets, self.created = secrets, []
 
     def read_namespaced_secret(self, name, namespace):
-        from kubernetes import client
-        from kubernetes.client.exceptions import ApiException
+        from kubedistill.cluster.kubeapi import ApiError
 
         if name not in self.secrets:
-            raise ApiException(status=404, reason="Not Found")
+            raise ApiError(status=404, reason="Not Found")
         labels, data = self.secrets[name]
-        return client.V1Secret(metadata=client.V1ObjectMeta(name=name, labels=labels), data=data)
+        return {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "labels": labels}, "data": data}
 
     def create_namespaced_secret(self, namespace, body):
         self.created.append(("Secret", body["metadata"]["name"]))
