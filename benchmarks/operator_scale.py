@@ -74,6 +74,12 @@ class Operator:
     def cwd(self) -> Path:
         return self.base or ROOT
 
+    @property
+    def launch(self) -> list[str]:
+        """How the chart starts it: the launcher, or (before it) `kopf run` itself."""
+        return ["operator/run.py"] if (self.cwd / "operator" / "run.py").exists() else [
+            "-m", "kopf", "run", "operator/handlers.py"]
+
 
 def _memory_kb(pid: int, field: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -148,8 +154,8 @@ def _stack(tmp: Path, who: Operator, endpoint: str, resync: float) -> Iterator[S
     env.update(KUBECONFIG=str(kubeconfig), KUBEDISTILL_METRICS_PORT=str(metrics),
                KUBEDISTILL_ALLOWED_ENDPOINTS=endpoint, **who.env(resync))
     log = open(tmp / f"operator-{who.label}-{port}.log", "w")  # noqa: SIM115 - closed below
-    op = subprocess.Popen([sys.executable, "-m", "kopf", "run", "operator/handlers.py", "--all-namespaces",
-                           "--standalone", "--quiet"], cwd=who.cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    op = subprocess.Popen([sys.executable, *who.launch, "--all-namespaces", "--standalone", "--quiet"], cwd=who.cwd,
+                          env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{metrics}/"
         deadline = time.monotonic() + 120

@@ -1,6 +1,7 @@
 """kopf wiring for DistillationRun: every decision is in kubedistill.cluster.reconcile, every API and storage
-call in kubedistill.cluster.controller, the queue in kubedistill.cluster.workqueue. Run:
-kopf run operator/handlers.py --all-namespaces [--standalone | --peering kubedistill]
+call in kubedistill.cluster.controller, the queue in kubedistill.cluster.workqueue.
+Run: python operator/run.py --all-namespaces [--standalone | --peering kubedistill] (`kopf run` of this file,
+with the official Kubernetes client refused before kopf loads it)
 
 A run is reconciled when it, or one of its RayJobs or its RayService, changes (kopf's watches), when a timer
 it asked for ends (a stage's retry backoff, a blocked run's next try), and at each resync; never on a
@@ -24,8 +25,8 @@ import sys
 # stages write them) imports it when it is installed: about 30 MiB per operator process. pyarrow runs
 # without it (an optional dependency since pyarrow 16), so the operator's process refuses it.
 sys.modules.setdefault("numpy", None)  # type: ignore[arg-type]  # None marks a module as not importable
-# Nor the official Kubernetes client (installed for `kubedistill status`): kopf imports its models when it is
-# importable (about 52 MiB), and the operator talks to the API through `kubedistill.cluster.kubeapi`.
+# Nor the official Kubernetes client (installed for `kubedistill status`): the operator talks to the API through
+# `kubedistill.cluster.kubeapi` (operator/run.py refuses it before kopf, which imports it when it can, loads).
 sys.modules.setdefault("kubernetes", None)  # type: ignore[arg-type]
 
 import kopf

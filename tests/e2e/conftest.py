@@ -107,7 +107,7 @@ class Cluster:
         env = {k: v for k, v in env.items() if not k.startswith("AWS_")}  # credentials come from the run's Secret
         self.liveness = f"http://127.0.0.1:{free_port()}/healthz"
         self.metrics = f"http://127.0.0.1:{env['KUBEDISTILL_METRICS_PORT']}/"
-        op = Process([sys.executable, "-m", "kopf", "run", "operator/handlers.py", "--all-namespaces",
+        op = Process([sys.executable, "operator/run.py", "--all-namespaces",
                       "--standalone", f"--liveness={self.liveness}"], env,
                      self.tmp / f"operator-{len(self.operators)}.log")
         self.operators.append(op)
