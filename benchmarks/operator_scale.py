@@ -17,7 +17,9 @@ For each N (`--runs`, default 200 and 1000), against a fresh API server and oper
    then `--window` seconds: API and S3 requests per minute (the target: none).
 5. The operator's peak memory (VmHWM) over 1 to 3.
 
-Baseline, in the same invocation: 1 to 3 and 5 against the operator of `--baseline` (a git revision of this
+Fairness: candidate and baseline run against the same kind of stack (a fresh API server, the same SeaweedFS
+and proxy), with the same runs, one after the other in one invocation, on the same cores. Baseline, in the
+same invocation: 1 to 3 and 5 against the operator of `--baseline` (a git revision of this
 repository; default the last commit with the timer-driven operator: every run reconciled every 10 s on
 kopf's thread pool), unpacked with `git archive`. Ratios are candidate vs baseline at the same N.
 
@@ -31,7 +33,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
-import dataclasses
 import math
 import os
 import subprocess
@@ -58,12 +59,11 @@ SECRET = "s3-credentials"
 GATE = {"metrics": {"gate": {"candidate": "baseline", "passed": True, "reason": "ok"}}}
 
 
-@dataclasses.dataclass
 class Operator:
     """The code under test: this tree (`base` None) or an unpacked older revision."""
 
-    label: str
-    base: Path | None = None
+    def __init__(self, label: str, base: Path | None = None):
+        self.label, self.base = label, base
 
     def env(self, resync: float) -> dict[str, str]:
         if self.base is None:
@@ -115,13 +115,9 @@ def _latency(s3: SeaweedS3, delay_ms: float) -> Iterator[str]:
         proxy.wait(30)
 
 
-@dataclasses.dataclass
 class Stack:
-    api: Api
-    op: subprocess.Popen
-    server: subprocess.Popen
-    metrics: str
-    requests: Path
+    def __init__(self, api: Api, op: subprocess.Popen, server: subprocess.Popen, metrics: str, requests: Path):
+        self.api, self.op, self.server, self.metrics, self.requests = api, op, server, metrics, requests
 
     def cpu(self) -> tuple[float, float]:
         """CPU seconds so far: (the operator, the API server)."""
