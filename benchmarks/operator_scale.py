@@ -3,8 +3,8 @@
 The stack, all real but Kubernetes itself: SeaweedFS's S3 gateway behind a proxy that holds every chunk
 `--delay-ms` (10) in each direction, so each storage round trip costs 20 ms more (`tests/latency.py`; the
 kernel here has no netem), the emulated Kubernetes API (`tests/e2e/apiserver.py`, logging each request) and
-the real operator process (`kopf run operator/handlers.py`). Every run reads its manifests from that store
-through a Secret, as in a cluster, and each starts with its `data` stage done in storage, so its reconciles
+the real operator process (`python operator/run.py`, as the chart starts it). Every run reads its manifests
+from that store through a Secret, as in a cluster, and each starts with its `data` stage done in storage, so its reconciles
 really read storage. Nothing executes the RayJobs: this measures the operator, not Ray.
 
 For each N (`--runs`, default 200 and 1000), against a fresh API server and operator:

@@ -1,5 +1,5 @@
 """The end-to-end harness: an emulated Kubernetes API (kmock), the real operator process
-(`kopf run operator/handlers.py`), a local Ray cluster and the KubeRay stand-in."""
+(`python operator/run.py`: kopf run of operator/handlers.py), a local Ray cluster and the KubeRay stand-in."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""The operator end to end: `kopf run operator/handlers.py` against an emulated Kubernetes API, stages
-executed by a KubeRay stand-in on a local Ray cluster, artifacts on SeaweedFS S3.
+"""The operator end to end: `python operator/run.py` (kopf run of operator/handlers.py) against an emulated
+Kubernetes API, stages executed by a KubeRay stand-in on a local Ray cluster, artifacts on SeaweedFS S3.
 
 What the emulator does not do is checked on the objects themselves: owner references (what the
 garbage collector follows) and KubeRay schema validity (tests/unit/test_k8s.py)."""
