@@ -19,15 +19,6 @@ spec.ray.image; the chart sets both), and the security settings of
 import asyncio
 import logging
 import os
-import sys
-
-# Nothing the operator does needs numpy, but pyarrow (whose S3 filesystem reads the stage manifests, as the
-# stages write them) imports it when it is installed: about 30 MiB per operator process. pyarrow runs
-# without it (an optional dependency since pyarrow 16), so the operator's process refuses it.
-sys.modules.setdefault("numpy", None)  # type: ignore[arg-type]  # None marks a module as not importable
-# Nor the official Kubernetes client (installed for `kubedistill status`): the operator talks to the API through
-# `kubedistill.cluster.kubeapi` (operator/run.py refuses it before kopf, which imports it when it can, loads).
-sys.modules.setdefault("kubernetes", None)  # type: ignore[arg-type]
 
 import kopf
 import prometheus_client

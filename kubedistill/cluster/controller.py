@@ -521,14 +521,10 @@ class Controller:
         call. `Why.FRESH` reads every manifest again."""
         return self._reconcile_run(body, children, now, why)[0]
 
-    def sync(
-        self, body: dict[str, Any] | None, children: dict[str, dict[str, Any]], now: str, why: Why
-    ) -> float | None:
+    def sync(self, body: dict[str, Any], children: dict[str, dict[str, Any]], now: str, why: Why) -> float | None:
         """Reconcile the run and write what follows: its children (the plan), its .status (only when it
         changed), its events. Returns the seconds after which it must be reconciled again though nothing
-        changes (a stage's retry backoff, a blocked run's next try), or None. `body` None: the run is gone."""
-        if body is None:
-            return None
+        changes (a stage's retry backoff, a blocked run's next try), or None."""
         plan, result = self._reconcile_run(body, children, now, why)
         if plan is None:
             return None
@@ -607,10 +603,8 @@ class Controller:
         self._track(key, plan.status.phase)
         return plan, result
 
-    def forget(self, body: dict[str, Any]) -> None:
-        self.forget_key(_run_key(body))
-
     def forget_key(self, key: str) -> None:
+        """A run that is gone (`namespace/name`): nothing of it is kept."""
         with self._guard:
             for memory in (self._seen, self._manifests, self._written, self._locks):
                 memory.pop(key, None)

@@ -57,7 +57,8 @@ def test_the_operator_imports_no_ml_or_serving_library():
     from pathlib import Path
 
     probe = (
-        "import runpy, sys, tempfile; runpy.run_path('operator/handlers.py', run_name='handlers'); "
+        "import runpy, sys, tempfile; runpy.run_path('operator/run.py', run_name='launcher'); "
+        "runpy.run_path('operator/handlers.py', run_name='handlers'); "
         "from kubedistill.cluster import k8s, reconcile; from kubedistill.core import spec, stage, storage; "
         "run = spec.parse_run({'apiVersion': 'kubedistill.io/v1alpha1', 'kind': 'DistillationRun', "
         "'metadata': {'name': 'r'}, 'spec': {'storage': {'uri': 's3://b/runs'}}}); k8s.render(run, uid='u'); "
