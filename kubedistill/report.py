@@ -19,6 +19,7 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
+from kubedistill.core import driverlog
 from kubedistill.core.spec import RunStatus, to_wire
 from kubedistill.core.stage import FAILURE, now, read_manifest
 from kubedistill.core.storage import Storage
@@ -109,8 +110,15 @@ def _version(storage: Storage, manifest: dict[str, Any]) -> Storage:
 
 
 def collect(storage: Storage, stages: list[str]) -> dict[str, dict[str, Any]]:
-    """Per stage: its manifest or failure record (whichever exists), from the run's storage."""
-    return {s: {"manifest": read_manifest(storage, s), "failure": _read(storage, f"{s}/{FAILURE}")} for s in stages}
+    """Per stage: its manifest or failure record (whichever exists) and its kept driver logs, newest first."""
+    return {
+        s: {
+            "manifest": read_manifest(storage, s),
+            "failure": _read(storage, f"{s}/{FAILURE}"),
+            "logs": driverlog.stage_logs(storage, s),
+        }
+        for s in stages
+    }
 
 
 def _section_stages(status: dict[str, Any] | None, found: dict[str, dict[str, Any]]) -> str:
@@ -122,16 +130,22 @@ def _section_stages(status: dict[str, Any] | None, found: dict[str, dict[str, An
         phase = st.get("phase") or ("Succeeded" if m else "Failed" if fail else "Pending")
         cls = {"Succeeded": "ok", "Failed": "bad"}.get(phase, "muted")
         note = st.get("message") or (fail["error"] if fail and not m else "")
+        # relative links: the report sits at the run's root, beside the stages' prefixes
+        logs = " ".join(
+            f"<a href='{_e(name)}/{driverlog.LOGS_DIR}/{_e(log)}'>{'latest' if i == 0 else i + 1}</a>"
+            for i, log in enumerate(f.get("logs", [])[:3])
+        )
         rows.append(
             [
                 _e(name),
                 f"<span class='{cls}'>{_e(phase)}</span>",
                 _fmt(m["seconds"]) if m else "",
                 _e(m["finishedAt"] if m else st.get("finishedAt") or ""),
+                logs,
                 _e(note),
             ]
         )
-    return "<h2>Stages</h2>" + _table(["stage", "phase", "seconds", "finished", "note"], rows, raw=True)
+    return "<h2>Stages</h2>" + _table(["stage", "phase", "seconds", "finished", "driver log", "note"], rows, raw=True)
 
 
 def _baseline_name(name: str, models: dict[str, Any]) -> str:

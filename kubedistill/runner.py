@@ -21,13 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from kubedistill.core import pipeline, policy
+from kubedistill.core import pipeline, policy, progress
 from kubedistill.core.holds import HOLD_AT_ENV, HOLD_DIR_ENV
 from kubedistill.core.ports import PortInUse, Ports, PortsUnavailable, looks_like_bind_failure, start_with_retries
+from kubedistill.core.progress import is_progress_line
 from kubedistill.core.spec import API_GROUP, Condition, DistillationRun, RunStatus, StageStatus, to_wire
 from kubedistill.core.stage import (
     CONFIG_ENV,
     FAILURE,
+    JOB_ENV,
     CorruptManifest,
     must_read_manifest,
     now,
@@ -277,6 +279,38 @@ def local_ray(address: str | None = None, num_cpus: int | None = None) -> Iterat
         yield RaySession(url if url.startswith("http") else f"http://{url}", head)
 
 
+class Console:
+    """What `kubedistill run` prints: lines, and on a terminal one line per running stage that updates in
+    place with its progress (kept below the log lines); elsewhere (a file, CI) each update is a line of its own."""
+
+    def __init__(self, out: TextIO):
+        self.out = out
+        self.tty = bool(getattr(out, "isatty", lambda: False)())
+        self._bar: str | None = None
+
+    def say(self, msg: str) -> None:
+        if self._bar is not None:
+            self.out.write("\r\x1b[K")
+        print(msg, file=self.out, flush=True)
+        if self._bar is not None:
+            self.out.write(self._bar)
+            self.out.flush()
+
+    def progress(self, stage: str, summary: str) -> None:
+        if not self.tty:
+            self.say(f"    {stage} ▸ {summary}")
+            return
+        self._bar = f"    {stage} ▸ {summary}"
+        self.out.write(f"\r\x1b[K{self._bar}")
+        self.out.flush()
+
+    def end_progress(self) -> None:
+        if self._bar is not None:
+            self.out.write("\r\x1b[K")
+            self.out.flush()
+            self._bar = None
+
+
 class StatusWriter:
     """Keeps the run's status (the CRD status shape) in storage at <run>/_status.json."""
 
@@ -326,9 +360,8 @@ def run_local(
     storage = run_storage(stages[0].config)
     storage.check_writable()
     status = StatusWriter(storage, stages)
-
-    def say(msg: str) -> None:
-        print(msg, file=out, flush=True)
+    console = Console(out)
+    say = console.say
 
     started = time.monotonic()
     say(f"kubedistill: run {run.name} -> {storage.uri()}  ({len(stages)} stages)")
@@ -343,7 +376,7 @@ def run_local(
         client = JobSubmissionClient(dashboard)
         say(f"kubedistill: Ray dashboard {dashboard}")
         try:
-            _run_stages(run, stages, storage, status, client, say, poll_s, serve_port)
+            _run_stages(run, stages, storage, status, client, console, poll_s, serve_port)
         finally:
             from kubedistill import report
 
@@ -379,12 +412,14 @@ def _run_stages(
     storage: Storage,
     status: StatusWriter,
     client: Any,
-    say: Any,
+    console: Console,
     poll_s: float,
     serve_port: int,
 ) -> None:
     """Each stage in order as a Ray job: skipped when done, gated, or run and followed; raises RunFailed."""
     from ray.job_submission import JobStatus
+
+    say = console.say
 
     earlier: dict[str, policy.Step] = {}  # the steps of the stages before, as they stand now
     for i, stage in enumerate(stages, 1):
@@ -422,7 +457,14 @@ def _run_stages(
         if step.state == "stale":
             say(f"{tag}: rerunning: {step.reason}")
         env = {k: os.environ[k] for k in _PASS_ENV if k in os.environ}
-        env.update({CONFIG_ENV: stage.config_json, "PYTHONUNBUFFERED": "1", "KUBEDISTILL_SERVE_PORT": str(serve_port)})
+        env.update(
+            {
+                **JOB_ENV,
+                CONFIG_ENV: stage.config_json,
+                "PYTHONUNBUFFERED": "1",
+                "KUBEDISTILL_SERVE_PORT": str(serve_port),
+            }
+        )
         st.phase, st.started_at, st.attempts = "Running", now(), st.attempts + 1
         job_id = submit(
             client,
@@ -440,19 +482,23 @@ def _run_stages(
                 state = client.get_job_status(job_id)
                 logs = client.get_job_logs(job_id)
                 for line in logs[shown:].splitlines():
-                    if line.strip():
+                    if (summary := is_progress_line(line)) is not None:
+                        _progress(storage, st, status, console, stage.name, summary)
+                    elif line.strip():
                         say(f"    {stage.name} | {line}")
                 shown = len(logs)
                 if state in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
                     break
                 time.sleep(poll_s)
         except BaseException:
+            console.end_progress()
             client.stop_job(job_id)
             st.phase, st.message, st.finished_at = "Failed", "interrupted", now()
             status.status.phase = "Failed"
             status.save()
             raise
-        st.finished_at = now()
+        console.end_progress()
+        st.finished_at, st.progress, status.status.progress = now(), None, None
         written = read_manifest(storage, stage.name) if state == JobStatus.SUCCEEDED else None
         if written is not None:
             st.phase, st.artifact, st.metrics = "Succeeded", written["artifact"], written["metrics"]
@@ -469,6 +515,18 @@ def _run_stages(
         raise RunFailed(stage.name, reason)
     status.status.phase, status.status.current_stage = "Succeeded", None
     status.save()
+
+
+def _progress(storage: Storage, st: StageStatus, status: StatusWriter, console: Console, stage: str, line: str) -> None:
+    """A progress line in the stage's log: its report (the file the line announces) into the run's status, and
+    the stage's progress line updated."""
+    report = progress.read(storage, stage)
+    if report is not None and report.updated_at >= (st.started_at or ""):
+        st.progress = report
+        status.status.progress = f"{stage} {progress.short(report)}"
+        status.save()
+        line = report.summary
+    console.progress(stage, line)
 
 
 def _failure_reason(storage: Storage, stage: str, job_message: str | None) -> str:

@@ -4,12 +4,14 @@ Run: python operator/run.py --all-namespaces [--standalone | --peering kubedisti
 with the official Kubernetes client refused before kopf loads it)
 
 A run is reconciled when it, or one of its RayJobs or its RayService, changes (kopf's watches), when a timer
-it asked for ends (a stage's retry backoff, a blocked run's next try), and at each resync; never on a
+it asked for ends (a stage's retry backoff, a blocked run's next try, a running stage's next progress read),
+and at each resync; never on a
 short timer per run. The reconciles run in a pool of threads of their own, off kopf's.
 
 Environment: KUBEDISTILL_RESYNC_INTERVAL (seconds between two resyncs, when every run is reconciled with
 its manifests read again; default 300), KUBEDISTILL_RETRY_INTERVAL (seconds before a run blocked on its
-storage, Secret, KubeRay or the operator's rights is tried again; default 10), KUBEDISTILL_WORKERS
+storage, Secret, KubeRay or the operator's rights is tried again; default 10), KUBEDISTILL_PROGRESS_INTERVAL
+(seconds between two reads of a running stage's progress into the run's status; default 30), KUBEDISTILL_WORKERS
 (reconciles at once; default 16), KUBEDISTILL_METRICS_PORT (Prometheus metrics, default 9090; 0 turns them
 off), KUBEDISTILL_STAGE_IMAGE and KUBEDISTILL_STAGE_IMAGE_GPU (what stage pods run when a run sets no
 spec.ray.image; the chart sets both), and the security settings of
@@ -29,6 +31,7 @@ from kubedistill.core import spec, stage
 
 RESYNC = float(os.environ.get("KUBEDISTILL_RESYNC_INTERVAL", "300"))
 RETRY = float(os.environ.get("KUBEDISTILL_RETRY_INTERVAL", "10"))
+PROGRESS = float(os.environ.get("KUBEDISTILL_PROGRESS_INTERVAL", "30"))
 WORKERS = int(os.environ.get("KUBEDISTILL_WORKERS", "16"))
 RUNS = (spec.API_GROUP, spec.API_VERSION, controller.RUN_PLURAL)
 CHILD = {"labels": {f"{k8s.GROUP}/run": kopf.PRESENT}}
@@ -69,6 +72,7 @@ async def start(
         controller.images_from_env(os.environ),
         security.Settings.from_env(os.environ),
         retry_seconds=RETRY,
+        progress_seconds=PROGRESS,
     )
 
     def take(key: tuple[str, str]) -> tuple[dict, dict] | None:  # in the event loop, where kopf writes the indexes

@@ -48,7 +48,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from kubedistill.cluster import k8s, reconcile, security
 from kubedistill.cluster.kubeapi import ApiError, Connection, Kube
 from kubedistill.cluster.workqueue import Why
-from kubedistill.core import spec
+from kubedistill.core import progress, spec
 from kubedistill.core.stage import read_manifest, run_prefix
 from kubedistill.core.storage import S3Options, Storage, StorageError
 
@@ -71,10 +71,18 @@ ERRORS = Counter(
     "status-trimmed.",
     ["kind"],
 )
-STORAGE_READS = Counter("kubedistill_operator_storage_reads", "Stage manifests the operator read from storage.")
+STORAGE_READS = Counter(
+    "kubedistill_operator_storage_reads", "Stage manifests and progress reports the operator read from storage."
+)
 STORAGE_WRITES = Counter("kubedistill_operator_storage_writes", "Run reports the operator wrote to storage.")
 REPORTS_PENDING = Gauge("kubedistill_operator_reports_pending", "Run reports waiting to be written or being written.")
 RUNS = Gauge("kubedistill_operator_runs", "DistillationRuns this operator tracks, by phase.", ["phase"])
+STAGE_SECONDS = Histogram(
+    "kubedistill_operator_stage_seconds",
+    "Time from a stage's RayJob created to the stage finished (Succeeded or Failed, its last attempt).",
+    ["stage", "phase"],
+    buckets=(60, 300, 900, 1800, 3600, 2 * 3600, 4 * 3600, 8 * 3600, 24 * 3600, 3 * 24 * 3600),
+)
 
 
 class KubeRayMissing(RuntimeError):
@@ -346,7 +354,8 @@ _COPIES = ("/last-applied-configuration", "/last-handled-configuration", "/last-
 
 def slim(obj: dict[str, Any]) -> dict[str, Any]:
     """An object as the operator keeps it in memory: a child without its spec (the reconcile reads its
-    metadata and status), a run with its spec; neither with managedFields or kopf's annotations."""
+    metadata and status, and a RayJob's `suspend`: Kueue's admission), a run with its spec; neither with
+    managedFields or kopf's annotations."""
     meta = obj.get("metadata") or {}
     kept = {k: meta[k] for k in _META if k in meta}
     if "annotations" in kept:
@@ -354,6 +363,8 @@ def slim(obj: dict[str, Any]) -> dict[str, Any]:
     out = {"apiVersion": obj.get("apiVersion"), "kind": obj.get("kind"), "metadata": kept, "status": obj.get("status")}
     if obj.get("kind") == spec.KIND:
         out["spec"] = obj.get("spec")
+    elif "suspend" in (obj.get("spec") or {}):
+        out["spec"] = {"suspend": obj["spec"]["suspend"]}
     return out
 
 
@@ -405,8 +416,18 @@ def manifest_reader(
     return read
 
 
+def progress_reader(storage: Storage) -> Callable[[str], spec.StageProgress | None]:
+    """stage → its latest progress report (`<stage>/_PROGRESS.json`), read when a reconcile asks."""
+
+    def read(stage: str) -> spec.StageProgress | None:
+        STORAGE_READS.inc()
+        return progress.read(storage, stage)
+
+    return read
+
+
 #: the keys of .status the operator owns
-STATUS_KEYS = ("phase", "currentStage", "observedGeneration", "stages", "conditions")
+STATUS_KEYS = ("phase", "currentStage", "progress", "observedGeneration", "stages", "conditions")
 #: reconcile results that leave a run waiting on something no watch reports (its storage, Secret, KubeRay, rights)
 BLOCKED = ("kuberay-missing", "storage-error", "secret-missing", "storage-refused", "forbidden")
 
@@ -418,6 +439,18 @@ def _until_retry(status: spec.RunStatus, now: str) -> float | None:
         return None
     parse = lambda t: datetime.strptime(t, "%Y-%m-%dT%H:%M:%SZ")  # noqa: E731
     return (parse(min(ahead)) - parse(now)).total_seconds() + 1.0  # `now` has whole seconds
+
+
+def finished_stages(before: spec.RunStatus, after: spec.RunStatus) -> list[tuple[str, str, float]]:
+    """(stage, phase, seconds from start to finish) of each stage that finished between two statuses of a run;
+    a stage found done earlier (never started by this run) has no duration."""
+    was = {s.name: s.phase for s in before.stages}
+    parse = lambda t: datetime.strptime(t, "%Y-%m-%dT%H:%M:%SZ")  # noqa: E731
+    return [
+        (s.name, s.phase, (parse(s.finished_at) - parse(s.started_at)).total_seconds())
+        for s in after.stages
+        if s.phase in ("Succeeded", "Failed") and was.get(s.name) != s.phase and s.started_at and s.finished_at
+    ]
 
 
 def _phases(status: spec.RunStatus) -> tuple[str, ...]:
@@ -501,6 +534,8 @@ class Controller:
     policy: security.Settings = field(default_factory=security.Settings)
     #: seconds before a run blocked on its storage, Secret, KubeRay or rights is tried again
     retry_seconds: float = 10.0
+    #: seconds between two reads of a running stage's progress (copied into the run's status)
+    progress_seconds: float = 30.0
     reports: Reports = field(default_factory=Reports)
     _locks: dict[str, threading.Lock] = field(default_factory=dict)
     _phases: dict[str, str] = field(default_factory=dict)
@@ -548,7 +583,13 @@ class Controller:
             self.cluster.post_event(body, type_, reason, message, now)
         if result in BLOCKED:
             return self.retry_seconds
-        return _until_retry(plan.status, now)
+        waits = [_until_retry(plan.status, now)]
+        # a RayJob running (not one just created: its creation is an event of its own): nothing watched says how
+        # far its stage is, so its progress report is read again after a while
+        created = {((o["metadata"].get("labels") or {}).get(f"{k8s.GROUP}/stage")) for o in plan.create}
+        if any(s.phase == "Running" and s.name != "serve" and s.name not in created for s in plan.status.stages):
+            waits.append(self.progress_seconds)
+        return min((w for w in waits if w is not None), default=None)
 
     def begin_sweep(self) -> None:
         """A resync starts: every Secret is read again once."""
@@ -586,6 +627,8 @@ class Controller:
         RECONCILES.labels(result).inc()
         for _, reason, _ in plan.events:
             STAGE_EVENTS.labels(reason).inc()
+        for stage, phase, seconds in finished_stages(_previous(body), plan.status):
+            STAGE_SECONDS.labels(stage, phase).observe(seconds)
         finished = (
             result in ("ok", "api-invalid")  # not a run waiting on storage, a Secret, KubeRay or its rights
             and plan.status.phase in ("Succeeded", "Failed")
@@ -630,7 +673,12 @@ class Controller:
                 manifests = manifest_reader(store, cache, version_of)
             previous = _previous(body)
             plan = reconcile.reconcile_body(
-                {**body, "status": previous.model_dump(by_alias=True)}, children, manifests, now, self.images
+                {**body, "status": previous.model_dump(by_alias=True)},
+                children,
+                manifests,
+                now,
+                self.images,
+                progress=None if store is None else progress_reader(store),
             )
             if plan.create and plan.run:  # its Ray clusters need the run's token Secret; its NetworkPolicy guards them
                 self._ensure_run_objects(plan.run, meta.get("uid"), namespace)
@@ -676,5 +724,5 @@ class Controller:
             counts: dict[str, int] = {}
             for p in self._phases.values():
                 counts[p] = counts.get(p, 0) + 1
-        for p in ("Pending", "Running", "Succeeded", "Failed"):
+        for p in ("Pending", "Queued", "Running", "Succeeded", "Failed"):
             RUNS.labels(p).set(counts.get(p, 0))

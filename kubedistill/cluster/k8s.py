@@ -23,15 +23,20 @@ from kubedistill.core.pipeline import Stage
 from kubedistill.core.serve_app import APP_NAME, IMPORT_PATH, app_args
 from kubedistill.core.spec import API_GROUP, KIND, DistillationRun, StagePhase, to_wire
 from kubedistill.core.spec import API_VERSION as VERSION
-from kubedistill.core.stage import CONFIG_ENV, run_prefix
+from kubedistill.core.stage import CONFIG_ENV, JOB_ENV, run_prefix
 
 GROUP = API_GROUP  # also the prefix of our labels and annotations
+#: Kueue's labels on a job: the LocalQueue it waits in, and its WorkloadPriorityClass
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
 API_VERSION = f"{GROUP}/{VERSION}"
 MAX_NAME = 47
 ATTEMPT = f"{GROUP}/attempt"
 #: digest of the input manifests a RayJob was created for
 INPUTS = f"{GROUP}/inputs"
 SERVE_PORT = 8000
+#: where KubeRay has Ray export its metrics in every Ray pod (its default `metrics-export-port`, port `metrics`)
+METRICS_PORT = 8080
 #: the head's Ray ports: GCS, dashboard and Jobs API, Ray client
 RAY_PORTS = (("gcs", 6379), ("dashboard", 8265), ("client", 10001))
 #: the key of the Ray token in the per-run Secret (what KubeRay's `authOptions.secretName` expects)
@@ -180,8 +185,9 @@ def token_secret(run: DistillationRun, token: str, uid: str | None = None) -> di
 
 def network_policy(run: DistillationRun, settings: Settings, uid: str | None = None) -> dict[str, Any]:
     """The run's NetworkPolicy: its Ray pods admit each other on every port (Ray's nodes talk on many), the
-    operator and KubeRay on the head's Ray ports, and the Serve port only from `settings.serving_from`
-    (the chart's `serving.allowedFrom`); nothing else reaches them."""
+    operator and KubeRay on the head's Ray ports, the Serve port only from `settings.serving_from`
+    (the chart's `serving.allowedFrom`), the metrics port only from `settings.metrics_from` (its
+    `monitoring.scrapeFrom`: Prometheus); nothing else reaches them."""
     own = {"matchLabels": {f"{GROUP}/run": run.name}}
     tcp = [{"protocol": "TCP", "port": p} for _, p in RAY_PORTS]
     ingress: list[dict[str, Any]] = [
@@ -190,6 +196,8 @@ def network_policy(run: DistillationRun, settings: Settings, uid: str | None = N
     ]
     if run.spec.serving.enabled and settings.serving_from:
         ingress.append({"from": list(settings.serving_from), "ports": [{"protocol": "TCP", "port": SERVE_PORT}]})
+    if settings.metrics_from:
+        ingress.append({"from": list(settings.metrics_from), "ports": [{"protocol": "TCP", "port": METRICS_PORT}]})
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
@@ -290,13 +298,17 @@ def rayjob(
     meta["annotations"] = {f"{GROUP}/config-hash": stage.config_hash, ATTEMPT: str(attempt)}
     if inputs is not None:  # the inputs it runs on (`policy.inputs_key`): a rebuilt input makes it stale
         meta["annotations"][INPUTS] = inputs
+    queued = kueue_labels(run)
+    meta["labels"].update(queued)
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayJob",
         "metadata": meta,
         "spec": {
+            # queued: created suspended, as Kueue expects; Kueue unsuspends it when its LocalQueue admits it
+            **({"suspend": True} if queued else {}),
             "entrypoint": stage.entrypoint,  # fixed text: user strings travel only in the env var below
-            "runtimeEnvYAML": yaml.safe_dump({"env_vars": {CONFIG_ENV: stage.config_json}}),
+            "runtimeEnvYAML": yaml.safe_dump({"env_vars": {**JOB_ENV, CONFIG_ENV: stage.config_json}}),
             "submissionMode": "K8sJobMode",
             "backoffLimit": 0,
             "activeDeadlineSeconds": run.spec.ray.stage_timeout_seconds,
@@ -319,15 +331,28 @@ def rayjob(
     }
 
 
+def kueue_labels(run: DistillationRun) -> dict[str, str]:
+    """The labels that put a RayJob on the run's Kueue LocalQueue (`spec.ray.queueName`) with its priority."""
+    r = run.spec.ray
+    if not r.queue_name:
+        return {}
+    return {QUEUE_LABEL: r.queue_name, **({PRIORITY_LABEL: r.priority_class_name} if r.priority_class_name else {})}
+
+
 def rayjob_phase(obj: dict[str, Any]) -> tuple[StagePhase, str | None]:
-    """(stage phase, message) of a RayJob: Succeeded only when Complete and SUCCEEDED."""
+    """(stage phase, message) of a RayJob: Succeeded only when Complete and SUCCEEDED; Queued while suspended
+    (waiting for Kueue to admit it, or preempted by it: KubeRay then deletes its cluster and waits)."""
     status = obj.get("status") or {}
     deployment, job = status.get("jobDeploymentStatus"), status.get("jobStatus")
     if deployment == "Complete" and job == "SUCCEEDED":
         return "Succeeded", None
-    if deployment == "Failed" or job in ("FAILED", "STOPPED"):
+    if deployment in ("Failed", "ValidationFailed") or job in ("FAILED", "STOPPED"):
         reason = status.get("reason")
         return "Failed", status.get("message") or (f"{reason}" if reason else f"job {job or deployment}")
+    suspended = (obj.get("spec") or {}).get("suspend") is True
+    if deployment in ("Suspended", "Suspending") or (suspended and deployment in (None, "", "New")):
+        queue = ((obj.get("metadata") or {}).get("labels") or {}).get(QUEUE_LABEL)
+        return "Queued", f"waiting for Kueue to admit it to LocalQueue {queue}" if queue else "suspended"
     return "Running", job or deployment or "waiting for KubeRay"
 
 

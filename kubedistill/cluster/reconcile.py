@@ -31,12 +31,14 @@ from typing import Any
 
 from kubedistill.cluster import k8s
 from kubedistill.core import pipeline, policy
+from kubedistill.core.progress import short
 from kubedistill.core.spec import (
     Condition,
     ConditionStatus,
     DistillationRun,
     RunStatus,
     SpecError,
+    StageProgress,
     StageStatus,
     parse_run,
 )
@@ -122,6 +124,15 @@ def fit_status(status: RunStatus, budget: int = STATUS_BUDGET) -> bool:
     return True
 
 
+def _progress_column(st: StageStatus, queue: str | None) -> str | None:
+    """What `kubectl get dr` shows in its Progress column for the current stage."""
+    if st.phase == "Queued":
+        return f"{st.name} queued in {queue}" if queue else f"{st.name} suspended"
+    if st.progress is not None:
+        return f"{st.name} {short(st.progress)}"
+    return None
+
+
 def _on_old_inputs(child: dict[str, Any], step: policy.Step, inputs: str | None) -> bool:
     """Whether a batch stage's RayJob ran (or runs) on inputs that are no longer the current ones."""
     if not step.ready:
@@ -152,6 +163,7 @@ def reconcile_body(
     manifests: Callable[[str], dict[str, Any] | None],
     now: str,
     images: k8s.Images | None = None,
+    progress: Callable[[str], StageProgress | None] | None = None,
 ) -> Plan:
     """`reconcile` for a resource as the API server holds it (spec unvalidated, previous status inside)."""
     previous = RunStatus.model_validate(body["status"]) if body.get("status") and body["status"].get("phase") else None
@@ -172,6 +184,7 @@ def reconcile_body(
         generation=meta.get("generation"),
         previous=previous,
         images=images,
+        progress=progress,
     )
 
 
@@ -185,8 +198,10 @@ def reconcile(
     generation: int | None = None,
     previous: RunStatus | None = None,
     images: k8s.Images | None = None,
+    progress: Callable[[str], StageProgress | None] | None = None,
 ) -> Plan:
-    """Decide the next step for `run` given its children (by name) and the stages' manifests in storage."""
+    """Decide the next step for `run` given its children (by name) and the stages' manifests in storage;
+    `progress(stage)` is a running stage's latest progress report (`kubedistill.core.progress`)."""
     stages = pipeline.build(run)
     corrupt: dict[str, str] = {}
     read = manifests
@@ -307,9 +322,10 @@ def reconcile(
                 st.phase, st.message = "Pending", "waiting for the evaluation gate to name a student"
             else:
                 plan.create.append(desired)
-                st.phase, st.started_at, st.finished_at, st.attempts = "Running", now, None, st.attempts + 1
+                st.started_at, st.finished_at, st.attempts = now, None, st.attempts + 1
                 # what the next reconcile will read off the new object (no status yet): one status write, not two
-                st.message = (k8s.rayservice_phase if is_service else k8s.rayjob_phase)(desired)[1]
+                st.phase, st.message = (k8s.rayservice_phase if is_service else k8s.rayjob_phase)(desired)
+                st.phase = "Queued" if st.phase == "Queued" else "Running"
                 st.job, st.retry_at = name, None
         elif st.retry_at and not is_service:  # the failed attempt is still being deleted
             plan.delete.append((child["kind"], name))
@@ -350,20 +366,37 @@ def reconcile(
         if st.phase != old.phase and st.phase in ("Succeeded", "Failed"):
             kind = "Warning" if st.phase == "Failed" else "Normal"
             plan.events.append((kind, f"Stage{st.phase}", f"{stage.name}: {st.message or st.phase.lower()}"))
-        elif st.phase == "Running" and old.phase != "Running" and child is None and desired is not None:
-            plan.events.append(("Normal", "StageStarted", f"{stage.name}: created {desired['kind']} {name}"))
+        elif st.phase in ("Running", "Queued") and old.phase != st.phase and child is None and desired is not None:
+            queued = f", {st.message}" if st.phase == "Queued" else ""
+            plan.events.append(
+                (
+                    "Normal",
+                    f"Stage{st.phase.replace('Running', 'Started')}",
+                    f"{stage.name}: created {desired['kind']} {name}{queued}",
+                )
+            )
+        if st.phase == "Running" and child is not None and not is_service and progress is not None:
+            p = progress(stage.name)  # this attempt's, not an earlier one's: written since it started
+            st.progress = p if p is not None and p.updated_at >= (st.started_at or "") else None
         status.stages.append(st)
 
     failed = next((s for s in status.stages if s.phase == "Failed"), None)
-    running = next((s for s in status.stages if s.phase in ("Running", "Pending")), None)
+    running = next((s for s in status.stages if s.phase in ("Running", "Queued", "Pending")), None)
     if failed:
         status.phase, status.current_stage = "Failed", failed.name
         plan.create = []  # nothing new starts after a failure
         _condition(status.conditions, "Ready", "False", "StageFailed", f"{failed.name}: {failed.message}", now)
     elif running:
-        status.phase, status.current_stage = "Running", running.name
+        waiting = running.phase == "Queued" and not any(s.phase == "Running" for s in status.stages)
+        status.phase, status.current_stage = "Queued" if waiting else "Running", running.name
+        status.progress = _progress_column(running, run.spec.ray.queue_name)
         _condition(
-            status.conditions, "Ready", "False", "StageRunning", f"{running.name}: {running.message or 'pending'}", now
+            status.conditions,
+            "Ready",
+            "False",
+            "StageQueued" if running.phase == "Queued" else "StageRunning",
+            f"{running.name}: {running.message or 'pending'}",
+            now,
         )
     else:
         status.phase, status.current_stage = "Succeeded", None

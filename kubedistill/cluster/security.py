@@ -61,11 +61,14 @@ class Settings:
     kuberay_peer: dict[str, Any] = field(default_factory=lambda: dict(KUBERAY_PEER))
     #: who may reach the Serve port (NetworkPolicyPeer objects); empty: only the run's own pods
     serving_from: tuple[dict[str, Any], ...] = tuple(SERVING_FROM)
+    #: who may scrape the Ray pods' metrics port (the chart's monitoring.scrapeFrom); empty: no one outside the run
+    metrics_from: tuple[dict[str, Any], ...] = ()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
         """KUBEDISTILL_ALLOWED_ENDPOINTS (comma-separated), KUBEDISTILL_NETWORK_POLICY (0/1), and JSON in
-        KUBEDISTILL_OPERATOR_PEER, KUBEDISTILL_KUBERAY_PEER, KUBEDISTILL_SERVING_ALLOWED_FROM (the chart sets all)."""
+        KUBEDISTILL_OPERATOR_PEER, KUBEDISTILL_KUBERAY_PEER, KUBEDISTILL_SERVING_ALLOWED_FROM,
+        KUBEDISTILL_METRICS_ALLOWED_FROM (the chart sets all)."""
 
         def js(name: str, default: Any) -> Any:
             text = env.get(name)
@@ -80,12 +83,16 @@ class Settings:
         serving = js("KUBEDISTILL_SERVING_ALLOWED_FROM", SERVING_FROM) or []
         if not isinstance(serving, list):
             raise ValueError("$KUBEDISTILL_SERVING_ALLOWED_FROM: expected a JSON list of NetworkPolicy peers")
+        metrics = js("KUBEDISTILL_METRICS_ALLOWED_FROM", []) or []
+        if not isinstance(metrics, list):
+            raise ValueError("$KUBEDISTILL_METRICS_ALLOWED_FROM: expected a JSON list of NetworkPolicy peers")
         return cls(
             allowed_endpoints=allowed,
             network_policy=env.get("KUBEDISTILL_NETWORK_POLICY", "1") not in ("0", "false", "False"),
             operator_peer=js("KUBEDISTILL_OPERATOR_PEER", OPERATOR_PEER),
             kuberay_peer=js("KUBEDISTILL_KUBERAY_PEER", KUBERAY_PEER),
             serving_from=tuple(serving),
+            metrics_from=tuple(metrics),
         )
 
 

@@ -679,7 +679,15 @@ class ServingSpec(_Model):
     )
 
 
+_LABEL_VALUE = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+
+
 class RaySpec(_Model):
+    model_config = ConfigDict(
+        json_schema_extra=_cel(
+            ("!has(self.priorityClassName) || has(self.queueName)", "priorityClassName requires queueName"),
+        )
+    )
     image: str | None = Field(
         default=None,
         min_length=1,
@@ -713,6 +721,21 @@ class RaySpec(_Model):
         ge=60,
         le=30 * 86_400,
         description="A stage's RayJob is stopped and failed after this long (at most 30 days).",
+    )
+    queue_name: str | None = Field(
+        default=None,
+        max_length=63,
+        pattern=_DNS_LABEL,
+        description="Kueue LocalQueue (in the run's namespace) for every RayJob of the run: each is created "
+        "suspended with the label kueue.x-k8s.io/queue-name and starts when Kueue admits it; until then its stage "
+        "is Queued. Unset: RayJobs start at once.",
+    )
+    priority_class_name: str | None = Field(
+        default=None,
+        max_length=63,
+        pattern=_LABEL_VALUE,
+        description="Kueue WorkloadPriorityClass of the run's RayJobs (label kueue.x-k8s.io/priority-class): "
+        "orders admission within the queue and decides preemption. Requires queueName.",
     )
 
 
@@ -783,8 +806,23 @@ class DistillationRun(_Model):
 # Status: written by the local runner to storage and by the operator to the resource.
 
 
-StagePhase = Literal["Pending", "Running", "Succeeded", "Failed", "Skipped"]
+StagePhase = Literal["Pending", "Queued", "Running", "Succeeded", "Failed", "Skipped"]
 ConditionStatus = Literal["True", "False", "Unknown"]
+
+
+class StageProgress(_Model):
+    """What a running stage last reported: `done` of `total` units (steps, rows, trials), its rate, the
+    time left at that rate, a few numbers (loss...), when, and the one-line summary printed with it."""
+
+    done: float
+    total: float | None = None
+    unit: str = "steps"
+    rate: float | None = Field(default=None, description="Units per second, over the stage's run so far.")
+    eta_seconds: float | None = None
+    metrics: dict[str, float] = Field(default_factory=dict)
+    updated_at: str
+    label: str | None = Field(default=None, description="What is counted, when a stage runs several loops.")
+    summary: str
 
 
 class StageStatus(_Model):
@@ -798,6 +836,9 @@ class StageStatus(_Model):
     message: str | None = None
     retry_at: str | None = Field(default=None, description="When a failed stage will be retried (operator only).")
     metrics: dict[str, Any] = Field(default_factory=dict)
+    progress: StageProgress | None = Field(
+        default=None, description="The running stage's latest progress report (`kubedistill.core.progress`)."
+    )
 
 
 class Condition(_Model):
@@ -808,9 +849,17 @@ class Condition(_Model):
     last_transition_time: str | None = None
 
 
+RunPhase = Literal["Pending", "Queued", "Running", "Succeeded", "Failed"]
+
+
 class RunStatus(_Model):
-    phase: Literal["Pending", "Running", "Succeeded", "Failed"] = "Pending"
+    phase: RunPhase = "Pending"
     current_stage: str | None = None
+    progress: str | None = Field(
+        default=None,
+        description="The current stage and how far it is, e.g. `student-crsd 120/226 steps ETA 1m30s`, or the "
+        "queue it waits in (the `Progress` column of `kubectl get dr`).",
+    )
     observed_generation: int | None = None
     stages: list[StageStatus] = Field(default_factory=list)
     conditions: list[Condition] = Field(default_factory=list)
@@ -884,6 +933,13 @@ def _semantic_problems(run: DistillationRun) -> list[Problem]:
             )
         )
     out += _class_weight_problems(s)
+    if s.ray.priority_class_name and not s.ray.queue_name:
+        out.append(
+            Problem(
+                "spec.ray.priorityClassName",
+                "a Kueue priority needs a queue: set spec.ray.queueName (a LocalQueue) or remove priorityClassName",
+            )
+        )
     if s.pruning.enabled and not s.teacher.enabled:
         out.append(
             Problem("spec.pruning.enabled", "pruning prunes the teacher: enable spec.teacher or disable pruning")

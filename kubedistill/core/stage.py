@@ -27,7 +27,9 @@ import functools
 import hashlib
 import json
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 import uuid
@@ -36,11 +38,18 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from kubedistill.core import driverlog
 from kubedistill.core.holds import hold
 from kubedistill.core.spec import DistillationRunSpec, spec_slice
 from kubedistill.core.storage import S3Options, Storage, StorageError
 
 CONFIG_ENV = "KUBEDISTILL_STAGE_CONFIG"
+#: what every stage job's environment has, from either executor (the Ray job's runtime env, which its tasks and
+#: Ray Train workers inherit):
+#: - Ray Train's print patch off: it logs a worker's print through its logger *and* prints it, so every line a
+#:   worker printed reached the job log twice
+#: - tqdm's bars off: carriage-return bars garble a job log; stages report progress themselves (`progress`)
+JOB_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "TQDM_DISABLE": "1"}
 MANIFEST = "_SUCCESS.json"
 FAILURE = "_FAILED.json"
 #: the token of the stage's latest attempt: only that attempt may write the manifest or the failure
@@ -49,6 +58,8 @@ ATTEMPT = "_ATTEMPT.json"
 PROMOTED = "_PROMOTED.json"
 VERSION_PREFIX = "v-"
 KEEP_VERSIONS = 3
+#: driver logs kept per stage (`<stage>/logs/`, newest first)
+KEEP_LOGS = driverlog.KEEP_LOGS
 #: config keys that say where and how long artifacts are kept, not what they are (not in the config hash)
 UNHASHED = ("storage", "retention")
 
@@ -344,11 +355,30 @@ def _promoted(storage: Storage, stage: str) -> str | None:
 
 
 def main(fn: StageFn) -> None:
-    """The body of every stage's job (`python -m kubedistill.job <module:function>`)."""
+    """The body of every stage's job (`python -m kubedistill.job <module:function>`): the stage run under
+    `execute`, its driver log kept in storage when it ends (`driverlog`), exit status 1 when it failed.
+    SIGTERM (the job stopped: its deadline, a deletion) ends it as a failure, with its log kept."""
     ctx = StageContext.from_env()
+    name, failed = driverlog.log_name(), False
+
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(f"stopped by signal {signum}")
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop)
+    with driverlog.captured() as log:
+        try:
+            execute(ctx, fn)
+        except BaseException as e:  # noqa: BLE001 - the traceback is in _FAILED.json and the job log
+            failed = True
+            traceback.print_exc()
+            print(f"[{ctx.name}] FAILED: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
     try:
-        execute(ctx, fn)
-    except Exception as e:  # noqa: BLE001 - the traceback is in _FAILED.json and the job log
-        traceback.print_exc()
-        print(f"[{ctx.name}] FAILED: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
+        uri = driverlog.keep(ctx.storage, ctx.name, log, name, KEEP_LOGS)
+        print(f"[{ctx.name}] driver log kept at {uri}", flush=True)
+    except Exception as e:  # noqa: BLE001 - the stage's outcome stands without its log
+        print(f"[{ctx.name}] could not keep the driver log: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+    finally:
+        log.unlink(missing_ok=True)
+    if failed:
+        raise SystemExit(1)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from kubedistill.core.holds import hold
+from kubedistill.core.progress import Steps, Target
 from kubedistill.core.spec import Resources
 from kubedistill.core.storage import Storage
 
@@ -30,15 +31,17 @@ def fit(
     out: Storage,
     name: str,
     max_failures: int,
+    progress: Target | None = None,
 ) -> Any:
-    """Run `loop` on `resources.workers` Ray Train workers; the `ray.train.Result` (its error raised)."""
+    """Run `loop` on `resources.workers` Ray Train workers; the `ray.train.Result` (its error raised). The
+    loop finds `progress` under `loop_config["progress"]` (`steps` makes its `on_step` of it)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     gpus = resources.gpus_per_worker
     trainer = TorchTrainer(
         loop,
-        train_loop_config=loop_config,
+        train_loop_config={**loop_config, "progress": progress},
         scaling_config=ScalingConfig(
             num_workers=resources.workers,
             use_gpu=gpus > 0,
@@ -57,6 +60,13 @@ def fit(
     if result.error:
         raise result.error
     return result
+
+
+def steps(config: dict[str, Any], label: str | None = None) -> Steps:
+    """In a worker: the loop's `on_step`, publishing progress from rank 0 only (close it when the loop ends)."""
+    import ray.train
+
+    return Steps(config.get("progress"), ray.train.get_context().get_world_rank() == 0, label=label)
 
 
 def scalar_metrics(result: Any) -> dict[str, Any]:

@@ -34,6 +34,7 @@ from importlib import metadata
 from typing import Any, Protocol
 
 from kubedistill.core.holds import hold
+from kubedistill.core.progress import Target
 from kubedistill.core.spec import AnnotationSpec
 from kubedistill.core.stage import StageContext
 from kubedistill.core.storage import S3Options, Storage
@@ -748,7 +749,12 @@ def _annotate(
         num_gpus=a.gpus_per_replica or None,
     )
     acc: dict[str, list[Outcome]] = {n: [] for n in todo}
+    progress = Target.of(ctx.storage, ctx.name).start(sum(expected.values()), "rows")
+    rows = tokens_out = 0
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        rows += len(batch["status"])
+        tokens_out += int(batch["tokens"].sum())
+        progress.update(rows, tokens=tokens_out)
         clock["first_ready"] = min(clock.get("first_ready", math.inf), float(batch["ready_at"].min()))
         clock["last_done"] = max(clock.get("last_done", 0.0), float(batch["done_at"].max()))
         for shard, status, record, tokens, attempts in zip(
@@ -766,6 +772,7 @@ def _annotate(
                     f"({len(results)}/{len(results) + len(acc)} shards)"
                 )
                 hold(f"{ctx.name}.shard-written")
+    progress.close()
     missing = {n: (len(v), expected[n]) for n, v in acc.items()}
     if missing:
         raise RuntimeError(f"annotate: shard(s) came back incomplete (rows back, rows expected): {missing}")

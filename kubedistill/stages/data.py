@@ -30,6 +30,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from kubedistill.core.progress import Target
 from kubedistill.core.stage import StageContext
 from kubedistill.core.storage import S3Options, Storage
 
@@ -646,6 +647,12 @@ def _ingest(ctx: StageContext, options: S3Options) -> dict[str, Any]:
             )
             for i, rel in enumerate(files)
         ]
+        progress = Target.of(ctx.storage, ctx.name).start(len(refs), "files", label=name)
+        pending = list(refs)
+        while pending:
+            _, pending = ray.wait(pending, num_returns=1)
+            progress.update(len(refs) - len(pending))
+        progress.close()
         results = ray.get(refs)
         rows_in = sum(r["rows_in"] for r in results)
         written = sum(r["rows_written"] for r in results)

@@ -27,6 +27,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from kubedistill.core.progress import Target
 from kubedistill.core.spec import StudentSpec
 from kubedistill.core.stage import PROMOTED, StageContext, now
 from kubedistill.ml import calibration
@@ -409,6 +410,8 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
         raise ValueError("the data stage's eval set is empty")
     train_rows, source = training_rows(ctx)  # the rows the student learns from
     ctx.log(f"baseline: BM25 features + logistic regression on {len(train_rows)} rows of {source}")
+    students = 1 + len(ctx.spec.student.compare_objectives) if "student-crsd" in ctx.inputs else 0
+    progress = Target.of(ctx.storage, ctx.name).start(1 + students, "models", label="scoring")
     baseline = baseline_for(ctx.spec.student, labels, train_rows)
     truth = [r["label"] for r in eval_rows]
     proba = baseline.predict_proba(eval_rows)
@@ -420,6 +423,7 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
         proba = LexicalBaseline(labels).fit(train_rows).predict_proba(eval_rows)
         results["baseline_unweighted"] = classification_metrics(truth, proba, labels)
         predicted["baseline_unweighted"] = calibration.decide(proba)
+    progress.update(1)
     if "student-crsd" in ctx.inputs:
         from kubedistill.ml.export import pick_runtime
         from kubedistill.stages.student import load_onnx, load_student
@@ -442,9 +446,12 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
         for r, c in runtimes.items():
             ctx.log(f"runtime {r}: {c['reason']}" + (f" (macro-F1 {c['macro_f1']:.4f})" if "macro_f1" in c else ""))
         ctx.log(f"runtime to serve unless spec.serving.runtime says otherwise: {runtime}")
-        for objective in ctx.spec.student.compare_objectives:
+        progress.update(2)
+        for i, objective in enumerate(ctx.spec.student.compare_objectives, 3):
             other = load_student(ctx.input("student-crsd").uri(f"compare/{objective}/model"), ctx.storage.options)
             results[f"student_{objective}"], _ = score_student(other, eval_rows, truth, labels)
+            progress.update(i)
+    progress.close()
     for name, m in results.items():
         auc = "n/a" if m["auc_ovr"] is None else f"{m['auc_ovr']:.4f}"
         cal = m.get("calibration")

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from kubedistill.core.progress import Target
 from kubedistill.core.spec import PruningSpec
 from kubedistill.core.stage import StageContext
 from kubedistill.ml.models import device
@@ -330,16 +331,37 @@ def run_trials(
             ),
             {"cpu": r.cpus_per_worker, "gpu": r.gpus_per_worker},
         )
+        progress = Target.of(ctx.storage, ctx.name).start(len(todo), "architectures", label="search")
+
+        class Trials(tune.Callback):
+            """Progress: one more architecture evaluated (or failed)."""
+
+            done = 0
+
+            def on_trial_complete(self, iteration: int, trials: Any, trial: Any, **info: Any) -> None:
+                self.done += 1
+                progress.update(self.done)
+
+            def on_trial_error(self, iteration: int, trials: Any, trial: Any, **info: Any) -> None:
+                self.on_trial_complete(iteration, trials, trial)
+
         tuner = tune.Tuner(
             trainable,
             param_space={"key": tune.grid_search(sorted(todo))},
             # a trial reuses a finished one's actor: no process start and torch import per architecture
             tune_config=tune.TuneConfig(max_concurrent_trials=r.workers, reuse_actors=True),
             run_config=tune.RunConfig(
-                name=f"trials-{ctx.config_hash}", storage_path=out.path("tune"), storage_filesystem=out.fs, verbose=0
+                name=f"trials-{ctx.config_hash}",
+                storage_path=out.path("tune"),
+                storage_filesystem=out.fs,
+                verbose=0,
+                callbacks=[Trials()],
             ),
         )
-        grid = tuner.fit()
+        try:
+            grid = tuner.fit()
+        finally:
+            progress.close()
         if grid.errors:
             raise RuntimeError(
                 f"prune-search: {len(grid.errors)} of {len(todo)} trial(s) failed; first: {grid.errors[0]}"

@@ -55,6 +55,14 @@ from kubedistill.core.storage import Storage
 from kubedistill.ml import calibration
 
 DEPLOYMENT = "StudentScorer"
+#: the student app's own metrics (ray.serve.metrics): Ray exports each as `ray_<name>` (a counter `..._total`,
+#: a histogram `..._bucket`/`_sum`/`_count`), beside Serve's own; the chart's dashboard and alerts read them
+APP_METRICS = {
+    "kubedistill_score_requests": "counter",
+    "kubedistill_scored_pairs": "counter",
+    "kubedistill_batch_pairs": "histogram",
+    "kubedistill_model_latency_ms": "histogram",
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -560,7 +568,7 @@ def _deployment() -> Any:
             self._score_batch.set_max_batch_size(self.args.max_batch_pairs)
             self._score_batch.set_batch_wait_timeout_s(self.args.batch_wait_ms / 1000)
             self.requests = Counter(
-                "kubedistill_score_requests",
+                "kubedistill_score_requests",  # APP_METRICS names each of them
                 "POST /score and /rerank requests by HTTP status",
                 tag_keys=("status", "route"),
             )

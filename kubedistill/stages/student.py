@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from kubedistill.core.progress import Target
 from kubedistill.core.spec import StudentSpec
 from kubedistill.core.stage import StageContext
 from kubedistill.core.storage import S3Options, Storage, is_s3
@@ -352,8 +353,10 @@ def fit(
     wrap: Callable[[nn.Module], nn.Module] = lambda m: m,
     resume: dict[str, Any] | None = None,
     on_round: Callable[[Round], None] = lambda r: None,
+    on_step: Callable[..., None] = lambda step, total, **numbers: None,
 ) -> dict[str, Any]:
-    """Train `model` on this worker's share of `train_rows`; evaluate on `val_rows` once per epoch.
+    """Train `model` on this worker's share of `train_rows`; evaluate on `val_rows` once per epoch; `on_step`
+    (progress) after every step.
 
     Early stopping after `cfg.student.patience` rounds without a better validation macro-F1. Returns the
     final state (including `best_state`, the weights of the best round). `resume` is a state that
@@ -406,6 +409,7 @@ def fit(
             n += 1
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
+            on_step(st["step"], total_steps, loss=sums["loss"] / n)
             if st["step"] >= total_steps:
                 break
         elapsed = time.monotonic() - t0
@@ -463,6 +467,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         )
         raytrain.report(m, r.checkpoint, line)
 
+    on_step = raytrain.steps(config, label=f"{cfg.student.objective} student")
     fit(
         cfg,
         model,
@@ -474,7 +479,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         wrap=ray.train.torch.prepare_model,
         resume=resume,
         on_round=report,
+        on_step=on_step,
     )
+    on_step.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -791,7 +798,13 @@ def _train_and_export(
         "s3": {"endpoint": ctx.storage.options.endpoint, "region": ctx.storage.options.region},
     }
     result = raytrain.fit(
-        train_loop_per_worker, loop_config, cfg.student.resources, ctx.out, name, cfg.student.max_failures
+        train_loop_per_worker,
+        loop_config,
+        cfg.student.resources,
+        ctx.out,
+        name,
+        cfg.student.max_failures,
+        Target.of(ctx.storage, ctx.name),
     )
     state = raytrain.load_state(result.checkpoint)
     model, tokenizer = build_model(cfg, ctx.storage.options)

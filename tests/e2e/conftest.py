@@ -97,12 +97,14 @@ class Cluster:
         except (urllib.error.URLError, ConnectionError):
             return False
 
-    def start_operator(self, allowed_endpoints: str = "", resync: float = 600.0, retry: float = 1.0) -> Process:
+    def start_operator(self, allowed_endpoints: str = "", resync: float = 600.0, retry: float = 1.0,
+                       progress: float = 1.0) -> Process:
         """The operator process; `allowed_endpoints` is the chart's storage.allowedEndpoints (plain HTTP S3);
         `resync` and `retry` its resyncInterval and retryInterval (seconds). The resync is far enough away that
         a test passing shows the operator acted on watch events and its own retry timers, not on a sweep."""
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "KUBEDISTILL_RESYNC_INTERVAL": str(resync),
-               "KUBEDISTILL_RETRY_INTERVAL": str(retry), "KUBEDISTILL_METRICS_PORT": str(free_port()),
+               "KUBEDISTILL_RETRY_INTERVAL": str(retry), "KUBEDISTILL_PROGRESS_INTERVAL": str(progress),
+               "KUBEDISTILL_METRICS_PORT": str(free_port()),
                "KUBEDISTILL_ALLOWED_ENDPOINTS": allowed_endpoints}
         env = {k: v for k, v in env.items() if not k.startswith("AWS_")}  # credentials come from the run's Secret
         self.liveness = f"http://127.0.0.1:{free_port()}/healthz"

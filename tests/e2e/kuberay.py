@@ -9,6 +9,8 @@ It does for each object what KubeRay does, minus pods:
   this interpreter from the repository root, as it would from the image's working directory.
 - RayService: deploys `spec.serveConfigV2` through the Ray dashboard's Serve REST API (what KubeRay does)
   and writes the Ready condition and application statuses from what Serve reports.
+A RayJob created suspended (queued on Kueue) stays `Suspended`, with no Ray job, until `spec.suspend` turns
+false (Kueue admits it; a test does it as Kueue would), as KubeRay does.
 It can also evict a stage's first attempt (stop its Ray job mid-run, like a lost node) to exercise
 the operator's retries. It records every submission so tests can check nothing ran twice.
 """
@@ -62,7 +64,7 @@ def _ray(ns: str, plural: str, name: str = "") -> str:
 
 class KubeRay:
     def __init__(self, api: Api, dashboard: str, serve_port: int, evict_at: dict[str, str] | None = None,
-                 holds: Path | None = None):
+                 holds: Path | None = None, evict_on_request: bool = False):
         from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
         from ray.job_submission import JobSubmissionClient
 
@@ -73,6 +75,9 @@ class KubeRay:
         # stops there, the stand-in sees the point reached, then evicts it (no timing involved)
         self.evict_at = dict(evict_at or {})
         self.holds = holds or Path(".")
+        # with `evict_on_request`, a first attempt held at its point stays held until the test calls `evict(stage)`
+        self.evict_on_request, self._requested = evict_on_request, set[str]()
+        self._hold_dirs: dict[str, Path] = {}  # stage → its first attempt's hold dir
         self.submitted: list[tuple[str, str]] = []  # (RayJob name, attempt)
         self._running: dict[str, tuple[str, float, str]] = {}  # uid → (ray job id, start, ns/name)
         self._served: set[str] = set()
@@ -87,6 +92,15 @@ class KubeRay:
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
         self._thread.join(30)
+
+    def held(self, stage: str) -> bool:
+        """The stage's first attempt has reached its hold point and waits there."""
+        d = self._hold_dirs.get(stage)
+        return d is not None and (d / self.evict_at[stage]).exists()
+
+    def evict(self, stage: str) -> None:
+        """Evict the stage's held first attempt (with `evict_on_request`)."""
+        self._requested.add(stage)
 
     # ------------------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -134,13 +148,18 @@ class KubeRay:
         ns, name, uid = meta["namespace"], meta["name"], meta["uid"]
         if status.get("jobDeploymentStatus") in ("Complete", "Failed"):
             return
+        if job["spec"].get("suspend") and uid not in self._running:  # Kueue has not admitted it: no cluster
+            if status.get("jobDeploymentStatus") != "Suspended":
+                self._status(ns, "rayjobs", name, {"jobDeploymentStatus": "Suspended", "jobStatus": ""})
+            return
         if uid not in self._running:
             head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"]
             env = self._env(ns, job["spec"]["rayClusterSpec"], head)
             env.update(yaml.safe_load(job["spec"]["runtimeEnvYAML"] or "{}").get("env_vars") or {})
             if self._evicting(job):
-                env.update({HOLD_AT_ENV: self.evict_at[meta["labels"]["kubedistill.io/stage"]],
-                            HOLD_DIR_ENV: str(self.holds / uid)})
+                stage = meta["labels"]["kubedistill.io/stage"]
+                env.update({HOLD_AT_ENV: self.evict_at[stage], HOLD_DIR_ENV: str(self.holds / uid)})
+                self._hold_dirs[stage] = self.holds / uid
             argv = shlex.split(job["spec"]["entrypoint"])
             assert argv[0] == "python", argv
             entry = shlex.join([sys.executable, *argv[1:]])
@@ -151,7 +170,9 @@ class KubeRay:
                                                 "jobId": job_id, "startTime": _now()})
             return
         job_id, _, _ = self._running[uid]
-        if self._evicting(job) and (self.holds / uid / self.evict_at[meta["labels"]["kubedistill.io/stage"]]).exists():
+        stage = meta["labels"]["kubedistill.io/stage"]
+        requested = not self.evict_on_request or stage in self._requested
+        if self._evicting(job) and requested and (self.holds / uid / self.evict_at[stage]).exists():
             self.jobs.stop_job(job_id)
             self._wait_terminal(job_id)
             self._status(ns, "rayjobs", name, {"jobDeploymentStatus": "Failed", "jobStatus": "FAILED",

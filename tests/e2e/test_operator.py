@@ -193,6 +193,14 @@ def test_failures_end_in_status_with_the_field_while_other_runs_proceed(cluster,
         assert data["attempts"] == 2 and "spec.data" in data["message"], data
         assert _condition(run, "Ready")["message"].startswith("data: ")
         assert [n for n, _ in kuberay.submitted] == ["nologs-data", "nologs-data"]
+        # each failed attempt's driver log is in storage (read after the cluster is gone), the report links it
+        store = Storage("s3://kd-e2e-fail/runs/nologs", S3Options(seaweed.endpoint, "us-east-1", ACCESS_KEY, SECRET_KEY))
+        logs = store.list("data/logs")
+        assert len(logs) == 2 and all("spec.data" in store.read_text(log) and "Traceback" in store.read_text(log)
+                                      for log in logs), logs
+        page = wait_for("the failed run's report", lambda: store.exists("report.html") and
+                        (b := store.read_text("report.html")) and "Failed</span> ·" in b and b, 60)
+        assert f"<a href='{max(logs)}'>latest</a>" in page
         assert {j["metadata"]["name"] for j in cluster.children("rayjobs")} == {"nologs-data"}  # nothing after it
         storage = _condition(cluster.run("nosecret"), "StorageReachable")
         assert storage["status"] == "False" and storage["reason"] == "SecretMissing"
@@ -240,7 +248,7 @@ def test_a_rayjob_completing_is_acted_on_at_once_not_at_a_timer(cluster, seaweed
         monkeypatch.setenv(k, v)
     seaweed.create_bucket("kd-e2e-events")
     cluster.secret("default", "s3-credentials", s3_secret())
-    cluster.start_operator(allowed_endpoints=seaweed.endpoint, resync=3600, retry=3600)
+    cluster.start_operator(allowed_endpoints=seaweed.endpoint, resync=3600, retry=3600, progress=3600)
     doc = _doc("quick", "kd-e2e-events", seaweed.endpoint, "unused")
     stages = {s.name: s for s in pipeline.build(spec.parse_run(doc))}
 
@@ -265,3 +273,69 @@ def test_a_rayjob_completing_is_acted_on_at_once_not_at_a_timer(cluster, seaweed
     run = wait_for("the student Succeeded in status", lambda: (r := cluster.run("quick")) and
                    _stage(r, "student-crsd")["phase"] == "Succeeded" and r, 10, every=0.05)
     assert _stage(run, "evaluate")["phase"] == "Running"
+
+
+@pytest.mark.cost(150)
+def test_a_queued_run_waits_for_kueue_and_shows_its_progress(cluster, ray_dashboard, seaweed, tiny_encoder):
+    """`spec.ray.queueName`: every RayJob is created suspended on the LocalQueue, its stage Queued (the run too,
+    the Progress column says where) until Kueue admits it (the test unsuspends it, as Kueue does); a running
+    stage's progress reaches the run's status (the student's first attempt held at a checkpoint, so it is
+    running for as long as the test looks); the evicted attempt's retry is queued again and the run finishes."""
+    seaweed.create_bucket("kd-e2e-queue")
+    cluster.secret("default", "s3-credentials", s3_secret())
+    jobs = "/apis/ray.io/v1/namespaces/default/rayjobs"
+
+    def admit(name: str) -> None:  # what Kueue does when the LocalQueue has room: unsuspend the job
+        cluster.api.call("PATCH", f"{jobs}/{name}", {"spec": {"suspend": False}})
+
+    def queued(stage: str, attempts: int = 1):
+        def check():
+            r = cluster.run("queued")
+            if not (r and r.get("status")):
+                return None
+            st = _stage(r, stage)
+            return r if (st["phase"], st["attempts"]) == ("Queued", attempts) and r["status"]["phase"] == "Queued" \
+                else None
+        return check
+
+    with KubeRay(cluster.api, ray_dashboard, free_port(), evict_at={"student-crsd": "train.checkpoint-reported"},
+                 holds=cluster.tmp / "holds-queue", evict_on_request=True) as kuberay:
+        cluster.start_operator(allowed_endpoints=seaweed.endpoint, progress=1.0)
+        cluster.apply(_doc("queued", "kd-e2e-queue", seaweed.endpoint, tiny_encoder,
+                           serving={"enabled": False},
+                           ray={"queueName": "team-a", "priorityClassName": "batch-low", "stageRetries": 1,
+                                "retryBackoffSeconds": 1}))
+        run = wait_for("data Queued", queued("data"), 60, logs=cluster.operator_logs)
+        assert run["status"]["progress"] == "data queued in team-a"
+        assert _condition(run, "Ready")["reason"] == "StageQueued"
+        assert "LocalQueue team-a" in _stage(run, "data")["message"]
+        job = cluster.api.get(f"{jobs}/queued-data")
+        assert job["spec"]["suspend"] is True and job["status"]["jobDeploymentStatus"] == "Suspended"
+        assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+        assert job["metadata"]["labels"]["kueue.x-k8s.io/priority-class"] == "batch-low"
+        assert kuberay.submitted == []  # nothing runs before admission
+        admit("queued-data")
+        wait_for("student Queued", queued("student-crsd"), 120, logs=cluster.operator_logs)
+        assert _stage(cluster.run("queued"), "data")["phase"] == "Succeeded"
+        admit("queued-student-crsd")
+        wait_for("the student held at a checkpoint", lambda: kuberay.held("student-crsd"), 180,
+                 logs=lambda: cluster.operator_logs() + f"\nstand-in errors: {kuberay.errors[-5:]}")
+        run = wait_for("progress in the run's status", lambda: (r := cluster.run("queued")) and
+                       _stage(r, "student-crsd").get("progress") and r, 60, logs=cluster.operator_logs)
+        st, progress = _stage(run, "student-crsd"), _stage(run, "student-crsd")["progress"]
+        assert st["phase"] == "Running" and run["status"]["phase"] == "Running"
+        assert progress["unit"] == "steps" and 0 < progress["done"] <= progress["total"], progress
+        assert progress["updatedAt"] >= st["startedAt"] and "loss" in progress["metrics"]
+        assert run["status"]["progress"].startswith(f"student-crsd {progress['done']:g}/{progress['total']:g} steps")
+        kuberay.evict("student-crsd")
+        wait_for("the retry Queued", queued("student-crsd", attempts=2), 120, logs=cluster.operator_logs)
+        admit("queued-student-crsd")
+        wait_for("evaluate Queued", queued("evaluate"), 300, logs=cluster.operator_logs)
+        admit("queued-evaluate")
+        run = wait_for("the run to finish", cluster.phase("queued", "Succeeded", "Failed"), 300,
+                       logs=cluster.operator_logs)
+        assert run["status"]["phase"] == "Succeeded", json.dumps(run["status"], indent=1)
+        assert run["status"].get("progress") is None and all(s.get("progress") is None for s in run["status"]["stages"])
+        assert not kuberay.errors, kuberay.errors
+        reasons = collections.Counter(e["reason"] for e in cluster.events())
+        assert reasons["StageQueued"] == 4, reasons  # data, student (twice), evaluate

@@ -63,6 +63,13 @@ def test_run_on_s3_then_rerun_skips_everything(bucket, ray_address):
     assert "Gate (<code>evaluation.minMacroF1</code>" in page and "lexical BM25 + logistic regression" in page
     assert "data:image/png;base64," in page  # the confusion matrices, embedded
     assert st.read_json("evaluate/_SUCCESS.json")["digest"] in page and "<h2>Lineage</h2>" in page
+    # progress: the stage's line (a plain line per update: not a terminal), its report in storage; driver logs kept
+    assert "    evaluate ▸ scoring: 1/1 models (100%)" in text
+    assert st.read_json("evaluate/_PROGRESS.json")["done"] == 1
+    for stage in ("data", "evaluate"):
+        (log,) = [f for f in files if f.startswith(f"{stage}/logs/")]
+        assert f"[{stage}] done in" in st.read_text(log)
+        assert f"<a href='{log}'>latest</a>" in page
 
     first = st.read_json("evaluate/_SUCCESS.json")
     out2 = io.StringIO()
@@ -183,6 +190,9 @@ def test_failing_stage_stops_the_run_and_keeps_finished_stages(tmp_path, ray_add
     assert ev["phase"] == "Failed" and "two distinct labels" in ev["message"]
     page = st.read_text("report.html")  # a failed run gets its report too, saying why
     assert "<span class='bad'>Failed</span>" in page and "two distinct labels" in page
+    (log,) = st.list("evaluate/logs")  # the failed stage's driver log, kept and linked
+    assert "Traceback" in st.read_text(log) and "two distinct labels" in st.read_text(log)
+    assert f"<a href='{log}'>latest</a>" in page
     assert "run report at" in out.getvalue()
 
 

@@ -281,10 +281,14 @@ def test_onnx_runtimes_serve_the_exported_graph_and_their_version_names_them(ser
 
 
 def test_prometheus_metrics_include_the_apps_and_serves_own(served):
+    """What the chart's dashboard and alerts query from a Ray pod (tests/unit/test_chart.py lists it) is exported
+    by a live Serve: a misnamed query would show an empty panel and an alert that never fires."""
+    from tests.unit.test_chart import chart_ray_metrics
+
     for _ in range(3):
         serving.post_json(served["url"], GOOD)
     want = ("ray_kubedistill_score_requests", "ray_kubedistill_batch_pairs", "ray_kubedistill_model_latency_ms",
-            "ray_serve_num_http_requests")
+            "ray_serve_num_http_requests", *sorted(chart_ray_metrics()))
     deadline, text = time.monotonic() + 90, ""
     while time.monotonic() < deadline:
         with urllib.request.urlopen(f"http://127.0.0.1:{served['metrics']}/metrics", timeout=10) as r:

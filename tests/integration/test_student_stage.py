@@ -57,7 +57,14 @@ def test_student_trains_with_ddp_exports_and_is_evaluated_beside_a_ce_student(bu
     assert compare["value"] == round(report["models"]["student"]["macro_f1"] - report["models"][strongest]["macro_f1"], 4)
     assert compare["interval"][0] <= compare["interval"][1]
     assert report["gate"]["passed"] == (floor["passed"] and compare["passed"])
-    assert "val macro-F1" in out.getvalue()
+    text = out.getvalue()
+    assert "val macro-F1" in text
+    # each worker line once (Ray Train's print patch printed them twice), and progress per step from rank 0
+    rounds = [line for line in text.splitlines() if "[student-crsd] step " in line]
+    assert rounds and len(rounds) == len(set(rounds)), rounds
+    assert "student-crsd ▸ crsd student: " in text and "student-crsd ▸ ce student: " in text
+    final = st.read_json("student-crsd/_PROGRESS.json")  # the last loop's last report (the CE student's)
+    assert final["done"] == m["compared"]["ce"]["step"] <= final["total"] and final["label"] == "ce student"
     # the CE student: same splits and budget, its own export, scored beside the served one, never served
     assert m["compared"]["ce"]["step"] == m["step"]
     ce = student.read_json("compare/ce/model/student.json")

@@ -274,3 +274,103 @@ def test_the_operator_tells_stage_pods_to_run_its_own_image_and_its_gpu_variant(
     assert e["KUBEDISTILL_STAGE_IMAGE"] == image and e["KUBEDISTILL_STAGE_IMAGE_GPU"] == f"{image}-gpu"
     image, e = env("image.tag=1.2.3", "image.gpuTag=1.2.3-cuda12")
     assert image.endswith(":1.2.3") and e["KUBEDISTILL_STAGE_IMAGE_GPU"].endswith(":1.2.3-cuda12")
+
+
+MONITORING = ("monitoring.dashboard.enabled=true", "monitoring.serviceMonitor.enabled=true",
+              "monitoring.podMonitor.enabled=true", "monitoring.prometheusRule.enabled=true")
+#: a metric name in a PromQL expression: ours all start with one of these
+_METRIC = re.compile(r"\b((?:kubedistill|ray)_[a-zA-Z0-9_]+)\b")
+_SUFFIXES = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum", "_count", "_created"),
+             "gauge": ("",), "summary": ("_sum", "_count", "_created")}
+
+
+#: Ray Serve's own metrics the chart reads (Ray names them from the protocol at run time, so not greppable):
+#: tests/integration/test_serving.py finds every `ray_*` name the chart queries in a live Serve's scrape
+SERVE_METRICS = {"serve_http_request_latency_ms": "histogram"}
+
+
+def exported_metrics() -> set[str]:
+    """Every sample name the code exports: the operator's (its prometheus_client registry, with the suffixes
+    Prometheus sees), the student app's (`serving.APP_METRICS`, which Ray exports as `ray_<name>`), and the
+    Ray Serve metrics above."""
+    import prometheus_client
+
+    from kubedistill.cluster import controller, workqueue  # noqa: F401 - they register the operator's metrics
+    from kubedistill.stages.serving import APP_METRICS
+
+    names = {f"{f.name}{s}" for f in prometheus_client.REGISTRY.collect() for s in _SUFFIXES.get(f.type, ("",))}
+    names |= {f"ray_{n}{s}" for n, kind in {**APP_METRICS, **SERVE_METRICS}.items() for s in _SUFFIXES[kind]}
+    return names
+
+
+def chart_ray_metrics() -> set[str]:
+    """The `ray_*` sample names the chart's dashboard and alerts query (what a Ray pod must export)."""
+    return {n for expr in _queries(render(*MONITORING)).values() for n in _METRIC.findall(expr) if n.startswith("ray_")}
+
+
+def _queries(objs: list[dict]) -> dict[str, str]:
+    """Every PromQL expression the chart ships: the dashboard's targets and the alert rules, by where."""
+    import json
+
+    out = {}
+    (dashboard,) = [o for o in _by_kind(objs, "ConfigMap") if o["metadata"]["name"].endswith("-dashboard")]
+    board = json.loads(dashboard["data"]["kubedistill.json"])
+    for panel in board["panels"]:
+        for t in panel.get("targets", []):
+            out[f"panel {panel['title']!r} {t['refId']}"] = t["expr"]
+    (rules,) = _by_kind(objs, "PrometheusRule")
+    for group in rules["spec"]["groups"]:
+        for rule in group["rules"]:
+            out[f"alert {rule['alert']}"] = rule["expr"]
+    return out
+
+
+def test_monitoring_is_off_by_default_and_renders_a_dashboard_monitors_and_alerts_when_asked():
+    kinds = {o["kind"] for o in render()}
+    assert not kinds & {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
+    assert not [o for o in render() if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-dashboard")]
+    objs = render(*MONITORING)
+    queries = _queries(objs)
+    assert len(queries) >= 20
+    for obj in objs:
+        if obj["kind"] == "ConfigMap":
+            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+            assert obj["metadata"]["labels"]["grafana_dashboard"] == "1"  # what Grafana's sidecar loads
+    (sm,) = _by_kind(objs, "ServiceMonitor")
+    (svc,) = _by_kind(objs, "Service")
+    assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+    assert [e["port"] for e in sm["spec"]["endpoints"]] == [p["name"] for p in svc["spec"]["ports"]]
+    (pm,) = _by_kind(objs, "PodMonitor")
+    assert pm["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/managed-by": "kubedistill"}  # k8s.labels
+    assert pm["spec"]["namespaceSelector"] == {"any": True}
+    alerts = {r["alert"] for g in _by_kind(objs, "PrometheusRule")[0]["spec"]["groups"] for r in g["rules"]}
+    assert alerts == {"KubedistillRunFailed", "KubedistillStageRetrying", "KubedistillOperatorErrors",
+                      "KubedistillOperatorBlocked", "KubedistillStudentErrors", "KubedistillStudentSlow"}
+
+
+def test_every_metric_the_dashboard_and_the_alerts_query_is_one_the_code_exports():
+    exported = exported_metrics()
+    unknown = {where: sorted(set(_METRIC.findall(expr)) - exported) for where, expr in _queries(render(*MONITORING)).items()}
+    assert {w: u for w, u in unknown.items() if u} == {}
+    assert all(_METRIC.findall(expr) for expr in _queries(render(*MONITORING)).values())  # each reads one of ours
+    # the check can fail: a misspelt name is caught
+    assert "kubedistill_operator_reconcile_second_bucket" not in exported
+    assert {"kubedistill_operator_stage_seconds_bucket", "ray_kubedistill_score_requests_total",
+            "ray_serve_http_request_latency_ms_bucket"} <= exported
+
+
+def test_scrape_peers_reach_the_operator_and_into_each_runs_network_policy():
+    from kubedistill.cluster import k8s, security
+    from kubedistill.core import spec
+    from tests.conftest import minimal_doc
+
+    peer = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    objs = render("monitoring.scrapeFrom[0].namespaceSelector.matchLabels.kubernetes\\.io/metadata\\.name=monitoring")
+    (deploy,) = _by_kind(objs, "Deployment")
+    env = {e["name"]: e.get("value") for e in deploy["spec"]["template"]["spec"]["containers"][0]["env"]}
+    settings = security.Settings.from_env(env)
+    assert settings.metrics_from == (peer,)
+    policy = k8s.network_policy(spec.parse_run(minimal_doc()), settings)
+    assert {"from": [peer], "ports": [{"protocol": "TCP", "port": 8080}]} in policy["spec"]["ingress"]
+    default = k8s.network_policy(spec.parse_run(minimal_doc()), security.Settings())
+    assert not any(p.get("ports") == [{"protocol": "TCP", "port": 8080}] for p in default["spec"]["ingress"])

@@ -245,7 +245,8 @@ def test_an_event_that_changed_nothing_costs_nothing_and_a_childs_change_rereads
     body, children, reads = _running(tmp_path, monkeypatch)
     api = _Api()
     ctl = controller.Controller(controller.Cluster(api, api))
-    assert ctl.sync(body, children, NOW, Why.FRESH) is None
+    # nothing is due but the running stage's next progress read
+    assert ctl.sync(body, children, NOW, Why.FRESH) == ctl.progress_seconds
     assert ctl.reports.flush()  # the run report (written off the reconcile's thread) reads manifests too
     first = sorted(set(reads))
     assert "data" in first and any(r.startswith("student") for r in first)  # every stage's manifest, once
@@ -256,7 +257,7 @@ def test_an_event_that_changed_nothing_costs_nothing_and_a_childs_change_rereads
     assert ctl.reconcile_run(body, children, NOW, Why.CHANGED) is None and reads == [] and api.calls == []
     (job,) = children.values()
     job["metadata"]["resourceVersion"] = "6"  # KubeRay updated the student's RayJob
-    assert ctl.sync(body, children, NOW, Why.CHANGED) is None
+    assert ctl.sync(body, children, NOW, Why.CHANGED) == ctl.progress_seconds
     assert [r for r in reads if not r.startswith("student")] == [] and reads  # only the student's manifest
     assert api.calls == []  # nothing new to say: no status write, no event
     reads.clear()
@@ -395,3 +396,15 @@ def test_a_run_made_again_under_the_same_name_does_not_inherit_the_status_writte
     again = {**body, "metadata": {**body["metadata"], "uid": "u2"}, "status": None}
     assert ctl._current("ml/r1", again) == {k: None for k in controller.STATUS_KEYS}
     assert ctl._current("ml/r1", body)["phase"] == "Running"
+
+
+def test_a_finished_stage_is_timed_from_its_start_once_and_one_found_done_is_not():
+    from kubedistill.core.spec import RunStatus, StageStatus
+
+    before = RunStatus(stages=[StageStatus(name="data", phase="Running", started_at="2026-11-28T00:00:00Z"),
+                               StageStatus(name="student-crsd", phase="Pending")])
+    after = RunStatus(stages=[
+        StageStatus(name="data", phase="Succeeded", started_at="2026-11-28T00:00:00Z", finished_at="2026-11-28T00:02:30Z"),
+        StageStatus(name="student-crsd", phase="Succeeded", finished_at="2026-11-28T00:02:30Z")])  # done earlier
+    assert controller.finished_stages(before, after) == [("data", "Succeeded", 150.0)]
+    assert controller.finished_stages(after, after) == []  # observed once, not at every reconcile

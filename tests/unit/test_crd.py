@@ -54,7 +54,7 @@ def test_names_printer_columns_and_status_subresource():
     assert (doc["spec"]["group"], names["kind"], names["shortNames"]) == ("kubedistill.io", "DistillationRun", ["dr"])
     v = _version()
     assert v["name"] == "v1alpha1" and v["subresources"] == {"status": {}}
-    assert [c["name"] for c in v["additionalPrinterColumns"]] == ["Phase", "Stage", "Age"]
+    assert [c["name"] for c in v["additionalPrinterColumns"]] == ["Phase", "Stage", "Progress", "Age"]
     status = v["schema"]["openAPIV3Schema"]["properties"]["status"]
     metrics = status["properties"]["stages"]["items"]["properties"]["metrics"]
     assert metrics["x-kubernetes-preserve-unknown-fields"] is True

@@ -168,6 +168,9 @@ def test_rayjob_workers_follow_the_stage_resources_and_annotate_autoscales():
         ({"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}, "Succeeded", None),
         ({"jobDeploymentStatus": "Complete", "jobStatus": "FAILED", "message": "stage failed: bad"}, "Failed", "bad"),
         ({"jobDeploymentStatus": "Failed", "reason": "DeadlineExceeded"}, "Failed", "DeadlineExceeded"),
+        ({"jobDeploymentStatus": "ValidationFailed", "message": "spec.x: bad"}, "Failed", "spec.x: bad"),
+        ({"jobDeploymentStatus": "Suspended", "jobStatus": ""}, "Queued", "suspended"),
+        ({"jobDeploymentStatus": "Suspending"}, "Queued", "suspended"),  # Kueue preempted it
     ],
 )
 def test_rayjob_status_to_stage_phase(status, phase, says):
@@ -201,3 +204,41 @@ def test_stage_pods_run_the_operators_image_unless_the_run_names_one():
         return k8s.rayservice(run, MODEL, "torch", images=imgs)["metadata"]["annotations"]["kubedistill.io/config-hash"]
 
     assert service_hash(images) != service_hash(k8s.Images("reg/kd:10", "reg/kd:10-gpu"))  # a new image rolls it
+
+
+def test_a_queued_run_puts_every_rayjob_on_its_kueue_localqueue_suspended():
+    """Kueue's RayJob integration: the queue-name label (and its WorkloadPriorityClass label) on the RayJob,
+    created suspended; valid for KubeRay's schema. Without a queue: neither, and the job starts at once."""
+    doc = minimal_doc(storage={"uri": "s3://b/runs"}, ray={"queueName": "team-a", "priorityClassName": "batch-low"})
+    run = spec.parse_run(doc)
+    jobs = [o for o in k8s.render(run, "uid-1") if o["kind"] == "RayJob"]
+    assert jobs
+    for job in jobs:
+        assert errors(job) == []
+        assert job["spec"]["suspend"] is True and job["spec"]["shutdownAfterJobFinishes"] is True  # Kueue needs both
+        labels = job["metadata"]["labels"]
+        assert labels["kueue.x-k8s.io/queue-name"] == "team-a" and labels["kueue.x-k8s.io/priority-class"] == "batch-low"
+        phase, message = k8s.rayjob_phase(job)  # as created, before KubeRay wrote a status
+        assert phase == "Queued" and message == "waiting for Kueue to admit it to LocalQueue team-a"
+    plain = [o for o in k8s.render(spec.parse_run(minimal_doc(storage={"uri": "s3://b/runs"})), "u") if o["kind"] == "RayJob"]
+    assert all("suspend" not in j["spec"] and not any(k.startswith("kueue") for k in j["metadata"]["labels"])
+               for j in plain)
+    admitted = {**jobs[0], "spec": {**jobs[0]["spec"], "suspend": False}, "status": {"jobDeploymentStatus": "Initializing"}}
+    assert k8s.rayjob_phase(admitted)[0] == "Running"
+
+
+def test_a_priority_without_a_queue_is_refused_naming_the_field():
+    with pytest.raises(spec.SpecError) as e:
+        spec.parse_run(minimal_doc(ray={"priorityClassName": "batch-low"}))
+    assert "spec.ray.priorityClassName" in str(e.value) and "queueName" in str(e.value)
+    with pytest.raises(spec.SpecError) as e:
+        spec.parse_run(minimal_doc(ray={"queueName": "Team_A"}))
+    assert "spec.ray.queueName" in str(e.value)
+
+
+def test_the_job_environment_turns_off_ray_trains_duplicate_print():
+    """Ray Train prints a worker's print *and* logs it: every worker line reached the job log twice."""
+    run = spec.parse_run(minimal_doc(storage={"uri": "s3://b/runs"}))
+    (job, *_) = [o for o in k8s.render(run, "u") if o["kind"] == "RayJob"]
+    env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"]
+    assert env["RAY_TRAIN_ENABLE_PRINT_PATCH"] == "0"

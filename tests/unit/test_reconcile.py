@@ -425,3 +425,48 @@ def test_the_service_runs_the_runtime_evaluate_picked_or_the_spec_names_and_refu
     assert "+1.00 points lost (> 0.5)" in serve.message
     assert plan.replace == plan.create == [] and _served_runtime(c.children["r1-serve"]) == "torch"  # left serving
     assert ("Warning", "StageFailed", f"serve: {serve.message}") in plan.events
+
+
+def test_a_queued_stage_is_queued_until_kueue_admits_it_then_running():
+    c = Cluster(_body(ray={"queueName": "team-a"}))
+    plan = c.step()
+    (job,) = plan.create
+    assert job["spec"]["suspend"] is True
+    assert _phases(plan)["data"] == "Queued" and plan.status.phase == "Queued"
+    assert plan.status.progress == "data queued in team-a"
+    ready = next(x for x in plan.status.conditions if x.type == "Ready")
+    assert ready.reason == "StageQueued" and "LocalQueue team-a" in ready.message
+    assert [e[1] for e in plan.events] == ["StageQueued"]
+    c.children["r1-data"]["status"] = {"jobDeploymentStatus": "Suspended", "jobStatus": ""}  # KubeRay's view
+    plan = c.step()
+    assert _phases(plan)["data"] == "Queued" and plan.events == [] and plan.create == []
+    c.children["r1-data"]["spec"]["suspend"] = False  # Kueue admitted it
+    c.children["r1-data"]["status"] = {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}
+    plan = c.step()
+    assert _phases(plan)["data"] == "Running" and plan.status.phase == "Running"
+    assert plan.status.progress is None  # no report yet
+
+
+def _report(done, total, at, unit="steps"):
+    from kubedistill.core.progress import summarize
+
+    return spec.StageProgress(done=done, total=total, unit=unit, rate=2.0, eta_seconds=(total - done) / 2.0,
+                              metrics={"loss": 0.5}, updated_at=at,
+                              summary=summarize(done, total, unit, 2.0, (total - done) / 2.0, {"loss": 0.5}))
+
+
+def test_a_running_stages_progress_reaches_the_status_and_the_column_but_not_an_earlier_attempts():
+    body = _body()
+    c = Cluster(body)
+    c.step()
+    c.children["r1-data"]["status"] = {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}
+    reports = {"data": _report(120, 226, "2026-11-27T23:59:00Z")}  # written before this attempt started (NOW)
+    plan = reconcile_body(c.body, c.children, c.manifests.get, NOW, progress=reports.get)
+    assert plan.status.stages[0].progress is None and plan.status.progress is None
+    reports["data"] = _report(120, 226, NOW)
+    plan = reconcile_body(c.body, c.children, c.manifests.get, NOW, progress=reports.get)
+    assert plan.status.stages[0].progress == reports["data"]
+    assert plan.status.progress == "data 120/226 steps ETA 53s"
+    c.finish("data")
+    plan = reconcile_body(c.body, c.children, c.manifests.get, NOW, progress=reports.get)
+    assert plan.status.stages[0].phase == "Succeeded" and plan.status.stages[0].progress is None

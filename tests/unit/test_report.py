@@ -127,3 +127,18 @@ def test_the_report_says_what_calibration_did_and_names_a_grade_never_predicted(
     assert "decision offsets partial +0.5 moved macro-F1 from 0.6100 (argmax) to 1.0000" in html
     assert "baseline never predicts irrelevant although the eval set holds it" in html
     assert "student never predicts" not in html
+
+
+def test_the_report_links_each_stages_newest_driver_logs(tmp_path):
+    from kubedistill.core import driverlog
+
+    store = Storage(str(tmp_path / "run"))
+    src = tmp_path / "x.log"
+    src.write_text("Traceback ...\n")
+    for name in ("20261201T000000Z-aaaaaaaa.log", "20261202T000000Z-bbbbbbbb.log"):
+        driverlog.keep(store, "data", src, name)
+    store.write_json(f"data/{FAILURE}", {"stage": "data", "error": "ValueError: no rows"})
+    page = report.render("r1", store.uri(), ["data", "evaluate"], store)
+    assert "<a href='data/logs/20261202T000000Z-bbbbbbbb.log'>latest</a>" in page
+    assert "<a href='data/logs/20261201T000000Z-aaaaaaaa.log'>2</a>" in page
+    assert "evaluate/logs/" not in page  # nothing kept for a stage that never ran

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kubedistill.core.progress import Target
 from kubedistill.core.spec import LoraSpec, Resources, TrainSpec
 from kubedistill.core.stage import StageContext
 from kubedistill.core.storage import S3Options, Storage
@@ -198,8 +199,10 @@ def fit(
     wrap=lambda m: m,
     resume: dict[str, Any] | None = None,
     on_checkpoint=lambda state, metrics: None,
+    on_step=lambda step, total, **numbers: None,
 ) -> dict[str, Any]:
-    """Train on this worker's share of `rows`; `on_checkpoint` every `cfg.checkpoint_every` steps and at the end."""
+    """Train on this worker's share of `rows`; `on_checkpoint` every `cfg.checkpoint_every` steps and at the end,
+    `on_step` (progress) after every step."""
     device = device or torch.device("cpu")
     torch.manual_seed(cfg.seed)
     if not rows:
@@ -278,6 +281,7 @@ def fit(
             scheduler.step()
             step += 1
             recent = [*recent, float(loss.detach())][-20:]
+            on_step(step, total, loss=sum(recent) / len(recent))
             done = step >= total
             if step % every == 0 or done:
                 metrics = {
@@ -315,6 +319,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         )
         raytrain.report(metrics, lambda: state, line)
 
+    on_step = raytrain.steps(config)
     fit(
         cfg,
         model,
@@ -327,7 +332,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         wrap=ray.train.torch.prepare_model,
         resume=resume,
         on_checkpoint=report,
+        on_step=on_step,
     )
+    on_step.close()
 
 
 def run(ctx: StageContext, cfg: TrainConfig, resources: Resources, name: str) -> tuple[Any, dict[str, Any]]:
@@ -337,6 +344,12 @@ def run(ctx: StageContext, cfg: TrainConfig, resources: Resources, name: str) ->
     next, on a worker: the driver never loads the weights."""
     max_failures = ctx.spec.teacher.max_failures
     result = raytrain.fit(
-        train_loop_per_worker, {"train": cfg}, resources, ctx.out, f"{name}-{ctx.config_hash}", max_failures
+        train_loop_per_worker,
+        {"train": cfg},
+        resources,
+        ctx.out,
+        f"{name}-{ctx.config_hash}",
+        max_failures,
+        Target.of(ctx.storage, ctx.name),
     )
     return result.checkpoint, raytrain.scalar_metrics(result)
