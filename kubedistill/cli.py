@@ -147,13 +147,16 @@ def _status(run: DistillationRun) -> int:
 
 
 def _print_status(name: str, status: dict[str, Any]) -> None:
-    """The run's phase, then one line per stage: phase, its first scalar metrics, its message."""
+    """The run's phase, then one line per stage: phase, its progress while it runs, its first scalar metrics,
+    its message."""
     at = f" (at {status['currentStage']})" if status.get("currentStage") else ""
     print(f"run {name}: {status.get('phase') or 'Pending'}{at}")
     for st in status.get("stages") or []:
         scalars = {k: v for k, v in (st.get("metrics") or {}).items() if isinstance(v, (int, float, str))}
         shown = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in list(scalars.items())[:4])
         msg = f"  {st['message']}" if st.get("message") else ""
+        if (p := st.get("progress")) and p.get("summary"):
+            shown = f"{p['summary']} (at {p.get('updatedAt', '?')})  {shown}".rstrip()
         print(f"  {st['name']:<13} {st.get('phase') or 'Pending':<10} {shown}{msg}")
     for c in status.get("conditions") or []:
         if c.get("status") == "False":

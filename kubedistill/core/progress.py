@@ -11,6 +11,9 @@ in the job log (what `kubectl logs` and the driver log in storage show) and `<st
 (`StageProgress` as JSON) under the run's prefix, which `kubedistill run` prints as one updating line per
 stage and the operator copies into the run's `.status` (`kubectl get dr` shows it). A file that cannot be
 written is logged and skipped: progress never fails a stage.
+
+Between loops (loading a model, generating samples, exporting) the stage job's own `Heartbeat` reports
+`running 2m10s · last: <the stage's latest log line>`, so every running stage reports at least every 30 s.
 """
 
 from __future__ import annotations
@@ -30,8 +33,15 @@ from kubedistill.core.storage import S3Options, Storage
 PROGRESS_FILE = "_PROGRESS.json"
 #: what marks a progress line in a job log (the local runner recognises it: `is_progress_line`)
 MARK = "progress"
+#: a loop publishes every EVERY_S when it changed, at least every HEARTBEAT_S; a stage's own heartbeat beats
+#: every BEAT_S while no loop report younger than BEAT_S exists, checking every BEAT_CHECK_S: so every running
+#: stage reports at least every 30 s, and a loop's report is never overwritten while the loop runs
 EVERY_S = 10.0
-HEARTBEAT_S = 30.0
+HEARTBEAT_S = 20.0
+BEAT_S = 25.0
+BEAT_CHECK_S = 5.0
+#: the unit of a stage's own heartbeat (`Heartbeat`): seconds running, no total
+HEARTBEAT_UNIT = "seconds"
 _LINE = re.compile(r"\[(?P<stage>[a-z0-9-]+)\] " + MARK + r" ")
 
 
@@ -70,7 +80,9 @@ def summarize(
 
 
 def short(p: StageProgress) -> str:
-    """What a status column shows: `120/226 steps ETA 34s`."""
+    """What a status column shows: `120/226 steps ETA 34s` (a heartbeat: `running 2m10s`)."""
+    if p.unit == HEARTBEAT_UNIT:
+        return f"running {duration(p.done)}"
     count = f"{p.done:g}/{p.total:g} {p.unit}" if p.total else f"{p.done:g} {p.unit}"
     return count + (f" ETA {duration(p.eta_seconds)}" if p.eta_seconds is not None else "")
 
@@ -215,6 +227,74 @@ class Steps:
     def close(self) -> None:
         if self.progress is not None:
             self.progress.close()
+
+
+class Heartbeat:
+    """A stage job's own report while none of its loops reports: every `heartbeat` seconds without a fresh
+    progress report from this attempt (its loops publish theirs, from any process: the driver, a Ray Train
+    worker, a Ray task), it publishes `running 2m10s · <what the stage said last>`. So every stage says it is
+    alive at least every `heartbeat` seconds, also between loops (loading a model, generating samples,
+    exporting), and a loop's report is never overwritten while it is fresh."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        stage: str,
+        last_said: Callable[[], str | None] = lambda: None,
+        *,
+        heartbeat: float = BEAT_S,
+        check: float = BEAT_CHECK_S,
+        say: Callable[[str], None] = lambda line: print(line, flush=True),
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ):
+        self.storage, self.stage, self._last_said = storage, stage, last_said
+        self.heartbeat, self.check, self._say, self._clock, self._wall = heartbeat, check, say, clock, wall
+        self._t0, self._started, self._beaten = clock(), _stamp(wall()), float("-inf")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{stage}", daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def fresh(self) -> bool:
+        """Whether a loop of this attempt published within the last `heartbeat` seconds (its own clock: a
+        worker's; clocks a few seconds apart only shift when the heartbeat takes over)."""
+        last = read(self.storage, self.stage)
+        if last is None or last.unit == HEARTBEAT_UNIT or last.updated_at < self._started:
+            return False
+        age = self._wall() - datetime.strptime(last.updated_at, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
+        return age < self.heartbeat
+
+    def beat(self) -> StageProgress | None:
+        """Publish a heartbeat unless one was published less than `heartbeat` seconds ago or a loop's report is
+        fresh; what was published."""
+        if self._clock() - self._beaten < self.heartbeat:
+            return None
+        try:
+            if self.fresh():
+                return None
+            running = self._clock() - self._t0
+            said = self._last_said()
+            summary = f"running {duration(running)}" + (f" · last: {said}" if said else "")
+            p = StageProgress(done=round(running), unit=HEARTBEAT_UNIT, updated_at=_stamp(self._wall()), summary=summary)
+            storage_sink(self.storage, self.stage)(to_wire(p))
+            self._beaten = self._clock()
+        except Exception as e:  # noqa: BLE001 - a heartbeat never fails the stage
+            self._say(f"[{self.stage}] could not write progress: {type(e).__name__}: {e}")
+            return None
+        self._say(f"[{self.stage}] {MARK} {p.summary}")
+        return p
+
+    def _run(self) -> None:
+        self._beaten = self._clock()  # the first beat after `heartbeat` seconds: a short stage says nothing more
+        while not self._stop.wait(self.check):
+            self.beat()
 
 
 def storage_sink(storage: Any, stage: str) -> Callable[[dict[str, Any]], None]:

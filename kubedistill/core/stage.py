@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from kubedistill.core import driverlog
+from kubedistill.core import driverlog, progress
 from kubedistill.core.holds import hold
 from kubedistill.core.spec import DistillationRunSpec, spec_slice
 from kubedistill.core.storage import S3Options, Storage, StorageError
@@ -162,6 +162,8 @@ class StageContext:
     #: the version this attempt builds (set by `execute`); its outputs go under `<stage>/v-<version>/`
     version: str | None = None
     _inputs: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
+    #: the stage's latest `log` line (its heartbeat repeats it: what the stage is doing)
+    last_said: str | None = None
 
     @classmethod
     def from_env(cls) -> StageContext:
@@ -213,6 +215,7 @@ class StageContext:
         return Storage(self.input_manifest(stage)["artifact"], self.storage.options)
 
     def log(self, msg: str) -> None:
+        self.last_said = msg
         print(f"[{self.name}] {msg}", flush=True)
 
 
@@ -248,7 +251,8 @@ def execute(ctx: StageContext, fn: StageFn) -> dict[str, Any]:
         ctx.log(f"version {version} was built before for this config and these inputs; restored its manifest")
         return built
     try:
-        result = fn(ctx)
+        with progress.Heartbeat(storage, name, lambda: ctx.last_said):
+            result = fn(ctx)
     except BaseException as e:
         if _latest_attempt(storage, name) == token:
             storage.write_json(

@@ -170,3 +170,16 @@ def test_status_of_a_name_without_a_cluster_says_what_to_pass(tmp_path, capsys, 
 def test_reference_prints_the_generated_field_table(capsys):
     assert cli.main(["reference"]) == 0
     assert capsys.readouterr().out == crd.reference_markdown()
+
+
+def test_status_shows_a_running_stages_progress(capsys):
+    status = {"phase": "Running", "currentStage": "student-crsd", "stages": [
+        {"name": "data", "phase": "Succeeded", "metrics": {"rows": 200}},
+        {"name": "student-crsd", "phase": "Running", "progress": {
+            "done": 120, "total": 226, "unit": "steps", "updatedAt": "2026-12-05T02:00:00Z",
+            "summary": "crsd student: 120/226 steps (53%) loss 0.4120 · 3.10 steps/s · ETA 34s"}}]}
+    cli._print_status("default/r1", status)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "run default/r1: Running (at student-crsd)"
+    assert out[2].split() == ["student-crsd", "Running", "crsd", "student:", "120/226", "steps", "(53%)", "loss",
+                              "0.4120", "·", "3.10", "steps/s", "·", "ETA", "34s", "(at", "2026-12-05T02:00:00Z)"]

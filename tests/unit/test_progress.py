@@ -247,3 +247,30 @@ def test_kubedistill_run_updates_one_line_per_stage_on_a_terminal_and_prints_eac
     c.end_progress()
     assert out.text == ("\r\x1b[K    student-crsd ▸ 1/4 steps (25%)" "\r\x1b[K    student-crsd | a log line\n"
                         "    student-crsd ▸ 1/4 steps (25%)" "\r\x1b[K    student-crsd ▸ 2/4 steps (50%)" "\r\x1b[K")
+
+
+def test_the_stage_heartbeat_speaks_between_loops_and_never_over_a_fresh_loop_report(tmp_path):
+    store = Storage(str(tmp_path / "run"))
+    lines, clock, wall = [], Clock(), [1_764_288_000.0]
+    beat = progress.Heartbeat(store, "teacher-dpo", lambda: "sampling 4 responses for 400 prompts", heartbeat=25,
+                              say=lines.append, clock=clock, wall=lambda: wall[0])
+    clock.t += 70
+    wall[0] += 70
+    p = beat.beat()  # no loop has reported: the heartbeat does
+    assert p is not None and p.unit == progress.HEARTBEAT_UNIT and p.done == 70
+    assert lines == ["[teacher-dpo] progress running 1m10s · last: sampling 4 responses for 400 prompts"]
+    assert progress.short(progress.read(store, "teacher-dpo")) == "running 1m10s"
+    clock.t += 10
+    wall[0] += 10
+    assert beat.beat() is None  # its own last beat is 10 s old
+    loop = progress.Progress("teacher-dpo", 10, write=progress.storage_sink(store, "teacher-dpo"), say=lines.append,
+                             wall=lambda: wall[0])
+    loop.update(3)
+    loop.publish()  # a loop reports
+    clock.t += 20
+    wall[0] += 20
+    assert beat.beat() is None  # the loop's report is 20 s old: fresh
+    clock.t += 10
+    wall[0] += 10
+    assert beat.beat() is not None  # 30 s without a loop report: the stage's heartbeat again
+    assert progress.read(store, "teacher-dpo").summary.startswith("running 1m50s")
