@@ -282,7 +282,9 @@ class Heartbeat:
             running = self._clock() - self._t0
             said = self._last_said()
             summary = f"running {duration(running)}" + (f" · last: {said}" if said else "")
-            p = StageProgress(done=round(running), unit=HEARTBEAT_UNIT, updated_at=_stamp(self._wall()), summary=summary)
+            p = StageProgress(
+                done=round(running), unit=HEARTBEAT_UNIT, updated_at=_stamp(self._wall()), summary=summary
+            )
             storage_sink(self.storage, self.stage)(to_wire(p))
             self._beaten = self._clock()
         except Exception as e:  # noqa: BLE001 - a heartbeat never fails the stage
