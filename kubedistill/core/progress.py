@@ -139,11 +139,14 @@ class Progress:
             self._changed = True
 
     def close(self) -> None:
-        """Stop the thread and publish the last state."""
+        """Stop the thread and publish the last state (unless the thread just did)."""
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(5)
-        self.publish()
+        with self._lock:
+            unpublished = self._changed
+        if unpublished:
+            self.publish()
 
     def report(self) -> StageProgress:
         """The progress as it stands (what `publish` writes)."""

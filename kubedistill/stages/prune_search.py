@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import random
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,7 @@ import numpy as np
 from kubedistill.core.progress import Target
 from kubedistill.core.spec import PruningSpec
 from kubedistill.core.stage import StageContext
+from kubedistill.core.storage import StorageError
 from kubedistill.ml.models import device
 from kubedistill.ml.prune import Architecture, Shape
 
@@ -331,20 +333,17 @@ def run_trials(
             ),
             {"cpu": r.cpus_per_worker, "gpu": r.gpus_per_worker},
         )
+        # progress: the architectures whose result a trial has written (Tune pickles its callbacks: this counts
+        # the results in storage from a thread of the driver instead)
         progress = Target.of(ctx.storage, ctx.name).start(len(todo), "architectures", label="search")
+        searched = threading.Event()
 
-        class Trials(tune.Callback):
-            """Progress: one more architecture evaluated (or failed)."""
+        def count() -> None:
+            while not searched.wait(5.0):
+                if (n := _evaluated(out, todo)) is not None:
+                    progress.update(n)
 
-            done = 0
-
-            def on_trial_complete(self, iteration: int, trials: Any, trial: Any, **info: Any) -> None:
-                self.done += 1
-                progress.update(self.done)
-
-            def on_trial_error(self, iteration: int, trials: Any, trial: Any, **info: Any) -> None:
-                self.on_trial_complete(iteration, trials, trial)
-
+        threading.Thread(target=count, name="prune-search-progress", daemon=True).start()
         tuner = tune.Tuner(
             trainable,
             param_space={"key": tune.grid_search(sorted(todo))},
@@ -355,18 +354,28 @@ def run_trials(
                 storage_path=out.path("tune"),
                 storage_filesystem=out.fs,
                 verbose=0,
-                callbacks=[Trials()],
             ),
         )
         try:
             grid = tuner.fit()
         finally:
+            searched.set()
+            if (n := _evaluated(out, todo)) is not None:
+                progress.update(n)
             progress.close()
         if grid.errors:
             raise RuntimeError(
                 f"prune-search: {len(grid.errors)} of {len(todo)} trial(s) failed; first: {grid.errors[0]}"
             )
     return {arch_key(a): out.read_json(f"evals/{arch_key(a)}.json") for a in archs}
+
+
+def _evaluated(out: Any, todo: dict[str, Any]) -> int | None:
+    """How many of `todo`'s architectures have their result in storage (None when storage cannot say now)."""
+    try:
+        return sum(1 for f in out.list("evals") if f.rsplit("/", 1)[-1].removesuffix(".json") in todo)
+    except (OSError, StorageError):
+        return None
 
 
 #: where `_prepare` saves the Taylor importance for the trials (safetensors: tensors only, never code)

@@ -274,3 +274,12 @@ def test_the_stage_heartbeat_speaks_between_loops_and_never_over_a_fresh_loop_re
     wall[0] += 10
     assert beat.beat() is not None  # 30 s without a loop report: the stage's heartbeat again
     assert progress.read(store, "teacher-dpo").summary.startswith("running 1m50s")
+
+
+def test_closing_publishes_the_last_state_once():
+    lines, written, clock = [], [], Clock()
+    p = _progress(lines, written, clock)
+    p.update(100)
+    p.close()
+    p.close()  # nothing new: nothing printed again
+    assert len(lines) == len(written) == 1 and lines[0].startswith("[student-crsd] progress 100/100 steps (100%)")

@@ -68,3 +68,14 @@ def test_narrowing_and_proposing_find_better_architectures_than_random():
     random_best = min(_truth(a) for a in [ps.sample(SHAPE, 0.25, rng) for _ in range(4)])
     assert min(_truth(a) for a in top) <= random_best
     assert min(_truth(a) for a in top) < np.median([_truth(a) for a in archs])
+
+
+def test_search_progress_counts_the_architectures_whose_result_is_in_storage(tmp_path):
+    from kubedistill.core.storage import Storage
+    from kubedistill.stages.prune_search import _evaluated
+
+    out = Storage(str(tmp_path / "v"))
+    assert _evaluated(out, {"a1": [], "b2": []}) == 0
+    out.write_json("evals/a1.json", {"perplexity": 9.0})
+    out.write_json("evals/zz.json", {"perplexity": 9.0})  # an earlier attempt's, not searched now
+    assert _evaluated(out, {"a1": [], "b2": []}) == 1
