@@ -37,7 +37,7 @@ MARK = "progress"
 #: every BEAT_S while no loop report younger than BEAT_S exists, checking every BEAT_CHECK_S: so every running
 #: stage reports at least every 30 s, and a loop's report is never overwritten while the loop runs
 EVERY_S = 10.0
-HEARTBEAT_S = 20.0
+HEARTBEAT_S = 15.0
 BEAT_S = 25.0
 BEAT_CHECK_S = 5.0
 #: the unit of a stage's own heartbeat (`Heartbeat`): seconds running, no total

@@ -320,8 +320,10 @@ def test_a_queued_run_waits_for_kueue_and_shows_its_progress(cluster, ray_dashbo
         admit("queued-student-crsd")
         wait_for("the student held at a checkpoint", lambda: kuberay.held("student-crsd"), 180,
                  logs=lambda: cluster.operator_logs() + f"\nstand-in errors: {kuberay.errors[-5:]}")
-        run = wait_for("progress in the run's status", lambda: (r := cluster.run("queued")) and
-                       _stage(r, "student-crsd").get("progress") and r, 60, logs=cluster.operator_logs)
+        # the training loop's report (before it, the stage's own heartbeat may say "running 25s")
+        run = wait_for("step progress in the run's status", lambda: (r := cluster.run("queued")) and
+                       (_stage(r, "student-crsd").get("progress") or {}).get("unit") == "steps" and r, 120,
+                       logs=cluster.operator_logs)
         st, progress = _stage(run, "student-crsd"), _stage(run, "student-crsd")["progress"]
         assert st["phase"] == "Running" and run["status"]["phase"] == "Running"
         assert progress["unit"] == "steps" and 0 < progress["done"] <= progress["total"], progress
