@@ -17,6 +17,9 @@ The kopf handlers list the run's children (by label), read stage manifests from 
   stages) or replaced in place (the RayService): a spec change reruns only the stages it touches;
 - `serve` starts only when the evaluation gate passed; otherwise it is Skipped with a
   `Promoted=False` condition;
+- a RayJob Kueue has not admitted (`spec.ray.queueName`: created suspended) is Queued, not Running, and so is
+  the run while nothing else runs; a running stage's progress report (written since its attempt started) is
+  copied into its status and the run's Progress column;
 - a resource the schema could not refuse (a cross-field rule) gets phase
   Failed and a `Valid=False` condition whose message names the field.
 """
