@@ -24,7 +24,6 @@ from typing import Any, TextIO
 from kubedistill.core import pipeline, policy, progress
 from kubedistill.core.holds import HOLD_AT_ENV, HOLD_DIR_ENV
 from kubedistill.core.ports import PortInUse, Ports, PortsUnavailable, looks_like_bind_failure, start_with_retries
-from kubedistill.core.progress import is_progress_line
 from kubedistill.core.spec import API_GROUP, Condition, DistillationRun, RunStatus, StageStatus, to_wire
 from kubedistill.core.stage import (
     CONFIG_ENV,
@@ -482,7 +481,7 @@ def _run_stages(
                 state = client.get_job_status(job_id)
                 logs = client.get_job_logs(job_id)
                 for line in logs[shown:].splitlines():
-                    if (summary := is_progress_line(line)) is not None:
+                    if (summary := progress.is_progress_line(line)) is not None:
                         _progress(storage, st, status, console, stage.name, summary)
                     elif line.strip():
                         say(f"    {stage.name} | {line}")

@@ -627,8 +627,6 @@ class Controller:
         RECONCILES.labels(result).inc()
         for _, reason, _ in plan.events:
             STAGE_EVENTS.labels(reason).inc()
-        for stage, phase, seconds in finished_stages(_previous(body), plan.status):
-            STAGE_SECONDS.labels(stage, phase).observe(seconds)
         finished = (
             result in ("ok", "api-invalid")  # not a run waiting on storage, a Secret, KubeRay or its rights
             and plan.status.phase in ("Succeeded", "Failed")
@@ -683,6 +681,8 @@ class Controller:
             if plan.create and plan.run:  # its Ray clusters need the run's token Secret; its NetworkPolicy guards them
                 self._ensure_run_objects(plan.run, meta.get("uid"), namespace)
             self.cluster.apply(plan, namespace)
+            for stage, phase, seconds in finished_stages(previous, plan.status):
+                STAGE_SECONDS.labels(stage, phase).observe(seconds)
             if store is not None and _phases(previous) != _phases(plan.status):
                 self.reports.submit(f"{namespace}/{name}", store, name, plan.status)
         except KubeRayMissing as e:

@@ -217,11 +217,12 @@ class Steps:
     known then, and a resumed run's first step says where it resumed); only `publish` (rank 0) publishes."""
 
     def __init__(self, target: Target | None, publish: bool = True, unit: str = "steps", label: str | None = None):
-        self.target, self.publish, self.unit, self.label = target, publish and target is not None, unit, label
+        self.target = target if publish else None
+        self.unit, self.label = unit, label
         self.progress: Progress | None = None
 
     def __call__(self, step: int, total: int, **metrics: float) -> None:
-        if not self.publish or self.target is None:
+        if self.target is None:
             return
         if self.progress is None:
             self.progress = self.target.start(total, self.unit, start=step - 1, label=self.label)
@@ -265,22 +266,23 @@ class Heartbeat:
         self._stop.set()
         self._thread.join(5)
 
-    def fresh(self) -> bool:
-        """Whether a loop of this attempt published within the last `heartbeat` seconds (its own clock: a
-        worker's; clocks a few seconds apart only shift when the heartbeat takes over)."""
+    def loop_age(self) -> float | None:
+        """Seconds since a loop of this attempt last published (its own clock: a worker's; clocks a few seconds
+        apart only shift when the heartbeat takes over), None when none has."""
         last = read(self.storage, self.stage)
         if last is None or last.unit == HEARTBEAT_UNIT or last.updated_at < self._started:
-            return False
-        age = self._wall() - datetime.strptime(last.updated_at, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
-        return age < self.heartbeat
+            return None
+        return self._wall() - datetime.strptime(last.updated_at, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
 
     def beat(self) -> StageProgress | None:
         """Publish a heartbeat unless one was published less than `heartbeat` seconds ago or a loop's report is
-        fresh; what was published."""
+        that fresh; what was published. A fresh loop report counts as a beat: storage is read again only when
+        it would have aged out."""
         if self._clock() - self._beaten < self.heartbeat:
             return None
         try:
-            if self.fresh():
+            if (age := self.loop_age()) is not None and age < self.heartbeat:
+                self._beaten = self._clock() - max(0.0, age)
                 return None
             running = self._clock() - self._t0
             said = self._last_said()

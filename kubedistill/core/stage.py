@@ -58,8 +58,6 @@ ATTEMPT = "_ATTEMPT.json"
 PROMOTED = "_PROMOTED.json"
 VERSION_PREFIX = "v-"
 KEEP_VERSIONS = 3
-#: driver logs kept per stage (`<stage>/logs/`, newest first)
-KEEP_LOGS = driverlog.KEEP_LOGS
 #: config keys that say where and how long artifacts are kept, not what they are (not in the config hash)
 UNHASHED = ("storage", "retention")
 
@@ -378,7 +376,7 @@ def main(fn: StageFn) -> None:
             traceback.print_exc()
             print(f"[{ctx.name}] FAILED: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
     try:
-        uri = driverlog.keep(ctx.storage, ctx.name, log, name, KEEP_LOGS)
+        uri = driverlog.keep(ctx.storage, ctx.name, log, name)
         print(f"[{ctx.name}] driver log kept at {uri}", flush=True)
     except Exception as e:  # noqa: BLE001 - the stage's outcome stands without its log
         print(f"[{ctx.name}] could not keep the driver log: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
