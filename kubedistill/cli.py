@@ -109,8 +109,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     run = spec.with_absolute_paths(spec.load_run(args.target if args.command == "status" else args.file), ".")
     if args.command == "plan":
-        print(pipeline.render_plan(run, pipeline.build(run)))
-        return 0
+        stages = pipeline.build(run)
+        mem = memory_plan(run, stages)
+        print(pipeline.render_plan(run, stages, {k: f"memory: {p.line()}" for k, p in mem.stages.items()}))
+        for why in mem.refusals():
+            print(f"error: {why}", file=sys.stderr)
+        return 1 if mem.refusals() else 0
     if args.command == "status":
         return _status(run)
     if args.command == "report":
@@ -230,8 +234,23 @@ def _report(run: DistillationRun) -> int:
     return 0
 
 
+def memory_plan(run: DistillationRun, stages: list[Any]) -> Any:
+    """The teacher training stages' memory plan (`kubedistill.core.memory`), model configs read with the run's
+    storage endpoint and the environment's credentials."""
+    from kubedistill.core import memory
+    from kubedistill.core.stage import run_storage
+
+    options = run_storage(stages[0].config).options if stages else None
+    return memory.plan(run.spec, [s.name for s in stages], options)
+
+
 def preflight(run: DistillationRun, address: str | None, serve_port: int) -> str | None:
     """What stops `kubedistill run` before anything starts, said with what to do; None when it can start."""
+    from kubedistill.core import pipeline
+
+    refusals = memory_plan(run, pipeline.build(run)).refusals()
+    if refusals:
+        return "; ".join(refusals) + " (`kubedistill plan` shows every stage's estimate)"
     try:
         for module in ("ray", "ray.job_submission"):  # Ray, and its job API (ray[default])
             importlib.import_module(module)

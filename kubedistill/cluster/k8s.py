@@ -19,6 +19,7 @@ import yaml
 from kubedistill import __version__
 from kubedistill.cluster.security import CREDENTIAL_KEYS, OPTIONAL_CREDENTIAL_KEYS, Settings
 from kubedistill.core import pipeline
+from kubedistill.core.memory import default_memory
 from kubedistill.core.pipeline import Stage
 from kubedistill.core.serve_app import APP_NAME, IMPORT_PATH, app_args
 from kubedistill.core.spec import API_GROUP, KIND, DistillationRun, StagePhase, to_wire
@@ -110,11 +111,6 @@ class Images:
 
     def of(self, run: DistillationRun, gpus: float) -> str:
         return run.spec.ray.image or (self.gpu if gpus else self.cpu)
-
-
-def default_memory(cpus: float) -> str:
-    """A pod's memory when the spec sets none: 4Gi per CPU, at least 4Gi (every pod has a limit)."""
-    return f"{max(4, 4 * math.ceil(cpus))}Gi"
 
 
 def credentials_env(run: DistillationRun) -> list[dict[str, Any]]:

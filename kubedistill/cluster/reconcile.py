@@ -33,7 +33,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from kubedistill.cluster import k8s
-from kubedistill.core import pipeline, policy
+from kubedistill.core import memory, pipeline, policy
 from kubedistill.core.progress import short
 from kubedistill.core.spec import (
     Condition,
@@ -146,7 +146,9 @@ def _on_old_inputs(child: dict[str, Any], step: policy.Step, inputs: str | None)
     return created_for != inputs
 
 
-def invalid(body: dict[str, Any], error: Exception, previous: RunStatus | None, now: str) -> Plan:
+def invalid(
+    body: dict[str, Any], error: Exception, previous: RunStatus | None, now: str, reason: str = "InvalidSpec"
+) -> Plan:
     """The plan for a resource that cannot run: nothing created, status Failed, the field named."""
     status = RunStatus(
         phase="Failed",
@@ -155,9 +157,9 @@ def invalid(body: dict[str, Any], error: Exception, previous: RunStatus | None, 
         conditions=list(previous.conditions) if previous else [],
     )
     message = "; ".join(str(p) for p in error.problems) if isinstance(error, SpecError) else str(error)
-    _condition(status.conditions, "Valid", "False", "InvalidSpec", message, now)
-    _condition(status.conditions, "Ready", "False", "InvalidSpec", message, now)
-    return Plan(status, events=[("Warning", "InvalidSpec", message)])
+    _condition(status.conditions, "Valid", "False", reason, message, now)
+    _condition(status.conditions, "Ready", "False", reason, message, now)
+    return Plan(status, events=[("Warning", reason, message)])
 
 
 def reconcile_body(
@@ -177,6 +179,11 @@ def reconcile_body(
         )
     except SpecError as e:
         return invalid(body, e, previous, now)
+    # a teacher stage that cannot fit its GPUs is refused before any RayJob is created (the estimate of
+    # `kubedistill plan`, from the model's config where the operator can read it here, else the catalogue)
+    refusals = memory.plan(run.spec, [s.name for s in pipeline.build(run)], local_only=True).refusals()
+    if refusals:
+        return invalid(body, ValueError("; ".join(refusals)), previous, now, reason="InsufficientMemory")
     meta = body.get("metadata") or {}
     return reconcile(
         run,

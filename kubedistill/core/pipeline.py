@@ -174,7 +174,8 @@ def build(run: DistillationRun) -> list[Stage]:
     return stages
 
 
-def render_plan(run: DistillationRun, stages: list[Stage]) -> str:
+def render_plan(run: DistillationRun, stages: list[Stage], memory: dict[str, str] | None = None) -> str:
+    """The stage graph, one line per stage; `memory`: a line per training stage (`kubedistill.core.memory`)."""
     lines = [f"DistillationRun {run.name}: {len(stages)} stage(s), storage {run.spec.storage.uri}"]
     for i, s in enumerate(stages, 1):
         r = s.resources
@@ -183,6 +184,8 @@ def render_plan(run: DistillationRun, stages: list[Stage]) -> str:
         )
         after = ", ".join(s.depends_on) or "-"
         lines.append(f"  {i:>2}. {s.name:<13} after: {after:<36} {res:<18} {s.target}")
+        if memory and s.name in memory:
+            lines.append(f"      {memory[s.name]}")
     skipped = [d.name for d in registry.STAGES if d.name not in {s.name for s in stages}]
     if skipped:
         lines.append(f"  disabled: {', '.join(skipped)}")

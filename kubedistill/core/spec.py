@@ -11,7 +11,7 @@ import ipaddress
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, cast
+from typing import Annotated, Any, Literal, cast, get_args
 from urllib.parse import urlsplit
 
 import yaml
@@ -274,6 +274,56 @@ class Resources(_Model):
     )
 
 
+#: memory of one GPU by `resources.gpuType` (GiB, what the card has; planning keeps a reserve for the CUDA context)
+GPU_MEMORY_GIB: dict[str, float] = {
+    "T4": 16,
+    "A10G": 24,
+    "L4": 24,
+    "A100-40GB": 40,
+    "L40S": 48,
+    "A100-80GB": 80,
+    "H100-80GB": 80,
+    "H200": 141,
+    "B200": 180,
+}
+GpuType = Literal["T4", "A10G", "L4", "A100-40GB", "L40S", "A100-80GB", "H100-80GB", "H200", "B200"]
+assert set(get_args(GpuType)) == set(GPU_MEMORY_GIB)
+DEFAULT_GPU_MEMORY_GIB = 80.0  # neither gpuType nor gpuMemoryGiB set: an A100/H100 80GB
+
+
+class TeacherResources(Resources):
+    strategy: Literal["auto", "ddp", "fsdp"] = Field(
+        default="auto",
+        description="How the teacher's training workers hold the model. ddp: every worker holds all of it (weights, "
+        "gradients, Adam state); fsdp: weights, gradients and optimizer state sharded across the workers "
+        "(torch FSDP2, bf16 compute on GPUs, sharded checkpoints that resume on any number of workers). auto: ddp "
+        "when `kubedistill plan`'s per-worker estimate fits one GPU's memory (CPU workers: the pod's memory), "
+        "else fsdp.",
+    )
+    gpu_type: GpuType | None = Field(
+        default=None,
+        description="The workers' GPU, for memory planning: "
+        + ", ".join(f"{k} {v:g} GiB" for k, v in GPU_MEMORY_GIB.items())
+        + f". Unset (and no gpuMemoryGiB): {DEFAULT_GPU_MEMORY_GIB:g} GiB.",
+    )
+    gpu_memory_gib: float | None = Field(
+        default=None,
+        alias="gpuMemoryGiB",
+        gt=0,
+        le=1024,
+        description="Memory of one worker GPU in GiB, for memory planning (overrides gpuType's). A training stage "
+        "whose estimate exceeds it is refused before anything starts.",
+    )
+
+    def gpu_memory(self) -> tuple[float, str]:
+        """(GiB of one worker GPU, where that number comes from)."""
+        if self.gpu_memory_gib is not None:
+            return self.gpu_memory_gib, "resources.gpuMemoryGiB"
+        if self.gpu_type is not None:
+            return GPU_MEMORY_GIB[self.gpu_type], f"resources.gpuType {self.gpu_type}"
+        return DEFAULT_GPU_MEMORY_GIB, "the default (set resources.gpuType or resources.gpuMemoryGiB)"
+
+
 class Replicas(_Model):
     model_config = ConfigDict(json_schema_extra=_cel(("self.min <= self.max", "min must be <= max")))
     min: int = Field(default=1, ge=0, le=1024, description="Fewest replicas (0: scale to zero when idle).")
@@ -370,7 +420,18 @@ class TeacherSpec(_Model):
     max_failures: int = Field(
         default=2, ge=0, le=100, description="Worker failures Ray Train recovers from by checkpoint."
     )
-    resources: Resources = Field(default_factory=Resources)
+    max_length: int = Field(
+        default=256,
+        ge=16,
+        le=131_072,
+        description="Tokens per training example (prompt + response; longer ones are cut), every teacher stage.",
+    )
+    gradient_checkpointing: bool = Field(
+        default=False,
+        description="Recompute each transformer layer's activations in the backward pass instead of keeping them: "
+        "far less activation memory for about a third more compute.",
+    )
+    resources: TeacherResources = Field(default_factory=TeacherResources)
 
 
 class AnnotationSpec(_Model):

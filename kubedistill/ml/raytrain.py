@@ -9,8 +9,9 @@ hands metrics to Ray Train with a checkpoint written by rank 0 alone.
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +83,7 @@ def load_tensors(source: Any) -> Any:
 
 
 def load_state(checkpoint: Any) -> dict[str, Any]:
-    """The training state a checkpoint holds (read where the model is needed next)."""
+    """The training state a (ddp) checkpoint holds (read where the model is needed next)."""
     with checkpoint.as_directory() as d:
         return load_tensors(Path(d) / STATE_FILE)
 
@@ -100,17 +101,65 @@ def resume_state(label: str) -> dict[str, Any] | None:
     return state
 
 
-def report(metrics: dict[str, Any], state: Callable[[], dict[str, Any]], line: str) -> None:
-    """In a worker: report `metrics`; rank 0 also checkpoints `state()` and prints `line`."""
+@contextlib.contextmanager
+def latest_checkpoint() -> Iterator[Path | None]:
+    """In a worker: the latest checkpoint as a local directory (every shard of it), or None on a fresh start."""
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        yield None
+        return
+    with ckpt.as_directory() as d:
+        yield Path(d)
+
+
+def state_file(state: Callable[[], dict[str, Any]]) -> Callable[[Path], bool]:
+    """A checkpoint writer for `report`: rank 0 saves `state()` as `state.pt`, the other ranks write nothing."""
+
+    def save(d: Path) -> bool:
+        import ray.train
+
+        if ray.train.get_context().get_world_rank() != 0:
+            return False
+        torch.save(state(), d / STATE_FILE)
+        return True
+
+    return save
+
+
+def report(metrics: dict[str, Any], save: Callable[[Path], bool], line: str) -> None:
+    """In a worker: report `metrics` with a checkpoint of the files `save(dir)` writes on each rank (True: this
+    rank wrote some; Ray Train gathers every rank's files into one checkpoint directory); rank 0 prints `line`."""
     import ray.train
 
     rank = ray.train.get_context().get_world_rank()
     with tempfile.TemporaryDirectory() as d:
-        checkpoint = None
+        checkpoint = ray.train.Checkpoint.from_directory(d) if save(Path(d)) else None
         if rank == 0:
-            torch.save(state(), Path(d) / STATE_FILE)
-            checkpoint = ray.train.Checkpoint.from_directory(d)
             print(line, flush=True)
         ray.train.report(metrics, checkpoint=checkpoint)
         if rank == 0:
             hold("train.checkpoint-reported")
+
+
+def rss() -> tuple[int, int]:
+    """(resident, peak resident) bytes of this process (Linux /proc; (0, 0) elsewhere)."""
+    try:
+        text = Path("/proc/self/status").read_text()
+    except OSError:
+        return 0, 0
+    kb = {line.split(":")[0]: int(line.split()[1]) for line in text.splitlines() if line.startswith(("VmRSS", "VmHWM"))}
+    return kb.get("VmRSS", 0) * 1024, kb.get("VmHWM", 0) * 1024
+
+
+def max_over_workers(values: dict[str, int]) -> dict[str, int]:
+    """In a worker: each value's maximum over the training workers (every worker calls it at the same point)."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        return values
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return {k: int(v) for k, v in zip(values, t.tolist(), strict=True)}

@@ -465,7 +465,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             f"(best {m['best_val_macro_f1']:.4f} @ {m['best_step']}) loss {m['train_loss']:.4f} "
             f"{m['seconds_per_step']:.2f}s/step" + (" - early stop" if m["stopped_early"] else "")
         )
-        raytrain.report(m, r.checkpoint, line)
+        raytrain.report(m, raytrain.state_file(r.checkpoint), line)
 
     on_step = raytrain.steps(config, label=f"{cfg.student.objective} student")
     fit(

@@ -132,21 +132,30 @@ def test_combined_reward_weights_dimensions():
     assert train.combined(scores, ["label", "format"], {"label": 1.0, "format": 0.5}).tolist() == [2.0, -0.5]
 
 
-def test_fit_resumed_from_a_checkpoint_ends_where_an_uninterrupted_run_does(tiny):
+def test_fit_resumed_from_a_checkpoint_ends_where_an_uninterrupted_run_does(tiny, tmp_path):
     shared, tok, g = tiny
     model = copy.deepcopy(shared)  # trained in place below
     rows = [{"text": r["text"]} for r in g.corpus]
     cfg = train.TrainConfig(task="lm", start="", examples_uri="", train=TrainSpec(epochs=1, learning_rate=1e-3, batch_size=4, max_steps=6), checkpoint_every=3)
     init = {k: v.clone() for k, v in model.state_dict().items()}
-    full = train.fit(cfg, model, tok, None, rows)["state"]["model"]
+    train.fit(cfg, model, tok, None, rows)
+    full = {k: v.clone() for k, v in model.state_dict().items()}
     model.load_state_dict(init)
     saved = []
-    train.fit(cfg, model, tok, None, rows, on_checkpoint=lambda st, m: saved.append(copy.deepcopy(st)))
-    assert [s["step"] for s in saved] == [3, 6]
+
+    def keep(save, metrics):
+        d = tmp_path / f"step-{metrics['step']}"
+        d.mkdir()
+        assert save(d)  # rank 0 of a ddp run writes the whole state
+        saved.append(d)
+
+    train.fit(cfg, model, tok, None, rows, on_checkpoint=keep)
+    assert [d.name for d in saved] == ["step-3", "step-6"]
     model.load_state_dict(init)
-    resumed = train.fit(cfg, model, tok, None, rows, resume=saved[0])["state"]["model"]
+    metrics = train.fit(cfg, model, tok, None, rows, resume=saved[0])["metrics"]
+    assert metrics["resumed_at_step"] == 3
     for k in full:
-        torch.testing.assert_close(resumed[k], full[k])
+        torch.testing.assert_close(model.state_dict()[k], full[k])
 
 
 def test_unknown_scratch_preset_and_unloadable_model_name_the_field(tmp_path):
@@ -237,8 +246,6 @@ def test_lora_through_the_stages_own_build_train_checkpoint_and_merge(tiny, tmp_
     merged model computes what the trained unmerged one did, in the base model's shape."""
     import ray.train
 
-    from kubedistill.ml import raytrain
-
     model, tok, g = tiny
     start = tmp_path / "start"
     lm.save(model, tok, Storage(str(start)))
@@ -250,9 +257,8 @@ def test_lora_through_the_stages_own_build_train_checkpoint_and_merge(tiny, tmp_
     assert frozen is None and trainable and all("lora_" in n for n in trainable)
     base = {k: v.clone() for k, v in lm.load(str(start), "start")[0].state_dict().items()}
     ex = [{"prompt": fmt.prompt(r), "response": fmt.response(r["reasoning"], r["label"])} for r in g.sft[:8]]
-    state = train.fit(cfg, peft_model, tokenizer, None, ex)["state"]
     (tmp_path / "ckpt").mkdir()
-    torch.save(state, tmp_path / "ckpt" / raytrain.STATE_FILE)
+    train.fit(cfg, peft_model, tokenizer, None, ex, on_checkpoint=lambda save, m: save(tmp_path / "ckpt"))
     merged, _ = stages._trained(cfg, ray.train.Checkpoint.from_directory(str(tmp_path / "ckpt")), None)
     assert set(merged.state_dict()) == set(base)  # no adapter left: the base model's own parameter names
     assert any(not torch.equal(merged.state_dict()[k], base[k]) for k in base)  # and the training is in it

@@ -14,30 +14,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from kubedistill.core.memory import SCRATCH
 from kubedistill.core.storage import S3Options, Storage
 from kubedistill.ml.models import ModelNotFound, resolve
 
-#: scratch presets: Llama shapes small enough to train on a laptop CPU in minutes
-SCRATCH: dict[str, dict[str, int]] = {
-    "llama-tiny": {
-        "vocab_size": 1024,
-        "hidden_size": 128,
-        "intermediate_size": 256,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 4,
-        "max_position_embeddings": 512,
-    },
-    "llama-small": {
-        "vocab_size": 4096,
-        "hidden_size": 256,
-        "intermediate_size": 688,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 8,
-        "num_key_value_heads": 4,
-        "max_position_embeddings": 1024,
-    },
-}
 SPECIALS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
 
 

@@ -17,10 +17,11 @@ from typing import Any
 
 import torch
 
+from kubedistill.core import memory
 from kubedistill.core.spec import REWARD_DIMENSIONS, Resources, TrainSpec
 from kubedistill.core.stage import StageContext
 from kubedistill.core.storage import S3Options, Storage
-from kubedistill.ml import raytrain
+from kubedistill.ml import sharded
 from kubedistill.ml.models import device, resolve
 from kubedistill.stages.data import RowError, read_dataset, split_by_query, validate_row, with_rationales, write_rows
 from kubedistill.stages.teacher import fmt, lm, pairs
@@ -36,7 +37,23 @@ def _train_config(
 ) -> TrainConfig:
     o = ctx.storage.options
     s3 = S3Options(endpoint=o.endpoint, region=o.region)  # credentials stay in the workers' environment
-    return TrainConfig(task=task, start=start, examples_uri=examples, train=section, s3=s3, **extra)
+    t = ctx.spec.teacher
+    shape, why = memory.read_shape(start, o)
+    planned = memory.plan_stage(ctx.spec, ctx.name, shape, why)
+    ctx.log(f"memory: {planned.line()}")
+    if refusal := planned.refusal():
+        raise ValueError(refusal)
+    return TrainConfig(
+        task=task,
+        start=start,
+        examples_uri=examples,
+        train=section,
+        s3=s3,
+        max_length=t.max_length,
+        strategy=planned.estimate.strategy if planned.estimate else memory.strategy(ctx.spec, ctx.name, None),
+        gradient_checkpointing=t.gradient_checkpointing,
+        **extra,
+    )
 
 
 def _model_uri(ctx: StageContext, stage: str) -> str:
@@ -54,7 +71,7 @@ def on_worker(resources: Resources, fn: Any, *args: Any) -> Any:
 def _trained(cfg: TrainConfig, checkpoint: Any, options: Any) -> tuple[Any, Any]:
     """The start model with the checkpoint's weights (LoRA merged), on this worker's device."""
     model, tokenizer, _ = build(cfg, options, reference=False)
-    model.load_state_dict(raytrain.load_state(checkpoint)["model"])
+    sharded.load_model(checkpoint, model)
     if cfg.lora:
         model = model.merge_and_unload()
     return model.to(device()), tokenizer

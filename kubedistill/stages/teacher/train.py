@@ -19,6 +19,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,7 +29,8 @@ from kubedistill.core.progress import Target
 from kubedistill.core.spec import LoraSpec, Resources, TrainSpec
 from kubedistill.core.stage import StageContext
 from kubedistill.core.storage import S3Options, Storage
-from kubedistill.ml import losses, raytrain
+from kubedistill.ml import losses, raytrain, sharded
+from kubedistill.ml.sharded import Checkpoints
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,8 @@ class TrainConfig:
     beta: float = 0.1  # dpo
     nll_weight: float = 0.0  # dpo: weight of the chosen response's NLL
     lora: LoraSpec | None = None
+    strategy: str = "ddp"  # ddp | fsdp (kubedistill.ml.sharded); `auto` is resolved before (kubedistill.core.memory)
+    gradient_checkpointing: bool = False
     checkpoint_every: int = 20  # steps; runs longer than 25 x this checkpoint 25 times in all instead
     seed: int = 0
     s3: S3Options = field(default_factory=S3Options)  # endpoint and region; credentials come from the environment
@@ -161,13 +165,17 @@ def build(
     from kubedistill.ml.models import resolve
     from kubedistill.stages.teacher import lm
 
+    # every worker builds the same start (LoRA adapters, reward heads): FSDP shards what each rank holds,
+    # nothing broadcasts it
+    torch.manual_seed(cfg.seed)
     if cfg.task == "reward":
         path = resolve(cfg.start, "start model", options)
         tokenizer = AutoTokenizer.from_pretrained(path)
         lm.ensure_specials(tokenizer, None)
-        torch.manual_seed(cfg.seed)
-        return RewardModel(AutoModel.from_pretrained(path), list(cfg.dimensions)), tokenizer, None
-    model, tokenizer = lm.load(cfg.start, "start model", options)
+        backbone = AutoModel.from_pretrained(path, dtype=torch.float32)
+        return RewardModel(backbone, list(cfg.dimensions)), tokenizer, None
+    # the trained weights in fp32 (the master copy; GPUs compute in bf16 under autocast or FSDP's policy)
+    model, tokenizer = lm.load(cfg.start, "start model", options, dtype=torch.float32)
     if cfg.lora:
         from peft import LoraConfig, get_peft_model
 
@@ -177,7 +185,9 @@ def build(
         )
     frozen = None
     if cfg.task == "dpo" and reference:
-        frozen, _ = lm.load(cfg.start, "start model", options)
+        # the frozen reference only runs forward: bf16 where the workers have GPUs
+        dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        frozen, _ = lm.load(cfg.start, "start model", options, dtype=dtype)
         frozen.eval().requires_grad_(False)
     return model, tokenizer, frozen
 
@@ -197,20 +207,29 @@ def fit(
     world: int = 1,
     device: torch.device | None = None,
     wrap=lambda m: m,
-    resume: dict[str, Any] | None = None,
-    on_checkpoint=lambda state, metrics: None,
+    checkpoints: Checkpoints | None = None,
+    resume: Path | None = None,
+    on_checkpoint=lambda save, metrics: None,
     on_step=lambda step, total, **numbers: None,
 ) -> dict[str, Any]:
-    """Train on this worker's share of `rows`; `on_checkpoint` every `cfg.checkpoint_every` steps and at the end,
-    `on_step` (progress) after every step."""
+    """Train `model` in place on this worker's share of `rows`; {"metrics": the last checkpoint's}.
+
+    `wrap` makes the module the steps run (DDP or FSDP; FSDP replaces the parameters, so the optimizer is built
+    after it). `resume` is a checkpoint directory to continue from; `on_checkpoint(save, metrics)` every
+    `cfg.checkpoint_every` steps and at the end, with `save(dir)` writing this rank's files of the state
+    (`Checkpoints.save`); `on_step` (progress) after every step."""
     device = device or torch.device("cpu")
+    checkpoints = checkpoints or Checkpoints(sharded=False, rank=rank)
     torch.manual_seed(cfg.seed)
     if not rows:
         raise ValueError("no training examples")
     per_worker = max(1, cfg.train.batch_size // world)
     steps_per_epoch = max(1, math.ceil(len(rows) / (per_worker * world)))
     total = cfg.train.max_steps or max(1, round(cfg.train.epochs * steps_per_epoch))
-    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.gradient_checkpointing:
+        sharded.enable_checkpointing(model)
+    trained = wrap(model)
+    params = [p for p in trained.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.learning_rate, weight_decay=0.0)
     warmup = max(1, total // 10)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -218,13 +237,10 @@ def fit(
     )
     every = max(cfg.checkpoint_every, total // 25)  # a retry loses at most 4% of a long run; saving stays cheap
     step = 0
-    if resume:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        step = resume["step"]
-        torch.set_rng_state(resume["rng"])
-    trained = wrap(model)
+    if resume is not None:
+        step = checkpoints.load(resume, model, optimizer, scheduler)
+        if rank == 0:
+            print(f"[{cfg.task}] resuming from checkpoint at step {step} ({cfg.strategy}, {world} workers)", flush=True)
     if reference is not None:
         reference.to(device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
@@ -232,15 +248,6 @@ def fit(
 
     def to(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(device) for k, v in batch.items()}
-
-    def state() -> dict[str, Any]:
-        return {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "step": step,
-            "rng": torch.get_rng_state(),
-        }
 
     recent: list[float] = []
     t0, n0 = time.monotonic(), step
@@ -291,11 +298,39 @@ def fit(
                     "seconds_per_step": (time.monotonic() - t0) / max(1, step - n0),
                     "samples_per_second": (step - n0) * per_worker * world / max(1e-9, time.monotonic() - t0),
                     "torch_threads": torch.get_num_threads(),  # what the worker computed with (Ray sets it from its CPUs)
+                    "strategy": cfg.strategy,
+                    "workers": world,
+                    "resumed_at_step": n0,  # 0: a fresh start
                 }
-                on_checkpoint(state(), metrics)
+                at = step
+
+                def save(d: Path, at: int = at) -> bool:
+                    return checkpoints.save(d, model, optimizer, scheduler, at)
+
+                on_checkpoint(save, metrics)
             if done:
                 break
-    return {"state": state(), "metrics": metrics}
+    return {"metrics": metrics}
+
+
+def tensor_bytes(module: nn.Module) -> int:
+    """Bytes of a module's parameters and buffers."""
+    tensors = [*module.parameters(), *module.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def prepare(cfg: TrainConfig, model: nn.Module, reference: nn.Module | None, device: torch.device, world: int):
+    """(wrap, reference) for this worker: DDP through Ray Train, or FSDP2 with the DPO reference sharded too."""
+    if cfg.strategy == "fsdp":
+        if reference is not None:
+            sharded.shard(reference, device, world)
+        return (lambda m: sharded.shard(m, device, world)), reference
+    import ray.train.torch
+
+    # the gradients are views into DDP's all-reduce buckets: one copy of them, not two
+    return (
+        lambda m: ray.train.torch.prepare_model(m, parallel_strategy_kwargs={"gradient_as_bucket_view": True})
+    ), reference
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -309,31 +344,41 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     options = cfg.s3
     rows = read_dataset(Storage(cfg.examples_uri, options))
     ctx = ray.train.get_context()
+    rank, world, device = ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
     model, tokenizer, reference = build(cfg, options)
-    resume = raytrain.resume_state(cfg.task)
+    # the memory a worker reports is its training's: what it holds now (Python, torch, the modeling code it just
+    # imported, the rows) is not, except the models' own tensors
+    baseline = raytrain.rss()[0] - sum(tensor_bytes(m) for m in (model, reference) if m is not None)
+    wrap, reference = prepare(cfg, model, reference, device, world)
+    checkpoints = Checkpoints(sharded=cfg.strategy == "fsdp", rank=rank)
 
-    def report(state: dict[str, Any], metrics: dict[str, Any]) -> None:
+    def report(save: Any, metrics: dict[str, Any]) -> None:
         line = (
             f"[{cfg.task}] step {metrics['step']}/{metrics['total_steps']} loss {metrics['loss']:.4f} "
-            f"{metrics['seconds_per_step']:.2f}s/step"
+            f"{metrics['seconds_per_step']:.2f}s/step ({cfg.strategy})"
         )
-        raytrain.report(metrics, lambda: state, line)
+        used = {"peak_rss_bytes": raytrain.rss()[1] - baseline}
+        if device.type == "cuda":
+            used["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(device)
+        raytrain.report({**metrics, **raytrain.max_over_workers(used)}, save, line)
 
     on_step = raytrain.steps(config)
-    fit(
-        cfg,
-        model,
-        tokenizer,
-        reference,
-        rows,
-        rank=ctx.get_world_rank(),
-        world=ctx.get_world_size(),
-        device=ray.train.torch.get_device(),
-        wrap=ray.train.torch.prepare_model,
-        resume=resume,
-        on_checkpoint=report,
-        on_step=on_step,
-    )
+    with raytrain.latest_checkpoint() as resume:
+        fit(
+            cfg,
+            model,
+            tokenizer,
+            reference,
+            rows,
+            rank=rank,
+            world=world,
+            device=device,
+            wrap=wrap,
+            checkpoints=checkpoints,
+            resume=resume,
+            on_checkpoint=report,
+            on_step=on_step,
+        )
     on_step.close()
 
 
