@@ -121,7 +121,7 @@ def main() -> None:
                                  **{f"term_{k}_mib": v / 2**20 for k, v in est.terms.items()},
                                  "host_load_mib": est.host_load / 2**20}
                 print(f"{name:<28} estimate {est.peak(False) / 2**20:7.0f} MiB  measured {measured / 2**20:7.0f} MiB  "
-                      f"ratio {est.peak(False) / measured:.2f}  ({memory.breakdown(est)} GiB)", flush=True)
+                      f"ratio {est.peak(False) / measured:.2f}  ({memory.breakdown(est)})", flush=True)
     worst = max(results.values(), key=lambda v: abs(v["ratio"] - 1))["ratio"]
     heap = [v["measured_default_heap_mib"] / v["measured_mib"] - 1 for v in results.values()]
     params = shape.params()

@@ -320,7 +320,7 @@ class StagePlan:
             hints.append("spec.teacher.sft.lora")
         hints.append("a smaller spec.teacher.maxLength or batchSize")
         return (
-            f"{self.stage} needs about {gib(e.total)} per worker ({e.strategy}: {breakdown(e)} GiB) but one GPU has "
+            f"{self.stage} needs about {gib(e.total)} per worker ({e.strategy}: {breakdown(e)}) but one GPU has "
             f"{gib(self.budget)} ({self.budget_source}); change {'; or '.join(hints)}"
         )
 
@@ -338,11 +338,12 @@ class StagePlan:
 
 
 def gib(n: int) -> str:
-    return f"{n / GiB:.1f} GiB"
+    """Bytes as GiB (MiB under one GiB)."""
+    return f"{n / GiB:.1f} GiB" if n >= GiB else f"{n / 2**20:.0f} MiB"
 
 
 def breakdown(e: Estimate) -> str:
-    return ", ".join(f"{k} {v / GiB:.2f}" for k, v in e.terms.items() if v)
+    return ", ".join(f"{k} {gib(v)}" for k, v in e.terms.items() if v)
 
 
 _SUFFIX = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18, "m": 10**-3}

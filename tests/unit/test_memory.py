@@ -85,6 +85,8 @@ def test_the_estimate_on_a_hand_computed_case():
     # norms 2*(16+16) + attn 4*(2*4 + 3*4 + 0 + 4 + 4) + mlp 4*4*8 = 64 + 112 + 128 = 304
     tokens = 6
     assert ddp.terms["activations"] == 304 * tokens + tokens * 10 * 12 + tokens * 4 * 4 * 2
+    # LoRA: frozen projections keep no input for a weight gradient: 4 * (q + kv + intermediate) less per token
+    assert memory._layer_activation_bytes(s, 4, frozen=True) == 304 - 4 * (4 + 4 + 8)
     ckpt = memory.estimate(s, memory.Job("lm", 2, 4, 3, checkpointing=True), "ddp")
     assert ckpt.terms["activations"] == 4 * 4 * tokens + 304 * tokens + tokens * 10 * 12 + tokens * 4 * 4 * 2
     assert ckpt.activations_other == ddp.terms["activations"]
