@@ -58,6 +58,8 @@ SCRATCH: dict[str, dict[str, int]] = {
     },
 }
 
+#: each training stage's section of spec.teacher
+SECTIONS = {"teacher-dapt": "dapt", "teacher-sft": "sft", "reward-model": "reward_model", "teacher-dpo": "dpo"}
 TRAINING_STAGES = {"teacher-dapt": "lm", "teacher-sft": "lm", "reward-model": "reward", "teacher-dpo": "dpo"}
 
 
@@ -366,9 +368,7 @@ def quantity_bytes(quantity: str) -> int:
 def job_for(spec: Any, stage: str) -> Job:
     """The memory view of one teacher training stage of a spec (`DistillationRunSpec`)."""
     t = spec.teacher
-    section = {"teacher-dapt": t.dapt, "teacher-sft": t.sft, "reward-model": t.reward_model, "teacher-dpo": t.dpo}[
-        stage
-    ]
+    section = getattr(t, SECTIONS[stage])  # the stage's own section only: a stage reads its spec slice
     lora = getattr(section, "lora", None)
     r = t.resources
     return Job(

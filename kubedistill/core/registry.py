@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from kubedistill.core.spec import DistillationRunSpec, Resources, annotates, rationalizes
 
 #: How every teacher stage runs: its Ray workers and its budget of worker failures.
-_TEACHER_RUN = ("teacher.resources", "teacher.maxFailures")
+_TEACHER_RUN = ("teacher.resources", "teacher.maxFailures", "teacher.maxLength", "teacher.gradientCheckpointing")
 
 
 def one_cpu(spec: DistillationRunSpec) -> Resources:

@@ -51,7 +51,8 @@ def _fit(tmp: Path, cfg: train.TrainConfig, name: str, workers: int = 2):
     return result, model
 
 
-def _check_parity(ddp, ddp_model, fsdp, fsdp_model, start, lora: bool) -> None:
+def _check_parity(ddp, ddp_model, fsdp, fsdp_model, start, lora: bool) -> list[str]:
+    """Assert the two runs agree; the names of the weights training moved."""
     assert ddp.metrics["strategy"] == "ddp" and fsdp.metrics["strategy"] == "fsdp"
     assert fsdp.metrics["loss"] == pytest.approx(ddp.metrics["loss"], rel=LOSS_RTOL)
     with ddp.checkpoint.as_directory() as d:
@@ -64,6 +65,7 @@ def _check_parity(ddp, ddp_model, fsdp, fsdp_model, start, lora: bool) -> None:
     assert moved and all(a[k].abs().sum() > 0 for k in moved), "training changed nothing"
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=WEIGHT_ATOL, rtol=0)
+    return moved
 
 
 @pytest.fixture(scope="module")
@@ -78,14 +80,14 @@ def full(setup):
 def test_fsdp_trains_what_ddp_trains(setup, full):
     (ddp, ddp_model), (fsdp, fsdp_model) = full
     start = lm.load(str(setup / "start"), "start")[0].state_dict()
-    _check_parity(ddp, ddp_model, fsdp, fsdp_model, start, lora=False)
+    assert _check_parity(ddp, ddp_model, fsdp, fsdp_model, start, lora=False)
 
 
 def test_fsdp_trains_what_ddp_trains_with_lora_and_gradient_checkpointing(setup):
     kw = {"lora": LoraSpec(r=4, alpha=8, dropout=0.0), "gradient_checkpointing": True}
     ddp, ddp_model = _fit(setup, _cfg(setup, "ddp", 4, **kw), "ddp-lora")
     fsdp, fsdp_model = _fit(setup, _cfg(setup, "fsdp", 4, **kw), "fsdp-lora")
-    _check_parity(ddp, ddp_model, fsdp, fsdp_model, {}, lora=True)
+    assert all("lora_B" in k for k in _check_parity(ddp, ddp_model, fsdp, fsdp_model, {}, lora=True))
 
 
 def test_a_sharded_checkpoint_of_2_workers_resumes_on_1(setup, full):

@@ -168,3 +168,15 @@ def test_the_operator_refuses_a_run_that_cannot_fit_before_creating_anything():
 @pytest.mark.parametrize(("q", "n"), [("16Gi", 16 * GiB), ("1.5G", 1_500_000_000), ("512Mi", 512 * 2**20), ("1e9", 10**9)])
 def test_quantities(q, n):
     assert memory.quantity_bytes(q) == n
+
+
+def test_each_training_stage_plans_from_its_own_spec_slice():
+    """A stage job sees only the spec paths its registry entry declares: the plan must need nothing else."""
+    from kubedistill.core import pipeline
+
+    run = _run(resources=GPU, gradientCheckpointing=True, maxLength=1024)
+    for st in pipeline.build(run):
+        if st.name in memory.TRAINING_STAGES:
+            view = spec.spec_slice(st.config["spec"], st.name)
+            planned = memory.plan_stage(view, st.name, memory.KNOWN["qwen2.5-7b"])
+            assert planned.estimate.strategy == "fsdp" and planned.fits

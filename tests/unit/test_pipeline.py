@@ -77,7 +77,8 @@ def test_stage_config_is_json_with_only_its_sections():
     assert cfg["run"] == "test-run" and cfg["stage"] == "serve"
     assert set(cfg["spec"]) == {"labels", "serving"}
     assert cfg["inputs"] == ["student-crsd", "evaluate"]
-    assert set(json.loads(by["teacher-dapt"].config_json)["spec"]["teacher"]) == {"baseModel", "dapt", "resources", "maxFailures"}
+    assert set(json.loads(by["teacher-dapt"].config_json)["spec"]["teacher"]) == {
+        "baseModel", "dapt", "resources", "maxFailures", "maxLength", "gradientCheckpointing"}
 
 
 def test_config_hash_changes_only_for_stages_that_read_the_change():
