@@ -27,10 +27,11 @@ activations; the measured peaks they are checked against are in benchmarks/RESUL
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 GiB = 1024**3
@@ -166,7 +167,7 @@ def read_shape(uri: str, options: Any = None, *, local_only: bool = False) -> tu
         why = f"config.json of {uri} unreadable: {type(e).__name__}: {str(e)[:200]}"
     shape = known_shape(uri)
     if shape is not None:
-        return shape, ""
+        return (replace(shape, source=f"{shape.source}; {why}") if why else shape), ""
     return None, why or f"config.json of {uri} not readable here and not a model the catalogue knows"
 
 
@@ -328,14 +329,15 @@ class StagePlan:
 
     def line(self) -> str:
         if self.estimate is None:
-            return f"memory: not estimated ({self.why_unknown})"
+            return f"not estimated ({self.why_unknown})"
         e = self.estimate
         verdict = "fits" if self.fits else ("DOES NOT FIT" if self.gpu else "exceeds")
         chosen = f"{e.strategy} (auto)" if self.chosen_by == "auto" else e.strategy
         ckpt = "with" if e.terms["activations"] <= e.activations_other else "without"
         return (
             f"{chosen}: ~{gib(e.peak(self.gpu))}/worker, {verdict} {gib(self.budget)} ({breakdown(e)}; activations "
-            f"{ckpt} checkpointing, {gib(e.activations_other)} {'without' if ckpt == 'with' else 'with'})"
+            f"{ckpt} checkpointing, {gib(e.activations_other)} {'without' if ckpt == 'with' else 'with'}; "
+            f"shape from {self.shape.source if self.shape else '?'})"
         )
 
 
@@ -428,10 +430,16 @@ def plan(spec: Any, stages: list[str], options: Any = None, *, local_only: bool 
             continue
         uri = start_model(spec, stage)
         if uri not in shapes:
-            shapes[uri] = read_shape(uri, options, local_only=local_only)
+            shapes[uri] = _local_shape(uri) if local_only else read_shape(uri, options)
         shape, why = shapes[uri]
         out.stages[stage] = plan_stage(spec, stage, shape, why)
     return out
+
+
+@functools.lru_cache(maxsize=1024)
+def _local_shape(uri: str) -> tuple[Shape | None, str]:
+    """`read_shape` without storage, remembered: the operator plans every reconcile, the answer stays the same."""
+    return read_shape(uri, local_only=True)
 
 
 def strategy(spec: Any, stage: str, shape: Shape | None) -> str:

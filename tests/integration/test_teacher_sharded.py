@@ -4,6 +4,7 @@ retried job resumes on 1 (torch.distributed.checkpoint re-shards on load)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,9 @@ def setup(tmp_path_factory):
     model, tok = lm.scratch("scratch:llama-tiny", [r["text"] for r in g.corpus] + [r["prompt"] + r["response"] for r in rows])
     lm.save(model, tok, Storage(str(tmp / "start")))
     data.write_rows(Storage(str(tmp / "examples")), "part-00000", rows, "jsonl")
+    pairs = [{"prompt": r["prompt"], "chosen": r["response"], "rejected": rows[(i + 7) % len(rows)]["response"],
+              "dimension": "label"} for i, r in enumerate(rows)]
+    data.write_rows(Storage(str(tmp / "pairs")), "part-00000", pairs, "jsonl")
     with local_ray(num_cpus=2):
         yield tmp
 
@@ -99,3 +103,17 @@ def test_a_sharded_checkpoint_of_2_workers_resumes_on_1(setup, full):
     with again.checkpoint.as_directory() as d:
         assert sorted(p.name for p in Path(d).glob("*.distcp")) == ["__0_0.distcp"]
     assert all(torch.isfinite(v).all() for v in model.state_dict().values())
+
+
+@pytest.mark.parametrize("task", ["reward", "dpo"])
+def test_fsdp_trains_what_ddp_trains_for_the_reward_model_and_dpo(setup, task):
+    """The reward model (backbone layers sharded, heads in the root unit) and DPO (the frozen reference sharded
+    too) under FSDP give DDP's loss and weights."""
+    kw = {"examples_uri": str(setup / "pairs"), "task": task, "dimensions": ("label",), "beta": 0.1}
+    ddp, ddp_model = _fit(setup, replace(_cfg(setup, "ddp", 3), **kw), f"ddp-{task}")
+    fsdp, fsdp_model = _fit(setup, replace(_cfg(setup, "fsdp", 3), **kw), f"fsdp-{task}")
+    assert fsdp.metrics["loss"] == pytest.approx(ddp.metrics["loss"], rel=LOSS_RTOL)
+    a, b = ddp_model.state_dict(), fsdp_model.state_dict()
+    assert set(a) == set(b) and (task != "reward" or "heads.weight" in a)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=WEIGHT_ATOL, rtol=0)

@@ -133,7 +133,7 @@ def test_a_stage_that_cannot_fit_is_refused_naming_what_to_change():
 def test_an_unknown_model_is_planned_as_unknown_not_refused():
     p = memory.plan(_run(baseModel="acme/private-13b", resources={**GPU, "gpuMemoryGiB": 1}).spec, ["teacher-sft"])
     assert p.stages["teacher-sft"].fits is None and not p.refusals()
-    assert p.stages["teacher-sft"].line().startswith("memory: not estimated")
+    assert p.stages["teacher-sft"].line().startswith("not estimated (config.json of acme/private-13b not readable")
 
 
 def test_the_7b_sample_fits_with_fsdp_and_is_refused_with_ddp_and_full_fine_tuning(tmp_path, capsys):
@@ -142,6 +142,7 @@ def test_the_7b_sample_fits_with_fsdp_and_is_refused_with_ddp_and_full_fine_tuni
     for stage in memory.TRAINING_STAGES:
         line = out.split(stage, 1)[1].splitlines()[1]
         assert line.strip().startswith("memory: fsdp: ~") and ", fits 80.0 GiB" in line
+        assert line.endswith("shape from catalogue: Qwen2.5-7B)")
     doc = yaml.safe_load(SAMPLE.read_text())
     doc["spec"]["teacher"]["resources"]["strategy"] = "ddp"
     del doc["spec"]["teacher"]["sft"]["lora"]
