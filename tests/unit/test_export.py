@@ -44,16 +44,20 @@ def rows():
 
 def _student(tiny_encoder, pooling, rows):
     """A tiny student whose head is its pooled features' class means (a nearest-mean classifier fitted on `rows`):
-    varied, confident and partly right, so parity is checked on outputs that differ from pair to pair."""
+    varied, confident and partly right, so parity is checked on outputs that differ from pair to pair. Its weights are
+    capped (row norm 100): a random encoder's CLS vector barely varies between pairs, and the class means then need
+    weights of norm ~1,500, which scale float32 rounding (different between CPUs' kernels: AVX2 vs AVX-512) past the
+    parity tolerance; no trained classifier is that ill-conditioned (the quickstart's student: 9.8e-07)."""
     cfg = StudentConfig(StudentSpec(base_model=tiny_encoder, max_length=48, pooling=pooling), LABELS)
     torch.manual_seed(0)
     model, tok = build_model(cfg)
     model.eval()
     with torch.no_grad():
         h = model.pool(dict(encode_standard(tok, [r["query"] for r in rows], [service_text(r) for r in rows], 48)))
-        mu, sd = h.mean(0), h.std(0) + 1e-6
+        mu, sd = h.mean(0), h.std(0)
         y = torch.tensor([LABELS.index(r["label"]) for r in rows])
         weight = torch.stack([((h[y == k] - mu) / sd).mean(0) for k in range(len(LABELS))]) / sd * 3
+        weight *= (100 / weight.norm(dim=1).max()).clamp(max=1)
         model.classifier.weight.copy_(weight)
         model.classifier.bias.copy_(-(weight @ mu))
     return cfg, model, tok
@@ -196,7 +200,7 @@ def test_runtime_checks_pick_the_fastest_that_passed_and_say_why_int8_failed(exp
     checks = check_runtimes(student, served, lambda r: load_onnx(exported["uri"], r), rows, truth, 0.0)
     assert checks["torch"]["passed"] and checks["onnx"]["passed"] and checks["onnx"]["max_abs_diff"] <= 1e-4
     assert checks["onnx"]["macro_f1"] == pytest.approx(checks["torch"]["macro_f1"], abs=1e-4)
-    int8_ok = abs(checks["onnx-int8"]["loss_points"]) <= 0.5
+    int8_ok = checks["onnx-int8"]["loss_points"] <= 0.5  # a gain passes too
     assert checks["onnx-int8"]["passed"] == int8_ok
     assert ex.pick_runtime({r: c["passed"] for r, c in checks.items()}) == ("onnx-int8" if int8_ok else "onnx")
 
