@@ -384,12 +384,6 @@ def job_for(spec: Any, stage: str) -> Job:
     )
 
 
-def start_model(spec: Any, stage: str) -> str:
-    """The model a stage's training starts from, as far as memory goes: every teacher stage has the base model's
-    shape (DAPT's and SFT's outputs keep it; a pruned model is planned by its own config)."""
-    return spec.teacher.base_model
-
-
 def plan_stage(spec: Any, stage: str, shape: Shape | None, why: str = "") -> StagePlan:
     """The strategy (resolving `auto`) and whether it fits, for one training stage of `spec`."""
     r = spec.teacher.resources
@@ -399,18 +393,20 @@ def plan_stage(spec: Any, stage: str, shape: Shape | None, why: str = "") -> Sta
         gb, source = r.gpu_memory()
         budget = int(gb * GiB)
     else:
-        budget = quantity_bytes(r.memory or default_memory(r.cpus_per_worker))
+        budget = host
         source = "resources.memory" if r.memory else "the pod's default memory"
     if shape is None:
         return StagePlan(stage, None, why, budget=budget, budget_source=source, gpu=job.gpu)
     ddp, fsdp = estimate(shape, job, "ddp"), estimate(shape, job, "fsdp")
-    lora = job.lora_r is not None
     if r.strategy == "auto":
-        pick = ddp if (job.workers == 1 or ddp.peak(job.gpu) <= budget) else fsdp
-        other = fsdp if pick is ddp else ddp
-        return StagePlan(stage, shape, "", pick, other, budget, source, job.gpu, "auto", host if job.gpu else 0, lora)
-    chosen, other = (ddp, fsdp) if r.strategy == "ddp" else (fsdp, ddp)
-    return StagePlan(stage, shape, "", chosen, other, budget, source, job.gpu, "", host if job.gpu else 0, lora)
+        chosen = ddp if (job.workers == 1 or ddp.peak(job.gpu) <= budget) else fsdp
+    else:
+        chosen = ddp if r.strategy == "ddp" else fsdp
+    other = fsdp if chosen is ddp else ddp
+    by = "auto" if r.strategy == "auto" else ""
+    return StagePlan(
+        stage, shape, "", chosen, other, budget, source, job.gpu, by, host if job.gpu else 0, job.lora_r is not None
+    )
 
 
 @dataclass
@@ -424,14 +420,13 @@ class MemoryPlan:
 def plan(spec: Any, stages: list[str], options: Any = None, *, local_only: bool = False) -> MemoryPlan:
     """The memory plan of a run's enabled teacher training stages (`stages`: the run's stage names)."""
     out = MemoryPlan()
-    shapes: dict[str, tuple[Shape | None, str]] = {}
-    for stage in stages:
-        if stage not in TRAINING_STAGES:
-            continue
-        uri = start_model(spec, stage)
-        if uri not in shapes:
-            shapes[uri] = _local_shape(uri) if local_only else read_shape(uri, options)
-        shape, why = shapes[uri]
+    training = [s for s in stages if s in TRAINING_STAGES]
+    if not training:
+        return out
+    # every teacher stage has the base model's shape (DAPT's and SFT's outputs keep it): one read for all
+    uri = spec.teacher.base_model
+    shape, why = _local_shape(uri) if local_only else read_shape(uri, options)
+    for stage in training:
         out.stages[stage] = plan_stage(spec, stage, shape, why)
     return out
 

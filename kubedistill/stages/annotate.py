@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -142,13 +143,9 @@ class VllmEngine:
         from vllm import SamplingParams
 
         params = SamplingParams(max_tokens=sampling.max_tokens, temperature=sampling.temperature, seed=sampling.seed)
-        known = self._ids
-        inputs: list[Any] = [
-            {"prompt_token_ids": known[p]}
-            if p in known
-            else {"prompt_token_ids": self.tokenizer(p, add_special_tokens=False)["input_ids"]}
-            for p in prompts
-        ]
+        if any(p not in self._ids for p in prompts):  # not seen by `prompt_tokens` (a direct call)
+            self.prompt_tokens(prompts)
+        inputs: list[Any] = [{"prompt_token_ids": self._ids[p]} for p in prompts]
         outs = self.llm.generate(inputs, params, use_tqdm=False)
         return [Generation(o.outputs[0].text, len(o.outputs[0].token_ids)) for o in outs]
 
@@ -474,8 +471,6 @@ class Annotator:
         self.ready_at = time.time()  # model loaded: the replica's start-up ends here
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
-        import os
-
         items = list(zip(batch[SHARD], batch[RAW], strict=True))
         started, clock = time.perf_counter(), {"engine_s": 0.0}
         outcomes: list[Outcome] = []
