@@ -766,7 +766,9 @@ def _run(ctx: StageContext, logs: Storage, explain: bool) -> dict[str, Any]:
     _drop_stale(ctx.out, keep=set(results))
     t0 = time.time()
     expected = {name: shard_rows(logs, rel) for name, rel in pending.items()}
-    engine, why = pick_engine(a.engine, a.gpus_per_replica, sum(expected.values()))
+    # weighed on the whole log, not what is left of it: a retried job picks the engine its first attempt did
+    rows = sum(r.rows_in for r in results.values()) + sum(expected.values())
+    engine, why = pick_engine(a.engine, a.gpus_per_replica, rows)
     ctx.log(
         f"{len(files)} {'labeled shard(s)' if explain else 'log shard(s)'}, {len(results)} already "
         f"{'explained' if explain else 'annotated'}; engine {engine} ({why}); "
