@@ -309,8 +309,14 @@ def test_a_queued_run_waits_for_kueue_and_shows_its_progress(cluster, ray_dashbo
         assert run["status"]["progress"] == "data queued in team-a"
         assert _condition(run, "Ready")["reason"] == "StageQueued"
         assert "LocalQueue team-a" in _stage(run, "data")["message"]
-        job = cluster.api.get(f"{jobs}/queued-data")
-        assert job["spec"]["suspend"] is True and job["status"]["jobDeploymentStatus"] == "Suspended"
+        # the run says Queued once the operator created the job suspended; KubeRay writes the job's own status on
+        # its next reconcile, which may come after: wait for it rather than race it
+        def suspended():
+            j = cluster.api.get(f"{jobs}/queued-data")
+            return j if j.get("status", {}).get("jobDeploymentStatus") == "Suspended" else None
+
+        job = wait_for("the RayJob's status Suspended", suspended, 30, logs=cluster.operator_logs)
+        assert job["spec"]["suspend"] is True
         assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
         assert job["metadata"]["labels"]["kueue.x-k8s.io/priority-class"] == "batch-low"
         assert kuberay.submitted == []  # nothing runs before admission
