@@ -125,6 +125,7 @@ ORDER = [
     "serve_latency",
     "operator_scale",
     "prune_search",
+    "prune_recovery",
     "teacher_step",
 ]
 

@@ -382,15 +382,58 @@ def _section_pruning(storage: Storage, found: dict[str, dict[str, Any]]) -> str:
             ]
         )
     p = x.get("predictor", {})
+    fit = (
+        f"on {_fmt(p.get('n_test'))} architectures out of fold: R² {_fmt(p.get('r2'))}, Kendall τ "
+        f"{_fmt(p.get('kendall_tau'))}"
+        if p.get("r2") is not None
+        else _e(p.get("fit") or "no fit reported")
+    )
     return (
-        "<h2>Pruning</h2>"
-        + f"<p>Target: remove {_pct(x.get('target_ratio'))} of the teacher's parameters; {_fmt(x.get('evaluated'))} "
-        f"architectures evaluated for real ({_fmt(x.get('sampled'))} sampled, {_fmt(x.get('proposed'))} proposed by the "
-        f"predictor). Searched vs uniform perplexity: {_signed_pct(x.get('perplexity_vs_uniform_pct'))}. Predictor "
-        f"({_e(p.get('kind'))}) on {_fmt(p.get('n_test'))} held-out architectures: R² {_fmt(p.get('r2'))}, "
-        f"Kendall τ {_fmt(p.get('kendall_tau'))}.</p>"
-        + _table(["model", "parameters", "removed", "perplexity", "label accuracy"], rows)
+        "<h2>Pruning</h2>" + f"<p>Target: remove {_pct(x.get('target_ratio'))} of the teacher's parameters, objective "
+        f"{_e(x.get('objective'))}; {_fmt(x.get('evaluated'))} architectures evaluated for real "
+        f"({_fmt(x.get('sampled'))} sampled, {_fmt(x.get('proposed'))} proposed by the predictor). Searched vs uniform "
+        f"perplexity: {_signed_pct(x.get('perplexity_vs_uniform_pct'))}. Predictor ({_e(p.get('kind'))}) {fit}.</p>"
+        + _table(["model (the search's prompts)", "parameters", "removed", "perplexity", "label accuracy"], rows)
+        + _pruning_held_out(x.get("held_out"), x.get("recovery") or {})
         + _image(_version(storage, m), "predicted_vs_measured.png", "predicted vs measured")
+    )
+
+
+def _pruning_held_out(held: dict[str, Any] | None, recovery: dict[str, Any]) -> str:
+    """Base and each pruned model before and after recovery, on prompts the search never saw."""
+    if not held:
+        return ""
+    rows = [
+        [
+            "base",
+            "",
+            _fmt(held["base"].get("label_accuracy")),
+            _fmt(held["base"].get("perplexity")),
+            _fmt(held["base"].get("generated_tokens_per_s")),
+        ]
+    ]
+    for name in ("searched", "uniform"):
+        for when in ("pruned", "recovered"):
+            r = (held.get(name) or {}).get(when)
+            if r:
+                rows.append(
+                    [
+                        name,
+                        when,
+                        _fmt(r.get("label_accuracy")),
+                        _fmt(r.get("perplexity")),
+                        _fmt(r.get("generated_tokens_per_s")),
+                    ]
+                )
+    budget = (
+        f"Recovery: LoRA rank {_fmt(recovery.get('rank'))} on every projection, {_fmt(recovery.get('steps'))} steps "
+        "on the SFT set, the same for both models."
+        if recovery.get("enabled")
+        else "Recovery off (spec.pruning.recovery.enabled): the pruned weights as they are."
+    )
+    where = "prompts the search never saw" if held.get("disjoint_from_search") else "the search's own prompts"
+    return f"<p>On {_fmt(held.get('prompts'))} held-out eval prompts ({where}). {budget}</p>" + _table(
+        ["model", "", "label accuracy", "perplexity", "generated tokens/s"], rows
     )
 
 

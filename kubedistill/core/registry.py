@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from kubedistill.core.spec import DistillationRunSpec, Resources, annotates, rationalizes
+from kubedistill.core.spec import DistillationRunSpec, Resources, annotates, prunes_annotator, rationalizes
 
 #: How every teacher stage runs: its Ray workers and its budget of worker failures.
 _TEACHER_RUN = ("teacher.resources", "teacher.maxFailures", "teacher.maxLength", "teacher.gradientCheckpointing")
@@ -49,8 +49,18 @@ class StageDef:
 
 def _explains_for_teacher(s: DistillationRunSpec) -> bool:
     """Whether the teacher's SFT set takes its reasoning from the rationalize stage: only when another LLM
-    (`spec.annotation.model`) explains the labels; the teacher cannot explain its own training set."""
-    return rationalizes(s) and s.teacher.enabled and s.annotation.model is not None
+    (`spec.annotation.model`) explains the labels; the teacher cannot explain its own training set (nor can its
+    pruned copy)."""
+    return rationalizes(s) and s.teacher.enabled and s.annotation.model is not None and not prunes_annotator(s)
+
+
+def _prune_inputs(s: DistillationRunSpec) -> tuple[str, ...] | None:
+    """The data (its SFT and eval sets), and the teacher-dpo model unless another is named (`spec.pruning.model`)."""
+    if not s.pruning.enabled:
+        return None
+    if s.pruning.model:
+        return ("data",)
+    return ("data", "teacher-dpo") if s.teacher.enabled else None
 
 
 def _teacher(*inputs: str, reads_sft: bool = True) -> Callable[[DistillationRunSpec], tuple[str, ...] | None]:
@@ -61,7 +71,10 @@ def _teacher(*inputs: str, reads_sft: bool = True) -> Callable[[DistillationRunS
 
 
 def _llm_inputs(s: DistillationRunSpec) -> tuple[str, ...]:
-    """The data, and the trained teacher unless another LLM is named (`spec.annotation.model`)."""
+    """The data, and the trained teacher unless another LLM is named (`spec.annotation.model`): the pruned teacher
+    (`prune-search`) comes from that stage."""
+    if prunes_annotator(s):
+        return ("data", "prune-search")
     return ("data", "teacher-dpo") if s.teacher.enabled and s.annotation.model is None else ("data",)
 
 
@@ -190,8 +203,8 @@ STAGES: tuple[StageDef, ...] = (
     StageDef(
         "prune-search",
         "kubedistill.stages.prune_search:run_stage",
-        reads=("labels", "pruning", "teacher.resources"),
-        inputs=lambda s: ("data", "teacher-dpo") if s.pruning.enabled and s.teacher.enabled else None,
+        reads=("labels", "pruning", *_TEACHER_RUN),
+        inputs=_prune_inputs,
         resources=lambda s: s.teacher.resources,
     ),
     StageDef(

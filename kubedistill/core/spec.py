@@ -456,7 +456,10 @@ class AnnotationSpec(_Model):
         "(measured; the manifest's engine_reason says which and why).",
     )
     model: Location | None = Field(
-        default=None, description="Annotating LLM; default: the teacher-dpo stage's model. Required without a teacher."
+        default=None,
+        description="Annotating LLM: a hub id, local directory or s3:// prefix, or `prune-search` for the pruned "
+        "teacher that stage saves (after its recovery tuning; it runs on the transformers engine, as vLLM cannot "
+        "load layers of different sizes). Default: the teacher-dpo stage's model. Required without a teacher.",
     )
     replicas: Replicas = Field(
         default_factory=Replicas,
@@ -640,8 +643,39 @@ class EvaluationSpec(_Model):
     )
 
 
+class RecoverySpec(_Model):
+    """LoRA tuning of a pruned teacher on the SFT set before it is judged (arXiv 2309.09507, LLM-Pruner)."""
+
+    enabled: bool = Field(
+        default=True,
+        description="Tune the searched and the uniform pruned teacher with LoRA (the same budget for both) and "
+        "save the searched one merged; off: the pruned weights as they are.",
+    )
+    steps: int = Field(default=200, ge=1, le=1_000_000, description="Optimizer steps of the LoRA tuning, per model.")
+    batch_size: int = Field(default=16, ge=1, le=65_536, description="Global batch size (SFT examples).")
+    learning_rate: float = Field(
+        default=2e-4, gt=0, lt=1, description="Peak learning rate (AdamW; warm-up over 10% of steps, linear decay)."
+    )
+    rank: int = Field(
+        default=8,
+        ge=1,
+        le=1024,
+        description="LoRA rank, on every projection of every layer (q, k, v, o, gate, up, down).",
+    )
+    alpha: int = Field(
+        default=16, ge=1, le=4096, description="LoRA scaling numerator (the update is scaled by alpha / rank)."
+    )
+
+
 class PruningSpec(_Model):
-    enabled: bool = Field(default=True, description="Run the prune-search stage on the DPO teacher.")
+    enabled: bool = Field(
+        default=True, description="Run the prune-search stage on the DPO teacher (or on spec.pruning.model)."
+    )
+    model: Location | None = Field(
+        default=None,
+        description="The causal LM to prune, when not the run's teacher-dpo model: a hub id, local directory or "
+        "s3:// prefix of a Llama-style model answering in the teacher's format (label accuracy is measured on it).",
+    )
     target_ratio: float = Field(default=0.25, ge=0, lt=1, description="Fraction of the teacher's parameters to remove.")
     sampled_architectures: int = Field(
         default=64,
@@ -656,15 +690,17 @@ class PruningSpec(_Model):
     predictor: Literal["gbdt", "lightgbm"] = Field(
         default="gbdt", description="The accuracy predictor: scikit-learn's or LightGBM's gradient-boosted trees."
     )
-    objective: Literal["perplexity", "accuracy"] = Field(
+    objective: Literal["perplexity", "labelAccuracy", "both"] = Field(
         default="perplexity",
-        description="What the predictor learns and the search minimises: held-out perplexity, "
-        "or the pruned teacher's label error on eval prompts.",
+        description="What the predictor learns and the search optimises: held-out perplexity, the pruned "
+        "teacher's label accuracy on eval prompts (its parsed answers), or both (the sum of the two, each "
+        "standardised over the sampled architectures).",
     )
     calibration_samples: int = Field(default=32, ge=1, le=100_000, description="Texts for the Taylor importance.")
     eval_texts: int = Field(default=128, ge=1, le=100_000, description="Held-out texts for perplexity.")
     eval_prompts: int = Field(default=64, ge=1, le=100_000, description="Eval prompts generated for label accuracy.")
     seed: Seed = Field(default=0, description="Seed of the sampled architectures and the predictor.")
+    recovery: RecoverySpec = Field(default_factory=RecoverySpec)
 
 
 _MAX_SERVICES, _MAX_BATCH_PAIRS = 100, 512
@@ -975,6 +1011,15 @@ def rationalizes(s: DistillationRunSpec) -> bool:
     return s.annotation.enabled and s.annotation.mode in ("rationalize", "both")
 
 
+#: `spec.annotation.model` naming the pruned teacher of the run's prune-search stage
+PRUNED_ANNOTATOR = "prune-search"
+
+
+def prunes_annotator(s: DistillationRunSpec) -> bool:
+    """Whether the annotating LLM is the run's pruned teacher (`spec.annotation.model: prune-search`)."""
+    return s.annotation.enabled and s.annotation.model == PRUNED_ANNOTATOR
+
+
 def _semantic_problems(run: DistillationRun) -> list[Problem]:
     """Cross-field rules the field types cannot express (mirrored as CEL rules where possible)."""
     s = run.spec
@@ -1009,9 +1054,27 @@ def _semantic_problems(run: DistillationRun) -> list[Problem]:
                 "a Kueue priority needs a queue: set spec.ray.queueName (a LocalQueue) or remove priorityClassName",
             )
         )
-    if s.pruning.enabled and not s.teacher.enabled:
+    if s.pruning.enabled and not s.teacher.enabled and not s.pruning.model:
         out.append(
-            Problem("spec.pruning.enabled", "pruning prunes the teacher: enable spec.teacher or disable pruning")
+            Problem(
+                "spec.pruning.enabled",
+                "pruning prunes the teacher: enable spec.teacher, name the model to prune (spec.pruning.model) "
+                "or disable pruning",
+            )
+        )
+    if prunes_annotator(s) and not s.pruning.enabled:
+        out.append(
+            Problem(
+                "spec.annotation.model",
+                "prune-search names the pruned teacher, which only the prune-search stage makes: enable spec.pruning",
+            )
+        )
+    if s.pruning.enabled and s.pruning.recovery.enabled and s.data.logs and not s.data.sft_seed:
+        out.append(
+            Problem(
+                "spec.pruning.recovery.enabled",
+                "recovery tunes the pruned model on the SFT set: set spec.data.sftSeed or disable recovery",
+            )
         )
     if s.annotation.enabled and not s.teacher.enabled and not s.annotation.model:
         out.append(Problem("spec.annotation.model", "required when spec.teacher.enabled is false"))

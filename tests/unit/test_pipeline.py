@@ -37,8 +37,23 @@ def test_disabled_stages_are_left_out_and_dependencies_rewired():
     assert [(s.name, s.depends_on) for s in only] == [("data", ()), ("evaluate", ("data",))]
 
 
+def test_the_pruned_teacher_as_annotator_puts_prune_search_before_annotate():
+    stages = _build(annotation={"model": "prune-search"})
+    order = [s.name for s in stages]
+    by = {s.name: s.depends_on for s in stages}
+    assert by["annotate"] == ("data", "prune-search") and by["prune-search"] == ("data", "teacher-dpo")
+    assert order.index("teacher-dpo") < order.index("prune-search") < order.index("annotate") < order.index("student-crsd")
+    # rationalizing with it explains labels for the student only: the teacher cannot wait on its own pruned copy
+    g = _graph(annotation={"model": "prune-search", "mode": "both"}, pruning={"enabled": True})
+    assert g["teacher-sft"] == ("data", "teacher-dapt") and g["rationalize"] == ("data", "prune-search")
+    # a model named to prune needs no teacher
+    g = _graph(teacher={"enabled": False}, annotation={"model": "prune-search"},
+               pruning={"enabled": True, "model": "s3://m/llama"})
+    assert g["prune-search"] == ("data",) and g["annotate"] == ("data", "prune-search") and "teacher-dpo" not in g
+
+
 def _graph(**patch) -> dict[str, tuple[str, ...]]:
-    stages = _build(pruning={"enabled": False}, serving={"enabled": False}, **patch)
+    stages = _build(**{"pruning": {"enabled": False}, "serving": {"enabled": False}, **patch})
     order = [s.name for s in stages]
     assert all(order.index(d) < order.index(s.name) for s in stages for d in s.depends_on), order
     return {s.name: s.depends_on for s in stages}

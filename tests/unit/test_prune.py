@@ -153,3 +153,43 @@ def test_importance_round_trips_through_safetensors_and_prunes_the_same_model():
     torch.testing.assert_close(_logits(one), _logits(two))
     with pytest.raises(ValueError, match="not an importance file"):
         prune.Importance.from_bytes(prune.Importance([torch.ones(1)], []).to_bytes())
+
+
+def test_recovery_trains_only_the_adapters_and_the_merged_model_reloads_with_the_standard_loader(tmp_path):
+    """Recovery's path (kubedistill.stages.prune_search): a pruned model saved by `prune.save`, wrapped with LoRA on
+    every projection by `train.build`, trained by `train.fit`, checkpointed, merged by `stages.trained_model` and
+    saved by `save_pruned`: before the merge only adapter weights moved; after it, `lm.load` reads the model with
+    no adapter left, in its pruned shape, computing what the trained adapters did."""
+    import ray.train
+
+    from kubedistill.core.spec import LoraSpec, TrainSpec
+    from kubedistill.core.storage import Storage
+    from kubedistill.stages import prune_search as ps
+    from kubedistill.stages.teacher import stages, train
+
+    model = _llama()
+    tok = lm.train_tokenizer(["plumber in harbor", "sushi near north"] * 20, 300)
+    prune.prune(model, prune.Architecture((0.5, 0.25, 0.0), (0.5, 0.0, 0.75)), prune.taylor_importance(model, [BATCH]))
+    start = tmp_path / "pruned"
+    ps.save_pruned(model, tok, Storage(str(start)))
+    cfg = train.TrainConfig(task="lm", start=str(start), examples_uri="", lora_targets=ps.RECOVERY_TARGETS,
+                            train=TrainSpec(epochs=1, learning_rate=1e-2, batch_size=4, max_steps=3),
+                            lora=LoraSpec(r=4, alpha=8, dropout=0.0), checkpoint_every=10**9)
+    peft_model, tokenizer, _ = train.build(cfg, None, reference=False)
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    adapted = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trainable}
+    assert all("lora_" in n for n in trainable) and adapted == set(ps.RECOVERY_TARGETS)
+    before = {n: p.detach().clone() for n, p in peft_model.named_parameters()}
+    rows = [{"prompt": "plumber in ", "response": "harbor"}, {"prompt": "sushi ", "response": "near north"}] * 4
+    (tmp_path / "ckpt").mkdir()
+    train.fit(cfg, peft_model, tokenizer, None, rows, on_checkpoint=lambda save, m: save(tmp_path / "ckpt"))
+    after = dict(peft_model.named_parameters())
+    moved = {n for n in before if not torch.equal(before[n], after[n].detach())}
+    assert moved and moved <= trainable  # only adapters changed (lora_A starts random, lora_B at zero: B moved)
+    merged, _ = stages.trained_model(cfg, ray.train.Checkpoint.from_directory(str(tmp_path / "ckpt")), None)
+    ps.save_pruned(merged, tok, Storage(str(tmp_path / "recovered")))
+    loaded, _ = lm.load(str(tmp_path / "recovered"), "test")
+    assert type(loaded).__name__ == "PrunedLlamaForCausalLM" and not any("lora" in n for n in loaded.state_dict())
+    assert prune.param_count(loaded) == prune.param_count(model)  # the pruned shape, adapters folded in
+    peft_model.eval()
+    torch.testing.assert_close(_logits(loaded.eval()), _logits(peft_model), rtol=1e-4, atol=1e-4)

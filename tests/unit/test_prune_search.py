@@ -42,17 +42,48 @@ def _truth(a: Architecture) -> float:
 
 
 @pytest.mark.parametrize("kind", ["gbdt", "lightgbm"])
-def test_the_predictor_learns_a_known_landscape_and_reports_held_out_r2_and_tau(kind):
+def test_the_predictor_learns_a_known_landscape_and_reports_its_out_of_fold_fit(kind):
     rng = random.Random(1)
     archs = [ps.sample(SHAPE, 0.25, rng) for _ in range(80)]
     p = ps.fit_predictor(archs, [_truth(a) for a in archs], seed=0, kind=kind)
     d = p.diagnostics
-    assert d["n_test"] == 20 and d["n_train"] == 60 and len(d["test_measured"]) == 20
-    assert d["r2"] > 0.7 and d["kendall_tau"] > 0.6, d
+    # 4 folds: each architecture predicted by a model trained on the other 60
+    assert d["n_test"] == 80 and d["n_train"] == 60 and len(d["test_measured"]) == 80
+    assert d["r2"] > 0.7 and d["kendall_tau"] > 0.6 and d["fit"] == "out of fold, 4 folds", d
     imp = np.array(d["feature_importances"])
     assert set(np.argsort(-imp)[:2]) == {0, 7}  # attn[0] and mlp[3]
     with pytest.raises(ValueError, match="at least 8 evaluated architectures, got 3"):
         ps.fit_predictor(archs[:3], [1.0, 2.0, 3.0], seed=0)
+
+
+def test_a_fit_on_too_few_architectures_is_not_reported_as_one():
+    rng = random.Random(3)
+    archs = [ps.sample(SHAPE, 0.25, rng) for _ in range(ps.MIN_FIT_POINTS - 1)]
+    d = ps.fit_predictor(archs, [_truth(a) for a in archs], seed=0).diagnostics
+    assert d["r2"] is None and d["kendall_tau"] is None
+    assert d["fit"] == "not enough samples: 15 architectures, a fit needs 16 (spec.pruning.sampledArchitectures)"
+    assert len(d["test_predicted"]) == 15  # the out-of-fold points are still there to plot
+    assert ps.plot(d, [], "perplexity")[:8] == b"\x89PNG\r\n\x1a\n"
+    more = archs + [ps.sample(SHAPE, 0.25, rng)]
+    assert ps.fit_predictor(more, [_truth(a) for a in more], seed=0).diagnostics["r2"] is not None
+
+
+def test_objective_values_lower_is_better_and_both_weighs_the_two_on_one_scale():
+    import math
+
+    results = [{"perplexity": 10.0, "label_accuracy": 0.9}, {"perplexity": 20.0, "label_accuracy": 0.5},
+               {"perplexity": 40.0, "label_accuracy": 0.7}]
+    assert ps.objective_values(results, "perplexity") == pytest.approx([math.log(10), math.log(20), math.log(40)])
+    assert ps.objective_values(results, "labelAccuracy") == pytest.approx([0.1, 0.5, 0.3])
+    # log perplexity ln10 + (0, ln2, 2 ln2): z = (-1.2247, 0, 1.2247); error (0.1, 0.5, 0.3): z = (-1.2247, 1.2247, 0)
+    z = math.sqrt(1.5)
+    both = ps.objective_values(results, "both")
+    assert both == pytest.approx([-2 * z, z, z])
+    # scored on the reference's scale: a new architecture is judged against the sampled ones, not itself
+    assert ps.objective_values(results[:1], "both", reference=results) == pytest.approx([-2 * z])
+    # a metric that does not vary adds nothing (no division by zero)
+    flat = [{"perplexity": 10.0, "label_accuracy": a} for a in (0.2, 0.4)]
+    assert ps.objective_values(flat, "both") == pytest.approx([1.0, -1.0])
 
 
 def test_narrowing_and_proposing_find_better_architectures_than_random():

@@ -97,6 +97,28 @@ def test_the_report_says_how_far_the_annotating_model_agreed_with_the_labels_it_
             "80 it disagreed with were left out") in text
 
 
+def test_the_report_shows_the_pruned_teacher_before_and_after_recovery_and_withholds_a_fit_on_too_few(tmp_path):
+    st = _store(tmp_path)
+    def m(acc: float, ppl: float) -> dict:
+        return {"label_accuracy": acc, "perplexity": ppl, "generated_tokens_per_s": 900.0}
+    st.write_json(f"prune-search/{MANIFEST}", _manifest("prune-search", {"data": "d-data"}, "d-pr", {
+        "target_ratio": 0.25, "objective": "labelAccuracy", "evaluated": 11, "sampled": 8, "proposed": 2,
+        "perplexity_vs_uniform_pct": -3.9,
+        "predictor": {"kind": "gbdt", "r2": None, "kendall_tau": None, "n_train": 6, "n_test": 8,
+                      "fit": "not enough samples: 8 architectures, a fit needs 16 (spec.pruning.sampledArchitectures)"},
+        "base": {"params": 1000}, "searched": {"params": 750}, "uniform": {"params": 751},
+        "held_out": {"prompts": 64, "disjoint_from_search": True, "base": m(0.92, 116.0),
+                     "searched": {"pruned": m(0.11, 105.0), "recovered": m(0.81, 82.0)},
+                     "uniform": {"pruned": m(0.25, 109.0), "recovered": m(0.70, 87.0)}},
+        "recovery": {"enabled": True, "steps": 300, "rank": 8, "learning_rate": 0.003}}))
+    report.write(st, "r", ["data", "prune-search"], None)
+    text = " ".join(_text(st.read_text("report.html")).split())
+    assert "Predictor (gbdt) not enough samples: 8 architectures, a fit needs 16" in text and "R² None" not in text
+    assert "On 64 held-out eval prompts (prompts the search never saw). Recovery: LoRA rank 8" in text
+    assert "searched pruned 0.1100 105.0000 900.0000" in text and "searched recovered 0.8100 82.0000" in text
+    assert "uniform recovered 0.7000 87.0000" in text
+
+
 def test_comparison_differences_are_to_the_ce_student():
     rows = evaluate.comparison(_models())
     assert [(r["objective"], r["served"], r["delta_macro_f1"]) for r in rows] == [("crsd", True, 0.0106), ("ce", False, 0.0)]

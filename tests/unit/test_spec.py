@@ -70,6 +70,12 @@ def test_unknown_top_level_and_nested_fields_are_errors():
         ({"student": {"compareObjectives": ["ce", "ce"]}}, "spec.student.compareObjectives"),
         ({"student": {"compareObjectives": ["mse"]}}, "spec.student.compareObjectives[0]"),
         ({"teacher": {"dpo": {"prompts": 0}}}, "spec.teacher.dpo.prompts"),
+        ({"teacher": {"enabled": False}, "annotation": {"model": "s3://m/llm"}}, "spec.pruning.enabled"),
+        ({"annotation": {"model": "prune-search"}, "pruning": {"enabled": False}}, "spec.annotation.model"),
+        ({"data": {"logs": "s3://b/logs/", "evalSet": "s3://b/eval/"}, "teacher": {"enabled": False},
+          "annotation": {"model": "s3://m/llm"}, "pruning": {"model": "s3://m/llm"}}, "spec.pruning.recovery.enabled"),
+        ({"pruning": {"objective": "accuracy"}}, "spec.pruning.objective"),
+        ({"pruning": {"recovery": {"steps": 0}}}, "spec.pruning.recovery.steps"),
     ],
 )
 def test_invalid_values_name_their_field(patch, path):

@@ -242,7 +242,7 @@ def test_perplexity_of_a_model_that_learned_the_text_is_lower(tiny):
 
 def test_lora_through_the_stages_own_build_train_checkpoint_and_merge(tiny, tmp_path):
     """The path the teacher stages take with `lora:` (train.build wraps the start model, train.fit trains it,
-    the checkpoint holds its state, stages._trained reloads and merges): the adapters alone train, and the
+    the checkpoint holds its state, stages.trained_model reloads and merges): the adapters alone train, and the
     merged model computes what the trained unmerged one did, in the base model's shape."""
     import ray.train
 
@@ -259,7 +259,7 @@ def test_lora_through_the_stages_own_build_train_checkpoint_and_merge(tiny, tmp_
     ex = [{"prompt": fmt.prompt(r), "response": fmt.response(r["reasoning"], r["label"])} for r in g.sft[:8]]
     (tmp_path / "ckpt").mkdir()
     train.fit(cfg, peft_model, tokenizer, None, ex, on_checkpoint=lambda save, m: save(tmp_path / "ckpt"))
-    merged, _ = stages._trained(cfg, ray.train.Checkpoint.from_directory(str(tmp_path / "ckpt")), None)
+    merged, _ = stages.trained_model(cfg, ray.train.Checkpoint.from_directory(str(tmp_path / "ckpt")), None)
     assert set(merged.state_dict()) == set(base)  # no adapter left: the base model's own parameter names
     assert any(not torch.equal(merged.state_dict()[k], base[k]) for k in base)  # and the training is in it
     batch = tok([fmt.prompt(r) for r in g.eval[:3]], return_tensors="pt", padding=True)

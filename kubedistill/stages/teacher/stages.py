@@ -68,7 +68,7 @@ def on_worker(resources: Resources, fn: Any, *args: Any) -> Any:
     return ray.get(task.remote(*args))
 
 
-def _trained(cfg: TrainConfig, checkpoint: Any, options: Any) -> tuple[Any, Any]:
+def trained_model(cfg: TrainConfig, checkpoint: Any, options: Any) -> tuple[Any, Any]:
     """The start model with the checkpoint's weights (LoRA merged), on this worker's device."""
     model, tokenizer, _ = build(cfg, options, reference=False)
     sharded.load_model(checkpoint, model)
@@ -198,7 +198,7 @@ def _start_perplexity(start: str, texts: list[str], options: Any) -> float:
 
 
 def _finish_dapt(cfg: TrainConfig, checkpoint: Any, out_uri: str, options: Any, held: list[str]) -> dict[str, Any]:
-    model, tokenizer = _trained(cfg, checkpoint, options)
+    model, tokenizer = trained_model(cfg, checkpoint, options)
     return {
         "perplexity_after": perplexity(model, tokenizer, held),
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -254,7 +254,7 @@ def run_dapt(ctx: StageContext) -> dict[str, Any]:
 def _finish_sft(
     cfg: TrainConfig, checkpoint: Any, out_uri: str, options: Any, ev: list[dict[str, Any]], labels: list[str]
 ) -> dict[str, Any]:
-    model, tokenizer = _trained(cfg, checkpoint, options)
+    model, tokenizer = trained_model(cfg, checkpoint, options)
     responses = lm.generate(model, tokenizer, [fmt.prompt(r) for r in ev], max_new_tokens=GEN_TOKENS)
     return {
         "eval": response_quality(responses, ev, labels),
@@ -325,7 +325,7 @@ def _finish_reward(
     held_pairs: list[pairs.Pair],
     weights: dict[str, float],
 ) -> dict[str, Any]:
-    rm, tokenizer = _trained(cfg, checkpoint, options)
+    rm, tokenizer = trained_model(cfg, checkpoint, options)
     dims = rm.dimensions
     sc = reward_scores(rm, tokenizer, [p.prompt for p in held_pairs], [p.chosen for p in held_pairs])
     sr = reward_scores(rm, tokenizer, [p.prompt for p in held_pairs], [p.rejected for p in held_pairs])
@@ -435,7 +435,7 @@ def _finish_dpo(
     labels: list[str],
 ) -> dict[str, Any]:
     rm, rm_tok, weights = _reward_model_on_device(rm_uri, options)
-    model, tokenizer = _trained(cfg, checkpoint, options)
+    model, tokenizer = trained_model(cfg, checkpoint, options)
     return {
         "after": judge(rm, rm_tok, weights, model, tokenizer, ev, labels),
         "model": lm.save(model, tokenizer, Storage(out_uri, options)),

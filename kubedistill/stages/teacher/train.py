@@ -46,6 +46,7 @@ class TrainConfig:
     beta: float = 0.1  # dpo
     nll_weight: float = 0.0  # dpo: weight of the chosen response's NLL
     lora: LoraSpec | None = None
+    lora_targets: tuple[str, ...] | None = None  # modules given adapters; None: PEFT's default for the model type
     strategy: str = "ddp"  # ddp | fsdp (kubedistill.ml.sharded); `auto` is resolved before (kubedistill.core.memory)
     gradient_checkpointing: bool = False
     checkpoint_every: int = 20  # steps; runs longer than 25 x this checkpoint 25 times in all instead
@@ -181,7 +182,13 @@ def build(
 
         model = get_peft_model(
             model,
-            LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, task_type="CAUSAL_LM"),
+            LoraConfig(
+                r=cfg.lora.r,
+                lora_alpha=cfg.lora.alpha,
+                lora_dropout=cfg.lora.dropout,
+                target_modules=list(cfg.lora_targets) if cfg.lora_targets else None,
+                task_type="CAUSAL_LM",
+            ),
         )
     frozen = None
     if cfg.task == "dpo" and reference:
