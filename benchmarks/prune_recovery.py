@@ -11,7 +11,9 @@ reported; neither the search nor the settings ever see them). Per seed, at `--ta
              a GBDT fitted on the objective, the space narrowed, `--top-k` picks measured; the best on validation),
              once per objective (`labelAccuracy`, the task-aware one, and `perplexity`);
   each then tuned with LoRA on every projection (the stage's recovery: `train.build` + `train.fit`, the same
-  steps, rank and learning rate for every model), measured before and after on the test prompts.
+  steps, rank and learning rate for every model), measured before and after on the test prompts;
+  and, the paper's order, the task-aware search's best `--recover-top` each recovered and the best of them after
+  recovery (on validation prompts) reported.
 The recovery learning rate is chosen first, on validation only: the uniform model of seed 0 tuned at each of
 `--lrs`, the best validation label accuracy wins.
 
@@ -55,6 +57,7 @@ from kubedistill.stages.teacher import fmt, lm, train
 from tests import teacher_model
 
 OBJECTIVES = ("labelAccuracy", "perplexity")
+AFTER = "labelAccuracy, judged after recovery"
 
 
 def recover(pruned: torch.nn.Module, tok, rows: list[dict], steps: int, lr: float, rank: int, seed: int, root: Path):
@@ -103,7 +106,9 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3])
     ap.add_argument("--validation", type=int, default=64)
-    ap.add_argument("--test", type=int, default=200)
+    ap.add_argument("--test", type=int, default=600)
+    ap.add_argument("--recover-top", type=int, default=3,
+                    help="also recover the task-aware search's best N and choose among them after recovery")
     ap.add_argument("--gen-tokens", type=int, default=64)
     ap.add_argument("--wide", type=int, default=512, help="hidden size of the larger model timed (0: skip)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -166,12 +171,22 @@ def main() -> None:
                              exclude={uni, *sampled})
             pool = [*sampled, *top]
             scores = ps.objective_values([evaluated(a) for a in pool], objective, ref)
-            best = pool[min(range(len(pool)), key=scores.__getitem__)]
-            model = pruned(best)
-            before = ps.measure(model, tok, test)
-            after = ps.measure(recover(model, tok, sft, args.steps, lr, args.rank, seed, root), tok, test)
-            row[objective] = {"pruned": before, "recovered": after, "predictor": pred.diagnostics["r2"],
-                              "params": shape.params(best), "arch": {"attn": best.attn, "mlp": best.mlp}}
+            ranked = [pool[i] for i in sorted(range(len(pool)), key=scores.__getitem__)]
+            best = ranked[0]
+            recovered = recover(pruned(best), tok, sft, args.steps, lr, args.rank, seed, root)
+            row[objective] = {"pruned": ps.measure(pruned(best), tok, test), "recovered": ps.measure(recovered, tok, test),
+                              "predictor": pred.diagnostics["r2"], "params": shape.params(best),
+                              "arch": {"attn": best.attn, "mlp": best.mlp}}
+            if objective == "labelAccuracy" and args.recover_top > 1:
+                # the paper's order: recover the best few, judge them after recovery (on validation prompts)
+                tried = [(best, recovered)] + [
+                    (a, recover(pruned(a), tok, sft, args.steps, lr, args.rank, seed, root))
+                    for a in ranked[1: args.recover_top]]
+                val_acc = [ps.measure(m, tok, val)["label_accuracy"] for _, m in tried]
+                k = max(range(len(tried)), key=lambda i: (val_acc[i], -i))
+                a, m = tried[k]
+                row[AFTER] = {"pruned": ps.measure(pruned(a), tok, test), "recovered": ps.measure(m, tok, test),
+                              "validation_after_recovery": val_acc, "chosen": k}
         model = pruned(uni)
         row["uniform"] = {"pruned": ps.measure(model, tok, test),
                           "recovered": ps.measure(recover(model, tok, sft, args.steps, lr, args.rank, seed, root),
@@ -179,7 +194,8 @@ def main() -> None:
         seeds.append(row)
         print(f"seed {seed}: " + "; ".join(
             f"{k} {row[k]['pruned']['label_accuracy']:.3f} -> {row[k]['recovered']['label_accuracy']:.3f} "
-            f"(ppl {row[k]['recovered']['perplexity']:.1f})" for k in (*OBJECTIVES, "uniform")), flush=True)
+            f"(ppl {row[k]['recovered']['perplexity']:.1f})" for k in (*OBJECTIVES, AFTER, "uniform") if k in row),
+              flush=True)
 
     prompts = [fmt.prompt(r) for r in g.eval[args.validation: args.validation + 64]]
     # the task-aware search's pick of the first seed (weights do not change the speed of a shape)
@@ -206,7 +222,9 @@ def main() -> None:
 
     base_acc = base_test["label_accuracy"]
     summary = {}
-    for k in (*OBJECTIVES, "uniform"):
+    for k in (*OBJECTIVES, AFTER, "uniform"):
+        if any(k not in r for r in seeds):
+            continue
         acc = [r[k]["recovered"]["label_accuracy"] for r in seeds]
         ppl = [r[k]["recovered"]["perplexity"] for r in seeds]
         summary[k] = {"label_accuracy": mean_sd(acc), "perplexity": mean_sd(ppl),
@@ -215,6 +233,8 @@ def main() -> None:
     wins = sum(r["labelAccuracy"]["recovered"]["label_accuracy"] >= r["uniform"]["recovered"]["label_accuracy"]
                for r in seeds)
     keeps = task / base_acc if base_acc else 0.0
+    wins_after = sum(r[AFTER]["recovered"]["label_accuracy"] >= r["uniform"]["recovered"]["label_accuracy"]
+                     for r in seeds if AFTER in r)
     print(f"base label accuracy {base_acc:.3f}; recovered mean (sd): " + "; ".join(
         f"{k} {v['label_accuracy'][0]:.3f} ({v['label_accuracy'][1]:.3f}), ppl {v['perplexity'][0]:.1f}"
         for k, v in summary.items()) + f"; searched (labelAccuracy) keeps {keeps:.1%} of base; >= uniform on "
@@ -225,7 +245,10 @@ def main() -> None:
          "target": ">= 95%", "measured": f"{keeps:.1%} ({task:.3f} vs {base_acc:.3f})",
          "met": "yes" if keeps >= 0.95 else "no"},
         {"what": "searched+recovery vs uniform+recovery, label accuracy (`prune_recovery.py`)",
-         "target": f"{len(seeds)}/{len(seeds)} seeds", "measured": f"{wins}/{len(seeds)} seeds",
+         "target": f"{len(seeds)}/{len(seeds)} seeds",
+         "measured": f"{wins}/{len(seeds)} seeds" + (
+             f"; choosing among the best {args.recover_top} after recovery: {wins_after}/{len(seeds)}"
+             if AFTER in summary else ""),
          "met": "yes" if wins == len(seeds) else "no"},
         {"what": "pruned teacher's generate tokens/s vs the base's, same engine (`prune_recovery.py`)",
          "target": ">= 1.2x", "measured": f"{small['ratio']:.2f}x (test teacher)" + (
