@@ -229,27 +229,28 @@ def main() -> None:
         ppl = [r[k]["recovered"]["perplexity"] for r in seeds]
         summary[k] = {"label_accuracy": mean_sd(acc), "perplexity": mean_sd(ppl),
                       "before_recovery": mean_sd([r[k]["pruned"]["label_accuracy"] for r in seeds])}
-    task = summary["labelAccuracy"]["label_accuracy"][0]
-    wins = sum(r["labelAccuracy"]["recovered"]["label_accuracy"] >= r["uniform"]["recovered"]["label_accuracy"]
-               for r in seeds)
+    # the headline is what the stage does by default: its best `--recover-top` recovered and judged after recovery
+    head = AFTER if AFTER in summary else "labelAccuracy"
+    task = summary[head]["label_accuracy"][0]
     keeps = task / base_acc if base_acc else 0.0
-    wins_after = sum(r[AFTER]["recovered"]["label_accuracy"] >= r["uniform"]["recovered"]["label_accuracy"]
-                     for r in seeds if AFTER in r)
+
+    def wins(k: str) -> int:
+        return sum(r[k]["recovered"]["label_accuracy"] >= r["uniform"]["recovered"]["label_accuracy"] for r in seeds)
+
     print(f"base label accuracy {base_acc:.3f}; recovered mean (sd): " + "; ".join(
         f"{k} {v['label_accuracy'][0]:.3f} ({v['label_accuracy'][1]:.3f}), ppl {v['perplexity'][0]:.1f}"
-        for k, v in summary.items()) + f"; searched (labelAccuracy) keeps {keeps:.1%} of base; >= uniform on "
-        f"{wins}/{len(seeds)} seeds", flush=True)
+        for k, v in summary.items()) + f"; searched ({head}) keeps {keeps:.1%} of base; >= uniform on "
+        f"{wins(head)}/{len(seeds)} seeds (the search's best alone: {wins('labelAccuracy')})", flush=True)
     rows: list[benchrecord.Row] = [
-        {"what": f"searched (labelAccuracy) {args.target:.0%}-pruned teacher after recovery, share of the base's "
+        {"what": f"searched ({head}) {args.target:.0%}-pruned teacher after recovery, share of the base's "
                  f"label accuracy, {len(seeds)} seeds (`prune_recovery.py`)",
          "target": ">= 95%", "measured": f"{keeps:.1%} ({task:.3f} vs {base_acc:.3f})",
          "met": "yes" if keeps >= 0.95 else "no"},
-        {"what": "searched+recovery vs uniform+recovery, label accuracy (`prune_recovery.py`)",
+        {"what": f"searched ({head}) + recovery vs uniform + recovery, label accuracy (`prune_recovery.py`)",
          "target": f"{len(seeds)}/{len(seeds)} seeds",
-         "measured": f"{wins}/{len(seeds)} seeds" + (
-             f"; choosing among the best {args.recover_top} after recovery: {wins_after}/{len(seeds)}"
-             if AFTER in summary else ""),
-         "met": "yes" if wins == len(seeds) else "no"},
+         "measured": f"{wins(head)}/{len(seeds)} seeds; the search's best alone, recovered: "
+                     f"{wins('labelAccuracy')}/{len(seeds)}",
+         "met": "yes" if wins(head) == len(seeds) else "no"},
         {"what": "pruned teacher's generate tokens/s vs the base's, same engine (`prune_recovery.py`)",
          "target": ">= 1.2x", "measured": f"{small['ratio']:.2f}x (test teacher)" + (
              f", {timing['wide_uniform']['ratio']:.2f}x ({timing['wide_uniform']['parameters'] / 1e6:.0f} M-parameter "

@@ -665,6 +665,13 @@ class RecoverySpec(_Model):
     alpha: int = Field(
         default=16, ge=1, le=4096, description="LoRA scaling numerator (the update is scaled by alpha / rank)."
     )
+    candidates: int = Field(
+        default=3,
+        ge=1,
+        le=100,
+        description="The search's best architectures recovered (each for the whole budget) and judged after "
+        "recovery on the search's eval prompts, as the paper does; the best is the stage's model.",
+    )
 
 
 class PruningSpec(_Model):

@@ -514,22 +514,35 @@ def recovery_config(ctx: StageContext, start: str, examples: str) -> Any:
     )
 
 
-def _recovered(cfg: Any, checkpoint: Any, held: EvalData, save_uri: str | None, options: Any) -> dict[str, Any]:
-    """On a worker: the pruned model with the recovery's LoRA merged, measured on the held-out prompts; saved
-    (`prune.save`, the standard loader reads it) under `save_uri` when given."""
+def _recovered(
+    cfg: Any, checkpoint: Any, evals: dict[str, EvalData], save_uri: str | None, options: Any
+) -> dict[str, Any]:
+    """On a worker: the pruned model with the recovery's LoRA merged, measured on each of `evals` (name -> data);
+    saved (`prune.save`, the standard loader reads it) under `save_uri` when given."""
     from kubedistill.core.storage import Storage
     from kubedistill.stages.teacher.stages import trained_model
 
     model, tok = trained_model(cfg, checkpoint, options)
-    out: dict[str, Any] = {"held_out": measure(model, tok, held)}
+    out: dict[str, Any] = {name: measure(model, tok, data) for name, data in evals.items()}
     if save_uri:
         out["uri"] = save_pruned(model.cpu(), tok, Storage(save_uri, options))
     return out
 
 
-def recover(ctx: StageContext, pruned: dict[str, str], held: EvalData) -> dict[str, dict[str, Any]]:
-    """Tune each pruned model (name -> URI) with the same LoRA budget; the searched one merged is saved as model/.
-    {name: {"held_out", "train", ["uri"]}}; a retried job resumes each tuning from its last checkpoint."""
+@dataclass
+class Recovered:
+    """One recovered model: its training's config and last checkpoint, metrics, and measurements."""
+
+    cfg: Any
+    checkpoint: Any
+    train: dict[str, Any]
+    measured: dict[str, Any]  # "held_out", "search": `measure` on each
+
+
+def recover(ctx: StageContext, pruned: dict[str, str], held: EvalData, search: EvalData) -> dict[str, Recovered]:
+    """Tune each pruned model (name -> URI) with the same LoRA budget and measure it merged, on the held-out data
+    and on the search's (what a choice among candidates is made on). A retried job resumes each tuning from its
+    last checkpoint."""
     from kubedistill.stages.data import write_rows
     from kubedistill.stages.teacher import fmt
     from kubedistill.stages.teacher.stages import on_worker, sft_rows
@@ -539,15 +552,16 @@ def recover(ctx: StageContext, pruned: dict[str, str], held: EvalData) -> dict[s
     examples = [{"prompt": fmt.prompt(r), "response": fmt.response(r["reasoning"], r["label"])} for r in rows]
     write_rows(ctx.out, "recovery/examples/part-00000", examples, "jsonl")
     res, r = ctx.spec.teacher.resources, ctx.spec.pruning.recovery
-    done: dict[str, dict[str, Any]] = {}
+    done: dict[str, Recovered] = {}
     for name, start in pruned.items():
         cfg = recovery_config(ctx, start, ctx.out.uri("recovery/examples"))
         ctx.log(
             f"recovery of the {name} model: LoRA r={r.rank} on every projection, {r.steps} steps, {len(rows)} SFT pairs"
         )
         checkpoint, metrics = run(ctx, cfg, res, f"recovery-{name}")
-        save = ctx.out.uri("model") if name == "searched" else None
-        done[name] = {**on_worker(res, _recovered, cfg, checkpoint, held, save, ctx.storage.options), "train": metrics}
+        evals = {"held_out": held, "search": search}
+        measured = on_worker(res, _recovered, cfg, checkpoint, evals, None, ctx.storage.options)
+        done[name] = Recovered(cfg, checkpoint, metrics, measured)
     return done
 
 
@@ -682,14 +696,31 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
     predicted_top: list[float] = predictor.predict(top).tolist() if top else []
     proposed = [(float(pr), m) for pr, m in zip(predicted_top, scores(top), strict=True)]
     searched = [*sampled, *top]
-    best = searched[int(np.argmin(scores(searched)))]
+    order = np.argsort(scores(searched), kind="stable")
+    best = searched[int(order[0])]
 
     r = p.recovery
-    # without recovery the searched model is saved as it is and the uniform one only measured
-    where = {"searched": "pruned/searched", "uniform": "pruned/uniform"} if r.enabled else {"searched": "model"}
-    pruned = on_worker(res, _finish, base, {"searched": best, "uniform": uni}, where, held, ctx.out.uri(), s3)
-    recovered = recover(ctx, {k: v["uri"] for k, v in pruned.items() if "uri" in v}, held) if r.enabled else {}
-    model_uri = recovered["searched"]["uri"] if recovered else pruned["searched"]["uri"]
+    if r.enabled:
+        # the paper's order: the search's best `candidates`, each recovered, judged after recovery on the search's
+        # prompts; the uniform baseline gets the same budget
+        cands = {f"candidate-{i}": searched[int(k)] for i, k in enumerate(order[: r.candidates])}
+        to_prune = {**cands, "uniform": uni}
+        where = {name: f"pruned/{name}" for name in to_prune}
+    else:  # the searched model saved as it is, the uniform one only measured
+        cands = {"candidate-0": best}
+        to_prune, where = {"candidate-0": best, "uniform": uni}, {"candidate-0": "model"}
+    pruned = on_worker(res, _finish, base, to_prune, where, held, ctx.out.uri(), s3)
+    recovered = recover(ctx, {k: v["uri"] for k, v in pruned.items() if "uri" in v}, held, data) if r.enabled else {}
+    chosen = "candidate-0"
+    if recovered:
+        after = [recovered[name].measured["search"] for name in cands]
+        chosen = list(cands)[int(np.argmin(objective_values(after, objective, reference)))]
+        best = cands[chosen]
+        rc = recovered[chosen]
+        model_uri = on_worker(res, _recovered, rc.cfg, rc.checkpoint, {}, ctx.out.uri("model"), o)["uri"]
+    else:
+        model_uri = pruned[chosen]["uri"]
+    ctx.log(f"chosen: {chosen} of {len(cands)} candidate(s)" + (" (judged after recovery)" if recovered else ""))
 
     rows = []
     for phase, archs in (("uniform", [uni]), ("sampled", sampled), ("proposed", top)):
@@ -724,7 +755,23 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
 
     s, u = summary(best), summary(uni)
     change = round(100 * (s["perplexity"] - u["perplexity"]) / u["perplexity"], 2)
-    held_out = comparison(prep["held_out"], pruned, recovered, held, data)
+    held_out = comparison(
+        prep["held_out"],
+        {"searched": pruned[chosen], "uniform": pruned["uniform"]},
+        {"searched": recovered[chosen].measured, "uniform": recovered["uniform"].measured} if recovered else {},
+        held,
+        data,
+    )
+    candidates = [
+        {
+            "name": name,
+            "key": arch_key(a),
+            "before_recovery": {k: v for k, v in results[arch_key(a)].items() if k != "arch"},
+            "after_recovery": recovered[name].measured["search"] if recovered else None,
+            "chosen": name == chosen,
+        }
+        for name, a in cands.items()
+    ]
     ctx.log(
         f"searched: perplexity {s['perplexity']} vs uniform {u['perplexity']} ({change:+.2f}%); "
         f"label accuracy {s['label_accuracy']} vs {u['label_accuracy']} (the search's prompts)"
@@ -749,7 +796,8 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
         "recovery": {
             "enabled": r.enabled,
             **({"steps": r.steps, "rank": r.rank, "learning_rate": r.learning_rate} if r.enabled else {}),
-            "train": {k: v["train"] for k, v in recovered.items()},
+            "train": {k: v.train for k, v in recovered.items()},
+            "candidates": candidates,
         },
     }
     outputs = {
@@ -759,7 +807,7 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
         "plot": ctx.out.uri("predicted_vs_measured.png"),
     }
     if r.enabled:
-        outputs |= {f"pruned_{k}": v["uri"] for k, v in pruned.items() if "uri" in v}
+        outputs |= {f"pruned_{k}": v["uri"] for k, v in pruned.items()}
     return {"metrics": metrics, "outputs": outputs}
 
 

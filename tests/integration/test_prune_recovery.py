@@ -24,7 +24,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 SYNTHETIC = {"services": 60, "queries": 40, "pairsPerQuery": 4, "sftSize": 200, "evalSize": 48, "seed": 3}
 PRUNING = {"targetRatio": 0.25, "sampledArchitectures": 8, "topK": 1, "candidates": 200, "evalTexts": 16,
            "evalPrompts": 16, "objective": "labelAccuracy"}
-RECOVERY = {"steps": 25, "batchSize": 8, "learningRate": 2e-3, "rank": 4, "alpha": 8}
+RECOVERY = {"steps": 25, "batchSize": 8, "learningRate": 2e-3, "rank": 4, "alpha": 8, "candidates": 2}
 
 
 def _doc(uri: str, name: str, teacher: str, recovery: dict, **more: dict) -> dict:
@@ -75,11 +75,17 @@ def test_a_pruned_teacher_recovers_resumes_after_a_kill_and_annotates_the_log_fr
     # 8 sampled architectures are too few for a fit to mean anything: said, not printed as an R^2
     assert m["predictor"]["r2"] is None and m["predictor"]["fit"].startswith("not enough samples: 8 architectures")
     train = m["recovery"]["train"]
-    assert train["searched"]["resumed_at_step"] == 20 and train["uniform"]["resumed_at_step"] == 0
+    # the search's best two and the uniform baseline, each tuned for the same budget; the first was killed
+    assert set(train) == {"candidate-0", "candidate-1", "uniform"}
+    assert [train[k]["resumed_at_step"] for k in ("candidate-0", "candidate-1", "uniform")] == [20, 0, 0]
+    assert all(t["step"] == 25 and t["workers"] == 2 for t in train.values())
+    cands = m["recovery"]["candidates"]  # judged after recovery on the search's prompts: the best is the model
+    assert [c["name"] for c in cands] == ["candidate-0", "candidate-1"] and sum(c["chosen"] for c in cands) == 1
+    chosen = next(c for c in cands if c["chosen"])
+    assert chosen["after_recovery"]["label_accuracy"] == max(c["after_recovery"]["label_accuracy"] for c in cands)
     held = m["held_out"]
     assert held["prompts"] == 16 and held["disjoint_from_search"]  # eval rows 16..31, the search used 0..15
     for which in ("searched", "uniform"):  # both pruned, both tuned for the same budget, measured before and after
-        assert train[which]["step"] == 25 and train[which]["workers"] == 2
         for when in ("pruned", "recovered"):
             assert 0 <= held[which][when]["label_accuracy"] <= 1 and held[which][when]["perplexity"] > 0
             assert held[which][when]["generated_tokens_per_s"] > 0
@@ -90,6 +96,7 @@ def test_a_pruned_teacher_recovers_resumes_after_a_kill_and_annotates_the_log_fr
     # the merged model under model/ loads with the standard loader, in the searched shape, no adapter left
     model, _ = lm.load(v.uri("model"), "test", st.options)
     assert type(model).__name__ == "PrunedLlamaForCausalLM" and prune.param_count(model) == m["searched"]["params"]
+    assert m["searched"]["label_accuracy"] == chosen["before_recovery"]["label_accuracy"]  # the summary is the chosen one
     assert not any("lora" in n for n in model.state_dict())
     assert prune.is_pruned(resolve(v.uri("pruned/uniform"), "test", st.options))  # recovery's inputs are kept
 
