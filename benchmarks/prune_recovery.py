@@ -173,8 +173,9 @@ def main() -> None:
             scores = ps.objective_values([evaluated(a) for a in pool], objective, ref)
             ranked = [pool[i] for i in sorted(range(len(pool)), key=scores.__getitem__)]
             best = ranked[0]
-            recovered = recover(pruned(best), tok, sft, args.steps, lr, args.rank, seed, root)
-            row[objective] = {"pruned": ps.measure(pruned(best), tok, test), "recovered": ps.measure(recovered, tok, test),
+            model = pruned(best)  # recover() saves it and tunes the saved copy: this one stays as pruned
+            recovered = recover(model, tok, sft, args.steps, lr, args.rank, seed, root)
+            row[objective] = {"pruned": ps.measure(model, tok, test), "recovered": ps.measure(recovered, tok, test),
                               "predictor": pred.diagnostics["r2"], "params": shape.params(best),
                               "arch": {"attn": best.attn, "mlp": best.mlp}}
             if objective == "labelAccuracy" and args.recover_top > 1:

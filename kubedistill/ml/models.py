@@ -20,6 +20,19 @@ from kubedistill.core.storage import S3Options, Storage, is_s3, relative_key
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+#: the auto_map of a pruned teacher's config.json (`kubedistill.ml.prune.save`): kubedistill's own modeling code
+PRUNED_AUTO_MAP = {
+    "AutoConfig": "pruned_llama.PrunedLlamaConfig",
+    "AutoModelForCausalLM": "pruned_llama.PrunedLlamaForCausalLM",
+}
+
+
+def pruned_config(config: dict[str, Any]) -> bool:
+    """Whether a config.json is one `prune.save` wrote (its auto_map names kubedistill's pruned Llama); no torch
+    needed, so a driver can ask before it loads anything."""
+    return config.get("auto_map") == PRUNED_AUTO_MAP
+
+
 class ModelNotFound(ValueError):
     pass
 

@@ -31,6 +31,8 @@ import torch
 from torch import nn
 
 from kubedistill.ml import losses, pruned_llama
+from kubedistill.ml.models import PRUNED_AUTO_MAP as AUTO_MAP
+from kubedistill.ml.models import pruned_config
 
 SUPPORTED = ("LlamaForCausalLM", "PrunedLlamaForCausalLM")
 MODELING_FILE = Path(pruned_llama.__file__)
@@ -255,11 +257,6 @@ def prune(model: nn.Module, arch: Architecture, importance: Importance) -> nn.Mo
 # ---------------------------------------------------------------------------------------------
 # Saving and loading.
 
-AUTO_MAP = {
-    "AutoConfig": "pruned_llama.PrunedLlamaConfig",
-    "AutoModelForCausalLM": "pruned_llama.PrunedLlamaForCausalLM",
-}
-
 
 def save(model: nn.Module, tokenizer: Any, directory: str | Path) -> Path:
     """save_pretrained files plus the modeling code the config's auto_map names."""
@@ -270,11 +267,6 @@ def save(model: nn.Module, tokenizer: Any, directory: str | Path) -> Path:
     tokenizer.save_pretrained(d)
     shutil.copyfile(MODELING_FILE, d / MODELING_FILE.name)
     return d
-
-
-def pruned_config(config: dict[str, Any]) -> bool:
-    """Whether a config.json is one `save` wrote (its auto_map names kubedistill's pruned Llama)."""
-    return config.get("auto_map") == AUTO_MAP
 
 
 def is_pruned(path: str | Path) -> bool:

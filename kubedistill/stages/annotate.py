@@ -678,8 +678,7 @@ def _check_model(uri: str, options: S3Options) -> bool:
     """Fail fast on the driver, naming the field, without copying an s3:// model there (replicas do); whether it
     is a pruned teacher (`kubedistill.ml.prune.save`'s config)."""
     from kubedistill.core.storage import is_s3
-    from kubedistill.ml.models import ModelNotFound, resolve
-    from kubedistill.ml.prune import pruned_config
+    from kubedistill.ml.models import ModelNotFound, pruned_config, resolve
 
     if is_s3(uri):
         store = Storage(uri, options)

@@ -28,7 +28,7 @@ from kubedistill.core.progress import Target
 from kubedistill.core.spec import PruningSpec
 from kubedistill.core.stage import StageContext
 from kubedistill.core.storage import StorageError
-from kubedistill.ml.models import device
+from kubedistill.ml.models import device, resolve
 from kubedistill.ml.prune import Architecture, Shape
 
 #: what a model that cannot be loaded is reported against
@@ -326,7 +326,6 @@ def _trial(
     from ray import tune
 
     from kubedistill.core.storage import S3Options, Storage
-    from kubedistill.ml.models import resolve
 
     key = config["key"]
     out = Storage(out_uri, S3Options.from_env(s3.get("endpoint"), s3.get("region")))
@@ -420,7 +419,6 @@ def _importance(out: Any) -> Any:
 def _on_worker_setup(base: str, out_uri: str, s3: dict[str, Any]) -> tuple[Any, Any, Any]:
     """In a trial or worker task: the stage's storage and the base model (its tokenizer too), loaded there."""
     from kubedistill.core.storage import S3Options, Storage
-    from kubedistill.ml.models import resolve
     from kubedistill.stages.teacher import lm
 
     out = Storage(out_uri, S3Options.from_env(s3.get("endpoint"), s3.get("region")))
@@ -472,11 +470,15 @@ def _finish(
     """On a worker: prune the base by each named architecture, measure it on the held-out prompts and save it
     under `where[name]` (when named there); {name: {"held_out", ["uri"]}}."""
     from kubedistill.ml import prune
+    from kubedistill.stages.teacher import lm
 
+    out, model, tok = _on_worker_setup(base, out_uri, s3)
+    importance, path = _importance(out), resolve(base, FIELD, out.options)  # the local copy, fetched once
     done: dict[str, Any] = {}
-    for name, arch in archs.items():
-        out, model, tok = _on_worker_setup(base, out_uri, s3)
-        prune.prune(model, arch, _importance(out))
+    for i, (name, arch) in enumerate(archs.items()):
+        if i:  # pruning works in place: each architecture starts from the base again
+            model, tok = lm.load(path, FIELD)
+        prune.prune(model, arch, importance)
         done[name] = {"held_out": measure(model.to(device()), tok, held)}
         if name in where:
             done[name]["uri"] = save_pruned(model.cpu(), tok, out.child(where[name]))
