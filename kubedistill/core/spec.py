@@ -242,6 +242,12 @@ class SyntheticDataSpec(_Model):
         default=400, ge=10, le=100_000, description="Labeled held-out pairs for evaluation (at most 100,000)."
     )
     seed: Seed = Field(default=0, description="Random seed; the same seed gives the same data.")
+    world: Literal["classic", "knowledge"] = Field(
+        default="classic",
+        description="Which synthetic world: classic (every decisive fact in a structured field) or knowledge "
+        "(free-text services in the platform's vocabulary: house names for items, streets for districts, price "
+        "cues; the corpus states each mapping, a label alone rarely shows it).",
+    )
 
 
 class DataSpec(_Model):

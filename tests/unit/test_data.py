@@ -3,8 +3,8 @@ import json
 import pytest
 
 from kubedistill.core.storage import Storage
-from kubedistill.stages import data
-from kubedistill.stages.data import Intent, Service, judge
+from kubedistill.stages import data, synthetic
+from kubedistill.stages.synthetic import Intent, Service, judge
 from tests.conftest import minimal_doc
 
 LABELS = ["irrelevant", "partial", "relevant"]
@@ -49,7 +49,7 @@ def test_oracle_same_kind_without_the_item_is_partial():
     (0.0, ["no", "yes"], "no"), (0.5, ["no", "yes"], "yes"), (1.0, ["a", "b", "c", "d", "e"], "e"),
 ])
 def test_grade_to_label(grade, labels, want):
-    assert data.grade_to_label(grade, labels) == want
+    assert synthetic.grade_to_label(grade, labels) == want
 
 
 def test_generator_is_deterministic_disjoint_and_has_hard_cases():
@@ -65,7 +65,7 @@ def test_generator_is_deterministic_disjoint_and_has_hard_cases():
     reasons = " ".join(r["reasoning"] for r in a.labeled)
     assert "misleading" in reasons and ", not " in reasons and "over the budget" in reasons
     assert any(q in {r["query"] for r in a.labeled} for q in ("raw fish", "hot pot", "pool")) or any(
-        any(alt in r["query"] for alts in data.SYNONYMS.values() for alt in alts) for r in a.labeled)
+        any(alt in r["query"] for alts in synthetic.SYNONYMS.values() for alt in alts) for r in a.labeled)
     assert len(a.corpus) > 200 and all(isinstance(c["text"], str) for c in a.corpus)
 
 

@@ -16,7 +16,7 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from kubedistill.stages.data import CATALOG
+from kubedistill.stages.synthetic import CATALOG
 from kubedistill.stages.teacher import fmt
 
 #: attributes a faithful response can only cite if the query or service mentions them

@@ -1,0 +1,221 @@
+"""Where distillation earns its place: students on the knowledge world, by objective and training-set size.
+
+Issue 20's ablation, its student part: on the `knowledge` world (`kubedistill/stages/world.py`: house names,
+streets and price cues that the corpus states and a label rarely shows), students with each objective learn
+from the same labeled pairs at several training-set sizes, and a lexical baseline learns from the same rows.
+The labels and reasoning chains are the world's oracle's (`--teacher oracle`): the ceiling of what a teacher
+can hand down, and what separates the objectives from the teacher's own errors. `kd` needs a teacher's label
+distribution, which an oracle does not have, so it is not run here.
+
+    .venv/bin/python benchmarks/ablation.py [--sizes 500 1500 4500] [--seeds 0 1 2] [--objectives ce crsd]
+
+Protocol: one world (seed 0): training pool, validation and eval are query-disjoint (the eval set is the
+generator's own, the validation split holds out 10% of the pool's queries). Each size's rows are whole
+queries drawn in one fixed order, so a smaller set is a prefix of a larger one. Every student trains the
+same epochs with early stopping on validation macro-F1 (patience 2); nothing is chosen on eval. Eval is
+scored once per student from the standard input only, overall and on its tail: the pairs whose grade
+depends on a house name (the oracle's reasoning cites one).
+
+Fairness: at a size, every objective and seed sees the same rows, the same validation split and the same
+eval pairs; each seed's students start from the same initial weights; the lexical baseline (BM25 features
++ logistic regression) learns from the same rows.
+
+Writes `benchmarks/records/ablation[-TAG].json` and `benchmarks/records/ablation[-TAG].png` (learning curves).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import re
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kubedistill import benchrecord
+from kubedistill.core.spec import StudentSpec
+from kubedistill.stages import world
+from kubedistill.stages.data import split_by_query
+from kubedistill.stages.evaluate import LexicalBaseline, classification_metrics
+from kubedistill.stages.student import StudentConfig, build_model, fit, predict_proba
+
+LABELS = ["irrelevant", "partial", "relevant"]
+#: student variants: the objective and its CRSD settings (the spec's defaults unless named)
+VARIANTS: dict[str, dict[str, Any]] = {
+    "ce": {"objective": "ce"},
+    "crsd": {"objective": "crsd"},
+    "crsd-align": {"objective": "crsd", "crsd": {"contrast_weight": 0.0}},  # no in-batch contrast
+    "crsd-tce": {"objective": "crsd", "crsd": {"align_weight": 0.0, "contrast_weight": 0.0}},  # the views' CE only
+}
+RECORDS = Path(__file__).resolve().parent / "records"
+
+
+def depends_on_house_name(row: dict[str, Any]) -> bool:
+    """Whether the oracle's grade of a pair rests on a house name (its reasoning cites one)."""
+    return any(world.fact_kind(s) == "house" for s in re.split(r"(?<=\.) ", row["reasoning"]))
+
+
+def by_queries(rows: list[dict[str, Any]], size: int, seed: int) -> list[dict[str, Any]]:
+    """The first `size` rows when whole queries are taken in one shuffled order (nested across sizes)."""
+    order: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        order.setdefault(r["query"], []).append(r)
+    queries = sorted(order)
+    random.Random(seed).shuffle(queries)
+    out: list[dict[str, Any]] = []
+    for q in queries:
+        if len(out) >= size:
+            break
+        out += order[q]
+    return out
+
+
+def macro_f1(rows: list[dict[str, Any]], probs: np.ndarray) -> float:
+    return float(classification_metrics([r["label"] for r in rows], probs, LABELS)["macro_f1"])
+
+
+def train_and_score(student: dict[str, Any], train: list[dict], val: list[dict], evalset: list[dict]) -> dict:
+    cfg = StudentConfig(StudentSpec.model_validate(student), LABELS)
+    torch.manual_seed(cfg.student.seed)
+    model, tok = build_model(cfg)
+    t0 = time.monotonic()
+    state = fit(cfg, model, tok, train, val)
+    model.load_state_dict(state["best_state"])
+    probs = predict_proba(model, tok, evalset, cfg.student.max_length)
+    tail = [i for i, r in enumerate(evalset) if depends_on_house_name(r)]
+    return {
+        "val_macro_f1": state["metrics"]["best_val_macro_f1"],
+        "macro_f1": macro_f1(evalset, probs),
+        "tail_macro_f1": macro_f1([evalset[i] for i in tail], probs[tail]),
+        "steps": state["step"],
+        "seconds": round(time.monotonic() - t0, 1),
+    }
+
+
+def sd(xs: list[float]) -> float:
+    return statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+
+def plot(path: Path, sizes: list[int], curves: dict[str, list[list[float]]], lexical: list[float]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, per_size in curves.items():
+        means = [statistics.mean(x) for x in per_size]
+        ax.errorbar(sizes, means, yerr=[sd(x) for x in per_size], marker="o", capsize=3, label=name)
+    ax.plot(sizes, lexical, marker="s", linestyle="--", color="grey", label="lexical")
+    ax.set_xscale("log")
+    ax.set_xticks(sizes, [str(s) for s in sizes])
+    ax.set_xlabel("training pairs (oracle labels)")
+    ax.set_ylabel("eval macro-F1")
+    ax.set_title("Students on the knowledge world (mean ± sd over seeds)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[500, 1500, 4500])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--objectives", nargs="+", default=["ce", "crsd"], choices=list(VARIANTS))
+    ap.add_argument("--teacher", choices=["oracle"], default="oracle")
+    ap.add_argument("--epochs", type=float, default=3.0)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--max-length", type=int, default=64)
+    ap.add_argument("--max-reasoning-tokens", type=int, default=96)
+    ap.add_argument("--eval-pairs", type=int, default=1000)
+    ap.add_argument("--tag", default="", help="record name suffix")
+    args = ap.parse_args()
+
+    biggest = max(args.sizes)
+    pool_queries = int(biggest * 1.15 / 6) + 20  # the largest size plus a 10% validation split, 6 pairs a query
+    gen = world.generate(LABELS, 300, pool_queries, 6, 1, args.eval_pairs, seed=0)
+    pool, val = split_by_query(gen.labeled, 0.1, seed=0)
+    if len(pool) < biggest:
+        raise SystemExit(f"the pool holds {len(pool)} pairs, fewer than --sizes {biggest}")
+    tail = sum(depends_on_house_name(r) for r in gen.eval)
+    print(f"world: knowledge; pool {len(pool)}, validation {len(val)}, eval {len(gen.eval)} ({tail} on house names)")
+    print(f"torch threads {torch.get_num_threads()}", flush=True)
+    results: dict[str, Any] = {"sizes": {}}
+    for size in args.sizes:
+        train = by_queries(pool, size, seed=0)
+        base = LexicalBaseline(LABELS).fit(train)
+        probs = base.predict_proba(gen.eval)
+        tail_idx = [i for i, r in enumerate(gen.eval) if depends_on_house_name(r)]
+        lexical = {
+            "macro_f1": macro_f1(gen.eval, probs),
+            "tail_macro_f1": macro_f1([gen.eval[i] for i in tail_idx], probs[tail_idx]),
+        }
+        entry: dict[str, Any] = {"rows": len(train), "lexical": lexical, "runs": {o: [] for o in args.objectives}}
+        print(f"\nsize {size} ({len(train)} rows): lexical macro-F1 {lexical['macro_f1']:.4f} "
+              f"(tail {lexical['tail_macro_f1']:.4f})", flush=True)
+        for seed in args.seeds:
+            for objective in args.objectives:
+                student = {
+                    "base_model": "sentence-transformers/all-MiniLM-L6-v2",
+                    **VARIANTS[objective],
+                    "train": {"epochs": args.epochs, "batch_size": args.batch, "learning_rate": args.lr},
+                    "seed": seed,
+                    "patience": 2,
+                    "max_length": args.max_length,
+                    "max_reasoning_tokens": args.max_reasoning_tokens,
+                }
+                m = train_and_score(student, train, val, gen.eval)
+                entry["runs"][objective].append({"seed": seed, **m})
+                print(f"  seed {seed} {objective:<10} val {m['val_macro_f1']:.4f}  eval macro-F1 {m['macro_f1']:.4f} "
+                      f"tail {m['tail_macro_f1']:.4f} "
+                      f"({m['steps']} steps, {m['seconds']:.0f} s)", flush=True)
+        results["sizes"][str(size)] = entry
+
+    rows: list[benchrecord.Row] = []
+    print("\nsize   " + "  ".join(f"{o:<17}" for o in args.objectives) + "  lexical")
+    for size in args.sizes:
+        e = results["sizes"][str(size)]
+        cells = []
+        for o in args.objectives:
+            xs = [r["macro_f1"] for r in e["runs"][o]]
+            e.setdefault("summary", {})[o] = {"mean": statistics.mean(xs), "sd": sd(xs)}
+            cells.append(f"{statistics.mean(xs):.4f} ± {sd(xs):.4f}")
+        print(f"{size:<6} " + "  ".join(f"{c:<17}" for c in cells) + f"  {e['lexical']['macro_f1']:.4f}")
+        worst = min(e["summary"][o]["mean"] for o in args.objectives)
+        rows.append({
+            "what": f"every student vs the lexical baseline, {e['rows']} oracle-labeled pairs, knowledge world, "
+                    f"{len(args.seeds)} seeds (`ablation.py`)",
+            "target": ">= lexical + 5 points",
+            "measured": ", ".join(f"{o} {e['summary'][o]['mean']:.3f} ± {e['summary'][o]['sd']:.3f}"
+                                  for o in args.objectives) + f"; lexical {e['lexical']['macro_f1']:.3f}",
+            "met": "yes" if worst >= e["lexical"]["macro_f1"] + 0.05 else "no",
+        })
+    if "ce" in args.objectives and "crsd" in args.objectives:
+        for size, want in ((min(args.sizes), "+2 points"), (max(args.sizes), "no worse")):
+            e = results["sizes"][str(size)]
+            d = [c["macro_f1"] - b["macro_f1"] for c, b in zip(e["runs"]["crsd"], e["runs"]["ce"])]
+            e["crsd_minus_ce"] = d
+            ok = statistics.mean(d) >= 0.02 if want == "+2 points" else statistics.mean(d) >= -sd(d)
+            rows.append({
+                "what": f"CRSD vs CE student, {e['rows']} oracle-labeled pairs, knowledge world (`ablation.py`)",
+                "target": f"CRSD {want} macro-F1",
+                "measured": f"{statistics.mean(d):+.4f} (per seed {', '.join(f'{x:+.3f}' for x in d)})",
+                "met": "yes" if ok else "no",
+            })
+    name = f"ablation{'-' + args.tag if args.tag else ''}"
+    curves = {o: [[r["macro_f1"] for r in results["sizes"][str(s)]["runs"][o]] for s in args.sizes]
+              for o in args.objectives}
+    RECORDS.mkdir(exist_ok=True)
+    plot(RECORDS / f"{name}.png", [results["sizes"][str(s)]["rows"] for s in args.sizes], curves,
+         [results["sizes"][str(s)]["lexical"]["macro_f1"] for s in args.sizes])
+    results["data"] = {"pool": len(pool), "validation": len(val), "eval": len(gen.eval), "eval_tail": tail}
+    benchrecord.write("ablation", vars(args), results, rows, tag=args.tag)
+
+
+if __name__ == "__main__":
+    main()

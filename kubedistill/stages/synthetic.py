@@ -1,0 +1,329 @@
+"""The classic synthetic world: a local-services search log whose oracle grades every pair.
+
+The generator models a local-services platform (restaurants, bars, hotels, spas, fitness, car care, hair
+salons). A hidden structured intent behind each query (target item, optional district and budget) lets an
+oracle grade every pair and explain why. Hard cases are generated on purpose: word overlap that misleads (a
+"sushi" query vs a sushi-themed bar serving no sushi), the right dish in the wrong district, the right place
+over budget. Every decisive fact sits in a structured field of the row (category, district, price level,
+tags); `world.py` is the world where it does not (`spec.data.synthetic.world`).
+
+Also what both worlds share: the platform's catalog and districts, `grade_to_label`, `pair_id` and the
+`SyntheticData` they return.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+DISTRICTS = ("Downtown", "Riverside", "Old Town", "Harbor", "Northgate", "West End", "University", "Airport")
+PRICE_SIGNS = {1: "$", 2: "$$", 3: "$$$", 4: "$$$$"}
+
+# category -> (kind of place, items it may offer)
+CATALOG: dict[str, tuple[str, tuple[str, ...]]] = {
+    "japanese restaurant": ("restaurant", ("sushi", "sashimi", "ramen", "tempura", "udon", "bento")),
+    "hotpot restaurant": ("restaurant", ("hotpot", "spicy broth", "beef tripe", "lamb slices", "mushroom broth")),
+    "pizzeria": ("restaurant", ("pizza", "margherita", "calzone", "pasta", "tiramisu")),
+    "korean bbq": ("restaurant", ("korean bbq", "pork belly", "bibimbap", "kimchi stew")),
+    "noodle house": ("restaurant", ("beef noodles", "dumplings", "ramen", "wonton soup")),
+    "cafe": ("restaurant", ("coffee", "latte", "cheesecake", "croissant", "matcha")),
+    "bar": ("bar", ("cocktails", "craft beer", "sake", "whisky", "live music")),
+    "hotel": ("hotel", ("swimming pool", "gym", "free parking", "breakfast", "pet friendly", "airport shuttle")),
+    "spa": ("spa", ("massage", "facial", "sauna", "foot massage", "hot stone")),
+    "fitness": ("fitness", ("gym", "yoga", "pilates", "boxing", "swimming pool", "personal trainer")),
+    "car care": ("car care", ("car wash", "oil change", "tire repair", "detailing", "brake service")),
+    "hair salon": ("salon", ("haircut", "hair coloring", "perm", "beard trim", "blow dry")),
+}
+
+NAME_WORDS = (
+    "Golden",
+    "Blue",
+    "Lucky",
+    "Silver",
+    "Red Lantern",
+    "Sakura",
+    "Harbor",
+    "Maple",
+    "Jade",
+    "Urban",
+    "Sunny",
+    "Royal",
+    "Green Leaf",
+    "Iron",
+    "Velvet",
+    "Lotus",
+    "North Star",
+    "Bamboo",
+    "Copper",
+    "Pearl",
+)
+NAME_SUFFIX = {
+    "japanese restaurant": ("Sushi", "Izakaya", "Kitchen"),
+    "hotpot restaurant": ("Hotpot", "Pot House"),
+    "pizzeria": ("Pizzeria", "Slice"),
+    "korean bbq": ("BBQ", "Grill House"),
+    "noodle house": ("Noodles", "Noodle Bar"),
+    "cafe": ("Cafe", "Coffee"),
+    "bar": ("Lounge", "Tavern", "Bar"),
+    "hotel": ("Hotel", "Inn", "Suites"),
+    "spa": ("Spa", "Wellness"),
+    "fitness": ("Fitness", "Gym", "Studio"),
+    "car care": ("Auto Care", "Car Wash"),
+    "hair salon": ("Salon", "Hair Studio"),
+}
+
+# How searchers phrase an item; most share no word with the service's own text (the lexical trap).
+SYNONYMS: dict[str, tuple[str, ...]] = {
+    "hotpot": ("hot pot", "huoguo", "steamboat"),
+    "sashimi": ("raw fish", "sliced raw fish"),
+    "ramen": ("japanese noodle soup",),
+    "pizza": ("pie", "flatbread"),
+    "beef noodles": ("niu rou mian", "beef noodle soup"),
+    "dumplings": ("jiaozi", "potstickers"),
+    "korean bbq": ("k-bbq", "korean barbecue", "gogi"),
+    "coffee": ("espresso", "flat white", "americano"),
+    "cocktails": ("mixed drinks", "martini"),
+    "craft beer": ("ipa", "microbrew"),
+    "live music": ("live band", "jazz night"),
+    "swimming pool": ("pool", "place to swim"),
+    "free parking": ("parking included", "park for free"),
+    "pet friendly": ("dogs allowed", "bring my dog"),
+    "airport shuttle": ("airport transfer", "airport pickup"),
+    "breakfast": ("morning buffet", "brunch included"),
+    "massage": ("body massage", "rubdown", "back rub"),
+    "foot massage": ("reflexology",),
+    "facial": ("skin care treatment",),
+    "sauna": ("steam room",),
+    "gym": ("fitness center", "workout place", "weights room"),
+    "personal trainer": ("pt coach", "fitness coach"),
+    "car wash": ("auto wash", "car cleaning"),
+    "oil change": ("engine oil service", "lube job"),
+    "tire repair": ("flat tire fix", "puncture repair"),
+    "haircut": ("hair cut", "trim"),
+    "hair coloring": ("hair dye", "highlights"),
+    "perm": ("curls",),
+}
+CHEAP_WORDS = ("cheap", "budget", "affordable")
+
+
+@dataclass(frozen=True)
+class Service:
+    id: str
+    title: str
+    category: str
+    district: str
+    price_level: int
+    tags: tuple[str, ...]
+    description: str
+    theme: str | None = None  # a word in the title that the menu does not back (hard negatives)
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "service_id": self.id,
+            "service_title": self.title,
+            "service_category": self.category,
+            "service_district": self.district,
+            "service_price_level": self.price_level,
+            "service_tags": list(self.tags),
+            "service_description": self.description,
+        }
+
+
+@dataclass(frozen=True)
+class Intent:
+    """What the user wanted; hidden from the log, known to the oracle."""
+
+    item: str
+    district: str | None = None
+    max_price: int | None = None
+    text: str = ""
+
+
+@dataclass(frozen=True)
+class Judgement:
+    grade: float  # 0 irrelevant .. 1 relevant
+    reasoning: str
+
+
+def grade_to_label(grade: float, labels: list[str]) -> str:
+    """Map an oracle grade in [0, 1] onto `labels` (least relevant first) by equal-width bins."""
+    n = len(labels)
+    return labels[min(n - 1, int(grade * n))] if grade < 1 else labels[-1]
+
+
+def judge(intent: Intent, s: Service) -> Judgement:
+    """The oracle: grade a pair from the hidden intent and cite the decisive evidence."""
+    ask = f"Query asks for {intent.item}"
+    if intent.district:
+        ask += f" in {intent.district}"
+    if intent.max_price:
+        ask += f" at {PRICE_SIGNS[intent.max_price]} or less"
+    about = f"{s.title} is a {s.category} in {s.district} ({PRICE_SIGNS[s.price_level]})"
+    offers = intent.item in s.tags
+    same_kind = any(intent.item in CATALOG[c][1] for c in CATALOG if CATALOG[c][0] == CATALOG[s.category][0])
+    if not offers:
+        if s.theme and s.theme.lower() in intent.item.lower():
+            why = f"the name mentions '{s.theme}' but it offers {', '.join(s.tags[:3])}, not {intent.item}; the overlap is misleading"
+            return Judgement(0.0, f"{ask}. {about}. Although {why}.")
+        if same_kind and intent.item not in s.tags:
+            hits = _constraint_misses(intent, s)
+            grade = 0.5 if not hits else 0.0
+            why = f"it is the right kind of place but does not offer {intent.item}"
+            if hits:
+                why += f", and {' and '.join(hits)}"
+            return Judgement(grade, f"{ask}. {about}. {why[0].upper() + why[1:]}.")
+        return Judgement(0.0, f"{ask}. {about}. It does not offer {intent.item}; unrelated to the query.")
+    misses = _constraint_misses(intent, s)
+    if not misses:
+        return Judgement(1.0, f"{ask}. {about}. It offers {intent.item} and meets every constraint.")
+    grade = 0.5 if len(misses) == 1 else 0.0
+    return Judgement(grade, f"{ask}. {about}. It offers {intent.item}, but {' and '.join(misses)}.")
+
+
+def _constraint_misses(intent: Intent, s: Service) -> list[str]:
+    misses = []
+    if intent.district and s.district != intent.district:
+        misses.append(f"it is in {s.district}, not {intent.district}")
+    if intent.max_price and s.price_level > intent.max_price:
+        misses.append(
+            f"its price level {PRICE_SIGNS[s.price_level]} is over the budget {PRICE_SIGNS[intent.max_price]}"
+        )
+    return misses
+
+
+def _typo(word: str, rng: random.Random) -> str:
+    if len(word) < 5:
+        return word
+    i = rng.randrange(1, len(word) - 2)
+    op = rng.choice(("swap", "drop", "double"))
+    if op == "swap":
+        return word[:i] + word[i + 1] + word[i] + word[i + 2 :]
+    if op == "drop":
+        return word[:i] + word[i + 1 :]
+    return word[:i] + word[i] + word[i:]
+
+
+def make_services(n: int, rng: random.Random) -> list[Service]:
+    services = []
+    for i in range(n):
+        category = rng.choice(list(CATALOG))
+        kind, items = CATALOG[category]
+        tags = tuple(rng.sample(items, k=rng.randint(2, min(4, len(items)))))
+        theme = None
+        title = f"{rng.choice(NAME_WORDS)} {rng.choice(NAME_SUFFIX[category])}"
+        if category == "bar" and rng.random() < 0.35:  # themed bars: the classic misleading overlap
+            theme = rng.choice(("Sushi", "Ramen", "Pizza", "Hotpot"))
+            title = f"{rng.choice(NAME_WORDS)} {theme} Bar"
+        district = rng.choice(DISTRICTS)
+        price = rng.choices((1, 2, 3, 4), weights=(3, 4, 3, 1))[0]
+        desc = f"{title} is a {PRICE_SIGNS[price]} {category} in {district} offering {', '.join(tags)}."
+        if theme:
+            desc += f" A {theme.lower()}-themed {kind} with {tags[0]}."
+        services.append(Service(f"svc-{i:06d}", title, category, district, price, tags, desc, theme))
+    return services
+
+
+def make_intent(rng: random.Random, services: list[Service]) -> Intent:
+    anchor = rng.choice(services)  # queries follow what exists on the platform
+    item = rng.choice(anchor.tags)
+    district = rng.choice((anchor.district, rng.choice(DISTRICTS))) if rng.random() < 0.5 else None
+    max_price = rng.choice((1, 2, 3)) if rng.random() < 0.35 else None
+    alts = SYNONYMS.get(item, ())
+    words = rng.choice(alts) if alts and rng.random() < 0.6 else item
+    parts = [words]
+    if max_price:
+        parts.insert(0, rng.choice(CHEAP_WORDS) if max_price == 1 else f"under {PRICE_SIGNS[max_price]}")
+    if district:
+        parts.append(rng.choice(("in", "near")) + " " + district)
+    text = " ".join(parts)
+    if rng.random() < 0.12:
+        toks = text.split()
+        j = rng.randrange(len(toks))
+        toks[j] = _typo(toks[j], rng)
+        text = " ".join(toks)
+    return Intent(item=item, district=district, max_price=max_price, text=text.lower())
+
+
+def candidates(intent: Intent, services: list[Service], k: int, rng: random.Random) -> list[Service]:
+    """Services shown for a query: a mix of matches, near misses, misleading overlaps and noise."""
+    offers = [s for s in services if intent.item in s.tags]
+    themed = [s for s in services if s.theme and s.theme.lower() in intent.item.lower()]
+    kind = CATALOG[next(c for c in CATALOG if intent.item in CATALOG[c][1])][0]
+    same_kind = [s for s in services if CATALOG[s.category][0] == kind and intent.item not in s.tags]
+    pools = [offers, offers, themed, same_kind, services]
+    chosen: dict[str, Service] = {}
+    for _ in range(k * 4):
+        if len(chosen) >= k:
+            break
+        pool = rng.choice([p for p in pools if p])
+        s = rng.choice(pool)
+        chosen.setdefault(s.id, s)
+    return list(chosen.values())
+
+
+def pair_id(query: str, service_id: str) -> str:
+    return hashlib.sha1(f"{query}\x00{service_id}".encode()).hexdigest()[:16]
+
+
+@dataclass
+class SyntheticData:
+    log: list[dict[str, Any]] = field(default_factory=list)  # unlabeled
+    labeled: list[dict[str, Any]] = field(default_factory=list)  # the same pairs, oracle-labeled
+    sft: list[dict[str, Any]] = field(default_factory=list)
+    eval: list[dict[str, Any]] = field(default_factory=list)
+    corpus: list[dict[str, Any]] = field(default_factory=list)
+
+
+def generate(
+    labels: list[str],
+    services: int,
+    queries: int,
+    pairs_per_query: int,
+    sft_size: int,
+    eval_size: int,
+    seed: int,
+) -> SyntheticData:
+    """A synthetic search log. Log, SFT and eval sets use disjoint queries."""
+    rng = random.Random(seed)
+    catalog = make_services(services, rng)
+    out = SyntheticData()
+
+    def pairs(n_pairs: int) -> Iterator[dict[str, Any]]:
+        made = 0
+        while made < n_pairs:
+            intent = make_intent(rng, catalog)
+            for s in candidates(intent, catalog, pairs_per_query, rng):
+                j = judge(intent, s)
+                yield {
+                    "pair_id": pair_id(intent.text, s.id),
+                    "query": intent.text,
+                    **s.row(),
+                    "label": grade_to_label(j.grade, labels),
+                    "reasoning": j.reasoning,
+                }
+                made += 1
+                if made >= n_pairs:
+                    return
+
+    seen: set[str] = set()
+    for name, n in (("eval", eval_size), ("sft", sft_size), ("labeled", queries * pairs_per_query)):
+        rows = []
+        for row in pairs(n * 2):
+            if row["pair_id"] in seen:
+                continue
+            seen.add(row["pair_id"])
+            rows.append(row)
+            if len(rows) >= n:
+                break
+        setattr(out, name, rows)
+    out.log = [{k: v for k, v in r.items() if k not in ("label", "reasoning")} for r in out.labeled]
+    out.corpus = [{"text": s.description} for s in catalog]
+    for category, (kind, items) in CATALOG.items():
+        out.corpus.append({"text": f"A {category} is a kind of {kind}. It may offer {', '.join(items)}."})
+    for item, alts in SYNONYMS.items():
+        out.corpus.append({"text": f"Searchers say {', '.join(alts)} when they mean {item}."})
+    out.corpus += [{"text": f"search: {r['query']}"} for r in out.labeled[:: max(1, pairs_per_query)]]
+    return out

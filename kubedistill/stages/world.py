@@ -1,0 +1,477 @@
+"""The `knowledge` synthetic world: grading a pair needs domain knowledge that the corpus states.
+
+`spec.data.synthetic.world: knowledge`. Where the `classic` world (`synthetic.generate`) puts every
+decisive fact in a structured field (category, district, price level, tags), this one writes each
+service as free text (a title and a description) in the platform's own vocabulary:
+
+- **house names**: a place sells its items under its own names ("the Kiru Ritual" for a hot-stone
+  massage); each item has a long tail of them, most seen only a few times in any log;
+- **streets**: a description says where a place is by street ("on Tamo Lane"), and each district has
+  its streets; queries may use a district's nickname ("the old quarter");
+- **price cues**: a description never prints a price level, only what a visitor would read
+  ("white-glove service", "bargain rates");
+- searchers' synonyms ("reflexology" for foot massage), as in the classic world.
+
+Every mapping is one sentence of the corpus (`Knowledge.sentences`), so a teacher pre-trained on it can
+know them; a student learning from labels alone must see each rare name often enough. Nothing is hidden:
+`grade_text` grades any pair from the standard input (query + service text) and the corpus alone, by the
+oracle's rules, and the tests hold it to the oracle's label on every pair. The oracle's reasoning cites
+the facts that decided the grade, each one a corpus sentence verbatim (`judge`); everything else in it
+restates the input or concludes. The easy head (common item names, district names, the cues a general
+model already reads) is open to a lexical baseline; the tail is not.
+
+Rules (those of the classic world): a place that offers the item is relevant when it meets every asked
+constraint (district, budget), partial when it misses one, irrelevant when it misses both; a place of the
+same kind that does not offer the item is partial when it meets every constraint, else irrelevant;
+anything else is irrelevant.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from kubedistill.stages.synthetic import (
+    CATALOG,
+    DISTRICTS,
+    PRICE_SIGNS,
+    SYNONYMS,
+    SyntheticData,
+    grade_to_label,
+    pair_id,
+)
+
+#: district -> nicknames searchers use for it
+NICKNAMES: dict[str, tuple[str, ...]] = {
+    "Downtown": ("the city centre", "the business district"),
+    "Riverside": ("the embankment",),
+    "Old Town": ("the old quarter", "the historic centre"),
+    "Harbor": ("the docks", "the waterfront"),
+    "Northgate": ("the north side",),
+    "West End": ("theatreland",),
+    "University": ("the campus area", "studentville"),
+    "Airport": ("the terminal area",),
+}
+#: price level -> what a description says instead of a price
+PRICE_CUES: dict[int, tuple[str, ...]] = {
+    1: ("bargain rates", "cash-only counters", "student discounts", "no-frills value"),
+    2: ("fair prices", "mid-range rates", "everyday pricing"),
+    3: ("upscale surroundings", "premium rates", "reservations recommended"),
+    4: ("white-glove service", "a members' lounge", "concierge booking", "luxury throughout"),
+}
+#: kind of place -> the nouns its house names end with (shared by every item of the kind, so the noun
+#: alone never tells which item a name stands for)
+HOUSE_NOUNS: dict[str, tuple[str, ...]] = {
+    "restaurant": ("Special", "Plate", "Bowl", "Classic"),
+    "bar": ("Hour", "Session", "Pour"),
+    "hotel": ("Perk", "Promise", "Corner"),
+    "spa": ("Ritual", "Therapy", "Journey"),
+    "fitness": ("Program", "Method", "Series"),
+    "car care": ("Package", "Service", "Care"),
+    "salon": ("Look", "Signature", "Finish"),
+}
+STREET_NOUNS = ("Lane", "Street", "Road", "Square", "Walk", "Row")
+ADJECTIVES = ("quiet", "busy", "friendly", "modern", "cosy", "family-run", "bright", "small")
+BUDGET_WORDS = ("cheap", "budget", "affordable")
+_CONSONANTS = "bdfgklmnprstvz"
+_VOWELS = "aeiou"
+
+
+def pseudo_word(rng: random.Random) -> str:
+    """A pronounceable made-up word (2-3 syllables): a name no pre-trained model has a meaning for."""
+    return "".join(rng.choice(_CONSONANTS) + rng.choice(_VOWELS) for _ in range(rng.choice((2, 2, 3)))).capitalize()
+
+
+def item_kinds(item: str) -> set[str]:
+    """The kinds of place that offer `item` (ramen: restaurant; gym: hotel and fitness)."""
+    return {kind for kind, items in CATALOG.values() if item in items}
+
+
+@dataclass(frozen=True)
+class Knowledge:
+    """The world's domain knowledge: every mapping a grader needs beyond the words of the pair."""
+
+    house: dict[str, str]  # house name -> item
+    streets: dict[str, str]  # street -> district
+    nicknames: dict[str, str]  # nickname -> district
+    cues: dict[str, int]  # price cue -> price level
+    synonyms: dict[str, str]  # searcher's phrase -> item
+    kinds: dict[str, str]  # category -> kind of place
+
+    # one sentence per fact, the same words in the corpus and in any reasoning that cites it
+    @staticmethod
+    def house_fact(name: str, item: str) -> str:
+        return f"The {name} is a house name for {item}."
+
+    @staticmethod
+    def street_fact(street: str, district: str) -> str:
+        return f"{street} is in {district}."
+
+    @staticmethod
+    def nickname_fact(nickname: str, district: str) -> str:
+        return f'Locals call {district} "{nickname}".'
+
+    @staticmethod
+    def cue_fact(cue: str, level: int) -> str:
+        return f"A place with {cue} is priced {PRICE_SIGNS[level]}."
+
+    @staticmethod
+    def synonym_fact(phrase: str, item: str) -> str:
+        return f"Searchers say {phrase} when they mean {item}."
+
+    @staticmethod
+    def kind_fact(category: str, kind: str) -> str:
+        return f"A {category} is a kind of {kind}."
+
+    def sentences(self) -> list[str]:
+        """Every fact, one sentence each (the corpus's knowledge documents)."""
+        return [
+            *(self.house_fact(n, i) for n, i in self.house.items()),
+            *(self.street_fact(s, d) for s, d in self.streets.items()),
+            *(self.nickname_fact(n, d) for n, d in self.nicknames.items()),
+            *(self.cue_fact(c, p) for c, p in self.cues.items()),
+            *(self.synonym_fact(s, i) for s, i in self.synonyms.items()),
+            *(self.kind_fact(c, k) for c, k in self.kinds.items()),
+        ]
+
+
+_FACT_PATTERNS = (
+    ("house", re.compile(r"^The (?P<a>.+) is a house name for (?P<b>.+)\.$")),
+    ("streets", re.compile(rf"^(?P<a>[A-Z][a-z]+ (?:{'|'.join(STREET_NOUNS)})) is in (?P<b>.+)\.$")),
+    ("nicknames", re.compile(r'^Locals call (?P<b>.+?) "(?P<a>.+)"\.$')),
+    ("cues", re.compile(r"^A place with (?P<a>.+) is priced (?P<b>\$+)\.$")),
+    ("synonyms", re.compile(r"^Searchers say (?P<a>.+) when they mean (?P<b>.+)\.$")),
+    ("kinds", re.compile(r"^A (?P<a>.+) is a kind of (?P<b>.+)\.$")),
+)
+
+
+def fact_kind(sentence: str) -> str | None:
+    """Which kind of fact a sentence states (`Knowledge` field name), or None for no fact."""
+    for name, pattern in _FACT_PATTERNS:
+        if pattern.match(sentence):
+            return name
+    return None
+
+
+def knowledge_from_corpus(texts: list[str]) -> Knowledge:
+    """Read the knowledge back from corpus documents alone: what a grader can know without the generator."""
+    found: dict[str, dict[str, Any]] = {name: {} for name, _ in _FACT_PATTERNS}
+    signs = {v: k for k, v in PRICE_SIGNS.items()}
+    for text in texts:
+        for name, pattern in _FACT_PATTERNS:
+            m = pattern.match(text)
+            if m:
+                found[name][m["a"]] = signs[m["b"]] if name == "cues" else m["b"]
+                break
+    return Knowledge(**found)
+
+
+def make_knowledge(rng: random.Random, house_per_item: int, streets_per_district: int) -> Knowledge:
+    used: set[str] = set()
+
+    def fresh(nouns: Sequence[str]) -> str:
+        while True:
+            name = f"{pseudo_word(rng)} {rng.choice(nouns)}"
+            if name not in used:
+                used.add(name)
+                return name
+
+    items = sorted({i for _, items in CATALOG.values() for i in items})
+    house = {}
+    for item in items:
+        nouns = [n for k in sorted(item_kinds(item)) for n in HOUSE_NOUNS[k]]
+        for _ in range(house_per_item):
+            house[fresh(nouns)] = item
+    streets = {fresh(STREET_NOUNS): d for d in DISTRICTS for _ in range(streets_per_district)}
+    return Knowledge(
+        house=house,
+        streets=streets,
+        nicknames={n: d for d, ns in NICKNAMES.items() for n in ns},
+        cues={c: p for p, cs in PRICE_CUES.items() for c in cs},
+        synonyms={s: i for i, ss in SYNONYMS.items() for s in ss},
+        kinds={c: k for c, (k, _) in CATALOG.items()},
+    )
+
+
+@dataclass(frozen=True)
+class Place:
+    """A service as the generator knows it; only `title` and `description` reach the log."""
+
+    id: str
+    title: str
+    description: str
+    category: str
+    district: str
+    street: str | None  # where the description names a street instead of the district
+    price: int
+    cue: str
+    offers: dict[str, str]  # item -> the words the description uses for it (the item or a house name)
+    theme: str | None = None  # an item the title names that the place does not offer (the lexical trap)
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "service_id": self.id,
+            "service_title": self.title,
+            "service_category": None,
+            "service_district": None,
+            "service_price_level": None,
+            "service_tags": [],
+            "service_description": self.description,
+        }
+
+
+def _listing(words: list[str]) -> str:
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def make_places(n: int, kb: Knowledge, rng: random.Random, head_share: float, street_share: float) -> list[Place]:
+    """Places whose descriptions use the world's vocabulary. House names are drawn Zipf-like (a few common,
+    most rare); `head_share` of offered items are called by their common name, `street_share` of places
+    are located by street."""
+    names_of: dict[str, list[str]] = {}
+    for name, item in kb.house.items():
+        names_of.setdefault(item, []).append(name)
+    streets_of: dict[str, list[str]] = {}
+    for name, d in kb.streets.items():
+        streets_of.setdefault(d, []).append(name)
+    all_items = sorted({i for _, items in CATALOG.values() for i in items})
+    places = []
+    for i in range(n):
+        category = rng.choice(list(CATALOG))
+        kind, items = CATALOG[category]
+        offered = rng.sample(items, k=rng.randint(2, min(4, len(items))))
+        offers = {}
+        for item in offered:
+            names = names_of[item]
+            if rng.random() < head_share:
+                offers[item] = item
+            else:
+                offers[item] = rng.choices(names, weights=[1 / (r + 1) for r in range(len(names))])[0]
+        district = rng.choice(DISTRICTS)
+        street = rng.choice(streets_of[district]) if rng.random() < street_share else None
+        price = rng.choices((1, 2, 3, 4), weights=(3, 4, 3, 1))[0]
+        cue = rng.choice(PRICE_CUES[price])
+        theme: str | None = None
+        word = pseudo_word(rng)
+        if rng.random() < 0.2:  # a name that promises what the place does not offer
+            theme = rng.choice([x for x in all_items if kind not in item_kinds(x)])
+            title = f"{word} {theme.title()} {rng.choice(('House', 'Club', 'Place', 'Corner'))}"
+        else:
+            title = f"{word} {category.title()}"
+        where = f"on {street}" if street else f"in {district}"
+        shown = [n if n == it else f"the {n}" for it, n in offers.items()]
+        description = (
+            f"A {rng.choice(ADJECTIVES)} {category} {where}. "
+            f"{rng.choice(('Known for', 'We offer', 'Come for'))} {_listing(shown)}. Expect {cue}."
+        )
+        places.append(Place(f"svc-{i:06d}", title, description, category, district, street, price, cue, offers, theme))
+    return places
+
+
+@dataclass(frozen=True)
+class Ask:
+    """What the searcher wants and the words they used (the oracle's side of a query)."""
+
+    item: str
+    phrase: str  # the item's words in the query: the item or a synonym
+    district: str | None = None
+    district_phrase: str | None = None  # the district or a nickname
+    max_price: int | None = None
+    text: str = ""
+
+
+def make_ask(rng: random.Random, places: list[Place], kb: Knowledge) -> Ask:
+    anchor = rng.choice(places)
+    item = rng.choice(sorted(anchor.offers))
+    synonyms = [s for s, i in kb.synonyms.items() if i == item]
+    phrase = rng.choice(synonyms) if synonyms and rng.random() < 0.4 else item
+    district = rng.choice((anchor.district, rng.choice(DISTRICTS))) if rng.random() < 0.5 else None
+    district_phrase = None
+    if district:
+        nicks = [n for n, d in kb.nicknames.items() if d == district]
+        district_phrase = rng.choice(nicks) if rng.random() < 0.35 else district
+    max_price = rng.choice((1, 2, 3)) if rng.random() < 0.35 else None
+    parts = [phrase]
+    if max_price:
+        parts.insert(0, rng.choice(BUDGET_WORDS) if max_price == 1 else f"under {PRICE_SIGNS[max_price]}")
+    if district_phrase:
+        parts.append(f"{rng.choice(('in', 'near'))} {district_phrase}")
+    return Ask(item, phrase, district, district_phrase, max_price, " ".join(parts).lower())
+
+
+@dataclass(frozen=True)
+class Verdict:
+    grade: float  # 0 irrelevant .. 1 relevant
+    reasoning: str
+    facts: tuple[str, ...]  # the corpus sentences the reasoning cites
+
+
+def judge(ask: Ask, p: Place, kb: Knowledge) -> Verdict:
+    """The oracle: grade a pair and explain it, citing every fact the decision used (as corpus sentences)."""
+    facts: list[str] = []
+    if ask.phrase != ask.item:
+        facts.append(kb.synonym_fact(ask.phrase, ask.item))
+    if ask.district_phrase and ask.district_phrase != ask.district:
+        facts.append(kb.nickname_fact(ask.district_phrase, ask.district or ""))
+    want = f"The query asks for {ask.item}"
+    if ask.district:
+        want += f" in {ask.district}"
+    if ask.max_price:
+        want += f" at {PRICE_SIGNS[ask.max_price]} or less"
+    offers = ask.item in p.offers
+    same_kind = kb.kinds[p.category] in item_kinds(ask.item)
+    if offers and p.offers[ask.item] != ask.item:
+        facts.append(kb.house_fact(p.offers[ask.item], ask.item))
+    misses: list[str] = []
+    if offers or same_kind:  # the constraints decide between the grades
+        if ask.district:
+            if p.street:
+                facts.append(kb.street_fact(p.street, p.district))
+            if p.district != ask.district:
+                misses.append(f"it is in {p.district}, not {ask.district}")
+        if ask.max_price:
+            facts.append(kb.cue_fact(p.cue, p.price))
+            if p.price > ask.max_price:
+                misses.append(f"it is priced {PRICE_SIGNS[p.price]}, over the budget")
+    if offers:
+        grade = (1.0, 0.5, 0.0)[len(misses)]
+        verdict = f"{p.title} offers {ask.item}" + (
+            f", but {' and '.join(misses)}." if misses else " and meets every constraint."
+        )
+    elif same_kind:
+        grade = 0.0 if misses else 0.5
+        verdict = f"{p.title} is a {kb.kinds[p.category]} but does not offer {ask.item}" + (
+            f", and {' and '.join(misses)}." if misses else "."
+        )
+    else:
+        grade = 0.0
+        verdict = f"{p.title} does not offer {ask.item}" + (
+            f"; its name mentions {p.theme} but it is a {p.category}." if p.theme else f"; it is a {p.category}."
+        )
+    return Verdict(grade, " ".join([want + ".", *facts, verdict]), tuple(facts))
+
+
+def candidates(ask: Ask, places: list[Place], k: int, rng: random.Random) -> list[Place]:
+    """Places shown for a query: matches (by common and house names), same-kind places, places whose
+    title shares the query's words, places in the asked district, and noise."""
+    words = set(ask.phrase.split())
+    offers = [p for p in places if ask.item in p.offers]
+    kinds = item_kinds(ask.item)
+    same_kind = [p for p in places if CATALOG[p.category][0] in kinds and ask.item not in p.offers]
+    overlap = [p for p in places if ask.item not in p.offers and words & set(p.title.lower().split())]
+    nearby = [p for p in places if ask.district and p.district == ask.district]
+    pools = [offers, offers, same_kind, overlap, nearby, places]
+    chosen: dict[str, Place] = {}
+    for _ in range(k * 4):
+        if len(chosen) >= k:
+            break
+        pool = rng.choice([pl for pl in pools if pl])
+        p = rng.choice(pool)
+        chosen.setdefault(p.id, p)
+    return list(chosen.values())
+
+
+def generate(
+    labels: list[str],
+    services: int,
+    queries: int,
+    pairs_per_query: int,
+    sft_size: int,
+    eval_size: int,
+    seed: int,
+    house_per_item: int = 8,
+    streets_per_district: int = 6,
+    head_share: float = 0.3,
+    street_share: float = 0.65,
+) -> SyntheticData:
+    """A knowledge-world search log (the same datasets and columns as `synthetic.generate`). Log, SFT and eval
+    use disjoint queries; the corpus holds every fact (`Knowledge.sentences`), each place's description,
+    and a sample of queries."""
+    rng = random.Random(seed)
+    kb = make_knowledge(rng, house_per_item, streets_per_district)
+    places = make_places(services, kb, rng, head_share, street_share)
+    out = SyntheticData()
+    seen_pairs: set[str] = set()
+    seen_queries: set[str] = set()
+    for name, n in (("eval", eval_size), ("sft", sft_size), ("labeled", queries * pairs_per_query)):
+        rows: list[dict[str, Any]] = []
+        split_queries: set[str] = set()
+        for _ in range(n * 4):
+            if len(rows) >= n:
+                break
+            ask = make_ask(rng, places, kb)
+            if ask.text in seen_queries and ask.text not in split_queries:
+                continue  # a query belongs to one split
+            split_queries.add(ask.text)
+            for p in candidates(ask, places, pairs_per_query, rng):
+                pid = pair_id(ask.text, p.id)
+                if pid in seen_pairs or len(rows) >= n:
+                    continue
+                seen_pairs.add(pid)
+                v = judge(ask, p, kb)
+                rows.append(
+                    {
+                        "pair_id": pid,
+                        "query": ask.text,
+                        **p.row(),
+                        "label": grade_to_label(v.grade, labels),
+                        "reasoning": v.reasoning,
+                    }
+                )
+        seen_queries |= split_queries
+        setattr(out, name, rows)
+    out.log = [{k: r[k] for k in r if k not in ("label", "reasoning")} for r in out.labeled]
+    out.corpus = [{"text": t} for t in kb.sentences()]
+    out.corpus += [{"text": f"{p.title}. {p.description}"} for p in places]
+    out.corpus += [{"text": f"search: {r['query']}"} for r in out.labeled[:: max(1, pairs_per_query)]]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Grading from the standard input and the corpus alone (the world's no-hidden-variable guarantee).
+
+_QUERY = re.compile(
+    r"^(?:(?P<budget>cheap|budget|affordable|under \$+) )?(?P<item>.+?)(?: (?:in|near) (?P<where>.+))?$"
+)
+_DESCRIPTION = re.compile(
+    r"^A (?:\S+) (?P<category>.+?) (?:on (?P<street>.+?)|in (?P<district>.+?))\. "
+    r"(?:Known for|We offer|Come for) (?P<offers>.+)\. Expect (?P<cue>.+)\.$"
+)
+
+
+def grade_text(query: str, service: str, kb: Knowledge, labels: list[str]) -> str:
+    """The label of a pair from its standard input (the query and `data.service_text`: `title | description`)
+    and the knowledge alone, by the oracle's rules. Raises ValueError on text the world does not write."""
+    q = _QUERY.match(query)
+    if not q:
+        raise ValueError(f"query not in the world's form: {query!r}")
+    by_lower = {**{i: i for _, items in CATALOG.values() for i in items}, **kb.synonyms}
+    item = by_lower.get(q["item"])
+    where = q["where"]
+    if item is None or (where is not None and where not in {d.lower() for d in DISTRICTS} | set(kb.nicknames)):
+        # "in" may belong to the item's words ("hair coloring in ..." never; but be strict)
+        raise ValueError(f"query item or place not known: {query!r}")
+    districts = {d.lower(): d for d in DISTRICTS}
+    district = (districts.get(where) or kb.nicknames.get(where)) if where else None
+    budget = q["budget"]
+    max_price = None if budget is None else (1 if not budget.startswith("under") else budget.count("$"))
+    _title, _, description = service.partition(" | ")
+    d = _DESCRIPTION.match(description)
+    if not d:
+        raise ValueError(f"service text not in the world's form: {service!r}")
+    place_district = d["district"] or kb.streets[d["street"]]
+    names = re.split(r", | and ", d["offers"])
+    offered = {kb.house.get(n.removeprefix("the "), n) for n in names}
+    same_kind = kb.kinds[d["category"]] in item_kinds(item)
+    misses = int(district is not None and place_district != district)
+    misses += int(max_price is not None and kb.cues[d["cue"]] > max_price)
+    if item in offered:
+        grade = (1.0, 0.5, 0.0)[misses]
+    elif same_kind:
+        grade = 0.0 if misses else 0.5
+    else:
+        grade = 0.0
+    return grade_to_label(grade, labels)

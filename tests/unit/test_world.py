@@ -1,0 +1,157 @@
+"""The knowledge world's guarantees: every pair is gradable from its standard input and the corpus, the
+reasoning cites only corpus facts, and the knowledge sits in a long tail a label alone rarely shows."""
+
+from __future__ import annotations
+
+import random
+import re
+from collections import Counter
+
+import pytest
+
+from kubedistill.core.spec import SpecError, parse_run
+from kubedistill.stages import world
+from kubedistill.stages.data import service_text
+from tests.conftest import minimal_doc
+
+LABELS = ["irrelevant", "partial", "relevant"]
+
+
+@pytest.fixture(scope="module", params=[0, 7])
+def gen(request):
+    return world.generate(LABELS, 300, 400, 6, 300, 400, seed=request.param)
+
+
+def corpus_of(g) -> list[str]:
+    return [d["text"] for d in g.corpus]
+
+
+def sentences(text: str) -> list[str]:
+    return re.split(r"(?<=\.) ", text.strip())
+
+
+def test_every_pair_is_graded_from_its_standard_input_and_the_corpus_alone(gen):
+    kb = world.knowledge_from_corpus(corpus_of(gen))  # the knowledge read back from text, not the generator's
+    for rows in (gen.labeled, gen.sft, gen.eval):
+        for r in rows:
+            assert world.grade_text(r["query"], service_text(r), kb, LABELS) == r["label"], r
+
+
+def test_the_log_holds_only_the_standard_input(gen):
+    row = gen.log[0]
+    assert "label" not in row and "reasoning" not in row
+    assert service_text(row) == f"{row['service_title']} | {row['service_description']}"  # free text, no fields
+
+
+def test_reasoning_states_no_fact_the_corpus_does_not(gen):
+    corpus = set(corpus_of(gen))
+    cited = 0
+    for r in gen.labeled + gen.sft + gen.eval:
+        for s in sentences(r["reasoning"]):
+            if world.fact_kind(s) is not None:
+                assert s in corpus, s
+                cited += 1
+    assert cited > len(gen.labeled) // 2  # the chains do cite knowledge
+
+
+def test_the_oracle_cites_the_facts_that_decided_the_grade():
+    rng = random.Random(3)
+    kb = world.make_knowledge(rng, 8, 6)
+    places = world.make_places(200, kb, rng, 0.3, 0.65)
+    corpus = set(kb.sentences())
+    for _ in range(300):
+        ask = world.make_ask(rng, places, kb)
+        for p in world.candidates(ask, places, 6, rng):
+            v = world.judge(ask, p, kb)
+            assert set(v.facts) <= corpus
+            rest = v.reasoning
+            for f in v.facts:
+                rest = rest.replace(f, "")
+            assert all(world.fact_kind(s) is None for s in sentences(rest)), v.reasoning  # the rest restates
+            if ask.item in p.offers and p.offers[ask.item] != ask.item:
+                assert kb.house_fact(p.offers[ask.item], ask.item) in v.facts  # a house name is explained
+            if ask.phrase != ask.item:
+                assert kb.synonym_fact(ask.phrase, ask.item) in v.facts
+
+
+def test_a_hand_checked_pair():
+    kb = world.Knowledge(
+        house={"Kiru Ritual": "hot stone"},
+        streets={"Tamo Lane": "Old Town"},
+        nicknames={"the old quarter": "Old Town"},
+        cues={"bargain rates": 1, "white-glove service": 4},
+        synonyms={},
+        kinds={"spa": "spa"},
+    )
+    spa = world.Place("svc-1", "Velo Spa", "", "spa", "Old Town", "Tamo Lane", 1, "bargain rates", {"hot stone": "Kiru Ritual"})
+    ask = world.Ask("hot stone", "hot stone", "Old Town", "the old quarter", 1, "cheap hot stone in the old quarter")
+    v = world.judge(ask, spa, kb)
+    assert v.grade == 1.0
+    assert v.reasoning == (
+        "The query asks for hot stone in Old Town at $ or less. Locals call Old Town \"the old quarter\". "
+        "The Kiru Ritual is a house name for hot stone. Tamo Lane is in Old Town. A place with bargain rates is "
+        "priced $. Velo Spa offers hot stone and meets every constraint."
+    )
+    text = "Velo Spa | A quiet spa on Tamo Lane. Known for the Kiru Ritual. Expect bargain rates."
+    assert world.grade_text(ask.text, text, kb, LABELS) == "relevant"
+    pricey = text.replace("bargain rates", "white-glove service")
+    assert world.grade_text(ask.text, pricey, kb, LABELS) == "partial"  # over budget: one constraint missed
+    assert world.grade_text("hot stone", pricey, kb, LABELS) == "relevant"  # no budget asked
+
+
+def test_grading_refuses_text_the_world_does_not_write(gen):
+    kb = world.knowledge_from_corpus(corpus_of(gen))
+    with pytest.raises(ValueError, match="query item or place not known"):
+        world.grade_text("quantum tunnelling", "X | A quiet spa in Harbor. Known for sauna. Expect fair prices.", kb, LABELS)
+    with pytest.raises(ValueError, match="service text not in the world's form"):
+        world.grade_text("sauna", "X | a sauna, somewhere", kb, LABELS)
+
+
+def test_knowledge_is_a_long_tail_that_labels_rarely_show(gen):
+    def house_facts(r):
+        return [s for s in sentences(r["reasoning"]) if world.fact_kind(s) == "house"]
+
+    in_log = Counter(f for r in gen.labeled for f in house_facts(r))
+    needed = [f for r in gen.eval for f in house_facts(r)]
+    assert len(needed) >= len(gen.eval) // 5  # a house name decides a fifth of the held-out pairs or more
+    seen = sorted(in_log[f] for f in needed)
+    assert seen[len(seen) // 2] <= 5  # the median one decided at most 5 of the log's 2,400 pairs
+    # the common names are there too: a lexical model has a head to get right
+    head = [r for r in gen.eval if r["label"] == "relevant" and not house_facts(r)]
+    assert len(head) >= 10
+
+
+def test_splits_are_query_disjoint_and_generation_is_deterministic(gen):
+    q = {name: {r["query"] for r in getattr(gen, name)} for name in ("labeled", "sft", "eval")}
+    assert not (q["labeled"] & q["eval"]) and not (q["labeled"] & q["sft"]) and not (q["sft"] & q["eval"])
+    again = world.generate(LABELS, 300, 400, 6, 300, 400, seed=0)
+    assert again.eval == world.generate(LABELS, 300, 400, 6, 300, 400, seed=0).eval
+    assert Counter(r["label"] for r in gen.labeled).keys() == set(LABELS)
+
+
+def test_the_spec_selects_the_world():
+    run = parse_run(minimal_doc(data={"synthetic": {"world": "knowledge"}}))
+    assert run.spec.data.synthetic.world == "knowledge"
+    assert parse_run(minimal_doc()).spec.data.synthetic.world == "classic"
+    with pytest.raises(SpecError) as e:
+        parse_run(minimal_doc(data={"synthetic": {"world": "fantasy"}}))
+    assert "spec.data.synthetic.world" in str(e.value.problems[0])
+
+
+def test_the_data_stage_writes_the_knowledge_world(tmp_path):
+    from kubedistill.core import spec
+    from kubedistill.core.stage import StageContext
+    from kubedistill.core.storage import Storage
+    from kubedistill.stages import data
+
+    syn = {"services": 40, "queries": 30, "pairsPerQuery": 4, "sftSize": 10, "evalSize": 12, "seed": 0, "world": "knowledge"}
+    section = spec.to_wire(spec.DataSpec.model_validate({"synthetic": syn}))
+    ctx = StageContext({"run": "r", "stage": "data", "inputs": [], "spec": {"labels": LABELS, "data": section}},
+                       Storage(str(tmp_path)), version="one")
+    out = data.run_stage(ctx)
+    assert out["metrics"]["world"] == "knowledge"
+    rows = data.read_dataset(Storage(str(tmp_path)).child("data/v-one/eval"))
+    assert len(rows) == 12 and rows[0]["service_category"] is None and rows[0]["service_tags"] == []
+    corpus = [r["text"] for r in data.read_dataset(Storage(str(tmp_path)).child("data/v-one/corpus"))]
+    kb = world.knowledge_from_corpus(corpus)
+    assert all(world.grade_text(r["query"], service_text(r), kb, LABELS) == r["label"] for r in rows)
