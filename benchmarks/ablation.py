@@ -112,6 +112,7 @@ def plot(path: Path, sizes: list[int], curves: dict[str, list[list[float]]], lex
         ax.errorbar(sizes, means, yerr=[sd(x) for x in per_size], marker="o", capsize=3, label=name)
     ax.plot(sizes, lexical, marker="s", linestyle="--", color="grey", label="lexical")
     ax.set_xscale("log")
+    ax.minorticks_off()
     ax.set_xticks(sizes, [str(s) for s in sizes])
     ax.set_xlabel("training pairs (oracle labels)")
     ax.set_ylabel("eval macro-F1")
@@ -119,6 +120,13 @@ def plot(path: Path, sizes: list[int], curves: dict[str, list[list[float]]], lex
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def draw(path: Path, args: dict[str, Any], results: dict[str, Any]) -> None:
+    """The learning curves of a run's results (as its record holds them)."""
+    sizes = [results["sizes"][str(s)] for s in args["sizes"]]
+    curves = {o: [[r["macro_f1"] for r in e["runs"][o]] for e in sizes] for o in args["objectives"]}
+    plot(path, [e["rows"] for e in sizes], curves, [e["lexical"]["macro_f1"] for e in sizes])
 
 
 def main() -> None:
@@ -134,7 +142,15 @@ def main() -> None:
     ap.add_argument("--max-reasoning-tokens", type=int, default=96)
     ap.add_argument("--eval-pairs", type=int, default=1000)
     ap.add_argument("--tag", default="", help="record name suffix")
+    ap.add_argument("--replot", action="store_true", help="only redraw the PNG from the record of --tag")
     args = ap.parse_args()
+    name = f"ablation{'-' + args.tag if args.tag else ''}"
+    if args.replot:
+        import json
+
+        record = json.loads((RECORDS / f"{name}.json").read_text())
+        draw(RECORDS / f"{name}.png", record["arguments"], record["results"])
+        return
 
     biggest = max(args.sizes)
     pool_queries = int(biggest * 1.15 / 6) + 20  # the largest size plus a 10% validation split, 6 pairs a query
@@ -195,24 +211,21 @@ def main() -> None:
                                   for o in args.objectives) + f"; lexical {e['lexical']['macro_f1']:.3f}",
             "met": "yes" if worst >= e["lexical"]["macro_f1"] + 0.05 else "no",
         })
-    if "ce" in args.objectives and "crsd" in args.objectives:
+    crsd = [o for o in args.objectives if o.startswith("crsd")] if "ce" in args.objectives else []
+    for variant in crsd:
         for size, want in ((min(args.sizes), "+2 points"), (max(args.sizes), "no worse")):
             e = results["sizes"][str(size)]
-            d = [c["macro_f1"] - b["macro_f1"] for c, b in zip(e["runs"]["crsd"], e["runs"]["ce"])]
-            e["crsd_minus_ce"] = d
+            d = [c["macro_f1"] - b["macro_f1"] for c, b in zip(e["runs"][variant], e["runs"]["ce"])]
+            e.setdefault("minus_ce", {})[variant] = d
             ok = statistics.mean(d) >= 0.02 if want == "+2 points" else statistics.mean(d) >= -sd(d)
             rows.append({
-                "what": f"CRSD vs CE student, {e['rows']} oracle-labeled pairs, knowledge world (`ablation.py`)",
-                "target": f"CRSD {want} macro-F1",
+                "what": f"{variant} vs CE student, {e['rows']} oracle-labeled pairs, knowledge world (`ablation.py`)",
+                "target": f"{variant} {want} macro-F1",
                 "measured": f"{statistics.mean(d):+.4f} (per seed {', '.join(f'{x:+.3f}' for x in d)})",
                 "met": "yes" if ok else "no",
             })
-    name = f"ablation{'-' + args.tag if args.tag else ''}"
-    curves = {o: [[r["macro_f1"] for r in results["sizes"][str(s)]["runs"][o]] for s in args.sizes]
-              for o in args.objectives}
     RECORDS.mkdir(exist_ok=True)
-    plot(RECORDS / f"{name}.png", [results["sizes"][str(s)]["rows"] for s in args.sizes], curves,
-         [results["sizes"][str(s)]["lexical"]["macro_f1"] for s in args.sizes])
+    draw(RECORDS / f"{name}.png", vars(args), results)
     results["data"] = {"pool": len(pool), "validation": len(val), "eval": len(gen.eval), "eval_tail": tail}
     benchrecord.write("ablation", vars(args), results, rows, tag=args.tag)
 

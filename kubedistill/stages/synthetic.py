@@ -17,7 +17,7 @@ import hashlib
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 DISTRICTS = ("Downtown", "Riverside", "Old Town", "Harbor", "Northgate", "West End", "University", "Airport")
 PRICE_SIGNS = {1: "$", 2: "$$", 3: "$$$", 4: "$$$$"}
@@ -107,6 +107,14 @@ SYNONYMS: dict[str, tuple[str, ...]] = {
     "perm": ("curls",),
 }
 CHEAP_WORDS = ("cheap", "budget", "affordable")
+
+
+class _HasId(Protocol):
+    @property
+    def id(self) -> str: ...
+
+
+S = TypeVar("S", bound=_HasId)
 
 
 @dataclass(frozen=True)
@@ -253,14 +261,19 @@ def candidates(intent: Intent, services: list[Service], k: int, rng: random.Rand
     themed = [s for s in services if s.theme and s.theme.lower() in intent.item.lower()]
     kind = CATALOG[next(c for c in CATALOG if intent.item in CATALOG[c][1])][0]
     same_kind = [s for s in services if CATALOG[s.category][0] == kind and intent.item not in s.tags]
-    pools = [offers, offers, themed, same_kind, services]
-    chosen: dict[str, Service] = {}
+    return draw([offers, offers, themed, same_kind, services], k, rng)
+
+
+def draw(pools: list[list[S]], k: int, rng: random.Random) -> list[S]:
+    """Up to `k` distinct items (by `id`), each from a pool picked at random among the non-empty ones (a pool
+    listed twice is picked twice as often)."""
+    chosen: dict[str, S] = {}
     for _ in range(k * 4):
         if len(chosen) >= k:
             break
         pool = rng.choice([p for p in pools if p])
-        s = rng.choice(pool)
-        chosen.setdefault(s.id, s)
+        item = rng.choice(pool)
+        chosen.setdefault(item.id, item)
     return list(chosen.values())
 
 

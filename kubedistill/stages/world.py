@@ -40,6 +40,7 @@ from kubedistill.stages.synthetic import (
     PRICE_SIGNS,
     SYNONYMS,
     SyntheticData,
+    draw,
     grade_to_label,
     pair_id,
 )
@@ -363,15 +364,7 @@ def candidates(ask: Ask, places: list[Place], k: int, rng: random.Random) -> lis
     same_kind = [p for p in places if CATALOG[p.category][0] in kinds and ask.item not in p.offers]
     overlap = [p for p in places if ask.item not in p.offers and words & set(p.title.lower().split())]
     nearby = [p for p in places if ask.district and p.district == ask.district]
-    pools = [offers, offers, same_kind, overlap, nearby, places]
-    chosen: dict[str, Place] = {}
-    for _ in range(k * 4):
-        if len(chosen) >= k:
-            break
-        pool = rng.choice([pl for pl in pools if pl])
-        p = rng.choice(pool)
-        chosen.setdefault(p.id, p)
-    return list(chosen.values())
+    return draw([offers, offers, same_kind, overlap, nearby, places], k, rng)
 
 
 def generate(
