@@ -290,6 +290,11 @@ class SyntheticData:
     corpus: list[dict[str, Any]] = field(default_factory=list)
 
 
+def unlabeled(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows as the log holds them: without the oracle's label and reasoning."""
+    return [{k: v for k, v in r.items() if k not in ("label", "reasoning")} for r in rows]
+
+
 def generate(
     labels: list[str],
     services: int,
@@ -332,7 +337,7 @@ def generate(
             if len(rows) >= n:
                 break
         setattr(out, name, rows)
-    out.log = [{k: v for k, v in r.items() if k not in ("label", "reasoning")} for r in out.labeled]
+    out.log = unlabeled(out.labeled)
     out.corpus = [{"text": s.description} for s in catalog]
     for category, (kind, items) in CATALOG.items():
         out.corpus.append({"text": f"A {category} is a kind of {kind}. It may offer {', '.join(items)}."})

@@ -43,6 +43,7 @@ from kubedistill.stages.synthetic import (
     draw,
     grade_to_label,
     pair_id,
+    unlabeled,
 )
 
 #: district -> nicknames searchers use for it
@@ -77,6 +78,8 @@ HOUSE_NOUNS: dict[str, tuple[str, ...]] = {
 STREET_NOUNS = ("Lane", "Street", "Road", "Square", "Walk", "Row")
 ADJECTIVES = ("quiet", "busy", "friendly", "modern", "cosy", "family-run", "bright", "small")
 BUDGET_WORDS = ("cheap", "budget", "affordable")
+#: every item the catalog's places may offer, sorted
+ITEMS = sorted({i for _, items in CATALOG.values() for i in items})
 _CONSONANTS = "bdfgklmnprstvz"
 _VOWELS = "aeiou"
 
@@ -102,51 +105,37 @@ class Knowledge:
     synonyms: dict[str, str]  # searcher's phrase -> item
     kinds: dict[str, str]  # category -> kind of place
 
-    # one sentence per fact, the same words in the corpus and in any reasoning that cites it
-    @staticmethod
-    def house_fact(name: str, item: str) -> str:
-        return f"The {name} is a house name for {item}."
-
-    @staticmethod
-    def street_fact(street: str, district: str) -> str:
-        return f"{street} is in {district}."
-
-    @staticmethod
-    def nickname_fact(nickname: str, district: str) -> str:
-        return f'Locals call {district} "{nickname}".'
-
-    @staticmethod
-    def cue_fact(cue: str, level: int) -> str:
-        return f"A place with {cue} is priced {PRICE_SIGNS[level]}."
-
-    @staticmethod
-    def synonym_fact(phrase: str, item: str) -> str:
-        return f"Searchers say {phrase} when they mean {item}."
-
-    @staticmethod
-    def kind_fact(category: str, kind: str) -> str:
-        return f"A {category} is a kind of {kind}."
-
     def sentences(self) -> list[str]:
         """Every fact, one sentence each (the corpus's knowledge documents)."""
-        return [
-            *(self.house_fact(n, i) for n, i in self.house.items()),
-            *(self.street_fact(s, d) for s, d in self.streets.items()),
-            *(self.nickname_fact(n, d) for n, d in self.nicknames.items()),
-            *(self.cue_fact(c, p) for c, p in self.cues.items()),
-            *(self.synonym_fact(s, i) for s, i in self.synonyms.items()),
-            *(self.kind_fact(c, k) for c, k in self.kinds.items()),
-        ]
+        return [fact(kind, a, b) for kind in FACTS for a, b in getattr(self, kind).items()]
 
 
-_FACT_PATTERNS = (
-    ("house", re.compile(r"^The (?P<a>.+) is a house name for (?P<b>.+)\.$")),
-    ("streets", re.compile(rf"^(?P<a>[A-Z][a-z]+ (?:{'|'.join(STREET_NOUNS)})) is in (?P<b>.+)\.$")),
-    ("nicknames", re.compile(r'^Locals call (?P<b>.+?) "(?P<a>.+)"\.$')),
-    ("cues", re.compile(r"^A place with (?P<a>.+) is priced (?P<b>\$+)\.$")),
-    ("synonyms", re.compile(r"^Searchers say (?P<a>.+) when they mean (?P<b>.+)\.$")),
-    ("kinds", re.compile(r"^A (?P<a>.+) is a kind of (?P<b>.+)\.$")),
-)
+#: each kind of fact (a `Knowledge` field) -> its sentence, the same words in the corpus and in any reasoning that
+#: cites it: {a} the name, {b} what it means
+FACTS = {
+    "house": "The {a} is a house name for {b}.",
+    "streets": "{a} is in {b}.",
+    "nicknames": 'Locals call {b} "{a}".',
+    "cues": "A place with {a} is priced {b}.",
+    "synonyms": "Searchers say {a} when they mean {b}.",
+    "kinds": "A {a} is a kind of {b}.",
+}
+#: a street has a street's form, so a verdict ("... but it is in Harbor, not Old Town.") never reads as a street fact
+_NAME_FORM = {"streets": rf"[A-Z][a-z]+ (?:{'|'.join(STREET_NOUNS)})"}
+
+
+def _pattern(kind: str, text: str) -> re.Pattern[str]:
+    """The regex that reads a fact of `kind` back: {a} and {b} become the groups a and b."""
+    a = f"(?P<a>{_NAME_FORM.get(kind, '.+?')})"
+    return re.compile("^" + re.escape(text).replace(re.escape("{a}"), a).replace(re.escape("{b}"), "(?P<b>.+?)") + "$")
+
+
+_FACT_PATTERNS = tuple((kind, _pattern(kind, text)) for kind, text in FACTS.items())
+
+
+def fact(kind: str, a: str, b: str | int) -> str:
+    """The sentence stating one fact (`FACTS`); a price cue's meaning is its level."""
+    return FACTS[kind].format(a=a, b=PRICE_SIGNS[b] if isinstance(b, int) else b)
 
 
 def fact_kind(sentence: str) -> str | None:
@@ -180,9 +169,8 @@ def make_knowledge(rng: random.Random, house_per_item: int, streets_per_district
                 used.add(name)
                 return name
 
-    items = sorted({i for _, items in CATALOG.values() for i in items})
     house = {}
-    for item in items:
+    for item in ITEMS:
         nouns = [n for k in sorted(item_kinds(item)) for n in HOUSE_NOUNS[k]]
         for _ in range(house_per_item):
             house[fresh(nouns)] = item
@@ -238,7 +226,6 @@ def make_places(n: int, kb: Knowledge, rng: random.Random, head_share: float, st
     streets_of: dict[str, list[str]] = {}
     for name, d in kb.streets.items():
         streets_of.setdefault(d, []).append(name)
-    all_items = sorted({i for _, items in CATALOG.values() for i in items})
     places = []
     for i in range(n):
         category = rng.choice(list(CATALOG))
@@ -258,7 +245,7 @@ def make_places(n: int, kb: Knowledge, rng: random.Random, head_share: float, st
         theme: str | None = None
         word = pseudo_word(rng)
         if rng.random() < 0.2:  # a name that promises what the place does not offer
-            theme = rng.choice([x for x in all_items if kind not in item_kinds(x)])
+            theme = rng.choice([x for x in ITEMS if kind not in item_kinds(x)])
             title = f"{word} {theme.title()} {rng.choice(('House', 'Club', 'Place', 'Corner'))}"
         else:
             title = f"{word} {category.title()}"
@@ -314,9 +301,9 @@ def judge(ask: Ask, p: Place, kb: Knowledge) -> Verdict:
     """The oracle: grade a pair and explain it, citing every fact the decision used (as corpus sentences)."""
     facts: list[str] = []
     if ask.phrase != ask.item:
-        facts.append(kb.synonym_fact(ask.phrase, ask.item))
+        facts.append(fact("synonyms", ask.phrase, ask.item))
     if ask.district_phrase and ask.district_phrase != ask.district:
-        facts.append(kb.nickname_fact(ask.district_phrase, ask.district or ""))
+        facts.append(fact("nicknames", ask.district_phrase, ask.district or ""))
     want = f"The query asks for {ask.item}"
     if ask.district:
         want += f" in {ask.district}"
@@ -325,16 +312,16 @@ def judge(ask: Ask, p: Place, kb: Knowledge) -> Verdict:
     offers = ask.item in p.offers
     same_kind = kb.kinds[p.category] in item_kinds(ask.item)
     if offers and p.offers[ask.item] != ask.item:
-        facts.append(kb.house_fact(p.offers[ask.item], ask.item))
+        facts.append(fact("house", p.offers[ask.item], ask.item))
     misses: list[str] = []
     if offers or same_kind:  # the constraints decide between the grades
         if ask.district:
             if p.street:
-                facts.append(kb.street_fact(p.street, p.district))
+                facts.append(fact("streets", p.street, p.district))
             if p.district != ask.district:
                 misses.append(f"it is in {p.district}, not {ask.district}")
         if ask.max_price:
-            facts.append(kb.cue_fact(p.cue, p.price))
+            facts.append(fact("cues", p.cue, p.price))
             if p.price > ask.max_price:
                 misses.append(f"it is priced {PRICE_SIGNS[p.price]}, over the budget")
     if offers:
@@ -416,7 +403,7 @@ def generate(
                 )
         seen_queries |= split_queries
         setattr(out, name, rows)
-    out.log = [{k: r[k] for k in r if k not in ("label", "reasoning")} for r in out.labeled]
+    out.log = unlabeled(out.labeled)
     out.corpus = [{"text": t} for t in kb.sentences()]
     out.corpus += [{"text": f"{p.title}. {p.description}"} for p in places]
     out.corpus += [{"text": f"search: {r['query']}"} for r in out.labeled[:: max(1, pairs_per_query)]]
@@ -427,8 +414,9 @@ def generate(
 # Grading from the standard input and the corpus alone (the world's no-hidden-variable guarantee).
 
 _QUERY = re.compile(
-    r"^(?:(?P<budget>cheap|budget|affordable|under \$+) )?(?P<item>.+?)(?: (?:in|near) (?P<where>.+))?$"
+    rf"^(?:(?P<budget>{'|'.join(BUDGET_WORDS)}|under \$+) )?(?P<item>.+?)(?: (?:in|near) (?P<where>.+))?$"
 )
+_DISTRICT_WORDS = {d.lower(): d for d in DISTRICTS}
 _DESCRIPTION = re.compile(
     r"^A (?:\S+) (?P<category>.+?) (?:on (?P<street>.+?)|in (?P<district>.+?))\. "
     r"(?:Known for|We offer|Come for) (?P<offers>.+)\. Expect (?P<cue>.+)\.$"
@@ -441,14 +429,11 @@ def grade_text(query: str, service: str, kb: Knowledge, labels: list[str]) -> st
     q = _QUERY.match(query)
     if not q:
         raise ValueError(f"query not in the world's form: {query!r}")
-    by_lower = {**{i: i for _, items in CATALOG.values() for i in items}, **kb.synonyms}
-    item = by_lower.get(q["item"])
+    item = q["item"] if q["item"] in ITEMS else kb.synonyms.get(q["item"])
     where = q["where"]
-    if item is None or (where is not None and where not in {d.lower() for d in DISTRICTS} | set(kb.nicknames)):
-        # "in" may belong to the item's words ("hair coloring in ..." never; but be strict)
+    district = (_DISTRICT_WORDS.get(where) or kb.nicknames.get(where)) if where else None
+    if item is None or (where is not None and district is None):
         raise ValueError(f"query item or place not known: {query!r}")
-    districts = {d.lower(): d for d in DISTRICTS}
-    district = (districts.get(where) or kb.nicknames.get(where)) if where else None
     budget = q["budget"]
     max_price = None if budget is None else (1 if not budget.startswith("under") else budget.count("$"))
     _title, _, description = service.partition(" | ")

@@ -69,9 +69,9 @@ def test_the_oracle_cites_the_facts_that_decided_the_grade():
                 rest = rest.replace(f, "")
             assert all(world.fact_kind(s) is None for s in sentences(rest)), v.reasoning  # the rest restates
             if ask.item in p.offers and p.offers[ask.item] != ask.item:
-                assert kb.house_fact(p.offers[ask.item], ask.item) in v.facts  # a house name is explained
+                assert world.fact("house", p.offers[ask.item], ask.item) in v.facts  # a house name is explained
             if ask.phrase != ask.item:
-                assert kb.synonym_fact(ask.phrase, ask.item) in v.facts
+                assert world.fact("synonyms", ask.phrase, ask.item) in v.facts
 
 
 def test_a_hand_checked_pair():
