@@ -213,28 +213,33 @@ def _section_evaluation(storage: Storage, found: dict[str, dict[str, Any]]) -> s
         out.append(_calibration(models))
     comparison = detail.get("comparison")
     if comparison:
+        trained = (found.get("student-crsd", {}).get("manifest") or {}).get("metrics", {})
+        selected = trained.get("selected") or {"by": "objective"}
+        chosen = (
+            "the best validation macro-F1 (<code>student.select: validation</code>)"
+            if selected["by"] == "validation"
+            else "the one trained with <code>student.objective</code>"
+        )
         out.append(
             "<h3>CE vs CRSD</h3><p>Students trained on the same rows, seed and budget with each objective "
-            "(<code>student.compareObjectives</code>); the gate judges, and serving takes, the run's student "
-            "(<code>student.objective</code>).</p>"
+            f"(<code>student.compareObjectives</code>); the gate judges, and serving takes, the run's student: {chosen}. "
+            "Eval scores each once, after the choice.</p>"
         )
-        trained = (found.get("student-crsd", {}).get("manifest") or {}).get("metrics", {})
-        step_s = {
-            trained.get("objective"): trained.get("seconds_per_step"),
-            **{o: m.get("seconds_per_step") for o, m in trained.get("compared", {}).items()},
-        }
+        per_objective = {trained.get("objective"): trained, **trained.get("compared", {})}
         rows = [
             [
                 _e(c["objective"]) + (" (the run's student)" if c["served"] else ""),
+                per_objective.get(c["objective"], {}).get("best_val_macro_f1") or "—",
                 c["macro_f1"],
                 c["auc_ovr"] if c["auc_ovr"] is not None else "n/a",
                 c["accuracy"],
-                step_s.get(c["objective"]) or "—",
+                per_objective.get(c["objective"], {}).get("seconds_per_step") or "—",
                 "—" if c["delta_macro_f1"] is None else f"{c['delta_macro_f1']:+.4f}",
             ]
             for c in comparison
         ]
-        out.append(_table(["objective", "macro-F1", "AUC", "accuracy", "s / step", "macro-F1 vs ce"], rows, raw=True))
+        header = ["objective", "validation macro-F1", "macro-F1", "AUC", "accuracy", "s / step", "macro-F1 vs ce"]
+        out.append(_table(header, rows, raw=True))
     out.append(_image(_version(storage, m), "confusion.png", "confusion matrices"))
     out.append(_image(_version(storage, m), "reliability.png", "reliability diagrams"))
     return "".join(out)

@@ -608,7 +608,14 @@ class StudentSpec(_Model):
         default_factory=list,
         max_length=2,
         description="Other objectives trained on the same rows, seed and budget and scored by "
-        "evaluate beside the student (the report's CE-vs-CRSD table); never served.",
+        "evaluate beside the student (the report's CE-vs-CRSD table); served only when select picks one.",
+    )
+    select: Literal["objective", "validation"] = Field(
+        default="objective",
+        description="Which of the trained students is the run's student (gated, served): objective (the one "
+        "trained with `objective`) or validation (the best validation macro-F1 among `objective` and "
+        "`compareObjectives`, ties to `objective`). Chosen on the validation split only: the eval set scores "
+        "every student once, after the choice.",
     )
     crsd: CrsdSpec = Field(default_factory=CrsdSpec)
     train: StudentTrainSpec = Field(

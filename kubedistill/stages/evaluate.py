@@ -410,7 +410,11 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
         raise ValueError("the data stage's eval set is empty")
     train_rows, source = training_rows(ctx)  # the rows the student learns from
     ctx.log(f"baseline: BM25 features + logistic regression on {len(train_rows)} rows of {source}")
-    students = 1 + len(ctx.spec.student.compare_objectives) if "student-crsd" in ctx.inputs else 0
+    compared: dict[str, str] = {}  # objective -> the student trained beside the run's student, as the stage wrote it
+    if "student-crsd" in ctx.inputs:
+        written = ctx.input_manifest("student-crsd").get("outputs") or {}
+        compared = {k.removeprefix("model_"): uri for k, uri in written.items() if k.startswith("model_")}
+    students = 1 + len(compared) if "student-crsd" in ctx.inputs else 0
     progress = Target.of(ctx.storage, ctx.name).start(1 + students, "models", label="scoring")
     baseline = baseline_for(ctx.spec.student, labels, train_rows)
     truth = [r["label"] for r in eval_rows]
@@ -447,8 +451,8 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
             ctx.log(f"runtime {r}: {c['reason']}" + (f" (macro-F1 {c['macro_f1']:.4f})" if "macro_f1" in c else ""))
         ctx.log(f"runtime to serve unless spec.serving.runtime says otherwise: {runtime}")
         progress.update(2)
-        for i, objective in enumerate(ctx.spec.student.compare_objectives, 3):
-            other = load_student(ctx.input("student-crsd").uri(f"compare/{objective}/model"), ctx.storage.options)
+        for i, (objective, uri) in enumerate(compared.items(), 3):
+            other = load_student(uri, ctx.storage.options)
             results[f"student_{objective}"], _ = score_student(other, eval_rows, truth, labels)
             progress.update(i)
     progress.close()

@@ -34,6 +34,7 @@ inside the running replicas (`reconfigure`) without dropping requests. So is the
 
 import asyncio
 import json
+import shlex
 import socket
 import time
 import urllib.error
@@ -696,17 +697,36 @@ def post_json(url: str, doc: Any, timeout: float = 30) -> tuple[int, dict[str, A
         return e.code, json.loads(e.read() or b"{}")
 
 
-def curl_example(url: str) -> str:
-    body = json.dumps(
-        {
-            "query": "vegan brunch in Old Town",
-            "services": [
-                {"id": "s1", "text": "Green Fork | restaurant | Old Town | $$ | offers vegan brunch, coffee"},
-                {"id": "s2", "text": "Iron Gym | fitness | Harbor | $ | offers weights, sauna"},
-            ],
-        }
-    )
-    return f"curl -s -X POST {url} -H 'Content-Type: application/json' -d '{body}'"
+def example_request(rows: list[dict[str, Any]], labels: list[str], size: int = 3) -> tuple[dict[str, Any], list[str]]:
+    """A /score request made of the run's own held-out data, and the true label of each service in it: the
+    first query with a candidate of the most relevant label and one of another, with up to `size` of its
+    candidates (one per label, most relevant first) as the standard input has them. A pair of the run's own
+    world, so the answer shown is one its eval set scores."""
+    from kubedistill.stages.data import service_text
+
+    by_query: dict[str, dict[str, dict[str, Any]]] = {}
+    for r in rows:
+        by_query.setdefault(r["query"], {}).setdefault(r["label"], r)
+    for query, one_per_label in by_query.items():
+        if labels[-1] in one_per_label and len(one_per_label) > 1:
+            picked = [one_per_label[lab] for lab in reversed(labels) if lab in one_per_label][:size]
+            services = [{"id": f"s{i}", "text": service_text(r)} for i, r in enumerate(picked, 1)]
+            return {"query": query, "services": services}, [r["label"] for r in picked]
+    raise ValueError(f"no held-out query has a {labels[-1]!r} candidate and one of another label")
+
+
+def curl_example(url: str, body: dict[str, Any]) -> str:
+    return f"curl -s -X POST {url} -H 'Content-Type: application/json' -d {shlex.quote(json.dumps(body))}"
+
+
+def answer_lines(body: dict[str, Any], truth: list[str], answer: dict[str, Any]) -> list[str]:
+    """The served answer to `example_request`'s request, one line per service beside its true label."""
+    texts = {s["id"]: s["text"] for s in body["services"]}
+    return [
+        f"{r['id']} {r['label']:<{max(map(len, answer['labels']))}} (score {r['score']:.2f}; true label {t}): "
+        f"{texts[r['id']]}"
+        for r, t in zip(answer["results"], truth, strict=True)
+    ]
 
 
 def run_stage(ctx: StageContext) -> dict[str, Any]:

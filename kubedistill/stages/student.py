@@ -765,20 +765,35 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
     write_rows(ctx.out, "splits/train/part-00000", train_rows, "jsonl")
     write_rows(ctx.out, "splits/val/part-00000", val_rows, "jsonl")
 
-    metrics, uri = _train_and_export(ctx, cfg, source, ctx.out.child("model"), f"train-{ctx.config_hash}", True)
+    configs: dict[str, StudentConfig] = {c.student.objective: c for c in [cfg, *others]}
+    trained: dict[str, Any] = {}  # objective -> its Ray Train result, in spec order (resumable under its own name)
+    for objective, c in configs.items():
+        if c is not cfg:
+            ctx.log(f"comparison objective {objective}: training on the same splits")
+        trained[objective] = _train(ctx, c, f"train-{ctx.config_hash}" + ("" if c is cfg else f"-{objective}"))
+    validation = {o: float(raytrain.scalar_metrics(r)["best_val_macro_f1"]) for o, r in trained.items()}
+    chosen = select_student(cfg.student.select, cfg.student.objective, validation)
+    if len(trained) > 1:
+        ctx.log(
+            f"run's student: {chosen} (spec.student.select: {cfg.student.select}; best validation macro-F1 "
+            + ", ".join(f"{o} {f:.4f}" for o, f in validation.items())
+            + ")"
+        )
+    metrics, uri = _export_trained(ctx, configs[chosen], trained[chosen], source, ctx.out.child("model"), True)
     metrics.update(train_rows=len(train_rows), val_rows=len(val_rows), rows_from=row_sources(rows))
+    if len(trained) > 1:
+        metrics["selected"] = {"by": cfg.student.select, "objective": chosen, "best_val_macro_f1": validation}
     if "rationalize" in ctx.inputs:
         metrics.update(
             rows_rationalized=sum(1 for r in rows if r.get("rationalized")), rows_unexplained_left_out=dropped
         )
     outputs = {"model": uri}
     compared = {}
-    for other in others:  # same rows, seed and budget; evaluate scores them beside the student
-        objective = other.student.objective
-        ctx.log(f"comparison objective {objective}: training on the same splits")
-        m, outputs[f"model_{objective}"] = _train_and_export(
-            ctx, other, source, ctx.out.child(f"compare/{objective}/model"), f"train-{ctx.config_hash}-{objective}"
-        )
+    for objective, result in trained.items():  # same rows, seed and budget; evaluate scores them beside the student
+        if objective == chosen:
+            continue
+        out = ctx.out.child(f"compare/{objective}/model")
+        m, outputs[f"model_{objective}"] = _export_trained(ctx, configs[objective], result, source, out)
         compared[objective] = {
             k: m[k] for k in ("val_macro_f1", "val_auc", "best_val_macro_f1", "seconds_per_step", "step") if k in m
         }
@@ -787,17 +802,25 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
     return {"metrics": metrics, "outputs": outputs}
 
 
-def _train_and_export(
-    ctx: StageContext, cfg: StudentConfig, source: str, out: Storage, name: str, formats: bool = False
-) -> tuple[dict[str, Any], str]:
-    """One Ray Train run of `cfg` on the stage's splits (resumable under `name`); the best round exported to `out`
-    (with the ONNX and Hugging Face forms when `formats`: the student that may be served)."""
+def select_student(select: str, objective: str, validation: dict[str, float]) -> str:
+    """The run's student among the trained objectives (`spec.student.select`): `objective` itself, or the best
+    validation macro-F1 (`validation`: objective -> score), a tie going to `objective`, then to spec order."""
+    if select == "objective":
+        return objective
+    if select != "validation":
+        raise ValueError(f"spec.student.select: expected objective or validation, got {select!r}")
+    return max(validation, key=lambda o: (validation[o], o == objective))
+
+
+def _train(ctx: StageContext, cfg: StudentConfig, name: str) -> Any:
+    """One Ray Train run of `cfg` on the stage's splits (resumable under `name`): its result, whose checkpoint
+    holds the best round's weights."""
     loop_config = {
         "student": cfg,
         "splits_uri": ctx.out.uri("splits"),
         "s3": {"endpoint": ctx.storage.options.endpoint, "region": ctx.storage.options.region},
     }
-    result = raytrain.fit(
+    return raytrain.fit(
         train_loop_per_worker,
         loop_config,
         cfg.student.resources,
@@ -806,6 +829,13 @@ def _train_and_export(
         cfg.student.max_failures,
         Target.of(ctx.storage, ctx.name),
     )
+
+
+def _export_trained(
+    ctx: StageContext, cfg: StudentConfig, result: Any, source: str, out: Storage, formats: bool = False
+) -> tuple[dict[str, Any], str]:
+    """A trained run's best round, calibrated on validation and exported to `out` (with the ONNX and Hugging
+    Face forms when `formats`: the student that may be served)."""
     state = raytrain.load_state(result.checkpoint)
     model, tokenizer = build_model(cfg, ctx.storage.options)
     model.load_state_dict(state["best_state"])

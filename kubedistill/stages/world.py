@@ -16,8 +16,9 @@ Every mapping is one sentence of the corpus (`Knowledge.sentences`), so a teache
 know them; a student learning from labels alone must see each rare name often enough. Nothing is hidden:
 `grade_text` grades any pair from the standard input (query + service text) and the corpus alone, by the
 oracle's rules, and the tests hold it to the oracle's label on every pair. The oracle's reasoning cites
-the facts that decided the grade, each one a corpus sentence verbatim (`judge`); everything else in it
-restates the input or concludes. The easy head (common item names, district names, the cues a general
+the facts the grade rests on, each one a corpus sentence verbatim (`judge`): for a place of the asked
+kind, every house name it lists (whether it sells the item rests on all of them), then the street and
+price cue behind each asked constraint; everything else restates the input or judges, evidence first. The easy head (common item names, district names, the cues a general
 model already reads) is open to a lexical baseline; the tail is not.
 
 Rules (those of the classic world): a place that offers the item is relevant when it meets every asked
@@ -144,6 +145,43 @@ def fact_kind(sentence: str) -> str | None:
         if pattern.match(sentence):
             return name
     return None
+
+
+#: the first sentence of every chain (`judge`): the item asked for, then the asked constraints
+_ASKS = re.compile(r"^The query asks for (?P<item>.+?)(?: in .+?)?(?: at \$+ or less)?\.(?: |$)")
+
+
+def deciding_house_fact(reasoning: str) -> str | None:
+    """The house-name fact a chain's grade rests on (the place sells the asked item under that name), or None
+    where the grade needs no house name. A chain decodes every house name of a place of the asked kind; only
+    the one naming the asked item decides."""
+    asked = _ASKS.match(reasoning)
+    house = dict(_FACT_PATTERNS)["house"]
+    for sentence in _sentences(reasoning):
+        m = house.match(sentence)
+        if m and asked and m["b"] == asked["item"]:
+            return sentence
+    return None
+
+
+def faithfulness(chains: list[str], oracle: list[str], corpus: set[str]) -> dict[str, float]:
+    """How reasoning chains hold up against the world's knowledge, judged by the corpus alone (never by a
+    reward model): `fact_precision`, the share of the fact-shaped sentences they state that the corpus states
+    (the rest is invented knowledge); `faithful_chains`, the share of chains stating no fact the corpus lacks;
+    `fact_recall`, the share of the facts each pair's oracle chain (`oracle`, same order) cites that its
+    chain states."""
+    stated = [[x for x in _sentences(c) if fact_kind(x)] for c in chains]
+    cited = [[x for x in _sentences(o) if fact_kind(x)] for o in oracle]
+    return {
+        "fact_precision": sum(x in corpus for f in stated for x in f) / max(1, sum(map(len, stated))),
+        "faithful_chains": sum(all(x in corpus for x in f) for f in stated) / max(1, len(chains)),
+        "fact_recall": sum(x in s for s, c in zip(stated, cited, strict=True) for x in c)
+        / max(1, sum(map(len, cited))),
+    }
+
+
+def _sentences(text: str) -> list[str]:
+    return [s for s in re.split(r"(?<=\.) ", text) if s]
 
 
 def knowledge_from_corpus(texts: list[str]) -> Knowledge:
@@ -298,48 +336,56 @@ class Verdict:
 
 
 def judge(ask: Ask, p: Place, kb: Knowledge) -> Verdict:
-    """The oracle: grade a pair and explain it, citing every fact the decision used (as corpus sentences)."""
+    """The oracle: grade a pair and explain it, citing every fact the decision used (as corpus sentences).
+
+    The chain puts evidence before each judgement, one step per sentence: what the query asks (and the
+    facts behind its words), what the place is, what it offers (decoding its house names where they decide
+    it), then each asked constraint as the place's value followed by whether it meets it."""
     facts: list[str] = []
+    steps = [
+        f"The query asks for {ask.item}"
+        + (f" in {ask.district}" if ask.district else "")
+        + (f" at {PRICE_SIGNS[ask.max_price]} or less" if ask.max_price else "")
+        + "."
+    ]
+
+    def cite(f: str) -> None:
+        facts.append(f)
+        steps.append(f)
+
     if ask.phrase != ask.item:
-        facts.append(fact("synonyms", ask.phrase, ask.item))
+        cite(fact("synonyms", ask.phrase, ask.item))
     if ask.district_phrase and ask.district_phrase != ask.district:
-        facts.append(fact("nicknames", ask.district_phrase, ask.district or ""))
-    want = f"The query asks for {ask.item}"
-    if ask.district:
-        want += f" in {ask.district}"
-    if ask.max_price:
-        want += f" at {PRICE_SIGNS[ask.max_price]} or less"
+        cite(fact("nicknames", ask.district_phrase, ask.district or ""))
     offers = ask.item in p.offers
     same_kind = kb.kinds[p.category] in item_kinds(ask.item)
-    if offers and p.offers[ask.item] != ask.item:
-        facts.append(fact("house", p.offers[ask.item], ask.item))
-    misses: list[str] = []
-    if offers or same_kind:  # the constraints decide between the grades
-        if ask.district:
-            if p.street:
-                facts.append(fact("streets", p.street, p.district))
-            if p.district != ask.district:
-                misses.append(f"it is in {p.district}, not {ask.district}")
-        if ask.max_price:
-            facts.append(fact("cues", p.cue, p.price))
-            if p.price > ask.max_price:
-                misses.append(f"it is priced {PRICE_SIGNS[p.price]}, over the budget")
-    if offers:
-        grade = (1.0, 0.5, 0.0)[len(misses)]
-        verdict = f"{p.title} offers {ask.item}" + (
-            f", but {' and '.join(misses)}." if misses else " and meets every constraint."
+    if not same_kind:  # another kind of place: its kind decides, whatever its name promises
+        steps.append(
+            f"{p.title} is a {p.category}"
+            + (f"; its name mentions {p.theme}, but" if p.theme else ", and")
+            + f" a {p.category} does not offer {ask.item}."
         )
-    elif same_kind:
-        grade = 0.0 if misses else 0.5
-        verdict = f"{p.title} is a {kb.kinds[p.category]} but does not offer {ask.item}" + (
-            f", and {' and '.join(misses)}." if misses else "."
-        )
-    else:
-        grade = 0.0
-        verdict = f"{p.title} does not offer {ask.item}" + (
-            f"; its name mentions {p.theme} but it is a {p.category}." if p.theme else f"; it is a {p.category}."
-        )
-    return Verdict(grade, " ".join([want + ".", *facts, verdict]), tuple(facts))
+        return Verdict(0.0, " ".join(steps), tuple(facts))
+    steps.append(f"{p.title} is a {p.category}.")
+    if p.offers.get(ask.item) != ask.item:  # whether it offers the item rests on its house names
+        for item, name in p.offers.items():
+            if name != item:
+                cite(fact("house", name, item))
+    steps.append(f"It offers {ask.item}." if offers else f"It does not offer {ask.item}.")
+    misses = 0
+    if ask.district:
+        if p.street:
+            cite(fact("streets", p.street, p.district))
+        met = p.district == ask.district
+        misses += not met
+        steps.append(f"It is in {p.district}, " + ("as asked." if met else f"not {ask.district}."))
+    if ask.max_price:
+        cite(fact("cues", p.cue, p.price))
+        met = p.price <= ask.max_price
+        misses += not met
+        steps.append(f"It is priced {PRICE_SIGNS[p.price]}, " + ("within the budget." if met else "over the budget."))
+    grade = (1.0, 0.5, 0.0)[misses] if offers else (0.0 if misses else 0.5)
+    return Verdict(grade, " ".join(steps), tuple(facts))
 
 
 def candidates(ask: Ask, places: list[Place], k: int, rng: random.Random) -> list[Place]:

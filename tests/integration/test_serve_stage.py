@@ -16,7 +16,8 @@ from kubedistill import runner
 from kubedistill.core import spec
 from kubedistill.core.stage import MANIFEST
 from kubedistill.core.storage import Storage
-from tests.conftest import free_port, minimal_doc
+from kubedistill.stages.data import read_dataset, service_text
+from tests.conftest import artifact, free_port, minimal_doc
 from tests.isolated import score_onnx_fresh
 from tests.integration.test_runner import _cli, _write
 
@@ -60,7 +61,15 @@ def test_run_serves_the_student_from_s3_and_the_printed_curl_works(bucket, tiny_
         curl = next(line.split("try: ", 1)[1].strip() for line in text.splitlines() if "try: curl" in line)
         assert f"http://127.0.0.1:{port}/score" in curl
         answer = json.loads(subprocess.run(shlex.split(curl), capture_output=True, text=True, timeout=30, check=True).stdout)
-        assert [r["id"] for r in answer["results"]] == ["s1", "s2"]
+        request = json.loads(shlex.split(curl)[-1])
+        # the example is a held-out query of this run's own data, its answer printed beside the true labels
+        eval_rows = read_dataset(artifact(Storage(f"s3://{bucket}/runs/served"), "data").child("eval"))
+        held_out = {(r["query"], service_text(r)): r["label"] for r in eval_rows}
+        truth = [held_out[(request["query"], s["text"])] for s in request["services"]]
+        assert truth[0] == "relevant" and len(set(truth)) > 1
+        assert [r["id"] for r in answer["results"]] == [s["id"] for s in request["services"]]
+        for r, t in zip(answer["results"], truth, strict=True):
+            assert f"{r['id']} {r['label']:<10} (score {r['score']:.2f}; true label {t}):" in text
         st = Storage(f"s3://{bucket}/runs/served")
         manifest = st.read_json(f"serve/{MANIFEST}")
         student = st.read_json(f"student-crsd/{MANIFEST}")
@@ -74,7 +83,6 @@ def test_run_serves_the_student_from_s3_and_the_printed_curl_works(bucket, tiny_
         assert manifest["outputs"]["model"] == st.read_json(f"evaluate/{MANIFEST}")["outputs"]["model"]
         assert st.read_json("_PROMOTED.json")["version"] == student["version"]
         # the exported student, copied off S3, in a Python with only onnxruntime and tokenizers: /score's answer
-        request = json.loads(curl.split("-d '", 1)[1].rstrip("'"))
         onnx_dir = tmp_path / "onnx"
         model = Storage(manifest["outputs"]["model"])
         onnx_dir.mkdir()

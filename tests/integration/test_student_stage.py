@@ -33,6 +33,7 @@ def test_student_trains_with_ddp_exports_and_is_evaluated_beside_a_ce_student(bu
     syn = {"services": 60, "queries": 40, "pairsPerQuery": 5, "sftSize": 20, "evalSize": 60, "seed": 1}
     doc = _doc(f"s3://{bucket}/runs", "stu", tiny_encoder, syn, {"epochs": 2})
     doc["spec"]["student"]["compareObjectives"] = ["ce"]
+    doc["spec"]["student"]["select"] = "validation"
     doc["spec"]["student"]["train"]["classWeights"] = "balanced"
     doc["spec"]["student"]["calibration"] = {"offsets": True}
     run = spec.parse_run(doc)
@@ -42,12 +43,16 @@ def test_student_trains_with_ddp_exports_and_is_evaluated_beside_a_ce_student(bu
                                                            ("evaluate", "Succeeded")]
     st = Storage(f"s3://{bucket}/runs/stu")
     m = st.read_json(f"student-crsd/{MANIFEST}")["metrics"]
-    assert m["objective"] == "crsd" and m["step"] > 0 and 0 <= m["best_val_macro_f1"] <= 1
+    # select: validation: the run's student is the better of the two on the validation split (ties to crsd)
+    val = m["selected"]["best_val_macro_f1"]
+    chosen, other = ("crsd", "ce") if val["crsd"] >= val["ce"] else ("ce", "crsd")
+    assert m["selected"] == {"by": "validation", "objective": chosen, "best_val_macro_f1": val}
+    assert m["objective"] == chosen and m["step"] > 0 and m["best_val_macro_f1"] == val[chosen]
     student = artifact(st, "student-crsd")
     assert {"model/student.json", "model/head.safetensors"} <= set(student.list("model"))
     report = artifact(st, "evaluate").read_json("metrics.json")
     # the baseline weighted like the student, and unweighted beside it (weighting may cost it points)
-    assert set(report["models"]) == {"baseline", "baseline_unweighted", "student", "student_ce"}
+    assert set(report["models"]) == {"baseline", "baseline_unweighted", "student", f"student_{other}"}
     assert report["gate"]["candidate"] == "student"
     # the gate compares too: the student's gain over the stronger of the two baselines, with its interval
     floor, compare = report["gate"]["checks"]
@@ -64,15 +69,17 @@ def test_student_trains_with_ddp_exports_and_is_evaluated_beside_a_ce_student(bu
     assert rounds and len(rounds) == len(set(rounds)), rounds
     assert "student-crsd ▸ crsd student: " in text and "student-crsd ▸ ce student: " in text
     final = st.read_json("student-crsd/_PROGRESS.json")  # the last loop's last report (the CE student's)
-    assert final["done"] == m["compared"]["ce"]["step"] <= final["total"] and final["label"] == "ce student"
-    # the CE student: same splits and budget, its own export, scored beside the served one, never served
-    assert m["compared"]["ce"]["step"] == m["step"]
-    ce = student.read_json("compare/ce/model/student.json")
-    assert ce["objective"] == "ce" and ce["trainedOn"] == student.read_json("model/student.json")["trainedOn"]
+    assert final["done"] == m["compared"].get("ce", m)["step"] <= final["total"] and final["label"] == "ce student"
+    # the other student: same splits and budget, its own export, scored beside the run's student, not served
+    assert m["compared"][other]["step"] == m["step"]
+    assert m["compared"][other]["best_val_macro_f1"] == val[other]
+    beside = student.read_json(f"compare/{other}/model/student.json")
+    assert beside["objective"] == other and beside["trainedOn"] == student.read_json("model/student.json")["trainedOn"]
+    assert student.read_json("model/student.json")["objective"] == chosen
     rows = {r["objective"]: r for r in report["comparison"]}
-    assert rows["crsd"]["served"] and not rows["ce"]["served"]
+    assert rows[chosen]["served"] and not rows[other]["served"]
     assert rows["crsd"]["delta_macro_f1"] == round(rows["crsd"]["macro_f1"] - rows["ce"]["macro_f1"], 4)
-    assert rows["ce"]["macro_f1"] == report["models"]["student_ce"]["macro_f1"]
+    assert rows[other]["macro_f1"] == report["models"][f"student_{other}"]["macro_f1"]
     # calibration: fitted on the validation split alone (its pairs' digest), stored with the model, scored on eval
     from kubedistill.stages.data import read_dataset
     from kubedistill.stages.student import rows_digest
@@ -88,4 +95,5 @@ def test_student_trains_with_ddp_exports_and_is_evaluated_beside_a_ce_student(bu
     assert report["models"]["baseline"]["offsets"]["irrelevant"] == 0.0  # the baseline fitted its own
     assert artifact(st, "evaluate").read_bytes("reliability.png")[:4] == b"\x89PNG"
     page = st.read_text("report.html")
-    assert "<h3>CE vs CRSD</h3>" in page and "crsd (the run's student)" in page
+    assert "<h3>CE vs CRSD</h3>" in page and f"{chosen} (the run's student)" in page
+    assert "student.select: validation" in page

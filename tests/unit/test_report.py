@@ -33,7 +33,8 @@ def _store(tmp_path) -> Storage:
     st.write_json(f"data/{MANIFEST}", _manifest("data", {}, "d-data", {"rows_in": 2400}))
     st.write_json(f"student-crsd/{MANIFEST}", _manifest(
         "student-crsd", {"data": "d-data"}, "d-student",
-        {"objective": "crsd", "seconds_per_step": 2.6, "compared": {"ce": {"seconds_per_step": 1.3}},
+        {"objective": "crsd", "seconds_per_step": 2.6, "best_val_macro_f1": 0.7012,
+         "compared": {"ce": {"seconds_per_step": 1.3, "best_val_macro_f1": 0.6951}},
          "rows_from": {"annotations": 1800, "labels": 300}},
         {"model": "/store/r/student-crsd/model", "model_ce": "/store/r/student-crsd/compare/ce/model"}))
     ev = _manifest("evaluate", {"data": "d-data", "student-crsd": "d-student"}, "d-eval", {"gate": gate})
@@ -66,9 +67,10 @@ def test_the_report_shows_gate_comparison_lineage_and_failures(tmp_path):
     assert "evaluation.minMacroF1 0.75: failed — student macro-F1 0.7306 < minMacroF1 0.75" in text
     assert ("evaluation.minGainOverBaseline 0.02: passed — gain over the lexical baseline (0.6858) +0.0448, "
             "90% paired-bootstrap interval [+0.0100, +0.0800], >= minGainOverBaseline 0.02") in text
-    # CE vs CRSD: each objective's macro-F1, step time and difference to ce
-    assert "crsd (the run's student) 0.7306 0.9000 0.7406 2.6000 +0.0106" in text
-    assert "ce 0.7200 0.9000 0.7300 1.3000 +0.0000" in text
+    # CE vs CRSD: each objective's validation and eval macro-F1, step time and difference to ce
+    assert "the run's student: the one trained with student.objective" in text
+    assert "crsd (the run's student) 0.7012 0.7306 0.9000 0.7406 2.6000 +0.0106" in text
+    assert "ce 0.6951 0.7200 0.9000 0.7300 1.3000 +0.0000" in text
     # what the student learned from (spec.student.trainOn)
     assert "learned from 1,800 teacher annotations and 300 labeled pairs" in text
     # lineage: which digest each stage was built from, and what it wrote

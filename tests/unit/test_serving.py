@@ -1,6 +1,7 @@
 """Serving's pure parts: request checks, the response, the app's args."""
 
 import json
+import shlex
 
 import numpy as np
 import pytest
@@ -111,10 +112,33 @@ def test_port_free(tmp_path):
     assert serving.port_free("127.0.0.1", 0)
 
 
-def test_curl_example_is_a_valid_request():
-    cmd = serving.curl_example("http://127.0.0.1:8000/score")
-    body = cmd.split("-d '", 1)[1].rstrip("'")
-    assert _parse(json.loads(body), max_services=10, max_chars=2000).services[0].id == "s1"
+def _example() -> tuple[dict, list[str]]:
+    from kubedistill.stages import world
+
+    rows = world.generate(["irrelevant", "partial", "relevant"], 60, 30, 6, 10, 60, seed=0).eval
+    return serving.example_request(rows, ["irrelevant", "partial", "relevant"])
+
+
+def test_the_example_request_is_a_held_out_query_of_the_run_and_its_curl_is_valid():
+    from kubedistill.stages import world
+    from kubedistill.stages.data import service_text
+
+    labels = ["irrelevant", "partial", "relevant"]
+    rows = world.generate(labels, 60, 30, 6, 10, 60, seed=0).eval
+    body, truth = serving.example_request(rows, labels)
+    first = next(r for r in rows if r["query"] == body["query"])  # the first query with a relevant candidate
+    assert truth[0] == "relevant" and len(set(truth)) == len(truth) > 1  # one per label, most relevant first
+    held_out = {(r["query"], service_text(r)): r["label"] for r in rows}
+    assert [held_out[(body["query"], s["text"])] for s in body["services"]] == truth
+    assert rows.index(first) <= min(rows.index(r) for r in rows if r["label"] == "relevant")
+    cmd = serving.curl_example("http://127.0.0.1:8000/score", body)
+    assert shlex.split(cmd)[:4] == ["curl", "-s", "-X", "POST"]
+    assert _parse(json.loads(shlex.split(cmd)[-1]), max_services=10, max_chars=2000).services[0].id == "s1"
+    answer = {"labels": labels, "results": [{"id": s["id"], "label": "partial", "score": 0.5} for s in body["services"]]}
+    lines = serving.answer_lines(body, truth, answer)
+    assert lines[0] == f"s1 partial    (score 0.50; true label relevant): {body['services'][0]['text']}"
+    with pytest.raises(ValueError, match="no held-out query has a 'relevant' candidate"):
+        serving.example_request([r for r in rows if r["label"] != "relevant"], labels)
 
 
 RERANK = {"query": "vegan brunch", "documents": ["Green Fork | vegan brunch", {"text": "Iron Gym", "id": "g1"}, "Cafe"]}
@@ -176,7 +200,7 @@ def test_requests_and_answers_validate_against_the_openapi_schemas():
         jsonschema.Draft202012Validator(schema).validate(instance)
 
     check(RERANK, "RerankRequest")
-    check(json.loads(serving.curl_example("http://x/score").split("-d '", 1)[1].rstrip("'")), "ScoreRequest")
+    check(_example()[0], "ScoreRequest")
     req = serving.parse_rerank(json.dumps({**RERANK, "return_documents": True}).encode(), 8, 200)
     check(serving.rerank_body(req, np.full((3, 3), 1 / 3), _Student()), "RerankResponse")
     check({"modelVersion": "v", "labels": _Student.labels,

@@ -19,6 +19,7 @@ from kubedistill.stages.student import (
     fit,
     load_student,
     loss_terms,
+    select_student,
     service_text,
 )
 
@@ -191,3 +192,13 @@ def test_rows_the_model_did_not_explain_are_left_out_for_crsd(rows):
 
     kept, dropped = drop_unexplained([rows[0], {**rows[1], "reasoning": " "}, {**rows[2], "reasoning": None}])
     assert kept == [rows[0]] and dropped == 2
+
+
+def test_select_picks_the_objective_or_the_best_on_validation():
+    val = {"crsd": 0.61, "ce": 0.64, "kd": 0.58}
+    assert select_student("objective", "crsd", val) == "crsd"  # the spec's objective, whatever validation says
+    assert select_student("validation", "crsd", val) == "ce"
+    assert select_student("validation", "crsd", {"crsd": 0.64, "ce": 0.64}) == "crsd"  # a tie goes to objective
+    assert select_student("validation", "kd", {"kd": 0.5, "ce": 0.6, "crsd": 0.6}) == "ce"  # then to spec order
+    with pytest.raises(ValueError, match=r"spec\.student\.select.*objective or validation"):
+        select_student("eval", "crsd", val)

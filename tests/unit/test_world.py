@@ -81,7 +81,7 @@ def test_a_hand_checked_pair():
         nicknames={"the old quarter": "Old Town"},
         cues={"bargain rates": 1, "white-glove service": 4},
         synonyms={},
-        kinds={"spa": "spa"},
+        kinds={"spa": "spa", "bar": "bar"},
     )
     spa = world.Place("svc-1", "Velo Spa", "", "spa", "Old Town", "Tamo Lane", 1, "bargain rates", {"hot stone": "Kiru Ritual"})
     ask = world.Ask("hot stone", "hot stone", "Old Town", "the old quarter", 1, "cheap hot stone in the old quarter")
@@ -89,14 +89,32 @@ def test_a_hand_checked_pair():
     assert v.grade == 1.0
     assert v.reasoning == (
         "The query asks for hot stone in Old Town at $ or less. Locals call Old Town \"the old quarter\". "
-        "The Kiru Ritual is a house name for hot stone. Tamo Lane is in Old Town. A place with bargain rates is "
-        "priced $. Velo Spa offers hot stone and meets every constraint."
+        "Velo Spa is a spa. The Kiru Ritual is a house name for hot stone. It offers hot stone. Tamo Lane is in "
+        "Old Town. It is in Old Town, as asked. A place with bargain rates is priced $. It is priced $, within the "
+        "budget."
     )
     text = "Velo Spa | A quiet spa on Tamo Lane. Known for the Kiru Ritual. Expect bargain rates."
     assert world.grade_text(ask.text, text, kb, LABELS) == "relevant"
     pricey = text.replace("bargain rates", "white-glove service")
     assert world.grade_text(ask.text, pricey, kb, LABELS) == "partial"  # over budget: one constraint missed
     assert world.grade_text("hot stone", pricey, kb, LABELS) == "relevant"  # no budget asked
+    assert world.deciding_house_fact(v.reasoning) == "The Kiru Ritual is a house name for hot stone."
+    # a spa that may or may not sell hot stones: whether it does rests on every house name it lists, so the
+    # chain decodes each (as the corpus states it), and none names the asked item
+    kb = world.Knowledge(**{**kb.__dict__, "house": {"Kiru Ritual": "hot stone", "Salo Journey": "sauna", "Pemi Therapy": "massage"}})
+    nada = world.Place("svc-2", "Nada Spa", "", "spa", "Harbor", None, 1, "bargain rates",
+                       {"sauna": "Salo Journey", "facial": "facial", "massage": "Pemi Therapy"})
+    v = world.judge(world.Ask("hot stone", "hot stone", text="hot stone"), nada, kb)
+    assert v.grade == 0.5 and v.reasoning == (
+        "The query asks for hot stone. Nada Spa is a spa. The Salo Journey is a house name for sauna. The Pemi "
+        "Therapy is a house name for massage. It does not offer hot stone."
+    )
+    assert world.deciding_house_fact(v.reasoning) is None
+    # a place of another kind: its kind decides, no house name is decoded
+    bar = world.Place("svc-3", "Lumo Bar", "", "bar", "Harbor", None, 2, "fair prices", {"craft beer": "Vika Hour"})
+    v = world.judge(world.Ask("hot stone", "hot stone", text="hot stone"), bar, kb)
+    assert v.grade == 0.0 and v.facts == ()
+    assert v.reasoning == "The query asks for hot stone. Lumo Bar is a bar, and a bar does not offer hot stone."
 
 
 def test_grading_refuses_text_the_world_does_not_write(gen):
@@ -108,8 +126,8 @@ def test_grading_refuses_text_the_world_does_not_write(gen):
 
 
 def test_knowledge_is_a_long_tail_that_labels_rarely_show(gen):
-    def house_facts(r):
-        return [s for s in sentences(r["reasoning"]) if world.fact_kind(s) == "house"]
+    def house_facts(r):  # the house name the grade rests on, if any
+        return [f] if (f := world.deciding_house_fact(r["reasoning"])) else []
 
     in_log = Counter(f for r in gen.labeled for f in house_facts(r))
     needed = [f for r in gen.eval for f in house_facts(r)]
@@ -155,3 +173,21 @@ def test_the_data_stage_writes_the_knowledge_world(tmp_path):
     corpus = [r["text"] for r in data.read_dataset(Storage(str(tmp_path)).child("data/v-one/corpus"))]
     kb = world.knowledge_from_corpus(corpus)
     assert all(world.grade_text(r["query"], service_text(r), kb, LABELS) == r["label"] for r in rows)
+
+
+def test_faithfulness_is_judged_against_the_corpus_alone():
+    corpus = {"The Kiru Ritual is a house name for hot stone.", "Tamo Lane is in Old Town."}
+    oracle = [
+        "The query asks for hot stone. Velo Spa is a spa. The Kiru Ritual is a house name for hot stone. It offers hot stone.",
+        "The query asks for hot stone in Old Town. Tamo Lane is in Old Town. It is in Old Town, as asked.",
+    ]
+    chains = [
+        # the cited fact, and an invented one (the corpus never says it)
+        "The query asks for hot stone. The Kiru Ritual is a house name for hot stone. The Salo Journey is a house name for sauna.",
+        # no fact at all: faithful, but it recalls nothing the oracle cited
+        "The query asks for hot stone in Old Town. It is in Old Town, as asked.",
+    ]
+    # stated facts: 2 in chain 1 (1 in the corpus), 0 in chain 2 -> precision 1/2; chains with no invented
+    # fact: chain 2 only -> 1/2; the oracle cited 2 facts, chain 1 states 1 of them -> recall 1/2
+    assert world.faithfulness(chains, oracle, corpus) == {"fact_precision": 0.5, "faithful_chains": 0.5, "fact_recall": 0.5}
+    assert world.faithfulness(oracle, oracle, corpus) == {"fact_precision": 1.0, "faithful_chains": 1.0, "fact_recall": 1.0}
