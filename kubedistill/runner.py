@@ -395,15 +395,19 @@ def run_local(
             from kubedistill.stages.serving import answer_lines, curl_example, example_request, post_json
 
             url = must_read_manifest(storage, "serve")["outputs"]["url"]
-            held_out = Storage(must_read_manifest(storage, "data")["artifact"], storage.options).child("eval")
-            body, truth = example_request(read_dataset(held_out), run.spec.labels)
-            say(f"kubedistill: serving the student at {url}\n  try: {curl_example(url, body)}")
-            code, answer = post_json(url, body)
-            said = answer_lines(body, truth, answer) if code == 200 else [f"HTTP {code}: {answer}"]
-            say(
-                "  its answer (a held-out query of this run, each service beside its true label):\n"
-                + "\n".join(f"    {line}" for line in said)
-            )
+            say(f"kubedistill: serving the student at {url}")
+            try:  # an example of the run's own held-out data, and what the student answers to it
+                held_out = Storage(must_read_manifest(storage, "data")["artifact"], storage.options).child("eval")
+                body, truth = example_request(read_dataset(held_out), run.spec.labels)
+                say(f"  try: {curl_example(url, body)}")
+                code, answer = post_json(url, body)
+                said = answer_lines(body, truth, answer) if code == 200 else [f"HTTP {code}: {answer}"]
+                say(
+                    "  its answer (a held-out query of this run, each service beside its true label):\n"
+                    + "\n".join(f"    {line}" for line in said)
+                )
+            except (OSError, ValueError, KeyError) as e:  # the run succeeded; an example never hides that
+                say(f"  (no example request: {type(e).__name__}: {e})")
             if keep_serving and not address:
                 say("kubedistill: serving until interrupted (Ctrl-C stops it and the local Ray cluster)")
                 try:

@@ -699,20 +699,22 @@ def post_json(url: str, doc: Any, timeout: float = 30) -> tuple[int, dict[str, A
 
 def example_request(rows: list[dict[str, Any]], labels: list[str], size: int = 3) -> tuple[dict[str, Any], list[str]]:
     """A /score request made of the run's own held-out data, and the true label of each service in it: the
-    first query with a candidate of the most relevant label and one of another, with up to `size` of its
-    candidates (one per label, most relevant first) as the standard input has them. A pair of the run's own
-    world, so the answer shown is one its eval set scores."""
+    first query with a candidate of the most relevant label and one of another (else the first query), with
+    up to `size` of its candidates (one per label, most relevant first) as the standard input has them. A
+    pair of the run's own world, so the answer shown is one its eval set scores."""
     from kubedistill.stages.data import service_text
 
+    if not rows:
+        raise ValueError("no held-out pairs to make an example request of")
     by_query: dict[str, dict[str, dict[str, Any]]] = {}
     for r in rows:
         by_query.setdefault(r["query"], {}).setdefault(r["label"], r)
-    for query, one_per_label in by_query.items():
-        if labels[-1] in one_per_label and len(one_per_label) > 1:
-            picked = [one_per_label[lab] for lab in reversed(labels) if lab in one_per_label][:size]
-            services = [{"id": f"s{i}", "text": service_text(r)} for i, r in enumerate(picked, 1)]
-            return {"query": query, "services": services}, [r["label"] for r in picked]
-    raise ValueError(f"no held-out query has a {labels[-1]!r} candidate and one of another label")
+    query, one_per_label = next(
+        ((q, c) for q, c in by_query.items() if labels[-1] in c and len(c) > 1), next(iter(by_query.items()))
+    )
+    picked = [one_per_label[lab] for lab in reversed(labels) if lab in one_per_label][:size]
+    services = [{"id": f"s{i}", "text": service_text(r)} for i, r in enumerate(picked, 1)]
+    return {"query": query, "services": services}, [r["label"] for r in picked]
 
 
 def curl_example(url: str, body: dict[str, Any]) -> str:

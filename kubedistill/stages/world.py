@@ -167,9 +167,9 @@ def deciding_house_fact(reasoning: str) -> str | None:
 def faithfulness(chains: list[str], oracle: list[str], corpus: set[str]) -> dict[str, float]:
     """How reasoning chains hold up against the world's knowledge, judged by the corpus alone (never by a
     reward model): `fact_precision`, the share of the fact-shaped sentences they state that the corpus states
-    (the rest is invented knowledge); `faithful_chains`, the share of chains stating no fact the corpus lacks;
-    `fact_recall`, the share of the facts each pair's oracle chain (`oracle`, same order) cites that its
-    chain states."""
+    (the rest is invented knowledge; 0 when no chain states a fact); `faithful_chains`, the share of chains
+    stating no fact the corpus lacks; `fact_recall`, the share of the facts each pair's oracle chain
+    (`oracle`, same order) cites that its chain states."""
     stated = [[x for x in _sentences(c) if fact_kind(x)] for c in chains]
     cited = [[x for x in _sentences(o) if fact_kind(x)] for o in oracle]
     return {
