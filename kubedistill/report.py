@@ -158,6 +158,24 @@ def _baseline_name(name: str, models: dict[str, Any]) -> str:
     )
 
 
+def _headline(found: dict[str, dict[str, Any]]) -> str:
+    """The report's first line: the run's student against the lexical baseline on held-out pairs, the gain's
+    interval, and whether the gate passed (nothing when the run has not compared them)."""
+    m = found.get("evaluate", {}).get("manifest")
+    checks = (m or {}).get("metrics", {}).get("gate", {}).get("checks") or []
+    vs = next((c for c in checks if c["rule"] == "minGainOverBaseline"), None)
+    floor = next((c for c in checks if c["rule"] == "minMacroF1"), None)
+    if m is None or vs is None or floor is None:
+        return ""
+    lo, hi = vs["interval"]
+    passed = m["metrics"]["gate"]["passed"]
+    return (
+        f"<p class='{'ok' if passed else 'bad'}'><b>The student scores macro-F1 {floor['value']:.3f} on held-out pairs, "
+        f"the lexical baseline {vs['baseline_macro_f1']:.3f}: {vs['value'] * 100:+.1f} points</b> (90% paired-bootstrap "
+        f"interval {lo * 100:+.1f} to {hi * 100:+.1f}); the gate {'passed' if passed else 'did not pass'}.</p>"
+    )
+
+
 def _section_evaluation(storage: Storage, found: dict[str, dict[str, Any]]) -> str:
     m = found.get("evaluate", {}).get("manifest")
     if not m:
@@ -501,6 +519,7 @@ def render(run: str, uri: str, stages: list[str], storage: Storage, status: dict
         f"<!doctype html><html><head><meta charset='utf-8'><title>kubedistill run {_e(run)}</title><style>{_CSS}</style></head><body>",
         f"<h1>DistillationRun <code>{_e(run)}</code></h1>",
         f"<p><span class='{cls}'>{_e(phase)}</span> · storage <code>{_e(uri)}</code> · report written {_e(now())}</p>",
+        _headline(found),
         _section_stages(status, found),
         _section_evaluation(storage, found),
         _section_teacher(found),

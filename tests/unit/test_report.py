@@ -61,6 +61,10 @@ def test_the_report_shows_gate_comparison_lineage_and_failures(tmp_path):
     assert uri == st.uri("report.html")
     page = st.read_text("report.html")
     text = " ".join(_text(page).split())
+    # the first line says what the run is for: the student against the lexical baseline, before anything else
+    headline = ("The student scores macro-F1 0.731 on held-out pairs, the lexical baseline 0.686: +4.5 points "
+                "(90% paired-bootstrap interval +1.0 to +8.0); the gate did not pass.")
+    assert headline in text and text.index(headline) < text.index("Evaluation")
     # the gate's verdict, with its reason (0.7306 < 0.75)
     assert "not passed — student macro-F1 0.7306 < minMacroF1 0.75; gain over the lexical baseline" in text
     # both verdicts, each with its own outcome

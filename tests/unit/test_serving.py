@@ -112,19 +112,18 @@ def test_port_free(tmp_path):
     assert serving.port_free("127.0.0.1", 0)
 
 
-def _example() -> tuple[dict, list[str]]:
+def _held_out() -> list[dict]:
+    """A knowledge world's eval pairs: free-text services, as a run's data stage writes them."""
     from kubedistill.stages import world
 
-    rows = world.generate(["irrelevant", "partial", "relevant"], 60, 30, 6, 10, 60, seed=0).eval
-    return serving.example_request(rows, ["irrelevant", "partial", "relevant"])
+    return world.generate(["irrelevant", "partial", "relevant"], 60, 30, 6, 10, 60, seed=0).eval
 
 
 def test_the_example_request_is_a_held_out_query_of_the_run_and_its_curl_is_valid():
-    from kubedistill.stages import world
     from kubedistill.stages.data import service_text
 
     labels = ["irrelevant", "partial", "relevant"]
-    rows = world.generate(labels, 60, 30, 6, 10, 60, seed=0).eval
+    rows = _held_out()
     body, truth = serving.example_request(rows, labels)
     first = next(r for r in rows if r["query"] == body["query"])  # the first query with a relevant candidate
     assert truth[0] == "relevant" and len(set(truth)) == len(truth) > 1  # one per label, most relevant first
@@ -205,7 +204,7 @@ def test_requests_and_answers_validate_against_the_openapi_schemas():
         jsonschema.Draft202012Validator(schema).validate(instance)
 
     check(RERANK, "RerankRequest")
-    check(_example()[0], "ScoreRequest")
+    check(serving.example_request(_held_out(), ["irrelevant", "partial", "relevant"])[0], "ScoreRequest")
     req = serving.parse_rerank(json.dumps({**RERANK, "return_documents": True}).encode(), 8, 200)
     check(serving.rerank_body(req, np.full((3, 3), 1 / 3), _Student()), "RerankResponse")
     check({"modelVersion": "v", "labels": _Student.labels,
