@@ -146,13 +146,15 @@ def draw(path: Path, args: dict[str, Any], results: dict[str, Any]) -> None:
 def teacher_checks(model_uri: str, rows: list[dict[str, Any]], corpus: set[str]) -> dict[str, float]:
     """Label accuracy and faithfulness of a trained teacher's greedy answers to held-out prompts."""
     from kubedistill.stages.teacher import fmt, lm
+    from kubedistill.stages.teacher.stages import response_quality
 
     model, tok = lm.load(model_uri, "teacher")
     texts = lm.generate(model, tok, [fmt.prompt(r) for r in rows], max_new_tokens=160)
-    parsed = [fmt.try_parse(t, LABELS) for t in texts]
-    chains = [p.reasoning if p else "" for p in parsed]
-    right = sum(p is not None and p.label == r["label"] for p, r in zip(parsed, rows, strict=True))
-    return {"label_accuracy": right / len(rows), **world.faithfulness(chains, [r["reasoning"] for r in rows], corpus)}
+    chains = [p.reasoning if (p := fmt.try_parse(t, LABELS)) else "" for t in texts]
+    return {
+        "label_accuracy": response_quality(texts, rows, LABELS)["label_accuracy"],  # the stages' own definition
+        **world.faithfulness(chains, [r["reasoning"] for r in rows], corpus),
+    }
 
 
 TEACHER_VARIANTS = ("dapt", "no-dapt")
@@ -161,6 +163,7 @@ TEACHER_VARIANTS = ("dapt", "no-dapt")
 def teacher_part(args: argparse.Namespace) -> None:
     """The quickstart's teacher settings on the knowledge world, with and without DAPT, each world seed a run
     of the real stages on a local Ray (data, teacher-dapt, teacher-sft, reward-model, teacher-dpo)."""
+    import copy
     import tempfile
 
     import yaml
@@ -170,6 +173,7 @@ def teacher_part(args: argparse.Namespace) -> None:
     from kubedistill.core.stage import MANIFEST
     from kubedistill.core.storage import Storage
     from kubedistill.stages.data import read_dataset
+    from kubedistill.stages.teacher.stages import EVAL_PROMPTS
 
     base = yaml.safe_load(QUICKSTART.read_text())
     store = Path(tempfile.mkdtemp(prefix="ablation-teacher-"))
@@ -178,7 +182,7 @@ def teacher_part(args: argparse.Namespace) -> None:
           f"DPO on {args.dpo_prompts} prompts; stores under {store}", flush=True)
     for seed in args.seeds:
         for variant in TEACHER_VARIANTS:
-            doc = yaml.safe_load(yaml.safe_dump(base))
+            doc = copy.deepcopy(base)
             doc["metadata"]["name"] = f"{variant}-{seed}"
             spec = doc["spec"]
             spec["storage"]["uri"] = str(store)
@@ -196,7 +200,7 @@ def teacher_part(args: argparse.Namespace) -> None:
             st = Storage(str(store / doc["metadata"]["name"]))
             m = {s: st.read_json(f"{s}/{MANIFEST}") for s in ("data", "teacher-dapt", "teacher-sft", "reward-model", "teacher-dpo")}
             data = Storage(m["data"]["artifact"])
-            rows = read_dataset(data.child("eval"))[:400]
+            rows = read_dataset(data.child("eval"))[:EVAL_PROMPTS]  # the prompts the stages evaluate on
             corpus = {r["text"] for r in read_dataset(data.child("corpus"))}
             run = {
                 "seed": seed,

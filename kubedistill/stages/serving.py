@@ -724,9 +724,9 @@ def curl_example(url: str, body: dict[str, Any]) -> str:
 def answer_lines(body: dict[str, Any], truth: list[str], answer: dict[str, Any]) -> list[str]:
     """The served answer to `example_request`'s request, one line per service beside its true label."""
     texts = {s["id"]: s["text"] for s in body["services"]}
+    width = max(map(len, answer["labels"]))
     return [
-        f"{r['id']} {r['label']:<{max(map(len, answer['labels']))}} (score {r['score']:.2f}; true label {t}): "
-        f"{texts[r['id']]}"
+        f"{r['id']} {r['label']:<{width}} (score {r['score']:.2f}; true label {t}): {texts[r['id']]}"
         for r, t in zip(answer["results"], truth, strict=True)
     ]
 

@@ -18,8 +18,9 @@ know them; a student learning from labels alone must see each rare name often en
 oracle's rules, and the tests hold it to the oracle's label on every pair. The oracle's reasoning cites
 the facts the grade rests on, each one a corpus sentence verbatim (`judge`): for a place of the asked
 kind, every house name it lists (whether it sells the item rests on all of them), then the street and
-price cue behind each asked constraint; everything else restates the input or judges, evidence first. The easy head (common item names, district names, the cues a general
-model already reads) is open to a lexical baseline; the tail is not.
+price cue behind each asked constraint; everything else restates the input or judges, evidence first.
+The easy head (common item names, district names, the cues a general model already reads) is open to a
+lexical baseline; the tail is not.
 
 Rules (those of the classic world): a place that offers the item is relevant when it meets every asked
 constraint (district, budget), partial when it misses one, irrelevant when it misses both; a place of the
@@ -132,6 +133,7 @@ def _pattern(kind: str, text: str) -> re.Pattern[str]:
 
 
 _FACT_PATTERNS = tuple((kind, _pattern(kind, text)) for kind, text in FACTS.items())
+_HOUSE_FACT = dict(_FACT_PATTERNS)["house"]
 
 
 def fact(kind: str, a: str, b: str | int) -> str:
@@ -156,12 +158,9 @@ def deciding_house_fact(reasoning: str) -> str | None:
     where the grade needs no house name. A chain decodes every house name of a place of the asked kind; only
     the one naming the asked item decides."""
     asked = _ASKS.match(reasoning)
-    house = dict(_FACT_PATTERNS)["house"]
-    for sentence in _sentences(reasoning):
-        m = house.match(sentence)
-        if m and asked and m["b"] == asked["item"]:
-            return sentence
-    return None
+    if asked is None:
+        return None
+    return next((s for s in _sentences(reasoning) if (m := _HOUSE_FACT.match(s)) and m["b"] == asked["item"]), None)
 
 
 def faithfulness(chains: list[str], oracle: list[str], corpus: set[str]) -> dict[str, float]:
