@@ -10,13 +10,14 @@ reasoning text.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -219,15 +220,64 @@ class RelevanceStudent(nn.Module):
         return h, logits_s, r, logits_t
 
 
-def build_model(cfg: StudentConfig, options: S3Options | None = None) -> tuple[RelevanceStudent, Any]:
-    from transformers import AutoModel, AutoTokenizer
+def encoder_layers(config: Any, layers: int | None, base_model: str) -> int | None:
+    """How many of the base encoder's layers the student keeps (`spec.student.layers`): None for all of them."""
+    total = getattr(config, "num_hidden_layers", None)
+    if layers is None or layers == total:
+        return None
+    if not isinstance(total, int):
+        raise ValueError(
+            f"spec.student.layers: {base_model!r} ({type(config).__name__}) does not say how many layers it has "
+            "(no num_hidden_layers in its config); leave layers unset"
+        )
+    if layers > total:
+        raise ValueError(f"spec.student.layers: {layers}, but {base_model!r} has {total} layers; expected 1 to {total}")
+    return layers
+
+
+@contextlib.contextmanager
+def _quiet_unused_weights() -> Iterator[None]:
+    """Silence transformers' "some weights were not used" while loading a shallower encoder (unused on purpose)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def base_encoder(cfg: StudentConfig, options: S3Options | None = None) -> tuple[str, Any, int | None]:
+    """The base encoder's loadable path, its config and the layers the student keeps (None: all); raises
+    naming the spec field when the model cannot be loaded or `layers` does not fit it."""
+    from transformers import AutoConfig
 
     path = resolve(cfg.student.base_model, "spec.student.baseModel", options)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        encoder = AutoModel.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise ValueError(f"spec.student.baseModel: cannot load {cfg.student.base_model!r}: {e}") from e
+    return path, config, encoder_layers(config, cfg.student.layers, cfg.student.base_model)
+
+
+def build_model(cfg: StudentConfig, options: S3Options | None = None) -> tuple[RelevanceStudent, Any]:
+    from transformers import AutoModel, AutoTokenizer
+
+    path, config, keep = base_encoder(cfg, options)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"spec.student.baseModel: cannot load {cfg.student.base_model!r}: {e}") from e
+    if keep is not None:  # the first `keep` layers with their pretrained weights; the exported config says `keep`
+        config.num_hidden_layers = keep
+    try:
+        with _quiet_unused_weights() if keep is not None else contextlib.nullcontext():
+            encoder = AutoModel.from_pretrained(path, config=config)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"spec.student.baseModel: cannot load {cfg.student.base_model!r}: {e}") from e
+    if cfg.student.freeze_embeddings:
+        encoder.get_input_embeddings().weight.requires_grad_(False)
     torch.manual_seed(cfg.student.seed)  # the head's initial weights follow from the seed, in every process
     return RelevanceStudent(encoder, len(cfg.labels), pooling=cfg.student.pooling), tokenizer
 
@@ -757,7 +807,7 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
             )
     for c in [cfg, *others]:
         check_rows(rows, c, source)
-    resolve(cfg.student.base_model, "spec.student.baseModel", ctx.storage.options)  # fail before starting workers
+    base_encoder(cfg, ctx.storage.options)  # fail before starting workers
     train_rows, val_rows = split_by_query(rows, cfg.student.validation_fraction, cfg.student.seed)
     ctx.log(
         f"objective {cfg.student.objective}: {len(train_rows)} train / {len(val_rows)} validation pairs from {source}"

@@ -202,3 +202,57 @@ def test_select_picks_the_objective_or_the_best_on_validation():
     assert select_student("validation", "kd", {"kd": 0.5, "ce": 0.6, "crsd": 0.6}) == "ce"  # then to spec order
     with pytest.raises(ValueError, match=r"spec\.student\.select.*objective or validation"):
         select_student("eval", "crsd", val)
+
+
+def test_a_shallower_student_keeps_the_first_layers_weights_and_reloads_as_trained(tiny_encoder, rows, tmp_path):
+    from transformers import AutoModel
+
+    from kubedistill.stages.student import predict_proba
+
+    full = AutoModel.from_pretrained(tiny_encoder)
+    cfg = _cfg(tiny_encoder, layers=1)
+    model, tok = build_model(cfg)
+    kept = model.encoder.encoder.layer
+    assert len(kept) == 1 and model.encoder.config.num_hidden_layers == 1
+    for name, weight in kept[0].state_dict().items():  # the pretrained first layer, not a fresh one
+        assert torch.equal(weight, full.encoder.layer[0].state_dict()[name]), name
+    assert torch.equal(model.encoder.embeddings.word_embeddings.weight, full.embeddings.word_embeddings.weight)
+    model.eval()
+    uri = export(model, tok, cfg, Storage(str(tmp_path / "model")), {})
+    loaded = load_student(uri)
+    assert len(loaded.model.encoder.encoder.layer) == 1
+    assert torch.allclose(torch.tensor(predict_proba(model, tok, rows[:5], cfg.student.max_length)),
+                          torch.tensor(loaded.predict_proba(rows[:5])), atol=1e-5)
+    same, _ = build_model(_cfg(tiny_encoder, layers=2))  # every layer: the model as it was saved
+    assert len(same.encoder.encoder.layer) == 2
+
+
+def test_layers_beyond_the_base_encoders_name_the_field(tiny_encoder):
+    from kubedistill.stages.student import base_encoder
+
+    with pytest.raises(ValueError, match=r"spec.student.layers: 3, but .* has 2 layers; expected 1 to 2"):
+        base_encoder(_cfg(tiny_encoder, layers=3))
+    with pytest.raises(ValueError, match="spec.student.layers: 3, but"):
+        build_model(_cfg(tiny_encoder, layers=3))
+    with pytest.raises(ValueError):  # the spec itself refuses 0
+        _cfg(tiny_encoder, layers=0)
+
+
+@pytest.mark.parametrize("objective", ["ce", "crsd"])
+def test_frozen_embeddings_stay_as_pretrained_while_the_rest_trains(tiny_encoder, rows, objective):
+    cfg = _cfg(tiny_encoder, objective=objective, freeze_embeddings=True, train={"max_steps": 3})
+    model, tok = build_model(cfg)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    terms = loss_terms(model, Encoded(tok, rows[:8], cfg, with_reasoning=objective == "crsd"), torch.arange(8), cfg)
+    terms["loss"].backward()
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert frozen == ["encoder.embeddings.word_embeddings.weight"]
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad), "unused parameters break DDP"
+    model.zero_grad()
+    train, val = split_by_query(rows, 0.25, 0)
+    fit(cfg, model, tok, train, val)
+    after = model.state_dict()
+    assert torch.equal(after["encoder.embeddings.word_embeddings.weight"], before["encoder.embeddings.word_embeddings.weight"])
+    assert not torch.equal(after["encoder.encoder.layer.0.attention.self.query.weight"],
+                           before["encoder.encoder.layer.0.attention.self.query.weight"])
+    assert not torch.equal(after["classifier.weight"], before["classifier.weight"])
