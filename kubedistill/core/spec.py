@@ -630,12 +630,6 @@ class StudentSpec(_Model):
         "shallower student, about N/L of the encoder's compute in training and serving (3 of MiniLM-L6's 6 halve a "
         "step, benchmarks/RESULTS.md). Unset: every layer.",
     )
-    freeze_embeddings: bool = Field(
-        default=False,
-        description="Keep the encoder's token-embedding matrix as pretrained: no gradient, optimizer state or "
-        "all-reduce for it (MiniLM-L6's is 11.7 M of its 22.7 M parameters; a 3-layer MiniLM's step on 2 CPU cores "
-        "is about 16% shorter). Words the training rows never show keep their pretrained vectors.",
-    )
     max_length: int = Field(default=128, ge=16, le=4096, description="Tokens of the standard (query, service) input.")
     max_reasoning_tokens: int = Field(default=64, ge=1, le=4096, description="Reasoning tokens kept in the CRSD view.")
     pooling: Literal["mean", "cls"] = Field(

@@ -276,8 +276,6 @@ def build_model(cfg: StudentConfig, options: S3Options | None = None) -> tuple[R
             encoder = AutoModel.from_pretrained(path, config=config)
     except (OSError, ValueError) as e:
         raise ValueError(f"spec.student.baseModel: cannot load {cfg.student.base_model!r}: {e}") from e
-    if cfg.student.freeze_embeddings:
-        encoder.get_input_embeddings().weight.requires_grad_(False)
     torch.manual_seed(cfg.student.seed)  # the head's initial weights follow from the seed, in every process
     return RelevanceStudent(encoder, len(cfg.labels), pooling=cfg.student.pooling), tokenizer
 
