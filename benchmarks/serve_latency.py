@@ -60,6 +60,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20, help="duration at concurrency 16")
     ap.add_argument("--threads", type=int, default=2, help="torch threads, bare and per replica")
     ap.add_argument("--load-seconds", type=float, default=0, help="also run the load test at concurrency 32")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="keep the encoder's first N layers (spec.student.layers; a shallower student)")
     ap.add_argument("--encoder", choices=["minilm", "tiny"], default="minilm",
                     help="tiny: a 2-layer, 32-wide BERT, to isolate Serve's fixed per-request cost")
     ap.add_argument("--runtime", choices=["torch", "onnx", "onnx-int8"], default="onnx-int8",
@@ -69,12 +71,13 @@ def main() -> None:
                     help="Ray Serve options to measure step 3 under, each on a fresh cluster (the first is the "
                          "reference of the other rows)")
     args = ap.parse_args()
+    name = args.encoder + (f"-l{args.layers}" if args.layers else "")  # the encoder as the rows and the record say it
 
     body = request_body(args.services)
     queries, texts = [body["query"]] * args.services, [s["text"] for s in body["services"]]
     with tempfile.TemporaryDirectory() as d:
         base = "sentence-transformers/all-MiniLM-L6-v2" if args.encoder == "minilm" else tiny_encoder(f"{d}/tiny")
-        cfg = StudentConfig(StudentSpec(base_model=base, max_length=64), LABELS)
+        cfg = StudentConfig(StudentSpec(base_model=base, max_length=64, layers=args.layers), LABELS)
         torch.manual_seed(0)
         model, tok = build_model(cfg)
         model.eval()
@@ -93,7 +96,7 @@ def main() -> None:
             student.predict_texts(queries, texts)
             bare.append((time.perf_counter() - t0) * 1000)
         bare_p50, bare_p99 = float(np.percentile(bare, 50)), float(np.percentile(bare, 99))
-        print(f"bare {args.runtime} call ({args.encoder}, {args.services} pairs, {args.threads} threads): "
+        print(f"bare {args.runtime} call ({name}, {args.services} pairs, {args.threads} threads): "
               f"p50 {bare_p50:.2f} ms  p99 {bare_p99:.2f} ms")
         del student
 
@@ -122,29 +125,29 @@ def main() -> None:
         result["load"] = serves[first]["load"]
     int8 = runtimes["10"]["speedup"]["onnx-int8"]
     rows: list[benchrecord.Row] = [
-        {"what": f"ONNX int8 vs torch fp32 throughput, {args.encoder}, 1 x 10 and 1 x 100 pairs, {args.threads} threads "
+        {"what": f"ONNX int8 vs torch fp32 throughput, {name}, 1 x 10 and 1 x 100 pairs, {args.threads} threads "
                  "(`serve_latency.py`)",
          "target": ">= 2.5x",
          "measured": f"{int8:.2f}x and {runtimes['100']['speedup']['onnx-int8']:.2f}x (ONNX fp32 "
                      f"{runtimes['10']['speedup']['onnx']:.2f}x and {runtimes['100']['speedup']['onnx']:.2f}x)",
          "met": "yes" if min(int8, runtimes["100"]["speedup"]["onnx-int8"]) >= 2.5 else "no"},
-        {"what": f"`/score` p50, {args.runtime}, {args.encoder}, 1 x {args.services} pairs (`serve_latency.py`)",
+        {"what": f"`/score` p50, {args.runtime}, {name}, 1 x {args.services} pairs (`serve_latency.py`)",
          "target": "<= 80 ms" if args.services == 10 else "-",
          "measured": f"{s1['p50_ms']:.1f} ms (p99 {s1['p99_ms']:.1f} ms)",
          "met": ("yes" if s1["p50_ms"] <= 80 else "no") if args.services == 10 else "-"},
-        {"what": f"`/score` latency over the bare model, {args.encoder}, {args.services} pairs, {args.threads} threads "
+        {"what": f"`/score` latency over the bare model, {name}, {args.services} pairs, {args.threads} threads "
                  f"(`serve_latency.py`)",
          "target": "<= +5 ms p50",
          "measured": f"{overhead:+.1f} ms (p50 {s1['p50_ms']:.1f} vs {bare_p50:.1f} ms)",
          "met": "yes" if overhead <= 5 else "no"},
-        {"what": f"`/score` throughput, concurrency 16 vs 1, {args.encoder} (`serve_latency.py`)",
+        {"what": f"`/score` throughput, concurrency 16 vs 1, {name} (`serve_latency.py`)",
          "target": ">= 2.5x",
          "measured": f"{ratio:.2f}x ({s16['pairs_per_s']:.0f} vs {s1['pairs_per_s']:.0f} pairs/s)",
          "met": "yes" if ratio >= 2.5 else "no"},
     ]
     if "load" in result:
         load = result["load"]
-        rows.append({"what": f"`/score` under {args.load_seconds:.0f} s at concurrency 32, {args.encoder} (`serve_latency.py`)",
+        rows.append({"what": f"`/score` under {args.load_seconds:.0f} s at concurrency 32, {name} (`serve_latency.py`)",
                      "target": "no 5xx", "measured": f"{load['requests']} requests, {load['server_errors']} 5xx or unanswered",
                      "met": "yes" if load["server_errors"] == 0 else "no"})
     for name, numbers in serves.items():
@@ -162,7 +165,7 @@ def main() -> None:
                      "measured": f"p50 {n1['p50_ms']:.1f} ms, p99 {n1['p99_ms']:.1f} ms; c=16 {n16['pairs_per_s']:.0f} "
                                  f"pairs/s (vs {s16['pairs_per_s']:.0f})",
                      "met": "yes" if n1["p50_ms"] < s1["p50_ms"] else "no"})
-    benchrecord.write("serve_latency", vars(args), result, rows, tag=args.encoder)
+    benchrecord.write("serve_latency", vars(args), result, rows, tag=name)
 
 
 #: Ray Serve 2.60's options for its own per-request cost, as the environment they are set by
