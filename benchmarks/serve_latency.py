@@ -71,7 +71,7 @@ def main() -> None:
                     help="Ray Serve options to measure step 3 under, each on a fresh cluster (the first is the "
                          "reference of the other rows)")
     args = ap.parse_args()
-    name = args.encoder + (f"-l{args.layers}" if args.layers else "")  # the encoder as the rows and the record say it
+    encoder = args.encoder + (f"-l{args.layers}" if args.layers else "")  # the encoder as the rows and the record say it
 
     body = request_body(args.services)
     queries, texts = [body["query"]] * args.services, [s["text"] for s in body["services"]]
@@ -96,7 +96,7 @@ def main() -> None:
             student.predict_texts(queries, texts)
             bare.append((time.perf_counter() - t0) * 1000)
         bare_p50, bare_p99 = float(np.percentile(bare, 50)), float(np.percentile(bare, 99))
-        print(f"bare {args.runtime} call ({name}, {args.services} pairs, {args.threads} threads): "
+        print(f"bare {args.runtime} call ({encoder}, {args.services} pairs, {args.threads} threads): "
               f"p50 {bare_p50:.2f} ms  p99 {bare_p99:.2f} ms")
         del student
 
@@ -125,29 +125,29 @@ def main() -> None:
         result["load"] = serves[first]["load"]
     int8 = runtimes["10"]["speedup"]["onnx-int8"]
     rows: list[benchrecord.Row] = [
-        {"what": f"ONNX int8 vs torch fp32 throughput, {name}, 1 x 10 and 1 x 100 pairs, {args.threads} threads "
+        {"what": f"ONNX int8 vs torch fp32 throughput, {encoder}, 1 x 10 and 1 x 100 pairs, {args.threads} threads "
                  "(`serve_latency.py`)",
          "target": ">= 2.5x",
          "measured": f"{int8:.2f}x and {runtimes['100']['speedup']['onnx-int8']:.2f}x (ONNX fp32 "
                      f"{runtimes['10']['speedup']['onnx']:.2f}x and {runtimes['100']['speedup']['onnx']:.2f}x)",
          "met": "yes" if min(int8, runtimes["100"]["speedup"]["onnx-int8"]) >= 2.5 else "no"},
-        {"what": f"`/score` p50, {args.runtime}, {name}, 1 x {args.services} pairs (`serve_latency.py`)",
+        {"what": f"`/score` p50, {args.runtime}, {encoder}, 1 x {args.services} pairs (`serve_latency.py`)",
          "target": "<= 80 ms" if args.services == 10 else "-",
          "measured": f"{s1['p50_ms']:.1f} ms (p99 {s1['p99_ms']:.1f} ms)",
          "met": ("yes" if s1["p50_ms"] <= 80 else "no") if args.services == 10 else "-"},
-        {"what": f"`/score` latency over the bare model, {name}, {args.services} pairs, {args.threads} threads "
+        {"what": f"`/score` latency over the bare model, {encoder}, {args.services} pairs, {args.threads} threads "
                  f"(`serve_latency.py`)",
          "target": "<= +5 ms p50",
          "measured": f"{overhead:+.1f} ms (p50 {s1['p50_ms']:.1f} vs {bare_p50:.1f} ms)",
          "met": "yes" if overhead <= 5 else "no"},
-        {"what": f"`/score` throughput, concurrency 16 vs 1, {name} (`serve_latency.py`)",
+        {"what": f"`/score` throughput, concurrency 16 vs 1, {encoder} (`serve_latency.py`)",
          "target": ">= 2.5x",
          "measured": f"{ratio:.2f}x ({s16['pairs_per_s']:.0f} vs {s1['pairs_per_s']:.0f} pairs/s)",
          "met": "yes" if ratio >= 2.5 else "no"},
     ]
     if "load" in result:
         load = result["load"]
-        rows.append({"what": f"`/score` under {args.load_seconds:.0f} s at concurrency 32, {name} (`serve_latency.py`)",
+        rows.append({"what": f"`/score` under {args.load_seconds:.0f} s at concurrency 32, {encoder} (`serve_latency.py`)",
                      "target": "no 5xx", "measured": f"{load['requests']} requests, {load['server_errors']} 5xx or unanswered",
                      "met": "yes" if load["server_errors"] == 0 else "no"})
     for name, numbers in serves.items():
@@ -165,7 +165,7 @@ def main() -> None:
                      "measured": f"p50 {n1['p50_ms']:.1f} ms, p99 {n1['p99_ms']:.1f} ms; c=16 {n16['pairs_per_s']:.0f} "
                                  f"pairs/s (vs {s16['pairs_per_s']:.0f})",
                      "met": "yes" if n1["p50_ms"] < s1["p50_ms"] else "no"})
-    benchrecord.write("serve_latency", vars(args), result, rows, tag=name)
+    benchrecord.write("serve_latency", vars(args), result, rows, tag=encoder)
 
 
 #: Ray Serve 2.60's options for its own per-request cost, as the environment they are set by
