@@ -265,13 +265,10 @@ def build_model(cfg: StudentConfig, options: S3Options | None = None) -> tuple[R
     from transformers import AutoModel, AutoTokenizer
 
     path, config, keep = base_encoder(cfg, options)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"spec.student.baseModel: cannot load {cfg.student.base_model!r}: {e}") from e
     if keep is not None:  # the first `keep` layers with their pretrained weights; the exported config says `keep`
         config.num_hidden_layers = keep
     try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
         with _quiet_unused_weights() if keep is not None else contextlib.nullcontext():
             encoder = AutoModel.from_pretrained(path, config=config)
     except (OSError, ValueError) as e:

@@ -227,6 +227,16 @@ def test_a_shallower_student_keeps_the_first_layers_weights_and_reloads_as_train
     assert len(same.encoder.encoder.layer) == 2
 
 
+def test_a_shallower_student_exports_to_onnx_and_the_hugging_face_form(tiny_encoder, rows, tmp_path):
+    from kubedistill.stages.student import export_formats
+
+    cfg = _cfg(tiny_encoder, layers=1, pooling="cls")
+    model, tok = build_model(cfg)
+    model.eval()
+    record = export_formats(model, tok, cfg, Storage(str(tmp_path / "model")), 1.0, None, rows[:8])
+    assert record["onnx"]["passed"] and record["hf"]["passed"], record
+
+
 def test_layers_beyond_the_base_encoders_name_the_field(tiny_encoder):
     from kubedistill.stages.student import base_encoder
 
