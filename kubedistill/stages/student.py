@@ -248,6 +248,10 @@ def _quiet_unused_weights() -> Iterator[None]:
         hf_logging.set_verbosity(level)
 
 
+def _cannot_load(cfg: StudentConfig, e: Exception) -> ValueError:
+    return ValueError(f"spec.student.baseModel: cannot load {cfg.student.base_model!r}: {e}")
+
+
 def base_encoder(cfg: StudentConfig, options: S3Options | None = None) -> tuple[str, Any, int | None]:
     """The base encoder's loadable path, its config and the layers the student keeps (None: all); raises
     naming the spec field when the model cannot be loaded or `layers` does not fit it."""
@@ -257,7 +261,7 @@ def base_encoder(cfg: StudentConfig, options: S3Options | None = None) -> tuple[
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
-        raise ValueError(f"spec.student.baseModel: cannot load {cfg.student.base_model!r}: {e}") from e
+        raise _cannot_load(cfg, e) from e
     return path, config, encoder_layers(config, cfg.student.layers, cfg.student.base_model)
 
 
@@ -272,7 +276,7 @@ def build_model(cfg: StudentConfig, options: S3Options | None = None) -> tuple[R
         with _quiet_unused_weights() if keep is not None else contextlib.nullcontext():
             encoder = AutoModel.from_pretrained(path, config=config)
     except (OSError, ValueError) as e:
-        raise ValueError(f"spec.student.baseModel: cannot load {cfg.student.base_model!r}: {e}") from e
+        raise _cannot_load(cfg, e) from e
     torch.manual_seed(cfg.student.seed)  # the head's initial weights follow from the seed, in every process
     return RelevanceStudent(encoder, len(cfg.labels), pooling=cfg.student.pooling), tokenizer
 
