@@ -138,10 +138,14 @@ def _running(p: Any) -> bool:
 #:   run of the teacher stages)
 #: - no Ray Train preemption watcher (an actor per training run polling for node drains): the one node
 #:   here is this machine, and a drain of it is the run's own stop
+#: - Ray Train's controller polls its workers every 0.25 s, not 2 s: it moves from one state to the next
+#:   (workers started, training, finished) only on a poll, so each training run paid seconds of waiting at
+#:   start and end, about 10 runs in a quickstart (benchmarks/train_startup.py)
 _LOCAL_HEAD_ENV = {
     "RAY_enable_worker_prestart": "0",
     "RAY_prestart_worker_first_driver": "0",
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
 }
 
 
