@@ -3,8 +3,8 @@ vs every 0.25 s (what a local head sets, `kubedistill.runner._LOCAL_HEAD_ENV`), 
 
 Ray Train's controller moves a run from one state to the next (worker group started, training, finished)
 only when it polls the workers, every `RAY_TRAIN_HEALTH_CHECK_INTERVAL_S` seconds, so each run waits for
-polls at its start and end. A quickstart has about ten training runs (teacher stages, the student's
-objectives, the pruned models' recovery), each of a few seconds to a few minutes of steps.
+polls at its start and end. A quickstart has 8 training runs (4 teacher stages, the student's 2
+objectives, the pruned and the uniform model's recovery), each of a few seconds to a few minutes of steps.
 
 Each run is the teacher stages' own loop (`kubedistill.stages.teacher.train`) on the quickstart's teacher
 shape (`scratch:llama-tiny`), `--steps` SFT steps on 2 workers x 1 CPU (DDP), in a TorchTrainer on a local

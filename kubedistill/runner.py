@@ -140,7 +140,7 @@ def _running(p: Any) -> bool:
 #:   here is this machine, and a drain of it is the run's own stop
 #: - Ray Train's controller polls its workers every 0.25 s, not 2 s: it moves from one state to the next
 #:   (workers started, training, finished) only on a poll, so each training run paid seconds of waiting at
-#:   start and end, about 10 runs in a quickstart (benchmarks/train_startup.py)
+#:   start and end, 8 runs in a quickstart (benchmarks/train_startup.py); clusters keep Ray's default
 _LOCAL_HEAD_ENV = {
     "RAY_enable_worker_prestart": "0",
     "RAY_prestart_worker_first_driver": "0",

@@ -109,3 +109,28 @@ def test_two_local_ray_heads_on_one_machine_run_each_ones_jobs_on_its_own_cluste
             second.stop()
     finally:
         first.stop()
+
+
+@pytest.mark.ray
+def test_every_process_of_a_local_head_gets_its_settings(ray_address):
+    # the stages' job drivers and workers are started by the head's raylet: they see what the head was started
+    # with (no worker prestart, Ray Train polling its workers every 0.25 s, no preemption watcher), which Ray
+    # Train passes on from a driver to its controller
+    import ray
+
+    from kubedistill.runner import _LOCAL_HEAD_ENV
+
+    @ray.remote(num_cpus=0)
+    def settings() -> dict[str, str | None]:
+        import os
+
+        return {k: os.environ.get(k) for k in _LOCAL_HEAD_ENV}
+
+    was_connected = ray.is_initialized()
+    if not was_connected:
+        ray.init(address=ray_address, log_to_driver=False, logging_level="WARNING")
+    try:
+        assert ray.get(settings.remote(), timeout=120) == _LOCAL_HEAD_ENV
+    finally:
+        if not was_connected:
+            ray.shutdown()
