@@ -20,6 +20,7 @@ import argparse
 import statistics
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
@@ -32,6 +33,18 @@ from kubedistill.stages import data
 from kubedistill.stages.teacher import fmt, lm, train
 
 LABELS = ["irrelevant", "partial", "relevant"]
+
+
+def sft_run(tmp: Path, preset: str, batch: int, steps: int) -> tuple[train.TrainConfig, Any, Any]:
+    """A scratch teacher saved under `tmp` and the SFT training config of `steps` steps of `batch` on synthetic
+    SFT examples (also saved there): (config, model, tokenizer). `train_startup.py` uses it too."""
+    g = data.generate(LABELS, 300, 100, 4, 300, 10, seed=0)
+    examples = [{"prompt": fmt.prompt(r), "response": fmt.response(r["reasoning"], r["label"])} for r in g.sft]
+    model, tok = lm.scratch(f"scratch:{preset}", [r["text"] for r in g.corpus] + [e["prompt"] + e["response"] for e in examples])
+    lm.save(model, tok, Storage(str(tmp / "model")))
+    data.write_rows(Storage(str(tmp / "examples")), "part-00000", examples, "jsonl")
+    cfg = train.TrainConfig(task="lm", start=str(tmp / "model"), examples_uri=str(tmp / "examples"), train=TrainSpec(epochs=1, learning_rate=1e-3, batch_size=batch, max_steps=steps), checkpoint_every=steps)
+    return cfg, model, tok
 
 
 def throughput(cfg: train.TrainConfig, workers: int, cpus_per_worker: int, storage: str) -> tuple[float, int]:
@@ -54,13 +67,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--cpus", type=int, default=2, help="cores for each configuration")
     args = ap.parse_args()
-    g = data.generate(LABELS, 300, 100, 4, 300, 10, seed=0)
-    examples = [{"prompt": fmt.prompt(r), "response": fmt.response(r["reasoning"], r["label"])} for r in g.sft]
     tmp = Path(tempfile.mkdtemp(prefix="kd-teacher-step-"))
-    model, tok = lm.scratch(f"scratch:{args.preset}", [r["text"] for r in g.corpus] + [e["prompt"] + e["response"] for e in examples])
-    lm.save(model, tok, Storage(str(tmp / "model")))
-    data.write_rows(Storage(str(tmp / "examples")), "part-00000", examples, "jsonl")
-    cfg = train.TrainConfig(task="lm", start=str(tmp / "model"), examples_uri=str(tmp / "examples"), train=TrainSpec(epochs=1, learning_rate=1e-3, batch_size=args.batch, max_steps=args.steps), checkpoint_every=args.steps)
+    cfg, model, tok = sft_run(tmp, args.preset, args.batch, args.steps)
     shapes = {"1 worker x %d CPUs" % args.cpus: (1, args.cpus), "%d workers x 1 CPU" % args.cpus: (args.cpus, 1)}
     runs: dict[str, list[float]] = {name: [] for name in shapes}
     threads: dict[str, int] = {}

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,13 +32,12 @@ from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from kubedistill import benchrecord
-from kubedistill.core.spec import TrainSpec
-from kubedistill.core.storage import Storage
 from kubedistill.runner import _LOCAL_HEAD_ENV, local_ray
-from kubedistill.stages import data
-from kubedistill.stages.teacher import fmt, lm, train
+from kubedistill.stages.teacher import train
 
-LABELS = ["irrelevant", "partial", "relevant"]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # teacher_step
+from teacher_step import sft_run
+
 VAR = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 DEFAULT = "2.0"  # Ray Train 2.60's DEFAULT_HEALTH_CHECK_INTERVAL_S
 
@@ -67,20 +67,7 @@ def main() -> None:
     ours = _LOCAL_HEAD_ENV[VAR]
 
     tmp = Path(tempfile.mkdtemp(prefix="kd-train-startup-"))
-    g = data.generate(LABELS, 300, 100, 4, 300, 10, seed=0)
-    examples = [{"prompt": fmt.prompt(r), "response": fmt.response(r["reasoning"], r["label"])} for r in g.sft]
-    model, tok = lm.scratch(
-        "scratch:llama-tiny", [r["text"] for r in g.corpus] + [e["prompt"] + e["response"] for e in examples]
-    )
-    lm.save(model, tok, Storage(str(tmp / "model")))
-    data.write_rows(Storage(str(tmp / "examples")), "part-00000", examples, "jsonl")
-    cfg = train.TrainConfig(
-        task="lm",
-        start=str(tmp / "model"),
-        examples_uri=str(tmp / "examples"),
-        train=TrainSpec(epochs=1, learning_rate=1e-3, batch_size=16, max_steps=args.steps),
-        checkpoint_every=args.steps,
-    )
+    cfg, _, _ = sft_run(tmp, "llama-tiny", 16, args.steps)
     walls: dict[str, list[float]] = {DEFAULT: [], ours: []}
     steps: dict[str, list[float]] = {DEFAULT: [], ours: []}
     with local_ray(num_cpus=2):
