@@ -8,12 +8,16 @@ can hand down, and what separates the objectives from the teacher's own errors. 
 distribution, which an oracle does not have, so it is not run here.
 
     .venv/bin/python benchmarks/ablation.py [--sizes 500 1500 4500] [--seeds 0 1 2] [--objectives ce crsd]
-    .venv/bin/python benchmarks/ablation.py --part teacher [--seeds 0 1 2]
+    .venv/bin/python benchmarks/ablation.py --part teacher [--seeds 0 1 2] [--corpus-only-share 0.25] [--tag T]
 
 The teacher's part (`--part teacher`, record `ablation-teacher.json`) runs the real stages on a local Ray
 (data, teacher-dapt, teacher-sft, reward-model, teacher-dpo) with the quickstart's teacher settings on the
 knowledge world, with and without DAPT (one step: a scratch model needs the stage for its tokenizer), one
-world per seed. It reads each stage's metrics (the reward model's held-out pairwise accuracy per dimension)
+world per seed. By default a quarter of the world's house names and streets are corpus-only
+(`--corpus-only-share 0.25`, `spec.data.synthetic.corpusOnlyShare`): no SFT pair shows a place that uses
+one, so only the corpus states those facts, and the held-out prompts that need one (a third of them) are
+scored apart; `--corpus-only-share 0` is the first record's world (`ablation-teacher.json`), where the SFT
+chains spell out every place's names. It reads each stage's metrics (the reward model's held-out pairwise accuracy per dimension)
 and checks the SFT and DPO teachers itself on 400 held-out prompts: label accuracy, and how faithful their
 reasoning is to the world's knowledge, judged against the corpus and never by the reward model (the share of
 stated facts the corpus states, of chains that invent none, and of the oracle's cited facts recalled).
@@ -143,16 +147,22 @@ def draw(path: Path, args: dict[str, Any], results: dict[str, Any]) -> None:
 # The teacher's part: DAPT vs none, the reward model per dimension, SFT vs DPO
 
 
-def teacher_checks(model_uri: str, rows: list[dict[str, Any]], corpus: set[str]) -> dict[str, float]:
-    """Label accuracy and faithfulness of a trained teacher's greedy answers to held-out prompts."""
+def teacher_checks(model_uri: str, rows: list[dict[str, Any]], corpus: set[str], unseen: list[int]) -> dict[str, float]:
+    """Label accuracy and faithfulness of a trained teacher's greedy answers to held-out prompts, and its label
+    accuracy on the prompts whose explanation needs a fact no SFT chain states (`unseen`) and on the rest."""
     from kubedistill.stages.teacher import fmt, lm
     from kubedistill.stages.teacher.stages import response_quality
 
     model, tok = lm.load(model_uri, "teacher")
     texts = lm.generate(model, tok, [fmt.prompt(r) for r in rows], max_new_tokens=160)
-    chains = [p.reasoning if (p := fmt.try_parse(t, LABELS)) else "" for t in texts]
+    parsed = [fmt.try_parse(t, LABELS) for t in texts]
+    chains = [p.reasoning if p else "" for p in parsed]
+    right = [p is not None and p.label == r["label"] for p, r in zip(parsed, rows, strict=True)]  # unparsed: wrong
+    seen = [i for i in range(len(rows)) if i not in set(unseen)]
     return {
         "label_accuracy": response_quality(texts, rows, LABELS)["label_accuracy"],  # the stages' own definition
+        "unseen_label_accuracy": sum(right[i] for i in unseen) / max(1, len(unseen)),
+        "seen_label_accuracy": sum(right[i] for i in seen) / max(1, len(seen)),
         **world.faithfulness(chains, [r["reasoning"] for r in rows], corpus),
     }
 
@@ -178,15 +188,15 @@ def teacher_part(args: argparse.Namespace) -> None:
     base = yaml.safe_load(QUICKSTART.read_text())
     store = Path(tempfile.mkdtemp(prefix="ablation-teacher-"))
     results: dict[str, Any] = {"runs": {v: [] for v in TEACHER_VARIANTS}}
-    print(f"teacher part: quickstart teacher settings, knowledge world, DAPT {args.dapt_steps} steps vs 1, "
-          f"DPO on {args.dpo_prompts} prompts; stores under {store}", flush=True)
+    print(f"teacher part: quickstart teacher settings, knowledge world (corpus-only share {args.corpus_only_share}), "
+          f"DAPT {args.dapt_steps} steps vs 1, DPO on {args.dpo_prompts} prompts; stores under {store}", flush=True)
     for seed in args.seeds:
         for variant in TEACHER_VARIANTS:
             doc = copy.deepcopy(base)
             doc["metadata"]["name"] = f"{variant}-{seed}"
             spec = doc["spec"]
             spec["storage"]["uri"] = str(store)
-            spec["data"]["synthetic"].update(world="knowledge", seed=seed)
+            spec["data"]["synthetic"].update(world="knowledge", seed=seed, corpusOnlyShare=args.corpus_only_share)
             for section in ("annotation", "student", "pruning", "serving"):
                 spec[section]["enabled"] = False
             # DAPT: --dapt-steps over the corpus (~100 steps an epoch), or one step (the scratch model's tokenizer)
@@ -202,18 +212,26 @@ def teacher_part(args: argparse.Namespace) -> None:
             data = Storage(m["data"]["artifact"])
             rows = read_dataset(data.child("eval"))[:EVAL_PROMPTS]  # the prompts the stages evaluate on
             corpus = {r["text"] for r in read_dataset(data.child("corpus"))}
+            unseen = world.needing_unseen_facts(rows, read_dataset(data.child("sft")))
             run = {
                 "seed": seed,
                 "minutes": round((time.monotonic() - t0) / 60, 1),
                 "dapt_perplexity_after": m["teacher-dapt"]["metrics"]["perplexity_after"],
                 "reward_model": m["reward-model"]["metrics"]["pairwise_accuracy"],
                 "preference_pairs": m["teacher-dpo"]["metrics"]["preference_pairs"],
-                "sft": teacher_checks(m["teacher-sft"]["outputs"]["model"], rows, corpus),
-                "dpo": teacher_checks(m["teacher-dpo"]["outputs"]["model"], rows, corpus),
+                "unseen_prompts": len(unseen),
+                "sft": teacher_checks(m["teacher-sft"]["outputs"]["model"], rows, corpus, unseen),
+                "dpo": teacher_checks(m["teacher-dpo"]["outputs"]["model"], rows, corpus, unseen),
             }
             results["runs"][variant].append(run)
             print(f"{variant:<8} seed {seed}: SFT {run['sft']}  DPO {run['dpo']}  RM {run['reward_model']} "
                   f"({run['minutes']} min)", flush=True)
+    rows = teacher_rows(results, len(args.seeds), args.corpus_only_share)
+    benchrecord.write("ablation", vars(args), results, rows, tag=args.tag or "teacher")
+
+
+def teacher_rows(results: dict[str, Any], seeds: int, share: float) -> list[benchrecord.Row]:
+    """The record's rows of the teacher part's `results` (`results["runs"][variant]`: one run per seed)."""
 
     def stat(variant: str, get: Any) -> tuple[float, float, list[float]]:
         xs = [float(get(r)) for r in results["runs"][variant]]
@@ -222,14 +240,29 @@ def teacher_part(args: argparse.Namespace) -> None:
     rows: list[benchrecord.Row] = []
     sft_d, sft_nd = stat("dapt", lambda r: r["sft"]["label_accuracy"]), stat("no-dapt", lambda r: r["sft"]["label_accuracy"])
     diffs = [a - b for a, b in zip(sft_d[2], sft_nd[2], strict=True)]
+    world_is = f"knowledge world{f' (corpus-only share {share})' if share else ''}, {seeds} world seeds"
     rows.append({
-        "what": f"SFT teacher with vs without DAPT, label accuracy on 400 held-out prompts, knowledge world, "
-                f"{len(args.seeds)} world seeds (`ablation.py --part teacher`)",
+        "what": f"SFT teacher with vs without DAPT, label accuracy on 400 held-out prompts, {world_is} "
+                "(`ablation.py --part teacher`)",
         "target": "DAPT helps",
         "measured": f"{sft_d[0]:.3f} ± {sft_d[1]:.3f} vs {sft_nd[0]:.3f} ± {sft_nd[1]:.3f} "
                     f"(per seed {', '.join(f'{d:+.3f}' for d in diffs)})",
         "met": "yes" if statistics.mean(diffs) > 0 and min(diffs) > 0 else "no",
     })
+    if share:
+        un_d = stat("dapt", lambda r: r["sft"]["unseen_label_accuracy"])
+        un_nd = stat("no-dapt", lambda r: r["sft"]["unseen_label_accuracy"])
+        un_diffs = [a - b for a, b in zip(un_d[2], un_nd[2], strict=True)]
+        prompts = [r["unseen_prompts"] for r in results["runs"]["dapt"]]
+        rows.append({
+            "what": f"SFT teacher with vs without DAPT, label accuracy on the held-out prompts whose explanation "
+                    f"needs a fact no SFT chain states ({min(prompts)}-{max(prompts)} of 400), {world_is} "
+                    "(`ablation.py --part teacher`)",
+            "target": "DAPT helps",
+            "measured": f"{un_d[0]:.3f} ± {un_d[1]:.3f} vs {un_nd[0]:.3f} ± {un_nd[1]:.3f} "
+                        f"(per seed {', '.join(f'{d:+.3f}' for d in un_diffs)})",
+            "met": "yes" if statistics.mean(un_diffs) > 0 and min(un_diffs) > 0 else "no",
+        })
     dims = sorted(results["runs"]["dapt"][0]["reward_model"])
     per_dim = {d: stat("dapt", lambda r, d=d: r["reward_model"][d]) for d in dims}
     rows.append({
@@ -252,7 +285,7 @@ def teacher_part(args: argparse.Namespace) -> None:
         "met": "yes" if any(statistics.mean(x) >= 0.02 and statistics.mean(y) >= -sd(y) for x, y in ((acc, prec), (prec, acc)))
         else "no",
     })
-    benchrecord.write("ablation", vars(args), results, rows, tag=args.tag or "teacher")
+    return rows
 
 
 def main() -> None:
@@ -260,6 +293,9 @@ def main() -> None:
     ap.add_argument("--part", choices=["student", "teacher"], default="student")
     ap.add_argument("--dapt-steps", type=int, default=300, help="teacher part: DAPT steps of the dapt variant")
     ap.add_argument("--dpo-prompts", type=int, default=256, help="teacher part: prompts DPO samples answers to")
+    ap.add_argument("--corpus-only-share", type=float, default=0.25,
+                    help="teacher part: spec.data.synthetic.corpusOnlyShare of the knowledge world (0: every place "
+                         "may be in the SFT pairs, the first record's world)")
     ap.add_argument("--sizes", type=int, nargs="+", default=[500, 1500, 4500])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--objectives", nargs="+", default=["ce", "crsd"], choices=list(VARIANTS))

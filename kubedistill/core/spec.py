@@ -228,6 +228,15 @@ class RetentionSpec(_Model):
 
 
 class SyntheticDataSpec(_Model):
+    model_config = ConfigDict(
+        json_schema_extra=_cel(
+            (
+                "!has(self.corpusOnlyShare) || double(self.corpusOnlyShare) == 0.0 || "
+                "(has(self.world) && self.world == 'knowledge')",
+                "corpusOnlyShare needs world: knowledge (only the knowledge world has corpus-only facts)",
+            )
+        )
+    )
     # the data stage builds the synthetic log in memory: the bounds keep it under ~2 GiB (200k queries x 20
     # pairs); a larger log is real data, read from spec.data.logs in shards
     services: int = Field(default=300, ge=10, le=100_000, description="Number of synthetic services (at most 100,000).")
@@ -247,6 +256,15 @@ class SyntheticDataSpec(_Model):
         description="Which synthetic world: classic (every decisive fact in a structured field) or knowledge "
         "(free-text services in the platform's vocabulary: house names for items, streets for districts, price "
         "cues; the corpus states each mapping, a label alone rarely shows it).",
+    )
+    corpus_only_share: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=0.9,
+        description="Knowledge world only: the share of each item's house names and each district's streets that "
+        "only the domain corpus states. A place using one is never in the teacher's SFT pairs, so their reasoning "
+        "never spells it out: a teacher can know it only from domain-adaptive pre-training. The log and the eval "
+        "set show such places like any other. 0: every place may be in the SFT pairs.",
     )
 
 
@@ -1124,6 +1142,15 @@ def _semantic_problems(run: DistillationRun) -> list[Problem]:
                 "spec.serving.runtime",
                 f"{s.serving.runtime} scores on CPUs, but gpusPerReplica is {s.serving.gpus_per_replica}: set "
                 "runtime torch (or leave it unset) for GPU replicas",
+            )
+        )
+    syn = s.data.synthetic
+    if syn.corpus_only_share and syn.world != "knowledge":
+        out.append(
+            Problem(
+                "spec.data.synthetic.corpusOnlyShare",
+                f"only the knowledge world has corpus-only facts: set world: knowledge or leave it 0 "
+                f"(world is {syn.world})",
             )
         )
     for path, rep in (

@@ -406,7 +406,10 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
         f"{syn.queries} queries x {syn.pairs_per_query}"
     )
     sizes = (syn.services, syn.queries, syn.pairs_per_query, syn.sft_size, syn.eval_size, syn.seed)
-    gen = world.generate(labels, *sizes) if syn.world == "knowledge" else generate(labels, *sizes)
+    if syn.world == "knowledge":
+        gen = world.generate(labels, *sizes, corpus_only_share=syn.corpus_only_share)
+    else:
+        gen = generate(labels, *sizes)
     shards = max(1, len(gen.log) // 1000)
     outputs = {}
     for name, rows, n in (
@@ -422,6 +425,15 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
     metrics: dict[str, Any] = {
         "source": "synthetic",
         "world": syn.world,
+        **(
+            {
+                "corpus_only_share": syn.corpus_only_share,
+                # held-out pairs whose explanation needs a fact no SFT chain states (only the corpus does)
+                "eval_needing_unseen_facts": len(world.needing_unseen_facts(gen.eval, gen.sft)),
+            }
+            if syn.world == "knowledge"
+            else {}
+        ),
         "logs": {"rows_in": len(gen.log), "rows_written": len(gen.log), "rows_quarantined": 0, "shards": shards},
         "labeled": {"rows": len(gen.labeled), "labels": label_counts(gen.labeled)},
         "sft": {

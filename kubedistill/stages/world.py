@@ -163,14 +163,26 @@ def deciding_house_fact(reasoning: str) -> str | None:
     return next((s for s in _sentences(reasoning) if (m := _HOUSE_FACT.match(s)) and m["b"] == asked["item"]), None)
 
 
+def cited_facts(reasoning: str) -> list[str]:
+    """The fact-shaped sentences a chain states (`FACTS`' forms), in order."""
+    return [x for x in _sentences(reasoning) if fact_kind(x)]
+
+
+def needing_unseen_facts(rows: list[dict[str, Any]], taught: list[dict[str, Any]]) -> list[int]:
+    """Indices of `rows` whose oracle chain cites a fact that no chain of `taught` (a teacher's SFT pairs)
+    states: pairs a teacher can explain right only from what it knows beyond its SFT pairs (the corpus)."""
+    seen = {f for r in taught for f in cited_facts(r["reasoning"])}
+    return [i for i, r in enumerate(rows) if any(f not in seen for f in cited_facts(r["reasoning"]))]
+
+
 def faithfulness(chains: list[str], oracle: list[str], corpus: set[str]) -> dict[str, float]:
     """How reasoning chains hold up against the world's knowledge, judged by the corpus alone (never by a
     reward model): `fact_precision`, the share of the fact-shaped sentences they state that the corpus states
     (the rest is invented knowledge; 0 when no chain states a fact); `faithful_chains`, the share of chains
     stating no fact the corpus lacks; `fact_recall`, the share of the facts each pair's oracle chain
     (`oracle`, same order) cites that its chain states."""
-    stated = [[x for x in _sentences(c) if fact_kind(x)] for c in chains]
-    cited = [[x for x in _sentences(o) if fact_kind(x)] for o in oracle]
+    stated = [cited_facts(c) for c in chains]
+    cited = [cited_facts(o) for o in oracle]
     return {
         "fact_precision": sum(x in corpus for f in stated for x in f) / max(1, sum(map(len, stated))),
         "faithful_chains": sum(all(x in corpus for x in f) for f in stated) / max(1, len(chains)),
@@ -399,6 +411,23 @@ def candidates(ask: Ask, places: list[Place], k: int, rng: random.Random) -> lis
     return draw([offers, offers, same_kind, overlap, nearby, places], k, rng)
 
 
+def corpus_only_names(kb: Knowledge, share: float, seed: int) -> set[str]:
+    """`share` of each item's house names and of each district's streets (rounded, drawn with a generator of
+    their own, so a share of 0 changes no other draw): names only the corpus will state."""
+    rng = random.Random(f"corpus-only-{seed}")
+    groups: dict[tuple[str, str], list[str]] = {}
+    for name, item in kb.house.items():
+        groups.setdefault(("house", item), []).append(name)
+    for name, district in kb.streets.items():
+        groups.setdefault(("streets", district), []).append(name)
+    return {n for _, names in sorted(groups.items()) for n in rng.sample(names, round(share * len(names)))}
+
+
+def uses_any(p: Place, names: set[str]) -> bool:
+    """Whether a place's description uses one of `names` (a house name it sells under, or its street)."""
+    return p.street in names or any(n in names for n in p.offers.values())
+
+
 def generate(
     labels: list[str],
     services: int,
@@ -411,27 +440,38 @@ def generate(
     streets_per_district: int = 6,
     head_share: float = 0.3,
     street_share: float = 0.65,
+    corpus_only_share: float = 0.0,
 ) -> SyntheticData:
     """A knowledge-world search log (the same datasets and columns as `synthetic.generate`). Log, SFT and eval
     use disjoint queries; the corpus holds every fact (`Knowledge.sentences`), each place's description,
-    and a sample of queries."""
+    and a sample of queries. With `corpus_only_share`, that share of the names (`corpus_only_names`) is kept
+    out of the SFT pairs: their queries and candidates come only from places that use none of them, so no
+    SFT chain states those facts; the log and the eval set draw from every place."""
     rng = random.Random(seed)
     kb = make_knowledge(rng, house_per_item, streets_per_district)
     places = make_places(services, kb, rng, head_share, street_share)
+    corpus_only = corpus_only_names(kb, corpus_only_share, seed) if corpus_only_share else set()
+    familiar = [p for p in places if not uses_any(p, corpus_only)]
+    if not familiar:
+        raise ValueError(
+            f"spec.data.synthetic.corpusOnlyShare: {corpus_only_share} leaves no place for the SFT pairs "
+            f"(every one of the {services} places uses a corpus-only name); lower it or add services"
+        )
     out = SyntheticData()
     seen_pairs: set[str] = set()
     seen_queries: set[str] = set()
     for name, n in (("eval", eval_size), ("sft", sft_size), ("labeled", queries * pairs_per_query)):
         rows: list[dict[str, Any]] = []
         split_queries: set[str] = set()
+        shown = familiar if name == "sft" else places
         for _ in range(n * 4):
             if len(rows) >= n:
                 break
-            ask = make_ask(rng, places, kb)
+            ask = make_ask(rng, shown, kb)
             if ask.text in seen_queries and ask.text not in split_queries:
                 continue  # a query belongs to one split
             split_queries.add(ask.text)
-            for p in candidates(ask, places, pairs_per_query, rng):
+            for p in candidates(ask, shown, pairs_per_query, rng):
                 pid = pair_id(ask.text, p.id)
                 if pid in seen_pairs or len(rows) >= n:
                     continue

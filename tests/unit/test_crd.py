@@ -143,7 +143,12 @@ def test_cel_rules_compile_and_match_pydantic():
          "runtime onnx and onnx-int8 score on CPUs: set runtime torch (or leave it unset) for GPU replicas"),
         (minimal_doc(student={"compareObjectives": ["ce", "crsd"]}), "compareObjectives must not repeat objective"),
         (minimal_doc(student={"objective": "ce", "compareObjectives": ["ce"]}), "compareObjectives must not repeat objective"),
+        (minimal_doc(data={"synthetic": {"corpusOnlyShare": 0.25}}),
+         "corpusOnlyShare needs world: knowledge (only the knowledge world has corpus-only facts)"),
     ]
+    for syn in ({"world": "knowledge", "corpusOnlyShare": 0.25}, {"corpusOnlyShare": 0}, {"world": "classic"}):
+        assert _eval_rules(minimal_doc(data={"synthetic": syn})) == []
+        spec.parse_run(minimal_doc(data={"synthetic": syn}))
     for doc, message in cases:
         assert message in _eval_rules(copy.deepcopy(doc))
         with pytest.raises(spec.SpecError):

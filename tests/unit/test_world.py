@@ -17,9 +17,10 @@ from tests.conftest import minimal_doc
 LABELS = ["irrelevant", "partial", "relevant"]
 
 
-@pytest.fixture(scope="module", params=[0, 7])
+@pytest.fixture(scope="module", params=[(0, 0.0), (7, 0.0), (0, 0.25)], ids=["seed0", "seed7", "corpus-only"])
 def gen(request):
-    return world.generate(LABELS, 300, 400, 6, 300, 400, seed=request.param)
+    seed, share = request.param
+    return world.generate(LABELS, 300, 400, 6, 300, 400, seed=seed, corpus_only_share=share)
 
 
 def corpus_of(g) -> list[str]:
@@ -191,3 +192,51 @@ def test_faithfulness_is_judged_against_the_corpus_alone():
     # fact: chain 2 only -> 1/2; the oracle cited 2 facts, chain 1 states 1 of them -> recall 1/2
     assert world.faithfulness(chains, oracle, corpus) == {"fact_precision": 0.5, "faithful_chains": 0.5, "fact_recall": 0.5}
     assert world.faithfulness(oracle, oracle, corpus) == {"fact_precision": 1.0, "faithful_chains": 1.0, "fact_recall": 1.0}
+
+
+def test_corpus_only_names_are_stated_by_the_corpus_and_never_by_an_sft_pair():
+    """`corpusOnlyShare`: the SFT pairs never show a place using a corpus-only name, so no SFT chain states its
+    fact; the corpus states every one, and the log and the eval set need them."""
+    g = world.generate(LABELS, 300, 400, 6, 1000, 400, seed=3, corpus_only_share=0.25)
+    corpus = corpus_of(g)
+    kb = world.knowledge_from_corpus(corpus)
+    hidden = world.corpus_only_names(kb, 0.25, seed=3)
+    assert len(hidden) == round(0.25 * 8) * len(world.ITEMS) + round(0.25 * 6) * len(world.DISTRICTS)
+    assert {world.fact("house", n, kb.house[n]) for n in hidden if n in kb.house} <= set(corpus)
+    assert {world.fact("streets", n, kb.streets[n]) for n in hidden if n in kb.streets} <= set(corpus)
+
+    def uses_hidden(r):
+        return any(n in service_text(r) for n in hidden)
+
+    assert not any(uses_hidden(r) for r in g.sft)
+    assert not any(n in f for r in g.sft for f in world.cited_facts(r["reasoning"]) for n in hidden)
+    assert sum(map(uses_hidden, g.eval)) >= len(g.eval) // 5 and sum(map(uses_hidden, g.labeled)) >= len(g.labeled) // 5
+    needing = world.needing_unseen_facts(g.eval, g.sft)
+    assert len(needing) >= len(g.eval) // 5
+    cites_hidden = [i for i, r in enumerate(g.eval) if any(n in f for f in world.cited_facts(r["reasoning"]) for n in hidden)]
+    assert cites_hidden and set(cites_hidden) <= set(needing)
+
+
+def test_without_corpus_only_names_every_place_may_be_in_the_sft_pairs():
+    g = world.generate(LABELS, 300, 400, 6, 300, 400, seed=0)
+    assert g.sft == world.generate(LABELS, 300, 400, 6, 300, 400, seed=0, corpus_only_share=0.0).sft
+    assert world.corpus_only_names(world.knowledge_from_corpus(corpus_of(g)), 0.0, seed=0) == set()
+    hidden = world.generate(LABELS, 300, 400, 6, 300, 400, seed=0, corpus_only_share=0.25)
+    places = {r["service_id"]: service_text(r) for r in g.eval + g.sft + g.labeled}
+    again = {r["service_id"]: service_text(r) for r in hidden.eval + hidden.sft + hidden.labeled}
+    assert all(places[k] == v for k, v in again.items() if k in places)  # the same world, split another way
+
+
+def test_a_corpus_only_share_that_leaves_no_place_for_sft_is_refused():
+    with pytest.raises(ValueError, match=r"spec\.data\.synthetic\.corpusOnlyShare: 0\.9 leaves no place"):
+        world.generate(LABELS, 10, 40, 4, 30, 20, seed=0, corpus_only_share=0.9)
+
+
+def test_needing_unseen_facts_on_a_hand_made_case():
+    taught = [{"reasoning": "The query asks for sauna. The Kiru Ritual is a house name for hot-stone massage."}]
+    rows = [
+        {"reasoning": "The query asks for sauna. The Kiru Ritual is a house name for hot-stone massage."},
+        {"reasoning": "The query asks for sauna. Tamo Lane is in Harbor. It is in Harbor, as asked."},
+        {"reasoning": "The query asks for sauna. It offers sauna."},
+    ]
+    assert world.needing_unseen_facts(rows, taught) == [1]
