@@ -167,6 +167,40 @@ def teacher_checks(model_uri: str, rows: list[dict[str, Any]], corpus: set[str],
     }
 
 
+def fact_probe(model_uri: str, facts: dict[str, str]) -> dict[str, float]:
+    """Whether a model knows house names: the share of `facts` (house name -> item) whose item it ranks first
+    among the items of its kind of place (a name's noun tells the kind) by the likelihood of the corpus
+    sentence stating it (a cloze test, each sentence encoded as DAPT trains on it); `chance`, a guess's."""
+    from kubedistill.ml.losses import sequence_logprob
+    from kubedistill.stages.teacher import lm
+    from kubedistill.stages.teacher.train import encode
+
+    model, tok = lm.load(model_uri, "teacher")
+    model.eval()
+    right, chance = 0, 0.0
+    with torch.no_grad():
+        for name, item in facts.items():
+            options = [i for i in world.ITEMS if world.item_kinds(i) & world.item_kinds(item)]
+            chance += 1 / len(options)
+            b = encode(tok, [""] * len(options), [world.fact("house", name, i) for i in options], 64)
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
+            right += options[int(sequence_logprob(logits, b["labels"]).argmax())] == item
+    return {"accuracy": right / max(1, len(facts)), "chance": chance / max(1, len(facts))}
+
+
+def probe_facts(corpus: list[str], sft: list[dict[str, Any]], share: float, seed: int) -> dict[str, dict[str, str]]:
+    """The house-name facts to probe: those only the corpus states (`corpus_only`, with a share) and up to 60
+    that SFT chains state (`taught`)."""
+    kb = world.knowledge_from_corpus(corpus)
+    hidden = world.corpus_only_names(kb, share, seed) if share else set()
+    cited = {f for r in sft for f in world.cited_facts(r["reasoning"])}
+    taught = sorted(n for n, i in kb.house.items() if n not in hidden and world.fact("house", n, i) in cited)
+    return {
+        "corpus_only": {n: kb.house[n] for n in sorted(hidden) if n in kb.house},
+        "taught": {n: kb.house[n] for n in random.Random(seed).sample(taught, min(60, len(taught)))},
+    }
+
+
 TEACHER_VARIANTS = ("dapt", "no-dapt")
 
 
@@ -211,8 +245,11 @@ def teacher_part(args: argparse.Namespace) -> None:
             m = {s: st.read_json(f"{s}/{MANIFEST}") for s in ("data", "teacher-dapt", "teacher-sft", "reward-model", "teacher-dpo")}
             data = Storage(m["data"]["artifact"])
             rows = read_dataset(data.child("eval"))[:EVAL_PROMPTS]  # the prompts the stages evaluate on
-            corpus = {r["text"] for r in read_dataset(data.child("corpus"))}
-            unseen = world.needing_unseen_facts(rows, read_dataset(data.child("sft")))
+            corpus_texts = [r["text"] for r in read_dataset(data.child("corpus"))]
+            corpus = set(corpus_texts)
+            sft_rows = read_dataset(data.child("sft"))
+            unseen = world.needing_unseen_facts(rows, sft_rows)
+            facts = probe_facts(corpus_texts, sft_rows, args.corpus_only_share, seed)
             run = {
                 "seed": seed,
                 "minutes": round((time.monotonic() - t0) / 60, 1),
@@ -222,10 +259,15 @@ def teacher_part(args: argparse.Namespace) -> None:
                 "unseen_prompts": len(unseen),
                 "sft": teacher_checks(m["teacher-sft"]["outputs"]["model"], rows, corpus, unseen),
                 "dpo": teacher_checks(m["teacher-dpo"]["outputs"]["model"], rows, corpus, unseen),
+                # does the teacher know house names after DAPT, and after SFT? (cloze over the world's items)
+                "fact_probe": {
+                    stage: {which: fact_probe(m[stage]["outputs"]["model"], f) for which, f in facts.items() if f}
+                    for stage in ("teacher-dapt", "teacher-sft")
+                },
             }
             results["runs"][variant].append(run)
             print(f"{variant:<8} seed {seed}: SFT {run['sft']}  DPO {run['dpo']}  RM {run['reward_model']} "
-                  f"({run['minutes']} min)", flush=True)
+                  f"probe {run['fact_probe']} ({run['minutes']} min)", flush=True)
     rows = teacher_rows(results, len(args.seeds), args.corpus_only_share)
     benchrecord.write("ablation", vars(args), results, rows, tag=args.tag or "teacher")
 

@@ -169,6 +169,7 @@ def test_the_data_stage_writes_the_knowledge_world(tmp_path):
                        Storage(str(tmp_path)), version="one")
     out = data.run_stage(ctx)
     assert out["metrics"]["world"] == "knowledge"
+    assert out["metrics"]["corpus_only_share"] == 0.0 and out["metrics"]["eval_needing_unseen_facts"] >= 0
     rows = data.read_dataset(Storage(str(tmp_path)).child("data/v-one/eval"))
     assert len(rows) == 12 and rows[0]["service_category"] is None and rows[0]["service_tags"] == []
     corpus = [r["text"] for r in data.read_dataset(Storage(str(tmp_path)).child("data/v-one/corpus"))]
@@ -240,3 +241,20 @@ def test_needing_unseen_facts_on_a_hand_made_case():
         {"reasoning": "The query asks for sauna. It offers sauna."},
     ]
     assert world.needing_unseen_facts(rows, taught) == [1]
+
+
+def test_the_data_stage_counts_held_out_pairs_needing_a_corpus_only_fact(tmp_path):
+    from kubedistill.core import spec
+    from kubedistill.core.stage import StageContext
+    from kubedistill.core.storage import Storage
+    from kubedistill.stages import data
+
+    syn = {"services": 300, "queries": 50, "pairsPerQuery": 6, "sftSize": 600, "evalSize": 200, "seed": 1,
+           "world": "knowledge", "corpusOnlyShare": 0.25}
+    section = spec.to_wire(spec.DataSpec.model_validate({"synthetic": syn}))
+    ctx = StageContext({"run": "r", "stage": "data", "inputs": [], "spec": {"labels": LABELS, "data": section}},
+                       Storage(str(tmp_path)), version="one")
+    m = data.run_stage(ctx)["metrics"]
+    read = Storage(str(tmp_path)).child("data/v-one")
+    needing = world.needing_unseen_facts(data.read_dataset(read.child("eval")), data.read_dataset(read.child("sft")))
+    assert m["corpus_only_share"] == 0.25 and m["eval_needing_unseen_facts"] == len(needing) >= 200 // 5
