@@ -22,6 +22,11 @@ price cue behind each asked constraint; everything else restates the input or ju
 The easy head (common item names, district names, the cues a general model already reads) is open to a
 lexical baseline; the tail is not.
 
+`spec.data.synthetic.corpusOnlyShare` keeps a share of the house names and streets out of the teacher's SFT
+pairs (`corpus_only_names`): those pairs come only from places that use none of them, so no SFT chain states
+those facts and only the corpus does, while the log and the eval set draw from every place. A teacher then
+explains a held-out pair that needs one (`needing_unseen_facts`) only from what pre-training taught it.
+
 Rules (those of the classic world): a place that offers the item is relevant when it meets every asked
 constraint (district, budget), partial when it misses one, irrelevant when it misses both; a place of the
 same kind that does not offer the item is partial when it meets every constraint, else irrelevant;
