@@ -42,6 +42,7 @@ import argparse
 import os
 import random
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -220,7 +221,8 @@ def teacher_part(args: argparse.Namespace) -> None:
     from kubedistill.stages.teacher.stages import EVAL_PROMPTS
 
     base = yaml.safe_load(QUICKSTART.read_text())
-    store = Path(tempfile.mkdtemp(prefix="ablation-teacher-"))
+    # a store of an earlier invocation: its finished stages are skipped (the step policy), its runs resumed
+    store = Path(args.store) if args.store else Path(tempfile.mkdtemp(prefix="ablation-teacher-"))
     results: dict[str, Any] = {"runs": {v: [] for v in TEACHER_VARIANTS}}
     print(f"teacher part: quickstart teacher settings, knowledge world (corpus-only share {args.corpus_only_share}), "
           f"DAPT {args.dapt_steps} steps vs 1, DPO on {args.dpo_prompts} prompts; stores under {store}", flush=True)
@@ -270,6 +272,75 @@ def teacher_part(args: argparse.Namespace) -> None:
                   f"probe {run['fact_probe']} ({run['minutes']} min)", flush=True)
     rows = teacher_rows(results, len(args.seeds), args.corpus_only_share)
     benchrecord.write("ablation", vars(args), results, rows, tag=args.tag or "teacher")
+
+
+def dapt_probe_part(args: argparse.Namespace) -> None:
+    """How many DAPT steps the quickstart's teacher needs to learn the corpus's facts: the data and teacher-dapt
+    stages (their own job entrypoints, on a local Ray) at each of `--dapt-sweep` steps, the rest of the teacher
+    settings the quickstart's, then the cloze probe of the house-name facts after each (`fact_probe`)."""
+    import copy
+    import subprocess
+    import tempfile
+
+    import yaml
+
+    from kubedistill import runner
+    from kubedistill.core import pipeline
+    from kubedistill.core.spec import parse_run
+    from kubedistill.core.stage import CONFIG_ENV, JOB_ENV, MANIFEST
+    from kubedistill.core.storage import Storage
+    from kubedistill.stages.data import read_dataset
+
+    base = yaml.safe_load(QUICKSTART.read_text())
+    store = Path(args.store) if args.store else Path(tempfile.mkdtemp(prefix="ablation-dapt-probe-"))
+    print(f"dapt probe: knowledge world (corpus-only share {args.corpus_only_share}), DAPT steps {args.dapt_sweep}; "
+          f"stores under {store}", flush=True)
+    results: dict[str, Any] = {"runs": []}
+    with runner.local_ray() as session:
+        assert session.head is not None
+        for seed in args.seeds:
+            for steps in args.dapt_sweep:
+                doc = copy.deepcopy(base)
+                doc["metadata"]["name"] = f"probe-{steps}-{seed}"
+                doc["spec"]["storage"]["uri"] = str(store)
+                doc["spec"]["data"]["synthetic"].update(world="knowledge", seed=seed, corpusOnlyShare=args.corpus_only_share)
+                doc["spec"]["teacher"]["dapt"].update(epochs=1000, maxSteps=steps)
+                t0 = time.monotonic()
+                for stage in pipeline.build(parse_run(doc)):
+                    if stage.name not in ("data", "teacher-dapt"):
+                        continue
+                    env = {**os.environ, **JOB_ENV, CONFIG_ENV: stage.config_json, "RAY_ADDRESS": session.head.gcs_address}
+                    subprocess.run([sys.executable, *stage.entrypoint.split()[1:]], env=env, check=True,
+                                   stdout=subprocess.DEVNULL)
+                st = Storage(str(store / doc["metadata"]["name"]))
+                data, dapt = (st.read_json(f"{s}/{MANIFEST}") for s in ("data", "teacher-dapt"))
+                corpus = [r["text"] for r in read_dataset(Storage(data["artifact"]).child("corpus"))]
+                sft = read_dataset(Storage(data["artifact"]).child("sft"))
+                facts = probe_facts(corpus, sft, args.corpus_only_share, seed)
+                run = {
+                    "seed": seed,
+                    "dapt_steps": steps,
+                    "minutes": round((time.monotonic() - t0) / 60, 1),
+                    "perplexity_after": dapt["metrics"]["perplexity_after"],
+                    "loss": dapt["metrics"]["loss"],
+                    "probe": {which: fact_probe(dapt["outputs"]["model"], f) for which, f in facts.items() if f},
+                }
+                results["runs"].append(run)
+                print(f"DAPT {steps} steps, seed {seed}: {run}", flush=True)
+    rows: list[benchrecord.Row] = []
+    for steps in args.dapt_sweep:
+        runs = [r for r in results["runs"] if r["dapt_steps"] == steps]
+        probe = {w: [r["probe"][w]["accuracy"] for r in runs] for w in runs[0]["probe"]}
+        chance = {w: statistics.mean(r["probe"][w]["chance"] for r in runs) for w in runs[0]["probe"]}
+        rows.append({
+            "what": f"teacher after DAPT of {steps} steps, cloze accuracy on house-name facts (corpus-only / taught by "
+                    f"SFT chains), knowledge world, {len(runs)} world seed(s) (`ablation.py --part dapt-probe`)",
+            "target": "above chance: the corpus's facts learned",
+            "measured": "; ".join(f"{w} {statistics.mean(x):.3f} ± {sd(x):.3f} (chance {chance[w]:.3f})" for w, x in probe.items())
+                        + f"; held-out corpus perplexity {statistics.mean(r['perplexity_after'] for r in runs):.2f}",
+            "met": "yes" if all(statistics.mean(x) > 2 * chance[w] for w, x in probe.items()) else "no",
+        })
+    benchrecord.write("ablation", vars(args), results, rows, tag=args.tag or "dapt-probe")
 
 
 def teacher_rows(results: dict[str, Any], seeds: int, share: float) -> list[benchrecord.Row]:
@@ -332,7 +403,10 @@ def teacher_rows(results: dict[str, Any], seeds: int, share: float) -> list[benc
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=["student", "teacher"], default="student")
+    ap.add_argument("--part", choices=["student", "teacher", "dapt-probe"], default="student")
+    ap.add_argument("--store", help="teacher and dapt-probe parts: the store of an earlier invocation to resume")
+    ap.add_argument("--dapt-sweep", type=int, nargs="+", default=[300, 1000, 3000],
+                    help="dapt-probe part: DAPT steps to probe after")
     ap.add_argument("--dapt-steps", type=int, default=300, help="teacher part: DAPT steps of the dapt variant")
     ap.add_argument("--dpo-prompts", type=int, default=256, help="teacher part: prompts DPO samples answers to")
     ap.add_argument("--corpus-only-share", type=float, default=0.25,
@@ -353,6 +427,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.part == "teacher":
         teacher_part(args)
+        return
+    if args.part == "dapt-probe":
+        dapt_probe_part(args)
         return
     name = f"ablation{'-' + args.tag if args.tag else ''}"
     if args.replot:
