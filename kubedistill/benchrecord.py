@@ -142,7 +142,8 @@ def unrecorded(records: list[dict[str, Any]], scripts_dir: Path = RECORDS.parent
 
 
 def summary_markdown(records: list[dict[str, Any]], missing: list[str] | None = None) -> str:
-    """The summary table: every row of every record, each with its record's date, commit and machine; then
+    """The summary table: every row of every record, each with its script (and record file, where one script
+    writes several), date, commit and machine; then
     the scripts with no record (`missing`), named so the gap shows."""
     rank = {name: i for i, name in enumerate(ORDER)}
     ordered = sorted(records, key=lambda r: (rank.get(r["benchmark"], len(ORDER)), r["benchmark"], r.get("tag", "")))
@@ -156,7 +157,8 @@ def summary_markdown(records: list[dict[str, Any]], missing: list[str] | None = 
     ]
     for r in ordered:
         dirty = " + uncommitted changes" if r.get("dirty") else ""
-        source = f"`{r['benchmark']}.py`, {r['date']}, `{r['commit'][:7]}`{dirty}"
+        tagged = f" (`{r['benchmark']}-{r['tag']}.json`)" if r.get("tag") else ""  # one script, several records
+        source = f"`{r['benchmark']}.py`{tagged}, {r['date']}, `{r['commit'][:7]}`{dirty}"
         for row in r["rows"]:
             cells = [row["what"], row["target"], row["measured"], row["met"], source]
             lines.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |")

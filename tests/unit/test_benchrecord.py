@@ -2,6 +2,7 @@
 
 import json
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -67,6 +68,11 @@ def test_each_summary_row_names_its_script_date_and_commit(tmp_path):
     row = next(line for line in table.splitlines() if line.startswith("| CRSD"))
     assert row == ("| CRSD step \\| vs CE | >= 2x | 2.5x | yes | `crsd_step.py`, 2026-12-01, `0123456` "
                    "+ uncommitted changes |")
+    benchrecord.write("crsd_step", {}, {}, [_row("CRSD tagged")], tag="long", records=tmp_path)
+    table = benchrecord.summary_markdown(benchrecord.load(tmp_path))
+    row = next(line for line in table.splitlines() if line.startswith("| CRSD tagged"))
+    assert row.endswith(f"| `crsd_step.py` (`crsd_step-long.json`), {time.strftime('%Y-%m-%d')}, "
+                        f"`{benchrecord.AT_IMPORT['commit'][:7]}`{' + uncommitted changes' if benchrecord.AT_IMPORT['dirty'] else ''} |")
 
 
 # Scripts whose record is still to be made, each with why: the summary names them under its table.
