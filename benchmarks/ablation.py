@@ -270,7 +270,7 @@ def teacher_part(args: argparse.Namespace) -> None:
             results["runs"][variant].append(run)
             print(f"{variant:<8} seed {seed}: SFT {run['sft']}  DPO {run['dpo']}  RM {run['reward_model']} "
                   f"probe {run['fact_probe']} ({run['minutes']} min)", flush=True)
-    rows = teacher_rows(results, len(args.seeds), args.corpus_only_share)
+    rows = teacher_rows(results, len(args.seeds), args.corpus_only_share, args.dapt_steps)
     benchrecord.write("ablation", vars(args), results, rows, tag=args.tag or "teacher")
 
 
@@ -343,7 +343,7 @@ def dapt_probe_part(args: argparse.Namespace) -> None:
     benchrecord.write("ablation", vars(args), results, rows, tag=args.tag or "dapt-probe")
 
 
-def teacher_rows(results: dict[str, Any], seeds: int, share: float) -> list[benchrecord.Row]:
+def teacher_rows(results: dict[str, Any], seeds: int, share: float, dapt_steps: int) -> list[benchrecord.Row]:
     """The record's rows of the teacher part's `results` (`results["runs"][variant]`: one run per seed)."""
 
     def stat(variant: str, get: Any) -> tuple[float, float, list[float]]:
@@ -355,7 +355,7 @@ def teacher_rows(results: dict[str, Any], seeds: int, share: float) -> list[benc
     diffs = [a - b for a, b in zip(sft_d[2], sft_nd[2], strict=True)]
     world_is = f"knowledge world{f' (corpus-only share {share})' if share else ''}, {seeds} world seeds"
     rows.append({
-        "what": f"SFT teacher with vs without DAPT, label accuracy on 400 held-out prompts, {world_is} "
+        "what": f"SFT teacher with vs without DAPT ({dapt_steps} steps), label accuracy on 400 held-out prompts, {world_is} "
                 "(`ablation.py --part teacher`)",
         "target": "DAPT helps",
         "measured": f"{sft_d[0]:.3f} ± {sft_d[1]:.3f} vs {sft_nd[0]:.3f} ± {sft_nd[1]:.3f} "
@@ -368,7 +368,7 @@ def teacher_rows(results: dict[str, Any], seeds: int, share: float) -> list[benc
         un_diffs = [a - b for a, b in zip(un_d[2], un_nd[2], strict=True)]
         prompts = [r["unseen_prompts"] for r in results["runs"]["dapt"]]
         rows.append({
-            "what": f"SFT teacher with vs without DAPT, label accuracy on the held-out prompts whose explanation "
+            "what": f"SFT teacher with vs without DAPT ({dapt_steps} steps), label accuracy on the held-out prompts whose explanation "
                     f"needs a fact no SFT chain states ({min(prompts)}-{max(prompts)} of 400), {world_is} "
                     "(`ablation.py --part teacher`)",
             "target": "DAPT helps",
