@@ -159,7 +159,8 @@ def teacher_checks(model_uri: str, rows: list[dict[str, Any]], corpus: set[str],
     parsed = [fmt.try_parse(t, LABELS) for t in texts]
     chains = [p.reasoning if p else "" for p in parsed]
     right = [p is not None and p.label == r["label"] for p, r in zip(parsed, rows, strict=True)]  # unparsed: wrong
-    seen = [i for i in range(len(rows)) if i not in set(unseen)]
+    needs = set(unseen)
+    seen = [i for i in range(len(rows)) if i not in needs]
     return {
         "label_accuracy": response_quality(texts, rows, LABELS)["label_accuracy"],  # the stages' own definition
         "unseen_label_accuracy": sum(right[i] for i in unseen) / max(1, len(unseen)),
