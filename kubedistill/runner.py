@@ -67,7 +67,19 @@ class RunFailed(RuntimeError):
 
 
 #: The head's ports we choose (the rest, e.g. workers', Ray binds to port 0 and learns from the kernel).
-_HEAD_PORTS = ("port", "dashboard-port", "dashboard-agent-listen-port", "ray-client-server-port", "metrics-export-port")
+#: The runtime env agent's is chosen too, not for a collision: with port 0 the Ray Client server (which
+#: `ray start` always runs once grpc is installed, and which Ray refuses to run on a port below 1024) learns
+#: the agent's port from the raylet's registration, waiting a fixed 30 s for it (`get_node_with_retry` in
+#: ray/_private/services.py); a raylet slower than that under load made it exit, and `ray start --block`
+#: then tore the whole head down a second after reporting it up. Given the port it waits for nothing.
+_HEAD_PORTS = (
+    "port",
+    "dashboard-port",
+    "dashboard-agent-listen-port",
+    "ray-client-server-port",
+    "metrics-export-port",
+    "runtime-env-agent-port",
+)
 #: what `ray start --block` prints once every process is up (Ray is pinned to 2.60.x in pyproject.toml)
 _HEAD_READY = "This command will now block forever"
 

@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import shlex
+import socket
 import subprocess
 import sys
 import time
+from urllib.parse import urlparse
 
 import pytest
 
 from kubedistill.core.ports import PortInUse, Ports
-from kubedistill.runner import RayStartTimedOut, RayUnavailable, _head_failure, ray_auth, start_ray_head, submit
+from kubedistill.runner import (
+    _HEAD_PORTS,
+    RayStartTimedOut,
+    RayUnavailable,
+    _head_failure,
+    ray_auth,
+    start_ray_head,
+    submit,
+)
 from tests.conftest import SeaweedS3
 
 
@@ -78,6 +88,30 @@ def state_api():
 
 print("state api", ray.get(state_api.remote()))
 """
+
+
+@pytest.mark.ray
+def test_a_local_heads_ray_client_server_is_told_the_runtime_env_agents_port_and_waits_for_no_raylet():
+    # `ray start` always runs a Ray Client server. Told no runtime env agent port, it learned it from the
+    # raylet's registration, waiting a fixed 30 s; a raylet that took 33 s under the suite's load made it
+    # exit a second after the head reported itself up, and `ray start --block` tore the head down with it
+    # (a clean-clone CI run of 374c153). Given the port, it starts without asking the GCS for the node
+    import psutil
+
+    head = start_ray_head(num_cpus=1)
+    try:
+        agent_port = head.ports.numbers[_HEAD_PORTS.index("runtime-env-agent-port")]
+        procs = psutil.Process(head.proc.pid).children(recursive=True)
+        client_servers = [p.cmdline() for p in procs if "ray.util.client.server" in p.cmdline()]
+        assert len(client_servers) == 1, [p.cmdline() for p in procs]
+        flags = dict(a.split("=", 1) for a in client_servers[0] if a.startswith("--") and "=" in a)
+        agent = urlparse(flags["--runtime-env-agent-address"])
+        assert agent.port == agent_port, client_servers[0]
+        # and the agent Ray started listens there (the stages' runtime envs are set up through it)
+        with socket.create_connection((agent.hostname, agent_port), timeout=10):
+            pass
+    finally:
+        head.stop()
 
 
 @pytest.mark.ray
