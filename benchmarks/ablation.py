@@ -226,7 +226,8 @@ def teacher_part(args: argparse.Namespace) -> None:
     store = Path(args.store) if args.store else Path(tempfile.mkdtemp(prefix="ablation-teacher-"))
     results: dict[str, Any] = {"runs": {v: [] for v in TEACHER_VARIANTS}}
     print(f"teacher part: quickstart teacher settings, knowledge world (corpus-only share {args.corpus_only_share}), "
-          f"DAPT {args.dapt_steps} steps vs 1, DPO on {args.dpo_prompts} prompts; stores under {store}", flush=True)
+          f"DAPT {args.dapt_steps} steps vs 1, SFT corpus replay {args.sft_replay}, DPO on {args.dpo_prompts} prompts; "
+          f"stores under {store}", flush=True)
     for seed in args.seeds:
         for variant in TEACHER_VARIANTS:
             doc = copy.deepcopy(base)
@@ -239,6 +240,8 @@ def teacher_part(args: argparse.Namespace) -> None:
             # DAPT: --dapt-steps over the corpus (~100 steps an epoch), or one step (the scratch model's tokenizer)
             spec["teacher"]["dapt"].update(epochs=100, maxSteps=args.dapt_steps if variant == "dapt" else 1)
             spec["teacher"]["dpo"]["prompts"] = args.dpo_prompts
+            # both arms' SFT replays its own teacher-dapt's training texts (the no-DAPT arm's: the same corpus)
+            spec["teacher"]["sft"]["corpusReplay"] = args.sft_replay
             t0 = time.monotonic()
             with open(os.devnull, "w") as quiet:
                 status = runner.run_local(parse_run(doc), out=quiet)
@@ -271,7 +274,7 @@ def teacher_part(args: argparse.Namespace) -> None:
             results["runs"][variant].append(run)
             print(f"{variant:<8} seed {seed}: SFT {run['sft']}  DPO {run['dpo']}  RM {run['reward_model']} "
                   f"probe {run['fact_probe']} ({run['minutes']} min)", flush=True)
-    rows = teacher_rows(results, len(args.seeds), args.corpus_only_share, args.dapt_steps)
+    rows = teacher_rows(results, len(args.seeds), args.corpus_only_share, args.dapt_steps, args.sft_replay)
     benchrecord.write("ablation", vars(args), results, rows, tag=args.tag or "teacher")
 
 
@@ -344,7 +347,9 @@ def dapt_probe_part(args: argparse.Namespace) -> None:
     benchrecord.write("ablation", vars(args), results, rows, tag=args.tag or "dapt-probe")
 
 
-def teacher_rows(results: dict[str, Any], seeds: int, share: float, dapt_steps: int) -> list[benchrecord.Row]:
+def teacher_rows(
+    results: dict[str, Any], seeds: int, share: float, dapt_steps: int, replay: float = 0.0
+) -> list[benchrecord.Row]:
     """The record's rows of the teacher part's `results` (`results["runs"][variant]`: one run per seed)."""
 
     def stat(variant: str, get: Any) -> tuple[float, float, list[float]]:
@@ -355,6 +360,8 @@ def teacher_rows(results: dict[str, Any], seeds: int, share: float, dapt_steps: 
     sft_d, sft_nd = stat("dapt", lambda r: r["sft"]["label_accuracy"]), stat("no-dapt", lambda r: r["sft"]["label_accuracy"])
     diffs = [a - b for a, b in zip(sft_d[2], sft_nd[2], strict=True)]
     world_is = f"knowledge world{f' (corpus-only share {share})' if share else ''}, {seeds} world seeds"
+    if replay:
+        world_is += f", SFT replaying {replay:g} corpus texts per pair"
     rows.append({
         "what": f"SFT teacher with vs without DAPT ({dapt_steps} steps), label accuracy on 400 held-out prompts, {world_is} "
                 "(`ablation.py --part teacher`)",
@@ -410,6 +417,8 @@ def main() -> None:
                     help="dapt-probe part: DAPT steps to probe after")
     ap.add_argument("--dapt-steps", type=int, default=300, help="teacher part: DAPT steps of the dapt variant")
     ap.add_argument("--dpo-prompts", type=int, default=256, help="teacher part: prompts DPO samples answers to")
+    ap.add_argument("--sft-replay", type=float, default=0.0,
+                    help="teacher part: spec.teacher.sft.corpusReplay of both arms (domain texts per SFT pair)")
     ap.add_argument("--corpus-only-share", type=float, default=0.25,
                     help="teacher part: spec.data.synthetic.corpusOnlyShare of the knowledge world (0: every place "
                          "may be in the SFT pairs, the first record's world)")

@@ -379,6 +379,14 @@ class TrainSpec(_Model):
 class SftSpec(TrainSpec):
     epochs: float = Field(default=2, gt=0, le=1000, description="Passes over the SFT set (at most 1,000).")
     lora: LoraSpec | None = Field(default=None, description="Train LoRA adapters (peft) instead of all weights.")
+    corpus_replay: float = Field(
+        default=0,
+        ge=0,
+        le=10,
+        description="Domain texts (teacher-dapt's training texts) mixed into the SFT set per SFT pair, trained as "
+        "DAPT trains them (every token): keeps what DAPT learned that the SFT chains do not restate, which SFT "
+        "otherwise overwrites. An epoch grows in proportion (0.5: 1.5x the rows; maxSteps still caps). 0: none.",
+    )
 
 
 class RewardModelSpec(TrainSpec):

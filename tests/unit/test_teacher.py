@@ -223,6 +223,53 @@ def test_teacher_sft_takes_another_llms_reasoning_for_labels_without_their_own(t
         stages.sft_rows(StageContext(sft.config, root), LABELS)
 
 
+def test_replay_draws_seeded_passes_over_the_domain_texts():
+    texts = ["a", "b", "c"]
+    assert stages.replay_texts(texts, 0) == []
+    two = stages.replay_texts(texts, 2)
+    assert len(set(two)) == 2 and set(two) <= set(texts)
+    seven = stages.replay_texts(texts, 7)
+    # each pass holds every text once: a corpus smaller than asked for is replayed whole, then again
+    assert sorted(seven[:3]) == sorted(seven[3:6]) == texts and seven[6] in texts
+    assert seven == stages.replay_texts(texts, 7) and stages.replay_texts(texts, 7, seed=1) != seven
+    with pytest.raises(ValueError, match="no domain texts"):
+        stages.replay_texts([], 1)
+
+
+def test_sft_examples_train_the_pairs_responses_and_every_token_of_a_replayed_text(tiny):
+    _, tok, _ = tiny
+    ex = stages.sft_examples([ROW], ["Basalt stone therapy is a hot-stone massage."])
+    assert ex == [{"prompt": fmt.prompt(ROW), "response": fmt.response(ROW["reasoning"], ROW["label"])},
+                  {"text": "Basalt stone therapy is a hot-stone massage."}]
+    # what the training loop makes of each row (train.fit's lm task)
+    b = train.encode(tok, [r.get("prompt", "") for r in ex], [r.get("response") or r["text"] for r in ex], 256)
+    p_len = len(tok(fmt.prompt(ROW), add_special_tokens=False).input_ids)
+    assert (b["labels"][0][:p_len] == losses.IGNORE).all()  # the pair: its prompt is not trained
+    n = int(b["attention_mask"][1].sum())
+    assert (b["labels"][1][:n] != losses.IGNORE).all()  # the replayed text: every token is
+
+
+def test_sft_replays_teacher_dapts_training_texts_per_pair_and_says_when_there_are_none(tmp_path):
+    from kubedistill.core import pipeline, spec
+
+    run = spec.parse_run(minimal_doc(storage={"uri": str(tmp_path)}, teacher={"sft": {"corpusReplay": 0.5}}))
+    sft = next(s for s in pipeline.build(run) if s.name == "teacher-sft")
+    root = Storage(str(tmp_path / "test-run"))
+    for stage in ("data", "teacher-dapt"):
+        root.write_json(f"{stage}/_SUCCESS.json", {"digest": stage, "artifact": root.uri(stage)})
+    ctx = StageContext(sft.config, root)
+    with pytest.raises(ValueError, match=r"spec.teacher.sft.corpusReplay: teacher-dapt's output at .* holds no "
+                                         r"training texts to replay"):
+        stages.sft_replay(ctx, 10)
+    texts = [f"Domain text {i}." for i in range(8)]
+    data.write_rows(root.child("teacher-dapt"), "examples/part-00000", [{"text": t} for t in texts], "jsonl")
+    replay = stages.sft_replay(ctx, 10)
+    assert len(replay) == 5 and len(set(replay)) == 5 and set(replay) <= set(texts)
+    off = spec.parse_run(minimal_doc(storage={"uri": str(tmp_path)}))  # the default replays nothing
+    assert stages.sft_replay(StageContext(next(s for s in pipeline.build(off) if s.name == "teacher-sft").config,
+                                          root), 10) == []
+
+
 def test_reward_dimensions_are_checked():
     assert stages.dimensions_of({"format": 1.0, "label": 2.0}) == ["label", "format"]
     with pytest.raises(ValueError, match="spec.teacher.rewardModel.dimensions: unknown \\['tone'\\]"):

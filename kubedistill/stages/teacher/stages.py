@@ -262,14 +262,61 @@ def _finish_sft(
     }
 
 
+def replay_texts(texts: list[str], n: int, seed: int = 0) -> list[str]:
+    """`n` of `texts` for SFT to replay: seeded passes over them, each text once per pass (a corpus
+    smaller than `n` is replayed whole, more than once).
+
+    Replaying pre-training data while fine-tuning keeps what it taught (Ibrahim et al. 2024, "Simple and
+    Scalable Strategies to Continually Pre-train Large Language Models": a small share of replay
+    undoes most of the forgetting)."""
+    if n <= 0:
+        return []
+    if not texts:
+        raise ValueError("no domain texts to replay")
+    rng = random.Random(seed)
+    out: list[str] = []
+    while len(out) < n:
+        order = list(texts)
+        rng.shuffle(order)
+        out += order[: n - len(out)]
+    return out
+
+
+def sft_examples(rows: list[dict[str, Any]], replay: list[str]) -> list[dict[str, Any]]:
+    """The SFT stage's training rows: each pair's prompt and response (the response trained), then each
+    replayed domain text (every token trained, as in DAPT); the loop shuffles them together."""
+    pairs = [{"prompt": fmt.prompt(r), "response": fmt.response(r["reasoning"], r["label"])} for r in rows]
+    return pairs + [{"text": t} for t in replay]
+
+
+def sft_replay(ctx: StageContext, pairs: int) -> list[str]:
+    """The domain texts SFT replays beside its `pairs` pairs (`spec.teacher.sft.corpusReplay` per pair), drawn
+    from teacher-dapt's training texts (never its held-out ones)."""
+    ratio = ctx.spec.teacher.sft.corpus_replay
+    if not ratio:
+        return []
+    dapt = ctx.input("teacher-dapt")
+    texts = [r["text"] for r in read_dataset(dapt.child("examples"))] if dapt.list("examples") else []
+    if not texts:
+        raise ValueError(
+            f"spec.teacher.sft.corpusReplay: teacher-dapt's output at {dapt.uri()} holds no training texts to "
+            "replay (examples/); set corpusReplay to 0, or run teacher-dapt again"
+        )
+    return replay_texts(texts, round(ratio * pairs))
+
+
 def run_sft(ctx: StageContext) -> dict[str, Any]:
     labels, s, res = ctx.spec.labels, ctx.spec.teacher.sft, ctx.spec.teacher.resources
     rows = sft_rows(ctx, labels)
     start = _model_uri(ctx, "teacher-dapt")
-    examples = [{"prompt": fmt.prompt(r), "response": fmt.response(r["reasoning"], r["label"])} for r in rows]
-    write_rows(ctx.out, "examples/part-00000", examples, "jsonl")
+    replay = sft_replay(ctx, len(rows))
+    write_rows(ctx.out, "examples/part-00000", sft_examples(rows, replay), "jsonl")
     cfg = _train_config(ctx, "lm", start, ctx.out.uri("examples"), s, lora=s.lora)
-    ctx.log(f"{len(rows)} SFT pairs" + (f", LoRA r={s.lora.r}" if s.lora else ", full fine-tuning"))
+    ctx.log(
+        f"{len(rows)} SFT pairs"
+        + (f" and {len(replay)} replayed domain texts" if replay else "")
+        + (f", LoRA r={s.lora.r}" if s.lora else ", full fine-tuning")
+    )
     checkpoint, metrics = run(ctx, cfg, res, "sft")
     done = on_worker(
         res, _finish_sft, cfg, checkpoint, ctx.out.uri("model"), ctx.storage.options, eval_rows(ctx), labels
@@ -278,7 +325,10 @@ def run_sft(ctx: StageContext) -> dict[str, Any]:
     ctx.log(
         f"eval: {q['parse_rate']:.1%} parseable, label accuracy {q['label_accuracy']:.1%}; model at {done['model']}"
     )
-    return {"metrics": {**metrics, "sft_rows": len(rows), "eval": q}, "outputs": {"model": done["model"]}}
+    return {
+        "metrics": {**metrics, "sft_rows": len(rows), "replayed_texts": len(replay), "eval": q},
+        "outputs": {"model": done["model"]},
+    }
 
 
 # ---------------------------------------------------------------------------------------------
