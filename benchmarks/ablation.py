@@ -347,6 +347,102 @@ def dapt_probe_part(args: argparse.Namespace) -> None:
     benchrecord.write("ablation", vars(args), results, rows, tag=args.tag or "dapt-probe")
 
 
+def copied_places(model_uri: str, rows: list[dict[str, Any]]) -> dict[str, float]:
+    """How well a teacher reads its prompt back: the share of its greedy chains that name the shown place
+    exactly (its title), and its label accuracy on those and on the rest (a chain about another place
+    reasons about that place's items and street)."""
+    from kubedistill.stages.teacher import fmt, lm
+
+    model, tok = lm.load(model_uri, "teacher")
+    texts = lm.generate(model, tok, [fmt.prompt(r) for r in rows], max_new_tokens=160)
+    parsed = [fmt.try_parse(t, LABELS) for t in texts]
+    named = [p is not None and f" {r['service_title']} is a" in f" {p.reasoning}" for p, r in zip(parsed, rows, strict=True)]
+    right = [p is not None and p.label == r["label"] for p, r in zip(parsed, rows, strict=True)]
+    n = sum(named)
+    return {
+        "names_the_place": n / len(rows),
+        "label_accuracy_when_named": sum(r for r, k in zip(right, named, strict=True) if k) / max(1, n),
+        "label_accuracy_when_not": sum(r for r, k in zip(right, named, strict=True) if not k) / max(1, len(rows) - n),
+    }
+
+
+def teacher_size_part(args: argparse.Namespace) -> None:
+    """Whether the teacher's size limits it: an SFT teacher of each `--presets` scratch model (no DAPT: one step,
+    which builds the model) on the knowledge world, the quickstart's SFT settings with `--sft-steps` steps; its
+    label accuracy and faithfulness (`teacher_checks`) and how often its chain names the place it was shown
+    (`copied_places`). The data, teacher-dapt and teacher-sft stages' own job entrypoints on a local Ray."""
+    import copy
+    import subprocess
+    import tempfile
+
+    import yaml
+
+    from kubedistill import runner
+    from kubedistill.core import pipeline
+    from kubedistill.core.spec import parse_run
+    from kubedistill.core.stage import CONFIG_ENV, JOB_ENV, MANIFEST
+    from kubedistill.core.storage import Storage
+    from kubedistill.stages.data import read_dataset
+    from kubedistill.stages.teacher.stages import EVAL_PROMPTS
+
+    base = yaml.safe_load(QUICKSTART.read_text())
+    store = Path(args.store) if args.store else Path(tempfile.mkdtemp(prefix="ablation-teacher-size-"))
+    print(f"teacher size: {args.presets}, SFT {args.sft_steps} steps, knowledge world (corpus-only share "
+          f"{args.corpus_only_share}); stores under {store}", flush=True)
+    results: dict[str, Any] = {"runs": []}
+    with runner.local_ray() as session:
+        assert session.head is not None
+        for seed in args.seeds:
+            for preset in args.presets:
+                doc = copy.deepcopy(base)
+                doc["metadata"]["name"] = f"size-{preset}-{seed}"
+                spec = doc["spec"]
+                spec["storage"]["uri"] = str(store)
+                spec["data"]["synthetic"].update(world="knowledge", seed=seed, corpusOnlyShare=args.corpus_only_share)
+                spec["teacher"]["baseModel"] = f"scratch:{preset}"
+                spec["teacher"]["dapt"].update(epochs=100, maxSteps=1)
+                spec["teacher"]["sft"].update(epochs=1000, maxSteps=args.sft_steps)
+                t0 = time.monotonic()
+                for stage in pipeline.build(parse_run(doc)):
+                    if stage.name not in ("data", "teacher-dapt", "teacher-sft"):
+                        continue
+                    env = {**os.environ, **JOB_ENV, CONFIG_ENV: stage.config_json, "RAY_ADDRESS": session.head.gcs_address}
+                    subprocess.run([sys.executable, *stage.entrypoint.split()[1:]], env=env, check=True,
+                                   stdout=subprocess.DEVNULL)
+                st = Storage(str(store / doc["metadata"]["name"]))
+                data, dapt, sft = (st.read_json(f"{s}/{MANIFEST}") for s in ("data", "teacher-dapt", "teacher-sft"))
+                d = Storage(data["artifact"])
+                rows = read_dataset(d.child("eval"))[:EVAL_PROMPTS]
+                corpus = {r["text"] for r in read_dataset(d.child("corpus"))}
+                unseen = world.needing_unseen_facts(rows, read_dataset(d.child("sft")))
+                model = sft["outputs"]["model"]
+                run = {
+                    "seed": seed,
+                    "preset": preset,
+                    "parameters": dapt["metrics"]["parameters"],
+                    "sft_seconds_per_step": sft["metrics"]["seconds_per_step"],
+                    "minutes": round((time.monotonic() - t0) / 60, 1),
+                    "sft": teacher_checks(model, rows, corpus, unseen),
+                    "copy": copied_places(model, rows),
+                }
+                results["runs"].append(run)
+                print(f"{preset} seed {seed}: {run}", flush=True)
+    rows_: list[benchrecord.Row] = []
+    for preset in args.presets:
+        runs = [r for r in results["runs"] if r["preset"] == preset]
+        acc = [r["sft"]["label_accuracy"] for r in runs]
+        named = [r["copy"]["names_the_place"] for r in runs]
+        rows_.append({
+            "what": f"SFT teacher scratch:{preset} ({runs[0]['parameters']:,} parameters), {args.sft_steps} SFT steps, no "
+                    f"DAPT, knowledge world, {len(runs)} world seed(s): label accuracy on 400 held-out prompts / chains "
+                    "naming the shown place (`ablation.py --part teacher-size`)",
+            "target": "- (a diagnosis: does size limit the teacher?)",
+            "measured": f"{statistics.mean(acc):.3f} ± {sd(acc):.3f} / {statistics.mean(named):.3f} ± {sd(named):.3f}",
+            "met": "-",
+        })
+    benchrecord.write("ablation", vars(args), results, rows_, tag=args.tag or "teacher-size")
+
+
 def teacher_rows(
     results: dict[str, Any], seeds: int, share: float, dapt_steps: int, replay: float = 0.0
 ) -> list[benchrecord.Row]:
@@ -411,7 +507,10 @@ def teacher_rows(
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=["student", "teacher", "dapt-probe"], default="student")
+    ap.add_argument("--part", choices=["student", "teacher", "dapt-probe", "teacher-size"], default="student")
+    ap.add_argument("--presets", nargs="+", default=["llama-tiny", "llama-small"],
+                    help="teacher-size part: the scratch presets to compare")
+    ap.add_argument("--sft-steps", type=int, default=1800, help="teacher-size part: SFT steps (the quickstart's 1,800)")
     ap.add_argument("--store", help="teacher and dapt-probe parts: the store of an earlier invocation to resume")
     ap.add_argument("--dapt-sweep", type=int, nargs="+", default=[300, 1000, 3000],
                     help="dapt-probe part: DAPT steps to probe after")
@@ -440,6 +539,9 @@ def main() -> None:
         return
     if args.part == "dapt-probe":
         dapt_probe_part(args)
+        return
+    if args.part == "teacher-size":
+        teacher_size_part(args)
         return
     name = f"ablation{'-' + args.tag if args.tag else ''}"
     if args.replot:

@@ -23,7 +23,7 @@ OFF = {"annotation": {"enabled": False}, "student": {"enabled": False}, "pruning
 TEACHER = {
     "baseModel": "scratch:llama-tiny",
     "dapt": {"epochs": 2, "batchSize": 16, "learningRate": 3e-3},
-    "sft": {"epochs": 10, "batchSize": 16, "learningRate": 3e-3},
+    "sft": {"epochs": 10, "batchSize": 16, "learningRate": 3e-3, "corpusReplay": 0.2},  # 60 domain texts beside 300 pairs
     "rewardModel": {"epochs": 2, "batchSize": 16, "learningRate": 1e-3},
     "dpo": {"epochs": 2, "batchSize": 8, "learningRate": 1e-4, "samplesPerPrompt": 4, "margin": 0.1, "prompts": 150},
     "resources": {"workers": 2, "cpusPerWorker": 1},
@@ -60,6 +60,10 @@ def test_the_teacher_stages_train_on_s3_and_report_what_they_must(bucket, ray_ad
     m = {s: st.read_json(f"{s}/{MANIFEST}")["metrics"] for s in ("teacher-dapt", "teacher-sft", "reward-model", "teacher-dpo")}
     assert m["teacher-dapt"]["perplexity_after"] < m["teacher-dapt"]["perplexity_before"]
     assert m["teacher-sft"]["eval"]["parse_rate"] >= 0.95, m["teacher-sft"]
+    # SFT trained its pairs and the domain texts it replayed in the same batches
+    assert m["teacher-sft"]["replayed_texts"] == 60 and m["teacher-sft"]["total_steps"] == 10 * 23, m["teacher-sft"]
+    examples = [json.loads(x) for x in artifact(st, "teacher-sft").read_text("examples/part-00000.jsonl").splitlines()]
+    assert sum("text" in e for e in examples) == 60 and sum("response" in e for e in examples) == 300
     acc = m["reward-model"]["pairwise_accuracy"]
     assert set(acc) == {"label", "consistency", "faithfulness", "format"} and all(0 <= a <= 1 for a in acc.values())
     assert m["reward-model"]["combined_pairwise_accuracy"] > 0.5
