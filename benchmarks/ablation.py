@@ -347,9 +347,10 @@ def dapt_probe_part(args: argparse.Namespace) -> None:
     benchrecord.write("ablation", vars(args), results, rows, tag=args.tag or "dapt-probe")
 
 
-def copied_places(model_uri: str, rows: list[dict[str, Any]]) -> dict[str, float]:
+def copied_places(model_uri: str, rows: list[dict[str, Any]], sft_places: set[str]) -> dict[str, float]:
     """How well a teacher reads its prompt back: the share of its greedy chains that name the shown place
-    exactly (its title), and its label accuracy on those and on the rest (a chain about another place
+    exactly (its title), among the pairs whose place some SFT pair showed (`sft_places`, service ids) and the
+    rest, and its label accuracy on the chains that name it and on the rest (a chain about another place
     reasons about that place's items and street)."""
     from kubedistill.stages.teacher import fmt, lm
 
@@ -359,8 +360,12 @@ def copied_places(model_uri: str, rows: list[dict[str, Any]]) -> dict[str, float
     named = [p is not None and f" {r['service_title']} is a" in f" {p.reasoning}" for p, r in zip(parsed, rows, strict=True)]
     right = [p is not None and p.label == r["label"] for p, r in zip(parsed, rows, strict=True)]
     n = sum(named)
+    familiar = [r["service_id"] in sft_places for r in rows]
     return {
         "names_the_place": n / len(rows),
+        "names_a_place_sft_showed": sum(k for k, f in zip(named, familiar, strict=True) if f) / max(1, sum(familiar)),
+        "names_a_place_sft_never_showed": sum(k for k, f in zip(named, familiar, strict=True) if not f)
+        / max(1, len(rows) - sum(familiar)),
         "label_accuracy_when_named": sum(r for r, k in zip(right, named, strict=True) if k) / max(1, n),
         "label_accuracy_when_not": sum(r for r, k in zip(right, named, strict=True) if not k) / max(1, len(rows) - n),
     }
@@ -395,10 +400,12 @@ def teacher_size_part(args: argparse.Namespace) -> None:
         for seed in args.seeds:
             for preset in args.presets:
                 doc = copy.deepcopy(base)
-                doc["metadata"]["name"] = f"size-{preset}-{seed}"
+                doc["metadata"]["name"] = f"size-{preset}-{seed}" + (f"-{args.services}" if args.services else "")
                 spec = doc["spec"]
                 spec["storage"]["uri"] = str(store)
                 spec["data"]["synthetic"].update(world="knowledge", seed=seed, corpusOnlyShare=args.corpus_only_share)
+                if args.services:
+                    spec["data"]["synthetic"]["services"] = args.services
                 spec["teacher"]["baseModel"] = f"scratch:{preset}"
                 spec["teacher"]["dapt"].update(epochs=100, maxSteps=1)
                 spec["teacher"]["sft"].update(epochs=1000, maxSteps=args.sft_steps)
@@ -414,16 +421,20 @@ def teacher_size_part(args: argparse.Namespace) -> None:
                 d = Storage(data["artifact"])
                 rows = read_dataset(d.child("eval"))[:EVAL_PROMPTS]
                 corpus = {r["text"] for r in read_dataset(d.child("corpus"))}
-                unseen = world.needing_unseen_facts(rows, read_dataset(d.child("sft")))
+                sft_rows = read_dataset(d.child("sft"))
+                unseen = world.needing_unseen_facts(rows, sft_rows)
+                sft_places = {r["service_id"] for r in sft_rows}
                 model = sft["outputs"]["model"]
                 run = {
                     "seed": seed,
                     "preset": preset,
                     "parameters": dapt["metrics"]["parameters"],
                     "sft_seconds_per_step": sft["metrics"]["seconds_per_step"],
+                # eval pairs whose place no SFT pair shows: a name the teacher can only read from its prompt
+                "eval_places_not_in_sft": sum(r["service_id"] not in sft_places for r in rows),
                     "minutes": round((time.monotonic() - t0) / 60, 1),
                     "sft": teacher_checks(model, rows, corpus, unseen),
-                    "copy": copied_places(model, rows),
+                    "copy": copied_places(model, rows, sft_places),
                 }
                 results["runs"].append(run)
                 print(f"{preset} seed {seed}: {run}", flush=True)
@@ -511,6 +522,8 @@ def main() -> None:
     ap.add_argument("--presets", nargs="+", default=["llama-tiny", "llama-small"],
                     help="teacher-size part: the scratch presets to compare")
     ap.add_argument("--sft-steps", type=int, default=1800, help="teacher-size part: SFT steps (the quickstart's 1,800)")
+    ap.add_argument("--services", type=int, default=0,
+                    help="teacher-size part: places in the world (spec.data.synthetic.services; 0: the quickstart's 300)")
     ap.add_argument("--store", help="teacher and dapt-probe parts: the store of an earlier invocation to resume")
     ap.add_argument("--dapt-sweep", type=int, nargs="+", default=[300, 1000, 3000],
                     help="dapt-probe part: DAPT steps to probe after")
