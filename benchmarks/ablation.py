@@ -203,16 +203,43 @@ def probe_facts(corpus: list[str], sft: list[dict[str, Any]], share: float, seed
     }
 
 
+def knowledge_run(name: str, store: Path, seed: int, share: float) -> dict[str, Any]:
+    """The quickstart's run document on the knowledge world (world seed `seed`, corpus-only share `share`), named
+    `name` and stored under `store`; the parts change their own settings on it."""
+    import yaml
+
+    doc = yaml.safe_load(QUICKSTART.read_text())
+    doc["metadata"]["name"] = name
+    doc["spec"]["storage"]["uri"] = str(store)
+    doc["spec"]["data"]["synthetic"].update(world="knowledge", seed=seed, corpusOnlyShare=share)
+    return doc
+
+
+def run_stages(doc: dict[str, Any], names: tuple[str, ...], gcs_address: str) -> dict[str, dict[str, Any]]:
+    """Only the stages `names` of the run `doc`, each by its own job entrypoint (as the runner submits it) on the
+    local Ray at `gcs_address`; their manifests. A stage already done for this spec is skipped by the stage itself."""
+    import subprocess
+
+    from kubedistill.core import pipeline
+    from kubedistill.core.spec import parse_run
+    from kubedistill.core.stage import CONFIG_ENV, JOB_ENV, MANIFEST
+    from kubedistill.core.storage import Storage
+
+    for stage in pipeline.build(parse_run(doc)):
+        if stage.name in names:
+            env = {**os.environ, **JOB_ENV, CONFIG_ENV: stage.config_json, "RAY_ADDRESS": gcs_address}
+            subprocess.run([sys.executable, *stage.entrypoint.split()[1:]], env=env, check=True, stdout=subprocess.DEVNULL)
+    st = Storage(str(Path(doc["spec"]["storage"]["uri"]) / doc["metadata"]["name"]))
+    return {s: st.read_json(f"{s}/{MANIFEST}") for s in names}
+
+
 TEACHER_VARIANTS = ("dapt", "no-dapt")
 
 
 def teacher_part(args: argparse.Namespace) -> None:
     """The quickstart's teacher settings on the knowledge world, with and without DAPT, each world seed a run
     of the real stages on a local Ray (data, teacher-dapt, teacher-sft, reward-model, teacher-dpo)."""
-    import copy
     import tempfile
-
-    import yaml
 
     from kubedistill import runner
     from kubedistill.core.spec import parse_run
@@ -221,7 +248,6 @@ def teacher_part(args: argparse.Namespace) -> None:
     from kubedistill.stages.data import read_dataset
     from kubedistill.stages.teacher.stages import EVAL_PROMPTS
 
-    base = yaml.safe_load(QUICKSTART.read_text())
     # a store of an earlier invocation: its finished stages are skipped (the step policy), its runs resumed
     store = Path(args.store) if args.store else Path(tempfile.mkdtemp(prefix="ablation-teacher-"))
     results: dict[str, Any] = {"runs": {v: [] for v in TEACHER_VARIANTS}}
@@ -230,11 +256,8 @@ def teacher_part(args: argparse.Namespace) -> None:
           f"stores under {store}", flush=True)
     for seed in args.seeds:
         for variant in TEACHER_VARIANTS:
-            doc = copy.deepcopy(base)
-            doc["metadata"]["name"] = f"{variant}-{seed}"
+            doc = knowledge_run(f"{variant}-{seed}", store, seed, args.corpus_only_share)
             spec = doc["spec"]
-            spec["storage"]["uri"] = str(store)
-            spec["data"]["synthetic"].update(world="knowledge", seed=seed, corpusOnlyShare=args.corpus_only_share)
             for section in ("annotation", "student", "pruning", "serving"):
                 spec[section]["enabled"] = False
             # DAPT: --dapt-steps over the corpus (~100 steps an epoch), or one step (the scratch model's tokenizer)
@@ -282,20 +305,12 @@ def dapt_probe_part(args: argparse.Namespace) -> None:
     """How many DAPT steps the quickstart's teacher needs to learn the corpus's facts: the data and teacher-dapt
     stages (their own job entrypoints, on a local Ray) at each of `--dapt-sweep` steps, the rest of the teacher
     settings the quickstart's, then the cloze probe of the house-name facts after each (`fact_probe`)."""
-    import copy
-    import subprocess
     import tempfile
 
-    import yaml
-
     from kubedistill import runner
-    from kubedistill.core import pipeline
-    from kubedistill.core.spec import parse_run
-    from kubedistill.core.stage import CONFIG_ENV, JOB_ENV, MANIFEST
     from kubedistill.core.storage import Storage
     from kubedistill.stages.data import read_dataset
 
-    base = yaml.safe_load(QUICKSTART.read_text())
     store = Path(args.store) if args.store else Path(tempfile.mkdtemp(prefix="ablation-dapt-probe-"))
     print(f"dapt probe: knowledge world (corpus-only share {args.corpus_only_share}), DAPT steps {args.dapt_sweep}; "
           f"stores under {store}", flush=True)
@@ -304,20 +319,11 @@ def dapt_probe_part(args: argparse.Namespace) -> None:
         assert session.head is not None
         for seed in args.seeds:
             for steps in args.dapt_sweep:
-                doc = copy.deepcopy(base)
-                doc["metadata"]["name"] = f"probe-{steps}-{seed}"
-                doc["spec"]["storage"]["uri"] = str(store)
-                doc["spec"]["data"]["synthetic"].update(world="knowledge", seed=seed, corpusOnlyShare=args.corpus_only_share)
+                doc = knowledge_run(f"probe-{steps}-{seed}", store, seed, args.corpus_only_share)
                 doc["spec"]["teacher"]["dapt"].update(epochs=1000, maxSteps=steps)
                 t0 = time.monotonic()
-                for stage in pipeline.build(parse_run(doc)):
-                    if stage.name not in ("data", "teacher-dapt"):
-                        continue
-                    env = {**os.environ, **JOB_ENV, CONFIG_ENV: stage.config_json, "RAY_ADDRESS": session.head.gcs_address}
-                    subprocess.run([sys.executable, *stage.entrypoint.split()[1:]], env=env, check=True,
-                                   stdout=subprocess.DEVNULL)
-                st = Storage(str(store / doc["metadata"]["name"]))
-                data, dapt = (st.read_json(f"{s}/{MANIFEST}") for s in ("data", "teacher-dapt"))
+                m = run_stages(doc, ("data", "teacher-dapt"), session.head.gcs_address)
+                data, dapt = m["data"], m["teacher-dapt"]
                 corpus = [r["text"] for r in read_dataset(Storage(data["artifact"]).child("corpus"))]
                 sft = read_dataset(Storage(data["artifact"]).child("sft"))
                 facts = probe_facts(corpus, sft, args.corpus_only_share, seed)
@@ -376,21 +382,13 @@ def teacher_size_part(args: argparse.Namespace) -> None:
     which builds the model) on the knowledge world, the quickstart's SFT settings with `--sft-steps` steps; its
     label accuracy and faithfulness (`teacher_checks`) and how often its chain names the place it was shown
     (`copied_places`). The data, teacher-dapt and teacher-sft stages' own job entrypoints on a local Ray."""
-    import copy
-    import subprocess
     import tempfile
 
-    import yaml
-
     from kubedistill import runner
-    from kubedistill.core import pipeline
-    from kubedistill.core.spec import parse_run
-    from kubedistill.core.stage import CONFIG_ENV, JOB_ENV, MANIFEST
     from kubedistill.core.storage import Storage
     from kubedistill.stages.data import read_dataset
     from kubedistill.stages.teacher.stages import EVAL_PROMPTS
 
-    base = yaml.safe_load(QUICKSTART.read_text())
     store = Path(args.store) if args.store else Path(tempfile.mkdtemp(prefix="ablation-teacher-size-"))
     print(f"teacher size: {args.presets}, SFT {args.sft_steps} steps, knowledge world (corpus-only share "
           f"{args.corpus_only_share}); stores under {store}", flush=True)
@@ -399,25 +397,17 @@ def teacher_size_part(args: argparse.Namespace) -> None:
         assert session.head is not None
         for seed in args.seeds:
             for preset in args.presets:
-                doc = copy.deepcopy(base)
-                doc["metadata"]["name"] = f"size-{preset}-{seed}" + (f"-{args.services}" if args.services else "")
+                name = f"size-{preset}-{seed}" + (f"-{args.services}" if args.services else "")
+                doc = knowledge_run(name, store, seed, args.corpus_only_share)
                 spec = doc["spec"]
-                spec["storage"]["uri"] = str(store)
-                spec["data"]["synthetic"].update(world="knowledge", seed=seed, corpusOnlyShare=args.corpus_only_share)
                 if args.services:
                     spec["data"]["synthetic"]["services"] = args.services
                 spec["teacher"]["baseModel"] = f"scratch:{preset}"
                 spec["teacher"]["dapt"].update(epochs=100, maxSteps=1)
                 spec["teacher"]["sft"].update(epochs=1000, maxSteps=args.sft_steps)
                 t0 = time.monotonic()
-                for stage in pipeline.build(parse_run(doc)):
-                    if stage.name not in ("data", "teacher-dapt", "teacher-sft"):
-                        continue
-                    env = {**os.environ, **JOB_ENV, CONFIG_ENV: stage.config_json, "RAY_ADDRESS": session.head.gcs_address}
-                    subprocess.run([sys.executable, *stage.entrypoint.split()[1:]], env=env, check=True,
-                                   stdout=subprocess.DEVNULL)
-                st = Storage(str(store / doc["metadata"]["name"]))
-                data, dapt, sft = (st.read_json(f"{s}/{MANIFEST}") for s in ("data", "teacher-dapt", "teacher-sft"))
+                m = run_stages(doc, ("data", "teacher-dapt", "teacher-sft"), session.head.gcs_address)
+                data, dapt, sft = m["data"], m["teacher-dapt"], m["teacher-sft"]
                 d = Storage(data["artifact"])
                 rows = read_dataset(d.child("eval"))[:EVAL_PROMPTS]
                 corpus = {r["text"] for r in read_dataset(d.child("corpus"))}
