@@ -435,7 +435,7 @@ def teacher_size_part(args: argparse.Namespace) -> None:
         named = [r["copy"]["names_the_place"] for r in runs]
         rows_.append({
             "what": f"SFT teacher scratch:{preset} ({runs[0]['parameters']:,} parameters), {args.sft_steps} SFT steps, no "
-                    f"DAPT, knowledge world, {len(runs)} world seed(s): label accuracy on 400 held-out prompts / chains "
+                    f"DAPT, knowledge world of {args.services or 300} places, {len(runs)} world seed(s): label accuracy on 400 held-out prompts / chains "
                     "naming the shown place (`ablation.py --part teacher-size`)",
             "target": "- (a diagnosis: does size limit the teacher?)",
             "measured": f"{statistics.mean(acc):.3f} ± {sd(acc):.3f} / {statistics.mean(named):.3f} ± {sd(named):.3f}",
