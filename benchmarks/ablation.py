@@ -418,6 +418,7 @@ def teacher_size_part(args: argparse.Namespace) -> None:
                 run = {
                     "seed": seed,
                     "preset": preset,
+                    "places": spec["data"]["synthetic"]["services"],
                     "parameters": dapt["metrics"]["parameters"],
                     "sft_seconds_per_step": sft["metrics"]["seconds_per_step"],
                 # eval pairs whose place no SFT pair shows: a name the teacher can only read from its prompt
@@ -435,7 +436,7 @@ def teacher_size_part(args: argparse.Namespace) -> None:
         named = [r["copy"]["names_the_place"] for r in runs]
         rows_.append({
             "what": f"SFT teacher scratch:{preset} ({runs[0]['parameters']:,} parameters), {args.sft_steps} SFT steps, no "
-                    f"DAPT, knowledge world of {args.services or 300} places, {len(runs)} world seed(s): label accuracy on 400 held-out prompts / chains "
+                    f"DAPT, knowledge world of {runs[0]['places']} places, {len(runs)} world seed(s): label accuracy on 400 held-out prompts / chains "
                     "naming the shown place (`ablation.py --part teacher-size`)",
             "target": "- (a diagnosis: does size limit the teacher?)",
             "measured": f"{statistics.mean(acc):.3f} ± {sd(acc):.3f} / {statistics.mean(named):.3f} ± {sd(named):.3f}",
