@@ -148,14 +148,20 @@ def draw(path: Path, args: dict[str, Any], results: dict[str, Any]) -> None:
 # The teacher's part: DAPT vs none, the reward model per dimension, SFT vs DPO
 
 
-def teacher_checks(model_uri: str, rows: list[dict[str, Any]], corpus: set[str], unseen: list[int]) -> dict[str, float]:
-    """Label accuracy and faithfulness of a trained teacher's greedy answers to held-out prompts, and its label
-    accuracy on the prompts whose explanation needs a fact no SFT chain states (`unseen`) and on the rest."""
+def answers(model_uri: str, rows: list[dict[str, Any]]) -> list[str]:
+    """A trained teacher's greedy answers to the prompts of `rows`."""
     from kubedistill.stages.teacher import fmt, lm
-    from kubedistill.stages.teacher.stages import response_quality
 
     model, tok = lm.load(model_uri, "teacher")
-    texts = lm.generate(model, tok, [fmt.prompt(r) for r in rows], max_new_tokens=160)
+    return lm.generate(model, tok, [fmt.prompt(r) for r in rows], max_new_tokens=160)
+
+
+def teacher_checks(texts: list[str], rows: list[dict[str, Any]], corpus: set[str], unseen: list[int]) -> dict[str, float]:
+    """Label accuracy and faithfulness of a teacher's answers (`answers`) to held-out prompts, and its label
+    accuracy on the prompts whose explanation needs a fact no SFT chain states (`unseen`) and on the rest."""
+    from kubedistill.stages.teacher import fmt
+    from kubedistill.stages.teacher.stages import response_quality
+
     parsed = [fmt.try_parse(t, LABELS) for t in texts]
     chains = [p.reasoning if p else "" for p in parsed]
     right = [p is not None and p.label == r["label"] for p, r in zip(parsed, rows, strict=True)]  # unparsed: wrong
@@ -203,6 +209,14 @@ def probe_facts(corpus: list[str], sft: list[dict[str, Any]], share: float, seed
     }
 
 
+def store_dir(args: argparse.Namespace, part: str) -> Path:
+    """Where a part's runs are stored: `--store` (an earlier invocation's: its finished stages are skipped by the
+    step policy, its runs resumed) or a fresh temporary directory."""
+    import tempfile
+
+    return Path(args.store) if args.store else Path(tempfile.mkdtemp(prefix=f"ablation-{part}-"))
+
+
 def knowledge_run(name: str, store: Path, seed: int, share: float) -> dict[str, Any]:
     """The quickstart's run document on the knowledge world (world seed `seed`, corpus-only share `share`), named
     `name` and stored under `store`; the parts change their own settings on it."""
@@ -239,8 +253,6 @@ TEACHER_VARIANTS = ("dapt", "no-dapt")
 def teacher_part(args: argparse.Namespace) -> None:
     """The quickstart's teacher settings on the knowledge world, with and without DAPT, each world seed a run
     of the real stages on a local Ray (data, teacher-dapt, teacher-sft, reward-model, teacher-dpo)."""
-    import tempfile
-
     from kubedistill import runner
     from kubedistill.core.spec import parse_run
     from kubedistill.core.stage import MANIFEST
@@ -248,8 +260,7 @@ def teacher_part(args: argparse.Namespace) -> None:
     from kubedistill.stages.data import read_dataset
     from kubedistill.stages.teacher.stages import EVAL_PROMPTS
 
-    # a store of an earlier invocation: its finished stages are skipped (the step policy), its runs resumed
-    store = Path(args.store) if args.store else Path(tempfile.mkdtemp(prefix="ablation-teacher-"))
+    store = store_dir(args, "teacher")
     results: dict[str, Any] = {"runs": {v: [] for v in TEACHER_VARIANTS}}
     print(f"teacher part: quickstart teacher settings, knowledge world (corpus-only share {args.corpus_only_share}), "
           f"DAPT {args.dapt_steps} steps vs 1, SFT corpus replay {args.sft_replay}, DPO on {args.dpo_prompts} prompts; "
@@ -286,8 +297,8 @@ def teacher_part(args: argparse.Namespace) -> None:
                 "reward_model": m["reward-model"]["metrics"]["pairwise_accuracy"],
                 "preference_pairs": m["teacher-dpo"]["metrics"]["preference_pairs"],
                 "unseen_prompts": len(unseen),
-                "sft": teacher_checks(m["teacher-sft"]["outputs"]["model"], rows, corpus, unseen),
-                "dpo": teacher_checks(m["teacher-dpo"]["outputs"]["model"], rows, corpus, unseen),
+                "sft": teacher_checks(answers(m["teacher-sft"]["outputs"]["model"], rows), rows, corpus, unseen),
+                "dpo": teacher_checks(answers(m["teacher-dpo"]["outputs"]["model"], rows), rows, corpus, unseen),
                 # does the teacher know house names after DAPT, and after SFT? (cloze over the world's items)
                 "fact_probe": {
                     stage: {which: fact_probe(m[stage]["outputs"]["model"], f) for which, f in facts.items() if f}
@@ -305,13 +316,11 @@ def dapt_probe_part(args: argparse.Namespace) -> None:
     """How many DAPT steps the quickstart's teacher needs to learn the corpus's facts: the data and teacher-dapt
     stages (their own job entrypoints, on a local Ray) at each of `--dapt-sweep` steps, the rest of the teacher
     settings the quickstart's, then the cloze probe of the house-name facts after each (`fact_probe`)."""
-    import tempfile
-
     from kubedistill import runner
     from kubedistill.core.storage import Storage
     from kubedistill.stages.data import read_dataset
 
-    store = Path(args.store) if args.store else Path(tempfile.mkdtemp(prefix="ablation-dapt-probe-"))
+    store = store_dir(args, "dapt-probe")
     print(f"dapt probe: knowledge world (corpus-only share {args.corpus_only_share}), DAPT steps {args.dapt_sweep}; "
           f"stores under {store}", flush=True)
     results: dict[str, Any] = {"runs": []}
@@ -353,15 +362,13 @@ def dapt_probe_part(args: argparse.Namespace) -> None:
     benchrecord.write("ablation", vars(args), results, rows, tag=args.tag or "dapt-probe")
 
 
-def copied_places(model_uri: str, rows: list[dict[str, Any]], sft_places: set[str]) -> dict[str, float]:
-    """How well a teacher reads its prompt back: the share of its greedy chains that name the shown place
+def copied_places(texts: list[str], rows: list[dict[str, Any]], sft_places: set[str]) -> dict[str, float]:
+    """How well a teacher reads its prompt back: the share of its chains (`answers`) that name the shown place
     exactly (its title), among the pairs whose place some SFT pair showed (`sft_places`, service ids) and the
     rest, and its label accuracy on the chains that name it and on the rest (a chain about another place
     reasons about that place's items and street)."""
-    from kubedistill.stages.teacher import fmt, lm
+    from kubedistill.stages.teacher import fmt
 
-    model, tok = lm.load(model_uri, "teacher")
-    texts = lm.generate(model, tok, [fmt.prompt(r) for r in rows], max_new_tokens=160)
     parsed = [fmt.try_parse(t, LABELS) for t in texts]
     named = [p is not None and f" {r['service_title']} is a" in f" {p.reasoning}" for p, r in zip(parsed, rows, strict=True)]
     right = [p is not None and p.label == r["label"] for p, r in zip(parsed, rows, strict=True)]
@@ -382,14 +389,12 @@ def teacher_size_part(args: argparse.Namespace) -> None:
     which builds the model) on the knowledge world, the quickstart's SFT settings with `--sft-steps` steps; its
     label accuracy and faithfulness (`teacher_checks`) and how often its chain names the place it was shown
     (`copied_places`). The data, teacher-dapt and teacher-sft stages' own job entrypoints on a local Ray."""
-    import tempfile
-
     from kubedistill import runner
     from kubedistill.core.storage import Storage
     from kubedistill.stages.data import read_dataset
     from kubedistill.stages.teacher.stages import EVAL_PROMPTS
 
-    store = Path(args.store) if args.store else Path(tempfile.mkdtemp(prefix="ablation-teacher-size-"))
+    store = store_dir(args, "teacher-size")
     print(f"teacher size: {args.presets}, SFT {args.sft_steps} steps, knowledge world (corpus-only share "
           f"{args.corpus_only_share}); stores under {store}", flush=True)
     results: dict[str, Any] = {"runs": []}
@@ -414,27 +419,27 @@ def teacher_size_part(args: argparse.Namespace) -> None:
                 sft_rows = read_dataset(d.child("sft"))
                 unseen = world.needing_unseen_facts(rows, sft_rows)
                 sft_places = {r["service_id"] for r in sft_rows}
-                model = sft["outputs"]["model"]
+                texts = answers(sft["outputs"]["model"], rows)
                 run = {
                     "seed": seed,
                     "preset": preset,
                     "places": spec["data"]["synthetic"]["services"],
                     "parameters": dapt["metrics"]["parameters"],
                     "sft_seconds_per_step": sft["metrics"]["seconds_per_step"],
-                # eval pairs whose place no SFT pair shows: a name the teacher can only read from its prompt
-                "eval_places_not_in_sft": sum(r["service_id"] not in sft_places for r in rows),
+                    # eval pairs whose place no SFT pair shows: a name the teacher can only read from its prompt
+                    "eval_places_not_in_sft": sum(r["service_id"] not in sft_places for r in rows),
                     "minutes": round((time.monotonic() - t0) / 60, 1),
-                    "sft": teacher_checks(model, rows, corpus, unseen),
-                    "copy": copied_places(model, rows, sft_places),
+                    "sft": teacher_checks(texts, rows, corpus, unseen),
+                    "copy": copied_places(texts, rows, sft_places),
                 }
                 results["runs"].append(run)
                 print(f"{preset} seed {seed}: {run}", flush=True)
-    rows_: list[benchrecord.Row] = []
+    summary: list[benchrecord.Row] = []
     for preset in args.presets:
         runs = [r for r in results["runs"] if r["preset"] == preset]
         acc = [r["sft"]["label_accuracy"] for r in runs]
         named = [r["copy"]["names_the_place"] for r in runs]
-        rows_.append({
+        summary.append({
             "what": f"SFT teacher scratch:{preset} ({runs[0]['parameters']:,} parameters), {args.sft_steps} SFT steps, no "
                     f"DAPT, knowledge world of {runs[0]['places']} places, {len(runs)} world seed(s): label accuracy on 400 held-out prompts / chains "
                     "naming the shown place (`ablation.py --part teacher-size`)",
@@ -442,7 +447,7 @@ def teacher_size_part(args: argparse.Namespace) -> None:
             "measured": f"{statistics.mean(acc):.3f} ± {sd(acc):.3f} / {statistics.mean(named):.3f} ± {sd(named):.3f}",
             "met": "-",
         })
-    benchrecord.write("ablation", vars(args), results, rows_, tag=args.tag or "teacher-size")
+    benchrecord.write("ablation", vars(args), results, summary, tag=args.tag or "teacher-size")
 
 
 def teacher_rows(
@@ -515,7 +520,7 @@ def main() -> None:
     ap.add_argument("--sft-steps", type=int, default=1800, help="teacher-size part: SFT steps (the quickstart's 1,800)")
     ap.add_argument("--services", type=int, default=0,
                     help="teacher-size part: places in the world (spec.data.synthetic.services; 0: the quickstart's 300)")
-    ap.add_argument("--store", help="teacher and dapt-probe parts: the store of an earlier invocation to resume")
+    ap.add_argument("--store", help="teacher, dapt-probe and teacher-size parts: the store of an earlier invocation to resume")
     ap.add_argument("--dapt-sweep", type=int, nargs="+", default=[300, 1000, 3000],
                     help="dapt-probe part: DAPT steps to probe after")
     ap.add_argument("--dapt-steps", type=int, default=300, help="teacher part: DAPT steps of the dapt variant")

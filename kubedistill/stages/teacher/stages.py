@@ -296,7 +296,7 @@ def sft_replay(ctx: StageContext, pairs: int) -> list[str]:
     if not ratio:
         return []
     dapt = ctx.input("teacher-dapt")
-    texts = [r["text"] for r in read_dataset(dapt.child("examples"))] if dapt.list("examples") else []
+    texts = [r["text"] for r in read_dataset(dapt.child("examples"))]  # a missing prefix reads as no rows
     if not texts:
         raise ValueError(
             f"spec.teacher.sft.corpusReplay: teacher-dapt's output at {dapt.uri()} holds no training texts to "
