@@ -262,13 +262,16 @@ def teacher_part(args: argparse.Namespace) -> None:
 
     store = store_dir(args, "teacher")
     results: dict[str, Any] = {"runs": {v: [] for v in TEACHER_VARIANTS}}
-    print(f"teacher part: quickstart teacher settings, knowledge world (corpus-only share {args.corpus_only_share}), "
+    print(f"teacher part: quickstart teacher settings, knowledge world (corpus-only share {args.corpus_only_share}, "
+          f"{args.services or 300} places), "
           f"DAPT {args.dapt_steps} steps vs 1, SFT corpus replay {args.sft_replay}, DPO on {args.dpo_prompts} prompts; "
           f"stores under {store}", flush=True)
     for seed in args.seeds:
         for variant in TEACHER_VARIANTS:
             doc = knowledge_run(f"{variant}-{seed}", store, seed, args.corpus_only_share)
             spec = doc["spec"]
+            if args.services:
+                spec["data"]["synthetic"]["services"] = args.services
             for section in ("annotation", "student", "pruning", "serving"):
                 spec[section]["enabled"] = False
             # DAPT: --dapt-steps over the corpus (~100 steps an epoch), or one step (the scratch model's tokenizer)
@@ -292,6 +295,7 @@ def teacher_part(args: argparse.Namespace) -> None:
             facts = probe_facts(corpus_texts, sft_rows, args.corpus_only_share, seed)
             run = {
                 "seed": seed,
+                "places": spec["data"]["synthetic"]["services"],
                 "minutes": round((time.monotonic() - t0) / 60, 1),
                 "dapt_perplexity_after": m["teacher-dapt"]["metrics"]["perplexity_after"],
                 "reward_model": m["reward-model"]["metrics"]["pairwise_accuracy"],
@@ -308,7 +312,8 @@ def teacher_part(args: argparse.Namespace) -> None:
             results["runs"][variant].append(run)
             print(f"{variant:<8} seed {seed}: SFT {run['sft']}  DPO {run['dpo']}  RM {run['reward_model']} "
                   f"probe {run['fact_probe']} ({run['minutes']} min)", flush=True)
-    rows = teacher_rows(results, len(args.seeds), args.corpus_only_share, args.dapt_steps, args.sft_replay)
+    places = results["runs"]["dapt"][0]["places"]
+    rows = teacher_rows(results, len(args.seeds), args.corpus_only_share, args.dapt_steps, args.sft_replay, places)
     benchrecord.write("ablation", vars(args), results, rows, tag=args.tag or "teacher")
 
 
@@ -451,7 +456,7 @@ def teacher_size_part(args: argparse.Namespace) -> None:
 
 
 def teacher_rows(
-    results: dict[str, Any], seeds: int, share: float, dapt_steps: int, replay: float = 0.0
+    results: dict[str, Any], seeds: int, share: float, dapt_steps: int, replay: float = 0.0, places: int = 300
 ) -> list[benchrecord.Row]:
     """The record's rows of the teacher part's `results` (`results["runs"][variant]`: one run per seed)."""
 
@@ -462,7 +467,7 @@ def teacher_rows(
     rows: list[benchrecord.Row] = []
     sft_d, sft_nd = stat("dapt", lambda r: r["sft"]["label_accuracy"]), stat("no-dapt", lambda r: r["sft"]["label_accuracy"])
     diffs = [a - b for a, b in zip(sft_d[2], sft_nd[2], strict=True)]
-    world_is = f"knowledge world{f' (corpus-only share {share})' if share else ''}, {seeds} world seeds"
+    world_is = f"knowledge world of {places} places{f' (corpus-only share {share})' if share else ''}, {seeds} world seeds"
     if replay:
         world_is += f", SFT replaying {replay:g} corpus texts per pair"
     rows.append({
@@ -519,7 +524,7 @@ def main() -> None:
                     help="teacher-size part: the scratch presets to compare")
     ap.add_argument("--sft-steps", type=int, default=1800, help="teacher-size part: SFT steps (the quickstart's 1,800)")
     ap.add_argument("--services", type=int, default=0,
-                    help="teacher-size part: places in the world (spec.data.synthetic.services; 0: the quickstart's 300)")
+                    help="teacher and teacher-size parts: places in the world (spec.data.synthetic.services; 0: the quickstart's 300)")
     ap.add_argument("--store", help="teacher, dapt-probe and teacher-size parts: the store of an earlier invocation to resume")
     ap.add_argument("--dapt-sweep", type=int, nargs="+", default=[300, 1000, 3000],
                     help="dapt-probe part: DAPT steps to probe after")
