@@ -277,6 +277,8 @@ def teacher_part(args: argparse.Namespace) -> None:
             # DAPT: --dapt-steps over the corpus (~100 steps an epoch), or one step (the scratch model's tokenizer)
             spec["teacher"]["dapt"].update(epochs=100, maxSteps=args.dapt_steps if variant == "dapt" else 1)
             spec["teacher"]["dpo"]["prompts"] = args.dpo_prompts
+            if args.rm_epochs:  # a pass over the reward pairs instead of the quickstart's 40 steps
+                spec["teacher"]["rewardModel"].update(epochs=args.rm_epochs, maxSteps=None)
             # both arms' SFT replays its own teacher-dapt's training texts (the no-DAPT arm's: the same corpus)
             spec["teacher"]["sft"]["corpusReplay"] = args.sft_replay
             t0 = time.monotonic()
@@ -299,6 +301,8 @@ def teacher_part(args: argparse.Namespace) -> None:
                 "minutes": round((time.monotonic() - t0) / 60, 1),
                 "dapt_perplexity_after": m["teacher-dapt"]["metrics"]["perplexity_after"],
                 "reward_model": m["reward-model"]["metrics"]["pairwise_accuracy"],
+                "reward_model_steps": m["reward-model"]["metrics"]["total_steps"],
+                "reward_model_pairs": m["reward-model"]["metrics"]["train_pairs"],
                 "preference_pairs": m["teacher-dpo"]["metrics"]["preference_pairs"],
                 "unseen_prompts": len(unseen),
                 "sft": teacher_checks(answers(m["teacher-sft"]["outputs"]["model"], rows), rows, corpus, unseen),
@@ -494,8 +498,11 @@ def teacher_rows(
         })
     dims = sorted(results["runs"]["dapt"][0]["reward_model"])
     per_dim = {d: stat("dapt", lambda r, d=d: r["reward_model"][d]) for d in dims}
+    first = results["runs"]["dapt"][0]
+    rm_steps, rm_pairs = first.get("reward_model_steps", 40), first.get("reward_model_pairs", "its")
     rows.append({
-        "what": "reward model, held-out pairwise accuracy per dimension (`ablation.py --part teacher`)",
+        "what": f"reward model, held-out pairwise accuracy per dimension, {rm_steps} steps over {rm_pairs} pairs, "
+                f"{world_is} (`ablation.py --part teacher`)",
         "target": ">= 80% on each",
         "measured": ", ".join(f"{d} {v[0]:.1%} ± {v[1]:.1%}" for d, v in per_dim.items()),
         "met": "yes" if all(v[0] >= 0.8 for v in per_dim.values()) else "no",
@@ -530,6 +537,8 @@ def main() -> None:
                     help="dapt-probe part: DAPT steps to probe after")
     ap.add_argument("--dapt-steps", type=int, default=300, help="teacher part: DAPT steps of the dapt variant")
     ap.add_argument("--dpo-prompts", type=int, default=256, help="teacher part: prompts DPO samples answers to")
+    ap.add_argument("--rm-epochs", type=float, default=0,
+                    help="teacher part: passes of the reward model over its pairs (0: the quickstart's 40 steps)")
     ap.add_argument("--sft-replay", type=float, default=0.0,
                     help="teacher part: spec.teacher.sft.corpusReplay of both arms (domain texts per SFT pair)")
     ap.add_argument("--corpus-only-share", type=float, default=0.25,
