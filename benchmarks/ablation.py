@@ -171,7 +171,7 @@ def teacher_checks(texts: list[str], rows: list[dict[str, Any]], corpus: set[str
         "label_accuracy": response_quality(texts, rows, LABELS)["label_accuracy"],  # the stages' own definition
         "unseen_label_accuracy": sum(right[i] for i in unseen) / max(1, len(unseen)),
         "seen_label_accuracy": sum(right[i] for i in seen) / max(1, len(seen)),
-        **world.faithfulness(chains, [r["reasoning"] for r in rows], corpus),
+        **world.faithfulness(chains, [r["reasoning"] for r in rows], corpus, [fmt.prompt(r) for r in rows]),
     }
 
 
@@ -295,6 +295,8 @@ def teacher_part(args: argparse.Namespace) -> None:
             sft_rows = read_dataset(data.child("sft"))
             unseen = world.needing_unseen_facts(rows, sft_rows)
             facts = probe_facts(corpus_texts, sft_rows, args.corpus_only_share, seed)
+            sft_places = {r["service_id"] for r in sft_rows}
+            texts = {which: answers(m[f"teacher-{which}"]["outputs"]["model"], rows) for which in ("sft", "dpo")}
             run = {
                 "seed": seed,
                 "places": spec["data"]["synthetic"]["services"],
@@ -305,8 +307,9 @@ def teacher_part(args: argparse.Namespace) -> None:
                 "reward_model_pairs": m["reward-model"]["metrics"]["train_pairs"],
                 "preference_pairs": m["teacher-dpo"]["metrics"]["preference_pairs"],
                 "unseen_prompts": len(unseen),
-                "sft": teacher_checks(answers(m["teacher-sft"]["outputs"]["model"], rows), rows, corpus, unseen),
-                "dpo": teacher_checks(answers(m["teacher-dpo"]["outputs"]["model"], rows), rows, corpus, unseen),
+                "sft": teacher_checks(texts["sft"], rows, corpus, unseen),
+                "dpo": teacher_checks(texts["dpo"], rows, corpus, unseen),
+                "copy": {which: copied_places(t, rows, sft_places) for which, t in texts.items()},
                 # does the teacher know house names after DAPT, and after SFT? (cloze over the world's items)
                 "fact_probe": {
                     stage: {which: fact_probe(m[stage]["outputs"]["model"], f) for which, f in facts.items() if f}
@@ -496,6 +499,18 @@ def teacher_rows(
                         f"(per seed {', '.join(f'{d:+.3f}' for d in un_diffs)})",
             "met": "yes" if statistics.mean(un_diffs) > 0 and min(un_diffs) > 0 else "no",
         })
+    if "grounded_precision" in results["runs"]["dapt"][0]["sft"]:
+        g_d = stat("dapt", lambda r: r["sft"]["grounded_precision"])
+        g_nd = stat("no-dapt", lambda r: r["sft"]["grounded_precision"])
+        p_d, p_nd = stat("dapt", lambda r: r["sft"]["fact_precision"]), stat("no-dapt", lambda r: r["sft"]["fact_precision"])
+        rows.append({
+            "what": f"SFT teacher with vs without DAPT ({dapt_steps} steps), the facts its chains state that the corpus "
+                    f"states about a name in the prompt (and, in brackets, that the corpus states at all), {world_is} "
+                    "(`ablation.py --part teacher`)",
+            "target": "DAPT helps",
+            "measured": f"{g_d[0]:.3f} ± {g_d[1]:.3f} ({p_d[0]:.3f}) vs {g_nd[0]:.3f} ± {g_nd[1]:.3f} ({p_nd[0]:.3f})",
+            "met": "yes" if g_d[0] > g_nd[0] and min(a - b for a, b in zip(g_d[2], g_nd[2], strict=True)) > 0 else "no",
+        })
     dims = sorted(results["runs"]["dapt"][0]["reward_model"])
     per_dim = {d: stat("dapt", lambda r, d=d: r["reward_model"][d]) for d in dims}
     first = results["runs"]["dapt"][0]
@@ -507,13 +522,15 @@ def teacher_rows(
         "measured": ", ".join(f"{d} {v[0]:.1%} ± {v[1]:.1%}" for d, v in per_dim.items()),
         "met": "yes" if all(v[0] >= 0.8 for v in per_dim.values()) else "no",
     })
-    for what in ("label_accuracy", "fact_precision"):
+    # faithfulness: grounded precision where the runs have it (a true fact about a name the prompt lacks is not)
+    faithful = "grounded_precision" if "grounded_precision" in results["runs"]["dapt"][0]["sft"] else "fact_precision"
+    for what in ("label_accuracy", faithful):
         gain = [r["dpo"][what] - r["sft"][what] for r in results["runs"]["dapt"]]
         results.setdefault("dpo_minus_sft", {})[what] = gain
-    acc, prec = results["dpo_minus_sft"]["label_accuracy"], results["dpo_minus_sft"]["fact_precision"]
+    acc, prec = results["dpo_minus_sft"]["label_accuracy"], results["dpo_minus_sft"][faithful]
     rows.append({
-        "what": "DPO vs SFT teacher: label accuracy / fact precision of the reasoning (checked against the corpus, "
-                "not by the reward model) (`ablation.py --part teacher`)",
+        "what": f"DPO vs SFT teacher: label accuracy / {faithful.replace('_', ' ')} of the reasoning (checked against "
+                "the corpus, not by the reward model) (`ablation.py --part teacher`)",
         "target": "DPO >= SFT + 2 points on one, no loss on the other",
         "measured": f"{statistics.mean(acc):+.3f} (per seed {', '.join(f'{d:+.3f}' for d in acc)}) / "
                     f"{statistics.mean(prec):+.3f} (per seed {', '.join(f'{d:+.3f}' for d in prec)})",

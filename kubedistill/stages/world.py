@@ -180,20 +180,45 @@ def needing_unseen_facts(rows: list[dict[str, Any]], taught: list[dict[str, Any]
     return [i for i, r in enumerate(rows) if any(f not in seen for f in cited_facts(r["reasoning"]))]
 
 
-def faithfulness(chains: list[str], oracle: list[str], corpus: set[str]) -> dict[str, float]:
+def fact_name(sentence: str) -> str | None:
+    """The name a fact-shaped sentence explains (`FACTS`' {a}: a house name, street, nickname, price cue, search
+    phrase or kind), or None for no fact."""
+    return next((m["a"] for _, pattern in _FACT_PATTERNS if (m := pattern.match(sentence))), None)
+
+
+def grounded(sentence: str, prompt: str) -> bool:
+    """Whether a fact is about the pair at hand: the name it explains occurs in the pair's prompt (query and
+    service text; case aside, as queries are lower-cased). Every fact the oracle cites is."""
+    name = fact_name(sentence)
+    return name is not None and name.lower() in prompt.lower()
+
+
+def faithfulness(
+    chains: list[str], oracle: list[str], corpus: set[str], prompts: list[str] | None = None
+) -> dict[str, float]:
     """How reasoning chains hold up against the world's knowledge, judged by the corpus alone (never by a
     reward model): `fact_precision`, the share of the fact-shaped sentences they state that the corpus states
     (the rest is invented knowledge; 0 when no chain states a fact); `faithful_chains`, the share of chains
     stating no fact the corpus lacks; `fact_recall`, the share of the facts each pair's oracle chain
-    (`oracle`, same order) cites that its chain states."""
+    (`oracle`, same order) cites that its chain states.
+
+    With each pair's prompt (`prompts`, same order) a true fact must also be about that pair: a chain that
+    misreads a name (Panaru for the prompt's Pariru) and recalls the corpus's fact for the name it wrote states
+    a true fact, not a faithful one. `grounded_precision`, the share of stated facts the corpus states whose
+    name occurs in the prompt (`grounded`); `grounded_chains`, the share of chains all of whose facts are."""
     stated = [cited_facts(c) for c in chains]
     cited = [cited_facts(o) for o in oracle]
-    return {
+    out = {
         "fact_precision": sum(x in corpus for f in stated for x in f) / max(1, sum(map(len, stated))),
         "faithful_chains": sum(all(x in corpus for x in f) for f in stated) / max(1, len(chains)),
         "fact_recall": sum(x in s for s, c in zip(stated, cited, strict=True) for x in c)
         / max(1, sum(map(len, cited))),
     }
+    if prompts is not None:
+        ok = [[x in corpus and grounded(x, p) for x in f] for f, p in zip(stated, prompts, strict=True)]
+        out["grounded_precision"] = sum(map(sum, ok)) / max(1, sum(map(len, stated)))
+        out["grounded_chains"] = sum(map(all, ok)) / max(1, len(chains))
+    return out
 
 
 def _sentences(text: str) -> list[str]:

@@ -12,6 +12,7 @@ import pytest
 from kubedistill.core.spec import SpecError, parse_run
 from kubedistill.stages import world
 from kubedistill.stages.data import service_text
+from kubedistill.stages.teacher import fmt
 from tests.conftest import minimal_doc
 
 LABELS = ["irrelevant", "partial", "relevant"]
@@ -193,6 +194,39 @@ def test_faithfulness_is_judged_against_the_corpus_alone():
     # fact: chain 2 only -> 1/2; the oracle cited 2 facts, chain 1 states 1 of them -> recall 1/2
     assert world.faithfulness(chains, oracle, corpus) == {"fact_precision": 0.5, "faithful_chains": 0.5, "fact_recall": 0.5}
     assert world.faithfulness(oracle, oracle, corpus) == {"fact_precision": 1.0, "faithful_chains": 1.0, "fact_recall": 1.0}
+
+
+def test_a_true_fact_about_a_name_the_prompt_lacks_is_not_grounded():
+    """A chain that misreads the prompt's house name and recalls the corpus's fact for the name it wrote states
+    a true fact, counted by `fact_precision` but not by `grounded_precision`."""
+    corpus = {"The Kiru Ritual is a house name for hot stone.", "The Kira Ritual is a house name for sauna."}
+    prompts = ["Query: hot stone\nService: Velo Spa | A quiet spa. Known for the Kiru Ritual.\nJudge relevance.\n"] * 2
+    oracle = ["The query asks for hot stone. The Kiru Ritual is a house name for hot stone. It offers hot stone."] * 2
+    chains = [
+        # the prompt's name, true: grounded
+        "The query asks for hot stone. The Kiru Ritual is a house name for hot stone. It offers hot stone.",
+        # a misread name (Kira), true of that name, the prompt never shows it; and an invented one
+        "The query asks for hot stone. The Kira Ritual is a house name for sauna. "
+        "The Kiru Ritual is a house name for massage. It does not offer hot stone.",
+    ]
+    # stated: 1 + 2 facts; in the corpus: 2 of 3 (precision 2/3); grounded and true: chain 1's only (1/3);
+    # chains all of whose facts are grounded and true: chain 1 (1/2)
+    got = world.faithfulness(chains, oracle, corpus, prompts)
+    assert got["fact_precision"] == pytest.approx(2 / 3)
+    assert got["grounded_precision"] == pytest.approx(1 / 3)
+    assert got["grounded_chains"] == 0.5
+    assert world.fact_name("Locals call University \"Studentville\".") == "Studentville"
+    assert world.grounded('Locals call University "Studentville".', "Query: massage in studentville")  # case aside
+    assert world.fact_name("It offers hot stone.") is None
+
+
+def test_every_fact_the_oracle_cites_is_grounded_in_its_pair():
+    g = world.generate(LABELS, 300, 200, 6, 600, 200, seed=5)
+    rows = g.labeled + g.eval
+    assert any(world.cited_facts(r["reasoning"]) for r in rows)
+    for r in rows:
+        for f in world.cited_facts(r["reasoning"]):
+            assert world.grounded(f, fmt.prompt(r)), (f, fmt.prompt(r))
 
 
 def test_corpus_only_names_are_stated_by_the_corpus_and_never_by_an_sft_pair():
