@@ -103,6 +103,28 @@ def test_choose_pair_takes_best_and_worst_above_the_margin():
         pairs.choose_pair(["a"], [1.0], 0.0)
 
 
+def test_preference_truth_checks_the_pairs_against_the_known_labels():
+    truth = {"p1": "relevant", "p2": "irrelevant", "p3": "partial"}
+    got = pairs.preference_truth(
+        [
+            # chosen right, rejected wrong: ordered
+            {"prompt": "p1", "chosen": fmt.response("r", "relevant"), "rejected": fmt.response("r", "partial")},
+            # chosen wrong, rejected right: misordered
+            {"prompt": "p2", "chosen": fmt.response("r", "partial"), "rejected": fmt.response("r", "irrelevant")},
+            # both wrong (the rejected one unparsable): no order to judge
+            {"prompt": "p3", "chosen": fmt.response("r", "relevant"), "rejected": "Reasoning: r"},
+            # chosen right, rejected wrong: ordered
+            {"prompt": "p3", "chosen": fmt.response("r", "partial"), "rejected": fmt.response("r", "relevant")},
+        ],
+        truth,
+        LABELS,
+    )
+    # chosen right in pairs 1 and 4 (2/4); rejected right in pair 2 (1/4); exactly one right in pairs 1, 2, 4,
+    # chosen in 1 and 4 -> 2/3
+    assert got == {"chosen_right": 0.5, "rejected_right": 0.25, "ordered": pytest.approx(2 / 3)}
+    assert pairs.preference_truth([], truth, LABELS) == {"chosen_right": 0.0, "rejected_right": 0.0, "ordered": 0.0}
+
+
 # -- models, tokenisation, training -------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -95,3 +95,24 @@ def choose_pair(responses: list[str], rewards: list[float], margin: float) -> tu
     if rewards[best] - rewards[worst] < margin or responses[best] == responses[worst]:
         return None
     return responses[best], responses[worst]
+
+
+def preference_truth(
+    chosen_rejected: list[dict[str, str]], truth: dict[str, str], labels: list[str]
+) -> dict[str, float]:
+    """How DPO's preference pairs (`prompt`, `chosen`, `rejected`) agree with the known labels of their prompts
+    (`truth`, prompt -> label): an independent check of the reward model on the teacher's own samples, where its
+    held-out pairs are perturbations of the oracle's. `chosen_right` / `rejected_right`: the share of pairs whose
+    chosen / rejected response gives the true label (unparsable: wrong); `ordered`: among the pairs where exactly
+    one of the two is right, the share where it is the chosen one (0.5: the reward model ranks by something
+    else; 0 when no pair has one right answer)."""
+
+    def right(prompt: str, text: str) -> bool:
+        parsed = fmt.try_parse(text, labels)
+        return parsed is not None and parsed.label == truth[prompt]
+
+    c = [right(p["prompt"], p["chosen"]) for p in chosen_rejected]
+    r = [right(p["prompt"], p["rejected"]) for p in chosen_rejected]
+    split = [a for a, b in zip(c, r, strict=True) if a != b]
+    n = max(1, len(chosen_rejected))
+    return {"chosen_right": sum(c) / n, "rejected_right": sum(r) / n, "ordered": sum(split) / max(1, len(split))}

@@ -516,7 +516,11 @@ def run_dpo(ctx: StageContext) -> dict[str, Any]:
             "lower the margin or raise samplesPerPrompt"
         )
     write_rows(ctx.out, "examples/part-00000", sampled["pairs"], "jsonl")
-    ctx.log(f"{len(sampled['pairs'])} preference pairs from {len(rows)} prompts x {k} samples")
+    truth = pairs.preference_truth(sampled["pairs"], {fmt.prompt(r): r["label"] for r in rows}, labels)
+    ctx.log(
+        f"{len(sampled['pairs'])} preference pairs from {len(rows)} prompts x {k} samples; chosen gives the true "
+        f"label in {truth['chosen_right']:.0%}, rejected in {truth['rejected_right']:.0%}"
+    )
     cfg = _train_config(ctx, "dpo", start, ctx.out.uri("examples"), d, beta=d.beta, nll_weight=d.nll_weight)
     checkpoint, metrics = run(ctx, cfg, res, "dpo")
     done = on_worker(res, _finish_dpo, cfg, checkpoint, ctx.out.uri("model"), options, rm_uri, ev, labels)
@@ -526,6 +530,12 @@ def run_dpo(ctx: StageContext) -> dict[str, Any]:
         f"{before['label_accuracy']:.1%} -> {after['label_accuracy']:.1%}; model at {done['model']}"
     )
     return {
-        "metrics": {**metrics, "preference_pairs": len(sampled["pairs"]), "before": before, "after": after},
+        "metrics": {
+            **metrics,
+            "preference_pairs": len(sampled["pairs"]),
+            "preference_truth": truth,
+            "before": before,
+            "after": after,
+        },
         "outputs": {"model": done["model"]},
     }
