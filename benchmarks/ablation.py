@@ -306,6 +306,8 @@ def teacher_part(args: argparse.Namespace) -> None:
                 "reward_model_steps": m["reward-model"]["metrics"]["total_steps"],
                 "reward_model_pairs": m["reward-model"]["metrics"]["train_pairs"],
                 "preference_pairs": m["teacher-dpo"]["metrics"]["preference_pairs"],
+                # the reward model on the teacher's own samples: do DPO's pairs prefer the true label?
+                "preference_truth": m["teacher-dpo"]["metrics"].get("preference_truth"),
                 "unseen_prompts": len(unseen),
                 "sft": teacher_checks(texts["sft"], rows, corpus, unseen),
                 "dpo": teacher_checks(texts["dpo"], rows, corpus, unseen),
@@ -528,16 +530,30 @@ def teacher_rows(
         gain = [r["dpo"][what] - r["sft"][what] for r in results["runs"]["dapt"]]
         results.setdefault("dpo_minus_sft", {})[what] = gain
     acc, prec = results["dpo_minus_sft"]["label_accuracy"], results["dpo_minus_sft"][faithful]
+    other = [r["dpo"]["label_accuracy"] - r["sft"]["label_accuracy"] for r in results["runs"]["no-dapt"]]
     rows.append({
         "what": f"DPO vs SFT teacher: label accuracy / {faithful.replace('_', ' ')} of the reasoning (checked against "
                 "the corpus, not by the reward model) (`ablation.py --part teacher`)",
         "target": "DPO >= SFT + 2 points on one, no loss on the other",
         "measured": f"{statistics.mean(acc):+.3f} (per seed {', '.join(f'{d:+.3f}' for d in acc)}) / "
-                    f"{statistics.mean(prec):+.3f} (per seed {', '.join(f'{d:+.3f}' for d in prec)})",
+                    f"{statistics.mean(prec):+.3f} (per seed {', '.join(f'{d:+.3f}' for d in prec)}); the teacher "
+                    f"without DAPT: label accuracy {statistics.mean(other):+.3f} (per seed {', '.join(f'{d:+.3f}' for d in other)})",
         # "no loss": the mean change no worse than its seed spread (the student part's "no worse")
         "met": "yes" if any(statistics.mean(x) >= 0.02 and statistics.mean(y) >= -sd(y) for x, y in ((acc, prec), (prec, acc)))
         else "no",
     })
+    truth = [r["preference_truth"] for v in TEACHER_VARIANTS for r in results["runs"][v] if r.get("preference_truth")]
+    if truth:
+        rows.append({
+            "what": "reward model on the SFT teacher's own samples: DPO's preference pairs whose chosen answer gives the "
+                    "prompt's true label and whose rejected one does not, of those where exactly one does, both arms "
+                    "(`ablation.py --part teacher`)",
+            "target": "- (an independent check of the reward model; 0.5 is chance)",
+            "measured": ", ".join(f"{t['ordered']:.3f}" for t in truth)
+            + f" (chosen right {statistics.mean(t['chosen_right'] for t in truth):.3f}, "
+            f"rejected right {statistics.mean(t['rejected_right'] for t in truth):.3f})",
+            "met": "-",
+        })
     return rows
 
 
