@@ -20,7 +20,11 @@ scored apart; `--corpus-only-share 0` is the first record's world (`ablation-tea
 chains spell out every place's names. It reads each stage's metrics (the reward model's held-out pairwise accuracy per dimension)
 and checks the SFT and DPO teachers itself on 400 held-out prompts: label accuracy, and how faithful their
 reasoning is to the world's knowledge, judged against the corpus and never by the reward model (the share of
-stated facts the corpus states, of chains that invent none, and of the oracle's cited facts recalled).
+stated facts the corpus states, of those that are also about a name in the prompt (grounded), of chains that
+invent none, and of the oracle's cited facts recalled), and how often a chain names the place it was shown. It
+reads teacher-dpo's `preference_truth`: how often DPO's pairs prefer the answer with the prompt's true label.
+`--services N` sets the world's places (the quickstart's 300), `--rm-epochs E` trains the reward model E passes
+over its pairs instead of the quickstart's 40 steps.
 
 Protocol: one world (seed 0): training pool, validation and eval are query-disjoint (the eval set is the
 generator's own, the validation split holds out 10% of the pool's queries). Each size's rows are whole
