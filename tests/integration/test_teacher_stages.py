@@ -69,6 +69,9 @@ def test_the_teacher_stages_train_on_s3_and_report_what_they_must(bucket, ray_ad
     assert m["reward-model"]["combined_pairwise_accuracy"] > 0.5
     dpo = m["teacher-dpo"]
     assert dpo["preference_pairs"] > 0 and dpo["after"]["mean_reward"] > dpo["before"]["mean_reward"], dpo
+    # the reward model checked on the teacher's own samples: shares, each pair's chosen and rejected against its label
+    truth = dpo["preference_truth"]
+    assert set(truth) == {"chosen_right", "rejected_right", "ordered"} and all(0 <= v <= 1 for v in truth.values())
     for s in ("teacher-dapt", "teacher-sft", "teacher-dpo"):  # each a loadable save_pretrained model
         files = {f.rsplit("/", 1)[-1] for f in artifact(st, s).list("model")}
         assert {"config.json", "model.safetensors", "tokenizer.json"} <= files
