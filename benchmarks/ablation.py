@@ -478,6 +478,8 @@ def teacher_rows(
         return statistics.mean(xs), sd(xs), xs
 
     rows: list[benchrecord.Row] = []
+    first = results["runs"]["dapt"][0]
+    grounded = "grounded_precision" in first["sft"]  # runs before the check have the corpus-only precision alone
     sft_d, sft_nd = stat("dapt", lambda r: r["sft"]["label_accuracy"]), stat("no-dapt", lambda r: r["sft"]["label_accuracy"])
     diffs = [a - b for a, b in zip(sft_d[2], sft_nd[2], strict=True)]
     world_is = f"knowledge world of {places} places{f' (corpus-only share {share})' if share else ''}, {seeds} world seeds"
@@ -505,7 +507,7 @@ def teacher_rows(
                         f"(per seed {', '.join(f'{d:+.3f}' for d in un_diffs)})",
             "met": "yes" if statistics.mean(un_diffs) > 0 and min(un_diffs) > 0 else "no",
         })
-    if "grounded_precision" in results["runs"]["dapt"][0]["sft"]:
+    if grounded:
         g_d = stat("dapt", lambda r: r["sft"]["grounded_precision"])
         g_nd = stat("no-dapt", lambda r: r["sft"]["grounded_precision"])
         p_d, p_nd = stat("dapt", lambda r: r["sft"]["fact_precision"]), stat("no-dapt", lambda r: r["sft"]["fact_precision"])
@@ -517,9 +519,8 @@ def teacher_rows(
             "measured": f"{g_d[0]:.3f} ± {g_d[1]:.3f} ({p_d[0]:.3f}) vs {g_nd[0]:.3f} ± {g_nd[1]:.3f} ({p_nd[0]:.3f})",
             "met": "yes" if g_d[0] > g_nd[0] and min(a - b for a, b in zip(g_d[2], g_nd[2], strict=True)) > 0 else "no",
         })
-    dims = sorted(results["runs"]["dapt"][0]["reward_model"])
+    dims = sorted(first["reward_model"])
     per_dim = {d: stat("dapt", lambda r, d=d: r["reward_model"][d]) for d in dims}
-    first = results["runs"]["dapt"][0]
     rm_steps, rm_pairs = first.get("reward_model_steps", 40), first.get("reward_model_pairs", "its")
     rows.append({
         "what": f"reward model, held-out pairwise accuracy per dimension, {rm_steps} steps over {rm_pairs} pairs, "
@@ -529,7 +530,7 @@ def teacher_rows(
         "met": "yes" if all(v[0] >= 0.8 for v in per_dim.values()) else "no",
     })
     # faithfulness: grounded precision where the runs have it (a true fact about a name the prompt lacks is not)
-    faithful = "grounded_precision" if "grounded_precision" in results["runs"]["dapt"][0]["sft"] else "fact_precision"
+    faithful = "grounded_precision" if grounded else "fact_precision"
     for what in ("label_accuracy", faithful):
         gain = [r["dpo"][what] - r["sft"][what] for r in results["runs"]["dapt"]]
         results.setdefault("dpo_minus_sft", {})[what] = gain

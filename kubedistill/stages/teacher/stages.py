@@ -507,16 +507,17 @@ def run_dpo(ctx: StageContext) -> dict[str, Any]:
     if d.prompts and d.prompts < len(rows):
         rows = random.Random(0).sample(rows, d.prompts)
     k = d.samples_per_prompt
-    sampled = on_worker(
-        res, _sample_dpo, start, rm_uri, options, [fmt.prompt(r) for r in rows], k, d.margin, ev, labels
-    )
+    prompts = [fmt.prompt(r) for r in rows]
+    sampled = on_worker(res, _sample_dpo, start, rm_uri, options, prompts, k, d.margin, ev, labels)
     if not sampled["pairs"]:
         raise ValueError(
             f"spec.teacher.dpo.margin: no prompt's {k} samples differ by >= {d.margin} in reward; "
             "lower the margin or raise samplesPerPrompt"
         )
     write_rows(ctx.out, "examples/part-00000", sampled["pairs"], "jsonl")
-    truth = pairs.preference_truth(sampled["pairs"], {fmt.prompt(r): r["label"] for r in rows}, labels)
+    truth = pairs.preference_truth(
+        sampled["pairs"], {p: r["label"] for p, r in zip(prompts, rows, strict=True)}, labels
+    )
     ctx.log(
         f"{len(sampled['pairs'])} preference pairs from {len(rows)} prompts x {k} samples; chosen gives the true "
         f"label in {truth['chosen_right']:.0%}, rejected in {truth['rejected_right']:.0%}"
