@@ -3,11 +3,16 @@
 Issue 20's ablation, its student part: on the `knowledge` world (`kubedistill/stages/world.py`: house names,
 streets and price cues that the corpus states and a label rarely shows), students with each objective learn
 from the same labeled pairs at several training-set sizes, and a lexical baseline learns from the same rows.
-The labels and reasoning chains are the world's oracle's (`--teacher oracle`): the ceiling of what a teacher
-can hand down, and what separates the objectives from the teacher's own errors. `kd` needs a teacher's label
-distribution, which an oracle does not have, so it is not run here.
+With `--teacher oracle` the labels and reasoning chains are the world's oracle's: the ceiling of what a teacher
+can hand down, and what separates the objectives from the teacher's own errors (`kd` needs a teacher's label
+distribution, which an oracle does not have). With `--teacher annotations` they are a teacher's: the quickstart's
+stages up to annotate run on a local Ray (the knowledge world, its log sized for the largest size), the DPO
+teacher labels and explains the log, and each annotated row gets the teacher's label distribution given its own
+chain (`teacher.train.label_probabilities`) for `kd`; `ce-oracle` is a control, CE on the oracle's labels of the
+same rows, and the teacher's own answers to the eval prompts are scored beside the students.
 
     .venv/bin/python benchmarks/ablation.py [--sizes 500 1500 4500] [--seeds 0 1 2] [--objectives ce crsd]
+    .venv/bin/python benchmarks/ablation.py --teacher annotations --objectives ce kd crsd ce-oracle [--store S]
     .venv/bin/python benchmarks/ablation.py --part teacher [--seeds 0 1 2] [--corpus-only-share 0.25] [--tag T]
 
 The teacher's part (`--part teacher`, record `ablation-teacher.json`) runs the real stages on a local Ray
@@ -68,6 +73,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "crsd": {"objective": "crsd"},
     "crsd-align": {"objective": "crsd", "crsd": {"contrast_weight": 0.0}},  # no in-batch contrast
     "crsd-tce": {"objective": "crsd", "crsd": {"align_weight": 0.0, "contrast_weight": 0.0}},  # the views' CE only
+    "kd": {"objective": "kd"},  # the teacher's label distribution (--teacher annotations only)
+    "ce-oracle": {"objective": "ce"},  # CE on the oracle's labels of the same rows (--teacher annotations only)
 }
 RECORDS = Path(__file__).resolve().parent / "records"
 QUICKSTART = Path(__file__).resolve().parent.parent / "manifests" / "samples" / "quickstart.yaml"
@@ -119,7 +126,9 @@ def sd(xs: list[float]) -> float:
     return statistics.stdev(xs) if len(xs) > 1 else 0.0
 
 
-def plot(path: Path, sizes: list[int], curves: dict[str, list[list[float]]], lexical: list[float]) -> None:
+def plot(
+    path: Path, sizes: list[int], curves: dict[str, list[list[float]]], lexical: list[float], labels: str
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -133,7 +142,7 @@ def plot(path: Path, sizes: list[int], curves: dict[str, list[list[float]]], lex
     ax.set_xscale("log")
     ax.minorticks_off()
     ax.set_xticks(sizes, [str(s) for s in sizes])
-    ax.set_xlabel("training pairs (oracle labels)")
+    ax.set_xlabel(f"training pairs ({labels})")
     ax.set_ylabel("eval macro-F1")
     ax.set_title("Students on the knowledge world (mean ± sd over seeds)")
     ax.legend()
@@ -145,7 +154,76 @@ def draw(path: Path, args: dict[str, Any], results: dict[str, Any]) -> None:
     """The learning curves of a run's results (as its record holds them)."""
     sizes = [results["sizes"][str(s)] for s in args["sizes"]]
     curves = {o: [[r["macro_f1"] for r in e["runs"][o]] for e in sizes] for o in args["objectives"]}
-    plot(path, [e["rows"] for e in sizes], curves, [e["lexical"]["macro_f1"] for e in sizes])
+    labels = "the teacher's labels" if args.get("teacher") == "annotations" else "oracle labels"
+    plot(path, [e["rows"] for e in sizes], curves, [e["lexical"]["macro_f1"] for e in sizes], labels)
+
+
+def teacher_annotations(args: argparse.Namespace) -> tuple[list[dict], list[dict], list[dict], dict[str, Any]]:
+    """Students' rows from a teacher (`--teacher annotations`): the quickstart's stages up to annotate (data,
+    teacher-dapt, teacher-sft, reward-model, teacher-dpo, annotate) on a local Ray, on the knowledge world (seed
+    0; no corpus-only names), its log large enough for the largest size and a 10% validation split. Returns
+    (pool, validation, eval, teacher): the annotated rows split by query, each with the teacher's label and
+    chain, the teacher's label distribution given that chain (`label_probs`, for kd) and the oracle's label
+    (`oracle_label`, for the ce-oracle control); eval is the data stage's held-out set (query-disjoint from the
+    log) with the oracle's labels; `teacher` is how the annotating teacher did, on the log and on eval."""
+    from kubedistill import runner
+    from kubedistill.core.spec import parse_run
+    from kubedistill.core.stage import MANIFEST
+    from kubedistill.core.storage import Storage
+    from kubedistill.stages.data import read_dataset
+    from kubedistill.stages.teacher import fmt, lm
+    from kubedistill.stages.teacher import train as teacher_train
+
+    store = store_dir(args, "students")
+    doc = knowledge_run("students", store, 0, 0.0)
+    spec = doc["spec"]
+    spec["data"]["synthetic"].update(queries=int(max(args.sizes) * 1.3 / 6) + 20, evalSize=args.eval_pairs)
+    for section in ("student", "pruning", "serving"):
+        spec[section]["enabled"] = False
+    print(f"teacher: the quickstart's stages up to annotate, knowledge world; stores under {store}", flush=True)
+    t0 = time.monotonic()
+    with open(os.devnull, "w") as quiet:
+        status = runner.run_local(parse_run(doc), out=quiet)
+    if status.phase != "Succeeded":
+        raise SystemExit(f"the teacher's run ended {status.phase}")
+    st = Storage(str(store / doc["metadata"]["name"]))
+    m = {s: st.read_json(f"{s}/{MANIFEST}") for s in ("data", "teacher-dpo", "annotate")}
+    data = Storage(m["data"]["artifact"])
+    truth = {r["pair_id"]: r["label"] for r in read_dataset(data.child("labeled"))}
+    rows = [{**r, "oracle_label": truth[r["pair_id"]]} for r in read_dataset(Storage(m["annotate"]["outputs"]["labeled"]))]
+    evalset = read_dataset(data.child("eval"))
+    model_uri = m["teacher-dpo"]["outputs"]["model"]  # the model annotate labels with
+    model, tok = lm.load(model_uri, "teacher")
+    probs = teacher_train.label_probabilities(
+        model, tok, [fmt.prompt(r) for r in rows], [r["reasoning"] for r in rows], LABELS
+    ).tolist()
+    for r, p in zip(rows, probs, strict=True):
+        r["label_probs"] = p
+    parsed = [fmt.try_parse(t, LABELS) for t in lm.generate(model, tok, [fmt.prompt(r) for r in evalset], max_new_tokens=160)]
+    # the teacher's own grade of each eval pair, one-hot; an unparsed answer has none and counts as the first label
+    answered = np.array([[float(p is not None and p.label == x) for x in LABELS] for p in parsed])
+    tail = [i for i, r in enumerate(evalset) if depends_on_house_name(r)]
+    teacher = {
+        "model": model_uri,
+        "log_pairs": m["annotate"]["metrics"]["rows_in"],
+        "annotated": len(rows),
+        "annotate_parse_rate": m["annotate"]["metrics"]["parse_rate"],
+        "agreement_with_oracle": sum(r["label"] == r["oracle_label"] for r in rows) / len(rows),
+        "label_probs_argmax_is_label": sum(LABELS[int(np.argmax(r["label_probs"]))] == r["label"] for r in rows) / len(rows),
+        "eval_parse_rate": sum(p is not None for p in parsed) / len(parsed),
+        "eval_accuracy": sum(p is not None and p.label == r["label"] for p, r in zip(parsed, evalset, strict=True)) / len(evalset),
+        "eval_macro_f1": macro_f1(evalset, answered),
+        "eval_tail_macro_f1": macro_f1([evalset[i] for i in tail], answered[tail]),
+        "minutes": round((time.monotonic() - t0) / 60, 1),
+    }
+    print(f"teacher: {teacher}", flush=True)
+    pool, val = split_by_query(rows, 0.1, seed=0)
+    return pool, val, evalset, teacher
+
+
+def with_labels(objective: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows an objective learns from: the ce-oracle control swaps in the oracle's labels of the same pairs."""
+    return [{**r, "label": r["oracle_label"]} for r in rows] if objective == "ce-oracle" else rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -585,7 +663,10 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[500, 1500, 4500])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--objectives", nargs="+", default=["ce", "crsd"], choices=list(VARIANTS))
-    ap.add_argument("--teacher", choices=["oracle"], default="oracle")
+    ap.add_argument("--teacher", choices=["oracle", "annotations"], default="oracle",
+                    help="student part: learn from the world's oracle, or from the quickstart teacher's annotations")
+    ap.add_argument("--layers", type=int, default=None, help="student part: keep the encoder's first N layers")
+    ap.add_argument("--sampling", choices=["balanced", "shuffle"], default="balanced", help="student part: batches")
     ap.add_argument("--epochs", type=float, default=3.0)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=2e-4)
@@ -612,26 +693,34 @@ def main() -> None:
         draw(RECORDS / f"{name}.png", record["arguments"], record["results"])
         return
 
-    biggest = max(args.sizes)
-    pool_queries = int(biggest * 1.15 / 6) + 20  # the largest size plus a 10% validation split, 6 pairs a query
-    gen = world.generate(LABELS, 300, pool_queries, 6, 1, args.eval_pairs, seed=0)
-    pool, val = split_by_query(gen.labeled, 0.1, seed=0)
-    if len(pool) < biggest:
-        raise SystemExit(f"the pool holds {len(pool)} pairs, fewer than --sizes {biggest}")
-    tail = sum(depends_on_house_name(r) for r in gen.eval)
-    print(f"world: knowledge; pool {len(pool)}, validation {len(val)}, eval {len(gen.eval)} ({tail} on house names)")
+    oracle_only = {"kd", "ce-oracle"} & set(args.objectives)
+    if args.teacher == "oracle" and oracle_only:
+        raise SystemExit(f"--objectives {' '.join(sorted(oracle_only))} need --teacher annotations")
+    teacher: dict[str, Any] | None = None
+    if args.teacher == "annotations":
+        pool, val, evalset, teacher = teacher_annotations(args)
+    else:
+        pool_queries = int(max(args.sizes) * 1.15 / 6) + 20  # the largest size plus a 10% validation split
+        gen = world.generate(LABELS, 300, pool_queries, 6, 1, args.eval_pairs, seed=0)
+        (pool, val), evalset = split_by_query(gen.labeled, 0.1, seed=0), gen.eval
+    if len(pool) < max(args.sizes):
+        raise SystemExit(f"the pool holds {len(pool)} pairs, fewer than --sizes {max(args.sizes)}")
+    tail_idx = [i for i, r in enumerate(evalset) if depends_on_house_name(r)]
+    tail = len(tail_idx)
+    print(f"world: knowledge; pool {len(pool)}, validation {len(val)}, eval {len(evalset)} ({tail} on house names)")
     print(f"torch threads {torch.get_num_threads()}", flush=True)
-    results: dict[str, Any] = {"sizes": {}}
+    results: dict[str, Any] = {"sizes": {}, **({"teacher": teacher} if teacher else {})}
     for size in args.sizes:
         train = by_queries(pool, size, seed=0)
         base = LexicalBaseline(LABELS).fit(train)
-        probs = base.predict_proba(gen.eval)
-        tail_idx = [i for i, r in enumerate(gen.eval) if depends_on_house_name(r)]
+        probs = base.predict_proba(evalset)
         lexical = {
-            "macro_f1": macro_f1(gen.eval, probs),
-            "tail_macro_f1": macro_f1([gen.eval[i] for i in tail_idx], probs[tail_idx]),
+            "macro_f1": macro_f1(evalset, probs),
+            "tail_macro_f1": macro_f1([evalset[i] for i in tail_idx], probs[tail_idx]),
         }
         entry: dict[str, Any] = {"rows": len(train), "lexical": lexical, "runs": {o: [] for o in args.objectives}}
+        if teacher:
+            entry["label_agreement"] = sum(r["label"] == r["oracle_label"] for r in train) / len(train)
         print(f"\nsize {size} ({len(train)} rows): lexical macro-F1 {lexical['macro_f1']:.4f} "
               f"(tail {lexical['tail_macro_f1']:.4f})", flush=True)
         for seed in args.seeds:
@@ -639,13 +728,15 @@ def main() -> None:
                 student = {
                     "base_model": "sentence-transformers/all-MiniLM-L6-v2",
                     **VARIANTS[objective],
-                    "train": {"epochs": args.epochs, "batch_size": args.batch, "learning_rate": args.lr},
+                    "train": {"epochs": args.epochs, "batch_size": args.batch, "learning_rate": args.lr,
+                              "sampling": args.sampling},
                     "seed": seed,
                     "patience": 2,
+                    "layers": args.layers,
                     "max_length": args.max_length,
                     "max_reasoning_tokens": args.max_reasoning_tokens,
                 }
-                m = train_and_score(student, train, val, gen.eval)
+                m = train_and_score(student, with_labels(objective, train), with_labels(objective, val), evalset)
                 entry["runs"][objective].append({"seed": seed, **m})
                 print(f"  seed {seed} {objective:<10} val {m['val_macro_f1']:.4f}  eval macro-F1 {m['macro_f1']:.4f} "
                       f"tail {m['tail_macro_f1']:.4f} "
@@ -653,6 +744,8 @@ def main() -> None:
         results["sizes"][str(size)] = entry
 
     rows: list[benchrecord.Row] = []
+    labeled = "teacher-annotated" if teacher else "oracle-labeled"
+    students = [o for o in args.objectives if o != "ce-oracle"]  # the control is not a student of the teacher
     print("\nsize   " + "  ".join(f"{o:<17}" for o in args.objectives) + "  lexical")
     for size in args.sizes:
         e = results["sizes"][str(size)]
@@ -662,13 +755,13 @@ def main() -> None:
             e.setdefault("summary", {})[o] = {"mean": statistics.mean(xs), "sd": sd(xs)}
             cells.append(f"{statistics.mean(xs):.4f} ± {sd(xs):.4f}")
         print(f"{size:<6} " + "  ".join(f"{c:<17}" for c in cells) + f"  {e['lexical']['macro_f1']:.4f}")
-        worst = min(e["summary"][o]["mean"] for o in args.objectives)
+        worst = min(e["summary"][o]["mean"] for o in students)
         rows.append({
-            "what": f"every student vs the lexical baseline, {e['rows']} oracle-labeled pairs, knowledge world, "
+            "what": f"every student vs the lexical baseline, {e['rows']} {labeled} pairs, knowledge world, "
                     f"{len(args.seeds)} seeds (`ablation.py`)",
             "target": ">= lexical + 5 points",
             "measured": ", ".join(f"{o} {e['summary'][o]['mean']:.3f} ± {e['summary'][o]['sd']:.3f}"
-                                  for o in args.objectives) + f"; lexical {e['lexical']['macro_f1']:.3f}",
+                                  for o in students) + f"; lexical {e['lexical']['macro_f1']:.3f}",
             "met": "yes" if worst >= e["lexical"]["macro_f1"] + 0.05 else "no",
         })
     crsd = [o for o in args.objectives if o.startswith("crsd")] if "ce" in args.objectives else []
@@ -679,14 +772,26 @@ def main() -> None:
             e.setdefault("minus_ce", {})[variant] = d
             ok = statistics.mean(d) >= 0.02 if want == "+2 points" else statistics.mean(d) >= -sd(d)
             rows.append({
-                "what": f"{variant} vs CE student, {e['rows']} oracle-labeled pairs, knowledge world (`ablation.py`)",
+                "what": f"{variant} vs CE student, {e['rows']} {labeled} pairs, knowledge world (`ablation.py`)",
                 "target": f"{variant} {want} macro-F1",
                 "measured": f"{statistics.mean(d):+.4f} (per seed {', '.join(f'{x:+.3f}' for x in d)})",
                 "met": "yes" if ok else "no",
             })
+    if teacher:
+        e = results["sizes"][str(max(args.sizes))]
+        # the best by validation macro-F1 (the teacher's labels), as the quickstart chooses what it serves
+        best = max(students, key=lambda o: statistics.mean(r["val_macro_f1"] for r in e["runs"][o]))
+        share = e["summary"][best]["mean"] / teacher["eval_macro_f1"]
+        rows.append({
+            "what": f"the student best on validation vs its teacher, {e['rows']} teacher-annotated pairs, knowledge world (`ablation.py`)",
+            "target": ">= 95% of the teacher's macro-F1",
+            "measured": f"{best} {e['summary'][best]['mean']:.3f} = {share:.1%} of the teacher's "
+                        f"{teacher['eval_macro_f1']:.3f}",
+            "met": "yes" if share >= 0.95 else "no",
+        })
     RECORDS.mkdir(exist_ok=True)
     draw(RECORDS / f"{name}.png", vars(args), results)
-    results["data"] = {"pool": len(pool), "validation": len(val), "eval": len(gen.eval), "eval_tail": tail}
+    results["data"] = {"pool": len(pool), "validation": len(val), "eval": len(evalset), "eval_tail": tail}
     benchrecord.write("ablation", vars(args), results, rows, tag=args.tag)
 
 

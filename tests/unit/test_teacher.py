@@ -196,6 +196,29 @@ def test_generate_returns_only_the_new_text(tiny):
     assert len(out) == 2 and all("Query:" not in o for o in out)
 
 
+def test_label_probabilities_are_each_label_lines_likelihood_whatever_the_batch(tiny):
+    model, tok, g = tiny
+    rows = g.eval[:3]
+    prompts, reasonings = [fmt.prompt(r) for r in rows], [r["reasoning"] for r in rows]
+    assert len({len(tok(p + r).input_ids) for p, r in zip(prompts, reasonings, strict=True)}) > 1  # padded
+    probs = train.label_probabilities(model, tok, prompts, reasonings, LABELS)
+    assert probs.shape == (3, 3)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(3))
+    alone = [train.label_probabilities(model, tok, [p], [r], LABELS) for p, r in zip(prompts, reasonings, strict=True)]
+    torch.testing.assert_close(probs, torch.cat(alone))
+    # the first row by hand: the log-likelihood of each whole response (and its end) after the prompt
+    p_ids = tok(prompts[0], add_special_tokens=False).input_ids
+    ll = []
+    for label in LABELS:
+        r_ids = [*tok(fmt.response(reasonings[0], label), add_special_tokens=False).input_ids, tok.eos_token_id]
+        with torch.no_grad():
+            logp = model(input_ids=torch.tensor([p_ids + r_ids])).logits.float().log_softmax(-1)[0]
+        ll.append(sum(logp[len(p_ids) + j - 1, t] for j, t in enumerate(r_ids)))
+    torch.testing.assert_close(probs[0], torch.stack(ll).softmax(-1))
+    with pytest.raises(ValueError, match="row 1: the prompt and response exceed the model's 512 tokens"):
+        train.label_probabilities(model, tok, prompts[:2], [reasonings[0], "word " * 600], LABELS)
+
+
 # -- stage input checks ----------------------------------------------------------------------
 
 def _ctx(tmp_path, sft_rows):

@@ -133,6 +133,45 @@ def logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return losses.sequence_logprob(out.logits.float(), batch["labels"])
 
 
+def label_probabilities(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: list[str],
+    reasonings: list[str],
+    labels: list[str],
+    *,
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """The teacher's distribution over `labels` for each prompt, given the reasoning it wrote: the softmax over
+    the labels of log p(response(reasoning, label) | prompt), shape (n, len(labels)). The response puts the
+    reasoning before the label, so every label's response shares the reasoning's tokens and what differs is
+    p(label line, end | prompt, reasoning): the soft targets a `kd` student learns from (Hinton et al., 2015,
+    "Distilling the Knowledge in a Neural Network"), read off the chain the teacher wrote. A response longer
+    than the model's context would lose its label to truncation, so it raises ValueError naming the row."""
+    from kubedistill.stages.teacher import fmt
+
+    limit = int(getattr(model.config, "max_position_embeddings", 2048))
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        with torch.no_grad():
+            for i in range(0, len(prompts), batch_size):
+                p, r = prompts[i : i + batch_size], reasonings[i : i + batch_size]
+                scores = []
+                for label in labels:
+                    batch = encode(tokenizer, p, [fmt.response(x, label) for x in r], limit + 1)
+                    if (long := batch["attention_mask"].sum(-1) > limit).any():
+                        row = i + int(long.nonzero()[0, 0])
+                        raise ValueError(f"row {row}: the prompt and response exceed the model's {limit} tokens")
+                    scores.append(logprobs(model, {k: v.to(device) for k, v in batch.items()}))
+                out.append(torch.stack(scores, -1).softmax(-1).cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out) if out else torch.empty(0, len(labels))
+
+
 def dpo_step(
     policy: nn.Module,
     reference: nn.Module,
