@@ -7,9 +7,11 @@ With `--teacher oracle` the labels and reasoning chains are the world's oracle's
 can hand down, and what separates the objectives from the teacher's own errors (`kd` needs a teacher's label
 distribution, which an oracle does not have). With `--teacher annotations` they are a teacher's: the quickstart's
 stages up to annotate run on a local Ray (the knowledge world, its log sized for the largest size), the DPO
-teacher labels and explains the log, and each annotated row gets the teacher's label distribution given its own
-chain (`teacher.train.label_probabilities`) for `kd`; `ce-oracle` is a control, CE on the oracle's labels of the
-same rows, and the teacher's own answers to the eval prompts are scored beside the students.
+teacher labels and explains the log, and each annotated row gets the teacher's label distribution for `kd`: the
+shares of its labels over `--kd-samples` answers sampled at temperature 1 and the annotation (`fmt.label_shares`;
+the label given its own chain, `teacher.train.label_probabilities`, is all but certain and only recorded);
+`ce-oracle` is a control, CE on the oracle's labels of the same rows, and the teacher's own answers to the eval
+prompts are scored beside the students.
 
     .venv/bin/python benchmarks/ablation.py [--sizes 500 1500 4500] [--seeds 0 1 2] [--objectives ce crsd]
     .venv/bin/python benchmarks/ablation.py --teacher annotations --objectives ce kd crsd ce-oracle [--store S]
@@ -163,7 +165,9 @@ def teacher_annotations(args: argparse.Namespace) -> tuple[list[dict], list[dict
     teacher-dapt, teacher-sft, reward-model, teacher-dpo, annotate) on a local Ray, on the knowledge world (seed
     0; no corpus-only names), its log large enough for the largest size and a 10% validation split. Returns
     (pool, validation, eval, teacher): the annotated rows split by query, each with the teacher's label and
-    chain, the teacher's label distribution given that chain (`label_probs`, for kd) and the oracle's label
+    chain, the teacher's label distribution over `--kd-samples` answers sampled at temperature 1 and its
+    annotation (`label_probs`, for kd; the label given its own chain is all but certain: recorded, not used) and
+    the oracle's label
     (`oracle_label`, for the ce-oracle control); eval is the data stage's held-out set (query-disjoint from the
     log) with the oracle's labels; `teacher` is how the annotating teacher did, on the log and on eval."""
     from kubedistill import runner
@@ -194,11 +198,15 @@ def teacher_annotations(args: argparse.Namespace) -> tuple[list[dict], list[dict
     evalset = read_dataset(data.child("eval"))
     model_uri = m["teacher-dpo"]["outputs"]["model"]  # the model annotate labels with
     model, tok = lm.load(model_uri, "teacher")
-    probs = teacher_train.label_probabilities(
-        model, tok, [fmt.prompt(r) for r in rows], [r["reasoning"] for r in rows], LABELS
-    ).tolist()
-    for r, p in zip(rows, probs, strict=True):
-        r["label_probs"] = p
+    prompts = [fmt.prompt(r) for r in rows]
+    # the label given the teacher's own chain: read off the chain, it is all but certain (recorded, not used)
+    given_chain = teacher_train.label_probabilities(model, tok, prompts, [r["reasoning"] for r in rows], LABELS)
+    # kd's soft labels: how --kd-samples answers sampled at temperature 1, with the annotation's own, split
+    max_tokens = spec["annotation"]["maxTokens"]
+    samples = [lm.generate(model, tok, prompts, max_new_tokens=max_tokens, temperature=1.0, seed=k)
+               for k in range(args.kd_samples)]
+    for i, r in enumerate(rows):
+        r["label_probs"] = fmt.label_shares([fmt.response(r["reasoning"], r["label"]), *(s[i] for s in samples)], LABELS)
     parsed = [fmt.try_parse(t, LABELS) for t in lm.generate(model, tok, [fmt.prompt(r) for r in evalset], max_new_tokens=160)]
     # the teacher's own grade of each eval pair, one-hot; an unparsed answer has none and counts as the first label
     answered = np.array([[float(p is not None and p.label == x) for x in LABELS] for p in parsed])
@@ -209,7 +217,15 @@ def teacher_annotations(args: argparse.Namespace) -> tuple[list[dict], list[dict
         "annotated": len(rows),
         "annotate_parse_rate": m["annotate"]["metrics"]["parse_rate"],
         "agreement_with_oracle": sum(r["label"] == r["oracle_label"] for r in rows) / len(rows),
-        "label_probs_argmax_is_label": sum(LABELS[int(np.argmax(r["label_probs"]))] == r["label"] for r in rows) / len(rows),
+        "given_chain_mean_max_prob": float(given_chain.max(-1).values.mean()),
+        "kd_samples": args.kd_samples,
+        "votes_mean_max_share": float(np.mean([max(r["label_probs"]) for r in rows])),
+        "votes_unanimous": float(np.mean([max(r["label_probs"]) == 1.0 for r in rows])),
+        # of the pairs the teacher mislabels, the mean share of votes for the true label
+        "votes_true_label_share_when_wrong": float(np.mean(
+            [r["label_probs"][LABELS.index(r["oracle_label"])] for r in rows if r["label"] != r["oracle_label"]] or [0.0]
+        )),
+        "votes_argmax_accuracy": float(np.mean([LABELS[int(np.argmax(r["label_probs"]))] == r["oracle_label"] for r in rows])),
         "eval_parse_rate": sum(p is not None for p in parsed) / len(parsed),
         "eval_accuracy": sum(p is not None and p.label == r["label"] for p, r in zip(parsed, evalset, strict=True)) / len(evalset),
         "eval_macro_f1": macro_f1(evalset, answered),
@@ -665,6 +681,8 @@ def main() -> None:
     ap.add_argument("--objectives", nargs="+", default=["ce", "crsd"], choices=list(VARIANTS))
     ap.add_argument("--teacher", choices=["oracle", "annotations"], default="oracle",
                     help="student part: learn from the world's oracle, or from the quickstart teacher's annotations")
+    ap.add_argument("--kd-samples", type=int, default=4,
+                    help="student part, --teacher annotations: answers sampled per pair for kd's label distribution")
     ap.add_argument("--layers", type=int, default=None, help="student part: keep the encoder's first N layers")
     ap.add_argument("--sampling", choices=["balanced", "shuffle"], default="balanced", help="student part: batches")
     ap.add_argument("--epochs", type=float, default=3.0)

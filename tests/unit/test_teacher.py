@@ -196,6 +196,12 @@ def test_generate_returns_only_the_new_text(tiny):
     assert len(out) == 2 and all("Query:" not in o for o in out)
 
 
+def test_label_shares_count_the_answers_that_parse():
+    answers = [fmt.response("a", "relevant"), fmt.response("b", "partial"), "Label: relevant", fmt.response("c", "relevant")]
+    assert fmt.label_shares(answers, LABELS) == [0.0, 1 / 3, 2 / 3]  # the third has no reasoning: not counted
+    assert fmt.label_shares(["no label here"], LABELS) is None
+
+
 def test_label_probabilities_are_each_label_lines_likelihood_whatever_the_batch(tiny):
     model, tok, g = tiny
     rows = g.eval[:3]

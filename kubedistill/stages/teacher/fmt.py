@@ -77,3 +77,11 @@ def try_parse(text: str, labels: list[str]) -> Parsed | None:
         return parse_response(text, labels)
     except ParseError:
         return None
+
+
+def label_shares(answers: list[str], labels: list[str]) -> list[float] | None:
+    """How a teacher's sampled answers to one prompt split over `labels` (shares of the answers that parse):
+    a label distribution that keeps the teacher's uncertainty, as self-consistency votes (Wang et al., 2022,
+    "Self-Consistency Improves Chain of Thought Reasoning in Language Models"); None when no answer parses."""
+    parsed = [p.label for p in (try_parse(a, labels) for a in answers) if p is not None]
+    return [parsed.count(label) / len(parsed) for label in labels] if parsed else None
