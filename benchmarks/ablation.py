@@ -170,9 +170,6 @@ def teacher_annotations(args: argparse.Namespace) -> tuple[list[dict], list[dict
     the oracle's label
     (`oracle_label`, for the ce-oracle control); eval is the data stage's held-out set (query-disjoint from the
     log) with the oracle's labels; `teacher` is how the annotating teacher did, on the log and on eval."""
-    from kubedistill import runner
-    from kubedistill.core.spec import parse_run
-    from kubedistill.core.stage import MANIFEST
     from kubedistill.core.storage import Storage
     from kubedistill.stages.data import read_dataset
     from kubedistill.stages.teacher import fmt, lm
@@ -186,12 +183,7 @@ def teacher_annotations(args: argparse.Namespace) -> tuple[list[dict], list[dict
         spec[section]["enabled"] = False
     print(f"teacher: the quickstart's stages up to annotate, knowledge world; stores under {store}", flush=True)
     t0 = time.monotonic()
-    with open(os.devnull, "w") as quiet:
-        status = runner.run_local(parse_run(doc), out=quiet)
-    if status.phase != "Succeeded":
-        raise SystemExit(f"the teacher's run ended {status.phase}")
-    st = Storage(str(store / doc["metadata"]["name"]))
-    m = {s: st.read_json(f"{s}/{MANIFEST}") for s in ("data", "teacher-dpo", "annotate")}
+    m = run_local(doc, ("data", "teacher-dpo", "annotate"), "the teacher's run")
     data = Storage(m["data"]["artifact"])
     truth = {r["pair_id"]: r["label"] for r in read_dataset(data.child("labeled"))}
     rows = [{**r, "oracle_label": truth[r["pair_id"]]} for r in read_dataset(Storage(m["annotate"]["outputs"]["labeled"]))]
@@ -345,15 +337,28 @@ def run_stages(doc: dict[str, Any], names: tuple[str, ...], gcs_address: str) ->
     return {s: st.read_json(f"{s}/{MANIFEST}") for s in names}
 
 
+def run_local(doc: dict[str, Any], stages: tuple[str, ...], what: str) -> dict[str, dict[str, Any]]:
+    """The run `doc` on a local Ray, quietly (stages already done for its spec are skipped by the step policy), and
+    the manifests of `stages`; SystemExit naming `what` unless the run succeeds."""
+    from kubedistill import runner
+    from kubedistill.core.spec import parse_run
+    from kubedistill.core.stage import MANIFEST
+    from kubedistill.core.storage import Storage
+
+    with open(os.devnull, "w") as quiet:
+        status = runner.run_local(parse_run(doc), out=quiet)
+    if status.phase != "Succeeded":
+        raise SystemExit(f"{what}: the run ended {status.phase}")
+    st = Storage(str(Path(doc["spec"]["storage"]["uri"]) / doc["metadata"]["name"]))
+    return {s: st.read_json(f"{s}/{MANIFEST}") for s in stages}
+
+
 TEACHER_VARIANTS = ("dapt", "no-dapt")
 
 
 def teacher_part(args: argparse.Namespace) -> None:
     """The quickstart's teacher settings on the knowledge world, with and without DAPT, each world seed a run
     of the real stages on a local Ray (data, teacher-dapt, teacher-sft, reward-model, teacher-dpo)."""
-    from kubedistill import runner
-    from kubedistill.core.spec import parse_run
-    from kubedistill.core.stage import MANIFEST
     from kubedistill.core.storage import Storage
     from kubedistill.stages.data import read_dataset
     from kubedistill.stages.teacher.stages import EVAL_PROMPTS
@@ -380,12 +385,7 @@ def teacher_part(args: argparse.Namespace) -> None:
             # both arms' SFT replays its own teacher-dapt's training texts (the no-DAPT arm's: the same corpus)
             spec["teacher"]["sft"]["corpusReplay"] = args.sft_replay
             t0 = time.monotonic()
-            with open(os.devnull, "w") as quiet:
-                status = runner.run_local(parse_run(doc), out=quiet)
-            if status.phase != "Succeeded":
-                raise SystemExit(f"{variant} seed {seed}: the run ended {status.phase}")
-            st = Storage(str(store / doc["metadata"]["name"]))
-            m = {s: st.read_json(f"{s}/{MANIFEST}") for s in ("data", "teacher-dapt", "teacher-sft", "reward-model", "teacher-dpo")}
+            m = run_local(doc, ("data", "teacher-dapt", "teacher-sft", "reward-model", "teacher-dpo"), f"{variant} seed {seed}")
             data = Storage(m["data"]["artifact"])
             rows = read_dataset(data.child("eval"))[:EVAL_PROMPTS]  # the prompts the stages evaluate on
             corpus_texts = [r["text"] for r in read_dataset(data.child("corpus"))]
