@@ -34,7 +34,8 @@ reads teacher-dpo's `preference_truth`: how often DPO's pairs prefer the answer 
 over its pairs instead of the quickstart's 40 steps.
 
 Protocol: one world (seed 0): training pool, validation and eval are query-disjoint (the eval set is the
-generator's own, the validation split holds out 10% of the pool's queries). Each size's rows are whole
+generator's own, the validation split holds out 10% of the pool's queries; with `--teacher annotations` the pool
+is the annotated log, validation holds the teacher's labels and eval the oracle's). Each size's rows are whole
 queries drawn in one fixed order, so a smaller set is a prefix of a larger one. Every student trains the
 same epochs with early stopping on validation macro-F1 (patience 2); nothing is chosen on eval. Eval is
 scored once per student from the standard input only, overall and on its tail: the pairs whose grade
