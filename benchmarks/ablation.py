@@ -168,9 +168,9 @@ def teacher_annotations(args: argparse.Namespace) -> tuple[list[dict], list[dict
     (pool, validation, eval, teacher): the annotated rows split by query, each with the teacher's label and
     chain, the teacher's label distribution over `--kd-samples` answers sampled at temperature 1 and its
     annotation (`label_probs`, for kd; the label given its own chain is all but certain: recorded, not used) and
-    the oracle's label
-    (`oracle_label`, for the ce-oracle control); eval is the data stage's held-out set (query-disjoint from the
-    log) with the oracle's labels; `teacher` is how the annotating teacher did, on the log and on eval."""
+    the oracle's label (`oracle_label`, for the ce-oracle control); eval is the data stage's held-out set
+    (query-disjoint from the log) with the oracle's labels; `teacher` is how the annotating teacher did, on the
+    log and on eval."""
     from kubedistill.core.storage import Storage
     from kubedistill.stages.data import read_dataset
     from kubedistill.stages.teacher import fmt, lm
@@ -327,15 +327,22 @@ def run_stages(doc: dict[str, Any], names: tuple[str, ...], gcs_address: str) ->
 
     from kubedistill.core import pipeline
     from kubedistill.core.spec import parse_run
-    from kubedistill.core.stage import CONFIG_ENV, JOB_ENV, MANIFEST
-    from kubedistill.core.storage import Storage
+    from kubedistill.core.stage import CONFIG_ENV, JOB_ENV
 
     for stage in pipeline.build(parse_run(doc)):
         if stage.name in names:
             env = {**os.environ, **JOB_ENV, CONFIG_ENV: stage.config_json, "RAY_ADDRESS": gcs_address}
             subprocess.run([sys.executable, *stage.entrypoint.split()[1:]], env=env, check=True, stdout=subprocess.DEVNULL)
+    return manifests(doc, names)
+
+
+def manifests(doc: dict[str, Any], stages: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """The manifests of `stages` of the run `doc` (under its storage uri and name)."""
+    from kubedistill.core.stage import MANIFEST
+    from kubedistill.core.storage import Storage
+
     st = Storage(str(Path(doc["spec"]["storage"]["uri"]) / doc["metadata"]["name"]))
-    return {s: st.read_json(f"{s}/{MANIFEST}") for s in names}
+    return {s: st.read_json(f"{s}/{MANIFEST}") for s in stages}
 
 
 def run_local(doc: dict[str, Any], stages: tuple[str, ...], what: str) -> dict[str, dict[str, Any]]:
@@ -343,15 +350,12 @@ def run_local(doc: dict[str, Any], stages: tuple[str, ...], what: str) -> dict[s
     the manifests of `stages`; SystemExit naming `what` unless the run succeeds."""
     from kubedistill import runner
     from kubedistill.core.spec import parse_run
-    from kubedistill.core.stage import MANIFEST
-    from kubedistill.core.storage import Storage
 
     with open(os.devnull, "w") as quiet:
         status = runner.run_local(parse_run(doc), out=quiet)
     if status.phase != "Succeeded":
         raise SystemExit(f"{what}: the run ended {status.phase}")
-    st = Storage(str(Path(doc["spec"]["storage"]["uri"]) / doc["metadata"]["name"]))
-    return {s: st.read_json(f"{s}/{MANIFEST}") for s in stages}
+    return manifests(doc, stages)
 
 
 TEACHER_VARIANTS = ("dapt", "no-dapt")
