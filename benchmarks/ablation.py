@@ -198,7 +198,7 @@ def teacher_annotations(args: argparse.Namespace) -> tuple[list[dict], list[dict
     max_tokens = spec["annotation"]["maxTokens"]
     samples = [lm.generate(model, tok, prompts, max_new_tokens=max_tokens, temperature=1.0, seed=k)
                for k in range(args.kd_samples)]
-    for i, r in enumerate(rows):
+    for i, r in enumerate(rows):  # with --kd-samples 0, the annotation's label alone (one-hot)
         r["label_probs"] = fmt.label_shares([fmt.response(r["reasoning"], r["label"]), *(s[i] for s in samples)], LABELS)
     parsed = [fmt.try_parse(t, LABELS) for t in lm.generate(model, tok, [fmt.prompt(r) for r in evalset], max_new_tokens=160)]
     # the teacher's own grade of each eval pair, one-hot; an unparsed answer has none and counts as the first label
@@ -223,11 +223,19 @@ def teacher_annotations(args: argparse.Namespace) -> tuple[list[dict], list[dict
         "eval_accuracy": sum(p is not None and p.label == r["label"] for p, r in zip(parsed, evalset, strict=True)) / len(evalset),
         "eval_macro_f1": macro_f1(evalset, answered),
         "eval_tail_macro_f1": macro_f1([evalset[i] for i in tail], answered[tail]),
+        # per grade, the share of the oracle's pairs the teacher gives that grade (its recall), on the log and on eval
+        "log_recall": recall([r["oracle_label"] for r in rows], [r["label"] for r in rows]),
+        "eval_recall": recall([r["label"] for r in evalset], [p.label if p else None for p in parsed]),
         "minutes": round((time.monotonic() - t0) / 60, 1),
     }
     print(f"teacher: {teacher}", flush=True)
     pool, val = split_by_query(rows, 0.1, seed=0)
     return pool, val, evalset, teacher
+
+
+def recall(truth: list[str], said: list[str | None]) -> dict[str, float]:
+    """Per label, the share of the pairs whose true label it is that were given it (an unparsed answer, None: none)."""
+    return {x: sum(s == x for t, s in zip(truth, said, strict=True) if t == x) / max(1, truth.count(x)) for x in LABELS}
 
 
 def with_labels(objective: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -744,6 +752,9 @@ def main() -> None:
         entry: dict[str, Any] = {"rows": len(train), "lexical": lexical, "runs": {o: [] for o in args.objectives}}
         if teacher:
             entry["label_agreement"] = sum(r["label"] == r["oracle_label"] for r in train) / len(train)
+        if "ce-oracle" in args.objectives:  # the control's lexical baseline: the oracle's labels of the same rows
+            entry["lexical_oracle"] = {"macro_f1": macro_f1(evalset, LexicalBaseline(LABELS).fit(
+                with_labels("ce-oracle", train)).predict_proba(evalset))}
         print(f"\nsize {size} ({len(train)} rows): lexical macro-F1 {lexical['macro_f1']:.4f} "
               f"(tail {lexical['tail_macro_f1']:.4f})", flush=True)
         for seed in args.seeds:
@@ -778,6 +789,8 @@ def main() -> None:
             e.setdefault("summary", {})[o] = {"mean": statistics.mean(xs), "sd": sd(xs)}
             cells.append(f"{statistics.mean(xs):.4f} ± {sd(xs):.4f}")
         print(f"{size:<6} " + "  ".join(f"{c:<17}" for c in cells) + f"  {e['lexical']['macro_f1']:.4f}")
+        if not students:
+            continue
         worst = min(e["summary"][o]["mean"] for o in students)
         rows.append({
             "what": f"every student vs the lexical baseline, {e['rows']} {labeled} pairs, knowledge world, "
@@ -800,7 +813,20 @@ def main() -> None:
                 "measured": f"{statistics.mean(d):+.4f} (per seed {', '.join(f'{x:+.3f}' for x in d)})",
                 "met": "yes" if ok else "no",
             })
-    if teacher:
+    if "ce-oracle" in args.objectives and "ce" in args.objectives:
+        for size in args.sizes:
+            e = results["sizes"][str(size)]
+            d = [o["macro_f1"] - c["macro_f1"] for o, c in zip(e["runs"]["ce-oracle"], e["runs"]["ce"], strict=True)]
+            rows.append({
+                "what": f"what the teacher's labels cost a CE student: the oracle's labels of the same {e['rows']} pairs "
+                        f"vs the teacher's, knowledge world (`ablation.py`)",
+                "target": "- (a control)",
+                "measured": f"{statistics.mean(d):+.4f} (per seed {', '.join(f'{x:+.3f}' for x in d)}); ce-oracle "
+                            f"{e['summary']['ce-oracle']['mean']:.3f}; lexical on the oracle's labels "
+                            f"{e['lexical_oracle']['macro_f1']:.3f}, on the teacher's {e['lexical']['macro_f1']:.3f}",
+                "met": "-",
+            })
+    if teacher and students:
         e = results["sizes"][str(max(args.sizes))]
         # the best by validation macro-F1 (the teacher's labels), as the quickstart chooses what it serves
         best = max(students, key=lambda o: statistics.mean(r["val_macro_f1"] for r in e["runs"][o]))

@@ -103,8 +103,8 @@ def in_process(model_dir: str, prompts: list[str], max_tokens: int, batch: int, 
         t0 = time.perf_counter()
         out = lm.generate(model, tok, prompts, max_new_tokens=max_tokens, batch_size=batch, with_token_counts=True)
         dt = time.perf_counter() - t0
-    tokens = sum(n for _, n in out)
-    parsed = sum(fmt.try_parse(text, LABELS) is not None for text, _ in out)
+    tokens = sum(n for _, n, _ in out)
+    parsed = sum(fmt.try_parse(text, LABELS) is not None for text, _, _ in out)
     return {"prompts": len(prompts), "batch": batch, "torch_threads": torch.get_num_threads(), "tokens": tokens,
             "parameters": sum(p.numel() for p in model.parameters()),
             "seconds": dt, "tokens_per_s": tokens / dt, "rows_per_s": len(prompts) / dt,

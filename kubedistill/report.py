@@ -383,6 +383,7 @@ def _section_annotate(found: dict[str, dict[str, Any]]) -> str:
         "<h2>Annotation</h2>"
         + _table(["metric", "value"], rows)
         + f"<p>Labels: {labels}. Quarantined because: {reasons}.</p>"
+        + (f"<p><strong>{_e(x['advice'])}</strong></p>" if x.get("advice") else "")
         + said
     )
 

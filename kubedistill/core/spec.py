@@ -513,7 +513,11 @@ class AnnotationSpec(_Model):
         "measured (the curve is in the manifest's replicas_profile).",
     )
     max_tokens: int = Field(
-        default=256, ge=8, le=8192, description="Most tokens a response (reasoning + label) may take."
+        default=256,
+        ge=8,
+        le=8192,
+        description="Most tokens a response (reasoning + label) may take. An answer cut before its label line is "
+        "quarantined as `answer cut at maxTokens`; past 1% of the answers the stage says to raise this.",
     )
     temperature: float = Field(default=0.0, ge=0, le=2, description="Sampling temperature; 0 is greedy.")
     seed: Seed = Field(default=0, description="Sampling seed.")

@@ -46,6 +46,8 @@ from kubedistill.stages.teacher import fmt
 RAW, SHARD = "_raw", "_shard"
 #: the quarantine reason of a rationalized row whose model label differs from the given one
 DISAGREES = "disagrees with the given label"
+#: the quarantine reason of an answer that spent spec.annotation.maxTokens before its label line
+CUT = "answer cut at maxTokens"
 
 
 class EngineUnavailable(RuntimeError):
@@ -63,6 +65,7 @@ class Sampling:
 class Generation:
     text: str
     tokens: int  # generated tokens
+    cut: bool = False  # stopped by maxTokens, not by the model's end of sequence
 
 
 class Engine(Protocol):
@@ -115,7 +118,7 @@ class TransformersEngine:
             seed=sampling.seed,
             with_token_counts=True,
         )
-        return [Generation(text, n) for text, n in out]
+        return [Generation(text, n, not ended) for text, n, ended in out]
 
 
 class VllmEngine:
@@ -147,7 +150,12 @@ class VllmEngine:
             self.prompt_tokens(prompts)
         inputs: list[Any] = [{"prompt_token_ids": self._ids[p]} for p in prompts]
         outs = self.llm.generate(inputs, params, use_tqdm=False)
-        return [Generation(o.outputs[0].text, len(o.outputs[0].token_ids)) for o in outs]
+        return [vllm_generation(o.outputs[0]) for o in outs]
+
+
+def vllm_generation(out: Any) -> Generation:
+    """A `Generation` of vLLM's `CompletionOutput`: its `finish_reason` is "length" when maxTokens cut it."""
+    return Generation(out.text, len(out.token_ids), out.finish_reason == "length")
 
 
 def vllm_args(path: str, kv_cache_gib: float, seed: int, compile: bool, cuda: bool) -> dict[str, Any]:
@@ -325,7 +333,6 @@ def annotate_rows(
             del prompts[i]
     tokens: Counter[int] = Counter()
     attempts: Counter[int] = Counter()
-    last: dict[int, str] = {}
     pending = sorted(prompts, key=lengths.__getitem__)
     for attempt in range(retries + 1):
         if not pending:
@@ -356,13 +363,14 @@ def annotate_rows(
             try:
                 parsed = fmt.parse_response(gen.text, labels)
             except fmt.ParseError as e:
-                last[i] = f"{e}"
+                # an answer cut by the token budget is told apart: the fix is spec.annotation.maxTokens, not the model
+                why = f"{CUT}: {s.max_tokens} tokens, then {e}" if gen.cut else f"unparseable response: {e}"
                 out[i] = Outcome(
                     shard,
                     "quarantined",
                     {
                         "source": shard,
-                        "reason": f"unparseable response: {e}",
+                        "reason": why,
                         "raw": _raw_text(raw),
                         "response": gen.text[:2000],
                     },
@@ -638,7 +646,8 @@ def totals(results: list[ShardResult], fresh: set[str], seconds: float, engine: 
     of this run (`fresh`: the shards it annotated; the others were done by an earlier attempt)."""
     labeled = sum(r.labeled for r in results)
     parsed = labeled + sum(r.reasons.get(DISAGREES, 0) for r in results)  # a disagreement parsed
-    unparseable = sum(r.reasons.get("unparseable response", 0) for r in results)
+    cut = sum(r.reasons.get(CUT, 0) for r in results)
+    unparseable = sum(r.reasons.get("unparseable response", 0) for r in results) + cut
     new = [r for r in results if r.shard in fresh]
     rate = seconds > 0 and bool(new)
     return {
@@ -650,6 +659,8 @@ def totals(results: list[ShardResult], fresh: set[str], seconds: float, engine: 
         "quarantined": sum(r.quarantined for r in results),
         "labels": dict(sorted(sum((Counter(r.labels) for r in results), Counter()).items())),
         "quarantine_reasons": dict(sum((Counter(r.reasons) for r in results), Counter())),
+        # of the rows that reached the model and came back, those whose every answer maxTokens cut before its label
+        "cut_at_max_tokens": cut,
         # of the rows that reached the model and came back: parsed at all, parsed at the first try
         "parse_rate": round(parsed / max(1, parsed + unparseable), 4),
         "first_try_parse_rate": round(sum(r.first_try_parsed for r in results) / max(1, parsed + unparseable), 4),
@@ -660,6 +671,21 @@ def totals(results: list[ShardResult], fresh: set[str], seconds: float, engine: 
         "rows_per_s": round(sum(r.rows_in for r in new) / seconds, 2) if rate else 0.0,
         "tokens_per_s": round(sum(r.tokens for r in new) / seconds, 1) if rate else 0.0,
     }
+
+
+def cut_advice(metrics: dict[str, Any], max_tokens: int, share: float = 0.01) -> str:
+    """What to do when more than `share` of the rows that reached the model were lost because every answer to
+    them ran out of tokens before its label line (the manifest's `cut_at_max_tokens`); "" otherwise."""
+    cut = metrics.get("cut_at_max_tokens", 0)
+    answered = metrics["labeled"] + sum(
+        v for k, v in metrics["quarantine_reasons"].items() if k in (CUT, "unparseable response", DISAGREES)
+    )
+    if not cut or cut <= share * answered:
+        return ""
+    return (
+        f"{cut} of {answered} answers ({cut / answered:.1%}) were cut at spec.annotation.maxTokens={max_tokens} "
+        "before their label line and quarantined: raise spec.annotation.maxTokens (the chains are longer)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -828,17 +854,20 @@ def _run(ctx: StageContext, logs: Storage, explain: bool) -> dict[str, Any]:
         ctx.log(
             f"the model's label agreed with the given one on {explained['rate']:.1%} of {explained['answered']} answers"
         )
+    if advice := cut_advice(metrics, a.max_tokens):
+        metrics["advice"] = advice  # the run report shows it under the annotation's table
+        ctx.log(advice)
     if metrics["labeled"] == 0:
         raise ValueError(
             f"{ctx.name}: no row could be {'explained' if explain else 'annotated'} "
-            f"({metrics['quarantine_reasons']}); see {ctx.out.uri('quarantine')}"
+            f"({metrics['quarantine_reasons']}); see {ctx.out.uri('quarantine')}" + (f". {advice}" if advice else "")
         )
     limit = a.max_quarantined_fraction
     if metrics["quarantined"] > limit * metrics["rows_in"]:
         raise ValueError(
             f"{ctx.name}: {metrics['quarantined']} of {metrics['rows_in']} rows quarantined, more than "
             f"spec.annotation.maxQuarantinedFraction={limit}: {metrics['quarantine_reasons']}; "
-            f"see {ctx.out.uri('quarantine')}"
+            f"see {ctx.out.uri('quarantine')}" + (f". {advice}" if advice else "")
         )
     if not explain and (agree := agreement(ctx, ordered)) is not None:
         metrics["agreement_with_reference"] = agree

