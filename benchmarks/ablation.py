@@ -16,6 +16,7 @@ prompts are scored beside the students.
     .venv/bin/python benchmarks/ablation.py [--sizes 500 1500 4500] [--seeds 0 1 2] [--objectives ce crsd]
     .venv/bin/python benchmarks/ablation.py --teacher annotations --objectives ce kd crsd ce-oracle [--store S]
     .venv/bin/python benchmarks/ablation.py --part teacher [--seeds 0 1 2] [--corpus-only-share 0.25] [--tag T]
+    .venv/bin/python benchmarks/ablation.py --part teacher-seeds --seeds 0 1 2 --sizes 500 1000 2000
 
 The teacher's part (`--part teacher`, record `ablation-teacher.json`) runs the real stages on a local Ray
 (data, teacher-dapt, teacher-sft, reward-model, teacher-dpo) with the quickstart's teacher settings on the
@@ -30,7 +31,9 @@ reasoning is to the world's knowledge, judged against the corpus and never by th
 stated facts the corpus states, of those that are also about a name in the prompt (grounded), of chains that
 invent none, and of the oracle's cited facts recalled), and how often a chain names the place it was shown. It
 reads teacher-dpo's `preference_truth`: how often DPO's pairs prefer the answer with the prompt's true label.
-`--services N` sets the world's places (the quickstart's 300), `--rm-epochs E` trains the reward model E passes
+`--part teacher-seeds` trains the quickstart's teacher through SFT on the
+student part's world once per `--seeds` as `spec.teacher.seed` (the same data, a different training draw): how
+far one draw moves the teacher the students learn from. `--services N` sets the world's places (the quickstart's 300), `--rm-epochs E` trains the reward model E passes
 over its pairs instead of the quickstart's 40 steps.
 
 Protocol: one world (seed 0): training pool, validation and eval are query-disjoint (the eval set is the
@@ -575,6 +578,56 @@ def teacher_size_part(args: argparse.Namespace) -> None:
     benchrecord.write("ablation", vars(args), results, summary, tag=args.tag or "teacher-size")
 
 
+def teacher_seeds_part(args: argparse.Namespace) -> None:
+    """How far one teacher's training draw moves it: the quickstart's teacher through SFT on the student part's
+    world (the knowledge world, seed 0, its log sized for `--sizes`), once per `--seeds` as `spec.teacher.seed`
+    (a scratch model's initial weights, the batch order): the same data and held-out prompts every time. The
+    data, teacher-dapt and teacher-sft stages' own job entrypoints on a local Ray. Per seed: the SFT stage's
+    label accuracy on its 400 held-out prompts, and the teacher's greedy answers to the eval pairs the students
+    are scored on (macro-F1, as `--teacher annotations` scores the annotating teacher)."""
+    from kubedistill import runner
+    from kubedistill.core.storage import Storage
+    from kubedistill.stages.data import read_dataset
+    from kubedistill.stages.teacher import fmt
+
+    store = store_dir(args, "teacher-seeds")
+    print(f"teacher seeds {args.seeds}: quickstart teacher through SFT, knowledge world; stores under {store}", flush=True)
+    results: dict[str, Any] = {"runs": []}
+    with runner.local_ray() as session:
+        assert session.head is not None
+        for seed in args.seeds:
+            doc = knowledge_run(f"teacher-seed-{seed}", store, 0, 0.0)
+            doc["spec"]["data"]["synthetic"].update(queries=int(max(args.sizes) * 1.3 / 6) + 20, evalSize=args.eval_pairs)
+            doc["spec"]["teacher"]["seed"] = seed
+            t0 = time.monotonic()
+            m = run_stages(doc, ("data", "teacher-dapt", "teacher-sft"), session.head.gcs_address)
+            evalset = read_dataset(Storage(m["data"]["artifact"]).child("eval"))
+            parsed = [fmt.try_parse(t, LABELS) for t in answers(m["teacher-sft"]["outputs"]["model"], evalset)]
+            said = np.array([[float(p is not None and p.label == x) for x in LABELS] for p in parsed])
+            run = {
+                "seed": seed,
+                "sft_label_accuracy": m["teacher-sft"]["metrics"]["eval"]["label_accuracy"],
+                "eval_macro_f1": macro_f1(evalset, said),
+                "eval_recall": recall([r["label"] for r in evalset], [p.label if p else None for p in parsed]),
+                "sft_loss": m["teacher-sft"]["metrics"]["loss"],
+                "minutes": round((time.monotonic() - t0) / 60, 1),
+            }
+            results["runs"].append(run)
+            print(f"teacher seed {seed}: {run}", flush=True)
+    acc = [r["sft_label_accuracy"] for r in results["runs"]]
+    f1 = [r["eval_macro_f1"] for r in results["runs"]]
+    summary: list[benchrecord.Row] = [{
+        "what": f"SFT teacher (the quickstart's settings) over {len(acc)} teacher seeds (`spec.teacher.seed`), one world and "
+                "its data: label accuracy on 400 held-out prompts / macro-F1 on the students' eval pairs, knowledge world "
+                "(`ablation.py --part teacher-seeds`)",
+        "target": "- (a diagnosis: how far one training draw moves the teacher)",
+        "measured": f"{statistics.mean(acc):.3f} ± {sd(acc):.3f} (per seed {', '.join(f'{x:.3f}' for x in acc)}) / "
+                    f"{statistics.mean(f1):.3f} ± {sd(f1):.3f} (per seed {', '.join(f'{x:.3f}' for x in f1)})",
+        "met": "-",
+    }]
+    benchrecord.write("ablation", vars(args), results, summary, tag=args.tag or "teacher-seeds")
+
+
 def teacher_rows(
     results: dict[str, Any], seeds: int, share: float, dapt_steps: int, replay: float = 0.0, places: int = 300
 ) -> list[benchrecord.Row]:
@@ -671,7 +724,8 @@ def teacher_rows(
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=["student", "teacher", "dapt-probe", "teacher-size"], default="student")
+    ap.add_argument("--part", choices=["student", "teacher", "dapt-probe", "teacher-size", "teacher-seeds"],
+                    default="student")
     ap.add_argument("--presets", nargs="+", default=["llama-tiny", "llama-small"],
                     help="teacher-size part: the scratch presets to compare")
     ap.add_argument("--sft-steps", type=int, default=1800, help="teacher-size part: SFT steps (the quickstart's 1,800)")
@@ -715,6 +769,9 @@ def main() -> None:
         return
     if args.part == "teacher-size":
         teacher_size_part(args)
+        return
+    if args.part == "teacher-seeds":
+        teacher_seeds_part(args)
         return
     name = f"ablation{'-' + args.tag if args.tag else ''}"
     if args.replot:

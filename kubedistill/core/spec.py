@@ -464,6 +464,12 @@ class TeacherSpec(_Model):
         "far less activation memory for about a third more compute.",
     )
     resources: TeacherResources = Field(default_factory=TeacherResources)
+    seed: Seed = Field(
+        default=0,
+        description="Seed of the teacher's training: a scratch model's initial weights, the batch order, the texts "
+        "SFT replays, the reward model's training pairs and the prompts and answers DPO samples. Held-out sets do "
+        "not move with it, so teachers of several seeds are scored on the same prompts.",
+    )
 
 
 class AnnotationSpec(_Model):

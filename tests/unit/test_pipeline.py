@@ -93,13 +93,15 @@ def test_stage_config_is_json_with_only_its_sections():
     assert set(cfg["spec"]) == {"labels", "serving"}
     assert cfg["inputs"] == ["student-crsd", "evaluate"]
     assert set(json.loads(by["teacher-dapt"].config_json)["spec"]["teacher"]) == {
-        "baseModel", "dapt", "resources", "maxFailures", "maxLength", "gradientCheckpointing"}
+        "baseModel", "dapt", "resources", "maxFailures", "maxLength", "gradientCheckpointing", "seed"}
 
 
 def test_config_hash_changes_only_for_stages_that_read_the_change():
     base = {s.name: s.config_hash for s in _build()}
     changed = {s.name: s.config_hash for s in _build(serving={"replicas": {"min": 1, "max": 8}})}
     assert {n for n in base if base[n] != changed[n]} == {"serve"}
+    reseeded = {s.name: s.config_hash for s in _build(teacher={"seed": 1})}
+    assert {n for n in base if base[n] != reseeded[n]} == {"teacher-dapt", "teacher-sft", "reward-model", "teacher-dpo"}
     moved = {s.name: s.config_hash for s in _build(storage={"uri": "s3://elsewhere/x"})}
     assert moved == base  # where artifacts live is not what they depend on
 

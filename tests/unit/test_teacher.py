@@ -180,6 +180,22 @@ def test_fit_resumed_from_a_checkpoint_ends_where_an_uninterrupted_run_does(tiny
         torch.testing.assert_close(model.state_dict()[k], full[k])
 
 
+def test_the_teacher_seed_sets_a_scratch_models_weights_and_every_training_stages_seed(tmp_path):
+    from kubedistill.core import pipeline, spec
+
+    texts = [f"The Kiru Ritual is a house name for sauna {i}." for i in range(20)]
+    w = {s: lm.scratch("scratch:llama-tiny", texts, seed=s)[0].state_dict() for s in (0, 1)}
+    again = lm.scratch("scratch:llama-tiny", texts, seed=1)[0].state_dict()
+    assert all(torch.equal(again[k], w[1][k]) for k in w[1])  # the same seed, the same weights
+    assert not torch.equal(w[0]["model.embed_tokens.weight"], w[1]["model.embed_tokens.weight"])
+    model, tok = lm.scratch("scratch:llama-tiny", texts)
+    start = lm.save(model, tok, Storage(str(tmp_path / "start")))
+    run = spec.parse_run(minimal_doc(storage={"uri": str(tmp_path)}, teacher={"seed": 7}))
+    for stage in ("teacher-dapt", "teacher-sft", "reward-model", "teacher-dpo"):
+        ctx = StageContext(next(s for s in pipeline.build(run) if s.name == stage).config, Storage(str(tmp_path)))
+        assert stages._train_config(ctx, "lm", start, "x", TrainSpec()).seed == 7, stage
+
+
 def test_unknown_scratch_preset_and_unloadable_model_name_the_field(tmp_path):
     with pytest.raises(ModelNotFound, match="spec.teacher.baseModel: unknown preset 'scratch:huge'"):
         lm.scratch("scratch:huge", ["x"])

@@ -52,6 +52,7 @@ def _train_config(
         max_length=t.max_length,
         strategy=planned.estimate.strategy if planned.estimate else memory.strategy(ctx.spec, ctx.name, None),
         gradient_checkpointing=t.gradient_checkpointing,
+        seed=t.seed,
         **extra,
     )
 
@@ -221,7 +222,7 @@ def run_dapt(ctx: StageContext) -> dict[str, Any]:
     if lm.is_scratch(base):
         sft = read_dataset(ctx.input("data").child("sft")) if ctx.input("data").list("sft") else []
         extra = [fmt.prompt(r) + fmt.response(r.get("reasoning") or "", r["label"]) for r in sft if r.get("label")]
-        model, tokenizer = lm.scratch(base, texts + extra)
+        model, tokenizer = lm.scratch(base, texts + extra, seed=t.seed)
         start = lm.save(model, tokenizer, ctx.out.child("init"))
         ctx.log(f"built {base}: {sum(p.numel() for p in model.parameters()):,} parameters, vocabulary {len(tokenizer)}")
     else:
@@ -302,7 +303,7 @@ def sft_replay(ctx: StageContext, pairs: int) -> list[str]:
             f"spec.teacher.sft.corpusReplay: teacher-dapt's output at {dapt.uri()} holds no training texts to "
             "replay (examples/); set corpusReplay to 0, or run teacher-dapt again"
         )
-    return replay_texts(texts, round(ratio * pairs))
+    return replay_texts(texts, round(ratio * pairs), seed=ctx.spec.teacher.seed)
 
 
 def run_sft(ctx: StageContext) -> dict[str, Any]:
@@ -397,7 +398,7 @@ def run_reward(ctx: StageContext) -> dict[str, Any]:
     dims = dimensions_of(r.dimensions)
     rows = sft_rows(ctx, labels)
     train_rows, held_rows = split_by_query(rows, 0.2, 0)
-    train_pairs = pairs.reward_pairs(train_rows, labels, dims, seed=0)
+    train_pairs = pairs.reward_pairs(train_rows, labels, dims, seed=ctx.spec.teacher.seed)
     held_pairs = pairs.reward_pairs(held_rows, labels, dims, seed=1)[:HELD_PAIRS]
     write_rows(ctx.out, "examples/part-00000", [p.__dict__ for p in train_pairs], "jsonl")
     start = _model_uri(ctx, "teacher-sft")
@@ -459,13 +460,15 @@ def _sample_dpo(
     margin: float,
     ev: list[dict[str, Any]],
     labels: list[str],
+    seed: int = 0,
 ) -> dict[str, Any]:
-    """k samples per prompt from the SFT teacher, scored; the preference pairs; the SFT teacher's eval."""
+    """k samples per prompt from the SFT teacher (sampled with `seed`), scored; the preference pairs; the SFT
+    teacher's eval."""
     rm, rm_tok, weights = _reward_model_on_device(rm_uri, options)
     sft, tokenizer = lm.load(start, "teacher-sft model", options)
     sft = sft.to(device())
     repeated = [p for p in prompts for _ in range(k)]
-    samples = lm.generate(sft, tokenizer, repeated, max_new_tokens=GEN_TOKENS, temperature=1.0, seed=0)
+    samples = lm.generate(sft, tokenizer, repeated, max_new_tokens=GEN_TOKENS, temperature=1.0, seed=seed)
     rewards = combined(reward_scores(rm, rm_tok, repeated, samples), rm.dimensions, weights).tolist()
     chosen_rejected = []
     for i, p in enumerate(prompts):
@@ -505,10 +508,12 @@ def run_dpo(ctx: StageContext) -> dict[str, Any]:
     start = _model_uri(ctx, "teacher-sft")
     rows, ev = sft_rows(ctx, labels), eval_rows(ctx)
     if d.prompts and d.prompts < len(rows):
-        rows = random.Random(0).sample(rows, d.prompts)
+        rows = random.Random(ctx.spec.teacher.seed).sample(rows, d.prompts)
     k = d.samples_per_prompt
     prompts = [fmt.prompt(r) for r in rows]
-    sampled = on_worker(res, _sample_dpo, start, rm_uri, options, prompts, k, d.margin, ev, labels)
+    sampled = on_worker(
+        res, _sample_dpo, start, rm_uri, options, prompts, k, d.margin, ev, labels, ctx.spec.teacher.seed
+    )
     if not sampled["pairs"]:
         raise ValueError(
             f"spec.teacher.dpo.margin: no prompt's {k} samples differ by >= {d.margin} in reward; "
