@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -281,6 +281,27 @@ def pair_id(query: str, service_id: str) -> str:
     return hashlib.sha1(f"{query}\x00{service_id}".encode()).hexdigest()[:16]
 
 
+def query_split(query: str, seed: int, sizes: Sequence[int]) -> int:
+    """The split a query belongs to: a hash of the seed and the query into [0, 1), cut in proportion to the
+    splits' `sizes`. A query is in one split only, and every split samples the same query distribution: held-out
+    queries are a random share of the traffic, as in a real log, not the first ones drawn (which took the
+    common head and left the log the tail)."""
+    digest = hashlib.sha256(f"{seed}\x00{query}".encode()).digest()
+    u = int.from_bytes(digest[:8], "big") / 2**64
+    total, at = sum(sizes), 0.0
+    for i, n in enumerate(sizes):
+        at += n / total
+        if u < at:
+            return i
+    return len(sizes) - 1
+
+
+def split_tries(n: int, sizes: Sequence[int], k: int) -> int:
+    """Queries to draw while filling split `k` of `sizes` with `n` rows: enough that the share of draws hashed
+    to it (`query_split`) fills it, when the world has the queries."""
+    return int(4 * n * sum(sizes) / max(1, sizes[k])) + 100
+
+
 @dataclass
 class SyntheticData:
     log: list[dict[str, Any]] = field(default_factory=list)  # unlabeled
@@ -304,15 +325,20 @@ def generate(
     eval_size: int,
     seed: int,
 ) -> SyntheticData:
-    """A synthetic search log. Log, SFT and eval sets use disjoint queries."""
+    """A synthetic search log. Eval, SFT and log use disjoint queries, each split a random share of the same query
+    distribution (`query_split`)."""
     rng = random.Random(seed)
     catalog = make_services(services, rng)
     out = SyntheticData()
 
-    def pairs(n_pairs: int) -> Iterator[dict[str, Any]]:
-        made = 0
-        while made < n_pairs:
+    splits = (("eval", eval_size), ("sft", sft_size), ("labeled", queries * pairs_per_query))
+    sizes = [n for _, n in splits]
+
+    def pairs(split: int, tries: int) -> Iterator[dict[str, Any]]:
+        for _ in range(tries):
             intent = make_intent(rng, catalog)
+            if query_split(intent.text, seed, sizes) != split:
+                continue
             for s in candidates(intent, catalog, pairs_per_query, rng):
                 j = judge(intent, s)
                 yield {
@@ -322,14 +348,11 @@ def generate(
                     "label": grade_to_label(j.grade, labels),
                     "reasoning": j.reasoning,
                 }
-                made += 1
-                if made >= n_pairs:
-                    return
 
     seen: set[str] = set()
-    for name, n in (("eval", eval_size), ("sft", sft_size), ("labeled", queries * pairs_per_query)):
+    for k, (name, n) in enumerate(splits):
         rows = []
-        for row in pairs(n * 2):
+        for row in pairs(k, split_tries(n, sizes, k)):
             if row["pair_id"] in seen:
                 continue
             seen.add(row["pair_id"])

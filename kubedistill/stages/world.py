@@ -50,6 +50,8 @@ from kubedistill.stages.synthetic import (
     draw,
     grade_to_label,
     pair_id,
+    query_split,
+    split_tries,
     unlabeled,
 )
 
@@ -472,9 +474,9 @@ def generate(
     street_share: float = 0.65,
     corpus_only_share: float = 0.0,
 ) -> SyntheticData:
-    """A knowledge-world search log (the same datasets and columns as `synthetic.generate`). Log, SFT and eval
-    use disjoint queries; the corpus holds every fact (`Knowledge.sentences`), each place's description,
-    and a sample of queries. With `corpus_only_share`, that share of the names (`corpus_only_names`) is kept
+    """A knowledge-world search log (the same datasets and columns as `synthetic.generate`). Eval, SFT and log
+    use disjoint queries, each split a random share of the same query distribution (`query_split`); the corpus
+    holds every fact (`Knowledge.sentences`), each place's description, and a sample of queries. With `corpus_only_share`, that share of the names (`corpus_only_names`) is kept
     out of the SFT pairs: their queries and candidates come only from places that use none of them, so no
     SFT chain states those facts; the log and the eval set draw from every place."""
     rng = random.Random(seed)
@@ -489,18 +491,17 @@ def generate(
         )
     out = SyntheticData()
     seen_pairs: set[str] = set()
-    seen_queries: set[str] = set()
-    for name, n in (("eval", eval_size), ("sft", sft_size), ("labeled", queries * pairs_per_query)):
+    splits = (("eval", eval_size), ("sft", sft_size), ("labeled", queries * pairs_per_query))
+    sizes = [n for _, n in splits]
+    for k, (name, n) in enumerate(splits):
         rows: list[dict[str, Any]] = []
-        split_queries: set[str] = set()
         shown = familiar if name == "sft" else places
-        for _ in range(n * 4):
+        for _ in range(split_tries(n, sizes, k)):
             if len(rows) >= n:
                 break
             ask = make_ask(rng, shown, kb)
-            if ask.text in seen_queries and ask.text not in split_queries:
-                continue  # a query belongs to one split
-            split_queries.add(ask.text)
+            if query_split(ask.text, seed, sizes) != k:
+                continue  # a query belongs to one split, a random share of the traffic (`query_split`)
             for p in candidates(ask, shown, pairs_per_query, rng):
                 pid = pair_id(ask.text, p.id)
                 if pid in seen_pairs or len(rows) >= n:
@@ -516,7 +517,6 @@ def generate(
                         "reasoning": v.reasoning,
                     }
                 )
-        seen_queries |= split_queries
         setattr(out, name, rows)
     out.log = unlabeled(out.labeled)
     out.corpus = [{"text": t} for t in kb.sentences()]
