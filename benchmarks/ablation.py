@@ -31,10 +31,10 @@ reasoning is to the world's knowledge, judged against the corpus and never by th
 stated facts the corpus states, of those that are also about a name in the prompt (grounded), of chains that
 invent none, and of the oracle's cited facts recalled), and how often a chain names the place it was shown. It
 reads teacher-dpo's `preference_truth`: how often DPO's pairs prefer the answer with the prompt's true label.
-`--part teacher-seeds` trains the quickstart's teacher through SFT on the
-student part's world once per `--seeds` as `spec.teacher.seed` (the same data, a different training draw): how
-far one draw moves the teacher the students learn from. `--services N` sets the world's places (the quickstart's 300), `--rm-epochs E` trains the reward model E passes
-over its pairs instead of the quickstart's 40 steps.
+`--part teacher-seeds` trains the quickstart's teacher through SFT on the student part's world once per `--seeds`
+as `spec.teacher.seed` (the same data, a different training draw): how far one draw moves the teacher the students
+learn from. `--services N` sets the world's places (the quickstart's 300), `--rm-epochs E` trains the reward model
+E passes over its pairs instead of the quickstart's 40 steps.
 
 Protocol: one world (seed 0): training pool, validation and eval are query-disjoint (the eval set is the
 generator's own, the validation split holds out 10% of the pool's queries; with `--teacher annotations` the pool
@@ -180,9 +180,8 @@ def teacher_annotations(args: argparse.Namespace) -> tuple[list[dict], list[dict
     from kubedistill.stages.teacher import train as teacher_train
 
     store = store_dir(args, "students")
-    doc = knowledge_run("students", store, 0, 0.0)
+    doc = students_world("students", store, args)
     spec = doc["spec"]
-    spec["data"]["synthetic"].update(queries=int(max(args.sizes) * 1.3 / 6) + 20, evalSize=args.eval_pairs)
     for section in ("student", "pruning", "serving"):
         spec[section]["enabled"] = False
     print(f"teacher: the quickstart's stages up to annotate, knowledge world; stores under {store}", flush=True)
@@ -204,8 +203,7 @@ def teacher_annotations(args: argparse.Namespace) -> tuple[list[dict], list[dict
     for i, r in enumerate(rows):  # with --kd-samples 0, the annotation's label alone (one-hot)
         r["label_probs"] = fmt.label_shares([fmt.response(r["reasoning"], r["label"]), *(s[i] for s in samples)], LABELS)
     parsed = [fmt.try_parse(t, LABELS) for t in lm.generate(model, tok, [fmt.prompt(r) for r in evalset], max_new_tokens=160)]
-    # the teacher's own grade of each eval pair, one-hot; an unparsed answer has none and counts as the first label
-    answered = np.array([[float(p is not None and p.label == x) for x in LABELS] for p in parsed])
+    answered = one_hot(parsed)  # the teacher's own grade of each eval pair
     tail = [i for i, r in enumerate(evalset) if depends_on_house_name(r)]
     teacher = {
         "model": model_uri,
@@ -228,12 +226,22 @@ def teacher_annotations(args: argparse.Namespace) -> tuple[list[dict], list[dict
         "eval_tail_macro_f1": macro_f1([evalset[i] for i in tail], answered[tail]),
         # per grade, the share of the oracle's pairs the teacher gives that grade (its recall), on the log and on eval
         "log_recall": recall([r["oracle_label"] for r in rows], [r["label"] for r in rows]),
-        "eval_recall": recall([r["label"] for r in evalset], [p.label if p else None for p in parsed]),
+        "eval_recall": recall([r["label"] for r in evalset], grades(parsed)),
         "minutes": round((time.monotonic() - t0) / 60, 1),
     }
     print(f"teacher: {teacher}", flush=True)
     pool, val = split_by_query(rows, 0.1, seed=0)
     return pool, val, evalset, teacher
+
+
+def grades(parsed: list[Any]) -> list[str | None]:
+    """The grade of each parsed answer (`fmt.try_parse`); None where it did not parse."""
+    return [p.label if p is not None else None for p in parsed]
+
+
+def one_hot(parsed: list[Any]) -> np.ndarray:
+    """A teacher's grades of `parsed` answers as one-hot rows; an unparsed answer has none (scored as the first label)."""
+    return np.array([[float(g == x) for x in LABELS] for g in grades(parsed)])
 
 
 def recall(truth: list[str], said: list[str | None]) -> dict[str, float]:
@@ -328,6 +336,14 @@ def knowledge_run(name: str, store: Path, seed: int, share: float) -> dict[str, 
     doc["metadata"]["name"] = name
     doc["spec"]["storage"]["uri"] = str(store)
     doc["spec"]["data"]["synthetic"].update(world="knowledge", seed=seed, corpusOnlyShare=share)
+    return doc
+
+
+def students_world(name: str, store: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The student part's run document with `--teacher annotations`: the knowledge world (seed 0, no corpus-only
+    names), its log large enough for the largest of `--sizes` plus a 10% validation split, `--eval-pairs` held out."""
+    doc = knowledge_run(name, store, 0, 0.0)
+    doc["spec"]["data"]["synthetic"].update(queries=int(max(args.sizes) * 1.3 / 6) + 20, evalSize=args.eval_pairs)
     return doc
 
 
@@ -596,19 +612,17 @@ def teacher_seeds_part(args: argparse.Namespace) -> None:
     with runner.local_ray() as session:
         assert session.head is not None
         for seed in args.seeds:
-            doc = knowledge_run(f"teacher-seed-{seed}", store, 0, 0.0)
-            doc["spec"]["data"]["synthetic"].update(queries=int(max(args.sizes) * 1.3 / 6) + 20, evalSize=args.eval_pairs)
+            doc = students_world(f"teacher-seed-{seed}", store, args)
             doc["spec"]["teacher"]["seed"] = seed
             t0 = time.monotonic()
             m = run_stages(doc, ("data", "teacher-dapt", "teacher-sft"), session.head.gcs_address)
             evalset = read_dataset(Storage(m["data"]["artifact"]).child("eval"))
             parsed = [fmt.try_parse(t, LABELS) for t in answers(m["teacher-sft"]["outputs"]["model"], evalset)]
-            said = np.array([[float(p is not None and p.label == x) for x in LABELS] for p in parsed])
             run = {
                 "seed": seed,
                 "sft_label_accuracy": m["teacher-sft"]["metrics"]["eval"]["label_accuracy"],
-                "eval_macro_f1": macro_f1(evalset, said),
-                "eval_recall": recall([r["label"] for r in evalset], [p.label if p else None for p in parsed]),
+                "eval_macro_f1": macro_f1(evalset, one_hot(parsed)),
+                "eval_recall": recall([r["label"] for r in evalset], grades(parsed)),
                 "sft_loss": m["teacher-sft"]["metrics"]["loss"],
                 "minutes": round((time.monotonic() - t0) / 60, 1),
             }

@@ -19,6 +19,8 @@ from kubedistill.core.spec import DistillationRunSpec, Resources, annotates, pru
 
 #: How every teacher stage runs: its Ray workers and its budget of worker failures.
 _TEACHER_RUN = ("teacher.resources", "teacher.maxFailures", "teacher.maxLength", "teacher.gradientCheckpointing")
+#: ... and what every teacher stage's training draw depends on (not prune-search's: it has its own seed)
+_TEACHER_TRAINING = ("teacher.seed", *_TEACHER_RUN)
 
 
 def one_cpu(spec: DistillationRunSpec) -> Resources:
@@ -134,28 +136,28 @@ STAGES: tuple[StageDef, ...] = (
     StageDef(
         "teacher-dapt",
         "kubedistill.stages.teacher.stages:run_dapt",
-        reads=("teacher.baseModel", "teacher.dapt", "teacher.seed", *_TEACHER_RUN),
+        reads=("teacher.baseModel", "teacher.dapt", *_TEACHER_TRAINING),
         inputs=_teacher("data", reads_sft=False),
         resources=lambda s: s.teacher.resources,
     ),
     StageDef(
         "teacher-sft",
         "kubedistill.stages.teacher.stages:run_sft",
-        reads=("labels", "teacher.sft", "teacher.seed", *_TEACHER_RUN),
+        reads=("labels", "teacher.sft", *_TEACHER_TRAINING),
         inputs=_teacher("data", "teacher-dapt"),
         resources=lambda s: s.teacher.resources,
     ),
     StageDef(
         "reward-model",
         "kubedistill.stages.teacher.stages:run_reward",
-        reads=("labels", "teacher.rewardModel", "teacher.seed", *_TEACHER_RUN),
+        reads=("labels", "teacher.rewardModel", *_TEACHER_TRAINING),
         inputs=_teacher("data", "teacher-sft"),
         resources=lambda s: s.teacher.resources,
     ),
     StageDef(
         "teacher-dpo",
         "kubedistill.stages.teacher.stages:run_dpo",
-        reads=("labels", "teacher.dpo", "teacher.rewardModel.dimensions", "teacher.seed", *_TEACHER_RUN),
+        reads=("labels", "teacher.dpo", "teacher.rewardModel.dimensions", *_TEACHER_TRAINING),
         inputs=_teacher("data", "teacher-sft", "reward-model"),
         resources=lambda s: s.teacher.resources,
     ),

@@ -48,6 +48,8 @@ RAW, SHARD = "_raw", "_shard"
 DISAGREES = "disagrees with the given label"
 #: the quarantine reason of an answer that spent spec.annotation.maxTokens before its label line
 CUT = "answer cut at maxTokens"
+#: the quarantine reason of an answer that ended without the response format
+UNPARSEABLE = "unparseable response"
 
 
 class EngineUnavailable(RuntimeError):
@@ -364,7 +366,7 @@ def annotate_rows(
                 parsed = fmt.parse_response(gen.text, labels)
             except fmt.ParseError as e:
                 # an answer cut by the token budget is told apart: the fix is spec.annotation.maxTokens, not the model
-                why = f"{CUT}: {s.max_tokens} tokens, then {e}" if gen.cut else f"unparseable response: {e}"
+                why = f"{CUT}: {s.max_tokens} tokens, then {e}" if gen.cut else f"{UNPARSEABLE}: {e}"
                 out[i] = Outcome(
                     shard,
                     "quarantined",
@@ -647,7 +649,7 @@ def totals(results: list[ShardResult], fresh: set[str], seconds: float, engine: 
     labeled = sum(r.labeled for r in results)
     parsed = labeled + sum(r.reasons.get(DISAGREES, 0) for r in results)  # a disagreement parsed
     cut = sum(r.reasons.get(CUT, 0) for r in results)
-    unparseable = sum(r.reasons.get("unparseable response", 0) for r in results) + cut
+    unparseable = sum(r.reasons.get(UNPARSEABLE, 0) for r in results) + cut
     new = [r for r in results if r.shard in fresh]
     rate = seconds > 0 and bool(new)
     return {
@@ -678,7 +680,7 @@ def cut_advice(metrics: dict[str, Any], max_tokens: int, share: float = 0.01) ->
     them ran out of tokens before its label line (the manifest's `cut_at_max_tokens`); "" otherwise."""
     cut = metrics.get("cut_at_max_tokens", 0)
     answered = metrics["labeled"] + sum(
-        v for k, v in metrics["quarantine_reasons"].items() if k in (CUT, "unparseable response", DISAGREES)
+        v for k, v in metrics["quarantine_reasons"].items() if k in (CUT, UNPARSEABLE, DISAGREES)
     )
     if not cut or cut <= share * answered:
         return ""

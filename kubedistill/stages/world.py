@@ -476,9 +476,10 @@ def generate(
 ) -> SyntheticData:
     """A knowledge-world search log (the same datasets and columns as `synthetic.generate`). Eval, SFT and log
     use disjoint queries, each split a random share of the same query distribution (`query_split`); the corpus
-    holds every fact (`Knowledge.sentences`), each place's description, and a sample of queries. With `corpus_only_share`, that share of the names (`corpus_only_names`) is kept
-    out of the SFT pairs: their queries and candidates come only from places that use none of them, so no
-    SFT chain states those facts; the log and the eval set draw from every place."""
+    holds every fact (`Knowledge.sentences`), each place's description, and a sample of queries. With
+    `corpus_only_share`, that share of the names (`corpus_only_names`) is kept out of the SFT pairs: their queries
+    and candidates come only from places that use none of them, so no SFT chain states those facts; the log and
+    the eval set draw from every place."""
     rng = random.Random(seed)
     kb = make_knowledge(rng, house_per_item, streets_per_district)
     places = make_places(services, kb, rng, head_share, street_share)
