@@ -168,6 +168,8 @@ def build(run: DistillationRun) -> list[Stage]:
         }
         if d.service:
             config["service"] = True
+        if code := d.code(run.spec):
+            config["code"] = code
         resources = d.resources(run.spec)
         workers = d.autoscale(run.spec) if d.autoscale else (resources.workers, resources.workers)
         stages.append(Stage(d.name, inputs, config, resources, workers, d.run, d.service, d.gated))

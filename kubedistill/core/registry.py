@@ -17,6 +17,10 @@ from dataclasses import dataclass
 
 from kubedistill.core.spec import DistillationRunSpec, Resources, annotates, prunes_annotator, rationalizes
 
+#: The synthetic worlds' generator revision (`kubedistill.stages.synthetic`, `world`): 2 splits queries by hash
+#: (`synthetic.query_split`); data made by revision 1 (splits filled in turn) is not reused for a synthetic run.
+SYNTHETIC_REVISION = "synthetic-2"
+
 #: How every teacher stage runs: its Ray workers and its budget of worker failures.
 _TEACHER_RUN = ("teacher.resources", "teacher.maxFailures", "teacher.maxLength", "teacher.gradientCheckpointing")
 #: ... and what every teacher stage's training draw depends on (not prune-search's: it has its own seed)
@@ -47,6 +51,9 @@ class StageDef:
     service: bool = False
     #: runs only when the evaluation gate passed (promotion of the student)
     gated: bool = False
+    #: what its output depends on beyond the spec, given the spec (a generator's revision); in the config hash when
+    #: set, so a run made by an older revision is rebuilt instead of reused as done
+    code: Callable[[DistillationRunSpec], str | None] = lambda s: None
 
 
 def _explains_for_teacher(s: DistillationRunSpec) -> bool:
@@ -132,6 +139,7 @@ STAGES: tuple[StageDef, ...] = (
         "kubedistill.stages.data:run_stage",
         reads=("data", "labels"),
         inputs=lambda s: (),
+        code=lambda s: None if s.data.logs else SYNTHETIC_REVISION,
     ),
     StageDef(
         "teacher-dapt",

@@ -106,6 +106,17 @@ def test_config_hash_changes_only_for_stages_that_read_the_change():
     assert moved == base  # where artifacts live is not what they depend on
 
 
+def test_a_synthetic_runs_data_carries_the_generators_revision_and_user_logs_do_not():
+    from kubedistill.core.registry import SYNTHETIC_REVISION
+
+    by = {s.name: s for s in _build()}
+    assert json.loads(by["data"].config_json)["code"] == SYNTHETIC_REVISION  # an older revision's data is rebuilt
+    assert all("code" not in json.loads(s.config_json) for n, s in by.items() if n != "data")
+    logs = {s.name: s for s in _build(data={"logs": "s3://bucket/logs", "evalSet": "s3://bucket/eval",
+                                                   "sftSeed": "s3://bucket/sft"})}
+    assert "code" not in json.loads(logs["data"].config_json)  # ingesting user logs is not the generator
+
+
 def test_resources_come_from_the_spec():
     by = {s.name: s for s in _build(teacher={"resources": {"workers": 8, "gpusPerWorker": 1}},
                                     annotation={"replicas": {"min": 1, "max": 16}})}
