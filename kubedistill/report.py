@@ -168,11 +168,12 @@ def _headline(found: dict[str, dict[str, Any]]) -> str:
     if m is None or vs is None or floor is None:
         return ""
     lo, hi = vs["interval"]
+    over = f" over {vs['resampled']}" if vs.get("resampled") else ""
     passed = m["metrics"]["gate"]["passed"]
     return (
         f"<p class='{'ok' if passed else 'bad'}'><b>The student scores macro-F1 {floor['value']:.3f} on held-out pairs, "
         f"the lexical baseline {vs['baseline_macro_f1']:.3f}: {vs['value'] * 100:+.1f} points</b> (90% paired-bootstrap "
-        f"interval {lo * 100:+.1f} to {hi * 100:+.1f}); the gate {'passed' if passed else 'did not pass'}.</p>"
+        f"interval{over} {lo * 100:+.1f} to {hi * 100:+.1f}); the gate {'passed' if passed else 'did not pass'}.</p>"
     )
 
 

@@ -62,15 +62,44 @@ def macro_f1_from_confusion(cm: np.ndarray) -> np.ndarray:
 
 
 def paired_gain_interval(
-    y: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, k: int, rounds: int = 2000, level: float = 0.9, seed: int = 0
+    y: np.ndarray,
+    pred_a: np.ndarray,
+    pred_b: np.ndarray,
+    k: int,
+    rounds: int = 2000,
+    level: float = 0.9,
+    seed: int = 0,
+    groups: Sequence[Any] | None = None,
 ) -> tuple[float, float]:
-    """The `level` percentile interval of macro-F1(a) - macro-F1(b) under a paired bootstrap over rows: both
-    models are scored on the same resampled rows, so what the rows share cancels. Resampling rows with
-    replacement is a multinomial draw over the (true, a, b) outcome cells, which is what runs here."""
+    """The `level` percentile interval of macro-F1(a) - macro-F1(b) under a paired bootstrap: both models are
+    scored on the same resample, so what the rows share cancels.
+
+    With `groups` (one key per row, e.g. its query) whole groups are resampled, a cluster bootstrap: the pairs
+    of one query are not independent draws (a model that misreads a query misreads most of its pairs), and
+    resampling them one by one makes the interval too narrow when the eval set is a few dozen queries. Without
+    `groups` (or when every row is its own group) rows are resampled, which is a multinomial draw over the
+    (true, a, b) outcome cells."""
     if not (len(y) == len(pred_a) == len(pred_b)) or len(y) == 0:
         raise ValueError(f"paired bootstrap needs equal, non-empty rows (got {len(y)}, {len(pred_a)}, {len(pred_b)})")
-    cells = np.bincount((y * k + pred_a) * k + pred_b, minlength=k**3).astype(float)
-    draws = np.random.default_rng(seed).multinomial(len(y), cells / len(y), size=rounds).reshape(rounds, k, k, k)
+    if groups is not None and len(groups) != len(y):
+        raise ValueError(f"paired bootstrap needs one group per row (got {len(groups)} groups for {len(y)} rows)")
+    cell = (np.asarray(y) * k + np.asarray(pred_a)) * k + np.asarray(pred_b)
+    rng = np.random.default_rng(seed)
+    gid = None if groups is None else np.unique([str(g) for g in groups], return_inverse=True)[1]
+    if gid is None or gid.max() + 1 == len(y):
+        cells = np.bincount(cell, minlength=k**3).astype(float)
+        draws = rng.multinomial(len(y), cells / len(y), size=rounds)
+    else:
+        n_groups = int(gid.max()) + 1
+        per_group = np.zeros((n_groups, k**3))
+        np.add.at(per_group, (gid, cell), 1.0)
+        draws = np.concatenate(
+            [
+                rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=min(200, rounds - done)) @ per_group
+                for done in range(0, rounds, 200)
+            ]
+        )
+    draws = draws.reshape(rounds, k, k, k)
     gains = macro_f1_from_confusion(draws.sum(axis=3)) - macro_f1_from_confusion(draws.sum(axis=2))
     tail = (1 - level) / 2 * 100
     bounds = np.asarray(np.percentile(gains, [tail, 100 - tail]))

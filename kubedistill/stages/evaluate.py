@@ -10,7 +10,8 @@
   after its fitted temperature), drawn as reliability diagrams beside the confusion matrices.
 - `gate`: the run's promotion rule: an absolute floor (`spec.evaluation.minMacroF1`) and a comparison
   (`spec.evaluation.minGainOverBaseline`: the student's macro-F1 over the stronger lexical baseline, with
-  a paired-bootstrap interval so a reader sees whether the gain is more than the eval set's noise).
+  a paired-bootstrap interval so a reader sees whether the gain is more than the eval set's noise; it resamples
+  whole queries, since a query's pairs stand or fall together).
 """
 
 from __future__ import annotations
@@ -254,8 +255,9 @@ def gate(
     baseline: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The promotion verdict. Always the absolute floor (`minMacroF1`); for a student with a `baseline`
-    (`{"name", "macro_f1", "interval"}`: its paired-bootstrap interval of the gain) also the comparison
-    (`minGainOverBaseline`). Passed only when every check passed; `checks` keeps each verdict."""
+    (`{"name", "macro_f1", "interval", "resampled"}`: the paired-bootstrap interval of the gain and what it
+    resampled, e.g. "65 queries") also the comparison (`minGainOverBaseline`). Passed only when every check
+    passed; `checks` keeps each verdict."""
     value = metrics["macro_f1"]
     ok = value >= min_macro_f1
     checks = [
@@ -271,6 +273,7 @@ def gate(
         gain = value - baseline["macro_f1"]
         ok = gain >= min_gain
         lo, hi = baseline["interval"]
+        over = f" over {baseline['resampled']}" if baseline.get("resampled") else ""
         checks.append(
             {
                 "rule": "minGainOverBaseline",
@@ -280,8 +283,9 @@ def gate(
                 "baseline": baseline["name"],
                 "baseline_macro_f1": round(baseline["macro_f1"], 4),
                 "interval": [round(lo, 4), round(hi, 4)],
+                **({"resampled": baseline["resampled"]} if over else {}),
                 "reason": f"gain over the lexical {baseline['name']} ({baseline['macro_f1']:.4f}) {gain:+.4f}, 90% "
-                f"paired-bootstrap interval [{lo:+.4f}, {hi:+.4f}], {'>=' if ok else '<'} "
+                f"paired-bootstrap interval{over} [{lo:+.4f}, {hi:+.4f}], {'>=' if ok else '<'} "
                 f"minGainOverBaseline {min_gain}",
             }
         )
@@ -466,10 +470,16 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
     if candidate == "student":
         name = stronger_baseline(results)
         y = np.array([labels.index(t) for t in truth])
+        queries = [r["query"] for r in eval_rows]  # a query's pairs are resampled together
         interval = paired_gain_interval(
-            y, predicted["student"], predicted[name], len(labels), seed=ctx.spec.student.seed
+            y, predicted["student"], predicted[name], len(labels), seed=ctx.spec.student.seed, groups=queries
         )
-        against = {"name": name, "macro_f1": results[name]["macro_f1"], "interval": interval}
+        against = {
+            "name": name,
+            "macro_f1": results[name]["macro_f1"],
+            "interval": interval,
+            "resampled": f"{len(set(queries))} queries",
+        }
     ev = ctx.spec.evaluation
     verdict = gate(candidate, results[candidate], ev.min_macro_f1, ev.min_gain_over_baseline, against)
     ctx.log(f"gate: {verdict['reason']}")

@@ -11,6 +11,7 @@ from kubedistill import runner
 from kubedistill.core import spec
 from kubedistill.core.stage import MANIFEST
 from kubedistill.core.storage import Storage
+from kubedistill.stages.data import read_dataset
 from tests.conftest import artifact, minimal_doc
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -61,6 +62,9 @@ def test_student_trains_with_ddp_exports_and_is_evaluated_beside_a_ce_student(bu
     assert compare["baseline"] == strongest
     assert compare["value"] == round(report["models"]["student"]["macro_f1"] - report["models"][strongest]["macro_f1"], 4)
     assert compare["interval"][0] <= compare["interval"][1]
+    # the interval resamples whole queries: a query's pairs stand or fall together
+    eval_queries = {r["query"] for r in read_dataset(artifact(st, "data").child("eval"))}
+    assert compare["resampled"] == f"{len(eval_queries)} queries" and len(eval_queries) < report["eval_rows"]
     assert report["gate"]["passed"] == (floor["passed"] and compare["passed"])
     text = out.getvalue()
     assert "val macro-F1" in text
@@ -81,7 +85,6 @@ def test_student_trains_with_ddp_exports_and_is_evaluated_beside_a_ce_student(bu
     assert rows["crsd"]["delta_macro_f1"] == round(rows["crsd"]["macro_f1"] - rows["ce"]["macro_f1"], 4)
     assert rows[other]["macro_f1"] == report["models"][f"student_{other}"]["macro_f1"]
     # calibration: fitted on the validation split alone (its pairs' digest), stored with the model, scored on eval
-    from kubedistill.stages.data import read_dataset
     from kubedistill.stages.student import rows_digest
 
     meta = student.read_json("model/student.json")

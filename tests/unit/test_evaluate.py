@@ -69,6 +69,10 @@ def test_the_gate_compares_the_student_with_the_baseline_as_well():
     # both must pass: a gain over a weak baseline does not lift a student under the floor
     g = evaluate.gate("student", {"macro_f1": 0.55}, 0.6, -1.0, {**base, "macro_f1": 0.30})
     assert g["passed"] is False and [c["passed"] for c in g["checks"]] == [False, True]
+    # what the interval resampled is kept and said
+    g = evaluate.gate("student", {"macro_f1": 0.73}, 0.6, 0.02, {**base, "resampled": "65 queries"})
+    assert g["checks"][1]["resampled"] == "65 queries"
+    assert "90% paired-bootstrap interval over 65 queries [-0.0100, +0.0300], >= minGainOverBaseline" in g["reason"]
     # no student: nothing to compare
     assert [c["rule"] for c in evaluate.gate("baseline", {"macro_f1": 0.8}, 0.6, 0.0, None)["checks"]] == ["minMacroF1"]
 
@@ -107,6 +111,30 @@ def test_paired_bootstrap_interval_of_a_gain():
     assert metrics.paired_gain_interval(y, better, same, 3, seed=1) != (lo, hi)  # a seeded resample, not a formula
     with pytest.raises(ValueError, match="equal, non-empty"):
         metrics.paired_gain_interval(y, better[:5], same, 3)
+
+
+def test_the_paired_bootstrap_resamples_whole_queries():
+    rng = np.random.default_rng(0)
+    queries = np.repeat(np.arange(60), 6)  # 60 queries of 6 pairs, as the eval set holds them
+    y = rng.integers(0, 3, len(queries))
+    a, b = y.copy(), y.copy()
+    # a model that misreads a query misreads all its pairs: a is wrong on 6 queries, b on 12 others
+    for q in range(6):
+        a[queries == q] = (y[queries == q] + 1) % 3
+    for q in range(6, 18):
+        b[queries == q] = (y[queries == q] + 1) % 3
+    rows = metrics.paired_gain_interval(y, a, b, 3)
+    by_query = metrics.paired_gain_interval(y, a, b, 3, groups=queries.tolist())
+    assert by_query[0] < rows[0] and by_query[1] > rows[1]  # correlated pairs: resampling rows claims too much
+    point = metrics.macro_f1_from_confusion(np.histogram2d(y, a, bins=3)[0]) - metrics.macro_f1_from_confusion(np.histogram2d(y, b, bins=3)[0])
+    assert by_query[0] < point < by_query[1]
+    # one group: every resample is the whole set, so the interval is the point gain (hand-checkable)
+    one = metrics.paired_gain_interval(y, a, b, 3, groups=["q"] * len(y))
+    assert one == pytest.approx((point, point))
+    # a group per row is the row bootstrap, draw for draw
+    assert metrics.paired_gain_interval(y, a, b, 3, groups=[f"r{i}" for i in range(len(y))]) == rows
+    with pytest.raises(ValueError, match="one group per row"):
+        metrics.paired_gain_interval(y, a, b, 3, groups=["q"] * 5)
 
 
 def test_plot_is_a_png():

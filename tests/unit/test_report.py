@@ -29,7 +29,8 @@ def _store(tmp_path) -> Storage:
     st = Storage(str(tmp_path / "r"))
     models = _models()
     gate = evaluate.gate("student", models["student"], 0.75, 0.02,
-                         {"name": "baseline", "macro_f1": 0.6858, "interval": (0.01, 0.08)})
+                         {"name": "baseline", "macro_f1": 0.6858, "interval": (0.01, 0.08),
+                          "resampled": "65 queries"})
     st.write_json(f"data/{MANIFEST}", _manifest("data", {}, "d-data", {"rows_in": 2400}))
     st.write_json(f"student-crsd/{MANIFEST}", _manifest(
         "student-crsd", {"data": "d-data"}, "d-student",
@@ -63,14 +64,14 @@ def test_the_report_shows_gate_comparison_lineage_and_failures(tmp_path):
     text = " ".join(_text(page).split())
     # the first line says what the run is for: the student against the lexical baseline, before anything else
     headline = ("The student scores macro-F1 0.731 on held-out pairs, the lexical baseline 0.686: +4.5 points "
-                "(90% paired-bootstrap interval +1.0 to +8.0); the gate did not pass.")
+                "(90% paired-bootstrap interval over 65 queries +1.0 to +8.0); the gate did not pass.")
     assert headline in text and text.index(headline) < text.index("Evaluation")
     # the gate's verdict, with its reason (0.7306 < 0.75)
     assert "not passed — student macro-F1 0.7306 < minMacroF1 0.75; gain over the lexical baseline" in text
     # both verdicts, each with its own outcome
     assert "evaluation.minMacroF1 0.75: failed — student macro-F1 0.7306 < minMacroF1 0.75" in text
     assert ("evaluation.minGainOverBaseline 0.02: passed — gain over the lexical baseline (0.6858) +0.0448, "
-            "90% paired-bootstrap interval [+0.0100, +0.0800], >= minGainOverBaseline 0.02") in text
+            "90% paired-bootstrap interval over 65 queries [+0.0100, +0.0800], >= minGainOverBaseline 0.02") in text
     # CE vs CRSD: each objective's validation and eval macro-F1, step time and difference to ce
     assert "the run's student: the one trained with student.objective" in text
     assert "crsd (the run's student) 0.7012 0.7306 0.9000 0.7406 2.6000 +0.0106" in text
