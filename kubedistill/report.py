@@ -380,6 +380,15 @@ def _section_annotate(found: dict[str, dict[str, Any]]) -> str:
             f"<p>The teacher agrees with the data stage's reference labels on {_pct(agree['accuracy'])} of "
             f"{_fmt(agree['pairs'])} pairs (reference → teacher disagreements: {off}).</p>"
         )
+        if ref := agree.get("refuted_chains"):
+            kinds = ", ".join(f"{_e(k)} {_fmt(v)}" for k, v in ref["claims"].items())
+            said += (
+                f"<p>{_pct(ref['share'])} of its chains ({_fmt(ref['refuted'])} of {_fmt(ref['chains'])}) make a claim "
+                f"the pair's own service fields refute ({kinds or 'none'}); they agree with the reference on "
+                f"{_pct(ref['agreement_refuted'])}, the other chains on {_pct(ref['agreement_rest'])}."
+                + (f" For example: <code>{_e(ref['example'])}</code>" if ref["example"] else "")
+                + "</p>"
+            )
     return (
         "<h2>Annotation</h2>"
         + _table(["metric", "value"], rows)

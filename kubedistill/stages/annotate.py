@@ -40,6 +40,7 @@ from kubedistill.core.spec import AnnotationSpec, prunes_annotator
 from kubedistill.core.stage import StageContext
 from kubedistill.core.storage import S3Options, Storage
 from kubedistill.stages.data import RowError, _schema, data_files, jsonl_lines, validate_row, write_rows
+from kubedistill.stages.synthetic import refuted_summary
 from kubedistill.stages.teacher import fmt
 
 #: an input row's raw form travels in this column; its shard in `_shard`
@@ -756,14 +757,17 @@ def agreement(ctx: StageContext, results: list[ShardResult]) -> dict[str, Any] |
     if not data_files(ref_store):
         return None
     reference = {r["pair_id"]: r["label"] for r in read_dataset(ref_store) if r.get("pair_id") and r.get("label")}
-    annotated: dict[str, str] = {}
+    rows: list[dict[str, Any]] = []
     for res in results:  # shard by shard, up to AGREEMENT_PAIRS pairs
-        if len(annotated) >= AGREEMENT_PAIRS:
+        if len(rows) >= AGREEMENT_PAIRS:
             break
-        annotated.update(
-            (r["pair_id"], r["label"]) for r in read_dataset(ctx.out.child(f"labeled/{res.shard}.parquet"))
-        )
-    return label_agreement(annotated, reference)
+        rows += read_dataset(ctx.out.child(f"labeled/{res.shard}.parquet"))
+    out = label_agreement({r["pair_id"]: r["label"] for r in rows}, reference)
+    data = ctx.input_manifest("data").get("metrics") or {}
+    if out and data.get("source") == "synthetic" and data.get("world") == "classic":
+        # the classic world's chains are in the oracle's phrasing, so a claim the pair refutes can be found
+        out["refuted_chains"] = refuted_summary([r for r in rows if r["pair_id"] in reference], reference)
+    return out
 
 
 def label_agreement_of(metrics: dict[str, Any]) -> dict[str, Any]:

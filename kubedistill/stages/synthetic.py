@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
@@ -200,6 +201,74 @@ def _constraint_misses(intent: Intent, s: Service) -> list[str]:
             f"its price level {PRICE_SIGNS[s.price_level]} is over the budget {PRICE_SIGNS[intent.max_price]}"
         )
     return misses
+
+
+_CLAIMS = {
+    "offers": re.compile(r"\bIt offers (.+?)(?:, but| and meets|\.)"),
+    "lacks": re.compile(r"does not offer (.+?)(?:, and|;|\.)"),
+    "elsewhere": re.compile(r"it is in (.+?), not (.+?)(?:,| and |\.|$)"),
+    "over budget": re.compile(r"its price level (\$+) is over the budget (\$+)"),
+    "about": re.compile(r"is an? (.+?) in (.+?) \((\$+)\)"),
+}
+
+
+def refuted(reasoning: str, row: dict[str, Any]) -> list[tuple[str, str]]:
+    """The claims of a chain in the oracle's phrasing (`judge`) that the pair's own service fields refute: "It
+    offers X" when its tags do not hold X, "does not offer X" when they do, "it is in D, not Q" when it is not in D
+    or Q is where it is (a miss that is none), a price "over the budget" that is not over it, "a C in D ($)" with
+    another district or price. The oracle's chains have none (a test); a teacher's do when it misreads its prompt.
+    A claim in other words is not checked: a count of what is refuted, not a proof of the rest. Each is (kind,
+    what): the kind a key of `_CLAIMS`."""
+    tags = set(row.get("service_tags") or [])
+    district, price = row.get("service_district"), PRICE_SIGNS.get(int(row.get("service_price_level") or 0))
+    found: list[tuple[str, str]] = []
+    for m in _CLAIMS["offers"].finditer(reasoning):
+        if m.group(1) not in tags:
+            found.append(("offers", f"says it offers {m.group(1)}; its tags do not hold it"))
+    for m in _CLAIMS["lacks"].finditer(reasoning):
+        if m.group(1) in tags:
+            found.append(("lacks", f"says it does not offer {m.group(1)}; it does"))
+    for m in _CLAIMS["elsewhere"].finditer(reasoning):
+        where, asked = m.group(1), m.group(2)
+        if where != district or asked == district:
+            found.append(("elsewhere", f"says it is in {where}, not {asked}; it is in {district}"))
+    for m in _CLAIMS["over budget"].finditer(reasoning):
+        level, budget = m.group(1), m.group(2)
+        if level != price or len(level) <= len(budget):
+            found.append(
+                ("over budget", f"says its price level {level} is over the budget {budget}; its level is {price}")
+            )
+    for m in _CLAIMS["about"].finditer(reasoning):
+        if m.group(2) != district or m.group(3) != price:
+            found.append(("about", f"says it is in {m.group(2)} ({m.group(3)}); it is in {district} ({price})"))
+    return found
+
+
+def refuted_summary(rows: list[dict[str, Any]], reference: dict[str, str]) -> dict[str, Any]:
+    """How many of `rows`' chains (annotated pairs with `reasoning`) make a claim their pair refutes (`refuted`),
+    how often those and the rest agree with the `reference` label of the same pair_id, each kind of claim's
+    count, and one refuted claim as an example."""
+    hit: list[bool] = []
+    right: list[bool] = []
+    kinds: dict[str, int] = {}
+    example = ""
+    for r in rows:
+        claims = refuted(r.get("reasoning") or "", r)
+        hit.append(bool(claims))
+        right.append(reference.get(r["pair_id"]) == r["label"])
+        for kind, what in claims:
+            kinds[kind] = kinds.get(kind, 0) + 1
+            example = example or f"{r['reasoning'].strip()} ({what})"
+    n = sum(hit)
+    return {
+        "chains": len(rows),
+        "refuted": n,
+        "share": round(n / max(1, len(rows)), 4),
+        "agreement_refuted": round(sum(ok for ok, h in zip(right, hit, strict=True) if h) / max(1, n), 4),
+        "agreement_rest": round(sum(ok for ok, h in zip(right, hit, strict=True) if not h) / max(1, len(rows) - n), 4),
+        "claims": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
+        "example": example,
+    }
 
 
 def _typo(word: str, rng: random.Random) -> str:

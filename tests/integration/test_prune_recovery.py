@@ -105,3 +105,7 @@ def test_a_pruned_teacher_recovers_resumes_after_a_kill_and_annotates_the_log_fr
     assert ann["rows_in"] == 160 == ann["labeled"] + ann["quarantined"]
     agree = ann["agreement_with_reference"]
     assert 0 <= agree["accuracy"] <= 1 and agree["pairs"] == ann["labeled"], ann
+    # the classic world's chains are checked against their pairs: how many make a claim the pair refutes
+    ref = agree["refuted_chains"]
+    assert ref["chains"] == agree["pairs"] and 0 <= ref["refuted"] <= ref["chains"]
+    assert sum(ref["claims"].values()) >= ref["refuted"] and bool(ref["example"]) == bool(ref["refuted"])

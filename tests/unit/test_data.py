@@ -44,6 +44,31 @@ def test_oracle_same_kind_without_the_item_is_partial():
     assert judge(Intent("car wash"), _svc()).grade == 0.0
 
 
+def test_refuted_names_the_claims_a_pair_refutes_and_the_oracle_makes_none():
+    row = {"service_tags": ["sushi", "ramen"], "service_district": "Riverside", "service_price_level": 2}
+    about = "Sakura Sushi is a japanese restaurant in Riverside ($$)."
+    assert synthetic.refuted(f"Query asks for sushi. {about} It offers sushi and meets every constraint.", row) == []
+    # the quickstart teacher's errors: a miss that is none, a tag it has said missing, a tag it lacks said offered
+    assert synthetic.refuted(f"{about} It offers ramen, but it is in Riverside, not Riverside.", row) == [
+        ("elsewhere", "says it is in Riverside, not Riverside; it is in Riverside")]
+    assert synthetic.refuted(f"{about} It is the right kind of place but does not offer sushi.", row) == [
+        ("lacks", "says it does not offer sushi; it does")]
+    assert synthetic.refuted(f"{about} It offers udon, but it is in Harbor, not Downtown.", row) == [
+        ("offers", "says it offers udon; its tags do not hold it"),
+        ("elsewhere", "says it is in Harbor, not Downtown; it is in Riverside")]
+    assert synthetic.refuted(f"{about} It offers sushi, but its price level $$ is over the budget $$.", row) == [
+        ("over budget", "says its price level $$ is over the budget $$; its level is $$")]
+    assert synthetic.refuted("Sakura Sushi is a japanese restaurant in Harbor ($).", row) == [
+        ("about", "says it is in Harbor ($); it is in Riverside ($$)")]
+    # true misses are not refuted
+    assert synthetic.refuted(f"{about} It offers sushi, but it is in Riverside, not Harbor and its price level $$ is "
+                             "over the budget $.", row) == []
+    # every chain the oracle writes is consistent with its pair, and every kind of claim is checked on them
+    g = synthetic.generate(LABELS, 300, 400, 6, 3000, 400, 0)
+    assert all(synthetic.refuted(r["reasoning"], r) == [] for r in g.sft + g.labeled + g.eval)
+    assert all(any(p.search(r["reasoning"]) for r in g.sft) for p in synthetic._CLAIMS.values())
+
+
 @pytest.mark.parametrize("grade, labels, want", [
     (0.0, LABELS, "irrelevant"), (0.5, LABELS, "partial"), (1.0, LABELS, "relevant"),
     (0.0, ["no", "yes"], "no"), (0.5, ["no", "yes"], "yes"), (1.0, ["a", "b", "c", "d", "e"], "e"),

@@ -119,6 +119,36 @@ def test_the_report_gives_the_annotations_advice_when_max_tokens_cut_answers(tmp
             "quarantined: raise spec.annotation.maxTokens") in text
 
 
+def test_the_report_says_how_many_chains_their_pair_refutes(tmp_path):
+    from kubedistill.stages import synthetic
+
+    st = _store(tmp_path)
+    svc = {"service_tags": ["ramen"], "service_district": "Northgate", "service_price_level": 1}
+    chain = "Royal Izakaya is a japanese restaurant in Northgate ($). It offers ramen, but it is in Northgate, not Northgate."
+    rows = [{"pair_id": "a", "label": "partial", "reasoning": chain, **svc},
+            {"pair_id": "b", "label": "relevant", "reasoning": "It offers ramen and meets every constraint.", **svc},
+            {"pair_id": "c", "label": "partial", "reasoning": "It offers ramen, but it is in Harbor, not Northgate.",
+             **{**svc, "service_district": "Harbor"}}]
+    reference = {"a": "relevant", "b": "relevant", "c": "partial"}
+    agree = {**annotate_agreement(rows, reference), "refuted_chains": synthetic.refuted_summary(rows, reference)}
+    assert agree["refuted_chains"] == {
+        "chains": 3, "refuted": 1, "share": 0.3333, "agreement_refuted": 0.0, "agreement_rest": 1.0,
+        "claims": {"elsewhere": 1}, "example": f"{chain} (says it is in Northgate, not Northgate; it is in Northgate)"}
+    metrics = {"rows_in": 3, "labeled": 3, "quarantined": 0, "labels": {"partial": 2, "relevant": 1},
+               "agreement_with_reference": agree}
+    st.write_json(f"annotate/{MANIFEST}", _manifest("annotate", {"data": "d-data"}, "d-ann", metrics))
+    report.write(st, "r", ["data", "annotate", "student-crsd", "evaluate"], None)
+    text = " ".join(_text(st.read_text("report.html")).split())
+    assert ("33.3% of its chains (1 of 3) make a claim the pair's own service fields refute (elsewhere 1); they agree "
+            "with the reference on 0.0%, the other chains on 100.0%. For example: Royal Izakaya") in text
+
+
+def annotate_agreement(rows: list[dict], reference: dict[str, str]) -> dict:
+    from kubedistill.stages import annotate
+
+    return annotate.label_agreement({r["pair_id"]: r["label"] for r in rows}, reference)
+
+
 def test_the_report_shows_the_pruned_teacher_before_and_after_recovery_and_withholds_a_fit_on_too_few(tmp_path):
     st = _store(tmp_path)
     def m(acc: float, ppl: float) -> dict:
