@@ -208,7 +208,7 @@ _CLAIMS = {
     "lacks": re.compile(r"does not offer (.+?)(?:, and|;|\.)"),
     "elsewhere": re.compile(r"it is in (.+?), not (.+?)(?:,| and |\.|$)"),
     "over budget": re.compile(r"its price level (\$+) is over the budget (\$+)"),
-    "about": re.compile(r"is an? (.+?) in (.+?) \((\$+)\)"),
+    "about": re.compile(r"\bis an? (.+?) in (.+?) \((\$+)\)"),
 }
 
 
