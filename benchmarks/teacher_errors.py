@@ -31,7 +31,7 @@ from typing import Any
 from sklearn.metrics import f1_score
 
 from kubedistill import benchrecord
-from kubedistill.core.stage import MANIFEST
+from kubedistill.core.stage import must_read_manifest
 from kubedistill.core.storage import Storage
 from kubedistill.stages.data import read_dataset
 from kubedistill.stages.synthetic import refuted_summary
@@ -39,7 +39,7 @@ from kubedistill.stages.teacher import fmt, lm
 
 
 def artifact(run: Storage, stage: str) -> Storage:
-    return Storage(run.read_json(f"{stage}/{MANIFEST}")["artifact"])
+    return Storage(must_read_manifest(run, stage)["artifact"])
 
 
 def scores(truth: list[str], said: list[str | None], labels: list[str]) -> dict[str, Any]:
@@ -199,7 +199,7 @@ def main() -> None:
     ap.add_argument("--labels", nargs="+", default=["irrelevant", "partial", "relevant"], help="the run's spec.labels")
     a = ap.parse_args()
     run = Storage(a.store)
-    data = run.read_json(f"data/{MANIFEST}")
+    data = must_read_manifest(run, "data")
     if data["metrics"].get("world") != "classic":
         raise SystemExit(f"{a.store}: not a run on the classic synthetic world (refuted() reads its chains' phrasing)")
     labels = a.labels

@@ -757,16 +757,21 @@ def agreement(ctx: StageContext, results: list[ShardResult]) -> dict[str, Any] |
     if not data_files(ref_store):
         return None
     reference = {r["pair_id"]: r["label"] for r in read_dataset(ref_store) if r.get("pair_id") and r.get("label")}
-    rows: list[dict[str, Any]] = []
-    for res in results:  # shard by shard, up to AGREEMENT_PAIRS pairs
-        if len(rows) >= AGREEMENT_PAIRS:
-            break
-        rows += read_dataset(ctx.out.child(f"labeled/{res.shard}.parquet"))
-    out = label_agreement({r["pair_id"]: r["label"] for r in rows}, reference)
     data = ctx.input_manifest("data").get("metrics") or {}
-    if out and data.get("source") == "synthetic" and data.get("world") == "classic":
-        # the classic world's chains are in the oracle's phrasing, so a claim the pair refutes can be found
-        out["refuted_chains"] = refuted_summary([r for r in rows if r["pair_id"] in reference], reference)
+    # the classic world's chains are in the oracle's phrasing, so a claim the pair refutes can be found
+    check_chains = data.get("source") == "synthetic" and data.get("world") == "classic"
+    annotated: dict[str, str] = {}
+    checked: list[dict[str, Any]] = []  # the rows whose chains are checked (classic world only)
+    for res in results:  # shard by shard, up to AGREEMENT_PAIRS pairs
+        if len(annotated) >= AGREEMENT_PAIRS:
+            break
+        rows = read_dataset(ctx.out.child(f"labeled/{res.shard}.parquet"))
+        annotated.update((r["pair_id"], r["label"]) for r in rows)
+        if check_chains:
+            checked += [r for r in rows if r["pair_id"] in reference]
+    out = label_agreement(annotated, reference)
+    if out and check_chains:
+        out["refuted_chains"] = refuted_summary(checked, reference)
     return out
 
 
