@@ -345,6 +345,20 @@ def _job_entrypoint(stage: pipeline.Stage) -> str:
     return shlex.join([sys.executable, *shlex.split(stage.entrypoint)[1:]])
 
 
+def run_stages(run: DistillationRun, names: tuple[str, ...], gcs_address: str) -> dict[str, dict[str, Any]]:
+    """Only the stages `names` of `run`, in graph order, each by its own job entrypoint (what `run_local` submits)
+    as a child process of this interpreter against the Ray at `gcs_address`, its output discarded; their
+    manifests. For benchmarks that change one stage's settings and keep the stages before it: a stage already
+    done for the spec skips itself (the step policy), and a failed one raises CalledProcessError."""
+    stages = pipeline.build(run)
+    for stage in stages:
+        if stage.name in names:
+            env = {**os.environ, **JOB_ENV, CONFIG_ENV: stage.config_json, "RAY_ADDRESS": gcs_address}
+            subprocess.run(shlex.split(_job_entrypoint(stage)), env=env, check=True, stdout=subprocess.DEVNULL)
+    storage = run_storage(stages[0].config)
+    return {name: must_read_manifest(storage, name) for name in names}
+
+
 def submit(client: Any, wait_s: float = 120.0, **job: Any) -> str:
     """`submit_job`, waiting while a just-started Ray's job agent is not up yet ("No available agent")."""
     deadline = time.monotonic() + wait_s

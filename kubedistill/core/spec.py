@@ -23,7 +23,7 @@ API_VERSION = "v1alpha1"
 KIND = "DistillationRun"
 
 #: Reward dimensions the reward-model stage knows how to score.
-REWARD_DIMENSIONS = ("label", "consistency", "faithfulness", "format")
+REWARD_DIMENSIONS = ("label", "consistency", "faithfulness", "format", "grounding")
 
 _NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")  # a DNS-1123 label
 _LABEL_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")

@@ -8,6 +8,9 @@ Each reward dimension gets pairs that differ on that dimension only, so its head
                    (so it argues for a different verdict)
     faithfulness   a sentence claiming an attribute the query and service never mention
     format         the response broken: no label line, label outside spec.labels, or lines swapped
+    grounding      another service's chain for the same query and the same label, told of this service
+                   (its title put for the other's): a chain that argues its label but misreads the
+                   service shown, the small teacher's commonest error (benchmarks/RESULTS.md)
 """
 
 from __future__ import annotations
@@ -48,6 +51,15 @@ def invent_attribute(row: dict[str, Any], reasoning: str, label: str, rng: rando
     return fmt.response(f"{reasoning} It is also known for its {rng.choice(unseen)}.", label)
 
 
+def misread_service(row: dict[str, Any], other: dict[str, Any]) -> str:
+    """`other`'s chain (another service shown for the same query) and label, told of `row`'s service: where the
+    chain names the other service's title, `row`'s title stands in its place. The label follows the chain, so the
+    response is consistent and well-formed; only its facts are another service's."""
+    theirs, ours = str(other.get("service_title") or ""), str(row.get("service_title") or "")
+    reasoning = other["reasoning"].replace(theirs, ours) if theirs and ours else other["reasoning"]
+    return fmt.response(reasoning, other["label"])
+
+
 def break_format(reasoning: str, label: str, labels: list[str], rng: random.Random) -> str:
     kind = rng.randrange(3)
     if kind == 0:
@@ -64,6 +76,12 @@ def reward_pairs(rows: list[dict[str, Any]], labels: list[str], dimensions: list
     for r in rows:
         by_query.setdefault(r["query"], []).append(r)
     not_label = {lab: [o["reasoning"] for o in rows if o["label"] != lab] for lab in {r["label"] for r in rows}}
+
+    def misread(r: dict[str, Any]) -> str | None:
+        title = r.get("service_title")
+        alike = [o for o in by_query[r["query"]] if o["label"] == r["label"] and o.get("service_title") != title]
+        return misread_service(r, rng.choice(alike)) if alike else None
+
     out = []
     for r in rows:
         p, good = fmt.prompt(r), fmt.response(r["reasoning"], r["label"])
@@ -79,6 +97,8 @@ def reward_pairs(rows: list[dict[str, Any]], labels: list[str], dimensions: list
                 bad = invent_attribute(r, r["reasoning"], r["label"], rng)
             elif dim == "format":
                 bad = break_format(r["reasoning"], r["label"], labels, rng)
+            elif dim == "grounding":
+                bad = misread(r)
             else:
                 raise ValueError(f"spec.teacher.rewardModel.dimensions: unknown dimension {dim!r}")
             if bad is not None and bad != good:

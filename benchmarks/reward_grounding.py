@@ -1,0 +1,210 @@
+"""A reward model that reads the chain against its prompt: does DPO then correct the teacher?
+
+`teacher_errors.py` found the quickstart teacher's wrong labels are nearly all chains that misread their own
+prompt ("It offers ramen, but it is in Northgate, not Northgate."), that its reward model ranks held-out pairs at
+chance on label and consistency after the quickstart's 40 steps, and that DPO then makes the teacher worse. The
+reward model's pairs had nothing of that error: the `grounding` dimension (`teacher.pairs.misread_service`: another
+service's chain for the same query and label, told of the shown service) is the pair that has it.
+
+One world (the quickstart's, classic), one teacher: data, teacher-dapt and teacher-sft run once; then each arm
+runs the reward-model and teacher-dpo stages on that SFT teacher (the real stages' job entrypoints on a local Ray;
+the step policy keeps what an arm does not change):
+
+- `shipped`: the quickstart's reward model and DPO as shipped (40 steps, 64 prompts; dimensions label,
+  consistency, faithfulness, format);
+- `longer`: the same dimensions, `--rm-steps` reward-model steps and `--dpo-prompts` DPO prompts;
+- `grounding`: as `longer`, with the `grounding` dimension at weight `--grounding-weight`.
+
+Each arm is scored by checks the reward model does not make: the teachers' greedy answers to `--rows` log pairs
+(a seeded sample, the rows `teacher_errors.py` scores; query-disjoint from the SFT set the reward model and DPO
+learn from) against the oracle's labels, and the share of their chains the pair's own fields refute
+(`synthetic.refuted`); and each reward model on the SFT teacher's own answers to those pairs (how well its
+combined reward separates right labels from wrong ones, as AUC). Settings were fixed before the run (the arms'
+steps, prompts and weight); nothing is chosen on these rows. One teacher seed: the spread of a teacher's training
+draw is not measured here.
+
+    .venv/bin/python benchmarks/reward_grounding.py [--store DIR]
+
+Writes `benchmarks/records/reward_grounding.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from sklearn.metrics import f1_score, roc_auc_score
+
+from kubedistill import benchrecord, runner
+from kubedistill.core.spec import RewardModelSpec, parse_run
+from kubedistill.core.storage import Storage
+from kubedistill.stages.data import read_dataset
+from kubedistill.stages.synthetic import refuted_summary
+from kubedistill.stages.teacher import fmt, lm
+from kubedistill.stages.teacher.stages import load_reward_model, reward_scores
+from kubedistill.stages.teacher.train import combined
+
+QUICKSTART = Path(__file__).resolve().parent.parent / "manifests" / "samples" / "quickstart.yaml"
+TEACHER = ("data", "teacher-dapt", "teacher-sft")
+ARM_STAGES = ("reward-model", "teacher-dpo")
+SHIPPED_DIMENSIONS = RewardModelSpec().dimensions  # the spec's default, which the quickstart ships
+
+
+def arms(doc: dict[str, Any], a: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """The run document of each arm: the same run (so the same data and SFT teacher), other reward-model and
+    DPO settings."""
+    out = {"shipped": doc}
+    longer = copy.deepcopy(doc)
+    longer["spec"]["teacher"]["rewardModel"]["maxSteps"] = a.rm_steps
+    longer["spec"]["teacher"]["rewardModel"]["dimensions"] = dict(SHIPPED_DIMENSIONS)
+    longer["spec"]["teacher"]["dpo"]["prompts"] = a.dpo_prompts
+    out["longer"] = longer
+    grounding = copy.deepcopy(longer)
+    grounding["spec"]["teacher"]["rewardModel"]["dimensions"]["grounding"] = a.grounding_weight
+    out["grounding"] = grounding
+    return out
+
+
+def answer(model_uri: str, rows: list[dict[str, Any]], labels: list[str], max_tokens: int) -> dict[str, Any]:
+    """A teacher's greedy answers to `rows`: label accuracy, macro-F1, recall per grade, refuted chains."""
+    model, tok = lm.load(model_uri, "teacher model")
+    texts = lm.generate(model, tok, [fmt.prompt(r) for r in rows], max_new_tokens=max_tokens, batch_size=300)
+    parsed = [fmt.try_parse(t, labels) for t in texts]
+    truth = [r["label"] for r in rows]
+    said = [p.label if p else "(unparsed)" for p in parsed]
+    answered = [
+        {**r, "label": p.label if p else None, "reasoning": p.reasoning if p else ""}
+        for r, p in zip(rows, parsed, strict=True)
+    ]
+    return {
+        "texts": texts,
+        "accuracy": sum(t == s for t, s in zip(truth, said, strict=True)) / len(rows),
+        "macro_f1": float(f1_score(truth, said, labels=labels, average="macro", zero_division=0)),
+        "recall": {
+            g: sum(t == s == g for t, s in zip(truth, said, strict=True)) / max(1, truth.count(g)) for g in labels
+        },
+        "chains": refuted_summary(answered, {r["pair_id"]: r["label"] for r in rows}),
+    }
+
+
+def reward_on_answers(rm_uri: str, rows: list[dict[str, Any]], texts: list[str], labels: list[str]) -> dict[str, Any]:
+    """How well a reward model's combined reward (and each dimension's) separates the SFT teacher's right answers
+    from its wrong ones (AUC; 0.5: no better than chance)."""
+    rm, tok, weights = load_reward_model(rm_uri, None)
+    scores = reward_scores(rm, tok, [fmt.prompt(r) for r in rows], texts)
+    right = [
+        int(p is not None and p.label == r["label"])
+        for p, r in zip((fmt.try_parse(t, labels) for t in texts), rows, strict=True)
+    ]
+    out = {"combined": float(roc_auc_score(right, combined(scores, rm.dimensions, weights).numpy()))}
+    for i, d in enumerate(rm.dimensions):
+        out[d] = float(roc_auc_score(right, scores[:, i].numpy()))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--store", help="an earlier invocation's store (its finished stages are kept)")
+    ap.add_argument("--rm-steps", type=int, default=400, help="reward-model steps of the longer and grounding arms")
+    ap.add_argument("--dpo-prompts", type=int, default=400, help="DPO prompts of the longer and grounding arms")
+    ap.add_argument("--grounding-weight", type=float, default=1.0, help="the grounding dimension's weight")
+    ap.add_argument("--rows", type=int, default=600, help="log pairs each teacher answers (a seeded sample)")
+    ap.add_argument("--max-tokens", type=int, default=96, help="as the quickstart's spec.annotation.maxTokens")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--arms", nargs="+", default=["shipped", "longer", "grounding"])
+    a = ap.parse_args()
+    store = Path(a.store or tempfile.mkdtemp(prefix="kd-reward-grounding-"))
+    doc = yaml.safe_load(QUICKSTART.read_text())
+    doc["metadata"]["name"] = "grounding"
+    doc["spec"]["storage"]["uri"] = str(store)
+    labels = doc["spec"]["labels"]
+    docs = {k: v for k, v in arms(doc, a).items() if k in a.arms}
+    print(f"arms {list(docs)}; store {store}", flush=True)
+
+    results: dict[str, Any] = {"arms": {}}
+    with runner.local_ray() as session:
+        assert session.head is not None
+        address = session.head.gcs_address
+        t0 = time.monotonic()
+        m = runner.run_stages(parse_run(doc), TEACHER, address)
+        results["teacher_minutes"] = round((time.monotonic() - t0) / 60, 1)
+        oracle = read_dataset(Storage(m["data"]["artifact"]).child("labeled"))
+        sample = sorted(oracle, key=lambda r: r["pair_id"])
+        random.Random(a.seed).shuffle(sample)
+        rows = sample[: a.rows]
+        sft = answer(m["teacher-sft"]["outputs"]["model"], rows, labels, a.max_tokens)
+        results["teacher-sft"] = {k: v for k, v in sft.items() if k != "texts"}
+        print(f"teacher-sft: {sft['accuracy']:.1%}, refuted chains {sft['chains']['share']:.1%}", flush=True)
+        for arm, arm_doc in docs.items():
+            t0 = time.monotonic()
+            m = runner.run_stages(parse_run(arm_doc), ARM_STAGES, address)
+            rm, dpo = m["reward-model"]["metrics"], m["teacher-dpo"]["metrics"]
+            got = answer(m["teacher-dpo"]["outputs"]["model"], rows, labels, a.max_tokens)
+            results["arms"][arm] = {
+                "reward_model": {
+                    "steps": rm["step"],
+                    "pairwise_accuracy": rm["pairwise_accuracy"],
+                    "combined_pairwise_accuracy": rm["combined_pairwise_accuracy"],
+                },
+                "reward_on_sft_answers": reward_on_answers(
+                    m["reward-model"]["outputs"]["model"], rows, sft["texts"], labels
+                ),
+                "dpo": {k: dpo[k] for k in ("preference_pairs", "preference_truth", "before", "after")},
+                "teacher-dpo": {k: v for k, v in got.items() if k != "texts"},
+                "minutes": round((time.monotonic() - t0) / 60, 1),
+            }
+            r = results["arms"][arm]
+            print(
+                f"{arm}: reward model {r['reward_model']['pairwise_accuracy']}, on the SFT teacher's answers "
+                f"{r['reward_on_sft_answers']}; DPO {got['accuracy']:.1%}, refuted {got['chains']['share']:.1%} "
+                f"({dpo['preference_pairs']} pairs, chosen right {dpo['preference_truth']['chosen_right']:.0%})",
+                flush=True,
+            )
+
+    s = results["teacher-sft"]
+    rows_out: list[benchrecord.Row] = []
+    for arm, r in results["arms"].items():
+        acc = r["reward_model"]["pairwise_accuracy"]
+        rows_out.append(
+            {
+                "what": f"reward model `{arm}` ({r['reward_model']['steps']} steps), held-out pairwise accuracy per "
+                "dimension, quickstart world (`reward_grounding.py`)",
+                "target": ">= 80% on each",
+                "measured": ", ".join(f"{d} {x:.1%}" for d, x in acc.items()),
+                "met": "yes" if all(x >= 0.8 for x in acc.values()) else "no",
+            }
+        )
+        on = r["reward_on_sft_answers"]
+        rows_out.append(
+            {
+                "what": f"reward model `{arm}` on the SFT teacher's own answers to {a.rows} log pairs: AUC of right "
+                "labels over wrong ones (`reward_grounding.py`)",
+                "target": "well above 0.5 (it can rank the teacher's answers)",
+                "measured": f"combined {on['combined']:.3f}; "
+                + ", ".join(f"{d} {x:.3f}" for d, x in on.items() if d != "combined"),
+                "met": "yes" if on["combined"] >= 0.7 else "no",
+            }
+        )
+        d = r["teacher-dpo"]
+        gain = d["accuracy"] - s["accuracy"]
+        rows_out.append(
+            {
+                "what": f"DPO teacher `{arm}` ({r['dpo']['preference_pairs']} preference pairs) vs its SFT teacher, "
+                f"{a.rows} log pairs: label accuracy / chains their pair refutes (`reward_grounding.py`)",
+                "target": "DPO >= SFT + 2 points, no more refuted chains",
+                "measured": f"{d['accuracy']:.1%} vs {s['accuracy']:.1%} ({gain * 100:+.1f} points; macro-F1 "
+                f"{d['macro_f1']:.3f} vs {s['macro_f1']:.3f}) / {d['chains']['share']:.1%} vs {s['chains']['share']:.1%}",
+                "met": "yes" if gain >= 0.02 and d["chains"]["share"] <= s["chains"]["share"] else "no",
+            }
+        )
+    benchrecord.write("reward_grounding", {k: v for k, v in vars(a).items() if k != "store"}, results, rows_out)
+
+
+if __name__ == "__main__":
+    main()
