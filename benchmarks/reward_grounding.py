@@ -117,7 +117,10 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=600, help="log pairs each teacher answers (a seeded sample)")
     ap.add_argument("--max-tokens", type=int, default=96, help="as the quickstart's spec.annotation.maxTokens")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--arms", nargs="+", default=["shipped", "longer", "grounding"])
+    ap.add_argument(
+        "--arms", nargs="+", default=["shipped", "longer", "grounding"], choices=["shipped", "longer", "grounding"]
+    )
+    ap.add_argument("--tag", default="", help="writes reward_grounding-<tag>.json")
     a = ap.parse_args()
     store = Path(a.store or tempfile.mkdtemp(prefix="kd-reward-grounding-"))
     doc = yaml.safe_load(QUICKSTART.read_text())
@@ -173,7 +176,7 @@ def main() -> None:
         acc = r["reward_model"]["pairwise_accuracy"]
         rows_out.append(
             {
-                "what": f"reward model `{arm}` ({r['reward_model']['steps']} steps), held-out pairwise accuracy per "
+                "what": f"reward model `{arm}` ({r['reward_model']['steps']} steps, DPO {a.dpo_prompts if arm != 'shipped' else 64} prompts), held-out pairwise accuracy per "
                 "dimension, quickstart world (`reward_grounding.py`)",
                 "target": ">= 80% on each",
                 "measured": ", ".join(f"{d} {x:.1%}" for d, x in acc.items()),
@@ -203,7 +206,9 @@ def main() -> None:
                 "met": "yes" if gain >= 0.02 and d["chains"]["share"] <= s["chains"]["share"] else "no",
             }
         )
-    benchrecord.write("reward_grounding", {k: v for k, v in vars(a).items() if k != "store"}, results, rows_out)
+    benchrecord.write(
+        "reward_grounding", {k: v for k, v in vars(a).items() if k != "store"}, results, rows_out, tag=a.tag
+    )
 
 
 if __name__ == "__main__":

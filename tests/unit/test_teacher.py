@@ -86,10 +86,39 @@ def test_each_perturbation_breaks_its_dimension_only():
         assert fmt.try_parse(pairs.break_format(ROW["reasoning"], "relevant", LABELS, random.Random(seed)), LABELS) is None
 
 
+def test_a_misread_service_is_another_services_chain_and_label_told_of_this_one():
+    other = {**ROW, "service_title": "Ramen Ya", "service_district": "Old Town", "label": "partial",
+             "reasoning": "Ramen Ya is in Old Town, not Harbor. Ramen Ya offers sushi."}
+    got = fmt.parse_response(pairs.misread_service(ROW, other), LABELS)
+    # every mention of the other title becomes this one's; the label is the other chain's (the chain argues it)
+    assert got == fmt.Parsed("Golden Sushi is in Old Town, not Harbor. Golden Sushi offers sushi.", "partial")
+    untitled = {**other, "service_title": None}
+    assert fmt.parse_response(pairs.misread_service(ROW, untitled), LABELS).reasoning == other["reasoning"]
+
+
+def test_grounding_pairs_keep_the_label_and_misstate_the_shown_service():
+    # the classic world's chains can be checked against their pair's fields (synthetic.refuted): the rejected chain
+    # of a grounding pair should say what the shown service refutes, the chosen one never
+    from kubedistill.stages import synthetic
+
+    g = synthetic.generate(LABELS, 60, 80, 6, 1200, 10, 0)
+    by_prompt = {fmt.prompt(r): r for r in g.sft}
+    ps = pairs.reward_pairs(g.sft, LABELS, ["grounding"], seed=0)
+    assert len(ps) > 0.8 * len(g.sft)
+    refuted = 0
+    for p in ps:
+        row, chosen, rejected = by_prompt[p.prompt], fmt.parse_response(p.chosen, LABELS), fmt.parse_response(p.rejected, LABELS)
+        assert p.dimension == "grounding" and chosen.label == rejected.label == row["label"]
+        assert row["service_title"] in rejected.reasoning and not synthetic.refuted(chosen.reasoning, row)
+        refuted += bool(synthetic.refuted(rejected.reasoning, row))
+    assert refuted > 0.95 * len(ps)
+
+
 def test_reward_pairs_cover_every_dimension_and_refuse_unknown_ones():
     g = data.generate(LABELS, 30, 20, 3, 30, 10, 0)
-    ps = pairs.reward_pairs(g.sft, LABELS, ["label", "consistency", "faithfulness", "format"], seed=0)
-    assert {p.dimension for p in ps} == {"label", "consistency", "faithfulness", "format"}
+    every = ["label", "consistency", "faithfulness", "format", "grounding"]
+    ps = pairs.reward_pairs(g.sft, LABELS, every, seed=0)
+    assert {p.dimension for p in ps} == set(every)
     assert all(p.chosen != p.rejected and fmt.try_parse(p.chosen, LABELS) for p in ps)
     with pytest.raises(ValueError, match="spec.teacher.rewardModel.dimensions: unknown dimension 'tone'"):
         pairs.reward_pairs(g.sft, LABELS, ["tone"], seed=0)
