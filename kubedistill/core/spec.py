@@ -422,7 +422,17 @@ class DpoSpec(TrainSpec):
         le=64,
         description="Responses sampled (temperature 1) per prompt; the best and worst by reward form a pair.",
     )
-    margin: float = Field(default=0.1, ge=0, le=100, description="Minimum reward gap between chosen and rejected.")
+    margin: float = Field(
+        default=0.1, ge=0, le=100, description="Minimum reward gap between chosen and rejected (prefer: reward)."
+    )
+    prefer: Literal["reward", "label"] = Field(
+        default="reward",
+        description="What makes a preference pair. reward: the best vs the worst sample by the reward model, when "
+        "they differ by >= margin. label: the SFT set's label of the prompt judges: the worst-rewarded sample "
+        "whose label is wrong (or unparsable) is rejected, the best-rewarded right one chosen (the SFT set's own "
+        "response when no sample is right); a prompt whose samples are all right gives no pair. The reward model "
+        "still ranks within each side.",
+    )
     prompts: int | None = Field(
         default=None,
         ge=1,

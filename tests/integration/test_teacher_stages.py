@@ -110,6 +110,16 @@ def test_the_teacher_stages_train_on_s3_and_report_what_they_must(bucket, ray_ad
     again = st.read_json(f"prune-search/{MANIFEST}")["metrics"]
     assert again["evaluated_this_run"] == 1 and again["searched"]["perplexity"] <= pr["searched"]["perplexity"] + 1e-3
 
+    # DPO's pairs judged by the SFT set's labels (dpo.prefer: label), the stage alone on the same teacher: every
+    # chosen response gives its prompt's label and no rejected one does, whatever the reward model says
+    by_label = _doc(f"s3://{bucket}/runs", "teach", {**TEACHER, "dpo": {**TEACHER["dpo"], "prefer": "label"}},
+                    annotation=annotation, pruning=pruning)
+    labelled = runner.run_stages(spec.parse_run(by_label), ("teacher-dpo",), ray_address)["teacher-dpo"]["metrics"]
+    assert labelled["preference_pairs"] > 0 and labelled["preference_truth"]["chosen_right"] == 1.0
+    assert labelled["preference_truth"]["rejected_right"] == 0.0 and labelled["preference_truth"]["ordered"] == 1.0
+    for judged in (dpo["before"], dpo["after"], labelled["after"]):  # the reward ranking the teacher's own answers
+        assert judged["reward_auc"] is None or 0 <= judged["reward_auc"] <= 1, judged
+
 
 def test_a_base_model_that_cannot_be_loaded_fails_the_stage_naming_the_field(tmp_path, ray_address):
     run = spec.parse_run(_doc(str(tmp_path / "store"), "nobase", {**TEACHER, "baseModel": str(tmp_path / "nothing-here")},

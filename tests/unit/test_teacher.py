@@ -132,6 +132,29 @@ def test_choose_pair_takes_best_and_worst_above_the_margin():
         pairs.choose_pair(["a"], [1.0], 0.0)
 
 
+def test_choose_by_label_rejects_the_worst_wrong_sample_and_chooses_the_best_right_one():
+    right_low, right_high = fmt.response("a", "relevant"), fmt.response("b", "relevant")
+    wrong_low, wrong_high = fmt.response("c", "partial"), fmt.response("d", "irrelevant")
+    gold = fmt.response("the SFT set's chain", "relevant")
+    samples = [right_low, wrong_high, right_high, wrong_low]
+    # rewards rank within each side only: the wrong sample with the highest reward is still not chosen
+    got = pairs.choose_by_label(samples, [0.1, 5.0, 0.2, -1.0], "relevant", gold, LABELS)
+    assert got == (right_high, wrong_low)
+    # no right sample: the SFT set's own response is chosen; an unparsable sample counts as wrong
+    assert pairs.choose_by_label([wrong_high, "Reasoning: x"], [0.0, 1.0], "relevant", gold, LABELS) == (gold, wrong_high)
+    assert pairs.choose_by_label(["Reasoning: x"], [1.0], "relevant", gold, LABELS) == (gold, "Reasoning: x")
+    assert pairs.choose_by_label([right_low, right_high], [0.0, 1.0], "relevant", gold, LABELS) is None  # all right
+    with pytest.raises(ValueError):
+        pairs.choose_by_label([right_low], [], "relevant", gold, LABELS)
+
+
+def test_ranking_auc_counts_right_over_wrong_pairs_ties_half():
+    # right: 3.0 and 1.0; wrong: 2.0 and 1.0 -> pairs (3,2) win, (3,1) win, (1,2) lose, (1,1) tie -> 2.5 / 4
+    assert pairs.ranking_auc([3.0, 2.0, 1.0, 1.0], [True, False, True, False]) == 0.625
+    assert pairs.ranking_auc([1.0, 0.0], [True, False]) == 1.0 and pairs.ranking_auc([0.0, 1.0], [True, False]) == 0.0
+    assert pairs.ranking_auc([1.0, 2.0], [True, True]) is None and pairs.ranking_auc([], []) is None
+
+
 def test_preference_truth_checks_the_pairs_against_the_known_labels():
     truth = {"p1": "relevant", "p2": "irrelevant", "p3": "partial"}
     got = pairs.preference_truth(

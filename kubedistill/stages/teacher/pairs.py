@@ -1,5 +1,6 @@
 """Preference pairs: for the reward model (a correct response vs one perturbed on one dimension)
-and for DPO (the best vs the worst sampled response, when the reward model separates them).
+and for DPO (the best vs the worst sampled response, when the reward model separates them; or, with
+`dpo.prefer: label`, a sample with the wrong label vs a right one, the reward model ranking within each).
 
 Each reward dimension gets pairs that differ on that dimension only, so its head learns it:
 
@@ -115,6 +116,34 @@ def choose_pair(responses: list[str], rewards: list[float], margin: float) -> tu
     if rewards[best] - rewards[worst] < margin or responses[best] == responses[worst]:
         return None
     return responses[best], responses[worst]
+
+
+def choose_by_label(
+    responses: list[str], rewards: list[float], truth: str, gold: str, labels: list[str]
+) -> tuple[str, str] | None:
+    """(chosen, rejected) judged by the prompt's known label `truth`: rejected is the lowest-reward response whose
+    label is wrong (an unparsable one counts as wrong), chosen the highest-reward one whose label is right, or
+    `gold` (the SFT set's own response) when none is. None when every response gives `truth`."""
+    if len(responses) != len(rewards) or not responses:
+        raise ValueError("need responses, each with a reward")
+    right = [(parsed := fmt.try_parse(t, labels)) is not None and parsed.label == truth for t in responses]
+    wrong = [i for i, ok in enumerate(right) if not ok]
+    if not wrong:
+        return None
+    good = [i for i, ok in enumerate(right) if ok]
+    chosen = responses[max(good, key=lambda i: rewards[i])] if good else gold
+    return chosen, responses[min(wrong, key=lambda i: rewards[i])]
+
+
+def ranking_auc(rewards: list[float], right: list[bool]) -> float | None:
+    """How well `rewards` rank the right responses over the wrong ones: the share of (right, wrong) pairs where
+    the right one has the higher reward, ties half (the AUC; 0.5: no better than chance). None without both."""
+    pos = [r for r, ok in zip(rewards, right, strict=True) if ok]
+    neg = [r for r, ok in zip(rewards, right, strict=True) if not ok]
+    if not pos or not neg:
+        return None
+    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
+    return wins / (len(pos) * len(neg))
 
 
 def preference_truth(

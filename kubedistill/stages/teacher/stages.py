@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from kubedistill.core import memory
-from kubedistill.core.spec import REWARD_DIMENSIONS, Resources, TrainSpec
+from kubedistill.core.spec import REWARD_DIMENSIONS, DpoSpec, Resources, TrainSpec
 from kubedistill.core.stage import StageContext
 from kubedistill.core.storage import S3Options, Storage
 from kubedistill.ml import sharded
@@ -439,11 +439,22 @@ def judge(
     rows: list[dict[str, Any]],
     labels: list[str],
 ) -> dict[str, Any]:
-    """Greedy responses to `rows`' prompts: mean combined reward, parse rate, label accuracy."""
+    """Greedy responses to `rows`' prompts: mean combined reward, parse rate, label accuracy, and how well the
+    reward ranks the responses with the right label over the wrong ones (`reward_auc`: 0.5 is chance; None when
+    all are right or all wrong): whether the reward model can judge this teacher's own answers, which its
+    held-out pairs (perturbations of the SFT set's responses) do not show."""
     prompts = [fmt.prompt(r) for r in rows]
     responses = lm.generate(model, tokenizer, prompts, max_new_tokens=GEN_TOKENS)
-    reward = combined(reward_scores(rm, rm_tok, prompts, responses), rm.dimensions, weights)
-    return {**response_quality(responses, rows, labels), "mean_reward": float(reward.mean())}
+    reward = combined(reward_scores(rm, rm_tok, prompts, responses), rm.dimensions, weights).tolist()
+    right = [
+        (p := fmt.try_parse(t, labels)) is not None and p.label == r["label"]
+        for t, r in zip(responses, rows, strict=True)
+    ]
+    return {
+        **response_quality(responses, rows, labels),
+        "mean_reward": sum(reward) / max(1, len(reward)),
+        "reward_auc": pairs.ranking_auc(reward, right),
+    }
 
 
 def _reward_model_on_device(rm_uri: str, options: Any) -> tuple[RewardModel, Any, dict[str, float]]:
@@ -455,15 +466,15 @@ def _sample_dpo(
     start: str,
     rm_uri: str,
     options: Any,
-    prompts: list[str],
-    k: int,
-    margin: float,
+    rows: list[dict[str, Any]],
+    d: DpoSpec,
     ev: list[dict[str, Any]],
     labels: list[str],
     seed: int = 0,
 ) -> dict[str, Any]:
-    """k samples per prompt from the SFT teacher (sampled with `seed`), scored; the preference pairs; the SFT
-    teacher's eval."""
+    """`d.samples_per_prompt` samples per prompt of `rows` from the SFT teacher (sampled with `seed`), scored; the
+    preference pairs (`d.prefer`); the SFT teacher's eval."""
+    k, prompts = d.samples_per_prompt, [fmt.prompt(r) for r in rows]
     rm, rm_tok, weights = _reward_model_on_device(rm_uri, options)
     sft, tokenizer = lm.load(start, "teacher-sft model", options)
     sft = sft.to(device())
@@ -471,8 +482,13 @@ def _sample_dpo(
     samples = lm.generate(sft, tokenizer, repeated, max_new_tokens=GEN_TOKENS, temperature=1.0, seed=seed)
     rewards = combined(reward_scores(rm, rm_tok, repeated, samples), rm.dimensions, weights).tolist()
     chosen_rejected = []
-    for i, p in enumerate(prompts):
-        pair = pairs.choose_pair(samples[i * k : (i + 1) * k], rewards[i * k : (i + 1) * k], margin)
+    for i, (p, row) in enumerate(zip(prompts, rows, strict=True)):
+        these, scored = samples[i * k : (i + 1) * k], rewards[i * k : (i + 1) * k]
+        if d.prefer == "label":
+            gold = fmt.response(row["reasoning"], row["label"])
+            pair = pairs.choose_by_label(these, scored, row["label"], gold, labels)
+        else:
+            pair = pairs.choose_pair(these, scored, d.margin)
         if pair:
             chosen_rejected.append({"prompt": p, "chosen": pair[0], "rejected": pair[1]})
     return {"pairs": chosen_rejected, "before": judge(rm, rm_tok, weights, sft, tokenizer, ev, labels)}
@@ -511,9 +527,12 @@ def run_dpo(ctx: StageContext) -> dict[str, Any]:
         rows = random.Random(ctx.spec.teacher.seed).sample(rows, d.prompts)
     k = d.samples_per_prompt
     prompts = [fmt.prompt(r) for r in rows]
-    sampled = on_worker(
-        res, _sample_dpo, start, rm_uri, options, prompts, k, d.margin, ev, labels, ctx.spec.teacher.seed
-    )
+    sampled = on_worker(res, _sample_dpo, start, rm_uri, options, rows, d, ev, labels, ctx.spec.teacher.seed)
+    if not sampled["pairs"] and d.prefer == "label":
+        raise ValueError(
+            f"spec.teacher.dpo.prefer: label, but every one of the {k} samples of each of the {len(rows)} prompts "
+            "gave the prompt's label: nothing to prefer; raise samplesPerPrompt or prompts"
+        )
     if not sampled["pairs"]:
         raise ValueError(
             f"spec.teacher.dpo.margin: no prompt's {k} samples differ by >= {d.margin} in reward; "

@@ -1,31 +1,35 @@
-"""A reward model that reads the chain against its prompt: does DPO then correct the teacher?
+"""What DPO's preference pairs need: a reward model that reads the chain against its prompt, or the SFT set's labels?
 
 `teacher_errors.py` found the quickstart teacher's wrong labels are nearly all chains that misread their own
 prompt ("It offers ramen, but it is in Northgate, not Northgate."), that its reward model ranks held-out pairs at
-chance on label and consistency after the quickstart's 40 steps, and that DPO then makes the teacher worse. The
-reward model's pairs had nothing of that error: the `grounding` dimension (`teacher.pairs.misread_service`: another
-service's chain for the same query and label, told of the shown service) is the pair that has it.
+chance on label and consistency after the quickstart's 40 steps, and that DPO then makes the teacher worse. Two
+candidate fixes: the reward model's `grounding` dimension (`teacher.pairs.misread_service`: another service's chain
+for the same query and label, told of the shown service: the pair that has the teacher's error), and preference
+pairs judged by the SFT set's known label of each prompt (`dpo.prefer: label`: a sample with the wrong label
+rejected, a right one chosen; the reward model ranks within each side).
 
 One world (the quickstart's, classic), one teacher: data, teacher-dapt and teacher-sft run once; then each arm
 runs the reward-model and teacher-dpo stages on that SFT teacher (the real stages' job entrypoints on a local Ray;
 the step policy keeps what an arm does not change):
 
 - `shipped`: the quickstart's reward model and DPO as shipped (40 steps, 64 prompts; dimensions label,
-  consistency, faithfulness, format);
+  consistency, faithfulness, format; pairs by reward);
 - `longer`: the same dimensions, `--rm-steps` reward-model steps and `--dpo-prompts` DPO prompts;
-- `grounding`: as `longer`, with the `grounding` dimension at weight `--grounding-weight`.
+- `grounding`: as `longer`, with the `grounding` dimension at weight `--grounding-weight`;
+- `label`: as `longer`, pairs judged by the SFT set's labels (`dpo.prefer: label`).
 
 Each arm is scored by checks the reward model does not make: the teachers' greedy answers to `--rows` log pairs
 (a seeded sample, the rows `teacher_errors.py` scores; query-disjoint from the SFT set the reward model and DPO
 learn from) against the oracle's labels, and the share of their chains the pair's own fields refute
 (`synthetic.refuted`); and each reward model on the SFT teacher's own answers to those pairs (how well its
-combined reward separates right labels from wrong ones, as AUC). Settings were fixed before the run (the arms'
-steps, prompts and weight); nothing is chosen on these rows. One teacher seed: the spread of a teacher's training
-draw is not measured here.
+combined reward and each dimension separate right labels from wrong ones, as AUC). Settings were fixed before
+the run (the arms' steps, prompts and weight, the quickstart's DPO learning rate and beta); nothing is chosen on
+these rows. One teacher seed: the spread of a teacher's training draw is not measured here, and 600 rows give a
+label accuracy a standard error of about 1.5 points.
 
-    .venv/bin/python benchmarks/reward_grounding.py [--store DIR]
+    .venv/bin/python benchmarks/teacher_dpo.py [--store DIR]
 
-Writes `benchmarks/records/reward_grounding.json`.
+Writes `benchmarks/records/teacher_dpo.json`.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from sklearn.metrics import f1_score, roc_auc_score
+from sklearn.metrics import f1_score
 
 from kubedistill import benchrecord, runner
 from kubedistill.core.spec import RewardModelSpec, parse_run
@@ -47,12 +51,14 @@ from kubedistill.core.storage import Storage
 from kubedistill.stages.data import read_dataset
 from kubedistill.stages.synthetic import refuted_summary
 from kubedistill.stages.teacher import fmt, lm
+from kubedistill.stages.teacher.pairs import ranking_auc
 from kubedistill.stages.teacher.stages import load_reward_model, reward_scores
 from kubedistill.stages.teacher.train import combined
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "manifests" / "samples" / "quickstart.yaml"
 TEACHER = ("data", "teacher-dapt", "teacher-sft")
 ARM_STAGES = ("reward-model", "teacher-dpo")
+ARMS = ("shipped", "longer", "grounding", "label")
 SHIPPED_DIMENSIONS = RewardModelSpec().dimensions  # the spec's default, which the quickstart ships
 
 
@@ -68,6 +74,9 @@ def arms(doc: dict[str, Any], a: argparse.Namespace) -> dict[str, dict[str, Any]
     grounding = copy.deepcopy(longer)
     grounding["spec"]["teacher"]["rewardModel"]["dimensions"]["grounding"] = a.grounding_weight
     out["grounding"] = grounding
+    label = copy.deepcopy(longer)
+    label["spec"]["teacher"]["dpo"]["prefer"] = "label"
+    out["label"] = label
     return out
 
 
@@ -99,30 +108,27 @@ def reward_on_answers(rm_uri: str, rows: list[dict[str, Any]], texts: list[str],
     rm, tok, weights = load_reward_model(rm_uri, None)
     scores = reward_scores(rm, tok, [fmt.prompt(r) for r in rows], texts)
     right = [
-        int(p is not None and p.label == r["label"])
-        for p, r in zip((fmt.try_parse(t, labels) for t in texts), rows, strict=True)
+        (p := fmt.try_parse(t, labels)) is not None and p.label == r["label"] for t, r in zip(texts, rows, strict=True)
     ]
-    out = {"combined": float(roc_auc_score(right, combined(scores, rm.dimensions, weights).numpy()))}
+    out = {"combined": ranking_auc(combined(scores, rm.dimensions, weights).tolist(), right)}
     for i, d in enumerate(rm.dimensions):
-        out[d] = float(roc_auc_score(right, scores[:, i].numpy()))
+        out[d] = ranking_auc(scores[:, i].tolist(), right)
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--store", help="an earlier invocation's store (its finished stages are kept)")
-    ap.add_argument("--rm-steps", type=int, default=400, help="reward-model steps of the longer and grounding arms")
-    ap.add_argument("--dpo-prompts", type=int, default=400, help="DPO prompts of the longer and grounding arms")
+    ap.add_argument("--rm-steps", type=int, default=400, help="reward-model steps of every arm but shipped")
+    ap.add_argument("--dpo-prompts", type=int, default=400, help="DPO prompts of every arm but shipped")
     ap.add_argument("--grounding-weight", type=float, default=1.0, help="the grounding dimension's weight")
     ap.add_argument("--rows", type=int, default=600, help="log pairs each teacher answers (a seeded sample)")
     ap.add_argument("--max-tokens", type=int, default=96, help="as the quickstart's spec.annotation.maxTokens")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument(
-        "--arms", nargs="+", default=["shipped", "longer", "grounding"], choices=["shipped", "longer", "grounding"]
-    )
-    ap.add_argument("--tag", default="", help="writes reward_grounding-<tag>.json")
+    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    ap.add_argument("--tag", default="", help="writes teacher_dpo-<tag>.json")
     a = ap.parse_args()
-    store = Path(a.store or tempfile.mkdtemp(prefix="kd-reward-grounding-"))
+    store = Path(a.store or tempfile.mkdtemp(prefix="kd-teacher-dpo-"))
     doc = yaml.safe_load(QUICKSTART.read_text())
     doc["metadata"]["name"] = "grounding"
     doc["spec"]["storage"]["uri"] = str(store)
@@ -177,7 +183,7 @@ def main() -> None:
         rows_out.append(
             {
                 "what": f"reward model `{arm}` ({r['reward_model']['steps']} steps, DPO {a.dpo_prompts if arm != 'shipped' else 64} prompts), held-out pairwise accuracy per "
-                "dimension, quickstart world (`reward_grounding.py`)",
+                "dimension, quickstart world (`teacher_dpo.py`)",
                 "target": ">= 80% on each",
                 "measured": ", ".join(f"{d} {x:.1%}" for d, x in acc.items()),
                 "met": "yes" if all(x >= 0.8 for x in acc.values()) else "no",
@@ -187,7 +193,7 @@ def main() -> None:
         rows_out.append(
             {
                 "what": f"reward model `{arm}` on the SFT teacher's own answers to {a.rows} log pairs: AUC of right "
-                "labels over wrong ones (`reward_grounding.py`)",
+                "labels over wrong ones (`teacher_dpo.py`)",
                 "target": "well above 0.5 (it can rank the teacher's answers)",
                 "measured": f"combined {on['combined']:.3f}; "
                 + ", ".join(f"{d} {x:.3f}" for d, x in on.items() if d != "combined"),
@@ -199,16 +205,14 @@ def main() -> None:
         rows_out.append(
             {
                 "what": f"DPO teacher `{arm}` ({r['dpo']['preference_pairs']} preference pairs) vs its SFT teacher, "
-                f"{a.rows} log pairs: label accuracy / chains their pair refutes (`reward_grounding.py`)",
+                f"{a.rows} log pairs: label accuracy / chains their pair refutes (`teacher_dpo.py`)",
                 "target": "DPO >= SFT + 2 points, no more refuted chains",
                 "measured": f"{d['accuracy']:.1%} vs {s['accuracy']:.1%} ({gain * 100:+.1f} points; macro-F1 "
                 f"{d['macro_f1']:.3f} vs {s['macro_f1']:.3f}) / {d['chains']['share']:.1%} vs {s['chains']['share']:.1%}",
                 "met": "yes" if gain >= 0.02 and d["chains"]["share"] <= s["chains"]["share"] else "no",
             }
         )
-    benchrecord.write(
-        "reward_grounding", {k: v for k, v in vars(a).items() if k != "store"}, results, rows_out, tag=a.tag
-    )
+    benchrecord.write("teacher_dpo", {k: v for k, v in vars(a).items() if k != "store"}, results, rows_out, tag=a.tag)
 
 
 if __name__ == "__main__":
