@@ -3,8 +3,9 @@
 `teacher_errors.py` found the quickstart teacher's wrong labels are nearly all chains that misread their own
 prompt ("It offers ramen, but it is in Northgate, not Northgate."), that its reward model ranks held-out pairs at
 chance on label and consistency after the quickstart's 40 steps, and that DPO then makes the teacher worse. Two
-candidate fixes: the reward model's `grounding` dimension (`teacher.pairs.misread_service`: another service's chain
-for the same query and label, told of the shown service: the pair that has the teacher's error), and preference
+candidate fixes: the reward model's `grounding` dimension (`teacher.pairs.misread_service`: the chain's own
+description of the service, then another service's verdict and label for the same query: the pair that has the
+teacher's error), and preference
 pairs judged by the SFT set's known label of each prompt (`dpo.prefer: label`: a sample with the wrong label
 rejected, a right one chosen; the reward model ranks within each side).
 

@@ -86,32 +86,37 @@ def test_each_perturbation_breaks_its_dimension_only():
         assert fmt.try_parse(pairs.break_format(ROW["reasoning"], "relevant", LABELS, random.Random(seed)), LABELS) is None
 
 
-def test_a_misread_service_is_another_services_chain_and_label_told_of_this_one():
+def test_a_misread_service_keeps_its_description_and_takes_another_services_verdict_and_label():
     other = {**ROW, "service_title": "Ramen Ya", "service_district": "Old Town", "label": "partial",
-             "reasoning": "Ramen Ya is in Old Town, not Harbor. Ramen Ya offers sushi."}
-    got = fmt.parse_response(pairs.misread_service(ROW, other), LABELS)
-    # every mention of the other title becomes this one's; the label is the other chain's (the chain argues it)
-    assert got == fmt.Parsed("Golden Sushi is in Old Town, not Harbor. Golden Sushi offers sushi.", "partial")
-    untitled = {**other, "service_title": None}
-    assert fmt.parse_response(pairs.misread_service(ROW, untitled), LABELS).reasoning == other["reasoning"]
+             "reasoning": "Query asks for sushi in Harbor. Ramen Ya is a bar in Old Town. It is in Old Town, not Harbor. Ramen Ya is loud."}
+    row = {**ROW, "reasoning": "Query asks for sushi in Harbor. Golden Sushi is a japanese restaurant in Harbor. It offers sushi."}
+    got = fmt.parse_response(pairs.misread_service(row, other), LABELS)
+    # this row's chain through its sentence naming its title, then the other's after its own, titles swapped
+    assert got == fmt.Parsed("Query asks for sushi in Harbor. Golden Sushi is a japanese restaurant in Harbor. "
+                             "It is in Old Town, not Harbor. Golden Sushi is loud.", "partial")
+    # a chain that names no title: the other's whole chain, its title replaced
+    untitled = fmt.parse_response(pairs.misread_service({**row, "reasoning": "It fits."}, other), LABELS)
+    assert untitled.reasoning == other["reasoning"].replace("Ramen Ya", "Golden Sushi") and untitled.label == "partial"
 
 
-def test_grounding_pairs_keep_the_label_and_misstate_the_shown_service():
+def test_grounding_pairs_misjudge_the_service_their_chain_describes():
     # the classic world's chains can be checked against their pair's fields (synthetic.refuted): the rejected chain
-    # of a grounding pair should say what the shown service refutes, the chosen one never
+    # of a grounding pair mostly says what the shown service refutes, the chosen one never
     from kubedistill.stages import synthetic
 
     g = synthetic.generate(LABELS, 60, 80, 6, 1200, 10, 0)
     by_prompt = {fmt.prompt(r): r for r in g.sft}
     ps = pairs.reward_pairs(g.sft, LABELS, ["grounding"], seed=0)
-    assert len(ps) > 0.8 * len(g.sft)
-    refuted = 0
+    assert len(ps) > 0.9 * len(g.sft)
+    refuted = relabelled = 0
     for p in ps:
         row, chosen, rejected = by_prompt[p.prompt], fmt.parse_response(p.chosen, LABELS), fmt.parse_response(p.rejected, LABELS)
-        assert p.dimension == "grounding" and chosen.label == rejected.label == row["label"]
-        assert row["service_title"] in rejected.reasoning and not synthetic.refuted(chosen.reasoning, row)
+        assert p.dimension == "grounding" and chosen.label == row["label"] and not synthetic.refuted(chosen.reasoning, row)
+        description = chosen.reasoning[: chosen.reasoning.index(row["service_title"])]
+        assert rejected.reasoning.startswith(description) and rejected.reasoning != chosen.reasoning
         refuted += bool(synthetic.refuted(rejected.reasoning, row))
-    assert refuted > 0.95 * len(ps)
+        relabelled += rejected.label != row["label"]
+    assert refuted > 0.75 * len(ps) and relabelled > 0.9 * len(ps), (refuted, relabelled, len(ps))
 
 
 def test_reward_pairs_cover_every_dimension_and_refuse_unknown_ones():

@@ -17,6 +17,7 @@ Each reward dimension gets pairs that differ on that dimension only, so its head
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,12 +53,24 @@ def invent_attribute(row: dict[str, Any], reasoning: str, label: str, rng: rando
     return fmt.response(f"{reasoning} It is also known for its {rng.choice(unseen)}.", label)
 
 
+def _sentences(text: str) -> list[str]:
+    return [x for x in re.split(r"(?<=[.!?])\s+", text.strip()) if x]
+
+
 def misread_service(row: dict[str, Any], other: dict[str, Any]) -> str:
-    """`other`'s chain (another service shown for the same query) and label, told of `row`'s service: where the
-    chain names the other service's title, `row`'s title stands in its place. The label follows the chain, so the
-    response is consistent and well-formed; only its facts are another service's."""
+    """A chain that describes `row`'s service and then judges it as `other`'s (another service shown for the same
+    query) was judged, with `other`'s label: `row`'s chain up to and including its first sentence naming `row`'s
+    title, then `other`'s chain after its first sentence naming `other`'s title. Where either chain names no
+    title, `other`'s whole chain with `row`'s title put for `other`'s. The label follows the verdict, so the
+    response is consistent and well-formed; only its verdict's claims are another service's."""
     theirs, ours = str(other.get("service_title") or ""), str(row.get("service_title") or "")
-    reasoning = other["reasoning"].replace(theirs, ours) if theirs and ours else other["reasoning"]
+    own, their = _sentences(row["reasoning"]), _sentences(other["reasoning"])
+    i = next((k for k, x in enumerate(own) if ours and ours in x), None)
+    j = next((k for k, x in enumerate(their) if theirs and theirs in x), None)
+    if i is None or j is None:
+        reasoning = other["reasoning"].replace(theirs, ours) if theirs and ours else other["reasoning"]
+    else:
+        reasoning = " ".join(own[: i + 1] + [x.replace(theirs, ours) for x in their[j + 1 :]])
     return fmt.response(reasoning, other["label"])
 
 
@@ -80,8 +93,9 @@ def reward_pairs(rows: list[dict[str, Any]], labels: list[str], dimensions: list
 
     def misread(r: dict[str, Any]) -> str | None:
         title = r.get("service_title")
-        alike = [o for o in by_query[r["query"]] if o["label"] == r["label"] and o.get("service_title") != title]
-        return misread_service(r, rng.choice(alike)) if alike else None
+        others = [o for o in by_query[r["query"]] if o.get("service_title") != title]
+        unlike = [o for o in others if o["label"] != r["label"]]
+        return misread_service(r, rng.choice(unlike or others)) if others else None
 
     out = []
     for r in rows:
