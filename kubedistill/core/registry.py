@@ -20,6 +20,9 @@ from kubedistill.core.spec import DistillationRunSpec, Resources, annotates, pru
 #: The synthetic worlds' generator revision (`kubedistill.stages.synthetic`, `world`): 2 splits queries by hash
 #: (`synthetic.query_split`); data made by revision 1 (splits filled in turn) is not reused for a synthetic run.
 SYNTHETIC_REVISION = "synthetic-2"
+#: How the reward model's `grounding` pairs are built (`teacher.pairs.misread_service`); in the reward-model stage's
+#: config hash only where that dimension is trained, so other runs' reward models stay reusable when it changes.
+GROUNDING_REVISION = "grounding-2"
 
 #: How every teacher stage runs: its Ray workers and its budget of worker failures.
 _TEACHER_RUN = ("teacher.resources", "teacher.maxFailures", "teacher.maxLength", "teacher.gradientCheckpointing")
@@ -161,6 +164,7 @@ STAGES: tuple[StageDef, ...] = (
         reads=("labels", "teacher.rewardModel", *_TEACHER_TRAINING),
         inputs=_teacher("data", "teacher-sft"),
         resources=lambda s: s.teacher.resources,
+        code=lambda s: GROUNDING_REVISION if "grounding" in s.teacher.reward_model.dimensions else None,
     ),
     StageDef(
         "teacher-dpo",

@@ -117,6 +117,16 @@ def test_a_synthetic_runs_data_carries_the_generators_revision_and_user_logs_do_
     assert "code" not in json.loads(logs["data"].config_json)  # ingesting user logs is not the generator
 
 
+def test_a_reward_model_with_grounding_pairs_carries_their_revision_and_others_do_not():
+    from kubedistill.core.registry import GROUNDING_REVISION
+
+    dims = {"label": 1.0, "grounding": 1.0}
+    by = {s.name: s for s in _build(teacher={"rewardModel": {"dimensions": dims}})}
+    assert json.loads(by["reward-model"].config_json)["code"] == GROUNDING_REVISION
+    assert "code" not in json.loads(by["teacher-dpo"].config_json)  # it follows through its input's digest
+    assert "code" not in json.loads({s.name: s for s in _build()}["reward-model"].config_json)
+
+
 def test_resources_come_from_the_spec():
     by = {s.name: s for s in _build(teacher={"resources": {"workers": 8, "gpusPerWorker": 1}},
                                     annotation={"replicas": {"min": 1, "max": 16}})}
