@@ -17,7 +17,9 @@ the step policy keeps what an arm does not change):
   consistency, faithfulness, format; pairs by reward);
 - `longer`: the same dimensions, `--rm-steps` reward-model steps and `--dpo-prompts` DPO prompts;
 - `grounding`: as `longer`, with the `grounding` dimension at weight `--grounding-weight`;
-- `label`: as `longer`, pairs judged by the SFT set's labels (`dpo.prefer: label`).
+- `label`: as `longer`, pairs judged by the SFT set's labels (`dpo.prefer: label`);
+- `own`: as `longer`, the reward model also learning label pairs of the SFT teacher's own answers to
+  `--own-answers` SFT prompts (`rewardModel.ownAnswers`: a sample with the prompt's label over one without).
 
 Each arm is scored by checks the reward model does not make: the teachers' greedy answers to `--rows` log pairs
 (a seeded sample, the rows `teacher_errors.py` scores; query-disjoint from the SFT set the reward model and DPO
@@ -61,7 +63,7 @@ from kubedistill.stages.teacher.train import combined
 QUICKSTART = Path(__file__).resolve().parent.parent / "manifests" / "samples" / "quickstart.yaml"
 TEACHER = ("data", "teacher-dapt", "teacher-sft")
 ARM_STAGES = ("reward-model", "teacher-dpo")
-ARMS = ("shipped", "longer", "grounding", "label")
+ARMS = ("shipped", "longer", "grounding", "label", "own")
 SHIPPED_DIMENSIONS = RewardModelSpec().dimensions  # the spec's default, which the quickstart ships
 
 
@@ -80,6 +82,9 @@ def arms(doc: dict[str, Any], a: argparse.Namespace) -> dict[str, dict[str, Any]
     label = copy.deepcopy(longer)
     label["spec"]["teacher"]["dpo"]["prefer"] = "label"
     out["label"] = label
+    own = copy.deepcopy(longer)
+    own["spec"]["teacher"]["rewardModel"]["ownAnswers"] = a.own_answers
+    out["own"] = own
     return out
 
 
@@ -125,6 +130,7 @@ def main() -> None:
     ap.add_argument("--rm-steps", type=int, default=1600, help="reward-model steps of every arm but shipped")
     ap.add_argument("--dpo-prompts", type=int, default=400, help="DPO prompts of every arm but shipped")
     ap.add_argument("--grounding-weight", type=float, default=1.0, help="the grounding dimension's weight")
+    ap.add_argument("--own-answers", type=int, default=4000, help="the own arm's rewardModel.ownAnswers")
     ap.add_argument("--rows", type=int, default=600, help="log pairs each teacher answers (a seeded sample)")
     ap.add_argument("--max-tokens", type=int, default=96, help="as the quickstart's spec.annotation.maxTokens")
     ap.add_argument("--seed", type=int, default=0)
@@ -161,6 +167,8 @@ def main() -> None:
             results["arms"][arm] = {
                 "reward_model": {
                     "steps": rm["step"],
+                    "own_answers_accuracy": rm.get("own_answers_accuracy"),
+                    "own_answer_pairs": rm.get("own_answer_pairs"),
                     "pairwise_accuracy": rm["pairwise_accuracy"],
                     "combined_pairwise_accuracy": rm["combined_pairwise_accuracy"],
                 },

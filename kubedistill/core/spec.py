@@ -395,6 +395,16 @@ class RewardModelSpec(TrainSpec):
         default_factory=lambda: {"label": 1.0, "consistency": 0.5, "faithfulness": 0.5, "format": 0.2},
         description=f"Weight of each reward dimension; known: {', '.join(REWARD_DIMENSIONS)}.",
     )
+    own_answers: int = Field(
+        default=0,
+        ge=0,
+        le=100_000,
+        description="SFT prompts (seeded) the SFT teacher answers 4 times at temperature 1 to add label pairs of its "
+        "own answers: one with the prompt's label over one without (the SFT set's response where no sample is "
+        "right), so the label dimension learns to judge what this teacher writes, not only perturbations of the "
+        "SFT set. A fifth of them, from held-out queries, are scored apart (ownAnswersAccuracy). Needs the label "
+        "dimension. 0: none.",
+    )
 
     @field_validator("dimensions")
     @classmethod
@@ -1170,6 +1180,14 @@ def _semantic_problems(run: DistillationRun) -> list[Problem]:
                 "spec.serving.runtime",
                 f"{s.serving.runtime} scores on CPUs, but gpusPerReplica is {s.serving.gpus_per_replica}: set "
                 "runtime torch (or leave it unset) for GPU replicas",
+            )
+        )
+    rm = s.teacher.reward_model
+    if rm.own_answers and "label" not in rm.dimensions:
+        out.append(
+            Problem(
+                "spec.teacher.rewardModel.ownAnswers",
+                "its pairs train the label dimension: add label to spec.teacher.rewardModel.dimensions or leave it 0",
             )
         )
     syn = s.data.synthetic

@@ -71,6 +71,7 @@ def test_unknown_top_level_and_nested_fields_are_errors():
         ({"student": {"compareObjectives": ["mse"]}}, "spec.student.compareObjectives[0]"),
         ({"teacher": {"dpo": {"prompts": 0}}}, "spec.teacher.dpo.prompts"),
         ({"teacher": {"dpo": {"prefer": "oracle"}}}, "spec.teacher.dpo.prefer"),
+        ({"teacher": {"rewardModel": {"ownAnswers": 100, "dimensions": {"format": 1}}}}, "spec.teacher.rewardModel.ownAnswers"),
         ({"teacher": {"enabled": False}, "annotation": {"model": "s3://m/llm"}}, "spec.pruning.enabled"),
         ({"annotation": {"model": "prune-search"}, "pruning": {"enabled": False}}, "spec.annotation.model"),
         ({"data": {"logs": "s3://b/logs/", "evalSet": "s3://b/eval/"}, "teacher": {"enabled": False},

@@ -153,6 +153,22 @@ def test_choose_by_label_rejects_the_worst_wrong_sample_and_chooses_the_best_rig
         pairs.choose_by_label([right_low], [], "relevant", gold, LABELS)
 
 
+def test_own_answer_pairs_put_a_right_sample_over_a_wrong_one_of_the_same_prompt():
+    other = {**ROW, "query": "ramen in harbor", "label": "partial", "reasoning": "No ramen here."}
+    right, wrong = fmt.response("It offers sushi.", "relevant"), fmt.response("It is elsewhere.", "partial")
+    got = stages.own_answer_pairs(
+        [ROW, other, {**ROW, "query": "sushi"}],
+        [[wrong, right, wrong, "broken"], [wrong, wrong], [wrong, "Reasoning: x"]],
+        LABELS,
+    )
+    gold = fmt.response(ROW["reasoning"], ROW["label"])
+    assert got == [
+        pairs.Pair(fmt.prompt(ROW), right, wrong, "label"),  # the first right sample over the first wrong one
+        # every sample of the second row is right: no pair; none of the third's: the row's own response is chosen
+        pairs.Pair(fmt.prompt({**ROW, "query": "sushi"}), gold, wrong, "label"),
+    ]
+
+
 def test_ranking_auc_counts_right_over_wrong_pairs_ties_half():
     # right: 3.0 and 1.0; wrong: 2.0 and 1.0 -> pairs (3,2) win, (3,1) win, (1,2) lose, (1,1) tie -> 2.5 / 4
     assert pairs.ranking_auc([3.0, 2.0, 1.0, 1.0], [True, False, True, False]) == 0.625

@@ -30,6 +30,7 @@ from kubedistill.stages.teacher.train import RewardModel, TrainConfig, build, co
 GEN_TOKENS = 128  # new tokens a response may take (reasoning + label)
 EVAL_PROMPTS = 400  # held-out prompts each evaluation generates for
 HELD_PAIRS = 2000  # held-out reward-model pairs scored, at most (every dimension, in row order)
+OWN_SAMPLES = 4  # samples of each prompt from which spec.teacher.rewardModel.ownAnswers makes a label pair
 
 
 def _train_config(
@@ -375,6 +376,7 @@ def _finish_reward(
     options: Any,
     held_pairs: list[pairs.Pair],
     weights: dict[str, float],
+    held_own: list[pairs.Pair],
 ) -> dict[str, Any]:
     rm, tokenizer = trained_model(cfg, checkpoint, options)
     dims = rm.dimensions
@@ -386,41 +388,94 @@ def _finish_reward(
         if idx:
             accuracy[d] = float((sc[idx, i] > sr[idx, i]).float().mean())
     combined_acc = float((combined(sc, dims, weights) > combined(sr, dims, weights)).float().mean())
+    own = None
+    if held_own:
+        oc = reward_scores(rm, tokenizer, [p.prompt for p in held_own], [p.chosen for p in held_own])
+        orj = reward_scores(rm, tokenizer, [p.prompt for p in held_own], [p.rejected for p in held_own])
+        own = float((combined(oc, dims, weights) > combined(orj, dims, weights)).float().mean())
     return {
+        "own_answers_accuracy": own,
         "pairwise_accuracy": accuracy,
         "combined_pairwise_accuracy": combined_acc,
         "model": save_reward_model(rm, tokenizer, weights, Storage(out_uri, options)),
     }
 
 
+def _own_samples(start: str, options: Any, prompts: list[str], k: int, seed: int) -> list[list[str]]:
+    """k samples (temperature 1, `seed`) of the SFT teacher for each prompt."""
+    sft, tokenizer = lm.load(start, "teacher-sft model", options)
+    sft = sft.to(device())
+    out = lm.generate(
+        sft, tokenizer, [p for p in prompts for _ in range(k)], max_new_tokens=GEN_TOKENS, temperature=1.0, seed=seed
+    )
+    return [out[i * k : (i + 1) * k] for i in range(len(prompts))]
+
+
+def own_answer_pairs(rows: list[dict[str, Any]], samples: list[list[str]], labels: list[str]) -> list[pairs.Pair]:
+    """Label pairs of the teacher's own answers: per row, a sample with its label over one without (the row's own
+    response where no sample has it); none where every sample is right."""
+    out = []
+    for row, these in zip(rows, samples, strict=True):
+        gold = fmt.response(row["reasoning"], row["label"])
+        pair = pairs.choose_by_label(these, [0.0] * len(these), row["label"], gold, labels)
+        if pair:
+            out.append(pairs.Pair(fmt.prompt(row), pair[0], pair[1], "label"))
+    return out
+
+
 def run_reward(ctx: StageContext) -> dict[str, Any]:
-    labels, r = ctx.spec.labels, ctx.spec.teacher.reward_model
+    labels, r, seed = ctx.spec.labels, ctx.spec.teacher.reward_model, ctx.spec.teacher.seed
     dims = dimensions_of(r.dimensions)
     rows = sft_rows(ctx, labels)
     train_rows, held_rows = split_by_query(rows, 0.2, 0)
-    train_pairs = pairs.reward_pairs(train_rows, labels, dims, seed=ctx.spec.teacher.seed)
+    train_pairs = pairs.reward_pairs(train_rows, labels, dims, seed=seed)
     held_pairs = pairs.reward_pairs(held_rows, labels, dims, seed=1)[:HELD_PAIRS]
+    start, res = _model_uri(ctx, "teacher-sft"), ctx.spec.teacher.resources
+    held_own: list[pairs.Pair] = []
+    n_own = 0
+    if r.own_answers:
+        n_held = max(1, r.own_answers // 5)
+        ask = random.Random(seed).sample(train_rows, min(r.own_answers - n_held, len(train_rows)))
+        ask_held = random.Random(seed).sample(held_rows, min(n_held, len(held_rows)))
+        prompts = [fmt.prompt(x) for x in ask + ask_held]
+        samples = on_worker(res, _own_samples, start, ctx.storage.options, prompts, OWN_SAMPLES, seed)
+        own = own_answer_pairs(ask, samples[: len(ask)], labels)
+        held_own = own_answer_pairs(ask_held, samples[len(ask) :], labels)
+        n_own, train_pairs = len(own), train_pairs + own
+        random.Random(seed).shuffle(train_pairs)
+        ctx.log(
+            f"{len(own)} + {len(held_own)} held-out label pairs of the teacher's own answers from {len(prompts)} prompts"
+        )
     write_rows(ctx.out, "examples/part-00000", [p.__dict__ for p in train_pairs], "jsonl")
-    start = _model_uri(ctx, "teacher-sft")
     cfg = _train_config(ctx, "reward", start, ctx.out.uri("examples"), r, dimensions=tuple(dims))
     ctx.log(f"{len(train_pairs)} training / {len(held_pairs)} held-out pairs over {dims}")
-    res = ctx.spec.teacher.resources
     checkpoint, metrics = run(ctx, cfg, res, "reward")
     done = on_worker(
-        res, _finish_reward, cfg, checkpoint, ctx.out.uri("model"), ctx.storage.options, held_pairs, r.dimensions
+        res,
+        _finish_reward,
+        cfg,
+        checkpoint,
+        ctx.out.uri("model"),
+        ctx.storage.options,
+        held_pairs,
+        r.dimensions,
+        held_own,
     )
     ctx.log(
         "held-out pairwise accuracy: "
         + ", ".join(f"{d} {a:.1%}" for d, a in done["pairwise_accuracy"].items())
         + f", combined {done['combined_pairwise_accuracy']:.1%}"
+        + (f"; on the teacher's own answers {done['own_answers_accuracy']:.1%}" if held_own else "")
     )
     return {
         "metrics": {
             **metrics,
             "pairwise_accuracy": done["pairwise_accuracy"],
             "combined_pairwise_accuracy": done["combined_pairwise_accuracy"],
+            "own_answers_accuracy": done["own_answers_accuracy"],
             "train_pairs": len(train_pairs),
             "heldout_pairs": len(held_pairs),
+            "own_answer_pairs": {"train": n_own, "heldout": len(held_own)},
         },
         "outputs": {"model": done["model"]},
     }
