@@ -360,12 +360,13 @@ def students_world(name: str, store: Path, args: argparse.Namespace) -> dict[str
     return doc
 
 
-def run_stages(doc: dict[str, Any], names: tuple[str, ...], gcs_address: str) -> dict[str, dict[str, Any]]:
-    """Only the stages `names` of the run `doc` on the local Ray at `gcs_address` (`runner.run_stages`)."""
+def run_stages(doc: dict[str, Any], names: tuple[str, ...], dashboard: str) -> dict[str, dict[str, Any]]:
+    """Only the stages `names` of the run `doc` on the local Ray whose job API is at `dashboard`
+    (`runner.run_stages`)."""
     from kubedistill import runner
     from kubedistill.core.spec import parse_run
 
-    return runner.run_stages(parse_run(doc), names, gcs_address)
+    return runner.run_stages(parse_run(doc), names, dashboard)
 
 
 def manifests(doc: dict[str, Any], stages: tuple[str, ...]) -> dict[str, dict[str, Any]]:
@@ -485,13 +486,12 @@ def dapt_probe_part(args: argparse.Namespace) -> None:
     )
     results: dict[str, Any] = {"runs": []}
     with runner.local_ray() as session:
-        assert session.head is not None
         for seed in args.seeds:
             for steps in args.dapt_sweep:
                 doc = knowledge_run(f"probe-{steps}-{seed}", store, seed, args.corpus_only_share)
                 doc["spec"]["teacher"]["dapt"].update(epochs=1000, maxSteps=steps)
                 t0 = time.monotonic()
-                m = run_stages(doc, ("data", "teacher-dapt"), session.head.gcs_address)
+                m = run_stages(doc, ("data", "teacher-dapt"), session.dashboard)
                 data, dapt = m["data"], m["teacher-dapt"]
                 corpus = [r["text"] for r in read_dataset(Storage(data["artifact"]).child("corpus"))]
                 sft = read_dataset(Storage(data["artifact"]).child("sft"))
@@ -568,7 +568,6 @@ def teacher_size_part(args: argparse.Namespace) -> None:
     )
     results: dict[str, Any] = {"runs": []}
     with runner.local_ray() as session:
-        assert session.head is not None
         for seed in args.seeds:
             for preset in args.presets:
                 name = f"size-{preset}-{seed}" + (f"-{args.services}" if args.services else "")
@@ -580,7 +579,7 @@ def teacher_size_part(args: argparse.Namespace) -> None:
                 spec["teacher"]["dapt"].update(epochs=100, maxSteps=1)
                 spec["teacher"]["sft"].update(epochs=1000, maxSteps=args.sft_steps)
                 t0 = time.monotonic()
-                m = run_stages(doc, ("data", "teacher-dapt", "teacher-sft"), session.head.gcs_address)
+                m = run_stages(doc, ("data", "teacher-dapt", "teacher-sft"), session.dashboard)
                 data, dapt, sft = m["data"], m["teacher-dapt"], m["teacher-sft"]
                 d = Storage(data["artifact"])
                 rows = read_dataset(d.child("eval"))[:EVAL_PROMPTS]
@@ -639,12 +638,11 @@ def teacher_seeds_part(args: argparse.Namespace) -> None:
     )
     results: dict[str, Any] = {"runs": []}
     with runner.local_ray() as session:
-        assert session.head is not None
         for seed in args.seeds:
             doc = students_world(f"teacher-seed-{seed}", store, args)
             doc["spec"]["teacher"]["seed"] = seed
             t0 = time.monotonic()
-            m = run_stages(doc, ("data", "teacher-dapt", "teacher-sft"), session.head.gcs_address)
+            m = run_stages(doc, ("data", "teacher-dapt", "teacher-sft"), session.dashboard)
             evalset = read_dataset(Storage(m["data"]["artifact"]).child("eval"))
             parsed = [fmt.try_parse(t, LABELS) for t in answers(m["teacher-sft"]["outputs"]["model"], evalset)]
             run = {

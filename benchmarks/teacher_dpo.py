@@ -147,8 +147,7 @@ def main() -> None:
 
     results: dict[str, Any] = {"arms": {}}
     with runner.local_ray() as session:
-        assert session.head is not None
-        address = session.head.gcs_address
+        address = session.dashboard
         t0 = time.monotonic()
         m = runner.run_stages(parse_run(doc), TEACHER, address)
         results["teacher_minutes"] = round((time.monotonic() - t0) / 60, 1)

@@ -345,17 +345,29 @@ def _job_entrypoint(stage: pipeline.Stage) -> str:
     return shlex.join([sys.executable, *shlex.split(stage.entrypoint)[1:]])
 
 
-def run_stages(run: DistillationRun, names: tuple[str, ...], gcs_address: str) -> dict[str, dict[str, Any]]:
-    """Only the stages `names` of `run`, in graph order, each by its own job entrypoint (what `run_local` submits)
-    as a child process of this interpreter against the Ray at `gcs_address`, its output discarded; their
-    manifests. For benchmarks that change one stage's settings and keep the stages before it: a stage already
-    done for the spec skips itself (the step policy), and a failed one raises CalledProcessError."""
+def run_stages(
+    run: DistillationRun, names: tuple[str, ...], dashboard: str, poll_s: float = 0.5
+) -> dict[str, dict[str, Any]]:
+    """Only the stages `names` of `run`, in graph order, each submitted as a Ray job to the cluster whose job API
+    is at `dashboard`, with the entrypoint and environment `run_local` gives it (credentials passed through); their
+    manifests. For benchmarks that change one stage's settings and keep the stages before it: a stage already done
+    for the spec skips itself (the step policy), and a failed one raises RunFailed with the error its job
+    recorded."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(dashboard)
     stages = pipeline.build(run)
-    for stage in stages:
-        if stage.name in names:
-            env = {**os.environ, **JOB_ENV, CONFIG_ENV: stage.config_json, "RAY_ADDRESS": gcs_address}
-            subprocess.run(shlex.split(_job_entrypoint(stage)), env=env, check=True, stdout=subprocess.DEVNULL)
     storage = run_storage(stages[0].config)
+    passed = {k: os.environ[k] for k in _PASS_ENV if k in os.environ}
+    for stage in stages:
+        if stage.name not in names:
+            continue
+        env = {**passed, **JOB_ENV, CONFIG_ENV: stage.config_json, "PYTHONUNBUFFERED": "1"}
+        job = submit(client, entrypoint=_job_entrypoint(stage), runtime_env={"env_vars": env})
+        while (state := client.get_job_status(job)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            time.sleep(poll_s)
+        if state != JobStatus.SUCCEEDED:
+            raise RunFailed(stage.name, _failure_reason(storage, stage.name, client.get_job_info(job).message))
     return {name: must_read_manifest(storage, name) for name in names}
 
 

@@ -175,7 +175,7 @@ def seaweed(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="session")
-def ray_address() -> Iterator[str]:
+def ray_head():  # type: ignore[no-untyped-def]
     """One local Ray head (ports claimed, its own token) for the in-process runs that need nothing of
     their own: each `run_local(run, address=ray_address)` submits its stages as jobs there instead of
     starting and stopping a head (about 15 s each). Runs that serve, or that a test kills, start theirs."""
@@ -184,9 +184,15 @@ def ray_address() -> Iterator[str]:
     head = start_ray_head()
     try:
         with ray_auth(head.auth_env):
-            yield head.gcs_address
+            yield head
     finally:
         head.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_address(ray_head) -> str:  # type: ignore[no-untyped-def]
+    """The shared head's GCS address (`ray_head`)."""
+    return ray_head.gcs_address
 
 
 @pytest.fixture

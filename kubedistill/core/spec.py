@@ -402,7 +402,7 @@ class RewardModelSpec(TrainSpec):
         description="SFT prompts (seeded) the SFT teacher answers 4 times at temperature 1 to add label pairs of its "
         "own answers: one with the prompt's label over one without (the SFT set's response where no sample is "
         "right), so the label dimension learns to judge what this teacher writes, not only perturbations of the "
-        "SFT set. A fifth of them, from held-out queries, are scored apart (ownAnswersAccuracy). Needs the label "
+        "SFT set. A fifth of them, from held-out queries, are scored apart (the manifest's own_answers_accuracy). Needs the label "
         "dimension. 0: none.",
     )
 

@@ -142,18 +142,23 @@ def checkpoint_registered(stage_dir: Path) -> Callable[[], bool]:
 
 
 @pytest.mark.cost(45)
-def test_run_stages_runs_only_the_named_stages_and_keeps_what_is_done(tmp_path, ray_address):
+def test_run_stages_runs_only_the_named_stages_and_keeps_what_is_done(tmp_path, ray_head):
     """`runner.run_stages` (the benchmarks' stage-by-stage runs): only the named stages run; a stage done for
     the spec skips itself; a changed config reruns it into a new version and its named dependents after it."""
     doc = _doc(str(tmp_path / "store"), name="by-stage")
-    first = runner.run_stages(spec.parse_run(doc), ("data",), ray_address)
+    first = runner.run_stages(spec.parse_run(doc), ("data",), ray_head.dashboard_url)
     st = Storage(str(tmp_path / "store" / "by-stage"))
     assert st.exists("data/_SUCCESS.json") and not st.exists("evaluate/_SUCCESS.json")
-    assert runner.run_stages(spec.parse_run(doc), ("data",), ray_address) == first  # done: the same manifest
+    assert runner.run_stages(spec.parse_run(doc), ("data",), ray_head.dashboard_url) == first  # done: the same manifest
     doc["spec"]["data"]["synthetic"]["seed"] = 7
-    again = runner.run_stages(spec.parse_run(doc), ("data", "evaluate"), ray_address)
+    again = runner.run_stages(spec.parse_run(doc), ("data", "evaluate"), ray_head.dashboard_url)
     assert again["data"]["artifact"] != first["data"]["artifact"]
     assert again["evaluate"]["inputs"] == {"data": again["data"]["digest"]}
+    # a stage that fails raises with the error its job recorded, not a bare exit status
+    doc["spec"]["data"] = {"logs": str(tmp_path / "missing.jsonl"), "evalSet": str(tmp_path / "missing-eval.jsonl")}
+    with pytest.raises(runner.RunFailed, match="stage data failed: .*missing") as e:
+        runner.run_stages(spec.parse_run(doc), ("data", "evaluate"), ray_head.dashboard_url)
+    assert e.value.stage == "data"
 
 
 def test_killed_run_resumes_with_only_unfinished_stages(tmp_path):

@@ -24,7 +24,7 @@ TEACHER = {
     "baseModel": "scratch:llama-tiny",
     "dapt": {"epochs": 2, "batchSize": 16, "learningRate": 3e-3},
     "sft": {"epochs": 10, "batchSize": 16, "learningRate": 3e-3, "corpusReplay": 0.2},  # 60 domain texts beside 300 pairs
-    "rewardModel": {"epochs": 2, "batchSize": 16, "learningRate": 1e-3},
+    "rewardModel": {"epochs": 2, "batchSize": 16, "learningRate": 1e-3, "ownAnswers": 40},  # 32 + 8 held-out prompts
     "dpo": {"epochs": 2, "batchSize": 8, "learningRate": 1e-4, "samplesPerPrompt": 4, "margin": 0.1, "prompts": 150},
     "resources": {"workers": 2, "cpusPerWorker": 1},
 }
@@ -42,7 +42,7 @@ def _doc(uri: str, name: str, teacher: dict, synthetic: dict = SYNTHETIC, **more
 
 @pytest.mark.cost(550)
 @pytest.mark.timeout(1500)  # about 10 minutes beside another test on 2 cores
-def test_the_teacher_stages_train_on_s3_and_report_what_they_must(bucket, ray_address):
+def test_the_teacher_stages_train_on_s3_and_report_what_they_must(bucket, ray_address, ray_head):
     # then the DPO teacher, as saved on S3, annotates the log with vLLM (asked for: at 300 rows auto would pick
     # transformers, which finishes first on CPUs below the measured crossover)
     annotation = {"enabled": True, "engine": "vllm", "batchSize": 128, "maxTokens": 128, "kvCacheGib": 0.5, "compile": False}
@@ -67,6 +67,10 @@ def test_the_teacher_stages_train_on_s3_and_report_what_they_must(bucket, ray_ad
     acc = m["reward-model"]["pairwise_accuracy"]
     assert set(acc) == {"label", "consistency", "faithfulness", "format"} and all(0 <= a <= 1 for a in acc.values())
     assert m["reward-model"]["combined_pairwise_accuracy"] > 0.5
+    # label pairs of the SFT teacher's own answers (4 samples of each of 40 prompts), the held-out ones scored apart
+    own = m["reward-model"]["own_answer_pairs"]
+    assert 0 < own["train"] <= 32 and own["heldout"] <= 8, own
+    assert m["reward-model"]["own_answers_accuracy"] is None if not own["heldout"] else 0 <= m["reward-model"]["own_answers_accuracy"] <= 1
     dpo = m["teacher-dpo"]
     assert dpo["preference_pairs"] > 0 and dpo["after"]["mean_reward"] > dpo["before"]["mean_reward"], dpo
     # the reward model checked on the teacher's own samples: shares, each pair's chosen and rejected against its label
@@ -114,7 +118,7 @@ def test_the_teacher_stages_train_on_s3_and_report_what_they_must(bucket, ray_ad
     # chosen response gives its prompt's label and no rejected one does, whatever the reward model says
     by_label = _doc(f"s3://{bucket}/runs", "teach", {**TEACHER, "dpo": {**TEACHER["dpo"], "prefer": "label"}},
                     annotation=annotation, pruning=pruning)
-    labelled = runner.run_stages(spec.parse_run(by_label), ("teacher-dpo",), ray_address)["teacher-dpo"]["metrics"]
+    labelled = runner.run_stages(spec.parse_run(by_label), ("teacher-dpo",), ray_head.dashboard_url)["teacher-dpo"]["metrics"]
     assert labelled["preference_pairs"] > 0 and labelled["preference_truth"]["chosen_right"] == 1.0
     assert labelled["preference_truth"]["rejected_right"] == 0.0 and labelled["preference_truth"]["ordered"] == 1.0
     for judged in (dpo["before"], dpo["after"], labelled["after"]):  # the reward ranking the teacher's own answers
