@@ -314,21 +314,29 @@ def _section_teacher(found: dict[str, dict[str, Any]]) -> str:
     if m := found.get("reward-model", {}).get("manifest"):
         x = m["metrics"]
         dims = ", ".join(f"{_e(k)} {_fmt(v)}" for k, v in (x.get("pairwise_accuracy") or {}).items())
+        own = x.get("own_answers_accuracy")
         rows.append(
             [
                 "reward-model",
-                f"held-out pairwise accuracy: {dims}; combined {_fmt(x.get('combined_pairwise_accuracy'))}",
+                f"held-out pairwise accuracy: {dims}; combined {_fmt(x.get('combined_pairwise_accuracy'))}"
+                + (f"; on the teacher's own answers (held-out queries) {_fmt(own)}" if own is not None else ""),
             ]
         )
     if m := found.get("teacher-dpo", {}).get("manifest"):
-        b, a = m["metrics"].get("before", {}), m["metrics"].get("after", {})
-        rows.append(
-            [
-                "teacher-dpo",
-                f"mean reward {_fmt(b.get('mean_reward'))} → {_fmt(a.get('mean_reward'))}, label accuracy "
-                f"{_fmt(b.get('label_accuracy'))} → {_fmt(a.get('label_accuracy'))}, parse rate {_fmt(b.get('parse_rate'))} → {_fmt(a.get('parse_rate'))}",
-            ]
+        x = m["metrics"]
+        b, a = x.get("before", {}), x.get("after", {})
+        text = (
+            f"mean reward {_fmt(b.get('mean_reward'))} → {_fmt(a.get('mean_reward'))}, label accuracy "
+            f"{_fmt(b.get('label_accuracy'))} → {_fmt(a.get('label_accuracy'))}, parse rate {_fmt(b.get('parse_rate'))} → {_fmt(a.get('parse_rate'))}"
         )
+        if (auc := b.get("reward_auc")) is not None:
+            text += (
+                f". The reward ranks the SFT teacher's right answers over its wrong ones with AUC {auc:.2f} (0.5 is "
+                f"chance){' — it cannot judge this teacher, and DPO by reward learns little but noise' if auc < 0.6 else ''}"
+            )
+        if truth := x.get("preference_truth"):
+            text += f"; the chosen response of DPO's {_fmt(x.get('preference_pairs'))} pairs gives the prompt's label in {truth['chosen_right']:.0%}, the rejected in {truth['rejected_right']:.0%}"
+        rows.append(["teacher-dpo", text])
     return "<h2>Teacher</h2>" + _table(["stage", "result"], rows, raw=True) if rows else ""
 
 

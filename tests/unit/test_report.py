@@ -143,6 +143,32 @@ def test_the_report_says_how_many_chains_their_pair_refutes(tmp_path):
             "with the reference on 0.0%, the other chains on 100.0%. For example: Royal Izakaya") in text
 
 
+def test_the_report_says_whether_the_reward_model_can_judge_its_teacher(tmp_path):
+    st = _store(tmp_path)
+    rm = {"pairwise_accuracy": {"label": 1.0, "format": 1.0}, "combined_pairwise_accuracy": 1.0, "own_answers_accuracy": 0.598}
+    st.write_json(f"reward-model/{MANIFEST}", _manifest("reward-model", {"data": "d-data"}, "d-rm", rm))
+    judged = {"mean_reward": 1.5, "label_accuracy": 0.895, "parse_rate": 1.0}
+    dpo = {"before": {**judged, "reward_auc": 0.4685}, "after": {**judged, "reward_auc": 0.40}, "preference_pairs": 133,
+           "preference_truth": {"chosen_right": 0.519, "rejected_right": 0.481, "ordered": 0.52}}
+    st.write_json(f"teacher-dpo/{MANIFEST}", _manifest("teacher-dpo", {"reward-model": "d-rm"}, "d-dpo", dpo))
+    report.write(st, "r", ["data", "reward-model", "teacher-dpo", "student-crsd", "evaluate"], None)
+    text = " ".join(_text(st.read_text("report.html")).split())
+    assert "combined 1.0000; on the teacher's own answers (held-out queries) 0.5980" in text
+    assert ("The reward ranks the SFT teacher's right answers over its wrong ones with AUC 0.47 (0.5 is chance) — it "
+            "cannot judge this teacher, and DPO by reward learns little but noise; the chosen response of DPO's 133 "
+            "pairs gives the prompt's label in 52%, the rejected in 48%") in text
+    # a reward model that ranks them well is not called blind; a manifest from before the check says nothing of it
+    dpo["before"]["reward_auc"] = 0.81
+    st.write_json(f"teacher-dpo/{MANIFEST}", _manifest("teacher-dpo", {"reward-model": "d-rm"}, "d-dpo", dpo))
+    report.write(st, "r", ["data", "reward-model", "teacher-dpo", "student-crsd", "evaluate"], None)
+    text = " ".join(_text(st.read_text("report.html")).split())
+    assert "with AUC 0.81 (0.5 is chance); the chosen" in text and "cannot judge" not in text
+    del dpo["before"]["reward_auc"]
+    st.write_json(f"teacher-dpo/{MANIFEST}", _manifest("teacher-dpo", {"reward-model": "d-rm"}, "d-dpo", dpo))
+    report.write(st, "r", ["data", "reward-model", "teacher-dpo", "student-crsd", "evaluate"], None)
+    assert "ranks the SFT teacher's right answers" not in " ".join(_text(st.read_text("report.html")).split())
+
+
 def annotate_agreement(rows: list[dict], reference: dict[str, str]) -> dict:
     from kubedistill.stages import annotate
 
