@@ -131,7 +131,9 @@ def sd(xs: list[float]) -> float:
     return statistics.stdev(xs) if len(xs) > 1 else 0.0
 
 
-def plot(path: Path, sizes: list[int], curves: dict[str, list[list[float]]], lexical: list[float], labels: str) -> None:
+def plot(
+    path: Path, sizes: list[int], curves: dict[str, list[list[float]]], lexical: list[float], labels: str
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -186,9 +188,7 @@ def teacher_annotations(args: argparse.Namespace) -> tuple[list[dict], list[dict
     m = run_local(doc, ("data", "teacher-dpo", "annotate"), "the teacher's run")
     data = Storage(m["data"]["artifact"])
     truth = {r["pair_id"]: r["label"] for r in read_dataset(data.child("labeled"))}
-    rows = [
-        {**r, "oracle_label": truth[r["pair_id"]]} for r in read_dataset(Storage(m["annotate"]["outputs"]["labeled"]))
-    ]
+    rows = [{**r, "oracle_label": truth[r["pair_id"]]} for r in read_dataset(Storage(m["annotate"]["outputs"]["labeled"]))]
     evalset = read_dataset(data.child("eval"))
     model_uri = m["teacher-dpo"]["outputs"]["model"]  # the model annotate labels with
     model, tok = lm.load(model_uri, "teacher")
@@ -197,17 +197,11 @@ def teacher_annotations(args: argparse.Namespace) -> tuple[list[dict], list[dict
     given_chain = teacher_train.label_probabilities(model, tok, prompts, [r["reasoning"] for r in rows], LABELS)
     # kd's soft labels: how --kd-samples answers sampled at temperature 1, with the annotation's own, split
     max_tokens = spec["annotation"]["maxTokens"]
-    samples = [
-        lm.generate(model, tok, prompts, max_new_tokens=max_tokens, temperature=1.0, seed=k)
-        for k in range(args.kd_samples)
-    ]
+    samples = [lm.generate(model, tok, prompts, max_new_tokens=max_tokens, temperature=1.0, seed=k)
+               for k in range(args.kd_samples)]
     for i, r in enumerate(rows):  # with --kd-samples 0, the annotation's label alone (one-hot)
-        r["label_probs"] = fmt.label_shares(
-            [fmt.response(r["reasoning"], r["label"]), *(s[i] for s in samples)], LABELS
-        )
-    parsed = [
-        fmt.try_parse(t, LABELS) for t in lm.generate(model, tok, [fmt.prompt(r) for r in evalset], max_new_tokens=160)
-    ]
+        r["label_probs"] = fmt.label_shares([fmt.response(r["reasoning"], r["label"]), *(s[i] for s in samples)], LABELS)
+    parsed = [fmt.try_parse(t, LABELS) for t in lm.generate(model, tok, [fmt.prompt(r) for r in evalset], max_new_tokens=160)]
     answered = one_hot(parsed)  # the teacher's own grade of each eval pair
     tail = [i for i, r in enumerate(evalset) if depends_on_house_name(r)]
     teacher = {
@@ -221,18 +215,12 @@ def teacher_annotations(args: argparse.Namespace) -> tuple[list[dict], list[dict
         "votes_mean_max_share": float(np.mean([max(r["label_probs"]) for r in rows])),
         "votes_unanimous": float(np.mean([max(r["label_probs"]) == 1.0 for r in rows])),
         # of the pairs the teacher mislabels, the mean share of votes for the true label
-        "votes_true_label_share_when_wrong": float(
-            np.mean(
-                [r["label_probs"][LABELS.index(r["oracle_label"])] for r in rows if r["label"] != r["oracle_label"]]
-                or [0.0]
-            )
-        ),
-        "votes_argmax_accuracy": float(
-            np.mean([LABELS[int(np.argmax(r["label_probs"]))] == r["oracle_label"] for r in rows])
-        ),
+        "votes_true_label_share_when_wrong": float(np.mean(
+            [r["label_probs"][LABELS.index(r["oracle_label"])] for r in rows if r["label"] != r["oracle_label"]] or [0.0]
+        )),
+        "votes_argmax_accuracy": float(np.mean([LABELS[int(np.argmax(r["label_probs"]))] == r["oracle_label"] for r in rows])),
         "eval_parse_rate": sum(p is not None for p in parsed) / len(parsed),
-        "eval_accuracy": sum(p is not None and p.label == r["label"] for p, r in zip(parsed, evalset, strict=True))
-        / len(evalset),
+        "eval_accuracy": sum(p is not None and p.label == r["label"] for p, r in zip(parsed, evalset, strict=True)) / len(evalset),
         "eval_macro_f1": macro_f1(evalset, answered),
         "eval_tail_macro_f1": macro_f1([evalset[i] for i in tail], answered[tail]),
         # per grade, the share of the oracle's pairs the teacher gives that grade (its recall), on the log and on eval
@@ -277,9 +265,7 @@ def answers(model_uri: str, rows: list[dict[str, Any]]) -> list[str]:
     return lm.generate(model, tok, [fmt.prompt(r) for r in rows], max_new_tokens=160)
 
 
-def teacher_checks(
-    texts: list[str], rows: list[dict[str, Any]], corpus: set[str], unseen: list[int]
-) -> dict[str, float]:
+def teacher_checks(texts: list[str], rows: list[dict[str, Any]], corpus: set[str], unseen: list[int]) -> dict[str, float]:
     """Label accuracy and faithfulness of a teacher's answers (`answers`) to held-out prompts, and its label
     accuracy on the prompts whose explanation needs a fact no SFT chain states (`unseen`) and on the rest."""
     from kubedistill.stages.teacher import fmt
@@ -362,7 +348,8 @@ def students_world(name: str, store: Path, args: argparse.Namespace) -> dict[str
 
 def run_stages(doc: dict[str, Any], names: tuple[str, ...], dashboard: str) -> dict[str, dict[str, Any]]:
     """Only the stages `names` of the run `doc` on the local Ray whose job API is at `dashboard`
-    (`runner.run_stages`)."""
+    (`runner.run_stages`: each submitted as the runner submits it); their manifests. A stage already done for this
+    spec is skipped by the stage itself."""
     from kubedistill import runner
     from kubedistill.core.spec import parse_run
 
@@ -403,13 +390,10 @@ def teacher_part(args: argparse.Namespace) -> None:
 
     store = store_dir(args, "teacher")
     results: dict[str, Any] = {"runs": {v: [] for v in TEACHER_VARIANTS}}
-    print(
-        f"teacher part: quickstart teacher settings, knowledge world (corpus-only share {args.corpus_only_share}, "
-        f"{args.services or 300} places), "
-        f"DAPT {args.dapt_steps} steps vs 1, SFT corpus replay {args.sft_replay}, DPO on {args.dpo_prompts} prompts; "
-        f"stores under {store}",
-        flush=True,
-    )
+    print(f"teacher part: quickstart teacher settings, knowledge world (corpus-only share {args.corpus_only_share}, "
+          f"{args.services or 300} places), "
+          f"DAPT {args.dapt_steps} steps vs 1, SFT corpus replay {args.sft_replay}, DPO on {args.dpo_prompts} prompts; "
+          f"stores under {store}", flush=True)
     for seed in args.seeds:
         for variant in TEACHER_VARIANTS:
             doc = knowledge_run(f"{variant}-{seed}", store, seed, args.corpus_only_share)
@@ -426,9 +410,7 @@ def teacher_part(args: argparse.Namespace) -> None:
             # both arms' SFT replays its own teacher-dapt's training texts (the no-DAPT arm's: the same corpus)
             spec["teacher"]["sft"]["corpusReplay"] = args.sft_replay
             t0 = time.monotonic()
-            m = run_local(
-                doc, ("data", "teacher-dapt", "teacher-sft", "reward-model", "teacher-dpo"), f"{variant} seed {seed}"
-            )
+            m = run_local(doc, ("data", "teacher-dapt", "teacher-sft", "reward-model", "teacher-dpo"), f"{variant} seed {seed}")
             data = Storage(m["data"]["artifact"])
             rows = read_dataset(data.child("eval"))[:EVAL_PROMPTS]  # the prompts the stages evaluate on
             corpus_texts = [r["text"] for r in read_dataset(data.child("corpus"))]
@@ -460,11 +442,8 @@ def teacher_part(args: argparse.Namespace) -> None:
                 },
             }
             results["runs"][variant].append(run)
-            print(
-                f"{variant:<8} seed {seed}: SFT {run['sft']}  DPO {run['dpo']}  RM {run['reward_model']} "
-                f"probe {run['fact_probe']} ({run['minutes']} min)",
-                flush=True,
-            )
+            print(f"{variant:<8} seed {seed}: SFT {run['sft']}  DPO {run['dpo']}  RM {run['reward_model']} "
+                  f"probe {run['fact_probe']} ({run['minutes']} min)", flush=True)
     places = results["runs"]["dapt"][0]["places"]
     rows = teacher_rows(results, len(args.seeds), args.corpus_only_share, args.dapt_steps, args.sft_replay, places)
     benchrecord.write("ablation", vars(args), results, rows, tag=args.tag or "teacher")
@@ -479,11 +458,8 @@ def dapt_probe_part(args: argparse.Namespace) -> None:
     from kubedistill.stages.data import read_dataset
 
     store = store_dir(args, "dapt-probe")
-    print(
-        f"dapt probe: knowledge world (corpus-only share {args.corpus_only_share}), DAPT steps {args.dapt_sweep}; "
-        f"stores under {store}",
-        flush=True,
-    )
+    print(f"dapt probe: knowledge world (corpus-only share {args.corpus_only_share}), DAPT steps {args.dapt_sweep}; "
+          f"stores under {store}", flush=True)
     results: dict[str, Any] = {"runs": []}
     with runner.local_ray() as session:
         for seed in args.seeds:
@@ -511,18 +487,14 @@ def dapt_probe_part(args: argparse.Namespace) -> None:
         runs = [r for r in results["runs"] if r["dapt_steps"] == steps]
         probe = {w: [r["probe"][w]["accuracy"] for r in runs] for w in runs[0]["probe"]}
         chance = {w: statistics.mean(r["probe"][w]["chance"] for r in runs) for w in runs[0]["probe"]}
-        rows.append(
-            {
-                "what": f"teacher after DAPT of {steps} steps, cloze accuracy on house-name facts (corpus-only / taught by "
-                f"SFT chains), knowledge world, {len(runs)} world seed(s) (`ablation.py --part dapt-probe`)",
-                "target": "above chance: the corpus's facts learned",
-                "measured": "; ".join(
-                    f"{w} {statistics.mean(x):.3f} ± {sd(x):.3f} (chance {chance[w]:.3f})" for w, x in probe.items()
-                )
-                + f"; held-out corpus perplexity {statistics.mean(r['perplexity_after'] for r in runs):.2f}",
-                "met": "yes" if all(statistics.mean(x) > 2 * chance[w] for w, x in probe.items()) else "no",
-            }
-        )
+        rows.append({
+            "what": f"teacher after DAPT of {steps} steps, cloze accuracy on house-name facts (corpus-only / taught by "
+                    f"SFT chains), knowledge world, {len(runs)} world seed(s) (`ablation.py --part dapt-probe`)",
+            "target": "above chance: the corpus's facts learned",
+            "measured": "; ".join(f"{w} {statistics.mean(x):.3f} ± {sd(x):.3f} (chance {chance[w]:.3f})" for w, x in probe.items())
+                        + f"; held-out corpus perplexity {statistics.mean(r['perplexity_after'] for r in runs):.2f}",
+            "met": "yes" if all(statistics.mean(x) > 2 * chance[w] for w, x in probe.items()) else "no",
+        })
     benchrecord.write("ablation", vars(args), results, rows, tag=args.tag or "dapt-probe")
 
 
@@ -534,9 +506,7 @@ def copied_places(texts: list[str], rows: list[dict[str, Any]], sft_places: set[
     from kubedistill.stages.teacher import fmt
 
     parsed = [fmt.try_parse(t, LABELS) for t in texts]
-    named = [
-        p is not None and f" {r['service_title']} is a" in f" {p.reasoning}" for p, r in zip(parsed, rows, strict=True)
-    ]
+    named = [p is not None and f" {r['service_title']} is a" in f" {p.reasoning}" for p, r in zip(parsed, rows, strict=True)]
     right = [p is not None and p.label == r["label"] for p, r in zip(parsed, rows, strict=True)]
     n = sum(named)
     familiar = [r["service_id"] in sft_places for r in rows]
@@ -561,11 +531,8 @@ def teacher_size_part(args: argparse.Namespace) -> None:
     from kubedistill.stages.teacher.stages import EVAL_PROMPTS
 
     store = store_dir(args, "teacher-size")
-    print(
-        f"teacher size: {args.presets}, SFT {args.sft_steps} steps, knowledge world (corpus-only share "
-        f"{args.corpus_only_share}); stores under {store}",
-        flush=True,
-    )
+    print(f"teacher size: {args.presets}, SFT {args.sft_steps} steps, knowledge world (corpus-only share "
+          f"{args.corpus_only_share}); stores under {store}", flush=True)
     results: dict[str, Any] = {"runs": []}
     with runner.local_ray() as session:
         for seed in args.seeds:
@@ -607,16 +574,14 @@ def teacher_size_part(args: argparse.Namespace) -> None:
         runs = [r for r in results["runs"] if r["preset"] == preset]
         acc = [r["sft"]["label_accuracy"] for r in runs]
         named = [r["copy"]["names_the_place"] for r in runs]
-        summary.append(
-            {
-                "what": f"SFT teacher scratch:{preset} ({runs[0]['parameters']:,} parameters), {args.sft_steps} SFT steps, no "
-                f"DAPT, knowledge world of {runs[0]['places']} places, {len(runs)} world seed(s): label accuracy on 400 held-out prompts / chains "
-                "naming the shown place (`ablation.py --part teacher-size`)",
-                "target": "- (a diagnosis: does size limit the teacher?)",
-                "measured": f"{statistics.mean(acc):.3f} ± {sd(acc):.3f} / {statistics.mean(named):.3f} ± {sd(named):.3f}",
-                "met": "-",
-            }
-        )
+        summary.append({
+            "what": f"SFT teacher scratch:{preset} ({runs[0]['parameters']:,} parameters), {args.sft_steps} SFT steps, no "
+                    f"DAPT, knowledge world of {runs[0]['places']} places, {len(runs)} world seed(s): label accuracy on 400 held-out prompts / chains "
+                    "naming the shown place (`ablation.py --part teacher-size`)",
+            "target": "- (a diagnosis: does size limit the teacher?)",
+            "measured": f"{statistics.mean(acc):.3f} ± {sd(acc):.3f} / {statistics.mean(named):.3f} ± {sd(named):.3f}",
+            "met": "-",
+        })
     benchrecord.write("ablation", vars(args), results, summary, tag=args.tag or "teacher-size")
 
 
@@ -633,9 +598,7 @@ def teacher_seeds_part(args: argparse.Namespace) -> None:
     from kubedistill.stages.teacher import fmt
 
     store = store_dir(args, "teacher-seeds")
-    print(
-        f"teacher seeds {args.seeds}: quickstart teacher through SFT, knowledge world; stores under {store}", flush=True
-    )
+    print(f"teacher seeds {args.seeds}: quickstart teacher through SFT, knowledge world; stores under {store}", flush=True)
     results: dict[str, Any] = {"runs": []}
     with runner.local_ray() as session:
         for seed in args.seeds:
@@ -657,17 +620,15 @@ def teacher_seeds_part(args: argparse.Namespace) -> None:
             print(f"teacher seed {seed}: {run}", flush=True)
     acc = [r["sft_label_accuracy"] for r in results["runs"]]
     f1 = [r["eval_macro_f1"] for r in results["runs"]]
-    summary: list[benchrecord.Row] = [
-        {
-            "what": f"SFT teacher (the quickstart's settings) over {len(acc)} teacher seeds (`spec.teacher.seed`), one world and "
-            "its data: label accuracy on 400 held-out prompts / macro-F1 on the students' eval pairs, knowledge world "
-            "(`ablation.py --part teacher-seeds`)",
-            "target": "- (a diagnosis: how far one training draw moves the teacher)",
-            "measured": f"{statistics.mean(acc):.3f} ± {sd(acc):.3f} (per seed {', '.join(f'{x:.3f}' for x in acc)}) / "
-            f"{statistics.mean(f1):.3f} ± {sd(f1):.3f} (per seed {', '.join(f'{x:.3f}' for x in f1)})",
-            "met": "-",
-        }
-    ]
+    summary: list[benchrecord.Row] = [{
+        "what": f"SFT teacher (the quickstart's settings) over {len(acc)} teacher seeds (`spec.teacher.seed`), one world and "
+                "its data: label accuracy on 400 held-out prompts / macro-F1 on the students' eval pairs, knowledge world "
+                "(`ablation.py --part teacher-seeds`)",
+        "target": "- (a diagnosis: how far one training draw moves the teacher)",
+        "measured": f"{statistics.mean(acc):.3f} ± {sd(acc):.3f} (per seed {', '.join(f'{x:.3f}' for x in acc)}) / "
+                    f"{statistics.mean(f1):.3f} ± {sd(f1):.3f} (per seed {', '.join(f'{x:.3f}' for x in f1)})",
+        "met": "-",
+    }]
     benchrecord.write("ablation", vars(args), results, summary, tag=args.tag or "teacher-seeds")
 
 
@@ -683,73 +644,55 @@ def teacher_rows(
     rows: list[benchrecord.Row] = []
     first = results["runs"]["dapt"][0]
     grounded = "grounded_precision" in first["sft"]  # runs before the check have the corpus-only precision alone
-    sft_d, sft_nd = (
-        stat("dapt", lambda r: r["sft"]["label_accuracy"]),
-        stat("no-dapt", lambda r: r["sft"]["label_accuracy"]),
-    )
+    sft_d, sft_nd = stat("dapt", lambda r: r["sft"]["label_accuracy"]), stat("no-dapt", lambda r: r["sft"]["label_accuracy"])
     diffs = [a - b for a, b in zip(sft_d[2], sft_nd[2], strict=True)]
-    world_is = (
-        f"knowledge world of {places} places{f' (corpus-only share {share})' if share else ''}, {seeds} world seeds"
-    )
+    world_is = f"knowledge world of {places} places{f' (corpus-only share {share})' if share else ''}, {seeds} world seeds"
     if replay:
         world_is += f", SFT replaying {replay:g} corpus texts per pair"
-    rows.append(
-        {
-            "what": f"SFT teacher with vs without DAPT ({dapt_steps} steps), label accuracy on 400 held-out prompts, {world_is} "
-            "(`ablation.py --part teacher`)",
-            "target": "DAPT helps",
-            "measured": f"{sft_d[0]:.3f} ± {sft_d[1]:.3f} vs {sft_nd[0]:.3f} ± {sft_nd[1]:.3f} "
-            f"(per seed {', '.join(f'{d:+.3f}' for d in diffs)})",
-            "met": "yes" if statistics.mean(diffs) > 0 and min(diffs) > 0 else "no",
-        }
-    )
+    rows.append({
+        "what": f"SFT teacher with vs without DAPT ({dapt_steps} steps), label accuracy on 400 held-out prompts, {world_is} "
+                "(`ablation.py --part teacher`)",
+        "target": "DAPT helps",
+        "measured": f"{sft_d[0]:.3f} ± {sft_d[1]:.3f} vs {sft_nd[0]:.3f} ± {sft_nd[1]:.3f} "
+                    f"(per seed {', '.join(f'{d:+.3f}' for d in diffs)})",
+        "met": "yes" if statistics.mean(diffs) > 0 and min(diffs) > 0 else "no",
+    })
     if share:
         un_d = stat("dapt", lambda r: r["sft"]["unseen_label_accuracy"])
         un_nd = stat("no-dapt", lambda r: r["sft"]["unseen_label_accuracy"])
         un_diffs = [a - b for a, b in zip(un_d[2], un_nd[2], strict=True)]
         prompts = [r["unseen_prompts"] for r in results["runs"]["dapt"]]
-        rows.append(
-            {
-                "what": f"SFT teacher with vs without DAPT ({dapt_steps} steps), label accuracy on the held-out prompts whose explanation "
-                f"needs a fact no SFT chain states ({min(prompts)}-{max(prompts)} of 400), {world_is} "
-                "(`ablation.py --part teacher`)",
-                "target": "DAPT helps",
-                "measured": f"{un_d[0]:.3f} ± {un_d[1]:.3f} vs {un_nd[0]:.3f} ± {un_nd[1]:.3f} "
-                f"(per seed {', '.join(f'{d:+.3f}' for d in un_diffs)})",
-                "met": "yes" if statistics.mean(un_diffs) > 0 and min(un_diffs) > 0 else "no",
-            }
-        )
+        rows.append({
+            "what": f"SFT teacher with vs without DAPT ({dapt_steps} steps), label accuracy on the held-out prompts whose explanation "
+                    f"needs a fact no SFT chain states ({min(prompts)}-{max(prompts)} of 400), {world_is} "
+                    "(`ablation.py --part teacher`)",
+            "target": "DAPT helps",
+            "measured": f"{un_d[0]:.3f} ± {un_d[1]:.3f} vs {un_nd[0]:.3f} ± {un_nd[1]:.3f} "
+                        f"(per seed {', '.join(f'{d:+.3f}' for d in un_diffs)})",
+            "met": "yes" if statistics.mean(un_diffs) > 0 and min(un_diffs) > 0 else "no",
+        })
     if grounded:
         g_d = stat("dapt", lambda r: r["sft"]["grounded_precision"])
         g_nd = stat("no-dapt", lambda r: r["sft"]["grounded_precision"])
-        p_d, p_nd = (
-            stat("dapt", lambda r: r["sft"]["fact_precision"]),
-            stat("no-dapt", lambda r: r["sft"]["fact_precision"]),
-        )
-        rows.append(
-            {
-                "what": f"SFT teacher with vs without DAPT ({dapt_steps} steps), the facts its chains state that the corpus "
-                f"states about a name in the prompt (and, in brackets, that the corpus states at all), {world_is} "
-                "(`ablation.py --part teacher`)",
-                "target": "DAPT helps",
-                "measured": f"{g_d[0]:.3f} ± {g_d[1]:.3f} ({p_d[0]:.3f}) vs {g_nd[0]:.3f} ± {g_nd[1]:.3f} ({p_nd[0]:.3f})",
-                "met": "yes"
-                if g_d[0] > g_nd[0] and min(a - b for a, b in zip(g_d[2], g_nd[2], strict=True)) > 0
-                else "no",
-            }
-        )
+        p_d, p_nd = stat("dapt", lambda r: r["sft"]["fact_precision"]), stat("no-dapt", lambda r: r["sft"]["fact_precision"])
+        rows.append({
+            "what": f"SFT teacher with vs without DAPT ({dapt_steps} steps), the facts its chains state that the corpus "
+                    f"states about a name in the prompt (and, in brackets, that the corpus states at all), {world_is} "
+                    "(`ablation.py --part teacher`)",
+            "target": "DAPT helps",
+            "measured": f"{g_d[0]:.3f} ± {g_d[1]:.3f} ({p_d[0]:.3f}) vs {g_nd[0]:.3f} ± {g_nd[1]:.3f} ({p_nd[0]:.3f})",
+            "met": "yes" if g_d[0] > g_nd[0] and min(a - b for a, b in zip(g_d[2], g_nd[2], strict=True)) > 0 else "no",
+        })
     dims = sorted(first["reward_model"])
     per_dim = {d: stat("dapt", lambda r, d=d: r["reward_model"][d]) for d in dims}
     rm_steps, rm_pairs = first.get("reward_model_steps", 40), first.get("reward_model_pairs", "its")
-    rows.append(
-        {
-            "what": f"reward model, held-out pairwise accuracy per dimension, {rm_steps} steps over {rm_pairs} pairs, "
-            f"{world_is} (`ablation.py --part teacher`)",
-            "target": ">= 80% on each",
-            "measured": ", ".join(f"{d} {v[0]:.1%} ± {v[1]:.1%}" for d, v in per_dim.items()),
-            "met": "yes" if all(v[0] >= 0.8 for v in per_dim.values()) else "no",
-        }
-    )
+    rows.append({
+        "what": f"reward model, held-out pairwise accuracy per dimension, {rm_steps} steps over {rm_pairs} pairs, "
+                f"{world_is} (`ablation.py --part teacher`)",
+        "target": ">= 80% on each",
+        "measured": ", ".join(f"{d} {v[0]:.1%} ± {v[1]:.1%}" for d, v in per_dim.items()),
+        "met": "yes" if all(v[0] >= 0.8 for v in per_dim.values()) else "no",
+    })
     # faithfulness: grounded precision where the runs have it (a true fact about a name the prompt lacks is not)
     faithful = "grounded_precision" if grounded else "fact_precision"
     for what in ("label_accuracy", faithful):
@@ -757,101 +700,60 @@ def teacher_rows(
         results.setdefault("dpo_minus_sft", {})[what] = gain
     acc, prec = results["dpo_minus_sft"]["label_accuracy"], results["dpo_minus_sft"][faithful]
     other = [r["dpo"]["label_accuracy"] - r["sft"]["label_accuracy"] for r in results["runs"]["no-dapt"]]
-    rows.append(
-        {
-            "what": f"DPO vs SFT teacher: label accuracy / {faithful.replace('_', ' ')} of the reasoning (checked against "
-            "the corpus, not by the reward model) (`ablation.py --part teacher`)",
-            "target": "DPO >= SFT + 2 points on one, no loss on the other",
-            "measured": f"{statistics.mean(acc):+.3f} (per seed {', '.join(f'{d:+.3f}' for d in acc)}) / "
-            f"{statistics.mean(prec):+.3f} (per seed {', '.join(f'{d:+.3f}' for d in prec)}); the teacher "
-            f"without DAPT: label accuracy {statistics.mean(other):+.3f} (per seed {', '.join(f'{d:+.3f}' for d in other)})",
-            # "no loss": the mean change no worse than its seed spread (the student part's "no worse")
-            "met": "yes"
-            if any(statistics.mean(x) >= 0.02 and statistics.mean(y) >= -sd(y) for x, y in ((acc, prec), (prec, acc)))
-            else "no",
-        }
-    )
+    rows.append({
+        "what": f"DPO vs SFT teacher: label accuracy / {faithful.replace('_', ' ')} of the reasoning (checked against "
+                "the corpus, not by the reward model) (`ablation.py --part teacher`)",
+        "target": "DPO >= SFT + 2 points on one, no loss on the other",
+        "measured": f"{statistics.mean(acc):+.3f} (per seed {', '.join(f'{d:+.3f}' for d in acc)}) / "
+                    f"{statistics.mean(prec):+.3f} (per seed {', '.join(f'{d:+.3f}' for d in prec)}); the teacher "
+                    f"without DAPT: label accuracy {statistics.mean(other):+.3f} (per seed {', '.join(f'{d:+.3f}' for d in other)})",
+        # "no loss": the mean change no worse than its seed spread (the student part's "no worse")
+        "met": "yes" if any(statistics.mean(x) >= 0.02 and statistics.mean(y) >= -sd(y) for x, y in ((acc, prec), (prec, acc)))
+        else "no",
+    })
     truth = [r["preference_truth"] for v in TEACHER_VARIANTS for r in results["runs"][v] if r.get("preference_truth")]
     if truth:
-        rows.append(
-            {
-                "what": "reward model on the SFT teacher's own samples: DPO's preference pairs whose chosen answer gives the "
-                "prompt's true label and whose rejected one does not, of those where exactly one does, both arms "
-                "(`ablation.py --part teacher`)",
-                "target": "- (an independent check of the reward model; 0.5 is chance)",
-                "measured": ", ".join(f"{t['ordered']:.3f}" for t in truth)
-                + f" (chosen right {statistics.mean(t['chosen_right'] for t in truth):.3f}, "
-                f"rejected right {statistics.mean(t['rejected_right'] for t in truth):.3f})",
-                "met": "-",
-            }
-        )
+        rows.append({
+            "what": "reward model on the SFT teacher's own samples: DPO's preference pairs whose chosen answer gives the "
+                    "prompt's true label and whose rejected one does not, of those where exactly one does, both arms "
+                    "(`ablation.py --part teacher`)",
+            "target": "- (an independent check of the reward model; 0.5 is chance)",
+            "measured": ", ".join(f"{t['ordered']:.3f}" for t in truth)
+            + f" (chosen right {statistics.mean(t['chosen_right'] for t in truth):.3f}, "
+            f"rejected right {statistics.mean(t['rejected_right'] for t in truth):.3f})",
+            "met": "-",
+        })
     return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument(
-        "--part", choices=["student", "teacher", "dapt-probe", "teacher-size", "teacher-seeds"], default="student"
-    )
-    ap.add_argument(
-        "--presets",
-        nargs="+",
-        default=["llama-tiny", "llama-small"],
-        help="teacher-size part: the scratch presets to compare",
-    )
+    ap.add_argument("--part", choices=["student", "teacher", "dapt-probe", "teacher-size", "teacher-seeds"],
+                    default="student")
+    ap.add_argument("--presets", nargs="+", default=["llama-tiny", "llama-small"],
+                    help="teacher-size part: the scratch presets to compare")
     ap.add_argument("--sft-steps", type=int, default=1800, help="teacher-size part: SFT steps (the quickstart's 1,800)")
-    ap.add_argument(
-        "--services",
-        type=int,
-        default=0,
-        help="teacher and teacher-size parts: places in the world (spec.data.synthetic.services; 0: the quickstart's 300)",
-    )
-    ap.add_argument(
-        "--store", help="teacher, dapt-probe and teacher-size parts: the store of an earlier invocation to resume"
-    )
-    ap.add_argument(
-        "--dapt-sweep",
-        type=int,
-        nargs="+",
-        default=[300, 1000, 3000],
-        help="dapt-probe part: DAPT steps to probe after",
-    )
+    ap.add_argument("--services", type=int, default=0,
+                    help="teacher and teacher-size parts: places in the world (spec.data.synthetic.services; 0: the quickstart's 300)")
+    ap.add_argument("--store", help="teacher, dapt-probe and teacher-size parts: the store of an earlier invocation to resume")
+    ap.add_argument("--dapt-sweep", type=int, nargs="+", default=[300, 1000, 3000],
+                    help="dapt-probe part: DAPT steps to probe after")
     ap.add_argument("--dapt-steps", type=int, default=300, help="teacher part: DAPT steps of the dapt variant")
     ap.add_argument("--dpo-prompts", type=int, default=256, help="teacher part: prompts DPO samples answers to")
-    ap.add_argument(
-        "--rm-epochs",
-        type=float,
-        default=0,
-        help="teacher part: passes of the reward model over its pairs (0: the quickstart's 40 steps)",
-    )
-    ap.add_argument(
-        "--sft-replay",
-        type=float,
-        default=0.0,
-        help="teacher part: spec.teacher.sft.corpusReplay of both arms (domain texts per SFT pair)",
-    )
-    ap.add_argument(
-        "--corpus-only-share",
-        type=float,
-        default=0.25,
-        help="teacher part: spec.data.synthetic.corpusOnlyShare of the knowledge world (0: every place "
-        "may be in the SFT pairs, the first record's world)",
-    )
+    ap.add_argument("--rm-epochs", type=float, default=0,
+                    help="teacher part: passes of the reward model over its pairs (0: the quickstart's 40 steps)")
+    ap.add_argument("--sft-replay", type=float, default=0.0,
+                    help="teacher part: spec.teacher.sft.corpusReplay of both arms (domain texts per SFT pair)")
+    ap.add_argument("--corpus-only-share", type=float, default=0.25,
+                    help="teacher part: spec.data.synthetic.corpusOnlyShare of the knowledge world (0: every place "
+                         "may be in the SFT pairs, the first record's world)")
     ap.add_argument("--sizes", type=int, nargs="+", default=[500, 1500, 4500])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--objectives", nargs="+", default=["ce", "crsd"], choices=list(VARIANTS))
-    ap.add_argument(
-        "--teacher",
-        choices=["oracle", "annotations"],
-        default="oracle",
-        help="student part: learn from the world's oracle, or from the quickstart teacher's annotations",
-    )
-    ap.add_argument(
-        "--kd-samples",
-        type=int,
-        default=4,
-        help="student part, --teacher annotations: answers sampled per pair for kd's label distribution",
-    )
+    ap.add_argument("--teacher", choices=["oracle", "annotations"], default="oracle",
+                    help="student part: learn from the world's oracle, or from the quickstart teacher's annotations")
+    ap.add_argument("--kd-samples", type=int, default=4,
+                    help="student part, --teacher annotations: answers sampled per pair for kd's label distribution")
     ap.add_argument("--layers", type=int, default=None, help="student part: keep the encoder's first N layers")
     ap.add_argument("--sampling", choices=["balanced", "shuffle"], default="balanced", help="student part: batches")
     ap.add_argument("--epochs", type=float, default=3.0)
@@ -912,27 +814,17 @@ def main() -> None:
         if teacher:
             entry["label_agreement"] = sum(r["label"] == r["oracle_label"] for r in train) / len(train)
         if "ce-oracle" in args.objectives:  # the control's lexical baseline: the oracle's labels of the same rows
-            entry["lexical_oracle"] = {
-                "macro_f1": macro_f1(
-                    evalset, LexicalBaseline(LABELS).fit(with_labels("ce-oracle", train)).predict_proba(evalset)
-                )
-            }
-        print(
-            f"\nsize {size} ({len(train)} rows): lexical macro-F1 {lexical['macro_f1']:.4f} "
-            f"(tail {lexical['tail_macro_f1']:.4f})",
-            flush=True,
-        )
+            entry["lexical_oracle"] = {"macro_f1": macro_f1(evalset, LexicalBaseline(LABELS).fit(
+                with_labels("ce-oracle", train)).predict_proba(evalset))}
+        print(f"\nsize {size} ({len(train)} rows): lexical macro-F1 {lexical['macro_f1']:.4f} "
+              f"(tail {lexical['tail_macro_f1']:.4f})", flush=True)
         for seed in args.seeds:
             for objective in args.objectives:
                 student = {
                     "base_model": "sentence-transformers/all-MiniLM-L6-v2",
                     **VARIANTS[objective],
-                    "train": {
-                        "epochs": args.epochs,
-                        "batch_size": args.batch,
-                        "learning_rate": args.lr,
-                        "sampling": args.sampling,
-                    },
+                    "train": {"epochs": args.epochs, "batch_size": args.batch, "learning_rate": args.lr,
+                              "sampling": args.sampling},
                     "seed": seed,
                     "patience": 2,
                     "layers": args.layers,
@@ -941,12 +833,9 @@ def main() -> None:
                 }
                 m = train_and_score(student, with_labels(objective, train), with_labels(objective, val), evalset)
                 entry["runs"][objective].append({"seed": seed, **m})
-                print(
-                    f"  seed {seed} {objective:<10} val {m['val_macro_f1']:.4f}  eval macro-F1 {m['macro_f1']:.4f} "
-                    f"tail {m['tail_macro_f1']:.4f} "
-                    f"({m['steps']} steps, {m['seconds']:.0f} s)",
-                    flush=True,
-                )
+                print(f"  seed {seed} {objective:<10} val {m['val_macro_f1']:.4f}  eval macro-F1 {m['macro_f1']:.4f} "
+                      f"tail {m['tail_macro_f1']:.4f} "
+                      f"({m['steps']} steps, {m['seconds']:.0f} s)", flush=True)
         results["sizes"][str(size)] = entry
 
     rows: list[benchrecord.Row] = []
@@ -964,18 +853,14 @@ def main() -> None:
         if not students:
             continue
         worst = min(e["summary"][o]["mean"] for o in students)
-        rows.append(
-            {
-                "what": f"every student vs the lexical baseline, {e['rows']} {labeled} pairs, knowledge world, "
-                f"{len(args.seeds)} seeds (`ablation.py`)",
-                "target": ">= lexical + 5 points",
-                "measured": ", ".join(
-                    f"{o} {e['summary'][o]['mean']:.3f} ± {e['summary'][o]['sd']:.3f}" for o in students
-                )
-                + f"; lexical {e['lexical']['macro_f1']:.3f}",
-                "met": "yes" if worst >= e["lexical"]["macro_f1"] + 0.05 else "no",
-            }
-        )
+        rows.append({
+            "what": f"every student vs the lexical baseline, {e['rows']} {labeled} pairs, knowledge world, "
+                    f"{len(args.seeds)} seeds (`ablation.py`)",
+            "target": ">= lexical + 5 points",
+            "measured": ", ".join(f"{o} {e['summary'][o]['mean']:.3f} ± {e['summary'][o]['sd']:.3f}"
+                                  for o in students) + f"; lexical {e['lexical']['macro_f1']:.3f}",
+            "met": "yes" if worst >= e["lexical"]["macro_f1"] + 0.05 else "no",
+        })
     crsd = [o for o in args.objectives if o.startswith("crsd")] if "ce" in args.objectives else []
     for variant in crsd:
         for size, want in ((min(args.sizes), "+2 points"), (max(args.sizes), "no worse")):
@@ -983,43 +868,37 @@ def main() -> None:
             d = [c["macro_f1"] - b["macro_f1"] for c, b in zip(e["runs"][variant], e["runs"]["ce"], strict=True)]
             e.setdefault("minus_ce", {})[variant] = d
             ok = statistics.mean(d) >= 0.02 if want == "+2 points" else statistics.mean(d) >= -sd(d)
-            rows.append(
-                {
-                    "what": f"{variant} vs CE student, {e['rows']} {labeled} pairs, knowledge world (`ablation.py`)",
-                    "target": f"{variant} {want} macro-F1",
-                    "measured": f"{statistics.mean(d):+.4f} (per seed {', '.join(f'{x:+.3f}' for x in d)})",
-                    "met": "yes" if ok else "no",
-                }
-            )
+            rows.append({
+                "what": f"{variant} vs CE student, {e['rows']} {labeled} pairs, knowledge world (`ablation.py`)",
+                "target": f"{variant} {want} macro-F1",
+                "measured": f"{statistics.mean(d):+.4f} (per seed {', '.join(f'{x:+.3f}' for x in d)})",
+                "met": "yes" if ok else "no",
+            })
     if "ce-oracle" in args.objectives and "ce" in args.objectives:
         for size in args.sizes:
             e = results["sizes"][str(size)]
             d = [o["macro_f1"] - c["macro_f1"] for o, c in zip(e["runs"]["ce-oracle"], e["runs"]["ce"], strict=True)]
-            rows.append(
-                {
-                    "what": f"what the teacher's labels cost a CE student: the oracle's labels of the same {e['rows']} pairs "
-                    f"vs the teacher's, knowledge world (`ablation.py`)",
-                    "target": "- (a control)",
-                    "measured": f"{statistics.mean(d):+.4f} (per seed {', '.join(f'{x:+.3f}' for x in d)}); ce-oracle "
-                    f"{e['summary']['ce-oracle']['mean']:.3f}; lexical on the oracle's labels "
-                    f"{e['lexical_oracle']['macro_f1']:.3f}, on the teacher's {e['lexical']['macro_f1']:.3f}",
-                    "met": "-",
-                }
-            )
+            rows.append({
+                "what": f"what the teacher's labels cost a CE student: the oracle's labels of the same {e['rows']} pairs "
+                        f"vs the teacher's, knowledge world (`ablation.py`)",
+                "target": "- (a control)",
+                "measured": f"{statistics.mean(d):+.4f} (per seed {', '.join(f'{x:+.3f}' for x in d)}); ce-oracle "
+                            f"{e['summary']['ce-oracle']['mean']:.3f}; lexical on the oracle's labels "
+                            f"{e['lexical_oracle']['macro_f1']:.3f}, on the teacher's {e['lexical']['macro_f1']:.3f}",
+                "met": "-",
+            })
     if teacher and students:
         e = results["sizes"][str(max(args.sizes))]
         # the best by validation macro-F1 (the teacher's labels), as the quickstart chooses what it serves
         best = max(students, key=lambda o: statistics.mean(r["val_macro_f1"] for r in e["runs"][o]))
         share = e["summary"][best]["mean"] / teacher["eval_macro_f1"]
-        rows.append(
-            {
-                "what": f"the student best on validation vs its teacher, {e['rows']} teacher-annotated pairs, knowledge world (`ablation.py`)",
-                "target": ">= 95% of the teacher's macro-F1",
-                "measured": f"{best} {e['summary'][best]['mean']:.3f} = {share:.1%} of the teacher's "
-                f"{teacher['eval_macro_f1']:.3f}",
-                "met": "yes" if share >= 0.95 else "no",
-            }
-        )
+        rows.append({
+            "what": f"the student best on validation vs its teacher, {e['rows']} teacher-annotated pairs, knowledge world (`ablation.py`)",
+            "target": ">= 95% of the teacher's macro-F1",
+            "measured": f"{best} {e['summary'][best]['mean']:.3f} = {share:.1%} of the teacher's "
+                        f"{teacher['eval_macro_f1']:.3f}",
+            "met": "yes" if share >= 0.95 else "no",
+        })
     RECORDS.mkdir(exist_ok=True)
     draw(RECORDS / f"{name}.png", vars(args), results)
     results["data"] = {"pool": len(pool), "validation": len(val), "eval": len(evalset), "eval_tail": tail}

@@ -115,9 +115,7 @@ def reward_on_answers(rm_uri: str, rows: list[dict[str, Any]], texts: list[str],
     from its wrong ones (AUC; 0.5: no better than chance)."""
     rm, tok, weights = load_reward_model(rm_uri, None)
     scores = reward_scores(rm, tok, [fmt.prompt(r) for r in rows], texts)
-    right = [
-        (p := fmt.try_parse(t, labels)) is not None and p.label == r["label"] for t, r in zip(texts, rows, strict=True)
-    ]
+    right = [fmt.gives(t, r["label"], labels) for t, r in zip(texts, rows, strict=True)]
     out = {"combined": ranking_auc(combined(scores, rm.dimensions, weights).tolist(), right)}
     for i, d in enumerate(rm.dimensions):
         out[d] = ranking_auc(scores[:, i].tolist(), right)

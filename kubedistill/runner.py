@@ -345,6 +345,12 @@ def _job_entrypoint(stage: pipeline.Stage) -> str:
     return shlex.join([sys.executable, *shlex.split(stage.entrypoint)[1:]])
 
 
+def _job_env(stage: pipeline.Stage) -> dict[str, str]:
+    """A stage job's environment: the credentials and endpoints passed through, the job's markers, its config."""
+    passed = {k: os.environ[k] for k in _PASS_ENV if k in os.environ}
+    return {**passed, **JOB_ENV, CONFIG_ENV: stage.config_json, "PYTHONUNBUFFERED": "1"}
+
+
 def run_stages(
     run: DistillationRun, names: tuple[str, ...], dashboard: str, poll_s: float = 0.5
 ) -> dict[str, dict[str, Any]]:
@@ -358,12 +364,10 @@ def run_stages(
     client = JobSubmissionClient(dashboard)
     stages = pipeline.build(run)
     storage = run_storage(stages[0].config)
-    passed = {k: os.environ[k] for k in _PASS_ENV if k in os.environ}
     for stage in stages:
         if stage.name not in names:
             continue
-        env = {**passed, **JOB_ENV, CONFIG_ENV: stage.config_json, "PYTHONUNBUFFERED": "1"}
-        job = submit(client, entrypoint=_job_entrypoint(stage), runtime_env={"env_vars": env})
+        job = submit(client, entrypoint=_job_entrypoint(stage), runtime_env={"env_vars": _job_env(stage)})
         while (state := client.get_job_status(job)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
             time.sleep(poll_s)
         if state != JobStatus.SUCCEEDED:
@@ -510,15 +514,7 @@ def _run_stages(
             raise RunFailed(stage.name, step.reason or "its inputs are not done")
         if step.state == "stale":
             say(f"{tag}: rerunning: {step.reason}")
-        env = {k: os.environ[k] for k in _PASS_ENV if k in os.environ}
-        env.update(
-            {
-                **JOB_ENV,
-                CONFIG_ENV: stage.config_json,
-                "PYTHONUNBUFFERED": "1",
-                "KUBEDISTILL_SERVE_PORT": str(serve_port),
-            }
-        )
+        env = {**_job_env(stage), "KUBEDISTILL_SERVE_PORT": str(serve_port)}
         st.phase, st.started_at, st.attempts = "Running", now(), st.attempts + 1
         job_id = submit(
             client,

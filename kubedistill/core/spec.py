@@ -24,6 +24,8 @@ KIND = "DistillationRun"
 
 #: Reward dimensions the reward-model stage knows how to score.
 REWARD_DIMENSIONS = ("label", "consistency", "faithfulness", "format", "grounding")
+#: Samples (temperature 1) the SFT teacher writes for each prompt of `rewardModel.ownAnswers`.
+OWN_ANSWER_SAMPLES = 4
 
 _NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")  # a DNS-1123 label
 _LABEL_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
@@ -399,7 +401,8 @@ class RewardModelSpec(TrainSpec):
         default=0,
         ge=0,
         le=100_000,
-        description="SFT prompts (seeded) the SFT teacher answers 4 times at temperature 1 to add label pairs of its "
+        description=f"SFT prompts (seeded) the SFT teacher answers {OWN_ANSWER_SAMPLES} times at temperature 1 to add "
+        "label pairs of its "
         "own answers: one with the prompt's label over one without (the SFT set's response where no sample is "
         "right), so the label dimension learns to judge what this teacher writes, not only perturbations of the "
         "SFT set. A fifth of them, from held-out queries, are scored apart (the manifest's own_answers_accuracy). Needs the label "

@@ -79,6 +79,12 @@ def try_parse(text: str, labels: list[str]) -> Parsed | None:
         return None
 
 
+def gives(text: str, label: str, labels: list[str]) -> bool:
+    """Whether the response parses and gives `label` (an unparsable one gives none)."""
+    parsed = try_parse(text, labels)
+    return parsed is not None and parsed.label == label
+
+
 def label_shares(answers: list[str], labels: list[str]) -> list[float] | None:
     """How a teacher's sampled answers to one prompt split over `labels` (shares of the answers that parse):
     a label distribution that keeps the teacher's uncertainty, as self-consistency votes (Wang et al., 2022,

@@ -9,9 +9,10 @@ Each reward dimension gets pairs that differ on that dimension only, so its head
                    (so it argues for a different verdict)
     faithfulness   a sentence claiming an attribute the query and service never mention
     format         the response broken: no label line, label outside spec.labels, or lines swapped
-    grounding      another service's chain for the same query and the same label, told of this service
-                   (its title put for the other's): a chain that argues its label but misreads the
-                   service shown, the small teacher's commonest error (benchmarks/RESULTS.md)
+    grounding      the chain's own description of the service, then the verdict and label of another
+                   service's chain for the same query (one with another label where there is one): a chain
+                   that argues its label but misjudges the service it has just described, the small
+                   teacher's commonest error (benchmarks/RESULTS.md)
 """
 
 from __future__ import annotations
@@ -140,7 +141,7 @@ def choose_by_label(
     `gold` (the SFT set's own response) when none is. None when every response gives `truth`."""
     if len(responses) != len(rewards) or not responses:
         raise ValueError("need responses, each with a reward")
-    right = [(parsed := fmt.try_parse(t, labels)) is not None and parsed.label == truth for t in responses]
+    right = [fmt.gives(t, truth, labels) for t in responses]
     wrong = [i for i, ok in enumerate(right) if not ok]
     if not wrong:
         return None
@@ -152,12 +153,11 @@ def choose_by_label(
 def ranking_auc(rewards: list[float], right: list[bool]) -> float | None:
     """How well `rewards` rank the right responses over the wrong ones: the share of (right, wrong) pairs where
     the right one has the higher reward, ties half (the AUC; 0.5: no better than chance). None without both."""
-    pos = [r for r, ok in zip(rewards, right, strict=True) if ok]
-    neg = [r for r, ok in zip(rewards, right, strict=True) if not ok]
-    if not pos or not neg:
+    from sklearn.metrics import roc_auc_score
+
+    if len(set(right)) < 2:
         return None
-    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
-    return wins / (len(pos) * len(neg))
+    return float(roc_auc_score(right, rewards))
 
 
 def preference_truth(
@@ -170,12 +170,8 @@ def preference_truth(
     one of the two is right, the share where it is the chosen one (0.5: the reward model ranks by something
     else; 0 when no pair has one right answer)."""
 
-    def right(prompt: str, text: str) -> bool:
-        parsed = fmt.try_parse(text, labels)
-        return parsed is not None and parsed.label == truth[prompt]
-
-    c = [right(p["prompt"], p["chosen"]) for p in chosen_rejected]
-    r = [right(p["prompt"], p["rejected"]) for p in chosen_rejected]
+    c = [fmt.gives(p["chosen"], truth[p["prompt"]], labels) for p in chosen_rejected]
+    r = [fmt.gives(p["rejected"], truth[p["prompt"]], labels) for p in chosen_rejected]
     split = [a for a, b in zip(c, r, strict=True) if a != b]
     n = max(1, len(chosen_rejected))
     return {"chosen_right": sum(c) / n, "rejected_right": sum(r) / n, "ordered": sum(split) / max(1, len(split))}

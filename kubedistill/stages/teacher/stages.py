@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from kubedistill.core import memory
-from kubedistill.core.spec import REWARD_DIMENSIONS, DpoSpec, Resources, TrainSpec
+from kubedistill.core.spec import OWN_ANSWER_SAMPLES, REWARD_DIMENSIONS, DpoSpec, Resources, TrainSpec
 from kubedistill.core.stage import StageContext
 from kubedistill.core.storage import S3Options, Storage
 from kubedistill.ml import sharded
@@ -30,7 +30,6 @@ from kubedistill.stages.teacher.train import RewardModel, TrainConfig, build, co
 GEN_TOKENS = 128  # new tokens a response may take (reasoning + label)
 EVAL_PROMPTS = 400  # held-out prompts each evaluation generates for
 HELD_PAIRS = 2000  # held-out reward-model pairs scored, at most (every dimension, in row order)
-OWN_SAMPLES = 4  # samples of each prompt from which spec.teacher.rewardModel.ownAnswers makes a label pair
 
 
 def _train_config(
@@ -438,7 +437,7 @@ def run_reward(ctx: StageContext) -> dict[str, Any]:
         ask = random.Random(seed).sample(train_rows, min(r.own_answers - n_held, len(train_rows)))
         ask_held = random.Random(seed).sample(held_rows, min(n_held, len(held_rows)))
         prompts = [fmt.prompt(x) for x in ask + ask_held]
-        samples = on_worker(res, _own_samples, start, ctx.storage.options, prompts, OWN_SAMPLES, seed)
+        samples = on_worker(res, _own_samples, start, ctx.storage.options, prompts, OWN_ANSWER_SAMPLES, seed)
         own = own_answer_pairs(ask, samples[: len(ask)], labels)
         held_own = own_answer_pairs(ask_held, samples[len(ask) :], labels)
         n_own, train_pairs = len(own), train_pairs + own
@@ -501,10 +500,7 @@ def judge(
     prompts = [fmt.prompt(r) for r in rows]
     responses = lm.generate(model, tokenizer, prompts, max_new_tokens=GEN_TOKENS)
     reward = combined(reward_scores(rm, rm_tok, prompts, responses), rm.dimensions, weights).tolist()
-    right = [
-        (p := fmt.try_parse(t, labels)) is not None and p.label == r["label"]
-        for t, r in zip(responses, rows, strict=True)
-    ]
+    right = [fmt.gives(t, r["label"], labels) for t, r in zip(responses, rows, strict=True)]
     return {
         **response_quality(responses, rows, labels),
         "mean_reward": sum(reward) / max(1, len(reward)),
