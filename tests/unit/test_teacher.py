@@ -169,6 +169,16 @@ def test_own_answer_pairs_put_a_right_sample_over_a_wrong_one_of_the_same_prompt
     ]
 
 
+def test_no_preference_pair_fails_naming_the_field_to_change():
+    from kubedistill.core.spec import DpoSpec
+
+    stages.check_preference_pairs(3, DpoSpec(prefer="label"), 10)  # pairs found: nothing to say
+    with pytest.raises(ValueError, match="spec.teacher.dpo.prefer: label, but every one of the 4 samples of each of the 10 prompts"):
+        stages.check_preference_pairs(0, DpoSpec(prefer="label"), 10)
+    with pytest.raises(ValueError, match=r"spec.teacher.dpo.margin: no prompt's 4 samples differ by >= 0.5 in reward"):
+        stages.check_preference_pairs(0, DpoSpec(margin=0.5), 10)
+
+
 def test_ranking_auc_counts_right_over_wrong_pairs_ties_half():
     # right: 3.0 and 1.0; wrong: 2.0 and 1.0 -> pairs (3,2) win, (3,1) win, (1,2) lose, (1,1) tie -> 2.5 / 4
     assert pairs.ranking_auc([3.0, 2.0, 1.0, 1.0], [True, False, True, False]) == 0.625

@@ -562,6 +562,22 @@ def _finish_dpo(
     }
 
 
+def check_preference_pairs(found: int, d: DpoSpec, prompts: int) -> None:
+    """ValueError naming the field to change when DPO's sampling made no preference pair."""
+    k = d.samples_per_prompt
+    if found:
+        return
+    if d.prefer == "label":
+        raise ValueError(
+            f"spec.teacher.dpo.prefer: label, but every one of the {k} samples of each of the {prompts} prompts "
+            "gave the prompt's label: nothing to prefer; raise samplesPerPrompt or prompts"
+        )
+    raise ValueError(
+        f"spec.teacher.dpo.margin: no prompt's {k} samples differ by >= {d.margin} in reward; "
+        "lower the margin or raise samplesPerPrompt"
+    )
+
+
 def run_dpo(ctx: StageContext) -> dict[str, Any]:
     labels, d, res = ctx.spec.labels, ctx.spec.teacher.dpo, ctx.spec.teacher.resources
     options = ctx.storage.options
@@ -579,16 +595,7 @@ def run_dpo(ctx: StageContext) -> dict[str, Any]:
     k = d.samples_per_prompt
     prompts = [fmt.prompt(r) for r in rows]
     sampled = on_worker(res, _sample_dpo, start, rm_uri, options, rows, d, ev, labels, ctx.spec.teacher.seed)
-    if not sampled["pairs"] and d.prefer == "label":
-        raise ValueError(
-            f"spec.teacher.dpo.prefer: label, but every one of the {k} samples of each of the {len(rows)} prompts "
-            "gave the prompt's label: nothing to prefer; raise samplesPerPrompt or prompts"
-        )
-    if not sampled["pairs"]:
-        raise ValueError(
-            f"spec.teacher.dpo.margin: no prompt's {k} samples differ by >= {d.margin} in reward; "
-            "lower the margin or raise samplesPerPrompt"
-        )
+    check_preference_pairs(len(sampled["pairs"]), d, len(rows))
     write_rows(ctx.out, "examples/part-00000", sampled["pairs"], "jsonl")
     truth = pairs.preference_truth(
         sampled["pairs"], {p: r["label"] for p, r in zip(prompts, rows, strict=True)}, labels
