@@ -8,9 +8,20 @@ own clock; per-stage seconds come from the stages' manifests. Fairness: the stud
 stage's own: the lexical baseline trained on the same rows, scored on the same eval pairs, with the
 paired-bootstrap interval of the gain (resampling the eval set's queries).
 
-    .venv/bin/python benchmarks/quickstart.py [--sample manifests/samples/quickstart.yaml]
+    .venv/bin/python benchmarks/quickstart.py [--sample manifests/samples/quickstart.yaml] [--world knowledge]
 
 Writes `benchmarks/records/quickstart.json`.
+
+`--world knowledge` runs the same sample on the knowledge world (`spec.data.synthetic.world: knowledge`, the same
+seed and sizes), with the three settings that world's text needs and nothing else changed: the teacher's chains
+run to about 131 tokens there (the oracle's), so `annotation.maxTokens: 160` (96 cut 11.7% of them before their
+label line, RESULTS.md "Students on a teacher's annotations"); its standard inputs run to 60 tokens, so
+`student.maxLength: 64` (48 cut 12.6% of them); and the CRSD view keeps 96 reasoning tokens (the ablation's), not
+48. Writes `benchmarks/records/quickstart-knowledge.json`.
+
+`--seed N` draws every trained or sampled part again with seed N (`teacher.seed`, `annotation.seed`,
+`student.seed`, `pruning.seed`) on the same world (its data, log and held-out pairs unchanged): how far one
+quickstart's numbers are from another draw of the same spec. Writes `quickstart[-<world>]-seed<N>.json` (N > 0).
 """
 
 from __future__ import annotations
@@ -39,13 +50,32 @@ class Tee(io.StringIO):
         return super().write(s)
 
 
+def on_knowledge_world(spec_doc: dict) -> None:
+    """The sample's spec on the knowledge world, with the token budgets its longer text needs (module docstring)."""
+    spec_doc["data"]["synthetic"]["world"] = "knowledge"
+    spec_doc["annotation"]["maxTokens"] = 160
+    spec_doc["student"]["maxLength"] = 64
+    spec_doc["student"]["maxReasoningTokens"] = 96
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sample", default=str(ROOT / "manifests/samples/quickstart.yaml"))
     ap.add_argument("--target-minutes", type=float, default=12.0)
     ap.add_argument("--target-gain", type=float, default=0.05, help="the served student over the lexical baseline")
+    ap.add_argument("--world", choices=["classic", "knowledge"], default=None,
+                    help="run the sample on this synthetic world (default: the sample's own)")
+    ap.add_argument("--seed", type=int, default=None,
+                    help="teacher, annotation, student and pruning seed (the world's stays the sample's)")
     args = ap.parse_args()
     doc = yaml.safe_load(Path(args.sample).read_text())
+    for part in ("teacher", "annotation", "student", "pruning"):
+        if args.seed is not None:
+            doc["spec"][part]["seed"] = args.seed
+    if args.world == "knowledge":
+        on_knowledge_world(doc["spec"])
+    elif args.world:
+        doc["spec"]["data"]["synthetic"]["world"] = args.world
     store = tempfile.mkdtemp(prefix="kd-quickstart-bench-")
     doc["spec"]["storage"]["uri"] = store
     run = spec.parse_run(doc)
@@ -75,7 +105,8 @@ def main() -> None:
     served = phases.get("serve") == "Succeeded"
     minutes, secs = divmod(round(wall), 60)
     row: benchrecord.Row = {
-        "what": "quickstart, every stage (`quickstart.py`: the sample `make demo` runs, fresh storage, set-up excluded)",
+        "what": "quickstart, every stage (`quickstart.py`: the sample `make demo` runs, fresh storage, set-up excluded)"
+                + (f", {args.world} world" if args.world else "") + (f", seed {args.seed}" if args.seed else ""),
         "target": f"<= {args.target_minutes:.0f} min on 2 cores",
         "measured": f"{minutes} min {secs} s, {status.phase}; {quality}; gate: {verdicts}; "
                     f"{'served' if served else 'not served'}",
@@ -87,7 +118,9 @@ def main() -> None:
         over = f" over {compare['resampled']}" if compare.get("resampled") else ""
         rows.append({
             "what": "quickstart's served student vs the lexical baseline taught by the same rows, macro-F1 on the "
-                    f"{report['eval_rows']:,} held-out pairs (`quickstart.py`)",
+                    f"{report['eval_rows']:,} held-out pairs (`quickstart.py`"
+                    + (f" --world {args.world}" if args.world else "") + (f" --seed {args.seed}" if args.seed else "")
+                    + ")",
             "target": f">= lexical + {args.target_gain * 100:.0f} points, served",
             "measured": f"{compare['value'] * 100:+.1f} points (student {models['student']['macro_f1']:.3f}, lexical "
                         f"{compare['baseline_macro_f1']:.3f}; 90% interval{over} {compare['interval'][0] * 100:+.1f} to "
@@ -109,7 +142,8 @@ def main() -> None:
     benchrecord.write("quickstart", vars(args),
                       {"wall_seconds": wall, "phase": status.phase, "stages": phases, "stage_seconds": seconds,
                        "stage_metrics": stage_metrics, "runtimes": runtimes,
-                       "models": models, "gate": gate, "served": served}, rows)
+                       "models": models, "gate": gate, "served": served}, rows,
+                      tag="-".join([args.world] * bool(args.world) + [f"seed{args.seed}"] * bool(args.seed)))
 
 
 if __name__ == "__main__":
