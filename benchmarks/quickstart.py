@@ -104,9 +104,9 @@ def main() -> None:
     verdicts = ", ".join(f"{rule} {c['threshold']} {'passed' if c['passed'] else 'failed'}" for rule, c in checks.items())
     served = phases.get("serve") == "Succeeded"
     minutes, secs = divmod(round(wall), 60)
+    how = "quickstart.py" + (f" --world {args.world}" if args.world else "") + (f" --seed {args.seed}" if args.seed else "")
     row: benchrecord.Row = {
-        "what": "quickstart, every stage (`quickstart.py`: the sample `make demo` runs, fresh storage, set-up excluded)"
-                + (f", {args.world} world" if args.world else "") + (f", seed {args.seed}" if args.seed else ""),
+        "what": f"quickstart, every stage (`{how}`: the sample `make demo` runs, fresh storage, set-up excluded)",
         "target": f"<= {args.target_minutes:.0f} min on 2 cores",
         "measured": f"{minutes} min {secs} s, {status.phase}; {quality}; gate: {verdicts}; "
                     f"{'served' if served else 'not served'}",
@@ -118,9 +118,7 @@ def main() -> None:
         over = f" over {compare['resampled']}" if compare.get("resampled") else ""
         rows.append({
             "what": "quickstart's served student vs the lexical baseline taught by the same rows, macro-F1 on the "
-                    f"{report['eval_rows']:,} held-out pairs (`quickstart.py`"
-                    + (f" --world {args.world}" if args.world else "") + (f" --seed {args.seed}" if args.seed else "")
-                    + ")",
+                    f"{report['eval_rows']:,} held-out pairs (`{how}`)",
             "target": f">= lexical + {args.target_gain * 100:.0f} points, served",
             "measured": f"{compare['value'] * 100:+.1f} points (student {models['student']['macro_f1']:.3f}, lexical "
                         f"{compare['baseline_macro_f1']:.3f}; 90% interval{over} {compare['interval'][0] * 100:+.1f} to "
@@ -131,7 +129,7 @@ def main() -> None:
     if runtimes:  # the evaluate stage's check of every export on the same eval pairs
         int8, fp32 = runtimes["onnx-int8"], runtimes["onnx"]
         rows.append({
-            "what": "quickstart student as ONNX int8 vs fp32, eval set (`quickstart.py`: the evaluate stage's check)",
+            "what": f"quickstart student as ONNX int8 vs fp32, eval set (`{how}`: the evaluate stage's check)",
             "target": "<= 0.5 macro-F1 points lost",
             "measured": f"{int8.get('loss_points', float('nan')):+.2f} points (int8 {int8.get('macro_f1', float('nan')):.4f}, "
                         f"torch {runtimes['torch']['macro_f1']:.4f}); ONNX fp32 within {fp32.get('max_abs_diff', 0):.1e} "
