@@ -102,7 +102,7 @@ def main() -> None:
             + "  ".join(f"{o}: val {r['validation'][o]:.3f} gold {r['gold'][o]:.3f} eval {r['eval'][o]:.3f}" for o in r["gold"])
         )
     rows: list[benchrecord.Row] = []
-    for world in sorted({r["world"] for r in runs}) + ["all"]:
+    for world in [*sorted({r["world"] for r in runs}), "all"]:
         these = [r for r in runs if world in ("all", r["world"])]
         hit_v = sum(r["by_validation"] == r["eval_best"] for r in these)
         hit_g = sum(r["by_gold"] == r["eval_best"] for r in these)
