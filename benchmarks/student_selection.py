@@ -21,30 +21,14 @@ Writes `benchmarks/records/student_selection.json`.
 from __future__ import annotations
 
 import argparse
-import random
 from typing import Any
 
 from kubedistill import benchrecord
 from kubedistill.core.stage import must_read_manifest
 from kubedistill.core.storage import Storage
-from kubedistill.stages.data import read_dataset
+from kubedistill.stages.data import read_dataset, split_by_query
 from kubedistill.stages.evaluate import score_student
 from kubedistill.stages.student import load_student
-
-
-def gold_pairs(sft: list[dict[str, Any]], n: int, seed: int) -> list[dict[str, Any]]:
-    """Whole queries of the SFT set in a seeded order until at least `n` pairs."""
-    by_query: dict[str, list[dict[str, Any]]] = {}
-    for r in sft:
-        by_query.setdefault(r["query"], []).append(r)
-    queries = sorted(by_query)
-    random.Random(seed).shuffle(queries)
-    out: list[dict[str, Any]] = []
-    for q in queries:
-        if len(out) >= n:
-            break
-        out += by_query[q]
-    return out
 
 
 def best(scores: dict[str, float], objective: str) -> str:
@@ -60,7 +44,7 @@ def one_run(store: str, n: int, seed: int) -> dict[str, Any]:
     eval_queries = {r["query"] for r in read_dataset(Storage(data["artifact"]).child("eval"))}
     if {r["query"] for r in sft} & eval_queries:
         raise SystemExit(f"{store}: the SFT set shares queries with eval; these pairs cannot judge students")
-    rows = gold_pairs(sft, n, seed)
+    rows = split_by_query(sft, n / len(sft), seed)[1]  # whole queries, about n pairs
     truth = [r["label"] for r in rows]
     models = Storage(evaluate["artifact"]).read_json("metrics.json")["models"]
     gold, evals = {}, {}
