@@ -69,8 +69,8 @@ def main() -> None:
                     help="teacher, annotation, student and pruning seed (the world's stays the sample's)")
     args = ap.parse_args()
     doc = yaml.safe_load(Path(args.sample).read_text())
-    for part in ("teacher", "annotation", "student", "pruning"):
-        if args.seed is not None:
+    if args.seed is not None:
+        for part in ("teacher", "annotation", "student", "pruning"):
             doc["spec"][part]["seed"] = args.seed
     if args.world == "knowledge":
         on_knowledge_world(doc["spec"])

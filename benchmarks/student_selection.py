@@ -28,11 +28,7 @@ from kubedistill.core.stage import must_read_manifest
 from kubedistill.core.storage import Storage
 from kubedistill.stages.data import read_dataset, split_by_query
 from kubedistill.stages.evaluate import score_student
-from kubedistill.stages.student import load_student
-
-
-def best(scores: dict[str, float], objective: str) -> str:
-    return max(scores, key=lambda o: (scores[o], o == objective))
+from kubedistill.stages.student import load_student, select_student
 
 
 def one_run(store: str, n: int, seed: int) -> dict[str, Any]:
@@ -68,8 +64,8 @@ def one_run(store: str, n: int, seed: int) -> dict[str, Any]:
         "gold": gold,
         "eval": evals,
         "by_validation": student["metrics"]["selected"]["objective"],
-        "by_gold": best(gold, first),
-        "eval_best": best(evals, first),
+        "by_gold": select_student("validation", first, gold),  # the stage's rule: best score, a tie to the objective
+        "eval_best": select_student("validation", first, evals),
     }
 
 

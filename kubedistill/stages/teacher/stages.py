@@ -564,9 +564,9 @@ def _finish_dpo(
 
 def check_preference_pairs(found: int, d: DpoSpec, prompts: int) -> None:
     """ValueError naming the field to change when DPO's sampling made no preference pair."""
-    k = d.samples_per_prompt
     if found:
         return
+    k = d.samples_per_prompt
     if d.prefer == "label":
         raise ValueError(
             f"spec.teacher.dpo.prefer: label, but every one of the {k} samples of each of the {prompts} prompts "
