@@ -22,6 +22,11 @@ label line, RESULTS.md "Students on a teacher's annotations"); its standard inpu
 `--seed N` draws every trained or sampled part again with seed N (`teacher.seed`, `annotation.seed`,
 `student.seed`, `pruning.seed`) on the same world (its data, log and held-out pairs unchanged): how far one
 quickstart's numbers are from another draw of the same spec. Writes `quickstart[-<world>]-seed<N>.json` (N > 0).
+
+`--validate-on sftSeed` validates the students on held-out queries of the SFT set (`student.validateOn`: true
+labels; the default, trainingRows, holds out queries of the teacher-labeled log), everything else the sample's: the
+students train on every annotated pair instead of 90% of them, and their best rounds, calibration and the choice
+of student follow true labels. Writes `quickstart[-<world>]-validate-sftseed[-seed<N>].json`.
 """
 
 from __future__ import annotations
@@ -67,11 +72,15 @@ def main() -> None:
                     help="run the sample on this synthetic world (default: the sample's own)")
     ap.add_argument("--seed", type=int, default=None,
                     help="teacher, annotation, student and pruning seed (the world's stays the sample's)")
+    ap.add_argument("--validate-on", choices=["trainingRows", "sftSeed"], default=None,
+                    help="spec.student.validateOn (default: the sample's)")
     args = ap.parse_args()
     doc = yaml.safe_load(Path(args.sample).read_text())
     if args.seed is not None:
         for part in ("teacher", "annotation", "student", "pruning"):
             doc["spec"][part]["seed"] = args.seed
+    if args.validate_on:
+        doc["spec"]["student"]["validateOn"] = args.validate_on
     if args.world == "knowledge":
         on_knowledge_world(doc["spec"])
     elif args.world:
@@ -104,7 +113,9 @@ def main() -> None:
     verdicts = ", ".join(f"{rule} {c['threshold']} {'passed' if c['passed'] else 'failed'}" for rule, c in checks.items())
     served = phases.get("serve") == "Succeeded"
     minutes, secs = divmod(round(wall), 60)
-    how = "quickstart.py" + (f" --world {args.world}" if args.world else "") + (f" --seed {args.seed}" if args.seed else "")
+    how = ("quickstart.py" + (f" --world {args.world}" if args.world else "")
+           + (f" --validate-on {args.validate_on}" if args.validate_on else "")
+           + (f" --seed {args.seed}" if args.seed else ""))
     row: benchrecord.Row = {
         "what": f"quickstart, every stage (`{how}`: the sample `make demo` runs, fresh storage, set-up excluded)",
         "target": f"<= {args.target_minutes:.0f} min on 2 cores",
@@ -141,7 +152,9 @@ def main() -> None:
                       {"wall_seconds": wall, "phase": status.phase, "stages": phases, "stage_seconds": seconds,
                        "stage_metrics": stage_metrics, "runtimes": runtimes,
                        "models": models, "gate": gate, "served": served}, rows,
-                      tag="-".join([args.world] * bool(args.world) + [f"seed{args.seed}"] * bool(args.seed)))
+                      tag="-".join([args.world] * bool(args.world)
+                                   + [f"validate-{args.validate_on.lower()}"] * bool(args.validate_on)
+                                   + [f"seed{args.seed}"] * bool(args.seed)))
 
 
 if __name__ == "__main__":

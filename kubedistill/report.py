@@ -242,7 +242,9 @@ def _section_evaluation(storage: Storage, found: dict[str, dict[str, Any]]) -> s
         out.append(
             "<h3>CE vs CRSD</h3><p>Students trained on the same rows, seed and budget with each objective "
             f"(<code>student.compareObjectives</code>); the gate judges, and serving takes, the run's student: {chosen}. "
-            "Eval scores each once, after the choice.</p>"
+            "Eval scores each once, after the choice."
+            + (f" Validation: {_e(trained['validated_on'])}." if trained.get("validated_on") else "")
+            + "</p>"
         )
         per_objective = {trained.get("objective"): trained, **trained.get("compared", {})}
         rows = [

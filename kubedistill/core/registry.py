@@ -210,6 +210,7 @@ STAGES: tuple[StageDef, ...] = (
             "student.train.sampling",
             "student.calibration.offsets",
             "student.validationFraction",
+            "student.validateOn",
             "student.seed",
         ),
         inputs=_evaluate_inputs,

@@ -698,7 +698,19 @@ class StudentSpec(_Model):
     )
     kd_temperature: float = Field(default=2.0, gt=0, le=100, description="Softmax temperature of the kd objective.")
     validation_fraction: float = Field(
-        default=0.1, gt=0, lt=1, description="Queries held out of training for early stopping."
+        default=0.1,
+        gt=0,
+        lt=1,
+        description="Share of queries in the validation split (`validateOn`): of the training rows, or of the SFT set.",
+    )
+    validate_on: Literal["trainingRows", "sftSeed"] = Field(
+        default="trainingRows",
+        description="Where the validation split comes from: the pairs that pick each student's best round, fit its "
+        "calibration, choose the run's student (`select: validation`) and the lexical baseline's decision offsets. "
+        "trainingRows: held-out queries of the rows the student learns from (with annotations: the teacher's "
+        "labels, errors included). sftSeed: held-out queries of the data stage's SFT set (spec.data.sftSeed, "
+        "human-labeled; the synthetic world's oracle-labeled SFT set), so those choices follow true labels; no "
+        "pair of a validation query is trained on, and every annotated row whose query is not one of them is.",
     )
     patience: int = Field(
         default=2, ge=1, le=1000, description="Evaluations without improvement before stopping early."
@@ -1169,6 +1181,14 @@ def _semantic_problems(run: DistillationRun) -> list[Problem]:
         out.append(Problem("spec.data.evalSet", "required when spec.data.logs is set (a labeled held-out set)"))
     if s.data.logs and s.teacher.enabled and not s.data.sft_seed:
         out.append(Problem("spec.data.sftSeed", "required when spec.data.logs is set and the teacher is trained"))
+    if s.student.enabled and s.student.validate_on == "sftSeed" and s.data.logs and not s.data.sft_seed:
+        out.append(
+            Problem(
+                "spec.student.validateOn",
+                "sftSeed validates on held-out queries of spec.data.sftSeed, which is not set: set it, or "
+                "validate on trainingRows",
+            )
+        )
     if s.serving.max_batch_pairs < s.serving.max_services:
         out.append(
             Problem(

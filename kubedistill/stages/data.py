@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kubedistill.core.progress import Target
+from kubedistill.core.spec import StudentSpec
 from kubedistill.core.stage import StageContext
 from kubedistill.core.storage import S3Options, Storage
 from kubedistill.stages import world
@@ -295,6 +296,32 @@ def split_by_query(
     random.Random(seed).shuffle(queries)
     held = set(queries[: max(1, int(len(queries) * fraction))])
     return [r for r in rows if r["query"] not in held], [r for r in rows if r["query"] in held]
+
+
+def validation_split(
+    rows: list[dict[str, Any]], sft: list[dict[str, Any]] | None, student: StudentSpec
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(train, validation) of the student's `rows` by `spec.student.validateOn`: held-out queries of `rows`
+    (trainingRows), or of the SFT set `sft` (sftSeed), every row of a validation query left out of training."""
+    fraction, seed = student.validation_fraction, student.seed
+    if student.validate_on == "trainingRows":
+        return split_by_query(rows, fraction, seed)
+    if not sft:
+        raise ValueError(
+            "spec.student.validateOn: sftSeed needs the data stage's SFT set and it has none: set "
+            "spec.data.sftSeed (human-labeled pairs), or validate on trainingRows"
+        )
+    val = split_by_query(sft, fraction, seed)[1]
+    held = {r["query"] for r in val}
+    return [r for r in rows if r["query"] not in held], val
+
+
+def read_sft(ctx: StageContext) -> list[dict[str, Any]] | None:
+    """The data stage's SFT set when `spec.student.validateOn` reads it, else None (nothing is read)."""
+    if ctx.spec.student.validate_on != "sftSeed":
+        return None
+    data = ctx.input("data")
+    return read_dataset(data.child("sft")) if data.list("sft") else []
 
 
 def label_counts(rows: list[dict[str, Any]]) -> dict[str, int]:

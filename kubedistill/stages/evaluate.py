@@ -153,15 +153,20 @@ class LexicalBaseline:
         return self
 
 
-def baseline_for(student: StudentSpec, labels: list[str], rows: list[dict[str, Any]]) -> LexicalBaseline:
+def baseline_for(
+    student: StudentSpec, labels: list[str], rows: list[dict[str, Any]], sft: list[dict[str, Any]] | None = None
+) -> LexicalBaseline:
     """The lexical baseline trained the way the student is: its class weighting, and (when the student fits
-    decision offsets) offsets fitted on the same held-out queries the student validates on."""
-    from kubedistill.stages.data import split_by_query
+    decision offsets) offsets fitted on the validation split the student validates on (`data.validation_split`;
+    `sft`: the data stage's SFT set, with `validateOn: sftSeed`). It learns from every row the student could:
+    with trainingRows and no offsets, the student's validation rows too; with sftSeed, the student's own rows."""
+    from kubedistill.stages.data import validation_split
 
     t = student.train
     mode = "balanced" if t.sampling == "balanced" and t.class_weights == "none" else t.class_weights
     offsets = student.calibration.offsets
-    train, held_out = split_by_query(rows, student.validation_fraction, student.seed) if offsets else (rows, [])
+    split = offsets or student.validate_on == "sftSeed"
+    train, held_out = validation_split(rows, sft, student) if split else (rows, [])
     w = calibration.class_weights(mode, labels, [r["label"] for r in train], t.custom_class_weights)
     baseline = LexicalBaseline(labels, class_weight=None if w is None else dict(enumerate(w.tolist()))).fit(train)
     return baseline.fit_offsets(held_out) if offsets else baseline
@@ -405,7 +410,7 @@ def reliability_plot(results: dict[str, dict[str, Any]]) -> bytes:
 
 def run_stage(ctx: StageContext) -> dict[str, Any]:
     """Score every available model on the eval set; write metrics.json and confusion.png; apply the gate."""
-    from kubedistill.stages.data import read_dataset, training_rows
+    from kubedistill.stages.data import read_dataset, read_sft, training_rows
 
     labels = ctx.spec.labels
     data = ctx.input("data")
@@ -420,7 +425,7 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
         compared = {k.removeprefix("model_"): uri for k, uri in written.items() if k.startswith("model_")}
     students = 1 + len(compared) if "student-crsd" in ctx.inputs else 0
     progress = Target.of(ctx.storage, ctx.name).start(1 + students, "models", label="scoring")
-    baseline = baseline_for(ctx.spec.student, labels, train_rows)
+    baseline = baseline_for(ctx.spec.student, labels, train_rows, read_sft(ctx))
     truth = [r["label"] for r in eval_rows]
     proba = baseline.predict_proba(eval_rows)
     results = {"baseline": classification_metrics(truth, proba, labels, baseline.offsets)}

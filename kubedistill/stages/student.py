@@ -36,10 +36,11 @@ from kubedistill.ml.models import resolve
 from kubedistill.stages.data import (
     pair_id,
     read_dataset,
+    read_sft,
     row_sources,
     service_text,
-    split_by_query,
     training_rows,
+    validation_split,
     write_rows,
 )
 
@@ -807,9 +808,10 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
     for c in [cfg, *others]:
         check_rows(rows, c, source)
     base_encoder(cfg, ctx.storage.options)  # fail before starting workers
-    train_rows, val_rows = split_by_query(rows, cfg.student.validation_fraction, cfg.student.seed)
+    train_rows, val_rows = validation_split(rows, read_sft(ctx), cfg.student)
+    validated_on = validation_source(cfg.student.validate_on, val_rows, len(rows) - len(train_rows))
     ctx.log(
-        f"objective {cfg.student.objective}: {len(train_rows)} train / {len(val_rows)} validation pairs from {source}"
+        f"objective {cfg.student.objective}: {len(train_rows)} train pairs from {source}; validation: {validated_on}"
     )
     write_rows(ctx.out, "splits/train/part-00000", train_rows, "jsonl")
     write_rows(ctx.out, "splits/val/part-00000", val_rows, "jsonl")
@@ -829,7 +831,9 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
             + ")"
         )
     metrics, uri = _export_trained(ctx, configs[chosen], trained[chosen], source, ctx.out.child("model"), True)
-    metrics.update(train_rows=len(train_rows), val_rows=len(val_rows), rows_from=row_sources(rows))
+    metrics.update(
+        train_rows=len(train_rows), val_rows=len(val_rows), validated_on=validated_on, rows_from=row_sources(rows)
+    )
     if len(trained) > 1:
         metrics["selected"] = {"by": cfg.student.select, "objective": chosen, "best_val_macro_f1": validation}
     if "rationalize" in ctx.inputs:
@@ -849,6 +853,16 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
     if compared:
         metrics["compared"] = compared
     return {"metrics": metrics, "outputs": outputs}
+
+
+def validation_source(validate_on: str, val_rows: list[dict[str, Any]], left_out: int) -> str:
+    """What the validation split is, in words (the manifest's `validated_on`, the log, the report)."""
+    queries = len({r["query"] for r in val_rows})
+    if validate_on == "trainingRows":
+        return f"{len(val_rows)} pairs of {queries} held-out queries of the training rows"
+    return f"{len(val_rows)} pairs of {queries} held-out queries of the SFT set (spec.student.validateOn: sftSeed)" + (
+        f"; {left_out} training row(s) of those queries left out" if left_out else ""
+    )
 
 
 def select_student(select: str, objective: str, validation: dict[str, float]) -> str:

@@ -31,10 +31,12 @@ def _doc(uri: str, name: str, encoder: str, synthetic: dict, train: dict) -> dic
 
 @pytest.mark.cost(105)
 def test_student_trains_with_ddp_exports_and_is_evaluated_beside_a_ce_student(bucket, tiny_encoder, ray_address):
-    syn = {"services": 60, "queries": 40, "pairsPerQuery": 5, "sftSize": 20, "evalSize": 60, "seed": 1}
+    syn = {"services": 60, "queries": 40, "pairsPerQuery": 5, "sftSize": 120, "evalSize": 60, "seed": 1}
     doc = _doc(f"s3://{bucket}/runs", "stu", tiny_encoder, syn, {"epochs": 2})
     doc["spec"]["student"]["compareObjectives"] = ["ce"]
     doc["spec"]["student"]["select"] = "validation"
+    doc["spec"]["student"]["validateOn"] = "sftSeed"  # rounds, calibration, choice and offsets on true labels
+    doc["spec"]["student"]["validationFraction"] = 0.3
     doc["spec"]["student"]["train"]["classWeights"] = "balanced"
     doc["spec"]["student"]["calibration"] = {"offsets": True}
     run = spec.parse_run(doc)
@@ -51,6 +53,12 @@ def test_student_trains_with_ddp_exports_and_is_evaluated_beside_a_ce_student(bu
     assert m["objective"] == chosen and m["step"] > 0 and m["best_val_macro_f1"] == val[chosen]
     student = artifact(st, "student-crsd")
     assert {"model/student.json", "model/head.safetensors"} <= set(student.list("model"))
+    # validateOn: sftSeed: the validation split is held-out queries of the SFT set, none of them trained on
+    sft_ids = {r["pair_id"] for r in read_dataset(artifact(st, "data").child("sft"))}
+    val_rows, train_rows = read_dataset(student.child("splits/val")), read_dataset(student.child("splits/train"))
+    assert val_rows and {r["pair_id"] for r in val_rows} <= sft_ids
+    assert {r["query"] for r in val_rows}.isdisjoint({r["query"] for r in train_rows})
+    assert m["val_rows"] == len(val_rows) and "held-out queries of the SFT set" in m["validated_on"]
     report = artifact(st, "evaluate").read_json("metrics.json")
     # the baseline weighted like the student, and unweighted beside it (weighting may cost it points)
     assert set(report["models"]) == {"baseline", "baseline_unweighted", "student", f"student_{other}"}
@@ -99,4 +107,4 @@ def test_student_trains_with_ddp_exports_and_is_evaluated_beside_a_ce_student(bu
     assert artifact(st, "evaluate").read_bytes("reliability.png")[:4] == b"\x89PNG"
     page = st.read_text("report.html")
     assert "<h3>CE vs CRSD</h3>" in page and f"{chosen} (the run's student)" in page
-    assert "student.select: validation" in page
+    assert "student.select: validation" in page and "Validation: " in page and "of the SFT set" in page

@@ -192,6 +192,20 @@ def test_the_baseline_is_weighted_like_the_student_and_fits_offsets_on_its_held_
     assert sampled.model[-1].class_weight is not None  # balanced sampling: balanced weights for the baseline
 
 
+def test_with_validate_on_sft_seed_the_baseline_fits_offsets_on_the_students_sft_validation_split(monkeypatch):
+    gen = data.generate(LABELS, 200, 200, 6, 300, 200, seed=3)
+    student = StudentSpec.model_validate({"calibration": {"offsets": True}, "validation_fraction": 0.2, "seed": 4,
+                                          "validate_on": "sftSeed"})
+    seen = []
+    real = evaluate.LexicalBaseline.fit_offsets
+    monkeypatch.setattr(evaluate.LexicalBaseline, "fit_offsets", lambda self, rows: seen.append(rows) or real(self, rows))
+    base = evaluate.baseline_for(student, LABELS, gen.labeled, gen.sft)
+    _, held_out = split_by_query(gen.sft, 0.2, 4)  # the student's validation split: SFT queries, true labels
+    assert [r["pair_id"] for r in seen[0]] == [r["pair_id"] for r in held_out] and base.offsets is not None
+    with pytest.raises(ValueError, match="spec.student.validateOn: sftSeed needs the data stage's SFT set"):
+        evaluate.baseline_for(student, LABELS, gen.labeled, [])
+
+
 def test_spec_errors_name_the_class_weight_fields():
     def problems(train):
         with pytest.raises(spec.SpecError) as e:
@@ -221,6 +235,9 @@ def test_the_evaluate_stage_config_carries_what_the_baseline_reads():
     gen = data.generate(LABELS, 100, 100, 6, 1, 50, seed=0)
     base = evaluate.baseline_for(sliced.student, sliced.labels, gen.labeled)
     assert base.offsets is not None and base.model[-1].class_weight == {0: 1.0, 1: 1.0, 2: 3.0}
+    sft = spec.parse_run(minimal_doc(student={"validateOn": "sftSeed"}))
+    stage = next(s for s in pipeline.build(sft) if s.name == "evaluate")
+    assert spec.spec_slice(stage.config["spec"], "evaluate").student.validate_on == "sftSeed"
 
 
 def test_fits_without_held_out_examples_are_refused_by_name():

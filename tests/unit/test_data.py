@@ -240,6 +240,43 @@ def test_the_student_learns_from_labels_annotations_or_both(tmp_path, train_on, 
         assert " + " in source
 
 
+def test_the_student_validates_on_held_out_training_queries_or_on_held_out_sft_queries():
+    """spec.student.validateOn: trainingRows holds out queries of the rows the student learns from; sftSeed
+    holds out queries of the SFT set (true labels) and leaves only those queries' rows out of training."""
+    from kubedistill.core.spec import StudentSpec
+
+    rows = [_row(f"q{i}", f"s{j}", "relevant", "why") for i in range(20) for j in range(3)]
+    sft = [_row(f"q{i}", f"t{j}", "partial") for i in range(10, 40) for j in range(2)]  # q10..q19 also in rows
+    own = StudentSpec.model_validate({"validationFraction": 0.2, "seed": 3})
+    assert data.validation_split(rows, None, own) == data.split_by_query(rows, 0.2, 3)
+    gold = StudentSpec.model_validate({"validationFraction": 0.2, "seed": 3, "validateOn": "sftSeed"})
+    train, val = data.validation_split(rows, sft, gold)
+    assert val == data.split_by_query(sft, 0.2, 3)[1] and {r["label"] for r in val} == {"partial"}
+    held = {r["query"] for r in val}
+    assert len(held) == 6 and {r["query"] for r in train}.isdisjoint(held)
+    assert train == [r for r in rows if r["query"] not in held]  # every row of another query trains
+    assert len(train) < len(rows)  # this seed holds out a query both sets share: its rows leave training
+    with pytest.raises(ValueError, match="spec.student.validateOn: sftSeed needs the data stage's SFT set and "
+                                         "it has none: set spec.data.sftSeed"):
+        data.validation_split(rows, [], gold)
+
+
+def test_validating_on_an_sft_set_the_spec_does_not_have_is_refused_naming_the_field():
+    from kubedistill.core import spec
+
+    user = {"logs": "s3://b/logs", "evalSet": "s3://b/eval"}
+    with pytest.raises(spec.SpecError, match="spec.student.validateOn: sftSeed validates on held-out queries of "
+                                             "spec.data.sftSeed, which is not set"):
+        spec.parse_run(minimal_doc(data=user, teacher={"enabled": False}, annotation={"model": "m"},
+                                   pruning={"enabled": False}, student={"validateOn": "sftSeed"}))
+    with pytest.raises(spec.SpecError, match="spec.student.validateOn"):
+        spec.parse_run(minimal_doc(student={"validateOn": "sft"}))
+    ok = spec.parse_run(minimal_doc(data={**user, "sftSeed": "s3://b/sft"}, teacher={"enabled": False},
+                                    annotation={"model": "m"}, pruning={"enabled": False},
+                                    student={"validateOn": "sftSeed"}))
+    assert ok.spec.student.validate_on == "sftSeed"
+
+
 def test_training_on_annotations_without_the_annotate_stage_is_refused_naming_the_field():
     from kubedistill.core import spec
 
