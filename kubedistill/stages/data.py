@@ -313,7 +313,14 @@ def validation_split(
         )
     val = split_by_query(sft, fraction, seed)[1]
     held = {r["query"] for r in val}
-    return [r for r in rows if r["query"] not in held], val
+    train = [r for r in rows if r["query"] not in held]
+    if rows and not train:
+        raise ValueError(
+            f"spec.student.validateOn: sftSeed holds out the SFT set's validation queries, and every one of the "
+            f"{len(rows)} training rows has one of them: lower spec.student.validationFraction, or validate on "
+            "trainingRows"
+        )
+    return train, val
 
 
 def read_sft(ctx: StageContext) -> list[dict[str, Any]] | None:

@@ -548,8 +548,8 @@ def calibrate(
     cfg: StudentConfig, model: RelevanceStudent, tokenizer: Any, val_rows: list[dict[str, Any]]
 ) -> dict[str, Any]:
     """The temperature and decision offsets of `spec.student.calibration`, fitted on the validation split
-    (held-out queries of the training rows, never eval data), with what they did there: top-label ECE and
-    macro-F1 before and after, and the digest of the pairs they were fitted on."""
+    (held-out queries of the training rows or of the SFT set, `validateOn`; never eval data), with what they did
+    there: top-label ECE and macro-F1 before and after, and the digest of the pairs they were fitted on."""
     val_proba = predict_proba(model, tokenizer, val_rows, cfg.student.max_length)
     val_labels = [r["label"] for r in val_rows]
     y = np.array([cfg.labels.index(lab) for lab in val_labels])

@@ -259,6 +259,10 @@ def test_the_student_validates_on_held_out_training_queries_or_on_held_out_sft_q
     with pytest.raises(ValueError, match="spec.student.validateOn: sftSeed needs the data stage's SFT set and "
                                          "it has none: set spec.data.sftSeed"):
         data.validation_split(rows, [], gold)
+    only = [r for r in rows if r["query"] in held]  # training rows all of validation queries: nothing would train
+    with pytest.raises(ValueError, match=f"every one of the {len(only)} training rows has one of them: lower "
+                                         "spec.student.validationFraction"):
+        data.validation_split(only, sft, gold)
 
 
 def test_validating_on_an_sft_set_the_spec_does_not_have_is_refused_naming_the_field():
