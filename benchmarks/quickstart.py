@@ -23,10 +23,11 @@ label line, RESULTS.md "Students on a teacher's annotations"); its standard inpu
 `student.seed`, `pruning.seed`) on the same world (its data, log and held-out pairs unchanged): how far one
 quickstart's numbers are from another draw of the same spec. Writes `quickstart[-<world>]-seed<N>.json` (N > 0).
 
-`--validate-on sftSeed` validates the students on held-out queries of the SFT set (`student.validateOn`: true
-labels; the default, trainingRows, holds out queries of the teacher-labeled log), everything else the sample's: the
-students train on every annotated pair instead of 90% of them, and their best rounds, calibration and the choice
-of student follow true labels. Writes `quickstart[-<world>]-validate-sftseed[-seed<N>].json`.
+`--validate-on trainingRows|sftSeed` sets `student.validateOn`, everything else the sample's. The sample validates
+on sftSeed (held-out queries of the SFT set: true labels; the students train on every annotated pair) since
+2026-12-07; trainingRows (held-out queries of the teacher-labeled log, the spec's default) is how it ran before, and
+`quickstart[-<world>][-seed<N>].json` made then are its records. Writes
+`quickstart[-<world>]-validate-<value, lower case>[-seed<N>].json`.
 """
 
 from __future__ import annotations
@@ -113,9 +114,8 @@ def main() -> None:
     verdicts = ", ".join(f"{rule} {c['threshold']} {'passed' if c['passed'] else 'failed'}" for rule, c in checks.items())
     served = phases.get("serve") == "Succeeded"
     minutes, secs = divmod(round(wall), 60)
-    how = ("quickstart.py" + (f" --world {args.world}" if args.world else "")
-           + (f" --validate-on {args.validate_on}" if args.validate_on else "")
-           + (f" --seed {args.seed}" if args.seed else ""))
+    flags = {"world": args.world, "validate-on": args.validate_on, "seed": args.seed}
+    how = "quickstart.py" + "".join(f" --{flag} {value}" for flag, value in flags.items() if value)
     row: benchrecord.Row = {
         "what": f"quickstart, every stage (`{how}`: the sample `make demo` runs, fresh storage, set-up excluded)",
         "target": f"<= {args.target_minutes:.0f} min on 2 cores",
