@@ -152,9 +152,17 @@ def main() -> None:
                       {"wall_seconds": wall, "phase": status.phase, "stages": phases, "stage_seconds": seconds,
                        "stage_metrics": stage_metrics, "runtimes": runtimes,
                        "models": models, "gate": gate, "served": served}, rows,
-                      tag="-".join([args.world] * bool(args.world)
-                                   + [f"validate-{args.validate_on.lower()}"] * bool(args.validate_on)
-                                   + [f"seed{args.seed}"] * bool(args.seed)))
+                      tag=record_tag(args.world, args.validate_on, args.seed))
+
+
+def record_tag(world: str | None, validate_on: str | None, seed: int | None) -> str:
+    """`<world>-validate-<value>-seed<N>`, each part only when its flag was given (seed 0 is the sample's)."""
+    parts = [world] if world else []
+    if validate_on:
+        parts.append(f"validate-{validate_on.lower()}")
+    if seed:
+        parts.append(f"seed{seed}")
+    return "-".join(parts)
 
 
 if __name__ == "__main__":
