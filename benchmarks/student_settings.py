@@ -56,13 +56,14 @@ def parse_arm(text: str) -> tuple[str, dict[str, Any], str]:
     return name, train, rows
 
 
-def one_run(store: str, seed: int, arms: list[tuple[str, dict[str, Any], str]], objective: str) -> dict[str, Any]:
+def one_run(
+    store: str, seed: int, shipped: Any, arms: list[tuple[str, dict[str, Any], str]], objective: str
+) -> dict[str, Any]:
+    """Every arm trained on one finished run's splits (`shipped`: the sample's parsed spec)."""
     import torch
-    import yaml
 
-    from kubedistill.core import spec
     from kubedistill.ml.metrics import classification_metrics
-    from kubedistill.stages.data import read_dataset, split_by_query
+    from kubedistill.stages.data import read_dataset, validation_split
     from kubedistill.stages.student import StudentConfig, build_model, fit, predict_proba
 
     st = Storage(store)
@@ -74,7 +75,6 @@ def one_run(store: str, seed: int, arms: list[tuple[str, dict[str, Any], str]], 
     every, val = read_dataset(splits.child("splits/train")), read_dataset(splits.child("splits/val"))
     eval_rows = read_dataset(Storage(data["artifact"]).child("eval"))
     lexical = must_read_manifest(st, "evaluate")["metrics"]["baseline_macro_f1"]
-    shipped = spec.parse_run(yaml.safe_load(SAMPLE.read_text())).spec
     labels = shipped.labels
     truth = [r["label"] for r in eval_rows]
     out: dict[str, Any] = {"store": store, "seed": seed, "lexical_macro_f1": lexical, "arms": {}}
@@ -83,7 +83,10 @@ def one_run(store: str, seed: int, arms: list[tuple[str, dict[str, Any], str]], 
             update={"seed": seed, "objective": objective, "train": shipped.student.train.model_copy(update=train)}
         )
         cfg = StudentConfig(stu, labels)
-        trains = split_by_query(every, stu.validation_fraction, seed)[0] if rows == "trainingRows" else every
+        if rows == "trainingRows":  # the rows that split trains on: the stage's own rule, not a copy of it
+            trains = validation_split(every, None, stu.model_copy(update={"validate_on": "trainingRows"}))[0]
+        else:
+            trains = every
         rounds: list[list[float]] = []
         torch.manual_seed(seed)
         model, tok = build_model(cfg)
@@ -140,10 +143,18 @@ def main() -> None:
     ap.add_argument("--arm", action="append", default=[], help="NAME=key=value[,key=value] (see the docstring)")
     ap.add_argument("--objective", default="ce", choices=["ce", "crsd"])
     a = ap.parse_args()
+    import yaml
+
+    from kubedistill.core import spec
+
+    shipped = spec.parse_run(yaml.safe_load(SAMPLE.read_text())).spec
     arms = [("shipped", {}, "all"), *(parse_arm(t) for t in a.arm)]
     if len({n for n, _, _ in arms}) != len(arms):
         raise SystemExit("--arm: every arm needs its own name (shipped is the sample's settings)")
-    runs = [one_run(s.rpartition(":")[0], int(s.rpartition(":")[2]), arms, a.objective) for s in a.stores]
+    runs = []
+    for given in a.stores:
+        store, _, seed = given.rpartition(":")
+        runs.append(one_run(store, int(seed), shipped, arms, a.objective))
     by_val = {n: statistics.mean(r["arms"][n]["val_macro_f1"] for r in runs) for n, _, _ in arms}
     pick = max(by_val, key=lambda n: (by_val[n], n == "shipped"))
     rows: list[benchrecord.Row] = []
