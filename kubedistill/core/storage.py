@@ -12,6 +12,8 @@ filesystem object to `ray.data.read_parquet(..., filesystem=fs)`.
 
 from __future__ import annotations
 
+import re
+
 import functools
 import json
 import os
@@ -91,7 +93,10 @@ def _explain(uri: str, err: Exception) -> StorageError:
     text = str(err).strip()
     low = text.lower()
     hint = ""
-    if any(k in low for k in ("access_denied", "accessdenied", "invalidaccesskey", "signature", "forbidden", "403")):
+    # "403" only as a status code: an object key (a probe's random hex) may hold those digits
+    if any(
+        k in low for k in ("access_denied", "accessdenied", "invalidaccesskey", "signature", "forbidden")
+    ) or re.search(r"\b403\b", low):
         hint = " Check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or spec.storage.secretRef)."
     elif any(k in low for k in ("no_such_bucket", "nosuchbucket")):
         hint = " The bucket does not exist: create it first."

@@ -60,3 +60,11 @@ def test_a_fetched_prefix_is_cached_whole_and_a_partial_copy_is_replaced(tmp_pat
     (dest / "head.bin").unlink()
     assert fetch_prefix(src.uri()) == dest and (dest / "head.bin").read_text() == "h"
     assert sorted(p.name for p in dest.parent.iterdir()) == [dest.name]  # no temporary copies left behind
+
+
+def test_an_unreachable_endpoint_is_not_called_a_credentials_error_when_the_key_holds_403():
+    from kubedistill.core.storage import _explain
+
+    err = _explain("s3://b/x/.kubedistill-probe-c34e6403", OSError("curlCode: 7, Could not connect to server"))
+    assert "endpoint" in str(err) and "AWS_ACCESS_KEY_ID" not in str(err)
+    assert "AWS_ACCESS_KEY_ID" in str(_explain("s3://b/k", OSError("HTTP 403 Forbidden")))
