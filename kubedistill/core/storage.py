@@ -12,12 +12,11 @@ filesystem object to `ray.data.read_parquet(..., filesystem=fs)`.
 
 from __future__ import annotations
 
-import re
-
 import functools
 import json
 import os
 import posixpath
+import re
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
