@@ -38,7 +38,9 @@ E passes over its pairs instead of the quickstart's 40 steps.
 
 Protocol: one world (seed 0): training pool, validation and eval are query-disjoint (the eval set is the
 generator's own, the validation split holds out 10% of the pool's queries; with `--teacher annotations` the pool
-is the annotated log, validation holds the teacher's labels and eval the oracle's). Each size's rows are whole
+is the annotated log, validation holds the teacher's labels and eval the oracle's; with `--validate-on sftSeed`,
+validation is the quickstart's: 10% of the SFT set's queries with the oracle's labels, pairs the students never
+train on, and every annotated pair of another query joins the pool). Each size's rows are whole
 queries drawn in one fixed order, so a smaller set is a prefix of a larger one. Every student trains the
 same epochs with early stopping on validation macro-F1 (patience 2); nothing is chosen on eval. Eval is
 scored once per student from the standard input only, overall and on its tail: the pairs whose grade
@@ -67,7 +69,7 @@ import torch
 from kubedistill import benchrecord
 from kubedistill.core.spec import StudentSpec
 from kubedistill.stages import world
-from kubedistill.stages.data import split_by_query
+from kubedistill.stages.data import split_by_query, validation_split
 from kubedistill.stages.evaluate import LexicalBaseline, classification_metrics
 from kubedistill.stages.student import StudentConfig, build_model, fit, predict_proba
 
@@ -229,7 +231,13 @@ def teacher_annotations(args: argparse.Namespace) -> tuple[list[dict], list[dict
         "minutes": round((time.monotonic() - t0) / 60, 1),
     }
     print(f"teacher: {teacher}", flush=True)
-    pool, val = split_by_query(rows, 0.1, seed=0)
+    if args.validate_on == "trainingRows":
+        pool, val = split_by_query(rows, 0.1, seed=0)
+    else:  # the quickstart's validation: held-out queries of the SFT set, the oracle's labels, the stage's own rule
+        sft = [{**r, "oracle_label": r["label"]} for r in read_dataset(data.child("sft"))]
+        for r in sft:
+            r["label_probs"] = [float(g == r["label"]) for g in LABELS]
+        pool, val = validation_split(rows, sft, StudentSpec.model_validate({"validateOn": "sftSeed", "seed": 0}))
     return pool, val, evalset, teacher
 
 
@@ -752,6 +760,10 @@ def main() -> None:
     ap.add_argument("--objectives", nargs="+", default=["ce", "crsd"], choices=list(VARIANTS))
     ap.add_argument("--teacher", choices=["oracle", "annotations"], default="oracle",
                     help="student part: learn from the world's oracle, or from the quickstart teacher's annotations")
+    ap.add_argument("--validate-on", choices=["trainingRows", "sftSeed"], default="trainingRows",
+                    help="student part, --teacher annotations: validate on 10%% of the annotated log's queries (the "
+                         "teacher's labels) or, as the quickstart does, on 10%% of the SFT set's queries (the oracle's "
+                         "labels; every annotated pair of another query trains)")
     ap.add_argument("--kd-samples", type=int, default=4,
                     help="student part, --teacher annotations: answers sampled per pair for kd's label distribution")
     ap.add_argument("--layers", type=int, default=None, help="student part: keep the encoder's first N layers")
@@ -786,6 +798,8 @@ def main() -> None:
         return
 
     oracle_only = {"kd", "ce-oracle"} & set(args.objectives)
+    if args.teacher == "oracle" and args.validate_on != "trainingRows":
+        raise SystemExit("--validate-on sftSeed needs --teacher annotations (the oracle's pool is its own validation)")
     if args.teacher == "oracle" and oracle_only:
         raise SystemExit(f"--objectives {' '.join(sorted(oracle_only))} need --teacher annotations")
     teacher: dict[str, Any] | None = None
@@ -889,7 +903,7 @@ def main() -> None:
             })
     if teacher and students:
         e = results["sizes"][str(max(args.sizes))]
-        # the best by validation macro-F1 (the teacher's labels), as the quickstart chooses what it serves
+        # the best by validation macro-F1 (--validate-on's labels), as the quickstart chooses what it serves
         best = max(students, key=lambda o: statistics.mean(r["val_macro_f1"] for r in e["runs"][o]))
         share = e["summary"][best]["mean"] / teacher["eval_macro_f1"]
         rows.append({
