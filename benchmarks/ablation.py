@@ -15,6 +15,8 @@ prompts are scored beside the students.
 
     .venv/bin/python benchmarks/ablation.py [--sizes 500 1500 4500] [--seeds 0 1 2] [--objectives ce crsd]
     .venv/bin/python benchmarks/ablation.py --teacher annotations --objectives ce kd crsd ce-oracle [--store S]
+    .venv/bin/python benchmarks/ablation.py --teacher annotations --validate-on sftSeed --sizes 1000 4000 8000 \
+        --objectives ce crsd --kd-samples 0 --layers 3 --lr 4e-4 --max-reasoning-tokens 48 --tag students-sizes-sftseed
     .venv/bin/python benchmarks/ablation.py --part teacher [--seeds 0 1 2] [--corpus-only-share 0.25] [--tag T]
     .venv/bin/python benchmarks/ablation.py --part teacher-seeds --seeds 0 1 2 --sizes 500 1000 2000
 
