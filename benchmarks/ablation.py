@@ -903,7 +903,7 @@ def main() -> None:
                             f"{e['lexical_oracle']['macro_f1']:.3f}, on the teacher's {e['lexical']['macro_f1']:.3f}",
                 "met": "-",
             })
-    if teacher and students:
+    if teacher and len(students) > 1:  # "the best on validation" needs more than one to choose from
         e = results["sizes"][str(max(args.sizes))]
         # the best by validation macro-F1 (--validate-on's labels), as the quickstart chooses what it serves
         best = max(students, key=lambda o: statistics.mean(r["val_macro_f1"] for r in e["runs"][o]))
