@@ -233,13 +233,14 @@ def teacher_annotations(args: argparse.Namespace) -> tuple[list[dict], list[dict
         "minutes": round((time.monotonic() - t0) / 60, 1),
     }
     print(f"teacher: {teacher}", flush=True)
-    if args.validate_on == "trainingRows":
-        pool, val = split_by_query(rows, 0.1, seed=0)
-    else:  # the quickstart's validation: held-out queries of the SFT set, the oracle's labels, the stage's own rule
-        sft = [{**r, "oracle_label": r["label"]} for r in read_dataset(data.child("sft"))]
-        for r in sft:
-            r["label_probs"] = [float(g == r["label"]) for g in LABELS]
-        pool, val = validation_split(rows, sft, StudentSpec.model_validate({"validateOn": "sftSeed", "seed": 0}))
+    # the student stage's own rule: 10% of the log's queries (trainingRows) or of the SFT set's (sftSeed, the oracle's labels)
+    sft = None
+    if args.validate_on == "sftSeed":
+        sft = [
+            {**r, "oracle_label": r["label"], "label_probs": [float(g == r["label"]) for g in LABELS]}
+            for r in read_dataset(data.child("sft"))
+        ]
+    pool, val = validation_split(rows, sft, StudentSpec.model_validate({"validateOn": args.validate_on, "seed": 0}))
     return pool, val, evalset, teacher
 
 

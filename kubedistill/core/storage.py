@@ -88,14 +88,15 @@ def _s3(settings: tuple[tuple[str, Any], ...]) -> pafs.S3FileSystem:
         return pafs.S3FileSystem(**dict(settings))
 
 
+#: what a credentials error says; "403" only as a status code (an object key, a probe's random hex, may hold the digits)
+_CREDENTIALS = re.compile(r"access_?denied|invalidaccesskey|signature|forbidden|\b403\b")
+
+
 def _explain(uri: str, err: Exception) -> StorageError:
     text = str(err).strip()
     low = text.lower()
     hint = ""
-    # "403" only as a status code: an object key (a probe's random hex) may hold those digits
-    if any(
-        k in low for k in ("access_denied", "accessdenied", "invalidaccesskey", "signature", "forbidden")
-    ) or re.search(r"\b403\b", low):
+    if _CREDENTIALS.search(low):
         hint = " Check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or spec.storage.secretRef)."
     elif any(k in low for k in ("no_such_bucket", "nosuchbucket")):
         hint = " The bucket does not exist: create it first."
