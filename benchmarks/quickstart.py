@@ -28,6 +28,10 @@ on sftSeed (held-out queries of the SFT set: true labels; the students train on 
 2026-12-07; trainingRows (held-out queries of the teacher-labeled log, the spec's default) is how it ran before, and
 `quickstart[-<world>][-seed<N>].json` made then are its records. Writes
 `quickstart[-<world>]-validate-<value, lower case>[-seed<N>].json`.
+
+`--objective ce|kd|crsd`, `--compare [OBJECTIVE ...]` and `--votes N` set `student.objective`,
+`student.compareObjectives` and `annotation.votes` (kd learns the shares of the teacher's labels over its annotation
+and N sampled answers). The record's tag adds `<objective>[-vs-<compared>]` and `votes<N>` after the validation part.
 """
 
 from __future__ import annotations
@@ -75,6 +79,11 @@ def main() -> None:
                     help="teacher, annotation, student and pruning seed (the world's stays the sample's)")
     ap.add_argument("--validate-on", choices=["trainingRows", "sftSeed"], default=None,
                     help="spec.student.validateOn (default: the sample's)")
+    ap.add_argument("--objective", choices=["ce", "kd", "crsd"], default=None,
+                    help="spec.student.objective (default: the sample's)")
+    ap.add_argument("--compare", nargs="*", choices=["ce", "kd", "crsd"], default=None,
+                    help="spec.student.compareObjectives (default: the sample's)")
+    ap.add_argument("--votes", type=int, default=None, help="spec.annotation.votes (default: the sample's)")
     args = ap.parse_args()
     doc = yaml.safe_load(Path(args.sample).read_text())
     if args.seed is not None:
@@ -82,6 +91,12 @@ def main() -> None:
             doc["spec"][part]["seed"] = args.seed
     if args.validate_on:
         doc["spec"]["student"]["validateOn"] = args.validate_on
+    if args.objective:
+        doc["spec"]["student"]["objective"] = args.objective
+    if args.compare is not None:
+        doc["spec"]["student"]["compareObjectives"] = args.compare
+    if args.votes is not None:
+        doc["spec"]["annotation"]["votes"] = args.votes
     if args.world == "knowledge":
         on_knowledge_world(doc["spec"])
     elif args.world:
@@ -114,7 +129,8 @@ def main() -> None:
     verdicts = ", ".join(f"{rule} {c['threshold']} {'passed' if c['passed'] else 'failed'}" for rule, c in checks.items())
     served = phases.get("serve") == "Succeeded"
     minutes, secs = divmod(round(wall), 60)
-    flags = {"world": args.world, "validate-on": args.validate_on, "seed": args.seed}
+    flags = {"world": args.world, "validate-on": args.validate_on, "objective": args.objective,
+             "compare": " ".join(args.compare) if args.compare is not None else None, "votes": args.votes, "seed": args.seed}
     how = "quickstart.py" + "".join(f" --{flag} {value}" for flag, value in flags.items() if value)
     row: benchrecord.Row = {
         "what": f"quickstart, every stage (`{how}`: the sample `make demo` runs, fresh storage, set-up excluded)",
@@ -152,14 +168,26 @@ def main() -> None:
                       {"wall_seconds": wall, "phase": status.phase, "stages": phases, "stage_seconds": seconds,
                        "stage_metrics": stage_metrics, "runtimes": runtimes,
                        "models": models, "gate": gate, "served": served}, rows,
-                      tag=record_tag(args.world, args.validate_on, args.seed))
+                      tag=record_tag(args.world, args.validate_on, args.seed, args.objective, args.compare, args.votes))
 
 
-def record_tag(world: str | None, validate_on: str | None, seed: int | None) -> str:
-    """`<world>-validate-<value>-seed<N>`, each part only when its flag was given (seed 0 is the sample's)."""
+def record_tag(
+    world: str | None,
+    validate_on: str | None,
+    seed: int | None,
+    objective: str | None = None,
+    compare: list[str] | None = None,
+    votes: int | None = None,
+) -> str:
+    """`<world>-validate-<value>-<objective>[-vs-<compared>]-votes<V>-seed<N>`, each part only when its flag was
+    given (seed 0 is the sample's)."""
     parts = [world] if world else []
     if validate_on:
         parts.append(f"validate-{validate_on.lower()}")
+    if objective or compare is not None:
+        parts.append((objective or "sample") + ("-vs-" + "-".join(compare or ["none"]) if compare is not None else ""))
+    if votes is not None:
+        parts.append(f"votes{votes}")
     if seed:
         parts.append(f"seed{seed}")
     return "-".join(parts)

@@ -399,6 +399,14 @@ def _section_annotate(found: dict[str, dict[str, Any]]) -> str:
                 + (f" For example: <code>{_e(ref['example'])}</code>" if ref["example"] else "")
                 + "</p>"
             )
+    if v := x.get("votes"):
+        said += (
+            f"<p>Votes (<code>annotation.votes</code>): the teacher answered each labeled pair "
+            f"{v['sampled'] / max(1, x['labeled']):.3g} more time(s); {_pct(v['parse_rate'])} of the votes "
+            f"parsed. Every parsed vote gave the annotation's label on {_pct(v['unanimous'])} of the pairs; the "
+            f"largest label share averages {_pct(v['mean_top_share'])}. A pair's shares are its "
+            "<code>label_probs</code>, what student objective kd learns.</p>"
+        )
     return (
         "<h2>Annotation</h2>"
         + _table(["metric", "value"], rows)

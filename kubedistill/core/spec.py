@@ -550,6 +550,18 @@ class AnnotationSpec(_Model):
     )
     temperature: float = Field(default=0.0, ge=0, le=2, description="Sampling temperature; 0 is greedy.")
     seed: Seed = Field(default=0, description="Sampling seed.")
+    votes: int = Field(
+        default=0,
+        ge=0,
+        le=16,
+        description="Answers sampled per labeled pair besides its annotation (at voteTemperature), label mode only: "
+        "each labeled row then carries label_probs, the shares of its labels over the annotation and the votes that "
+        "parse (self-consistency; arXiv 2203.11171), the teacher's distribution that student objective kd learns. "
+        "Each vote costs about one annotation (the stage takes 1 + votes generations per pair). 0: one label per pair.",
+    )
+    vote_temperature: float = Field(
+        default=1.0, gt=0, le=2, description="Sampling temperature of the votes (the teacher's own distribution at 1)."
+    )
     parse_retries: int = Field(default=1, ge=0, le=10, description="Re-samples of a response that does not parse.")
     retry_temperature: float = Field(
         default=0.7, gt=0, le=2, description="Temperature of those re-samples (a greedy retry would repeat itself)."
@@ -654,7 +666,7 @@ class StudentSpec(_Model):
     )
     objective: Literal["ce", "kd", "crsd"] = Field(
         default="crsd",
-        description="crsd: Contrastive Reasoning Self-Distillation; ce: cross-entropy on the labels; kd: the teacher's label probabilities (rows need label_probs).",
+        description="crsd: Contrastive Reasoning Self-Distillation; ce: cross-entropy on the labels; kd: the teacher's label distribution (label_probs, which spec.annotation.votes writes).",
     )
     train_on: Literal["auto", "annotations", "labels", "both"] = Field(
         default="auto",
@@ -1119,6 +1131,33 @@ def prunes_annotator(s: DistillationRunSpec) -> bool:
     return s.annotation.enabled and s.annotation.model == PRUNED_ANNOTATOR
 
 
+def _kd_problems(s: DistillationRunSpec) -> list[Problem]:
+    """Objective kd learns the teacher's label distribution (`label_probs`), which only the annotate stage's votes
+    write: a student that reads labeled pairs (which carry one label) or annotations without votes cannot train it."""
+    student = s.student
+    if not student.enabled or "kd" not in (student.objective, *student.compare_objectives):
+        return []
+    field = "spec.student.objective" if student.objective == "kd" else "spec.student.compareObjectives"
+    reads = student.train_on if student.train_on != "auto" else ("annotations" if annotates(s) else "labels")
+    if reads != "annotations":
+        return [
+            Problem(
+                field,
+                f"kd learns the teacher's label distribution and the student trains on {reads} (spec.student.trainOn), "
+                "whose labeled pairs carry one label: train on annotations with spec.annotation.votes set, or use ce",
+            )
+        ]
+    if s.annotation.votes < 1:
+        return [
+            Problem(
+                "spec.annotation.votes",
+                f"{field} kd learns the teacher's label distribution, which the annotate stage writes only from sampled "
+                "votes: set votes >= 1 (benchmarks use 4), or use objective ce",
+            )
+        ]
+    return []
+
+
 def _semantic_problems(run: DistillationRun) -> list[Problem]:
     """Cross-field rules the field types cannot express (mirrored as CEL rules where possible)."""
     s = run.spec
@@ -1145,6 +1184,15 @@ def _semantic_problems(run: DistillationRun) -> list[Problem]:
                 "or train on labels",
             )
         )
+    if s.annotation.enabled and s.annotation.votes and not annotates(s):
+        out.append(
+            Problem(
+                "spec.annotation.votes",
+                "votes are sampled by the annotate stage (mode label or both); rationalize keeps the given labels: "
+                "set mode label or both, or votes 0",
+            )
+        )
+    out += _kd_problems(s)
     out += _class_weight_problems(s)
     if s.ray.priority_class_name and not s.ray.queue_name:
         out.append(

@@ -51,6 +51,8 @@ DISAGREES = "disagrees with the given label"
 CUT = "answer cut at maxTokens"
 #: the quarantine reason of an answer that ended without the response format
 UNPARSEABLE = "unparseable response"
+#: vote k samples with the annotation's seed + VOTE_SEED + k: apart from every retry's (seed + 1..10)
+VOTE_SEED = 1000
 
 
 class EngineUnavailable(RuntimeError):
@@ -271,8 +273,10 @@ class Outcome:
     shard: str
     status: str  # "labeled" | "quarantined"
     record: dict[str, Any]  # the labeled row, or {source, reason, raw[, response]}
-    tokens: int = 0  # generated tokens spent on it (retries included)
-    attempts: int = 0  # generations it took
+    tokens: int = 0  # generated tokens spent on it (retries and votes included)
+    attempts: int = 0  # generations it took to be labeled or quarantined (votes not included)
+    votes: int = 0  # votes sampled for it (spec.annotation.votes), of which
+    votes_parsed: int = 0  # parsed
 
 
 def decode_row(raw: Any) -> dict[str, Any]:
@@ -301,6 +305,8 @@ def annotate_rows(
     retry_temperature: float,
     explain: bool = False,
     clock: dict[str, float] | None = None,
+    votes: int = 0,
+    vote_temperature: float = 1.0,
 ) -> list[Outcome]:
     """Annotate (shard, raw row) items; one Outcome per item, in order. Never raises for a bad row.
 
@@ -309,7 +315,10 @@ def annotate_rows(
 
     explain (rationalize): the rows carry a label; the model is asked why (`fmt.rationale_prompt`) and the
     row keeps its label with the model's reasoning only when the model's own parsed label is the same, else
-    it is quarantined as a disagreement (not re-sampled: sampling until it agrees would launder the chain)."""
+    it is quarantined as a disagreement (not re-sampled: sampling until it agrees would launder the chain).
+
+    votes (label mode): each labeled row is answered `votes` more times at `vote_temperature` and carries
+    `label_probs`, the shares of its labels over its annotation and the votes that parse (`fmt.label_shares`)."""
     out: list[Outcome | None] = [None] * len(items)
     rows: dict[int, dict[str, Any]] = {}
     for i, (shard, raw) in enumerate(items):
@@ -404,9 +413,53 @@ def annotate_rows(
                 attempts[i],
             )
         pending = still
+    if votes and not explain:
+        _vote(
+            engine,
+            labels,
+            out,
+            prompts,
+            sorted(prompts, key=lengths.__getitem__),
+            sampling,
+            votes,
+            vote_temperature,
+            clock,
+        )
     done = [o for o in out if o is not None]
     assert len(done) == len(out), "every row ends labeled or quarantined"
     return done
+
+
+def _vote(
+    engine: Engine,
+    labels: list[str],
+    out: list[Outcome | None],
+    prompts: dict[int, str],
+    order: list[int],
+    sampling: Sampling,
+    votes: int,
+    temperature: float,
+    clock: dict[str, float] | None,
+) -> None:
+    """Sample `votes` more answers to each labeled row's prompt (one batched call per vote, in `order`) and set
+    its `label_probs` to the label shares of its annotation and the votes that parse. A vote the engine refused or
+    that does not parse is left out of the shares (it is counted: `votes` vs `votes_parsed`)."""
+    labeled = [(i, o) for i in order if (o := out[i]) is not None and o.status == "labeled"]
+    answers = [[fmt.response(o.record["reasoning"], o.record["label"])] for _, o in labeled]
+    for k in range(votes):
+        started = time.perf_counter()
+        s = Sampling(sampling.max_tokens, temperature, sampling.seed + VOTE_SEED + k)
+        gens, _ = _generate_isolated(engine, [prompts[i] for i, _ in labeled], s)
+        if clock is not None:
+            clock["engine_s"] = clock.get("engine_s", 0.0) + time.perf_counter() - started
+        for (_, o), gen, mine in zip(labeled, gens, answers, strict=True):
+            o.votes += 1
+            if gen is not None:
+                o.tokens += gen.tokens
+                o.votes_parsed += fmt.try_parse(gen.text, labels) is not None
+                mine.append(gen.text)
+    for (_, o), mine in zip(labeled, answers, strict=True):
+        o.record["label_probs"] = fmt.label_shares(mine, labels)
 
 
 def _generate_isolated(
@@ -486,6 +539,7 @@ class Annotator:
         self.sampling = Sampling(a.max_tokens, a.temperature, a.seed)
         self.retries, self.retry_temperature = a.parse_retries, a.retry_temperature
         self.explain = explain
+        self.votes, self.vote_temperature = a.votes, a.vote_temperature
         self.sizer = CallSizer.starting(a.batch_size)
         self.ready_at = time.time()  # model loaded: the replica's start-up ends here
 
@@ -497,7 +551,16 @@ class Annotator:
             call = items[len(outcomes) : len(outcomes) + self.sizer.size]
             before = clock["engine_s"]
             done = annotate_rows(
-                call, self.engine, self.labels, self.sampling, self.retries, self.retry_temperature, self.explain, clock
+                call,
+                self.engine,
+                self.labels,
+                self.sampling,
+                self.retries,
+                self.retry_temperature,
+                self.explain,
+                clock,
+                self.votes,
+                self.vote_temperature,
             )
             self.sizer.observe(len(call), sum(o.tokens for o in done), clock["engine_s"] - before)
             outcomes += done
@@ -520,6 +583,8 @@ class Annotator:
             "record": [json.dumps(o.record, ensure_ascii=False, default=str) for o in outcomes],
             "tokens": [o.tokens for o in outcomes],
             "attempts": [o.attempts for o in outcomes],
+            "votes": [o.votes for o in outcomes],
+            "votes_parsed": [o.votes_parsed for o in outcomes],
         }
 
 
@@ -587,6 +652,10 @@ class ShardResult:
     tokens: int
     generations: int
     first_try_parsed: int
+    votes: int = 0  # votes sampled (spec.annotation.votes), of which
+    votes_parsed: int = 0  # parsed
+    unanimous: int = 0  # labeled rows whose every parsed vote gave the annotation's label
+    top_share: float = 0.0  # the sum over labeled rows of their label_probs' largest share
     config_hash: str = ""
     inputs: dict[str, str] = field(default_factory=dict)
 
@@ -609,6 +678,10 @@ def summarize(shard: str, source: str, outcomes: list[Outcome]) -> ShardResult:
             for o in outcomes
             if o.attempts == 1 and (o.status == "labeled" or o.record["reason"].startswith(DISAGREES))
         ),
+        votes=sum(o.votes for o in outcomes),
+        votes_parsed=sum(o.votes_parsed for o in outcomes),
+        unanimous=sum(1 for o in labeled if "label_probs" in o.record and max(o.record["label_probs"]) == 1.0),
+        top_share=sum(max(o.record["label_probs"]) for o in labeled if "label_probs" in o.record),
     )
 
 
@@ -616,7 +689,7 @@ def write_shard(out: Storage, result: ShardResult, outcomes: list[Outcome]) -> N
     """Outputs first, marker last: a shard without its marker is redone, and overwrites itself."""
     name = result.shard
     labeled = sorted((o.record for o in outcomes if o.status == "labeled"), key=lambda r: r["pair_id"])
-    write_rows(out, f"labeled/{name}", labeled, "parquet", _schema(True))
+    write_rows(out, f"labeled/{name}", labeled, "parquet", _schema(True, any("label_probs" in r for r in labeled)))
     bad = [o.record for o in outcomes if o.status != "labeled"]
     if bad:
         write_rows(out, f"quarantine/{name}", bad, "jsonl")
@@ -653,6 +726,19 @@ def totals(results: list[ShardResult], fresh: set[str], seconds: float, engine: 
     unparseable = sum(r.reasons.get(UNPARSEABLE, 0) for r in results) + cut
     new = [r for r in results if r.shard in fresh]
     rate = seconds > 0 and bool(new)
+    voted = sum(r.votes for r in results)
+    votes = (
+        {  # spec.annotation.votes: how the teacher's sampled answers split
+            # votes sampled, and the share that parsed
+            "sampled": voted,
+            "parse_rate": round(sum(r.votes_parsed for r in results) / voted, 4),
+            # labeled rows whose every parsed vote agreed with the annotation, and the mean largest label share
+            "unanimous": round(sum(r.unanimous for r in results) / max(1, labeled), 4),
+            "mean_top_share": round(sum(r.top_share for r in results) / max(1, labeled), 4),
+        }
+        if voted
+        else None
+    )
     return {
         "engine": engine,
         "engine_reason": why,
@@ -673,6 +759,7 @@ def totals(results: list[ShardResult], fresh: set[str], seconds: float, engine: 
         "seconds_this_run": round(seconds, 2),
         "rows_per_s": round(sum(r.rows_in for r in new) / seconds, 2) if rate else 0.0,
         "tokens_per_s": round(sum(r.tokens for r in new) / seconds, 1) if rate else 0.0,
+        **({"votes": votes} if votes else {}),
     }
 
 
@@ -966,10 +1053,13 @@ def _annotate(
         progress.update(rows, tokens=tokens_out)
         clock["first_ready"] = min(clock.get("first_ready", math.inf), float(batch["ready_at"].min()))
         clock["last_done"] = max(clock.get("last_done", 0.0), float(batch["done_at"].max()))
-        for shard, status, record, tokens, attempts in zip(
-            batch[SHARD], batch["status"], batch["record"], batch["tokens"], batch["attempts"], strict=True
-        ):
-            acc[shard].append(Outcome(str(shard), str(status), json.loads(record), int(tokens), int(attempts)))
+        columns = (SHARD, "status", "record", "tokens", "attempts", "votes", "votes_parsed")
+        for shard, status, record, tokens, attempts, votes, parsed in zip(*(batch[c] for c in columns), strict=True):
+            acc[shard].append(
+                Outcome(
+                    str(shard), str(status), json.loads(record), int(tokens), int(attempts), int(votes), int(parsed)
+                )
+            )
             if len(acc[shard]) == expected[shard]:
                 outcomes = acc.pop(shard)
                 r = summarize(shard, logs.uri(todo[shard]), outcomes)

@@ -183,7 +183,9 @@ def data_files(storage: Storage) -> list[str]:
 # Writing.
 
 
-def _schema(labeled: bool) -> pa.Schema:
+def _schema(labeled: bool, label_probs: bool = False) -> pa.Schema:
+    """A dataset's parquet schema: the log's fields, the label and reasoning when `labeled`, and the teacher's
+    label distribution when `label_probs` (the annotate stage's votes)."""
     fields = [
         ("pair_id", pa.string()),
         ("query", pa.string()),
@@ -197,6 +199,8 @@ def _schema(labeled: bool) -> pa.Schema:
     ]
     if labeled:
         fields += [("label", pa.string()), ("reasoning", pa.string())]
+    if label_probs:
+        fields.append(("label_probs", pa.list_(pa.float64())))
     return pa.schema(fields)
 
 

@@ -67,7 +67,7 @@ def test_vllm_replicas_annotate_s3_logs_into_s3_shards(bucket, teacher, ray_addr
                     + "".join(json.dumps(r) + "\n" for r in data.generate(LABELS, 30, 20, 3, 5, 5, 9).log[:40]))
     # a few hundred rows: start-up dominates, so vLLM runs eager (compile: false)
     ann = {"model": models.uri(), "engine": "vllm", "replicas": {"min": 1, "max": 2}, "batchSize": 32,
-           "maxTokens": 96, "kvCacheGib": 0.5, "compile": False}
+           "maxTokens": 96, "kvCacheGib": 0.5, "compile": False, "votes": 2}
     run = spec.parse_run(_doc(f"s3://{bucket}/runs", "ann", logs.uri(), ann))
     out = io.StringIO()
     status = runner.run_local(run, address=ray_address, out=out)
@@ -81,6 +81,9 @@ def test_vllm_replicas_annotate_s3_logs_into_s3_shards(bucket, teacher, ray_addr
     assert m["rows_in"] == ingested["rows_written"] == 341 and m["rows_in"] == m["labeled"] + m["quarantined"]
     assert m["parse_rate"] >= 0.9 and m["labeled"] >= 300, m
     assert set(m["labels"]) <= set(LABELS) and sum(m["labels"].values()) == m["labeled"]
+    # two votes a labeled pair (votes 2): sampled by the replicas, counted in the manifest
+    assert m["votes"]["sampled"] == 2 * m["labeled"] and m["votes"]["parse_rate"] >= 0.8, m["votes"]
+    assert 1 / 3 <= m["votes"]["mean_top_share"] <= 1 and 0 <= m["votes"]["unanimous"] <= 1
     assert m["tokens_per_s"] > 0 and m["rows_per_s"] > 0 and m["generated_tokens"] > 0
     assert m["startup_seconds"] > 0 and m["tokens_per_s_after_startup"] > m["tokens_per_s"]
     # the replicas' profile: the share of their time in the engine, and the call size each measured its way to
@@ -91,6 +94,10 @@ def test_vllm_replicas_annotate_s3_logs_into_s3_shards(bucket, teacher, ray_addr
     labeled = data.read_dataset(out.child("labeled"))
     assert len(labeled) == m["labeled"] == len({r["pair_id"] for r in labeled})
     assert all(r["label"] in LABELS and r["reasoning"] for r in labeled)
+    # each labeled pair carries the shares of its labels over its annotation and the votes that parsed
+    for r in labeled:
+        assert len(r["label_probs"]) == len(LABELS) and sum(r["label_probs"]) == pytest.approx(1.0)
+        assert r["label_probs"][LABELS.index(r["label"])] >= 1 / 3
     quarantined = [json.loads(x) for f in out.list("quarantine") for x in out.read_text(f).splitlines()]
     assert len(quarantined) == m["quarantined"]
     too_long = [q for q in quarantined if "does not fit the model's context" in q["reason"]]
@@ -98,6 +105,38 @@ def test_vllm_replicas_annotate_s3_logs_into_s3_shards(bucket, teacher, ray_addr
     # one output and one marker per input shard (the data stage wrote one per log file)
     assert sorted(out.list("shards")) == [f"shards/part-0000{i}.json" for i in range(4)]
     assert sorted(out.list("labeled")) == [f"labeled/part-0000{i}.parquet" for i in range(4)]
+
+
+@pytest.mark.cost(40)
+def test_a_run_trains_a_kd_student_on_the_label_distribution_its_own_annotate_stage_sampled(
+    tmp_path, teacher, tiny_encoder, ray_address
+):
+    """spec.annotation.votes feeds spec.student.objective kd: the teacher's vote shares travel from the annotate
+    stage's shards through the student's splits into its loss; the run's student is kd's."""
+    logs = Storage(str(tmp_path / "logs"))
+    _logs(logs, {"a.jsonl": 120})
+    ann = {"model": teacher, "engine": "transformers", "replicas": {"min": 1, "max": 1}, "batchSize": 64,
+           "maxTokens": 96, "votes": 3}
+    doc = _doc(str(tmp_path / "store"), "kd", logs.uri(), ann)
+    doc["spec"]["student"] = {"enabled": True, "objective": "kd", "baseModel": tiny_encoder, "maxLength": 48,
+                              "train": {"epochs": 1, "batchSize": 16, "learningRate": 1e-3},
+                              "resources": {"workers": 1, "cpusPerWorker": 1}}
+    out = io.StringIO()
+    status = runner.run_local(spec.parse_run(doc), address=ray_address, out=out)
+    assert [(s.name, s.phase) for s in status.stages] == [
+        ("data", "Succeeded"), ("annotate", "Succeeded"), ("student-crsd", "Succeeded"), ("evaluate", "Succeeded")
+    ], out.getvalue()[-3000:]
+    st = Storage(str(tmp_path / "store" / "kd"))
+    votes = st.read_json(f"annotate/{MANIFEST}")["metrics"]["votes"]
+    assert votes["sampled"] == 3 * st.read_json(f"annotate/{MANIFEST}")["metrics"]["labeled"]
+    annotated = {r["pair_id"]: r["label_probs"] for r in data.read_dataset(artifact(st, "annotate").child("labeled"))}
+    student = artifact(st, "student-crsd")
+    train = data.read_dataset(student.child("splits/train"))
+    assert train and all(r["label_probs"] == annotated[r["pair_id"]] for r in train)
+    # the teacher was not always sure: some pairs' shares are split, which a one-hot label would not say
+    assert any(max(p) < 1 for p in annotated.values()), annotated
+    m = st.read_json(f"student-crsd/{MANIFEST}")["metrics"]
+    assert m["objective"] == "kd" and m["step"] > 0
 
 
 @pytest.mark.cost(80)

@@ -71,6 +71,47 @@ def test_every_row_ends_labeled_or_quarantined_with_its_reason():
     assert len(eng.calls[1][0]) == 2 and eng.calls[1][1] == Sampling(64, 0.7, 4)
 
 
+def test_votes_give_each_labeled_row_the_label_shares_of_its_annotation_and_the_votes_that_parse(tmp_path):
+    """spec.annotation.votes: the annotation plus `votes` answers sampled at voteTemperature, each vote with its own
+    seed past every retry's; a vote that does not parse is counted and left out; a quarantined row gets no votes."""
+    sure, torn, hopeless = _row("sushi"), _row("ramen"), _row("pizza")
+    partial = fmt.response("Golden Sushi is in Harbor, not a ramen bar.", "partial")
+    script = {fmt.prompt(data.validate_row(r, None, False)): resp for r, resp in (
+        (sure, [GOOD, GOOD, GOOD]), (torn, [GOOD, partial, "no label here"]), (hopeless, ["nonsense"]))}
+    eng = Scripted(script)
+    out = annotate.annotate_rows(_items(sure, torn, hopeless), eng, LABELS, Sampling(64, 0.0, 3), retries=0,
+                                 retry_temperature=0.7, votes=2, vote_temperature=1.0)
+    assert [o.status for o in out] == ["labeled", "labeled", "quarantined"]
+    assert out[0].record["label_probs"] == [0.0, 0.0, 1.0]  # irrelevant, partial, relevant
+    assert out[1].record["label_probs"] == [0.0, 0.5, 0.5]  # relevant (its annotation), partial; the third unparsed
+    assert out[1].record["label"] == "relevant"  # the annotation's label and chain are kept as they were
+    assert (out[1].votes, out[1].votes_parsed, out[1].attempts, out[1].tokens) == (2, 1, 1, 21)
+    assert "label_probs" not in out[2].record and out[2].votes == 0
+    assert [(len(p), s) for p, s in eng.calls] == [(3, Sampling(64, 0.0, 3)), (2, Sampling(64, 1.0, 1003)),
+                                                   (2, Sampling(64, 1.0, 1004))]
+    r = annotate.summarize("part-00000", "x", out)
+    assert (r.votes, r.votes_parsed, r.unanimous, r.top_share, r.generations) == (4, 3, 1, 1.5, 3)
+    m = annotate.totals([r], {"part-00000"}, 1.0, "scripted", "test")
+    assert m["votes"] == {"sampled": 4, "parse_rate": 0.75, "unanimous": 0.5, "mean_top_share": 0.75}
+    # the shares travel with the labeled rows into parquet and back
+    annotate.write_shard(Storage(str(tmp_path)), r, out)
+    back = data.read_dataset(Storage(str(tmp_path)).child("labeled"))
+    assert sorted(x["label_probs"] for x in back) == [[0.0, 0.0, 1.0], [0.0, 0.5, 0.5]]
+    # without votes: one generation per row, no shares, no votes in the metrics
+    plain = annotate.annotate_rows(_items(sure), Scripted({fmt.prompt(data.validate_row(sure, None, False)): [GOOD]}),
+                                   LABELS, Sampling(64), 0, 0.7)
+    assert "label_probs" not in plain[0].record
+    assert "votes" not in annotate.totals([annotate.summarize("p", "x", plain)], set(), 1.0, "scripted", "test")
+
+
+def test_rationalize_samples_no_votes():
+    """The rationalize stage keeps the given label: votes (label mode) are not sampled for it."""
+    row = _row("sushi", label="relevant")
+    eng = Scripted({fmt.rationale_prompt(data.validate_row(row, LABELS, False), "relevant"): [GOOD]})
+    out = annotate.annotate_rows(_items(row), eng, LABELS, Sampling(64), 0, 0.7, explain=True, votes=3)
+    assert out[0].status == "labeled" and "label_probs" not in out[0].record and len(eng.calls) == 1
+
+
 def test_no_retries_means_one_attempt():
     r = _row("ramen")
     eng = Scripted({fmt.prompt(data.validate_row(r, None, False)): ["Label: relevant", GOOD]})
@@ -280,6 +321,14 @@ def test_the_transformers_engine_labels_real_rows(teacher):
     short = annotate.annotate_rows([("s", json.dumps(r)) for r in g.log[:4]], eng, LABELS, Sampling(8), 0, 0.7)
     assert all(o.record["reason"].startswith("answer cut at maxTokens: 8 tokens, then ") for o in short)
     assert [o.tokens for o in short] == [8] * 4
+    # votes on the real engine: sampled answers, shares that add up to 1 and include the annotation's label
+    voted = annotate.annotate_rows([("s", json.dumps(r)) for r in g.log[:6]], eng, LABELS, Sampling(96), 1, 0.7,
+                                   votes=3, vote_temperature=1.0)
+    assert sum(o.status == "labeled" for o in voted) >= 4, [o.record for o in voted]
+    for o in (o for o in voted if o.status == "labeled"):
+        probs = o.record["label_probs"]
+        assert len(probs) == len(LABELS) and sum(probs) == pytest.approx(1.0) and o.votes == 3
+        assert probs[LABELS.index(o.record["label"])] >= 1 / (1 + o.votes_parsed)
 
 
 def test_outputs_of_shards_not_finished_for_this_config_are_dropped(tmp_path):

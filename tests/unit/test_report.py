@@ -119,6 +119,18 @@ def test_the_report_gives_the_annotations_advice_when_max_tokens_cut_answers(tmp
             "quarantined: raise spec.annotation.maxTokens") in text
 
 
+def test_the_report_says_how_the_teachers_votes_split(tmp_path):
+    st = _store(tmp_path)
+    metrics = {"rows_in": 100, "labeled": 80, "quarantined": 20, "labels": {"relevant": 80},
+               "quarantine_reasons": {"schema": 20},
+               "votes": {"sampled": 320, "parse_rate": 0.975, "unanimous": 0.4125, "mean_top_share": 0.8}}
+    st.write_json(f"annotate/{MANIFEST}", _manifest("annotate", {"data": "d-data"}, "d-ann", metrics))
+    report.write(st, "r", ["data", "annotate", "student-crsd", "evaluate"], None)
+    text = " ".join(_text(st.read_text("report.html")).split())
+    assert ("the teacher answered each labeled pair 4 more time(s); 97.5% of the votes parsed. Every parsed vote gave "
+            "the annotation's label on 41.2% of the pairs; the largest label share averages 80.0%.") in text
+
+
 def test_the_report_says_how_many_chains_their_pair_refutes(tmp_path):
     from kubedistill.stages import synthetic
 

@@ -86,6 +86,33 @@ def test_invalid_values_name_their_field(patch, path):
     assert path in [p.path for p in e.value.problems], e.value.problems
 
 
+def test_kd_needs_the_annotate_stages_votes_and_says_where_to_set_them():
+    """Objective kd learns the teacher's label distribution, which only annotate's votes write."""
+    def problems(**patch):
+        try:
+            spec.parse_run(minimal_doc(**patch))
+        except spec.SpecError as e:
+            return {p.path: p.message for p in e.problems}
+        return {}
+
+    no_votes = problems(student={"objective": "kd"})
+    assert list(no_votes) == ["spec.annotation.votes"] and "set votes >= 1" in no_votes["spec.annotation.votes"]
+    assert "compareObjectives" in problems(student={"compareObjectives": ["kd"]})["spec.annotation.votes"]
+    assert problems(student={"objective": "kd"}, annotation={"votes": 4}) == {}
+    assert problems(student={"objective": "ce", "compareObjectives": ["kd"]}, annotation={"votes": 1}) == {}
+    # labeled pairs carry one label: kd cannot learn from them, votes or not
+    for train_on in ("labels", "both"):
+        got = problems(student={"objective": "kd", "trainOn": train_on}, annotation={"votes": 4})
+        assert list(got) == ["spec.student.objective"] and f"trains on {train_on}" in got["spec.student.objective"]
+    got = problems(student={"objective": "kd"}, annotation={"enabled": False}, teacher={"enabled": False},
+                   pruning={"enabled": False})
+    assert "trains on labels" in got["spec.student.objective"]  # trainOn auto without annotations reads labels
+    # votes belong to the annotate stage: rationalize alone keeps the human labels
+    assert "mode label or both" in problems(annotation={"votes": 2, "mode": "rationalize"})["spec.annotation.votes"]
+    assert problems(annotation={"votes": 2, "mode": "both"}) == {}
+    assert "spec.annotation.votes" in problems(annotation={"votes": 17})  # at most 16
+
+
 def test_bad_name_and_kind():
     doc = minimal_doc()
     doc["metadata"]["name"] = "Not_A_Name"
