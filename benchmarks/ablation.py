@@ -8,8 +8,9 @@ can hand down, and what separates the objectives from the teacher's own errors (
 distribution, which an oracle does not have). With `--teacher annotations` they are a teacher's: the quickstart's
 stages up to annotate run on a local Ray (the knowledge world, its log sized for the largest size), the DPO
 teacher labels and explains the log, and each annotated row gets the teacher's label distribution for `kd`: the
-shares of its labels over `--kd-samples` answers sampled at temperature 1 and the annotation (`fmt.label_shares`;
-the label given its own chain, `teacher.train.label_probabilities`, is all but certain and only recorded);
+shares of its labels over `--kd-samples` answers sampled at temperature 1 and the annotation (the annotate stage's
+own `spec.annotation.votes`; the label given its own chain, `teacher.train.label_probabilities`, is all but certain
+and only recorded);
 `ce-oracle` is a control, CE on the oracle's labels of the same rows, and the teacher's own answers to the eval
 prompts are scored beside the students.
 
@@ -187,6 +188,7 @@ def teacher_annotations(args: argparse.Namespace) -> tuple[list[dict], list[dict
     spec = doc["spec"]
     for section in ("student", "pruning", "serving"):
         spec[section]["enabled"] = False
+    spec["annotation"]["votes"] = args.kd_samples  # kd's soft labels: the annotation's label and these votes, shared
     print(f"teacher: the quickstart's stages up to annotate, knowledge world; stores under {store}", flush=True)
     t0 = time.monotonic()
     m = run_local(doc, ("data", "teacher-dpo", "annotate"), "the teacher's run")
@@ -199,12 +201,8 @@ def teacher_annotations(args: argparse.Namespace) -> tuple[list[dict], list[dict
     prompts = [fmt.prompt(r) for r in rows]
     # the label given the teacher's own chain: read off the chain, it is all but certain (recorded, not used)
     given_chain = teacher_train.label_probabilities(model, tok, prompts, [r["reasoning"] for r in rows], LABELS)
-    # kd's soft labels: how --kd-samples answers sampled at temperature 1, with the annotation's own, split
-    max_tokens = spec["annotation"]["maxTokens"]
-    samples = [lm.generate(model, tok, prompts, max_new_tokens=max_tokens, temperature=1.0, seed=k)
-               for k in range(args.kd_samples)]
-    for i, r in enumerate(rows):  # with --kd-samples 0, the annotation's label alone (one-hot)
-        r["label_probs"] = fmt.label_shares([fmt.response(r["reasoning"], r["label"]), *(s[i] for s in samples)], LABELS)
+    for r in rows:  # with --kd-samples 0 (no votes), the annotation's label alone (one-hot)
+        r.setdefault("label_probs", [float(g == r["label"]) for g in LABELS])
     parsed = [fmt.try_parse(t, LABELS) for t in lm.generate(model, tok, [fmt.prompt(r) for r in evalset], max_new_tokens=160)]
     answered = one_hot(parsed)  # the teacher's own grade of each eval pair
     tail = [i for i, r in enumerate(evalset) if depends_on_house_name(r)]
