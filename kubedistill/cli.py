@@ -71,7 +71,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument(
         "-n", "--namespace", help="the run's namespace (cluster; default: the kubeconfig context's, else default)"
     )
-    rp = cmd("report", "Write the run's HTML report (metrics, CE vs CRSD, gate, pruning, lineage) to its storage.")
+    rp = cmd(
+        "report", "Write the run's HTML report (metrics, objectives compared, gate, pruning, lineage) to its storage."
+    )
     rp.add_argument("file")
     cmd("reference", "Print the DistillationRun field reference (Markdown), generated from the spec models.")
     rn = cmd("render", "Print, as a YAML stream, every RayJob and the RayService the operator creates for a run.")

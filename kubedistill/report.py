@@ -3,7 +3,7 @@
 Everything on the page comes from the run's storage: each stage's manifest (`_SUCCESS.json`: metrics,
 config hash, input digests, artifact) or failure (`_FAILED.json`), the run's status, the evaluate
 stage's `metrics.json` and the two plots (embedded, so the page can be mailed or attached to a
-ticket). Sections: stages, the evaluation gate and every scored model (the CE-vs-CRSD comparison
+ticket). Sections: stages, the evaluation gate and every scored model (the objectives compared
 when the student stage trained comparison objectives), the teacher, annotation, pruning, serving,
 every stage's metrics, and lineage (which artifact came from which stage, config hash and inputs).
 
@@ -240,7 +240,7 @@ def _section_evaluation(storage: Storage, found: dict[str, dict[str, Any]]) -> s
             else "the one trained with <code>student.objective</code>"
         )
         out.append(
-            "<h3>CE vs CRSD</h3><p>Students trained on the same rows, seed and budget with each objective "
+            "<h3>Objectives compared</h3><p>Students trained on the same rows, seed and budget with each objective "
             f"(<code>student.compareObjectives</code>); the gate judges, and serving takes, the run's student: {chosen}. "
             "Eval scores each once, after the choice."
             + (f" Validation: {_e(trained['validated_on'])}." if trained.get("validated_on") else "")

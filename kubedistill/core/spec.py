@@ -679,7 +679,7 @@ class StudentSpec(_Model):
         default_factory=list,
         max_length=2,
         description="Other objectives trained on the same rows, seed and budget and scored by "
-        "evaluate beside the student (the report's CE-vs-CRSD table); served only when select picks one.",
+        "evaluate beside the student (the report's objectives table); served only when select picks one.",
     )
     select: Literal["objective", "validation"] = Field(
         default="objective",
