@@ -16,6 +16,9 @@ again, and the record says whether it reproduced the stage's validation score (`
     .venv/bin/python benchmarks/student_settings.py /tmp/kd-quickstart-bench-XXXX/quickstart:0 [...] \
         --arm bs16-lr2e-4=batchSize=16,learningRate=2e-4 --arm rows90=rows=trainingRows
 
+`--objective kd` trains the KD student on the vote shares the run's annotate stage wrote (`annotation.votes`), and
+an arm may set its softmax temperature (`kdTemperature=1`). `--tag T` writes `student_settings-T.json`.
+
 Writes `benchmarks/records/student_settings.json`.
 """
 
@@ -33,10 +36,13 @@ from kubedistill.core.storage import Storage
 
 SAMPLE = Path(__file__).resolve().parent.parent / "manifests/samples/quickstart.yaml"
 TRAIN_KEYS = {"batchSize": ("batch_size", int), "learningRate": ("learning_rate", float), "epochs": ("epochs", float)}
+#: arm keys that override `spec.student` itself
+STUDENT_KEYS = {"kdTemperature": ("kd_temperature", float)}
 
 
 def parse_arm(text: str) -> tuple[str, dict[str, Any], str]:
-    """`name=key=value,key=value` -> (name, spec.student.train overrides, rows)."""
+    """`name=key=value,key=value` -> (name, overrides, rows): spec.student.train's (batchSize, learningRate,
+    epochs) and spec.student's own (kdTemperature, under the key "student")."""
     name, _, body = text.partition("=")
     if not name or not body:
         raise SystemExit(f"--arm {text!r}: expected NAME=key=value[,key=value]")
@@ -49,9 +55,13 @@ def parse_arm(text: str) -> tuple[str, dict[str, Any], str]:
         elif key in TRAIN_KEYS:
             field, kind = TRAIN_KEYS[key]
             train[field] = kind(value)
+        elif key in STUDENT_KEYS:
+            field, kind = STUDENT_KEYS[key]
+            train.setdefault("student", {})[field] = kind(value)
         else:
             raise SystemExit(
-                f"--arm {text!r}: {key!r} is not one of {[*TRAIN_KEYS, 'rows']} (rows: all or trainingRows)"
+                f"--arm {text!r}: {key!r} is not one of {[*TRAIN_KEYS, *STUDENT_KEYS, 'rows']} (rows: all or "
+                "trainingRows)"
             )
     return name, train, rows
 
@@ -78,9 +88,15 @@ def one_run(
     labels = shipped.labels
     truth = [r["label"] for r in eval_rows]
     out: dict[str, Any] = {"store": store, "seed": seed, "lexical_macro_f1": lexical, "arms": {}}
-    for name, train, rows in arms:
+    for name, overrides, rows in arms:
+        train = {k: v for k, v in overrides.items() if k != "student"}
         stu = shipped.student.model_copy(
-            update={"seed": seed, "objective": objective, "train": shipped.student.train.model_copy(update=train)}
+            update={
+                "seed": seed,
+                "objective": objective,
+                "train": shipped.student.train.model_copy(update=train),
+                **overrides.get("student", {}),
+            }
         )
         cfg = StudentConfig(stu, labels)
         if rows == "trainingRows":  # the rows that split trains on: the stage's own rule, not a copy of it
@@ -141,7 +157,9 @@ def main() -> None:
         "and the student seed it ran with (quickstart.py --seed; 0 without)",
     )
     ap.add_argument("--arm", action="append", default=[], help="NAME=key=value[,key=value] (see the docstring)")
-    ap.add_argument("--objective", default="ce", choices=["ce", "crsd"])
+    ap.add_argument("--objective", default="ce", choices=["ce", "kd", "crsd"],
+                    help="kd reads the teacher's vote shares from the run's splits (a run with annotation.votes)")
+    ap.add_argument("--tag", default="", help="the record's tag: student_settings-<tag>.json")
     a = ap.parse_args()
     import yaml
 
@@ -175,7 +193,9 @@ def main() -> None:
         )
     for row in rows:
         print(row["what"], "|", row["measured"], "|", row["met"])
-    benchrecord.write("student_settings", {"arms": a.arm, "objective": a.objective}, {"pick": pick, "runs": runs}, rows)
+    benchrecord.write(
+        "student_settings", {"arms": a.arm, "objective": a.objective}, {"pick": pick, "runs": runs}, rows, tag=a.tag
+    )
 
 
 if __name__ == "__main__":

@@ -106,5 +106,5 @@ def test_student_trains_with_ddp_exports_and_is_evaluated_beside_a_ce_student(bu
     assert report["models"]["baseline"]["offsets"]["irrelevant"] == 0.0  # the baseline fitted its own
     assert artifact(st, "evaluate").read_bytes("reliability.png")[:4] == b"\x89PNG"
     page = st.read_text("report.html")
-    assert "<h3>CE vs CRSD</h3>" in page and f"{chosen} (the run's student)" in page
+    assert "<h3>Objectives compared</h3>" in page and f"{chosen} (the run's student)" in page
     assert "student.select: validation" in page and "Validation: " in page and "of the SFT set" in page

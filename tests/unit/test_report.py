@@ -72,7 +72,7 @@ def test_the_report_shows_gate_comparison_lineage_and_failures(tmp_path):
     assert "evaluation.minMacroF1 0.75: failed — student macro-F1 0.7306 < minMacroF1 0.75" in text
     assert ("evaluation.minGainOverBaseline 0.02: passed — gain over the lexical baseline (0.6858) +0.0448, "
             "90% paired-bootstrap interval over 65 queries [+0.0100, +0.0800], >= minGainOverBaseline 0.02") in text
-    # CE vs CRSD: each objective's validation and eval macro-F1, step time and difference to ce
+    # the objectives compared: each objective's validation and eval macro-F1, step time and difference to ce
     assert "the run's student: the one trained with student.objective" in text
     assert "crsd (the run's student) 0.7012 0.7306 0.9000 0.7406 2.6000 +0.0106" in text
     assert "ce 0.6951 0.7200 0.9000 0.7300 1.3000 +0.0000" in text
