@@ -202,7 +202,7 @@ def teacher_annotations(args: argparse.Namespace) -> tuple[list[dict], list[dict
     # the label given the teacher's own chain: read off the chain, it is all but certain (recorded, not used)
     given_chain = teacher_train.label_probabilities(model, tok, prompts, [r["reasoning"] for r in rows], LABELS)
     for r in rows:  # with --kd-samples 0 (no votes), the annotation's label alone (one-hot)
-        r.setdefault("label_probs", [float(g == r["label"]) for g in LABELS])
+        r.setdefault("label_probs", certain(r["label"]))
     parsed = [fmt.try_parse(t, LABELS) for t in lm.generate(model, tok, [fmt.prompt(r) for r in evalset], max_new_tokens=160)]
     answered = one_hot(parsed)  # the teacher's own grade of each eval pair
     tail = [i for i, r in enumerate(evalset) if depends_on_house_name(r)]
@@ -235,7 +235,7 @@ def teacher_annotations(args: argparse.Namespace) -> tuple[list[dict], list[dict
     sft = None
     if args.validate_on == "sftSeed":
         sft = [
-            {**r, "oracle_label": r["label"], "label_probs": [float(g == r["label"]) for g in LABELS]}
+            {**r, "oracle_label": r["label"], "label_probs": certain(r["label"])}
             for r in read_dataset(data.child("sft"))
         ]
     pool, val = validation_split(rows, sft, StudentSpec.model_validate({"validateOn": args.validate_on, "seed": 0}))
@@ -245,6 +245,11 @@ def teacher_annotations(args: argparse.Namespace) -> tuple[list[dict], list[dict
 def grades(parsed: list[Any]) -> list[str | None]:
     """The grade of each parsed answer (`fmt.try_parse`); None where it did not parse."""
     return [p.label if p is not None else None for p in parsed]
+
+
+def certain(label: str) -> list[float]:
+    """A label as a distribution that holds no doubt (kd's soft labels for a row that carries one label)."""
+    return [float(g == label) for g in LABELS]
 
 
 def one_hot(parsed: list[Any]) -> np.ndarray:

@@ -36,13 +36,14 @@ from kubedistill.core.storage import Storage
 
 SAMPLE = Path(__file__).resolve().parent.parent / "manifests/samples/quickstart.yaml"
 TRAIN_KEYS = {"batchSize": ("batch_size", int), "learningRate": ("learning_rate", float), "epochs": ("epochs", float)}
-#: arm keys that override `spec.student` itself
+#: arm keys that override `spec.student` itself, not its `train`
 STUDENT_KEYS = {"kdTemperature": ("kd_temperature", float)}
+STUDENT_FIELDS = {field for field, _ in STUDENT_KEYS.values()}
 
 
 def parse_arm(text: str) -> tuple[str, dict[str, Any], str]:
-    """`name=key=value,key=value` -> (name, overrides, rows): spec.student.train's (batchSize, learningRate,
-    epochs) and spec.student's own (kdTemperature, under the key "student")."""
+    """`name=key=value,key=value` -> (name, overrides by spec field name, rows): spec.student.train's (batchSize,
+    learningRate, epochs) and spec.student's own (kdTemperature)."""
     name, _, body = text.partition("=")
     if not name or not body:
         raise SystemExit(f"--arm {text!r}: expected NAME=key=value[,key=value]")
@@ -52,12 +53,9 @@ def parse_arm(text: str) -> tuple[str, dict[str, Any], str]:
         key, _, value = item.partition("=")
         if key == "rows" and value in ("all", "trainingRows"):
             rows = value
-        elif key in TRAIN_KEYS:
-            field, kind = TRAIN_KEYS[key]
+        elif key in TRAIN_KEYS or key in STUDENT_KEYS:
+            field, kind = {**TRAIN_KEYS, **STUDENT_KEYS}[key]
             train[field] = kind(value)
-        elif key in STUDENT_KEYS:
-            field, kind = STUDENT_KEYS[key]
-            train.setdefault("student", {})[field] = kind(value)
         else:
             raise SystemExit(
                 f"--arm {text!r}: {key!r} is not one of {[*TRAIN_KEYS, *STUDENT_KEYS, 'rows']} (rows: all or "
@@ -89,14 +87,10 @@ def one_run(
     truth = [r["label"] for r in eval_rows]
     out: dict[str, Any] = {"store": store, "seed": seed, "lexical_macro_f1": lexical, "arms": {}}
     for name, overrides, rows in arms:
-        train = {k: v for k, v in overrides.items() if k != "student"}
+        train = {k: v for k, v in overrides.items() if k not in STUDENT_FIELDS}
+        own = {k: v for k, v in overrides.items() if k in STUDENT_FIELDS}
         stu = shipped.student.model_copy(
-            update={
-                "seed": seed,
-                "objective": objective,
-                "train": shipped.student.train.model_copy(update=train),
-                **overrides.get("student", {}),
-            }
+            update={"seed": seed, "objective": objective, "train": shipped.student.train.model_copy(update=train), **own}
         )
         cfg = StudentConfig(stu, labels)
         if rows == "trainingRows":  # the rows that split trains on: the stage's own rule, not a copy of it

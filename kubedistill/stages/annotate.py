@@ -345,7 +345,8 @@ def annotate_rows(
             del prompts[i]
     tokens: Counter[int] = Counter()
     attempts: Counter[int] = Counter()
-    pending = sorted(prompts, key=lengths.__getitem__)
+    order = sorted(prompts, key=lengths.__getitem__)
+    pending = order
     for attempt in range(retries + 1):
         if not pending:
             break
@@ -419,7 +420,7 @@ def annotate_rows(
             labels,
             out,
             prompts,
-            sorted(prompts, key=lengths.__getitem__),
+            order,
             sampling,
             votes,
             vote_temperature,
