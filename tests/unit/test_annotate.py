@@ -104,6 +104,26 @@ def test_votes_give_each_labeled_row_the_label_shares_of_its_annotation_and_the_
     assert "votes" not in annotate.totals([annotate.summarize("p", "x", plain)], set(), 1.0, "scripted", "test")
 
 
+def test_a_vote_the_engine_refuses_is_counted_and_left_out_of_the_shares():
+    """A vote call that raises is retried one prompt at a time: the refused prompt's vote is lost (counted, not
+    parsed), its row keeps the shares of what it has; the other rows vote as usual."""
+    sure, refused = _row("sushi"), _row("ramen")
+    partial = fmt.response("Golden Sushi is in Harbor, not a ramen bar.", "partial")
+
+    class RefusesRamenVotes(Scripted):
+        def generate(self, prompts, sampling):
+            if sampling.seed >= annotate.VOTE_SEED and any("ramen" in p for p in prompts):
+                raise ValueError("prompt rejected by the engine")
+            return super().generate(prompts, sampling)
+
+    eng = RefusesRamenVotes({fmt.prompt(data.validate_row(sure, None, False)): [GOOD, partial],
+                             fmt.prompt(data.validate_row(refused, None, False)): [GOOD]})
+    out = annotate.annotate_rows(_items(sure, refused), eng, LABELS, Sampling(64), 0, 0.7, votes=1)
+    assert [o.status for o in out] == ["labeled", "labeled"]
+    assert out[0].record["label_probs"] == [0.0, 0.5, 0.5] and (out[0].votes, out[0].votes_parsed) == (1, 1)
+    assert out[1].record["label_probs"] == [0.0, 0.0, 1.0] and (out[1].votes, out[1].votes_parsed) == (1, 0)
+
+
 def test_rationalize_samples_no_votes():
     """The rationalize stage keeps the given label: votes (label mode) are not sampled for it."""
     row = _row("sushi", label="relevant")
