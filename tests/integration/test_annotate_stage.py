@@ -107,38 +107,6 @@ def test_vllm_replicas_annotate_s3_logs_into_s3_shards(bucket, teacher, ray_addr
     assert sorted(out.list("labeled")) == [f"labeled/part-0000{i}.parquet" for i in range(4)]
 
 
-@pytest.mark.cost(40)
-def test_a_run_trains_a_kd_student_on_the_label_distribution_its_own_annotate_stage_sampled(
-    tmp_path, teacher, tiny_encoder, ray_address
-):
-    """spec.annotation.votes feeds spec.student.objective kd: the teacher's vote shares travel from the annotate
-    stage's shards through the student's splits into its loss; the run's student is kd's."""
-    logs = Storage(str(tmp_path / "logs"))
-    _logs(logs, {"a.jsonl": 120})
-    ann = {"model": teacher, "engine": "transformers", "replicas": {"min": 1, "max": 1}, "batchSize": 64,
-           "maxTokens": 96, "votes": 3}
-    doc = _doc(str(tmp_path / "store"), "kd", logs.uri(), ann)
-    doc["spec"]["student"] = {"enabled": True, "objective": "kd", "baseModel": tiny_encoder, "maxLength": 48,
-                              "train": {"epochs": 1, "batchSize": 16, "learningRate": 1e-3},
-                              "resources": {"workers": 1, "cpusPerWorker": 1}}
-    out = io.StringIO()
-    status = runner.run_local(spec.parse_run(doc), address=ray_address, out=out)
-    assert [(s.name, s.phase) for s in status.stages] == [
-        ("data", "Succeeded"), ("annotate", "Succeeded"), ("student-crsd", "Succeeded"), ("evaluate", "Succeeded")
-    ], out.getvalue()[-3000:]
-    st = Storage(str(tmp_path / "store" / "kd"))
-    votes = st.read_json(f"annotate/{MANIFEST}")["metrics"]["votes"]
-    assert votes["sampled"] == 3 * st.read_json(f"annotate/{MANIFEST}")["metrics"]["labeled"]
-    annotated = {r["pair_id"]: r["label_probs"] for r in data.read_dataset(artifact(st, "annotate").child("labeled"))}
-    student = artifact(st, "student-crsd")
-    train = data.read_dataset(student.child("splits/train"))
-    assert train and all(r["label_probs"] == annotated[r["pair_id"]] for r in train)
-    # the teacher was not always sure: some pairs' shares are split, which a one-hot label would not say
-    assert any(max(p) < 1 for p in annotated.values()), annotated
-    m = st.read_json(f"student-crsd/{MANIFEST}")["metrics"]
-    assert m["objective"] == "kd" and m["step"] > 0
-
-
 @pytest.mark.cost(80)
 def test_a_run_killed_mid_annotation_resumes_with_unfinished_shards_only(tmp_path, teacher):
     logs = Storage(str(tmp_path / "logs"))

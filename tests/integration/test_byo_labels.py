@@ -1,7 +1,7 @@
 """Bring your own labels (issue 29): the BYO-labels sample (`manifests/samples/byo-labels.yaml`) run on
 SeaweedFS S3 with graded pairs that carry no reasoning, in each annotation mode, one run edited from mode to
-mode: label (the LLM labels the log), both (it also explains the graded pairs), rationalize (it only explains
-them). The annotating LLM is the tests' scratch teacher, which disagrees with a good share of the labels:
+mode: label (the LLM labels the log, answering each pair more than once, and a kd student learns the shares
+of its answers), both (it also explains the graded pairs), rationalize (it only explains them). The annotating LLM is the tests' scratch teacher, which disagrees with a good share of the labels:
 the agreement filter keeps its chain only where its own label is the given one."""
 
 from __future__ import annotations
@@ -47,9 +47,10 @@ def _sample(bucket: str, model: str, encoder: str) -> dict:
     return doc
 
 
-def _run(doc: dict, ray_address: str, mode: str, train_on: str) -> tuple[list[tuple[str, str]], str]:
-    doc["spec"]["annotation"]["mode"] = mode
-    doc["spec"]["student"]["trainOn"] = train_on
+def _run(doc: dict, ray_address: str, mode: str, train_on: str, objective: str = "crsd",
+         votes: int = 0) -> tuple[list[tuple[str, str]], str]:
+    doc["spec"]["annotation"].update(mode=mode, votes=votes)
+    doc["spec"]["student"].update(trainOn=train_on, objective=objective)
     out = io.StringIO()
     status = runner.run_local(spec.parse_run(doc), address=ray_address, out=out)
     return [(s.name, s.phase) for s in status.stages], out.getvalue()
@@ -74,14 +75,22 @@ def test_the_byo_labels_sample_runs_on_s3_in_each_annotation_mode(bucket, teache
     def metrics(stage: str) -> dict:
         return st.read_json(f"{stage}/{MANIFEST}")["metrics"]
 
-    # label: the LLM labels the log; the student learns from its annotations
-    stages, text = _run(doc, ray_address, "label", "annotations")
+    # label: the LLM labels the log, answering each pair twice more (annotation.votes); the student learns
+    # the shares of its answers (objective kd): they travel from the annotate stage's shards through the
+    # student's splits into its loss unchanged
+    stages, text = _run(doc, ray_address, "label", "annotations", objective="kd", votes=2)
     assert stages == [("data", "Succeeded"), ("annotate", "Succeeded"), ("student-crsd", "Succeeded"),
                       ("evaluate", "Succeeded")], text[-3000:]
     assert metrics("data")["sft"]["rows_written"] == 60  # graded pairs without reasoning are valid data
     annotated = metrics("annotate")["labeled"]
-    assert metrics("student-crsd")["rows_from"] == {"annotations": annotated}
-    assert "rows_rationalized" not in metrics("student-crsd")
+    assert metrics("annotate")["votes"]["sampled"] == 2 * annotated
+    shares = {r["pair_id"]: r["label_probs"] for r in data.read_dataset(artifact(st, "annotate").child("labeled"))}
+    assert any(max(p) < 1 for p in shares.values()), shares  # the teacher was not always sure of itself
+    train = data.read_dataset(artifact(st, "student-crsd").child("splits/train"))
+    assert train and all(r["label_probs"] == shares[r["pair_id"]] for r in train)
+    m = metrics("student-crsd")
+    assert m["rows_from"] == {"annotations": annotated} and m["objective"] == "kd" and m["step"] > 0
+    assert "rows_rationalized" not in m
 
     # both: the log annotated and the graded pairs explained; the student learns from both sources
     stages, text = _run(doc, ray_address, "both", "both")
