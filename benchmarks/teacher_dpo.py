@@ -32,7 +32,10 @@ DPO learning rate and beta; 400 DPO prompts; the reward model's 1,600 steps, cho
 the spread of a teacher's training draw is not measured here, and 600 rows give a label accuracy a standard error
 of about 1.5 points.
 
-    .venv/bin/python benchmarks/teacher_dpo.py [--store DIR]
+    .venv/bin/python benchmarks/teacher_dpo.py [--store DIR] [--arms ARM ...] [--teacher-seed N] [--tag T]
+
+`--teacher-seed N` trains the teacher (DAPT, SFT), the reward model and DPO again with seed N on the same world and
+scores them on the same log pairs: one teacher's draw against another's.
 
 Writes `benchmarks/records/teacher_dpo.json`.
 """
@@ -131,7 +134,9 @@ def main() -> None:
     ap.add_argument("--own-answers", type=int, default=4000, help="the own arm's rewardModel.ownAnswers")
     ap.add_argument("--rows", type=int, default=600, help="log pairs each teacher answers (a seeded sample)")
     ap.add_argument("--max-tokens", type=int, default=96, help="as the quickstart's spec.annotation.maxTokens")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="the seed of the log pairs' sample")
+    ap.add_argument("--teacher-seed", type=int, default=None,
+                    help="spec.teacher.seed: another draw of the SFT teacher, reward model and DPO (default: the sample's)")
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     ap.add_argument("--tag", default="", help="writes teacher_dpo-<tag>.json")
     a = ap.parse_args()
@@ -139,6 +144,8 @@ def main() -> None:
     doc = yaml.safe_load(QUICKSTART.read_text())
     doc["metadata"]["name"] = "grounding"
     doc["spec"]["storage"]["uri"] = str(store)
+    if a.teacher_seed is not None:
+        doc["spec"]["teacher"]["seed"] = a.teacher_seed
     labels = doc["spec"]["labels"]
     docs = {k: v for k, v in arms(doc, a).items() if k in a.arms}
     print(f"arms {list(docs)}; store {store}", flush=True)
