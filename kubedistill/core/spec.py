@@ -549,7 +549,12 @@ class AnnotationSpec(_Model):
         "quarantined as `answer cut at maxTokens`; past 1% of the answers the stage says to raise this.",
     )
     temperature: float = Field(default=0.0, ge=0, le=2, description="Sampling temperature; 0 is greedy.")
-    seed: Seed = Field(default=0, description="Sampling seed.")
+    seed: Seed = Field(
+        default=0,
+        description="Sampling seed. Each prompt is sampled with its own seed drawn from this one (vLLM's per-request "
+        "seed; the transformers engine the same), so a pair's sampled answers, retries and votes do not depend on "
+        "which replica took it or in which call.",
+    )
     votes: int = Field(
         default=0,
         ge=0,

@@ -120,7 +120,9 @@ class TransformersEngine:
             max_new_tokens=sampling.max_tokens,
             temperature=sampling.temperature,
             batch_size=self.batch_size,
-            seed=sampling.seed,
+            # each prompt's own seed, as vLLM's per-request seed: a row's sample does not depend on the call
+            # sizes the replica measured or on which replica took it
+            seeds=[lm.row_seed(sampling.seed, p) for p in prompts],
             with_token_counts=True,
         )
         return [Generation(text, n, not ended) for text, n, ended in out]

@@ -349,6 +349,12 @@ def test_the_transformers_engine_labels_real_rows(teacher):
         probs = o.record["label_probs"]
         assert len(probs) == len(LABELS) and sum(probs) == pytest.approx(1.0) and o.votes == 3
         assert probs[LABELS.index(o.record["label"])] >= 1 / (1 + o.votes_parsed)
+    # and the same whatever calls a replica cut the rows into (its call sizes follow measured time): each prompt
+    # is sampled with its own seed, as vLLM's per-request seed
+    items = [("s", json.dumps(r)) for r in g.log[:6]]
+    split = [o for part in (items[:1], items[1:4], items[4:])
+             for o in annotate.annotate_rows(part, eng, LABELS, Sampling(96), 1, 0.7, votes=3, vote_temperature=1.0)]
+    assert [o.record for o in split] == [o.record for o in voted]
 
 
 def test_outputs_of_shards_not_finished_for_this_config_are_dropped(tmp_path):

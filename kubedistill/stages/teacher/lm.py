@@ -9,8 +9,9 @@ takes `Qwen/Qwen2.5-7B-Instruct` from a hub or a checkpoint from S3.
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +125,35 @@ def save(model: Any, tokenizer: Any, out: Storage) -> str:
     return out.uri()
 
 
+def row_seed(seed: int, key: str | int) -> int:
+    """A row's own sampling seed from the call's `seed` and the row's key (its prompt, or its place in the
+    call): stable across processes and Python versions (not `hash`, which is salted per process)."""
+    digest = hashlib.blake2b(f"{seed}\x1f{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1  # what torch.Generator.manual_seed takes
+
+
+class SeededSampling:
+    """A logits processor that samples each row from softmax(logits / temperature) with the row's own generator,
+    by the Gumbel-max trick: argmax(logits / T + G), G i.i.d. standard Gumbel, is distributed as
+    softmax(logits / T) (Gumbel 1954; Maddison, Tarlow & Minka 2014). Generation then takes the argmax
+    (`do_sample=False`). A row's draws come only from its seed and its step, so its sample does not depend on
+    which rows share its batch or how a caller cut the prompts into calls (as vLLM's per-request seed)."""
+
+    def __init__(self, seeds: Sequence[int], temperature: float):
+        import torch
+
+        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
+        self.temperature = temperature
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        tiny = torch.finfo(torch.float32).tiny
+        u = torch.stack([torch.rand(scores.shape[-1], generator=g) for g in self.generators])
+        minus_gumbel = u.clamp_min_(tiny).log_().neg_().clamp_min_(tiny).log_()  # log(-log u) = -Gumbel
+        return scores.float() / self.temperature - minus_gumbel.to(scores.device)
+
+
 def generate(
     model: Any,
     tokenizer: Any,
@@ -133,14 +163,21 @@ def generate(
     temperature: float = 0.0,
     batch_size: int = 64,
     seed: int = 0,
+    seeds: Sequence[int] | None = None,
     with_token_counts: bool = False,
 ) -> list[Any]:
     """Batched `generate` with left padding: the response text of each prompt (greedy at temperature 0);
     with `with_token_counts`, (text, generated tokens up to and including end-of-sequence, whether it ended
-    with end-of-sequence: False when `max_new_tokens` cut it) triples."""
-    import torch
+    with end-of-sequence: False when `max_new_tokens` cut it) triples.
 
-    torch.manual_seed(seed)
+    At temperature > 0 each prompt is sampled with its own seed: `seeds[i]`, or `row_seed(seed, i)` (its place
+    in `prompts`), so the same prompts and seeds give the same samples whatever `batch_size` is."""
+    import torch
+    from transformers import LogitsProcessorList
+
+    if seeds is not None and len(seeds) != len(prompts):
+        raise ValueError(f"seeds: {len(seeds)} for {len(prompts)} prompts")
+    row_seeds = list(seeds) if seeds is not None else [row_seed(seed, i) for i in range(len(prompts))]
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     model.eval()
     out: list[Any] = []  # texts, or (text, tokens, ended) triples
@@ -148,16 +185,15 @@ def generate(
         for i in range(0, len(prompts), batch_size):
             enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
             enc = {k: v.to(model.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
-            sampling = (
-                {"do_sample": True, "temperature": temperature, "top_k": 0} if temperature > 0 else {"do_sample": False}
-            )
+            sampler = [SeededSampling(row_seeds[i : i + batch_size], temperature)] if temperature > 0 else []
             with torch.no_grad():
                 ids = model.generate(
                     **enc,
                     max_new_tokens=max_new_tokens,
                     pad_token_id=tokenizer.pad_token_id,
                     eos_token_id=tokenizer.eos_token_id,
-                    **sampling,
+                    do_sample=False,
+                    logits_processor=LogitsProcessorList(sampler),
                 )
             new = ids[:, enc["input_ids"].shape[1] :]
             texts = tokenizer.batch_decode(new, skip_special_tokens=True)
