@@ -34,6 +34,7 @@ of about 1.5 points.
 
     .venv/bin/python benchmarks/teacher_dpo.py [--store DIR] [--arms ARM ...] [--teacher-seed N] [--tag T]
 
+`--dpo-lr X` sets DPO's learning rate in every arm but `shipped` (to choose it on the DPO stage's held-out prompts).
 `--teacher-seed N` trains the teacher (DAPT, SFT), the reward model and DPO again with seed N on the same world and
 scores them on the same log pairs: one teacher's draw against another's.
 
@@ -78,6 +79,8 @@ def arms(doc: dict[str, Any], a: argparse.Namespace) -> dict[str, dict[str, Any]
     longer["spec"]["teacher"]["rewardModel"]["maxSteps"] = a.rm_steps
     longer["spec"]["teacher"]["rewardModel"]["dimensions"] = dict(SHIPPED_DIMENSIONS)
     longer["spec"]["teacher"]["dpo"]["prompts"] = a.dpo_prompts
+    if a.dpo_lr is not None:
+        longer["spec"]["teacher"]["dpo"]["learningRate"] = a.dpo_lr
     out["longer"] = longer
     grounding = copy.deepcopy(longer)
     grounding["spec"]["teacher"]["rewardModel"]["dimensions"]["grounding"] = a.grounding_weight
@@ -130,6 +133,8 @@ def main() -> None:
     ap.add_argument("--store", help="an earlier invocation's store (its finished stages are kept)")
     ap.add_argument("--rm-steps", type=int, default=1600, help="reward-model steps of every arm but shipped")
     ap.add_argument("--dpo-prompts", type=int, default=400, help="DPO prompts of every arm but shipped")
+    ap.add_argument("--dpo-lr", type=float, default=None,
+                    help="DPO's learning rate in every arm but shipped (default: the quickstart's)")
     ap.add_argument("--grounding-weight", type=float, default=1.0, help="the grounding dimension's weight")
     ap.add_argument("--own-answers", type=int, default=4000, help="the own arm's rewardModel.ownAnswers")
     ap.add_argument("--rows", type=int, default=600, help="log pairs each teacher answers (a seeded sample)")
