@@ -339,6 +339,30 @@ def test_seeded_sampling_draws_from_the_softmax_at_its_temperature():
     torch.testing.assert_close(one, lm.SeededSampling([5, 11], 1.0)(None, logits.repeat(2, 1))[1:])
 
 
+def test_preference_accuracy_counts_the_pairs_dpo_fitted(tiny):
+    """pairs_fitted: the share of pairs whose implicit reward margin is positive. Before training (policy =
+    reference) every margin is 0: none fitted. After a few DPO steps on two pairs both are; the same pairs with
+    chosen and rejected swapped are then none."""
+    model, tok, g = tiny
+    rows = g.sft[:2]
+    pairs_ = [{"prompt": fmt.prompt(r), "chosen": fmt.response(r["reasoning"], r["label"]),
+               "rejected": fmt.response(r["reasoning"], next(x for x in LABELS if x != r["label"]))} for r in rows]
+    assert train.preference_accuracy(model, model, tok, pairs_, 256) == 0.0
+    policy = copy.deepcopy(model).train()
+    opt = torch.optim.SGD(policy.parameters(), lr=0.05)
+    c = train.encode(tok, [p["prompt"] for p in pairs_], [p["chosen"] for p in pairs_], 256)
+    r = train.encode(tok, [p["prompt"] for p in pairs_], [p["rejected"] for p in pairs_], 256)
+    for _ in range(10):
+        opt.zero_grad()
+        train.dpo_step(policy, model, c, r, beta=0.1).backward()
+        opt.step()
+    policy.eval()
+    assert train.preference_accuracy(policy, model, tok, pairs_, 256, batch_size=1) == 1.0
+    swapped = [{**p, "chosen": p["rejected"], "rejected": p["chosen"]} for p in pairs_]
+    assert train.preference_accuracy(policy, model, tok, swapped, 256) == 0.0
+    assert train.preference_accuracy(policy, model, tok, [], 256) == 0.0
+
+
 def test_label_shares_count_the_answers_that_parse():
     answers = [fmt.response("a", "relevant"), fmt.response("b", "partial"), "Label: relevant", fmt.response("c", "relevant")]
     assert fmt.label_shares(answers, LABELS) == [0.0, 1 / 3, 2 / 3]  # the third has no reasoning: not counted

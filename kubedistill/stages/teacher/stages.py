@@ -25,10 +25,19 @@ from kubedistill.ml import sharded
 from kubedistill.ml.models import device, resolve
 from kubedistill.stages.data import RowError, read_dataset, split_by_query, validate_row, with_rationales, write_rows
 from kubedistill.stages.teacher import fmt, lm, pairs
-from kubedistill.stages.teacher.train import RewardModel, TrainConfig, build, combined, encode, run
+from kubedistill.stages.teacher.train import (
+    RewardModel,
+    TrainConfig,
+    build,
+    combined,
+    encode,
+    preference_accuracy,
+    run,
+)
 
 GEN_TOKENS = 128  # new tokens a response may take (reasoning + label)
 EVAL_PROMPTS = 400  # held-out prompts each evaluation generates for
+FIT_PAIRS = 512  # DPO's preference pairs scored after training (pairs_fitted), at most, in sampling order
 HELD_PAIRS = 2000  # held-out reward-model pairs scored, at most (every dimension, in row order)
 
 
@@ -553,11 +562,17 @@ def _finish_dpo(
     rm_uri: str,
     ev: list[dict[str, Any]],
     labels: list[str],
+    fit_pairs: list[dict[str, str]],
 ) -> dict[str, Any]:
+    """The DPO teacher's held-out eval, the share of (at most FIT_PAIRS of) its preference pairs it now prefers as
+    they say (`pairs_fitted`), and the saved model."""
     rm, rm_tok, weights = _reward_model_on_device(rm_uri, options)
     model, tokenizer = trained_model(cfg, checkpoint, options)
+    reference, _ = lm.load(cfg.start, "teacher-sft model", options)
+    fitted = preference_accuracy(model, reference.to(device()).eval(), tokenizer, fit_pairs, cfg.max_length)
     return {
         "after": judge(rm, rm_tok, weights, model, tokenizer, ev, labels),
+        "pairs_fitted": fitted,
         "model": lm.save(model, tokenizer, Storage(out_uri, options)),
     }
 
@@ -606,17 +621,20 @@ def run_dpo(ctx: StageContext) -> dict[str, Any]:
     )
     cfg = _train_config(ctx, "dpo", start, ctx.out.uri("examples"), d, beta=d.beta, nll_weight=d.nll_weight)
     checkpoint, metrics = run(ctx, cfg, res, "dpo")
-    done = on_worker(res, _finish_dpo, cfg, checkpoint, ctx.out.uri("model"), options, rm_uri, ev, labels)
+    fit_pairs = sampled["pairs"][:FIT_PAIRS]
+    done = on_worker(res, _finish_dpo, cfg, checkpoint, ctx.out.uri("model"), options, rm_uri, ev, labels, fit_pairs)
     before, after = sampled["before"], done["after"]
     ctx.log(
         f"held-out mean reward {before['mean_reward']:.3f} -> {after['mean_reward']:.3f}, label accuracy "
-        f"{before['label_accuracy']:.1%} -> {after['label_accuracy']:.1%}; model at {done['model']}"
+        f"{before['label_accuracy']:.1%} -> {after['label_accuracy']:.1%}; its preference pairs fitted "
+        f"{done['pairs_fitted']:.0%}; model at {done['model']}"
     )
     return {
         "metrics": {
             **metrics,
             "preference_pairs": len(sampled["pairs"]),
             "preference_truth": truth,
+            "pairs_fitted": done["pairs_fitted"],
             "before": before,
             "after": after,
         },

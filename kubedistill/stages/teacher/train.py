@@ -190,6 +190,35 @@ def dpo_step(
     return loss
 
 
+def preference_accuracy(
+    policy: nn.Module,
+    reference: nn.Module,
+    tokenizer: Any,
+    pairs: list[dict[str, str]],
+    max_length: int,
+    batch_size: int = 32,
+) -> float:
+    """The share of preference pairs whose DPO implicit reward margin is positive: the policy raised the chosen
+    response's log-probability over the reference's by more than the rejected one's (TRL's `rewards/accuracies`;
+    0.5 before training, where policy = reference, counts ties as not fitted). What DPO optimises on its own
+    pairs, so a check that it trained, where the held-out reward is a draw."""
+    if not pairs:
+        return 0.0
+    device = next(policy.parameters()).device
+    fitted = 0
+    with torch.no_grad():
+        for i in range(0, len(pairs), batch_size):
+            batch = pairs[i : i + batch_size]
+            prompts = [p["prompt"] for p in batch]
+            c, r = (
+                {k: v.to(device) for k, v in encode(tokenizer, prompts, [p[side] for p in batch], max_length).items()}
+                for side in ("chosen", "rejected")
+            )
+            margin = (logprobs(policy, c) - logprobs(reference, c)) - (logprobs(policy, r) - logprobs(reference, r))
+            fitted += int((margin > 0).sum())
+    return fitted / len(pairs)
+
+
 # ---------------------------------------------------------------------------------------------
 # Models per task
 
