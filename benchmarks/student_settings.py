@@ -39,6 +39,7 @@ TRAIN_KEYS = {"batchSize": ("batch_size", int), "learningRate": ("learning_rate"
 #: arm keys that override `spec.student` itself, not its `train`
 STUDENT_KEYS = {"kdTemperature": ("kd_temperature", float)}
 STUDENT_FIELDS = {field for field, _ in STUDENT_KEYS.values()}
+ARM_KEYS = {**TRAIN_KEYS, **STUDENT_KEYS}
 
 
 def parse_arm(text: str) -> tuple[str, dict[str, Any], str]:
@@ -53,12 +54,12 @@ def parse_arm(text: str) -> tuple[str, dict[str, Any], str]:
         key, _, value = item.partition("=")
         if key == "rows" and value in ("all", "trainingRows"):
             rows = value
-        elif key in TRAIN_KEYS or key in STUDENT_KEYS:
-            field, kind = {**TRAIN_KEYS, **STUDENT_KEYS}[key]
+        elif key in ARM_KEYS:
+            field, kind = ARM_KEYS[key]
             train[field] = kind(value)
         else:
             raise SystemExit(
-                f"--arm {text!r}: {key!r} is not one of {[*TRAIN_KEYS, *STUDENT_KEYS, 'rows']} (rows: all or "
+                f"--arm {text!r}: {key!r} is not one of {[*ARM_KEYS, 'rows']} (rows: all or "
                 "trainingRows)"
             )
     return name, train, rows

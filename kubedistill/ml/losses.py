@@ -137,6 +137,17 @@ def pairwise_reward_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.
     return -F.logsigmoid(chosen - rejected).mean()
 
 
+def dpo_margin(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+) -> torch.Tensor:
+    """DPO's implicit reward margin per pair (before beta): how much more the policy raised the chosen response's
+    log-probability over the reference's than the rejected one's (Rafailov et al. 2023)."""
+    return (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+
+
 def dpo_loss(
     policy_chosen: torch.Tensor,
     policy_rejected: torch.Tensor,
@@ -149,5 +160,4 @@ def dpo_loss(
     Inputs are sequence log-probabilities (`sequence_logprob`) of the chosen (y_w) and rejected
     (y_l) responses under the policy being trained and the frozen reference (the SFT teacher).
     """
-    margin = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
-    return -F.logsigmoid(beta * margin).mean()
+    return -F.logsigmoid(beta * dpo_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected)).mean()

@@ -122,7 +122,7 @@ class TransformersEngine:
             batch_size=self.batch_size,
             # each prompt's own seed, as vLLM's per-request seed: a row's sample does not depend on the call
             # sizes the replica measured or on which replica took it
-            seeds=[lm.row_seed(sampling.seed, p) for p in prompts],
+            seeds=[lm.row_seed(sampling.seed, p) for p in prompts] if sampling.temperature > 0 else None,
             with_token_counts=True,
         )
         return [Generation(text, n, not ended) for text, n, ended in out]

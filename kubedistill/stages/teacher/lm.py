@@ -177,7 +177,9 @@ def generate(
 
     if seeds is not None and len(seeds) != len(prompts):
         raise ValueError(f"seeds: {len(seeds)} for {len(prompts)} prompts")
-    row_seeds = list(seeds) if seeds is not None else [row_seed(seed, i) for i in range(len(prompts))]
+    row_seeds: list[int] = []  # only sampling draws from them
+    if temperature > 0:
+        row_seeds = list(seeds) if seeds is not None else [row_seed(seed, i) for i in range(len(prompts))]
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     model.eval()
     out: list[Any] = []  # texts, or (text, tokens, ended) triples

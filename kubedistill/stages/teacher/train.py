@@ -198,10 +198,9 @@ def preference_accuracy(
     max_length: int,
     batch_size: int = 32,
 ) -> float:
-    """The share of preference pairs whose DPO implicit reward margin is positive: the policy raised the chosen
-    response's log-probability over the reference's by more than the rejected one's (TRL's `rewards/accuracies`;
-    0.5 before training, where policy = reference, counts ties as not fitted). What DPO optimises on its own
-    pairs, so a check that it trained, where the held-out reward is a draw."""
+    """The share of preference pairs whose DPO implicit reward margin (`losses.dpo_margin`) is positive (TRL's
+    `rewards/accuracies`). A tie is not fitted: before training, where policy = reference, the share is 0. What
+    DPO optimises on its own pairs, so a check that it trained, where the held-out reward is a draw."""
     if not pairs:
         return 0.0
     device = next(policy.parameters()).device
@@ -214,7 +213,9 @@ def preference_accuracy(
                 {k: v.to(device) for k, v in encode(tokenizer, prompts, [p[side] for p in batch], max_length).items()}
                 for side in ("chosen", "rejected")
             )
-            margin = (logprobs(policy, c) - logprobs(reference, c)) - (logprobs(policy, r) - logprobs(reference, r))
+            margin = losses.dpo_margin(
+                logprobs(policy, c), logprobs(policy, r), logprobs(reference, c), logprobs(reference, r)
+            )
             fitted += int((margin > 0).sum())
     return fitted / len(pairs)
 
