@@ -8,16 +8,17 @@ own clock; per-stage seconds come from the stages' manifests. Fairness: the stud
 stage's own: the lexical baseline trained on the same rows, scored on the same eval pairs, with the
 paired-bootstrap interval of the gain (resampling the eval set's queries).
 
-    .venv/bin/python benchmarks/quickstart.py [--sample manifests/samples/quickstart.yaml] [--world knowledge]
+    .venv/bin/python benchmarks/quickstart.py [--sample manifests/samples/quickstart.yaml] [--world classic|knowledge]
 
 Writes `benchmarks/records/quickstart.json`.
 
-`--world knowledge` runs the same sample on the knowledge world (`spec.data.synthetic.world: knowledge`, the same
-seed and sizes), with the three settings that world's text needs and nothing else changed: the teacher's chains
-run to about 131 tokens there (the oracle's), so `annotation.maxTokens: 160` (96 cut 11.7% of them before their
-label line, RESULTS.md "Students on a teacher's annotations"); its standard inputs run to 60 tokens, so
-`student.maxLength: 64` (48 cut 12.6% of them); and the CRSD view keeps 96 reasoning tokens (the ablation's), not
-48. Writes `benchmarks/records/quickstart-knowledge.json`.
+`--world classic|knowledge` runs the same sample on that synthetic world (`spec.data.synthetic.world`, the same seed
+and sizes) with the token budgets the world's text needs and nothing else changed (`WORLD_BUDGETS`). The sample is on
+the knowledge world since 2026-12-07; `quickstart.json` records made before then are of the classic world. On the
+knowledge world the teacher's chains run to about 131 tokens (the oracle's), so `annotation.maxTokens: 160` (96 cut
+11.7% of them before their label line, RESULTS.md "Students on a teacher's annotations"); its standard inputs run to
+60 tokens, so `student.maxLength: 64` (48 cut 12.6% of them); and the CRSD view keeps 96 reasoning tokens (the
+ablation's). The classic world's are 96, 48 and the spec's default 64. Writes `quickstart-<world>.json`.
 
 `--seed N` draws every trained or sampled part again with seed N (`teacher.seed`, `annotation.seed`,
 `student.seed`, `pruning.seed`) on the same world (its data, log and held-out pairs unchanged): how far one
@@ -60,12 +61,18 @@ class Tee(io.StringIO):
         return super().write(s)
 
 
-def on_knowledge_world(spec_doc: dict) -> None:
-    """The sample's spec on the knowledge world, with the token budgets its longer text needs (module docstring)."""
-    spec_doc["data"]["synthetic"]["world"] = "knowledge"
-    spec_doc["annotation"]["maxTokens"] = 160
-    spec_doc["student"]["maxLength"] = 64
-    spec_doc["student"]["maxReasoningTokens"] = 96
+#: per world, the token budgets its text needs (module docstring): annotation.maxTokens, student.maxLength and
+#: student.maxReasoningTokens
+WORLD_BUDGETS: dict[str, tuple[int, int, int]] = {"classic": (96, 48, 64), "knowledge": (160, 64, 96)}
+
+
+def on_world(spec_doc: dict, world: str) -> None:
+    """The sample's spec on `world`, with the token budgets its text needs (`WORLD_BUDGETS`)."""
+    spec_doc["data"]["synthetic"]["world"] = world
+    max_tokens, max_length, reasoning = WORLD_BUDGETS[world]
+    spec_doc["annotation"]["maxTokens"] = max_tokens
+    spec_doc["student"]["maxLength"] = max_length
+    spec_doc["student"]["maxReasoningTokens"] = reasoning
 
 
 def main() -> None:
@@ -73,7 +80,7 @@ def main() -> None:
     ap.add_argument("--sample", default=str(ROOT / "manifests/samples/quickstart.yaml"))
     ap.add_argument("--target-minutes", type=float, default=12.0)
     ap.add_argument("--target-gain", type=float, default=0.05, help="the served student over the lexical baseline")
-    ap.add_argument("--world", choices=["classic", "knowledge"], default=None,
+    ap.add_argument("--world", choices=sorted(WORLD_BUDGETS), default=None,
                     help="run the sample on this synthetic world (default: the sample's own)")
     ap.add_argument("--seed", type=int, default=None,
                     help="teacher, annotation, student and pruning seed (the world's stays the sample's)")
@@ -97,10 +104,8 @@ def main() -> None:
         doc["spec"]["student"]["compareObjectives"] = args.compare
     if args.votes is not None:
         doc["spec"]["annotation"]["votes"] = args.votes
-    if args.world == "knowledge":
-        on_knowledge_world(doc["spec"])
-    elif args.world:
-        doc["spec"]["data"]["synthetic"]["world"] = args.world
+    if args.world:
+        on_world(doc["spec"], args.world)
     store = tempfile.mkdtemp(prefix="kd-quickstart-bench-")
     doc["spec"]["storage"]["uri"] = store
     run = spec.parse_run(doc)

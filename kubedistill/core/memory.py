@@ -4,7 +4,8 @@ its weights) and the run's spec, before anything starts.
 What one training worker holds at its peak, by term (bytes):
 
     params       the trained model's weights, fp32 (the master copy; bf16 compute on GPUs comes from autocast or
-                 FSDP's mixed precision): 4 * P, divided by the workers under fsdp
+                 FSDP's mixed precision, unless `resources.precision` is fp32 or the GPU a T4: then every term
+                 below is its CPU form): 4 * P, divided by the workers under fsdp
     grads        fp32 gradients of the trainable weights: 4 * T (/ workers under fsdp)
     optimizer    AdamW's two moments: 8 * T (/ workers under fsdp)
     reference    teacher-dpo's frozen start model: 2 * P on GPUs (bf16), 4 * P on CPUs (/ workers under fsdp)
@@ -205,6 +206,7 @@ class Job:
     lora_r: int | None = None
     checkpointing: bool = False
     gpu: bool = False
+    bf16: bool = True  # GPU workers computing in bf16 (`resources.precision`); CPU workers are estimated as fp32
 
     @property
     def per_worker(self) -> int:
@@ -247,7 +249,8 @@ def estimate(shape: Shape, job: Job, strategy: str) -> Estimate:
     p = shape.params(lm_head=lm_head)
     t = shape.lora_params(job.lora_r) if job.lora_r else p
     n = job.workers if strategy == "fsdp" else 1
-    act = 2 if job.gpu else 4
+    half = job.gpu and job.bf16
+    act = 2 if half else 4
     seqs = job.per_worker * (1 if job.task == "lm" else 2)
     tokens = seqs * job.seq
 
@@ -261,17 +264,17 @@ def estimate(shape: Shape, job: Job, strategy: str) -> Estimate:
         "params": 4 * p // n,
         "grads": 4 * t // n,
         "optimizer": 8 * t // n,
-        "reference": ((2 if job.gpu else 4) * p // n) if job.task == "dpo" else 0,
+        "reference": ((2 if half else 4) * p // n) if job.task == "dpo" else 0,
     }
     if strategy == "fsdp":
-        unit = act if job.gpu else 4
+        unit = act
         gathered = shape.embedding_params() * unit + 2 * shape.layer_params() * unit
         layer_grads = (
             2 * 4 * (shape.layer_params() if not job.lora_r else shape.lora_params(job.lora_r) // shape.layers)
         )
         terms["working"] = gathered + layer_grads
     else:
-        terms["working"] = 2 * t if job.gpu else 0  # gradients live in DDP's buckets (gradient_as_bucket_view)
+        terms["working"] = 2 * t if half else 0  # gradients live in DDP's buckets (gradient_as_bucket_view)
     terms["activations"] = activations(job.checkpointing)
     terms["runtime"] = CUDA_RESERVE if job.gpu else 0
     host_load = 4 * p * (2 if job.task == "dpo" else 1) + (terms["params"] if strategy == "fsdp" else 0)
@@ -381,6 +384,7 @@ def job_for(spec: Any, stage: str) -> Job:
         lora_r=lora.r if lora else None,
         checkpointing=t.gradient_checkpointing,
         gpu=r.gpus_per_worker > 0,
+        bf16=r.precision != "fp32" and r.gpu_type != "T4",  # auto: bf16 where the GPU computes it (a T4 does not)
     )
 
 

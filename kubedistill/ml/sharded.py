@@ -39,13 +39,15 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return layers
 
 
-def shard(model: nn.Module, device: torch.device, world: int) -> nn.Module:
-    """`model` sharded in place over `world` ranks with FSDP2 (bf16 params for compute on CUDA, fp32 reduction)."""
+def shard(model: nn.Module, device: torch.device, world: int, bf16: bool = True) -> nn.Module:
+    """`model` sharded in place over `world` ranks with FSDP2: on CUDA with `bf16`, bf16 params for compute and fp32
+    reduction; else fp32 params (on CPUs bf16 comes from the loop's autocast)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    if device.type == "cuda" and bf16:
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     else:
         mp = MixedPrecisionPolicy()

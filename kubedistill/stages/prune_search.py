@@ -511,6 +511,7 @@ def recovery_config(ctx: StageContext, start: str, examples: str) -> Any:
         strategy="fsdp" if t.resources.strategy == "fsdp" else "ddp",
         max_length=t.max_length,
         gradient_checkpointing=t.gradient_checkpointing,
+        precision=t.resources.precision,
         seed=ctx.spec.pruning.seed,
         s3=S3Options(endpoint=o.endpoint, region=o.region),
     )

@@ -30,7 +30,7 @@ from kubedistill.core.progress import Target
 from kubedistill.core.spec import StudentSpec
 from kubedistill.core.stage import StageContext
 from kubedistill.core.storage import S3Options, Storage, is_s3
-from kubedistill.ml import calibration, losses, raytrain
+from kubedistill.ml import calibration, losses, precision, raytrain
 from kubedistill.ml.metrics import classification_metrics
 from kubedistill.ml.models import resolve
 from kubedistill.stages.data import (
@@ -289,14 +289,31 @@ def _slice(batch: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch
     return {k: v[:, :width] for k, v in out.items()}
 
 
-def loss_terms(model: nn.Module, enc: Encoded, idx: torch.Tensor, cfg: StudentConfig) -> dict[str, torch.Tensor]:
-    """One step's loss (and its terms) for the configured objective."""
+def forward(model: nn.Module, arithmetic: str, *views: dict[str, torch.Tensor] | None, **kw: Any) -> Any:
+    """The student's forward pass on the model's device, its products in `arithmetic` (bf16 | fp32,
+    kubedistill.ml.precision), its outputs in fp32: the losses are always computed in fp32."""
+    device = next(model.parameters()).device
+    moved = [None if v is None else {k: t.to(device) for k, t in v.items()} for v in views]
+    with precision.autocast(arithmetic, device.type):
+        out = model(*moved, **kw)
+    return tuple(None if t is None else t.float() for t in out)
+
+
+def loss_terms(
+    model: nn.Module, enc: Encoded, idx: torch.Tensor, cfg: StudentConfig, arithmetic: str = "fp32"
+) -> dict[str, torch.Tensor]:
+    """One step's loss (and its terms) for the configured objective; the forward pass in `arithmetic`."""
     assert enc.labels is not None
-    y, w = enc.labels[idx], enc.class_weight
+    device = next(model.parameters()).device
+    y, w = enc.labels[idx].to(device), None if enc.class_weight is None else enc.class_weight.to(device)
     if cfg.student.objective == "crsd":
         assert enc.reasoning is not None
-        h, logits_s, r, logits_t = model(
-            _slice(enc.standard, idx), _slice(enc.reasoning, idx), reasoning_grad=cfg.student.crsd.teacher_grad
+        h, logits_s, r, logits_t = forward(
+            model,
+            arithmetic,
+            _slice(enc.standard, idx),
+            _slice(enc.reasoning, idx),
+            reasoning_grad=cfg.student.crsd.teacher_grad,
         )
         return losses.crsd_loss(
             logits_s,
@@ -310,11 +327,11 @@ def loss_terms(model: nn.Module, enc: Encoded, idx: torch.Tensor, cfg: StudentCo
             cfg.student.crsd.stop_gradient,
             w,
         )
-    _, logits_s, _, _ = model(_slice(enc.standard, idx))
+    _, logits_s, _, _ = forward(model, arithmetic, _slice(enc.standard, idx))
     terms = {"sce": losses.ce_loss(logits_s, y, w)}
     if cfg.student.objective == "kd":
         assert enc.soft is not None
-        terms["kd"] = losses.kd_loss(logits_s, enc.soft[idx], cfg.student.kd_temperature, y, w)
+        terms["kd"] = losses.kd_loss(logits_s, enc.soft[idx].to(device), cfg.student.kd_temperature, y, w)
         terms["loss"] = 0.5 * terms["sce"] + 0.5 * terms["kd"]
     else:
         terms["loss"] = terms["sce"]
@@ -430,6 +447,7 @@ def fit(
         st = {k: resume[k] for k in st}
         torch.set_rng_state(resume["rng"])  # the same dropout masks as an uninterrupted run
     trained = wrap(model)
+    arithmetic = precision.resolve(cfg.student.resources.precision, next(model.parameters()).device.type)
 
     def checkpoint() -> dict[str, Any]:
         return {
@@ -449,7 +467,7 @@ def fit(
         for b in range(offset, steps_per_epoch):
             lo = b * per_worker * world + rank * per_worker
             idx = order[torch.arange(lo, lo + per_worker) % len(order)]  # the last batch wraps around
-            terms = loss_terms(trained, enc, idx, cfg)
+            terms = loss_terms(trained, enc, idx, cfg, arithmetic)
             optimizer.zero_grad()
             terms["loss"].backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -488,6 +506,7 @@ def fit(
             "best_val_macro_f1": st["best_f1"],
             "best_step": st["best_step"],
             "seconds_per_step": elapsed / max(1, n),
+            "precision": arithmetic,
             "stopped_early": stopped,
             **{f"train_{k}": v / max(1, n) for k, v in sums.items()},
         }

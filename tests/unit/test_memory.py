@@ -181,3 +181,18 @@ def test_each_training_stage_plans_from_its_own_spec_slice():
             view = spec.spec_slice(st.config["spec"], st.name)
             planned = memory.plan_stage(view, st.name, memory.KNOWN["qwen2.5-7b"])
             assert planned.estimate.strategy == "fsdp" and planned.fits
+
+
+def test_gpu_workers_in_fp32_are_estimated_as_cpu_arithmetic():
+    """`resources.precision: fp32` (or a T4, which has no bf16 units) on GPUs: fp32 activations, an fp32 reference
+    and no autocast copy of the weights; bf16 (auto on other GPUs) halves the activations."""
+    s = memory.Shape(vocab=10, hidden=4, intermediate=8, layers=1, heads=2, kv_heads=2, head_dim=2, tied=False)
+    half = memory.estimate(s, memory.Job("dpo", 2, 4, 3, gpu=True), "ddp")
+    full = memory.estimate(s, memory.Job("dpo", 2, 4, 3, gpu=True, bf16=False), "ddp")
+    assert (half.terms["reference"], full.terms["reference"]) == (2 * 252, 4 * 252)
+    assert (half.terms["working"], full.terms["working"]) == (2 * 252, 0)
+    assert full.terms["activations"] > half.terms["activations"]
+    gpu = {"workers": 8, "gpusPerWorker": 1}
+    assert memory.job_for(_run(resources=gpu).spec, "teacher-sft").bf16
+    assert not memory.job_for(_run(resources={**gpu, "precision": "fp32"}).spec, "teacher-sft").bf16
+    assert not memory.job_for(_run(resources={**gpu, "gpuType": "T4"}).spec, "teacher-sft").bf16

@@ -121,6 +121,30 @@ def test_fit_resumes_mid_run_to_the_same_result(tiny_encoder, rows):
         assert torch.allclose(v, resumed["model"][k], atol=1e-5), k
 
 
+@pytest.mark.parametrize("objective", ["ce", "kd", "crsd"])
+def test_bf16_computes_the_forward_in_bf16_and_the_losses_and_gradients_in_fp32(tiny_encoder, rows, objective):
+    cfg = _cfg(tiny_encoder, objective=objective)
+    use = [{**r, "label_probs": [0.2, 0.3, 0.5]} for r in rows[:8]] if objective == "kd" else rows[:8]
+    model, tok = build_model(cfg)
+    model.eval()  # no dropout: the two passes see the same network
+    enc = Encoded(tok, use, cfg, with_reasoning=objective == "crsd")
+    full = loss_terms(model, enc, torch.arange(8), cfg, "fp32")
+    half = loss_terms(model, enc, torch.arange(8), cfg, "bf16")
+    assert {k: v.dtype for k, v in half.items()} == {k: torch.float32 for k in full}
+    for k in full:  # bf16 keeps 8 bits of mantissa: the same loss to within a few parts in a hundred
+        torch.testing.assert_close(half[k], full[k], rtol=0.05, atol=0.02)
+    half["loss"].backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+def test_fit_says_which_arithmetic_it_trained_in(tiny_encoder, rows):
+    train, val = split_by_query(rows, 0.2, seed=0)
+    for requested in ("fp32", "bf16"):
+        cfg = _cfg(tiny_encoder, resources={"precision": requested})
+        model, tok = build_model(cfg)
+        assert fit(cfg, model, tok, train, val)["metrics"]["precision"] == requested
+
+
 def test_early_stopping(tiny_encoder, rows):
     cfg = _cfg(tiny_encoder, train={"epochs": 20, "learning_rate": 1e-9}, patience=1)  # nothing improves after round 1
     model, tok = build_model(cfg)

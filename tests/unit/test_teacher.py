@@ -264,6 +264,17 @@ def test_fit_resumed_from_a_checkpoint_ends_where_an_uninterrupted_run_does(tiny
         torch.testing.assert_close(model.state_dict()[k], full[k])
 
 
+@pytest.mark.parametrize("requested", ["fp32", "bf16"])
+def test_fit_trains_in_the_arithmetic_asked_and_says_so(tiny, requested):
+    shared, tok, g = tiny
+    model = copy.deepcopy(shared)
+    rows = [{"text": r["text"]} for r in g.corpus]
+    cfg = train.TrainConfig(task="lm", start="", examples_uri="", train=TrainSpec(epochs=1, learning_rate=1e-3, batch_size=4, max_steps=3), precision=requested)
+    metrics = train.fit(cfg, model, tok, None, rows)["metrics"]
+    assert metrics["precision"] == requested and math.isfinite(metrics["loss"])
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # the master weights stay fp32
+
+
 def test_the_teacher_seed_sets_a_scratch_models_weights_and_every_training_stages_seed(tmp_path):
     from kubedistill.core import pipeline, spec
 

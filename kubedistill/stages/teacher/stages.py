@@ -61,6 +61,7 @@ def _train_config(
         max_length=t.max_length,
         strategy=planned.estimate.strategy if planned.estimate else memory.strategy(ctx.spec, ctx.name, None),
         gradient_checkpointing=t.gradient_checkpointing,
+        precision=t.resources.precision,
         seed=t.seed,
         **extra,
     )

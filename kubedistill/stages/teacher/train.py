@@ -1,5 +1,5 @@
-"""The Ray Train loop of every teacher stage: DDP over `spec.teacher.resources`, bf16 autocast on
-GPUs, a checkpoint in the stage's storage prefix every `checkpoint_every` steps, and resume from the
+"""The Ray Train loop of every teacher stage: DDP over `spec.teacher.resources`, bf16 autocast where the
+workers compute it natively (`resources.precision`, kubedistill.ml.precision), a checkpoint in the stage's storage prefix every `checkpoint_every` steps, and resume from the
 latest one when the job runs again (same run name and storage path: a retried RayJob, a rerun of
 `kubedistill run` after a kill).
 
@@ -15,7 +15,6 @@ as its model.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ from kubedistill.core.progress import Target
 from kubedistill.core.spec import LoraSpec, Resources, TrainSpec
 from kubedistill.core.stage import StageContext
 from kubedistill.core.storage import S3Options, Storage
-from kubedistill.ml import losses, raytrain, sharded
+from kubedistill.ml import losses, precision, raytrain, sharded
 from kubedistill.ml.sharded import Checkpoints
 
 
@@ -49,6 +48,7 @@ class TrainConfig:
     lora_targets: tuple[str, ...] | None = None  # modules given adapters; None: PEFT's default for the model type
     strategy: str = "ddp"  # ddp | fsdp (kubedistill.ml.sharded); `auto` is resolved before (kubedistill.core.memory)
     gradient_checkpointing: bool = False
+    precision: str = "auto"  # auto | bf16 | fp32 (kubedistill.ml.precision), resolved on each worker
     checkpoint_every: int = 20  # steps; runs longer than 25 x this checkpoint 25 times in all instead
     seed: int = 0
     s3: S3Options = field(default_factory=S3Options)  # endpoint and region; credentials come from the environment
@@ -244,7 +244,7 @@ def build(
         lm.ensure_specials(tokenizer, None)
         backbone = AutoModel.from_pretrained(path, dtype=torch.float32)
         return RewardModel(backbone, list(cfg.dimensions)), tokenizer, None
-    # the trained weights in fp32 (the master copy; GPUs compute in bf16 under autocast or FSDP's policy)
+    # the trained weights in fp32 (the master copy; bf16 computes under autocast or FSDP's policy)
     model, tokenizer = lm.load(cfg.start, "start model", options, dtype=torch.float32)
     if cfg.lora:
         from peft import LoraConfig, get_peft_model
@@ -261,8 +261,9 @@ def build(
         )
     frozen = None
     if cfg.task == "dpo" and reference:
-        # the frozen reference only runs forward: bf16 where the workers have GPUs
-        dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        # the frozen reference only runs forward: held in bf16 where GPUs compute in bf16
+        bf16_gpu = torch.cuda.is_available() and precision.resolve(cfg.precision, "cuda") == "bf16"
+        dtype = torch.bfloat16 if bf16_gpu else torch.float32
         frozen, _ = lm.load(cfg.start, "start model", options, dtype=dtype)
         frozen.eval().requires_grad_(False)
     return model, tokenizer, frozen
@@ -319,7 +320,8 @@ def fit(
             print(f"[{cfg.task}] resuming from checkpoint at step {step} ({cfg.strategy}, {world} workers)", flush=True)
     if reference is not None:
         reference.to(device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    arithmetic = precision.resolve(cfg.precision, device.type)
+    autocast = precision.autocast(arithmetic, device.type)
     dims = {d: i for i, d in enumerate(cfg.dimensions)}
 
     def to(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -375,6 +377,7 @@ def fit(
                     "samples_per_second": (step - n0) * per_worker * world / max(1e-9, time.monotonic() - t0),
                     "torch_threads": torch.get_num_threads(),  # what the worker computed with (Ray sets it from its CPUs)
                     "strategy": cfg.strategy,
+                    "precision": arithmetic,
                     "workers": world,
                     "resumed_at_step": n0,  # 0: a fresh start
                 }
@@ -397,10 +400,11 @@ def tensor_bytes(module: nn.Module) -> int:
 
 def prepare(cfg: TrainConfig, model: nn.Module, reference: nn.Module | None, device: torch.device, world: int):
     """(wrap, reference) for this worker: DDP through Ray Train, or FSDP2 with the DPO reference sharded too."""
+    bf16 = precision.resolve(cfg.precision, device.type) == "bf16"
     if cfg.strategy == "fsdp":
         if reference is not None:
-            sharded.shard(reference, device, world)
-        return (lambda m: sharded.shard(m, device, world)), reference
+            sharded.shard(reference, device, world, bf16)
+        return (lambda m: sharded.shard(m, device, world, bf16)), reference
     import ray.train.torch
 
     # the gradients are views into DDP's all-reduce buckets: one copy of them, not two
