@@ -14,11 +14,11 @@ Writes `benchmarks/records/quickstart.json`.
 
 `--world classic|knowledge` runs the same sample on that synthetic world (`spec.data.synthetic.world`, the same seed
 and sizes) with the token budgets the world's text needs and nothing else changed (`WORLD_BUDGETS`). The sample is on
-the knowledge world since 2026-12-07; `quickstart.json` records made before then are of the classic world. On the
-knowledge world the teacher's chains run to about 131 tokens (the oracle's), so `annotation.maxTokens: 160` (96 cut
-11.7% of them before their label line, RESULTS.md "Students on a teacher's annotations"); its standard inputs run to
-60 tokens, so `student.maxLength: 64` (48 cut 12.6% of them); and the CRSD view keeps 96 reasoning tokens (the
-ablation's). The classic world's are 96, 48 and the spec's default 64. Writes `quickstart-<world>.json`.
+the classic world. On the knowledge world the teacher's chains run to about 131 tokens (the oracle's), so
+`annotation.maxTokens: 160` (96 cut 11.7% of them before their label line, RESULTS.md "Students on a teacher's
+annotations"); its standard inputs run to 60 tokens, so `student.maxLength: 64` (48 cut 12.6% of them); and the CRSD
+view keeps 96 reasoning tokens (the ablation's). The classic world's are 96, 48 and the spec's default 64. Writes
+`quickstart-<world>.json`.
 
 `--seed N` draws every trained or sampled part again with seed N (`teacher.seed`, `annotation.seed`,
 `student.seed`, `pruning.seed`) on the same world (its data, log and held-out pairs unchanged): how far one
@@ -33,6 +33,10 @@ on sftSeed (held-out queries of the SFT set: true labels; the students train on 
 `--objective ce|kd|crsd`, `--compare [OBJECTIVE ...]` and `--votes N` set `student.objective`,
 `student.compareObjectives` and `annotation.votes` (kd learns the shares of the teacher's labels over its annotation
 and N sampled answers). The record's tag adds `<objective>[-vs-<compared>]` and `votes<N>` after the validation part.
+
+`--precision auto|bf16|fp32` sets `resources.precision` of the teacher and the student (the sample's: auto, which
+takes bf16 on a CPU with AVX-512 BF16 or AMX; records made before 2026-12-07 evening trained in fp32). The tag adds
+`<precision>` before the seed.
 """
 
 from __future__ import annotations
@@ -91,6 +95,8 @@ def main() -> None:
     ap.add_argument("--compare", nargs="*", choices=["ce", "kd", "crsd"], default=None,
                     help="spec.student.compareObjectives (default: the sample's)")
     ap.add_argument("--votes", type=int, default=None, help="spec.annotation.votes (default: the sample's)")
+    ap.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=None,
+                    help="teacher and student resources.precision (default: the sample's)")
     args = ap.parse_args()
     doc = yaml.safe_load(Path(args.sample).read_text())
     if args.seed is not None:
@@ -104,6 +110,9 @@ def main() -> None:
         doc["spec"]["student"]["compareObjectives"] = args.compare
     if args.votes is not None:
         doc["spec"]["annotation"]["votes"] = args.votes
+    if args.precision:
+        for part in ("teacher", "student"):
+            doc["spec"][part].setdefault("resources", {})["precision"] = args.precision
     if args.world:
         on_world(doc["spec"], args.world)
     store = tempfile.mkdtemp(prefix="kd-quickstart-bench-")
@@ -135,7 +144,7 @@ def main() -> None:
     served = phases.get("serve") == "Succeeded"
     minutes, secs = divmod(round(wall), 60)
     flags = {"world": args.world, "validate-on": args.validate_on, "objective": args.objective,
-             "compare": " ".join(args.compare) if args.compare is not None else None, "votes": args.votes, "seed": args.seed}
+             "compare": " ".join(args.compare) if args.compare is not None else None, "votes": args.votes, "precision": args.precision, "seed": args.seed}
     how = "quickstart.py" + "".join(f" --{flag} {value}" for flag, value in flags.items() if value)
     row: benchrecord.Row = {
         "what": f"quickstart, every stage (`{how}`: the sample `make demo` runs, fresh storage, set-up excluded)",
@@ -173,7 +182,8 @@ def main() -> None:
                       {"wall_seconds": wall, "phase": status.phase, "stages": phases, "stage_seconds": seconds,
                        "stage_metrics": stage_metrics, "runtimes": runtimes,
                        "models": models, "gate": gate, "served": served}, rows,
-                      tag=record_tag(args.world, args.validate_on, args.seed, args.objective, args.compare, args.votes))
+                      tag=record_tag(args.world, args.validate_on, args.seed, args.objective, args.compare, args.votes,
+                                     args.precision))
 
 
 def record_tag(
@@ -183,9 +193,10 @@ def record_tag(
     objective: str | None = None,
     compare: list[str] | None = None,
     votes: int | None = None,
+    precision: str | None = None,
 ) -> str:
-    """`<world>-validate-<value>-<objective>[-vs-<compared>]-votes<V>-seed<N>`, each part only when its flag was
-    given (seed 0 is the sample's)."""
+    """`<world>-validate-<value>-<objective>[-vs-<compared>]-votes<V>-<precision>-seed<N>`, each part only when its
+    flag was given (seed 0 is the sample's)."""
     parts = [world] if world else []
     if validate_on:
         parts.append(f"validate-{validate_on.lower()}")
@@ -193,6 +204,8 @@ def record_tag(
         parts.append((objective or "sample") + ("-vs-" + "-".join(compare or ["none"]) if compare is not None else ""))
     if votes is not None:
         parts.append(f"votes{votes}")
+    if precision:
+        parts.append(precision)
     if seed:
         parts.append(f"seed{seed}")
     return "-".join(parts)
