@@ -122,7 +122,7 @@ def same_training(train: list[dict], held: list[dict], steps: int, batch: int) -
             opt.zero_grad()
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         proba = predict_proba(model, tok, held, cfg.student.max_length)
         m = classification_metrics([r["label"] for r in held], proba, LABELS)
         out[arithmetic] = {"last_20_steps_loss": statistics.mean(losses[-20:]), "macro_f1": m["macro_f1"],
