@@ -70,7 +70,8 @@ def run(tmp: Path, start: Path, task: str, strategy: str, lora: int | None, ckpt
         task=task, start=str(start), examples_uri=str(tmp / f"examples-{task}"),
         train=TrainSpec(epochs=1, learning_rate=1e-4, batch_size=args.batch, max_steps=args.steps),
         max_length=args.seq, dimensions=("label",), lora=LoraSpec(r=lora, alpha=2 * lora, dropout=0.0) if lora else None,
-        strategy=strategy, gradient_checkpointing=ckpt, checkpoint_every=args.steps)
+        strategy=strategy, gradient_checkpointing=ckpt, checkpoint_every=args.steps,
+        precision="fp32")  # the planner estimates CPU workers in fp32 (kubedistill.core.memory)
     result = raytrain.fit(train.train_loop_per_worker, {"train": cfg}, Resources(workers=2, cpus_per_worker=1),
                           Storage(str(tmp / "ray")), name.replace(" ", "").replace(",", "-").replace("+", "")
                           .replace("=", ""), max_failures=0)

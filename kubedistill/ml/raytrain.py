@@ -71,8 +71,8 @@ def steps(config: dict[str, Any], label: str | None = None) -> Steps:
 
 
 def scalar_metrics(result: Any) -> dict[str, Any]:
-    """The numbers (and flags) of a Result's last report."""
-    return {k: v for k, v in result.metrics.items() if isinstance(v, (int, float, bool))}
+    """The numbers, flags and words (the strategy, the arithmetic) of a Result's last report."""
+    return {k: v for k, v in result.metrics.items() if isinstance(v, (int, float, bool, str))}
 
 
 def load_tensors(source: Any) -> Any:

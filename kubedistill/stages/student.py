@@ -867,7 +867,9 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
         out = ctx.out.child(f"compare/{objective}/model")
         m, outputs[f"model_{objective}"] = _export_trained(ctx, configs[objective], result, source, out)
         compared[objective] = {
-            k: m[k] for k in ("val_macro_f1", "val_auc", "best_val_macro_f1", "seconds_per_step", "step") if k in m
+            k: m[k]
+            for k in ("val_macro_f1", "val_auc", "best_val_macro_f1", "seconds_per_step", "precision", "step")
+            if k in m
         }
     if compared:
         metrics["compared"] = compared
