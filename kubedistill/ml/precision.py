@@ -3,8 +3,9 @@
 bf16 runs the matrix products of the forward pass (and so of the backward) in bfloat16 under `torch.autocast`; the
 weights, their gradients, AdamW's moments and the losses stay fp32 (autocast computes cross-entropy and softmax in
 fp32). fp32 computes everything in fp32. `auto` takes bf16 where the device computes it natively: CUDA GPUs with bf16
-units (Ampere and newer; not a T4) and CPUs with AVX-512 BF16 or AMX, where it is 1.6-1.9x faster a training step
-(benchmarks/RESULTS.md "bf16 on CPUs"); elsewhere fp32, since emulated bf16 is slower than fp32.
+units (Ampere and newer; not a T4) and CPUs with AVX-512 BF16 or AMX, where a training step took 0.60-0.68x of fp32's
+time (benchmarks/train_precision.py; RESULTS.md "Training in bf16 where the CPU computes it"); elsewhere fp32, since
+emulated bf16 is slower than fp32.
 """
 
 from __future__ import annotations
