@@ -144,7 +144,8 @@ def main() -> None:
     served = phases.get("serve") == "Succeeded"
     minutes, secs = divmod(round(wall), 60)
     flags = {"world": args.world, "validate-on": args.validate_on, "objective": args.objective,
-             "compare": " ".join(args.compare) if args.compare is not None else None, "votes": args.votes, "precision": args.precision, "seed": args.seed}
+             "compare": " ".join(args.compare) if args.compare is not None else None, "votes": args.votes,
+             "precision": args.precision, "seed": args.seed}
     how = "quickstart.py" + "".join(f" --{flag} {value}" for flag, value in flags.items() if value)
     row: benchrecord.Row = {
         "what": f"quickstart, every stage (`{how}`: the sample `make demo` runs, fresh storage, set-up excluded)",

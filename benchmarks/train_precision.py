@@ -23,6 +23,7 @@ import argparse
 import copy
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -39,7 +40,7 @@ LABELS = ["irrelevant", "partial", "relevant"]
 ARITHMETIC = ("fp32", "bf16")
 
 
-def interleaved(step: dict[str, callable], reps: int) -> dict[str, float]:
+def interleaved(step: dict[str, Callable[[int], None]], reps: int) -> dict[str, float]:
     """Median seconds of each variant's step, the variants taking turns; two warm-up rounds."""
     times: dict[str, list[float]] = {v: [] for v in step}
     for rep in range(reps + 2):

@@ -1,7 +1,7 @@
 """The Ray Train loop of every teacher stage: DDP over `spec.teacher.resources`, bf16 autocast where the
-workers compute it natively (`resources.precision`, kubedistill.ml.precision), a checkpoint in the stage's storage prefix every `checkpoint_every` steps, and resume from the
-latest one when the job runs again (same run name and storage path: a retried RayJob, a rerun of
-`kubedistill run` after a kill).
+workers compute it natively (`resources.precision`, kubedistill.ml.precision), a checkpoint in the stage's
+storage prefix every `checkpoint_every` steps, and resume from the latest one when the job runs again (same
+run name and storage path: a retried RayJob, a rerun of `kubedistill run` after a kill).
 
 A stage hands `fit` a task, one of:
 
@@ -400,8 +400,8 @@ def tensor_bytes(module: nn.Module) -> int:
 
 def prepare(cfg: TrainConfig, model: nn.Module, reference: nn.Module | None, device: torch.device, world: int):
     """(wrap, reference) for this worker: DDP through Ray Train, or FSDP2 with the DPO reference sharded too."""
-    bf16 = precision.resolve(cfg.precision, device.type) == "bf16"
     if cfg.strategy == "fsdp":
+        bf16 = precision.resolve(cfg.precision, device.type) == "bf16"
         if reference is not None:
             sharded.shard(reference, device, world, bf16)
         return (lambda m: sharded.shard(m, device, world, bf16)), reference
