@@ -37,6 +37,11 @@ and N sampled answers). The record's tag adds `<objective>[-vs-<compared>]` and 
 `--precision auto|bf16|fp32` sets `resources.precision` of the teacher and the student (the sample's: auto, which
 takes bf16 on a CPU with AVX-512 BF16 or AMX; records made before 2026-12-07 evening trained in fp32). The tag adds
 `<precision>` before the seed.
+
+`--log-queries N` sets `data.synthetic.queries` (the log's queries; the sample's 400 give 2,400 pairs to annotate) and
+`--epochs E` the students' `student.train.epochs`: the same student budget spread over a larger log. The world's other
+splits keep their sizes, but a query's split is a hash over every split's size, so the held-out pairs are another
+draw of the same distribution. The tag adds `log<N>` and `epochs<E>` before the precision.
 """
 
 from __future__ import annotations
@@ -97,6 +102,8 @@ def main() -> None:
     ap.add_argument("--votes", type=int, default=None, help="spec.annotation.votes (default: the sample's)")
     ap.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=None,
                     help="teacher and student resources.precision (default: the sample's)")
+    ap.add_argument("--log-queries", type=int, default=None, help="spec.data.synthetic.queries (default: the sample's)")
+    ap.add_argument("--epochs", type=float, default=None, help="spec.student.train.epochs (default: the sample's)")
     args = ap.parse_args()
     doc = yaml.safe_load(Path(args.sample).read_text())
     if args.seed is not None:
@@ -113,6 +120,10 @@ def main() -> None:
     if args.precision:
         for part in ("teacher", "student"):
             doc["spec"][part].setdefault("resources", {})["precision"] = args.precision
+    if args.log_queries is not None:
+        doc["spec"]["data"]["synthetic"]["queries"] = args.log_queries
+    if args.epochs is not None:
+        doc["spec"]["student"]["train"]["epochs"] = args.epochs
     if args.world:
         on_world(doc["spec"], args.world)
     store = tempfile.mkdtemp(prefix="kd-quickstart-bench-")
@@ -145,7 +156,7 @@ def main() -> None:
     minutes, secs = divmod(round(wall), 60)
     flags = {"world": args.world, "validate-on": args.validate_on, "objective": args.objective,
              "compare": " ".join(args.compare) if args.compare is not None else None, "votes": args.votes,
-             "precision": args.precision, "seed": args.seed}
+             "log-queries": args.log_queries, "epochs": args.epochs, "precision": args.precision, "seed": args.seed}
     how = "quickstart.py" + "".join(f" --{flag} {value}" for flag, value in flags.items() if value)
     row: benchrecord.Row = {
         "what": f"quickstart, every stage (`{how}`: the sample `make demo` runs, fresh storage, set-up excluded)",
@@ -184,7 +195,7 @@ def main() -> None:
                        "stage_metrics": stage_metrics, "runtimes": runtimes,
                        "models": models, "gate": gate, "served": served}, rows,
                       tag=record_tag(args.world, args.validate_on, args.seed, args.objective, args.compare, args.votes,
-                                     args.precision))
+                                     args.precision, args.log_queries, args.epochs))
 
 
 def record_tag(
@@ -195,9 +206,11 @@ def record_tag(
     compare: list[str] | None = None,
     votes: int | None = None,
     precision: str | None = None,
+    log_queries: int | None = None,
+    epochs: float | None = None,
 ) -> str:
-    """`<world>-validate-<value>-<objective>[-vs-<compared>]-votes<V>-<precision>-seed<N>`, each part only when its
-    flag was given (seed 0 is the sample's)."""
+    """`<world>-validate-<value>-<objective>[-vs-<compared>]-votes<V>-log<N>-epochs<E>-<precision>-seed<N>`, each part
+    only when its flag was given (seed 0 is the sample's)."""
     parts = [world] if world else []
     if validate_on:
         parts.append(f"validate-{validate_on.lower()}")
@@ -205,6 +218,10 @@ def record_tag(
         parts.append((objective or "sample") + ("-vs-" + "-".join(compare or ["none"]) if compare is not None else ""))
     if votes is not None:
         parts.append(f"votes{votes}")
+    if log_queries is not None:
+        parts.append(f"log{log_queries}")
+    if epochs is not None:
+        parts.append(f"epochs{epochs:g}")
     if precision:
         parts.append(precision)
     if seed:
