@@ -121,8 +121,9 @@ def main() -> None:
     def text(r: dict) -> str:
         return fmt.prompt(r) + fmt.response(r["reasoning"], r["label"])
 
-    val = ps.EvalData([text(r) for r in g.eval[:128]], g.eval[: args.validation], labels)
-    test = ps.EvalData([text(r) for r in g.eval[args.validation:]], g.eval[args.validation:], labels)
+    budget = 96  # answer tokens: the stage's budget when the records were made (the classic world's chains fit)
+    val = ps.EvalData([text(r) for r in g.eval[:128]], g.eval[: args.validation], labels, budget)
+    test = ps.EvalData([text(r) for r in g.eval[args.validation:]], g.eval[args.validation:], labels, budget)
     sft = [{"prompt": fmt.prompt(r), "response": fmt.response(r["reasoning"], r["label"])} for r in g.sft]
     model, tok = lm.scratch("scratch:llama-tiny", [r["text"] for r in g.corpus] + [x["prompt"] + x["response"] for x in sft])
     cfg = train.TrainConfig(task="lm", start="", examples_uri="", checkpoint_every=10**9,

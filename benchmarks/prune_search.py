@@ -55,7 +55,7 @@ def main() -> None:
     def text(r: dict) -> str:
         return fmt.prompt(r) + fmt.response(r["reasoning"], r["label"])
 
-    evald = ps.EvalData([text(r) for r in g.eval[: args.texts]], [], teacher_model.LABELS)
+    evald = ps.EvalData([text(r) for r in g.eval[: args.texts]], [], teacher_model.LABELS, gen_tokens=0)
     model, tok = lm.load(path, "model")
     calib = [text(r) for r in g.sft[: args.calibration]]
     imp = prune.taylor_importance(model, [encode(tok, [""] * 8, calib[i: i + 8], 256) for i in range(0, len(calib), 8)])

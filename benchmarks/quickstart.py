@@ -15,8 +15,9 @@ Writes `benchmarks/records/quickstart.json`.
 `--world classic|knowledge` runs the same sample on that synthetic world (`spec.data.synthetic.world`, the same seed
 and sizes) with the token budgets the world's text needs and nothing else changed (`WORLD_BUDGETS`). The sample is on
 the classic world. On the knowledge world the teacher's chains run to about 131 tokens (the oracle's), so
-`annotation.maxTokens: 160` (96 cut 11.7% of them before their label line, RESULTS.md "Students on a teacher's
-annotations"); its standard inputs run to 60 tokens, so `student.maxLength: 64` (48 cut 12.6% of them); and the CRSD
+`annotation.maxTokens: 160` and `teacher.maxNewTokens: 160` (96 cut 11.7% of them before their label line, RESULTS.md
+"Students on a teacher's annotations"; the teacher's own stages generated at most 128 tokens before
+`teacher.maxNewTokens` existed); its standard inputs run to 60 tokens, so `student.maxLength: 64` (48 cut 12.6% of them); and the CRSD
 view keeps 96 reasoning tokens (the ablation's). The classic world's are 96, 48 and the spec's default 64. Writes
 `quickstart-<world>.json`.
 
@@ -70,8 +71,8 @@ class Tee(io.StringIO):
         return super().write(s)
 
 
-#: per world, the token budgets its text needs (module docstring): annotation.maxTokens, student.maxLength and
-#: student.maxReasoningTokens
+#: per world, the token budgets its text needs (module docstring): annotation.maxTokens (and teacher.maxNewTokens),
+#: student.maxLength and student.maxReasoningTokens
 WORLD_BUDGETS: dict[str, tuple[int, int, int]] = {"classic": (96, 48, 64), "knowledge": (160, 64, 96)}
 
 
@@ -80,6 +81,7 @@ def on_world(spec_doc: dict, world: str) -> None:
     spec_doc["data"]["synthetic"]["world"] = world
     max_tokens, max_length, reasoning = WORLD_BUDGETS[world]
     spec_doc["annotation"]["maxTokens"] = max_tokens
+    spec_doc["teacher"]["maxNewTokens"] = max_tokens  # the teacher's own answers need what the annotator's do
     spec_doc["student"]["maxLength"] = max_length
     spec_doc["student"]["maxReasoningTokens"] = reasoning
 

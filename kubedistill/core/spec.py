@@ -497,6 +497,15 @@ class TeacherSpec(_Model):
         description="Recompute each transformer layer's activations in the backward pass instead of keeping them: "
         "far less activation memory for about a third more compute.",
     )
+    max_new_tokens: int = Field(
+        default=128,
+        ge=8,
+        le=8192,
+        description="Most tokens an answer (reasoning + label) the teacher generates in its own stages may take: "
+        "SFT's and DPO's held-out answers, the reward model's own-answer samples, DPO's samples, and the pruning "
+        "search's label accuracy. An answer cut before its label line counts as unparsed (the stages' parse_errors), "
+        "so set it to what the teacher's chains need (spec.annotation.maxTokens is the annotator's).",
+    )
     resources: TeacherResources = Field(default_factory=TeacherResources)
     seed: Seed = Field(
         default=0,

@@ -261,12 +261,13 @@ def arch_key(arch: Architecture) -> str:
 
 @dataclass(frozen=True)
 class EvalData:
-    """What every trial measures on: held-out texts (perplexity) and labeled eval rows (label accuracy)."""
+    """What every trial measures on: held-out texts (perplexity) and labeled eval rows (label accuracy, of greedy
+    answers of at most `gen_tokens`: the teacher's answer budget, `spec.teacher.maxNewTokens`)."""
 
     texts: list[str]
     rows: list[dict[str, Any]]
     labels: list[str]
-    gen_tokens: int = 96
+    gen_tokens: int
 
 
 def measure(model: Any, tokenizer: Any, data: EvalData) -> dict[str, float]:
@@ -587,9 +588,10 @@ def _eval_data(ctx: StageContext, p: PruningSpec) -> tuple[EvalData, EvalData, l
 
     sft = read_dataset(ctx.input("data").child("sft"))
     calib = [text(r) for r in (sft or rows)[: p.calibration_samples]]
-    search = EvalData([text(r) for r in rows[: p.eval_texts]], rows[: p.eval_prompts], labels)
+    budget = ctx.spec.teacher.max_new_tokens
+    search = EvalData([text(r) for r in rows[: p.eval_texts]], rows[: p.eval_prompts], labels, budget)
     rest = rows[max(p.eval_texts, p.eval_prompts) :]
-    held = EvalData([text(r) for r in rest[: p.eval_texts]], rest[: p.eval_prompts], labels) if rest else search
+    held = EvalData([text(r) for r in rest[: p.eval_texts]], rest[: p.eval_prompts], labels, budget) if rest else search
     return search, held, calib
 
 

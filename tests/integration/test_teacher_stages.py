@@ -27,6 +27,7 @@ TEACHER = {
     "rewardModel": {"epochs": 2, "batchSize": 16, "learningRate": 1e-3, "ownAnswers": 40},  # 32 + 8 held-out prompts
     "dpo": {"epochs": 2, "batchSize": 8, "learningRate": 1e-4, "samplesPerPrompt": 4, "margin": 0.1, "prompts": 150},
     "resources": {"workers": 2, "cpusPerWorker": 1},
+    "maxNewTokens": 96,  # the classic world's chains fit (the quickstart annotates with 96); every stage generates less
 }
 # the quickstart's services and SFT set (a smaller SFT set makes DPO's effect on this tiny model a coin
 # toss); an eighth of its log (300 pairs to annotate) and fewer eval pairs
@@ -119,7 +120,8 @@ def test_the_teacher_stages_train_on_s3_and_report_what_they_must(bucket, ray_ad
 
     # DPO's pairs judged by the SFT set's labels (dpo.prefer: label), the stage alone on the same teacher: every
     # chosen response gives its prompt's label and no rejected one does, whatever the reward model says
-    by_label = _doc(f"s3://{bucket}/runs", "teach", {**TEACHER, "dpo": {**TEACHER["dpo"], "prefer": "label"}},
+    # (40 prompts: a chosen and a rejected answer come from the same prompt's samples, so fewer prompts suffice)
+    by_label = _doc(f"s3://{bucket}/runs", "teach", {**TEACHER, "dpo": {**TEACHER["dpo"], "prefer": "label", "prompts": 40}},
                     annotation=annotation, pruning=pruning)
     labelled = runner.run_stages(spec.parse_run(by_label), ("teacher-dpo",), ray_head.dashboard_url)["teacher-dpo"]["metrics"]
     assert labelled["preference_pairs"] > 0 and labelled["preference_truth"]["chosen_right"] == 1.0

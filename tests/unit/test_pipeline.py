@@ -102,6 +102,9 @@ def test_config_hash_changes_only_for_stages_that_read_the_change():
     assert {n for n in base if base[n] != changed[n]} == {"serve"}
     reseeded = {s.name: s.config_hash for s in _build(teacher={"seed": 1})}
     assert {n for n in base if base[n] != reseeded[n]} == {"teacher-dapt", "teacher-sft", "reward-model", "teacher-dpo"}
+    # the teacher's answer budget: every stage that generates the teacher's answers, not DAPT (which generates none)
+    budget = {s.name: s.config_hash for s in _build(teacher={"maxNewTokens": 256})}
+    assert {n for n in base if base[n] != budget[n]} == {"teacher-sft", "reward-model", "teacher-dpo", "prune-search"}
     moved = {s.name: s.config_hash for s in _build(storage={"uri": "s3://elsewhere/x"})}
     assert moved == base  # where artifacts live is not what they depend on
 

@@ -110,3 +110,20 @@ def test_search_progress_counts_the_architectures_whose_result_is_in_storage(tmp
     out.write_json("evals/a1.json", {"perplexity": 9.0})
     out.write_json("evals/zz.json", {"perplexity": 9.0})  # an earlier attempt's, not searched now
     assert _evaluated(out, {"a1": [], "b2": []}) == 1
+
+
+def test_label_accuracy_is_judged_on_answers_of_the_teachers_budget(teacher):
+    """The search's label accuracy reads greedy answers of at most `spec.teacher.maxNewTokens` (EvalData.gen_tokens):
+    a budget shorter than the teacher's chains cuts every answer before its label line (none parses), one that
+    fits them parses them."""
+    from kubedistill.stages import data
+    from kubedistill.stages.teacher import fmt, lm
+    from tests.teacher_model import LABELS
+
+    rows = data.generate(LABELS, 120, 150, 4, 400, 50, 0).eval[:16]  # the teacher's own world, held-out pairs
+    texts = [fmt.prompt(r) + fmt.response(r["reasoning"], r["label"]) for r in rows]
+    model, tok = lm.load(teacher, "teacher")
+    cut = ps.measure(model, tok, ps.EvalData(texts, rows, LABELS, gen_tokens=8))
+    fits = ps.measure(model, tok, ps.EvalData(texts, rows, LABELS, gen_tokens=128))
+    assert cut["parse_rate"] == 0.0 and cut["label_accuracy"] == 0.0
+    assert fits["parse_rate"] >= 0.9 and fits["perplexity"] == cut["perplexity"], fits

@@ -78,6 +78,7 @@ def test_unknown_top_level_and_nested_fields_are_errors():
           "annotation": {"model": "s3://m/llm"}, "pruning": {"model": "s3://m/llm"}}, "spec.pruning.recovery.enabled"),
         ({"pruning": {"objective": "accuracy"}}, "spec.pruning.objective"),
         ({"pruning": {"recovery": {"steps": 0}}}, "spec.pruning.recovery.steps"),
+        ({"teacher": {"maxNewTokens": 4}}, "spec.teacher.maxNewTokens"),
     ],
 )
 def test_invalid_values_name_their_field(patch, path):

@@ -35,7 +35,6 @@ from kubedistill.stages.teacher.train import (
     run,
 )
 
-GEN_TOKENS = 128  # new tokens a response may take (reasoning + label)
 EVAL_PROMPTS = 400  # held-out prompts each evaluation generates for
 FIT_PAIRS = 512  # DPO's preference pairs scored after training (pairs_fitted), at most, in sampling order
 HELD_PAIRS = 2000  # held-out reward-model pairs scored, at most (every dimension, in row order)
@@ -263,10 +262,16 @@ def run_dapt(ctx: StageContext) -> dict[str, Any]:
 
 
 def _finish_sft(
-    cfg: TrainConfig, checkpoint: Any, out_uri: str, options: Any, ev: list[dict[str, Any]], labels: list[str]
+    cfg: TrainConfig,
+    checkpoint: Any,
+    out_uri: str,
+    options: Any,
+    ev: list[dict[str, Any]],
+    labels: list[str],
+    max_new_tokens: int,
 ) -> dict[str, Any]:
     model, tokenizer = trained_model(cfg, checkpoint, options)
-    responses = lm.generate(model, tokenizer, [fmt.prompt(r) for r in ev], max_new_tokens=GEN_TOKENS)
+    responses = lm.generate(model, tokenizer, [fmt.prompt(r) for r in ev], max_new_tokens=max_new_tokens)
     return {
         "eval": response_quality(responses, ev, labels),
         "model": lm.save(model, tokenizer, Storage(out_uri, options)),
@@ -317,7 +322,8 @@ def sft_replay(ctx: StageContext, pairs: int) -> list[str]:
 
 
 def run_sft(ctx: StageContext) -> dict[str, Any]:
-    labels, s, res = ctx.spec.labels, ctx.spec.teacher.sft, ctx.spec.teacher.resources
+    labels, t = ctx.spec.labels, ctx.spec.teacher
+    s, res = t.sft, t.resources
     rows = sft_rows(ctx, labels)
     start = _model_uri(ctx, "teacher-dapt")
     replay = sft_replay(ctx, len(rows))
@@ -330,7 +336,15 @@ def run_sft(ctx: StageContext) -> dict[str, Any]:
     )
     checkpoint, metrics = run(ctx, cfg, res, "sft")
     done = on_worker(
-        res, _finish_sft, cfg, checkpoint, ctx.out.uri("model"), ctx.storage.options, eval_rows(ctx), labels
+        res,
+        _finish_sft,
+        cfg,
+        checkpoint,
+        ctx.out.uri("model"),
+        ctx.storage.options,
+        eval_rows(ctx),
+        labels,
+        t.max_new_tokens,
     )
     q = done["eval"]
     ctx.log(
@@ -410,13 +424,14 @@ def _finish_reward(
     }
 
 
-def _own_samples(start: str, options: Any, prompts: list[str], k: int, seed: int) -> list[list[str]]:
+def _own_samples(
+    start: str, options: Any, prompts: list[str], k: int, seed: int, max_new_tokens: int
+) -> list[list[str]]:
     """k samples (temperature 1, `seed`) of the SFT teacher for each prompt."""
     sft, tokenizer = lm.load(start, "teacher-sft model", options)
     sft = sft.to(device())
-    out = lm.generate(
-        sft, tokenizer, [p for p in prompts for _ in range(k)], max_new_tokens=GEN_TOKENS, temperature=1.0, seed=seed
-    )
+    repeated = [p for p in prompts for _ in range(k)]
+    out = lm.generate(sft, tokenizer, repeated, max_new_tokens=max_new_tokens, temperature=1.0, seed=seed)
     return [out[i * k : (i + 1) * k] for i in range(len(prompts))]
 
 
@@ -447,7 +462,16 @@ def run_reward(ctx: StageContext) -> dict[str, Any]:
         ask = random.Random(seed).sample(train_rows, min(r.own_answers - n_held, len(train_rows)))
         ask_held = random.Random(seed).sample(held_rows, min(n_held, len(held_rows)))
         prompts = [fmt.prompt(x) for x in ask + ask_held]
-        samples = on_worker(res, _own_samples, start, ctx.storage.options, prompts, OWN_ANSWER_SAMPLES, seed)
+        samples = on_worker(
+            res,
+            _own_samples,
+            start,
+            ctx.storage.options,
+            prompts,
+            OWN_ANSWER_SAMPLES,
+            seed,
+            ctx.spec.teacher.max_new_tokens,
+        )
         own = own_answer_pairs(ask, samples[: len(ask)], labels)
         held_own = own_answer_pairs(ask_held, samples[len(ask) :], labels)
         n_own, train_pairs = len(own), train_pairs + own
@@ -502,13 +526,14 @@ def judge(
     tokenizer: Any,
     rows: list[dict[str, Any]],
     labels: list[str],
+    max_new_tokens: int,
 ) -> dict[str, Any]:
-    """Greedy responses to `rows`' prompts: mean combined reward, parse rate, label accuracy, and how well the
-    reward ranks the responses with the right label over the wrong ones (`reward_auc`: 0.5 is chance; None when
-    all are right or all wrong): whether the reward model can judge this teacher's own answers, which its
-    held-out pairs (perturbations of the SFT set's responses) do not show."""
+    """Greedy responses (at most `max_new_tokens`) to `rows`' prompts: mean combined reward, parse rate, label
+    accuracy, and how well the reward ranks the responses with the right label over the wrong ones (`reward_auc`:
+    0.5 is chance; None when all are right or all wrong): whether the reward model can judge this teacher's own
+    answers, which its held-out pairs (perturbations of the SFT set's responses) do not show."""
     prompts = [fmt.prompt(r) for r in rows]
-    responses = lm.generate(model, tokenizer, prompts, max_new_tokens=GEN_TOKENS)
+    responses = lm.generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
     reward = combined(reward_scores(rm, rm_tok, prompts, responses), rm.dimensions, weights).tolist()
     right = [fmt.gives(t, r["label"], labels) for t, r in zip(responses, rows, strict=True)]
     return {
@@ -531,16 +556,17 @@ def _sample_dpo(
     d: DpoSpec,
     ev: list[dict[str, Any]],
     labels: list[str],
-    seed: int = 0,
+    seed: int,
+    max_new_tokens: int,
 ) -> dict[str, Any]:
-    """`d.samples_per_prompt` samples per prompt of `rows` from the SFT teacher (sampled with `seed`), scored; the
-    preference pairs (`d.prefer`); the SFT teacher's eval."""
+    """`d.samples_per_prompt` samples per prompt of `rows` from the SFT teacher (sampled with `seed`, each at most
+    `max_new_tokens`), scored; the preference pairs (`d.prefer`); the SFT teacher's eval."""
     k, prompts = d.samples_per_prompt, [fmt.prompt(r) for r in rows]
     rm, rm_tok, weights = _reward_model_on_device(rm_uri, options)
     sft, tokenizer = lm.load(start, "teacher-sft model", options)
     sft = sft.to(device())
     repeated = [p for p in prompts for _ in range(k)]
-    samples = lm.generate(sft, tokenizer, repeated, max_new_tokens=GEN_TOKENS, temperature=1.0, seed=seed)
+    samples = lm.generate(sft, tokenizer, repeated, max_new_tokens=max_new_tokens, temperature=1.0, seed=seed)
     rewards = combined(reward_scores(rm, rm_tok, repeated, samples), rm.dimensions, weights).tolist()
     chosen_rejected = []
     for i, (p, row) in enumerate(zip(prompts, rows, strict=True)):
@@ -552,7 +578,7 @@ def _sample_dpo(
             pair = pairs.choose_pair(these, scored, d.margin)
         if pair:
             chosen_rejected.append({"prompt": p, "chosen": pair[0], "rejected": pair[1]})
-    return {"pairs": chosen_rejected, "before": judge(rm, rm_tok, weights, sft, tokenizer, ev, labels)}
+    return {"pairs": chosen_rejected, "before": judge(rm, rm_tok, weights, sft, tokenizer, ev, labels, max_new_tokens)}
 
 
 def _finish_dpo(
@@ -564,6 +590,7 @@ def _finish_dpo(
     ev: list[dict[str, Any]],
     labels: list[str],
     fit_pairs: list[dict[str, str]],
+    max_new_tokens: int,
 ) -> dict[str, Any]:
     """The DPO teacher's held-out eval, the share of (at most FIT_PAIRS of) its preference pairs it now prefers as
     they say (`pairs_fitted`), and the saved model."""
@@ -572,7 +599,7 @@ def _finish_dpo(
     reference, _ = lm.load(cfg.start, "teacher-sft model", options)
     fitted = preference_accuracy(model, reference.to(device()).eval(), tokenizer, fit_pairs, cfg.max_length)
     return {
-        "after": judge(rm, rm_tok, weights, model, tokenizer, ev, labels),
+        "after": judge(rm, rm_tok, weights, model, tokenizer, ev, labels, max_new_tokens),
         "pairs_fitted": fitted,
         "model": lm.save(model, tokenizer, Storage(out_uri, options)),
     }
@@ -595,8 +622,8 @@ def check_preference_pairs(found: int, d: DpoSpec, prompts: int) -> None:
 
 
 def run_dpo(ctx: StageContext) -> dict[str, Any]:
-    labels, d, res = ctx.spec.labels, ctx.spec.teacher.dpo, ctx.spec.teacher.resources
-    options = ctx.storage.options
+    labels, t = ctx.spec.labels, ctx.spec.teacher
+    d, res, options = t.dpo, t.resources, ctx.storage.options
     dims = dimensions_of(ctx.spec.teacher.reward_model.dimensions)
     rm_uri = _model_uri(ctx, "reward-model")
     trained_on = Storage(rm_uri, options).read_json("reward.json")["dimensions"]
@@ -610,7 +637,7 @@ def run_dpo(ctx: StageContext) -> dict[str, Any]:
         rows = random.Random(ctx.spec.teacher.seed).sample(rows, d.prompts)
     k = d.samples_per_prompt
     prompts = [fmt.prompt(r) for r in rows]
-    sampled = on_worker(res, _sample_dpo, start, rm_uri, options, rows, d, ev, labels, ctx.spec.teacher.seed)
+    sampled = on_worker(res, _sample_dpo, start, rm_uri, options, rows, d, ev, labels, t.seed, t.max_new_tokens)
     check_preference_pairs(len(sampled["pairs"]), d, len(rows))
     write_rows(ctx.out, "examples/part-00000", sampled["pairs"], "jsonl")
     truth = pairs.preference_truth(
@@ -623,7 +650,19 @@ def run_dpo(ctx: StageContext) -> dict[str, Any]:
     cfg = _train_config(ctx, "dpo", start, ctx.out.uri("examples"), d, beta=d.beta, nll_weight=d.nll_weight)
     checkpoint, metrics = run(ctx, cfg, res, "dpo")
     fit_pairs = sampled["pairs"][:FIT_PAIRS]
-    done = on_worker(res, _finish_dpo, cfg, checkpoint, ctx.out.uri("model"), options, rm_uri, ev, labels, fit_pairs)
+    done = on_worker(
+        res,
+        _finish_dpo,
+        cfg,
+        checkpoint,
+        ctx.out.uri("model"),
+        options,
+        rm_uri,
+        ev,
+        labels,
+        fit_pairs,
+        t.max_new_tokens,
+    )
     before, after = sampled["before"], done["after"]
     ctx.log(
         f"held-out mean reward {before['mean_reward']:.3f} -> {after['mean_reward']:.3f}, label accuracy "
