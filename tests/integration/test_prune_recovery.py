@@ -32,7 +32,9 @@ def _doc(uri: str, name: str, teacher: str, recovery: dict, **more: dict) -> dic
         storage={"uri": uri}, data={"synthetic": SYNTHETIC},
         # fp32: at this test's tiny shapes bf16 autocast (auto, on a CPU with AVX-512 BF16) gains nothing and its
         # casts cost ~40 s of CI; bf16 training is exercised by the teacher-stages and student tests
-        teacher={"enabled": False, "resources": {"workers": 2, "cpusPerWorker": 1, "precision": "fp32"}},
+        # (and the search judges answers of 96 tokens, as before teacher.maxNewTokens: the test teacher's end by 60)
+        teacher={"enabled": False, "resources": {"workers": 2, "cpusPerWorker": 1, "precision": "fp32"},
+                 "maxNewTokens": 96},
         pruning={**PRUNING, "model": teacher, "recovery": recovery},
         student={"enabled": False}, serving={"enabled": False}, **more)
     doc["metadata"]["name"] = name
