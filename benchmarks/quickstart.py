@@ -43,6 +43,9 @@ takes bf16 on a CPU with AVX-512 BF16 or AMX; records made before 2026-12-07 eve
 `--epochs E` the students' `student.train.epochs`: the same student budget spread over a larger log. The world's other
 splits keep their sizes, but a query's split is a hash over every split's size, so the held-out pairs are another
 draw of the same distribution. The tag adds `log<N>` and `epochs<E>` before the precision.
+
+`--tag T` ends the record's tag with T (e.g. the machine, `quickstart-noavx512.json`), so a run of the sample on
+another machine does not replace the record of this one.
 """
 
 from __future__ import annotations
@@ -106,6 +109,7 @@ def main() -> None:
                     help="teacher and student resources.precision (default: the sample's)")
     ap.add_argument("--log-queries", type=int, default=None, help="spec.data.synthetic.queries (default: the sample's)")
     ap.add_argument("--epochs", type=float, default=None, help="spec.student.train.epochs (default: the sample's)")
+    ap.add_argument("--tag", default="", help="appended to the record's tag (e.g. the machine)")
     args = ap.parse_args()
     doc = yaml.safe_load(Path(args.sample).read_text())
     if args.seed is not None:
@@ -158,7 +162,7 @@ def main() -> None:
     minutes, secs = divmod(round(wall), 60)
     flags = {"world": args.world, "validate-on": args.validate_on, "objective": args.objective,
              "compare": " ".join(args.compare) if args.compare is not None else None, "votes": args.votes,
-             "log-queries": args.log_queries, "epochs": args.epochs, "precision": args.precision, "seed": args.seed}
+             "log-queries": args.log_queries, "epochs": args.epochs, "precision": args.precision, "seed": args.seed, "tag": args.tag}
     how = "quickstart.py" + "".join(f" --{flag} {value}" for flag, value in flags.items() if value)
     row: benchrecord.Row = {
         "what": f"quickstart, every stage (`{how}`: the sample `make demo` runs, fresh storage, set-up excluded)",
@@ -197,7 +201,7 @@ def main() -> None:
                        "stage_metrics": stage_metrics, "runtimes": runtimes,
                        "models": models, "gate": gate, "served": served}, rows,
                       tag=record_tag(args.world, args.validate_on, args.seed, args.objective, args.compare, args.votes,
-                                     args.precision, args.log_queries, args.epochs))
+                                     args.precision, args.log_queries, args.epochs, args.tag))
 
 
 def record_tag(
@@ -210,9 +214,10 @@ def record_tag(
     precision: str | None = None,
     log_queries: int | None = None,
     epochs: float | None = None,
+    tag: str = "",
 ) -> str:
     """`<world>-validate-<value>-<objective>[-vs-<compared>]-votes<V>-log<N>-epochs<E>-<precision>-seed<N>`, each part
-    only when its flag was given (seed 0 is the sample's)."""
+    only when its flag was given (seed 0 is the sample's), then `tag`."""
     parts = [world] if world else []
     if validate_on:
         parts.append(f"validate-{validate_on.lower()}")
@@ -228,6 +233,8 @@ def record_tag(
         parts.append(precision)
     if seed:
         parts.append(f"seed{seed}")
+    if tag:
+        parts.append(tag)
     return "-".join(parts)
 
 
