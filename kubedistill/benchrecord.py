@@ -30,13 +30,29 @@ class Row(TypedDict):
     met: str
 
 
+#: the CPU's vector and matrix units a number can depend on: two CPUs of one model name differ in them, and
+#: `resources.precision: auto` trains in bf16 only with AVX-512 BF16 or AMX
+CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+
+
+def cpu_features(flags: str) -> list[str]:
+    """Those of `CPU_FEATURES` that a /proc/cpuinfo `flags` line lists."""
+    have = set(flags.split())
+    return [f for f in CPU_FEATURES if f in have]
+
+
 def machine() -> dict[str, Any]:
-    """The facts a number depends on: CPU, cores this process may use, torch threads, library versions."""
-    cpu = "?"
+    """The facts a number depends on: CPU (its model and `CPU_FEATURES`), cores this process may use, torch
+    threads, library versions."""
+    cpu, features = "?", None
     if Path("/proc/cpuinfo").exists():
         lines = Path("/proc/cpuinfo").read_text().splitlines()
         cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "?")
+        flags = next((ln.split(":", 1)[1] for ln in lines if ln.startswith("flags")), None)
+        features = cpu_features(flags) if flags is not None else None
     facts: dict[str, Any] = {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "python": platform.python_version()}
+    if features is not None:
+        facts["cpu_features"] = features
     try:
         import torch
 
@@ -132,7 +148,9 @@ ORDER = [
 
 def _machine_text(m: dict[str, Any]) -> str:
     gpu = f", {m['gpu']}" if m.get("gpu") else ", no GPU"
-    return f"{m['cpu']}, {m['cores']} cores{gpu}"
+    features = m.get("cpu_features")  # absent from records made before it was recorded
+    units = "" if features is None else f" ({', '.join(features) or 'none of ' + '/'.join(CPU_FEATURES)})"
+    return f"{m['cpu']}{units}, {m['cores']} cores{gpu}"
 
 
 def unrecorded(records: list[dict[str, Any]], scripts_dir: Path = RECORDS.parent) -> list[str]:

@@ -29,6 +29,21 @@ def test_a_record_holds_machine_commit_arguments_numbers_and_rows(tmp_path):
     assert loaded["rows"] == [_row()] and loaded["file"] == "demo-t.json"
 
 
+def test_a_records_machine_names_the_cpu_units_its_numbers_depend_on():
+    """Two CPUs of one model name (here both "AMD EPYC") can differ in AVX-512 and bf16, which decide
+    `precision: auto` and a step's time; the summary says which each record ran on."""
+    assert benchrecord.cpu_features("fpu sse2 avx2 avx512f avx512bw avx512_bf16 sha_ni") == [
+        "avx2", "avx512f", "avx512_bf16"]
+    assert benchrecord.cpu_features("fpu sse2 avx2 fma") == ["avx2"]
+    facts = benchrecord.machine()
+    assert set(facts["cpu_features"]) <= set(benchrecord.CPU_FEATURES)  # this machine's, from /proc/cpuinfo
+    base = {"cpu": "AMD EPYC", "cores": 2, "gpu": None}
+    assert benchrecord._machine_text({**base, "cpu_features": ["avx2", "avx512f", "avx512_bf16"]}) == (
+        "AMD EPYC (avx2, avx512f, avx512_bf16), 2 cores, no GPU")
+    assert benchrecord._machine_text({**base, "cpu_features": []}).startswith("AMD EPYC (none of avx2/")
+    assert benchrecord._machine_text(base) == "AMD EPYC, 2 cores, no GPU"  # a record from before the field
+
+
 def test_the_tree_is_dirty_when_code_differs_from_the_commit_not_when_a_record_was_rewritten(tmp_path):
     import subprocess
 
