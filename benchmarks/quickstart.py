@@ -17,8 +17,8 @@ and sizes) with the token budgets the world's text needs and nothing else change
 the classic world. On the knowledge world the teacher's chains run to about 131 tokens (the oracle's), so
 `annotation.maxTokens: 160` and `teacher.maxNewTokens: 160` (96 cut 11.7% of them before their label line, RESULTS.md
 "Students on a teacher's annotations"; the teacher's own stages generated at most 128 tokens before
-`teacher.maxNewTokens` existed); its standard inputs run to 60 tokens, so `student.maxLength: 64` (48 cut 12.6% of them); and the CRSD
-view keeps 96 reasoning tokens (the ablation's). The classic world's are 96, 48 and the spec's default 64. Writes
+`teacher.maxNewTokens` existed); its standard inputs run to 60 tokens, so `student.maxLength: 64` (48 cut 12.6% of
+them); and the CRSD view keeps 96 reasoning tokens (the ablation's). The classic world's are 96, 48 and the spec's default 64. Writes
 `quickstart-<world>.json`.
 
 `--seed N` draws every trained or sampled part again with seed N (`teacher.seed`, `annotation.seed`,
@@ -162,7 +162,8 @@ def main() -> None:
     minutes, secs = divmod(round(wall), 60)
     flags = {"world": args.world, "validate-on": args.validate_on, "objective": args.objective,
              "compare": " ".join(args.compare) if args.compare is not None else None, "votes": args.votes,
-             "log-queries": args.log_queries, "epochs": args.epochs, "precision": args.precision, "seed": args.seed, "tag": args.tag}
+             "log-queries": args.log_queries, "epochs": args.epochs, "precision": args.precision, "seed": args.seed,
+             "tag": args.tag}
     how = "quickstart.py" + "".join(f" --{flag} {value}" for flag, value in flags.items() if value)
     row: benchrecord.Row = {
         "what": f"quickstart, every stage (`{how}`: the sample `make demo` runs, fresh storage, set-up excluded)",
