@@ -44,15 +44,13 @@ def cpu_features(flags: str) -> list[str]:
 def machine() -> dict[str, Any]:
     """The facts a number depends on: CPU (its model and `CPU_FEATURES`), cores this process may use, torch
     threads, library versions."""
-    cpu, features = "?", None
+    facts: dict[str, Any] = {"cpu": "?", "cores": len(os.sched_getaffinity(0)), "python": platform.python_version()}
     if Path("/proc/cpuinfo").exists():
         lines = Path("/proc/cpuinfo").read_text().splitlines()
-        cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "?")
+        facts["cpu"] = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "?")
         flags = next((ln.split(":", 1)[1] for ln in lines if ln.startswith("flags")), None)
-        features = cpu_features(flags) if flags is not None else None
-    facts: dict[str, Any] = {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "python": platform.python_version()}
-    if features is not None:
-        facts["cpu_features"] = features
+        if flags is not None:
+            facts["cpu_features"] = cpu_features(flags)
     try:
         import torch
 
