@@ -19,7 +19,11 @@ the step policy keeps what an arm does not change):
 - `grounding`: as `longer`, with the `grounding` dimension at weight `--grounding-weight`;
 - `label`: as `longer`, pairs judged by the SFT set's labels (`dpo.prefer: label`);
 - `own`: as `longer`, the reward model also learning label pairs of the SFT teacher's own answers to
-  `--own-answers` SFT prompts (`rewardModel.ownAnswers`: a sample with the prompt's label over one without).
+  `--own-answers` SFT prompts (`rewardModel.ownAnswers`: a sample with the prompt's label over one without);
+- `heldout`: as `label`, but the SFT teacher does not train on `--holdout` of the SFT set's queries and DPO's
+  prompts come from those (`teacher.preferenceHoldout`): its samples' errors are then the ones it makes on pairs it
+  has not learned by heart. Its own SFT teacher is scored too: the arm is judged against it (what DPO adds) and
+  against the whole set's SFT teacher (what holding the queries out costs or gains).
 
 Each arm is scored by checks the reward model does not make: the teachers' greedy answers to `--rows` log pairs
 (a seeded sample, the rows `teacher_errors.py` scores; query-disjoint from the SFT set the reward model and DPO
@@ -66,8 +70,8 @@ from kubedistill.stages.teacher.train import combined
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "manifests" / "samples" / "quickstart.yaml"
 TEACHER = ("data", "teacher-dapt", "teacher-sft")
-ARM_STAGES = ("reward-model", "teacher-dpo")
-ARMS = ("shipped", "longer", "grounding", "label", "own")
+ARM_STAGES = ("teacher-sft", "reward-model", "teacher-dpo")  # the step policy keeps teacher-sft unless an arm moves it
+ARMS = ("shipped", "longer", "grounding", "label", "own", "heldout")
 SHIPPED_DIMENSIONS = RewardModelSpec().dimensions  # the spec's default, which the quickstart ships
 
 
@@ -91,6 +95,9 @@ def arms(doc: dict[str, Any], a: argparse.Namespace) -> dict[str, dict[str, Any]
     own = copy.deepcopy(longer)
     own["spec"]["teacher"]["rewardModel"]["ownAnswers"] = a.own_answers
     out["own"] = own
+    heldout = copy.deepcopy(label)
+    heldout["spec"]["teacher"]["preferenceHoldout"] = a.holdout
+    out["heldout"] = heldout
     return out
 
 
@@ -137,6 +144,7 @@ def main() -> None:
                     help="DPO's learning rate in every arm but shipped (default: the quickstart's)")
     ap.add_argument("--grounding-weight", type=float, default=1.0, help="the grounding dimension's weight")
     ap.add_argument("--own-answers", type=int, default=4000, help="the own arm's rewardModel.ownAnswers")
+    ap.add_argument("--holdout", type=float, default=0.2, help="the heldout arm's teacher.preferenceHoldout")
     ap.add_argument("--rows", type=int, default=600, help="log pairs each teacher answers (a seeded sample)")
     ap.add_argument("--max-tokens", type=int, default=96, help="as the quickstart's spec.annotation.maxTokens")
     ap.add_argument("--seed", type=int, default=0, help="the seed of the log pairs' sample")
@@ -167,13 +175,22 @@ def main() -> None:
         rows = sample[: a.rows]
         sft = answer(m["teacher-sft"]["outputs"]["model"], rows, labels, a.max_tokens)
         results["teacher-sft"] = {k: v for k, v in sft.items() if k != "texts"}
+        base_sft = m["teacher-sft"]["outputs"]["model"]
         print(f"teacher-sft: {sft['accuracy']:.1%}, refuted chains {sft['chains']['share']:.1%}", flush=True)
         for arm, arm_doc in docs.items():
             t0 = time.monotonic()
             m = runner.run_stages(parse_run(arm_doc), ARM_STAGES, address)
             rm, dpo = m["reward-model"]["metrics"], m["teacher-dpo"]["metrics"]
             got = answer(m["teacher-dpo"]["outputs"]["model"], rows, labels, a.max_tokens)
+            own_sft = m["teacher-sft"]["outputs"]["model"] != base_sft
+            arm_sft = answer(m["teacher-sft"]["outputs"]["model"], rows, labels, a.max_tokens) if own_sft else sft
             results["arms"][arm] = {
+                "teacher-sft": {
+                    "own": own_sft,
+                    "sft_rows": m["teacher-sft"]["metrics"]["sft_rows"],
+                    "eval_label_accuracy": m["teacher-sft"]["metrics"]["eval"]["label_accuracy"],
+                    **{k: v for k, v in arm_sft.items() if k != "texts"},
+                },
                 "reward_model": {
                     "steps": rm["step"],
                     "own_answers_accuracy": rm.get("own_answers_accuracy"),
@@ -182,7 +199,7 @@ def main() -> None:
                     "combined_pairwise_accuracy": rm["combined_pairwise_accuracy"],
                 },
                 "reward_on_sft_answers": reward_on_answers(
-                    m["reward-model"]["outputs"]["model"], rows, sft["texts"], labels
+                    m["reward-model"]["outputs"]["model"], rows, arm_sft["texts"], labels
                 ),
                 "dpo": {k: dpo[k] for k in ("preference_pairs", "preference_truth", "before", "after")},
                 "teacher-dpo": {k: v for k, v in got.items() if k != "texts"},
@@ -196,9 +213,9 @@ def main() -> None:
                 flush=True,
             )
 
-    s = results["teacher-sft"]
     rows_out: list[benchrecord.Row] = []
     for arm, r in results["arms"].items():
+        s = r["teacher-sft"]
         acc = r["reward_model"]["pairwise_accuracy"]
         rows_out.append(
             {
@@ -232,6 +249,22 @@ def main() -> None:
                 "met": "yes" if gain >= 0.02 and d["chains"]["share"] <= s["chains"]["share"] else "no",
             }
         )
+        if s["own"]:  # the arm trained its own SFT teacher: what it costs against the whole set's
+            w, v = results["teacher-sft"], r["dpo"]
+            rows_out.append(
+                {
+                    "what": f"`{arm}`: its SFT teacher ({s['sft_rows']} pairs) and DPO teacher vs the whole set's SFT "
+                    f"teacher, {a.rows} log pairs: label accuracy / chains their pair refutes; validation: the DPO "
+                    "stage's held-out prompts (`teacher_dpo.py`)",
+                    "target": "DPO >= SFT + 2 points, no more refuted chains",
+                    "measured": f"SFT {s['accuracy']:.1%} / {s['chains']['share']:.1%}, DPO {d['accuracy']:.1%} / "
+                    f"{d['chains']['share']:.1%} vs {w['accuracy']:.1%} / {w['chains']['share']:.1%}; validation "
+                    f"{v['before']['label_accuracy']:.1%} -> {v['after']['label_accuracy']:.1%}",
+                    "met": "yes"
+                    if d["accuracy"] - w["accuracy"] >= 0.02 and d["chains"]["share"] <= w["chains"]["share"]
+                    else "no",
+                }
+            )
     benchrecord.write("teacher_dpo", {k: v for k, v in vars(a).items() if k != "store"}, results, rows_out, tag=a.tag)
 
 

@@ -154,14 +154,14 @@ STAGES: tuple[StageDef, ...] = (
     StageDef(
         "teacher-sft",
         "kubedistill.stages.teacher.stages:run_sft",
-        reads=("labels", "teacher.sft", "teacher.maxNewTokens", *_TEACHER_TRAINING),
+        reads=("labels", "teacher.sft", "teacher.maxNewTokens", "teacher.preferenceHoldout", *_TEACHER_TRAINING),
         inputs=_teacher("data", "teacher-dapt"),
         resources=lambda s: s.teacher.resources,
     ),
     StageDef(
         "reward-model",
         "kubedistill.stages.teacher.stages:run_reward",
-        reads=("labels", "teacher.rewardModel", "teacher.maxNewTokens", *_TEACHER_TRAINING),
+        reads=("labels", "teacher.rewardModel", "teacher.maxNewTokens", "teacher.preferenceHoldout", *_TEACHER_TRAINING),
         inputs=_teacher("data", "teacher-sft"),
         resources=lambda s: s.teacher.resources,
         code=lambda s: GROUNDING_REVISION if "grounding" in s.teacher.reward_model.dimensions else None,
@@ -169,7 +169,13 @@ STAGES: tuple[StageDef, ...] = (
     StageDef(
         "teacher-dpo",
         "kubedistill.stages.teacher.stages:run_dpo",
-        reads=("labels", "teacher.dpo", "teacher.rewardModel.dimensions", "teacher.maxNewTokens", *_TEACHER_TRAINING),
+        reads=(
+            "labels",
+            "teacher.dpo",
+            "teacher.rewardModel.dimensions",
+            "teacher.maxNewTokens",
+            "teacher.preferenceHoldout",
+            *_TEACHER_TRAINING),
         inputs=_teacher("data", "teacher-sft", "reward-model"),
         resources=lambda s: s.teacher.resources,
     ),

@@ -506,6 +506,15 @@ class TeacherSpec(_Model):
         "search's label accuracy. An answer cut before its label line counts as unparsed (the stages' parse_errors), "
         "so set it to what the teacher's chains need (spec.annotation.maxTokens is the annotator's).",
     )
+    preference_holdout: float = Field(
+        default=0.0,
+        ge=0,
+        le=0.5,
+        description="Share of the SFT set's queries teacher-sft does not train on: DPO's prompts and the reward "
+        "model's own-answer samples (rewardModel.ownAnswers) come from them, so the teacher is judged on prompts it "
+        "has not learned by heart, where its errors are the ones it makes on new pairs. 0: every stage uses the "
+        "whole set (DPO samples prompts SFT trained on).",
+    )
     resources: TeacherResources = Field(default_factory=TeacherResources)
     seed: Seed = Field(
         default=0,

@@ -123,6 +123,27 @@ def sft_rows(ctx: StageContext, labels: list[str]) -> list[dict[str, Any]]:
     return rows
 
 
+#: Seed of the query split `teacher.preferenceHoldout` makes: fixed, so teachers of several seeds hold out the same
+#: queries, and not the reward model's held-out split's (seed 0), so both sides of that split have preference rows.
+PREFERENCE_SPLIT_SEED = 1
+
+
+def preference_split(
+    rows: list[dict[str, Any]], share: float
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(the rows teacher-sft trains on, the rows DPO's prompts and the reward model's own answers come from): whole
+    queries, `share` of them (`spec.teacher.preferenceHoldout`) kept out of SFT; share 0: the whole set, twice."""
+    if not share:
+        return rows, rows
+    sft, held = split_by_query(rows, share, PREFERENCE_SPLIT_SEED)
+    if not sft:
+        raise ValueError(
+            f"spec.teacher.preferenceHoldout: {share} holds out every one of the SFT set's "
+            f"{len({r['query'] for r in rows})} queries; lower it or add SFT pairs"
+        )
+    return sft, held
+
+
 def eval_rows(ctx: StageContext) -> list[dict[str, Any]]:
     return read_dataset(ctx.input("data").child("eval"))[:EVAL_PROMPTS]
 
@@ -324,13 +345,14 @@ def sft_replay(ctx: StageContext, pairs: int) -> list[str]:
 def run_sft(ctx: StageContext) -> dict[str, Any]:
     labels, t = ctx.spec.labels, ctx.spec.teacher
     s, res = t.sft, t.resources
-    rows = sft_rows(ctx, labels)
+    rows = preference_split(sft_rows(ctx, labels), t.preference_holdout)[0]
     start = _model_uri(ctx, "teacher-dapt")
     replay = sft_replay(ctx, len(rows))
     write_rows(ctx.out, "examples/part-00000", sft_examples(rows, replay), "jsonl")
     cfg = _train_config(ctx, "lm", start, ctx.out.uri("examples"), s, lora=s.lora)
     ctx.log(
         f"{len(rows)} SFT pairs"
+        + (f" (the queries of {t.preference_holdout:.0%} held out for DPO)" if t.preference_holdout else "")
         + (f" and {len(replay)} replayed domain texts" if replay else "")
         + (f", LoRA r={s.lora.r}" if s.lora else ", full fine-tuning")
     )
@@ -452,6 +474,7 @@ def run_reward(ctx: StageContext) -> dict[str, Any]:
     dims = dimensions_of(r.dimensions)
     rows = sft_rows(ctx, labels)
     train_rows, held_rows = split_by_query(rows, 0.2, 0)
+    unseen = {x["query"] for x in preference_split(rows, ctx.spec.teacher.preference_holdout)[1]}
     train_pairs = pairs.reward_pairs(train_rows, labels, dims, seed=seed)
     held_pairs = pairs.reward_pairs(held_rows, labels, dims, seed=1)[:HELD_PAIRS]
     start, res = _model_uri(ctx, "teacher-sft"), ctx.spec.teacher.resources
@@ -459,8 +482,10 @@ def run_reward(ctx: StageContext) -> dict[str, Any]:
     n_own = 0
     if r.own_answers:
         n_held = max(1, r.own_answers // 5)
-        ask = random.Random(seed).sample(train_rows, min(r.own_answers - n_held, len(train_rows)))
-        ask_held = random.Random(seed).sample(held_rows, min(n_held, len(held_rows)))
+        pool = [x for x in train_rows if x["query"] in unseen]
+        pool_held = [x for x in held_rows if x["query"] in unseen]
+        ask = random.Random(seed).sample(pool, min(r.own_answers - n_held, len(pool)))
+        ask_held = random.Random(seed).sample(pool_held, min(n_held, len(pool_held)))
         prompts = [fmt.prompt(x) for x in ask + ask_held]
         samples = on_worker(
             res,
@@ -632,7 +657,7 @@ def run_dpo(ctx: StageContext) -> dict[str, Any]:
             f"spec.teacher.rewardModel.dimensions: {dims} but the reward model was trained on {trained_on}"
         )
     start = _model_uri(ctx, "teacher-sft")
-    rows, ev = sft_rows(ctx, labels), eval_rows(ctx)
+    rows, ev = preference_split(sft_rows(ctx, labels), t.preference_holdout)[1], eval_rows(ctx)
     if d.prompts and d.prompts < len(rows):
         rows = random.Random(ctx.spec.teacher.seed).sample(rows, d.prompts)
     k = d.samples_per_prompt
