@@ -13,7 +13,8 @@ from kubedistill import runner
 from kubedistill.core import spec
 from kubedistill.core.stage import FAILURE, MANIFEST
 from kubedistill.core.storage import Storage
-from kubedistill.stages.teacher import lm
+from kubedistill.stages.data import read_dataset
+from kubedistill.stages.teacher import fmt, lm, stages
 from tests.conftest import artifact, attempted, minimal_doc
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -128,6 +129,24 @@ def test_the_teacher_stages_train_on_s3_and_report_what_they_must(bucket, ray_ad
     assert labelled["preference_truth"]["rejected_right"] == 0.0 and labelled["preference_truth"]["ordered"] == 1.0
     for judged in (dpo["before"], dpo["after"], labelled["after"]):  # the reward ranking the teacher's own answers
         assert judged["reward_auc"] is None or 0 <= judged["reward_auc"] <= 1, judged
+
+    # a quarter of the SFT set's queries held out of SFT for DPO (teacher.preferenceHoldout): SFT trains on none of
+    # their pairs, and every prompt DPO samples and every own answer the reward model learns from is one of theirs
+    held_doc = _doc(f"s3://{bucket}/runs", "teach", {**TEACHER, "preferenceHoldout": 0.25,
+                    "dpo": {**TEACHER["dpo"], "prefer": "label", "prompts": 40}}, annotation=annotation, pruning=pruning)
+    held_m = runner.run_stages(spec.parse_run(held_doc), ("teacher-sft", "reward-model", "teacher-dpo"),
+                               ray_head.dashboard_url)
+    sft_set = read_dataset(artifact(st, "data").child("sft"))
+    kept, held = stages.preference_split(sft_set, 0.25)
+    held_prompts = {fmt.prompt(r) for r in held}
+    assert held_m["teacher-sft"]["metrics"]["sft_rows"] == len(kept) < 300
+    trained = [json.loads(x) for x in Storage(held_m["teacher-sft"]["artifact"], st.options)
+               .read_text("examples/part-00000.jsonl").splitlines()]
+    assert sum("response" in e for e in trained) == len(kept) and not {e.get("prompt") for e in trained} & held_prompts
+    preferred = [json.loads(x) for x in Storage(held_m["teacher-dpo"]["artifact"], st.options)
+                 .read_text("examples/part-00000.jsonl").splitlines()]
+    assert preferred and {e["prompt"] for e in preferred} <= held_prompts
+    assert held_m["teacher-dpo"]["metrics"]["preference_truth"]["chosen_right"] == 1.0
 
 
 def test_a_base_model_that_cannot_be_loaded_fails_the_stage_naming_the_field(tmp_path, ray_address):

@@ -105,6 +105,9 @@ def test_config_hash_changes_only_for_stages_that_read_the_change():
     # the teacher's answer budget: every stage that generates the teacher's answers, not DAPT (which generates none)
     budget = {s.name: s.config_hash for s in _build(teacher={"maxNewTokens": 256})}
     assert {n for n in base if base[n] != budget[n]} == {"teacher-sft", "reward-model", "teacher-dpo", "prune-search"}
+    # the queries held out of SFT for DPO: what SFT trains on, what DPO and the reward model's own answers ask
+    held = {s.name: s.config_hash for s in _build(teacher={"preferenceHoldout": 0.2})}
+    assert {n for n in base if base[n] != held[n]} == {"teacher-sft", "reward-model", "teacher-dpo"}
     moved = {s.name: s.config_hash for s in _build(storage={"uri": "s3://elsewhere/x"})}
     assert moved == base  # where artifacts live is not what they depend on
 

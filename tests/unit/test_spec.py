@@ -79,6 +79,7 @@ def test_unknown_top_level_and_nested_fields_are_errors():
         ({"pruning": {"objective": "accuracy"}}, "spec.pruning.objective"),
         ({"pruning": {"recovery": {"steps": 0}}}, "spec.pruning.recovery.steps"),
         ({"teacher": {"maxNewTokens": 4}}, "spec.teacher.maxNewTokens"),
+        ({"teacher": {"preferenceHoldout": 0.6}}, "spec.teacher.preferenceHoldout"),
     ],
 )
 def test_invalid_values_name_their_field(patch, path):

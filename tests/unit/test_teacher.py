@@ -180,6 +180,22 @@ def test_no_preference_pair_fails_naming_the_field_to_change():
         stages.check_preference_pairs(0, DpoSpec(margin=0.5), 10)
 
 
+def test_preference_split_keeps_whole_queries_out_of_sft_the_same_ones_for_every_teacher_seed():
+    rows = [{"query": f"q{i}", "pair": j} for i in range(50) for j in range(4)]
+    assert stages.preference_split(rows, 0.0) == (rows, rows)  # off: SFT and DPO both see the whole set
+    sft, held = stages.preference_split(rows, 0.2)
+    assert len({r["query"] for r in held}) == 10 and len(sft) + len(held) == len(rows)
+    assert not {r["query"] for r in sft} & {r["query"] for r in held}  # no pair of a held query trains SFT
+    assert stages.preference_split(list(reversed(rows)), 0.2)[1] != [] and {
+        r["query"] for r in stages.preference_split(list(reversed(rows)), 0.2)[1]
+    } == {r["query"] for r in held}  # a fixed seed: the same queries whatever the order or the teacher's seed
+    # and not the reward model's held-out split (seed 0), so its own answers have prompts on both sides of it
+    rm_held = {r["query"] for r in data.split_by_query(rows, 0.2, 0)[1]}
+    assert {r["query"] for r in held} - rm_held and {r["query"] for r in held} & rm_held
+    with pytest.raises(ValueError, match="spec.teacher.preferenceHoldout: 0.5 holds out every one"):
+        stages.preference_split([{"query": "only", "pair": 0}], 0.5)
+
+
 def test_ranking_auc_counts_right_over_wrong_pairs_ties_half():
     # right: 3.0 and 1.0; wrong: 2.0 and 1.0 -> pairs (3,2) win, (3,1) win, (1,2) lose, (1,1) tie -> 2.5 / 4
     assert pairs.ranking_auc([3.0, 2.0, 1.0, 1.0], [True, False, True, False]) == 0.625

@@ -128,9 +128,7 @@ def sft_rows(ctx: StageContext, labels: list[str]) -> list[dict[str, Any]]:
 PREFERENCE_SPLIT_SEED = 1
 
 
-def preference_split(
-    rows: list[dict[str, Any]], share: float
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def preference_split(rows: list[dict[str, Any]], share: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(the rows teacher-sft trains on, the rows DPO's prompts and the reward model's own answers come from): whole
     queries, `share` of them (`spec.teacher.preferenceHoldout`) kept out of SFT; share 0: the whole set, twice."""
     if not share:
