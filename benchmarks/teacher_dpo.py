@@ -173,9 +173,9 @@ def main() -> None:
         sample = sorted(oracle, key=lambda r: r["pair_id"])
         random.Random(a.seed).shuffle(sample)
         rows = sample[: a.rows]
-        sft = answer(m["teacher-sft"]["outputs"]["model"], rows, labels, a.max_tokens)
-        results["teacher-sft"] = {k: v for k, v in sft.items() if k != "texts"}
         base_sft = m["teacher-sft"]["outputs"]["model"]
+        sft = answer(base_sft, rows, labels, a.max_tokens)
+        results["teacher-sft"] = {k: v for k, v in sft.items() if k != "texts"}
         print(f"teacher-sft: {sft['accuracy']:.1%}, refuted chains {sft['chains']['share']:.1%}", flush=True)
         for arm, arm_doc in docs.items():
             t0 = time.monotonic()

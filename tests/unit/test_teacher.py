@@ -186,9 +186,9 @@ def test_preference_split_keeps_whole_queries_out_of_sft_the_same_ones_for_every
     sft, held = stages.preference_split(rows, 0.2)
     assert len({r["query"] for r in held}) == 10 and len(sft) + len(held) == len(rows)
     assert not {r["query"] for r in sft} & {r["query"] for r in held}  # no pair of a held query trains SFT
-    assert stages.preference_split(list(reversed(rows)), 0.2)[1] != [] and {
-        r["query"] for r in stages.preference_split(list(reversed(rows)), 0.2)[1]
-    } == {r["query"] for r in held}  # a fixed seed: the same queries whatever the order or the teacher's seed
+    reordered = stages.preference_split(list(reversed(rows)), 0.2)[1]
+    assert reordered != [] and {r["query"] for r in reordered} == {r["query"] for r in held}  # a fixed seed: the
+    # same queries whatever the order or the teacher's seed
     # and not the reward model's held-out split (seed 0), so its own answers have prompts on both sides of it
     rm_held = {r["query"] for r in data.split_by_query(rows, 0.2, 0)[1]}
     assert {r["query"] for r in held} - rm_held and {r["query"] for r in held} & rm_held
